@@ -1,0 +1,165 @@
+"""Typed configuration for every clipray command.
+
+One root schema (`Config`) of dataclass sections, merged with YAML files and `key=value`
+overrides by OmegaConf structured configs. Unknown keys and wrong types fail at start-up with
+the key and the file named. Functions take the section they need (`DataConfig`, `ModelConfig`,
+...), never the whole tree.
+
+A YAML file may name a parent with `extends: other.yaml` (relative to itself); the child's keys
+win. That keeps the paper recipes (MSR-VTT, MSVD, ...) to a few lines each.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence, TypeVar
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A configuration file or override is wrong; the message names the key and the source."""
+
+
+@dataclass
+class VideoConfig:
+    backend: str = "decord"  # decord | pyav
+    fps: float = 1.0  # candidate frames per second over [start, end]
+    max_frames: int = 12
+    slice: str = "uniform"  # head | tail | uniform, when more candidates than max_frames
+    size: int = 224  # shorter side resized to this, then centre crop size x size
+    timeout_s: float = 60.0  # one file's decode is abandoned (and reported) after this
+
+
+@dataclass
+class DataConfig:
+    manifest: str = ""  # Parquet file, directory of shards, or s3:// / gs:// URI
+    split: str = "train"
+    video: VideoConfig = field(default_factory=VideoConfig)
+    video_root: str = ""  # prefix for relative paths in the manifest (default: manifest's dir)
+    tokenizer: str = "ViT-B-32"  # open_clip model name whose tokenizer is used
+    max_words: int = 32
+    batch_size: int = 32  # per training worker
+    decode_actors: int = 2  # size of the CPU actor pool that decodes video
+    decode_cpus: float = 1.0  # logical CPUs reserved per decode actor
+    decode_batch: int = 4  # manifest rows per map_batches call
+    shuffle_buffer: int = 0  # >0: local shuffle buffer (rows) when iterating; 0 = no shuffle
+    skip_report: str = ""  # directory for skipped-clip records (default: the run directory)
+
+
+@dataclass
+class ModelConfig:
+    name: str = "test_meanP"  # a registered name, see `clipray.list_models()`
+    pretrained: Optional[str] = None  # open_clip pretrained tag or a local checkpoint path
+    head: Optional[str] = None  # override: meanP | seqLSTM | seqTransf | tightTransf
+    linear_patch: Optional[str] = None  # override: 2d | 3d
+    tuning: str = "full"  # full | frozen | unipt
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4  # new modules (temporal head, cross encoder, 3d conv, side network)
+    coef_lr: float = 1e-3  # backbone lr = lr * coef_lr
+    weight_decay: float = 0.2
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = 1e-6
+    warmup_ratio: float = 0.1
+    grad_clip: float = 1.0
+
+
+@dataclass
+class TrainConfig:
+    run_name: str = "clipray"
+    storage_path: str = "runs"  # local directory or s3:// URI
+    epochs: int = 5
+    max_steps: int = 0  # >0: a step budget instead of epochs x dataset length
+    num_workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    zero_stage: int = 0
+    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
+    grad_accum: int = 1
+    activation_checkpointing: bool = False
+    eval_every_epochs: int = 1
+    max_failures: int = 0
+    seed: int = 42
+
+
+@dataclass
+class RayConfig:
+    address: Optional[str] = None  # None: RAY_ADDRESS if set, else an embedded local Ray
+    num_cpus: Optional[int] = None  # logical CPUs of the embedded Ray (default: 2 x cores)
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> Any:
+    """Load a YAML file, following `extends:` chains (child keys override the parent)."""
+    path = path.resolve()
+    if path in seen:
+        raise ConfigError(f"{path}: circular 'extends'")
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        node = OmegaConf.load(path)
+    except Exception as e:  # yaml scanner/parser errors carry line numbers in the message
+        raise ConfigError(f"{path}: not valid YAML: {e}") from e
+    parent = node.pop("extends", None) if OmegaConf.is_dict(node) else None
+    if parent is None:
+        return node
+    base = _read_yaml(path.parent / str(parent), seen + (path,))
+    return OmegaConf.merge(base, node)
+
+
+def _merge(base: Any, other: Any, source: str) -> Any:
+    try:
+        return OmegaConf.merge(base, other)
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None) or "?"
+        msg = str(e).splitlines()[0]
+        raise ConfigError(f"{source}: bad key '{key}': {msg}") from e
+
+
+def load_config(
+    path: str | Path | None = None,
+    overrides: Sequence[str] = (),
+    schema: type[T] = Config,  # type: ignore[assignment]
+) -> T:
+    """Schema defaults <- YAML file (with `extends`) <- `key=value` overrides -> dataclass."""
+    cfg = OmegaConf.structured(schema)
+    if path is not None:
+        cfg = _merge(cfg, _read_yaml(Path(path)), str(path))
+    bad = [o for o in overrides if "=" not in o]
+    if bad:
+        raise ConfigError(f"overrides must look like key=value, got: {' '.join(bad)}")
+    if overrides:
+        try:
+            dotlist = OmegaConf.from_dotlist(list(overrides))
+        except OmegaConfBaseException as e:
+            raise ConfigError(f"command-line overrides: {e}") from e
+        cfg = _merge(cfg, dotlist, "command-line override")
+    try:
+        return OmegaConf.to_object(cfg)  # type: ignore[return-value]
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"{path or 'defaults'}: {e}") from e
+
+
+def to_yaml(cfg: Any) -> str:
+    """The resolved config as YAML, saved beside every run for reproducibility."""
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def replace(cfg: T, **changes: Any) -> T:
+    return dataclasses.replace(cfg, **changes)  # type: ignore[type-var]

@@ -1,0 +1,263 @@
+"""The clip manifest: one Arrow schema for every video-text source.
+
+One row per (video, caption). Every adapter (MSR-VTT, MSVD, ..., HowTo100M, user CSV/JSONL,
+the synthetic generator) writes this schema, and the one Ray Data reader takes any manifest, so
+datasets differ in data, not in code.
+
+Columns
+  row_id      int64   unique within the manifest, assigned at write time (batches carry it)
+  video_id    string  rows sharing it are one video
+  path        string  file path (absolute, or relative to the manifest's folder) or URI
+  start, end  float64 seconds inside the file; both null = the whole file
+  caption     string  stripped, non-empty
+  split       string  train | val | test
+  timestamp   float64 optional single-timestamp supervision (inside [start, end] if given)
+  group       string  sentence group (paragraph retrieval); defaults to video_id
+  duration    float64 optional known length of the video file in seconds
+
+Manifests are Parquet: one file, or a directory of `part-NNNNN.parquet` shards (large sources
+are written shard by shard, never held whole). Key/value metadata (source, rules used) rides in
+the Parquet schema metadata.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Mapping, Sequence
+
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+SPLITS = ("train", "val", "test")
+
+SCHEMA = pa.schema(
+    [
+        pa.field("row_id", pa.int64(), nullable=False),
+        pa.field("video_id", pa.string(), nullable=False),
+        pa.field("path", pa.string(), nullable=False),
+        pa.field("start", pa.float64()),
+        pa.field("end", pa.float64()),
+        pa.field("caption", pa.string(), nullable=False),
+        pa.field("split", pa.string(), nullable=False),
+        pa.field("timestamp", pa.float64()),
+        pa.field("group", pa.string()),
+        pa.field("duration", pa.float64()),
+    ]
+)
+COLUMNS = tuple(SCHEMA.names)
+_OPTIONAL = ("start", "end", "timestamp", "group", "duration")
+
+
+class ManifestError(ValueError):
+    """A manifest row or file is invalid; the message names the row."""
+
+
+def _num(v: Any) -> float | None:
+    if v is None:
+        return None
+    f = float(v)
+    return None if math.isnan(f) else f
+
+
+def check_row(row: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """Validate and normalise one row; raise ManifestError naming `where` on bad fields."""
+    out: dict[str, Any] = {}
+    for key in ("video_id", "path", "caption", "split"):
+        v = row.get(key)
+        if v is None or not isinstance(v, str):
+            raise ManifestError(f"{where}: '{key}' is missing or not a string ({v!r})")
+        out[key] = v.strip()
+    if not out["video_id"] or not out["path"]:
+        raise ManifestError(f"{where}: empty video_id or path")
+    if not out["caption"]:
+        raise ManifestError(f"{where} (video {out['video_id']}): empty caption")
+    if out["split"] not in SPLITS:
+        raise ManifestError(f"{where}: split must be one of {SPLITS}, got {out['split']!r}")
+    try:
+        start, end = _num(row.get("start")), _num(row.get("end"))
+        ts, dur = _num(row.get("timestamp")), _num(row.get("duration"))
+    except (TypeError, ValueError) as e:
+        raise ManifestError(f"{where} (video {out['video_id']}): times must be seconds: {e}")
+    if (start is None) != (end is None):
+        raise ManifestError(f"{where} (video {out['video_id']}): give both start and end, or neither")
+    if start is not None:
+        if start < 0:
+            raise ManifestError(f"{where} (video {out['video_id']}): negative start {start}")
+        if end <= start:
+            raise ManifestError(f"{where} (video {out['video_id']}): end {end} <= start {start}")
+    if ts is not None:
+        lo = 0.0 if start is None else start
+        hi = (dur if dur is not None else math.inf) if end is None else end
+        if not lo <= ts <= hi:
+            raise ManifestError(f"{where} (video {out['video_id']}): timestamp {ts} outside [{lo}, {hi}]")
+    if dur is not None and dur <= 0:
+        raise ManifestError(f"{where} (video {out['video_id']}): duration must be > 0")
+    group = row.get("group")
+    out.update(start=start, end=end, timestamp=ts, duration=dur,
+               group=str(group) if group not in (None, "") else out["video_id"])
+    return out
+
+
+def validate_table(table: pa.Table, source: str = "manifest") -> None:
+    """Check a table read back from Parquet against the schema and the row rules."""
+    missing = [c for c in COLUMNS if c not in table.column_names]
+    if missing:
+        raise ManifestError(f"{source}: missing columns {missing}")
+    for i, row in enumerate(table.select(list(COLUMNS)).to_pylist()):
+        check_row(row, f"{source} row {i}")
+
+
+class ManifestWriter:
+    """Streams rows into Parquet shards of `rows_per_shard` rows, validating each row.
+
+    `out` ending in `.parquet` gives one file (all rows buffered, for small sources); otherwise
+    `out` is a directory of `part-NNNNN.parquet` shards written as they fill.
+    """
+
+    def __init__(self, out: str | Path, rows_per_shard: int = 1_000_000,
+                 metadata: Mapping[str, Any] | None = None):
+        self.out = str(out)
+        self.single = self.out.endswith(".parquet")
+        self.rows_per_shard = rows_per_shard
+        meta = {"clipray.manifest": "1", **{k: json.dumps(v) for k, v in (metadata or {}).items()}}
+        self.schema = SCHEMA.with_metadata(meta)
+        self.fs, self.root = pafs.FileSystem.from_uri(_as_uri(self.out))
+        self.fs.create_dir(self.root if not self.single else str(Path(self.root).parent), recursive=True)
+        self._buf: list[dict[str, Any]] = []
+        self.rows = 0
+        self.shards: list[str] = []
+
+    def add(self, row: Mapping[str, Any]) -> None:
+        clean = check_row(row, f"row {self.rows}")
+        clean["row_id"] = self.rows
+        self._buf.append(clean)
+        self.rows += 1
+        if not self.single and len(self._buf) >= self.rows_per_shard:
+            self._flush()
+
+    def extend(self, rows: Iterable[Mapping[str, Any]]) -> "ManifestWriter":
+        for r in rows:
+            self.add(r)
+        return self
+
+    def _flush(self) -> None:
+        table = pa.Table.from_pylist(self._buf, schema=self.schema)
+        path = self.root if self.single else f"{self.root}/part-{len(self.shards):05d}.parquet"
+        pq.write_table(table, path, filesystem=self.fs)
+        self.shards.append(path)
+        self._buf = []
+
+    def close(self) -> "ManifestWriter":
+        if self._buf or not self.shards:
+            self._flush()
+        return self
+
+    def __enter__(self) -> "ManifestWriter":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if exc[0] is None:
+            self.close()
+
+
+def write_manifest(rows: Iterable[Mapping[str, Any]], out: str | Path,
+                   rows_per_shard: int = 1_000_000, metadata: Mapping[str, Any] | None = None) -> int:
+    """Validate and write rows; returns the number of rows written."""
+    with ManifestWriter(out, rows_per_shard, metadata) as w:
+        w.extend(rows)
+    return w.rows
+
+
+def _as_uri(path: str) -> str:
+    return path if "://" in path else str(Path(path).resolve())
+
+
+def manifest_files(path: str) -> tuple[pafs.FileSystem, list[str]]:
+    """The Parquet files of a manifest (a file or a directory of shards), sorted."""
+    fs, root = pafs.FileSystem.from_uri(_as_uri(path))
+    info = fs.get_file_info(root)
+    if info.type == pafs.FileType.NotFound:
+        raise ManifestError(f"manifest not found: {path}")
+    if info.type == pafs.FileType.File:
+        return fs, [root]
+    files = sorted(i.path for i in fs.get_file_info(pafs.FileSelector(root, recursive=True))
+                   if i.type == pafs.FileType.File and i.path.endswith(".parquet"))
+    if not files:
+        raise ManifestError(f"no .parquet files under {path}")
+    return fs, files
+
+
+def read_manifest(path: str | Path, columns: Sequence[str] | None = None,
+                  split: str | None = None, validate: bool = True) -> pa.Table:
+    """Read a (small enough) manifest whole; large ones go through `clipray.pipeline`."""
+    fs, files = manifest_files(str(path))
+    ds = pads.dataset(files, filesystem=fs, format="parquet", schema=SCHEMA)
+    table = ds.to_table(filter=(pads.field("split") == split) if split else None)
+    if validate:
+        validate_table(table, str(path))
+    return table.select(list(columns)) if columns else table
+
+
+def manifest_metadata(path: str | Path) -> dict[str, Any]:
+    fs, files = manifest_files(str(path))
+    meta = pq.read_schema(files[0], filesystem=fs).metadata or {}
+    out = {}
+    for k, v in meta.items():
+        k = k.decode()
+        if k.startswith("clipray.") or k in ("pandas", "ARROW:schema"):
+            continue
+        try:
+            out[k] = json.loads(v)
+        except ValueError:
+            out[k] = v.decode()
+    return out
+
+
+def resolve_path(path: str, root: str) -> str:
+    """A manifest path made absolute: URIs and absolute paths as they are, else under root."""
+    if "://" in path or path.startswith("/") or not root:
+        return path
+    return f"{root.rstrip('/')}/{path}"
+
+
+def default_root(manifest: str) -> str:
+    """Relative video paths resolve against the folder holding the manifest."""
+    p = manifest.rstrip("/")
+    if p.endswith(".parquet"):
+        p = p.rsplit("/", 1)[0] if "/" in p else "."
+    return p if "://" in p else str(Path(p).resolve())
+
+
+@dataclass
+class Summary:
+    rows: int
+    videos: int
+    captions: int
+    per_split: dict[str, int]
+    missing_videos: list[str]
+
+    def __str__(self) -> str:
+        splits = ", ".join(f"{k} {v}" for k, v in sorted(self.per_split.items()))
+        return (f"{self.rows} rows, {self.videos} videos, {self.captions} distinct captions "
+                f"({splits}); {len(self.missing_videos)} videos missing on disk")
+
+
+def summarize(rows: Sequence[Mapping[str, Any]], missing: Iterable[str] = ()) -> Summary:
+    per_split: dict[str, int] = {}
+    for r in rows:
+        per_split[r["split"]] = per_split.get(r["split"], 0) + 1
+    return Summary(len(rows), len({r["video_id"] for r in rows}), len({r["caption"] for r in rows}),
+                   per_split, sorted(set(missing)))
+
+
+def iter_rows(path: str | Path, batch_rows: int = 65536) -> Iterator[dict[str, Any]]:
+    """Stream rows shard by shard (bounded memory), for tools that walk a huge manifest."""
+    fs, files = manifest_files(str(path))
+    for f in files:
+        for batch in pq.ParquetFile(f, filesystem=fs).iter_batches(batch_size=batch_rows):
+            yield from batch.to_pylist()
