@@ -1,0 +1,139 @@
+"""The Ray Data pipeline: clip manifest -> fixed-shape uint8 frame batches, streamed.
+
+    read_parquet(manifest) -> filter(split) -> map_batches(ClipDecoder, CPU actor pool)
+        -> rows of frames [T, 3, S, S] uint8, frame_mask [T] uint8, tokens [L] int64, row_id
+
+One generic reader serves every source, because every source is the same manifest. The decode
+actors resize and crop but never normalise, so each batch stays uint8 (4x smaller than float);
+the training worker normalises. Rows whose clip cannot be decoded are dropped from the stream
+and written to a skip report (`skips/*.jsonl`, merged by `collect_skips`) with their reason.
+
+The decode actors ask only for CPUs, so they can run on CPU-only nodes of a cluster while the
+training workers hold the GPUs; `data.decode_actors` x `data.decode_cpus` sizes that pool.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from collections import Counter
+from typing import Any
+
+import numpy as np
+
+from clipray.config import DataConfig
+from clipray.manifest import default_root, manifest_files, resolve_path
+from clipray.video import SkipClip, decode_clip_safe
+
+DATA_COLUMNS = ["row_id", "video_id", "path", "start", "end", "caption"]
+SKIP_DIR = "skips"
+
+
+def _none(v: Any) -> float | None:
+    return None if v is None or (isinstance(v, float) and np.isnan(v)) else float(v)
+
+
+class ClipDecoder:
+    """Callable class for `map_batches`: decodes, samples, crops and tokenises a batch of rows.
+
+    One instance lives in each actor of the pool; it loads the tokenizer once and appends its
+    skipped rows to its own files in `skip_dir` (local path or fsspec URI).
+    """
+
+    def __init__(self, data: DataConfig, root: str, skip_dir: str):
+        import open_clip
+
+        self.cfg = data.video
+        self.root = root
+        self.tokenize = open_clip.get_tokenizer(data.tokenizer, context_length=data.max_words)
+        self.skip_dir = skip_dir.rstrip("/")
+        self.name = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.calls = 0
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        frames, masks, keep, skips = [], [], [], []
+        for i in range(len(batch["row_id"])):
+            path = str(batch["path"][i])
+            try:
+                clip = decode_clip_safe(resolve_path(path, self.root), _none(batch["start"][i]),
+                                        _none(batch["end"][i]), self.cfg)
+            except SkipClip as e:
+                skips.append({"row_id": int(batch["row_id"][i]), "video_id": str(batch["video_id"][i]),
+                              "path": path, "reason": e.reason})
+                continue
+            frames.append(clip.frames)
+            masks.append(clip.mask)
+            keep.append(i)
+        if skips:
+            self._report(skips)
+        T, S = self.cfg.max_frames, self.cfg.size
+        captions = [str(batch["caption"][i]) for i in keep]
+        tokens = self.tokenize(captions).numpy() if keep else np.zeros((0, 1), np.int64)
+        return {
+            "frames": np.stack(frames) if keep else np.zeros((0, T, 3, S, S), np.uint8),
+            "frame_mask": np.stack(masks) if keep else np.zeros((0, T), np.uint8),
+            "tokens": tokens.astype(np.int64),
+            "row_id": np.asarray(batch["row_id"])[keep].astype(np.int64),
+        }
+
+    def _report(self, skips: list[dict]) -> None:
+        import fsspec
+
+        self.calls += 1
+        path = f"{self.skip_dir}/{SKIP_DIR}/{self.name}-{self.calls:06d}.jsonl"
+        fs, p = fsspec.core.url_to_fs(path)
+        fs.makedirs(p.rsplit("/", 1)[0], exist_ok=True)
+        with fs.open(p, "w") as f:
+            f.write("".join(json.dumps(s) + "\n" for s in skips))
+
+
+def clip_dataset(data: DataConfig, skip_dir: str, split: str | None = None,
+                 limit: int | None = None) -> Any:
+    """A streaming Ray Dataset of decoded clips for one split of `data.manifest`."""
+    import ray.data
+    from ray.data.expressions import col
+
+    fs, files = manifest_files(data.manifest)
+    ds = ray.data.read_parquet(files, filesystem=fs, columns=DATA_COLUMNS + ["split"])
+    split = split or data.split
+    if split:
+        ds = ds.filter(expr=col("split") == split)
+    ds = ds.select_columns(DATA_COLUMNS)
+    if limit:
+        ds = ds.limit(limit)
+    root = data.video_root or default_root(data.manifest)
+    return ds.map_batches(
+        ClipDecoder,
+        fn_constructor_args=(data, root, skip_dir),
+        batch_size=data.decode_batch,
+        compute=ray.data.ActorPoolStrategy(size=data.decode_actors),
+        num_cpus=data.decode_cpus,
+        batch_format="numpy",
+    )
+
+
+def collect_skips(skip_dir: str, out_name: str = "skip_report.jsonl") -> dict[str, Any]:
+    """Merge the actors' skip files into one report beside them; return counts by reason."""
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(skip_dir.rstrip("/"))
+    parts = sorted(fs.glob(f"{root}/{SKIP_DIR}/*.jsonl")) if fs.exists(f"{root}/{SKIP_DIR}") else []
+    records: dict[int, dict] = {}
+    for p in parts:
+        with fs.open(p) as f:
+            for line in f.read().decode().splitlines():
+                rec = json.loads(line)
+                records[rec["row_id"]] = rec  # a re-executed block may report a row twice
+    rows = [records[k] for k in sorted(records)]
+    fs.makedirs(root, exist_ok=True)
+    with fs.open(f"{root}/{out_name}", "w") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in rows))
+    reasons = Counter(_reason_kind(r["reason"]) for r in rows)
+    return {"skipped": len(rows), "by_reason": dict(reasons), "report": f"{skip_dir.rstrip('/')}/{out_name}",
+            "records": rows}
+
+
+def _reason_kind(reason: str) -> str:
+    """The reason's first clause, so counts group 'decode failed: <details>' together."""
+    return reason.split(":")[0].split(" after ")[0].split(" [")[0]

@@ -1,0 +1,169 @@
+"""Synthetic video-text data: real H.264 files whose captions can be learned, order included.
+
+Each video shows one to three events in sequence. An event is one object (a colour and a
+shape) crossing the frame in one direction; its caption names them in order, e.g.
+"a red square moves left, then a blue circle moves up". Two-event videos come in twins with
+the events swapped ("B, then A"), both in the same split: a model that pools frames without
+order (meanP) cannot tell twins apart, a temporal head (seqTransf) can. That is what the
+order benchmark measures.
+
+Outputs under `out/`:
+  videos/<video_id>.mp4   H.264, yuv420p, `fps` frames per second
+  manifest.parquet        one row per video, the whole-video caption (train / val / test)
+  events.parquet          one row per event: true start/end, one timestamp inside it, group =
+                          video (clip editing and moment search use these)
+Everything is reproducible from the seed.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from clipray.manifest import write_manifest
+
+COLOURS = {
+    "red": (220, 40, 40), "green": (40, 190, 60), "blue": (50, 90, 235),
+    "yellow": (235, 215, 40), "white": (240, 240, 240), "purple": (160, 60, 200),
+}
+SHAPES = ("square", "circle", "triangle", "cross")
+DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
+
+
+@dataclass(frozen=True)
+class Event:
+    colour: str
+    shape: str
+    direction: str
+
+    @property
+    def text(self) -> str:
+        return f"a {self.colour} {self.shape} moves {self.direction}"
+
+
+@dataclass
+class SynthVideo:
+    video_id: str
+    events: tuple[Event, ...]
+    split: str
+    twin: str | None = None  # the video with the same events in the other order
+
+    @property
+    def caption(self) -> str:
+        return ", then ".join(e.text for e in self.events)
+
+
+def _shape_mask(shape: str, xx: np.ndarray, yy: np.ndarray, cx: float, cy: float, r: float) -> np.ndarray:
+    dx, dy = xx - cx, yy - cy
+    if shape == "square":
+        return (np.abs(dx) <= r) & (np.abs(dy) <= r)
+    if shape == "circle":
+        return dx * dx + dy * dy <= r * r
+    if shape == "triangle":  # apex up; width grows linearly towards the base
+        return (dy >= -r) & (dy <= r) & (np.abs(dx) <= (dy + r) / 2)
+    if shape == "cross":
+        t = r / 3
+        return ((np.abs(dx) <= t) & (np.abs(dy) <= r)) | ((np.abs(dy) <= t) & (np.abs(dx) <= r))
+    raise ValueError(shape)
+
+
+def render(events: tuple[Event, ...], width: int, height: int, fps: int,
+           event_seconds: float) -> Iterator[np.ndarray]:
+    """Yield uint8 RGB frames [H, W, 3]; event k occupies [k*event_seconds, (k+1)*event_seconds)."""
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    r = min(width, height) / 6
+    per_event = int(round(event_seconds * fps))
+    for ev in events:
+        (ux, uy), colour = DIRECTIONS[ev.direction], np.array(COLOURS[ev.colour], np.uint8)
+        for i in range(per_event):
+            p = (i + 0.5) / per_event  # progress 0..1 across the frame
+            cx = width / 2 + ux * (p - 0.5) * (width - 2 * r)
+            cy = height / 2 + uy * (p - 0.5) * (height - 2 * r)
+            frame = np.full((height, width, 3), 24, np.uint8)
+            frame[_shape_mask(ev.shape, xx, yy, cx, cy, r)] = colour
+            yield frame
+
+
+def write_mp4(path: Path, frames: Iterator[np.ndarray], width: int, height: int, fps: int) -> int:
+    """Encode RGB frames as H.264 (libx264 ships in the PyAV wheel). Returns the frame count."""
+    import av
+
+    n = 0
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("libx264", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        # a keyframe every second keeps seeking cheap; one thread keeps output byte-stable
+        stream.options = {"crf": "20", "preset": "veryfast", "g": str(fps), "threads": "1"}
+        for rgb in frames:
+            out.mux(stream.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")))
+            n += 1
+        out.mux(stream.encode(None))
+    return n
+
+
+def plan(videos: int, seed: int, val_frac: float, test_frac: float,
+         max_events: int = 2) -> list[SynthVideo]:
+    """Decide every video's events and split. 40% single events, the rest order twins."""
+    rng = np.random.default_rng(seed)
+
+    def event() -> Event:
+        return Event(str(rng.choice(list(COLOURS))), str(rng.choice(SHAPES)),
+                     str(rng.choice(list(DIRECTIONS))))
+
+    def split() -> str:
+        u = rng.random()
+        return "test" if u < test_frac else "val" if u < test_frac + val_frac else "train"
+
+    out: list[SynthVideo] = []
+    while len(out) < videos:
+        vid = f"synth{len(out):05d}"
+        if videos - len(out) >= 2 and rng.random() < 0.6:
+            n = int(rng.integers(2, max_events + 1))
+            evs = [event() for _ in range(n)]
+            while evs[0] == evs[-1]:
+                evs[-1] = event()
+            twin_id, s = f"synth{len(out) + 1:05d}", split()
+            out.append(SynthVideo(vid, tuple(evs), s, twin_id))
+            out.append(SynthVideo(twin_id, tuple(reversed(evs)), s, vid))
+        else:
+            out.append(SynthVideo(vid, (event(),), split()))
+    return out
+
+
+def generate(out: str | Path, videos: int = 200, seed: int = 0, width: int = 96, height: int = 72,
+             fps: int = 8, event_seconds: float = 2.0, val_frac: float = 0.1,
+             test_frac: float = 0.2, max_events: int = 2, progress: bool = False) -> dict:
+    """Write the videos and both manifests; returns a summary dict (also saved as synth.json)."""
+    out = Path(out)
+    (out / "videos").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed + 1)
+    rows, event_rows = [], []
+    specs = plan(videos, seed, val_frac, test_frac, max_events)
+    for k, v in enumerate(specs):
+        rel = f"videos/{v.video_id}.mp4"
+        write_mp4(out / rel, render(v.events, width, height, fps, event_seconds), width, height, fps)
+        duration = len(v.events) * event_seconds
+        rows.append(dict(video_id=v.video_id, path=rel, start=None, end=None, caption=v.caption,
+                         split=v.split, duration=duration))
+        for i, ev in enumerate(v.events):
+            s, e = i * event_seconds, (i + 1) * event_seconds
+            ts = float(np.round(rng.uniform(s + 0.2 * event_seconds, e - 0.2 * event_seconds), 3))
+            event_rows.append(dict(video_id=v.video_id, path=rel, start=s, end=e, caption=ev.text,
+                                   split=v.split, timestamp=ts, duration=duration))
+        if progress and (k + 1) % 50 == 0:
+            print(f"  synth: {k + 1}/{len(specs)} videos", flush=True)
+    meta = {"source": "synthetic", "seed": seed, "fps": fps, "size": [width, height],
+            "event_seconds": event_seconds}
+    write_manifest(rows, out / "manifest.parquet", metadata=meta)
+    write_manifest(event_rows, out / "events.parquet", metadata={**meta, "timestamp_rule": "uniform"})
+    twins = {v.video_id: v.twin for v in specs if v.twin}
+    summary = {"videos": len(specs), "events": len(event_rows), "seed": seed,
+               "splits": {s: sum(v.split == s for v in specs) for s in ("train", "val", "test")},
+               "twins": twins, "manifest": str(out / "manifest.parquet"),
+               "events_manifest": str(out / "events.parquet")}
+    (out / "synth.json").write_text(json.dumps(summary, indent=1))
+    return summary

@@ -1,0 +1,258 @@
+"""Video decoding: sample, decode, resize and crop one clip into fixed-shape uint8 frames.
+
+Two backends behind one small interface (`open_video` -> `.fps`, `.num_frames`,
+`.get(indices)`): decord (the default) and PyAV (the fallback, selectable in config). Sources
+are local paths or any fsspec URI (s3://, gs://, ...).
+
+Frame selection follows CLIP4Clip: candidate frames at `fps` per second over the clip window,
+then head / tail / uniform selection down to `max_frames`, plus a validity mask. Frames stay
+uint8 here (normalisation happens on the training worker, so batches are 4x smaller).
+
+Every failure becomes `SkipClip(reason)`: a missing, empty, truncated, corrupt or non-video
+file, a window outside the video, or a decode that exceeds its timeout. Callers skip and
+report; nothing ever substitutes an all-zero clip.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import queue
+import threading
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence, TypeVar
+
+import numpy as np
+import torch
+import torchvision.transforms.v2.functional as TF
+
+from clipray.config import VideoConfig
+
+T = TypeVar("T")
+
+
+class SkipClip(Exception):
+    """This clip cannot be used; `reason` says why (goes to the skip report)."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass
+class Clip:
+    frames: np.ndarray  # uint8 [max_frames, 3, size, size]; rows past n_valid are padding
+    mask: np.ndarray  # uint8 [max_frames]: 1 for real frames, 0 for padding
+    indices: list[int]  # decoded frame indices, in order
+
+
+# ---------------------------------------------------------------- frame selection
+
+def candidate_indices(num_frames: int, video_fps: float, start: float | None, end: float | None,
+                      fps: float) -> list[int]:
+    """Frame indices at `fps` per second over [start, end] (None = whole video).
+
+    Raises SkipClip when the window lies outside the video.
+    """
+    if num_frames <= 0 or not video_fps or video_fps <= 0:
+        raise SkipClip("video reports no frames")
+    duration = num_frames / video_fps
+    lo = 0.0 if start is None else float(start)
+    hi = duration if end is None else min(float(end), duration)
+    if lo >= duration or hi <= lo:
+        raise SkipClip(f"window [{start}, {end}] outside video of {duration:.2f}s")
+    step = 1.0 / fps
+    times = np.arange(lo, hi, step) if hi - lo >= step else np.array([(lo + hi) / 2])
+    idx = np.clip(np.floor(times * video_fps + 1e-6).astype(np.int64), 0, num_frames - 1)
+    return sorted(set(idx.tolist()))
+
+
+def select(indices: Sequence[int], max_frames: int, how: str) -> list[int]:
+    """Keep at most `max_frames` of `indices`: head, tail or uniform (linspace over them)."""
+    n = len(indices)
+    if n <= max_frames:
+        return list(indices)
+    if how == "head":
+        return list(indices[:max_frames])
+    if how == "tail":
+        return list(indices[-max_frames:])
+    if how == "uniform":
+        pick = np.linspace(0, n - 1, max_frames).round().astype(int)
+        return [indices[i] for i in pick]
+    raise ValueError(f"video.slice must be head, tail or uniform, got {how!r}")
+
+
+# ---------------------------------------------------------------- backends
+
+def _open_bytes_or_path(path: str) -> Any:
+    """A local path stays a path (decord/PyAV read it directly); a URI is fetched into memory."""
+    if "://" in path and not path.startswith("file://"):
+        import fsspec
+
+        try:
+            with fsspec.open(path, "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            raise SkipClip("missing file") from None
+        except Exception as e:  # credentials, network, bucket errors
+            raise SkipClip(f"cannot read: {type(e).__name__}: {e}") from None
+        if not data:
+            raise SkipClip("empty file")
+        return io.BytesIO(data)
+    path = path.removeprefix("file://")
+    if not os.path.exists(path):
+        raise SkipClip("missing file")
+    if os.path.isdir(path):
+        raise SkipClip("not a file")
+    if os.path.getsize(path) == 0:
+        raise SkipClip("empty file")
+    return path
+
+
+class DecordVideo:
+    def __init__(self, src: Any):
+        import decord
+
+        try:
+            self._vr = decord.VideoReader(src, ctx=decord.cpu(0), num_threads=1)
+        except Exception as e:  # decord raises RuntimeError/DECORDError for any bad file
+            raise SkipClip(f"not a decodable video: {_short(e)}") from None
+        self.num_frames = len(self._vr)
+        self.fps = float(self._vr.get_avg_fps())
+
+    def get(self, indices: Sequence[int]) -> np.ndarray:
+        try:
+            return self._vr.get_batch(list(indices)).asnumpy()
+        except Exception as e:  # truncated files open fine and fail here (DECORDError)
+            raise SkipClip(f"decode failed: {_short(e)}") from None
+
+
+class PyAVVideo:
+    def __init__(self, src: Any):
+        import av
+
+        try:
+            self._container = av.open(src)
+            self._stream = self._container.streams.video[0]
+        except Exception as e:
+            raise SkipClip(f"not a decodable video: {_short(e)}") from None
+        s = self._stream
+        self.fps = float(s.average_rate or s.guessed_rate or 0)
+        n = s.frames
+        if not n and s.duration and s.time_base:
+            n = int(round(float(s.duration * s.time_base) * self.fps))
+        elif not n and self._container.duration:
+            n = int(round(self._container.duration / 1e6 * self.fps))
+        self.num_frames = int(n)
+
+    def get(self, indices: Sequence[int]) -> np.ndarray:
+        """Decode linearly from a keyframe before the first wanted frame (faster than a seek
+        per frame), keeping the wanted indices by presentation time."""
+        want = sorted(set(indices))
+        s = self._stream
+        t0 = float(s.start_time * s.time_base) if s.start_time is not None else 0.0
+        got: dict[int, np.ndarray] = {}
+        try:
+            if want[0] > 0:
+                self._container.seek(int((want[0] / self.fps + t0) / s.time_base), stream=s,
+                                     backward=True, any_frame=False)
+            for frame in self._container.decode(s):
+                if frame.pts is None:
+                    continue
+                i = int(round((float(frame.pts * s.time_base) - t0) * self.fps))
+                if i in want:
+                    got[i] = frame.to_ndarray(format="rgb24")
+                if i >= want[-1]:
+                    break
+        except Exception as e:
+            raise SkipClip(f"decode failed: {_short(e)}") from None
+        finally:
+            self._container.close()
+        missing = [i for i in want if i not in got]
+        if missing:
+            if not got:
+                raise SkipClip(f"decode failed: no frame among {len(want)} requested")
+            # a file that over-reports its length: reuse the nearest earlier decoded frame
+            for i in missing:
+                got[i] = got[max((k for k in got if k < i), default=min(got))]
+        return np.stack([got[i] for i in indices])
+
+
+BACKENDS: dict[str, Callable[[Any], Any]] = {"decord": DecordVideo, "pyav": PyAVVideo}
+
+
+def open_video(path: str, backend: str = "decord") -> Any:
+    if backend not in BACKENDS:
+        raise ValueError(f"video.backend must be one of {sorted(BACKENDS)}, got {backend!r}")
+    return BACKENDS[backend](_open_bytes_or_path(path))
+
+
+def _short(e: BaseException) -> str:
+    msg = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {msg[0][:160] if msg else ''}"
+
+
+# ---------------------------------------------------------------- resize / crop
+
+def resize_crop(frames: np.ndarray, size: int) -> torch.Tensor:
+    """uint8 [N, H, W, 3] -> uint8 [N, 3, size, size]: shorter side to `size`, centre crop."""
+    x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2)
+    x = TF.resize(x, [size], interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
+    return TF.center_crop(x, [size, size])
+
+
+# ---------------------------------------------------------------- one clip
+
+def decode_clip(path: str, start: float | None, end: float | None, cfg: VideoConfig) -> Clip:
+    """Decode one clip window into `cfg.max_frames` frames + mask (raises SkipClip)."""
+    video = open_video(path, cfg.backend)
+    idx = select(candidate_indices(video.num_frames, video.fps, start, end, cfg.fps),
+                 cfg.max_frames, cfg.slice)
+    raw = video.get(idx)
+    if raw.ndim != 4 or raw.shape[0] != len(idx) or raw.shape[-1] != 3:
+        raise SkipClip(f"decoder returned frames of shape {raw.shape}")
+    frames = np.zeros((cfg.max_frames, 3, cfg.size, cfg.size), dtype=np.uint8)
+    frames[: len(idx)] = resize_crop(raw, cfg.size).numpy()
+    mask = np.zeros(cfg.max_frames, dtype=np.uint8)
+    mask[: len(idx)] = 1
+    return Clip(frames, mask, idx)
+
+
+def call_with_timeout(fn: Callable[[], T], timeout_s: float) -> T:
+    """Run fn in a daemon thread and give up after timeout_s.
+
+    A C decoder stuck on a bad file cannot be interrupted from Python; the thread is left to
+    finish (or hang) on its own while the caller moves on, so one file cannot stall a pipeline.
+    """
+    out: queue.Queue = queue.Queue(maxsize=1)
+
+    def run() -> None:
+        try:
+            out.put((True, fn()))
+        except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
+            out.put((False, e))
+
+    threading.Thread(target=run, daemon=True, name="clipray-decode").start()
+    try:
+        ok, value = out.get(timeout=timeout_s)
+    except queue.Empty:
+        raise SkipClip(f"decode timed out after {timeout_s:g}s") from None
+    if ok:
+        return value
+    raise value
+
+
+def decode_clip_safe(path: str, start: float | None, end: float | None, cfg: VideoConfig) -> Clip:
+    """`decode_clip` bounded by `cfg.timeout_s`; every failure is a SkipClip with a reason."""
+    def run() -> Clip:
+        try:
+            return decode_clip(path, start, end, cfg)
+        except SkipClip:
+            raise
+        except Exception as e:  # any other decoder error is still a skip, never a crash
+            raise SkipClip(f"decode failed: {_short(e)}") from None
+
+    if not math.isfinite(cfg.timeout_s) or cfg.timeout_s <= 0:
+        return run()
+    return call_with_timeout(run, cfg.timeout_s)
