@@ -102,6 +102,9 @@ def clip_dataset(data: DataConfig, skip_dir: str, split: str | None = None,
     ds = ds.select_columns(DATA_COLUMNS)
     if limit:
         ds = ds.limit(limit)
+    # Manifest rows are tiny and decoding is slow: small blocks let every actor of the pool work
+    # (one Parquet row group would otherwise go to a single actor). Streaming, no shuffle.
+    ds = ds.repartition(target_num_rows_per_block=data.decode_batch)
     root = data.video_root or default_root(data.manifest)
     return ds.map_batches(
         ClipDecoder,

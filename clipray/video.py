@@ -103,8 +103,8 @@ def _open_bytes_or_path(path: str) -> Any:
     path = path.removeprefix("file://")
     if not os.path.exists(path):
         raise SkipClip("missing file")
-    if os.path.isdir(path):
-        raise SkipClip("not a file")
+    if not os.path.isfile(path):
+        raise SkipClip("not a regular file")
     if os.path.getsize(path) == 0:
         raise SkipClip("empty file")
     return path

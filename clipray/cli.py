@@ -1,0 +1,128 @@
+"""The `clipray` command: one entry point for data, training, indexing, serving and benchmarks.
+
+Each subcommand is a thin shim over a `main(argv)` function that tests call directly:
+  clipray demo                         the whole system on an embedded local Ray (CPU, tiny model)
+  clipray data synth|prepare|check     build and inspect clip manifests
+  clipray train CONFIG [k=v ...]       = python -m train CONFIG [k=v ...]
+  clipray index CONFIG [k=v ...]       offline embedding index of a manifest
+  clipray serve CONFIG [k=v ...]       the retrieval API on Ray Serve
+  clipray bench data|model|train|serve benchmarks that print figures beside a baseline
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import Callable
+
+# subcommand -> "module:function" taking argv; imported lazily so `clipray --help` is instant
+PASSTHROUGH = {
+    "train": "train.__main__:main",
+    "index": "serve.index:main",
+    "serve": "serve.__main__:main",
+    "demo": "clipray.demo:main",
+}
+BENCHES = {
+    "data": "clipray.bench.data:main",
+    "model": "clipray.bench.model:main",
+    "train": "clipray.bench.train:main",
+    "serve": "clipray.bench.serve:main",
+}
+
+
+def _load(target: str) -> Callable[[list[str]], int]:
+    module, fn = target.split(":")
+    return getattr(importlib.import_module(module), fn)
+
+
+def data_main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(prog="clipray data", description="Build and inspect clip manifests.")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("synth", help="write the synthetic H.264 video-text dataset and its manifests")
+    s.add_argument("--out", required=True, help="output directory")
+    s.add_argument("--videos", type=int, default=200)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--fps", type=int, default=8)
+    s.add_argument("--width", type=int, default=96)
+    s.add_argument("--height", type=int, default=72)
+    s.add_argument("--max-events", type=int, default=2)
+    p = sub.add_parser("prepare", help="turn a public release (or your own CSV/JSONL) into a manifest")
+    p.add_argument("name", help="source name (msrvtt, msvd, lsmdc, activitynet, didemo, youcook2, "
+                                "howto100m, generic)")
+    p.add_argument("--root", required=True, help="folder holding the release's files and videos")
+    p.add_argument("--out", required=True, help="manifest: a .parquet file or a directory of shards")
+    p.add_argument("--option", "-o", action="append", default=[], metavar="KEY=VALUE",
+                   help="adapter option, repeatable (e.g. -o view=paragraph)")
+    c = sub.add_parser("check", help="validate a manifest and print its summary")
+    c.add_argument("manifest")
+    args = ap.parse_args(argv)
+
+    if args.cmd == "synth":
+        from clipray.synth import generate
+
+        s = generate(args.out, videos=args.videos, seed=args.seed, fps=args.fps, width=args.width,
+                     height=args.height, max_events=args.max_events, progress=True)
+        print(f"wrote {s['videos']} videos ({s['splits']}) and {s['events']} events")
+        print(f"manifest:        {s['manifest']}\nevents manifest: {s['events_manifest']}")
+        return 0
+    if args.cmd == "prepare":
+        from clipray.sources import prepare
+
+        opts = {}
+        for o in args.option:
+            if "=" not in o:
+                ap.error(f"--option takes KEY=VALUE, got {o!r}")
+            k, v = o.split("=", 1)
+            opts[k] = _literal(v)
+        print(prepare(args.name, args.root, args.out, **opts))
+        return 0
+    from clipray.manifest import manifest_metadata, read_manifest, summarize
+
+    table = read_manifest(args.manifest)
+    print(f"{args.manifest}: valid; {summarize(table.to_pylist())}")
+    meta = manifest_metadata(args.manifest)
+    if meta:
+        print(f"metadata: {meta}")
+    return 0
+
+
+def _literal(v: str) -> object:
+    """Adapter option values: ints, floats and booleans as such, everything else a string."""
+    low = v.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    for cast in (int, float):
+        try:
+            return cast(v)
+        except ValueError:
+            pass
+    return v
+
+
+def bench_main(argv: list[str]) -> int:
+    if not argv or argv[0] not in BENCHES:
+        print(f"usage: clipray bench {{{','.join(BENCHES)}}} [options]", file=sys.stderr)
+        return 2
+    return _load(BENCHES[argv[0]])(argv[1:])
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    commands = {"data": data_main, "bench": bench_main,
+                **{k: (lambda a, t=t: _load(t)(a)) for k, t in PASSTHROUGH.items()}}
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
+        print(__doc__.strip(), file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout)
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    from clipray.config import ConfigError
+    from clipray.manifest import ManifestError
+
+    try:
+        return int(commands[argv[0]](argv[1:]) or 0)
+    except (ConfigError, ManifestError, FileNotFoundError) as e:
+        print(f"clipray {argv[0]}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

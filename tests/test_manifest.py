@@ -1,0 +1,53 @@
+"""The clip manifest: validation names the bad row; sharded writes read back exactly."""
+
+import pytest
+
+from clipray.manifest import (ManifestError, iter_rows, manifest_files, manifest_metadata,
+                              read_manifest, summarize, write_manifest)
+
+
+def rows(n):
+    return [dict(video_id=f"v{i // 2}", path=f"videos/v{i // 2}.mp4", caption=f"  caption {i} ",
+                 split="train" if i % 4 else "test", start=None if i % 3 else 1.0,
+                 end=None if i % 3 else 2.5) for i in range(n)]
+
+
+def test_sharded_roundtrip(tmp_path):
+    out = tmp_path / "m"
+    assert write_manifest(rows(25), out, rows_per_shard=10, metadata={"source": "unit"}) == 25
+    fs, files = manifest_files(str(out))
+    assert [f.rsplit("/", 1)[1] for f in files] == ["part-00000.parquet", "part-00001.parquet",
+                                                    "part-00002.parquet"]
+    t = read_manifest(out)
+    assert t.column("row_id").to_pylist() == list(range(25))
+    assert t.column("caption").to_pylist()[3] == "caption 3"  # stripped
+    assert t.column("group").to_pylist()[5] == "v2"  # defaults to video_id
+    assert t.column("start").to_pylist()[:4] == [1.0, None, None, 1.0]
+    assert read_manifest(out, split="test").num_rows == 7
+    assert [r["row_id"] for r in iter_rows(out, batch_rows=4)] == list(range(25))
+    assert manifest_metadata(out) == {"source": "unit"}
+    s = summarize(t.to_pylist(), missing=["v3"])
+    assert (s.rows, s.videos, s.per_split) == (25, 13, {"train": 18, "test": 7})
+
+
+@pytest.mark.parametrize("bad, msg", [
+    (dict(start=-1.0, end=2.0), "negative start"),
+    (dict(start=3.0, end=2.0), "end 2.0 <= start 3.0"),
+    (dict(caption="   "), "empty caption"),
+    (dict(start=1.0, end=2.0, timestamp=5.0), "timestamp 5.0 outside"),
+    (dict(split="training"), "split must be one of"),
+    (dict(start=1.0), "both start and end"),
+    (dict(start="00:01:02", end=3.0), "times must be seconds"),
+])
+def test_bad_rows_are_named(tmp_path, bad, msg):
+    rs = rows(4)
+    rs[2].update(bad)
+    with pytest.raises(ManifestError) as e:
+        write_manifest(rs, tmp_path / "m.parquet")
+    assert "row 2" in str(e.value) and msg in str(e.value)
+    assert "v1" in str(e.value) or "split" in str(e.value)
+
+
+def test_missing_manifest(tmp_path):
+    with pytest.raises(ManifestError, match="not found"):
+        read_manifest(tmp_path / "nope.parquet")

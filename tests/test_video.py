@@ -1,0 +1,78 @@
+"""Decoding: frame selection by hand, decord == PyAV on real H.264, every bad file a SkipClip."""
+
+import numpy as np
+import pytest
+
+from bad_videos import StallingServer, plant
+from clipray.config import VideoConfig
+from clipray.video import SkipClip, candidate_indices, decode_clip, decode_clip_safe, select
+
+
+def test_candidate_indices_by_hand():
+    # 25 fps, 10 s video, 1 fps over [2, 5): frames at t=2,3,4 -> 50, 75, 100
+    assert candidate_indices(250, 25.0, 2.0, 5.0, 1.0) == [50, 75, 100]
+    # whole video at 2 fps: 20 candidates, every 12.5 frames floored
+    assert candidate_indices(250, 25.0, None, None, 2.0)[:4] == [0, 12, 25, 37]
+    # end past the video is clamped to its length
+    assert candidate_indices(250, 25.0, 8.0, 99.0, 1.0) == [200, 225]
+    # window shorter than one step: its midpoint
+    assert candidate_indices(250, 25.0, 4.0, 4.2, 1.0) == [102]
+    with pytest.raises(SkipClip, match="outside video"):
+        candidate_indices(250, 25.0, 12.0, 14.0, 1.0)
+
+
+def test_select_head_tail_uniform():
+    idx = list(range(0, 100, 10))  # 10 candidates
+    assert select(idx, 4, "head") == [0, 10, 20, 30]
+    assert select(idx, 4, "tail") == [60, 70, 80, 90]
+    assert select(idx, 4, "uniform") == [0, 30, 60, 90]  # linspace(0, 9, 4) = 0, 3, 6, 9
+    assert select(idx, 12, "uniform") == idx
+    with pytest.raises(ValueError):
+        select(idx, 4, "middle")
+
+
+def test_decord_and_pyav_agree_on_real_h264(real_video):
+    cfg = VideoConfig(fps=1.5, max_frames=6, size=96)
+    a = decode_clip(str(real_video), 1.0, 8.0, cfg)
+    b = decode_clip(str(real_video), 1.0, 8.0, VideoConfig(**{**cfg.__dict__, "backend": "pyav"}))
+    # 11 candidates at t=1, 1.67, ..., 7.67 s; uniform picks 0,2,4,6,8,10 of them
+    assert a.indices == b.indices == [25, 58, 91, 125, 158, 191]
+    assert a.mask.tolist() == [1] * 6
+    diff = np.abs(a.frames.astype(int) - b.frames.astype(int))
+    assert diff.mean() < 2.0 and np.percentile(diff, 99) <= 12
+    assert a.frames.std() > 20  # real content, not a blank frame
+
+
+def test_padding_and_crop(real_video):
+    cfg = VideoConfig(fps=1.0, max_frames=8, size=64)
+    c = decode_clip(str(real_video), 2.0, 5.0, cfg)  # 3 candidates -> 3 real + 5 padded
+    assert c.frames.shape == (8, 3, 64, 64) and c.frames.dtype == np.uint8
+    assert c.mask.tolist() == [1, 1, 1, 0, 0, 0, 0, 0]
+    assert not c.frames[3:].any() and c.frames[:3].any()
+
+
+@pytest.mark.parametrize("backend", ["decord", "pyav"])
+def test_every_bad_file_is_a_skip_with_reason(tmp_path, real_video, backend):
+    bad = plant(real_video, tmp_path)
+    cfg = VideoConfig(backend=backend, fps=1.0, max_frames=4, size=32, timeout_s=20)
+    reasons = {}
+    for kind, path in bad.items():
+        with pytest.raises(SkipClip) as e:
+            decode_clip_safe(str(path), None, None, cfg)
+        reasons[kind] = e.value.reason
+    assert reasons["missing"] == "missing file"
+    assert reasons["empty"] == "empty file"
+    for kind in ("truncated", "corrupt", "not_video"):
+        assert reasons[kind].startswith("not a decodable video"), (kind, reasons[kind])
+    assert reasons["truncated_faststart"].startswith(("decode failed", "not a decodable")), reasons
+    with pytest.raises(SkipClip, match="outside video"):
+        decode_clip_safe(str(real_video), 30.0, 40.0, cfg)
+
+
+def test_hanging_source_times_out():
+    server = StallingServer()
+    try:
+        with pytest.raises(SkipClip, match="timed out after 1.5s"):
+            decode_clip_safe(server.url, None, None, VideoConfig(timeout_s=1.5))
+    finally:
+        server.close()
