@@ -1,0 +1,128 @@
+"""Model registry: a name -> a CLIP4Clip build recipe, with a tiny `test_*` twin per head.
+
+    create_model("clip4clip_vitb32_seqTransf", pretrained="openai")    # paper setting
+    create_model("clip4clip_vitb32_meanP", pretrained="/ckpt/ViT-B-32.pt", linear_patch="3d")
+    create_model("test_meanP")                                         # tiny, random, for tests
+
+Overrides (None = the registered default): `pretrained` (open_clip tag or local checkpoint file;
+the default is None = random init, so nothing is ever downloaded unless asked for; the paper's
+weights are `pretrained="openai"`), `head` (meanP | seqLSTM | seqTransf | tightTransf),
+`linear_patch` (2d | 3d), `tuning` (full | frozen, later unipt).
+
+Real names use the `-quickgelu` open_clip configs: OpenAI's CLIP was trained with QuickGELU and
+CLIP4Clip copies those text blocks. The tiny towers (`clipray-tiny`: 32 px, 2 vision layers,
+4 text layers, width 64, 49408-token vocabulary) use the stock BPE tokenizer, so their
+`tokenizer_name` is "ViT-B-32", which any process can load without registering our config.
+Importing this package loads neither torch nor open_clip.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Optional
+
+if TYPE_CHECKING:
+    from clipray.config import ModelConfig
+    from clipray.models.clip4clip import CLIP4Clip
+
+HEAD_NAMES = ("meanP", "seqLSTM", "seqTransf", "tightTransf")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    open_clip_name: str
+    tokenizer_name: str
+    head: str = "meanP"
+    linear_patch: str = "2d"
+    tuning: str = "full"
+    pretrained: Optional[str] = None
+    recommended_pretrained: Optional[str] = None  # documentation: what the paper used
+
+
+_REGISTRY: dict[str, ModelSpec] = {}
+
+_FAMILIES = {
+    "clip4clip_vitb32": ModelSpec("ViT-B-32-quickgelu", "ViT-B-32-quickgelu", recommended_pretrained="openai"),
+    "clip4clip_vitb16": ModelSpec("ViT-B-16-quickgelu", "ViT-B-16-quickgelu", recommended_pretrained="openai"),
+    "test": ModelSpec("clipray-tiny", "ViT-B-32"),
+}
+
+
+def register_model(name: str, spec: ModelSpec) -> None:
+    if name in _REGISTRY:
+        raise ValueError(f"model {name!r} is already registered")
+    _REGISTRY[name] = spec
+
+
+for _family, _base in _FAMILIES.items():
+    for _head in HEAD_NAMES:
+        register_model(f"{_family}_{_head}", dataclasses.replace(_base, head=_head))
+
+
+def list_models() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def get_spec(name: str) -> ModelSpec:
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown model {name!r}; registered: {', '.join(list_models())}")
+    return _REGISTRY[name]
+
+
+def _no_weights(value: Optional[str]) -> bool:
+    return value is None or str(value).strip().lower() in ("", "none", "null", "random")
+
+
+def create_model(
+    name: str,
+    *,
+    pretrained: Optional[str] = None,
+    head: Optional[str] = None,
+    linear_patch: Optional[str] = None,
+    tuning: Optional[str] = None,
+) -> "CLIP4Clip":
+    """Build registered model `name`; each override left None keeps the registered value."""
+    spec = get_spec(name)
+    spec = dataclasses.replace(
+        spec,
+        pretrained=None if _no_weights(pretrained) else pretrained,
+        head=head or spec.head,
+        linear_patch=linear_patch or spec.linear_patch,
+        tuning=tuning or spec.tuning,
+    )
+    return build_from_spec(name, spec)
+
+
+def build_model(cfg: "ModelConfig") -> "CLIP4Clip":
+    """Build from the `model:` section of a clipray config."""
+    return create_model(
+        cfg.name, pretrained=cfg.pretrained, head=cfg.head, linear_patch=cfg.linear_patch, tuning=cfg.tuning
+    )
+
+
+def build_from_spec(name: str, spec: ModelSpec, open_clip_cfg: Optional[dict[str, Any]] = None) -> "CLIP4Clip":
+    """Assemble backbone + head + tuning. With `open_clip_cfg` the towers are built from that
+    config (random weights, to be overwritten, e.g. by `clipray.export.load_export`)."""
+    from clipray.models.backbone import ClipBackbone, load_open_clip, open_clip_config
+    from clipray.models.clip4clip import CLIP4Clip
+    from clipray.models.heads import build_head
+    from clipray.models.tuning import build_tuning
+
+    if spec.head not in HEAD_NAMES:
+        raise ValueError(f"unknown head {spec.head!r}; choose one of {list(HEAD_NAMES)}")
+    cfg = open_clip_cfg if open_clip_cfg is not None else open_clip_config(spec.open_clip_name)
+    clip = load_open_clip(
+        spec.open_clip_name,
+        pretrained=None if open_clip_cfg is not None else spec.pretrained,
+        cfg=open_clip_cfg,
+    )
+    backbone = ClipBackbone(clip, linear_patch=spec.linear_patch)
+    info = dict(dataclasses.asdict(spec), name=name, open_clip_cfg=cfg)
+    return CLIP4Clip(backbone, build_head(spec.head, clip), build_tuning(spec.tuning), info)
+
+
+__all__ = [
+    "HEAD_NAMES", "ModelSpec", "build_from_spec", "build_model", "create_model", "get_spec",
+    "list_models", "register_model",
+]

@@ -1,0 +1,201 @@
+"""The CLIP backbone of every clipray retrieval model: open_clip towers, used frame by frame.
+
+`ClipBackbone` wraps one `open_clip.CLIP` (any open_clip model name whose towers are a ViT or
+ModifiedResNet image encoder and the standard text transformer) and adds what CLIP4Clip needs:
+
+- frames `[B, T, 3, H, W]` encoded as independent images -> per-frame projected embeddings
+  `[B, T, D]`; only valid frames run through the image tower, padded slots come back as zeros;
+- the `3d` linear patch: a Conv3d (kernel (3, p, p), stride (1, p, p), temporal padding 1)
+  inflated from the 2d patch kernel (centre time slice = 2d weights, outer slices zero), so at
+  initialisation 3d == 2d; padded frames are zeroed before it, so they cannot leak into the last
+  real frame once it has trained;
+- text: the projected hidden state at the end-of-text token (largest token id), for any token
+  length up to the model's context length (CLIP4Clip uses 32 or 64 words, not 77).
+
+Weights come from `open_clip.create_model(name, pretrained=tag_or_path)`, the same call a user
+makes, or from an explicit open_clip config dict (export reload, no download). `logit_scale` is
+held with shape [1]: DeepSpeed 0.19.8 fails on 0-dim parameters; open_clip's `load_checkpoint`
+reshapes the scalar of a stock checkpoint on load.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+TINY_OPEN_CLIP_NAME = "clipray-tiny"
+_CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+def register_tiny_configs() -> None:
+    """Make our tiny test towers known to open_clip (idempotent; called by the builders only,
+    so importing clipray changes nothing in open_clip)."""
+    import open_clip
+
+    if TINY_OPEN_CLIP_NAME not in open_clip.list_models():
+        open_clip.add_model_config(_CONFIG_DIR / f"{TINY_OPEN_CLIP_NAME}.json")
+
+
+def open_clip_config(name: str) -> dict[str, Any]:
+    """The open_clip model config dict of `name` (what an export stores to rebuild offline)."""
+    import open_clip
+
+    register_tiny_configs()
+    cfg = open_clip.get_model_config(name)
+    if cfg is None:
+        raise ValueError(f"unknown open_clip model {name!r}; see open_clip.list_models()")
+    return cfg
+
+
+def load_open_clip(
+    name: str, pretrained: Optional[str] = None, cfg: Optional[dict[str, Any]] = None
+) -> nn.Module:
+    """An `open_clip.CLIP` with a [1]-shaped logit_scale.
+
+    `pretrained`: an open_clip tag ("openai", "laion2b_s34b_b79k", ...) or a local checkpoint
+    file, exactly as `open_clip.create_model` takes it; None = random init. `cfg`: build from this
+    config dict instead of the registered one (then `pretrained` must be None).
+    """
+    import open_clip
+
+    register_tiny_configs()
+    if cfg is not None:
+        if pretrained:
+            raise ValueError("pass either an explicit open_clip cfg or pretrained weights, not both")
+        cfg = copy.deepcopy(cfg)
+        if cfg.pop("custom_text", False):
+            raise NotImplementedError("open_clip CustomTextCLIP (HF text towers) is not supported")
+        clip = open_clip.CLIP(**cfg, nonscalar_logit_scale=True)
+    else:
+        clip = open_clip.create_model(name, pretrained=pretrained or None, nonscalar_logit_scale=True)
+    if not isinstance(clip, open_clip.CLIP):
+        raise NotImplementedError(f"{name}: only open_clip.CLIP models are supported, got {type(clip)}")
+    return clip
+
+
+class ClipBackbone(nn.Module):
+    """open_clip CLIP towers applied per frame, with an optional inflated 3d patch embedding."""
+
+    def __init__(self, clip: nn.Module, linear_patch: str = "2d"):
+        super().__init__()
+        import open_clip
+
+        if linear_patch not in ("2d", "3d"):
+            raise ValueError(f"linear_patch must be '2d' or '3d', got {linear_patch!r}")
+        self.clip = clip
+        self.linear_patch = linear_patch
+        visual = clip.visual
+        size = getattr(visual, "image_size", 224)
+        self.image_size = int(size[0] if isinstance(size, (tuple, list)) else size)
+        self.context_length = int(clip.context_length)
+        self.embed_dim = int(clip.text_projection.shape[-1]) if not isinstance(
+            clip.text_projection, nn.Linear) else int(clip.text_projection.out_features)
+
+        pp = open_clip.get_model_preprocess_cfg(clip)
+        mean = pp.get("mean", open_clip.OPENAI_DATASET_MEAN)
+        std = pp.get("std", open_clip.OPENAI_DATASET_STD)
+        # Not persistent: they follow from the config, and checkpoints stay pure weights.
+        self.register_buffer("pixel_mean", torch.tensor(mean).view(1, 1, 3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(std).view(1, 1, 3, 1, 1), persistent=False)
+
+        if linear_patch == "3d":
+            conv2d = getattr(visual, "conv1", None)
+            if not isinstance(conv2d, nn.Conv2d) or not hasattr(visual, "class_embedding"):
+                raise NotImplementedError("linear_patch='3d' needs a ViT image tower")
+            out_ch, in_ch, kh, kw = conv2d.weight.shape
+            self.patch3d = nn.Conv3d(
+                in_ch, out_ch, kernel_size=(3, kh, kw), stride=(1,) + tuple(conv2d.stride),
+                padding=(1, 0, 0), bias=False,
+            )
+            with torch.no_grad():
+                w = torch.zeros_like(self.patch3d.weight)
+                w[:, :, 1] = conv2d.weight  # inflation: centre slice = 2d kernel, so 3d == 2d
+                self.patch3d.weight.copy_(w)
+            # The 2d kernel is unused in 3d mode; a trainable parameter that never receives a
+            # gradient upsets ZeRO partitioning, so it is frozen (it stays in the state dict).
+            conv2d.weight.requires_grad_(False)
+        else:
+            self.patch3d = None
+
+    # ---- input ---------------------------------------------------------------------------
+    def pixel_stats(self) -> dict[str, list[float]]:
+        return {"mean": self.pixel_mean.flatten().tolist(), "std": self.pixel_std.flatten().tolist()}
+
+    def set_pixel_stats(self, mean: list[float], std: list[float]) -> None:
+        """Restore the normalisation a pretrained tag chose (an export rebuilt from a bare
+        config would otherwise fall back to the OpenAI mean/std)."""
+        with torch.no_grad():
+            self.pixel_mean.copy_(torch.tensor(mean).view_as(self.pixel_mean))
+            self.pixel_std.copy_(torch.tensor(std).view_as(self.pixel_std))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.clip.token_embedding.weight.dtype
+
+    def normalize(self, frames: torch.Tensor) -> torch.Tensor:
+        """uint8 `[B, T, 3, H, W]` (0..255) -> float normalised with the model's mean/std, on
+        the model's device and in its parameter dtype (computed in fp32 first)."""
+        if frames.dtype != torch.uint8:
+            raise TypeError(f"normalize expects uint8 frames, got {frames.dtype}")
+        x = frames.to(self.pixel_mean.device, non_blocking=True).float().div_(255.0)
+        return ((x - self.pixel_mean) / self.pixel_std).to(self.dtype)
+
+    # ---- towers --------------------------------------------------------------------------
+    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Token ids `[N, L]` (L <= context_length, zero padded) -> projected EOT feature
+        `[N, D]` (not normalised). Position embedding and causal mask are cut to L, so
+        32-word captions cost 32 positions, not 77."""
+        from open_clip.transformer import text_global_pool
+
+        clip = self.clip
+        n_tok = tokens.shape[-1]
+        if n_tok > self.context_length:
+            raise ValueError(f"{n_tok} tokens > context length {self.context_length}")
+        cast = clip.transformer.get_cast_dtype()
+        x = clip.token_embedding(tokens).to(cast) + clip.positional_embedding[:n_tok].to(cast)
+        mask = clip.attn_mask[:n_tok, :n_tok] if clip.attn_mask is not None else None
+        x = clip.ln_final(clip.transformer(x, attn_mask=mask))
+        # CLIP's pooling: the position of the largest token id, the end-of-text token.
+        x = text_global_pool(x, tokens, clip.text_pool_type, eos_token_id=clip.text_eos_id)
+        proj = clip.text_projection
+        if proj is None:
+            return x
+        return proj(x) if isinstance(proj, nn.Linear) else x @ proj
+
+    def encode_frames(self, frames: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Normalised frames `[B, T, 3, H, W]` + mask `[B, T]` -> per-frame projected
+        embeddings `[B, T, D]`; padded positions are exactly zero and never enter the tower."""
+        b, t = frames.shape[:2]
+        if tuple(frames.shape[-2:]) != (self.image_size, self.image_size):
+            raise ValueError(f"frames are {tuple(frames.shape[-2:])}, model wants {self.image_size}px")
+        valid = mask.to(device=frames.device, dtype=torch.bool).reshape(b * t)
+        visual = self.clip.visual
+        if self.patch3d is None:
+            feats = visual(frames.reshape(b * t, *frames.shape[2:])[valid])
+        else:
+            # Zero the padding first: the temporal kernel of the last real frame reads t+1.
+            x = frames * valid.view(b, t, 1, 1, 1).to(frames.dtype)
+            x = self.patch3d(x.transpose(1, 2))  # [B, W, T, g, g]
+            x = x.transpose(1, 2).reshape(b * t, *x.shape[1:2], *x.shape[3:])
+            feats = _vit_from_patches(visual, x[valid])
+        out = feats.new_zeros(b * t, feats.shape[-1])
+        out = out.index_put((valid.nonzero().squeeze(1),), feats)
+        return out.view(b, t, -1)
+
+
+def _vit_from_patches(visual: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """open_clip VisionTransformer.forward from the patch-embedding output `[N, W, g, g]` on:
+    class token, position embedding, ln_pre, blocks, pooling, projection (same steps as
+    `VisionTransformer._embeds` after `conv1`, so 3d at init reproduces 2d)."""
+    x = x.flatten(2).transpose(1, 2)
+    cls = visual.class_embedding.to(x.dtype).view(1, 1, -1).expand(x.shape[0], -1, -1)
+    x = torch.cat([cls, x], dim=1) + visual.positional_embedding.to(x.dtype)
+    x = visual.ln_pre(visual.patch_dropout(x))
+    x = visual.transformer(x)
+    pooled, _ = visual._pool(x)
+    return pooled @ visual.proj if visual.proj is not None else pooled
+

@@ -1,0 +1,233 @@
+"""CLIP4Clip models on open_clip: semantics of every head, the 3d patch, tuning and loading.
+
+Tiny registered variants only (32 px, random weights), except one build-only ViT-B/32 test.
+"""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import math
+
+import open_clip
+import pytest
+import torch
+import torch.nn.functional as F
+
+import clipray
+from clipray.config import ModelConfig
+from clipray.losses import LOGIT_SCALE_MAX, clamp_logit_scale
+from clipray.models import HEAD_NAMES, build_model, create_model
+from clipray.models.backbone import TINY_OPEN_CLIP_NAME, ClipBackbone
+from clipray.task import RetrievalTask
+
+TINY = [f"test_{h}" for h in HEAD_NAMES]
+ATOL = 2e-5
+
+
+def tokens(texts, length=32):
+    return open_clip.get_tokenizer("ViT-B-32")(texts, context_length=length)
+
+
+def clip_batch(b=3, t=6, size=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    frames = torch.randint(0, 256, (b, t, 3, size, size), dtype=torch.uint8, generator=g)
+    lengths = torch.tensor([t, 2, 4, 1, 5, 3][:b])
+    mask = torch.arange(t)[None] < lengths[:, None]
+    return frames, mask
+
+
+def build(name, **kw):
+    torch.manual_seed(0)
+    return create_model(name, **kw)
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_tiny_models_train(name):
+    model = build(name)
+    assert all(p.ndim > 0 for p in model.parameters())  # DeepSpeed 0.19.8 breaks on 0-dim
+    assert model.logit_scale.shape == (1,)
+    assert (model.image_size, model.context_length) == (32, 77)
+    open_clip.get_tokenizer(model.tokenizer_name)  # loadable in any process
+    task = RetrievalTask(model)
+    frames, mask = clip_batch()
+    out = task(frames, mask.int(), tokens(["a dog runs", "two cats", "a red car"]))
+    assert out["loss"].ndim == 0 and torch.isfinite(out["loss"])
+    out["loss"].backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    assert all(g is not None and torch.isfinite(g).all() for g in grads.values()), name
+    head_grads = [g for n, g in grads.items() if n.startswith("head.")]
+    assert all(g.abs().sum() > 0 for g in head_grads)
+    assert model.indexable == (name != "test_tightTransf")
+
+
+def test_vitb32_builds_without_download():
+    model = create_model("clip4clip_vitb32_seqTransf", pretrained=None)
+    assert (model.image_size, model.embed_dim, model.tokenizer_name) == (224, 512, "ViT-B-32-quickgelu")
+    clip = model.backbone.clip
+    assert clip.visual.conv1.weight.shape == (768, 3, 32, 32)
+    assert model.head.frame_position_embeddings.weight.shape == (77, 512)
+    assert len(model.head.blocks) == 4 and model.head.blocks[0].attn.num_heads == 8
+    assert isinstance(model.head.blocks[0].mlp.gelu, open_clip.transformer.QuickGELU)
+    assert model.logit_scale.shape == (1,)
+
+
+@pytest.mark.parametrize("linear_patch", ["2d", "3d"])
+@pytest.mark.parametrize("name", TINY)
+def test_padding_changes_nothing(name, linear_patch):
+    model = build(name, linear_patch=linear_patch).eval()
+    if linear_patch == "3d":  # as if trained: outer time slices read the neighbouring frames
+        with torch.no_grad():
+            model.backbone.patch3d.weight.normal_(std=0.05)
+    frames, mask = clip_batch(b=3, t=6)
+    noisy = frames.clone()
+    noisy[~mask] = torch.randint(0, 256, noisy[~mask].shape, dtype=torch.uint8)
+    text = model.encode_text(tokens(["a dog", "a cat"]))
+    with torch.no_grad():
+        ref = model.similarity(text, model.encode_frames(model.normalize(frames), mask), mask)
+        noisy_sim = model.similarity(text, model.encode_frames(model.normalize(noisy), mask), mask)
+        assert torch.allclose(ref, noisy_sim, atol=ATOL)
+        for i, n in enumerate(mask.sum(1).tolist()):  # the same clip with no padding at all
+            x = model.normalize(frames[i : i + 1, :n])
+            m = torch.ones(1, n, dtype=torch.bool)
+            alone = model.similarity(text, model.encode_frames(x, m), m)
+            assert torch.allclose(alone[:, 0], ref[:, i], atol=ATOL), (name, linear_patch, i)
+        feats = model.encode_frames(model.normalize(noisy), mask)
+        assert torch.all(feats[~mask] == 0)
+
+
+def test_meanP_is_masked_mean_of_normalised_frames():
+    model = build("test_meanP").eval()
+    frames, mask = clip_batch(b=3, t=5)
+    clip = model.backbone.clip
+    with torch.no_grad():
+        video = model.encode_video(model.normalize(frames), mask)
+        for i in range(3):
+            per_frame = []
+            for j in range(5):
+                if mask[i, j]:
+                    img = model.normalize(frames[i : i + 1, j : j + 1])[0]
+                    per_frame.append(clip.encode_image(img, normalize=True)[0])
+            by_hand = F.normalize(torch.stack(per_frame).sum(0) / len(per_frame), dim=-1)
+            assert torch.allclose(video[i], by_hand, atol=1e-5)
+
+
+def test_text_is_eot_feature_at_any_length():
+    model = build("test_meanP").eval()
+    texts = ["a man is cooking pasta", "kids play football"]
+    clip = model.backbone.clip
+    with torch.no_grad():
+        ours32 = model.encode_text(tokens(texts, 32))
+        ours77 = model.encode_text(tokens(texts, 77))
+        theirs = clip.encode_text(tokens(texts, 77), normalize=True)
+    assert torch.allclose(ours77, theirs, atol=1e-6)
+    assert torch.allclose(ours32, theirs, atol=1e-5)  # causal mask: padding cannot matter
+
+
+def test_3d_patch_is_inflated_2d_and_equal_at_init():
+    model = build("test_meanP", linear_patch="3d").eval()
+    bb = model.backbone
+    w3, w2 = bb.patch3d.weight, bb.clip.visual.conv1.weight
+    assert bb.patch3d.kernel_size == (3, 8, 8) and bb.patch3d.stride == (1, 8, 8)
+    assert bb.patch3d.padding == (1, 0, 0)
+    assert torch.equal(w3[:, :, 1], w2) and not w3[:, :, 0].any() and not w3[:, :, 2].any()
+    as_2d = ClipBackbone(bb.clip, linear_patch="2d")
+    frames, mask = clip_batch(b=2, t=4)
+    with torch.no_grad():
+        x = model.normalize(frames)
+        assert torch.allclose(bb.encode_frames(x, mask), as_2d.encode_frames(x, mask), atol=1e-5)
+    assert not w2.requires_grad  # unused in 3d mode
+
+
+@pytest.mark.parametrize("name", ["test_seqTransf", "test_tightTransf"])
+def test_cross_blocks_are_copies_of_clip_text_blocks(name):
+    model = build(name)
+    clip, head = model.backbone.clip, model.head
+    for i, blk in enumerate(head.blocks):
+        src = clip.transformer.resblocks[i].state_dict()
+        for k, v in blk.state_dict().items():
+            assert torch.equal(v, src[k]) and v.data_ptr() != src[k].data_ptr(), (i, k)
+        assert blk.ln_1.eps == blk.ln_2.eps == 1e-12
+        assert clip.transformer.resblocks[i].ln_1.eps == 1e-5  # the backbone is untouched
+    pos = head.frame_position_embeddings if name == "test_seqTransf" else head.position_embeddings
+    assert torch.equal(pos.weight, clip.positional_embedding)
+
+
+def test_seqLSTM_runs_on_valid_frames_only():
+    model = build("test_seqLSTM").eval()
+    x = torch.randn(2, 5, 64)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    with torch.no_grad():
+        out = model.head.temporal(x, mask)
+        first, _ = model.head.lstm(x[:1, :3])
+        assert torch.allclose(out[0, :3], first[0] + x[0, :3], atol=1e-6)
+        assert torch.equal(out[0, 3:], 2 * x[0, 3:])  # padding refilled with input, + residual
+    with pytest.raises(ValueError):
+        model.head(x, torch.tensor([[1, 0, 1, 0, 0], [1, 1, 1, 1, 1]]))
+
+
+def test_tight_scores_pairs_and_is_not_indexable():
+    model = build("test_tightTransf").eval()
+    frames, mask = clip_batch(b=3, t=4)
+    with torch.no_grad():
+        feats = model.encode_frames(model.normalize(frames), mask)
+        text = model.encode_text(tokens(["a", "b"]))
+        sim = model.similarity(text, feats, mask)
+        assert sim.shape == (2, 3)
+        assert torch.allclose(sim[1, 2], model.head(text[1:2], feats[2:3], mask[2:3])[0], atol=1e-6)
+    with pytest.raises(TypeError):
+        model.encode_video(model.normalize(frames), mask)
+    assert not model.logit_scale.requires_grad
+
+
+def test_checkpoint_path_loads_exact_open_clip_weights(tmp_path):
+    torch.manual_seed(123)
+    ref = open_clip.create_model(TINY_OPEN_CLIP_NAME)  # stock layout: 0-dim logit_scale
+    with torch.no_grad():
+        ref.logit_scale.fill_(2.5)
+    assert ref.logit_scale.ndim == 0
+    path = tmp_path / "tiny_clip.pt"
+    torch.save(ref.state_dict(), path)
+    model = create_model("test_seqTransf", pretrained=str(path))
+    ours = model.backbone.clip.state_dict()
+    for k, v in ref.state_dict().items():
+        assert torch.equal(ours[k].reshape(v.shape), v), k
+    assert model.logit_scale.shape == (1,) and model.logit_scale.item() == 2.5
+    # the head was initialised from the loaded weights, not the random ones
+    assert torch.equal(model.head.blocks[3].mlp.c_fc.weight, ref.transformer.resblocks[3].mlp.c_fc.weight)
+
+
+def test_frozen_tuning_trains_head_only():
+    model = build("test_seqTransf", tuning="frozen")
+    out = RetrievalTask(model)(*clip_batch(b=2, t=3), tokens(["x", "y"]))
+    out["loss"].backward()
+    for n, p in model.named_parameters():
+        trains = n.startswith("head.") or n == "backbone.clip.logit_scale"
+        assert p.requires_grad == trains, n
+        assert (p.grad is not None) == trains, n
+    groups = model.parameter_groups()
+    assert [n for n, _ in groups["backbone"]] == ["backbone.clip.logit_scale"]
+
+
+def test_registry_and_config():
+    names = clipray.list_models()
+    for fam in ("clip4clip_vitb32", "clip4clip_vitb16", "test"):
+        assert {f"{fam}_{h}" for h in HEAD_NAMES} <= set(names)
+    model = build_model(ModelConfig(name="test_meanP", head="seqLSTM", linear_patch="3d"))
+    assert type(model.head).__name__ == "SeqLSTM" and model.backbone.patch3d is not None
+    assert model.build_info["name"] == "test_meanP"
+    with pytest.raises(ValueError):
+        create_model("nope")
+    with pytest.raises(ValueError):
+        create_model("test_meanP", head="bogus")
+
+
+def test_clamp_logit_scale():
+    model = build("test_meanP")
+    with torch.no_grad():
+        model.logit_scale.fill_(7.0)
+    task = RetrievalTask(model)
+    out = task(*clip_batch(b=2, t=2), tokens(["x", "y"]))
+    assert math.isclose(out["logit_scale"].item(), 100.0, rel_tol=1e-5)  # forward caps too
+    clamp_logit_scale(task)
+    assert model.logit_scale.item() == pytest.approx(LOGIT_SCALE_MAX)
