@@ -1,0 +1,170 @@
+"""Dataset adapters: each public release (and a user's own CSV/JSONL) -> one clip manifest.
+
+    from clipray.sources import prepare
+    report = prepare("msrvtt", root="/data/msrvtt", out="/data/msrvtt/manifest.parquet")
+    print(report)
+
+`SOURCES` maps a name to its `SourceSpec` (row generator + options). `prepare` runs one,
+streams its rows through `clipray.manifest.ManifestWriter` (one file for `*.parquet`, else a
+folder of shards written as they fill, so HowTo100M never sits in memory) and returns a
+`PrepareReport`: what was written, which videos were not found under the root (their rows
+dropped), and which annotation entries were rejected and why. The exact annotation formats are
+in specs/datasets.md; one module per release holds its rules.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from clipray.manifest import ManifestError, ManifestWriter
+from clipray.sources import activitynet, didemo, generic, howto100m, lsmdc, msrvtt, msvd, youcook2
+from clipray.sources.base import Context, SourceError, SourceSpec, is_uri
+
+SOURCES: dict[str, SourceSpec] = {
+    m.SOURCE.name: m.SOURCE
+    for m in (msrvtt, msvd, lsmdc, activitynet, didemo, youcook2, howto100m, generic)
+}
+
+__all__ = ["SOURCES", "PrepareReport", "SourceError", "SourceSpec", "get_source", "list_sources",
+           "prepare"]
+
+# Distinct captions are counted exactly up to this many; HowTo100M has ~136M ASR lines and a
+# set of them would cost more memory than the whole streamed write.
+_MAX_DISTINCT = 2_000_000
+
+
+def list_sources() -> list[str]:
+    return sorted(SOURCES)
+
+
+def get_source(name: str) -> SourceSpec:
+    try:
+        return SOURCES[name]
+    except KeyError:
+        raise SourceError(f"unknown source {name!r}; known: {', '.join(list_sources())}") from None
+
+
+@dataclass
+class PrepareReport:
+    source: str
+    root: str
+    out: str
+    rows: int
+    videos: int
+    captions: int | None  # distinct caption texts; None when more than _MAX_DISTINCT
+    per_split: dict[str, int]
+    missing_videos: list[str]  # video ids not found under the root; their rows were dropped
+    rejected: dict[str, int]  # reason -> number of annotation entries rejected for it
+    rejected_examples: list[str] = field(default_factory=list)
+    shards: list[str] = field(default_factory=list)
+    options: dict[str, Any] = field(default_factory=dict)
+    metadata: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def missing_count(self) -> int:
+        return len(self.missing_videos)
+
+    @property
+    def rejected_count(self) -> int:
+        return sum(self.rejected.values())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "missing_count": self.missing_count,
+                "rejected_count": self.rejected_count}
+
+    def __str__(self) -> str:
+        splits = ", ".join(f"{k} {v:,}" for k, v in sorted(self.per_split.items())) or "none"
+        files = f"{len(self.shards)} file{'s' if len(self.shards) != 1 else ''}"
+        caps = "more than {:,}".format(_MAX_DISTINCT) if self.captions is None else f"{self.captions:,}"
+        lines = [f"{self.source}: {self.root} -> {self.out} ({files}, {self.seconds:.1f} s)",
+                 f"  rows      {self.rows:,} ({splits})",
+                 f"  videos    {self.videos:,}",
+                 f"  captions  {caps} distinct"]
+        if self.missing_videos:
+            shown = ", ".join(self.missing_videos[:10])
+            more = f", ... ({self.missing_count - 10:,} more)" if self.missing_count > 10 else ""
+            lines.append(f"  missing   {self.missing_count:,} videos not found under the root, "
+                         f"rows dropped: {shown}{more}")
+        else:
+            lines.append("  missing   none")
+        if self.rejected:
+            lines.append(f"  rejected  {self.rejected_count:,} entries:")
+            lines += [f"    {n:,} x {reason}" for reason, n in sorted(self.rejected.items(), key=lambda kv: -kv[1])]
+            lines += [f"    e.g. {ex}" for ex in self.rejected_examples[:5]]
+        else:
+            lines.append("  rejected  none")
+        rules = {k: v for k, v in self.metadata.items() if k not in ("source", "root", "options")}
+        if rules:
+            lines.append("  rules     " + ", ".join(f"{k}={v}" for k, v in rules.items()))
+        lines += [f"  note      {n}" for n in self.notes]
+        if self.rows == 0:
+            lines.append("  WARNING   no rows written: check --root and the annotation files")
+        return "\n".join(lines)
+
+
+def prepare(name: str, root: str, out: str, **options: Any) -> PrepareReport:
+    """Turn the release `name` found under `root` into the manifest `out` (a `.parquet` file, or
+    a folder of shards); see each module in clipray.sources for its options."""
+    spec = get_source(name)
+    opts = spec.resolve_options(options)
+    root, out = str(root), str(out)
+    if not is_uri(root):
+        root = os.path.abspath(root)
+    ctx = Context(name, root, opts)
+    started = time.perf_counter()
+    rows = iter(spec.rows(ctx))
+    # Adapters read and check their annotation files before the first row, so a wrong root
+    # fails before anything is written, and rules they discover are in the metadata.
+    first = next(rows, None)
+    metadata = {"source": name, "root": root, "options": opts, **ctx.metadata}
+    _remove_old_shards(out)
+    writer = ManifestWriter(out, rows_per_shard=int(opts["rows_per_shard"]), metadata=metadata)
+    per_split: dict[str, int] = {}
+    videos: set[str] = set()
+    captions: set[int] | None = set()
+    if first is not None:
+        for row in _chain(first, rows):
+            try:
+                writer.add(row)
+            except ManifestError as e:  # a last guard: adapters reject what they can name
+                reason = re.sub(r"^row \d+( \(video .*?\))?: ", "", str(e))
+                ctx.reject(row.get("_where", "?"), reason,
+                           category="invalid row: " + re.sub(r"-?\d+(\.\d+)?(e[-+]?\d+)?", "#", reason))
+                continue
+            per_split[row["split"]] = per_split.get(row["split"], 0) + 1
+            videos.add(row["video_id"])
+            if captions is not None:
+                captions.add(hash(row["caption"]))
+                if len(captions) > _MAX_DISTINCT:
+                    captions = None
+    writer.close()
+    return PrepareReport(
+        source=name, root=root, out=out, rows=writer.rows, videos=len(videos),
+        captions=None if captions is None else len(captions), per_split=per_split,
+        missing_videos=sorted(ctx.missing_ids), rejected=dict(ctx.rejected),
+        rejected_examples=list(ctx.rejected_examples), shards=list(writer.shards), options=opts,
+        metadata=metadata, notes=list(ctx.notes), seconds=time.perf_counter() - started)
+
+
+def _chain(first, rest):
+    yield first
+    yield from rest
+
+
+def _remove_old_shards(out: str) -> None:
+    """A folder manifest is rewritten whole: stale `part-*.parquet` from a longer earlier run
+    would otherwise be read back as part of this one."""
+    if out.endswith(".parquet"):
+        return
+    import pyarrow.fs as pafs
+
+    fs, base = pafs.FileSystem.from_uri(out if is_uri(out) else os.path.abspath(out))
+    for info in fs.get_file_info(pafs.FileSelector(base, allow_not_found=True)):
+        if info.type == pafs.FileType.File and re.fullmatch(r"part-\d+\.parquet", info.base_name):
+            fs.delete_file(info.path)

@@ -1,0 +1,341 @@
+"""What every dataset adapter shares: the source spec, the run context, the one-walk file index.
+
+An adapter is a generator `rows(ctx)` that reads a release's annotation files and yields
+manifest rows (plain dicts in the `clipray.manifest` schema, plus a private `_where` naming the
+annotation file and entry the row came from). It never writes anything itself: `prepare()` in
+`clipray.sources` owns the writer and the report. What an adapter cannot turn into a row it
+tells the context: `ctx.missing(video_id)` for videos not found under the root (their rows are
+dropped) and `ctx.reject(where, reason)` for annotation entries that are unusable (empty
+caption, empty span, ...). Both end up, counted, in the `PrepareReport`.
+
+Local roots and URI roots (s3://, gs://, file://) go through the same code: files are listed
+once (pyarrow.fs for URIs, os.walk locally), annotation files are opened through the same
+helpers, and row paths are absolute local paths or URIs, so a manifest stays valid wherever it
+is copied to.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any, Callable, Iterable, Iterator, Mapping, TextIO
+
+# Extensions counted as video files, in order of preference when one stem has several files
+# (CLIP4Clip's MSR-VTT loader tries .mp4 before .webm; the rest follow the releases' own).
+VIDEO_EXTS = ("mp4", "webm", "mkv", "avi", "mov", "m4v", "mpg", "mpeg", "wmv", "flv", "3gp",
+              "ogv", "ts")
+
+# Options every source accepts, on top of its own.
+COMMON_OPTIONS: dict[str, Any] = {
+    "annotations": None,  # folder holding the annotation files (default: the root)
+    "rows_per_shard": 1_000_000,  # rows per Parquet shard when `out` is a directory
+}
+
+
+class SourceError(ValueError):
+    """A release cannot be prepared (missing file, malformed annotation); the message says where."""
+
+
+def is_uri(path: str) -> bool:
+    return "://" in path
+
+
+def _fs(path: str):
+    import pyarrow.fs as pafs
+
+    return pafs.FileSystem.from_uri(path)
+
+
+def join(base: str, *parts: str) -> str:
+    if is_uri(base):
+        return "/".join([base.rstrip("/"), *(p.strip("/") for p in parts)])
+    return os.path.join(base, *parts)
+
+
+def exists(path: str) -> bool:
+    if not is_uri(path):
+        return os.path.isfile(path)
+    import pyarrow.fs as pafs
+
+    fs, p = _fs(path)
+    return fs.get_file_info(p).type == pafs.FileType.File
+
+
+def open_text(path: str) -> TextIO:
+    """A text handle on a local path or URI; utf-8 with any BOM (spreadsheet exports) removed."""
+    if not is_uri(path):
+        return open(path, encoding="utf-8-sig", newline="")
+    fs, p = _fs(path)
+    return io.TextIOWrapper(fs.open_input_stream(p), encoding="utf-8-sig", newline="")
+
+
+def open_binary(path: str):
+    if not is_uri(path):
+        return open(path, "rb")
+    fs, p = _fs(path)
+    return fs.open_input_stream(p)
+
+
+def _subdirs(path: str) -> list[str]:
+    if not is_uri(path):
+        try:
+            return sorted(e.path for e in os.scandir(path) if e.is_dir())
+        except OSError:
+            return []
+    import pyarrow.fs as pafs
+
+    fs, p = _fs(path)
+    sel = pafs.FileSelector(p, allow_not_found=True)
+    scheme = path.split("://", 1)[0]
+    return sorted(f"{scheme}://{i.path}" for i in fs.get_file_info(sel)
+                  if i.type == pafs.FileType.Directory)
+
+
+def split_ext(name: str) -> tuple[str, str]:
+    """('video0', 'mp4') for 'video0.mp4'; only the LAST extension goes, as CLIP4Clip matches."""
+    stem, dot, ext = name.rpartition(".")
+    return (stem, ext.lower()) if dot and stem else (name, "")
+
+
+class FileIndex:
+    """The files under a root, listed by ONE walk, looked up by relative path, name or stem.
+
+    `exts=None` keeps every file (DiDeMo names end in anything, even a bare '.'); otherwise
+    only video extensions are kept, which also keeps caption CSVs of HowTo100M out of memory.
+    The lookup tables are built on first use, so a 1.2M-file root pays only for the one it needs.
+    """
+
+    def __init__(self, root: str, exts: Iterable[str] | None = VIDEO_EXTS):
+        self.root = root
+        self.exts = None if exts is None else {e.lower() for e in exts}
+        self.rels: list[str] = sorted(self._walk())
+
+    def _keep(self, name: str) -> bool:
+        if name.startswith("."):  # hidden files, macOS '._x.mp4' resource forks
+            return False
+        return self.exts is None or split_ext(name)[1] in self.exts
+
+    def _walk(self) -> Iterator[str]:
+        if is_uri(self.root):
+            import pyarrow.fs as pafs
+
+            fs, base = _fs(self.root)
+            base = base.rstrip("/")
+            for info in fs.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=True)):
+                if info.type == pafs.FileType.File and self._keep(info.base_name):
+                    yield info.path[len(base):].lstrip("/")
+            return
+        if not os.path.isdir(self.root):
+            raise SourceError(f"video root {self.root!r} is not a directory")
+        seen: set[tuple[int, int]] = set()
+        # followlinks: datasets are often symlinked onto big disks; `seen` stops link loops.
+        for dirpath, dirnames, filenames in os.walk(self.root, followlinks=True):
+            st = os.stat(dirpath)
+            if (st.st_dev, st.st_ino) in seen:
+                dirnames[:] = []
+                continue
+            seen.add((st.st_dev, st.st_ino))
+            rel_dir = os.path.relpath(dirpath, self.root)
+            for name in filenames:
+                if self._keep(name):
+                    yield name if rel_dir == "." else f"{rel_dir}/{name}".replace(os.sep, "/")
+
+    def __len__(self) -> int:
+        return len(self.rels)
+
+    def __contains__(self, rel: str) -> bool:
+        return rel in self._relset
+
+    @cached_property
+    def _relset(self) -> set[str]:
+        return set(self.rels)
+
+    def _rank(self, rel: str) -> tuple:
+        ext = split_ext(rel.rsplit("/", 1)[-1])[1]
+        rank = VIDEO_EXTS.index(ext) if ext in VIDEO_EXTS else len(VIDEO_EXTS)
+        return (rank, rel.count("/"), rel)
+
+    @cached_property
+    def _names(self) -> dict[str, str]:
+        out: dict[str, str] = {}
+        for rel in sorted(self.rels, key=self._rank):
+            out.setdefault(rel.rsplit("/", 1)[-1], rel)
+        return out
+
+    @cached_property
+    def _stems(self) -> dict[str, str]:
+        out: dict[str, str] = {}
+        for rel in sorted(self.rels, key=self._rank):
+            out.setdefault(split_ext(rel.rsplit("/", 1)[-1])[0], rel)
+        return out
+
+    def by_name(self, name: str) -> str | None:
+        """The file whose base name is exactly `name`, anywhere under the root."""
+        return self._names.get(name)
+
+    def by_stem(self, stem: str) -> str | None:
+        """The file whose name minus its last extension is `stem`, anywhere under the root."""
+        return self._stems.get(stem)
+
+
+@dataclass
+class Context:
+    """One run of one adapter: its options, where to look, and what it could not use."""
+
+    source: str
+    root: str
+    options: dict[str, Any]
+    metadata: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    missing_ids: dict[str, None] = field(default_factory=dict)  # ordered set
+    rejected: dict[str, int] = field(default_factory=dict)  # reason -> count
+    rejected_examples: list[str] = field(default_factory=list)
+    max_examples: int = 50
+    _index: dict[Any, FileIndex] = field(default_factory=dict)
+
+    @property
+    def annotations(self) -> str:
+        return self.options.get("annotations") or self.root
+
+    def files(self, exts: Iterable[str] | None = VIDEO_EXTS) -> FileIndex:
+        """The (cached) one-walk index of the root."""
+        key = None if exts is None else tuple(exts)
+        if key not in self._index:
+            self._index[key] = FileIndex(self.root, exts)
+        return self._index[key]
+
+    def path(self, rel: str) -> str:
+        """The manifest path of a file under the root: absolute, or a URI under a URI root."""
+        if is_uri(self.root):
+            return join(self.root, rel)
+        return os.path.abspath(os.path.join(self.root, rel))
+
+    def find(self, *names: str, required: bool = True) -> str | None:
+        """An annotation file: the first of `names` found in the annotations folder or up to two
+        folder levels below it (releases unzip into a subfolder, e.g. `msrvtt_data/`)."""
+        base = self.annotations
+        levels = [[base]]
+        for _ in range(2):
+            levels.append([s for d in levels[-1] for s in _subdirs(d)])
+        for name in names:
+            for level in levels:
+                for d in level:
+                    if exists(join(d, name)):
+                        return join(d, name)
+        if required:
+            raise SourceError(f"{self.source}: none of {list(names)} found in {base!r} or two "
+                              "folder levels below it (pass annotations=DIR if they live elsewhere)")
+        return None
+
+    def user_path(self, path: str) -> str:
+        """A file named in an option: a URI or absolute path as is, a relative one from the
+        working directory when it exists there, else under the root."""
+        if is_uri(path) or os.path.isabs(path):
+            return path
+        return os.path.abspath(path) if os.path.exists(path) else join(self.root, path)
+
+    def missing(self, video_id: str) -> None:
+        self.missing_ids[video_id] = None
+
+    def reject(self, where: str, reason: str, category: str | None = None) -> None:
+        """Count an unusable entry under `category` (default: the reason) and keep the first
+        few with their location as examples."""
+        category = category or reason
+        self.rejected[category] = self.rejected.get(category, 0) + 1
+        if len(self.rejected_examples) < self.max_examples:
+            self.rejected_examples.append(f"{where}: {reason}")
+
+    def caption(self, text: Any, where: str) -> str | None:
+        """The stripped caption, or None (rejected as empty) — several releases pad with spaces."""
+        if not isinstance(text, str):
+            self.reject(where, f"caption is not a string ({type(text).__name__})")
+            return None
+        text = text.strip()
+        if not text:
+            self.reject(where, "empty caption")
+            return None
+        return text
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    """A registered adapter: its row generator, its options with defaults, their allowed values."""
+
+    name: str
+    rows: Callable[[Context], Iterator[dict]]
+    options: Mapping[str, Any]
+    choices: Mapping[str, tuple] = field(default_factory=dict)
+    summary: str = ""
+
+    def resolve_options(self, given: Mapping[str, Any]) -> dict[str, Any]:
+        """Defaults merged with `given`; unknown names and values outside `choices` fail here,
+        before any file is read. Strings from a command line are coerced to the default's type."""
+        allowed = {**COMMON_OPTIONS, **self.options}
+        unknown = sorted(set(given) - set(allowed))
+        if unknown:
+            listing = ", ".join(f"{k} (default {v!r})" for k, v in allowed.items())
+            raise SourceError(f"unknown option(s) {unknown} for source '{self.name}'; allowed: {listing}")
+        out = dict(allowed)
+        for key, value in given.items():
+            out[key] = _coerce(self.name, key, value, allowed[key])
+        for key, values in self.choices.items():
+            if out[key] not in values:
+                raise SourceError(f"source '{self.name}': option {key}={out[key]!r} must be one of {values}")
+        return out
+
+
+def _coerce(source: str, key: str, value: Any, default: Any) -> Any:
+    """Option values as the default's type: the CLI turns `-o test_set=1000` into an int and
+    `-o expand=false` into a bool, Python callers may pass strings; both must work."""
+    if default is None or value is None:
+        return value
+    bad = SourceError(f"source '{source}': option {key}={value!r} is not of type {type(default).__name__}")
+    if isinstance(default, bool):
+        if isinstance(value, bool) or value in (0, 1):
+            return bool(value)
+        low = str(value).strip().lower()
+        if low in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+            return low in ("1", "true", "yes", "on")
+        raise bad
+    if isinstance(default, int):
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        raise bad
+    if isinstance(default, str):
+        return value if isinstance(value, str) else str(value)
+    return value
+
+
+def read_lines(path: str) -> list[str]:
+    """Non-empty stripped lines of a list file (split lists, id lists)."""
+    with open_text(path) as f:
+        return [s for s in (line.strip() for line in f) if s]
+
+
+def csv_rows(f: TextIO, name: str) -> tuple[list[str], str, Iterator[tuple[int, list[str]]]]:
+    """Header, delimiter and (line number, fields) of a CSV whose delimiter is ',' or ';' —
+    sniffed from the header line, because third-party copies of some releases were re-saved
+    with ';'. Blank lines are skipped."""
+    first = f.readline()
+    if not first.strip():
+        raise SourceError(f"{name}: empty file or missing header line")
+    delim = ";" if first.count(";") > first.count(",") else ","
+    header = [h.strip() for h in next(csv.reader([first], delimiter=delim))]
+
+    def body() -> Iterator[tuple[int, list[str]]]:
+        reader = csv.reader(f, delimiter=delim)
+        for fields in reader:  # line_num, not a counter: quoted fields may span lines
+            if fields and any(s.strip() for s in fields):
+                yield reader.line_num + 1, fields
+
+    return header, delim, body()

@@ -1,0 +1,173 @@
+"""A user's own CSV or JSONL (specs/datasets.md section 8) -> clip manifest.
+
+Option `file=` names the annotation file (absolute, relative to the working directory, or
+relative to the root). Three shapes are accepted:
+- CSV with a header (comma, RFC 4180 quoting), one row per (video, caption);
+- JSONL, one such row object per line;
+- video-level JSONL: `{"path": ..., "captions": [{"text", "start", "end", "timestamp"}, ...]}`
+  (a caption may also be a bare string), expanded to one row per caption.
+Columns: `path` and `caption` required; `video_id` (default: the path's stem), `start`/`end`
+(seconds; both empty = whole file), `split` (default train), `timestamp`, `group`, `duration`,
+`caption_id` (accepted; the manifest keeps row order instead). Other columns are ignored and
+named in the report notes.
+
+Relative paths are under the root; missing files are dropped and counted (URIs in the file are
+passed through unchecked). Times must be numbers of seconds: an `hh:mm:ss` string stops the run
+with an error naming the line — guessing a time format is how clips end up wrong silently.
+Other bad rows (empty caption, end <= start, timestamp outside the clip, unknown split) are
+rejected and counted; an `end` past a given `duration` is clamped and noted.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import posixpath
+from typing import Any, Iterator
+
+from clipray.manifest import SPLITS
+from clipray.sources.base import Context, SourceError, SourceSpec, csv_rows, is_uri, open_text, split_ext
+
+KNOWN = {"path", "caption", "video_id", "start", "end", "split", "timestamp", "group", "duration",
+         "caption_id", "captions", "text"}
+
+
+def seconds(value: Any, key: str, where: str) -> float | None:
+    """A time in seconds, None when empty; SourceError for hh:mm:ss and other non-numbers."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    if isinstance(value, str) and ":" in value:
+        raise SourceError(f"{where}: {key}={value!r} looks like hh:mm:ss; write times as seconds "
+                          "(e.g. 83.5), this adapter does not guess time formats")
+    try:
+        if isinstance(value, bool):
+            raise ValueError
+        out = float(value)
+    except (TypeError, ValueError):
+        raise SourceError(f"{where}: {key}={value!r} is not a number of seconds") from None
+    if not math.isfinite(out):
+        raise SourceError(f"{where}: {key}={value!r} is not a finite number of seconds")
+    return out
+
+
+def read_records(path: str) -> Iterator[tuple[str, dict]]:
+    """(where, record) for every row-level record of the file; video-level JSONL is expanded."""
+    name = os.path.basename(path)
+    with open_text(path) as f:
+        if name.lower().endswith(".csv"):
+            header, _, body = csv_rows(f, name)
+            for col in ("path", "caption"):
+                if col not in header:
+                    raise SourceError(f"{name}: header {header} lacks the required column '{col}'")
+            for line, fields in body:
+                yield f"{name} line {line}", dict(zip(header, fields))
+            return
+        for line, text in enumerate(f, start=1):
+            if not text.strip():
+                continue
+            where = f"{name} line {line}"
+            try:
+                rec = json.loads(text)
+            except ValueError as e:
+                raise SourceError(f"{where}: not valid JSON ({e})") from None
+            if not isinstance(rec, dict):
+                raise SourceError(f"{where}: expected a JSON object per line")
+            if "captions" not in rec:
+                yield where, rec
+                continue
+            if not isinstance(rec["captions"], list):
+                raise SourceError(f"{where}: 'captions' must be a list")
+            video = {k: v for k, v in rec.items() if k != "captions"}
+            for k, cap in enumerate(rec["captions"]):
+                cap = {"text": cap} if isinstance(cap, str) else cap
+                if not isinstance(cap, dict):
+                    raise SourceError(f"{where} caption {k}: expected a string or an object")
+                merged = {**video, **{key: v for key, v in cap.items() if key != "text"}}
+                merged["caption"] = cap.get("text", cap.get("caption"))
+                yield f"{where} caption {k}", merged
+
+
+def rows(ctx: Context) -> Iterator[dict]:
+    if not ctx.options["file"]:
+        raise SourceError("generic: pass file=PATH, the CSV or JSONL to read (see datasets/generic.yaml)")
+    path = ctx.user_path(str(ctx.options["file"]))
+    ctx.metadata.update(file=path)
+    files = ctx.files(exts=None)  # user videos may carry any extension
+    ids: dict[str, tuple[str, str]] = {}  # video_id -> (path, first where), to catch clashes
+    local: dict[str, bool] = {}
+    unknown: set[str] = set()
+    clamped = 0
+    for where, rec in read_records(path):
+        unknown.update(k for k in rec if k not in KNOWN)
+        raw = str(rec.get("path") or "").strip()
+        if not raw:
+            ctx.reject(where, "no path")
+            continue
+        if not is_uri(raw) and not os.path.isabs(raw):  # './a.mp4' and 'a.mp4' are one file
+            raw = posixpath.normpath(raw.replace(os.sep, "/"))
+        vid = str(rec.get("video_id") or "").strip() or split_ext(posixpath.basename(raw))[0]
+        start, end = seconds(rec.get("start"), "start", where), seconds(rec.get("end"), "end", where)
+        ts, duration = seconds(rec.get("timestamp"), "timestamp", where), seconds(rec.get("duration"), "duration", where)
+        first = ids.setdefault(vid, (raw, where))
+        if first[0] != raw:
+            raise SourceError(f"{where}: video_id {vid!r} names {raw!r}, but {first[1]} gave it "
+                              f"{first[0]!r}; give each video its own video_id")
+        full = _locate(ctx, files, raw, local)
+        if full is None:
+            ctx.missing(raw)
+            continue
+        split = str(rec.get("split") or "train").strip()
+        if split not in SPLITS:
+            ctx.reject(where, f"split must be one of {', '.join(SPLITS)}", category="unknown split")
+            continue
+        if (start is None) != (end is None):
+            ctx.reject(where, "give both start and end, or neither")
+            continue
+        if duration is not None and duration <= 0:
+            ctx.reject(where, "duration must be > 0")
+            continue
+        if end is not None and duration is not None and end > duration:
+            end, clamped = duration, clamped + 1
+        if start is not None and (start < 0 or end <= start):
+            ctx.reject(where, "need 0 <= start < end")
+            continue
+        lo, hi = (0.0, duration if duration is not None else math.inf) if start is None else (start, end)
+        if ts is not None and not lo <= ts <= hi:
+            ctx.reject(where, "timestamp outside [start, end]")
+            continue
+        caption = ctx.caption(rec.get("caption"), where)
+        if caption is None:
+            continue
+        group = str(rec.get("group") or "").strip() or vid
+        yield {"video_id": vid, "path": full, "start": start, "end": end, "caption": caption,
+               "split": split, "timestamp": ts, "group": group, "duration": duration, "_where": where}
+    if clamped:
+        ctx.notes.append(f"{clamped} rows had end past their duration; end clamped to duration")
+    if unknown:
+        ctx.notes.append(f"ignored columns: {', '.join(sorted(unknown))}")
+
+
+def _locate(ctx: Context, files, raw: str, cache: dict[str, bool]) -> str | None:
+    """The manifest path of a row's video, or None when it does not exist."""
+    if is_uri(raw):
+        return raw  # a URI elsewhere: listing every bucket it names is not this adapter's job
+    if os.path.isabs(raw):
+        if raw not in cache:
+            cache[raw] = os.path.isfile(raw)
+        return raw if cache[raw] else None
+    rel = raw  # already normalised
+    if rel in files:
+        return ctx.path(rel)
+    if rel.startswith("../") and not is_uri(ctx.root):  # outside the walked root
+        full = os.path.normpath(os.path.join(ctx.root, rel))
+        if full not in cache:
+            cache[full] = os.path.isfile(full)
+        return full if cache[full] else None
+    return None
+
+
+SOURCE = SourceSpec(
+    name="generic", rows=rows, options={"file": None},
+    summary="your own CSV / JSONL / video-level JSONL (specs/datasets.md section 8)",
+)

@@ -1,0 +1,217 @@
+"""HowTo100M ASR captions -> clip manifest, streamed: one row per caption segment.
+
+~1.2M videos and ~136M ASR lines never fit in one dict, so nothing here holds more than one
+video's captions (plus the id sets) at a time, and `prepare` writes shards of `rows_per_shard`
+rows as they fill. Two input forms, same content (`start`, `end`, `text` per line):
+- the release's giant `raw_caption.json` / `caption.json` (one object keyed by video id, values
+  of parallel lists), parsed incrementally with ijson — never `json.load` of the whole file;
+  parsing one JSON stream is sequential, so `workers` does not apply to it;
+- a folder of per-video CSVs `<video_id>.csv` with header `start,end,text` (MIL-NCE's
+  `small_train_captions/`), read by `workers` processes, a bounded number of batches in flight.
+By default the first of `raw_caption.json` (unprocessed ASR, what text encoders expect),
+`caption.json` (stop words removed), then a folder `raw_caption/`, `caption/`, `captions/` or
+`small_train_captions/` is used; option `captions=PATH` names either form explicitly.
+
+Rows keep the ASR times as they are (float noise like 68.46000000000001 included); lines with
+end <= start, negative or unreadable times, or empty text are rejected and counted. Merging
+short lines into longer clips (UniVL's min_time) is a sampling choice left to the loader.
+Split: everything is train, except the video ids in `val_list` (a text file of ids, or a CSV
+with a `video_id` or `video_path` column; extensions are stripped). `subset` (same format, e.g.
+HowTo100M_v1.csv or a 380k list) keeps only the listed videos. Videos: `<video_id>.<ext>`
+anywhere under the root, matched by stem.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+from collections import deque
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+from typing import Any, Iterator
+
+from clipray.sources.base import (Context, SourceError, SourceSpec, is_uri, join, open_binary, open_text,
+                                  split_ext)
+
+JSON_NAMES = ("raw_caption.json", "caption.json")
+CSV_DIRS = ("raw_caption", "caption", "captions", "small_train_captions")
+_BATCH = 64  # caption files per task sent to a worker process
+
+Segments = list[tuple[float, float, str]]
+Rejects = list[tuple[str, str]]
+
+
+def video_segments(where: str, starts: Any, ends: Any, texts: Any) -> tuple[Segments, Rejects]:
+    """Usable (start, end, text) lines of one video, and (where, reason) for the others."""
+    if not (isinstance(starts, list) and isinstance(ends, list) and isinstance(texts, list)):
+        return [], [(where, "start/end/text are not lists")]
+    if not len(starts) == len(ends) == len(texts):
+        return [], [(where, "start/end/text lists differ in length")]
+    good: Segments = []
+    bad: Rejects = []
+    for k, (s, e, t) in enumerate(zip(starts, ends, texts)):
+        try:
+            s, e = float(s), float(e)
+        except (TypeError, ValueError):
+            bad.append((f"{where} line {k}", "unreadable time"))
+            continue
+        text = t.strip() if isinstance(t, str) else ""
+        if not (math.isfinite(s) and math.isfinite(e)) or s < 0 or e <= s:
+            bad.append((f"{where} line {k}", "end <= start, or a negative or non-finite time"))
+        elif not text:
+            bad.append((f"{where} line {k}", "empty caption"))
+        else:
+            good.append((s, e, text))
+    return good, bad
+
+
+def read_caption_csv(path: str) -> tuple[Segments, Rejects]:
+    """One per-video caption CSV (header start,end,text)."""
+    name = path.rsplit("/", 1)[-1]
+    with open_text(path) as f:
+        reader = csv.DictReader(f)
+        if not reader.fieldnames or not {"start", "end", "text"} <= set(reader.fieldnames):
+            return [], [(name, f"header {reader.fieldnames} is not start,end,text")]
+        cols: dict[str, list] = {"start": [], "end": [], "text": []}
+        for rec in reader:
+            for key in cols:
+                cols[key].append(rec[key])
+    return video_segments(name, cols["start"], cols["end"], cols["text"])
+
+
+def _read_batch(paths: list[str]) -> list[tuple[Segments, Rejects]]:
+    return [read_caption_csv(p) for p in paths]
+
+
+def read_id_file(path: str) -> set[str]:
+    """Video ids of a list file: plain lines, or a CSV with a video_id/video_path column."""
+    with open_text(path) as f:
+        lines = [s.strip() for s in f if s.strip()]
+    if not lines:
+        return set()
+    header = [h.strip() for h in lines[0].split(",")]
+    col = next((header.index(c) for c in ("video_id", "video_path") if c in header), None)
+    if col is not None:
+        ids = [r[col] for r in csv.reader(lines[1:]) if len(r) > col]
+    else:
+        ids = lines
+    return {split_ext(os.path.basename(i.strip()))[0] if "." in i else i.strip() for i in ids}
+
+
+def _isdir(path: str) -> bool:
+    if not is_uri(path):
+        return os.path.isdir(path)
+    import pyarrow.fs as pafs
+
+    fs, p = pafs.FileSystem.from_uri(path)
+    return fs.get_file_info(p).type == pafs.FileType.Directory
+
+
+def _list_csv(folder: str) -> list[str]:
+    if not is_uri(folder):
+        return sorted(e.name for e in os.scandir(folder) if e.name.endswith(".csv") and e.is_file())
+    import pyarrow.fs as pafs
+
+    fs, p = pafs.FileSystem.from_uri(folder)
+    return sorted(i.base_name for i in fs.get_file_info(pafs.FileSelector(p))
+                  if i.type == pafs.FileType.File and i.base_name.endswith(".csv"))
+
+
+def _caption_source(ctx: Context) -> str:
+    if ctx.options["captions"]:
+        path = ctx.user_path(str(ctx.options["captions"]))
+        if not (_isdir(path) or path.endswith(".json")):
+            raise SourceError(f"howto100m: captions={path!r} is neither a .json file nor a folder of CSVs")
+        return path
+    found = ctx.find(*JSON_NAMES, required=False)
+    if found:
+        return found
+    for d in CSV_DIRS:
+        if _isdir(join(ctx.annotations, d)):
+            return join(ctx.annotations, d)
+    raise SourceError(f"howto100m: no {' / '.join(JSON_NAMES)} and no caption folder "
+                      f"({', '.join(CSV_DIRS)}) under {ctx.annotations!r}; pass captions=PATH")
+
+
+def rows(ctx: Context) -> Iterator[dict]:
+    source = _caption_source(ctx)
+    val = read_id_file(ctx.user_path(ctx.options["val_list"])) if ctx.options["val_list"] else set()
+    keep = read_id_file(ctx.user_path(ctx.options["subset"])) if ctx.options["subset"] else None
+    form = "csv-folder" if _isdir(source) else "json"
+    ctx.metadata.update(captions=source, captions_form=form, val_videos=len(val),
+                        split_rule="val if listed in val_list, else train")
+    files = ctx.files()
+
+    def wanted(vid: str) -> str | None:
+        if keep is not None and vid not in keep:
+            return None
+        rel = files.by_stem(vid)
+        if rel is None:
+            ctx.missing(vid)
+        return rel
+
+    def emit(vid: str, rel: str, segments: Segments, rejects: Rejects) -> Iterator[dict]:
+        for where, reason in rejects:
+            ctx.reject(where, reason)
+        path, split = ctx.path(rel), "val" if vid in val else "train"
+        for k, (s, e, text) in enumerate(segments):
+            yield {"video_id": vid, "path": path, "start": s, "end": e, "caption": text,
+                   "split": split, "group": vid, "_where": f"{vid} line {k}"}
+
+    if form == "json":
+        for vid, entry in _stream_json(source):
+            rel = wanted(vid)
+            if rel is None:
+                continue
+            if not isinstance(entry, dict):
+                ctx.reject(vid, "value is not an object with start/end/text")
+                continue
+            segments, rejects = video_segments(vid, entry.get("start"), entry.get("end"), entry.get("text"))
+            yield from emit(vid, rel, segments, rejects)
+        return
+    # Missing videos are known from the listing alone: only the others' CSVs are read.
+    todo = [vid for vid in (split_ext(n)[0] for n in _list_csv(source)) if wanted(vid) is not None]
+    batches = [todo[i:i + _BATCH] for i in range(0, len(todo), _BATCH)]
+    for batch, results in zip(batches, _map_batches(source, batches, int(ctx.options["workers"]))):
+        for vid, (segments, rejects) in zip(batch, results):
+            yield from emit(vid, files.by_stem(vid), segments, rejects)
+
+
+def _stream_json(path: str) -> Iterator[tuple[str, Any]]:
+    try:
+        import ijson
+    except ImportError:
+        raise SourceError("howto100m: reading caption JSON needs the ijson package (pip install ijson)") from None
+    with open_binary(path) as f:
+        try:
+            yield from ijson.kvitems(f, "", use_float=True)
+        except ijson.JSONError as e:
+            raise SourceError(f"{os.path.basename(path)}: invalid JSON ({e})") from None
+
+
+def _map_batches(folder: str, batches: list, workers: int) -> Iterator[list[tuple[Segments, Rejects]]]:
+    """Results of `_read_batch` per batch, in order; at most 2 x workers batches in flight so a
+    slow writer never lets parsed captions pile up in memory."""
+    paths = ([join(folder, f"{vid}.csv") for vid in b] for b in batches)
+    if workers <= 1:
+        yield from map(_read_batch, paths)
+        return
+    # spawn, not fork: the parent may hold pyarrow / Ray threads that a fork would copy mid-lock
+    with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+        pending: deque = deque()
+        for p in paths:
+            pending.append(pool.submit(_read_batch, p))
+            if len(pending) >= 2 * workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
+SOURCE = SourceSpec(
+    name="howto100m", rows=rows,
+    # 250k rows per shard: the writer buffers a shard's rows (~0.6 kB each) before writing it
+    options={"captions": None, "val_list": None, "subset": None, "workers": min(8, os.cpu_count() or 1),
+             "rows_per_shard": 250_000},
+    summary="HowTo100M: ASR lines from the giant caption JSON (streamed) or per-video CSVs",
+)

@@ -1,0 +1,405 @@
+"""Dataset adapters against tiny fixtures in each release's real format, with hand-computed rows.
+
+Every test prepares a manifest through the public `clipray.sources.prepare`, reads it back with
+`clipray.manifest.read_manifest` and compares exact rows (times worked out by hand in the
+comments), the videos reported missing and the entries rejected.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+from collections import OrderedDict
+
+import pyarrow.parquet as pq
+import pytest
+
+from clipray.manifest import manifest_metadata, read_manifest
+from clipray.sources import SOURCES, PrepareReport, SourceError, list_sources, prepare
+from clipray.sources.didemo import moment
+from clipray.sources.lsmdc import clip_folder, parse_time
+from clipray.sources.msvd import parse_clip_name, restricted_load
+
+try:  # tests/ may or may not become a package; the helpers live beside this file either way
+    from tests import fixtures_sources as fx
+except ImportError:
+    import fixtures_sources as fx
+
+
+def table(out, *cols):
+    """Manifest rows as tuples of `cols`, in row order."""
+    return [tuple(r[c] for c in cols) for r in read_manifest(str(out)).to_pylist()]
+
+
+TRIPLE = ("video_id", "caption", "split")
+TIMED = ("video_id", "start", "end", "caption", "split")
+
+
+def test_registry_and_options(tmp_path):
+    assert list_sources() == ["activitynet", "didemo", "generic", "howto100m", "lsmdc", "msrvtt",
+                              "msvd", "youcook2"]
+    with pytest.raises(SourceError, match=r"unknown option\(s\) \['view'\].*allowed: .*train_split.*expand"):
+        prepare("msrvtt", tmp_path, tmp_path / "m.parquet", view="paragraph")
+    with pytest.raises(SourceError, match="must be one of"):
+        prepare("activitynet", tmp_path, tmp_path / "m.parquet", view="para")
+    with pytest.raises(SourceError, match="unknown source 'kinetics'"):
+        prepare("kinetics", tmp_path, tmp_path / "m.parquet")
+    # the CLI's `-o key=value` turns '1000' into an int and 'false' into a bool
+    assert SOURCES["lsmdc"].resolve_options({"test_set": 1000})["test_set"] == "1000"
+    assert SOURCES["msrvtt"].resolve_options({"expand": "no", "rows_per_shard": 1e5}) == {
+        "annotations": None, "rows_per_shard": 100000, "train_split": "9k", "expand": False}
+    with pytest.raises(SourceError, match="rows_per_shard=2.5 is not of type int"):
+        SOURCES["msrvtt"].resolve_options({"rows_per_shard": 2.5})
+    with pytest.raises(SourceError, match="MSRVTT_data.json"):  # a wrong root fails before writing
+        prepare("msrvtt", tmp_path, tmp_path / "m.parquet")
+    assert not (tmp_path / "m.parquet").exists()
+
+
+def test_msrvtt_9k_expand_and_report(tmp_path):
+    fx.write_msrvtt(tmp_path)
+    out = tmp_path / "out" / "msrvtt.parquet"
+    rep = prepare("msrvtt", tmp_path, out)
+    assert table(out, *TRIPLE) == [
+        ("video0", "a red car drives along a wet road", "train"),
+        ("video0", "a car on a road", "train"),
+        ("video1", "a woman stirs soup in a pot", "train"),  # its "   " caption is rejected
+        ("video2", "a dog runs", "train"),
+        ("video7011", "a dog chases a ball, then naps", "test"),  # unquoted comma kept in sentence
+    ]
+    rows = read_manifest(str(out)).to_pylist()
+    assert {(r["start"], r["end"]) for r in rows} == {(None, None)}
+    assert [r["group"] for r in rows] == [r["video_id"] for r in rows]
+    assert rows[3]["path"] == str(tmp_path / "MSRVTT_Videos" / "video2.webm")  # absolute, found by stem
+    assert rep.rows == 5 and rep.videos == 4 and rep.captions == 5
+    assert rep.per_split == {"train": 4, "test": 1}
+    assert rep.missing_videos == ["video3", "video8450"] and rep.missing_count == 2
+    assert rep.rejected == {"empty caption": 1} and rep.rejected_count == 1
+    assert "sentences[3]" in rep.rejected_examples[0]
+    text = str(rep)
+    assert "rows      5 (test 1, train 4)" in text and "2 videos not found" in text
+    assert "1 x empty caption" in text and "video3, video8450" in text
+    assert manifest_metadata(str(out))["train_split"] == "9k"
+    assert json.loads(json.dumps(rep.to_dict()))["missing_count"] == 2
+
+
+def test_msrvtt_7k_no_expand_and_semicolon_test_csv(tmp_path):
+    fx.write_msrvtt(tmp_path, test_delimiter=";")
+    out = tmp_path / "m.parquet"
+    rep = prepare("msrvtt", tmp_path, out, train_split="7k", expand="false")  # CLI strings coerce
+    assert rep.options["expand"] is False
+    assert table(out, *TRIPLE) == [
+        ("video0", "a red car drives along a wet road", "train"),  # first caption only
+        ("video1", "a woman stirs soup in a pot", "train"),
+        ("video7011", "a dog chases a ball, then naps", "test"),
+    ]
+    assert rep.missing_videos == ["video8450"]  # video3 is not in the 7k list
+
+
+def test_msrvtt_uri_root_writes_uris(tmp_path):
+    fx.write_msrvtt(tmp_path)
+    root = f"file://{tmp_path}"
+    prepare("msrvtt", root, tmp_path / "m.parquet")
+    paths = [r["path"] for r in read_manifest(str(tmp_path / "m.parquet")).to_pylist()]
+    assert paths[0] == f"file://{tmp_path}/MSRVTT_Videos/video0.mp4"
+    assert all(p.startswith("file://") for p in paths)
+
+
+@pytest.mark.parametrize("protocol", [0, 2, 5])
+def test_msvd_pickle_splits_and_multi_captions(tmp_path, protocol):
+    fx.write_msvd(tmp_path, protocol=protocol)
+    out = tmp_path / "msvd.parquet"
+    rep = prepare("msvd", tmp_path, out)
+    assert table(out, *TRIPLE, "group") == [
+        ("AbCd-fG_hIj_12_20", "a cat plays a piano", "train", "AbCd-fG_hIj_12_20"),
+        ("AbCd-fG_hIj_12_20", "a kitten is playing keys", "train", "AbCd-fG_hIj_12_20"),
+        ("ZyXwVuT5srq_0_7", "a man slices bread", "val", "ZyXwVuT5srq_0_7"),
+        ("cSDkshD2ME0_11_14", "a car turns", "test", "cSDkshD2ME0_11_14"),
+    ]
+    assert rep.missing_videos == ["gone_clip_1_2"]
+    assert rep.rejected == {"empty caption": 1, "listed but absent from raw-captions.pkl": 1}
+
+
+def test_msvd_clip_names_split_from_the_right():
+    assert parse_clip_name("bQJQGoJF7_k_162_169") == ("bQJQGoJF7_k", 162, 169)
+    assert parse_clip_name("AbCd-fG_hIj_12_20") == ("AbCd-fG_hIj", 12, 20)
+    assert parse_clip_name("cSDkshD2ME0_11_14") == ("cSDkshD2ME0", 11, 14)
+    assert parse_clip_name("no_numbers_here") is None
+
+
+class _Evil:
+    """Pickles to a call of os.system: what a hostile 'captions' file would hold."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("protocol", [0, 2, 5])
+def test_malicious_pickle_is_refused_without_running(tmp_path, protocol):
+    marker = tmp_path / "pwned"
+    fx.write_msvd(tmp_path)
+    evil = pickle.dumps({"AbCd-fG_hIj_12_20": _Evil(marker)}, protocol=protocol)
+    (tmp_path / "msvd_data/raw-captions.pkl").write_bytes(evil)
+    with pytest.raises(SourceError, match=r"raw-captions.pkl: refused: .*(posix|os)\.system"):
+        prepare("msvd", tmp_path, tmp_path / "m.parquet")
+    assert not marker.exists() and not (tmp_path / "m.parquet").exists()
+    # any class reference is refused, even a harmless one
+    with pytest.raises(SourceError, match="collections.OrderedDict"):
+        restricted_load(__import__("io").BytesIO(pickle.dumps(OrderedDict(a=[["x"]]))), "p")
+
+
+def test_lsmdc_tabs_times_folders_and_repeated_clips(tmp_path):
+    assert parse_time("01.02.27.034") == pytest.approx(3747.034)
+    assert parse_time("00.00.03.5") == pytest.approx(3.5)
+    with pytest.raises(ValueError):
+        parse_time("01:02:27.034")
+    assert clip_folder(fx.LSMDC_C) == "0007_Movie_With_Under_Scores"
+    fx.write_lsmdc(tmp_path)
+    out = tmp_path / "lsmdc.parquet"
+    rep = prepare("lsmdc", tmp_path, out)
+    got = table(out, "video_id", "caption", "split", "duration", "path")
+    A, B, C = fx.LSMDC_A, fx.LSMDC_B, fx.LSMDC_C
+    assert [g[:3] for g in got] == [
+        (A, "SOMEONE opens the door.", "train"),  # a repeated clip id keeps every sentence
+        (A, "He looks around the room.", "train"),
+        (B, "SOMEONE smiles.", "train"),
+        (C, "SOMEONE runs.", "val"),
+        (B, "SOMEONE nods.", "test"),
+    ]
+    # duration = extracted end - start: 65.678 - 62.345, 4285 - 4283, 3.75 - 0.75
+    assert [g[3] for g in got] == pytest.approx([3.333, 3.333, 2.0, 3.0, 2.0])
+    assert got[0][4] == str(tmp_path / "0005_Some_Movie" / f"{A}.avi")
+    assert got[3][4] == str(tmp_path / "elsewhere" / f"{C}.avi")
+    assert rep.missing_videos == ["0009_Gone_00.00.01.000-00.00.02.000"]
+    assert rep.rejected == {"not 6 tab-separated fields": 1, "time not hh.mm.ss.mmm": 1}
+    assert any("LSMDC16_annos_training.csv line 4" in e for e in rep.rejected_examples)
+
+
+def test_activitynet_sentences_clamped_and_empty_spans_dropped(tmp_path):
+    fx.write_activitynet(tmp_path)
+    out = tmp_path / "anet.parquet"
+    rep = prepare("activitynet", tmp_path, out)
+    assert table(out, *TIMED, "group", "duration") == [
+        ("v_AAAAAAAAAAA", 0.0, 12.4, "A man stands on a dock holding a rod.", "train", "v_AAAAAAAAAAA", 82.73),
+        ("v_AAAAAAAAAAA", 10.9, 82.73, "He casts and reels in a fish.", "train", "v_AAAAAAAAAAA", 82.73),
+        ("v_AAAAAAAAAAA", 0.0, 5.0, "Before.", "train", "v_AAAAAAAAAAA", 82.73),  # -3 -> 0
+        ("v_BBB-BB_BBBB", 2.1, 30.5, "Two kids build a sand castle.", "train", "v_BBB-BB_BBBB", 30.5),  # 31 -> 30.5
+        ("v_EEEEEEEEEEE", 1.0, 2.0, "a boy jumps.", "test", "v_EEEEEEEEEEE", 10.0),
+        ("v_EEEEEEEEEEE", 3.0, 9.5, "he lands.", "test", "v_EEEEEEEEEEE", 10.0),
+    ]
+    # [40, 45] clamps to [30.5, 30.5] and [7, 7] is empty: both dropped; v_DDD is not in train_ids
+    assert rep.rejected == {"empty span after clamping to [0, duration]": 2}
+    assert rep.missing_videos == ["v_CCCCCCCCCCC"]
+    paths = {r["video_id"]: r["path"] for r in read_manifest(str(out)).to_pylist()}
+    assert paths["v_AAAAAAAAAAA"].endswith("videos/AAAAAAAAAAA.mp4")  # stored without v_
+    assert paths["v_BBB-BB_BBBB"].endswith("videos/v_BBB-BB_BBBB.mkv")  # stored with v_
+    assert any("train_ids.json" in n for n in rep.notes)
+
+
+def test_activitynet_paragraph_view(tmp_path):
+    fx.write_activitynet(tmp_path)
+    out = tmp_path / "anet_p.parquet"
+    prepare("activitynet", tmp_path, out, view="paragraph", eval_split="val")
+    assert table(out, *TIMED) == [
+        ("v_AAAAAAAAAAA", None, None,
+         "A man stands on a dock holding a rod. He casts and reels in a fish. Before.", "train"),
+        ("v_BBB-BB_BBBB", None, None, "Two kids build a sand castle. past the end zero length", "train"),
+        ("v_EEEEEEEEEEE", None, None, "a boy jumps. he lands.", "val"),
+    ]
+
+
+def test_didemo_moment_formula():
+    # starts 2,2,3,2 -> mean 2.25 -> 11.25 s; ends 3,2,3,3 -> mean 2.75 -> 5 * 3.75 = 18.75 s
+    assert moment([[2, 3], [2, 2], [3, 3], [2, 3]]) == (11.25, 18.75)
+    assert moment([[5, 5]] * 4) == (25.0, 30.0)
+    assert moment([[5, 5]] * 4, num_segments=5) == (25.0, 25.0)  # clamped to 5 * num_segments
+    with pytest.raises(ValueError):
+        moment([[1, 2, 3]])
+
+
+def test_didemo_sentence_view(tmp_path):
+    fx.write_didemo(tmp_path)
+    out = tmp_path / "didemo.parquet"
+    rep = prepare("didemo", tmp_path, out)
+    got = table(out, *TIMED)
+    assert got == [
+        (fx.DIDEMO_V1, 11.25, 18.75, "the dog jumps into the lake", "train"),
+        (fx.DIDEMO_V1, 0.0, 6.25, "a man waves at the camera", "train"),  # ends 0,0,1,0 -> 5*1.25
+        # 5 annotators: starts 1,1,2,1,0 -> 1.0 -> 5 s; ends 1,2,2,1,1 -> 1.4 -> 5*2.4 = 12 s
+        ("v2_x_y.avi", 5.0, 12.0, "five annotators", "train"),
+        # 7 annotators: starts sum 31 -> 5*31/7; ends all 5 -> 30 s
+        ("v3_bare.", pytest.approx(5 * 31 / 7), 30.0, "seven annotators", "train"),
+        ("v4_short.mp4", 20.0, 25.0, "short video", "train"),  # 30 clamped to 5 * 5 segments
+        ("vv.mov", 0.0, 5.0, "val desc", "val"),
+        ("tv.avi", 5.0, 10.0, "test desc", "test"),  # 'unlisted.avi' is not in test_list.txt
+    ]
+    paths = {r["video_id"]: r["path"] for r in read_manifest(str(out)).to_pylist()}
+    assert paths["v2_x_y.avi"].endswith("videos/v2_x_y.avi.mp4")
+    assert paths["v3_bare."].endswith("videos/v3_bare.")
+    assert rep.missing_videos == ["missing.mov"] and rep.rejected == {"empty caption": 1}
+
+
+def test_didemo_paragraph_view(tmp_path):
+    fx.write_didemo(tmp_path)
+    out = tmp_path / "didemo_p.parquet"
+    prepare("didemo", tmp_path, out, view="paragraph")
+    assert table(out, *TIMED) == [
+        (fx.DIDEMO_V1, None, None, "the dog jumps into the lake a man waves at the camera", "train"),
+        ("v2_x_y.avi", None, None, "five annotators", "train"),
+        ("v3_bare.", None, None, "seven annotators", "train"),
+        ("v4_short.mp4", None, None, "short video", "train"),
+        ("vv.mov", None, None, "val desc", "val"),
+        ("tv.avi", None, None, "test desc", "test"),
+    ]
+
+
+def test_youcook2_segments_and_midpoint_timestamps(tmp_path):
+    fx.write_youcook2(tmp_path)
+    out = tmp_path / "yc2.parquet"
+    rep = prepare("youcook2", tmp_path, out)
+    assert table(out, *TIMED, "timestamp", "duration") == [
+        ("AAAAAAAAAAA", 25.0, 37.0, "cut the onion in half and dice", "val", 31.0, 241.6),
+        ("AAAAAAAAAAA", 37.0, 50.0, "peel and chop the carrots", "val", 43.5, 241.6),
+        ("BBBBBBBBBBB", 50.0, 60.0, "stir the sauce", "train", 55.0, 60.0),  # 70 clamped to 60
+    ]
+    assert rep.missing_videos == ["CCCCCCCCCCC"]
+    assert rep.rejected == {"empty segment after clamping to [0, duration]": 1, "empty caption": 1}
+    paths = [r["path"] for r in read_manifest(str(out)).to_pylist()]
+    assert paths[2] == str(tmp_path / "raw_videos/training/101/BBBBBBBBBBB.webm")
+    assert manifest_metadata(str(out))["timestamp_rule"] == "midpoint"
+
+
+def test_youcook2_uniform_rule_is_seeded_and_inside_segments(tmp_path):
+    fx.write_youcook2(tmp_path)
+    runs = {}
+    for seed in (7, 7, 8):
+        out = tmp_path / f"yc2_{seed}_{len(runs)}.parquet"
+        prepare("youcook2", tmp_path, out, timestamp_rule="uniform", seed=seed)
+        rows = read_manifest(str(out)).to_pylist()
+        assert all(r["start"] <= r["timestamp"] <= r["end"] for r in rows)
+        assert manifest_metadata(str(out))["timestamp_rule"] == "uniform"
+        assert manifest_metadata(str(out))["seed"] == seed
+        runs.setdefault(seed, []).append([r["timestamp"] for r in rows])
+    assert runs[7][0] == runs[7][1] and runs[7][0] != runs[8][0]
+    assert runs[7][0] != [31.0, 43.5, 55.0]
+
+
+HOWTO_EXPECTED = [
+    ("AAAAAAAAAAA", 0.41, 3.91, "pick the ripe berries", "train"),
+    ("AAAAAAAAAAA", 3.92, 5.9, "pick the ripe berries into a bowl", "train"),
+    ("AAAAAAAAAAA", 5.91, 10.25, "into a bowl tonight", "train"),
+    ("BBB-BB_BBBB", 68.46000000000001, 70.0, "wash them, then dry", "train"),
+    ("DDDDDDDDDDD", 1.0, 2.5, "first", "val"),  # listed in val_list.csv
+    ("DDDDDDDDDDD", 2.5, 4.0, "second", "val"),
+]
+
+
+def _check_howto(rep, out):
+    assert table(out, *TIMED) == HOWTO_EXPECTED
+    assert [pq.read_metadata(s).num_rows for s in rep.shards] == [4, 2]
+    assert sorted(os.listdir(out)) == ["part-00000.parquet", "part-00001.parquet"]
+    assert rep.missing_videos == ["CCCCCCCCCCC"]
+    assert rep.rejected == {"end <= start, or a negative or non-finite time": 1, "empty caption": 1}
+    assert rep.per_split == {"train": 4, "val": 2}
+
+
+def test_howto100m_giant_json_is_streamed_into_shards(tmp_path, monkeypatch):
+    fx.write_howto100m(tmp_path, "json")
+    out = tmp_path / "howto"
+    prepare("howto100m", tmp_path, out, rows_per_shard=1)  # 6 shards first ...
+
+    def no_whole_file_parse(*a, **k):
+        raise AssertionError("json.load/loads must not read the caption file whole")
+
+    monkeypatch.setattr(json, "load", no_whole_file_parse)
+    monkeypatch.setattr(json, "loads", no_whole_file_parse)
+    rep = prepare("howto100m", tmp_path, out, rows_per_shard=4, val_list="val_list.csv")
+    monkeypatch.undo()
+    _check_howto(rep, out)  # ... and no stale shard of the first run survives the second
+    assert manifest_metadata(str(out))["captions_form"] == "json"
+
+
+def test_howto100m_sharded_csv_folder_in_worker_processes(tmp_path):
+    fx.write_howto100m(tmp_path, "csv")
+    out = tmp_path / "howto"
+    rep = prepare("howto100m", tmp_path, out, rows_per_shard=4, val_list="val_list.csv", workers=2)
+    _check_howto(rep, out)
+    assert manifest_metadata(str(out))["captions_form"] == "csv-folder"
+
+
+def test_generic_csv_rows_and_rejects(tmp_path):
+    fx.touch(tmp_path, "clips/cat.mp4", "long/kitchen.mp4")
+    fx.write(tmp_path, "ann.csv", "\n".join([
+        "path,caption,start,end,split,timestamp,extra",
+        "clips/cat.mp4,a cat jumps onto a sofa,,,train,,",
+        "long/kitchen.mp4,someone cracks two eggs,12.0,18.5,val,13,",
+        "long/kitchen.mp4,   ,1,2,train,,",  # empty caption
+        "long/kitchen.mp4,bad span,5,5,train,,",  # end <= start
+        "clips/missing.mp4,gone,,,train,,",  # no file
+        "long/kitchen.mp4,ts outside,1,2,train,3,",
+        'long/kitchen.mp4,"quoted, comma",0,1,test,,',
+        "clips/cat.mp4,weird split,,,validation,,",
+        "./clips/cat.mp4,only start,4,,train,,",
+    ]) + "\n")
+    out = tmp_path / "g.parquet"
+    rep = prepare("generic", tmp_path, out, file="ann.csv")
+    assert table(out, *TIMED, "timestamp", "group") == [
+        ("cat", None, None, "a cat jumps onto a sofa", "train", None, "cat"),
+        ("kitchen", 12.0, 18.5, "someone cracks two eggs", "val", 13.0, "kitchen"),
+        ("kitchen", 0.0, 1.0, "quoted, comma", "test", None, "kitchen"),
+    ]
+    assert read_manifest(str(out)).to_pylist()[0]["path"] == str(tmp_path / "clips/cat.mp4")
+    assert rep.missing_videos == ["clips/missing.mp4"]
+    assert rep.rejected == {"empty caption": 1, "need 0 <= start < end": 1,
+                            "timestamp outside [start, end]": 1, "unknown split": 1,
+                            "give both start and end, or neither": 1}
+    assert "ignored columns: extra" in rep.notes
+
+
+def test_generic_jsonl_and_video_level_jsonl(tmp_path):
+    fx.touch(tmp_path, "clips/cat.mp4", "long/kitchen.mp4")
+    lines = [
+        {"path": "long/kitchen.mp4", "caption": "whisk the eggs", "timestamp": 21.3, "split": "train"},
+        {"path": "clips/cat.mp4", "video_id": "cat", "split": "test",
+         "captions": [{"text": "a cat sits", "start": 0, "end": 2.5}, "a cat naps",
+                      {"text": " ", "start": 1, "end": 2}]},
+        {"path": "clips/cat.mp4", "caption": "clamped", "start": 1, "end": 9, "duration": 5},
+    ]
+    fx.write(tmp_path, "ann.jsonl", "\n".join(json.dumps(x) for x in lines) + "\n")
+    out = tmp_path / "g.parquet"
+    rep = prepare("generic", tmp_path, out, file=str(tmp_path / "ann.jsonl"))
+    assert table(out, *TIMED, "timestamp", "duration") == [
+        ("kitchen", None, None, "whisk the eggs", "train", 21.3, None),
+        ("cat", 0.0, 2.5, "a cat sits", "test", None, None),
+        ("cat", None, None, "a cat naps", "test", None, None),
+        ("cat", 1.0, 5.0, "clamped", "train", None, 5.0),  # end 9 clamped to duration 5
+    ]
+    assert rep.rejected == {"empty caption": 1}
+    assert any("clamped" in n for n in rep.notes)
+
+
+def test_generic_refuses_hhmmss_and_clashing_ids(tmp_path):
+    fx.touch(tmp_path, "a/x.mp4", "b/x.mp4")
+    fx.write(tmp_path, "t.csv", "path,caption,start,end\na/x.mp4,ok,1,2\na/x.mp4,bad,00:01:02,00:01:05\n")
+    with pytest.raises(SourceError, match=r"t.csv line 3: start='00:01:02' looks like hh:mm:ss"):
+        prepare("generic", tmp_path, tmp_path / "g.parquet", file="t.csv")
+    fx.write(tmp_path, "c.csv", "path,caption\na/x.mp4,one\nb/x.mp4,two\n")  # both default to 'x'
+    with pytest.raises(SourceError, match="video_id 'x'"):
+        prepare("generic", tmp_path, tmp_path / "g.parquet", file="c.csv")
+    with pytest.raises(SourceError, match="pass file="):
+        prepare("generic", tmp_path, tmp_path / "g.parquet")
+
+
+def test_report_str_is_readable(tmp_path):
+    rep = PrepareReport(source="x", root="/r", out="/o.parquet", rows=0, videos=0, captions=0,
+                        per_split={}, missing_videos=[f"v{i}" for i in range(12)],
+                        rejected={"empty caption": 3}, rejected_examples=["f line 2: empty caption"],
+                        shards=["/o.parquet"])
+    text = str(rep)
+    assert text.splitlines()[0].startswith("x: /r -> /o.parquet (1 file")
+    assert "12 videos not found" in text and "(2 more)" in text
+    assert "3 x empty caption" in text and "e.g. f line 2: empty caption" in text
+    assert "WARNING" in text
