@@ -403,3 +403,21 @@ def test_report_str_is_readable(tmp_path):
     assert "12 videos not found" in text and "(2 more)" in text
     assert "3 x empty caption" in text and "e.g. f line 2: empty caption" in text
     assert "WARNING" in text
+
+
+def test_dataset_cards_match_the_registry():
+    import pathlib
+
+    import yaml
+
+    folder = pathlib.Path(__file__).resolve().parents[1] / "datasets"
+    assert not (folder / "__init__.py").exists()  # never a package: it would shadow HF datasets
+    cards = {p.stem: yaml.safe_load(p.read_text()) for p in folder.glob("*.yaml")}
+    assert sorted(cards) == list_sources()
+    readme = (folder / "README.md").read_text()
+    for name, card in cards.items():
+        assert card["name"] == name and card["files"] and card["splits" if name != "generic" else "columns"]
+        assert card["prepare"].startswith(f"clipray data prepare {name} --root ")
+        assert f"clipray data prepare {name} --root DIR --out MANIFEST" in readme
+        for option in card.get("options") or {}:  # every documented option is a real one
+            assert option in SOURCES[name].options or option in ("annotations", "rows_per_shard"), (name, option)
