@@ -1,0 +1,135 @@
+"""Retrieval metrics against a brute-force reference, and the block-wise evaluation helpers."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np
+import open_clip
+import pytest
+import torch
+
+import clipray.metrics as M
+from clipray.metrics import (
+    METRIC_KEYS, embed_texts, embed_videos, evaluate_retrieval, retrieval_metrics, similarity_in_blocks,
+)
+from clipray.models import create_model
+
+
+def brute_force(sim, video_of_text):
+    """The definition, literally: rank = 1 + number of OTHER candidates scoring >= the match;
+    video-to-text takes the best rank among the video's own captions."""
+    sim = np.asarray(sim, dtype=np.float64)
+    nt, nv = sim.shape
+    t2v = []
+    for i in range(nt):
+        match = sim[i, video_of_text[i]]
+        t2v.append(1 + sum(1 for j in range(nv) if j != video_of_text[i] and sim[i, j] >= match))
+    v2t = []
+    for j in range(nv):
+        own = [c for c in range(nt) if video_of_text[c] == j]
+        v2t.append(min(1 + sum(1 for t in range(nt) if t != c and sim[t, j] >= sim[c, j]) for c in own))
+    out = {}
+    for prefix, ranks in (("t2v", np.array(t2v)), ("v2t", np.array(v2t))):
+        out.update({
+            f"{prefix}_r1": 100.0 * np.mean(ranks <= 1), f"{prefix}_r5": 100.0 * np.mean(ranks <= 5),
+            f"{prefix}_r10": 100.0 * np.mean(ranks <= 10), f"{prefix}_mdr": float(np.median(ranks)),
+            f"{prefix}_mnr": float(np.mean(ranks)),
+        })
+    return out
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_metrics_equal_brute_force_with_ties_and_several_captions(seed, monkeypatch):
+    rng = np.random.default_rng(seed)
+    nv = int(rng.integers(3, 25))
+    nt = nv + int(rng.integers(0, 3 * nv))
+    video_of_text = np.concatenate([np.arange(nv), rng.integers(0, nv, nt - nv)])
+    rng.shuffle(video_of_text)
+    levels = int(rng.integers(2, 6))  # few distinct values: many ties
+    sim = rng.integers(0, levels, (nt, nv)).astype(np.float32)
+    if seed % 2:
+        sim = sim + rng.normal(0, 1, (nt, nv)).astype(np.float32) * (rng.random((nt, nv)) < 0.5)
+    want = brute_force(sim, video_of_text)
+    got = retrieval_metrics(torch.from_numpy(sim), torch.from_numpy(video_of_text))
+    assert set(got) == set(METRIC_KEYS)
+    for k in METRIC_KEYS:
+        assert got[k] == pytest.approx(want[k]), k
+    monkeypatch.setattr(M, "_BLOCK_ELEMS", 7)  # many tiny row blocks: same answer
+    assert retrieval_metrics(sim, video_of_text) == pytest.approx(got)
+
+
+def test_ties_count_against_the_query_one_rank_each():
+    sim = torch.ones(3, 3)  # the reference turns this into extra ranks and R@1 = 60%
+    m = retrieval_metrics(sim, [0, 1, 2])
+    assert m["t2v_r1"] == 0.0 and m["t2v_mdr"] == 3.0 and m["v2t_mnr"] == 3.0
+    m = retrieval_metrics(torch.eye(3), [0, 1, 2])
+    assert m["t2v_r1"] == m["v2t_r1"] == 100.0 and m["t2v_mnr"] == 1.0
+
+
+def test_bad_inputs_are_errors():
+    sim = torch.rand(4, 3)
+    sim[2, 1] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        retrieval_metrics(sim, [0, 1, 2, 0])
+    with pytest.raises(ValueError, match="no caption"):
+        retrieval_metrics(torch.rand(2, 3), [0, 1])
+    with pytest.raises(ValueError):
+        retrieval_metrics(torch.rand(2, 3), [0, 3])
+
+
+def _data(n=6, t=3):
+    g = torch.Generator().manual_seed(3)
+    frames = torch.randint(0, 256, (n, t, 3, 32, 32), dtype=torch.uint8, generator=g)
+    mask = torch.arange(t)[None] < torch.tensor([3, 1, 2, 3, 2, 1][:n])[:, None]
+    words = ["dog", "cat", "car", "tree", "boat", "bird", "rain", "sun"]
+    tokens = open_clip.get_tokenizer("ViT-B-32")([f"a {w} in a video" for w in words[:n]], context_length=16)
+    return frames, mask, tokens
+
+
+def _batches(x, size):
+    return [x[i : i + size] for i in range(0, x.shape[0], size)]
+
+
+@pytest.mark.parametrize("name", ["test_seqTransf", "test_tightTransf"])
+def test_block_wise_scores_equal_one_shot_scores(name):
+    torch.manual_seed(0)
+    model = create_model(name)
+    frames, mask, tokens = _data()
+    text = embed_texts(model, _batches(tokens, 4))
+    video, vmask = embed_videos(model, zip(_batches(frames, 4), _batches(mask, 4)))
+    blocks = similarity_in_blocks(model, text, video, vmask, text_block=2, pair_block=3)
+    with torch.no_grad():
+        feats = model.encode_frames(model.normalize(frames), mask)
+        direct = model.similarity(model.encode_text(tokens), feats, mask)
+    assert blocks.shape == (6, 6) and blocks.dtype == torch.float32
+    assert torch.allclose(blocks, direct, atol=1e-5)
+    assert video.shape == ((6, 64) if model.indexable else (6, 3, 64))
+
+
+def test_all_equal_embeddings_score_r1_near_zero():
+    torch.manual_seed(0)
+    model = create_model("test_meanP")
+    with torch.no_grad():  # every text and every video maps to the same vector
+        model.backbone.clip.text_projection.zero_()
+        model.backbone.clip.text_projection[0, 0] = 1.0
+        model.backbone.clip.visual.proj.zero_()
+        model.backbone.clip.visual.proj[0, 0] = 1.0
+    frames, mask, tokens = _data(n=6)
+    m = evaluate_retrieval(model, _batches(tokens, 4), zip(_batches(frames, 4), _batches(mask, 4)), list(range(6)))
+    assert set(m) == set(METRIC_KEYS)  # dual softmax is off unless asked for
+    assert m["t2v_r1"] == 0.0 and m["v2t_r1"] == 0.0 and m["t2v_mdr"] == 6.0
+
+
+def test_dual_softmax_is_opt_in_and_reported_apart():
+    torch.manual_seed(0)
+    model = create_model("test_meanP")
+    frames, mask, tokens = _data(n=4)
+    m = evaluate_retrieval(model, [tokens], [(frames, mask)], [0, 1, 2, 3], dsl=True)
+    assert set(m) == set(METRIC_KEYS) | {f"dsl_{k}" for k in METRIC_KEYS}
+    # Text 1 scores video 0 above its own video 1, but text 0 claims video 0 more strongly
+    # and text 1 is video 1's best text: the prior over texts moves text 1 to video 1.
+    sim = torch.tensor([[0.9, 0.2], [0.85, 0.3]])
+    assert retrieval_metrics(sim, [0, 1])["t2v_r1"] == 50.0
+    assert M.retrieval_metrics_dsl(sim, [0, 1])["dsl_t2v_r1"] == 100.0
+    assert torch.allclose(M.dual_softmax(sim), sim * torch.softmax(sim * 100.0, dim=0))
