@@ -343,6 +343,7 @@ def test_generic_csv_rows_and_rejects(tmp_path):
         'long/kitchen.mp4,"quoted, comma",0,1,test,,',
         "clips/cat.mp4,weird split,,,validation,,",
         "./clips/cat.mp4,only start,4,,train,,",
+        "clips/cat.mp4,a cat, unquoted,,,train,,",  # 8 fields for 7 columns: rejected, not cut
     ]) + "\n")
     out = tmp_path / "g.parquet"
     rep = prepare("generic", tmp_path, out, file="ann.csv")
@@ -355,7 +356,7 @@ def test_generic_csv_rows_and_rejects(tmp_path):
     assert rep.missing_videos == ["clips/missing.mp4"]
     assert rep.rejected == {"empty caption": 1, "need 0 <= start < end": 1,
                             "timestamp outside [start, end]": 1, "unknown split": 1,
-                            "give both start and end, or neither": 1}
+                            "give both start and end, or neither": 1, "wrong number of fields": 1}
     assert "ignored columns: extra" in rep.notes
 
 
@@ -391,6 +392,29 @@ def test_generic_refuses_hhmmss_and_clashing_ids(tmp_path):
         prepare("generic", tmp_path, tmp_path / "g.parquet", file="c.csv")
     with pytest.raises(SourceError, match="pass file="):
         prepare("generic", tmp_path, tmp_path / "g.parquet")
+
+
+def test_a_failed_run_leaves_no_partial_shards(tmp_path):
+    fx.touch(tmp_path, "a/x.mp4")
+    fx.write(tmp_path, "t.csv", "path,caption,start,end\n" + "a/x.mp4,ok,1,2\n" * 3 + "a/x.mp4,bad,0:01,0:02\n")
+    out = tmp_path / "shards"
+    with pytest.raises(SourceError, match="t.csv line 5"):
+        prepare("generic", tmp_path, out, file="t.csv", rows_per_shard=1)  # 3 shards written first
+    assert list(out.iterdir()) == []
+
+
+def test_rows_breaking_manifest_rules_are_rejected_not_fatal(tmp_path, monkeypatch):
+    from clipray.sources.base import SourceSpec
+
+    def bad_rows(ctx):
+        yield {"video_id": "v", "path": "/v.mp4", "start": 0.0, "end": 1.0, "caption": "ok", "split": "train"}
+        yield {"video_id": "v", "path": "/v.mp4", "start": 5.0, "end": 3.0, "caption": "x",
+               "split": "train", "_where": "f line 3"}
+
+    monkeypatch.setitem(SOURCES, "fake", SourceSpec("fake", bad_rows, {}))
+    rep = prepare("fake", tmp_path, tmp_path / "f.parquet")
+    assert rep.rows == 1 and rep.rejected == {"invalid row: end # <= start #": 1}
+    assert rep.rejected_examples == ["f line 3: end 3.0 <= start 5.0"]
 
 
 def test_report_str_is_readable(tmp_path):

@@ -99,7 +99,11 @@ class PrepareReport:
             lines += [f"    e.g. {ex}" for ex in self.rejected_examples[:5]]
         else:
             lines.append("  rejected  none")
-        rules = {k: v for k, v in self.metadata.items() if k not in ("source", "root", "options")}
+        read = self.metadata.get("annotation_files") or []
+        if read:
+            lines.append("  read      " + ", ".join(os.path.basename(p) for p in read))
+        rules = {k: v for k, v in self.metadata.items()
+                 if k not in ("source", "root", "options", "annotation_files")}
         if rules:
             lines.append("  rules     " + ", ".join(f"{k}={v}" for k, v in rules.items()))
         lines += [f"  note      {n}" for n in self.notes]
@@ -125,31 +129,48 @@ def prepare(name: str, root: str, out: str, **options: Any) -> PrepareReport:
     metadata = {"source": name, "root": root, "options": opts, **ctx.metadata}
     _remove_old_shards(out)
     writer = ManifestWriter(out, rows_per_shard=int(opts["rows_per_shard"]), metadata=metadata)
-    per_split: dict[str, int] = {}
-    videos: set[str] = set()
-    captions: set[int] | None = set()
-    if first is not None:
-        for row in _chain(first, rows):
-            try:
-                writer.add(row)
-            except ManifestError as e:  # a last guard: adapters reject what they can name
-                reason = re.sub(r"^row \d+( \(video .*?\))?: ", "", str(e))
-                ctx.reject(row.get("_where", "?"), reason,
-                           category="invalid row: " + re.sub(r"-?\d+(\.\d+)?(e[-+]?\d+)?", "#", reason))
-                continue
-            per_split[row["split"]] = per_split.get(row["split"], 0) + 1
-            videos.add(row["video_id"])
-            if captions is not None:
-                captions.add(hash(row["caption"]))
-                if len(captions) > _MAX_DISTINCT:
-                    captions = None
-    writer.close()
+    tally = _Tally()
+    try:
+        if first is not None:
+            for row in _chain(first, rows):
+                _add(writer, row, ctx, tally)
+        writer.close()
+    except BaseException:
+        # a format error deep in a big source: leave no half manifest that reads as complete
+        for path in writer.shards:
+            writer.fs.delete_file(path)
+        raise
     return PrepareReport(
-        source=name, root=root, out=out, rows=writer.rows, videos=len(videos),
-        captions=None if captions is None else len(captions), per_split=per_split,
+        source=name, root=root, out=out, rows=writer.rows, videos=len(tally.videos),
+        captions=len(tally.captions) if tally.counting else None, per_split=tally.per_split,
         missing_videos=sorted(ctx.missing_ids), rejected=dict(ctx.rejected),
         rejected_examples=list(ctx.rejected_examples), shards=list(writer.shards), options=opts,
         metadata=metadata, notes=list(ctx.notes), seconds=time.perf_counter() - started)
+
+
+@dataclass
+class _Tally:
+    per_split: dict[str, int] = field(default_factory=dict)
+    videos: set[str] = field(default_factory=set)
+    captions: set[int] = field(default_factory=set)  # hashes: a set of 136M strings would not fit
+    counting: bool = True
+
+
+def _add(writer: ManifestWriter, row: dict, ctx: Context, tally: _Tally) -> None:
+    try:
+        writer.add(row)
+    except ManifestError as e:  # a last guard: adapters reject what they can name themselves
+        reason = re.sub(r"^row \d+( \(video .*?\))?: ", "", str(e))
+        ctx.reject(row.get("_where", "?"), reason,
+                   category="invalid row: " + re.sub(r"-?\d+(\.\d+)?(e[-+]?\d+)?", "#", reason))
+        return
+    tally.per_split[row["split"]] = tally.per_split.get(row["split"], 0) + 1
+    tally.videos.add(row["video_id"])
+    if tally.counting:
+        tally.captions.add(hash(row["caption"]))
+        if len(tally.captions) > _MAX_DISTINCT:
+            tally.counting = False
+            tally.captions.clear()
 
 
 def _chain(first, rest):

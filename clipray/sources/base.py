@@ -195,6 +195,7 @@ class Context:
     rejected_examples: list[str] = field(default_factory=list)
     max_examples: int = 50
     _index: dict[Any, FileIndex] = field(default_factory=dict)
+    _cache: dict[str, Any] = field(default_factory=dict)
 
     @property
     def annotations(self) -> str:
@@ -215,20 +216,34 @@ class Context:
 
     def find(self, *names: str, required: bool = True) -> str | None:
         """An annotation file: the first of `names` found in the annotations folder or up to two
-        folder levels below it (releases unzip into a subfolder, e.g. `msrvtt_data/`)."""
+        folder levels below it (releases unzip into a subfolder, e.g. `msrvtt_data/`). Found
+        files are recorded in the manifest metadata (`annotation_files`)."""
         base = self.annotations
-        levels = [[base]]
-        for _ in range(2):
-            levels.append([s for d in levels[-1] for s in _subdirs(d)])
-        for name in names:
-            for level in levels:
+        for name in names:  # the folder itself first: no listing needed in the usual layout
+            if exists(join(base, name)):
+                return self._found(join(base, name))
+        for level in self._levels()[1:]:
+            for name in names:
                 for d in level:
                     if exists(join(d, name)):
-                        return join(d, name)
+                        return self._found(join(d, name))
         if required:
             raise SourceError(f"{self.source}: none of {list(names)} found in {base!r} or two "
                               "folder levels below it (pass annotations=DIR if they live elsewhere)")
         return None
+
+    def _levels(self) -> list[list[str]]:
+        # listed once per run: a video folder below the root may hold a million entries
+        if "levels" not in self._cache:
+            levels = [[self.annotations]]
+            for _ in range(2):
+                levels.append([s for d in levels[-1] for s in _subdirs(d)])
+            self._cache["levels"] = levels
+        return self._cache["levels"]
+
+    def _found(self, path: str) -> str:
+        self.metadata.setdefault("annotation_files", []).append(path)
+        return path
 
     def user_path(self, path: str) -> str:
         """A file named in an option: a URI or absolute path as is, a relative one from the
@@ -250,6 +265,8 @@ class Context:
 
     def caption(self, text: Any, where: str) -> str | None:
         """The stripped caption, or None (rejected as empty) — several releases pad with spaces."""
+        if text is None:
+            text = ""
         if not isinstance(text, str):
             self.reject(where, f"caption is not a string ({type(text).__name__})")
             return None

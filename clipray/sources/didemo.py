@@ -59,7 +59,8 @@ def rows(ctx: Context) -> Iterator[dict]:
         list_path = ctx.find(list_name, required=False)
         listed = set(read_lines(list_path)) if list_path else None
         plan.append((split, data_name, items, listed))
-    ctx.metadata.update(view=view, split_lists=all(p[3] is not None for p in plan),
+    used = [name for (_, _, name), p in zip(SPLITS, plan) if p[3] is not None]
+    ctx.metadata.update(view=view, split_lists=used,
                         moment_rule="start=5*mean(starts), end=5*(mean(ends)+1), "
                                     "clamped to [0, 5*num_segments]")
     files = ctx.files(exts=None)  # any extension, even none: match by exact name

@@ -11,8 +11,8 @@ Columns: `path` and `caption` required; `video_id` (default: the path's stem), `
 `caption_id` (accepted; the manifest keeps row order instead). Other columns are ignored and
 named in the report notes.
 
-Relative paths are under the root; missing files are dropped and counted (URIs in the file are
-passed through unchecked). Times must be numbers of seconds: an `hh:mm:ss` string stops the run
+Relative paths are under the root; missing files are dropped and listed by path in the report
+(URIs in the file are passed through unchecked). Times must be numbers of seconds: an `hh:mm:ss` string stops the run
 with an error naming the line — guessing a time format is how clips end up wrong silently.
 Other bad rows (empty caption, end <= start, timestamp outside the clip, unknown split) are
 rejected and counted; an `end` past a given `duration` is clamped and noted.
@@ -51,8 +51,9 @@ def seconds(value: Any, key: str, where: str) -> float | None:
     return out
 
 
-def read_records(path: str) -> Iterator[tuple[str, dict]]:
-    """(where, record) for every row-level record of the file; video-level JSONL is expanded."""
+def read_records(path: str, ctx: Context) -> Iterator[tuple[str, dict]]:
+    """(where, record) for every row-level record of the file; video-level JSONL is expanded.
+    CSV lines with the wrong number of fields (an unquoted comma) are rejected, not truncated."""
     name = os.path.basename(path)
     with open_text(path) as f:
         if name.lower().endswith(".csv"):
@@ -61,6 +62,10 @@ def read_records(path: str) -> Iterator[tuple[str, dict]]:
                 if col not in header:
                     raise SourceError(f"{name}: header {header} lacks the required column '{col}'")
             for line, fields in body:
+                if len(fields) != len(header):
+                    ctx.reject(f"{name} line {line}", f"{len(fields)} fields for {len(header)} columns "
+                               "(quote values that contain commas)", category="wrong number of fields")
+                    continue
                 yield f"{name} line {line}", dict(zip(header, fields))
             return
         for line, text in enumerate(f, start=1):
@@ -98,7 +103,7 @@ def rows(ctx: Context) -> Iterator[dict]:
     local: dict[str, bool] = {}
     unknown: set[str] = set()
     clamped = 0
-    for where, rec in read_records(path):
+    for where, rec in read_records(path, ctx):
         unknown.update(k for k in rec if k not in KNOWN)
         raw = str(rec.get("path") or "").strip()
         if not raw:
