@@ -1,0 +1,81 @@
+"""Export: safetensors + JSON recipe, reloaded bit-identical, offline, never from pickle."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import json
+
+import pytest
+import torch
+
+from clipray.export import load_export, save_export
+from clipray.models import create_model
+from clipray.task import RetrievalTask
+
+
+def _inputs():
+    g = torch.Generator().manual_seed(5)
+    frames = torch.randint(0, 256, (2, 4, 3, 32, 32), dtype=torch.uint8, generator=g)
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]], dtype=torch.bool)
+    tokens = torch.zeros(2, 8, dtype=torch.long)
+    tokens[:, 0], tokens[:, 1:4], tokens[:, 4] = 49406, torch.tensor([320, 1929, 2368]), 49407
+    return frames, mask, tokens
+
+
+def _outputs(model):
+    frames, mask, tokens = _inputs()
+    with torch.no_grad():
+        feats = model.encode_frames(model.normalize(frames), mask)
+        return model.encode_text(tokens), feats, model.similarity(model.encode_text(tokens), feats, mask)
+
+
+@pytest.mark.parametrize(
+    "name,overrides",
+    [("test_seqTransf", {"linear_patch": "3d", "tuning": "frozen"}), ("test_tightTransf", {}), ("test_seqLSTM", {})],
+)
+def test_round_trip_is_bit_identical(tmp_path, name, overrides):
+    torch.manual_seed(0)
+    model = create_model(name, **overrides)
+    with torch.no_grad():  # as if trained: nothing equals its initial value any more
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.01)
+    model.eval()
+    save_export(RetrievalTask(model), tmp_path, extra={"t2v_r1": 12.5})
+    assert sorted(os.listdir(tmp_path)) == ["config.json", "model.safetensors"]
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["name"] == name and config["extra"] == {"t2v_r1": 12.5}
+    assert config["open_clip_cfg"]["vision_cfg"]["image_size"] == 32
+
+    loaded = load_export(tmp_path)
+    a, b = model.state_dict(), loaded.state_dict()
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) and a[k].dtype == b[k].dtype for k in a)
+    for x, y in zip(_outputs(model), _outputs(loaded)):
+        assert torch.equal(x, y)
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == {
+        n: p.requires_grad for n, p in loaded.named_parameters()}
+    assert (loaded.tokenizer_name, loaded.image_size, loaded.indexable) == (
+        model.tokenizer_name, model.image_size, model.indexable)
+
+
+def test_bf16_round_trip_keeps_dtype(tmp_path):
+    torch.manual_seed(0)
+    model = create_model("test_meanP").to(torch.bfloat16).eval()
+    save_export(model, tmp_path)
+    loaded = load_export(tmp_path)
+    assert loaded.logit_scale.dtype == torch.bfloat16
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, loaded.state_dict()[k])
+
+
+def test_pickle_is_refused(tmp_path):
+    torch.manual_seed(0)
+    model = create_model("test_meanP")
+    save_export(model, tmp_path)
+    (tmp_path / "model.safetensors").unlink()
+    torch.save(model.state_dict(), tmp_path / "model.pt")
+    with pytest.raises(FileNotFoundError, match="pickle"):
+        load_export(tmp_path)
+    with pytest.raises(TypeError):
+        save_export(model, tmp_path, extra={"not json": object()})
