@@ -1,0 +1,168 @@
+"""The training driver: config -> Ray Data streams + TorchTrainer -> a run directory.
+
+Run directory `<train.storage_path>/<train.run_name>/` (local or s3://) holds Ray's checkpoints
+and, when the run ends: `result.json` (final metrics), `metrics.csv` (one row per epoch),
+`curves.png` (loss and R@1 per epoch), `export/` (the model in the serving format),
+`skip_report.jsonl` (clips that could not be decoded) and `config.yaml` (the resolved config).
+
+Re-running the same command (same run name and storage path) resumes from the latest
+checkpoint; `train.max_failures` lets Ray Train replace a killed worker and continue from it.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from clipray.config import Config, to_yaml
+
+
+def model_io(cfg: Config) -> Config:
+    """Fit the data section to the model: frame size, tokenizer and caption length."""
+    from clipray.models import get_spec
+    from clipray.models.backbone import open_clip_config
+
+    spec = get_spec(cfg.model.name)
+    oc = open_clip_config(spec.open_clip_name)
+    size = oc["vision_cfg"]["image_size"]
+    size = size[0] if isinstance(size, (list, tuple)) else int(size)
+    ctx = int(oc.get("text_cfg", {}).get("context_length", 77))
+    video = dataclasses.replace(cfg.data.video, size=size)
+    data = dataclasses.replace(cfg.data, video=video, tokenizer=spec.tokenizer_name,
+                               max_words=min(cfg.data.max_words, ctx))
+    return dataclasses.replace(cfg, data=data)
+
+
+def run_dir(cfg: Config) -> str:
+    storage = cfg.train.storage_path
+    if "://" not in storage:
+        storage = str(Path(storage).resolve())
+    return f"{storage.rstrip('/')}/{cfg.train.run_name}"
+
+
+def _count_rows(manifest: str, split: str) -> int:
+    import pyarrow.dataset as pads
+
+    from clipray.manifest import SCHEMA, manifest_files
+
+    fs, files = manifest_files(manifest)
+    return pads.dataset(files, filesystem=fs, schema=SCHEMA).count_rows(filter=pads.field("split") == split)
+
+
+def run(cfg: Config, quiet_ray: bool = False) -> dict[str, Any]:
+    """Train, evaluate and export; returns the final metrics (also in result.json)."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from clipray.pipeline import clip_dataset, collect_skips
+    from clipray.runtime import init_ray, quiet_data_progress
+    from train.loop import STATE, train_loop
+
+    cfg = model_io(cfg)
+    if not cfg.data.manifest:
+        raise ValueError("data.manifest is empty: give a manifest (e.g. data.manifest=PATH)")
+    out = run_dir(cfg)
+    n_train = _count_rows(cfg.data.manifest, "train")
+    per_step = cfg.data.batch_size * cfg.train.num_workers
+    steps_per_epoch = n_train // per_step
+    if steps_per_epoch < 1:
+        raise ValueError(f"{n_train} training rows cannot fill one step of {per_step} clips "
+                         f"(data.batch_size x train.num_workers)")
+    init_ray(cfg.ray, quiet=quiet_ray)
+    quiet_data_progress()
+    datasets = {"train": clip_dataset(cfg.data, out, split="train"),
+                "test": clip_dataset(cfg.data, out, split="test")}
+    total = cfg.train.max_steps or steps_per_epoch * cfg.train.epochs
+    print(f"[driver] run {out}: {n_train} training clips, {steps_per_epoch} steps/epoch, {total} steps, "
+          f"{cfg.train.num_workers} workers, ZeRO-{cfg.train.zero_stage}", flush=True)
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={"cfg": cfg, "steps_per_epoch": steps_per_epoch},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
+            resources_per_worker={"CPU": cfg.train.cpus_per_worker}),
+        datasets=datasets,
+        run_config=ray.train.RunConfig(
+            name=cfg.train.run_name, storage_path=out.rsplit("/", 1)[0],
+            failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)),
+    )
+    t0 = time.perf_counter()
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"training produced no checkpoint; see the logs under {out}")
+    with result.checkpoint.as_directory() as d:
+        state = json.loads((Path(d) / STATE).read_text())
+        export_src = Path(d) / "export"
+        final = dict(state["history"][-1], total_steps=state["step"], seconds=time.perf_counter() - t0)
+        _write_outputs(out, cfg, state["history"], final, export_src)
+    skips = collect_skips(out)
+    final["skipped_clips"] = skips["skipped"]
+    _put_text(f"{out}/result.json", json.dumps(final, indent=1))
+    print(_table(final, out, skips))
+    return final
+
+
+def _put_text(uri: str, text: str) -> None:
+    import fsspec
+
+    with fsspec.open(uri, "w") as f:
+        f.write(text)
+
+
+def _write_outputs(out: str, cfg: Config, history: list[dict], final: dict, export_src: Path) -> None:
+    import fsspec
+
+    _put_text(f"{out}/config.yaml", to_yaml(cfg))
+    keys = sorted({k for h in history for k in h}, key=lambda k: (k not in ("epoch", "step"), k))
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=keys)
+    w.writeheader()
+    w.writerows(history)
+    _put_text(f"{out}/metrics.csv", buf.getvalue())
+    with fsspec.open(f"{out}/curves.png", "wb") as f:
+        f.write(_plot(history))
+    fs, root = fsspec.core.url_to_fs(f"{out}/export")
+    fs.makedirs(root, exist_ok=True)
+    for p in export_src.iterdir():
+        fs.put_file(str(p), f"{root}/{p.name}")
+
+
+def _plot(history: list[dict]) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(1, 2, figsize=(9, 3.2))
+    ax[0].plot([h["epoch"] for h in history], [h["loss"] for h in history], marker="o")
+    ax[0].set(title="training loss", xlabel="epoch")
+    ev = [h for h in history if "t2v_r1" in h]
+    ax[1].plot([h["epoch"] for h in ev], [h["t2v_r1"] for h in ev], marker="o", label="text->video")
+    ax[1].plot([h["epoch"] for h in ev], [h["v2t_r1"] for h in ev], marker="s", label="video->text")
+    ax[1].set(title="test R@1 (%)", xlabel="epoch")
+    ax[1].legend()
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _table(m: dict, out: str, skips: dict) -> str:
+    rows = [f"{'':12}{'R@1':>7}{'R@5':>7}{'R@10':>7}{'MdR':>7}{'MnR':>8}"]
+    for d, name in (("t2v", "text->video"), ("v2t", "video->text")):
+        rows.append(f"{name:12}{m[f'{d}_r1']:7.1f}{m[f'{d}_r5']:7.1f}{m[f'{d}_r10']:7.1f}"
+                    f"{m[f'{d}_mdr']:7.1f}{m[f'{d}_mnr']:8.1f}")
+    extra = f"; event-order accuracy {m['order_acc']:.1f}% over {m['order_pairs']} twin captions" \
+        if "order_acc" in m else ""
+    return "\n".join([
+        f"\nfinished: {m['total_steps']} steps in {m['seconds']:.0f}s, {m['num_test_videos']} test videos "
+        f"(chance R@1 {100 / m['num_test_videos']:.1f}%){extra}", *rows,
+        f"skipped clips: {skips['skipped']} {skips['by_reason'] or ''}",
+        f"run directory: {out}  (result.json, metrics.csv, curves.png, export/, skip_report.jsonl)"])

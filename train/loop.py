@@ -1,0 +1,157 @@
+"""The per-worker training function: one linear story, run by every Ray Train worker.
+
+build model + task -> deepspeed.initialize -> resume from ray.train.get_checkpoint() ->
+for each epoch: stream batches from the dataset shard, engine.backward / engine.step, clamp
+logit_scale -> evaluate -> every rank saves its DeepSpeed shard -> ray.train.report(metrics,
+checkpoint). The last report also carries the model exported for serving.
+
+Workers stay in lock-step: before each step they agree (one tiny all-reduce) that every worker
+still has a batch, so a shard that came up short (skipped clips) ends the epoch for all instead
+of leaving the others waiting in a collective forever.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from clipray.config import Config
+
+STATE = "state.json"  # epoch, step and the metric history, beside the DeepSpeed shards
+TAG = "deepspeed"
+
+
+def _all_have(has_batch: bool) -> bool:
+    flag = torch.tensor([1 if has_batch else 0])
+    if dist.is_initialized():
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+def _full_params(engine: Any, stage: int):
+    """ZeRO-3 partitions every parameter; evaluation and export need them whole."""
+    if stage != 3:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None)
+
+
+class Progress:
+    """Rank 0's progress line (Ray forwards worker stdout to the driver)."""
+
+    def __init__(self, total: int, start_step: int, clips_per_step: int):
+        self.total, self.start_step, self.clips = total, start_step, clips_per_step
+        self.t0 = self.last = time.perf_counter()
+
+    def __call__(self, epoch: int, epochs: int, step: int, loss: float, lr: float, force=False) -> None:
+        now = time.perf_counter()
+        if not force and now - self.last < 5.0:
+            return
+        self.last = now
+        done = step - self.start_step
+        rate = done * self.clips / max(now - self.t0, 1e-9)
+        eta = (self.total - step) * (now - self.t0) / max(done, 1)
+        print(f"[train] epoch {epoch}/{epochs} step {step}/{self.total} loss {loss:.4f} "
+              f"lr {lr:.2e} {rate:.1f} clips/s ETA {int(eta) // 60:02d}:{int(eta) % 60:02d}", flush=True)
+
+
+def train_loop(config: dict[str, Any]) -> None:
+    import deepspeed
+    import ray.train
+
+    from clipray.losses import clamp_logit_scale
+    from clipray.models import build_model
+    from clipray.task import RetrievalTask
+    from train import ds_config
+    from train.evaluate import evaluate
+
+    cfg: Config = config["cfg"]
+    steps_per_epoch: int = config["steps_per_epoch"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.manual_seed(cfg.train.seed)  # same init everywhere (DeepSpeed also broadcasts rank 0's)
+    torch.set_num_threads(max(1, int(cfg.train.cpus_per_worker)))
+
+    model = build_model(cfg.model)
+    if cfg.train.activation_checkpointing:
+        model.backbone.clip.set_grad_checkpointing(True)
+    B = cfg.data.batch_size
+    total = cfg.train.max_steps or steps_per_epoch * cfg.train.epochs
+    epochs = cfg.train.epochs if not cfg.train.max_steps else -(-total // max(steps_per_epoch, 1))
+    opt, sched = ds_config.optimizer_and_schedule(model, cfg.optim, max(1, total // cfg.train.grad_accum))
+    engine, _, _, _ = deepspeed.initialize(model=RetrievalTask(model), optimizer=opt, lr_scheduler=sched,
+                                           config=ds_config.build(cfg.train, B))
+    dtype = torch.bfloat16 if ds_config.precision(cfg.train) == "bf16" else torch.float32
+    state: dict[str, Any] = {"epoch": 0, "step": 0, "history": []}
+    ckpt = ray.train.get_checkpoint()
+    if ckpt:
+        with ckpt.as_directory() as d:
+            engine.load_checkpoint(d, tag=TAG)
+            state = json.loads((Path(d) / STATE).read_text())
+        if rank == 0:
+            print(f"[train] resumed from step {state['step']} (epoch {state['epoch']})", flush=True)
+
+    train_shard = ray.train.get_dataset_shard("train")
+    test_shard = ray.train.get_dataset_shard("test")
+    progress = Progress(total, state["step"], B * world)
+    dev = engine.device
+    while state["epoch"] < epochs and state["step"] < total:
+        epoch = state["epoch"] + 1
+        losses, t_epoch = [], time.perf_counter()
+        batches = iter(train_shard.iter_torch_batches(
+            batch_size=B, drop_last=True, local_shuffle_buffer_size=cfg.data.shuffle_buffer or None,
+            local_shuffle_seed=cfg.train.seed + epoch if cfg.data.shuffle_buffer else None))
+        for _ in range(steps_per_epoch):
+            batch = next(batches, None)
+            if not _all_have(batch is not None) or state["step"] >= total:
+                break
+            out = engine(batch["frames"].to(dev), batch["frame_mask"].to(dev), batch["tokens"].to(dev))
+            loss = out["loss"]
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"non-finite loss {loss.item()} at step {state['step']}")
+            engine.backward(loss)
+            engine.step()
+            clamp_logit_scale(engine)
+            state["step"] += 1
+            losses.append(loss.item())
+            if rank == 0:
+                progress(epoch, epochs, state["step"], losses[-1], sched.get_last_lr()[-1])
+        if not losses:
+            raise RuntimeError(f"epoch {epoch} got no training batch: check the skip report")
+        seconds = time.perf_counter() - t_epoch
+        record = {"epoch": epoch, "step": state["step"], "loss": sum(losses) / len(losses),
+                  "lr": sched.get_last_lr()[-1], "clips_per_s": len(losses) * B * world / seconds}
+        if rank == 0:
+            progress(epoch, epochs, state["step"], record["loss"], record["lr"], force=True)
+        last = epoch >= epochs or state["step"] >= total
+        if last or epoch % max(1, cfg.train.eval_every_epochs) == 0:
+            with _full_params(engine, cfg.train.zero_stage), torch.autocast(
+                    dev.type, dtype=dtype, enabled=dtype != torch.float32):
+                record.update(evaluate(engine.module.model, test_shard, cfg.data.manifest, "test", B))
+            if rank == 0:
+                print(f"[eval] epoch {epoch}: t2v R@1 {record['t2v_r1']:.1f} R@5 {record['t2v_r5']:.1f} "
+                      f"R@10 {record['t2v_r10']:.1f} MdR {record['t2v_mdr']:.1f} "
+                      f"({record['num_test_videos']} videos)", flush=True)
+        state["epoch"] = epoch
+        state["history"].append(record)
+        with tempfile.TemporaryDirectory() as d:
+            engine.save_checkpoint(d, tag=TAG)
+            if last:
+                with _full_params(engine, cfg.train.zero_stage):
+                    if rank == 0:
+                        from clipray.export import save_export
+
+                        save_export(engine.module.model, Path(d) / "export",
+                                    extra={k: v for k, v in record.items() if isinstance(v, (int, float))})
+            if rank == 0:
+                (Path(d) / STATE).write_text(json.dumps(state))
+            ray.train.report({k: v for k, v in record.items() if isinstance(v, (int, float))},
+                             checkpoint=ray.train.Checkpoint.from_directory(d))
