@@ -17,7 +17,26 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
 
 @pytest.fixture(scope="session")
-def ray_local():
+def s3_server():
+    """A real S3 endpoint (moto server on 127.0.0.1) with one bucket; AWS_* env points at it.
+
+    Session-scoped and started before `ray_local`: Ray's worker processes inherit the
+    environment of the process that starts Ray, and a pyarrow S3FileSystem pickled to a
+    worker does not carry an endpoint that came from the environment (tests/s3_server.py).
+    Yields None when moto (the `dev` extra) is missing, so Ray tests still run without it.
+    """
+    try:
+        from s3_server import S3Server
+        import moto.server  # noqa: F401
+    except ImportError:
+        yield None
+        return
+    with S3Server() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def ray_local(s3_server):
     """The session's one local Ray (4 logical CPUs on 2 cores: see clipray.runtime)."""
     import ray
 
