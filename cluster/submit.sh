@@ -1,0 +1,154 @@
+#!/usr/bin/env bash
+# Submit a clipray training run to a Ray cluster as a Ray job.
+#
+#   cluster/submit.sh CONFIG [key=value ...]
+#   e.g. cluster/submit.sh train/configs/howto100m.yaml train.storage_path=s3://my-bucket/clipray/runs
+#
+# Runs, from the repository root:
+#   ray job submit --working-dir . --runtime-env cluster/runtime_env.yaml --submission-id ID \
+#       --no-wait -- python -m train CONFIG [key=value ...] train.run_name=RUN train.storage_path=STORE
+#
+# Environment:
+#   RAY_ADDRESS            the cluster's dashboard / job server, e.g. http://127.0.0.1:8265 (required)
+#   RAY_AUTH_MODE=token    required: clipray clusters run with Ray token authentication on
+#   RAY_AUTH_TOKEN         the token, or a file at RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token
+#   CLIPRAY_STORAGE_PATH   default train.storage_path (local path or s3://...; default: the config's)
+#   CLIPRAY_FOLLOW=1       tail the job's logs after submitting
+#   CLIPRAY_DRY_RUN=1      print the command instead of running it (nothing is contacted)
+#
+# The run name is train.run_name if you give one, else <config name>-<UTC timestamp>; that name
+# plus the storage path IS the run: re-submitting with both resumes from its latest checkpoint.
+set -euo pipefail
+
+die() { printf 'submit.sh: %s\n' "$*" >&2; exit 2; }
+
+usage() {
+    sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'
+    exit "${1:-0}"
+}
+
+[[ $# -ge 1 ]] || usage 2
+[[ $1 == -h || $1 == --help ]] && usage 0
+
+# --working-dir . must be the repository root: the cluster sees only what is under it.
+repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$repo_root"
+
+config="$1"
+shift
+[[ $config != /* ]] || die "CONFIG must be a path inside the repository (the job only sees the working dir): $config"
+[[ -f $config ]] || die "config file not found (relative to $repo_root): $config"
+overrides=()
+run_name=""
+storage_path=""
+for kv in "$@"; do
+    [[ $kv == *=* ]] || die "overrides must look like key=value, got: $kv"
+    case "$kv" in
+        train.run_name=*) run_name="${kv#train.run_name=}" ;;
+        train.storage_path=*) storage_path="${kv#train.storage_path=}" ;;
+        *) overrides+=("$kv") ;;
+    esac
+done
+
+# --- Ray token authentication: required, never switched off ---
+token_help() {
+    cat >&2 <<'EOF'
+How to get the token:
+  KubeRay (RayCluster/RayJob with spec.authOptions.mode: token): the operator keeps it in a
+  Secret named after the RayCluster, key auth_token:
+      export RAY_AUTH_TOKEN=$(kubectl get secret <raycluster-name> -o jsonpath='{.data.auth_token}' | base64 -d)
+  (for a RayJob, the cluster name is: kubectl get rayjob <name> -o jsonpath='{.status.rayClusterName}')
+  Cluster launcher (cluster/aws-gpu.yaml, cluster/gcp-gpu.yaml): the token is the one you generated
+  before `ray up` with `ray get-auth-token --generate`; it is in ~/.ray/auth_token on this machine.
+EOF
+}
+if [[ ${RAY_AUTH_MODE:-} != token ]]; then
+    printf 'submit.sh: RAY_AUTH_MODE=token is required (got "%s"): clipray clusters run with token auth.\n' \
+        "${RAY_AUTH_MODE:-}" >&2
+    printf '  export RAY_AUTH_MODE=token\n' >&2
+    token_help
+    exit 2
+fi
+if [[ -n ${RAY_AUTH_TOKEN:-} ]]; then
+    token_source="RAY_AUTH_TOKEN"
+elif [[ -n ${RAY_AUTH_TOKEN_PATH:-} ]]; then
+    [[ -s $RAY_AUTH_TOKEN_PATH ]] || { printf 'submit.sh: RAY_AUTH_TOKEN_PATH=%s is missing or empty\n' \
+        "$RAY_AUTH_TOKEN_PATH" >&2; token_help; exit 2; }
+    token_source="$RAY_AUTH_TOKEN_PATH"
+elif [[ -s $HOME/.ray/auth_token ]]; then
+    token_source="$HOME/.ray/auth_token"
+else
+    printf 'submit.sh: no Ray auth token: set RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or write ~/.ray/auth_token\n' >&2
+    token_help
+    exit 2
+fi
+
+[[ -n ${RAY_ADDRESS:-} ]] || die "RAY_ADDRESS is not set: the job server, e.g. \
+export RAY_ADDRESS=http://127.0.0.1:8265 after 'kubectl port-forward svc/<raycluster>-head-svc 8265:8265' \
+or 'ray dashboard cluster/aws-gpu.yaml'"
+
+# --- run identity: name + storage path ---
+config_name="$(basename "$config")"
+config_name="${config_name%.*}"
+stamp="$(date -u +%Y%m%d-%H%M%S)"
+new_run=0
+[[ -n $run_name ]] || { run_name="${config_name}-${stamp}"; new_run=1; }
+[[ -n $storage_path ]] || storage_path="${CLIPRAY_STORAGE_PATH:-}"
+if [[ -z $storage_path ]]; then
+    # Fall back to the config's own train.storage_path, as python -m train would.
+    storage_path="$(python -c 'import sys; from clipray.config import load_config; print(load_config(sys.argv[1]).train.storage_path)' "$config" 2>/dev/null || true)"
+    [[ -n $storage_path ]] || storage_path="runs"
+fi
+if [[ $storage_path != *://* ]]; then
+    if [[ $storage_path != /* ]]; then
+        # A relative path would land inside the job's unpacked working dir, which a resubmission
+        # (new package) does not share: resume would silently start over.
+        die "train.storage_path=$storage_path is relative; give s3://..., gs://... or an absolute path shared by all nodes"
+    fi
+    printf 'submit.sh: note: local storage %s must be shared by every node (NFS/EFS/Filestore);\n' "$storage_path" >&2
+    printf '           on a multi-node cluster without one, use train.storage_path=s3://...\n' >&2
+fi
+[[ $run_name =~ ^[A-Za-z0-9._-]+$ ]] || die "run name may hold only letters, digits, . _ -: $run_name"
+
+# One submission id per attempt: a resume is a new job with the same run name, so it gets the
+# attempt's timestamp (a new run's name already carries one). Ray rejects a duplicate id, which
+# stops an accidental double submit within the same second.
+if [[ $new_run == 1 ]]; then
+    submission_id="clipray-${run_name}"
+else
+    submission_id="clipray-${run_name}-${stamp}"
+fi
+cmd=(ray job submit
+     --working-dir .
+     --runtime-env cluster/runtime_env.yaml
+     --submission-id "$submission_id"
+     --no-wait
+     --
+     python -m train "$config" ${overrides[@]+"${overrides[@]}"}
+     "train.run_name=$run_name" "train.storage_path=$storage_path")
+
+printf 'cluster:  %s   (token from %s)\n' "$RAY_ADDRESS" "$token_source"
+printf 'run:      %s   storage: %s\n' "$run_name" "$storage_path"
+if [[ ${CLIPRAY_DRY_RUN:-0} == 1 ]]; then
+    printf 'dry run: '
+    printf ' %q' "${cmd[@]}"
+    printf '\n'
+else
+    command -v ray >/dev/null || die "the ray CLI is not on PATH (pip install 'ray[default]==2.60.0')"
+    "${cmd[@]}"
+fi
+
+quoted_overrides=""
+for kv in ${overrides[@]+"${overrides[@]}"}; do quoted_overrides+=" $(printf '%q' "$kv")"; done
+cat <<EOF
+
+job id:   $submission_id
+  follow logs:  ray job logs -f $submission_id
+  status:       ray job status $submission_id
+  stop:         ray job stop $submission_id
+  resume:       cluster/submit.sh $config$quoted_overrides train.run_name=$run_name train.storage_path=$storage_path
+                (same run name + storage path: training continues from the latest checkpoint)
+EOF
+if [[ ${CLIPRAY_FOLLOW:-0} == 1 && ${CLIPRAY_DRY_RUN:-0} != 1 ]]; then
+    exec ray job logs -f "$submission_id"
+fi

@@ -1,0 +1,395 @@
+"""cluster/: every manifest parses, has the structure we rely on, and names things that exist.
+
+Checks, with real parsers wherever one exists:
+- every YAML in cluster/ (multi-document files too) is a known kind: a KubeRay object
+  (apiVersion ray.io/v1), a cluster-launcher config, or the job runtime env;
+- KubeRay clusters (RayCluster, and the cluster inside a RayJob / RayService) keep Ray token
+  authentication on, run the image built from cluster/Dockerfile at the project's version, and
+  the training ones have a GPU group plus a CPU-only decode group that takes the decode actors;
+- every entry point a manifest names exists: `python -m train CONFIG k=v ...` -> train/__main__.py,
+  the config file, and the overrides load against the typed schema (a typo fails here, not on
+  the cluster); Serve import paths -> their module file;
+- the launcher YAMLs pass Ray's own validator (`ray up` runs the same one) and mount the token;
+- the runtime env is what `ray job submit --runtime-env` parses, and Ray's own packager leaves
+  out runs/, clipray_data/ and .git;
+- the Dockerfile's pins satisfy pyproject.toml and its Ray is the manifests' Ray;
+- cluster/submit.sh passes `bash -n` and enforces token auth, picks run names and storage.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+CLUSTER = REPO / "cluster"
+RAY_KINDS = {"RayCluster", "RayJob", "RayService"}
+TRAINING_KINDS = {"RayCluster", "RayJob"}  # the serving cluster (RayService) is shaped differently
+
+
+# ---------------------------------------------------------------- helpers
+
+def pyproject() -> dict:
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        tomllib = pytest.importorskip("tomli")
+    return tomllib.loads((REPO / "pyproject.toml").read_text())
+
+
+def requirements() -> dict[str, Any]:
+    """name -> packaging Requirement for every dependency and extra in pyproject.toml."""
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    proj = pyproject()["project"]
+    reqs = list(proj["dependencies"]) + [r for extra in proj["optional-dependencies"].values() for r in extra]
+    out: dict[str, Any] = {}
+    for r in map(Requirement, reqs):
+        out.setdefault(canonicalize_name(r.name), r)
+    return out
+
+
+def yaml_files() -> list[Path]:
+    return sorted(p for p in CLUSTER.iterdir() if p.suffix in (".yaml", ".yml"))
+
+
+def docs(path: Path) -> list[dict]:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
+
+
+def all_docs() -> Iterator[tuple[str, dict]]:
+    for p in yaml_files():
+        for i, d in enumerate(docs(p)):
+            yield f"{p.name}#{i}", d
+
+
+def ray_docs(kinds: set[str] = RAY_KINDS) -> list[tuple[str, dict]]:
+    return [(n, d) for n, d in all_docs() if d.get("kind") in kinds]
+
+
+def launcher_docs() -> list[tuple[str, dict]]:
+    return [(n, d) for n, d in all_docs() if "provider" in d and "available_node_types" in d]
+
+
+def cluster_spec(doc: dict) -> dict | None:
+    """The Ray cluster a KubeRay object creates (None: a RayJob using an existing cluster)."""
+    spec = doc["spec"]
+    return {"RayCluster": lambda: spec, "RayJob": lambda: spec.get("rayClusterSpec"),
+            "RayService": lambda: spec["rayClusterConfig"]}[doc["kind"]]()
+
+
+def groups(spec: dict) -> list[tuple[str, dict]]:
+    """(group name, group spec) for the head and every worker group."""
+    return [("head", spec["headGroupSpec"])] + [(g["groupName"], g) for g in spec.get("workerGroupSpecs", [])]
+
+
+def containers(group: dict) -> list[dict]:
+    return group["template"]["spec"]["containers"]
+
+
+def gpus(container: dict) -> int:
+    res = container.get("resources", {})
+    return max(int(res.get(k, {}).get("nvidia.com/gpu", 0)) for k in ("limits", "requests"))
+
+
+def cpus(container: dict) -> float:
+    v = str(container["resources"]["limits"]["cpu"])
+    return float(v[:-1]) / 1000 if v.endswith("m") else float(v)
+
+
+def dockerfile() -> str:
+    return (CLUSTER / "Dockerfile").read_text()
+
+
+def base_ray_version() -> str:
+    m = re.search(r"^FROM rayproject/ray:(\d+\.\d+\.\d+)-py(\d)(\d+)-(gpu|cu\d+)\s*$", dockerfile(), re.M)
+    assert m, "cluster/Dockerfile must start FROM a rayproject/ray:<version>-py3XX-gpu image"
+    return m.group(1)
+
+
+def image() -> str:
+    """The image every manifest runs: cluster/Dockerfile's build, tagged with the project version."""
+    return f"ghcr.io/change-me/clipray:{pyproject()['project']['version']}"
+
+
+def train_commands(entrypoint: str) -> list[list[str]]:
+    """Each `python -m train ...` command in a shell entrypoint, as argv lists."""
+    out = []
+    for part in re.split(r"&&|;|\|\|", entrypoint):
+        argv = shlex.split(part)
+        if argv[:3] == ["python", "-m", "train"]:
+            out.append(argv)
+    return out
+
+
+# ---------------------------------------------------------------- every YAML
+
+@pytest.mark.parametrize("path", yaml_files(), ids=lambda p: p.name)
+def test_every_yaml_is_a_known_kind(path):
+    found = docs(path)
+    assert found, f"{path.name} is empty"
+    for d in found:
+        if "kind" in d:
+            if d["kind"] in RAY_KINDS:
+                assert d["apiVersion"] == "ray.io/v1", path.name
+            else:  # plain Kubernetes objects beside them (Secret, ServiceAccount, ...)
+                assert d["apiVersion"] in ("v1", "rbac.authorization.k8s.io/v1"), path.name
+            assert d["metadata"]["name"]
+        elif "provider" in d:
+            assert d["provider"]["type"] in ("aws", "gcp", "azure", "kuberay", "local"), path.name
+        else:
+            assert path.name == "runtime_env.yaml", f"{path.name}: unrecognised YAML (no kind, no provider)"
+
+
+def test_the_expected_manifests_exist():
+    names = {p.name for p in yaml_files()}
+    assert {"raycluster.yaml", "rayjob-train.yaml", "rayjob-howto100m.yaml", "aws-gpu.yaml", "gcp-gpu.yaml",
+            "runtime_env.yaml"} <= names
+    kinds = {n.split("#")[0]: d["kind"] for n, d in ray_docs()}
+    assert kinds["raycluster.yaml"] == "RayCluster"
+    assert kinds["rayjob-train.yaml"] == kinds["rayjob-howto100m.yaml"] == "RayJob"
+    assert {d["provider"]["type"] for _, d in launcher_docs()} >= {"aws", "gcp"}
+
+
+# ---------------------------------------------------------------- KubeRay
+
+@pytest.mark.parametrize("name,doc", ray_docs(), ids=lambda x: x if isinstance(x, str) else "")
+def test_kuberay_clusters_keep_token_auth_and_pinned_image(name, doc):
+    spec = cluster_spec(doc)
+    if spec is None:
+        assert doc["spec"].get("clusterSelector"), f"{name}: RayJob without a cluster"
+        return
+    auth = spec.get("authOptions", {})
+    if auth:  # KubeRay >= 1.5.1: the operator makes the token Secret and sets the env vars
+        assert auth.get("mode", "token") == "token" and not auth.get("enableK8sTokenAuth"), name
+    else:  # the manual form: RAY_AUTH_MODE=token and the token from a Secret in every container
+        for g, group in groups(spec):
+            for c in containers(group):
+                env = {e["name"]: e for e in c.get("env", [])}
+                assert env.get("RAY_AUTH_MODE", {}).get("value") == "token", f"{name}/{g}: token auth off"
+                assert env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"]["key"] == "auth_token", f"{name}/{g}"
+    assert spec["rayVersion"] == base_ray_version(), f"{name}: rayVersion != the image's Ray"
+    for g, group in groups(spec):
+        assert containers(group)[0]["image"] == image(), f"{name}/{g}: not the cluster/Dockerfile image"
+
+
+@pytest.mark.parametrize("name,doc", ray_docs(TRAINING_KINDS), ids=lambda x: x if isinstance(x, str) else "")
+def test_training_clusters_have_gpu_and_cpu_decode_groups(name, doc):
+    spec = cluster_spec(doc)
+    if spec is None:
+        return
+    head = spec["headGroupSpec"]
+    assert str(head["rayStartParams"].get("num-cpus")) == "0", f"{name}: actors must not land on the head"
+    workers = dict(groups(spec)[1:])
+    gpu = {g: w for g, w in workers.items() if any(gpus(c) for c in containers(w))}
+    cpu = {g: w for g, w in workers.items() if not any(gpus(c) for c in containers(w))}
+    assert gpu and cpu, f"{name}: needs a GPU worker group and a CPU-only decode group, got {sorted(workers)}"
+    for g, w in gpu.items():
+        # GPU pods advertise only the CPUs the train workers take, so decode actors go elsewhere
+        advertised = float(w["rayStartParams"]["num-cpus"])
+        c = containers(w)[0]
+        assert 0 < advertised < cpus(c) and advertised >= gpus(c), f"{name}/{g}"
+        assert w["minReplicas"] <= w["replicas"] <= w["maxReplicas"]
+    for g, w in cpu.items():
+        assert "num-gpus" not in w["rayStartParams"] and cpus(containers(w)[0]) >= 8, f"{name}/{g}"
+        assert w["minReplicas"] <= w["replicas"] <= w["maxReplicas"]
+
+
+@pytest.mark.parametrize("name,doc", ray_docs({"RayJob"}), ids=lambda x: x if isinstance(x, str) else "")
+def test_rayjob_entrypoints_exist_and_their_overrides_load(name, doc):
+    from clipray.config import load_config
+
+    entry = doc["spec"]["entrypoint"]
+    cmds = train_commands(entry)
+    assert len(cmds) == 1, f"{name}: expected one `python -m train CONFIG ...` in {entry!r}"
+    assert (REPO / "train" / "__main__.py").is_file()
+    config, overrides = cmds[0][3], cmds[0][4:]
+    assert (REPO / config).is_file(), f"{name}: config {config} is not in the repository"
+    # the image's checkout is where the entrypoint runs from
+    workdir = re.search(r"^WORKDIR (\S+)", dockerfile(), re.M).group(1)
+    assert entry.startswith(f"cd {workdir} &&"), f"{name}: run from the image's checkout {workdir}"
+    cfg = load_config(REPO / config, overrides)  # unknown keys / wrong types raise ConfigError
+    # a multi-node job must checkpoint to shared storage, under a fixed name so re-applying resumes
+    assert "train.run_name" in entry and cfg.train.storage_path.startswith(("s3://", "gs://")), name
+    assert cfg.train.use_gpu and cfg.train.num_workers >= 8
+    gpus_total = sum(gpus(containers(w)[0]) * w["replicas"] for _, w in groups(cluster_spec(doc))[1:])
+    assert cfg.train.num_workers == gpus_total, f"{name}: one train worker per GPU"
+    if name.startswith("rayjob-howto100m"):
+        assert config == "train/configs/howto100m.yaml"
+    if name.startswith("rayjob-train"):
+        assert config.startswith("train/configs/")
+
+
+@pytest.mark.parametrize("name,doc", ray_docs({"RayService"}), ids=lambda x: x if isinstance(x, str) else "")
+def test_rayservice_import_paths_exist(name, doc):
+    serve_cfg = yaml.safe_load(doc["spec"].get("serveConfigV2", "") or "{}")
+    for app in serve_cfg.get("applications", []):
+        module = app["import_path"].split(":")[0]
+        rel = Path(*module.split("."))
+        assert (REPO / f"{rel}.py").is_file() or (REPO / rel / "__init__.py").is_file(), f"{name}: {module}"
+
+
+# ---------------------------------------------------------------- cluster launcher
+
+@pytest.mark.parametrize("name,doc", launcher_docs(), ids=lambda x: x if isinstance(x, str) else "")
+def test_launcher_configs_pass_rays_validator_and_mount_the_token(name, doc):
+    import copy
+
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    validate_config(prepare_config(copy.deepcopy(doc)))  # what `ray up` runs first
+    assert doc["docker"]["image"] == image()
+    types = doc["available_node_types"]
+    head = types[doc["head_node_type"]]
+    assert head["resources"].get("CPU") == 0, f"{name}: actors must not land on the head"
+    gpu = [t for t, v in types.items() if v.get("resources", {}).get("GPU", 0) > 0]
+    cpu = [t for t, v in types.items() if t != doc["head_node_type"]
+           and v.get("resources", {}).get("GPU", 0) == 0 and "guestAccelerators" not in v["node_config"]]
+    assert gpu and cpu, f"{name}: needs a GPU node type and a CPU-only decode node type"
+    for t in gpu:
+        r = types[t]["resources"]
+        assert r["GPU"] <= r["CPU"] < 32, f"{name}/{t}: GPU nodes advertise CPUs for train workers only"
+    # token auth: the locally generated token on every node, RAY_AUTH_MODE=token wherever Ray runs
+    assert any(k.endswith("/.ray/auth_token") and v == "~/.ray/auth_token"
+               for k, v in doc["file_mounts"].items()), f"{name}: token not mounted"
+    assert "--env RAY_AUTH_MODE=token" in doc["docker"]["run_options"]
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        starts = [c for c in doc[key] if "ray start" in c]
+        assert starts and all("RAY_AUTH_MODE=token" in c for c in starts), f"{name}: {key}"
+
+
+# ---------------------------------------------------------------- runtime env
+
+def test_runtime_env_parses_as_ray_job_submit_does_and_excludes_data(tmp_path):
+    from ray._private.runtime_env.packaging import create_package
+    from ray.dashboard.modules.dashboard_sdk import parse_runtime_env_args
+    from ray.runtime_env import RuntimeEnv
+
+    env = parse_runtime_env_args(runtime_env=str(CLUSTER / "runtime_env.yaml"), working_dir=".")
+    RuntimeEnv(**env)  # Ray validates field names and types
+    assert env["working_dir"] == "." and {"runs/", "clipray_data/", ".git/"} <= set(env["excludes"])
+    assert env["env_vars"]["PYTHONUNBUFFERED"] == "1"
+    # Ray's own packager over a tree shaped like the repo: only code and configs go up
+    tree = tmp_path / "repo"
+    for rel in ("clipray/__init__.py", "train/configs/demo.yaml", "cluster/submit.sh", "runs/demo/ckpt.bin",
+                "clipray_data/synth/videos/a.mp4", ".git/HEAD", "clipray/__pycache__/x.pyc",
+                "clipray.egg-info/PKG-INFO"):
+        (tree / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tree / rel).write_text("x")
+    pkg = tmp_path / "pkg.zip"
+    create_package(str(tree), pkg, include_gitignore=False, excludes=env["excludes"])
+    files = {n for n in zipfile.ZipFile(pkg).namelist() if not n.endswith("/")}
+    assert files == {"clipray/__init__.py", "train/configs/demo.yaml", "cluster/submit.sh"}
+
+
+# ---------------------------------------------------------------- Dockerfile
+
+def test_dockerfile_pins_match_pyproject():
+    from packaging.requirements import Requirement
+    from packaging.specifiers import SpecifierSet
+    from packaging.utils import canonicalize_name
+    from packaging.version import Version
+
+    reqs = requirements()
+    ray = base_ray_version()
+    assert reqs["ray"].specifier.contains(ray), f"base image Ray {ray} outside pyproject's {reqs['ray']}"
+    py = re.search(r"rayproject/ray:\S+-py(\d)(\d+)-", dockerfile())
+    requires_python = SpecifierSet(pyproject()["project"]["requires-python"])
+    assert Version(f"{py.group(1)}.{py.group(2)}") in requires_python, "image Python outside requires-python"
+    pins = {}
+    for spec in re.findall(r'"([A-Za-z0-9_.\-\[\],]+==[0-9][^"\s]*)"', dockerfile()):
+        r = Requirement(spec)
+        pins[canonicalize_name(r.name)] = str(next(iter(r.specifier)).version)
+    assert {"ray", "torch", "torchvision", "deepspeed", "open-clip-torch"} <= set(pins), sorted(pins)
+    assert pins["ray"] == ray, "pip's Ray must be the base image's Ray"
+    for name, version in pins.items():
+        assert name in reqs, f"Dockerfile pins {name}, which pyproject.toml does not list"
+        assert reqs[name].specifier.contains(version), f"{name}=={version} outside pyproject's {reqs[name]}"
+    # the project itself, with the extra that brings s3fs, from the copied checkout
+    m = re.search(r'pip install --no-cache-dir "\.\[(\w+)\]"', dockerfile())
+    assert m and m.group(1) in pyproject()["project"]["optional-dependencies"]
+    for src in re.findall(r"^COPY (?:--\S+ )*(.+) \S+$", dockerfile(), re.M):
+        for s in src.split():
+            assert (REPO / s).exists(), f"Dockerfile copies {s}, which is not in the repository"
+
+
+# ---------------------------------------------------------------- submit.sh
+
+def test_submit_sh_is_valid_bash():
+    subprocess.run(["bash", "-n", str(CLUSTER / "submit.sh")], check=True)
+    assert os.access(CLUSTER / "submit.sh", os.X_OK)
+
+
+def _submit(tmp_path, *args, **env) -> subprocess.CompletedProcess:
+    """Run submit.sh with a clean Ray environment (HOME without a token) plus `env`."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith("RAY_") and not k.startswith("CLIPRAY_")}
+    base["HOME"] = str(tmp_path)
+    base["PATH"] = f"{Path(sys.executable).parent}:{base.get('PATH', '')}"
+    return subprocess.run([str(CLUSTER / "submit.sh"), *args], env={**base, **env}, capture_output=True,
+                          text=True, cwd=tmp_path, timeout=60)
+
+
+def test_submit_sh_requires_token_auth(tmp_path):
+    config = "train/configs/demo.yaml"
+    r = _submit(tmp_path, config, RAY_ADDRESS="http://127.0.0.1:8265")
+    assert r.returncode == 2 and "RAY_AUTH_MODE=token is required" in r.stderr
+    r = _submit(tmp_path, config, RAY_ADDRESS="http://127.0.0.1:8265", RAY_AUTH_MODE="token")
+    assert r.returncode == 2 and "no Ray auth token" in r.stderr
+    assert "kubectl get secret" in r.stderr and "auth_token" in r.stderr  # says how to get it
+    (tmp_path / ".ray").mkdir()
+    (tmp_path / ".ray" / "auth_token").write_text("secret")  # the default token file counts
+    r = _submit(tmp_path, config, "train.storage_path=s3://b/runs", RAY_ADDRESS="http://127.0.0.1:8265",
+                RAY_AUTH_MODE="token", CLIPRAY_DRY_RUN="1")
+    assert r.returncode == 0, r.stderr
+    assert f"token from {tmp_path}/.ray/auth_token" in r.stdout
+
+
+def test_submit_sh_names_the_run_and_prints_how_to_follow_stop_resume(tmp_path):
+    env = dict(RAY_ADDRESS="http://127.0.0.1:8265", RAY_AUTH_MODE="token", RAY_AUTH_TOKEN="t",
+               CLIPRAY_DRY_RUN="1")
+    r = _submit(tmp_path, "train/configs/demo.yaml", "model.head=seqTransf", "train.storage_path=s3://b/runs", **env)
+    assert r.returncode == 0, r.stderr
+    run = re.search(r"train\.run_name=(demo-\d{8}-\d{6})\b", r.stdout).group(1)
+    cmd = re.search(r"^dry run:\s+(.*)$", r.stdout, re.M).group(1)
+    job = re.search(r"^job id:\s+(\S+)$", r.stdout, re.M).group(1)
+    assert shlex.split(cmd) == ["ray", "job", "submit", "--working-dir", ".", "--runtime-env",
+                                "cluster/runtime_env.yaml", "--submission-id", job, "--no-wait", "--",
+                                "python", "-m", "train", "train/configs/demo.yaml", "model.head=seqTransf",
+                                f"train.run_name={run}", "train.storage_path=s3://b/runs"]
+    assert f"ray job logs -f {job}" in r.stdout and f"ray job stop {job}" in r.stdout
+    resume = re.search(r"resume:\s+(.*)$", r.stdout, re.M).group(1)
+    assert shlex.split(resume) == ["cluster/submit.sh", "train/configs/demo.yaml", "model.head=seqTransf",
+                                   f"train.run_name={run}", "train.storage_path=s3://b/runs"]
+    # resuming: the given name and storage are kept; the job id is new
+    r2 = _submit(tmp_path, *shlex.split(resume)[1:], **env)
+    assert r2.returncode == 0, r2.stderr
+    assert f"train.run_name={run} train.storage_path=s3://b/runs" in r2.stdout
+    assert re.search(r"^job id:\s+(\S+)$", r2.stdout, re.M).group(1).startswith(f"clipray-{run}-")
+    # the storage default comes from CLIPRAY_STORAGE_PATH; a relative path is refused (a new job's
+    # working dir would not hold the old checkpoints)
+    r3 = _submit(tmp_path, "train/configs/demo.yaml", **env, CLIPRAY_STORAGE_PATH="gs://b/r")
+    assert "train.storage_path=gs://b/r" in r3.stdout
+    r4 = _submit(tmp_path, "train/configs/demo.yaml", "train.storage_path=runs", **env)
+    assert r4.returncode == 2 and "relative" in r4.stderr
+    r5 = _submit(tmp_path, "train/configs/nope.yaml", **env)
+    assert r5.returncode == 2 and "config file not found" in r5.stderr
+
+
+def test_readme_covers_every_file_and_the_job_commands():
+    text = (CLUSTER / "README.md").read_text()
+    for p in sorted(CLUSTER.iterdir()):
+        if p.name != "README.md":
+            assert p.name in text, f"cluster/README.md does not mention {p.name}"
+    for cmd in ("ray job logs -f", "ray job stop", "ray get-auth-token", "kubectl get secret", "ray down",
+                "kubectl delete", "clipray bench data"):
+        assert cmd in text, cmd
