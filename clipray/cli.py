@@ -116,10 +116,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     from clipray.config import ConfigError
     from clipray.manifest import ManifestError
+    from clipray.sources import SourceError
 
     try:
         return int(commands[argv[0]](argv[1:]) or 0)
-    except (ConfigError, ManifestError, FileNotFoundError) as e:
+    except (ConfigError, ManifestError, SourceError, FileNotFoundError) as e:
         print(f"clipray {argv[0]}: error: {e}", file=sys.stderr)
         return 2
 

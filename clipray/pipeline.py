@@ -95,7 +95,7 @@ def clip_dataset(data: DataConfig, skip_dir: str, split: str | None = None,
     from ray.data.expressions import col
 
     fs, files = manifest_files(data.manifest)
-    ds = ray.data.read_parquet(files, filesystem=fs, columns=DATA_COLUMNS + ["split"])
+    ds = ray.data.read_parquet(files, filesystem=fs).select_columns(DATA_COLUMNS + ["split"])
     split = split or data.split
     if split:
         ds = ds.filter(expr=col("split") == split)

@@ -27,7 +27,8 @@ def init_ray(cfg: RayConfig | None = None, quiet: bool = False) -> None:
         return
     num_cpus = cfg.num_cpus or max(4, 2 * (os.cpu_count() or 1))
     # workers inherit this process's environment; keep hub libraries offline-friendly
-    ray.init(num_cpus=num_cpus, include_dashboard=False, **kwargs)
+    # the dashboard hosts the State API, which Ray Train uses to watch its controller
+    ray.init(num_cpus=num_cpus, **kwargs)
 
 
 def quiet_data_progress() -> None:

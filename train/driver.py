@@ -54,6 +54,26 @@ def _count_rows(manifest: str, split: str) -> int:
     return pads.dataset(files, filesystem=fs, schema=SCHEMA).count_rows(filter=pads.field("split") == split)
 
 
+def _data_config():
+    import ray.train
+
+    class EvalSplit(ray.train.DataConfig):
+        """Training shards stay equal (workers step in lock-step); the test stream is split
+        unequally, because equal shards would silently drop test clips from the metrics."""
+
+        def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
+            rest = {k: v for k, v in datasets.items() if k != "test"}
+            out = super().configure(rest, world_size, worker_handles, worker_node_ids, **kwargs)
+            if "test" in datasets:
+                test = datasets["test"]
+                test.set_name("test")
+                for i, split in enumerate(test.streaming_split(world_size, equal=False)):
+                    out[i]["test"] = split
+            return out
+
+    return EvalSplit()
+
+
 def run(cfg: Config, quiet_ray: bool = False) -> dict[str, Any]:
     """Train, evaluate and export; returns the final metrics (also in result.json)."""
     import ray.train
@@ -87,6 +107,7 @@ def run(cfg: Config, quiet_ray: bool = False) -> dict[str, Any]:
             num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
             resources_per_worker={"CPU": cfg.train.cpus_per_worker}),
         datasets=datasets,
+        dataset_config=_data_config(),
         run_config=ray.train.RunConfig(
             name=cfg.train.run_name, storage_path=out.rsplit("/", 1)[0],
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),

@@ -13,7 +13,10 @@ of leaving the others waiting in a collective forever.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
+import logging
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -26,6 +29,13 @@ from clipray.config import Config
 
 STATE = "state.json"  # epoch, step and the metric history, beside the DeepSpeed shards
 TAG = "deepspeed"
+
+
+def say(msg: str) -> None:
+    """Rank 0's lines to the driver. Ray Train patches `print` to tee into its logger, which
+    shows every line twice on the driver; a plain stream write is forwarded once."""
+    sys.stdout.write(msg + "\n")
+    sys.stdout.flush()
 
 
 def _all_have(has_batch: bool) -> bool:
@@ -59,8 +69,8 @@ class Progress:
         done = step - self.start_step
         rate = done * self.clips / max(now - self.t0, 1e-9)
         eta = (self.total - step) * (now - self.t0) / max(done, 1)
-        print(f"[train] epoch {epoch}/{epochs} step {step}/{self.total} loss {loss:.4f} "
-              f"lr {lr:.2e} {rate:.1f} clips/s ETA {int(eta) // 60:02d}:{int(eta) % 60:02d}", flush=True)
+        say(f"[train] epoch {epoch}/{epochs} step {step}/{self.total} loss {loss:.4f} "
+            f"lr {lr:.2e} {rate:.1f} clips/s ETA {int(eta) // 60:02d}:{int(eta) % 60:02d}")
 
 
 def train_loop(config: dict[str, Any]) -> None:
@@ -73,6 +83,8 @@ def train_loop(config: dict[str, Any]) -> None:
     from train import ds_config
     from train.evaluate import evaluate
 
+    # Ray Train logs every checkpoint and report at INFO from every rank; our progress line says it
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
     cfg: Config = config["cfg"]
     steps_per_epoch: int = config["steps_per_epoch"]
     ctx = ray.train.get_context()
@@ -97,7 +109,7 @@ def train_loop(config: dict[str, Any]) -> None:
             engine.load_checkpoint(d, tag=TAG)
             state = json.loads((Path(d) / STATE).read_text())
         if rank == 0:
-            print(f"[train] resumed from step {state['step']} (epoch {state['epoch']})", flush=True)
+            say(f"[train] resumed from step {state['step']} (epoch {state['epoch']})")
 
     train_shard = ray.train.get_dataset_shard("train")
     test_shard = ray.train.get_dataset_shard("test")
@@ -137,9 +149,9 @@ def train_loop(config: dict[str, Any]) -> None:
                     dev.type, dtype=dtype, enabled=dtype != torch.float32):
                 record.update(evaluate(engine.module.model, test_shard, cfg.data.manifest, "test", B))
             if rank == 0:
-                print(f"[eval] epoch {epoch}: t2v R@1 {record['t2v_r1']:.1f} R@5 {record['t2v_r5']:.1f} "
-                      f"R@10 {record['t2v_r10']:.1f} MdR {record['t2v_mdr']:.1f} "
-                      f"({record['num_test_videos']} videos)", flush=True)
+                say(f"[eval] epoch {epoch}: t2v R@1 {record['t2v_r1']:.1f} R@5 {record['t2v_r5']:.1f} "
+                    f"R@10 {record['t2v_r10']:.1f} MdR {record['t2v_mdr']:.1f} "
+                    f"({record['num_test_videos']} videos)")
         state["epoch"] = epoch
         state["history"].append(record)
         with tempfile.TemporaryDirectory() as d:
@@ -149,8 +161,11 @@ def train_loop(config: dict[str, Any]) -> None:
                     if rank == 0:
                         from clipray.export import save_export
 
-                        save_export(engine.module.model, Path(d) / "export",
-                                    extra={k: v for k, v in record.items() if isinstance(v, (int, float))})
+                        # the decode settings travel with the weights: indexing and serving
+                        # must sample and crop clips the way training did
+                        save_export(engine.module.model, Path(d) / "export", extra={
+                            **{k: v for k, v in record.items() if isinstance(v, (int, float))},
+                            "video": dataclasses.asdict(cfg.data.video), "max_words": cfg.data.max_words})
             if rank == 0:
                 (Path(d) / STATE).write_text(json.dumps(state))
             ray.train.report({k: v for k, v in record.items() if isinstance(v, (int, float))},

@@ -1,0 +1,169 @@
+"""Training on a real local Ray with real DeepSpeed (gloo on CPU): outputs, ZeRO stages, bad
+videos, resume after a stop, and recovery from a killed worker.
+
+The run's own evaluation is checked against a brute-force one: the exported model re-embeds
+the test clips decoded directly (no Ray) and the metrics must match result.json.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from bad_videos import plant
+from clipray.config import load_config
+from clipray.manifest import read_manifest, write_manifest
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO = REPO / "train" / "configs" / "demo.yaml"
+
+
+def overrides(manifest, storage, name, **extra):
+    base = {"data.manifest": manifest, "train.storage_path": storage, "train.run_name": name,
+            "train.epochs": 2, "data.batch_size": 4, "data.decode_cpus": 0.25,
+            "train.cpus_per_worker": 1.0, "data.video.max_frames": 4}
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+def brute_force_metrics(export_dir: Path, manifest: str) -> dict:
+    """Re-evaluate the exported model on the test split without Ray: decode each clip, embed,
+    score every text against every video and rank by hand."""
+    import open_clip
+
+    from clipray.config import VideoConfig
+    from clipray.export import load_export
+    from clipray.video import decode_clip
+
+    model = load_export(export_dir).eval()
+    cfg = json.loads((export_dir / "config.json").read_text())
+    size = model.image_size
+    rows = read_manifest(manifest, split="test").to_pylist()
+    root = manifest.rsplit("/", 1)[0]
+    vcfg = VideoConfig(fps=2.0, max_frames=4, size=size)
+    clips = [decode_clip(f"{root}/{r['path']}", r["start"], r["end"], vcfg) for r in rows]
+    tok = open_clip.get_tokenizer(cfg.get("tokenizer_name", "ViT-B-32"), context_length=32)
+    with torch.no_grad():
+        frames = torch.from_numpy(np.stack([c.frames for c in clips]))
+        mask = torch.from_numpy(np.stack([c.mask for c in clips])).bool()
+        v = model.encode_video(model.normalize(frames), mask)
+        t = model.encode_text(tok([r["caption"] for r in rows]))
+    sim = (t @ v.T).numpy()
+    ranks = [1 + int((np.delete(sim[i], i) >= sim[i, i]).sum()) for i in range(len(rows))]
+    return {"t2v_r1": 100.0 * np.mean([r == 1 for r in ranks]), "t2v_mnr": float(np.mean(ranks))}
+
+
+def test_train_outputs_match_brute_force_eval(ray_local, synth_small, tmp_path):
+    from train.driver import run
+
+    cfg = load_config(DEMO, overrides(synth_small["manifest"], tmp_path, "outputs", **{"train.epochs": 3}))
+    final = run(cfg, quiet_ray=True)
+    out = tmp_path / "outputs"
+    result = json.loads((out / "result.json").read_text())
+    assert result == pytest.approx(final)
+    for key in ("t2v_r1", "t2v_r5", "t2v_r10", "t2v_mdr", "t2v_mnr", "v2t_r1", "v2t_r5", "v2t_r10",
+                "v2t_mdr", "v2t_mnr", "num_test_videos"):
+        assert key in result
+    n_test = read_manifest(synth_small["manifest"], split="test").num_rows
+    n_train = read_manifest(synth_small["manifest"], split="train").num_rows
+    assert result["num_test_videos"] == n_test
+    assert result["total_steps"] == 3 * (n_train // 8)
+    assert np.isfinite(result["loss"])
+    lines = (out / "metrics.csv").read_text().splitlines()
+    assert len(lines) == 4 and lines[0].startswith("epoch,step")
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    bf = brute_force_metrics(out / "export", synth_small["manifest"])
+    assert result["t2v_r1"] == pytest.approx(bf["t2v_r1"])
+    assert result["t2v_mnr"] == pytest.approx(bf["t2v_mnr"], abs=1e-6)
+
+
+def test_zero2_trains_through_planted_bad_videos(ray_local, synth_small, real_video, tmp_path):
+    from train.driver import run
+
+    root = synth_small["manifest"].rsplit("/", 1)[0]
+    rows = read_manifest(synth_small["manifest"]).to_pylist()
+    for r in rows:
+        r["path"] = f"{root}/{r['path']}"
+    bad = plant(real_video, tmp_path / "bad")
+    bad_rows = [dict(video_id=f"bad_{k}", path=str(p), caption=f"broken {k}", split="train")
+                for k, p in bad.items() if k in ("missing", "empty", "truncated", "corrupt")]
+    write_manifest(rows + bad_rows, tmp_path / "m.parquet")
+    cfg = load_config(DEMO, overrides(str(tmp_path / "m.parquet"), tmp_path, "zero2",
+                                      **{"train.zero_stage": 2}))
+    final = run(cfg, quiet_ray=True)
+    assert np.isfinite(final["loss"]) and final["skipped_clips"] == 4
+    report = [json.loads(x) for x in (tmp_path / "zero2" / "skip_report.jsonl").read_text().splitlines()]
+    assert sorted(r["video_id"] for r in report) == sorted(r["video_id"] for r in bad_rows)
+    assert all(r["reason"] for r in report)
+
+
+def _gcs_address(ray) -> str:
+    return ray.get_runtime_context().gcs_address
+
+
+def test_zero3_stop_and_resume_at_saved_step(ray_local, synth_small, tmp_path):
+    """Run the CLI, kill the driver after its first checkpoint, re-run the same command: the
+    second run starts at the saved step and finishes with the same total steps."""
+    args = [sys.executable, "-m", "train", str(DEMO),
+            *overrides(synth_small["manifest"], tmp_path, "resume",
+                       **{"train.zero_stage": 3, "train.epochs": 3})]
+    env = dict(os.environ, RAY_ADDRESS=_gcs_address(ray_local), PYTHONUNBUFFERED="1")
+    log1 = tmp_path / "first.log"
+    with open(log1, "w") as f:
+        p = subprocess.Popen(args, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT,
+                             start_new_session=True)
+        deadline = time.time() + 300
+        while not list((tmp_path / "resume").glob("checkpoint_*/state.json")):
+            assert p.poll() is None, log1.read_text()[-3000:]
+            assert time.time() < deadline, "no checkpoint within 300 s"
+            time.sleep(0.5)
+        os.killpg(p.pid, signal.SIGKILL)  # the user's Ctrl-C, harder
+        p.wait()
+    saved = json.loads(next((tmp_path / "resume").glob("checkpoint_*/state.json")).read_text())
+    assert saved["epoch"] == 1 and not (tmp_path / "resume" / "result.json").exists()
+    second = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert f"resumed from step {saved['step']} (epoch 1)" in second.stdout + second.stderr
+    result = json.loads((tmp_path / "resume" / "result.json").read_text())
+    assert result["total_steps"] == 3 * saved["step"] and result["epoch"] == 3
+    epochs = [line.split(",")[0] for line in (tmp_path / "resume" / "metrics.csv").read_text().splitlines()[1:]]
+    assert epochs == ["1", "2", "3"]  # epoch 1 was not trained again
+
+
+def test_killed_worker_is_replaced_and_run_finishes(ray_local, synth_small, tmp_path):
+    from ray.util.state import list_actors
+
+    from train.driver import run
+
+    cfg = load_config(DEMO, overrides(synth_small["manifest"], tmp_path, "failover",
+                                      **{"train.epochs": 3, "train.max_failures": 1}))
+    killed = {}
+
+    def killer():
+        deadline = time.time() + 300
+        while time.time() < deadline and not list((tmp_path / "failover").glob("checkpoint_*/state.json")):
+            time.sleep(0.3)
+        workers = [a for a in list_actors(filters=[("state", "=", "ALIVE")])
+                   if a.class_name == "RayTrainWorker"]
+        if workers:
+            killed["pid"] = workers[-1].pid
+            os.kill(workers[-1].pid, signal.SIGKILL)
+
+    t = threading.Thread(target=killer, daemon=True)
+    t.start()
+    final = run(cfg, quiet_ray=True)
+    t.join(timeout=5)
+    assert "pid" in killed, "no worker was killed"
+    n_train = read_manifest(synth_small["manifest"], split="train").num_rows
+    assert final["total_steps"] == 3 * (n_train // 8) and final["epoch"] == 3
+    assert np.isfinite(final["loss"]) and "t2v_r1" in final
