@@ -115,8 +115,9 @@ class ClipBackbone(nn.Module):
                 w = torch.zeros_like(self.patch3d.weight)
                 w[:, :, 1] = conv2d.weight  # inflation: centre slice = 2d kernel, so 3d == 2d
                 self.patch3d.weight.copy_(w)
-            # The 2d kernel is unused in 3d mode; a trainable parameter that never receives a
-            # gradient upsets ZeRO partitioning, so it is frozen (it stays in the state dict).
+            # The 2d kernel is unused in 3d mode. Frozen, so optimiser state and DeepSpeed's
+            # gradient bookkeeping cover only parameters that get a gradient (it stays in the
+            # state dict, so checkpoints keep the stock open_clip layout).
             conv2d.weight.requires_grad_(False)
         else:
             self.patch3d = None

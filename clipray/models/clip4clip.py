@@ -38,8 +38,8 @@ class CLIP4Clip(nn.Module):
         self.build_info = dict(build_info)
         tuning.prepare(backbone)
         if not head.indexable:
-            # A cross-encoder scores pairs without a temperature; an unused trainable
-            # parameter would get no gradient, which ZeRO stages handle badly.
+            # A cross-encoder scores pairs without a temperature: frozen rather than left as a
+            # trainable parameter that never gets a gradient.
             self.logit_scale.requires_grad_(False)
 
     # ---- facts the data pipeline and serving need ----------------------------------------
