@@ -122,6 +122,13 @@ def image() -> str:
     return f"ghcr.io/change-me/clipray:{pyproject()['project']['version']}"
 
 
+def recipe_cpus_per_worker() -> float:
+    """train.cpus_per_worker of the paper recipe the cluster configs are sized for."""
+    from clipray.config import load_config
+
+    return load_config(REPO / "train/configs/clip4clip_vitb32.yaml").train.cpus_per_worker
+
+
 def train_commands(entrypoint: str) -> list[list[str]]:
     """Each `python -m train ...` command in a shell entrypoint, as argv lists."""
     out = []
@@ -195,10 +202,13 @@ def test_training_clusters_have_gpu_and_cpu_decode_groups(name, doc):
     cpu = {g: w for g, w in workers.items() if not any(gpus(c) for c in containers(w))}
     assert gpu and cpu, f"{name}: needs a GPU worker group and a CPU-only decode group, got {sorted(workers)}"
     for g, w in gpu.items():
-        # GPU pods advertise only the CPUs the train workers take, so decode actors go elsewhere
+        # GPU pods advertise only the CPUs their train workers take (one worker per GPU), so
+        # the decode actors go to the CPU group; the pod itself has more for the Ray processes
         advertised = float(w["rayStartParams"]["num-cpus"])
         c = containers(w)[0]
-        assert 0 < advertised < cpus(c) and advertised >= gpus(c), f"{name}/{g}"
+        assert advertised < cpus(c), f"{name}/{g}"
+        if doc["kind"] == "RayCluster":
+            assert advertised == gpus(c) * recipe_cpus_per_worker(), f"{name}/{g}"
         assert w["minReplicas"] <= w["replicas"] <= w["maxReplicas"]
     for g, w in cpu.items():
         assert "num-gpus" not in w["rayStartParams"] and cpus(containers(w)[0]) >= 8, f"{name}/{g}"
@@ -222,12 +232,16 @@ def test_rayjob_entrypoints_exist_and_their_overrides_load(name, doc):
     # a multi-node job must checkpoint to shared storage, under a fixed name so re-applying resumes
     assert "train.run_name" in entry and cfg.train.storage_path.startswith(("s3://", "gs://")), name
     assert cfg.train.use_gpu and cfg.train.num_workers >= 8
-    gpus_total = sum(gpus(containers(w)[0]) * w["replicas"] for _, w in groups(cluster_spec(doc))[1:])
+    gpu_groups = [w for _, w in groups(cluster_spec(doc))[1:] if gpus(containers(w)[0])]
+    gpus_total = sum(gpus(containers(w)[0]) * w["replicas"] for w in gpu_groups)
     assert cfg.train.num_workers == gpus_total, f"{name}: one train worker per GPU"
+    for w in gpu_groups:  # else the train workers cannot all be placed and the job waits forever
+        need = gpus(containers(w)[0]) * cfg.train.cpus_per_worker
+        assert float(w["rayStartParams"]["num-cpus"]) >= need, f"{name}: GPU pods advertise < {need} CPUs"
     if name.startswith("rayjob-howto100m"):
         assert config == "train/configs/howto100m.yaml"
     if name.startswith("rayjob-train"):
-        assert config.startswith("train/configs/")
+        assert config.startswith("train/configs/") and config != "train/configs/demo.yaml"
 
 
 @pytest.mark.parametrize("name,doc", ray_docs({"RayService"}), ids=lambda x: x if isinstance(x, str) else "")
@@ -258,7 +272,7 @@ def test_launcher_configs_pass_rays_validator_and_mount_the_token(name, doc):
     assert gpu and cpu, f"{name}: needs a GPU node type and a CPU-only decode node type"
     for t in gpu:
         r = types[t]["resources"]
-        assert r["GPU"] <= r["CPU"] < 32, f"{name}/{t}: GPU nodes advertise CPUs for train workers only"
+        assert r["CPU"] == r["GPU"] * recipe_cpus_per_worker(), f"{name}/{t}: advertise the train workers' CPUs only"
     # token auth: the locally generated token on every node, RAY_AUTH_MODE=token wherever Ray runs
     assert any(k.endswith("/.ray/auth_token") and v == "~/.ray/auth_token"
                for k, v in doc["file_mounts"].items()), f"{name}: token not mounted"
