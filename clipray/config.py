@@ -49,7 +49,11 @@ class DataConfig:
     decode_cpus: float = 1.0  # logical CPUs reserved per decode actor
     decode_batch: int = 4  # manifest rows per map_batches call
     shuffle_buffer: int = 0  # >0: local shuffle buffer (rows) when iterating; 0 = no shuffle
-    skip_report: str = ""  # directory for skipped-clip records (default: the run directory)
+    eval_manifest: str = ""  # held-out manifest for evaluation (default: data.manifest's test split)
+    # Huge sharded manifests (HowTo100M): each training worker streams its own shard files, one
+    # at a time in a seeded order, and checkpoints record the shards consumed, so a restart
+    # never reads them again in the same pass. Needs train.max_steps.
+    shard_stream: bool = False
 
 
 @dataclass
@@ -86,6 +90,7 @@ class TrainConfig:
     grad_accum: int = 1
     activation_checkpointing: bool = False
     eval_every_epochs: int = 1
+    checkpoint_every_steps: int = 0  # with max_steps: checkpoint (and evaluate) every N steps
     max_failures: int = 0
     seed: int = 42
 

@@ -89,12 +89,17 @@ class ClipDecoder:
 
 
 def clip_dataset(data: DataConfig, skip_dir: str, split: str | None = None,
-                 limit: int | None = None) -> Any:
-    """A streaming Ray Dataset of decoded clips for one split of `data.manifest`."""
+                 limit: int | None = None, files: list[str] | None = None) -> Any:
+    """A streaming Ray Dataset of decoded clips for one split of `data.manifest`.
+
+    `files` narrows the read to some of the manifest's shard files (as `manifest_files` names
+    them): training workers that stream a huge manifest shard by shard read their own.
+    """
     import ray.data
     from ray.data.expressions import col
 
-    fs, files = manifest_files(data.manifest)
+    fs, all_files = manifest_files(data.manifest)
+    files = files or all_files
     ds = ray.data.read_parquet(files, filesystem=fs).select_columns(DATA_COLUMNS + ["split"])
     split = split or data.split
     if split:

@@ -140,9 +140,16 @@ def test_zero3_stop_and_resume_at_saved_step(ray_local, synth_small, tmp_path):
     assert epochs == ["1", "2", "3"]  # epoch 1 was not trained again
 
 
-def test_killed_worker_is_replaced_and_run_finishes(ray_local, synth_small, tmp_path):
-    from ray.util.state import list_actors
+def _train_worker_pids() -> list[int]:
+    """Ray titles each actor's process `ray::<Class>...`: find the training workers by it,
+    among the descendants of this process (whose Ray started them), never anyone else's."""
+    import psutil
 
+    return [p.pid for p in psutil.Process().children(recursive=True)
+            if " ".join(p.cmdline() or []).startswith("ray::RayTrainWorker")]
+
+
+def test_killed_worker_is_replaced_and_run_finishes(ray_local, synth_small, tmp_path):
     from train.driver import run
 
     cfg = load_config(DEMO, overrides(synth_small["manifest"], tmp_path, "failover",
@@ -153,11 +160,10 @@ def test_killed_worker_is_replaced_and_run_finishes(ray_local, synth_small, tmp_
         deadline = time.time() + 300
         while time.time() < deadline and not list((tmp_path / "failover").glob("checkpoint_*/state.json")):
             time.sleep(0.3)
-        workers = [a for a in list_actors(filters=[("state", "=", "ALIVE")])
-                   if a.class_name == "RayTrainWorker"]
+        workers = _train_worker_pids()
         if workers:
-            killed["pid"] = workers[-1].pid
-            os.kill(workers[-1].pid, signal.SIGKILL)
+            killed["pid"] = workers[-1]
+            os.kill(workers[-1], signal.SIGKILL)
 
     t = threading.Thread(target=killer, daemon=True)
     t.start()

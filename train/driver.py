@@ -87,22 +87,30 @@ def run(cfg: Config, quiet_ray: bool = False) -> dict[str, Any]:
     if not cfg.data.manifest:
         raise ValueError("data.manifest is empty: give a manifest (e.g. data.manifest=PATH)")
     out = run_dir(cfg)
-    n_train = _count_rows(cfg.data.manifest, "train")
     per_step = cfg.data.batch_size * cfg.train.num_workers
-    steps_per_epoch = n_train // per_step
-    if steps_per_epoch < 1:
-        raise ValueError(f"{n_train} training rows cannot fill one step of {per_step} clips "
-                         f"(data.batch_size x train.num_workers)")
+    if cfg.data.shard_stream:
+        # workers stream their own shards; counting 136M rows up front is not worth a pass
+        if cfg.train.max_steps < 1:
+            raise ValueError("data.shard_stream trains by a step budget: set train.max_steps")
+        n_train, steps_per_epoch = None, 0
+    else:
+        n_train = _count_rows(cfg.data.manifest, "train")
+        steps_per_epoch = n_train // per_step
+        if steps_per_epoch < 1:
+            raise ValueError(f"{n_train} training rows cannot fill one step of {per_step} clips "
+                             f"(data.batch_size x train.num_workers)")
     init_ray(cfg.ray, quiet=quiet_ray)
     quiet_data_progress()
-    datasets = {"train": clip_dataset(cfg.data, out, split="train"),
-                "test": clip_dataset(cfg.data, out, split="test")}
+    eval_data = dataclasses.replace(cfg.data, manifest=cfg.data.eval_manifest or cfg.data.manifest)
+    datasets = {"test": clip_dataset(eval_data, out, split="test")}
+    if not cfg.data.shard_stream:
+        datasets["train"] = clip_dataset(cfg.data, out, split="train")
     total = cfg.train.max_steps or steps_per_epoch * cfg.train.epochs
-    print(f"[driver] run {out}: {n_train} training clips, {steps_per_epoch} steps/epoch, {total} steps, "
-          f"{cfg.train.num_workers} workers, ZeRO-{cfg.train.zero_stage}", flush=True)
+    print(f"[driver] run {out}: {n_train if n_train is not None else 'streamed'} training clips, "
+          f"{total} steps, {cfg.train.num_workers} workers, ZeRO-{cfg.train.zero_stage}", flush=True)
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={"cfg": cfg, "steps_per_epoch": steps_per_epoch},
+        train_loop_config={"cfg": cfg, "steps_per_epoch": steps_per_epoch, "run_dir": out},
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
             resources_per_worker={"CPU": cfg.train.cpus_per_worker}),

@@ -46,12 +46,24 @@ def _all_have(has_batch: bool) -> bool:
 
 
 def _full_params(engine: Any, stage: int):
-    """ZeRO-3 partitions every parameter; evaluation and export need them whole."""
+    """ZeRO-3 partitions every parameter; export needs them whole."""
     if stage != 3:
         return contextlib.nullcontext()
     import deepspeed
 
     return deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None)
+
+
+def eval_model(engine: Any, cfg: Config, replica: Any) -> Any:
+    """The model to evaluate. Under ZeRO-3 every forward all-gathers parameters, and ranks
+    with unequal test shards would issue different numbers of collectives (a deadlock or a
+    gloo size mismatch), so evaluation runs on a plain replica holding the gathered weights."""
+    if cfg.train.zero_stage != 3:
+        return engine.module.model
+    with _full_params(engine, 3):
+        state = {k: v.detach().clone() for k, v in engine.module.model.state_dict().items()}
+    replica.load_state_dict(state)
+    return replica
 
 
 class Progress:
@@ -96,11 +108,16 @@ def train_loop(config: dict[str, Any]) -> None:
     if cfg.train.activation_checkpointing:
         model.backbone.clip.set_grad_checkpointing(True)
     B = cfg.data.batch_size
+    shard_mode = cfg.data.shard_stream
     total = cfg.train.max_steps or steps_per_epoch * cfg.train.epochs
-    epochs = cfg.train.epochs if not cfg.train.max_steps else -(-total // max(steps_per_epoch, 1))
+    # a segment ends in evaluation + checkpoint: an epoch, or N steps of a step budget
+    seg_steps = (cfg.train.checkpoint_every_steps or steps_per_epoch) if cfg.train.max_steps else steps_per_epoch
+    seg_steps = seg_steps or total
+    segments = -(-total // seg_steps)
     opt, sched = ds_config.optimizer_and_schedule(model, cfg.optim, max(1, total // cfg.train.grad_accum))
     engine, _, _, _ = deepspeed.initialize(model=RetrievalTask(model), optimizer=opt, lr_scheduler=sched,
                                            config=ds_config.build(cfg.train, B))
+    replica = build_model(cfg.model) if cfg.train.zero_stage == 3 else None
     dtype = torch.bfloat16 if ds_config.precision(cfg.train) == "bf16" else torch.float32
     state: dict[str, Any] = {"epoch": 0, "step": 0, "history": []}
     ckpt = ray.train.get_checkpoint()
@@ -111,20 +128,33 @@ def train_loop(config: dict[str, Any]) -> None:
         if rank == 0:
             say(f"[train] resumed from step {state['step']} (epoch {state['epoch']})")
 
-    train_shard = ray.train.get_dataset_shard("train")
+    if shard_mode:
+        from train.shards import ShardStream
+
+        stream = ShardStream(cfg.data, config["run_dir"], B, rank, world, cfg.train.seed, state)
+    else:
+        train_shard = ray.train.get_dataset_shard("train")
     test_shard = ray.train.get_dataset_shard("test")
+    eval_manifest = cfg.data.eval_manifest or cfg.data.manifest
     progress = Progress(total, state["step"], B * world)
     dev = engine.device
-    while state["epoch"] < epochs and state["step"] < total:
+    while state["epoch"] < segments and state["step"] < total:
         epoch = state["epoch"] + 1
-        losses, t_epoch = [], time.perf_counter()
-        batches = iter(train_shard.iter_torch_batches(
-            batch_size=B, drop_last=True, local_shuffle_buffer_size=cfg.data.shuffle_buffer or None,
-            local_shuffle_seed=cfg.train.seed + epoch if cfg.data.shuffle_buffer else None))
-        for _ in range(steps_per_epoch):
-            batch = next(batches, None)
-            if not _all_have(batch is not None) or state["step"] >= total:
-                break
+        losses, t_epoch, empty_passes = [], time.perf_counter(), 0
+        if not shard_mode:
+            batches = iter(train_shard.iter_torch_batches(
+                batch_size=B, drop_last=True, local_shuffle_buffer_size=cfg.data.shuffle_buffer or None,
+                local_shuffle_seed=cfg.train.seed + epoch if cfg.data.shuffle_buffer else None))
+        while len(losses) < seg_steps and state["step"] < total:
+            batch = stream.next() if shard_mode else next(batches, None)
+            if not _all_have(batch is not None):
+                if not shard_mode:
+                    break
+                empty_passes = empty_passes + 1 if not losses else 0
+                if empty_passes > 1:
+                    raise RuntimeError("a whole pass over the shards gave no batch: see the skip report")
+                stream.new_pass()  # one worker ran out of shards: everyone starts the next pass
+                continue
             out = engine(batch["frames"].to(dev), batch["frame_mask"].to(dev), batch["tokens"].to(dev))
             loss = out["loss"]
             if not torch.isfinite(loss):
@@ -135,25 +165,27 @@ def train_loop(config: dict[str, Any]) -> None:
             state["step"] += 1
             losses.append(loss.item())
             if rank == 0:
-                progress(epoch, epochs, state["step"], losses[-1], sched.get_last_lr()[-1])
+                progress(epoch, segments, state["step"], losses[-1], sched.get_last_lr()[-1])
         if not losses:
             raise RuntimeError(f"epoch {epoch} got no training batch: check the skip report")
         seconds = time.perf_counter() - t_epoch
         record = {"epoch": epoch, "step": state["step"], "loss": sum(losses) / len(losses),
                   "lr": sched.get_last_lr()[-1], "clips_per_s": len(losses) * B * world / seconds}
         if rank == 0:
-            progress(epoch, epochs, state["step"], record["loss"], record["lr"], force=True)
-        last = epoch >= epochs or state["step"] >= total
+            progress(epoch, segments, state["step"], record["loss"], record["lr"], force=True)
+        last = epoch >= segments or state["step"] >= total
         if last or epoch % max(1, cfg.train.eval_every_epochs) == 0:
-            with _full_params(engine, cfg.train.zero_stage), torch.autocast(
-                    dev.type, dtype=dtype, enabled=dtype != torch.float32):
-                record.update(evaluate(engine.module.model, test_shard, cfg.data.manifest, "test", B))
+            m = eval_model(engine, cfg, replica)
+            with torch.autocast(dev.type, dtype=dtype, enabled=dtype != torch.float32):
+                record.update(evaluate(m, test_shard, eval_manifest, "test", B))
             if rank == 0:
                 say(f"[eval] epoch {epoch}: t2v R@1 {record['t2v_r1']:.1f} R@5 {record['t2v_r5']:.1f} "
                     f"R@10 {record['t2v_r10']:.1f} MdR {record['t2v_mdr']:.1f} "
                     f"({record['num_test_videos']} videos)")
         state["epoch"] = epoch
         state["history"].append(record)
+        if shard_mode:
+            stream.sync()
         with tempfile.TemporaryDirectory() as d:
             engine.save_checkpoint(d, tag=TAG)
             if last:

@@ -1,0 +1,81 @@
+"""Post-pretraining from a sharded manifest in object storage (a real S3 server on loopback):
+step budget, per-worker shard streaming, stop mid-pass, restart, and no consumed shard re-read.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from clipray.manifest import read_manifest, write_manifest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def s3_shards(s3_server, synth_small):
+    if s3_server is None:
+        pytest.skip("moto is not installed (the dev extra)")
+    s3 = s3_server.ensure_bucket()
+    fs = s3.fs()
+    root = synth_small["manifest"].rsplit("/", 1)[0]
+    rows = read_manifest(synth_small["manifest"]).to_pylist()
+    for r in rows:
+        fs.put_file(f"{root}/{r['path']}", s3.url(f"pp/{r['path']}"))
+        r["path"] = s3.url(f"pp/{r['path']}")
+    test = [dict(r) for r in rows if r["split"] == "test"]
+    for r in rows:
+        r["split"] = "train"
+    write_manifest(rows, s3.url("pp/train"), rows_per_shard=4)  # 24 rows -> 6 shards
+    write_manifest(test, s3.url("pp/eval.parquet"))
+    return s3
+
+
+def _states(fs, run: str) -> list[dict]:
+    return sorted((json.loads(fs.cat(p)) for p in fs.glob(f"{run}/checkpoint_*/state.json")),
+                  key=lambda s: s["step"])
+
+
+def test_posttrain_resumes_mid_pass_without_rereading_shards(ray_local, s3_shards):
+    s3, fs = s3_shards, s3_shards.fs()
+    run = s3.url("pp/runs/howto")
+    args = [sys.executable, "-m", "train", str(REPO / "train/configs/demo.yaml"),
+            f"data.manifest={s3.url('pp/train')}", f"data.eval_manifest={s3.url('pp/eval.parquet')}",
+            "data.shard_stream=true", "data.shuffle_buffer=4", "data.batch_size=2",
+            "data.video.max_frames=4", "data.decode_actors=1", "data.decode_cpus=0.25",
+            "train.max_steps=6", "train.checkpoint_every_steps=2", "train.num_workers=2",
+            f"train.storage_path={s3.url('pp/runs')}", "train.run_name=howto"]
+    env = dict(os.environ, RAY_ADDRESS=ray_local.get_runtime_context().gcs_address, PYTHONUNBUFFERED="1")
+    first = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             start_new_session=True, text=True)
+    deadline = time.time() + 400
+    while not _states(fs, run):
+        assert first.poll() is None, first.stdout.read()[-3000:]
+        assert time.time() < deadline, "no checkpoint in 400 s"
+        time.sleep(1)
+    os.killpg(first.pid, signal.SIGKILL)  # stopped mid-pass
+    first.wait()
+    saved = _states(fs, run)[-1]
+    assert saved["step"] < 6 and saved["pass"] == 0 and saved["consumed"]
+    assert not fs.exists(f"{run}/result.json")
+
+    second = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    log = second.stdout + second.stderr
+    assert second.returncode == 0, log[-4000:]
+    assert f"resumed from step {saved['step']}" in log
+    final = _states(fs, run)[-1]
+    result = json.loads(fs.cat(f"{run}/result.json"))
+    assert result["total_steps"] == final["step"] == 6
+    assert final["pass"] == 0, "the budget fits one pass: no shard may be read twice"
+    reread = set(final["reads"][len(saved["reads"]):]) & set(saved["consumed"])
+    assert not reread, f"consumed shards read again after the restart: {reread}"
+    assert len(set(final["consumed"])) == len(final["consumed"]) == 6
+    assert result["num_test_videos"] == len(read_manifest(s3.url("pp/eval.parquet")))
+    assert fs.exists(f"{run}/export/model.safetensors")
