@@ -1,0 +1,85 @@
+"""`clipray serve CONFIG [key=value ...]` (also `python -m serve ...`): run the retrieval API.
+
+Connects to RAY_ADDRESS (or `ray.address`) when set, else starts an embedded local Ray; starts
+Serve's HTTP proxy on `serve.host:serve.port` (default 127.0.0.1:8000), deploys the app from
+`serve.app:build_app`, prints the URL and blocks until Ctrl-C, then deletes the app.
+
+    clipray serve serve/configs/demo.yaml out=runs/index
+    clipray serve serve/configs/demo.yaml out=runs/index serve.port=8001 serve.text_encoder.max_replicas=4
+
+`start(cfg)` / `stop(cfg)` are the same steps for tests, the demo and the benchmark.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import urllib.request
+
+from serve.config import AppConfig, load_app_config
+
+
+def url_of(cfg: AppConfig) -> str:
+    return f"http://{cfg.serve.host}:{cfg.serve.port}"
+
+
+def wait_healthy(url: str, timeout_s: float = 120.0) -> dict:
+    """Poll GET /healthz until the app answers (replicas load models after serve.run returns)."""
+    deadline, last = time.monotonic() + timeout_s, None
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"{url}/healthz", timeout=10) as r:
+                return json.loads(r.read())
+        except Exception as e:  # noqa: BLE001 - not up yet
+            last = e
+            time.sleep(0.5)
+    raise TimeoutError(f"{url}/healthz did not answer within {timeout_s:.0f}s: {last}")
+
+
+def start(cfg: AppConfig, quiet_ray: bool = True) -> str:
+    """Ray (existing or embedded) -> Serve on the configured host/port -> the app; its URL."""
+    from ray import serve
+
+    from clipray.runtime import init_ray
+    from serve.app import app_from_config
+
+    init_ray(cfg.ray, quiet=quiet_ray)
+    app = app_from_config(cfg)  # config errors surface before anything starts
+    # the port is fixed when Serve's proxy starts: before serve.run, which would start it on 8000
+    serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
+    serve.run(app, name=cfg.serve.app_name, route_prefix="/")
+    url = url_of(cfg)
+    wait_healthy(url)
+    return url
+
+
+def stop(cfg: AppConfig) -> None:
+    from ray import serve
+
+    serve.delete(cfg.serve.app_name)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="clipray serve", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("config", help="YAML config, e.g. serve/configs/demo.yaml")
+    ap.add_argument("overrides", nargs="*", help="key=value, e.g. out=runs/index serve.port=8001")
+    args = ap.parse_args(sys.argv[1:] if argv is None else argv)
+    cfg = load_app_config(args.config, args.overrides)
+    url = start(cfg, quiet_ray=False)
+    print(f"clipray serving {cfg.out} at {url}  (search page {url}/, API docs {url}/docs); Ctrl-C stops",
+          flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print("stopping ...", flush=True)
+    finally:
+        stop(cfg)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

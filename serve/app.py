@@ -1,0 +1,275 @@
+"""The HTTP API (FastAPI ingress) and `build_app`, the one typed builder of the Serve app.
+
+    serve run serve.app:build_app config=serve/configs/demo.yaml out=runs/index
+    serve deploy / KubeRay RayService: import_path serve.app:build_app, args {config, ...}
+
+`build_app(args)` takes `config` (a YAML path, default serve/configs/demo.yaml), optionally
+`overrides` (a list of key=value) and any other key as one more override (`out=...`,
+`serve.port=8001`), loads the typed `AppConfig`, and composes Ingress(TextEncoder,
+VideoEncoder, Searcher[, Reranker]) with per-deployment autoscaling, request caps and
+resources.
+
+Endpoints: POST /search, /search/video, /encode/text, /encode/video; GET /healthz,
+/clips/{clip_id} (the indexed file of a clip, with HTTP Range), / (search page), /docs.
+Every bad input is a 4xx whose JSON body has an `error` sentence: validation runs here, before
+any model is called, and the limits (text length, k, upload size) come from `serve.limits`.
+This module must not use `from __future__ import annotations`: Serve reads the builder's
+pydantic annotation to validate its args.
+"""
+
+import asyncio
+import os
+from pathlib import Path
+from typing import Any, Optional
+
+from fastapi import FastAPI, File, Form, HTTPException, Request, UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+from ray import serve
+
+from clipray.config import ConfigError
+from serve import store
+from serve.config import AppConfig, deployment_options, load_app_config
+from serve.deployments import Reranker, Searcher, TextEncoder, VideoEncoder
+
+PAGE = Path(__file__).with_name("page.html")
+UPLOAD_PATHS = ("/search/video", "/encode/video")
+
+
+class SearchRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # a stray `path` field is refused, not ignored
+    text: str = Field(min_length=1, description="the query; limit: serve.limits.max_text_chars")
+    k: int = Field(10, ge=1, description="results wanted; limit: serve.limits.max_k")
+
+
+class TextRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    text: str = Field(min_length=1)
+
+
+class Hit(BaseModel):
+    clip_id: int
+    video_id: str
+    score: float
+    start: Optional[float]
+    end: Optional[float]
+
+
+class SearchResponse(BaseModel):
+    results: list[Hit]
+
+
+class Embedding(BaseModel):
+    embedding: list[float]
+    dim: int
+
+
+api = FastAPI(title="clipray retrieval", version="1",
+              description="Text-to-video and video-to-video search over a clipray index.")
+
+
+def _error(status: int, message: str, detail: Any = None) -> JSONResponse:
+    body = {"error": message}
+    if detail is not None:
+        body["detail"] = detail
+    return JSONResponse(status_code=status, content=body)
+
+
+@api.exception_handler(RequestValidationError)
+async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+    # FastAPI's default echoes the raw input, which fails on non-UTF-8 bytes (a 500); name the
+    # field and the rule only.
+    parts = []
+    for e in exc.errors():
+        where = ".".join(str(x) for x in e.get("loc", ()) if x != "body") or "body"
+        parts.append(f"{where}: {e.get('msg', 'invalid')}")
+    return _error(422, "; ".join(parts) or "invalid request", [p for p in parts])
+
+
+@api.exception_handler(StarletteHTTPException)  # also body-parse errors and unknown routes
+async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    return _error(exc.status_code, str(exc.detail))
+
+
+@api.middleware("http")
+async def _upload_cap(request: Request, call_next: Any) -> Any:
+    """Refuse an over-size upload from its Content-Length, before the body is read."""
+    cap = getattr(api.state, "max_upload_bytes", None)
+    if cap and request.method == "POST" and request.url.path in UPLOAD_PATHS:
+        try:
+            length = int(request.headers.get("content-length", "0"))
+        except ValueError:
+            return _error(400, "Content-Length is not a number")
+        if length > cap + 65536:  # multipart framing around the file
+            return _error(413, f"upload of {length} bytes exceeds the limit of {cap} bytes "
+                               "(serve.limits.max_upload_mb)")
+    return await call_next(request)
+
+
+def _retryable(e: BaseException) -> bool:
+    import ray.exceptions as rex
+
+    return isinstance(e, (rex.ActorDiedError, rex.ActorUnavailableError, rex.RayActorError))
+
+
+async def _call(method: Any, *args: Any) -> Any:
+    """One retry when the replica died under the request: every call here is idempotent, and
+    the router picks a live replica (or waits for the replacement) the second time."""
+    try:
+        return await method.remote(*args)
+    except Exception as e:  # noqa: BLE001 - filtered by _retryable
+        if not _retryable(e):
+            raise
+        await asyncio.sleep(0.5)
+        return await method.remote(*args)
+
+
+@serve.deployment
+@serve.ingress(api)
+class Ingress:
+    def __init__(self, text: Any, video: Any, searcher: Any, reranker: Any, limits: dict):
+        self.text, self.video, self.searcher, self.reranker = text, video, searcher, reranker
+        self.limits = limits
+        api.state.max_upload_bytes = int(limits["max_upload_mb"] * 1024 * 1024)
+        self.page = PAGE.read_text()
+
+    # ---- validation ------------------------------------------------------------------------
+    def _text(self, text: str) -> str:
+        text = text.strip()
+        if not text:
+            raise HTTPException(422, "text: the query is empty")
+        if len(text) > self.limits["max_text_chars"]:
+            raise HTTPException(422, f"text: {len(text)} characters; the limit is "
+                                     f"{self.limits['max_text_chars']} (serve.limits.max_text_chars)")
+        return text
+
+    def _k(self, k: int) -> int:
+        if not 1 <= k <= self.limits["max_k"]:
+            raise HTTPException(422, f"k: must be between 1 and {self.limits['max_k']}, got {k}")
+        return k
+
+    async def _upload(self, file: UploadFile) -> Any:
+        cap = api.state.max_upload_bytes
+        data = await file.read(cap + 1)
+        if len(data) > cap:
+            raise HTTPException(413, f"upload exceeds the limit of {cap} bytes (serve.limits.max_upload_mb)")
+        if not data:
+            raise HTTPException(422, "file: the upload is empty")
+        out = await _call(self.video.encode, data)
+        if "error" in out:
+            raise HTTPException(415, f"file: not a usable video ({out['error']})")
+        return out["embedding"]
+
+    async def _search(self, vector: Any, k: int, text: Optional[str] = None) -> dict:
+        if self.reranker is None or text is None:
+            return {"results": await _call(self.searcher.search, vector, k)}
+        pool = await _call(self.searcher.search, vector, max(k, self.limits["rerank_candidates"]))
+        scores = await _call(self.reranker.rerank, text, [h["clip_id"] for h in pool])
+        for h, s in zip(pool, scores):
+            h["score"] = s
+        return {"results": sorted(pool, key=lambda h: -h["score"])[:k]}
+
+    # ---- routes ----------------------------------------------------------------------------
+    @api.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def page(self) -> HTMLResponse:
+        return HTMLResponse(self.page)
+
+    @api.get("/healthz")
+    async def healthz(self) -> dict:
+        info = await _call(self.searcher.info)
+        return {"status": "ok", "clips": info["clips"], "index": info["kind"],
+                "rerank": self.reranker is not None}
+
+    @api.post("/search", response_model=SearchResponse)
+    async def search(self, req: SearchRequest) -> dict:
+        """Text-to-video: the top-k indexed clips for a text query."""
+        text, k = self._text(req.text), self._k(req.k)
+        return await self._search(await _call(self.text.encode, text), k, text)
+
+    @api.post("/search/video", response_model=SearchResponse)
+    async def search_video(self, file: UploadFile = File(..., description="a video clip"),
+                           k: int = Form(10)) -> dict:
+        """Video-to-video: the top-k indexed clips for an uploaded clip."""
+        k = self._k(k)
+        return await self._search(await self._upload(file), k)
+
+    @api.post("/encode/text", response_model=Embedding)
+    async def encode_text(self, req: TextRequest) -> dict:
+        emb = await _call(self.text.encode, self._text(req.text))
+        return {"embedding": emb.tolist(), "dim": len(emb)}
+
+    @api.post("/encode/video", response_model=Embedding)
+    async def encode_video(self, file: UploadFile = File(..., description="a video clip")) -> dict:
+        emb = await self._upload(file)
+        return {"embedding": emb.tolist(), "dim": len(emb)}
+
+    @api.get("/clips/{clip_id}", response_class=FileResponse,
+             responses={200: {"content": {"video/mp4": {}}}, 404: {"description": "unknown clip id"}})
+    async def clip(self, clip_id: int) -> FileResponse:
+        """The indexed video file of a clip (HTTP Range supported), chosen by id only."""
+        path = await _call(self.searcher.clip_path, clip_id)
+        if path is None:
+            raise HTTPException(404, f"clip_id: no clip {clip_id} in the index")
+        if "://" in path or not os.path.isfile(path):
+            raise HTTPException(404, f"clip_id: the file of clip {clip_id} is not available to this server")
+        return FileResponse(path, media_type="video/mp4", filename=os.path.basename(path),
+                            content_disposition_type="inline")
+
+
+# ---- the builder ----------------------------------------------------------------------------
+class AppArgs(BaseModel):
+    """Builder args (`serve run ... config=... out=...`); unknown keys are config overrides."""
+    model_config = ConfigDict(extra="allow")
+    config: str = ""
+    overrides: list[str] = []
+
+
+def _export_for(cfg: AppConfig, meta: dict) -> str:
+    if not cfg.checkpoint:
+        return meta["export"]
+    if store.fingerprint(cfg.checkpoint) != meta["fingerprint"]:
+        raise ConfigError(f"checkpoint={cfg.checkpoint} is not the model the index {cfg.out} was "
+                          "built with: its vectors would not match")
+    return os.path.abspath(cfg.checkpoint)
+
+
+def app_from_config(cfg: AppConfig) -> Any:
+    """Compose the deployments from a resolved `AppConfig`."""
+    if not cfg.out:
+        raise ConfigError("serving needs the index directory: out=DIR (written by `clipray index`)")
+    meta = store.read_meta(cfg.out)
+    if meta is None:
+        raise ConfigError(f"out={cfg.out}: no index there; build one with `clipray index`")
+    index_dir, sv = os.path.abspath(cfg.out), cfg.serve
+    export = _export_for(cfg, meta)
+    video = dict(meta["video"], timeout_s=cfg.video.timeout_s)
+
+    def opts(d: Any) -> dict:
+        return deployment_options(d)
+
+    def batch(d: Any) -> dict:
+        return {"max_batch_size": d.max_batch_size, "batch_wait_timeout_s": d.batch_wait_timeout_s}
+
+    text = TextEncoder.options(**opts(sv.text_encoder)).bind(
+        export, sv.max_words, batch(sv.text_encoder), sv.text_encoder.num_gpus)
+    vid = VideoEncoder.options(**opts(sv.video_encoder)).bind(
+        export, video, batch(sv.video_encoder), sv.video_encoder.num_gpus)
+    searcher = Searcher.options(**opts(sv.searcher)).bind(index_dir, batch(sv.searcher))
+    rerank = None
+    if meta.get("rerank"):
+        rerank = Reranker.options(**opts(sv.reranker)).bind(
+            meta["rerank"]["export"], index_dir, sv.max_words, batch(sv.reranker), sv.reranker.num_gpus)
+    limits = {"max_text_chars": sv.limits.max_text_chars, "max_k": sv.limits.max_k,
+              "max_upload_mb": sv.limits.max_upload_mb, "rerank_candidates": sv.limits.rerank_candidates}
+    return Ingress.options(**opts(sv.ingress)).bind(text, vid, searcher, rerank, limits)
+
+
+def build_app(args: AppArgs) -> Any:
+    """`serve.app:build_app`: args -> typed AppConfig -> the composed Serve application."""
+    if isinstance(args, dict):
+        args = AppArgs.model_validate(args)
+    extra = [f"{k}={v}" for k, v in (args.model_extra or {}).items()]
+    cfg = load_app_config(args.config or None, list(args.overrides) + extra)
+    return app_from_config(cfg)

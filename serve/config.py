@@ -1,0 +1,170 @@
+"""Typed configuration of `clipray index` and `clipray serve` (one YAML drives both).
+
+The root schema `AppConfig` is merged with YAML and `key=value` overrides by
+`clipray.config.load_config`, like every other clipray command:
+
+    checkpoint   the exported model (`<run>/export/`): `clipray index` embeds with it; the served
+                 app defaults to the one the index was built with (recorded in the index)
+    manifest     the clip manifest to index
+    out          the index directory: written by `clipray index`, read by `clipray serve`
+    video        how clips are decoded, at index time and for uploaded query clips
+    index.*      `IndexConfig`: split, sliding windows, faiss index kind, the Ray Data actor pool
+    serve.*      `ServeConfig`: HTTP address, request limits, one `DeploymentConfig` per
+                 deployment (replicas, autoscaling, batch size, CPUs/GPUs)
+    ray.*        `clipray.config.RayConfig`: an address, else an embedded local Ray
+
+`resolve` checks cross-field rules at start-up, in particular `max_ongoing_requests`: Serve
+never hands a replica more requests than that, so a value below `max_batch_size` silently caps
+every batch (the default of 5 did exactly that); 0 means "twice the batch size".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+from clipray.config import ConfigError, RayConfig, VideoConfig, load_config
+
+INDEX_KINDS = ("flat", "ivf_flat", "ivf_sq8", "ivf_pq", "hnsw")
+SPLITS = ("all", "train", "val", "test")
+DEFAULT_CONFIG = Path(__file__).parent / "configs" / "demo.yaml"
+
+
+@dataclass
+class IndexConfig:
+    split: str = "all"  # all | train | val | test
+    kind: str = "flat"  # flat (exact inner product) | ivf_flat | ivf_sq8 | ivf_pq | hnsw
+    nlist: int = 0  # IVF lists; 0 = about 4 * sqrt(N)
+    nprobe: int = 16  # IVF lists visited per query
+    pq_m: int = 0  # PQ sub-quantizers; 0 = dim / 4
+    refine: int = 4  # ivf_pq: re-score refine * k candidates exactly (0 = off)
+    hnsw_m: int = 32
+    ef_search: int = 128
+    window_s: float = 0.0  # > 0: whole-video rows become sliding windows of this length
+    stride_s: float = 0.0  # window step; 0 = window_s / 2
+    actors: int = 1  # embedding actors (each loads the export once)
+    actor_cpus: float = 1.0
+    actor_gpus: float = -1.0  # -1: one GPU per actor when the cluster has GPUs, else 0
+    batch: int = 8  # clips per map_batches call
+    recall_queries: int = 256  # caption queries used to measure approximate recall@10
+    rerank_checkpoint: str = ""  # a tightTransf export: its frame features are stored too
+
+
+@dataclass
+class DeploymentConfig:
+    min_replicas: int = 1
+    max_replicas: int = 1
+    initial_replicas: Optional[int] = None
+    target_ongoing_requests: float = 8.0  # autoscaling target per replica
+    max_ongoing_requests: int = 0  # 0 = 2 x max_batch_size; never below max_batch_size
+    max_batch_size: int = 16  # @serve.batch; 1 = no batching
+    batch_wait_timeout_s: float = 0.005
+    upscale_delay_s: float = 3.0
+    downscale_delay_s: float = 30.0
+    look_back_period_s: Optional[float] = None  # None: Serve's default window
+    num_cpus: float = 0.5
+    num_gpus: float = 0.0
+    # replica environment, e.g. RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S on the
+    # ingress (its handles report the load that autoscales the deployments behind it)
+    env_vars: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class LimitsConfig:
+    max_text_chars: int = 300  # longer queries are refused (422) with the limit named
+    max_k: int = 100
+    max_upload_mb: float = 16.0
+    rerank_candidates: int = 50  # loose-index candidates re-scored by the tight re-ranker
+
+
+@dataclass
+class ServeConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    app_name: str = "clipray"
+    max_words: int = 32  # caption tokens fed to the text encoder
+    ingress: DeploymentConfig = field(default_factory=lambda: DeploymentConfig(
+        max_batch_size=1, max_ongoing_requests=64, target_ongoing_requests=32, num_cpus=0.25))
+    text_encoder: DeploymentConfig = field(default_factory=DeploymentConfig)
+    video_encoder: DeploymentConfig = field(default_factory=lambda: DeploymentConfig(max_batch_size=4))
+    searcher: DeploymentConfig = field(default_factory=lambda: DeploymentConfig(max_batch_size=32))
+    reranker: DeploymentConfig = field(default_factory=lambda: DeploymentConfig(max_batch_size=4))
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+
+
+@dataclass
+class AppConfig:
+    checkpoint: str = ""  # export dir; serve: "" = the export recorded in the index
+    manifest: str = ""  # clip manifest (Parquet file, directory of shards, or URI)
+    out: str = ""  # index directory
+    video: VideoConfig = field(default_factory=lambda: VideoConfig(fps=2.0, max_frames=8, timeout_s=30.0))
+    index: IndexConfig = field(default_factory=IndexConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+
+
+def _check_deployment(name: str, d: DeploymentConfig) -> DeploymentConfig:
+    if d.min_replicas < 0 or d.max_replicas < max(1, d.min_replicas):
+        raise ConfigError(f"serve.{name}: need 0 <= min_replicas <= max_replicas >= 1, "
+                          f"got {d.min_replicas}..{d.max_replicas}")
+    if d.max_batch_size < 1:
+        raise ConfigError(f"serve.{name}.max_batch_size must be >= 1")
+    mor = d.max_ongoing_requests or 2 * d.max_batch_size
+    if mor < d.max_batch_size:
+        raise ConfigError(f"serve.{name}.max_ongoing_requests={mor} < max_batch_size={d.max_batch_size}: "
+                          "Serve would never fill a batch (raise it, or 0 for 2 x batch)")
+    if d.num_cpus < 0 or d.num_gpus < 0:
+        raise ConfigError(f"serve.{name}: num_cpus/num_gpus must be >= 0")
+    return dataclasses.replace(d, max_ongoing_requests=mor)
+
+
+def resolve(cfg: AppConfig) -> AppConfig:
+    """Cross-field checks and derived defaults; raises ConfigError naming the key."""
+    ix, sv = cfg.index, cfg.serve
+    if ix.split not in SPLITS:
+        raise ConfigError(f"index.split must be one of {SPLITS}, got {ix.split!r}")
+    if ix.kind not in INDEX_KINDS:
+        raise ConfigError(f"index.kind must be one of {INDEX_KINDS}, got {ix.kind!r}")
+    if ix.window_s < 0 or ix.stride_s < 0 or (ix.stride_s and not ix.window_s):
+        raise ConfigError("index.window_s/stride_s: give a positive window (stride defaults to half)")
+    if ix.window_s and not ix.stride_s:
+        ix = dataclasses.replace(ix, stride_s=ix.window_s / 2)
+    if ix.actors < 1 or ix.batch < 1:
+        raise ConfigError("index.actors and index.batch must be >= 1")
+    if not 0 < sv.port < 65536:
+        raise ConfigError(f"serve.port out of range: {sv.port}")
+    lim = sv.limits
+    if lim.max_text_chars < 1 or lim.max_k < 1 or lim.max_upload_mb <= 0:
+        raise ConfigError("serve.limits: max_text_chars, max_k and max_upload_mb must be positive")
+    deps = {n: _check_deployment(n, getattr(sv, n))
+            for n in ("ingress", "text_encoder", "video_encoder", "searcher", "reranker")}
+    return dataclasses.replace(cfg, index=ix, serve=dataclasses.replace(sv, **deps))
+
+
+def load_app_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> AppConfig:
+    """Defaults <- YAML (default: serve/configs/demo.yaml) <- key=value overrides, resolved."""
+    return resolve(load_config(path or DEFAULT_CONFIG, overrides, schema=AppConfig))
+
+
+def deployment_options(d: DeploymentConfig) -> dict:
+    """Ray Serve `.options(...)` for one deployment: autoscaling, request cap, resources."""
+    autoscaling = {
+        "min_replicas": d.min_replicas, "max_replicas": d.max_replicas,
+        "target_ongoing_requests": d.target_ongoing_requests,
+        "upscale_delay_s": d.upscale_delay_s, "downscale_delay_s": d.downscale_delay_s,
+    }
+    if d.look_back_period_s is not None:
+        autoscaling["look_back_period_s"] = d.look_back_period_s
+    if d.initial_replicas is not None:
+        autoscaling["initial_replicas"] = d.initial_replicas
+    actor: dict = {"num_cpus": d.num_cpus, "num_gpus": d.num_gpus}
+    if d.env_vars:
+        actor["runtime_env"] = {"env_vars": {str(k): str(v) for k, v in d.env_vars.items()}}
+    opts: dict = {"max_ongoing_requests": d.max_ongoing_requests, "ray_actor_options": actor}
+    if d.min_replicas == d.max_replicas:
+        opts["num_replicas"] = d.max_replicas  # fixed size: no autoscaler at all
+    else:
+        opts["autoscaling_config"] = autoscaling
+    return opts

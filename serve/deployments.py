@@ -1,0 +1,196 @@
+"""The model and index deployments behind the HTTP ingress (Ray Serve, one class each).
+
+    TextEncoder    text -> L2-normalised vector; `@serve.batch` stacks concurrent queries
+    VideoEncoder   uploaded clip bytes -> decoded (clipray.video, in a thread) -> vector; the
+                   decode is per request, the model call is batched
+    Searcher       the faiss index + clip metadata; concurrent queries become ONE search call
+                   over a [B, D] query matrix (faiss is memory-bound: a batch costs little more
+                   than one query)
+    Reranker       optional: a tightTransf cross-encoder that re-scores the top candidates of
+                   the loose index, from frame features stored at index time
+
+Batch sizes and wait timeouts come from config (`set_max_batch_size` at start-up), so one code
+path serves both the batched app and the `max_batch_size=1` baseline of `clipray bench serve`.
+Requests that carry bad input never reach here: the ingress validates them. An upload that
+turns out not to be a video is answered with `{"error": reason}`, not an exception, so one bad
+clip cannot fail the other requests of its batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import os
+import tempfile
+from typing import Any, Optional
+
+import numpy as np
+from ray import serve
+
+from clipray.config import VideoConfig
+
+
+def _device(num_gpus: float) -> str:
+    import torch
+
+    return "cuda" if num_gpus > 0 and torch.cuda.is_available() else "cpu"
+
+
+def _configure(method: Any, batch: dict) -> None:
+    method.set_max_batch_size(int(batch["max_batch_size"]))
+    method.set_batch_wait_timeout_s(float(batch["batch_wait_timeout_s"]))
+
+
+def _tokenizer(model: Any, max_words: int) -> Any:
+    import open_clip
+
+    return open_clip.get_tokenizer(model.tokenizer_name, context_length=min(max_words, model.context_length))
+
+
+@serve.deployment
+class TextEncoder:
+    def __init__(self, export_dir: str, max_words: int, batch: dict, num_gpus: float = 0.0):
+        from clipray.export import load_export
+
+        self.model = load_export(export_dir, _device(num_gpus))
+        self.tokenize = _tokenizer(self.model, max_words)
+        _configure(self.encode_batch, batch)
+        self.batch_sizes: list[int] = []
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
+    async def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
+        import torch
+
+        self.batch_sizes = (self.batch_sizes + [len(texts)])[-1000:]
+        with torch.no_grad():
+            emb = self.model.encode_text(self.tokenize(texts)).float().cpu().numpy()
+        return list(emb)
+
+    async def encode(self, text: str) -> np.ndarray:
+        return await self.encode_batch(text)
+
+    def stats(self) -> dict:
+        """Recent batch sizes and this replica's pid (tests and the benchmark read them)."""
+        return {"pid": os.getpid(), "batch_sizes": list(self.batch_sizes)}
+
+
+@serve.deployment
+class VideoEncoder:
+    def __init__(self, export_dir: str, video: dict, batch: dict, num_gpus: float = 0.0):
+        from clipray.export import load_export
+
+        self.device = _device(num_gpus)
+        self.model = load_export(export_dir, self.device)
+        self.video = dataclasses.replace(VideoConfig(**video), size=self.model.image_size)
+        _configure(self.embed_batch, batch)
+
+    def _decode(self, data: bytes) -> Any:
+        from clipray.video import decode_clip_safe
+
+        # decord and PyAV both take a path; the upload lives only for this call
+        with tempfile.NamedTemporaryFile(suffix=".mp4") as f:
+            f.write(data)
+            f.flush()
+            return decode_clip_safe(f.name, None, None, self.video)
+
+    @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.005)
+    async def embed_batch(self, clips: list[tuple[np.ndarray, np.ndarray]]) -> list[np.ndarray]:
+        import torch
+
+        frames = torch.from_numpy(np.stack([c[0] for c in clips])).to(self.device)
+        mask = torch.from_numpy(np.stack([c[1] for c in clips])).to(self.device).bool()
+        with torch.no_grad():
+            emb = self.model.encode_video(self.model.normalize(frames), mask)
+        return list(emb.float().cpu().numpy())
+
+    async def encode(self, data: bytes) -> dict:
+        from clipray.video import SkipClip
+
+        try:
+            clip = await asyncio.to_thread(self._decode, data)
+        except SkipClip as e:
+            return {"error": e.reason}
+        return {"embedding": await self.embed_batch((clip.frames, clip.mask))}
+
+
+@serve.deployment
+class Searcher:
+    def __init__(self, index_dir: str, batch: dict):
+        from serve import store
+
+        self.meta = store.read_meta(index_dir)
+        self.index = store.load_faiss(index_dir, self.meta)
+        t = store.read_table(index_dir, store.META_COLUMNS)
+        self.video_id = t.column("video_id").to_pylist()
+        self.start = t.column("start").to_pylist()
+        self.end = t.column("end").to_pylist()
+        self.path = t.column("path").to_pylist()
+        _configure(self.search_batch, batch)
+        self.batch_sizes: list[int] = []
+
+    def _row(self, i: int, score: float) -> dict:
+        return {"clip_id": int(i), "video_id": self.video_id[i], "score": float(score),
+                "start": self.start[i], "end": self.end[i]}
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
+    async def search_batch(self, queries: list[tuple[np.ndarray, int]]) -> list[list[dict]]:
+        self.batch_sizes = (self.batch_sizes + [len(queries)])[-1000:]
+        q = np.ascontiguousarray(np.stack([v for v, _ in queries]), dtype=np.float32)
+        kmax = min(max(k for _, k in queries), self.index.ntotal)
+        scores, ids = self.index.search(q, kmax)
+        return [[self._row(i, s) for i, s in zip(ids[j, :k], scores[j, :k]) if i >= 0]
+                for j, (_, k) in enumerate(queries)]
+
+    async def search(self, vector: np.ndarray, k: int) -> list[dict]:
+        return await self.search_batch((vector, k))
+
+    def clip_path(self, clip_id: int) -> Optional[str]:
+        """The indexed file of a clip id, or None: the only way a file is ever chosen."""
+        return self.path[clip_id] if 0 <= clip_id < len(self.path) else None
+
+    def info(self) -> dict:
+        return {"clips": len(self.path), "kind": self.meta["kind"], "dim": self.meta["dim"],
+                "recall": self.meta.get("recall"), "pid": os.getpid(),
+                "batch_sizes": list(self.batch_sizes)}
+
+
+@serve.deployment
+class Reranker:
+    """tightTransf over the loose index's candidates: score(text, clip) from stored features."""
+
+    def __init__(self, export_dir: str, index_dir: str, max_words: int, batch: dict, num_gpus: float = 0.0):
+        import torch
+
+        from clipray.export import load_export
+        from serve import store
+
+        self.device = _device(num_gpus)
+        self.model = load_export(export_dir, self.device)
+        self.tokenize = _tokenizer(self.model, max_words)
+        count = store.read_meta(index_dir)["count"]
+        feats, mask = store.read_rerank(index_dir, count)
+        self.feats, self.mask = torch.from_numpy(feats), torch.from_numpy(mask).bool()
+        _configure(self.rerank_batch, batch)
+
+    @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.005)
+    async def rerank_batch(self, reqs: list[tuple[str, list[int]]]) -> list[list[float]]:
+        return score_candidates(self.model, self.tokenize, self.feats, self.mask, reqs)
+
+    async def rerank(self, text: str, ids: list[int]) -> list[float]:
+        return await self.rerank_batch((text, ids))
+
+
+def score_candidates(model: Any, tokenize: Any, feats: Any, mask: Any,
+                     reqs: list[tuple[str, list[int]]]) -> list[list[float]]:
+    """Cross-encoder scores of each (text, candidate row ids) request; texts encoded together."""
+    import torch
+
+    dev, dtype = model.logit_scale.device, model.logit_scale.dtype
+    with torch.no_grad():
+        text = model.encode_text(tokenize([t for t, _ in reqs]))
+        out = []
+        for j, (_, ids) in enumerate(reqs):
+            idx = torch.as_tensor(ids, dtype=torch.long)
+            s = model.similarity(text[j : j + 1], feats[idx].to(dev, dtype), mask[idx].to(dev))
+            out.append(s[0].float().cpu().tolist())
+    return out

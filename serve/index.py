@@ -1,0 +1,322 @@
+"""`clipray index CONFIG checkpoint=EXPORT manifest=MANIFEST out=DIR [k=v ...]`: the offline index.
+
+A Ray Data batch job: the manifest's clips (one split or all; whole-video rows optionally cut
+into sliding windows) -> `map_batches(ClipEmbedder)` on an actor pool where each actor loads the
+export once (on a GPU when the cluster has one) and decodes + embeds its clips with the model's
+video encoder -> embeddings Parquet + a faiss index in `out` (layout: `serve.store`).
+
+- Exact inner product (`IndexFlatIP`) by default; `index.kind` = ivf_flat | ivf_sq8 | ivf_pq |
+  hnsw builds an approximate or compressed index instead, and its recall@10 against exact is
+  measured at build time on real queries (the manifest's captions through the text encoder).
+- Incremental: clips already in `out` (same path, start, end) are not embedded again; a run adds
+  one Parquet part and rebuilds the faiss index over everything. The export must be the same
+  model (checked by fingerprint), or the vectors would live in different spaces.
+- Only indexable (loose) heads give video vectors. A tightTransf export joins as a re-ranker:
+  `index.rerank_checkpoint=TIGHT_EXPORT` also stores its per-frame features, and the served app
+  re-scores the loose index's top candidates with it.
+- Unreadable clips are skipped and listed in `out/skip_report.jsonl`; progress and an ETA are
+  printed while the job runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+
+from clipray.config import ConfigError, VideoConfig
+from serve import store
+from serve.config import AppConfig, load_app_config
+
+FORMAT = "clipray.index/1"
+
+
+def windows(duration: float, window: float, stride: float) -> list[tuple[float, float]]:
+    """Sliding windows covering [0, duration]; the last one is aligned to the end."""
+    if duration <= window:
+        return [(0.0, round(duration, 3))]
+    out, t = [], 0.0
+    while t + window <= duration + 1e-6:
+        out.append((round(t, 3), round(t + window, 3)))
+        t += stride
+    if out[-1][1] < duration - 1e-6:
+        out.append((round(duration - window, 3), round(duration, 3)))
+    return out
+
+
+def _duration(path: str, backend: str) -> Optional[float]:
+    from clipray.video import SkipClip, open_video
+
+    try:
+        v = open_video(path, backend)
+        return v.num_frames / v.fps if v.fps else None
+    except SkipClip:
+        return None  # the decode step will skip and report it
+
+
+def plan_clips(cfg: AppConfig, have: set) -> tuple[list[dict], list[str]]:
+    """Unique clips of the manifest not yet in the index (+ windows), and its captions."""
+    from clipray.manifest import default_root, read_manifest, resolve_path
+
+    split = None if cfg.index.split == "all" else cfg.index.split
+    table = read_manifest(cfg.manifest, split=split)
+    root = cfg.manifest and default_root(cfg.manifest)
+    rows, seen = [], set(have)
+    for r in table.to_pylist():
+        path = resolve_path(r["path"], root)
+        path = path if "://" in path else os.path.abspath(path)
+        spans = [(r["start"], r["end"])]
+        if cfg.index.window_s and r["start"] is None:
+            dur = r["duration"] or _duration(path, cfg.video.backend)
+            if dur:
+                spans = windows(dur, cfg.index.window_s, cfg.index.stride_s)
+        for s, e in spans:
+            key = store.clip_key(path, s, e)
+            if key not in seen:
+                seen.add(key)
+                rows.append({"video_id": r["video_id"], "path": path, "start": s, "end": e})
+    return rows, sorted(set(table.column("caption").to_pylist()))
+
+
+class ClipEmbedder:
+    """map_batches callable: one export loaded per actor; decodes and embeds a batch of clips."""
+
+    def __init__(self, export_dir: str, video: VideoConfig, rerank_dir: str, use_gpu: bool):
+        import torch
+
+        from clipray.export import load_export
+
+        self.device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
+        self.model = load_export(export_dir, self.device)
+        self.video = dataclasses.replace(video, size=self.model.image_size)
+        self.tight = load_export(rerank_dir, self.device) if rerank_dir else None
+
+    def _decode(self, batch: dict, cfg: VideoConfig) -> tuple[list, list[str]]:
+        from clipray.video import SkipClip, decode_clip_safe
+
+        clips, reasons = [], []
+        for p, s, e in zip(batch["path"], batch["start"], batch["end"]):
+            s = None if s is None or np.isnan(s) else float(s)
+            e = None if e is None or np.isnan(e) else float(e)
+            try:
+                clips.append(decode_clip_safe(str(p), s, e, cfg))
+                reasons.append("")
+            except SkipClip as err:
+                clips.append(None)
+                reasons.append(err.reason)
+        return clips, reasons
+
+    def _frames(self, clips: list, model: Any):
+        import torch
+
+        ok = [c for c in clips if c is not None]
+        frames = torch.from_numpy(np.stack([c.frames for c in ok])).to(self.device)
+        mask = torch.from_numpy(np.stack([c.mask for c in ok])).to(self.device).bool()
+        return model.normalize(frames), mask
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import torch
+
+        clips, reasons = self._decode(batch, self.video)
+        n, dim = len(clips), self.model.embed_dim
+        out = dict(batch, skip=np.array(reasons, dtype=object),
+                   embedding=np.zeros((n, dim), np.float32))
+        ok = np.array([c is not None for c in clips])
+        if ok.any():
+            with torch.no_grad():
+                x, m = self._frames(clips, self.model)
+                out["embedding"][ok] = self.model.encode_video(x, m).float().cpu().numpy()
+        if self.tight is not None:
+            tcfg = dataclasses.replace(self.video, size=self.tight.image_size)
+            tclips = clips if tcfg.size == self.video.size else self._decode(batch, tcfg)[0]
+            t = self.video.max_frames
+            feats = np.zeros((n, t, self.tight.embed_dim), np.float16)
+            masks = np.zeros((n, t), np.uint8)
+            if ok.any():
+                with torch.no_grad():
+                    x, m = self._frames([c if k else None for c, k in zip(tclips, ok)], self.tight)
+                    feats[ok] = self.tight.encode_frames(x, m).half().cpu().numpy()
+                    masks[ok] = m.cpu().numpy()
+            out.update(rerank_feats=feats, rerank_mask=masks)
+        return out
+
+
+def _progress(done: int, total: int, skipped: int, t0: float) -> None:
+    dt = time.perf_counter() - t0
+    rate = done / dt if dt > 0 else 0.0
+    eta = (total - done) / rate if rate > 0 else float("nan")
+    print(f"\r  embedded {done}/{total} clips, skipped {skipped} ({rate:.1f} clips/s, ETA {eta:.0f}s)  ",
+          end="", flush=True)
+
+
+def _check_export(path: str, what: str, indexable: bool) -> dict:
+    from clipray.export import read_export_config
+
+    if not path:
+        raise ConfigError(f"{what}: give an export directory (<run>/export)")
+    conf = read_export_config(path)
+    if conf["indexable"] != indexable:
+        raise ConfigError(
+            f"{what}={path}: head {conf['overrides']['head']} " + (
+                "is a cross-encoder and gives no video vector; index with a loose export "
+                "(meanP/seqLSTM/seqTransf) and pass this one as index.rerank_checkpoint"
+                if indexable else "is not a cross-encoder (tightTransf) re-ranker"))
+    return conf
+
+
+def build_index(cfg: AppConfig, quiet: bool = False) -> dict[str, Any]:
+    """Embed the manifest's new clips into `cfg.out` and rebuild the faiss index; returns meta."""
+    import ray
+    import ray.data
+
+    if not cfg.manifest or not cfg.out:
+        raise ConfigError("clipray index needs manifest=... and out=...")
+    export = os.path.abspath(cfg.checkpoint)
+    conf = _check_export(export, "checkpoint", indexable=True)
+    rerank = os.path.abspath(cfg.index.rerank_checkpoint) if cfg.index.rerank_checkpoint else ""
+    if rerank:
+        _check_export(rerank, "index.rerank_checkpoint", indexable=False)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    meta, fp = store.read_meta(out), store.fingerprint(export)
+    if meta and meta["fingerprint"] != fp:
+        raise ConfigError(f"{out} was built with another model ({meta['export']}); "
+                          "vectors from two models cannot share an index: use a new out=")
+    if meta and meta.get("rerank") and rerank and meta["rerank"]["fingerprint"] != store.fingerprint(rerank):
+        raise ConfigError(f"{out}: re-ranker export differs from the one the index holds")
+    existing = store.read_table(out, store.META_COLUMNS)
+    rows, captions = plan_clips(cfg, store.existing_keys(existing))
+    print(f"index {out}: {len(existing)} clips already embedded, {len(rows)} new "
+          f"({cfg.index.split} split{', windows %gs/%gs' % (cfg.index.window_s, cfg.index.stride_s) if cfg.index.window_s else ''})",
+          flush=True)
+    t0, done, skipped, new = time.perf_counter(), 0, [], []
+    if rows:
+        import pyarrow as pa
+
+        gpus = cfg.index.actor_gpus
+        if gpus < 0:
+            gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+        ds = ray.data.from_arrow(pa.Table.from_pylist(rows)).repartition(
+            target_num_rows_per_block=cfg.index.batch)
+        ds = ds.map_batches(
+            ClipEmbedder, fn_constructor_args=(export, cfg.video, rerank, gpus > 0),
+            batch_size=cfg.index.batch, compute=ray.data.ActorPoolStrategy(size=cfg.index.actors),
+            num_cpus=cfg.index.actor_cpus, num_gpus=gpus, batch_format="numpy")
+        for b in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            for i, reason in enumerate(b["skip"]):
+                if reason:
+                    skipped.append({"video_id": str(b["video_id"][i]), "path": str(b["path"][i]),
+                                    "start": _f(b["start"][i]), "end": _f(b["end"][i]), "reason": str(reason)})
+            keep = np.array([not r for r in b["skip"]], bool)
+            if keep.any():
+                new.append({k: v[keep] for k, v in b.items() if k != "skip"})
+            done += len(b["skip"])
+            if not quiet:
+                _progress(done, len(rows), len(skipped), t0)
+        if not quiet:
+            print(flush=True)
+    added = _write_new(out, new, len(existing), rerank)
+    if skipped:
+        with open(out / "skip_report.jsonl", "a") as f:
+            f.writelines(json.dumps(s) + "\n" for s in skipped)
+    meta = _rebuild(out, cfg, export, fp, rerank, conf, captions, meta)
+    meta.setdefault("history", []).append({
+        "time": time.strftime("%Y-%m-%d %H:%M:%S"), "manifest": cfg.manifest, "split": cfg.index.split,
+        "window_s": cfg.index.window_s, "stride_s": cfg.index.stride_s, "added": added,
+        "skipped": len(skipped), "seconds": round(time.perf_counter() - t0, 2)})
+    store.write_meta(out, meta)
+    rec = meta.get("recall") or {}
+    print(f"index {out}: {meta['count']} clips ({added} added, {len(skipped)} skipped), "
+          f"{meta['kind']} dim {meta['dim']}" + (f", recall@10 vs exact {rec.get('recall@10', float('nan')):.3f} "
+          f"on {rec.get('queries')} caption queries" if rec else ""), flush=True)
+    return meta
+
+
+def _f(v: Any) -> Optional[float]:
+    return None if v is None or np.isnan(v) else float(v)
+
+
+def _write_new(out: Path, new: list[dict], first_id: int, rerank: str) -> int:
+    if not new:
+        return 0
+    cat = {k: np.concatenate([b[k] for b in new]) for k in new[0]}
+    n = len(cat["path"])
+    cat["row_id"] = np.arange(first_id, first_id + n, dtype=np.int64)
+    cat["start"] = np.array([_f(v) for v in cat["start"]], dtype=np.float64)
+    cat["end"] = np.array([_f(v) for v in cat["end"]], dtype=np.float64)
+    if rerank:  # the re-ranker part first: an interrupted run then leaves no orphan row ids
+        store.write_part(out, {"row_id": cat["row_id"], "feats": cat["rerank_feats"],
+                               "mask": cat["rerank_mask"]}, sub=store.RERANK_DIR)
+    store.write_part(out, {k: [None if isinstance(x, float) and np.isnan(x) else x for x in v]
+                           if k in ("start", "end") else v for k, v in cat.items()})
+    return n
+
+
+def _rebuild(out: Path, cfg: AppConfig, export: str, fp: str, rerank: str, conf: dict,
+             captions: list[str], meta: Optional[dict]) -> dict:
+    """faiss over every stored embedding; recall@10 of an approximate kind vs exact."""
+    import faiss
+
+    x = store.embedding_matrix(store.read_table(out, ["row_id", "embedding"]))
+    if len(x) == 0:
+        raise ConfigError(f"{out}: no clip could be embedded (see skip_report.jsonl)")
+    ix = cfg.index
+    index, params = store.build_faiss(x, ix.kind, ix.nlist, ix.pq_m, ix.refine, ix.hnsw_m)
+    search = {"nprobe": ix.nprobe, "ef_search": ix.ef_search, "refine": ix.refine}
+    store.set_search_params(index, **search)
+    recall = None
+    if ix.kind != "flat" and captions:
+        exact = faiss.IndexFlatIP(x.shape[1])
+        exact.add(x)
+        recall = store.recall_at_k(index, exact, _caption_queries(export, captions, ix.recall_queries, cfg))
+    store.save_faiss(out, index)
+    meta = dict(meta or {})
+    meta.update(format=FORMAT, export=export, fingerprint=fp, dim=int(x.shape[1]), count=int(len(x)),
+                kind=ix.kind, build=params, search=search, recall=recall,
+                video=dataclasses.asdict(dataclasses.replace(cfg.video, size=conf["image_size"])),
+                tokenizer=conf["tokenizer_name"], max_words=cfg.serve.max_words,
+                rerank={"export": rerank, "fingerprint": store.fingerprint(rerank)} if rerank
+                else meta.get("rerank"))
+    return meta
+
+
+def _caption_queries(export: str, captions: list[str], n: int, cfg: AppConfig) -> np.ndarray:
+    import open_clip
+    import torch
+
+    from clipray.export import load_export
+
+    model = load_export(export)
+    rng = np.random.default_rng(0)
+    pick = [captions[i] for i in sorted(rng.permutation(len(captions))[:n])]
+    tok = open_clip.get_tokenizer(model.tokenizer_name, context_length=min(cfg.serve.max_words, model.context_length))
+    with torch.no_grad():
+        return model.encode_text(tok(pick)).float().numpy()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="clipray index", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("config", help="YAML config, e.g. serve/configs/demo.yaml")
+    ap.add_argument("overrides", nargs="*", help="key=value, e.g. checkpoint=runs/demo/export "
+                    "manifest=clipray_data/synth/manifest.parquet out=runs/index index.kind=ivf_sq8")
+    args = ap.parse_args(sys.argv[1:] if argv is None else argv)
+    cfg = load_app_config(args.config, args.overrides)
+
+    from clipray.runtime import init_ray, quiet_data_progress
+
+    init_ray(cfg.ray, quiet=True)
+    quiet_data_progress()
+    build_index(cfg)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,222 @@
+"""The index directory: what `clipray index` writes and the Searcher / Reranker read.
+
+    out/embeddings/part-NNNNN.parquet  row_id, video_id, start, end, path, embedding (float32)
+                                       one part per `clipray index` run (appends add a part)
+    out/rerank/part-NNNNN.npz          optional: row_id, frame features [n, T, D] fp16, mask
+                                       of a tightTransf export (the re-ranker's inputs)
+    out/index.faiss                    faiss index over all embeddings; faiss id == row_id
+    out/index.json                     export path + fingerprint, dim, count, kind, search
+                                       parameters, recall@10 vs exact, build history
+
+Row ids are contiguous (0..N-1) and assigned in append order, so a faiss id is a row id and a
+row id is a position: no id map. Clips are keyed by (path, start, end), which is what lets an
+append skip every clip that is already embedded. Paths are stored absolute (or as URIs), so the
+served index does not depend on where the manifest was.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from clipray.config import ConfigError
+
+META = "index.json"
+FAISS = "index.faiss"
+EMB_DIR = "embeddings"
+RERANK_DIR = "rerank"
+META_COLUMNS = ["row_id", "video_id", "start", "end", "path"]
+
+
+def clip_key(path: str, start: Optional[float], end: Optional[float]) -> tuple:
+    """Identity of a clip across runs (milliseconds, so float noise cannot split one clip)."""
+    ms = lambda t: None if t is None or (isinstance(t, float) and math.isnan(t)) else round(float(t) * 1000)  # noqa: E731
+    return (path, ms(start), ms(end))
+
+
+def fingerprint(export_dir: str | Path) -> str:
+    """sha256 of the export's weights: an index and the encoders that query it must agree."""
+    h = hashlib.sha256()
+    with open(Path(export_dir) / "model.safetensors", "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def read_meta(out: str | Path) -> Optional[dict[str, Any]]:
+    p = Path(out) / META
+    return json.loads(p.read_text()) if p.is_file() else None
+
+
+def write_meta(out: str | Path, meta: dict[str, Any]) -> None:
+    p = Path(out) / META
+    tmp = p.with_suffix(".tmp")
+    tmp.write_text(json.dumps(meta, indent=1, sort_keys=True))
+    tmp.replace(p)
+
+
+def parts(out: str | Path, sub: str = EMB_DIR, suffix: str = ".parquet") -> list[Path]:
+    return sorted((Path(out) / sub).glob(f"part-*{suffix}"))
+
+
+def read_table(out: str | Path, columns: Optional[list[str]] = None) -> pa.Table:
+    """All embedding parts, ordered by row_id (empty table with no parts)."""
+    files = parts(out)
+    if not files:
+        return pa.table({c: [] for c in (columns or META_COLUMNS)})
+    t = pa.concat_tables(pq.read_table(f, columns=columns) for f in files)
+    return t.sort_by("row_id")
+
+
+def embedding_matrix(table: pa.Table) -> np.ndarray:
+    col = table.column("embedding").combine_chunks()
+    if len(col) == 0:
+        return np.zeros((0, 0), np.float32)
+    dim = len(col[0])
+    return np.asarray(col.flatten(), dtype=np.float32).reshape(len(col), dim)
+
+
+def write_part(out: str | Path, rows: dict[str, np.ndarray], sub: str = EMB_DIR) -> Path:
+    """One new part holding this run's clips (row_id, metadata, embedding [n, D])."""
+    d = Path(out) / sub
+    d.mkdir(parents=True, exist_ok=True)
+    path = d / f"part-{len(parts(out, sub, '.parquet' if sub == EMB_DIR else '.npz')):05d}"
+    if sub != EMB_DIR:
+        np.savez(f"{path}.npz", **rows)
+        return Path(f"{path}.npz")
+    emb = np.ascontiguousarray(rows["embedding"], dtype=np.float32)
+    table = pa.table({
+        "row_id": pa.array(rows["row_id"], pa.int64()),
+        "video_id": pa.array(rows["video_id"], pa.string()),
+        "start": pa.array(rows["start"], pa.float64()),
+        "end": pa.array(rows["end"], pa.float64()),
+        "path": pa.array(rows["path"], pa.string()),
+        "embedding": pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1), pa.float32()), emb.shape[1]),
+    })
+    pq.write_table(table, f"{path}.parquet")
+    return Path(f"{path}.parquet")
+
+
+# ---- faiss ------------------------------------------------------------------------------------
+def _nlist(n: int, want: int) -> int:
+    """IVF list count: asked for, else ~4 sqrt(N); never so many that k-means lacks points."""
+    nlist = want or int(4 * math.sqrt(max(n, 1)))
+    return max(1, min(nlist, n // 39 if n >= 39 else 1))
+
+
+def build_faiss(x: np.ndarray, kind: str, nlist: int = 0, pq_m: int = 0, refine: int = 0,
+                hnsw_m: int = 32, seed: int = 0) -> tuple[Any, dict[str, Any]]:
+    """A trained, filled inner-product index over `x` [N, D]; returns (index, build params)."""
+    import faiss
+
+    n, d = x.shape
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    ip = faiss.METRIC_INNER_PRODUCT
+    params: dict[str, Any] = {"kind": kind}
+    if kind == "flat":
+        index = faiss.IndexFlatIP(d)
+    elif kind == "hnsw":
+        index = faiss.IndexHNSWFlat(d, hnsw_m, ip)
+        index.hnsw.efConstruction = max(40, 2 * hnsw_m)
+        params["hnsw_m"] = hnsw_m
+    elif kind in ("ivf_flat", "ivf_sq8", "ivf_pq"):
+        lists = _nlist(n, nlist)
+        if kind == "ivf_pq":
+            m = pq_m or d // 4
+            if d % m:
+                raise ConfigError(f"index.pq_m={m} must divide the embedding dim {d}")
+            if n < 256 * 39:
+                raise ConfigError(f"ivf_pq needs >= {256 * 39} vectors to train its codebooks, "
+                                  f"got {n}: use flat, hnsw or ivf_sq8")
+            spec = f"IVF{lists},PQ{m}" + (",RFlat" if refine else "")
+            params.update(pq_m=m, refine=refine)
+        else:
+            spec = f"IVF{lists},{'Flat' if kind == 'ivf_flat' else 'SQ8'}"
+        index = faiss.index_factory(d, spec, ip)
+        params.update(nlist=lists, factory=spec)
+        rng = np.random.default_rng(seed)
+        train = x if n <= 256 * lists else x[rng.choice(n, 256 * lists, replace=False)]
+        index.train(train)
+    else:
+        raise ConfigError(f"unknown index kind {kind!r}")
+    for i in range(0, n, 65536):
+        index.add(x[i : i + 65536])
+    return index, params
+
+
+def set_search_params(index: Any, nprobe: int = 16, ef_search: int = 128, refine: int = 0) -> None:
+    """Runtime knobs are not all serialised by faiss: apply them after every load."""
+    import faiss
+
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is not None:
+        ivf.nprobe = min(nprobe, ivf.nlist)
+    if hasattr(index, "hnsw"):
+        index.hnsw.efSearch = ef_search
+    if refine and hasattr(index, "k_factor"):
+        index.k_factor = float(refine)
+
+
+def recall_at_k(index: Any, exact: Any, queries: np.ndarray, k: int = 10) -> dict[str, float]:
+    """Share of exact top-k ids the index also returns, and both per-query latencies (ms)."""
+    q = np.ascontiguousarray(queries, dtype=np.float32)
+    k = min(k, exact.ntotal)
+    t0 = time.perf_counter()
+    _, truth = exact.search(q, k)
+    t1 = time.perf_counter()
+    _, got = index.search(q, k)
+    t2 = time.perf_counter()
+    hits = sum(len(set(a.tolist()) & set(b.tolist())) for a, b in zip(truth, got))
+    return {f"recall@{k}": hits / max(1, k * len(q)), "queries": len(q),
+            "exact_ms_per_query_batched": 1000 * (t1 - t0) / max(1, len(q)),
+            "index_ms_per_query_batched": 1000 * (t2 - t1) / max(1, len(q))}
+
+
+def save_faiss(out: str | Path, index: Any) -> None:
+    import faiss
+
+    tmp = str(Path(out) / (FAISS + ".tmp"))
+    faiss.write_index(index, tmp)
+    Path(tmp).replace(Path(out) / FAISS)
+
+
+def load_faiss(out: str | Path, meta: dict[str, Any]) -> Any:
+    import faiss
+
+    index = faiss.read_index(str(Path(out) / FAISS))
+    p = meta.get("search", {})
+    set_search_params(index, p.get("nprobe", 16), p.get("ef_search", 128), p.get("refine", 0))
+    return index
+
+
+def read_rerank(out: str | Path, count: int) -> Optional[tuple[np.ndarray, np.ndarray]]:
+    """Frame features [N, T, D] fp16 and masks [N, T] by row id, or None without a re-ranker."""
+    files = parts(out, RERANK_DIR, ".npz")
+    if not files:
+        return None
+    chunks = [np.load(f) for f in files]
+    first = chunks[0]
+    feats = np.zeros((count, *first["feats"].shape[1:]), np.float16)
+    mask = np.zeros((count, first["mask"].shape[1]), np.uint8)
+    for c in chunks:
+        feats[c["row_id"]] = c["feats"]
+        mask[c["row_id"]] = c["mask"]
+    return feats, mask
+
+
+def existing_keys(table: pa.Table) -> set[tuple]:
+    return {clip_key(p, s, e) for p, s, e in zip(table.column("path").to_pylist(),
+                                                  table.column("start").to_pylist(),
+                                                  table.column("end").to_pylist())}
+
+
+def as_list(v: Iterable) -> list:
+    return v.tolist() if isinstance(v, np.ndarray) else list(v)

@@ -1,0 +1,161 @@
+"""`clipray index`: the Ray Data embedding job, sliding windows, appends, approximate indexes,
+the tightTransf re-ranker features, and the guards (cross-encoder refused, model mismatch).
+
+The model is the session's tiny trained export (`test_serve.trained_export`: a plain-PyTorch
+fit of `test_meanP` on the synthetic videos and events; see test_serve.py). Queries are encoded
+with that export directly and searched in the faiss index the job wrote, so these tests need
+no Serve app.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from clipray.config import ConfigError
+from test_serve import trained_export
+
+WINDOWS = ["index.window_s=2", "index.stride_s=1"]
+
+
+def _cfg(export: str, manifest: str, out, *extra: str):
+    from serve.config import load_app_config
+
+    return load_app_config(None, [f"checkpoint={export}", f"manifest={manifest}", f"out={out}", *extra])
+
+
+@pytest.fixture(scope="module")
+def export(tmp_path_factory, synth_small) -> str:
+    return trained_export(tmp_path_factory, synth_small)
+
+
+@pytest.fixture(scope="module")
+def windowed(ray_local, export, synth_small, tmp_path_factory) -> dict:
+    """A 2 s / 1 s sliding-window index, built in two runs: the test split, then everything."""
+    from serve import store
+    from serve.index import build_index
+
+    out = tmp_path_factory.mktemp("windowed")
+    first = build_index(_cfg(export, synth_small["manifest"], out, "index.split=test", *WINDOWS), quiet=True)
+    part0 = store.parts(out)[0].read_bytes()
+    full = build_index(_cfg(export, synth_small["manifest"], out, *WINDOWS), quiet=True)
+    return {"out": out, "first": first, "full": full, "part0": part0}
+
+
+def test_windows_cover_the_video():
+    from serve.index import windows
+
+    assert windows(4.0, 2.0, 1.0) == [(0.0, 2.0), (1.0, 3.0), (2.0, 4.0)]
+    assert windows(5.0, 2.0, 2.0) == [(0.0, 2.0), (2.0, 4.0), (3.0, 5.0)]
+    assert windows(1.5, 2.0, 1.0) == [(0.0, 1.5)]
+
+
+def test_append_embeds_only_new_clips(windowed, export, synth_small):
+    from clipray.manifest import read_manifest
+    from serve import store
+    from serve.index import build_index
+
+    out = windowed["out"]
+    rows = read_manifest(synth_small["manifest"]).to_pylist()
+    want = sum(3 if r["duration"] == 4.0 else 1 for r in rows)  # 2-event videos: 3 windows
+    n_test = sum(3 if r["duration"] == 4.0 else 1 for r in rows if r["split"] == "test")
+    assert windowed["first"]["count"] == n_test > 0
+    assert windowed["full"]["count"] == want
+    assert windowed["full"]["history"][-1]["added"] == want - n_test  # nothing embedded twice
+    assert store.parts(out)[0].read_bytes() == windowed["part0"]  # first run's part untouched
+    t = store.read_table(out)
+    assert t.column("row_id").to_pylist() == list(range(want))
+    keys = store.existing_keys(t)
+    assert len(keys) == want  # (path, start, end) unique
+    again = build_index(_cfg(export, synth_small["manifest"], out, *WINDOWS), quiet=True)
+    assert again["history"][-1]["added"] == 0 and again["count"] == want
+    assert len(store.parts(out)) == 2
+
+
+def test_sliding_window_search_finds_the_event_window(windowed, export, synth_small):
+    """An event's caption finds its video, and that video's best window is the event's."""
+    import faiss
+    import open_clip
+    import torch
+
+    from clipray.export import load_export
+    from clipray.manifest import read_manifest
+    from serve import store
+
+    out = windowed["out"]
+    meta = store.read_meta(out)
+    index = store.load_faiss(out, meta)
+    t = store.read_table(out, store.META_COLUMNS).to_pylist()
+    model = load_export(export)
+    tok = open_clip.get_tokenizer(model.tokenizer_name, context_length=32)
+    events = [e for e in read_manifest(synth_small["events_manifest"]).to_pylist() if e["duration"] == 4.0]
+    assert len(events) >= 6
+    good = 0
+    for e in events:
+        with torch.no_grad():
+            q = model.encode_text(tok([e["caption"]])).numpy()
+        _, ids = index.search(q, 8)
+        mine = [t[i] for i in ids[0] if t[i]["video_id"] == e["video_id"]]
+        if mine:
+            s, en = mine[0]["start"], mine[0]["end"]
+            iou = max(0.0, min(en, e["end"]) - max(s, e["start"])) / (max(en, e["end"]) - min(s, e["start"]))
+            good += iou >= 0.5
+    assert isinstance(index, faiss.IndexFlatIP)
+    assert good >= 0.8 * len(events), f"{good}/{len(events)} events found in their own window"
+
+
+def test_approximate_index_reports_recall_and_cli(windowed, export, synth_small, tmp_path):
+    import shutil
+
+    from clipray.cli import main
+    from serve import store
+
+    out = tmp_path / "hnsw"
+    shutil.copytree(windowed["out"], out)
+    assert main(["index", str(Path(__file__).parents[1] / "serve" / "configs" / "demo.yaml"), f"checkpoint={export}", f"out={out}",
+                 f"manifest={synth_small['manifest']}", "index.kind=hnsw", *WINDOWS]) == 0
+    meta = store.read_meta(out)
+    assert meta["kind"] == "hnsw" and meta["history"][-1]["added"] == 0
+    assert meta["recall"]["recall@10"] >= 0.95 and meta["recall"]["queries"] > 0
+    assert type(store.load_faiss(out, meta)).__name__ == "IndexHNSWFlat"
+
+
+def test_cross_encoder_is_a_reranker_not_an_index(ray_local, export, synth_small, tmp_path):
+    import open_clip
+    import torch
+
+    from clipray.export import load_export, save_export
+    from clipray.models import create_model
+    from serve import store
+    from serve.deployments import score_candidates
+    from serve.index import build_index
+
+    tight = save_export(create_model("test_tightTransf"), tmp_path / "tight")
+    with pytest.raises(ConfigError, match="cross-encoder"):
+        build_index(_cfg(str(tight), synth_small["manifest"], tmp_path / "no"), quiet=True)
+    out = tmp_path / "rr"
+    meta = build_index(_cfg(export, synth_small["manifest"], out, "index.split=test",
+                            f"index.rerank_checkpoint={tight}"), quiet=True)
+    feats, mask = store.read_rerank(out, meta["count"])
+    assert feats.shape == (meta["count"], 8, 64) and mask.sum(1).min() > 0
+    # what the Reranker deployment computes: one cross-encoder score per candidate
+    model = load_export(tight)
+    tok = open_clip.get_tokenizer(model.tokenizer_name, context_length=32)
+    scores = score_candidates(model, tok, torch.from_numpy(feats), torch.from_numpy(mask).bool(),
+                              [("a red square moves left", [0, 1]), ("a blue circle moves up", [1])])
+    assert [len(s) for s in scores] == [2, 1] and np.isfinite(scores[0]).all()
+
+
+def test_another_model_cannot_append(windowed, synth_small, tmp_path):
+    from clipray.export import save_export
+    from clipray.models import create_model
+    from serve.index import build_index
+
+    other = save_export(create_model("test_meanP"), tmp_path / "other")
+    with pytest.raises(ConfigError, match="another model"):
+        build_index(_cfg(str(other), synth_small["manifest"], windowed["out"]), quiet=True)
+    skip = windowed["out"] / "skip_report.jsonl"
+    assert not skip.exists() or all(json.loads(line)["reason"] for line in skip.read_text().splitlines())

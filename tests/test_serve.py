@@ -1,0 +1,292 @@
+"""The retrieval app on real Ray Serve (the session's local Ray), over real HTTP on 127.0.0.1.
+
+How retrieval is made to work cheaply: `serve.smoke_model.fit_tiny` fits the tiny registered
+`test_meanP` model in one process (plain PyTorch, no Ray Train: ~150 steps, well under a minute
+on 2 cores) on the synthetic set's whole videos and single events, then `save_export` writes the
+serving format. The index is built by the real `clipray index` job (Ray Data actor pool). A
+caption of a synthetic video then finds that video (meanP cannot see order, so the video's
+order twin may tie with it: top-3 is asked for).
+
+The export, the index and the running app are shared by test_search_page.py and this module
+(`shared_app`); the app is deleted after the last of them, so later tests get their CPUs back.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import requests
+
+SERVING_MODULES = ("test_search_page.py", "test_serve.py")
+_APP: dict = {}
+
+
+def trained_export(tmp_path_factory, synth: dict) -> str:
+    """The session's tiny trained export (fitted once, cached under the session's temp root)."""
+    from serve.smoke_model import fit_tiny
+
+    out = tmp_path_factory.getbasetemp() / "serve_export"
+    if not (out / "config.json").exists():
+        fit_tiny([synth["manifest"], synth["events_manifest"]], out, steps=150)
+    return str(out)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def app_overrides(port: int) -> list[str]:
+    """Small replicas and short autoscaling delays (the autoscaling test waits on them)."""
+    return [
+        f"serve.port={port}", "serve.app_name=clipray-test",
+        "serve.limits.max_text_chars=200", "serve.limits.max_k=50", "serve.limits.max_upload_mb=1",
+        "serve.ingress.num_cpus=0.1",
+        "serve.ingress.env_vars.RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S=0.5",
+        "serve.text_encoder.num_cpus=0.1", "serve.text_encoder.min_replicas=1",
+        "serve.text_encoder.max_replicas=2", "serve.text_encoder.target_ongoing_requests=2",
+        "serve.text_encoder.upscale_delay_s=1", "serve.text_encoder.downscale_delay_s=3",
+        "serve.text_encoder.look_back_period_s=2",
+        "serve.video_encoder.num_cpus=0.1", "serve.searcher.num_cpus=0.1",
+    ]
+
+
+
+
+def shared_app(tmp_path_factory, synth: dict) -> dict:
+    """Export -> `clipray index` -> `clipray serve` start, once per session; url, cfg, paths."""
+    if "url" in _APP:
+        return _APP
+    from serve.__main__ import start
+    from serve.config import load_app_config
+    from serve.index import build_index
+
+    export = trained_export(tmp_path_factory, synth)
+    out = tmp_path_factory.getbasetemp() / "serve_index"
+    cfg = load_app_config(None, [f"checkpoint={export}", f"manifest={synth['manifest']}", f"out={out}",
+                                 *app_overrides(_free_port())])
+    if not (out / "index.json").exists():
+        build_index(cfg, quiet=True)
+    _APP.update(url=start(cfg), cfg=cfg, export=export, out=str(out))
+    return _APP
+
+
+def release_app(request) -> None:
+    """Module teardown: delete the app unless a later serving module of this session needs it."""
+    items = request.session.items
+    here = Path(str(request.node.fspath)).name
+    mine = [i for i, it in enumerate(items) if Path(str(it.fspath)).name == here]
+    later = [it for it in items[(max(mine) + 1 if mine else 0):] if Path(str(it.fspath)).name in SERVING_MODULES]
+    if not later and "cfg" in _APP:
+        from serve.__main__ import stop
+
+        stop(_APP["cfg"])
+        _APP.clear()
+
+
+@pytest.fixture(scope="module")
+def app(ray_local, synth_small, tmp_path_factory, request):
+    yield shared_app(tmp_path_factory, synth_small)
+    release_app(request)
+
+
+def _videos(synth: dict) -> list[dict]:
+    from clipray.manifest import read_manifest
+
+    return read_manifest(synth["manifest"]).to_pylist()
+
+
+# ---- the API -----------------------------------------------------------------------------------
+def test_text_query_returns_the_described_video(app, synth_small):
+    rows = _videos(synth_small)
+    picks = [r for r in rows if ", then" not in r["caption"]][:3] + [r for r in rows if ", then" in r["caption"]][:2]
+    for r in picks:
+        got = requests.post(f"{app['url']}/search", json={"text": r["caption"], "k": 3}, timeout=30)
+        assert got.status_code == 200, got.text
+        hits = got.json()["results"]
+        assert len(hits) == 3 and set(hits[0]) == {"clip_id", "video_id", "score", "start", "end"}
+        assert r["video_id"] in [h["video_id"] for h in hits], (r["caption"], hits)
+        assert hits[0]["score"] >= hits[-1]["score"]
+
+
+def test_encoders_and_video_query(app, synth_small):
+    url, path = app["url"], Path(synth_small["manifest"]).parent / "videos" / "synth00000.mp4"
+    t = requests.post(f"{url}/encode/text", json={"text": "a red square moves left"}, timeout=30).json()
+    assert t["dim"] == len(t["embedding"]) == 64
+    assert abs(sum(x * x for x in t["embedding"]) - 1) < 1e-3
+    v = requests.post(f"{url}/encode/video", files={"file": ("q.mp4", path.read_bytes(), "video/mp4")}, timeout=60)
+    assert v.status_code == 200 and v.json()["dim"] == 64
+    s = requests.post(f"{url}/search/video", files={"file": ("q.mp4", path.read_bytes(), "video/mp4")},
+                      data={"k": "2"}, timeout=60)
+    assert s.status_code == 200, s.text
+    top = s.json()["results"][0]
+    assert top["video_id"] == "synth00000" and top["score"] > 0.99  # the same file is indexed
+    h = requests.get(f"{url}/healthz", timeout=10).json()
+    assert h["status"] == "ok" and h["clips"] == 24
+    assert requests.get(f"{url}/docs", timeout=10).status_code == 200
+
+
+def test_clip_stream_supports_range(app, synth_small):
+    url = app["url"]
+    hit = requests.post(f"{url}/search", json={"text": "a blue circle moves up", "k": 1}, timeout=30).json()["results"][0]
+    data = (Path(synth_small["manifest"]).parent / "videos" / f"{hit['video_id']}.mp4").read_bytes()
+    full = requests.get(f"{url}/clips/{hit['clip_id']}", timeout=30)
+    assert full.status_code == 200 and full.content == data
+    assert full.headers["content-type"] == "video/mp4" and full.headers["accept-ranges"] == "bytes"
+    part = requests.get(f"{url}/clips/{hit['clip_id']}", headers={"Range": "bytes=100-199"}, timeout=30)
+    assert part.status_code == 206 and part.content == data[100:200]
+    assert part.headers["content-range"] == f"bytes 100-199/{len(data)}"
+
+
+def _bad_requests(url: str, video: bytes) -> list[tuple[str, object, tuple[int, ...]]]:
+    post = lambda p, **kw: requests.post(f"{url}{p}", timeout=60, **kw)  # noqa: E731
+    js = {"Content-Type": "application/json"}
+    return [
+        ("empty text", lambda: post("/search", json={"text": "", "k": 3}), (422,)),
+        ("blank text", lambda: post("/search", json={"text": "   ", "k": 3}), (422,)),
+        ("over-long text", lambda: post("/search", json={"text": "a red square " * 40, "k": 3}), (422,)),
+        ("k zero", lambda: post("/search", json={"text": "a red square", "k": 0}), (422,)),
+        ("k too big", lambda: post("/search", json={"text": "a red square", "k": 51}), (422,)),
+        ("k not a number", lambda: post("/search", json={"text": "a red square", "k": "many"}), (422,)),
+        ("non-UTF-8 body", lambda: post("/search", data=b'{"text": "\xff\xfe", "k": 3}', headers=js), (400, 422)),
+        ("malformed JSON", lambda: post("/search", data=b'{"text": "a red', headers=js), (400, 422)),
+        ("not JSON at all", lambda: post("/search", data=b"text=a", headers={"Content-Type": "text/plain"}), (400, 415, 422)),
+        ("missing text", lambda: post("/search", json={"k": 3}), (422,)),
+        ("path-like field", lambda: post("/search", json={"text": "a", "k": 1, "path": "/etc/passwd"}), (422,)),
+        ("encode: empty text", lambda: post("/encode/text", json={"text": ""}), (422,)),
+        ("encode: path field", lambda: post("/encode/text", json={"text": "a", "file": "/etc/passwd"}), (422,)),
+        ("upload not a video", lambda: post("/search/video", files={"file": ("x.mp4", b"\x00not a video" * 50)}), (415,)),
+        ("upload empty", lambda: post("/encode/video", files={"file": ("x.mp4", b"")}), (422,)),
+        ("upload missing", lambda: post("/encode/video", data={"path": "/etc/passwd"}), (422,)),
+        ("upload too big", lambda: post("/encode/video", files={"file": ("x.mp4", video * (2 * 2**20 // len(video) + 1))}), (413,)),
+        ("upload k out of range", lambda: post("/search/video", files={"file": ("x.mp4", video)}, data={"k": "0"}), (422,)),
+        ("unknown clip id", lambda: requests.get(f"{url}/clips/999999", timeout=30), (404,)),
+        ("negative clip id", lambda: requests.get(f"{url}/clips/-1", timeout=30), (404,)),
+        ("clip id not a number", lambda: requests.get(f"{url}/clips/abc", timeout=30), (422,)),
+        ("path traversal", lambda: requests.get(f"{url}/clips/..%2F..%2Fetc%2Fpasswd", timeout=30), (404, 422)),
+    ]
+
+
+def test_bad_inputs_are_4xx_with_a_message(app, synth_small):
+    video = (Path(synth_small["manifest"]).parent / "videos" / "synth00001.mp4").read_bytes()
+    wrong = []
+    for name, send, codes in _bad_requests(app["url"], video):
+        r = send()
+        body = r.json() if r.headers.get("content-type", "").startswith("application/json") else {}
+        if r.status_code not in codes or not str(body.get("error", "")).strip():
+            wrong.append(f"{name}: {r.status_code} {r.text[:200]}")
+    assert not wrong, "\n".join(wrong)
+    # a path in the query string is ignored: the clip id alone picks the file
+    r = requests.get(f"{app['url']}/clips/0", params={"path": "/etc/passwd"}, timeout=30)
+    assert r.status_code == 200 and b"root:" not in r.content and r.content[4:8] == b"ftyp"
+
+
+# ---- failure and scaling -----------------------------------------------------------------------
+def _handle(name: str):
+    from ray import serve
+
+    return serve.get_deployment_handle(name, app_name=_APP["cfg"].serve.app_name)
+
+
+def _stream(url: str, seconds: float, clients: int, stop: threading.Event, path: str = "/search") -> dict:
+    """Bounded request loop from `clients` threads; counts successes and failures."""
+    out = {"ok": 0, "fail": 0, "errors": []}
+    lock, deadline = threading.Lock(), time.monotonic() + seconds
+
+    def run(i: int) -> None:
+        with requests.Session() as s:
+            while not stop.is_set() and time.monotonic() < deadline:
+                try:
+                    r = s.post(f"{url}{path}", json={"text": f"a red square moves left {i}"}
+                               | ({"k": 3} if path == "/search" else {}), timeout=60)
+                    good = r.status_code == 200
+                except requests.RequestException as e:
+                    good, r = False, e
+                with lock:
+                    out["ok" if good else "fail"] += 1
+                    if not good:
+                        out["errors"].append(str(getattr(r, "text", r))[:200])
+
+    with ThreadPoolExecutor(clients) as pool:
+        list(pool.map(run, range(clients)))
+    return out
+
+
+def test_killed_replica_loses_at_most_in_flight_requests(app):
+    old = _handle("Searcher").info.remote().result()["pid"]
+    stop, clients = threading.Event(), 4
+    with ThreadPoolExecutor(1) as bg:
+        fut = bg.submit(_stream, app["url"], 40.0, clients, stop)
+        time.sleep(2.0)
+        os.kill(old, signal.SIGKILL)
+        deadline, new = time.monotonic() + 60, old
+        while time.monotonic() < deadline and new == old:  # the controller starts a new replica
+            try:
+                new = _handle("Searcher").info.remote().result(timeout_s=5)["pid"]
+            except Exception:  # noqa: BLE001 - none alive yet
+                time.sleep(0.5)
+        time.sleep(2.0)
+        stop.set()
+        res = fut.result()
+    assert new != old, "the Searcher replica was not replaced"
+    assert res["fail"] <= clients, res
+    assert res["ok"] > 0
+    after = requests.post(f"{app['url']}/search", json={"text": "a green cross moves down", "k": 2}, timeout=30)
+    assert after.status_code == 200 and len(after.json()["results"]) == 2
+
+
+def _running(name: str) -> int:
+    from ray import serve
+
+    st = serve.status().applications[_APP["cfg"].serve.app_name].deployments[name]
+    return int(st.replica_states.get("RUNNING", 0))
+
+
+def test_text_encoder_autoscales_up_and_down(app):
+    assert _running("TextEncoder") == 1
+    stop, peak = threading.Event(), 1
+    with ThreadPoolExecutor(1) as bg:
+        fut = bg.submit(_stream, app["url"], 60.0, 16, stop, "/encode/text")
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and peak < 2:
+            time.sleep(0.5)
+            peak = max(peak, _running("TextEncoder"))
+        stop.set()
+        res = fut.result()
+    assert peak == 2, f"TextEncoder never scaled above min_replicas under load ({res['ok']} requests)"
+    assert res["fail"] == 0, res["errors"][:3]
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and _running("TextEncoder") > 1:
+        time.sleep(0.5)
+    assert _running("TextEncoder") == 1, "TextEncoder did not scale back down after the load stopped"
+
+
+# ---- OpenAPI fuzzing ---------------------------------------------------------------------------
+def test_openapi_fuzz_finds_no_server_error(app):
+    """schemathesis draws bounded examples for every operation of /openapi.json: never a 5xx."""
+    schemathesis = pytest.importorskip("schemathesis")
+    from hypothesis import HealthCheck, given, settings
+    from schemathesis.checks import not_a_server_error
+
+    schema = schemathesis.openapi.from_url(f"{app['url']}/openapi.json")
+    ops = [r.ok() for r in schema.get_all_operations()]
+    assert {op.path for op in ops} >= {"/search", "/search/video", "/encode/text", "/encode/video",
+                                        "/clips/{clip_id}", "/healthz"}
+    calls = []
+    for op in ops:
+        @settings(max_examples=10, deadline=None, derandomize=True, database=None,
+                  suppress_health_check=list(HealthCheck))
+        @given(case=op.as_strategy())
+        def fuzz(case):
+            calls.append(case.call_and_validate(base_url=app["url"], checks=[not_a_server_error],
+                                                timeout=60).status_code)
+        fuzz()
+    assert len(calls) >= 6 and all(c < 500 for c in calls)
