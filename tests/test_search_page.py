@@ -1,0 +1,149 @@
+"""The search page (GET /) in headless Chromium: type a query, get tiles of playable clips.
+
+Debian's Chromium (`apt-get install -y chromium`, what .ci/run installs) is driven over the
+Chrome DevTools Protocol with a few lines of `websockets` (dev extra): no chromedriver, no
+browser download. The query is typed with real key events (Input.insertText + an Enter key
+press). Skipped, with the reason, when Chromium or websockets is missing. The app is the
+session's shared one (test_serve.shared_app). A screenshot is saved in the test's tmp dir.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import shutil
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from test_serve import release_app, shared_app
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+FLAGS = ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         "--disable-default-apps", "--disable-extensions", "--no-first-run", "--mute-audio",
+         "--metrics-recording-only", "--autoplay-policy=no-user-gesture-required",
+         "--window-size=1200,900", "--remote-debugging-port=0")
+
+
+class Chromium:
+    """Headless Chromium + one page, driven over CDP (only the calls these tests need)."""
+
+    def __init__(self, profile: Path):
+        from websockets.sync.client import connect
+
+        self.proc = subprocess.Popen([CHROMIUM, *FLAGS, f"--user-data-dir={profile}", "about:blank"],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        port_file, deadline = profile / "DevToolsActivePort", time.monotonic() + 60
+        while not port_file.exists() or not port_file.read_text().strip():
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                self.close()
+                raise RuntimeError("chromium did not open its DevTools port")
+            time.sleep(0.1)
+        port = int(port_file.read_text().split()[0])
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=10) as r:
+            page = next(t for t in json.loads(r.read()) if t["type"] == "page")
+        self.ws = connect(page["webSocketDebuggerUrl"], max_size=None, open_timeout=30)
+        self.next_id = 0
+
+    def call(self, method: str, **params) -> dict:
+        self.next_id += 1
+        self.ws.send(json.dumps({"id": self.next_id, "method": method, "params": params}))
+        while True:  # skip events until our answer arrives
+            msg = json.loads(self.ws.recv(timeout=60))
+            if msg.get("id") == self.next_id:
+                if "error" in msg:
+                    raise RuntimeError(f"{method}: {msg['error']}")
+                return msg["result"]
+
+    def js(self, expr: str):
+        r = self.call("Runtime.evaluate", expression=expr, returnByValue=True, awaitPromise=True)
+        if "exceptionDetails" in r:
+            raise RuntimeError(f"{expr}: {r['exceptionDetails']}")
+        return r["result"].get("value")
+
+    def until(self, expr: str, timeout_s: float = 60.0):
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            v = self.js(expr)
+            if v:
+                return v
+            time.sleep(0.25)
+        raise TimeoutError(f"never true: {expr}")
+
+    def open(self, url: str) -> None:
+        self.call("Page.enable")
+        self.call("Page.navigate", url=url)
+        self.until("document.readyState === 'complete' && !!document.getElementById('q')")
+
+    def type_and_enter(self, selector: str, text: str) -> None:
+        self.js(f"document.querySelector({json.dumps(selector)}).focus()")
+        self.call("Input.insertText", text=text)
+        for kind in ("keyDown", "keyUp"):
+            self.call("Input.dispatchKeyEvent", type=kind, key="Enter", code="Enter",
+                      windowsVirtualKeyCode=13, nativeVirtualKeyCode=13,
+                      **({"text": "\r"} if kind == "keyDown" else {}))
+
+    def screenshot(self, path: Path) -> None:
+        path.write_bytes(base64.b64decode(self.call("Page.captureScreenshot", format="png")["data"]))
+
+    def close(self) -> None:
+        if getattr(self, "ws", None) is not None:
+            self.ws.close()
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+@pytest.fixture(scope="module")
+def app(ray_local, synth_small, tmp_path_factory, request):
+    yield shared_app(tmp_path_factory, synth_small)
+    release_app(request)
+
+
+@pytest.fixture
+def browser(tmp_path):
+    if not CHROMIUM:
+        pytest.skip("Debian chromium not installed (apt-get install -y chromium)")
+    pytest.importorskip("websockets.sync.client", reason="websockets not installed (dev extra)")
+    b = Chromium(tmp_path / "profile")
+    yield b
+    b.close()
+
+
+VIDEOS = ("Array.from(document.querySelectorAll('#results video')).map(v => "
+          "({ready: v.readyState, error: v.error ? v.error.code : 0, duration: v.duration, "
+          "time: v.currentTime, src: v.currentSrc}))")
+
+
+def test_typed_query_shows_playable_clips(app, browser, synth_small, tmp_path):
+    from clipray.manifest import read_manifest
+
+    row = next(r for r in read_manifest(synth_small["manifest"]).to_pylist() if ", then" not in r["caption"])
+    browser.open(app["url"] + "/")
+    browser.type_and_enter("#q", row["caption"])
+    browser.until("document.querySelectorAll('#results .tile').length > 0")
+    labels = browser.js("Array.from(document.querySelectorAll('#results .tile .meta')).map(m => m.textContent)")
+    assert len(labels) == 8  # the page asks for k=8
+    assert any(row["video_id"] in s for s in labels[:3]), labels
+    # each tile's <video> fetched /clips/{id} (Range requests) and parsed the mp4
+    browser.until(f"{VIDEOS}.every(v => v.ready >= 1)")
+    browser.until(f"{VIDEOS}.some(v => v.time > 0)", timeout_s=30)  # clips play in place
+    for v in browser.js(VIDEOS):
+        assert v["error"] == 0 and v["duration"] > 0 and "/clips/" in v["src"], v
+    assert "8 clips" in browser.js("document.getElementById('status').textContent")
+    shot = tmp_path / "search_page.png"
+    browser.screenshot(shot)
+    assert shot.stat().st_size > 10_000
+
+
+def test_page_shows_api_errors(app, browser):
+    browser.open(app["url"] + "/")
+    browser.type_and_enter("#q", "a red square " * 30)
+    status = browser.until("(s => s.includes('error') && s)(document.getElementById('status').textContent)", 30)
+    assert "max_text_chars" in status
