@@ -143,9 +143,19 @@ def resolve(cfg: AppConfig) -> AppConfig:
     return dataclasses.replace(cfg, index=ix, serve=dataclasses.replace(sv, **deps))
 
 
+def find_config(path: str | Path) -> Path:
+    """A config path as given, else relative to the source root (where `serve/` lives): a Serve
+    app built on a cluster runs in a worker whose working directory is not the checkout."""
+    p = Path(path)
+    if p.is_file() or p.is_absolute():
+        return p
+    root = Path(__file__).resolve().parents[1] / p
+    return root if root.is_file() else p
+
+
 def load_app_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> AppConfig:
     """Defaults <- YAML (default: serve/configs/demo.yaml) <- key=value overrides, resolved."""
-    return resolve(load_config(path or DEFAULT_CONFIG, overrides, schema=AppConfig))
+    return resolve(load_config(find_config(path or DEFAULT_CONFIG), overrides, schema=AppConfig))
 
 
 def deployment_options(d: DeploymentConfig) -> dict:
