@@ -22,7 +22,8 @@ from serve.config import AppConfig, load_app_config
 
 
 def url_of(cfg: AppConfig) -> str:
-    return f"http://{cfg.serve.host}:{cfg.serve.port}"
+    host = "127.0.0.1" if cfg.serve.host in ("0.0.0.0", "::") else cfg.serve.host
+    return f"http://{host}:{cfg.serve.port}"
 
 
 def wait_healthy(url: str, timeout_s: float = 120.0) -> dict:
@@ -51,8 +52,25 @@ def start(cfg: AppConfig, quiet_ray: bool = True) -> str:
     serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
     serve.run(app, name=cfg.serve.app_name, route_prefix="/")
     url = url_of(cfg)
+    live = _live_http()
+    if live and live[1] != cfg.serve.port:
+        # Serve was already running on this Ray: its proxy keeps the address it started with
+        url = f"http://{live[0]}:{live[1]}"
+        print(f"note: Serve was already running on this Ray; the app is at {url}, not "
+              f"{url_of(cfg)}", flush=True)
     wait_healthy(url)
     return url
+
+
+def _live_http() -> tuple[str, int] | None:
+    """(host, port) of the running Serve proxy, from the controller."""
+    try:
+        from ray.serve.context import _get_global_client
+
+        http = _get_global_client().http_config
+        return ("127.0.0.1" if http.host in ("0.0.0.0", "::") else http.host), int(http.port)
+    except Exception:  # noqa: BLE001 - private API: fall back to the configured address
+        return None
 
 
 def stop(cfg: AppConfig) -> None:

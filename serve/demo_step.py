@@ -1,0 +1,84 @@
+"""The serving step of `clipray demo`: index the synthetic videos, serve, query over HTTP.
+
+`serve_demo(export_dir, manifest, out_dir)` runs on the Ray the caller already started (or
+starts an embedded one): `clipray index` over every clip of the manifest, the Serve app on
+127.0.0.1 (port 8000, or a free one when 8000 is taken), a few caption queries of known test
+videos through the real HTTP API (`POST /search`), each printed next to the true video, then the
+app is deleted and the command that serves the same index for real is printed.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+import urllib.request
+from pathlib import Path
+
+
+def _port(preferred: int = 8000) -> int:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", preferred))
+            return preferred
+        except OSError:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+
+def _post(url: str, body: dict) -> dict:
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=60) as r:
+        return json.loads(r.read())
+
+
+def _queries(manifest: str, n: int) -> list[dict]:
+    """Captions of test-split videos (any split when there is none), one per video."""
+    from clipray.manifest import read_manifest
+
+    rows = read_manifest(manifest).to_pylist()
+    test = [r for r in rows if r["split"] == "test"] or rows
+    seen, out = set(), []
+    for r in test:
+        if r["video_id"] not in seen:
+            seen.add(r["video_id"])
+            out.append(r)
+    return out[:n]
+
+
+def serve_demo(export_dir: str, manifest: str, out_dir: str, queries: int = 4) -> list[dict]:
+    """Index, serve, query, stop. Returns one dict per query: text, true video, rank, results."""
+    from serve.__main__ import start, stop
+    from serve.config import load_app_config
+    from serve.index import build_index
+
+    index_dir = str(Path(out_dir) / "index")
+    cfg = load_app_config(None, [f"checkpoint={export_dir}", f"manifest={manifest}", f"out={index_dir}",
+                                 f"serve.port={_port()}", "serve.text_encoder.max_replicas=1"])
+    build_index(cfg)
+    t0 = time.perf_counter()
+    url = start(cfg)
+    print(f"serving at {url} (up in {time.perf_counter() - t0:.1f}s); queries through POST {url}/search:")
+    report = []
+    try:
+        for row in _queries(manifest, queries):
+            t1 = time.perf_counter()
+            hits = _post(f"{url}/search", {"text": row["caption"], "k": 5})["results"]
+            ms = 1000 * (time.perf_counter() - t1)
+            ids = [h["video_id"] for h in hits]
+            rank = ids.index(row["video_id"]) + 1 if row["video_id"] in ids else None
+            print(f"  {row['caption']!r}  (true video {row['video_id']}, "
+                  f"{'rank ' + str(rank) if rank else 'not in top 5'}, {ms:.0f} ms)")
+            for i, h in enumerate(hits, 1):
+                mark = "  <- true video" if h["video_id"] == row["video_id"] else ""
+                print(f"      {i}. {h['video_id']}  score {h['score']:.3f}{mark}")
+            report.append({"text": row["caption"], "video_id": row["video_id"], "rank": rank,
+                           "latency_ms": ms, "results": hits})
+    finally:
+        stop(cfg)
+    found = sum(r["rank"] is not None for r in report)
+    print(f"{found}/{len(report)} queries found their video in the top 5. Serve it for real with:\n"
+          f"  clipray serve serve/configs/demo.yaml out={index_dir}\n"
+          f"  then open http://127.0.0.1:8000/ (search page) or http://127.0.0.1:8000/docs (API)")
+    return report
