@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from clipray.manifest import read_manifest, write_manifest
+from runs import registered_state
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -38,11 +39,6 @@ def s3_shards(s3_server, synth_small):
     return s3
 
 
-def _states(fs, run: str) -> list[dict]:
-    return sorted((json.loads(fs.cat(p)) for p in fs.glob(f"{run}/checkpoint_*/state.json")),
-                  key=lambda s: s["step"])
-
-
 def test_posttrain_resumes_mid_pass_without_rereading_shards(ray_local, s3_shards):
     s3, fs = s3_shards, s3_shards.fs()
     run = s3.url("pp/runs/howto")
@@ -56,13 +52,13 @@ def test_posttrain_resumes_mid_pass_without_rereading_shards(ray_local, s3_shard
     first = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                              start_new_session=True, text=True)
     deadline = time.time() + 400
-    while not _states(fs, run):
+    while registered_state(run) is None:
         assert first.poll() is None, first.stdout.read()[-3000:]
         assert time.time() < deadline, "no checkpoint in 400 s"
         time.sleep(1)
     os.killpg(first.pid, signal.SIGKILL)  # stopped mid-pass
     first.wait()
-    saved = _states(fs, run)[-1]
+    saved = registered_state(run)
     assert saved["step"] < 6 and saved["pass"] == 0 and saved["consumed"]
     assert not fs.exists(f"{run}/result.json")
 
@@ -70,7 +66,7 @@ def test_posttrain_resumes_mid_pass_without_rereading_shards(ray_local, s3_shard
     log = second.stdout + second.stderr
     assert second.returncode == 0, log[-4000:]
     assert f"resumed from step {saved['step']}" in log
-    final = _states(fs, run)[-1]
+    final = registered_state(run)
     result = json.loads(fs.cat(f"{run}/result.json"))
     assert result["total_steps"] == final["step"] == 6
     assert final["pass"] == 0, "the budget fits one pass: no shard may be read twice"

@@ -21,6 +21,7 @@ import pytest
 import torch
 
 from bad_videos import plant
+from runs import registered_state
 from clipray.config import load_config
 from clipray.manifest import read_manifest, write_manifest
 
@@ -123,21 +124,22 @@ def test_zero3_stop_and_resume_at_saved_step(ray_local, synth_small, tmp_path):
         p = subprocess.Popen(args, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT,
                              start_new_session=True)
         deadline = time.time() + 300
-        while not list((tmp_path / "resume").glob("checkpoint_*/state.json")):
+        while registered_state(str(tmp_path / "resume")) is None:
             assert p.poll() is None, log1.read_text()[-3000:]
             assert time.time() < deadline, "no checkpoint within 300 s"
             time.sleep(0.5)
         os.killpg(p.pid, signal.SIGKILL)  # the user's Ctrl-C, harder
         p.wait()
-    saved = json.loads(next((tmp_path / "resume").glob("checkpoint_*/state.json")).read_text())
-    assert saved["epoch"] == 1 and not (tmp_path / "resume" / "result.json").exists()
+    saved = registered_state(str(tmp_path / "resume"))
+    assert saved["epoch"] < 3 and not (tmp_path / "resume" / "result.json").exists()
     second = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
-    assert f"resumed from step {saved['step']} (epoch 1)" in second.stdout + second.stderr
+    assert f"resumed from step {saved['step']} (epoch {saved['epoch']})" in second.stdout + second.stderr
     result = json.loads((tmp_path / "resume" / "result.json").read_text())
-    assert result["total_steps"] == 3 * saved["step"] and result["epoch"] == 3
+    steps_per_epoch = saved["step"] // saved["epoch"]
+    assert result["total_steps"] == 3 * steps_per_epoch and result["epoch"] == 3
     epochs = [line.split(",")[0] for line in (tmp_path / "resume" / "metrics.csv").read_text().splitlines()[1:]]
-    assert epochs == ["1", "2", "3"]  # epoch 1 was not trained again
+    assert epochs == ["1", "2", "3"]  # no epoch trained twice: the history continues
 
 
 def _train_worker_pids() -> list[int]:
@@ -158,7 +160,7 @@ def test_killed_worker_is_replaced_and_run_finishes(ray_local, synth_small, tmp_
 
     def killer():
         deadline = time.time() + 300
-        while time.time() < deadline and not list((tmp_path / "failover").glob("checkpoint_*/state.json")):
+        while time.time() < deadline and registered_state(str(tmp_path / "failover")) is None:
             time.sleep(0.3)
         workers = _train_worker_pids()
         if workers:

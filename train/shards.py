@@ -45,11 +45,20 @@ class ShardStream:
         for f in self.my_shards():
             self.opened.append(f)
             ds = clip_dataset(self.data, self.skip_dir, split="train", files=[f])
-            yield from ds.iter_torch_batches(
+            it = iter(ds.iter_torch_batches(
                 batch_size=self.batch_size, drop_last=True,
                 local_shuffle_buffer_size=self.data.shuffle_buffer or None,
-                local_shuffle_seed=self.seed + self.state["pass"] if self.data.shuffle_buffer else None)
-            self.done.append(f)
+                local_shuffle_seed=self.seed + self.state["pass"] if self.data.shuffle_buffer else None))
+            nxt = next(it, None)
+            if nxt is None:  # nothing decodable in it: consumed all the same
+                self.done.append(f)
+            while nxt is not None:
+                # one batch of look-ahead: a shard counts as consumed when its last batch is
+                # handed out, not one step later, so a checkpoint right after it records it
+                cur, nxt = nxt, next(it, None)
+                if nxt is None:
+                    self.done.append(f)
+                yield cur
 
     def next(self) -> Optional[Any]:
         """The next batch of this rank's pass, or None when its shards are used up."""
