@@ -15,7 +15,6 @@ report; nothing ever substitutes an all-zero clip.
 
 from __future__ import annotations
 
-import io
 import math
 import os
 import queue
@@ -85,21 +84,25 @@ def select(indices: Sequence[int], max_frames: int, how: str) -> list[int]:
 
 # ---------------------------------------------------------------- backends
 
-def _open_bytes_or_path(path: str) -> Any:
-    """A local path stays a path (decord/PyAV read it directly); a URI is fetched into memory."""
+def open_source(path: str) -> Any:
+    """A local path stays a path (decord/PyAV read it directly). A URI becomes a seekable
+    fsspec file: the decoders then read only the byte ranges they need (the index and the
+    frames of the window), not the whole object, which matters for minutes-long videos cut
+    into seconds-long clips. The caller closes it (`close_source`)."""
     if "://" in path and not path.startswith("file://"):
         import fsspec
 
         try:
-            with fsspec.open(path, "rb") as f:
-                data = f.read()
+            fs, fs_path = fsspec.core.url_to_fs(path)
+            f = fs.open(fs_path, "rb", block_size=1 << 20)
         except FileNotFoundError:
             raise SkipClip("missing file") from None
         except Exception as e:  # credentials, network, bucket errors
-            raise SkipClip(f"cannot read: {type(e).__name__}: {e}") from None
-        if not data:
+            raise SkipClip(f"cannot read: {_short(e)}") from None
+        if not getattr(f, "size", None):
+            f.close()
             raise SkipClip("empty file")
-        return io.BytesIO(data)
+        return f
     path = path.removeprefix("file://")
     if not os.path.exists(path):
         raise SkipClip("missing file")
@@ -108,6 +111,11 @@ def _open_bytes_or_path(path: str) -> Any:
     if os.path.getsize(path) == 0:
         raise SkipClip("empty file")
     return path
+
+
+def close_source(src: Any) -> None:
+    if hasattr(src, "close"):
+        src.close()
 
 
 class DecordVideo:
@@ -185,7 +193,7 @@ BACKENDS: dict[str, Callable[[Any], Any]] = {"decord": DecordVideo, "pyav": PyAV
 def open_video(path: str, backend: str = "decord") -> Any:
     if backend not in BACKENDS:
         raise ValueError(f"video.backend must be one of {sorted(BACKENDS)}, got {backend!r}")
-    return BACKENDS[backend](_open_bytes_or_path(path))
+    return BACKENDS[backend](open_source(path))
 
 
 def _short(e: BaseException) -> str:
@@ -206,10 +214,16 @@ def resize_crop(frames: np.ndarray, size: int) -> torch.Tensor:
 
 def decode_clip(path: str, start: float | None, end: float | None, cfg: VideoConfig) -> Clip:
     """Decode one clip window into `cfg.max_frames` frames + mask (raises SkipClip)."""
-    video = open_video(path, cfg.backend)
-    idx = select(candidate_indices(video.num_frames, video.fps, start, end, cfg.fps),
-                 cfg.max_frames, cfg.slice)
-    raw = video.get(idx)
+    if cfg.backend not in BACKENDS:
+        raise ValueError(f"video.backend must be one of {sorted(BACKENDS)}, got {cfg.backend!r}")
+    src = open_source(path)
+    try:
+        video = BACKENDS[cfg.backend](src)
+        idx = select(candidate_indices(video.num_frames, video.fps, start, end, cfg.fps),
+                     cfg.max_frames, cfg.slice)
+        raw = video.get(idx)
+    finally:
+        close_source(src)
     if raw.ndim != 4 or raw.shape[0] != len(idx) or raw.shape[-1] != 3:
         raise SkipClip(f"decoder returned frames of shape {raw.shape}")
     frames = np.zeros((cfg.max_frames, 3, cfg.size, cfg.size), dtype=np.uint8)
