@@ -6,7 +6,7 @@ Each subcommand is a thin shim over a `main(argv)` function that tests call dire
   clipray train CONFIG [k=v ...]       = python -m train CONFIG [k=v ...]
   clipray index CONFIG [k=v ...]       offline embedding index of a manifest
   clipray serve CONFIG [k=v ...]       the retrieval API on Ray Serve
-  clipray bench data|model|train|serve benchmarks that print figures beside a baseline
+  clipray bench data|model|train|serve|stream|heads   benchmarks beside a baseline
 """
 
 from __future__ import annotations
@@ -28,6 +28,8 @@ BENCHES = {
     "model": "clipray.bench.model:main",
     "train": "clipray.bench.train:main",
     "serve": "clipray.bench.serve:main",
+    "stream": "clipray.bench.stream:main",
+    "heads": "clipray.bench.heads:main",
 }
 
 
