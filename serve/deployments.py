@@ -9,6 +9,12 @@
     Reranker       optional: a tightTransf cross-encoder that re-scores the top candidates of
                    the loose index, from frame features stored at index time
 
+Model calls and searches run on the replica's event loop, blocking it: requests that arrive
+meanwhile wait in Ray's queue and enter the next batch together when the loop is free. Running
+them in a worker thread instead was measured to make batches of 1 (the forward pass and the
+request path fight over the GIL, so requests trickle in one by one); only the per-request video
+decode runs in a thread.
+
 Batch sizes and wait timeouts come from config (`set_max_batch_size` at start-up), so one code
 path serves both the batched app and the `max_batch_size=1` baseline of `clipray bench serve`.
 Requests that carry bad input never reach here: the ingress validates them. An upload that
@@ -42,9 +48,21 @@ def _configure(method: Any, batch: dict) -> None:
 
 
 def _tokenizer(model: Any, max_words: int) -> Any:
+    """open_clip's tokenizer, cut to the longest caption of each batch.
+
+    The text tower is causal and pools at the end-of-text token, so trailing padding changes
+    nothing: a 6-word query runs 8 positions instead of 32, and a single query becomes
+    memory-bound (weights streamed once for a few rows), which is what batching then amortises.
+    """
     import open_clip
 
-    return open_clip.get_tokenizer(model.tokenizer_name, context_length=min(max_words, model.context_length))
+    tok = open_clip.get_tokenizer(model.tokenizer_name, context_length=min(max_words, model.context_length))
+
+    def tokenize(texts: list[str]) -> Any:
+        t = tok(texts)
+        return t[:, : max(2, int((t != 0).sum(1).max()))]
+
+    return tokenize
 
 
 @serve.deployment
@@ -62,9 +80,9 @@ class TextEncoder:
         import torch
 
         self.batch_sizes = (self.batch_sizes + [len(texts)])[-1000:]
-        with torch.no_grad():
-            emb = self.model.encode_text(self.tokenize(texts)).float().cpu().numpy()
-        return list(emb)
+
+        with torch.no_grad():  # on the event loop: see the module docstring
+            return list(self.model.encode_text(self.tokenize(texts)).float().cpu().numpy())
 
     async def encode(self, text: str) -> np.ndarray:
         return await self.encode_batch(text)
@@ -99,9 +117,9 @@ class VideoEncoder:
 
         frames = torch.from_numpy(np.stack([c[0] for c in clips])).to(self.device)
         mask = torch.from_numpy(np.stack([c[1] for c in clips])).to(self.device).bool()
+
         with torch.no_grad():
-            emb = self.model.encode_video(self.model.normalize(frames), mask)
-        return list(emb.float().cpu().numpy())
+            return list(self.model.encode_video(self.model.normalize(frames), mask).float().cpu().numpy())
 
     async def encode(self, data: bytes) -> dict:
         from clipray.video import SkipClip
@@ -116,8 +134,13 @@ class VideoEncoder:
 @serve.deployment
 class Searcher:
     def __init__(self, index_dir: str, batch: dict):
+        import faiss
+
         from serve import store
 
+        # faiss scans the database once per query below 20 queries; from a few on, one BLAS
+        # matrix product over the whole batch streams the (memory-bound) database once
+        faiss.cvar.distance_compute_blas_threshold = 4
         self.meta = store.read_meta(index_dir)
         self.index = store.load_faiss(index_dir, self.meta)
         t = store.read_table(index_dir, store.META_COLUMNS)

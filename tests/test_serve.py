@@ -86,9 +86,9 @@ def release_app(request) -> None:
     mine = [i for i, it in enumerate(items) if Path(str(it.fspath)).name == here]
     later = [it for it in items[(max(mine) + 1 if mine else 0):] if Path(str(it.fspath)).name in SERVING_MODULES]
     if not later and "cfg" in _APP:
-        from serve.__main__ import stop
+        from ray import serve
 
-        stop(_APP["cfg"])
+        serve.shutdown()  # the app, the proxy and the controller: later tests get a bare Ray
         _APP.clear()
 
 
