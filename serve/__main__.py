@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 import time
 import urllib.request
@@ -86,6 +87,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("overrides", nargs="*", help="key=value, e.g. out=runs/index serve.port=8001")
     args = ap.parse_args(sys.argv[1:] if argv is None else argv)
     cfg = load_app_config(args.config, args.overrides)
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+    # SIGTERM (docker stop, a supervisor) stops like Ctrl-C; SIGINT explicitly, since a shell
+    # that starts us in the background leaves it ignored
+    signal.signal(signal.SIGTERM, interrupt)
+    signal.signal(signal.SIGINT, interrupt)
     url = start(cfg, quiet_ray=False)
     print(f"clipray serving {cfg.out} at {url}  (search page {url}/, API docs {url}/docs); Ctrl-C stops",
           flush=True)
@@ -96,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         print("stopping ...", flush=True)
     finally:
         stop(cfg)
+        print("stopped", flush=True)
     return 0
 
 
