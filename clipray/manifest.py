@@ -57,7 +57,8 @@ class ManifestError(ValueError):
     """A manifest row or file is invalid; the message names the row."""
 
 
-def _num(v: Any) -> float | None:
+def as_seconds(v: Any) -> float | None:
+    """A time field as float seconds; None and NaN (Parquet nulls in numpy) are None."""
     if v is None:
         return None
     f = float(v)
@@ -79,8 +80,8 @@ def check_row(row: Mapping[str, Any], where: str) -> dict[str, Any]:
     if out["split"] not in SPLITS:
         raise ManifestError(f"{where}: split must be one of {SPLITS}, got {out['split']!r}")
     try:
-        start, end = _num(row.get("start")), _num(row.get("end"))
-        ts, dur = _num(row.get("timestamp")), _num(row.get("duration"))
+        start, end = as_seconds(row.get("start")), as_seconds(row.get("end"))
+        ts, dur = as_seconds(row.get("timestamp")), as_seconds(row.get("duration"))
     except (TypeError, ValueError) as e:
         raise ManifestError(f"{where} (video {out['video_id']}): times must be seconds: {e}")
     if (start is None) != (end is None):

