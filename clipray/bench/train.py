@@ -4,6 +4,8 @@ Same model, batch, optimiser and cores in one run:
   (a) a plain PyTorch loop in this process on pre-made tensors (the floor);
   (b) one Ray Train worker running the DeepSpeed engine (ZeRO-0) on the same pre-made tensors;
   (c) the same Ray Train loop fed from decoded synthetic video through the Ray Data pipeline.
+The step gets `--threads` cores in every variant (it stands in for the GPU); in (c) the decode
+actors run on the cores the step leaves, as CPU decode workers do beside a GPU.
 Targets: (b)/(a) <= 1.10 and (c)/(b) <= 1.15. Steps after `--warmup` are timed; the median
 step time is reported (start-up costs are listed apart, they are paid once per run).
 """
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import tempfile
 import time
@@ -74,7 +77,7 @@ def _ray_loop(config: dict[str, Any]) -> None:
                                       config=ds_config.build(TrainConfig(zero_stage=0), config["batch"]))
     if config["from_video"]:
         it = iter(ray.train.get_dataset_shard("train").iter_torch_batches(
-            batch_size=config["batch"], drop_last=True))
+            batch_size=config["batch"], drop_last=True, prefetch_batches=4))
         next_batch = lambda: next(it)  # noqa: E731
     else:
         b = _batch(model, config["batch"], config["frames"])
@@ -92,28 +95,35 @@ def _ray_loop(config: dict[str, Any]) -> None:
 
 
 def ray_loop(name: str, batch: int, frames: int, steps: int, warmup: int, threads: int,
-             manifest: str | None) -> tuple[list[float], float]:
+             manifest: str | None, decode_cores: int = 1) -> tuple[list[float], float]:
     import ray.train
     from ray.train.torch import TorchTrainer
 
     from clipray.config import DataConfig, VideoConfig
+    from clipray.manifest import default_root, read_manifest, resolve_path, write_manifest
     from clipray.models import create_model
     from clipray.pipeline import clip_dataset
 
     out = Path(tempfile.mkdtemp(prefix="clipray-bench-train-")) / "times.json"
     datasets = {}
     if manifest:
+        # enough clips for every step: repeat the synthetic rows in one manifest (a union of
+        # datasets would start one decode pool per copy)
+        rows = read_manifest(manifest, split="train").to_pylist()
+        root = default_root(manifest)
+        need = (steps + warmup + 2) * batch
+        rows = [dict(r, path=resolve_path(r["path"], root)) for r in (rows * (need // len(rows) + 1))[:need]]
+        write_manifest(rows, out.parent / "repeated.parquet")
         size = create_model(name).image_size
-        data = DataConfig(manifest=manifest, video=VideoConfig(fps=3.0, max_frames=frames, size=size),
-                          decode_actors=1, decode_cpus=0.5, decode_batch=batch)
-        ds = clip_dataset(data, str(out.parent), split="train")
-        # enough clips for every timed step: repeat the small synthetic set
-        datasets["train"] = ds.union(*[ds] * (((steps + warmup + 1) * batch) // 150 + 1))
+        data = DataConfig(manifest=str(out.parent / "repeated.parquet"),
+                          video=VideoConfig(fps=3.0, max_frames=frames, size=size),
+                          decode_actors=decode_cores, decode_cpus=1.0, decode_batch=batch)
+        datasets["train"] = clip_dataset(data, str(out.parent), split="train")
     t0 = time.perf_counter()
     TorchTrainer(_ray_loop, train_loop_config=dict(model=name, batch=batch, frames=frames, steps=steps,
                                                    warmup=warmup, threads=threads, out=str(out),
                                                    from_video=bool(manifest)),
-                 scaling_config=ray.train.ScalingConfig(num_workers=1, resources_per_worker={"CPU": 1}),
+                 scaling_config=ray.train.ScalingConfig(num_workers=1, resources_per_worker={"CPU": threads}),
                  datasets=datasets,
                  run_config=ray.train.RunConfig(storage_path=str(out.parent), name="bench")).fit()
     wall = time.perf_counter() - t0
@@ -127,9 +137,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default="test_meanP")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--frames", type=int, default=8)
-    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=2, help="torch threads in every variant")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="cores (torch threads) for the training step in every variant")
+    ap.add_argument("--decode-cores", type=int, default=None,
+                    help="decode actors for (c), one core each (default: the cores the step leaves)")
     ap.add_argument("--videos", type=int, default=150, help="synthetic videos for (c)")
     args = ap.parse_args(argv)
 
@@ -143,10 +156,12 @@ def main(argv: list[str] | None = None) -> int:
     common = (args.model, args.batch, args.frames, args.steps, args.warmup, args.threads)
     a = plain_loop(*common)
     b, b_start = ray_loop(*common, manifest=None)
-    c, c_start = ray_loop(*common, manifest=manifest)
+    decode = args.decode_cores or max(1, (os.cpu_count() or 2) - args.threads)
+    c, c_start = ray_loop(*common, manifest=manifest, decode_cores=decode)
     med = {k: statistics.median(v) for k, v in (("a", a), ("b", b), ("c", c))}
-    print(f"clipray bench train: {args.model}, batch {args.batch} x {args.frames} frames, "
-          f"{args.threads} threads, median of {args.steps} steps after {args.warmup} warm-up")
+    print(f"clipray bench train: {args.model}, batch {args.batch} x {args.frames} frames, step on "
+          f"{args.threads} core(s), (c) decodes on {decode} more; median of {args.steps} steps "
+          f"after {args.warmup} warm-up")
     print(f"{'variant':54} {'step ms':>8} {'clips/s':>8} {'ratio':>7}")
     rows = [("(a) plain PyTorch loop, pre-made tensors", "a", None, ""),
             ("(b) Ray Train + DeepSpeed ZeRO-0, pre-made tensors", "b", "a", f"  (start-up {b_start:.0f}s)"),
