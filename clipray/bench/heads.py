@@ -19,8 +19,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="clipray bench heads", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--heads", default="meanP,seqTransf")
-    ap.add_argument("--data", default="clipray_data/synth", help="synthetic set (made if absent)")
-    ap.add_argument("--videos", type=int, default=240)
+    # 600 videos give 168 steps: seqTransf needs about that many to separate twins (60 are too few)
+    ap.add_argument("--data", default="clipray_data/synth600", help="synthetic set (made if absent)")
+    ap.add_argument("--videos", type=int, default=600, help="videos to generate when --data is absent")
     ap.add_argument("overrides", nargs="*", help="key=value overrides of the demo config")
     args = ap.parse_args(argv)
 
