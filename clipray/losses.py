@@ -19,6 +19,7 @@ ZeRO optimisers the fp32 master copy, not the module parameter, is what the next
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -65,6 +66,10 @@ class ContrastiveLoss(nn.Module):
         if self._world_key != (rank, world):  # the group is read lazily: Ray Train builds it
             from open_clip.loss import ClipLoss  # after the model may have been constructed
 
+            # open_clip's gather_with_grad calls torch.distributed.nn.all_gather, which torch
+            # marks deprecated with a FutureWarning every step: it drowned the progress line
+            warnings.filterwarnings("ignore", category=FutureWarning,
+                                    message=r"torch\.distributed\.nn\.functional\.all_gather is deprecated")
             self._clip_loss = ClipLoss(local_loss=True, gather_with_grad=True, rank=rank, world_size=world)
             self._world_key = (rank, world)
         # open_clip's "image" side is our video side; the loss is symmetric either way.
