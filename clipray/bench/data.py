@@ -84,17 +84,23 @@ def bare_loop(manifest: str, cfg: VideoConfig, repeat: int) -> tuple[int, int, f
     return clips, frames, time.perf_counter() - t0
 
 
+def repeated_manifest(manifest: str, out: Path, repeat: int = 1, at_least: int = 0) -> str:
+    """The train rows of `manifest` repeated `repeat` times (more if needed to reach `at_least`
+    rows), with absolute video paths, written to `out`: one dataset, so one decode pool."""
+    rows = read_manifest(manifest, split="train").to_pylist()
+    root = default_root(manifest)
+    for r in rows:
+        r["path"] = resolve_path(r["path"], root)
+    write_manifest(rows * max(repeat, -(-at_least // len(rows))), out)
+    return str(out)
+
+
 def ray_pipeline(manifest: str, cfg: VideoConfig, repeat: int, actors: int,
                  skip_dir: str, batch: int) -> tuple[int, int, float, float]:
     from clipray.pipeline import clip_dataset
 
-    rep = Path(skip_dir) / "repeated.parquet"
-    rows = read_manifest(manifest, split="train").to_pylist() * repeat
-    root = default_root(manifest)
-    for r in rows:
-        r["path"] = resolve_path(r["path"], root)
-    write_manifest(rows, rep)
-    data = DataConfig(manifest=str(rep), video=cfg, decode_actors=actors, decode_cpus=1.0,
+    rep = repeated_manifest(manifest, Path(skip_dir) / "repeated.parquet", repeat=repeat)
+    data = DataConfig(manifest=rep, video=cfg, decode_actors=actors, decode_cpus=1.0,
                       decode_batch=batch)
     t0 = time.perf_counter()
     first = None

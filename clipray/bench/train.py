@@ -100,23 +100,19 @@ def ray_loop(name: str, batch: int, frames: int, steps: int, warmup: int, thread
     from ray.train.torch import TorchTrainer
 
     from clipray.config import DataConfig, VideoConfig
-    from clipray.manifest import default_root, read_manifest, resolve_path, write_manifest
+    from clipray.bench.data import repeated_manifest
     from clipray.models import create_model
     from clipray.pipeline import clip_dataset
 
     out = Path(tempfile.mkdtemp(prefix="clipray-bench-train-")) / "times.json"
     datasets = {}
     if manifest:
-        # enough clips for every step: repeat the synthetic rows in one manifest (a union of
-        # datasets would start one decode pool per copy)
-        rows = read_manifest(manifest, split="train").to_pylist()
-        root = default_root(manifest)
-        need = (steps + warmup + 2) * batch
-        rows = [dict(r, path=resolve_path(r["path"], root)) for r in (rows * (need // len(rows) + 1))[:need]]
-        write_manifest(rows, out.parent / "repeated.parquet")
+        # enough clips for every step, in one manifest (a union of copies of the dataset
+        # would start one decode pool per copy)
+        rep = repeated_manifest(manifest, out.parent / "repeated.parquet",
+                                at_least=(steps + warmup + 2) * batch)
         size = create_model(name).image_size
-        data = DataConfig(manifest=str(out.parent / "repeated.parquet"),
-                          video=VideoConfig(fps=3.0, max_frames=frames, size=size),
+        data = DataConfig(manifest=rep, video=VideoConfig(fps=3.0, max_frames=frames, size=size),
                           decode_actors=decode_cores, decode_cpus=1.0, decode_batch=batch)
         datasets["train"] = clip_dataset(data, str(out.parent), split="train")
     t0 = time.perf_counter()
