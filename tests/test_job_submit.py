@@ -16,7 +16,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -28,20 +27,11 @@ from pathlib import Path
 import pytest
 
 from clipray.manifest import read_manifest
+from ports import free_ports
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 RAY = str(BIN / "ray")
-
-
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 def _wait_for(url: str, proc: subprocess.Popen, log: Path, timeout: float = 120) -> None:
@@ -61,7 +51,7 @@ def _wait_for(url: str, proc: subprocess.Popen, log: Path, timeout: float = 120)
 @contextlib.contextmanager
 def ray_head(tmp_path: Path):
     """A token-authenticated Ray head on 127.0.0.1; yields (dashboard URL, env for the CLI)."""
-    gcs, dash, client, agent_listen, agent_grpc, metrics, rt_env, node_mgr, obj_mgr = _free_ports(9)
+    gcs, dash, client, agent_listen, agent_grpc, metrics, rt_env, node_mgr, obj_mgr = free_ports(9)
     token = secrets.token_hex(16)
     env = dict(os.environ, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token,
                PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", PYTHONUNBUFFERED="1")

@@ -4,7 +4,6 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import socket
 
 import open_clip
 import pytest
@@ -12,6 +11,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from ports import free_ports
 from clipray.losses import ContrastiveLoss, PairLoss, symmetric_cross_entropy
 from clipray.models import create_model
 from clipray.task import RetrievalTask
@@ -56,14 +56,9 @@ def _worker(rank, world, port, out_dir):
         dist.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def test_two_gloo_workers_equal_one_process_on_joined_batch(tmp_path):
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_ports()[0], str(tmp_path)), nprocs=2, join=True)
     got = torch.load(tmp_path / "dist.pt")
 
     t = task()

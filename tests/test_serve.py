@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -23,6 +22,8 @@ from pathlib import Path
 
 import pytest
 import requests
+
+from ports import free_ports
 
 SERVING_MODULES = ("test_search_page.py", "test_serve.py")
 _APP: dict = {}
@@ -37,11 +38,6 @@ def trained_export(tmp_path_factory, synth: dict) -> str:
         fit_tiny([synth["manifest"], synth["events_manifest"]], out, steps=150)
     return str(out)
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def app_overrides(port: int) -> list[str]:
@@ -72,7 +68,7 @@ def shared_app(tmp_path_factory, synth: dict) -> dict:
     export = trained_export(tmp_path_factory, synth)
     out = tmp_path_factory.getbasetemp() / "serve_index"
     cfg = load_app_config(None, [f"checkpoint={export}", f"manifest={synth['manifest']}", f"out={out}",
-                                 *app_overrides(_free_port())])
+                                 *app_overrides(free_ports()[0])])
     if not (out / "index.json").exists():
         build_index(cfg, quiet=True)
     _APP.update(url=start(cfg), cfg=cfg, export=export, out=str(out))
