@@ -153,6 +153,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name:36} {'(a) bare decord loop, 1 core':28} {c / dt:8.1f} {bare:9.1f} {bare:14.1f}")
         c, f, dt, startup = ray_pipeline(manifest, cfg, args.repeat, args.cores,
                                          str(work / f"ray-{len(results)}"), batch)
+        if c == 0:  # the first batch is start-up: nothing was left to time
+            raise SystemExit(f"clipray bench data: {name}: the pipeline produced one batch of {batch} "
+                             f"clips or fewer, nothing to time after start-up; raise --videos or --repeat")
         per_core = f / dt / args.cores
         print(f"{name:36} {f'(b) Ray Data, {args.cores} actors':28} {c / dt:8.1f} {f / dt:9.1f} "
               f"{per_core:14.1f}   ratio {per_core / bare:.2f}x  (start-up {startup:.1f}s)")
