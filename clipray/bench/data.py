@@ -3,7 +3,12 @@
 Both sides do the same work per clip (open, sample `max_frames` frames over the window, decode,
 resize the shorter side, centre crop, keep uint8) on the same clips:
   (a) a plain loop in this process, one thread: the per-core ceiling;
-  (b) the Ray Data pipeline (`clipray.pipeline.clip_dataset`) with one decode actor per core.
+  (b) the Ray Data pipeline (`clipray.pipeline.clip_dataset`) with one decode actor: the same
+      decode core as (a), while the consumer and Ray's own processes use the machine's other
+      cores, as a decode node's spare capacity would;
+  (c) the pipeline with one decode actor per core, charged for every core of the machine: the
+      consumer and Ray's processes take their share from the decoders. A CPU split over the
+      timed window (psutil, per process) shows where the cores went.
 Figures are normalised per core. Steady state is timed from the first batch out of the pipeline,
 so actor start-up (importing torch, loading the tokenizer) is reported apart.
 
@@ -95,8 +100,35 @@ def repeated_manifest(manifest: str, out: Path, repeat: int = 1, at_least: int =
     return str(out)
 
 
+def cpu_seconds() -> dict[int, tuple[str, float]]:
+    """CPU seconds (user + system) used so far by every process on the machine, by pid."""
+    import psutil
+
+    out = {}
+    for p in psutil.process_iter(["name", "cmdline"]):
+        try:
+            t = p.cpu_times()
+            out[p.pid] = (" ".join(p.info["cmdline"] or [p.info["name"] or ""]), t.user + t.system)
+        except psutil.Error:
+            pass
+    return out
+
+
+def cpu_split(before: dict, after: dict, wall: float) -> dict[str, float]:
+    """Cores used over `wall` seconds: the decode actors, this process (the consumer, which also
+    runs Ray Data's scheduler), every other process (Ray's own, the OS), and idle."""
+    split = {"decode actors": 0.0, "consumer": 0.0, "Ray + system": 0.0}
+    for pid, (cmd, t) in after.items():
+        used = t - before.get(pid, (cmd, 0.0))[1]
+        role = ("consumer" if pid == os.getpid() else
+                "decode actors" if "ClipDecoder" in cmd else "Ray + system")
+        split[role] += used / wall
+    split["idle"] = max(0.0, (os.cpu_count() or 1) - sum(split.values()))
+    return split
+
+
 def ray_pipeline(manifest: str, cfg: VideoConfig, repeat: int, actors: int,
-                 skip_dir: str, batch: int) -> tuple[int, int, float, float]:
+                 skip_dir: str, batch: int) -> tuple[int, int, float, float, dict[str, float]]:
     from clipray.pipeline import clip_dataset
 
     rep = repeated_manifest(manifest, Path(skip_dir) / "repeated.parquet", repeat=repeat)
@@ -109,10 +141,12 @@ def ray_pipeline(manifest: str, cfg: VideoConfig, repeat: int, actors: int,
         if first is None:
             first = time.perf_counter()
             startup = first - t0
+            cpu0 = cpu_seconds()
             continue  # steady state starts after the first batch
         clips += len(b["row_id"])
         frames += int(b["frame_mask"].sum())
-    return clips, frames, time.perf_counter() - first, startup
+    wall = time.perf_counter() - first
+    return clips, frames, wall, startup, cpu_split(cpu0, cpu_seconds(), wall)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -122,7 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeat", type=int, default=4, help="passes over each clip set")
     ap.add_argument("--frames", type=int, default=12)
     ap.add_argument("--size", type=int, default=224)
-    ap.add_argument("--cores", type=int, default=os.cpu_count() or 1, help="decode actors (one per core)")
+    ap.add_argument("--cores", type=int, default=os.cpu_count() or 1,
+                    help="decode actors of run (c), one per core (default: every core)")
     ap.add_argument("--skip-real", action="store_true", help="only the synthetic set")
     ap.add_argument("--workdir", default=None, help="where to write the clip sets (default: a temp dir)")
     args = ap.parse_args(argv)
@@ -139,27 +174,33 @@ def main(argv: list[str] | None = None) -> int:
     if not args.skip_real:
         sets["real H.264 (360p, 10 s windows)"] = (
             real_manifest(work / "real"), VideoConfig(fps=1, max_frames=args.frames, size=args.size), 8)
+    print(f"clipray bench data: {args.cores} cores, {args.frames} frames/clip at {args.size}px, "
+          f"repeat {args.repeat}; the bare loops run first, before Ray starts")
+    # (clips, frames, seconds) per set, timed on a machine with nothing else running
+    bare_runs = {name: bare_loop(manifest, cfg, max(1, args.repeat // 2))
+                 for name, (manifest, cfg, _) in sets.items()}
     init_ray(quiet=True)
     quiet_data_progress()
-    print(f"clipray bench data: {args.cores} cores, {args.frames} frames/clip at {args.size}px, "
-          f"repeat {args.repeat}")
     header = f"{'clip set':36} {'method':28} {'clips/s':>8} {'frames/s':>9} {'frames/s/core':>14}"
     print(header)
     print("-" * len(header))
-    results = {}
-    for name, (manifest, cfg, batch) in sets.items():
-        c, f, dt = bare_loop(manifest, cfg, max(1, args.repeat // 2))
+    runs = [("(b) Ray Data, 1 decode actor", 1)]
+    if args.cores > 1:
+        runs.append((f"(c) Ray Data, {args.cores} actors", args.cores))
+    for n_set, (name, (manifest, cfg, batch)) in enumerate(sets.items()):
+        c, f, dt = bare_runs[name]
         bare = f / dt
         print(f"{name:36} {'(a) bare decord loop, 1 core':28} {c / dt:8.1f} {bare:9.1f} {bare:14.1f}")
-        c, f, dt, startup = ray_pipeline(manifest, cfg, args.repeat, args.cores,
-                                         str(work / f"ray-{len(results)}"), batch)
-        if c == 0:  # the first batch is start-up: nothing was left to time
-            raise SystemExit(f"clipray bench data: {name}: the pipeline produced one batch of {batch} "
-                             f"clips or fewer, nothing to time after start-up; raise --videos or --repeat")
-        per_core = f / dt / args.cores
-        print(f"{name:36} {f'(b) Ray Data, {args.cores} actors':28} {c / dt:8.1f} {f / dt:9.1f} "
-              f"{per_core:14.1f}   ratio {per_core / bare:.2f}x  (start-up {startup:.1f}s)")
-        results[name] = per_core / bare
+        for label, actors in runs:
+            c, f, dt, startup, split = ray_pipeline(manifest, cfg, args.repeat, actors,
+                                                    str(work / f"ray-{n_set}-{actors}"), batch)
+            if c == 0:  # the first batch is start-up: nothing was left to time
+                raise SystemExit(f"clipray bench data: {name}: the pipeline produced one batch of {batch} "
+                                 f"clips or fewer, nothing to time after start-up; raise --videos or --repeat")
+            per_core = f / dt / actors
+            print(f"{name:36} {label:28} {c / dt:8.1f} {f / dt:9.1f} "
+                  f"{per_core:14.1f}   ratio {per_core / bare:.2f}x  (start-up {startup:.1f}s)")
+            print(f"{'':36} {'':28} cores used: " + ", ".join(f"{k} {v:.2f}" for k, v in split.items()))
     return 0
 
 
