@@ -111,10 +111,7 @@ def clip_dataset(data: DataConfig, skip_dir: str, split: str | None = None,
         ClipDecoder,
         fn_constructor_args=(data, root, skip_dir),
         batch_size=data.decode_batch,
-        # four calls queued per actor (Ray's default is two): an actor finishing a call starts the
-        # next at once instead of idling while the driver's scheduler sends one; measured +13%
-        # clips/s on tiny clips, where a call lasts ~100 ms (docs/benchmarks.md, Data)
-        compute=ray.data.ActorPoolStrategy(size=data.decode_actors, max_tasks_in_flight_per_actor=4),
+        compute=ray.data.ActorPoolStrategy(size=data.decode_actors),
         num_cpus=data.decode_cpus,
         batch_format="numpy",
     )
