@@ -2,6 +2,8 @@
 
 import os
 
+import pytest
+
 from clipray.bench.data import cpu_split
 
 
@@ -15,7 +17,7 @@ def test_cpu_split_groups_processes_by_role_over_the_window():
              104: ("ray::MapWorker(MapBatches(ClipDecoder))", 4.0)}
     # pid 105 exited inside the window: its time is unknown and not counted
     split = cpu_split(before | {105: ("ray::IDLE", 2.0)}, after, wall=5.0)
-    assert split["decode actors"] == (3.0 + 4.0) / 5.0
-    assert split["consumer"] == 0.5 / 5.0
-    assert split["Ray + system"] == (0.5 + 0.5) / 5.0
-    assert abs(split["idle"] - max(0.0, (os.cpu_count() or 1) - 1.4 - 0.1 - 0.2)) < 1e-9
+    assert split["decode actors"] == pytest.approx((3.0 + 4.0) / 5.0)
+    assert split["consumer"] == pytest.approx(0.5 / 5.0)
+    assert split["Ray + system"] == pytest.approx((0.5 + 0.5) / 5.0)
+    assert split["idle"] == pytest.approx(max(0.0, (os.cpu_count() or 1) - 1.4 - 0.1 - 0.2))
