@@ -6,16 +6,14 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from clipray.manifest import read_manifest, write_manifest
-from runs import registered_state
+from runs import registered_state, stop_at_first_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -51,13 +49,7 @@ def test_posttrain_resumes_mid_pass_without_rereading_shards(ray_local, s3_shard
     env = dict(os.environ, RAY_ADDRESS=ray_local.get_runtime_context().gcs_address, PYTHONUNBUFFERED="1")
     first = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                              start_new_session=True, text=True)
-    deadline = time.time() + 400
-    while registered_state(run) is None:
-        assert first.poll() is None, first.stdout.read()[-3000:]
-        assert time.time() < deadline, "no checkpoint in 400 s"
-        time.sleep(1)
-    os.killpg(first.pid, signal.SIGKILL)  # stopped mid-pass
-    first.wait()
+    stop_at_first_checkpoint(first, run, 400, first.stdout.read)  # stopped mid-pass
     saved = registered_state(run)
     assert saved["step"] < 6 and saved["pass"] == 0 and saved["consumed"]
     assert not fs.exists(f"{run}/result.json")

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from bad_videos import plant
-from runs import registered_state
+from runs import registered_state, stop_at_first_checkpoint
 from clipray.config import load_config
 from clipray.manifest import read_manifest, write_manifest
 
@@ -123,13 +123,7 @@ def test_zero3_stop_and_resume_at_saved_step(ray_local, synth_small, tmp_path):
     with open(log1, "w") as f:
         p = subprocess.Popen(args, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT,
                              start_new_session=True)
-        deadline = time.time() + 300
-        while registered_state(str(tmp_path / "resume")) is None:
-            assert p.poll() is None, log1.read_text()[-3000:]
-            assert time.time() < deadline, "no checkpoint within 300 s"
-            time.sleep(0.5)
-        os.killpg(p.pid, signal.SIGKILL)  # the user's Ctrl-C, harder
-        p.wait()
+        stop_at_first_checkpoint(p, str(tmp_path / "resume"), 300, log1.read_text)
     saved = registered_state(str(tmp_path / "resume"))
     assert saved["epoch"] < 3 and not (tmp_path / "resume" / "result.json").exists()
     second = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
