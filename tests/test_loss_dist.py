@@ -4,7 +4,6 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-
 import open_clip
 import pytest
 import torch
@@ -54,7 +53,6 @@ def _worker(rank, world, port, out_dir):
             torch.save({"loss": mean_loss / world, "grads": grads}, os.path.join(out_dir, "dist.pt"))
     finally:
         dist.destroy_process_group()
-
 
 
 def test_two_gloo_workers_equal_one_process_on_joined_batch(tmp_path):

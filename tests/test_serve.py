@@ -39,7 +39,6 @@ def trained_export(tmp_path_factory, synth: dict) -> str:
     return str(out)
 
 
-
 def app_overrides(port: int) -> list[str]:
     """Small replicas and short autoscaling delays (the autoscaling test waits on them)."""
     return [
@@ -53,8 +52,6 @@ def app_overrides(port: int) -> list[str]:
         "serve.text_encoder.look_back_period_s=2",
         "serve.video_encoder.num_cpus=0.1", "serve.searcher.num_cpus=0.1",
     ]
-
-
 
 
 def shared_app(tmp_path_factory, synth: dict) -> dict:
