@@ -2,10 +2,13 @@
 
 Both sides do the same work per clip (open, sample `max_frames` frames over the window, decode,
 resize the shorter side, centre crop, keep uint8) on the same clips:
-  (a) a plain loop in this process, one thread: the per-core ceiling;
-  (b) the Ray Data pipeline (`clipray.pipeline.clip_dataset`) with one decode actor: the same
-      decode core as (a), while the consumer and Ray's own processes use the machine's other
-      cores, as a decode node's spare capacity would;
+  (a) a plain loop in this process, pinned to one core: the per-core ceiling. Unpinned, decord's
+      helper threads spill onto a second core (1.07-1.11 cores measured on 2 cores), which would
+      overstate what one core does;
+  (b) the Ray Data pipeline (`clipray.pipeline.clip_dataset`) with one decode actor, charged for
+      one core or for the CPU the actor used if more: the same decode work as (a), while the
+      consumer and Ray's own processes use the machine's other cores, as a decode node's spare
+      capacity would;
   (c) the pipeline with one decode actor per core, charged for every core of the machine: the
       consumer and Ray's processes take their share from the decoders. A CPU split over the
       timed window (psutil, per process) shows where the cores went.
@@ -72,7 +75,14 @@ def real_manifest(out: Path, window: float = 10.0, stride: float = 2.5) -> str:
     return path
 
 
-def bare_loop(manifest: str, cfg: VideoConfig, repeat: int) -> tuple[int, int, float]:
+def bare_loop(manifest: str, cfg: VideoConfig, repeat: int) -> tuple[int, int, float, float]:
+    """(clips, frames, seconds, cores used) for a plain decode loop pinned to one core.
+
+    The pin covers threads started inside the loop (decord starts its own per open file) and is
+    lifted afterwards, so processes started later (Ray's) get every core.
+    """
+    import resource
+
     import torch
     from clipray.video import decode_clip
 
@@ -80,13 +90,22 @@ def bare_loop(manifest: str, cfg: VideoConfig, repeat: int) -> tuple[int, int, f
     rows = read_manifest(manifest, split="train").to_pylist()
     root = default_root(manifest)
     clips = frames = 0
-    t0 = time.perf_counter()
-    for _ in range(repeat):
-        for r in rows:
-            c = decode_clip(resolve_path(r["path"], root), r["start"], r["end"], cfg)
-            clips += 1
-            frames += int(c.mask.sum())
-    return clips, frames, time.perf_counter() - t0
+    cores = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+    if cores:
+        os.sched_setaffinity(0, {min(cores)})
+    try:
+        r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+        for _ in range(repeat):
+            for r in rows:
+                c = decode_clip(resolve_path(r["path"], root), r["start"], r["end"], cfg)
+                clips += 1
+                frames += int(c.mask.sum())
+        r1, wall = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter() - t0
+    finally:
+        if cores:
+            os.sched_setaffinity(0, cores)
+    cpu = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
+    return clips, frames, wall, cpu / wall
 
 
 def repeated_manifest(manifest: str, out: Path, repeat: int = 1, at_least: int = 0) -> str:
@@ -188,16 +207,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.cores > 1:
         runs.append((f"(c) Ray Data, {args.cores} actors", args.cores))
     for n_set, (name, (manifest, cfg, batch)) in enumerate(sets.items()):
-        c, f, dt = bare_runs[name]
+        c, f, dt, used = bare_runs[name]
         bare = f / dt
         print(f"{name:36} {'(a) bare decord loop, 1 core':28} {c / dt:8.1f} {bare:9.1f} {bare:14.1f}")
+        print(f"{'':36} {'':28} cores used: {used:.2f}" + ("" if hasattr(os, "sched_setaffinity")
+                                                           else " (not pinned: no sched_setaffinity here)"))
         for label, actors in runs:
             c, f, dt, startup, split = ray_pipeline(manifest, cfg, args.repeat, actors,
                                                     str(work / f"ray-{n_set}-{actors}"), batch)
             if c == 0:  # the first batch is start-up: nothing was left to time
                 raise SystemExit(f"clipray bench data: {name}: the pipeline produced one batch of {batch} "
                                  f"clips or fewer, nothing to time after start-up; raise --videos or --repeat")
-            per_core = f / dt / actors
+            # each actor is charged for its core, or for more if its decoder's threads used more
+            per_core = f / dt / max(actors, split["decode actors"])
             print(f"{name:36} {label:28} {c / dt:8.1f} {f / dt:9.1f} "
                   f"{per_core:14.1f}   ratio {per_core / bare:.2f}x  (start-up {startup:.1f}s)")
             print(f"{'':36} {'':28} cores used: " + ", ".join(f"{k} {v:.2f}" for k, v in split.items()))
