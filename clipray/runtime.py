@@ -26,8 +26,7 @@ def init_ray(cfg: RayConfig | None = None, quiet: bool = False) -> None:
         ray.init(address=address, **kwargs)
         return
     num_cpus = cfg.num_cpus or max(4, 2 * (os.cpu_count() or 1))
-    # workers inherit this process's environment; keep hub libraries offline-friendly
-    # the dashboard hosts the State API, which Ray Train uses to watch its controller
+    # the dashboard stays on: it hosts the State API, which Ray Train uses to watch its controller
     ray.init(num_cpus=num_cpus, **kwargs)
 
 
