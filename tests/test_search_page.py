@@ -10,6 +10,7 @@ session's shared one (test_serve.shared_app). A screenshot is saved in the test'
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import shutil
 import subprocess
@@ -46,7 +47,10 @@ class Chromium:
         port = int(port_file.read_text().split()[0])
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=10) as r:
             page = next(t for t in json.loads(r.read()) if t["type"] == "page")
-        self.ws = connect(page["webSocketDebuggerUrl"], max_size=None, open_timeout=30)
+        # websockets >= 17.1 wants its connection opened as a context manager
+        self.session = contextlib.ExitStack()
+        self.ws = self.session.enter_context(connect(page["webSocketDebuggerUrl"], max_size=None,
+                                                     open_timeout=30))
         self.next_id = 0
 
     def call(self, method: str, **params) -> dict:
@@ -91,8 +95,8 @@ class Chromium:
         path.write_bytes(base64.b64decode(self.call("Page.captureScreenshot", format="png")["data"]))
 
     def close(self) -> None:
-        if getattr(self, "ws", None) is not None:
-            self.ws.close()
+        if getattr(self, "session", None) is not None:
+            self.session.close()
         self.proc.terminate()
         try:
             self.proc.wait(timeout=10)
