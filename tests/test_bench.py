@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from clipray.bench.data import cpu_split
+from clipray.bench.data import CAN_PIN, cpu_split
 
 
 def test_cpu_split_groups_processes_by_role_over_the_window():
@@ -23,7 +23,7 @@ def test_cpu_split_groups_processes_by_role_over_the_window():
     assert split["idle"] == pytest.approx(max(0.0, (os.cpu_count() or 1) - 1.4 - 0.1 - 0.2))
 
 
-@pytest.mark.skipif(not hasattr(os, "sched_getaffinity"), reason="no CPU affinity on this OS")
+@pytest.mark.skipif(not CAN_PIN, reason="no CPU affinity on this OS")
 def test_bare_loop_counts_every_frame_on_one_core_and_unpins_after(tmp_path):
     from clipray.bench.data import bare_loop
     from clipray.config import VideoConfig
@@ -33,9 +33,9 @@ def test_bare_loop_counts_every_frame_on_one_core_and_unpins_after(tmp_path):
 
     manifest = generate(tmp_path, videos=4, seed=0)["manifest"]
     cfg = VideoConfig(fps=3, max_frames=4, size=32)
-    rows = read_manifest(manifest, split="train").to_pylist()
-    expected = sum(int(decode_clip(resolve_path(r["path"], default_root(manifest)), r["start"], r["end"],
-                                   cfg).mask.sum()) for r in rows)
+    rows, root = read_manifest(manifest, split="train").to_pylist(), default_root(manifest)
+    expected = sum(int(decode_clip(resolve_path(r["path"], root), r["start"], r["end"], cfg).mask.sum())
+                   for r in rows)
     before = os.sched_getaffinity(0)
     clips, frames, wall, cores_used = bare_loop(manifest, cfg, repeat=2)
     assert (clips, frames) == (2 * len(rows), 2 * expected)
