@@ -37,7 +37,7 @@ def s3_shards(s3_server, synth_small):
     return s3
 
 
-def test_posttrain_resumes_mid_pass_without_rereading_shards(ray_local, s3_shards):
+def test_posttrain_resumes_mid_pass_without_rereading_shards(ray_local, s3_shards, tmp_path):
     s3, fs = s3_shards, s3_shards.fs()
     run = s3.url("pp/runs/howto")
     args = [sys.executable, "-m", "train", str(REPO / "train/configs/demo.yaml"),
@@ -47,9 +47,12 @@ def test_posttrain_resumes_mid_pass_without_rereading_shards(ray_local, s3_shard
             "train.max_steps=6", "train.checkpoint_every_steps=2", "train.num_workers=2",
             f"train.storage_path={s3.url('pp/runs')}", "train.run_name=howto"]
     env = dict(os.environ, RAY_ADDRESS=ray_local.get_runtime_context().gcs_address, PYTHONUNBUFFERED="1")
-    first = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                             start_new_session=True, text=True)
-    stop_at_first_checkpoint(first, run, 400, first.stdout.read)  # stopped mid-pass
+    # to a file, as test_train does: a pipe nobody reads until the end blocks the run once it fills
+    log1 = tmp_path / "first.log"
+    with open(log1, "w") as f:
+        first = subprocess.Popen(args, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT,
+                                 start_new_session=True)
+        stop_at_first_checkpoint(first, run, 400, log1.read_text)  # stopped mid-pass
     saved = registered_state(run)
     assert saved["step"] < 6 and saved["pass"] == 0 and saved["consumed"]
     assert not fs.exists(f"{run}/result.json")
