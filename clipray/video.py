@@ -50,15 +50,16 @@ class Clip:
 
 def candidate_indices(num_frames: int, video_fps: float, start: float | None, end: float | None,
                       fps: float) -> list[int]:
-    """Frame indices at `fps` per second over [start, end] (None = whole video).
+    """Frame indices at `fps` per second over [start, end] (None or NaN = that end of the video).
 
     Raises SkipClip when the window lies outside the video.
     """
     if num_frames <= 0 or not video_fps or video_fps <= 0:
         raise SkipClip("video reports no frames")
     duration = num_frames / video_fps
-    lo = 0.0 if start is None else float(start)
-    hi = duration if end is None else min(float(end), duration)
+    # None or NaN (a Parquet null read through numpy) means the window is open on that side
+    lo = 0.0 if start is None or math.isnan(start) else float(start)
+    hi = duration if end is None or math.isnan(end) else min(float(end), duration)
     if lo >= duration or hi <= lo:
         raise SkipClip(f"window [{start}, {end}] outside video of {duration:.2f}s")
     step = 1.0 / fps

@@ -15,6 +15,9 @@ def test_candidate_indices_by_hand():
     assert candidate_indices(250, 25.0, None, None, 2.0)[:4] == [0, 12, 25, 37]
     # end past the video is clamped to its length
     assert candidate_indices(250, 25.0, 8.0, 99.0, 1.0) == [200, 225]
+    # NaN, as a Parquet null arrives through numpy, is an open end like None (it used to give [0])
+    assert candidate_indices(250, 25.0, float("nan"), float("nan"), 2.0) == \
+        candidate_indices(250, 25.0, None, None, 2.0)
     # window shorter than one step: its midpoint
     assert candidate_indices(250, 25.0, 4.0, 4.2, 1.0) == [102]
     with pytest.raises(SkipClip, match="outside video"):
