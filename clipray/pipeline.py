@@ -48,27 +48,31 @@ class ClipDecoder:
         self.calls = 0
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        frames, masks, keep, skips = [], [], [], []
-        for i in range(len(batch["row_id"])):
+        T, S = self.cfg.max_frames, self.cfg.size
+        n = len(batch["row_id"])
+        # each clip is decoded straight into its row of the batch: no second copy of the frames
+        frames = np.empty((n, T, 3, S, S), dtype=np.uint8)
+        masks = np.empty((n, T), dtype=np.uint8)
+        keep, skips = [], []
+        for i in range(n):
             path = str(batch["path"][i])
             try:
                 clip = decode_clip_safe(resolve_path(path, self.root), as_seconds(batch["start"][i]),
-                                        as_seconds(batch["end"][i]), self.cfg)
+                                        as_seconds(batch["end"][i]), self.cfg, out=frames[len(keep)])
             except SkipClip as e:
                 skips.append({"row_id": int(batch["row_id"][i]), "video_id": str(batch["video_id"][i]),
                               "path": path, "reason": e.reason})
                 continue
-            frames.append(clip.frames)
-            masks.append(clip.mask)
+            masks[len(keep)] = clip.mask
             keep.append(i)
         if skips:
             self._report(skips)
-        T, S = self.cfg.max_frames, self.cfg.size
+        k = len(keep)
         captions = [str(batch["caption"][i]) for i in keep]
         tokens = self.tokenize(captions).numpy() if keep else np.zeros((0, 1), np.int64)
         return {
-            "frames": np.stack(frames) if keep else np.zeros((0, T, 3, S, S), np.uint8),
-            "frame_mask": np.stack(masks) if keep else np.zeros((0, T), np.uint8),
+            "frames": frames[:k],
+            "frame_mask": masks[:k],
             "tokens": tokens.astype(np.int64),
             "row_id": np.asarray(batch["row_id"])[keep].astype(np.int64),
         }

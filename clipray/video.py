@@ -213,8 +213,9 @@ def resize_crop(frames: np.ndarray, size: int) -> torch.Tensor:
 
 # ---------------------------------------------------------------- one clip
 
-def decode_clip(path: str, start: float | None, end: float | None, cfg: VideoConfig) -> Clip:
-    """Decode one clip window into `cfg.max_frames` frames + mask (raises SkipClip)."""
+def _decode(path: str, start: float | None, end: float | None,
+            cfg: VideoConfig) -> tuple[torch.Tensor, list[int]]:
+    """The clip's real frames, resized and cropped (uint8 [n, 3, size, size]), and their indices."""
     if cfg.backend not in BACKENDS:
         raise ValueError(f"video.backend must be one of {sorted(BACKENDS)}, got {cfg.backend!r}")
     src = open_source(path)
@@ -227,11 +228,29 @@ def decode_clip(path: str, start: float | None, end: float | None, cfg: VideoCon
         close_source(src)
     if raw.ndim != 4 or raw.shape[0] != len(idx) or raw.shape[-1] != 3:
         raise SkipClip(f"decoder returned frames of shape {raw.shape}")
-    frames = np.zeros((cfg.max_frames, 3, cfg.size, cfg.size), dtype=np.uint8)
-    frames[: len(idx)] = resize_crop(raw, cfg.size).numpy()
+    return resize_crop(raw, cfg.size), idx
+
+
+def _pad(frames: torch.Tensor, idx: list[int], cfg: VideoConfig, out: np.ndarray | None) -> Clip:
+    """Write the real frames, then zero padding, into `out` (a new array if None)."""
+    if out is None:
+        out = np.empty((cfg.max_frames, 3, cfg.size, cfg.size), dtype=np.uint8)
+    n = len(idx)
+    out[:n] = frames.numpy()
+    out[n:] = 0
     mask = np.zeros(cfg.max_frames, dtype=np.uint8)
-    mask[: len(idx)] = 1
-    return Clip(frames, mask, idx)
+    mask[:n] = 1
+    return Clip(out, mask, idx)
+
+
+def decode_clip(path: str, start: float | None, end: float | None, cfg: VideoConfig,
+                out: np.ndarray | None = None) -> Clip:
+    """Decode one clip window into `cfg.max_frames` frames + mask (raises SkipClip).
+
+    `out` (uint8 [max_frames, 3, size, size]), if given, receives the frames: a caller that
+    builds a batch passes its row of the batch array and saves a copy of every frame.
+    """
+    return _pad(*_decode(path, start, end, cfg), cfg, out)
 
 
 def call_with_timeout(fn: Callable[[], T], timeout_s: float) -> T:
@@ -258,16 +277,21 @@ def call_with_timeout(fn: Callable[[], T], timeout_s: float) -> T:
     raise value
 
 
-def decode_clip_safe(path: str, start: float | None, end: float | None, cfg: VideoConfig) -> Clip:
-    """`decode_clip` bounded by `cfg.timeout_s`; every failure is a SkipClip with a reason."""
-    def run() -> Clip:
+def decode_clip_safe(path: str, start: float | None, end: float | None, cfg: VideoConfig,
+                     out: np.ndarray | None = None) -> Clip:
+    """`decode_clip` bounded by `cfg.timeout_s`; every failure is a SkipClip with a reason.
+
+    Only this thread writes into `out`, after the decode thread has returned: a decode that
+    times out and finishes later cannot overwrite a row that has since been given to another clip.
+    """
+    def run() -> tuple[torch.Tensor, list[int]]:
         try:
-            return decode_clip(path, start, end, cfg)
+            return _decode(path, start, end, cfg)
         except SkipClip:
             raise
         except Exception as e:  # any other decoder error is still a skip, never a crash
             raise SkipClip(f"decode failed: {_short(e)}") from None
 
     if not math.isfinite(cfg.timeout_s) or cfg.timeout_s <= 0:
-        return run()
-    return call_with_timeout(run, cfg.timeout_s)
+        return _pad(*run(), cfg, out)
+    return _pad(*call_with_timeout(run, cfg.timeout_s), cfg, out)

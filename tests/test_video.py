@@ -54,6 +54,20 @@ def test_padding_and_crop(real_video):
     assert not c.frames[3:].any() and c.frames[:3].any()
 
 
+def test_decode_into_a_batch_row(real_video):
+    # the pipeline decodes each clip into its row of an uninitialised batch array: the row must
+    # end up exactly as a fresh decode, padding zeroed, neighbouring rows untouched
+    cfg = VideoConfig(fps=1.0, max_frames=8, size=64)
+    ref = decode_clip(str(real_video), 2.0, 5.0, cfg)  # 3 real frames + 5 padded
+    batch = np.full((3, 8, 3, 64, 64), 255, dtype=np.uint8)
+    for decode in (decode_clip, decode_clip_safe):
+        c = decode(str(real_video), 2.0, 5.0, cfg, out=batch[1])
+        assert np.shares_memory(c.frames, batch[1])
+        assert np.array_equal(batch[1], ref.frames) and c.mask.tolist() == ref.mask.tolist()
+        assert (batch[0] == 255).all() and (batch[2] == 255).all()
+        batch[1] = 255
+
+
 @pytest.mark.parametrize("backend", ["decord", "pyav"])
 def test_every_bad_file_is_a_skip_with_reason(tmp_path, real_video, backend):
     bad = plant(real_video, tmp_path)
