@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from clipray.config import DataConfig
-from clipray.manifest import as_seconds, default_root, manifest_files, resolve_path
+from clipray.manifest import default_root, manifest_files, resolve_path
 from clipray.video import SkipClip, decode_clip_safe
 
 DATA_COLUMNS = ["row_id", "video_id", "path", "start", "end", "caption"]
@@ -57,8 +57,8 @@ class ClipDecoder:
         for i in range(n):
             path = str(batch["path"][i])
             try:
-                clip = decode_clip_safe(resolve_path(path, self.root), as_seconds(batch["start"][i]),
-                                        as_seconds(batch["end"][i]), self.cfg, out=frames[len(keep)])
+                clip = decode_clip_safe(resolve_path(path, self.root), batch["start"][i], batch["end"][i],
+                                        self.cfg, out=frames[len(keep)])
             except SkipClip as e:
                 skips.append({"row_id": int(batch["row_id"][i]), "video_id": str(batch["video_id"][i]),
                               "path": path, "reason": e.reason})

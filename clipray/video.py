@@ -27,6 +27,7 @@ import torch
 import torchvision.transforms.v2.functional as TF
 
 from clipray.config import VideoConfig
+from clipray.manifest import as_seconds
 
 T = TypeVar("T")
 
@@ -58,8 +59,9 @@ def candidate_indices(num_frames: int, video_fps: float, start: float | None, en
         raise SkipClip("video reports no frames")
     duration = num_frames / video_fps
     # None or NaN (a Parquet null read through numpy) means the window is open on that side
-    lo = 0.0 if start is None or math.isnan(start) else float(start)
-    hi = duration if end is None or math.isnan(end) else min(float(end), duration)
+    start, end = as_seconds(start), as_seconds(end)
+    lo = 0.0 if start is None else start
+    hi = duration if end is None else min(end, duration)
     if lo >= duration or hi <= lo:
         raise SkipClip(f"window [{start}, {end}] outside video of {duration:.2f}s")
     step = 1.0 / fps
