@@ -202,12 +202,12 @@ def main(argv: list[str] | None = None) -> int:
             real_manifest(work / "real"), VideoConfig(fps=1, max_frames=args.frames, size=args.size), 8)
     print(f"clipray bench data: {args.cores} cores, {args.frames} frames/clip at {args.size}px, "
           f"repeat {args.repeat}; the bare loops run before Ray starts and again after it stops")
-    # (clips, frames, seconds) per set, timed on a machine with nothing else running
-    bare_runs = {name: bare_loop(manifest, cfg, max(1, args.repeat // 2))
-                 for name, (manifest, cfg, _) in sets.items()}
+    passes = max(1, args.repeat // 2)  # of the bare loop, each time it runs
+    # (clips, frames, seconds, cores used) per set, timed on a machine with nothing else running
+    bare_runs = {name: bare_loop(manifest, cfg, passes) for name, (manifest, cfg, _) in sets.items()}
     init_ray(quiet=True)
     quiet_data_progress()
-    per_core_runs = []  # (clip set, label, frames/s per core) of every pipeline run
+    per_core_runs: dict[str, list[tuple[str, float]]] = {}  # set -> (label, frames/s per core)
     header = f"{'clip set':36} {'method':28} {'clips/s':>8} {'frames/s':>9} {'frames/s/core':>14}"
     print(header)
     print("-" * len(header))
@@ -230,18 +230,18 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name:36} {label:28} {c / dt:8.1f} {f / dt:9.1f} "
                   f"{per_core:14.1f}   ratio {per_core / bare:.2f}x  (start-up {startup:.1f}s)")
             print(f"{'':36} {'':28} cores used: " + ", ".join(f"{k} {v:.2f}" for k, v in split.items()))
-            per_core_runs.append((name, label, per_core))
+            per_core_runs.setdefault(name, []).append((label, per_core))
     import ray
 
     ray.shutdown()
     print("(a) again, after Ray shut down; each ratio against the mean of the two (a) runs:")
     for name, (manifest, cfg, _) in sets.items():
-        c, f, dt, _ = bare_loop(manifest, cfg, max(1, args.repeat // 2))
-        first = bare_runs[name][1] / bare_runs[name][2]
-        mean = (first + f / dt) / 2
-        print(f"{name:36} {'(a) bare decord loop, again':28} {c / dt:8.1f} {f / dt:9.1f} {f / dt:14.1f}"
-              f"   {f / dt / first - 1:+.0%} against the first (a)")
-        for _, label, per_core in (r for r in per_core_runs if r[0] == name):
+        c, f, dt, _ = bare_loop(manifest, cfg, passes)
+        first, again = bare_runs[name][1] / bare_runs[name][2], f / dt
+        mean = (first + again) / 2
+        print(f"{name:36} {'(a) bare decord loop, again':28} {c / dt:8.1f} {again:9.1f} {again:14.1f}"
+              f"   {again / first - 1:+.0%} against the first (a)")
+        for label, per_core in per_core_runs[name]:
             print(f"{'':36} {label:28} {'':33} ratio {per_core / mean:.2f}x")
     return 0
 
