@@ -235,9 +235,14 @@ def main(argv: list[str] | None = None) -> int:
                   f"{per_core:14.1f}   ratio {per_core / bare:.2f}x  (start-up {startup:.1f}s)")
             print(f"{'':36} {'':28} cores used: " + ", ".join(f"{k} {v:.2f}" for k, v in split.items()))
             per_core_runs.setdefault(name, []).append((label, per_core))
+    import psutil
     import ray
 
+    # Ray's processes take a second or two to exit and use more than a core meanwhile: a bare
+    # loop started at once ran up to 43% slower, so wait for them before timing it again
+    ray_procs = psutil.Process().children(recursive=True)  # before shutdown orphans the workers
     ray.shutdown()
+    psutil.wait_procs(ray_procs, timeout=30)
     print("(a) again, after Ray shut down; each ratio against the mean of the two (a) runs:")
     for name, (manifest, cfg, _) in sets.items():
         c, f, dt, _ = bare_loop(manifest, cfg, passes)
