@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import uuid
 from collections import Counter
 from typing import Any
@@ -46,12 +47,37 @@ class ClipDecoder:
         self.skip_dir = skip_dir.rstrip("/")
         self.name = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.calls = 0
+        self._buffers: list[np.ndarray] = []  # frames arrays this actor may decode into again
+        self._free_refs = 0  # sys.getrefcount of a buffer that nothing outside the list holds
+
+    def _frames_buffer(self, shape: tuple[int, ...]) -> np.ndarray:
+        """An uninitialised frames array: an earlier batch's, once nothing else holds it.
+
+        A new 100 MB array is fresh memory that the kernel zeroes page by page as the decoder
+        writes it (glibc maps and unmaps allocations this large on every call), and that cost
+        up to a fifth of a call's hand-over to Ray Data. A returned batch cannot simply be
+        overwritten: Ray Data wraps it without a copy and holds it until its output buffer has
+        gathered a block (128 MB) for the object store. Every such holder, view or Arrow buffer
+        counts a reference to the array, so a buffer is reused only at its bare refcount.
+        """
+        # the list's own reference is the only one a free buffer has; no local name may hold one
+        # while counting, so both counts below read the list in the same way
+        for i in range(len(self._buffers)):
+            if self._buffers[i].shape == shape and sys.getrefcount(self._buffers[i]) == self._free_refs:
+                return self._buffers[i]
+        buf = np.empty(shape, dtype=np.uint8)
+        if len(self._buffers) < 4:  # bounded: past that, batches get new arrays as before
+            self._buffers.append(buf)
+            del buf
+            self._free_refs = sys.getrefcount(self._buffers[-1])
+            return self._buffers[-1]
+        return buf
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         T, S = self.cfg.max_frames, self.cfg.size
         n = len(batch["row_id"])
         # each clip is decoded straight into its row of the batch: no second copy of the frames
-        frames = np.empty((n, T, 3, S, S), dtype=np.uint8)
+        frames = self._frames_buffer((n, T, 3, S, S))
         masks = np.empty((n, T), dtype=np.uint8)
         keep, skips = [], []
         for i in range(n):
