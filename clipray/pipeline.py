@@ -53,12 +53,14 @@ class ClipDecoder:
     def _frames_buffer(self, shape: tuple[int, ...]) -> np.ndarray:
         """An uninitialised frames array: an earlier batch's, once nothing else holds it.
 
-        A new 100 MB array is fresh memory that the kernel zeroes page by page as the decoder
-        writes it (glibc maps and unmaps allocations this large on every call), and that cost
-        up to a fifth of a call's hand-over to Ray Data. A returned batch cannot simply be
-        overwritten: Ray Data wraps it without a copy and holds it until its output buffer has
-        gathered a block (128 MB) for the object store. Every such holder, view or Arrow buffer
-        counts a reference to the array, so a buffer is reused only at its bare refcount.
+        A new array this large (116 MB for 64 clips of 12 frames at 224 px) is fresh memory:
+        glibc maps and unmaps it on every call and the kernel zeroes each page as the decoder
+        first writes it. Reusing arrays gave 18% more frames/s per decode core on short clips
+        (docs/benchmarks.md, Data). A returned batch cannot simply be overwritten: Ray Data
+        wraps it without a copy and may still hold it when the next call runs (its output
+        buffer gathers up to 128 MB before putting a block in the object store). Every holder,
+        view or Arrow buffer keeps a reference to the array, so one is reused only at its bare
+        refcount.
         """
         # the list's own reference is the only one a free buffer has; no local name may hold one
         # while counting, so both counts below read the list in the same way
