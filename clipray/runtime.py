@@ -4,6 +4,14 @@
 sets for the driver). Otherwise a local Ray starts in-process with more logical CPUs than
 cores: Ray Data's decode actors and the training workers each hold CPU slots, and on a 2-core
 laptop an exact count leaves the read stage starved (it waits forever, silently).
+
+Both kinds of Ray delete freed objects from the object store within 50 ms instead of Ray's
+1 s (`FREE_OBJECTS_ENV`): the embedded one here, a cluster's nodes through the image
+(cluster/Dockerfile). Ray Data frees each batch as soon as it is consumed, but Ray batches the
+deletions; meanwhile the decode actors keep writing, so the store hands out memory no process
+has touched yet and the writer takes a page fault on every 4 kB of it (28k faults, 35 ms of CPU
+per 116 MB batch here), until every page of the store has been through every actor. Deleted
+within 50 ms, a freed batch's memory is what the next batch gets (docs/benchmarks.md, Data).
 """
 
 from __future__ import annotations
@@ -12,6 +20,10 @@ import logging
 import os
 
 from clipray.config import RayConfig
+
+# Ray reads its settings from RAY_<name> in the environment of each of its processes
+FREE_OBJECTS_ENV = "RAY_free_objects_period_milliseconds"
+FREE_OBJECTS_PERIOD_MS = "50"
 
 
 def init_ray(cfg: RayConfig | None = None, quiet: bool = False) -> None:
@@ -26,6 +38,7 @@ def init_ray(cfg: RayConfig | None = None, quiet: bool = False) -> None:
         ray.init(address=address, **kwargs)
         return
     num_cpus = cfg.num_cpus or max(4, 2 * (os.cpu_count() or 1))
+    os.environ.setdefault(FREE_OBJECTS_ENV, FREE_OBJECTS_PERIOD_MS)  # a user's own value wins
     # the dashboard stays on: it hosts the State API, which Ray Train uses to watch its controller
     ray.init(num_cpus=num_cpus, **kwargs)
 
