@@ -337,14 +337,6 @@ def test_dockerfile_pins_match_pyproject():
             assert (REPO / s).exists(), f"Dockerfile copies {s}, which is not in the repository"
 
 
-def test_dockerfile_sets_the_embedded_rays_object_store_settings():
-    """A cluster's nodes free consumed batches as promptly as the embedded Ray does."""
-    from clipray.runtime import FREE_OBJECTS_ENV, FREE_OBJECTS_PERIOD_MS
-
-    env = re.search(r"^ENV ((?:.*\\\n)*.*)$", dockerfile(), re.M).group(1)
-    assert f"{FREE_OBJECTS_ENV}={FREE_OBJECTS_PERIOD_MS}" in env.split(), env
-
-
 # ---------------------------------------------------------------- submit.sh
 
 def test_submit_sh_is_valid_bash():
