@@ -25,7 +25,7 @@ import numpy as np
 
 from clipray.config import DataConfig
 from clipray.manifest import default_root, manifest_files, resolve_path
-from clipray.video import SkipClip, decode_clips, pad_clip
+from clipray.video import SkipClip, decode_clip_safe
 
 DATA_COLUMNS = ["row_id", "video_id", "path", "start", "end", "caption"]
 SKIP_DIR = "skips"
@@ -78,18 +78,20 @@ class ClipDecoder:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         T, S = self.cfg.max_frames, self.cfg.size
         n = len(batch["row_id"])
-        # each clip's frames are written straight into its row of the batch: no second copy
+        # each clip is decoded straight into its row of the batch: no second copy of the frames
         frames = self._frames_buffer((n, T, 3, S, S))
         masks = np.empty((n, T), dtype=np.uint8)
         keep, skips = [], []
-        jobs = [(resolve_path(str(batch["path"][i]), self.root), batch["start"][i], batch["end"][i])
-                for i in range(n)]
-        for i, res in enumerate(decode_clips(jobs, self.cfg)):
-            if isinstance(res, SkipClip):
+        for i in range(n):
+            path = str(batch["path"][i])
+            try:
+                clip = decode_clip_safe(resolve_path(path, self.root), batch["start"][i], batch["end"][i],
+                                        self.cfg, out=frames[len(keep)])
+            except SkipClip as e:
                 skips.append({"row_id": int(batch["row_id"][i]), "video_id": str(batch["video_id"][i]),
-                              "path": str(batch["path"][i]), "reason": res.reason})
+                              "path": path, "reason": e.reason})
                 continue
-            masks[len(keep)] = pad_clip(*res, self.cfg, out=frames[len(keep)]).mask
+            masks[len(keep)] = clip.mask
             keep.append(i)
         if skips:
             self._report(skips)

@@ -20,7 +20,7 @@ import os
 import queue
 import threading
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence, TypeVar
 
 import numpy as np
 import torch
@@ -28,6 +28,9 @@ import torchvision.transforms.v2.functional as TF
 
 from clipray.config import VideoConfig
 from clipray.manifest import as_seconds
+
+T = TypeVar("T")
+
 
 class SkipClip(Exception):
     """This clip cannot be used; `reason` says why (goes to the skip report)."""
@@ -230,7 +233,7 @@ def _decode(path: str, start: float | None, end: float | None,
     return resize_crop(raw, cfg.size), idx
 
 
-def pad_clip(frames: torch.Tensor, idx: list[int], cfg: VideoConfig, out: np.ndarray | None) -> Clip:
+def _pad(frames: torch.Tensor, idx: list[int], cfg: VideoConfig, out: np.ndarray | None) -> Clip:
     """Write the real frames, then zero padding, into `out` (a new array if None)."""
     if out is None:
         out = np.empty((cfg.max_frames, 3, cfg.size, cfg.size), dtype=np.uint8)
@@ -249,68 +252,48 @@ def decode_clip(path: str, start: float | None, end: float | None, cfg: VideoCon
     `out` (uint8 [max_frames, 3, size, size]), if given, receives the frames: a caller that
     builds a batch passes its row of the batch array and saves a copy of every frame.
     """
-    return pad_clip(*_decode(path, start, end, cfg), cfg, out)
+    return _pad(*_decode(path, start, end, cfg), cfg, out)
 
 
-def _try_decode(path: str, start: float | None, end: float | None,
-                cfg: VideoConfig) -> tuple[torch.Tensor, list[int]] | SkipClip:
-    """`_decode`, with every failure returned as a SkipClip (any decoder error is a skip, never a crash)."""
-    try:
-        return _decode(path, start, end, cfg)
-    except SkipClip as e:
-        return e
-    except Exception as e:
-        return SkipClip(f"decode failed: {_short(e)}")
+def call_with_timeout(fn: Callable[[], T], timeout_s: float) -> T:
+    """Run fn in a daemon thread and give up after timeout_s.
 
-
-def _decode_all(jobs: Sequence[tuple[str, float | None, float | None]], cfg: VideoConfig,
-                results: queue.Queue, give_up: threading.Event) -> None:
-    for job in jobs:
-        if give_up.is_set():
-            return
-        results.put(_try_decode(*job, cfg))
-
-
-def decode_clips(jobs: Sequence[tuple[str, float | None, float | None]],
-                 cfg: VideoConfig) -> Iterator[tuple[torch.Tensor, list[int]] | SkipClip]:
-    """Decode `(path, start, end)` clips in order, each bounded by `cfg.timeout_s`: yields each
-    clip's frames and indices (as `_decode`), or the SkipClip that says why it cannot be used.
-
-    The clips decode one after another on one daemon thread. A C decoder stuck on a bad file
-    cannot be interrupted from Python, so a clip that exceeds its timeout is given up: its thread
-    is left to finish (or hang) on its own, and the clips after it go on on a new thread. That
-    thread only returns results, never writes into the caller's arrays, so a decode that finishes
-    late cannot overwrite a row given to another clip. One thread per batch, not per clip: in a
-    Ray actor, starting a thread and waiting on it for every clip left the core idle ~14% of the
-    time on short clips (docs/benchmarks.md, Data).
+    A C decoder stuck on a bad file cannot be interrupted from Python; the thread is left to
+    finish (or hang) on its own while the caller moves on, so one file cannot stall a pipeline.
     """
-    if not math.isfinite(cfg.timeout_s) or cfg.timeout_s <= 0:
-        yield from (_try_decode(*job, cfg) for job in jobs)
-        return
-    done = 0
-    while done < len(jobs):
-        # each thread gets its own queue and flag: a given-up thread that wakes later must not
-        # put its result where the next thread's results go
-        results: queue.Queue = queue.Queue()
-        give_up = threading.Event()
-        threading.Thread(target=_decode_all, args=(jobs[done:], cfg, results, give_up),
-                         daemon=True, name="clipray-decode").start()
+    out: queue.Queue = queue.Queue(maxsize=1)
+
+    def run() -> None:
         try:
-            while done < len(jobs):
-                done += 1
-                try:
-                    yield results.get(timeout=cfg.timeout_s)
-                except queue.Empty:
-                    yield SkipClip(f"decode timed out after {cfg.timeout_s:g}s")
-                    break
-        finally:
-            give_up.set()  # a given-up thread, or one whose caller stopped early, decodes no more
+            out.put((True, fn()))
+        except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
+            out.put((False, e))
+
+    threading.Thread(target=run, daemon=True, name="clipray-decode").start()
+    try:
+        ok, value = out.get(timeout=timeout_s)
+    except queue.Empty:
+        raise SkipClip(f"decode timed out after {timeout_s:g}s") from None
+    if ok:
+        return value
+    raise value
 
 
 def decode_clip_safe(path: str, start: float | None, end: float | None, cfg: VideoConfig,
                      out: np.ndarray | None = None) -> Clip:
-    """`decode_clip` bounded by `cfg.timeout_s`; every failure is a SkipClip with a reason."""
-    res = next(decode_clips([(path, start, end)], cfg))
-    if isinstance(res, SkipClip):
-        raise res
-    return pad_clip(*res, cfg, out)
+    """`decode_clip` bounded by `cfg.timeout_s`; every failure is a SkipClip with a reason.
+
+    Only this thread writes into `out`, after the decode thread has returned: a decode that
+    times out and finishes later cannot overwrite a row that has since been given to another clip.
+    """
+    def run() -> tuple[torch.Tensor, list[int]]:
+        try:
+            return _decode(path, start, end, cfg)
+        except SkipClip:
+            raise
+        except Exception as e:  # any other decoder error is still a skip, never a crash
+            raise SkipClip(f"decode failed: {_short(e)}") from None
+
+    if not math.isfinite(cfg.timeout_s) or cfg.timeout_s <= 0:
+        return _pad(*run(), cfg, out)
+    return _pad(*call_with_timeout(run, cfg.timeout_s), cfg, out)

@@ -1,15 +1,11 @@
 """Decoding: frame selection by hand, decord == PyAV on real H.264, every bad file a SkipClip."""
 
-import shutil
-import threading
-
 import numpy as np
 import pytest
 
 from bad_videos import StallingServer, plant
 from clipray.config import VideoConfig
-from clipray.video import (BACKENDS, DecordVideo, SkipClip, candidate_indices, decode_clip, decode_clip_safe,
-                           decode_clips, pad_clip, select)
+from clipray.video import SkipClip, candidate_indices, decode_clip, decode_clip_safe, select
 
 
 def test_candidate_indices_by_hand():
@@ -97,39 +93,3 @@ def test_hanging_source_times_out():
             decode_clip_safe(server.url, None, None, VideoConfig(timeout_s=1.5))
     finally:
         server.close()
-
-
-class GatedDecord(DecordVideo):
-    """decord, except that a file named gate.mp4 hangs until the test opens the gate, then fails."""
-
-    gate, woke = threading.Event(), threading.Event()
-
-    def __init__(self, src):
-        if str(src).endswith("gate.mp4"):
-            self.gate.wait()
-            self.woke.set()
-            raise SkipClip("woke after the gate opened")
-        super().__init__(src)
-
-
-def test_decode_clips_gives_up_a_hanging_clip_and_goes_on(tmp_path, real_video, monkeypatch):
-    # a batch decodes on one thread; the hanging clip is given up after its timeout and the rest go
-    # on on a new thread. The given-up thread then wakes while they decode: its late result must not
-    # be taken for theirs (a queue shared between the threads gave the next clip its result)
-    monkeypatch.setitem(BACKENDS, "gated", GatedDecord)
-    cfg = VideoConfig(backend="gated", fps=1.0, max_frames=4, size=32, timeout_s=1.0)
-    gate = tmp_path / "gate.mp4"
-    shutil.copy(real_video, gate)
-    good = (str(real_video), 1.0, 5.0)
-    gen = decode_clips([good, (str(gate), None, None), good, (str(tmp_path / "gone.mp4"), None, None), good], cfg)
-    first, stalled = next(gen), next(gen)
-    GatedDecord.gate.set()
-    assert GatedDecord.woke.wait(10)
-    rest = list(gen)
-    assert isinstance(stalled, SkipClip) and stalled.reason == "decode timed out after 1s"
-    assert len(rest) == 3 and isinstance(rest[1], SkipClip) and rest[1].reason == "missing file"
-    ref = decode_clip(*good, VideoConfig(fps=1.0, max_frames=4, size=32))
-    for res in (first, rest[0], rest[2]):
-        assert not isinstance(res, SkipClip), res.reason
-        clip = pad_clip(*res, cfg, None)
-        assert clip.indices == ref.indices and np.array_equal(clip.frames, ref.frames)
