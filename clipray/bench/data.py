@@ -2,9 +2,9 @@
 
 Both sides do the same work per clip (open, sample `max_frames` frames over the window, decode,
 resize the shorter side, centre crop, keep uint8) on the same clips:
-  (a) a plain loop in this process, pinned to one core: the per-core ceiling. Unpinned, decord's
-      helper threads spill onto a second core (1.07-1.11 cores measured on 2 cores), which would
-      overstate what one core does;
+  (a) a plain loop in this process, pinned to one core, decoding every clip into one reused array
+      (no page faults): the per-core ceiling. Unpinned, decord's helper threads spill onto a
+      second core (1.07-1.11 cores measured on 2 cores), which would overstate what one core does;
   (b) the Ray Data pipeline (`clipray.pipeline.clip_dataset`) with one decode actor, charged for
       one core or for the CPU the actor used if more: the same decode work as (a), while the
       consumer and Ray's own processes use the machine's other cores, as a decode node's spare
@@ -86,10 +86,14 @@ def bare_loop(manifest: str, cfg: VideoConfig, repeat: int) -> tuple[int, int, f
     """(clips, frames, seconds, cores used) for a plain decode loop pinned to one core.
 
     The pin covers threads started inside the loop (decord starts its own per open file) and is
-    lifted afterwards, so processes started later (Ray's) get every core.
+    lifted afterwards, so processes started later (Ray's) get every core. Every clip is decoded
+    into the same array, as a decode actor reuses its batch arrays: with a new array per clip,
+    glibc handed the loop fresh pages and it took 230-615 page faults per clip, which made it
+    10-18% slower on the synthetic set (docs/benchmarks.md, Data) and the ratios that much higher.
     """
     import resource
 
+    import numpy as np
     import torch
     from clipray.video import decode_clip
 
@@ -97,6 +101,7 @@ def bare_loop(manifest: str, cfg: VideoConfig, repeat: int) -> tuple[int, int, f
     rows = read_manifest(manifest, split="train").to_pylist()
     root = default_root(manifest)
     clips = frames = 0
+    out = np.empty((cfg.max_frames, 3, cfg.size, cfg.size), dtype=np.uint8)
     cores = os.sched_getaffinity(0) if CAN_PIN else None
     if cores:
         os.sched_setaffinity(0, {min(cores)})
@@ -104,7 +109,7 @@ def bare_loop(manifest: str, cfg: VideoConfig, repeat: int) -> tuple[int, int, f
         r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
         for _ in range(repeat):
             for r in rows:
-                c = decode_clip(resolve_path(r["path"], root), r["start"], r["end"], cfg)
+                c = decode_clip(resolve_path(r["path"], root), r["start"], r["end"], cfg, out=out)
                 clips += 1
                 frames += int(c.mask.sum())
         r1, wall = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter() - t0
