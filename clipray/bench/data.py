@@ -3,8 +3,9 @@
 Both sides do the same work per clip (open, sample `max_frames` frames over the window, decode,
 resize the shorter side, centre crop, keep uint8) on the same clips:
   (a) a plain loop in this process, pinned to one core, decoding every clip into one reused array
-      (no fresh pages per clip): the per-core ceiling. Unpinned, decord's helper threads spill onto a
-      second core (1.07-1.11 cores measured on 2 cores), which would overstate what one core does;
+      (no fresh pages per clip): the per-core ceiling. Unpinned, decord's helper threads spill
+      onto a second core (1.07-1.11 cores measured on 2 cores), which would overstate what one
+      core does;
   (b) the Ray Data pipeline (`clipray.pipeline.clip_dataset`) with one decode actor, charged for
       one core or for the CPU the actor used if more: the same decode work as (a), while the
       consumer and Ray's own processes use the machine's other cores, as a decode node's spare
@@ -88,7 +89,7 @@ def bare_loop(manifest: str, cfg: VideoConfig, repeat: int) -> tuple[int, int, f
     The pin covers threads started inside the loop (decord starts its own per open file) and is
     lifted afterwards, so processes started later (Ray's) get every core. Every clip is decoded
     into the same array, as a decode actor reuses its batch arrays: with a new array per clip,
-    glibc handed the loop fresh pages, 220-615 page faults per clip, and alternating in one
+    glibc handed the loop fresh pages, 224-615 page faults per clip, and alternating in one
     process it was 9-13% slower on the synthetic set (docs/benchmarks.md, Data).
     """
     import resource
