@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.server
 import socket
 import threading
 from pathlib import Path
@@ -67,3 +68,50 @@ class StallingServer:
         for c in self.conns:
             c.close()
         self.sock.close()
+
+
+class GatedServer:
+    """A loopback HTTP server of one file (with byte ranges) that holds every request until
+    `open()`: a decode of it hangs for real, then finishes for real once the gate opens."""
+
+    def __init__(self, data: bytes) -> None:
+        self.gate = threading.Event()
+        gate = self.gate
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_HEAD(self) -> None:
+                self._answer(body=False)
+
+            def do_GET(self) -> None:
+                self._answer(body=True)
+
+            def _answer(self, body: bool) -> None:
+                gate.wait()
+                lo, hi = 0, len(data) - 1
+                ranged = self.headers.get("Range", "").startswith("bytes=")
+                if ranged:
+                    a, b = self.headers["Range"][len("bytes="):].split("-")
+                    lo, hi = int(a), min(int(b) if b else hi, hi)
+                self.send_response(206 if ranged else 200)
+                self.send_header("Accept-Ranges", "bytes")
+                self.send_header("Content-Length", str(hi - lo + 1))
+                if ranged:
+                    self.send_header("Content-Range", f"bytes {lo}-{hi}/{len(data)}")
+                self.end_headers()
+                if body:
+                    self.wfile.write(data[lo:hi + 1])
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/clip.mp4"
+
+    def open(self) -> None:
+        self.gate.set()
+
+    def close(self) -> None:
+        self.gate.set()  # no request is left waiting
+        self.httpd.shutdown()
+        self.httpd.server_close()

@@ -1,9 +1,11 @@
 """Decoding: frame selection by hand, decord == PyAV on real H.264, every bad file a SkipClip."""
 
+import threading
+
 import numpy as np
 import pytest
 
-from bad_videos import StallingServer, plant
+from bad_videos import GatedServer, StallingServer, plant
 from clipray.config import VideoConfig
 from clipray.video import SkipClip, candidate_indices, decode_clip, decode_clip_safe, select
 
@@ -91,5 +93,30 @@ def test_hanging_source_times_out():
     try:
         with pytest.raises(SkipClip, match="timed out after 1.5s"):
             decode_clip_safe(server.url, None, None, VideoConfig(timeout_s=1.5))
+    finally:
+        server.close()
+
+
+def test_decode_given_up_never_writes_its_row(real_video):
+    # the decode thread writes a clip's frames into its batch row itself; one that outlives its
+    # timeout finishes later, when the caller has given that row to the next clip: its late
+    # frames must not land there
+    cfg = VideoConfig(fps=1.0, max_frames=8, size=64, timeout_s=1.0)
+    ref = decode_clip(str(real_video), 2.0, 5.0, cfg)
+    server = GatedServer(real_video.read_bytes())
+    try:
+        row = np.full((8, 3, 64, 64), 255, dtype=np.uint8)
+        before = set(threading.enumerate())
+        with pytest.raises(SkipClip, match="timed out after 1s"):
+            decode_clip_safe(server.url, 2.0, 5.0, cfg, out=row)
+        (late,) = [t for t in threading.enumerate() if t.name == "clipray-decode" and t not in before]
+        server.open()  # the given-up decode now reads the file and finishes
+        late.join(timeout=60)
+        assert not late.is_alive()
+        assert (row == 255).all()
+        # waited for, the same request decodes into the row exactly as the local file does: the
+        # late decode above did all of this work too, short of the write
+        c = decode_clip_safe(server.url, 2.0, 5.0, VideoConfig(fps=1.0, max_frames=8, size=64), out=row)
+        assert np.array_equal(row, ref.frames) and c.mask.tolist() == ref.mask.tolist()
     finally:
         server.close()
