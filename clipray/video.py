@@ -20,7 +20,7 @@ import os
 import queue
 import threading
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Sequence, TypeVar
 
 import numpy as np
 import torch
@@ -28,6 +28,8 @@ import torchvision.transforms.v2.functional as TF
 
 from clipray.config import VideoConfig
 from clipray.manifest import as_seconds
+
+T = TypeVar("T")
 
 
 class SkipClip(Exception):
@@ -253,48 +255,45 @@ def decode_clip(path: str, start: float | None, end: float | None, cfg: VideoCon
     return _pad(*_decode(path, start, end, cfg), cfg, out)
 
 
+def call_with_timeout(fn: Callable[[], T], timeout_s: float) -> T:
+    """Run fn in a daemon thread and give up after timeout_s.
+
+    A C decoder stuck on a bad file cannot be interrupted from Python; the thread is left to
+    finish (or hang) on its own while the caller moves on, so one file cannot stall a pipeline.
+    """
+    out: queue.Queue = queue.Queue(maxsize=1)
+
+    def run() -> None:
+        try:
+            out.put((True, fn()))
+        except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
+            out.put((False, e))
+
+    threading.Thread(target=run, daemon=True, name="clipray-decode").start()
+    try:
+        ok, value = out.get(timeout=timeout_s)
+    except queue.Empty:
+        raise SkipClip(f"decode timed out after {timeout_s:g}s") from None
+    if ok:
+        return value
+    raise value
+
+
 def decode_clip_safe(path: str, start: float | None, end: float | None, cfg: VideoConfig,
                      out: np.ndarray | None = None) -> Clip:
     """`decode_clip` bounded by `cfg.timeout_s`; every failure is a SkipClip with a reason.
 
-    The decode runs in a daemon thread: a C decoder stuck on a bad file cannot be interrupted
-    from Python, so the caller stops waiting after the timeout and the thread is left to finish
-    (or hang) on its own. That thread also writes the frames into `out`, while they are still in
-    its core's cache: copying them in the caller's thread cost 5% more CPU per clip
-    (docs/benchmarks.md, Data). A decode the caller has given up on must not write, since `out`
-    may by then belong to another clip, so the write and the giving up take the same lock.
+    Only this thread writes into `out`, after the decode thread has returned: a decode that
+    times out and finishes later cannot overwrite a row that has since been given to another clip.
     """
-    lock, waiting = threading.Lock(), True
-
-    def run() -> Clip:
+    def run() -> tuple[torch.Tensor, list[int]]:
         try:
-            frames, idx = _decode(path, start, end, cfg)
+            return _decode(path, start, end, cfg)
         except SkipClip:
             raise
         except Exception as e:  # any other decoder error is still a skip, never a crash
             raise SkipClip(f"decode failed: {_short(e)}") from None
-        with lock:
-            if not waiting:
-                raise SkipClip("finished after its timeout")  # nobody reads this any more
-            return _pad(frames, idx, cfg, out)
 
     if not math.isfinite(cfg.timeout_s) or cfg.timeout_s <= 0:
-        return run()
-    result: queue.Queue = queue.Queue(maxsize=1)
-
-    def thread() -> None:
-        try:
-            result.put((True, run()))
-        except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
-            result.put((False, e))
-
-    threading.Thread(target=thread, daemon=True, name="clipray-decode").start()
-    try:
-        ok, value = result.get(timeout=cfg.timeout_s)
-    except queue.Empty:
-        with lock:  # waits out a write in progress; after this the thread cannot start one
-            waiting = False
-        raise SkipClip(f"decode timed out after {cfg.timeout_s:g}s") from None
-    if ok:
-        return value
-    raise value
+        return _pad(*run(), cfg, out)
+    return _pad(*call_with_timeout(run, cfg.timeout_s), cfg, out)

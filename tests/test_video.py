@@ -98,9 +98,8 @@ def test_hanging_source_times_out():
 
 
 def test_decode_given_up_never_writes_its_row(real_video):
-    # the decode thread writes a clip's frames into its batch row itself; one that outlives its
-    # timeout finishes later, when the caller has given that row to the next clip: its late
-    # frames must not land there
+    # a decode that outlives its timeout finishes later, in its own thread, when the caller has
+    # given the clip's batch row to the next clip: its late frames must not land there
     cfg = VideoConfig(fps=1.0, max_frames=8, size=64, timeout_s=1.0)
     ref = decode_clip(str(real_video), 2.0, 5.0, cfg)
     server = GatedServer(real_video.read_bytes())
