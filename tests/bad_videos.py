@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import http.server
-import socket
 import threading
 from pathlib import Path
 
@@ -42,37 +41,10 @@ def plant(good: Path, folder: Path) -> dict[str, Path]:
     return out
 
 
-class StallingServer:
-    """A loopback HTTP 'object store' that accepts connections and never answers.
-
-    A read from it hangs for real, which is what the per-file decode timeout must bound.
-    """
-
-    def __init__(self) -> None:
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(16)
-        self.conns: list[socket.socket] = []
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}/stall.mp4"
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                c, _ = self.sock.accept()
-            except OSError:
-                return
-            self.conns.append(c)
-
-    def close(self) -> None:
-        for c in self.conns:
-            c.close()
-        self.sock.close()
-
-
 class GatedServer:
     """A loopback HTTP server of one file (with byte ranges) that holds every request until
-    `open()`: a decode of it hangs for real, then finishes for real once the gate opens."""
+    `open()`: a decode of it hangs for real, which is what the per-file decode timeout must
+    bound, then finishes for real once the gate opens (on `close()` at the latest)."""
 
     def __init__(self, data: bytes) -> None:
         self.gate = threading.Event()

@@ -6,7 +6,7 @@ import time
 import numpy as np
 import pytest
 
-from bad_videos import StallingServer, plant
+from bad_videos import GatedServer, plant
 from clipray.config import DataConfig, VideoConfig
 from clipray.manifest import read_manifest, write_manifest
 from clipray.pipeline import ClipDecoder, clip_dataset, collect_skips
@@ -22,7 +22,7 @@ def planted_manifest(tmp_path, synth_small, real_video):
         r["path"] = f"{root}/{r['path']}"
         r["split"] = "train"
     bad_files = plant(real_video, tmp_path / "bad")
-    server = StallingServer()
+    server = GatedServer(real_video.read_bytes())  # never opened: every read of it hangs
     expected = {kind: reason for kind, reason in [
         ("missing", "missing file"), ("empty", "empty file"), ("truncated", "not a decodable video"),
         ("truncated_faststart", ("decode failed", "not a decodable video")), ("corrupt", "not a decodable video"),

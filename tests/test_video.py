@@ -5,7 +5,7 @@ import threading
 import numpy as np
 import pytest
 
-from bad_videos import GatedServer, StallingServer, plant
+from bad_videos import GatedServer, plant
 from clipray.config import VideoConfig
 from clipray.video import SkipClip, candidate_indices, decode_clip, decode_clip_safe, select
 
@@ -88,8 +88,8 @@ def test_every_bad_file_is_a_skip_with_reason(tmp_path, real_video, backend):
         decode_clip_safe(str(real_video), 30.0, 40.0, cfg)
 
 
-def test_hanging_source_times_out():
-    server = StallingServer()
+def test_hanging_source_times_out(real_video):
+    server = GatedServer(real_video.read_bytes())  # never opened: the read hangs
     try:
         with pytest.raises(SkipClip, match="timed out after 1.5s"):
             decode_clip_safe(server.url, None, None, VideoConfig(timeout_s=1.5))
