@@ -56,7 +56,7 @@ class ClipDecoder:
         A new array this large (116 MB for 64 clips of 12 frames at 224 px) is fresh memory:
         glibc maps and unmaps it on every call and the kernel zeroes each page as the decoder
         first writes it. Reusing arrays gave 18% more frames/s per decode core on short clips
-        (docs/benchmarks.md, Data). A returned batch cannot simply be overwritten: Ray Data
+        (docs/benchmarks-data-log.md). A returned batch cannot simply be overwritten: Ray Data
         wraps it without a copy and may still hold it when the next call runs (its output
         buffer gathers up to 128 MB before putting a block in the object store). Every holder,
         view or Arrow buffer keeps a reference to the array, so one is reused only at its bare

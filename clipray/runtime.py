@@ -11,7 +11,7 @@ the deletions; meanwhile the decode actors keep writing, so the store hands out 
 process has touched yet and the writer takes a page fault on every 4 kB of it (28k faults,
 35 ms of CPU per 116 MB batch here), until every page of the store has been through every
 actor. Deleted within 50 ms, a freed batch's memory is what the next batch gets
-(docs/benchmarks.md, Data). Clusters keep Ray's default: each round of deletions is sent to
+(docs/benchmarks-data-log.md). Clusters keep Ray's default: each round of deletions is sent to
 every node, so a shorter period multiplies that traffic by the node count, while on real clips
 (~130 ms each to decode) the faults cost under 1%.
 """

@@ -90,7 +90,7 @@ def bare_loop(manifest: str, cfg: VideoConfig, repeat: int) -> tuple[int, int, f
     lifted afterwards, so processes started later (Ray's) get every core. Every clip is decoded
     into the same array, as a decode actor reuses its batch arrays: with a new array per clip,
     glibc handed the loop fresh pages, 224-615 page faults per clip, and alternating in one
-    process it was 9-13% slower on the synthetic set (docs/benchmarks.md, Data).
+    process it was 9-13% slower on the synthetic set (docs/benchmarks-data-log.md).
     """
     import resource
 
