@@ -23,6 +23,23 @@ def test_cpu_split_groups_processes_by_role_over_the_window():
     assert split["idle"] == pytest.approx(max(0.0, (os.cpu_count() or 1) - 1.4 - 0.1 - 0.2))
 
 
+def test_elsewhere_is_the_machine_busy_time_less_the_loops_own_and_steal_apart():
+    from collections import namedtuple
+
+    from clipray.bench.data import elsewhere
+
+    T = namedtuple("T", "user nice system idle iowait irq softirq steal guest guest_nice")
+    before = T(100.0, 50.0, 20.0, 500.0, 3.0, 0.0, 1.0, 2.0, 0.0, 0.0)
+    # over 4 s on 2 cores: 3.0 s of user, 1.0 nice, 0.8 system, 0.2 softirq busy; 1.0 s stolen;
+    # idle and iowait never count, and guest time is already inside user
+    after = T(103.0, 51.0, 20.8, 503.0, 4.0, 0.0, 1.2, 3.0, 0.7, 0.0)
+    rest, host = elsewhere(before, after, own_cpu=4.0, wall=4.0)
+    assert rest == pytest.approx((5.0 - 4.0) / 4.0)
+    assert host == pytest.approx(1.0 / 4.0)
+    # a loop whose own CPU exceeds the machine's busy count (clock ticks) reads 0, not negative
+    assert elsewhere(before, after, own_cpu=5.5, wall=4.0)[0] == 0.0
+
+
 @pytest.mark.skipif(not CAN_PIN, reason="no CPU affinity on this OS")
 def test_bare_loop_counts_every_frame_on_one_core_and_unpins_after(tmp_path):
     from clipray.bench.data import bare_loop
@@ -37,7 +54,7 @@ def test_bare_loop_counts_every_frame_on_one_core_and_unpins_after(tmp_path):
     expected = sum(int(decode_clip(resolve_path(r["path"], root), r["start"], r["end"], cfg).mask.sum())
                    for r in rows)
     before = os.sched_getaffinity(0)
-    clips, frames, wall, cores_used = bare_loop(manifest, cfg, repeat=2)
+    clips, frames, wall, cores_used, _ = bare_loop(manifest, cfg, repeat=2)
     assert (clips, frames) == (2 * len(rows), 2 * expected)
     assert os.sched_getaffinity(0) == before  # Ray, started after the loop, must get every core
     assert cores_used <= 1.05  # pinned: at most one core, whatever threads decord starts

