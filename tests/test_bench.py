@@ -38,6 +38,10 @@ def test_elsewhere_is_the_machine_busy_time_less_the_loops_own_and_steal_apart()
     assert host == pytest.approx(1.0 / 4.0)
     # a loop whose own CPU exceeds the machine's busy count (clock ticks) reads 0, not negative
     assert elsewhere(before, after, own_cpu=5.5, wall=4.0)[0] == 0.0
+    # macOS reports user, nice, system and idle only: no steal, and the same busy time
+    Mac = namedtuple("Mac", "user nice system idle")
+    assert elsewhere(Mac(100.0, 50.0, 20.0, 500.0), Mac(103.0, 51.0, 21.0, 503.0), own_cpu=4.0,
+                     wall=4.0) == pytest.approx((1.0 / 4.0, 0.0))
 
 
 @pytest.mark.skipif(not CAN_PIN, reason="no CPU affinity on this OS")

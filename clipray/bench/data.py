@@ -90,10 +90,14 @@ def elsewhere(before, after, own_cpu: float, wall: float) -> tuple[float, float]
 
     The rest of the machine is every busy CPU second except `own_cpu` (the loop's own). Steal is
     time the hypervisor gave this VM's cores to someone else: a loop that slows while both
-    figures stay near zero was slowed from outside the VM, by nothing this bench can see.
+    figures stay near zero was slowed from outside the VM, by nothing this bench can see. Fields
+    an OS does not report (macOS has no irq, softirq or steal) count as zero.
     """
-    busy = sum(getattr(after, k) - getattr(before, k) for k in ("user", "nice", "system", "irq", "softirq"))
-    return max(0.0, busy - own_cpu) / wall, (after.steal - before.steal) / wall
+    def delta(k: str) -> float:
+        return getattr(after, k, 0.0) - getattr(before, k, 0.0)
+
+    busy = sum(delta(k) for k in ("user", "nice", "system", "irq", "softirq"))
+    return max(0.0, busy - own_cpu) / wall, delta("steal") / wall
 
 
 def bare_loop(manifest: str, cfg: VideoConfig, repeat: int) -> tuple[int, int, float, float, tuple[float, float]]:
