@@ -21,11 +21,16 @@ from __future__ import annotations
 import logging
 import os
 
-from clipray.config import RayConfig
+from clipray.config import ConfigError, RayConfig
 
 # Ray reads its settings from RAY_<name> in the environment of each of its processes
 FREE_OBJECTS_ENV = "RAY_free_objects_period_milliseconds"
 FREE_OBJECTS_PERIOD_MS = "50"
+
+# logical CPUs of the Ray that init_ray started in this process; None when it joined a cluster
+_embedded_cpus: float | None = None
+# Ray Data's read and filter tasks ask for one CPU each; with none left over they never run
+READ_TASK_CPUS = 1.0
 
 
 def init_ray(cfg: RayConfig | None = None, quiet: bool = False) -> None:
@@ -43,6 +48,26 @@ def init_ray(cfg: RayConfig | None = None, quiet: bool = False) -> None:
     os.environ.setdefault(FREE_OBJECTS_ENV, FREE_OBJECTS_PERIOD_MS)  # a user's own value wins
     # the dashboard stays on: it hosts the State API, which Ray Train uses to watch its controller
     ray.init(num_cpus=num_cpus, **kwargs)
+    global _embedded_cpus
+    _embedded_cpus = float(num_cpus)
+
+
+def check_cpus(asks: dict[str, float], advice: str = "lower them or raise ray.num_cpus") -> None:
+    """Fail now if CPU asks that run at once cannot fit the embedded Ray, plus a CPU for reads.
+
+    Ray queues what does not fit rather than failing; on a cluster an autoscaler may add nodes,
+    but the embedded Ray never grows, so a pool too big for it would wait forever, silently.
+    `asks` maps the config keys behind each ask (e.g. "data.decode_actors x data.decode_cpus")
+    to its CPUs. On a cluster, or a Ray this process did not start, this checks nothing.
+    """
+    if _embedded_cpus is None:
+        return
+    need = sum(asks.values()) + READ_TASK_CPUS
+    if need > _embedded_cpus + 1e-9:
+        parts = "; ".join(f"{k} = {v:g}" for k, v in asks.items())
+        raise ConfigError(f"this run needs {need:g} CPUs at once ({parts}; {READ_TASK_CPUS:g} for Ray "
+                         f"Data's read tasks), but the local Ray has {_embedded_cpus:g} (ray.num_cpus): "
+                         f"{advice}, or Ray would wait for CPUs forever")
 
 
 def quiet_data_progress() -> None:

@@ -200,6 +200,9 @@ def build_index(cfg: AppConfig, quiet: bool = False) -> dict[str, Any]:
     if rows:
         import pyarrow as pa
 
+        from clipray.runtime import check_cpus
+
+        check_cpus({"index.actors x index.actor_cpus": cfg.index.actors * cfg.index.actor_cpus})
         gpus = cfg.index.actor_gpus
         if gpus < 0:
             gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0

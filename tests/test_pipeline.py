@@ -70,6 +70,26 @@ def test_bad_files_skipped_and_reported(ray_local, planted_manifest, tmp_path):
     assert sum(report["by_reason"].values()) == len(bad_ids)
 
 
+def test_decode_pool_too_big_for_the_local_ray_fails_at_once(ray_local, synth_small, tmp_path):
+    """The embedded Ray never grows: a pool that cannot fit it beside one CPU for Ray Data's
+    read tasks would wait forever (`clipray bench data --cores 8` did, on 4 CPUs), so it fails
+    when the dataset is built, naming the keys and the CPUs there are."""
+    import ray
+
+    from clipray.config import ConfigError
+    from clipray.runtime import check_cpus
+
+    assert ray.cluster_resources()["CPU"] == 4  # the session's Ray (conftest), which init_ray started
+    data = DataConfig(manifest=synth_small["manifest"], decode_actors=4, decode_cpus=0.8)
+    with pytest.raises(ConfigError, match=r"needs 4.2 CPUs at once \(data.decode_actors x "
+                                          r"data.decode_cpus = 3.2; 1 for Ray Data's read tasks\), "
+                                          r"but the local Ray has 4 \(ray.num_cpus\)"):
+        clip_dataset(data, str(tmp_path))
+    check_cpus({"a": 2.0, "b": 1.0})  # 3 + 1 for reads: exactly the 4 there are
+    with pytest.raises(ConfigError, match=r"a = 2; b = 1.5"):
+        check_cpus({"a": 2.0, "b": 1.5})
+
+
 def test_frames_buffer_reused_only_once_released(tmp_path):
     """A decode actor writes the next batch into an earlier batch's array only when nothing
     holds it: here the holder is the block Ray Data builds from the returned batch."""

@@ -88,6 +88,18 @@ def test_train_outputs_match_brute_force_eval(ray_local, synth_small, tmp_path):
     assert result["t2v_mnr"] == pytest.approx(bf["t2v_mnr"], abs=1e-6)
 
 
+def test_workers_and_decode_pool_too_big_for_the_local_ray_fail_before_training(ray_local, synth_small, tmp_path):
+    from clipray.config import ConfigError
+    from train.driver import run
+
+    # 2 workers x 1 CPU + 2 actors x 0.75 + 1 for reads = 4.5 of the session's 4 CPUs
+    cfg = load_config(DEMO, overrides(synth_small["manifest"], tmp_path, "too-big", **{"data.decode_cpus": 0.75}))
+    with pytest.raises(ConfigError, match=r"train.num_workers x train.cpus_per_worker = 2; "
+                                          r"data.decode_actors x data.decode_cpus = 1.5"):
+        run(cfg, quiet_ray=True)
+    assert not (tmp_path / "too-big" / "result.json").exists()
+
+
 def test_zero2_trains_through_planted_bad_videos(ray_local, synth_small, real_video, tmp_path):
     from train.driver import run
 

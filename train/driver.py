@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from clipray.config import Config, to_yaml
+from clipray.config import Config, ConfigError, to_yaml
 
 
 def model_io(cfg: Config) -> Config:
@@ -80,26 +80,31 @@ def run(cfg: Config, quiet_ray: bool = False) -> dict[str, Any]:
     from ray.train.torch import TorchTrainer
 
     from clipray.pipeline import clip_dataset, collect_skips
-    from clipray.runtime import init_ray, quiet_data_progress
+    from clipray.runtime import check_cpus, init_ray, quiet_data_progress
     from train.loop import STATE, train_loop
 
     cfg = model_io(cfg)
     if not cfg.data.manifest:
-        raise ValueError("data.manifest is empty: give a manifest (e.g. data.manifest=PATH)")
+        raise ConfigError("data.manifest is empty: give a manifest (e.g. data.manifest=PATH)")
     out = run_dir(cfg)
     per_step = cfg.data.batch_size * cfg.train.num_workers
     if cfg.data.shard_stream:
         # workers stream their own shards; counting 136M rows up front is not worth a pass
         if cfg.train.max_steps < 1:
-            raise ValueError("data.shard_stream trains by a step budget: set train.max_steps")
+            raise ConfigError("data.shard_stream trains by a step budget: set train.max_steps")
         n_train, steps_per_epoch = None, 0
     else:
         n_train = _count_rows(cfg.data.manifest, "train")
         steps_per_epoch = n_train // per_step
         if steps_per_epoch < 1:
-            raise ValueError(f"{n_train} training rows cannot fill one step of {per_step} clips "
+            raise ConfigError(f"{n_train} training rows cannot fill one step of {per_step} clips "
                              f"(data.batch_size x train.num_workers)")
     init_ray(cfg.ray, quiet=quiet_ray)
+    # the workers and one decode pool run at once (in shard_stream mode, one pool per worker)
+    pools = cfg.train.num_workers if cfg.data.shard_stream else 1
+    check_cpus({"train.num_workers x train.cpus_per_worker": cfg.train.num_workers * cfg.train.cpus_per_worker,
+                "data.decode_actors x data.decode_cpus" + (" x train.num_workers" if pools > 1 else ""):
+                    pools * cfg.data.decode_actors * cfg.data.decode_cpus})
     quiet_data_progress()
     eval_data = dataclasses.replace(cfg.data, manifest=cfg.data.eval_manifest or cfg.data.manifest)
     datasets = {"test": clip_dataset(eval_data, out, split="test")}
