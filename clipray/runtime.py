@@ -36,6 +36,7 @@ READ_TASK_CPUS = 1.0
 def init_ray(cfg: RayConfig | None = None, quiet: bool = False) -> None:
     import ray
 
+    global _embedded_cpus
     if ray.is_initialized():
         return
     cfg = cfg or RayConfig()
@@ -43,12 +44,12 @@ def init_ray(cfg: RayConfig | None = None, quiet: bool = False) -> None:
     kwargs = dict(log_to_driver=not quiet, logging_level=logging.WARNING)
     if address:
         ray.init(address=address, **kwargs)
+        _embedded_cpus = None
         return
     num_cpus = cfg.num_cpus or max(4, 2 * (os.cpu_count() or 1))
     os.environ.setdefault(FREE_OBJECTS_ENV, FREE_OBJECTS_PERIOD_MS)  # a user's own value wins
     # the dashboard stays on: it hosts the State API, which Ray Train uses to watch its controller
     ray.init(num_cpus=num_cpus, **kwargs)
-    global _embedded_cpus
     _embedded_cpus = float(num_cpus)
 
 
@@ -66,8 +67,8 @@ def check_cpus(asks: dict[str, float], advice: str = "lower them or raise ray.nu
     if need > _embedded_cpus + 1e-9:
         parts = "; ".join(f"{k} = {v:g}" for k, v in asks.items())
         raise ConfigError(f"this run needs {need:g} CPUs at once ({parts}; {READ_TASK_CPUS:g} for Ray "
-                         f"Data's read tasks), but the local Ray has {_embedded_cpus:g} (ray.num_cpus): "
-                         f"{advice}, or Ray would wait for CPUs forever")
+                          f"Data's read tasks), but the local Ray has {_embedded_cpus:g} (ray.num_cpus): "
+                          f"{advice}, or Ray would wait for CPUs forever")
 
 
 def quiet_data_progress() -> None:

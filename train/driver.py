@@ -98,7 +98,7 @@ def run(cfg: Config, quiet_ray: bool = False) -> dict[str, Any]:
         steps_per_epoch = n_train // per_step
         if steps_per_epoch < 1:
             raise ConfigError(f"{n_train} training rows cannot fill one step of {per_step} clips "
-                             f"(data.batch_size x train.num_workers)")
+                              f"(data.batch_size x train.num_workers)")
     init_ray(cfg.ray, quiet=quiet_ray)
     # the workers and one decode pool run at once (in shard_stream mode, one pool per worker)
     pools = cfg.train.num_workers if cfg.data.shard_stream else 1
