@@ -126,9 +126,9 @@ def clip_dataset(data: DataConfig, skip_dir: str, split: str | None = None,
     import ray.data
     from ray.data.expressions import col
 
-    from clipray.runtime import check_cpus
+    from clipray.runtime import check_fits
 
-    check_cpus({"data.decode_actors x data.decode_cpus": data.decode_actors * data.decode_cpus})
+    check_fits({"data.decode_actors x data.decode_cpus": data.decode_actors * data.decode_cpus})
     fs, all_files = manifest_files(data.manifest)
     files = files or all_files
     ds = ray.data.read_parquet(files, filesystem=fs).select_columns(DATA_COLUMNS + ["split"])

@@ -27,8 +27,9 @@ from clipray.config import ConfigError, RayConfig
 FREE_OBJECTS_ENV = "RAY_free_objects_period_milliseconds"
 FREE_OBJECTS_PERIOD_MS = "50"
 
-# logical CPUs of the Ray that init_ray started in this process; None when it joined a cluster
-_embedded_cpus: float | None = None
+# what the Ray that init_ray started in this process has ({"CPU": 4.0, "GPU": 0.0}); None when
+# it joined a cluster
+_embedded: dict[str, float] | None = None
 # Ray Data's read and filter tasks ask for one CPU each; with none left over they never run
 READ_TASK_CPUS = 1.0
 
@@ -36,7 +37,7 @@ READ_TASK_CPUS = 1.0
 def init_ray(cfg: RayConfig | None = None, quiet: bool = False) -> None:
     import ray
 
-    global _embedded_cpus
+    global _embedded
     if ray.is_initialized():
         return
     cfg = cfg or RayConfig()
@@ -44,31 +45,36 @@ def init_ray(cfg: RayConfig | None = None, quiet: bool = False) -> None:
     kwargs = dict(log_to_driver=not quiet, logging_level=logging.WARNING)
     if address:
         ray.init(address=address, **kwargs)
-        _embedded_cpus = None
+        _embedded = None
         return
     num_cpus = cfg.num_cpus or max(4, 2 * (os.cpu_count() or 1))
     os.environ.setdefault(FREE_OBJECTS_ENV, FREE_OBJECTS_PERIOD_MS)  # a user's own value wins
     # the dashboard stays on: it hosts the State API, which Ray Train uses to watch its controller
     ray.init(num_cpus=num_cpus, **kwargs)
-    _embedded_cpus = float(num_cpus)
+    have = ray.cluster_resources()
+    _embedded = {"CPU": float(num_cpus), "GPU": float(have.get("GPU", 0.0))}
 
 
-def check_cpus(asks: dict[str, float], advice: str = "lower them or raise ray.num_cpus") -> None:
-    """Fail now if CPU asks that run at once cannot fit the embedded Ray, plus a CPU for reads.
+def check_fits(asks: dict[str, float], resource: str = "CPU",
+               advice: str = "lower them or raise ray.num_cpus") -> None:
+    """Fail now if asks for `resource` ("CPU" or "GPU") that run at once cannot fit the
+    embedded Ray (CPUs: keeping one for Ray Data's read tasks).
 
     Ray queues what does not fit rather than failing; on a cluster an autoscaler may add nodes,
     but the embedded Ray never grows, so a pool too big for it would wait forever, silently.
     `asks` maps the config keys behind each ask (e.g. "data.decode_actors x data.decode_cpus")
-    to its CPUs. On a cluster, or a Ray this process did not start, this checks nothing.
+    to its amount. On a cluster, or a Ray this process did not start, this checks nothing.
     """
-    if _embedded_cpus is None:
+    if _embedded is None:
         return
-    need = sum(asks.values()) + READ_TASK_CPUS
-    if need > _embedded_cpus + 1e-9:
+    reserve = READ_TASK_CPUS if resource == "CPU" else 0.0
+    need, have = sum(asks.values()) + reserve, _embedded[resource]
+    if need > have + 1e-9:
         parts = "; ".join(f"{k} = {v:g}" for k, v in asks.items())
-        raise ConfigError(f"this run needs {need:g} CPUs at once ({parts}; {READ_TASK_CPUS:g} for Ray "
-                          f"Data's read tasks), but the local Ray has {_embedded_cpus:g} (ray.num_cpus): "
-                          f"{advice}, or Ray would wait for CPUs forever")
+        parts += f"; {reserve:g} for Ray Data's read tasks" if reserve else ""
+        has = f"{have:g}" + (" (ray.num_cpus)" if resource == "CPU" else "")
+        raise ConfigError(f"this run needs {need:g} {resource}s at once ({parts}), but the local Ray has "
+                          f"{has}: {advice}, or Ray would wait for {resource}s forever")
 
 
 def quiet_data_progress() -> None:

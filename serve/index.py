@@ -200,12 +200,14 @@ def build_index(cfg: AppConfig, quiet: bool = False) -> dict[str, Any]:
     if rows:
         import pyarrow as pa
 
-        from clipray.runtime import check_cpus
+        from clipray.runtime import check_fits
 
-        check_cpus({"index.actors x index.actor_cpus": cfg.index.actors * cfg.index.actor_cpus})
+        check_fits({"index.actors x index.actor_cpus": cfg.index.actors * cfg.index.actor_cpus})
         gpus = cfg.index.actor_gpus
         if gpus < 0:
             gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+        check_fits({"index.actors x index.actor_gpus": cfg.index.actors * gpus}, "GPU",
+                   advice="set index.actor_gpus=0 (CPU) or -1 (GPU if there is one)")
         ds = ray.data.from_arrow(pa.Table.from_pylist(rows)).repartition(
             target_num_rows_per_block=cfg.index.batch)
         ds = ds.map_batches(

@@ -77,7 +77,7 @@ def test_decode_pool_too_big_for_the_local_ray_fails_at_once(ray_local, synth_sm
     import ray
 
     from clipray.config import ConfigError
-    from clipray.runtime import check_cpus
+    from clipray.runtime import check_fits
 
     assert ray.cluster_resources()["CPU"] == 4  # the session's Ray (conftest), which init_ray started
     data = DataConfig(manifest=synth_small["manifest"], decode_actors=4, decode_cpus=0.8)
@@ -85,9 +85,9 @@ def test_decode_pool_too_big_for_the_local_ray_fails_at_once(ray_local, synth_sm
                                           r"data.decode_cpus = 3.2; 1 for Ray Data's read tasks\), "
                                           r"but the local Ray has 4 \(ray.num_cpus\)"):
         clip_dataset(data, str(tmp_path))
-    check_cpus({"a": 2.0, "b": 1.0})  # 3 + 1 for reads: exactly the 4 there are
+    check_fits({"a": 2.0, "b": 1.0})  # 3 + 1 for reads: exactly the 4 there are
     with pytest.raises(ConfigError, match=r"a = 2; b = 1.5"):
-        check_cpus({"a": 2.0, "b": 1.5})
+        check_fits({"a": 2.0, "b": 1.5})
 
 
 def test_frames_buffer_reused_only_once_released(tmp_path):

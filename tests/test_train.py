@@ -98,6 +98,16 @@ def test_workers_and_decode_pool_too_big_for_the_local_ray_fail_before_training(
                                           r"data.decode_actors x data.decode_cpus = 1.5"):
         run(cfg, quiet_ray=True)
     assert not (tmp_path / "too-big" / "result.json").exists()
+    # GPU workers on a Ray without GPUs: Ray Train would wait for them forever
+    import ray
+
+    gpus = ray.cluster_resources().get("GPU", 0)
+    cfg = load_config(DEMO, overrides(synth_small["manifest"], tmp_path, "no-gpu",
+                                      **{"train.use_gpu": "true", "train.num_workers": int(gpus) + 1}))
+    with pytest.raises(ConfigError, match=rf"needs {int(gpus) + 1} GPUs at once \(train.num_workers "
+                                          rf"\(train.use_gpu=true\) = {int(gpus) + 1}\), but the local Ray has {gpus:g}: "
+                                          r"set train.use_gpu=false"):
+        run(cfg, quiet_ray=True)
 
 
 def test_zero2_trains_through_planted_bad_videos(ray_local, synth_small, real_video, tmp_path):

@@ -80,7 +80,7 @@ def run(cfg: Config, quiet_ray: bool = False) -> dict[str, Any]:
     from ray.train.torch import TorchTrainer
 
     from clipray.pipeline import clip_dataset, collect_skips
-    from clipray.runtime import check_cpus, init_ray, quiet_data_progress
+    from clipray.runtime import check_fits, init_ray, quiet_data_progress
     from train.loop import STATE, train_loop
 
     cfg = model_io(cfg)
@@ -102,9 +102,12 @@ def run(cfg: Config, quiet_ray: bool = False) -> dict[str, Any]:
     init_ray(cfg.ray, quiet=quiet_ray)
     # the workers and one decode pool run at once (in shard_stream mode, one pool per worker)
     pools = cfg.train.num_workers if cfg.data.shard_stream else 1
-    check_cpus({"train.num_workers x train.cpus_per_worker": cfg.train.num_workers * cfg.train.cpus_per_worker,
+    check_fits({"train.num_workers x train.cpus_per_worker": cfg.train.num_workers * cfg.train.cpus_per_worker,
                 "data.decode_actors x data.decode_cpus" + (" x train.num_workers" if pools > 1 else ""):
                     pools * cfg.data.decode_actors * cfg.data.decode_cpus})
+    if cfg.train.use_gpu:  # one GPU per worker
+        check_fits({"train.num_workers (train.use_gpu=true)": cfg.train.num_workers}, "GPU",
+                   advice="set train.use_gpu=false, or submit the job to a GPU cluster")
     quiet_data_progress()
     eval_data = dataclasses.replace(cfg.data, manifest=cfg.data.eval_manifest or cfg.data.manifest)
     datasets = {"test": clip_dataset(eval_data, out, split="test")}

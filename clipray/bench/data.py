@@ -223,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workdir", default=None, help="where to write the clip sets (default: a temp dir)")
     args = ap.parse_args(argv)
 
-    from clipray.runtime import check_cpus, init_ray, quiet_data_progress
+    from clipray.runtime import check_fits, init_ray, quiet_data_progress
     from clipray.synth import generate
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="clipray-bench-"))
@@ -243,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     bare_runs = {name: bare_loop(manifest, cfg, passes) for name, (manifest, cfg, _) in sets.items()}
     init_ray(quiet=True)
     # now, not minutes later when run (c) starts
-    check_cpus({"--cores (decode actors of run (c), 1 CPU each)": float(args.cores)}, advice="lower --cores")
+    check_fits({"--cores (decode actors of run (c), 1 CPU each)": float(args.cores)}, advice="lower --cores")
     quiet_data_progress()
     per_core_runs: dict[str, list[tuple[str, float]]] = {}  # set -> (label, frames/s per core)
     header = f"{'clip set':36} {'method':28} {'clips/s':>8} {'frames/s':>9} {'frames/s/core':>14}"
