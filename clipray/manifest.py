@@ -185,12 +185,27 @@ def manifest_files(path: str) -> tuple[pafs.FileSystem, list[str]]:
     if info.type == pafs.FileType.NotFound:
         raise ManifestError(f"manifest not found: {path}")
     if info.type == pafs.FileType.File:
-        return fs, [root]
-    files = sorted(i.path for i in fs.get_file_info(pafs.FileSelector(root, recursive=True))
-                   if i.type == pafs.FileType.File and i.path.endswith(".parquet"))
+        files = [root]
+    else:
+        files = sorted(i.path for i in fs.get_file_info(pafs.FileSelector(root, recursive=True))
+                       if i.type == pafs.FileType.File and i.path.endswith(".parquet"))
     if not files:
         raise ManifestError(f"no .parquet files under {path}")
+    _check_header(fs, files[0], path)
     return fs, files
+
+
+def _check_header(fs: pafs.FileSystem, file: str, path: str) -> None:
+    """Read the first file's footer, so a wrong file fails here with its name rather than later
+    in a Ray task: not Parquet, or lacking the columns every manifest row must have."""
+    try:
+        names = pq.read_schema(file, filesystem=fs).names
+    except (pa.ArrowInvalid, OSError) as e:
+        raise ManifestError(f"{path}: not a Parquet manifest ({str(e).splitlines()[0][:200]})") from None
+    missing = [f.name for f in SCHEMA if not f.nullable and f.name not in names]
+    if missing:
+        raise ManifestError(f"{path}: not a clipray manifest, it has no {', '.join(missing)} column(s); "
+                            "write one with `clipray data prepare` (`generic` for your own CSV/JSONL)")
 
 
 def read_manifest(path: str | Path, columns: Sequence[str] | None = None,

@@ -51,3 +51,24 @@ def test_bad_rows_are_named(tmp_path, bad, msg):
 def test_missing_manifest(tmp_path):
     with pytest.raises(ManifestError, match="not found"):
         read_manifest(tmp_path / "nope.parquet")
+
+
+def test_a_file_that_is_not_a_manifest_is_named_before_any_read(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    text = tmp_path / "notes.parquet"
+    text.write_text("video_id,path,caption\nv0,a.mp4,a cat\n")
+    with pytest.raises(ManifestError, match="notes.parquet: not a Parquet manifest .*magic bytes"):
+        manifest_files(str(text))
+    other = tmp_path / "other.parquet"  # Parquet, but some other table: only video_id and path
+    pq.write_table(pa.table({"video_id": ["v0"], "path": ["a.mp4"], "n": [1]}), other)
+    with pytest.raises(ManifestError, match="it has no row_id, caption, split column"):
+        read_manifest(other)
+    # a directory is judged by its first shard, as the readers open it
+    write_manifest(rows(4), tmp_path / "d" / "part-00001.parquet")
+    pq.write_table(pa.table({"n": [1]}), tmp_path / "d" / "part-00000.parquet")
+    with pytest.raises(ManifestError, match="no row_id, video_id, path, caption, split"):
+        read_manifest(tmp_path / "d")
+    pq.write_table(read_manifest(tmp_path / "d" / "part-00001.parquet"), tmp_path / "d" / "part-00000.parquet")
+    assert read_manifest(tmp_path / "d").num_rows == 8
