@@ -33,6 +33,20 @@ BENCHES = {
 }
 
 
+def at_least(lo: float, cast: Callable[[str], float] = int) -> Callable[[str], float]:
+    """An argparse `type`: a number >= lo, so a zero or negative count is a usage error at once
+    rather than an empty output or a ZeroDivisionError minutes in."""
+    def parse(text: str) -> float:
+        try:
+            value = cast(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if value < lo:
+            raise argparse.ArgumentTypeError(f"must be {lo} or more, got {text}")
+        return value
+    return parse
+
+
 def _load(target: str) -> Callable[[list[str]], int]:
     module, fn = target.split(":")
     return getattr(importlib.import_module(module), fn)
@@ -43,12 +57,12 @@ def data_main(argv: list[str]) -> int:
     sub = ap.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("synth", help="write the synthetic H.264 video-text dataset and its manifests")
     s.add_argument("--out", required=True, help="output directory")
-    s.add_argument("--videos", type=int, default=200)
+    s.add_argument("--videos", type=at_least(1), default=200)
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--fps", type=int, default=8)
-    s.add_argument("--width", type=int, default=96)
-    s.add_argument("--height", type=int, default=72)
-    s.add_argument("--max-events", type=int, default=2)
+    s.add_argument("--fps", type=at_least(1), default=8)
+    s.add_argument("--width", type=at_least(16), default=96, help="even (H.264 in yuv420p)")
+    s.add_argument("--height", type=at_least(16), default=72, help="even")
+    s.add_argument("--max-events", type=at_least(1), default=2)
     p = sub.add_parser("prepare", help="turn a public release (or your own CSV/JSONL) into a manifest")
     p.add_argument("name", help="source name (msrvtt, msvd, lsmdc, activitynet, didemo, youcook2, "
                                 "howto100m, generic)")
@@ -62,6 +76,9 @@ def data_main(argv: list[str]) -> int:
 
     if args.cmd == "synth":
         from clipray.synth import generate
+
+        if args.width % 2 or args.height % 2:
+            s.error(f"--width and --height must be even for H.264 (yuv420p), got {args.width}x{args.height}")
 
         s = generate(args.out, videos=args.videos, seed=args.seed, fps=args.fps, width=args.width,
                      height=args.height, max_events=args.max_events, progress=True)

@@ -16,6 +16,8 @@ import argparse
 import time
 from pathlib import Path
 
+from clipray.cli import at_least
+
 
 def ensure_synth(data_dir: Path, videos: int, seed: int = 0) -> Path:
     """Generate the synthetic set under data_dir unless a complete one is already there."""
@@ -38,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="clipray demo", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default="clipray_data/synth", help="synthetic dataset folder")
-    ap.add_argument("--videos", type=int, default=240, help="synthetic videos (generated once)")
+    ap.add_argument("--videos", type=at_least(1), default=240, help="synthetic videos (generated once)")
     ap.add_argument("--runs", default="runs", help="storage path for run directories")
     ap.add_argument("--no-serve", action="store_true", help="stop after training")
     ap.add_argument("overrides", nargs="*", help="key=value overrides of train/configs/demo.yaml")

@@ -1,4 +1,5 @@
-"""Benchmark helpers whose arithmetic the printed figures rest on."""
+"""Benchmark helpers whose arithmetic the printed figures rest on, and the usage errors of the
+commands that take counts."""
 
 import os
 
@@ -62,3 +63,24 @@ def test_bare_loop_counts_every_frame_on_one_core_and_unpins_after(tmp_path):
     assert (clips, frames) == (2 * len(rows), 2 * expected)
     assert os.sched_getaffinity(0) == before  # Ray, started after the loop, must get every core
     assert cores_used <= 1.05  # pinned: at most one core, whatever threads decord starts
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["data", "synth", "--videos", "0"], "argument --videos: must be 1 or more, got 0"),
+    (["data", "synth", "--width", "33"], "--width and --height must be even for H.264 (yuv420p), got 33x72"),
+    (["demo", "--videos", "-2"], "argument --videos: must be 1 or more, got -2"),
+    (["bench", "data", "--cores", "0"], "argument --cores: must be 1 or more, got 0"),
+    (["bench", "data", "--repeat", "two"], "argument --repeat: not a number: 'two'"),
+    (["bench", "serve", "--scale", "0"], "argument --scale: must be 0.01 or more, got 0"),
+    (["bench", "train", "--warmup", "-1"], "argument --warmup: must be 0 or more, got -1"),
+])
+def test_counts_below_their_floor_are_usage_errors_before_any_work(argv, says, tmp_path, capsys, monkeypatch):
+    from clipray.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    if argv[:2] == ["data", "synth"]:
+        argv = argv + ["--out", str(tmp_path / "synth")]
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2 and says in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []  # nothing generated, no run folder

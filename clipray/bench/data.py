@@ -33,6 +33,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from clipray.cli import at_least
 from clipray.config import DataConfig, VideoConfig
 from clipray.manifest import read_manifest, resolve_path, default_root, write_manifest
 
@@ -213,11 +214,11 @@ def ray_pipeline(manifest: str, cfg: VideoConfig, repeat: int, actors: int,
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="clipray bench data", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--videos", type=int, default=48, help="synthetic videos to generate")
-    ap.add_argument("--repeat", type=int, default=4, help="passes over each clip set")
-    ap.add_argument("--frames", type=int, default=12)
-    ap.add_argument("--size", type=int, default=224)
-    ap.add_argument("--cores", type=int, default=os.cpu_count() or 1,
+    ap.add_argument("--videos", type=at_least(1), default=48, help="synthetic videos to generate")
+    ap.add_argument("--repeat", type=at_least(1), default=4, help="passes over each clip set")
+    ap.add_argument("--frames", type=at_least(1), default=12)
+    ap.add_argument("--size", type=at_least(1), default=224)
+    ap.add_argument("--cores", type=at_least(1), default=os.cpu_count() or 1,
                     help="decode actors of run (c), one per core (default: every core)")
     ap.add_argument("--skip-real", action="store_true", help="only the synthetic set")
     ap.add_argument("--workdir", default=None, help="where to write the clip sets (default: a temp dir)")

@@ -14,6 +14,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from clipray.cli import at_least
+
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="clipray bench heads", description=__doc__,
@@ -21,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--heads", default="meanP,seqTransf")
     # 600 videos give 168 steps: seqTransf needs about that many to separate twins (60 are too few)
     ap.add_argument("--data", default="clipray_data/synth600", help="synthetic set (made if absent)")
-    ap.add_argument("--videos", type=int, default=600, help="videos to generate when --data is absent")
+    ap.add_argument("--videos", type=at_least(1), default=600, help="videos to generate when --data is absent")
     ap.add_argument("overrides", nargs="*", help="key=value overrides of the demo config")
     args = ap.parse_args(argv)
 

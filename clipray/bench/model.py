@@ -18,6 +18,8 @@ import statistics
 import time
 from typing import Optional, Sequence
 
+from clipray.cli import at_least
+
 SIZES = {"tiny": "test", "vitb32": "clip4clip_vitb32", "vitb16": "clip4clip_vitb16"}
 HEADS = ("meanP", "seqLSTM", "seqTransf", "tightTransf")
 
@@ -26,11 +28,11 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="clipray bench model", description=__doc__.splitlines()[0])
     p.add_argument("--sizes", default="tiny,vitb32", help=f"comma list of {', '.join(SIZES)}")
     p.add_argument("--heads", default=",".join(HEADS), help="comma list of heads")
-    p.add_argument("--batch", type=int, default=2, help="clips per step")
-    p.add_argument("--frames", type=int, default=12, help="frames per clip")
-    p.add_argument("--words", type=int, default=32, help="tokens per caption")
-    p.add_argument("--repeats", type=int, default=5, help="timed steps per measurement")
-    p.add_argument("--threads", type=int, default=1,
+    p.add_argument("--batch", type=at_least(1), default=2, help="clips per step")
+    p.add_argument("--frames", type=at_least(1), default=12, help="frames per clip")
+    p.add_argument("--words", type=at_least(1), default=32, help="tokens per caption")
+    p.add_argument("--repeats", type=at_least(1), default=5, help="timed steps per measurement")
+    p.add_argument("--threads", type=at_least(1), default=1,
                    help="torch threads (0 = torch default); 1 keeps CPU time meaningful on a shared machine")
     p.add_argument("--device", default="cpu")
     return p

@@ -34,6 +34,8 @@ from typing import Any
 
 import numpy as np
 
+from clipray.cli import at_least
+
 
 def _pct(xs: list[float], p: float) -> float:
     xs = sorted(xs)
@@ -316,9 +318,9 @@ def searcher_bench(work: Path, x: np.ndarray, exact: Any, q: np.ndarray) -> dict
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="clipray bench serve", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--vectors", type=int, default=1_000_000)
-    ap.add_argument("--dim", type=int, default=512)
-    ap.add_argument("--scale", type=float, default=1.0, help="multiply the request counts")
+    ap.add_argument("--vectors", type=at_least(1), default=1_000_000)
+    ap.add_argument("--dim", type=at_least(1), default=512)
+    ap.add_argument("--scale", type=at_least(0.01, float), default=1.0, help="multiply the request counts")
     ap.add_argument("--skip-api", action="store_true")
     ap.add_argument("--skip-index", action="store_true")
     ap.add_argument("--skip-searcher", action="store_true", help="index part without the Serve Searcher")

@@ -42,6 +42,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from clipray.cli import at_least
 from clipray.config import DataConfig, RayConfig, VideoConfig
 
 GB = 1024 ** 3
@@ -264,13 +265,13 @@ def report(name: str, run: Run, sampler: Sampler, base: tuple[float, float]) -> 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="clipray bench stream", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rows", type=int, default=1_000_000, help="manifest rows (read + tokenise)")
-    ap.add_argument("--shard-rows", type=int, default=100_000, help="rows per Parquet shard")
-    ap.add_argument("--videos", type=int, default=4, help="distinct tiny videos the rows reuse")
-    ap.add_argument("--decode-rows", type=int, default=4000,
+    ap.add_argument("--rows", type=at_least(1), default=1_000_000, help="manifest rows (read + tokenise)")
+    ap.add_argument("--shard-rows", type=at_least(1), default=100_000, help="rows per Parquet shard")
+    ap.add_argument("--videos", type=at_least(1), default=4, help="distinct tiny videos the rows reuse")
+    ap.add_argument("--decode-rows", type=at_least(0), default=4000,
                     help="rows also decoded through clip_dataset (2 frames, 32 px); 0 skips")
-    ap.add_argument("--actors", type=int, default=2, help="tokenise / decode actors")
-    ap.add_argument("--batch", type=int, default=1024, help="rows per tokenise call and per driver batch")
+    ap.add_argument("--actors", type=at_least(1), default=2, help="tokenise / decode actors")
+    ap.add_argument("--batch", type=at_least(1), default=1024, help="rows per tokenise call and per driver batch")
     ap.add_argument("--workdir", default=None, help="where to write the manifest (default: a temp dir)")
     ap.add_argument("--keep", action="store_true", help="keep the workdir")
     args = ap.parse_args(argv)

@@ -23,6 +23,8 @@ from typing import Any
 
 import torch
 
+from clipray.cli import at_least
+
 
 def _batch(model: Any, batch: int, frames: int, seed: int = 0) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
@@ -131,15 +133,15 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="clipray bench train", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="test_meanP")
-    ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--frames", type=int, default=8)
-    ap.add_argument("--steps", type=int, default=60)
-    ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=1,
+    ap.add_argument("--batch", type=at_least(1), default=32)
+    ap.add_argument("--frames", type=at_least(1), default=8)
+    ap.add_argument("--steps", type=at_least(1), default=60)
+    ap.add_argument("--warmup", type=at_least(0), default=3)
+    ap.add_argument("--threads", type=at_least(1), default=1,
                     help="cores (torch threads) for the training step in every variant")
-    ap.add_argument("--decode-cores", type=int, default=None,
+    ap.add_argument("--decode-cores", type=at_least(1), default=None,
                     help="decode actors for (c), one core each (default: the cores the step leaves)")
-    ap.add_argument("--videos", type=int, default=150, help="synthetic videos for (c)")
+    ap.add_argument("--videos", type=at_least(1), default=150, help="synthetic videos for (c)")
     args = ap.parse_args(argv)
 
     from clipray.runtime import init_ray, quiet_data_progress
