@@ -62,7 +62,7 @@ class ModelConfig:
     pretrained: Optional[str] = None  # open_clip pretrained tag or a local checkpoint path
     head: Optional[str] = None  # override: meanP | seqLSTM | seqTransf | tightTransf
     linear_patch: Optional[str] = None  # override: 2d | 3d
-    tuning: str = "full"  # full | frozen | unipt
+    tuning: str = "full"  # full | frozen (unipt: not built yet, see specs/unipt.md)
 
 
 @dataclass
@@ -108,6 +108,50 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+
+
+# What each value must be, checked after every merge (OmegaConf checks only the types), so a
+# zero batch or a misspelt backend fails at start-up rather than as a ZeroDivisionError or with
+# every clip skipped. A rule is (test, what it says); None always passes (an unset Optional).
+def _at_least(lo: float) -> tuple[Any, str]:
+    return (lambda v: v >= lo), f">= {lo}"
+
+
+def _above(lo: float) -> tuple[Any, str]:
+    return (lambda v: v > lo), f"> {lo}"
+
+
+def _one_of(*choices: Any) -> tuple[Any, str]:
+    return (lambda v: v in choices), f"one of {', '.join(map(str, choices))}"
+
+
+RULES: dict[type, dict[str, tuple[Any, str]]] = {
+    VideoConfig: dict(backend=_one_of("decord", "pyav"), fps=_above(0), max_frames=_at_least(1),
+                      slice=_one_of("head", "tail", "uniform"), size=_at_least(1), timeout_s=_above(0)),
+    DataConfig: dict(split=_one_of("train", "val", "test"), max_words=_at_least(2), batch_size=_at_least(1),
+                     decode_actors=_at_least(1), decode_cpus=_above(0), decode_batch=_at_least(1),
+                     shuffle_buffer=_at_least(0)),
+    OptimConfig: dict(lr=_above(0), coef_lr=_at_least(0), weight_decay=_at_least(0), eps=_above(0),
+                      warmup_ratio=((lambda v: 0 <= v < 1), "in [0, 1)"), grad_clip=_at_least(0)),
+    TrainConfig: dict(epochs=_at_least(1), max_steps=_at_least(0), num_workers=_at_least(1),
+                      cpus_per_worker=_at_least(0), grad_accum=_at_least(1), eval_every_epochs=_at_least(0),
+                      checkpoint_every_steps=_at_least(0), max_failures=_at_least(-1)),
+    RayConfig: dict(num_cpus=_at_least(1)),
+}
+
+
+def bad_value(cfg: Any, prefix: str = "") -> Optional[tuple[str, str]]:
+    """The first (key, what is wrong) that breaks RULES in a loaded config of any schema."""
+    rules = RULES.get(type(cfg), {})
+    for f in dataclasses.fields(cfg):
+        value, key = getattr(cfg, f.name), prefix + f.name
+        if dataclasses.is_dataclass(value):
+            bad = bad_value(value, key + ".")
+            if bad:
+                return bad
+        elif f.name in rules and value is not None and not rules[f.name][0](value):
+            return key, f"must be {rules[f.name][1]}, got {value!r}"
+    return None
 
 
 def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> Any:
@@ -156,9 +200,14 @@ def load_config(
             raise ConfigError(f"command-line overrides: {e}") from e
         cfg = _merge(cfg, dotlist, "command-line override")
     try:
-        return OmegaConf.to_object(cfg)  # type: ignore[return-value]
+        obj = OmegaConf.to_object(cfg)
     except OmegaConfBaseException as e:
         raise ConfigError(f"{path or 'defaults'}: {e}") from e
+    bad = bad_value(obj)
+    if bad:
+        source = "command-line override" if bad[0] in {o.split("=", 1)[0] for o in overrides} else path
+        raise ConfigError(f"{source}: {bad[0]} {bad[1]}")
+    return obj  # type: ignore[return-value]
 
 
 def to_yaml(cfg: Any) -> str:

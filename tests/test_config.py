@@ -41,3 +41,50 @@ def test_bad_override(tmp_path):
         load_config(None, ["train.epochs"])
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "missing.yaml")
+
+
+@pytest.mark.parametrize("key, value, says", [
+    ("data.batch_size", "0", "data.batch_size must be >= 1, got 0"),
+    ("data.video.fps", "0", "data.video.fps must be > 0, got 0.0"),
+    ("data.video.backend", "decrod", "data.video.backend must be one of decord, pyav, got 'decrod'"),
+    ("data.video.slice", "middle", "data.video.slice must be one of head, tail, uniform, got 'middle'"),
+    ("optim.warmup_ratio", "1.0", "optim.warmup_ratio must be in [0, 1), got 1.0"),
+    ("train.num_workers", "0", "train.num_workers must be >= 1, got 0"),
+    ("ray.num_cpus", "0", "ray.num_cpus must be >= 1, got 0"),
+])
+def test_values_out_of_range_name_key_and_source(tmp_path, key, value, says):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [f"{key}={value}"])
+    assert str(e.value) == f"command-line override: {says}"
+    f = tmp_path / "run.yaml"
+    section, _, leaf = key.rpartition(".")
+    f.write_text("".join(f"{'  ' * i}{part}:\n" for i, part in enumerate(section.split(".")))
+                 + f"{'  ' * (section.count('.') + 1)}{leaf}: {value}\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(f)
+    assert str(e.value) == f"{f}: {says}"
+    # the edges that are allowed load, and an unset Optional passes
+    assert load_config(None, ["data.shuffle_buffer=0", "optim.warmup_ratio=0", "train.max_failures=-1"])
+    assert load_config(None).ray.num_cpus is None
+
+
+def test_serve_config_gets_the_same_video_rules():
+    from serve.config import load_app_config
+
+    with pytest.raises(ConfigError, match="command-line override: video.max_frames must be >= 1, got 0"):
+        load_app_config(None, ["video.max_frames=0"])
+
+
+@pytest.mark.parametrize("override, says", [
+    ("model.name=test_meanp", "model.name: unknown model 'test_meanp'; registered: clip4clip_vitb16_meanP"),
+    ("model.head=meanp", "model.head must be one of meanP, seqLSTM, seqTransf, tightTransf, got 'meanp'"),
+    ("model.linear_patch=3D", "model.linear_patch must be one of 2d, 3d, got '3D'"),
+    ("model.tuning=frozn", "model.tuning must be one of frozen, full, got 'frozn'"),
+])
+def test_model_names_are_checked_against_the_registries_before_ray_starts(override, says):
+    from train.driver import model_io
+
+    with pytest.raises(ConfigError) as e:
+        model_io(load_config(None, [override]))
+    assert str(e.value).startswith(says)
+    assert model_io(load_config(None, ["model.head=seqTransf", "model.linear_patch=3d"])).data.video.size > 0

@@ -24,10 +24,19 @@ from clipray.config import Config, ConfigError, to_yaml
 
 def model_io(cfg: Config) -> Config:
     """Fit the data section to the model: frame size, tokenizer and caption length."""
-    from clipray.models import get_spec
+    from clipray.models import HEAD_NAMES, get_spec
     from clipray.models.backbone import open_clip_config
+    from clipray.models.tuning import TUNINGS
 
-    spec = get_spec(cfg.model.name)
+    m = cfg.model
+    for key, value, known in (("head", m.head, HEAD_NAMES), ("linear_patch", m.linear_patch, ("2d", "3d")),
+                              ("tuning", m.tuning, sorted(TUNINGS))):
+        if value is not None and value not in known:
+            raise ConfigError(f"model.{key} must be one of {', '.join(known)}, got {value!r}")
+    try:
+        spec = get_spec(m.name)
+    except ValueError as e:
+        raise ConfigError(f"model.name: {e}") from None
     oc = open_clip_config(spec.open_clip_name)
     size = oc["vision_cfg"]["image_size"]
     size = size[0] if isinstance(size, (list, tuple)) else int(size)
