@@ -23,6 +23,8 @@ PASSTHROUGH = {
     "serve": "serve.__main__:main",
     "demo": "clipray.demo:main",
 }
+PROGRESS_S = 10.0  # long data commands print a progress line this often
+
 BENCHES = {
     "data": "clipray.bench.data:main",
     "model": "clipray.bench.model:main",
@@ -70,7 +72,7 @@ def data_main(argv: list[str]) -> int:
     p.add_argument("--out", required=True, help="manifest: a .parquet file or a directory of shards")
     p.add_argument("--option", "-o", action="append", default=[], metavar="KEY=VALUE",
                    help="adapter option, repeatable (e.g. -o view=paragraph)")
-    c = sub.add_parser("check", help="validate a manifest and print its summary")
+    c = sub.add_parser("check", help="validate every row of a manifest (streamed) and print its summary")
     c.add_argument("manifest")
     args = ap.parse_args(argv)
 
@@ -94,12 +96,11 @@ def data_main(argv: list[str]) -> int:
                 ap.error(f"--option takes KEY=VALUE, got {o!r}")
             k, v = o.split("=", 1)
             opts[k] = _literal(v)
-        print(prepare(args.name, args.root, args.out, **opts))
+        print(prepare(args.name, args.root, args.out, progress_s=PROGRESS_S, **opts))
         return 0
-    from clipray.manifest import manifest_metadata, read_manifest, summarize
+    from clipray.manifest import check_manifest, manifest_metadata
 
-    table = read_manifest(args.manifest)
-    print(f"{args.manifest}: valid; {summarize(table.to_pylist())}")
+    print(f"{args.manifest}: valid; {check_manifest(args.manifest, progress_s=PROGRESS_S)}")
     meta = manifest_metadata(args.manifest)
     if meta:
         print(f"metadata: {meta}")

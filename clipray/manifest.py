@@ -24,7 +24,9 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+import sys
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
@@ -249,26 +251,68 @@ def default_root(manifest: str) -> str:
     return p if "://" in p else str(Path(p).resolve())
 
 
+# Distinct captions are counted exactly up to this many; HowTo100M has ~136M ASR lines and a
+# set of them would cost more memory than the whole streamed write.
+MAX_DISTINCT = 2_000_000
+
+
 @dataclass
-class Summary:
-    rows: int
-    videos: int
-    captions: int
-    per_split: dict[str, int]
-    missing_videos: list[str]
+class Tally:
+    """Running counts over a stream of manifest rows, in memory bounded by the videos."""
+    rows: int = 0
+    per_split: dict[str, int] = field(default_factory=dict)
+    videos: set[str] = field(default_factory=set)
+    captions: set[int] | None = field(default_factory=set)  # hashes; None past MAX_DISTINCT
+
+    def add(self, row: Mapping[str, Any]) -> None:
+        self.rows += 1
+        self.per_split[row["split"]] = self.per_split.get(row["split"], 0) + 1
+        self.videos.add(row["video_id"])
+        if self.captions is not None:
+            self.captions.add(hash(row["caption"]))
+            if len(self.captions) > MAX_DISTINCT:
+                self.captions = None
+
+    @property
+    def distinct_captions(self) -> int | None:
+        return None if self.captions is None else len(self.captions)
 
     def __str__(self) -> str:
-        splits = ", ".join(f"{k} {v}" for k, v in sorted(self.per_split.items()))
-        return (f"{self.rows} rows, {self.videos} videos, {self.captions} distinct captions "
-                f"({splits}); {len(self.missing_videos)} videos missing on disk")
+        splits = ", ".join(f"{k} {v:,}" for k, v in sorted(self.per_split.items())) or "none"
+        caps = f"more than {MAX_DISTINCT:,}" if self.captions is None else f"{len(self.captions):,}"
+        return f"{self.rows:,} rows ({splits}), {len(self.videos):,} videos, {caps} distinct captions"
 
 
-def summarize(rows: Sequence[Mapping[str, Any]], missing: Iterable[str] = ()) -> Summary:
-    per_split: dict[str, int] = {}
-    for r in rows:
-        per_split[r["split"]] = per_split.get(r["split"], 0) + 1
-    return Summary(len(rows), len({r["video_id"] for r in rows}), len({r["caption"] for r in rows}),
-                   per_split, sorted(set(missing)))
+class Every:
+    """`if every(): print(...)` at most once per `seconds` (None: never), for progress lines."""
+
+    def __init__(self, seconds: float | None):
+        self.seconds, self.last = seconds, time.perf_counter()
+
+    def __call__(self) -> bool:
+        if self.seconds is None or time.perf_counter() - self.last < self.seconds:
+            return False
+        self.last = time.perf_counter()
+        return True
+
+
+def check_manifest(path: str | Path, progress_s: float | None = None) -> Tally:
+    """Validate every row of a manifest, file by file in batches (memory stays flat however
+    many rows), and count them; a bad row raises ManifestError naming its file and row.
+    With `progress_s`, a line on stderr at most that often."""
+    fs, files = manifest_files(str(path))
+    tally, every = Tally(), Every(progress_s)
+    for n, f in enumerate(files, 1):
+        where = str(path) if len(files) == 1 else f"{path} ({f.rsplit('/', 1)[-1]})"
+        i = 0
+        batches = pads.dataset(f, filesystem=fs, format="parquet", schema=SCHEMA).to_batches(batch_size=65536)
+        for batch in batches:
+            for row in batch.to_pylist():
+                tally.add(check_row(row, f"{where} row {i}"))
+                i += 1
+            if every():
+                print(f"  checked {tally.rows:,} rows, file {n}/{len(files)}", file=sys.stderr, flush=True)
+    return tally
 
 
 def iter_rows(path: str | Path, batch_rows: int = 65536) -> Iterator[dict[str, Any]]:

@@ -2,8 +2,8 @@
 
 import pytest
 
-from clipray.manifest import (ManifestError, iter_rows, manifest_files, manifest_metadata,
-                              read_manifest, summarize, write_manifest)
+from clipray.manifest import (ManifestError, check_manifest, iter_rows, manifest_files, manifest_metadata,
+                              read_manifest, write_manifest)
 
 
 def rows(n):
@@ -26,8 +26,8 @@ def test_sharded_roundtrip(tmp_path):
     assert read_manifest(out, split="test").num_rows == 7
     assert [r["row_id"] for r in iter_rows(out, batch_rows=4)] == list(range(25))
     assert manifest_metadata(out) == {"source": "unit"}
-    s = summarize(t.to_pylist(), missing=["v3"])
-    assert (s.rows, s.videos, s.per_split) == (25, 13, {"train": 18, "test": 7})
+    s = check_manifest(out)
+    assert (s.rows, len(s.videos), s.distinct_captions, s.per_split) == (25, 13, 25, {"train": 18, "test": 7})
 
 
 @pytest.mark.parametrize("bad, msg", [
@@ -72,3 +72,28 @@ def test_a_file_that_is_not_a_manifest_is_named_before_any_read(tmp_path):
         read_manifest(tmp_path / "d")
     pq.write_table(read_manifest(tmp_path / "d" / "part-00001.parquet"), tmp_path / "d" / "part-00000.parquet")
     assert read_manifest(tmp_path / "d").num_rows == 8
+
+
+def test_check_streams_every_shard_and_names_a_bad_row_in_a_later_one(tmp_path, capsys):
+    import pyarrow.parquet as pq
+
+    out = tmp_path / "m"
+    write_manifest(rows(25), out, rows_per_shard=10)
+    # counts against a brute-force pass over the whole table
+    whole = read_manifest(out).to_pylist()
+    s = check_manifest(out, progress_s=0)
+    assert s.rows == len(whole) and s.videos == {r["video_id"] for r in whole}
+    assert s.distinct_captions == len({r["caption"] for r in whole})
+    assert s.per_split == {sp: sum(r["split"] == sp for r in whole) for sp in ("train", "test")}
+    assert str(s) == "25 rows (test 7, train 18), 13 videos, 25 distinct captions"
+    # progress_s=0: a line after each batch, i.e. each shard here
+    assert capsys.readouterr().err.splitlines() == [f"  checked {n} rows, file {k}/3"
+                                                    for n, k in ((10, 1), (20, 2), (25, 3))]
+    # a row broken behind the writer's back, fourth row of the second shard
+    shard = out / "part-00001.parquet"
+    t = pq.read_table(shard)
+    captions = t.column("caption").to_pylist()
+    captions[3] = "  "
+    pq.write_table(t.set_column(t.schema.get_field_index("caption"), "caption", [captions]), shard)
+    with pytest.raises(ManifestError, match=r"\(part-00001.parquet\) row 3 \(video v6\): empty caption"):
+        check_manifest(out)

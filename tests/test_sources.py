@@ -322,11 +322,16 @@ def test_howto100m_giant_json_is_streamed_into_shards(tmp_path, monkeypatch):
     assert manifest_metadata(str(out))["captions_form"] == "json"
 
 
-def test_howto100m_sharded_csv_folder_in_worker_processes(tmp_path):
+def test_howto100m_sharded_csv_folder_in_worker_processes(tmp_path, capsys):
     fx.write_howto100m(tmp_path, "csv")
     out = tmp_path / "howto"
-    rep = prepare("howto100m", tmp_path, out, rows_per_shard=4, val_list="val_list.csv", workers=2)
+    rep = prepare("howto100m", tmp_path, out, rows_per_shard=4, val_list="val_list.csv", workers=2,
+                  progress_s=0)
     _check_howto(rep, out)
+    # progress_s=0: one line per row, counting up to the report's total
+    lines = capsys.readouterr().err.splitlines()
+    assert [int(ln.split()[1].replace(",", "")) for ln in lines] == list(range(1, rep.rows + 1))
+    assert lines[-1].startswith(f"  howto100m: {rep.rows} rows written, {len(rep.shards) - 1} shards, ")
     assert manifest_metadata(str(out))["captions_form"] == "csv-folder"
 
 

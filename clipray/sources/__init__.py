@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from clipray.manifest import ManifestError, ManifestWriter
+from clipray.manifest import MAX_DISTINCT, Every, ManifestError, ManifestWriter, Tally
 from clipray.sources import activitynet, didemo, generic, howto100m, lsmdc, msrvtt, msvd, youcook2
 from clipray.sources.base import Context, SourceError, SourceSpec, is_uri
 
@@ -31,11 +32,6 @@ SOURCES: dict[str, SourceSpec] = {
 
 __all__ = ["SOURCES", "PrepareReport", "SourceError", "SourceSpec", "get_source", "list_sources",
            "prepare"]
-
-# Distinct captions are counted exactly up to this many; HowTo100M has ~136M ASR lines and a
-# set of them would cost more memory than the whole streamed write.
-_MAX_DISTINCT = 2_000_000
-
 
 def list_sources() -> list[str]:
     return sorted(SOURCES)
@@ -55,7 +51,7 @@ class PrepareReport:
     out: str
     rows: int
     videos: int
-    captions: int | None  # distinct caption texts; None when more than _MAX_DISTINCT
+    captions: int | None  # distinct caption texts; None when more than MAX_DISTINCT
     per_split: dict[str, int]
     missing_videos: list[str]  # video ids not found under the root; their rows were dropped
     rejected: dict[str, int]  # reason -> number of annotation entries rejected for it
@@ -81,7 +77,7 @@ class PrepareReport:
     def __str__(self) -> str:
         splits = ", ".join(f"{k} {v:,}" for k, v in sorted(self.per_split.items())) or "none"
         files = f"{len(self.shards)} file{'s' if len(self.shards) != 1 else ''}"
-        caps = "more than {:,}".format(_MAX_DISTINCT) if self.captions is None else f"{self.captions:,}"
+        caps = f"more than {MAX_DISTINCT:,}" if self.captions is None else f"{self.captions:,}"
         lines = [f"{self.source}: {self.root} -> {self.out} ({files}, {self.seconds:.1f} s)",
                  f"  rows      {self.rows:,} ({splits})",
                  f"  videos    {self.videos:,}",
@@ -112,9 +108,10 @@ class PrepareReport:
         return "\n".join(lines)
 
 
-def prepare(name: str, root: str, out: str, **options: Any) -> PrepareReport:
+def prepare(name: str, root: str, out: str, progress_s: float | None = None, **options: Any) -> PrepareReport:
     """Turn the release `name` found under `root` into the manifest `out` (a `.parquet` file, or
-    a folder of shards); see each module in clipray.sources for its options."""
+    a folder of shards); see each module in clipray.sources for its options. With `progress_s`,
+    a line on stderr at most that often (HowTo100M takes a while)."""
     spec = get_source(name)
     opts = spec.resolve_options(options)
     root, out = str(root), str(out)
@@ -129,11 +126,15 @@ def prepare(name: str, root: str, out: str, **options: Any) -> PrepareReport:
     metadata = {"source": name, "root": root, "options": opts, **ctx.metadata}
     _remove_old_shards(out)
     writer = ManifestWriter(out, rows_per_shard=int(opts["rows_per_shard"]), metadata=metadata)
-    tally = _Tally()
+    tally, every = Tally(), Every(progress_s)
     try:
         if first is not None:
             for row in _chain(first, rows):
                 _add(writer, row, ctx, tally)
+                if every():
+                    print(f"  {name}: {writer.rows:,} rows written, {len(writer.shards)} shards, "
+                          f"{writer.rows / (time.perf_counter() - started):,.0f} rows/s",
+                          file=sys.stderr, flush=True)
         writer.close()
     except BaseException:
         # a format error deep in a big source: leave no half manifest that reads as complete
@@ -142,21 +143,13 @@ def prepare(name: str, root: str, out: str, **options: Any) -> PrepareReport:
         raise
     return PrepareReport(
         source=name, root=root, out=out, rows=writer.rows, videos=len(tally.videos),
-        captions=len(tally.captions) if tally.counting else None, per_split=tally.per_split,
+        captions=tally.distinct_captions, per_split=tally.per_split,
         missing_videos=sorted(ctx.missing_ids), rejected=dict(ctx.rejected),
         rejected_examples=list(ctx.rejected_examples), shards=list(writer.shards), options=opts,
         metadata=metadata, notes=list(ctx.notes), seconds=time.perf_counter() - started)
 
 
-@dataclass
-class _Tally:
-    per_split: dict[str, int] = field(default_factory=dict)
-    videos: set[str] = field(default_factory=set)
-    captions: set[int] = field(default_factory=set)  # hashes: a set of 136M strings would not fit
-    counting: bool = True
-
-
-def _add(writer: ManifestWriter, row: dict, ctx: Context, tally: _Tally) -> None:
+def _add(writer: ManifestWriter, row: dict, ctx: Context, tally: Tally) -> None:
     try:
         writer.add(row)
     except ManifestError as e:  # a last guard: adapters reject what they can name themselves
@@ -164,13 +157,7 @@ def _add(writer: ManifestWriter, row: dict, ctx: Context, tally: _Tally) -> None
         ctx.reject(row.get("_where", "?"), reason,
                    category="invalid row: " + re.sub(r"-?\d+(\.\d+)?(e[-+]?\d+)?", "#", reason))
         return
-    tally.per_split[row["split"]] = tally.per_split.get(row["split"], 0) + 1
-    tally.videos.add(row["video_id"])
-    if tally.counting:
-        tally.captions.add(hash(row["caption"]))
-        if len(tally.captions) > _MAX_DISTINCT:
-            tally.counting = False
-            tally.captions.clear()
+    tally.add(row)
 
 
 def _chain(first, rest):
