@@ -296,22 +296,28 @@ class Every:
         return True
 
 
-def check_manifest(path: str | Path, progress_s: float | None = None) -> Tally:
-    """Validate every row of a manifest, file by file in batches (memory stays flat however
-    many rows), and count them; a bad row raises ManifestError naming its file and row.
-    With `progress_s`, a line on stderr at most that often."""
+def iter_checked(path: str | Path, split: str | None = None) -> Iterator[dict[str, Any]]:
+    """Every row of a manifest (of `split`, if given), validated and normalised by `check_row`,
+    read file by file in batches, so memory stays flat however many rows; a bad row raises
+    ManifestError naming its file and row."""
     fs, files = manifest_files(str(path))
-    tally, every = Tally(), Every(progress_s)
-    for n, f in enumerate(files, 1):
+    for f in files:
         where = str(path) if len(files) == 1 else f"{path} ({f.rsplit('/', 1)[-1]})"
-        i = 0
         batches = pads.dataset(f, filesystem=fs, format="parquet", schema=SCHEMA).to_batches(batch_size=65536)
-        for batch in batches:
-            for row in batch.to_pylist():
-                tally.add(check_row(row, f"{where} row {i}"))
-                i += 1
-            if every():
-                print(f"  checked {tally.rows:,} rows, file {n}/{len(files)}", file=sys.stderr, flush=True)
+        for i, row in enumerate(r for b in batches for r in b.to_pylist()):
+            row = check_row(row, f"{where} row {i}")
+            if split is None or row["split"] == split:
+                yield row
+
+
+def check_manifest(path: str | Path, progress_s: float | None = None) -> Tally:
+    """Validate and count every row of a manifest (`clipray data check`); with `progress_s`, a
+    line on stderr at most that often."""
+    tally, every = Tally(), Every(progress_s)
+    for row in iter_checked(path):
+        tally.add(row)
+        if every():
+            print(f"  checked {tally.rows:,} rows", file=sys.stderr, flush=True)
     return tally
 
 

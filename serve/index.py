@@ -62,19 +62,30 @@ def _duration(path: str, backend: str) -> Optional[float]:
 
 
 def plan_clips(cfg: AppConfig, have: set) -> tuple[list[dict], list[str]]:
-    """Unique clips of the manifest not yet in the index (+ windows), and its captions."""
-    from clipray.manifest import default_root, read_manifest, resolve_path
+    """Unique clips of the manifest not yet in the index (+ windows), and a seeded uniform
+    sample of its captions (up to index.recall_queries) for the recall check. The manifest is
+    streamed: only the clips are kept, not its rows."""
+    import random
+
+    from clipray.manifest import default_root, iter_checked, resolve_path
 
     split = None if cfg.index.split == "all" else cfg.index.split
-    table = read_manifest(cfg.manifest, split=split)
     root = cfg.manifest and default_root(cfg.manifest)
     rows, seen = [], set(have)
-    for r in table.to_pylist():
+    sample, rng, k = [], random.Random(0), cfg.index.recall_queries
+    durations: dict[str, Optional[float]] = {}
+    for n, r in enumerate(iter_checked(cfg.manifest, split)):
+        if n < k:  # reservoir sampling: every caption kept with the same chance k / rows
+            sample.append(r["caption"])
+        elif (j := rng.randrange(n + 1)) < k:
+            sample[j] = r["caption"]
         path = resolve_path(r["path"], root)
         path = path if "://" in path else os.path.abspath(path)
         spans = [(r["start"], r["end"])]
         if cfg.index.window_s and r["start"] is None:
-            dur = r["duration"] or _duration(path, cfg.video.backend)
+            if path not in durations:  # a video has many captions: open it once
+                durations[path] = r["duration"] or _duration(path, cfg.video.backend)
+            dur = durations[path]
             if dur:
                 spans = windows(dur, cfg.index.window_s, cfg.index.stride_s)
         for s, e in spans:
@@ -82,7 +93,7 @@ def plan_clips(cfg: AppConfig, have: set) -> tuple[list[dict], list[str]]:
             if key not in seen:
                 seen.add(key)
                 rows.append({"video_id": r["video_id"], "path": path, "start": s, "end": e})
-    return rows, sorted(set(table.column("caption").to_pylist()))
+    return rows, sorted(set(sample))
 
 
 class ClipEmbedder:

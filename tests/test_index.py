@@ -159,3 +159,28 @@ def test_another_model_cannot_append(windowed, synth_small, tmp_path):
         build_index(_cfg(str(other), synth_small["manifest"], windowed["out"]), quiet=True)
     skip = windowed["out"] / "skip_report.jsonl"
     assert not skip.exists() or all(json.loads(line)["reason"] for line in skip.read_text().splitlines())
+
+
+def test_plan_streams_the_manifest_into_unique_clips_and_a_caption_sample(synth_small, tmp_path):
+    import os
+
+    from clipray.manifest import read_manifest
+    from serve.index import plan_clips
+
+    whole = read_manifest(synth_small["manifest"], split="test").to_pylist()
+    root = os.path.dirname(os.path.abspath(synth_small["manifest"]))
+    # brute force: one clip per distinct (path, start, end), in manifest order
+    want = list({(f"{root}/{r['path']}", r["start"], r["end"]): r["video_id"] for r in whole}.items())
+    cfg = _cfg("unused", synth_small["manifest"], tmp_path, "index.split=test", "index.recall_queries=100000")
+    rows, captions = plan_clips(cfg, have=set())
+    assert [((r["path"], r["start"], r["end"]), r["video_id"]) for r in rows] == want
+    assert captions == sorted({r["caption"] for r in whole})  # room for all: every caption
+    few = _cfg("unused", synth_small["manifest"], tmp_path, "index.split=test", "index.recall_queries=5")
+    picked = plan_clips(few, have=set())[1]
+    assert 1 <= len(picked) <= 5 and set(picked) <= set(captions)
+    assert plan_clips(few, have=set())[1] == picked  # seeded: the same sample every build
+    # clips already in the index are not planned again
+    from serve import store
+
+    have = {store.clip_key(p, s, e) for (p, s, e), _ in want[:3]}
+    assert [((r["path"], r["start"], r["end"]), r["video_id"]) for r in plan_clips(cfg, have)[0]] == want[3:]

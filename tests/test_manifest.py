@@ -2,7 +2,7 @@
 
 import pytest
 
-from clipray.manifest import (ManifestError, check_manifest, iter_rows, manifest_files, manifest_metadata,
+from clipray.manifest import (ManifestError, check_manifest, iter_checked, iter_rows, manifest_files, manifest_metadata,
                               read_manifest, write_manifest)
 
 
@@ -86,9 +86,10 @@ def test_check_streams_every_shard_and_names_a_bad_row_in_a_later_one(tmp_path, 
     assert s.distinct_captions == len({r["caption"] for r in whole})
     assert s.per_split == {sp: sum(r["split"] == sp for r in whole) for sp in ("train", "test")}
     assert str(s) == "25 rows (test 7, train 18), 13 videos, 25 distinct captions"
-    # progress_s=0: a line after each batch, i.e. each shard here
-    assert capsys.readouterr().err.splitlines() == [f"  checked {n} rows, file {k}/3"
-                                                    for n, k in ((10, 1), (20, 2), (25, 3))]
+    # progress_s=0: a line after each row
+    assert capsys.readouterr().err.splitlines() == [f"  checked {n} rows" for n in range(1, 26)]
+    assert [r["caption"] for r in iter_checked(out, split="test")] == [r["caption"] for r in whole
+                                                                      if r["split"] == "test"]
     # a row broken behind the writer's back, fourth row of the second shard
     shard = out / "part-00001.parquet"
     t = pq.read_table(shard)
