@@ -296,18 +296,19 @@ class Every:
         return True
 
 
-def iter_checked(path: str | Path, split: str | None = None) -> Iterator[dict[str, Any]]:
+def iter_checked(path: str | Path, split: str | None = None,
+                 batch_rows: int = 65536) -> Iterator[dict[str, Any]]:
     """Every row of a manifest (of `split`, if given), validated and normalised by `check_row`,
     read file by file in batches, so memory stays flat however many rows; a bad row raises
     ManifestError naming its file and row."""
     fs, files = manifest_files(str(path))
     for f in files:
         where = str(path) if len(files) == 1 else f"{path} ({f.rsplit('/', 1)[-1]})"
-        batches = pads.dataset(f, filesystem=fs, format="parquet", schema=SCHEMA).to_batches(batch_size=65536)
-        for i, row in enumerate(r for b in batches for r in b.to_pylist()):
-            row = check_row(row, f"{where} row {i}")
+        batches = pads.dataset(f, filesystem=fs, format="parquet", schema=SCHEMA).to_batches(batch_size=batch_rows)
+        for i, raw in enumerate(r for b in batches for r in b.to_pylist()):
+            row = check_row(raw, f"{where} row {i}")
             if split is None or row["split"] == split:
-                yield row
+                yield {"row_id": raw["row_id"], **row}
 
 
 def check_manifest(path: str | Path, progress_s: float | None = None) -> Tally:
@@ -319,11 +320,3 @@ def check_manifest(path: str | Path, progress_s: float | None = None) -> Tally:
         if every():
             print(f"  checked {tally.rows:,} rows", file=sys.stderr, flush=True)
     return tally
-
-
-def iter_rows(path: str | Path, batch_rows: int = 65536) -> Iterator[dict[str, Any]]:
-    """Stream rows shard by shard (bounded memory), for tools that walk a huge manifest."""
-    fs, files = manifest_files(str(path))
-    for f in files:
-        for batch in pq.ParquetFile(f, filesystem=fs).iter_batches(batch_size=batch_rows):
-            yield from batch.to_pylist()

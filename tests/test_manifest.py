@@ -2,8 +2,8 @@
 
 import pytest
 
-from clipray.manifest import (ManifestError, check_manifest, iter_checked, iter_rows, manifest_files, manifest_metadata,
-                              read_manifest, write_manifest)
+from clipray.manifest import (ManifestError, check_manifest, iter_checked, manifest_files,
+                              manifest_metadata, read_manifest, write_manifest)
 
 
 def rows(n):
@@ -24,7 +24,7 @@ def test_sharded_roundtrip(tmp_path):
     assert t.column("group").to_pylist()[5] == "v2"  # defaults to video_id
     assert t.column("start").to_pylist()[:4] == [1.0, None, None, 1.0]
     assert read_manifest(out, split="test").num_rows == 7
-    assert [r["row_id"] for r in iter_rows(out, batch_rows=4)] == list(range(25))
+    assert [r["row_id"] for r in iter_checked(out, batch_rows=4)] == list(range(25))
     assert manifest_metadata(out) == {"source": "unit"}
     s = check_manifest(out)
     assert (s.rows, len(s.videos), s.distinct_captions, s.per_split) == (25, 13, 25, {"train": 18, "test": 7})

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from clipray.config import DataConfig, VideoConfig
-from clipray.manifest import (ManifestWriter, default_root, iter_rows, manifest_files, read_manifest,
+from clipray.manifest import (ManifestWriter, default_root, iter_checked, manifest_files, read_manifest,
                               resolve_path, write_manifest)
 from clipray.pipeline import clip_dataset, collect_skips
 from clipray.video import decode_clip
@@ -74,7 +74,7 @@ def test_sharded_manifest_round_trips_on_s3(s3):
         w.extend(rows)
     assert w.shards == [f"{s3.bucket}/sharded/manifest/part-{k:05d}.parquet" for k in range(3)]
     assert sorted(s3.fs().glob(f"{s3.bucket}/sharded/manifest/*.parquet")) == w.shards
-    got = list(iter_rows(s3.url("sharded/manifest"), batch_rows=4))
+    got = list(iter_checked(s3.url("sharded/manifest"), batch_rows=4))
     assert [(g["row_id"], g["video_id"], g["caption"]) for g in got] == \
         [(i, f"v{i}", f"clip {i}") for i in range(25)]
 
