@@ -204,6 +204,9 @@ def build_index(cfg: AppConfig, quiet: bool = False) -> dict[str, Any]:
         raise ConfigError(f"{out}: re-ranker export differs from the one the index holds")
     existing = store.read_table(out, store.META_COLUMNS)
     rows, captions = plan_clips(cfg, store.existing_keys(existing))
+    why = store.too_few_for(cfg.index.kind, len(existing) + len(rows))
+    if why:  # now, not after hours of embedding
+        raise ConfigError(f"index {out}: {len(existing)} clips indexed + {len(rows)} new from {cfg.manifest}; {why}")
     print(f"index {out}: {len(existing)} clips already embedded, {len(rows)} new "
           f"({cfg.index.split} split{', windows %gs/%gs' % (cfg.index.window_s, cfg.index.stride_s) if cfg.index.window_s else ''})",
           flush=True)

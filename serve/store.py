@@ -106,6 +106,16 @@ def write_part(out: str | Path, rows: dict[str, np.ndarray], sub: str = EMB_DIR)
 
 
 # ---- faiss ------------------------------------------------------------------------------------
+PQ_MIN_VECTORS = 256 * 39  # PQ codebooks: 256 centroids per sub-quantiser, 39 points each
+
+
+def too_few_for(kind: str, n: int) -> str:
+    """Why an index of `kind` cannot be trained on `n` vectors ("" if it can)."""
+    if kind == "ivf_pq" and n < PQ_MIN_VECTORS:
+        return f"ivf_pq needs >= {PQ_MIN_VECTORS} vectors to train its codebooks, got {n}: use flat, hnsw or ivf_sq8"
+    return ""
+
+
 def _nlist(n: int, want: int) -> int:
     """IVF list count: asked for, else ~4 sqrt(N); never so many that k-means lacks points."""
     nlist = want or int(4 * math.sqrt(max(n, 1)))
@@ -133,9 +143,8 @@ def build_faiss(x: np.ndarray, kind: str, nlist: int = 0, pq_m: int = 0, refine:
             m = pq_m or d // 4
             if d % m:
                 raise ConfigError(f"index.pq_m={m} must divide the embedding dim {d}")
-            if n < 256 * 39:
-                raise ConfigError(f"ivf_pq needs >= {256 * 39} vectors to train its codebooks, "
-                                  f"got {n}: use flat, hnsw or ivf_sq8")
+            if too_few_for(kind, n):
+                raise ConfigError(too_few_for(kind, n))
             spec = f"IVF{lists},PQ{m}" + (",RFlat" if refine else "")
             params.update(pq_m=m, refine=refine)
         else:

@@ -184,3 +184,15 @@ def test_plan_streams_the_manifest_into_unique_clips_and_a_caption_sample(synth_
 
     have = {store.clip_key(p, s, e) for (p, s, e), _ in want[:3]}
     assert [((r["path"], r["start"], r["end"]), r["video_id"]) for r in plan_clips(cfg, have)[0]] == want[3:]
+
+
+def test_ivf_pq_on_too_few_clips_fails_before_embedding(ray_local, export, synth_small, tmp_path):
+    from serve import store
+    from serve.index import build_index, plan_clips
+
+    n = len(plan_clips(_cfg("unused", synth_small["manifest"], tmp_path), have=set())[0])
+    with pytest.raises(ConfigError, match=rf"0 clips indexed \+ {n} new from .*; ivf_pq needs >= "
+                                          rf"{store.PQ_MIN_VECTORS} vectors to train its codebooks, got {n}"):
+        build_index(_cfg(export, synth_small["manifest"], tmp_path / "pq", "index.kind=ivf_pq"), quiet=True)
+    assert store.read_table(tmp_path / "pq", store.META_COLUMNS).num_rows == 0  # nothing embedded
+    assert store.too_few_for("ivf_pq", store.PQ_MIN_VECTORS) == store.too_few_for("hnsw", 1) == ""
