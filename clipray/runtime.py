@@ -55,6 +55,11 @@ def init_ray(cfg: RayConfig | None = None, quiet: bool = False) -> None:
     _embedded = {"CPU": float(num_cpus), "GPU": float(have.get("GPU", 0.0))}
 
 
+def is_embedded() -> bool:
+    """Whether the Ray this process uses is one `init_ray` started here (not a cluster's)."""
+    return _embedded is not None
+
+
 def check_fits(asks: dict[str, float], resource: str = "CPU",
                advice: str = "lower them or raise ray.num_cpus") -> None:
     """Fail now if asks for `resource` ("CPU" or "GPU") that run at once cannot fit the

@@ -15,10 +15,12 @@ from __future__ import annotations
 import argparse
 import json
 import signal
+import socket
 import sys
 import time
 import urllib.request
 
+from clipray.config import ConfigError
 from serve.config import AppConfig, load_app_config
 
 
@@ -40,15 +42,31 @@ def wait_healthy(url: str, timeout_s: float = 120.0) -> dict:
     raise TimeoutError(f"{url}/healthz did not answer within {timeout_s:.0f}s: {last}")
 
 
+def port_free(host: str, port: int) -> bool:
+    """Whether a server could listen on host:port now (binding as uvicorn does)."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+            return True
+        except OSError:
+            return False
+
+
 def start(cfg: AppConfig, quiet_ray: bool = True) -> str:
     """Ray (existing or embedded) -> Serve on the configured host/port -> the app; its URL."""
     from ray import serve
 
-    from clipray.runtime import init_ray
+    from clipray.runtime import init_ray, is_embedded
     from serve.app import app_from_config
 
     init_ray(cfg.ray, quiet=quiet_ray)
     app = app_from_config(cfg)  # config errors surface before anything starts
+    # on this machine, a taken port would otherwise surface as a traceback from Serve's proxy
+    if is_embedded() and _live_http() is None and not port_free(cfg.serve.host, cfg.serve.port):
+        raise ConfigError(f"serve.port {cfg.serve.port} on {cfg.serve.host} is taken by another "
+                          f"process (an earlier clipray serve?): stop it or pick another, e.g. "
+                          f"serve.port={cfg.serve.port + 1}")
     # the port is fixed when Serve's proxy starts: before serve.run, which would start it on 8000
     serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
     serve.run(app, name=cfg.serve.app_name, route_prefix="/")

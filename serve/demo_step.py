@@ -17,13 +17,13 @@ from pathlib import Path
 
 
 def _port(preferred: int = 8000) -> int:
+    from serve.__main__ import port_free
+
+    if port_free("127.0.0.1", preferred):
+        return preferred
     with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", preferred))
-            return preferred
-        except OSError:
-            s.bind(("127.0.0.1", 0))
-            return s.getsockname()[1]
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _post(url: str, body: dict) -> dict:

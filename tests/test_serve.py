@@ -283,3 +283,16 @@ def test_openapi_fuzz_finds_no_server_error(app):
                                                 timeout=60).status_code)
         fuzz()
     assert len(calls) >= 6 and all(c < 500 for c in calls)
+
+
+def test_port_free_sees_a_listening_socket_and_its_release():
+    import socket
+
+    from serve.__main__ import port_free
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+        s.listen()
+        assert not port_free("127.0.0.1", port)
+    assert port_free("127.0.0.1", port)
