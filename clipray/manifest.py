@@ -258,7 +258,8 @@ MAX_DISTINCT = 2_000_000
 
 @dataclass
 class Tally:
-    """Running counts over a stream of manifest rows, in memory bounded by the videos."""
+    """Running counts over a stream of manifest rows: memory holds the video ids and at most
+    MAX_DISTINCT caption hashes, however many rows."""
     rows: int = 0
     per_split: dict[str, int] = field(default_factory=dict)
     videos: set[str] = field(default_factory=set)
