@@ -450,3 +450,21 @@ def test_dataset_cards_match_the_registry():
         assert f"clipray data prepare {name} --root DIR --out MANIFEST" in readme
         for option in card.get("options") or {}:  # every documented option is a real one
             assert option in SOURCES[name].options or option in ("annotations", "rows_per_shard"), (name, option)
+
+
+def test_prepare_then_check_through_the_cli(tmp_path, capsys):
+    from clipray.cli import main
+
+    fx.write_msrvtt(tmp_path)
+    out = tmp_path / "m"
+    assert main(["data", "prepare", "msrvtt", "--root", str(tmp_path), "--out", str(out),
+                 "-o", "rows_per_shard=2"]) == 0
+    report = capsys.readouterr().out
+    assert report.startswith(f"msrvtt: {tmp_path} -> {out} (3 files, ") and "  rows      5 (test 1, train 4)" in report
+    assert main(["data", "check", str(out)]) == 0
+    rows = read_manifest(str(out)).to_pylist()
+    assert capsys.readouterr().out.splitlines()[0] == (
+        f"{out}: valid; {len(rows)} rows (test 1, train 4), {len({r['video_id'] for r in rows})} videos, "
+        f"{len({r['caption'] for r in rows})} distinct captions")
+    assert main(["data", "check", str(tmp_path / "msrvtt_data" / "MSRVTT_data.json")]) == 2
+    assert "MSRVTT_data.json: not a Parquet manifest" in capsys.readouterr().err
