@@ -110,6 +110,19 @@ def test_workers_and_decode_pool_too_big_for_the_local_ray_fail_before_training(
         run(cfg, quiet_ray=True)
 
 
+def test_an_eval_manifest_without_test_rows_fails_before_training(synth_small, tmp_path):
+    from clipray.config import ConfigError
+    from train.driver import run
+
+    rows = [dict(r, split="train") for r in read_manifest(synth_small["manifest"]).to_pylist()]
+    write_manifest(rows, tmp_path / "no_test.parquet")
+    cfg = load_config(DEMO, overrides(synth_small["manifest"], tmp_path, "no-test",
+                                      **{"data.eval_manifest": tmp_path / "no_test.parquet"}))
+    with pytest.raises(ConfigError, match=r"no_test.parquet has no 'test' rows to evaluate on"):
+        run(cfg, quiet_ray=True)
+    assert not (tmp_path / "no-test").exists()
+
+
 def test_zero2_trains_through_planted_bad_videos(ray_local, synth_small, real_video, tmp_path):
     from train.driver import run
 

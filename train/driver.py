@@ -108,6 +108,11 @@ def run(cfg: Config, quiet_ray: bool = False) -> dict[str, Any]:
         if steps_per_epoch < 1:
             raise ConfigError(f"{n_train} training rows cannot fill one step of {per_step} clips "
                               f"(data.batch_size x train.num_workers)")
+    eval_manifest = cfg.data.eval_manifest or cfg.data.manifest
+    # (a streamed HowTo100M manifest is not counted; its evaluation set is data.eval_manifest)
+    if (cfg.data.eval_manifest or not cfg.data.shard_stream) and _count_rows(eval_manifest, "test") < 1:
+        raise ConfigError(f"{eval_manifest} has no 'test' rows to evaluate on: give data.eval_manifest "
+                          "a manifest with a test split")
     init_ray(cfg.ray, quiet=quiet_ray)
     # the workers and one decode pool run at once (in shard_stream mode, one pool per worker)
     pools = cfg.train.num_workers if cfg.data.shard_stream else 1
@@ -118,7 +123,7 @@ def run(cfg: Config, quiet_ray: bool = False) -> dict[str, Any]:
         check_fits({"train.num_workers (train.use_gpu=true)": cfg.train.num_workers}, "GPU",
                    advice="set train.use_gpu=false, or submit the job to a GPU cluster")
     quiet_data_progress()
-    eval_data = dataclasses.replace(cfg.data, manifest=cfg.data.eval_manifest or cfg.data.manifest)
+    eval_data = dataclasses.replace(cfg.data, manifest=eval_manifest)
     datasets = {"test": clip_dataset(eval_data, out, split="test")}
     if not cfg.data.shard_stream:
         datasets["train"] = clip_dataset(cfg.data, out, split="train")
