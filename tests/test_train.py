@@ -123,6 +123,26 @@ def test_an_eval_manifest_without_test_rows_fails_before_training(synth_small, t
     assert not (tmp_path / "no-test").exists()
 
 
+def test_when_every_clip_is_skipped_the_failure_points_at_the_skip_report(ray_local, synth_small, tmp_path, capfd):
+    import ray.train
+
+    from train.driver import run
+
+    rows = read_manifest(synth_small["manifest"]).to_pylist()
+    for r in rows:
+        r["path"] = f"{tmp_path}/nowhere/{r['path']}"
+    write_manifest(rows, tmp_path / "gone.parquet")
+    cfg = load_config(DEMO, overrides(str(tmp_path / "gone.parquet"), tmp_path, "gone", **{"train.epochs": 1}))
+    with pytest.raises(ray.train.TrainingFailedError, match="got no training batch"):
+        run(cfg, quiet_ray=True)
+    report = [json.loads(line) for line in (tmp_path / "gone" / "skip_report.jsonl").read_text().splitlines()]
+    # every training row was tried and reported (test rows too, if evaluation had started)
+    assert {r["row_id"] for r in report} >= {i for i, r in enumerate(rows) if r["split"] == "train"}
+    assert {r["reason"].split(":")[0] for r in report} == {"missing file"}
+    assert f"[driver] training failed with {len(report)} clips skipped so far {{'missing file': {len(report)}}}; " \
+           f"report: {tmp_path}/gone/skip_report.jsonl" in capfd.readouterr().err
+
+
 def test_zero2_trains_through_planted_bad_videos(ray_local, synth_small, real_video, tmp_path):
     from train.driver import run
 

@@ -15,6 +15,7 @@ import csv
 import dataclasses
 import io
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -144,7 +145,15 @@ def run(cfg: Config, quiet_ray: bool = False) -> dict[str, Any]:
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)),
     )
     t0 = time.perf_counter()
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except ray.train.TrainingFailedError:
+        # often every clip was skipped (wrong video root, unreadable files): say so beside the error
+        skips = collect_skips(out)
+        if skips["skipped"]:
+            print(f"[driver] training failed with {skips['skipped']} clips skipped so far "
+                  f"{skips['by_reason']}; report: {skips['report']}", file=sys.stderr, flush=True)
+        raise
     if result.checkpoint is None:
         raise RuntimeError(f"training produced no checkpoint; see the logs under {out}")
     with result.checkpoint.as_directory() as d:
