@@ -19,7 +19,7 @@ import os
 import sys
 import uuid
 from collections import Counter
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -75,7 +75,9 @@ class ClipDecoder:
             return self._buffers[-1]
         return buf
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def __call__(self, batch: dict[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
+        """Yields the decoded batch, or nothing when every clip in it was skipped: Ray Data
+        cannot build a block from a zero-row tensor column (it warns and pickles it instead)."""
         T, S = self.cfg.max_frames, self.cfg.size
         n = len(batch["row_id"])
         # each clip is decoded straight into its row of the batch: no second copy of the frames
@@ -95,10 +97,11 @@ class ClipDecoder:
             keep.append(i)
         if skips:
             self._report(skips)
+        if not keep:
+            return
         k = len(keep)
-        captions = [str(batch["caption"][i]) for i in keep]
-        tokens = self.tokenize(captions).numpy() if keep else np.zeros((0, 1), np.int64)
-        return {
+        tokens = self.tokenize([str(batch["caption"][i]) for i in keep]).numpy()
+        yield {
             "frames": frames[:k],
             "frame_mask": masks[:k],
             "tokens": tokens.astype(np.int64),

@@ -2,6 +2,7 @@
 
 import json
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -88,6 +89,27 @@ def test_decode_pool_too_big_for_the_local_ray_fails_at_once(ray_local, synth_sm
     check_fits({"a": 2.0, "b": 1.0})  # 3 + 1 for reads: exactly the 4 there are
     with pytest.raises(ConfigError, match=r"a = 2; b = 1.5"):
         check_fits({"a": 2.0, "b": 1.5})
+
+
+def test_a_batch_whose_clips_are_all_skipped_yields_nothing_but_the_report(synth_small, tmp_path):
+    """Ray Data cannot make a block of a zero-row tensor column (it warns and pickles it), and a
+    partly downloaded HowTo100M has whole batches of one missing video's captions."""
+    rows = read_manifest(synth_small["manifest"]).to_pylist()[:4]
+    data = DataConfig(manifest="unused", video=VideoConfig(fps=2.0, max_frames=4, size=32))
+    root = str(Path(synth_small["manifest"]).parent)
+    dec = ClipDecoder(data, root, str(tmp_path))
+
+    def batch(paths):
+        return {"row_id": np.arange(len(paths)), "video_id": np.array([r["video_id"] for r in rows]),
+                "path": np.array(paths), "start": np.array([None] * 4), "end": np.array([None] * 4),
+                "caption": np.array([r["caption"] for r in rows])}
+
+    assert list(dec(batch([f"gone/{i}.mp4" for i in range(4)]))) == []
+    report = [json.loads(line) for f in sorted((tmp_path / "skips").iterdir()) for line in f.read_text().splitlines()]
+    assert [(r["row_id"], r["reason"].split(":")[0]) for r in report] == [(i, "missing file") for i in range(4)]
+    (out,) = dec(batch([rows[0]["path"], "gone/x.mp4", rows[2]["path"], rows[3]["path"]]))
+    assert out["row_id"].tolist() == [0, 2, 3] and out["frames"].shape == (3, 4, 3, 32, 32)
+    assert out["frame_mask"].sum(axis=1).min() >= 1  # real frames, no zero stand-in
 
 
 def test_frames_buffer_reused_only_once_released(tmp_path):
