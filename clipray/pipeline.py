@@ -19,7 +19,7 @@ import os
 import sys
 import uuid
 from collections import Counter
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -75,9 +75,10 @@ class ClipDecoder:
             return self._buffers[-1]
         return buf
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
-        """Yields the decoded batch, or nothing when every clip in it was skipped: Ray Data
-        cannot build a block from a zero-row tensor column (it warns and pickles it instead)."""
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The decoded batch; {} when every clip in it was skipped, since Ray Data cannot build a
+        block from a zero-row tensor column (it warns and pickles it). Not a generator that
+        yields nothing instead: that left the actors idle between calls (docs/benchmarks-data-log.md)."""
         T, S = self.cfg.max_frames, self.cfg.size
         n = len(batch["row_id"])
         # each clip is decoded straight into its row of the batch: no second copy of the frames
@@ -98,10 +99,10 @@ class ClipDecoder:
         if skips:
             self._report(skips)
         if not keep:
-            return
+            return {}
         k = len(keep)
         tokens = self.tokenize([str(batch["caption"][i]) for i in keep]).numpy()
-        yield {
+        return {
             "frames": frames[:k],
             "frame_mask": masks[:k],
             "tokens": tokens.astype(np.int64),
