@@ -82,10 +82,10 @@ def data_main(argv: list[str]) -> int:
         if args.width % 2 or args.height % 2:
             s.error(f"--width and --height must be even for H.264 (yuv420p), got {args.width}x{args.height}")
 
-        s = generate(args.out, videos=args.videos, seed=args.seed, fps=args.fps, width=args.width,
-                     height=args.height, max_events=args.max_events, progress=True)
-        print(f"wrote {s['videos']} videos ({s['splits']}) and {s['events']} events")
-        print(f"manifest:        {s['manifest']}\nevents manifest: {s['events_manifest']}")
+        made = generate(args.out, videos=args.videos, seed=args.seed, fps=args.fps, width=args.width,
+                        height=args.height, max_events=args.max_events, progress=True)
+        print(f"wrote {made['videos']} videos ({made['splits']}) and {made['events']} events")
+        print(f"manifest:        {made['manifest']}\nevents manifest: {made['events_manifest']}")
         return 0
     if args.cmd == "prepare":
         from clipray.sources import prepare

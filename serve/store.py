@@ -143,8 +143,9 @@ def build_faiss(x: np.ndarray, kind: str, nlist: int = 0, pq_m: int = 0, refine:
             m = pq_m or d // 4
             if d % m:
                 raise ConfigError(f"index.pq_m={m} must divide the embedding dim {d}")
-            if too_few_for(kind, n):
-                raise ConfigError(too_few_for(kind, n))
+            why = too_few_for(kind, n)
+            if why:
+                raise ConfigError(why)
             spec = f"IVF{lists},PQ{m}" + (",RFlat" if refine else "")
             params.update(pq_m=m, refine=refine)
         else:
