@@ -294,7 +294,7 @@ def _rebuild(out: Path, cfg: AppConfig, export: str, fp: str, rerank: str, conf:
     if ix.kind != "flat" and captions:
         exact = faiss.IndexFlatIP(x.shape[1])
         exact.add(x)
-        recall = store.recall_at_k(index, exact, _caption_queries(export, captions, ix.recall_queries, cfg))
+        recall = store.recall_at_k(index, exact, _caption_queries(export, captions, cfg))
     store.save_faiss(out, index)
     meta = dict(meta or {})
     meta.update(format=FORMAT, export=export, fingerprint=fp, dim=int(x.shape[1]), count=int(len(x)),
@@ -306,18 +306,17 @@ def _rebuild(out: Path, cfg: AppConfig, export: str, fp: str, rerank: str, conf:
     return meta
 
 
-def _caption_queries(export: str, captions: list[str], n: int, cfg: AppConfig) -> np.ndarray:
+def _caption_queries(export: str, captions: list[str], cfg: AppConfig) -> np.ndarray:
+    """The recall check's queries: `plan_clips` already sampled at most index.recall_queries."""
     import open_clip
     import torch
 
     from clipray.export import load_export
 
     model = load_export(export)
-    rng = np.random.default_rng(0)
-    pick = [captions[i] for i in sorted(rng.permutation(len(captions))[:n])]
     tok = open_clip.get_tokenizer(model.tokenizer_name, context_length=min(cfg.serve.max_words, model.context_length))
     with torch.no_grad():
-        return model.encode_text(tok(pick)).float().numpy()
+        return model.encode_text(tok(captions)).float().numpy()
 
 
 def main(argv: list[str] | None = None) -> int:
