@@ -79,7 +79,7 @@ def test_serve_config_gets_the_same_video_rules():
     ("model.name=test_meanp", "model.name: unknown model 'test_meanp'; registered: clip4clip_vitb16_meanP"),
     ("model.head=meanp", "model.head must be one of meanP, seqLSTM, seqTransf, tightTransf, got 'meanp'"),
     ("model.linear_patch=3D", "model.linear_patch must be one of 2d, 3d, got '3D'"),
-    ("model.tuning=frozn", "model.tuning must be one of frozen, full, got 'frozn'"),
+    ("model.tuning=frozn", "model.tuning must be one of frozen, full, unipt, got 'frozn'"),
 ])
 def test_model_names_are_checked_against_the_registries_before_ray_starts(override, says):
     from train.driver import model_io

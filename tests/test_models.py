@@ -61,6 +61,18 @@ def test_tiny_models_train(name):
     assert model.indexable == (name != "test_tightTransf")
 
 
+def test_unipt_side_networks_have_the_published_size_on_vitb32():
+    model = create_model("clip4clip_vitb32_meanP", tuning="unipt")
+    d, layers = 512, 12 + 1  # embedding width; 12 blocks' outputs + the first block's input
+
+    def size(width):  # anchor and output Linear(d, d), one Linear(width, d) per layer, Linear(d, 1)
+        return 2 * (d * d + d) + layers * (width * d + d) + d + 1
+
+    got = {k: sum(p.numel() for p in getattr(model.tuning, k).parameters()) for k in ("vision", "text")}
+    assert got == {"vision": size(768), "text": size(512)} == {"vision": 5_644_289, "text": 3_940_353}
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == 5_644_289 + 3_940_353
+
+
 def test_vitb32_builds_without_download():
     model = create_model("clip4clip_vitb32_seqTransf", pretrained=None)
     assert (model.image_size, model.embed_dim, model.tokenizer_name) == (224, 512, "ViT-B-32-quickgelu")
@@ -72,10 +84,11 @@ def test_vitb32_builds_without_download():
     assert model.logit_scale.shape == (1,)
 
 
+@pytest.mark.parametrize("tuning", ["full", "unipt"])
 @pytest.mark.parametrize("linear_patch", ["2d", "3d"])
 @pytest.mark.parametrize("name", TINY)
-def test_padding_changes_nothing(name, linear_patch):
-    model = build(name, linear_patch=linear_patch).eval()
+def test_padding_changes_nothing(name, linear_patch, tuning):
+    model = build(name, linear_patch=linear_patch, tuning=tuning).eval()
     if linear_patch == "3d":  # as if trained: outer time slices read the neighbouring frames
         with torch.no_grad():
             model.backbone.patch3d.weight.normal_(std=0.05)
@@ -91,7 +104,7 @@ def test_padding_changes_nothing(name, linear_patch):
             x = model.normalize(frames[i : i + 1, :n])
             m = torch.ones(1, n, dtype=torch.bool)
             alone = model.similarity(text, model.encode_frames(x, m), m)
-            assert torch.allclose(alone[:, 0], ref[:, i], atol=ATOL), (name, linear_patch, i)
+            assert torch.allclose(alone[:, 0], ref[:, i], atol=ATOL), (name, linear_patch, tuning, i)
         feats = model.encode_frames(model.normalize(noisy), mask)
         assert torch.all(feats[~mask] == 0)
 
@@ -122,6 +135,81 @@ def test_text_is_eot_feature_at_any_length():
         theirs = clip.encode_text(tokens(texts, 77), normalize=True)
     assert torch.allclose(ours77, theirs, atol=1e-6)
     assert torch.allclose(ours32, theirs, atol=1e-5)  # causal mask: padding cannot matter
+    # UniPT's side network masks the padding out of its token weights and means
+    unipt = build("test_meanP", tuning="unipt").eval()
+    with torch.no_grad():
+        a, b = unipt.encode_text(tokens(texts, 32)), unipt.encode_text(tokens(texts, 77))
+    assert torch.allclose(a, b, atol=1e-5) and not torch.allclose(a, ours32, atol=1e-3)
+
+
+def test_layer_states_are_the_residual_stream_block_by_block():
+    bb = build("test_meanP").eval().backbone
+    clip, visual = bb.clip, bb.clip.visual
+    tok = tokens(["a red square moves left", "a blue circle"], 16)
+    frames, mask = clip_batch(b=2, t=3)
+    with torch.no_grad():
+        text, states = bb.encode_text(tok, with_states=True)
+        assert torch.equal(text, bb.encode_text(tok)) and len(states) == clip.transformer.layers + 1
+        assert torch.allclose(states[0], clip.token_embedding(tok) + clip.positional_embedding[:16])
+        for blk, h, nxt in zip(clip.transformer.resblocks, states, states[1:]):
+            assert torch.allclose(blk(h, attn_mask=clip.attn_mask[:16, :16]), nxt, atol=1e-6)
+        eot = clip.ln_final(states[-1])[torch.arange(2), tok.argmax(-1)] @ clip.text_projection
+        assert torch.allclose(eot, text, atol=1e-6)
+
+        x = bb.normalize(frames)
+        feats, states = bb.encode_frames(x, mask, with_states=True)
+        assert torch.equal(feats, bb.encode_frames(x, mask))
+        n, g = int(mask.sum()), 32 // visual.conv1.stride[0]
+        assert len(states) == visual.transformer.layers + 1 and states[0].shape == (n, 1 + g * g, 64)
+        for blk, h, nxt in zip(visual.transformer.resblocks, states, states[1:]):
+            assert torch.allclose(blk(h), nxt, atol=1e-6)
+        assert torch.allclose(visual.ln_post(states[-1][:, 0]) @ visual.proj, feats[mask], atol=1e-6)
+
+
+def test_unipt_side_network_matches_a_loop_over_samples_layers_and_tokens():
+    from clipray.models.tuning import SideNetwork
+
+    torch.manual_seed(0)
+    d, w, n_layers, n_tok = 8, 6, 3, 5
+    net = SideNetwork(d, [w] * n_layers)
+    anchor = torch.randn(4, d)
+    states = [torch.randn(4, n_tok, w) for _ in range(n_layers)]
+    pos = torch.tensor([0, 2, 4, 1])
+    valid = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 1, 0, 0, 0]]).bool()
+    out = net(anchor, states, pos, valid)
+
+    def lin(layer, v):
+        return layer.weight @ v + layer.bias
+
+    with torch.no_grad():
+        for i in range(4):
+            a = lin(net.anchor, anchor[i].relu())
+            mixed, scores = [], []
+            for proj, h in zip(net.layers, states):
+                toks = [lin(proj, h[i, k].relu()) for k in range(n_tok)]
+                keep = [k for k in range(n_tok) if valid[i, k]]
+                aff = {k: max(0.0, float(a @ toks[k])) for k in keep}
+                total = sum(aff.values())
+                m = sum((aff[k] / total * toks[k] for k in keep), torch.zeros(d)) if total else torch.zeros(d)
+                mixed.append(m + toks[int(pos[i])])
+                mean = sum(toks[k] for k in keep) / len(keep)
+                scores.append(float(lin(net.confidence, a * mean)))
+            conf = torch.tensor(scores).softmax(0)
+            by_hand = lin(net.out, sum(c * m for c, m in zip(conf, mixed)).relu())
+            assert torch.allclose(out[i], by_hand, atol=1e-5), i
+
+
+def test_unipt_trains_only_its_side_networks():
+    model = build("test_seqTransf", tuning="unipt")
+    out = RetrievalTask(model)(*clip_batch(b=2, t=3), tokens(["x", "y"]))
+    out["loss"].backward()
+    for n, p in model.named_parameters():
+        trains = n.startswith(("tuning.", "head."))  # a head with parameters trains too
+        assert p.requires_grad == trains, n
+        assert (p.grad is not None) == trains, n
+    assert [n for n, _ in model.parameter_groups()["backbone"]] == []
+    with pytest.raises(NotImplementedError, match="ViT image tower"):
+        build("test_meanP", tuning="unipt").tuning.prepare(ClipBackbone(open_clip.create_model("RN50")))
 
 
 def test_3d_patch_is_inflated_2d_and_equal_at_init():

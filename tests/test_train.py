@@ -163,6 +163,27 @@ def test_zero2_trains_through_planted_bad_videos(ray_local, synth_small, real_vi
     assert all(r["reason"] for r in report)
 
 
+def test_unipt_trains_its_side_networks_and_leaves_clip_bit_identical(ray_local, synth_small, tmp_path):
+    from safetensors.torch import load_file
+
+    from clipray.models import build_model
+    from train.driver import run
+
+    cfg = load_config(DEMO, overrides(synth_small["manifest"], tmp_path, "unipt",
+                                      **{"model.tuning": "unipt", "train.epochs": 1}))
+    final = run(cfg, quiet_ray=True)
+    assert np.isfinite(final["loss"])
+    torch.manual_seed(cfg.train.seed)  # the workers' initial model
+    before = build_model(cfg.model).state_dict()
+    after = load_file(tmp_path / "unipt" / "export" / "model.safetensors")
+    assert after.keys() == before.keys()
+    moved = {k for k in before if not torch.equal(before[k], after[k])}
+    side = {k for k in before if k.startswith("tuning.")}
+    # weight and bias of 3 Linears + one per layer state, text (4 blocks + input), vision (2 + 1)
+    assert len(side) == 2 * ((3 + 5) + (3 + 3))
+    assert moved == side
+
+
 def _gcs_address(ray) -> str:
     return ray.get_runtime_context().gcs_address
 

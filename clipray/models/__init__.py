@@ -7,7 +7,7 @@
 Overrides (None = the registered default): `pretrained` (open_clip tag or local checkpoint file;
 the default is None = random init, so nothing is ever downloaded unless asked for; the paper's
 weights are `pretrained="openai"`), `head` (meanP | seqLSTM | seqTransf | tightTransf),
-`linear_patch` (2d | 3d), `tuning` (full | frozen, later unipt).
+`linear_patch` (2d | 3d), `tuning` (full | frozen | unipt).
 
 Real names use the `-quickgelu` open_clip configs: OpenAI's CLIP was trained with QuickGELU and
 CLIP4Clip copies those text blocks. The tiny towers (`clipray-tiny`: 32 px, 2 vision layers,

@@ -10,7 +10,9 @@ ModifiedResNet image encoder and the standard text transformer) and adds what CL
   initialisation 3d == 2d; padded frames are zeroed before it, so they cannot leak into the last
   real frame once it has trained;
 - text: the projected hidden state at the end-of-text token (largest token id), for any token
-  length up to the model's context length (CLIP4Clip uses 32 or 64 words, not 77).
+  length up to the model's context length (CLIP4Clip uses 32 or 64 words, not 77);
+- on request (`with_states=True`), both towers also return every layer's residual stream,
+  which UniPT's side networks read (clipray/models/tuning.py).
 
 Weights come from `open_clip.create_model(name, pretrained=tag_or_path)`, the same call a user
 makes, or from an explicit open_clip config dict (export reload, no download). `logit_scale` is
@@ -146,10 +148,12 @@ class ClipBackbone(nn.Module):
         return ((x - self.pixel_mean) / self.pixel_std).to(self.dtype)
 
     # ---- towers --------------------------------------------------------------------------
-    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
+    def encode_text(self, tokens: torch.Tensor, with_states: bool = False):
         """Token ids `[N, L]` (L <= context_length, zero padded) -> projected EOT feature
         `[N, D]` (not normalised). Position embedding and causal mask are cut to L, so
-        32-word captions cost 32 positions, not 77."""
+        32-word captions cost 32 positions, not 77. `with_states=True` also returns the
+        residual stream of every layer, `[N, L, W]` x (blocks + 1): the input to the first
+        block, then each block's output (what UniPT's side network reads)."""
         from open_clip.transformer import text_global_pool
 
         clip = self.clip
@@ -159,44 +163,71 @@ class ClipBackbone(nn.Module):
         cast = clip.transformer.get_cast_dtype()
         x = clip.token_embedding(tokens).to(cast) + clip.positional_embedding[:n_tok].to(cast)
         mask = clip.attn_mask[:n_tok, :n_tok] if clip.attn_mask is not None else None
-        x = clip.ln_final(clip.transformer(x, attn_mask=mask))
+        x, states = _run_blocks(clip.transformer, x, mask, with_states)
+        x = clip.ln_final(x)
         # CLIP's pooling: the position of the largest token id, the end-of-text token.
         x = text_global_pool(x, tokens, clip.text_pool_type, eos_token_id=clip.text_eos_id)
         proj = clip.text_projection
-        if proj is None:
-            return x
-        return proj(x) if isinstance(proj, nn.Linear) else x @ proj
+        if proj is not None:
+            x = proj(x) if isinstance(proj, nn.Linear) else x @ proj
+        return (x, states) if with_states else x
 
-    def encode_frames(self, frames: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def eot_index(self, tokens: torch.Tensor) -> torch.Tensor:
+        """`[N]` position of the token `encode_text` pools (the end-of-text token)."""
+        pool = self.clip.text_pool_type
+        if pool == "argmax":
+            return tokens.argmax(dim=-1)
+        if pool == "eos":
+            return (tokens == self.clip.text_eos_id).int().argmax(dim=-1)
+        raise NotImplementedError(f"text pooling {pool!r}: no single end-of-text position")
+
+    def encode_frames(self, frames: torch.Tensor, mask: torch.Tensor, with_states: bool = False):
         """Normalised frames `[B, T, 3, H, W]` + mask `[B, T]` -> per-frame projected
-        embeddings `[B, T, D]`; padded positions are exactly zero and never enter the tower."""
+        embeddings `[B, T, D]`; padded positions are exactly zero and never enter the tower.
+        `with_states=True` (ViT towers only) also returns each layer's residual stream for the
+        valid frames only, `[N_valid, tokens, W]` x (blocks + 1), in `mask`'s row-major order."""
         b, t = frames.shape[:2]
         if tuple(frames.shape[-2:]) != (self.image_size, self.image_size):
             raise ValueError(f"frames are {tuple(frames.shape[-2:])}, model wants {self.image_size}px")
         valid = mask.to(device=frames.device, dtype=torch.bool).reshape(b * t)
         visual = self.clip.visual
-        if self.patch3d is None:
-            feats = visual(frames.reshape(b * t, *frames.shape[2:])[valid])
-        else:
+        if with_states and not hasattr(visual, "class_embedding"):
+            raise NotImplementedError("per-layer states need a ViT image tower")
+        states = None
+        if self.patch3d is not None:
             # Zero the padding first: the temporal kernel of the last real frame reads t+1.
             x = frames * valid.view(b, t, 1, 1, 1).to(frames.dtype)
             x = self.patch3d(x.transpose(1, 2))  # [B, W, T, g, g]
             x = x.transpose(1, 2).reshape(b * t, *x.shape[1:2], *x.shape[3:])
-            feats = _vit_from_patches(visual, x[valid])
+            feats, states = _vit_from_patches(visual, x[valid], with_states)
+        elif with_states:
+            images = frames.reshape(b * t, *frames.shape[2:])[valid]
+            feats, states = _vit_from_patches(visual, visual.conv1(images), with_states)
+        else:
+            feats = visual(frames.reshape(b * t, *frames.shape[2:])[valid])
         out = feats.new_zeros(b * t, feats.shape[-1])
         out = out.index_put((valid.nonzero().squeeze(1),), feats)
-        return out.view(b, t, -1)
+        out = out.view(b, t, -1)
+        return (out, states) if with_states else out
 
 
-def _vit_from_patches(visual: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def _run_blocks(transformer: nn.Module, x: torch.Tensor, attn_mask, with_states: bool):
+    """open_clip `Transformer` over `x`; with states, also [input, block 1 out, ...]."""
+    if not with_states:
+        return transformer(x, attn_mask=attn_mask), None
+    out, inter = transformer.forward_intermediates(x, attn_mask=attn_mask)
+    return out, [x, *inter]
+
+
+def _vit_from_patches(visual: nn.Module, x: torch.Tensor, with_states: bool = False):
     """open_clip VisionTransformer.forward from the patch-embedding output `[N, W, g, g]` on:
     class token, position embedding, ln_pre, blocks, pooling, projection (same steps as
-    `VisionTransformer._embeds` after `conv1`, so 3d at init reproduces 2d)."""
+    `VisionTransformer._embeds` after `conv1`, so 3d at init reproduces 2d). Returns the
+    projected features and the per-layer states (None unless `with_states`)."""
     x = x.flatten(2).transpose(1, 2)
     cls = visual.class_embedding.to(x.dtype).view(1, 1, -1).expand(x.shape[0], -1, -1)
     x = torch.cat([cls, x], dim=1) + visual.positional_embedding.to(x.dtype)
     x = visual.ln_pre(visual.patch_dropout(x))
-    x = visual.transformer(x)
+    x, states = _run_blocks(visual.transformer, x, None, with_states)
     pooled, _ = visual._pool(x)
-    return pooled @ visual.proj if visual.proj is not None else pooled
-
+    return (pooled @ visual.proj if visual.proj is not None else pooled), states
