@@ -1,5 +1,5 @@
 """Training on a real local Ray with real DeepSpeed (gloo on CPU): outputs, ZeRO stages, bad
-videos, resume after a stop, and recovery from a killed worker.
+videos, resume after a stop, recovery from a killed worker, and UniPT under ZeRO-3.
 
 The run's own evaluation is checked against a brute-force one: the exported model re-embeds
 the test clips decoded directly (no Ray) and the metrics must match result.json.
@@ -163,14 +163,16 @@ def test_zero2_trains_through_planted_bad_videos(ray_local, synth_small, real_vi
     assert all(r["reason"] for r in report)
 
 
-def test_unipt_trains_its_side_networks_and_leaves_clip_bit_identical(ray_local, synth_small, tmp_path):
+def test_unipt_under_zero3_trains_its_side_networks_and_leaves_clip_bit_identical(ray_local, synth_small, tmp_path):
+    """ZeRO-3 partitions the frozen CLIP weights too and gathers them for every forward and for
+    the export: they must come back exactly as initialised, while every side-network tensor moved."""
     from safetensors.torch import load_file
 
     from clipray.models import build_model
     from train.driver import run
 
     cfg = load_config(DEMO, overrides(synth_small["manifest"], tmp_path, "unipt",
-                                      **{"model.tuning": "unipt", "train.epochs": 1}))
+                                      **{"model.tuning": "unipt", "train.epochs": 1, "train.zero_stage": 3}))
     final = run(cfg, quiet_ray=True)
     assert np.isfinite(final["loss"])
     torch.manual_seed(cfg.train.seed)  # the workers' initial model

@@ -1,33 +1,48 @@
-"""`clipray bench model`: time per clip of each CLIP4Clip head, forward and forward+backward.
+"""`clipray bench model`: cost per clip of each CLIP4Clip head and tuning method, forward and
+forward+backward, in time and in memory kept for backward.
 
-For every (size, head): build the registered model with random weights (no download), wrap it
-in `RetrievalTask`, feed a fixed batch (uint8 frames with `--frames` frames per clip, all valid,
-32-token captions) and time
+For every (size, head, tuning): build the registered model with random weights (no download),
+wrap it in `RetrievalTask`, feed a fixed batch (uint8 frames with `--frames` frames per clip, all
+valid, 32-token captions) and time
   - forward: the training loss under `no_grad` (encoders + head + loss);
   - forward+backward: the same with autograd and `loss.backward()`.
 One warm-up step of each first; the median and best wall time and the median process CPU time
-of `--repeats` steps, divided by the batch size, are printed as a Markdown table. Sizes: `tiny` (the `test_*` models, 32 px) and `vitb32` (ViT-B/32 at
-224 px, the paper's backbone). Runs on CPU unless `--device` says otherwise.
+of `--repeats` steps, divided by the batch size, are printed as a Markdown table. Sizes: `tiny`
+(the `test_*` models, 32 px) and `vitb32` (ViT-B/32 at 224 px, the paper's backbone). Runs on
+CPU unless `--device` says otherwise.
+
+Memory: "kept for backward" is the size of every tensor autograd saves during one training
+forward (counted once per storage, parameters excluded), the activation memory a training step
+holds at its peak on any device; what UniPT and frozen tuning cut. "trainable" counts the
+parameters that get gradients and optimiser state. On CUDA the peak allocated memory of a
+forward+backward step is printed as well. With `--rss`, each configuration also runs one
+forward+backward step in a fresh process and prints how much that step raised the process's
+peak resident memory: the CPU measurement of the same thing (activations, gradients, the
+step's temporaries), independent of autograd's bookkeeping.
 """
 
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
 import statistics
 import time
+from concurrent.futures import ProcessPoolExecutor
 from typing import Optional, Sequence
 
 from clipray.cli import at_least
 
 SIZES = {"tiny": "test", "vitb32": "clip4clip_vitb32", "vitb16": "clip4clip_vitb16"}
 HEADS = ("meanP", "seqLSTM", "seqTransf", "tightTransf")
+TUNINGS = ("full", "frozen", "unipt")
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="clipray bench model", description=__doc__.splitlines()[0])
     p.add_argument("--sizes", default="tiny,vitb32", help=f"comma list of {', '.join(SIZES)}")
     p.add_argument("--heads", default=",".join(HEADS), help="comma list of heads")
+    p.add_argument("--tunings", default="full", help=f"comma list of {', '.join(TUNINGS)}")
     p.add_argument("--batch", type=at_least(1), default=2, help="clips per step")
     p.add_argument("--frames", type=at_least(1), default=12, help="frames per clip")
     p.add_argument("--words", type=at_least(1), default=32, help="tokens per caption")
@@ -35,6 +50,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=at_least(1), default=1,
                    help="torch threads (0 = torch default); 1 keeps CPU time meaningful on a shared machine")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--rss", action="store_true",
+                   help="also measure one step's rise in peak RSS, in a fresh process per row (CPU)")
     return p
 
 
@@ -51,20 +68,76 @@ def _seconds(step, repeats: int) -> tuple[float, float, float]:
     return statistics.median(wall), min(wall), statistics.median(cpu)
 
 
-def bench_one(name: str, batch: int, frames: int, words: int, repeats: int, device: str) -> dict:
+def saved_for_backward(model, run_forward) -> int:
+    """Bytes of the tensors autograd saves while `run_forward()` builds its graph, each storage
+    once, the model's parameters left out (they are held anyway)."""
+    import torch
+
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = run_forward()
+    del out
+    return sum(saved.values())
+
+
+def _inputs(model, batch: int, frames: int, words: int, device: str):
+    import torch
+
+    size = model.image_size
+    video = torch.randint(0, 256, (batch, frames, 3, size, size), dtype=torch.uint8, device=device)
+    mask = torch.ones(batch, frames, dtype=torch.bool, device=device)
+    tokens = torch.randint(1, 49000, (batch, words), device=device)
+    tokens[:, 0], tokens[:, -1] = 49406, 49407  # start and end-of-text tokens
+    return video, mask, tokens
+
+
+def _status_kb(field: str) -> int:
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def step_rss_mb(name: str, tuning: str, batch: int, frames: int, words: int, threads: int) -> float:
+    """Run in a fresh process: MB by which one forward+backward step raises the resident set
+    above what it was before the step (Linux: the peak is reset just before, and getrusage's
+    ru_maxrss is no use here, since a spawned process inherits its parent's)."""
+    import torch
+
+    from clipray.models import create_model
+    from clipray.task import RetrievalTask
+
+    if threads:
+        torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    task = RetrievalTask(create_model(name, tuning=tuning)).train()
+    inputs = _inputs(task.model, batch, frames, words, "cpu")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset the peak (VmHWM) to the current resident set
+    before = _status_kb("VmRSS")
+    task(*inputs)["loss"].backward()
+    return (_status_kb("VmHWM") - before) / 1024
+
+
+def bench_one(name: str, batch: int, frames: int, words: int, repeats: int, device: str,
+              tuning: str = "full") -> dict:
     import torch
 
     from clipray.models import create_model
     from clipray.task import RetrievalTask
 
     torch.manual_seed(0)
-    model = create_model(name).to(device)
+    model = create_model(name, tuning=tuning).to(device)
     task = RetrievalTask(model).train()
-    size = model.image_size
-    video = torch.randint(0, 256, (batch, frames, 3, size, size), dtype=torch.uint8, device=device)
-    mask = torch.ones(batch, frames, dtype=torch.bool, device=device)
-    tokens = torch.randint(1, 49000, (batch, words), device=device)
-    tokens[:, 0], tokens[:, -1] = 49406, 49407  # start and end-of-text tokens
+    video, mask, tokens = _inputs(model, batch, frames, words, device)
 
     def forward():
         with torch.no_grad():
@@ -76,10 +149,21 @@ def bench_one(name: str, batch: int, frames: int, words: int, repeats: int, devi
 
     forward()  # warm-up: allocator, kernels, lazy imports
     forward_backward()
+    kept = saved_for_backward(model, lambda: task(video, mask, tokens)["loss"])
+    peak = None
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        forward_backward()
+        peak = torch.cuda.max_memory_allocated()
     fwd, fwd_bwd = _seconds(forward, repeats), _seconds(forward_backward, repeats)
     return {
         "model": name,
+        "tuning": tuning,
         "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
+        "trainable_m": sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6,
+        "kept_mb": kept / batch / 2**20,
+        "peak_mb": None if peak is None else peak / 2**20,
         "fwd_ms": [1000 * t / batch for t in fwd],
         "fwd_bwd_ms": [1000 * t / batch for t in fwd_bwd],
     }
@@ -94,20 +178,37 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         torch.set_num_threads(args.threads)
     sizes = [s for s in args.sizes.split(",") if s]
     heads = [h for h in args.heads.split(",") if h]
-    bad = [s for s in sizes if s not in SIZES] + [h for h in heads if h not in HEADS]
+    tunings = [t for t in args.tunings.split(",") if t]
+    bad = ([s for s in sizes if s not in SIZES] + [h for h in heads if h not in HEADS]
+           + [t for t in tunings if t not in TUNINGS])
     if bad:
-        print(f"unknown size/head: {', '.join(bad)}")
+        print(f"unknown size/head/tuning: {', '.join(bad)}")
+        return 2
+    cuda = torch.device(args.device).type == "cuda"
+    if args.rss and (cuda or not os.path.exists("/proc/self/clear_refs")):
+        print("--rss measures CPU memory on Linux; leave it out with --device cuda or elsewhere")
         return 2
     print(f"device={args.device} threads={torch.get_num_threads()} batch={args.batch} "
           f"frames={args.frames} words={args.words} repeats={args.repeats} torch={torch.__version__}")
-    print("| size | head | params (M) | forward ms/clip: wall median (best), CPU "
-          "| forward+backward ms/clip: wall median (best), CPU |")
-    print("|---|---|---:|---:|---:|")
+    print("| size | head | tuning | params (M) | trainable (M) | kept for backward (MB/clip) |"
+          + (" peak allocated (MB/step) |" if cuda else "")
+          + (" step's rise in peak RSS (MB/clip) |" if args.rss else "")
+          + " forward ms/clip: wall median (best), CPU | forward+backward ms/clip: wall median (best), CPU |")
+    print("|---|---|---|---:|---:|---:|" + ("---:|" if cuda or args.rss else "") + "---:|---:|")
     for size in sizes:
         for head in heads:
-            r = bench_one(f"{SIZES[size]}_{head}", args.batch, args.frames, args.words, args.repeats, args.device)
-            cells = [f"{m:.1f} ({b:.1f}), {c:.1f}" for m, b, c in (r["fwd_ms"], r["fwd_bwd_ms"])]
-            print(f"| {size} | {head} | {r['params_m']:.1f} | {cells[0]} | {cells[1]} |", flush=True)
+            for tuning in tunings:
+                r = bench_one(f"{SIZES[size]}_{head}", args.batch, args.frames, args.words, args.repeats,
+                              args.device, tuning)
+                cells = [f"{m:.1f} ({b:.1f}), {c:.1f}" for m, b, c in (r["fwd_ms"], r["fwd_bwd_ms"])]
+                peak = f" {r['peak_mb']:.0f} |" if cuda else ""
+                if args.rss:
+                    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+                        rss = pool.submit(step_rss_mb, f"{SIZES[size]}_{head}", tuning, args.batch,
+                                          args.frames, args.words, args.threads).result()
+                    peak = f" {rss / args.batch:.1f} |"
+                print(f"| {size} | {head} | {tuning} | {r['params_m']:.1f} | {r['trainable_m']:.2f} | "
+                      f"{r['kept_mb']:.1f} |{peak} {cells[0]} | {cells[1]} |", flush=True)
     return 0
 
 
