@@ -61,6 +61,26 @@ def test_tiny_models_train(name):
     assert model.indexable == (name != "test_tightTransf")
 
 
+def test_unipt_side_networks_alone_fit_a_batch_on_a_frozen_clip():
+    """What the side networks can learn from a frozen (here random) CLIP's layer states:
+    8 captions that differ only in colour, shape and direction, matched to 8 clips."""
+    model = build("test_meanP", tuning="unipt")
+    task = RetrievalTask(model).train()
+    words = ["red square left", "blue circle up", "green triangle down", "yellow star right",
+             "red circle up", "blue square down", "green star left", "yellow triangle up"]
+    frames = torch.randint(0, 256, (8, 4, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    mask = torch.ones(8, 4, dtype=torch.bool)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3, weight_decay=0.0)
+    losses = []
+    for _ in range(100):
+        opt.zero_grad()
+        loss = task(frames, mask, tokens(words))["loss"]
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[0] > math.log(8) and losses[-1] < 0.1, losses[::10]
+
+
 def test_unipt_side_networks_have_the_published_size_on_vitb32():
     model = create_model("clip4clip_vitb32_meanP", tuning="unipt")
     d, layers = 512, 12 + 1  # embedding width; 12 blocks' outputs + the first block's input
