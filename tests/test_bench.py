@@ -84,3 +84,17 @@ def test_counts_below_their_floor_are_usage_errors_before_any_work(argv, says, t
         main(argv)
     assert e.value.code == 2 and says in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []  # nothing generated, no run folder
+
+
+def test_saved_for_backward_counts_activations_not_parameters():
+    import torch
+
+    from clipray.bench.model import saved_for_backward
+
+    torch.manual_seed(0)
+    layer, x = torch.nn.Linear(4, 3), torch.randn(5, 4)
+    # the weight's gradient needs the input x (5 x 4 floats); the square needs its input, the
+    # layer's output (5 x 3); the weight itself is a parameter and not counted
+    assert saved_for_backward(layer, lambda: (layer(x) ** 2).sum()) == (5 * 4 + 5 * 3) * 4
+    layer.requires_grad_(False)  # nothing needs a gradient: nothing is kept
+    assert saved_for_backward(layer, lambda: (layer(x) ** 2).sum()) == 0
