@@ -2,8 +2,10 @@
 
 Each worker embeds its shard of the test stream (texts and videos, in batches), the pieces are
 gathered across workers, and every rank scores the joined set block-wise with the retrieval
-metrics. Rows are tied back to videos through the manifest's `row_id`, so several captions per
-video need no special case: a video's embedding is taken once, from its first row.
+metrics. Rows are tied back to clips through the manifest's `row_id`. A retrieval target is a
+clip, (video_id, start, end): several captions of one clip (MSR-VTT's 20 per video) need no
+special case, its embedding is taken once, from its first row; the segments of one video
+(YouCook2, DiDeMo moments, the synthetic events) are targets of their own.
 """
 
 from __future__ import annotations
@@ -55,32 +57,32 @@ def evaluate(model: Any, shard: Any, manifest: str, split: str, batch_size: int)
     joined = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
     order = torch.argsort(joined["row_id"])
     joined = {k: v[order] for k, v in joined.items()}
-    table = read_manifest(manifest, columns=["row_id", "video_id", "caption"], split=split)
-    video_of_row = dict(zip(table.column("row_id").to_pylist(), table.column("video_id").to_pylist()))
-    caption_of_row = dict(zip(table.column("row_id").to_pylist(), table.column("caption").to_pylist()))
-    vids: dict[str, int] = {}
+    table = read_manifest(manifest, columns=["row_id", "video_id", "start", "end", "caption"], split=split)
+    ids = table.column("row_id").to_pylist()
+    clip_of_row = dict(zip(ids, zip(*(table.column(c).to_pylist() for c in ("video_id", "start", "end")))))
+    caption_of_row = dict(zip(ids, table.column("caption").to_pylist()))
+    clips: dict[tuple, int] = {}
     first_row: list[int] = []
     video_of_text = []
     for i, rid in enumerate(joined["row_id"].tolist()):
-        v = video_of_row[rid]
-        if v not in vids:
-            vids[v] = len(vids)
+        c = clip_of_row[rid]
+        if c not in clips:
+            clips[c] = len(clips)
             first_row.append(i)
-        video_of_text.append(vids[v])
+        video_of_text.append(clips[c])
     idx = torch.tensor(first_row)
     sim = similarity_in_blocks(model, joined["text"], joined["video"][idx],
                                None if model.indexable else joined["mask"][idx])
     metrics = retrieval_metrics(sim, video_of_text)
-    metrics["num_test_videos"] = len(vids)
+    metrics["num_test_videos"] = len(clips)  # clips, strictly: the key predates moment manifests
     metrics["num_test_texts"] = len(video_of_text)
     if manifest_metadata(manifest).get("source") == "synthetic":
         captions = [caption_of_row[r] for r in joined["row_id"].tolist()]
-        metrics.update(order_accuracy(sim.numpy(), video_of_text, captions, list(vids)))
+        metrics.update(order_accuracy(sim.numpy(), video_of_text, captions))
     return metrics
 
 
-def order_accuracy(sim: np.ndarray, video_of_text: list[int], captions: list[str],
-                   video_ids: list[str]) -> dict[str, float]:
+def order_accuracy(sim: np.ndarray, video_of_text: list[int], captions: list[str]) -> dict[str, float]:
     """Synthetic twins: for each caption of a two-event video whose swapped twin is also in the
     test set, does the caption score its own video strictly above the twin? Order-blind pooling
     scores both alike (a tie counts as a miss), so 0.5 is not reachable by chance alone."""
