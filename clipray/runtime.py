@@ -82,6 +82,20 @@ def check_fits(asks: dict[str, float], resource: str = "CPU",
                           f"{has}: {advice}, or Ray would wait for {resource}s forever")
 
 
+def model_pool(section: str, actors: int, cpus: float, gpus: float) -> float:
+    """Check that a pool of actors that each load a model (the index's embedders, clip
+    editing's scorers) fits the embedded Ray, and return its GPUs per actor: `gpus` < 0 means
+    one per actor when the cluster has GPUs, else none."""
+    import ray
+
+    check_fits({f"{section}.actors x {section}.actor_cpus": actors * cpus})
+    if gpus < 0:
+        gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+    check_fits({f"{section}.actors x {section}.actor_gpus": actors * gpus}, "GPU",
+               advice=f"set {section}.actor_gpus=0 (CPU) or -1 (GPU if there is one)")
+    return gpus
+
+
 def quiet_data_progress() -> None:
     """Ray Data's per-operator progress bars drown a driver's own progress line."""
     import ray.data

@@ -279,6 +279,21 @@ def call_with_timeout(fn: Callable[[], T], timeout_s: float) -> T:
     raise value
 
 
+def _bounded(fn: Callable[[], T], cfg: VideoConfig) -> T:
+    """fn() bounded by `cfg.timeout_s`, any decoder error turned into a SkipClip."""
+    def run() -> T:
+        try:
+            return fn()
+        except SkipClip:
+            raise
+        except Exception as e:  # any other decoder error is still a skip, never a crash
+            raise SkipClip(f"decode failed: {_short(e)}") from None
+
+    if not math.isfinite(cfg.timeout_s) or cfg.timeout_s <= 0:
+        return run()
+    return call_with_timeout(run, cfg.timeout_s)
+
+
 def decode_clip_safe(path: str, start: float | None, end: float | None, cfg: VideoConfig,
                      out: np.ndarray | None = None) -> Clip:
     """`decode_clip` bounded by `cfg.timeout_s`; every failure is a SkipClip with a reason.
@@ -286,14 +301,52 @@ def decode_clip_safe(path: str, start: float | None, end: float | None, cfg: Vid
     Only this thread writes into `out`, after the decode thread has returned: a decode that
     times out and finishes later cannot overwrite a row that has since been given to another clip.
     """
-    def run() -> tuple[torch.Tensor, list[int]]:
-        try:
-            return _decode(path, start, end, cfg)
-        except SkipClip:
-            raise
-        except Exception as e:  # any other decoder error is still a skip, never a crash
-            raise SkipClip(f"decode failed: {_short(e)}") from None
+    return _pad(*_bounded(lambda: _decode(path, start, end, cfg), cfg), cfg, out)
 
-    if not math.isfinite(cfg.timeout_s) or cfg.timeout_s <= 0:
-        return _pad(*run(), cfg, out)
-    return _pad(*call_with_timeout(run, cfg.timeout_s), cfg, out)
+
+def _decode_windows(path: str, windows: Sequence[tuple[float | None, float | None]],
+                    cfg: VideoConfig) -> list[Clip | SkipClip]:
+    if cfg.backend not in BACKENDS:
+        raise ValueError(f"video.backend must be one of {sorted(BACKENDS)}, got {cfg.backend!r}")
+    src = open_source(path)
+    try:
+        video = BACKENDS[cfg.backend](src)
+        picks: list[list[int] | SkipClip] = []
+        for start, end in windows:
+            try:
+                picks.append(select(candidate_indices(video.num_frames, video.fps, start, end, cfg.fps),
+                                    cfg.max_frames, cfg.slice))
+            except SkipClip as e:
+                picks.append(e)
+        union = sorted({i for p in picks if not isinstance(p, SkipClip) for i in p})
+        raw = video.get(union) if union else None
+    finally:
+        close_source(src)
+    if raw is None:
+        return picks  # type: ignore[return-value]  # every window was outside the video
+    if raw.ndim != 4 or raw.shape[0] != len(union) or raw.shape[-1] != 3:
+        raise SkipClip(f"decoder returned frames of shape {raw.shape}")
+    frames, row = resize_crop(raw, cfg.size), {f: k for k, f in enumerate(union)}
+    return [p if isinstance(p, SkipClip) else _pad(frames[[row[i] for i in p]], p, cfg, None) for p in picks]
+
+
+def decode_windows(path: str, windows: Sequence[tuple[float | None, float | None]],
+                   cfg: VideoConfig) -> list[Clip | SkipClip]:
+    """Several windows of one video, each sampled as `decode_clip` would, from one open file
+    and one decode of the union of their frames (clip editing scores ~20 overlapping windows
+    per caption). A window outside the video comes back as its SkipClip; a file that cannot
+    be read, or a decode past `cfg.timeout_s`, raises SkipClip for all of them."""
+    return _bounded(lambda: _decode_windows(path, windows, cfg), cfg)
+
+
+def probe_duration(path: str, backend: str = "decord") -> float | None:
+    """The video's length in seconds (frames / fps), or None when it cannot be opened."""
+    try:
+        src = open_source(path)
+        try:
+            v = BACKENDS[backend](src)
+            return v.num_frames / v.fps if v.fps else None
+        finally:
+            close_source(src)
+    except SkipClip:
+        return None

@@ -51,16 +51,6 @@ def windows(duration: float, window: float, stride: float) -> list[tuple[float, 
     return out
 
 
-def _duration(path: str, backend: str) -> Optional[float]:
-    from clipray.video import SkipClip, open_video
-
-    try:
-        v = open_video(path, backend)
-        return v.num_frames / v.fps if v.fps else None
-    except SkipClip:
-        return None  # the decode step will skip and report it
-
-
 def plan_clips(cfg: AppConfig, have: set) -> tuple[list[dict], list[str]]:
     """Unique clips of the manifest not yet in the index (+ windows), and a seeded uniform
     sample of its captions (up to index.recall_queries) for the recall check. The manifest is
@@ -68,6 +58,7 @@ def plan_clips(cfg: AppConfig, have: set) -> tuple[list[dict], list[str]]:
     import random
 
     from clipray.manifest import default_root, iter_checked, resolve_path
+    from clipray.video import probe_duration
 
     split = None if cfg.index.split == "all" else cfg.index.split
     root = cfg.manifest and default_root(cfg.manifest)
@@ -84,7 +75,7 @@ def plan_clips(cfg: AppConfig, have: set) -> tuple[list[dict], list[str]]:
         spans = [(r["start"], r["end"])]
         if cfg.index.window_s and r["start"] is None:
             if path not in durations:  # a video has many captions: open it once
-                durations[path] = r["duration"] or _duration(path, cfg.video.backend)
+                durations[path] = r["duration"] or probe_duration(path, cfg.video.backend)
             dur = durations[path]
             if dur:
                 spans = windows(dur, cfg.index.window_s, cfg.index.stride_s)
@@ -184,7 +175,6 @@ def _check_export(path: str, what: str, indexable: bool) -> dict:
 
 def build_index(cfg: AppConfig, quiet: bool = False) -> dict[str, Any]:
     """Embed the manifest's new clips into `cfg.out` and rebuild the faiss index; returns meta."""
-    import ray
     import ray.data
 
     if not cfg.manifest or not cfg.out:
@@ -214,14 +204,9 @@ def build_index(cfg: AppConfig, quiet: bool = False) -> dict[str, Any]:
     if rows:
         import pyarrow as pa
 
-        from clipray.runtime import check_fits
+        from clipray.runtime import model_pool
 
-        check_fits({"index.actors x index.actor_cpus": cfg.index.actors * cfg.index.actor_cpus})
-        gpus = cfg.index.actor_gpus
-        if gpus < 0:
-            gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
-        check_fits({"index.actors x index.actor_gpus": cfg.index.actors * gpus}, "GPU",
-                   advice="set index.actor_gpus=0 (CPU) or -1 (GPU if there is one)")
+        gpus = model_pool("index", cfg.index.actors, cfg.index.actor_cpus, cfg.index.actor_gpus)
         ds = ray.data.from_arrow(pa.Table.from_pylist(rows)).repartition(
             target_num_rows_per_block=cfg.index.batch)
         ds = ds.map_batches(
