@@ -49,7 +49,8 @@ class DataConfig:
     decode_cpus: float = 1.0  # logical CPUs reserved per decode actor
     decode_batch: int = 4  # manifest rows per map_batches call
     shuffle_buffer: int = 0  # >0: local shuffle buffer (rows) when iterating; 0 = no shuffle
-    eval_manifest: str = ""  # held-out manifest for evaluation (default: data.manifest's test split)
+    eval_manifest: str = ""  # held-out manifest for evaluation (default: data.manifest)
+    eval_split: str = "test"  # the split of the eval manifest that training evaluates on
     # Huge sharded manifests (HowTo100M): each training worker streams its own shard files, one
     # at a time in a seeded order, and checkpoints record the shards consumed, so a restart
     # never reads them again in the same pass. Needs train.max_steps.
@@ -96,6 +97,27 @@ class TrainConfig:
 
 
 @dataclass
+class EditConfig:
+    """Clip-boundary editing from single timestamps (`clipray edit`, train/edit.py)."""
+    init: str = "midpoint"  # midpoint | window: how stage 1 turns timestamps into clips
+    window_s: float = 0.0  # init=window: the clip's width, centred on the timestamp
+    max_width_s: float = 0.0  # >0: no initial clip wider than this (shrunk towards its timestamp)
+    min_width_s: float = 1.0  # no clip, initial or edited, shorter than this
+    warmup_epochs: int = 2  # stage 2: epochs on the initial clips; the teacher is this student
+    rounds: int = 3  # stage 3: (edit if the teacher changed) + train + validate, this many times
+    epochs_per_round: int = 1
+    step_s: float = 1.0  # a boundary moves by multiples of this
+    max_steps: int = 2  # start and end each move by up to this many steps per edit
+    margin: float = 0.0  # a candidate replaces a clip when its score beats the clip's by more
+    val_split: str = "val"  # the student is validated on this split after every round
+    test_split: str = "test"  # the final student is evaluated on this split (ground-truth clips)
+    actors: int = 2  # teacher scoring job: Ray Data actor pool
+    actor_cpus: float = 1.0
+    actor_gpus: float = -1.0  # -1: one GPU per actor when the cluster has GPUs, else 0
+    batch: int = 8  # captions per scoring call
+
+
+@dataclass
 class RayConfig:
     address: Optional[str] = None  # None: RAY_ADDRESS if set, else an embedded local Ray
     num_cpus: Optional[int] = None  # logical CPUs of the embedded Ray (default: 2 x cores)
@@ -108,11 +130,15 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+    edit: EditConfig = field(default_factory=EditConfig)
 
 
 # What each value must be, checked after every merge (OmegaConf checks only the types), so a
 # zero batch or a misspelt backend fails at start-up rather than as a ZeroDivisionError or with
 # every clip skipped. A rule is (test, what it says); None always passes (an unset Optional).
+SPLITS = ("train", "val", "test")  # a manifest row's split (clipray.manifest imports it from here)
+
+
 def _at_least(lo: float) -> tuple[Any, str]:
     return (lambda v: v >= lo), f">= {lo}"
 
@@ -128,8 +154,8 @@ def _one_of(*choices: Any) -> tuple[Any, str]:
 RULES: dict[type, dict[str, tuple[Any, str]]] = {
     VideoConfig: dict(backend=_one_of("decord", "pyav"), fps=_above(0), max_frames=_at_least(1),
                       slice=_one_of("head", "tail", "uniform"), size=_at_least(1), timeout_s=_above(0)),
-    DataConfig: dict(split=_one_of("train", "val", "test"), max_words=_at_least(2), batch_size=_at_least(1),
-                     decode_actors=_at_least(1), decode_cpus=_above(0), decode_batch=_at_least(1),
+    DataConfig: dict(split=_one_of(*SPLITS), eval_split=_one_of(*SPLITS), max_words=_at_least(2),
+                     batch_size=_at_least(1), decode_actors=_at_least(1), decode_cpus=_above(0), decode_batch=_at_least(1),
                      shuffle_buffer=_at_least(0)),
     OptimConfig: dict(lr=_above(0), coef_lr=_at_least(0), weight_decay=_at_least(0), eps=_above(0),
                       warmup_ratio=((lambda v: 0 <= v < 1), "in [0, 1)"), grad_clip=_at_least(0)),
@@ -137,6 +163,11 @@ RULES: dict[type, dict[str, tuple[Any, str]]] = {
                       cpus_per_worker=_at_least(0), grad_accum=_at_least(1), eval_every_epochs=_at_least(0),
                       checkpoint_every_steps=_at_least(0), max_failures=_at_least(-1)),
     RayConfig: dict(num_cpus=_at_least(1)),
+    EditConfig: dict(init=_one_of("midpoint", "window"), window_s=_at_least(0), max_width_s=_at_least(0),
+                     min_width_s=_above(0), warmup_epochs=_at_least(1), rounds=_at_least(0),
+                     epochs_per_round=_at_least(1), step_s=_above(0), max_steps=_at_least(1), margin=_at_least(0),
+                     val_split=_one_of(*SPLITS), test_split=_one_of(*SPLITS),
+                     actors=_at_least(1), actor_cpus=_above(0), batch=_at_least(1)),
 }
 
 

@@ -76,6 +76,20 @@ def read_export_config(export_dir: str | Path) -> dict[str, Any]:
     return config
 
 
+def fetch_export(export_dir: str, into: str | Path) -> str:
+    """A local directory holding the export: a local path as it is; one at a URI (s3://...,
+    where a run directory in object storage keeps it) copied into `into` first."""
+    if "://" not in export_dir or export_dir.startswith("file://"):
+        return export_dir.removeprefix("file://")
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(export_dir)
+    Path(into).mkdir(parents=True, exist_ok=True)
+    for name in (WEIGHTS, CONFIG):
+        fs.get_file(f"{root.rstrip('/')}/{name}", str(Path(into) / name))
+    return str(into)
+
+
 def load_export(export_dir: str | Path, device: str | torch.device = "cpu"):
     """Rebuild the exported model on `device` with its saved weights and dtype (eval mode)."""
     import dataclasses

@@ -35,7 +35,7 @@ import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-SPLITS = ("train", "val", "test")
+from clipray.config import SPLITS  # train, val, test
 
 SCHEMA = pa.schema(
     [
@@ -119,11 +119,13 @@ class ManifestWriter:
     """Streams rows into Parquet shards of `rows_per_shard` rows, validating each row.
 
     `out` ending in `.parquet` gives one file (all rows buffered, for small sources); otherwise
-    `out` is a directory of `part-NNNNN.parquet` shards written as they fill.
+    `out` is a directory of `part-NNNNN.parquet` shards written as they fill. Rows are numbered
+    0, 1, ... in the order written, unless `keep_row_ids`: then each row brings its own
+    `row_id` (a rewrite of a manifest whose rows must still join with the original's).
     """
 
     def __init__(self, out: str | Path, rows_per_shard: int = 1_000_000,
-                 metadata: Mapping[str, Any] | None = None):
+                 metadata: Mapping[str, Any] | None = None, keep_row_ids: bool = False):
         self.out = str(out)
         self.single = self.out.endswith(".parquet")
         self.rows_per_shard = rows_per_shard
@@ -134,10 +136,16 @@ class ManifestWriter:
         self._buf: list[dict[str, Any]] = []
         self.rows = 0
         self.shards: list[str] = []
+        self._ids: set[int] | None = set() if keep_row_ids else None
 
     def add(self, row: Mapping[str, Any]) -> None:
         clean = check_row(row, f"row {self.rows}")
         clean["row_id"] = self.rows
+        if self._ids is not None:
+            clean["row_id"] = rid = row.get("row_id")
+            if not isinstance(rid, int) or rid in self._ids:
+                raise ManifestError(f"row {self.rows}: row_id {rid!r} is missing, not an int or repeated")
+            self._ids.add(rid)
         self._buf.append(clean)
         self.rows += 1
         if not self.single and len(self._buf) >= self.rows_per_shard:
@@ -169,9 +177,10 @@ class ManifestWriter:
 
 
 def write_manifest(rows: Iterable[Mapping[str, Any]], out: str | Path,
-                   rows_per_shard: int = 1_000_000, metadata: Mapping[str, Any] | None = None) -> int:
+                   rows_per_shard: int = 1_000_000, metadata: Mapping[str, Any] | None = None,
+                   keep_row_ids: bool = False) -> int:
     """Validate and write rows; returns the number of rows written."""
-    with ManifestWriter(out, rows_per_shard, metadata) as w:
+    with ManifestWriter(out, rows_per_shard, metadata, keep_row_ids) as w:
         w.extend(rows)
     return w.rows
 

@@ -1,5 +1,7 @@
 """Config: YAML + overrides merged onto the typed schema; mistakes name the key and the file."""
 
+from pathlib import Path
+
 import pytest
 
 from clipray.config import Config, ConfigError, load_config
@@ -88,3 +90,12 @@ def test_model_names_are_checked_against_the_registries_before_ray_starts(overri
         model_io(load_config(None, [override]))
     assert str(e.value).startswith(says)
     assert model_io(load_config(None, ["model.head=seqTransf", "model.linear_patch=3d"])).data.video.size > 0
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "train" / "configs").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_every_training_recipe_loads_and_fits_its_model(path):
+    from train.driver import model_io
+
+    cfg = model_io(load_config(path))
+    assert cfg.data.video.size in (32, 224) and cfg.train.epochs >= 1

@@ -55,7 +55,7 @@ def run_dir(cfg: Config) -> str:
     return f"{storage.rstrip('/')}/{cfg.train.run_name}"
 
 
-def _count_rows(manifest: str, split: str) -> int:
+def count_rows(manifest: str, split: str) -> int:
     import pyarrow.dataset as pads
 
     from clipray.manifest import SCHEMA, manifest_files
@@ -84,8 +84,13 @@ def _data_config():
     return EvalSplit()
 
 
-def run(cfg: Config, quiet_ray: bool = False) -> dict[str, Any]:
-    """Train, evaluate and export; returns the final metrics (also in result.json)."""
+def run(cfg: Config, quiet_ray: bool = False, stop_epoch: int = 0, table: bool = True) -> dict[str, Any]:
+    """Train, evaluate and export; returns the final metrics (also in result.json).
+
+    `stop_epoch` > 0 ends this call after that epoch (evaluated and exported as a last one);
+    calling again with the same run name continues from there, on whatever data the new call
+    names, with the learning-rate schedule still spanning `train.epochs`: clip editing trains
+    its rounds this way."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -104,16 +109,16 @@ def run(cfg: Config, quiet_ray: bool = False) -> dict[str, Any]:
             raise ConfigError("data.shard_stream trains by a step budget: set train.max_steps")
         n_train, steps_per_epoch = None, 0
     else:
-        n_train = _count_rows(cfg.data.manifest, "train")
+        n_train = count_rows(cfg.data.manifest, "train")
         steps_per_epoch = n_train // per_step
         if steps_per_epoch < 1:
             raise ConfigError(f"{n_train} training rows cannot fill one step of {per_step} clips "
                               f"(data.batch_size x train.num_workers)")
-    eval_manifest = cfg.data.eval_manifest or cfg.data.manifest
+    eval_manifest, eval_split = cfg.data.eval_manifest or cfg.data.manifest, cfg.data.eval_split
     # (a streamed HowTo100M manifest is not counted; its evaluation set is data.eval_manifest)
-    if (cfg.data.eval_manifest or not cfg.data.shard_stream) and _count_rows(eval_manifest, "test") < 1:
-        raise ConfigError(f"{eval_manifest} has no 'test' rows to evaluate on: give data.eval_manifest "
-                          "a manifest with a test split")
+    if (cfg.data.eval_manifest or not cfg.data.shard_stream) and count_rows(eval_manifest, eval_split) < 1:
+        raise ConfigError(f"{eval_manifest} has no {eval_split!r} rows to evaluate on: give data.eval_manifest "
+                          f"a manifest with a {eval_split} split, or set data.eval_split")
     init_ray(cfg.ray, quiet=quiet_ray)
     # the workers and one decode pool run at once (in shard_stream mode, one pool per worker)
     pools = cfg.train.num_workers if cfg.data.shard_stream else 1
@@ -125,7 +130,7 @@ def run(cfg: Config, quiet_ray: bool = False) -> dict[str, Any]:
                    advice="set train.use_gpu=false, or submit the job to a GPU cluster")
     quiet_data_progress()
     eval_data = dataclasses.replace(cfg.data, manifest=eval_manifest)
-    datasets = {"test": clip_dataset(eval_data, out, split="test")}
+    datasets = {"test": clip_dataset(eval_data, out, split=eval_split)}
     if not cfg.data.shard_stream:
         datasets["train"] = clip_dataset(cfg.data, out, split="train")
     total = cfg.train.max_steps or steps_per_epoch * cfg.train.epochs
@@ -133,7 +138,8 @@ def run(cfg: Config, quiet_ray: bool = False) -> dict[str, Any]:
           f"{total} steps, {cfg.train.num_workers} workers, ZeRO-{cfg.train.zero_stage}", flush=True)
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={"cfg": cfg, "steps_per_epoch": steps_per_epoch, "run_dir": out},
+        train_loop_config={"cfg": cfg, "steps_per_epoch": steps_per_epoch, "run_dir": out,
+                           "stop_epoch": stop_epoch},
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
             resources_per_worker={"CPU": cfg.train.cpus_per_worker}),
@@ -162,10 +168,60 @@ def run(cfg: Config, quiet_ray: bool = False) -> dict[str, Any]:
         final = dict(state["history"][-1], total_steps=state["step"], seconds=time.perf_counter() - t0)
         _write_outputs(out, cfg, state["history"], final, export_src)
     skips = collect_skips(out)
-    final["skipped_clips"] = skips["skipped"]
+    final.update(skipped_clips=skips["skipped"], eval_split=eval_split)
     _put_text(f"{out}/result.json", json.dumps(final, indent=1))
-    print(_table(final, out, skips))
+    if table:
+        print(_table(final, out, skips))
     return final
+
+
+def _eval_loop(config: dict[str, Any]) -> None:
+    """Worker function of `evaluate_export`: load the export, evaluate this worker's share."""
+    import tempfile
+
+    import ray.train
+    import ray.train.torch
+
+    from clipray.export import fetch_export, load_export
+    from train.evaluate import evaluate
+
+    with tempfile.TemporaryDirectory() as d:
+        model = load_export(fetch_export(config["export"], d), ray.train.torch.get_device())
+    metrics = evaluate(model, ray.train.get_dataset_shard("test"), config["manifest"], config["split"],
+                       config["batch_size"])
+    with tempfile.TemporaryDirectory() as d:  # Result.metrics holds only what came with a checkpoint
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+
+
+def evaluate_export(cfg: Config, export: str, split: str, name: str) -> dict[str, Any]:
+    """Evaluate an exported model on `split` of `data.eval_manifest` (else `data.manifest`), with
+    the run's workers, decode pool and batch size; a Ray Train run named `name` beside the
+    training run. Returns the metrics, also written to `<run>/<name>.json`."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from clipray.pipeline import clip_dataset
+    from clipray.runtime import init_ray
+
+    cfg = model_io(cfg)
+    manifest, out = cfg.data.eval_manifest or cfg.data.manifest, run_dir(cfg)
+    if count_rows(manifest, split) < 1:
+        raise ConfigError(f"{manifest} has no {split!r} rows to evaluate on")
+    init_ray(cfg.ray, quiet=True)
+    data = dataclasses.replace(cfg.data, manifest=manifest)
+    trainer = TorchTrainer(
+        _eval_loop,
+        train_loop_config={"export": export, "manifest": manifest, "split": split, "batch_size": cfg.data.batch_size},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
+            resources_per_worker={"CPU": cfg.train.cpus_per_worker}),
+        datasets={"test": clip_dataset(data, out, split=split)},
+        dataset_config=_data_config(),
+        run_config=ray.train.RunConfig(name=name, storage_path=f"{out}/evaluations"),
+    )
+    metrics = dict(trainer.fit().metrics, eval_split=split, export=export)
+    _put_text(f"{out}/{name}.json", json.dumps(metrics, indent=1))
+    return metrics
 
 
 def _put_text(uri: str, text: str) -> None:
@@ -222,7 +278,7 @@ def _table(m: dict, out: str, skips: dict) -> str:
     extra = f"; event-order accuracy {m['order_acc']:.1f}% over {m['order_pairs']} twin captions" \
         if "order_acc" in m else ""
     return "\n".join([
-        f"\nfinished: {m['total_steps']} steps in {m['seconds']:.0f}s, {m['num_test_videos']} test videos "
+        f"\nfinished: {m['total_steps']} steps in {m['seconds']:.0f}s, {m['num_test_videos']} {m['eval_split']} clips "
         f"(chance R@1 {100 / m['num_test_videos']:.1f}%){extra}", *rows,
         f"skipped clips: {skips['skipped']} {skips['by_reason'] or ''}",
         f"run directory: {out}  (result.json, metrics.csv, curves.png, export/, skip_report.jsonl)"])

@@ -114,6 +114,9 @@ def train_loop(config: dict[str, Any]) -> None:
     seg_steps = (cfg.train.checkpoint_every_steps or steps_per_epoch) if cfg.train.max_steps else steps_per_epoch
     seg_steps = seg_steps or total
     segments = -(-total // seg_steps)
+    # a run may stop early and be continued by a later call (clip editing's rounds); the
+    # schedule still spans every segment
+    stop = min(segments, config.get("stop_epoch") or segments)
     opt, sched = ds_config.optimizer_and_schedule(model, cfg.optim, max(1, total // cfg.train.grad_accum))
     engine, _, _, _ = deepspeed.initialize(model=RetrievalTask(model), optimizer=opt, lr_scheduler=sched,
                                            config=ds_config.build(cfg.train, B))
@@ -138,7 +141,7 @@ def train_loop(config: dict[str, Any]) -> None:
     eval_manifest = cfg.data.eval_manifest or cfg.data.manifest
     progress = Progress(total, state["step"], B * world)
     dev = engine.device
-    while state["epoch"] < segments and state["step"] < total:
+    while state["epoch"] < stop and state["step"] < total:
         epoch = state["epoch"] + 1
         losses, t_epoch, empty_passes = [], time.perf_counter(), 0
         if not shard_mode:
@@ -173,15 +176,15 @@ def train_loop(config: dict[str, Any]) -> None:
                   "lr": sched.get_last_lr()[-1], "clips_per_s": len(losses) * B * world / seconds}
         if rank == 0:
             progress(epoch, segments, state["step"], record["loss"], record["lr"], force=True)
-        last = epoch >= segments or state["step"] >= total
+        last = epoch >= stop or state["step"] >= total
         if last or epoch % max(1, cfg.train.eval_every_epochs) == 0:
             m = eval_model(engine, cfg, replica)
             with torch.autocast(dev.type, dtype=dtype, enabled=dtype != torch.float32):
-                record.update(evaluate(m, test_shard, eval_manifest, "test", B))
+                record.update(evaluate(m, test_shard, eval_manifest, cfg.data.eval_split, B))
             if rank == 0:
-                say(f"[eval] epoch {epoch}: t2v R@1 {record['t2v_r1']:.1f} R@5 {record['t2v_r5']:.1f} "
-                    f"R@10 {record['t2v_r10']:.1f} MdR {record['t2v_mdr']:.1f} "
-                    f"({record['num_test_videos']} videos)")
+                say(f"[eval] epoch {epoch} ({cfg.data.eval_split}): t2v R@1 {record['t2v_r1']:.1f} "
+                    f"R@5 {record['t2v_r5']:.1f} R@10 {record['t2v_r10']:.1f} MdR {record['t2v_mdr']:.1f} "
+                    f"({record['num_test_videos']} clips)")
         state["epoch"] = epoch
         state["history"].append(record)
         if shard_mode:
