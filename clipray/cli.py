@@ -4,6 +4,7 @@ Each subcommand is a thin shim over a `main(argv)` function that tests call dire
   clipray demo                         the whole system on an embedded local Ray (CPU, tiny model)
   clipray data synth|prepare|check     build and inspect clip manifests
   clipray train CONFIG [k=v ...]       = python -m train CONFIG [k=v ...]
+  clipray edit CONFIG [k=v ...]        clip-boundary editing from single timestamps (= python -m train.edit)
   clipray index CONFIG [k=v ...]       offline embedding index of a manifest
   clipray serve CONFIG [k=v ...]       the retrieval API on Ray Serve
   clipray bench data|model|train|serve|stream|heads   benchmarks beside a baseline
@@ -19,6 +20,7 @@ from typing import Callable
 # subcommand -> "module:function" taking argv; imported lazily so `clipray --help` is instant
 PASSTHROUGH = {
     "train": "train.__main__:main",
+    "edit": "train.edit:main",
     "index": "serve.index:main",
     "serve": "serve.__main__:main",
     "demo": "clipray.demo:main",

@@ -1,0 +1,124 @@
+"""Clip-boundary editing from single timestamps: the pure parts (specs/clip_editing.md).
+
+Each training caption of a video has one timestamp t_i inside the event it describes. This
+module turns timestamps into clips and decides edits; the Ray jobs around it live in
+`train/edit.py`.
+
+- `initial_clips`: stage 1. `midpoint` spans from the midpoint with the previous timestamp to
+  the midpoint with the next one (0 and the video's end at the ends); `window` is a fixed width
+  centred on t_i, clipped to the video. `max_width_s` (both rules) shrinks a clip towards t_i.
+- `candidates`: the clips a teacher scores around the current one: start and end each moved by
+  -K..K steps, never before the previous timestamp or after the next one (nor past the video's
+  ends), always containing t_i, never shorter than `min_width_s`. The current clip comes first.
+- `choose`: the best-scoring candidate replaces the current clip only when it beats it by more
+  than `margin` (in the head's own score units: cosine for loose heads, a logit for tightTransf).
+- `tiou`: temporal IoU, to compare edited clips with ground truth where the manifest has it.
+
+Times are rounded to milliseconds so moves by a step never drift by float error.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+INIT_RULES = ("midpoint", "window")
+
+
+def _ms(x: float) -> float:
+    return round(x, 3)
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """What a caption's clip may span: from the previous timestamp (or 0) to the next (or the
+    video's end); `t` is the caption's own timestamp."""
+    lo: float
+    t: float
+    hi: float
+
+
+def neighbour_bounds(timestamps: Sequence[float], duration: float) -> list[Bounds]:
+    """Bounds of each timestamp among one video's timestamps (given in any order; the result is
+    in the same order). Equal timestamps bound each other, so neither may cross the other."""
+    order = sorted(range(len(timestamps)), key=lambda i: timestamps[i])
+    out: list[Optional[Bounds]] = [None] * len(timestamps)
+    for k, i in enumerate(order):
+        lo = timestamps[order[k - 1]] if k > 0 else 0.0
+        hi = timestamps[order[k + 1]] if k + 1 < len(order) else duration
+        out[i] = Bounds(float(lo), float(timestamps[i]), float(hi))
+    return out  # type: ignore[return-value]
+
+
+def _widen(s: float, e: float, t: float, duration: float, min_width: float) -> tuple[float, float]:
+    """Grow a clip narrower than min_width around t, inside [0, duration]."""
+    if e - s >= min_width:
+        return s, e
+    w = min(min_width, duration)
+    s = min(max(0.0, t - w / 2), duration - w)
+    return s, s + w
+
+
+def initial_clips(timestamps: Sequence[float], duration: float, rule: str = "midpoint",
+                  window_s: float = 0.0, max_width_s: float = 0.0,
+                  min_width_s: float = 0.0) -> list[tuple[float, float]]:
+    """Stage 1: one (start, end) per timestamp of one video, in the order given."""
+    if rule not in INIT_RULES:
+        raise ValueError(f"edit.init must be one of {', '.join(INIT_RULES)}, got {rule!r}")
+    if rule == "window" and window_s <= 0:
+        raise ValueError("edit.init=window needs edit.window_s > 0")
+    order = sorted(range(len(timestamps)), key=lambda i: timestamps[i])
+    out: list[tuple[float, float]] = [(0.0, 0.0)] * len(timestamps)
+    for k, i in enumerate(order):
+        t = float(timestamps[i])
+        if rule == "midpoint":
+            s = (timestamps[order[k - 1]] + t) / 2 if k > 0 else 0.0
+            e = (t + timestamps[order[k + 1]]) / 2 if k + 1 < len(order) else duration
+        else:
+            s, e = max(0.0, t - window_s / 2), min(duration, t + window_s / 2)
+        if max_width_s > 0:
+            s, e = max(s, t - max_width_s / 2), min(e, t + max_width_s / 2)
+        s, e = _widen(s, e, t, duration, min_width_s)
+        out[i] = (_ms(s), _ms(e))
+    return out
+
+
+def candidates(start: float, end: float, b: Bounds, step_s: float, max_steps: int,
+               min_width_s: float) -> list[tuple[float, float]]:
+    """The current clip first, then every valid move of its start and end by -K..K steps."""
+    out, seen = [(_ms(start), _ms(end))], {(_ms(start), _ms(end))}
+    moves = [k * step_s for k in range(-max_steps, max_steps + 1)]
+    eps = 1e-6
+    for ds in moves:
+        s = _ms(start + ds)
+        if not (b.lo - eps <= s <= b.t + eps):
+            continue
+        for de in moves:
+            e = _ms(end + de)
+            if (s, e) in seen or not (b.t - eps <= e <= b.hi + eps) or e - s < min_width_s - eps:
+                continue
+            seen.add((s, e))
+            out.append((s, e))
+    return out
+
+
+def choose(scores: Sequence[float], margin: float) -> int:
+    """Index of the candidate to keep: the best one if it beats the current (index 0) by more
+    than `margin`, else 0. NaN scores (a window that could not be decoded) never win; a NaN
+    current clip is replaced by the best decodable one."""
+    best, best_score = 0, -math.inf
+    for i, s in enumerate(scores):
+        if not math.isnan(s) and s > best_score:
+            best, best_score = i, s
+    current = scores[0] if scores else math.nan
+    if math.isnan(current):
+        return best
+    return best if best_score > current + margin else 0
+
+
+def tiou(a: tuple[float, float], b: tuple[float, float]) -> float:
+    """Temporal IoU of two [start, end] spans."""
+    inter = max(0.0, min(a[1], b[1]) - max(a[0], b[0]))
+    union = max(a[1], b[1]) - min(a[0], b[0])
+    return inter / union if union > 0 else 0.0

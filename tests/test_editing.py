@@ -1,0 +1,93 @@
+"""Clip editing's pure parts against hand-computed answers: stage-1 clips from timestamps, the
+candidate clips around a clip, the keep-or-replace rule, tIoU; and `decode_windows` against
+`decode_clip` on real H.264 files."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+
+from clipray.config import VideoConfig
+from clipray.editing import Bounds, candidates, choose, initial_clips, neighbour_bounds, tiou
+
+
+def test_midpoint_clips_span_between_neighbouring_timestamps_in_any_order():
+    # timestamps 1, 5, 9 in a 12 s video: midpoints 3 and 7, then the video's ends
+    assert initial_clips([1, 5, 9], 12) == [(0, 3), (3, 7), (7, 12)]
+    assert initial_clips([9, 1, 5], 12) == [(7, 12), (0, 3), (3, 7)]  # same clips, given order
+    assert initial_clips([4.0], 10) == [(0, 10)]  # one caption: the whole video
+
+
+def test_window_clips_are_centred_and_clipped_to_the_video():
+    assert initial_clips([1, 5, 11], 12, "window", window_s=4) == [(0, 3), (3, 7), (9, 12)]
+
+
+def test_max_width_shrinks_towards_the_timestamp_and_min_width_grows_around_it():
+    assert initial_clips([1, 5, 9], 12, max_width_s=2) == [(0, 2), (4, 6), (8, 10)]
+    # three timestamps 0.2 s apart: the middle midpoint clip (4.1, 4.3) is too short, so it
+    # grows to 1 s centred on 4.2; the first also (0 .. 4.1 is long enough: kept)
+    assert initial_clips([4.0, 4.2, 4.4], 10, min_width_s=1.0) == [(0, 4.1), (3.7, 4.7), (4.3, 10)]
+    # a clip grown near the video's start stays inside it
+    assert initial_clips([0.1, 0.2], 10, "window", window_s=0.1, min_width_s=1.0)[0] == (0, 1)
+
+
+def test_stage_one_rejects_unknown_rules():
+    with pytest.raises(ValueError, match="edit.init must be one of midpoint, window"):
+        initial_clips([1], 5, "middle")
+    with pytest.raises(ValueError, match="window_s > 0"):
+        initial_clips([1], 5, "window")
+
+
+def test_neighbour_bounds():
+    assert neighbour_bounds([5, 1, 9], 12) == [Bounds(1, 5, 9), Bounds(0, 1, 5), Bounds(5, 9, 12)]
+
+
+def test_candidates_are_every_valid_move_with_the_current_clip_first():
+    b = Bounds(lo=1, t=3, hi=7)
+    got = candidates(2, 6, b, step_s=1, max_steps=2, min_width_s=1)
+    assert got[0] == (2, 6)
+    # by hand: starts 0..4 less those before lo=1 or after t=3; ends 4..8 less those past hi=7
+    assert sorted(got) == sorted(itertools.product([1, 2, 3], [4, 5, 6, 7]))
+    assert len(got) == len(set(got))
+    # a minimum width removes the short ones; steps of 0.1 do not drift by float error
+    got = candidates(2.9, 3.3, Bounds(2.5, 3.0, 3.6), step_s=0.1, max_steps=1, min_width_s=0.4)
+    assert sorted(got) == [(2.8, 3.2), (2.8, 3.3), (2.8, 3.4), (2.9, 3.3), (2.9, 3.4), (3.0, 3.4)]
+
+
+def test_choose_keeps_the_current_clip_unless_beaten_by_more_than_the_margin():
+    assert choose([0.5, 0.7, 0.6], margin=0.1) == 1
+    assert choose([0.5, 0.7, 0.6], margin=0.25) == 0
+    assert choose([0.5, 0.5], margin=0.0) == 0  # a tie keeps the clip
+    assert choose([0.5, math.nan, 0.4], margin=0.0) == 0  # NaN (not decoded) never wins
+    assert choose([math.nan, 0.2, 0.3], margin=1.0) == 2  # the current clip undecodable: best
+
+
+def test_tiou():
+    assert tiou((0, 2), (1, 3)) == pytest.approx(1 / 3)
+    assert tiou((0, 1), (2, 3)) == 0.0
+    assert tiou((1.5, 4), (1.5, 4)) == 1.0
+
+
+def test_decode_windows_gives_the_frames_decode_clip_gives(synth_small, real_video, tmp_path):
+    from clipray.video import SkipClip, decode_clip, decode_windows
+
+    for path, windows in ((real_video, [(0.0, 4.0), (1.5, 6.0), (2.0, 3.0), (50.0, 60.0)]),
+                          (f"{synth_small['manifest'].rsplit('/', 1)[0]}/videos/synth00003.mp4",
+                           [(0.0, 2.0), (0.25, 2.5), (1.75, 4.0), (None, None)])):
+        for backend in ("decord", "pyav"):
+            cfg = VideoConfig(backend=backend, fps=2.0, max_frames=6, size=32)
+            got = decode_windows(str(path), windows, cfg)
+            assert len(got) == len(windows)
+            for (s, e), clip in zip(windows, got):
+                if s == 50.0:  # past the 10 s video: skipped, with its reason, not an error
+                    assert isinstance(clip, SkipClip) and "outside video" in clip.reason
+                    continue
+                want = decode_clip(str(path), s, e, cfg)
+                assert clip.indices == want.indices
+                np.testing.assert_array_equal(clip.mask, want.mask)
+                np.testing.assert_array_equal(clip.frames, want.frames)
+    with pytest.raises(SkipClip, match="missing file"):
+        decode_windows(str(tmp_path / "nope.mp4"), [(0, 1)], VideoConfig())

@@ -1,0 +1,409 @@
+"""`clipray edit CONFIG [key=value ...]` (= `python -m train.edit`): clip-boundary editing from
+single timestamps, wrapped around any retrieval model (specs/clip_editing.md).
+
+Stage 1  each training caption's clip is built from the timestamps of its video
+         (`clipray.editing.initial_clips`: edit.init, edit.window_s, edit.max_width_s).
+Stage 2  warm-up: the student trains edit.warmup_epochs on those clips; the teacher is a copy.
+Stage 3  edit.rounds times: the teacher scores candidate clips around every current clip (a Ray
+         Data batch job on `ClipScorer` actors, GPUs when the cluster has them) and the best
+         replaces the clip when it wins by more than edit.margin; the student trains
+         edit.epochs_per_round more on the edited clips and is validated on edit.val_split.
+         When its t2v R@1 + R@5 + R@10 beats the best so far it becomes the teacher and the
+         next round edits again; otherwise the clips stay (the same teacher would make the same
+         edits).
+Finally  the last student is evaluated on edit.test_split, on ground-truth clips.
+
+The student is one Ray Train + DeepSpeed run (train/driver.py) continued round after round, each
+round on its own manifest, with one learning-rate schedule over all of them. The source manifest
+needs a `timestamp` on every training row; its start/end, where given, are only the ground truth
+that edited clips are compared with. Validation and test rows are used as they are.
+
+Run directory = that of `clipray train`, plus:
+  clips/round-NN.parquet   the manifest round NN trained on (round 00: the initial clips)
+  clips/skips.jsonl        training captions left out (unreadable video, timestamp past its end)
+                           and those the teacher could not score in a round
+  teacher/                 the teacher's export
+  edits.csv                one row per round: clips edited, mean boundary shift, mean tIoU of
+                           the training clips with ground truth, validation metrics, teacher
+  edit_result.json         the rounds and the final test metrics; edit_state.json lets a
+                           re-run of the same command resume after the last finished round
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import io
+import json
+import math
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import numpy as np
+
+from clipray.config import Config, ConfigError, EditConfig, VideoConfig
+from clipray.editing import Bounds, candidates, choose, initial_clips, neighbour_bounds, tiou
+from clipray.manifest import Every, iter_checked, manifest_metadata, resolve_path, write_manifest
+
+PROGRESS_S = 10.0
+
+
+@dataclass
+class Caption:
+    """One training caption's editing state."""
+    row_id: int
+    video_id: str
+    path: str
+    caption: str
+    bounds: Bounds
+    clip: tuple[float, float]
+    truth: Optional[tuple[float, float]]  # the manifest's start/end, if it has them
+
+
+# ---------------------------------------------------------------- stage 1
+
+def initial_captions(source: str, root: str, e: EditConfig, backend: str) -> tuple[dict[int, Caption], list[dict]]:
+    """Every training caption with its stage-1 clip, and the ones left out with their reason.
+    Held in memory: editing sets are 10^4-10^5 captions, tens of bytes each."""
+    from clipray.video import probe_duration
+
+    by_video: dict[str, list[dict]] = {}
+    no_ts = []
+    for r in iter_checked(source, split="train"):
+        (no_ts if r["timestamp"] is None else by_video.setdefault(r["video_id"], [])).append(r)
+    if no_ts:
+        r = no_ts[0]
+        raise ConfigError(f"{source}: {len(no_ts)} training rows have no timestamp (first: row {r['row_id']}, "
+                          f"video {r['video_id']}); clip editing needs one per training caption")
+    if not by_video:
+        raise ConfigError(f"{source} has no training rows")
+    captions, left_out = {}, []
+    for vid, rows in by_video.items():
+        path = resolve_path(rows[0]["path"], root)
+        duration = rows[0]["duration"] or probe_duration(path, backend)
+        usable = []
+        for r in rows:
+            if duration and r["timestamp"] <= duration:
+                usable.append(r)
+                continue
+            why = f"timestamp past the video's end {duration:.2f}s" if duration else "unreadable video"
+            left_out.append({"row_id": r["row_id"], "video_id": vid, "path": path, "round": 0, "reason": why})
+        if not usable:
+            continue
+        ts = [r["timestamp"] for r in usable]
+        clips = initial_clips(ts, duration, e.init, e.window_s, e.max_width_s, e.min_width_s)
+        for r, clip, b in zip(usable, clips, neighbour_bounds(ts, duration)):
+            truth = (r["start"], r["end"]) if r["start"] is not None else None
+            captions[r["row_id"]] = Caption(r["row_id"], vid, path, r["caption"], b, clip, truth)
+    if not captions:
+        raise ConfigError(f"{source}: no training caption is usable ({Counter(s['reason'] for s in left_out)})")
+    return captions, left_out
+
+
+def write_round(source: str, path: str, captions: dict[int, Caption], round_no: int) -> None:
+    """The source manifest with each training row's clip replaced by its current one (rows left
+    out are dropped); row ids are kept, so rounds join with the source's ground truth."""
+    def rows():
+        for row in iter_checked(source):
+            if row["split"] == "train":
+                c = captions.get(row["row_id"])
+                if c is None:
+                    continue
+                row = dict(row, start=c.clip[0], end=c.clip[1])
+            yield row
+
+    meta = {**manifest_metadata(source), "edit_round": round_no}
+    write_manifest(rows(), path, metadata=meta, keep_row_ids=True)
+
+
+# ---------------------------------------------------------------- stage 3: the teacher's edits
+
+class ClipScorer:
+    """map_batches callable: the teacher scores each caption against its candidate clips and
+    picks the clip to keep. One export loaded per actor (on a GPU when given one)."""
+
+    def __init__(self, teacher: str, video: VideoConfig, max_words: int, edit: EditConfig, use_gpu: bool):
+        import tempfile
+
+        import open_clip
+        import torch
+
+        from clipray.export import fetch_export, load_export
+
+        self.device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
+        with tempfile.TemporaryDirectory() as d:
+            self.model = load_export(fetch_export(teacher, d), self.device)
+        self.video = dataclasses.replace(video, size=self.model.image_size)
+        self.tokenize = open_clip.get_tokenizer(self.model.tokenizer_name,
+                                                context_length=min(max_words, self.model.context_length))
+        self.edit = edit
+
+    def scores(self, caption: str, clips: list) -> list[float]:
+        """The model's caption-clip score for each decoded clip; NaN where one was skipped."""
+        import torch
+
+        from clipray.video import Clip
+
+        ok = [k for k, c in enumerate(clips) if isinstance(c, Clip)]
+        out = [math.nan] * len(clips)
+        if not ok:
+            return out
+        frames = torch.from_numpy(np.stack([clips[k].frames for k in ok]))
+        mask = torch.from_numpy(np.stack([clips[k].mask for k in ok])).to(self.device).bool()
+        with torch.no_grad():
+            text = self.model.encode_text(self.tokenize([caption]))
+            feats = self.model.encode_frames(self.model.normalize(frames), mask)
+            sim = self.model.similarity(text, feats, mask)[0].float().cpu().tolist()
+        for k, s in zip(ok, sim):
+            out[k] = s
+        return out
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from clipray.video import SkipClip, decode_windows
+
+        e, n = self.edit, len(batch["row_id"])
+        out = {"row_id": np.asarray(batch["row_id"], np.int64), "start": np.array(batch["start"], np.float64),
+               "end": np.array(batch["end"], np.float64), "candidates": np.zeros(n, np.int64),
+               "current": np.full(n, np.nan), "best": np.full(n, np.nan), "reason": np.full(n, "", dtype=object)}
+        for i in range(n):
+            b = Bounds(float(batch["lo"][i]), float(batch["t"][i]), float(batch["hi"][i]))
+            wins = candidates(out["start"][i], out["end"][i], b, e.step_s, e.max_steps, e.min_width_s)
+            try:
+                clips = decode_windows(str(batch["path"][i]), wins, self.video)
+            except SkipClip as err:
+                out["reason"][i] = err.reason
+                continue
+            scores = self.scores(str(batch["caption"][i]), clips)
+            if all(math.isnan(s) for s in scores):
+                out["reason"][i] = f"no candidate clip could be decoded: {clips[0].reason}"
+                continue
+            k = choose(scores, e.margin)
+            out["start"][i], out["end"][i] = wins[k]
+            out["candidates"][i], out["current"][i], out["best"][i] = len(wins), scores[0], scores[k]
+        return out
+
+
+def edit_clips(cfg: Config, captions: dict[int, Caption], teacher: str, round_no: int,
+               quiet: bool = False) -> tuple[dict[int, tuple[float, float]], list[dict]]:
+    """Run the teacher over every training caption: the new clip of each, and the captions it
+    could not score (they keep their clip)."""
+    import pyarrow as pa
+    import ray.data
+
+    from clipray.runtime import model_pool
+
+    e = cfg.edit
+    gpus = model_pool("edit", e.actors, e.actor_cpus, e.actor_gpus)
+    rows = [{"row_id": c.row_id, "path": c.path, "caption": c.caption, "start": c.clip[0], "end": c.clip[1],
+             "lo": c.bounds.lo, "t": c.bounds.t, "hi": c.bounds.hi} for c in captions.values()]
+    ds = ray.data.from_arrow(pa.Table.from_pylist(rows)).repartition(target_num_rows_per_block=e.batch)
+    ds = ds.map_batches(ClipScorer, fn_constructor_args=(teacher, cfg.data.video, cfg.data.max_words, e, gpus > 0),
+                        batch_size=e.batch, compute=ray.data.ActorPoolStrategy(size=e.actors),
+                        num_cpus=e.actor_cpus, num_gpus=gpus, batch_format="numpy")
+    new, unscored, every, t0 = {}, [], Every(None if quiet else PROGRESS_S), time.perf_counter()
+    for b in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        for i, rid in enumerate(b["row_id"].tolist()):
+            if b["reason"][i]:
+                c = captions[rid]
+                unscored.append({"row_id": rid, "video_id": c.video_id, "path": c.path, "round": round_no,
+                                 "reason": str(b["reason"][i])})
+            else:
+                new[rid] = (float(b["start"][i]), float(b["end"][i]))
+        if every():
+            done = len(new) + len(unscored)
+            print(f"[edit] round {round_no}: scored {done}/{len(rows)} captions "
+                  f"({done / (time.perf_counter() - t0):.1f}/s)", flush=True)
+    return new, unscored
+
+
+def round_stats(captions: dict[int, Caption], new: dict[int, tuple[float, float]]) -> dict[str, Any]:
+    """What an edit changed: clips edited, their mean boundary shift ((|d start| + |d end|) / 2,
+    seconds), and the mean tIoU with ground truth of the edited clips before and after."""
+    moved = [(captions[r].clip, c, captions[r].truth) for r, c in new.items() if c != captions[r].clip]
+    with_truth = [(a, b, t) for a, b, t in moved if t is not None]
+    return {
+        "edited": len(moved),
+        "mean_shift_s": float(np.mean([(abs(b[0] - a[0]) + abs(b[1] - a[1])) / 2 for a, b, _ in moved])) if moved else 0.0,
+        "edited_tiou_before": _mean(tiou(a, t) for a, _, t in with_truth),
+        "edited_tiou_after": _mean(tiou(b, t) for _, b, t in with_truth),
+    }
+
+
+def _mean(xs) -> Optional[float]:
+    xs = list(xs)
+    return float(np.mean(xs)) if xs else None
+
+
+def train_tiou(captions: dict[int, Caption]) -> Optional[float]:
+    """Mean tIoU of every training clip with its ground truth (None when the manifest has none)."""
+    return _mean(tiou(c.clip, c.truth) for c in captions.values() if c.truth is not None)
+
+
+# ---------------------------------------------------------------- the rounds
+
+def _put(uri: str, text: str) -> None:
+    import fsspec
+
+    with fsspec.open(uri, "w") as f:
+        f.write(text)
+
+
+def _get_json(uri: str) -> Optional[dict]:
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(uri)
+    return json.loads(fs.cat(path)) if fs.exists(path) else None
+
+
+def _copy_export(src: str, dst: str) -> None:
+    import fsspec
+
+    from clipray.export import CONFIG, WEIGHTS
+
+    fs, s = fsspec.core.url_to_fs(src)
+    d = fsspec.core.url_to_fs(dst)[1]
+    fs.makedirs(d, exist_ok=True)
+    for name in (WEIGHTS, CONFIG):
+        fs.copy(f"{s}/{name}", f"{d}/{name}")
+
+
+def _val(final: dict) -> dict[str, float]:
+    v = {k: final[f"t2v_{k}"] for k in ("r1", "r5", "r10")}
+    return {f"val_{k}": x for k, x in v.items()} | {"val_rsum": sum(v.values())}
+
+
+def run(cfg: Config, quiet_ray: bool = False) -> dict[str, Any]:
+    """Stages 1-3 and the final test; returns edit_result.json's content."""
+    from clipray.manifest import default_root
+    from clipray.runtime import init_ray, quiet_data_progress
+    from train import driver
+
+    cfg, e = driver.model_io(cfg), cfg.edit
+    source = cfg.data.manifest
+    if not source:
+        raise ConfigError("data.manifest is empty: give a manifest with timestamps (e.g. data.manifest=PATH)")
+    if cfg.data.shard_stream or cfg.train.max_steps:
+        raise ConfigError("clip editing trains by epochs: unset data.shard_stream and train.max_steps")
+    out = driver.run_dir(cfg)
+    data = dataclasses.replace(cfg.data, video_root=cfg.data.video_root or default_root(source),
+                               eval_manifest=cfg.data.eval_manifest or source, eval_split=e.val_split)
+    epochs = e.warmup_epochs + e.rounds * e.epochs_per_round
+    base = dataclasses.replace(cfg, data=data, train=dataclasses.replace(cfg.train, epochs=epochs))
+    for split in (e.val_split, e.test_split):
+        if driver.count_rows(data.eval_manifest, split) < 1:
+            raise ConfigError(f"{data.eval_manifest} has no {split!r} rows: set edit.val_split / edit.test_split")
+
+    captions, skips = initial_captions(source, data.video_root, e, data.video.backend)
+    state = _get_json(f"{out}/edit_state.json")
+    if state and state["edit"] != dataclasses.asdict(e):
+        raise ConfigError(f"{out} holds an editing run with other edit.* settings; use a new train.run_name")
+    records: list[dict] = state["records"] if state else []
+    finished = _get_json(f"{out}/edit_result.json") if len(records) == e.rounds + 1 else None
+    if finished:
+        print(f"[edit] {out} has finished every round; its result:{_summary(finished, out)}", flush=True)
+        return finished
+    if state:  # resume after the last finished round, with its clips and skips
+        for rid, clip in state["clips"].items():
+            if int(rid) in captions:  # (a video unreadable since is left out again)
+                captions[int(rid)].clip = tuple(clip)
+        skips = state["skips"]
+    init_ray(cfg.ray, quiet=quiet_ray)
+    quiet_data_progress()
+    if skips and not records:
+        print(f"[edit] {len(skips)} training captions left out: {dict(Counter(s['reason'] for s in skips))}", flush=True)
+    print(f"[edit] run {out}: {len(captions)} training captions, init={e.init}, warm-up {e.warmup_epochs} "
+          f"epochs, {e.rounds} rounds x {e.epochs_per_round}", flush=True)
+
+    teacher, best = f"{out}/teacher", max((r["val_rsum"] for r in records), default=-math.inf)
+    changed = records[-1]["teacher_updated"] if records else True
+    for round_no in range(len(records), e.rounds + 1):
+        t0 = time.perf_counter()
+        rec: dict[str, Any] = {"round": round_no, "edited": 0, "mean_shift_s": 0.0}
+        if round_no > 0 and changed:
+            new, unscored = edit_clips(base, captions, teacher, round_no, quiet_ray)
+            rec.update(round_stats(captions, new), unscored=len(unscored))
+            skips += unscored
+            for rid, clip in new.items():
+                captions[rid].clip = clip
+        manifest = f"{out}/clips/round-{round_no:02d}.parquet"
+        write_round(source, manifest, captions, round_no)
+        stop = e.warmup_epochs + round_no * e.epochs_per_round
+        print(f"[edit] round {round_no}: {rec['edited']} clips edited; training to epoch {stop}", flush=True)
+        final = driver.run(dataclasses.replace(base, data=dataclasses.replace(data, manifest=manifest)),
+                           quiet_ray=quiet_ray, stop_epoch=stop, table=False)
+        rec.update(epoch=stop, train_tiou=train_tiou(captions), **_val(final))
+        changed = rec["val_rsum"] > best
+        if changed:
+            best = rec["val_rsum"]
+            _copy_export(f"{out}/export", teacher)
+        rec.update(teacher_updated=changed, manifest=manifest, seconds=round(time.perf_counter() - t0, 1))
+        records.append(rec)
+        _put(f"{out}/clips/skips.jsonl", "".join(json.dumps(s) + "\n" for s in skips))
+        _put(f"{out}/edit_state.json", json.dumps({"edit": dataclasses.asdict(e), "records": records, "skips": skips,
+                                                   "clips": {r: c.clip for r, c in captions.items()}}))
+        _put(f"{out}/edits.csv", _csv(records))
+        print(_round_line(rec), flush=True)
+
+    test = driver.evaluate_export(base, f"{out}/export", e.test_split, name=f"eval-{e.test_split}")
+    result = {"rounds": records, "test": test, "left_out": len(skips)}
+    _put(f"{out}/edit_result.json", json.dumps(result, indent=1))
+    print(_summary(result, out))
+    return result
+
+
+COLUMNS = ("round", "epoch", "edited", "mean_shift_s", "edited_tiou_before", "edited_tiou_after", "train_tiou",
+           "val_r1", "val_r5", "val_r10", "val_rsum", "teacher_updated", "unscored", "seconds", "manifest")
+
+
+def _csv(records: list[dict]) -> str:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=COLUMNS, extrasaction="ignore")
+    w.writeheader()
+    w.writerows(records)
+    return buf.getvalue()
+
+
+def _f(x: Optional[float], fmt: str = ".3f") -> str:
+    return "-" if x is None else format(x, fmt)
+
+
+def _round_line(r: dict) -> str:
+    return (f"[edit] round {r['round']} done: edited {r['edited']} (mean shift {r['mean_shift_s']:.2f}s), "
+            f"train tIoU {_f(r['train_tiou'])}, val R@1 {r['val_r1']:.1f} R@5 {r['val_r5']:.1f} "
+            f"R@10 {r['val_r10']:.1f}, teacher {'updated' if r['teacher_updated'] else 'kept'}")
+
+
+def _summary(result: dict, out: str) -> str:
+    rows = [f"{'round':>5}{'epoch':>6}{'edited':>8}{'shift s':>8}{'tIoU':>7}{'val R@1':>8}{'R@5':>6}"
+            f"{'R@10':>6}  teacher"]
+    for r in result["rounds"]:
+        rows.append(f"{r['round']:>5}{r['epoch']:>6}{r['edited']:>8}{r['mean_shift_s']:>8.2f}"
+                    f"{_f(r['train_tiou']):>7}{r['val_r1']:>8.1f}{r['val_r5']:>6.1f}{r['val_r10']:>6.1f}  "
+                    f"{'updated' if r['teacher_updated'] else 'kept'}")
+    t = result["test"]
+    return "\n".join([
+        "", *rows,
+        f"test ({t['eval_split']} split, ground-truth clips, {t['num_test_videos']} clips): t2v R@1 {t['t2v_r1']:.1f} "
+        f"R@5 {t['t2v_r5']:.1f} R@10 {t['t2v_r10']:.1f} MdR {t['t2v_mdr']:.1f}; v2t R@1 {t['v2t_r1']:.1f}",
+        f"run directory: {out}  (edits.csv, edit_result.json, clips/, teacher/, export/)"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="clipray edit", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("config", help="YAML config, e.g. train/configs/edit_demo.yaml")
+    ap.add_argument("overrides", nargs="*", help="key=value overrides, e.g. edit.rounds=2 edit.step_s=0.5")
+    args = ap.parse_args(sys.argv[1:] if argv is None else argv)
+
+    from clipray.config import load_config
+
+    run(load_config(args.config, args.overrides))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
