@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Submit a clipray training run to a Ray cluster as a Ray job.
 #
-#   cluster/submit.sh CONFIG [key=value ...]
+#   cluster/submit.sh [train|edit] CONFIG [key=value ...]
 #   e.g. cluster/submit.sh train/configs/howto100m.yaml train.storage_path=s3://my-bucket/clipray/runs
+#        cluster/submit.sh edit train/configs/edit_youcook2.yaml train.storage_path=s3://my-bucket/runs
 #
-# Runs, from the repository root:
+# Runs, from the repository root (`edit`: clip editing, python -m train.edit):
 #   ray job submit --working-dir . --runtime-env cluster/runtime_env.yaml --submission-id ID \
 #       --no-wait -- python -m train CONFIG [key=value ...] train.run_name=RUN train.storage_path=STORE
 #
@@ -34,6 +35,14 @@ usage() {
 repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$repo_root"
 
+command=train
+if [[ $1 == train || $1 == edit ]]; then
+    command="$1"
+    shift
+    [[ $# -ge 1 ]] || usage 2
+fi
+module=train command_arg=""  # training is the default; `edit` is named again in the resume line
+[[ $command == train ]] || { module="train.$command"; command_arg="$command "; }
 config="$1"
 shift
 [[ $config != /* ]] || die "CONFIG must be a path inside the repository (the job only sees the working dir): $config"
@@ -124,7 +133,7 @@ cmd=(ray job submit
      --submission-id "$submission_id"
      --no-wait
      --
-     python -m train "$config" ${overrides[@]+"${overrides[@]}"}
+     python -m "$module" "$config" ${overrides[@]+"${overrides[@]}"}
      "train.run_name=$run_name" "train.storage_path=$storage_path")
 
 printf 'cluster:  %s   (token from %s)\n' "$RAY_ADDRESS" "$token_source"
@@ -146,7 +155,7 @@ job id:   $submission_id
   follow logs:  ray job logs -f $submission_id
   status:       ray job status $submission_id
   stop:         ray job stop $submission_id
-  resume:       cluster/submit.sh $config$quoted_overrides train.run_name=$run_name train.storage_path=$storage_path
+  resume:       cluster/submit.sh $command_arg$config$quoted_overrides train.run_name=$run_name train.storage_path=$storage_path
                 (same run name + storage path: training continues from the latest checkpoint)
 EOF
 if [[ ${CLIPRAY_FOLLOW:-0} == 1 && ${CLIPRAY_DRY_RUN:-0} != 1 ]]; then

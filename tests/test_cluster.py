@@ -407,3 +407,19 @@ def test_readme_covers_every_file_and_the_job_commands():
     for cmd in ("ray job logs -f", "ray job stop", "ray get-auth-token", "kubectl get secret", "ray down",
                 "kubectl delete", "clipray bench data"):
         assert cmd in text, cmd
+
+
+def test_submit_sh_edit_runs_clip_editing_and_its_resume_line_says_edit(tmp_path):
+    env = dict(RAY_ADDRESS="http://127.0.0.1:8265", RAY_AUTH_MODE="token", RAY_AUTH_TOKEN="t",
+               CLIPRAY_DRY_RUN="1")
+    r = _submit(tmp_path, "edit", "train/configs/edit_demo.yaml", "edit.rounds=2", "train.storage_path=s3://b/runs",
+                **env)
+    assert r.returncode == 0, r.stderr
+    run = re.search(r"train\.run_name=(edit_demo-\d{8}-\d{6})\b", r.stdout).group(1)
+    cmd = shlex.split(re.search(r"^dry run:\s+(.*)$", r.stdout, re.M).group(1))
+    assert cmd[cmd.index("--") + 1:] == ["python", "-m", "train.edit", "train/configs/edit_demo.yaml", "edit.rounds=2",
+                                         f"train.run_name={run}", "train.storage_path=s3://b/runs"]
+    resume = re.search(r"resume:\s+(.*)$", r.stdout, re.M).group(1)
+    assert shlex.split(resume) == ["cluster/submit.sh", "edit", "train/configs/edit_demo.yaml", "edit.rounds=2",
+                                   f"train.run_name={run}", "train.storage_path=s3://b/runs"]
+    assert _submit(tmp_path, "edit", **env).returncode == 2  # a command and no config: usage
