@@ -67,6 +67,8 @@ def data_main(argv: list[str]) -> int:
     s.add_argument("--width", type=at_least(16), default=96, help="even (H.264 in yuv420p)")
     s.add_argument("--height", type=at_least(16), default=72, help="even")
     s.add_argument("--max-events", type=at_least(1), default=2)
+    s.add_argument("--idle-seconds", type=at_least(0, float), default=0.0,
+                   help="empty background before, between and after events (untrimmed-video-like)")
     p = sub.add_parser("prepare", help="turn a public release (or your own CSV/JSONL) into a manifest")
     p.add_argument("name", help="source name (msrvtt, msvd, lsmdc, activitynet, didemo, youcook2, "
                                 "howto100m, generic)")
@@ -85,7 +87,8 @@ def data_main(argv: list[str]) -> int:
             s.error(f"--width and --height must be even for H.264 (yuv420p), got {args.width}x{args.height}")
 
         made = generate(args.out, videos=args.videos, seed=args.seed, fps=args.fps, width=args.width,
-                        height=args.height, max_events=args.max_events, progress=True)
+                        height=args.height, max_events=args.max_events, idle_seconds=args.idle_seconds,
+                        progress=True)
         print(f"wrote {made['videos']} videos ({made['splits']}) and {made['events']} events")
         print(f"manifest:        {made['manifest']}\nevents manifest: {made['events_manifest']}")
         return 0

@@ -19,14 +19,15 @@ from pathlib import Path
 from clipray.cli import at_least
 
 
-def ensure_synth(data_dir: Path, videos: int, seed: int = 0) -> Path:
-    """Generate the synthetic set under data_dir unless a complete one is already there."""
+def ensure_synth(data_dir: Path, videos: int, seed: int = 0, **options) -> Path:
+    """Generate the synthetic set under data_dir unless a complete one is already there;
+    `options` go to `clipray.synth.generate` (e.g. idle_seconds)."""
     manifest = data_dir / "manifest.parquet"
     if not (data_dir / "synth.json").exists():
         from clipray.synth import generate
 
         print(f"[demo] generating {videos} synthetic videos in {data_dir} ...", flush=True)
-        generate(data_dir, videos=videos, seed=seed, progress=True)
+        generate(data_dir, videos=videos, seed=seed, progress=True, **options)
     return manifest
 
 

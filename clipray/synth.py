@@ -1,7 +1,9 @@
 """Synthetic video-text data: real H.264 files whose captions can be learned, order included.
 
-Each video shows one to three events in sequence. An event is one object (a colour and a
-shape) crossing the frame in one direction; its caption names them in order, e.g.
+Each video shows one to three events in sequence, optionally with `idle_seconds` of empty
+background before, between and after them (as untrimmed video has footage no caption is about).
+An event is one object (a colour and a shape) crossing the frame in one direction; its caption
+names them in order, e.g.
 "a red square moves left, then a blue circle moves up". Two-event videos come in twins with
 the events swapped ("B, then A"), both in the same split: a model that pools frames without
 order (meanP) cannot tell twins apart, a temporal head (seqTransf) can. That is what the
@@ -71,12 +73,21 @@ def _shape_mask(shape: str, xx: np.ndarray, yy: np.ndarray, cx: float, cy: float
     raise ValueError(shape)
 
 
+def event_span(k: int, event_seconds: float, idle_seconds: float) -> tuple[float, float]:
+    """Event k's [start, end) in seconds: events and idle gaps alternate, idle first."""
+    start = idle_seconds + k * (event_seconds + idle_seconds)
+    return start, start + event_seconds
+
+
 def render(events: tuple[Event, ...], width: int, height: int, fps: int,
-           event_seconds: float) -> Iterator[np.ndarray]:
-    """Yield uint8 RGB frames [H, W, 3]; event k occupies [k*event_seconds, (k+1)*event_seconds)."""
+           event_seconds: float, idle_seconds: float = 0.0) -> Iterator[np.ndarray]:
+    """Yield uint8 RGB frames [H, W, 3]; event k occupies `event_span(k, ...)`, the rest is
+    empty background."""
     yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
     r = min(width, height) / 6
     per_event = int(round(event_seconds * fps))
+    idle = [np.full((height, width, 3), 24, np.uint8)] * int(round(idle_seconds * fps))
+    yield from idle
     for ev in events:
         (ux, uy), colour = DIRECTIONS[ev.direction], np.array(COLOURS[ev.colour], np.uint8)
         for i in range(per_event):
@@ -86,6 +97,7 @@ def render(events: tuple[Event, ...], width: int, height: int, fps: int,
             frame = np.full((height, width, 3), 24, np.uint8)
             frame[_shape_mask(ev.shape, xx, yy, cx, cy, r)] = colour
             yield frame
+        yield from idle
 
 
 def write_mp4(path: Path, frames: Iterator[np.ndarray], width: int, height: int, fps: int) -> int:
@@ -136,7 +148,8 @@ def plan(videos: int, seed: int, val_frac: float, test_frac: float,
 
 def generate(out: str | Path, videos: int = 200, seed: int = 0, width: int = 96, height: int = 72,
              fps: int = 8, event_seconds: float = 2.0, val_frac: float = 0.1,
-             test_frac: float = 0.2, max_events: int = 2, progress: bool = False) -> dict:
+             test_frac: float = 0.2, max_events: int = 2, idle_seconds: float = 0.0,
+             progress: bool = False) -> dict:
     """Write the videos and both manifests; returns a summary dict (also saved as synth.json)."""
     out = Path(out)
     (out / "videos").mkdir(parents=True, exist_ok=True)
@@ -145,19 +158,19 @@ def generate(out: str | Path, videos: int = 200, seed: int = 0, width: int = 96,
     specs = plan(videos, seed, val_frac, test_frac, max_events)
     for k, v in enumerate(specs):
         rel = f"videos/{v.video_id}.mp4"
-        write_mp4(out / rel, render(v.events, width, height, fps, event_seconds), width, height, fps)
-        duration = len(v.events) * event_seconds
+        write_mp4(out / rel, render(v.events, width, height, fps, event_seconds, idle_seconds), width, height, fps)
+        duration = len(v.events) * event_seconds + (len(v.events) + 1) * idle_seconds
         rows.append(dict(video_id=v.video_id, path=rel, start=None, end=None, caption=v.caption,
                          split=v.split, duration=duration))
         for i, ev in enumerate(v.events):
-            s, e = i * event_seconds, (i + 1) * event_seconds
+            s, e = event_span(i, event_seconds, idle_seconds)
             ts = float(np.round(rng.uniform(s + 0.2 * event_seconds, e - 0.2 * event_seconds), 3))
             event_rows.append(dict(video_id=v.video_id, path=rel, start=s, end=e, caption=ev.text,
                                    split=v.split, timestamp=ts, duration=duration))
         if progress and (k + 1) % 50 == 0:
             print(f"  synth: {k + 1}/{len(specs)} videos", flush=True)
     meta = {"source": "synthetic", "seed": seed, "fps": fps, "size": [width, height],
-            "event_seconds": event_seconds}
+            "event_seconds": event_seconds, "idle_seconds": idle_seconds}
     write_manifest(rows, out / "manifest.parquet", metadata=meta)
     write_manifest(event_rows, out / "events.parquet", metadata={**meta, "timestamp_rule": "uniform"})
     twins = {v.video_id: v.twin for v in specs if v.twin}

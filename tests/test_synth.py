@@ -63,3 +63,21 @@ def test_frames_show_the_captioned_events(synth_small):
         assert moved > 10, (ev["caption"], moved)  # it went the captioned way
         checked += 1
     assert checked == len(events) > 24
+
+
+def test_idle_background_lies_between_events_and_outside_their_true_spans(tmp_path):
+    made = generate(tmp_path, videos=6, seed=3, idle_seconds=1.0)
+    events = read_manifest(made["events_manifest"]).to_pylist()
+    cfg = VideoConfig(fps=4.0, max_frames=8, size=72)
+    for ev in events:
+        path = f"{tmp_path}/{ev['path']}"
+        k = round((ev["start"] - 1.0) / 3.0)  # event k starts after k+1 idle seconds and k events
+        assert (ev["start"], ev["end"]) == (1.0 + 3.0 * k, 3.0 + 3.0 * k)
+        n = sum(e["video_id"] == ev["video_id"] for e in events)  # idle, event, idle (, event, idle)
+        assert ev["duration"] == 2.0 * n + 1.0 * (n + 1)
+        assert ev["start"] < ev["timestamp"] < ev["end"]
+        inside = decode_clip(path, ev["start"], ev["end"], cfg)
+        assert all(len(_object_pixels(f.transpose(1, 2, 0))) > 30 for f in inside.frames[inside.mask == 1])
+        before = decode_clip(path, ev["start"] - 0.9, ev["start"] - 0.1, cfg)  # the idle second before it
+        assert all(len(_object_pixels(f.transpose(1, 2, 0))) == 0 for f in before.frames[before.mask == 1])
+    assert len(events) > 6  # two-event videos were among them
