@@ -85,9 +85,9 @@ def test_edit_job_picks_the_best_candidate_as_brute_force_scoring_does(ray_local
     assert not left_out and len(captions) == 29
     gone = captions[max(captions)]  # one caption whose video has gone missing since stage 1
     gone.path = str(tmp_path / "deleted.mp4")
-    new, unscored = edit_clips(cfg, captions, str(export), round_no=1, quiet=True)
+    new, gains, unscored = edit_clips(cfg, captions, str(export), round_no=1, quiet=True)
     assert [(u["row_id"], u["reason"]) for u in unscored] == [(gone.row_id, "missing file")]
-    assert set(new) == set(captions) - {gone.row_id}
+    assert set(new) == set(gains) == set(captions) - {gone.row_id}
 
     model = load_export(export)
     tok = open_clip.get_tokenizer(model.tokenizer_name, context_length=cfg.data.max_words)
@@ -97,6 +97,7 @@ def test_edit_job_picks_the_best_candidate_as_brute_force_scoring_does(ray_local
         scores = encode(model, tok, c.caption, c.path, by_hand_candidates(c.clip, c.bounds.lo, c.bounds.t, c.bounds.hi),
                         cfg.data.video)
         best = max(scores.values())
+        assert gains[rid] == pytest.approx(best - scores[c.clip], abs=1e-5)
         assert chosen in scores  # a candidate by hand: within the neighbours, holds t, moved by steps
         if chosen == c.clip:  # kept: nothing beat it (margin 0)
             assert best <= scores[c.clip] + 1e-5
@@ -162,6 +163,7 @@ def test_clip_editing_end_to_end(ray_local, events, tmp_path, capsys):
     # every round: what it reports is what its manifest holds
     for k, r in enumerate(rounds):
         assert r["train_tiou"] == pytest.approx(np.mean([tiou(clips[k][i], truth[i]) for i in truth]))
+        assert r["mean_width_s"] == pytest.approx(np.mean([e - s for s, e in clips[k].values()]))
         if k == 0:
             continue
         moved = [i for i in truth if clips[k][i] != clips[k - 1][i]]

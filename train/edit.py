@@ -188,9 +188,10 @@ class ClipScorer:
 
 
 def edit_clips(cfg: Config, captions: dict[int, Caption], teacher: str, round_no: int,
-               quiet: bool = False) -> tuple[dict[int, tuple[float, float]], list[dict]]:
-    """Run the teacher over every training caption: the new clip of each, and the captions it
-    could not score (they keep their clip)."""
+               quiet: bool = False) -> tuple[dict[int, tuple[float, float]], dict[int, float], list[dict]]:
+    """Run the teacher over every training caption: the new clip of each, how much its best
+    candidate beat its current clip (score units), and the captions it could not score (they
+    keep their clip)."""
     import pyarrow as pa
     import ray.data
 
@@ -204,7 +205,8 @@ def edit_clips(cfg: Config, captions: dict[int, Caption], teacher: str, round_no
     ds = ds.map_batches(ClipScorer, fn_constructor_args=(teacher, cfg.data.video, cfg.data.max_words, e, gpus > 0),
                         batch_size=e.batch, compute=ray.data.ActorPoolStrategy(size=e.actors),
                         num_cpus=e.actor_cpus, num_gpus=gpus, batch_format="numpy")
-    new, unscored, every, t0 = {}, [], Every(None if quiet else PROGRESS_S), time.perf_counter()
+    new, gains, unscored = {}, {}, []
+    every, t0 = Every(None if quiet else PROGRESS_S), time.perf_counter()
     for b in ds.iter_batches(batch_size=None, batch_format="numpy"):
         for i, rid in enumerate(b["row_id"].tolist()):
             if b["reason"][i]:
@@ -213,20 +215,26 @@ def edit_clips(cfg: Config, captions: dict[int, Caption], teacher: str, round_no
                                  "reason": str(b["reason"][i])})
             else:
                 new[rid] = (float(b["start"][i]), float(b["end"][i]))
+                gains[rid] = float(b["best"][i] - b["current"][i])  # NaN: the current clip could not be decoded
         if every():
             done = len(new) + len(unscored)
             print(f"[edit] round {round_no}: scored {done}/{len(rows)} captions "
                   f"({done / (time.perf_counter() - t0):.1f}/s)", flush=True)
-    return new, unscored
+    return new, gains, unscored
 
 
-def round_stats(captions: dict[int, Caption], new: dict[int, tuple[float, float]]) -> dict[str, Any]:
+def round_stats(captions: dict[int, Caption], new: dict[int, tuple[float, float]],
+                gains: dict[int, float]) -> dict[str, Any]:
     """What an edit changed: clips edited, their mean boundary shift ((|d start| + |d end|) / 2,
-    seconds), and the mean tIoU with ground truth of the edited clips before and after."""
+    seconds), the mean tIoU with ground truth of the edited clips before and after, and the
+    median over scored captions of the best candidate's gain on the current clip (the scale to
+    set edit.margin against)."""
     moved = [(captions[r].clip, c, captions[r].truth) for r, c in new.items() if c != captions[r].clip]
     with_truth = [(a, b, t) for a, b, t in moved if t is not None]
+    finite = [g for g in gains.values() if math.isfinite(g)]
     return {
         "edited": len(moved),
+        "median_gain": float(np.median(finite)) if finite else None,
         "mean_shift_s": float(np.mean([(abs(b[0] - a[0]) + abs(b[1] - a[1])) / 2 for a, b, _ in moved])) if moved else 0.0,
         "edited_tiou_before": _mean(tiou(a, t) for a, _, t in with_truth),
         "edited_tiou_after": _mean(tiou(b, t) for _, b, t in with_truth),
@@ -238,9 +246,11 @@ def _mean(xs) -> Optional[float]:
     return float(np.mean(xs)) if xs else None
 
 
-def train_tiou(captions: dict[int, Caption]) -> Optional[float]:
-    """Mean tIoU of every training clip with its ground truth (None when the manifest has none)."""
-    return _mean(tiou(c.clip, c.truth) for c in captions.values() if c.truth is not None)
+def clip_stats(captions: dict[int, Caption]) -> dict[str, Optional[float]]:
+    """The training clips as they stand: mean width, and mean tIoU with ground truth (None when
+    the manifest has none)."""
+    return {"train_tiou": _mean(tiou(c.clip, c.truth) for c in captions.values() if c.truth is not None),
+            "mean_width_s": _mean(c.clip[1] - c.clip[0] for c in captions.values())}
 
 
 # ---------------------------------------------------------------- the rounds
@@ -324,8 +334,8 @@ def run(cfg: Config, quiet_ray: bool = False) -> dict[str, Any]:
         t0 = time.perf_counter()
         rec: dict[str, Any] = {"round": round_no, "edited": 0, "mean_shift_s": 0.0}
         if round_no > 0 and changed:
-            new, unscored = edit_clips(base, captions, teacher, round_no, quiet_ray)
-            rec.update(round_stats(captions, new), unscored=len(unscored))
+            new, gains, unscored = edit_clips(base, captions, teacher, round_no, quiet_ray)
+            rec.update(round_stats(captions, new, gains), unscored=len(unscored))
             skips += unscored
             for rid, clip in new.items():
                 captions[rid].clip = clip
@@ -335,7 +345,7 @@ def run(cfg: Config, quiet_ray: bool = False) -> dict[str, Any]:
         print(f"[edit] round {round_no}: {rec['edited']} clips edited; training to epoch {stop}", flush=True)
         final = driver.run(dataclasses.replace(base, data=dataclasses.replace(data, manifest=manifest)),
                            quiet_ray=quiet_ray, stop_epoch=stop, table=False)
-        rec.update(epoch=stop, train_tiou=train_tiou(captions), **_val(final))
+        rec.update(epoch=stop, **clip_stats(captions), **_val(final))
         changed = rec["val_rsum"] > best
         if changed:
             best = rec["val_rsum"]
@@ -355,8 +365,9 @@ def run(cfg: Config, quiet_ray: bool = False) -> dict[str, Any]:
     return result
 
 
-COLUMNS = ("round", "epoch", "edited", "mean_shift_s", "edited_tiou_before", "edited_tiou_after", "train_tiou",
-           "val_r1", "val_r5", "val_r10", "val_rsum", "teacher_updated", "unscored", "seconds", "manifest")
+COLUMNS = ("round", "epoch", "edited", "mean_shift_s", "median_gain", "edited_tiou_before", "edited_tiou_after",
+           "train_tiou", "mean_width_s", "val_r1", "val_r5", "val_r10", "val_rsum", "teacher_updated", "unscored",
+           "seconds", "manifest")
 
 
 def _csv(records: list[dict]) -> str:
@@ -372,17 +383,19 @@ def _f(x: Optional[float], fmt: str = ".3f") -> str:
 
 
 def _round_line(r: dict) -> str:
-    return (f"[edit] round {r['round']} done: edited {r['edited']} (mean shift {r['mean_shift_s']:.2f}s), "
-            f"train tIoU {_f(r['train_tiou'])}, val R@1 {r['val_r1']:.1f} R@5 {r['val_r5']:.1f} "
+    return (f"[edit] round {r['round']} done: edited {r['edited']} (mean shift {r['mean_shift_s']:.2f}s, "
+            f"median gain {_f(r.get('median_gain'), '.4f')}), train clips: tIoU {_f(r['train_tiou'])}, "
+            f"mean width {r['mean_width_s']:.2f}s; val R@1 {r['val_r1']:.1f} R@5 {r['val_r5']:.1f} "
             f"R@10 {r['val_r10']:.1f}, teacher {'updated' if r['teacher_updated'] else 'kept'}")
 
 
 def _summary(result: dict, out: str) -> str:
-    rows = [f"{'round':>5}{'epoch':>6}{'edited':>8}{'shift s':>8}{'tIoU':>7}{'val R@1':>8}{'R@5':>6}"
+    rows = [f"{'round':>5}{'epoch':>6}{'edited':>8}{'shift s':>8}{'tIoU':>7}{'width s':>8}{'val R@1':>8}{'R@5':>6}"
             f"{'R@10':>6}  teacher"]
     for r in result["rounds"]:
         rows.append(f"{r['round']:>5}{r['epoch']:>6}{r['edited']:>8}{r['mean_shift_s']:>8.2f}"
-                    f"{_f(r['train_tiou']):>7}{r['val_r1']:>8.1f}{r['val_r5']:>6.1f}{r['val_r10']:>6.1f}  "
+                    f"{_f(r['train_tiou']):>7}{r['mean_width_s']:>8.2f}{r['val_r1']:>8.1f}{r['val_r5']:>6.1f}"
+                    f"{r['val_r10']:>6.1f}  "
                     f"{'updated' if r['teacher_updated'] else 'kept'}")
     t = result["test"]
     return "\n".join([
