@@ -7,7 +7,7 @@ Each subcommand is a thin shim over a `main(argv)` function that tests call dire
   clipray edit CONFIG [k=v ...]        clip-boundary editing from single timestamps (= python -m train.edit)
   clipray index CONFIG [k=v ...]       offline embedding index of a manifest
   clipray serve CONFIG [k=v ...]       the retrieval API on Ray Serve
-  clipray bench data|model|train|serve|stream|heads   benchmarks beside a baseline
+  clipray bench data|model|train|serve|stream|heads|edit   benchmarks beside a baseline
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ BENCHES = {
     "serve": "clipray.bench.serve:main",
     "stream": "clipray.bench.stream:main",
     "heads": "clipray.bench.heads:main",
+    "edit": "clipray.bench.edit:main",
 }
 
 
