@@ -23,6 +23,10 @@ from pathlib import Path
 from clipray.cli import at_least
 
 
+def _gain(r: dict) -> str:
+    return "-" if r.get("median_gain") is None else f"{r['median_gain']:.4f}"
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="clipray bench edit", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -80,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name:14}{tiou:11.3f}{width:9.2f}{m['t2v_r1']:9.1f}{m['t2v_r5']:7.1f}{m['t2v_r10']:7.1f}"
               f"{m['t2v_mdr']:6.1f}{dt / 60:9.1f}")
     print("edited, by round: " + "; ".join(
-        f"{r['round']}: {r['edited']} edited (median gain {r.get('median_gain') or 0:.4f}), tIoU {r['train_tiou']:.3f}, "
+        f"{r['round']}: {r['edited']} edited (median gain {_gain(r)}), tIoU {r['train_tiou']:.3f}, "
         f"width {r['mean_width_s']:.2f}s, val R@1 {r['val_r1']:.1f}" for r in rounds))
     print(f"runs: {runs}")
     return 0
