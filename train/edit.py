@@ -47,7 +47,8 @@ import numpy as np
 
 from clipray.config import Config, ConfigError, EditConfig, VideoConfig
 from clipray.editing import Bounds, candidates, choose, initial_clips, neighbour_bounds, tiou
-from clipray.manifest import Every, iter_checked, manifest_metadata, resolve_path, write_manifest
+from clipray.manifest import (Every, ManifestError, iter_checked, manifest_files, manifest_metadata, resolve_path,
+                              write_manifest)
 
 PROGRESS_S = 10.0
 
@@ -298,6 +299,11 @@ def run(cfg: Config, quiet_ray: bool = False) -> dict[str, Any]:
         raise ConfigError("data.manifest is empty: give a manifest with timestamps (e.g. data.manifest=PATH)")
     if cfg.data.shard_stream or cfg.train.max_steps:
         raise ConfigError("clip editing trains by epochs: unset data.shard_stream and train.max_steps")
+    try:
+        manifest_files(source)
+    except ManifestError as err:
+        raise ConfigError(f"{err}; a manifest with timestamps comes from `clipray data synth --out DIR "
+                          "--idle-seconds 1` (DIR/events.parquet) or `clipray data prepare youcook2 ...`") from None
     out = driver.run_dir(cfg)
     data = dataclasses.replace(cfg.data, video_root=cfg.data.video_root or default_root(source),
                                eval_manifest=cfg.data.eval_manifest or source, eval_split=e.val_split)
