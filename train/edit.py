@@ -299,6 +299,8 @@ def run(cfg: Config, quiet_ray: bool = False) -> dict[str, Any]:
         raise ConfigError("data.manifest is empty: give a manifest with timestamps (e.g. data.manifest=PATH)")
     if cfg.data.shard_stream or cfg.train.max_steps:
         raise ConfigError("clip editing trains by epochs: unset data.shard_stream and train.max_steps")
+    if e.init == "window" and e.window_s <= 0:
+        raise ConfigError("edit.init=window needs edit.window_s > 0 (the clip's width around its timestamp)")
     try:
         manifest_files(source)
     except ManifestError as err:
