@@ -40,7 +40,11 @@ def trained_export(tmp_path_factory, synth: dict) -> str:
 
 
 def app_overrides(port: int) -> list[str]:
-    """Small replicas and short autoscaling delays (the autoscaling test waits on them)."""
+    """Small replicas and short autoscaling delays (the autoscaling test waits on them).
+
+    The text encoder waits 0.25 s to fill a batch, so a few clients keep it above its target of
+    2 ongoing requests while using little CPU: load made of CPU starvation instead leaves the
+    new replica too little CPU to start on a 2-core CI machine."""
     return [
         f"serve.port={port}", "serve.app_name=clipray-test",
         "serve.limits.max_text_chars=200", "serve.limits.max_k=50", "serve.limits.max_upload_mb=1",
@@ -49,7 +53,7 @@ def app_overrides(port: int) -> list[str]:
         "serve.text_encoder.num_cpus=0.1", "serve.text_encoder.min_replicas=1",
         "serve.text_encoder.max_replicas=2", "serve.text_encoder.target_ongoing_requests=2",
         "serve.text_encoder.upscale_delay_s=1", "serve.text_encoder.downscale_delay_s=3",
-        "serve.text_encoder.look_back_period_s=2",
+        "serve.text_encoder.look_back_period_s=2", "serve.text_encoder.batch_wait_timeout_s=0.25",
         "serve.video_encoder.num_cpus=0.1", "serve.searcher.num_cpus=0.1",
     ]
 
@@ -243,23 +247,32 @@ def _running(name: str) -> int:
     return int(st.replica_states.get("RUNNING", 0))
 
 
+def _states(name: str) -> str:
+    from ray import serve
+
+    st = serve.status().applications[_APP["cfg"].serve.app_name].deployments[name]
+    return f"{st.status.value} ({st.status_trigger.value}) {dict(st.replica_states)}"
+
+
 def test_text_encoder_autoscales_up_and_down(app):
+    """4 clients, each request waiting 0.25 s in the encoder's batch: ~4 ongoing against a
+    target of 2 per replica, so Serve must add the second replica; idle, it must remove it."""
     assert _running("TextEncoder") == 1
-    stop, peak = threading.Event(), 1
+    stop, peak, seen = threading.Event(), 1, ""
     with ThreadPoolExecutor(1) as bg:
-        fut = bg.submit(_stream, app["url"], 60.0, 16, stop, "/encode/text")
-        deadline = time.monotonic() + 60
+        fut = bg.submit(_stream, app["url"], 150.0, 4, stop, "/encode/text")
+        deadline = time.monotonic() + 150
         while time.monotonic() < deadline and peak < 2:
             time.sleep(0.5)
-            peak = max(peak, _running("TextEncoder"))
+            peak, seen = max(peak, _running("TextEncoder")), _states("TextEncoder")
         stop.set()
         res = fut.result()
-    assert peak == 2, f"TextEncoder never scaled above min_replicas under load ({res['ok']} requests)"
+    assert peak == 2, f"TextEncoder never ran 2 replicas under load ({res['ok']} requests; last: {seen})"
     assert res["fail"] == 0, res["errors"][:3]
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and _running("TextEncoder") > 1:
         time.sleep(0.5)
-    assert _running("TextEncoder") == 1, "TextEncoder did not scale back down after the load stopped"
+    assert _running("TextEncoder") == 1, f"TextEncoder did not scale back down: {_states('TextEncoder')}"
 
 
 # ---- OpenAPI fuzzing ---------------------------------------------------------------------------
