@@ -238,7 +238,24 @@ def load_config(
     if bad:
         source = "command-line override" if bad[0] in {o.split("=", 1)[0] for o in overrides} else path
         raise ConfigError(f"{source}: {bad[0]} {bad[1]}")
-    return obj  # type: ignore[return-value]
+    return _absolute_paths(obj) if isinstance(obj, Config) else obj  # type: ignore[return-value]
+
+
+def _absolute(path: str) -> str:
+    return path if not path or "://" in path else str(Path(path).expanduser().resolve())
+
+
+def _absolute_paths(cfg: Config) -> Config:
+    """Local paths made absolute against the directory the command runs in: Ray Train
+    workers run elsewhere, and a relative manifest would not be found there."""
+    pre = cfg.model.pretrained
+    local_weights = pre is not None and not pre.startswith("hf-hub:") and ("/" in pre or Path(pre).expanduser().exists())
+    return dataclasses.replace(
+        cfg, data=dataclasses.replace(cfg.data, manifest=_absolute(cfg.data.manifest),
+                                      eval_manifest=_absolute(cfg.data.eval_manifest),
+                                      video_root=_absolute(cfg.data.video_root)),
+        model=dataclasses.replace(cfg.model, pretrained=_absolute(pre) if local_weights else pre),
+        train=dataclasses.replace(cfg.train, storage_path=_absolute(cfg.train.storage_path)))
 
 
 def to_yaml(cfg: Any) -> str:

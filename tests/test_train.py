@@ -64,10 +64,16 @@ def brute_force_metrics(export_dir: Path, manifest: str) -> dict:
     return {"t2v_r1": 100.0 * np.mean([r == 1 for r in ranks]), "t2v_mnr": float(np.mean(ranks))}
 
 
-def test_train_outputs_match_brute_force_eval(ray_local, synth_small, tmp_path):
+def test_train_outputs_match_brute_force_eval(ray_local, synth_small, tmp_path, monkeypatch):
     from train.driver import run
 
-    cfg = load_config(DEMO, overrides(synth_small["manifest"], tmp_path, "outputs", **{"train.epochs": 3}))
+    # paths relative to where the command runs, as the demo configs give them (Ray Train's
+    # workers run in another directory: they must get them absolute)
+    here = Path(synth_small["manifest"]).parent.parent
+    monkeypatch.chdir(here)
+    rel = Path(synth_small["manifest"]).relative_to(here)
+    cfg = load_config(DEMO, overrides(rel, os.path.relpath(tmp_path), "outputs", **{"train.epochs": 3}))
+    assert cfg.data.manifest == synth_small["manifest"] and cfg.train.storage_path == str(tmp_path)
     final = run(cfg, quiet_ray=True)
     out = tmp_path / "outputs"
     result = json.loads((out / "result.json").read_text())
