@@ -7,6 +7,7 @@ the test clips decoded directly (no Ray) and the metrics must match result.json.
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import signal
@@ -30,9 +31,11 @@ DEMO = REPO / "train" / "configs" / "demo.yaml"
 
 
 def overrides(manifest, storage, name, **extra):
+    # only the last epoch is evaluated: each evaluation starts a decode pool (~20 s on 2 cores)
+    # and these tests check the final metrics; the edit and job-submit tests evaluate every epoch
     base = {"data.manifest": manifest, "train.storage_path": storage, "train.run_name": name,
             "train.epochs": 2, "data.batch_size": 4, "data.decode_cpus": 0.25,
-            "train.cpus_per_worker": 1.0, "data.video.max_frames": 4}
+            "train.cpus_per_worker": 1.0, "data.video.max_frames": 4, "train.eval_every_epochs": 100}
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]
 
@@ -88,6 +91,8 @@ def test_train_outputs_match_brute_force_eval(ray_local, synth_small, tmp_path, 
     assert np.isfinite(result["loss"])
     lines = (out / "metrics.csv").read_text().splitlines()
     assert len(lines) == 4 and lines[0].startswith("epoch,step")
+    with open(out / "metrics.csv") as f:  # train.eval_every_epochs=100: the last epoch alone
+        assert [bool(r["t2v_r1"]) for r in csv.DictReader(f)] == [False, False, True]
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     bf = brute_force_metrics(out / "export", synth_small["manifest"])
     assert result["t2v_r1"] == pytest.approx(bf["t2v_r1"])
