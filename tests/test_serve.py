@@ -240,39 +240,41 @@ def test_killed_replica_loses_at_most_in_flight_requests(app):
     assert after.status_code == 200 and len(after.json()["results"]) == 2
 
 
-def _running(name: str) -> int:
+def _deployment(name: str):
     from ray import serve
 
-    st = serve.status().applications[_APP["cfg"].serve.app_name].deployments[name]
+    return serve.status().applications[_APP["cfg"].serve.app_name].deployments[name]
+
+
+def _running(st) -> int:
     return int(st.replica_states.get("RUNNING", 0))
 
 
-def _states(name: str) -> str:
-    from ray import serve
-
-    st = serve.status().applications[_APP["cfg"].serve.app_name].deployments[name]
+def _states(st) -> str:
     return f"{st.status.value} ({st.status_trigger.value}) {dict(st.replica_states)}"
 
 
 def test_text_encoder_autoscales_up_and_down(app):
     """4 clients, each request waiting 0.25 s in the encoder's batch: ~4 ongoing against a
     target of 2 per replica, so Serve must add the second replica; idle, it must remove it."""
-    assert _running("TextEncoder") == 1
+    assert _running(_deployment("TextEncoder")) == 1
     stop, peak, seen = threading.Event(), 1, ""
     with ThreadPoolExecutor(1) as bg:
         fut = bg.submit(_stream, app["url"], 150.0, 4, stop, "/encode/text")
         deadline = time.monotonic() + 150
         while time.monotonic() < deadline and peak < 2:
             time.sleep(0.5)
-            peak, seen = max(peak, _running("TextEncoder")), _states("TextEncoder")
+            st = _deployment("TextEncoder")  # one status call per poll
+            peak, seen = max(peak, _running(st)), _states(st)
         stop.set()
         res = fut.result()
     assert peak == 2, f"TextEncoder never ran 2 replicas under load ({res['ok']} requests; last: {seen})"
     assert res["fail"] == 0, res["errors"][:3]
     deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and _running("TextEncoder") > 1:
+    while time.monotonic() < deadline and _running(_deployment("TextEncoder")) > 1:
         time.sleep(0.5)
-    assert _running("TextEncoder") == 1, f"TextEncoder did not scale back down: {_states('TextEncoder')}"
+    st = _deployment("TextEncoder")
+    assert _running(st) == 1, f"TextEncoder did not scale back down: {_states(st)}"
 
 
 # ---- OpenAPI fuzzing ---------------------------------------------------------------------------
