@@ -45,8 +45,8 @@ class DataConfig:
     tokenizer: str = "ViT-B-32"  # open_clip model name whose tokenizer is used
     max_words: int = 32
     batch_size: int = 32  # per training worker
-    decode_actors: int = 2  # size of the CPU actor pool that decodes video
-    decode_cpus: float = 1.0  # logical CPUs reserved per decode actor
+    decode_actors: int = 2  # decode tasks at once (named when they were an actor pool)
+    decode_cpus: float = 1.0  # logical CPUs reserved per decode task
     decode_batch: int = 4  # manifest rows per map_batches call
     shuffle_buffer: int = 0  # >0: local shuffle buffer (rows) when iterating; 0 = no shuffle
     eval_manifest: str = ""  # held-out manifest for evaluation (default: data.manifest)

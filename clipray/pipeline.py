@@ -1,19 +1,25 @@
 """The Ray Data pipeline: clip manifest -> fixed-shape uint8 frame batches, streamed.
 
-    read_parquet(manifest) -> filter(split) -> map_batches(ClipDecoder, CPU actor pool)
+    read_parquet(manifest) -> filter(split) -> map_batches(decode_batch, CPU tasks)
         -> rows of frames [T, 3, S, S] uint8, frame_mask [T] uint8, tokens [L] int64, row_id
 
 One generic reader serves every source, because every source is the same manifest. The decode
-actors resize and crop but never normalise, so each batch stays uint8 (4x smaller than float);
+tasks resize and crop but never normalise, so each batch stays uint8 (4x smaller than float);
 the training worker normalises. Rows whose clip cannot be decoded are dropped from the stream
 and written to a skip report (`skips/*.jsonl`, merged by `collect_skips`) with their reason.
 
-The decode actors ask only for CPUs, so they can run on CPU-only nodes of a cluster while the
-training workers hold the GPUs; `data.decode_actors` x `data.decode_cpus` sizes that pool.
+Decoding runs as Ray tasks, at most `data.decode_actors` at once with `data.decode_cpus` each.
+They ask only for CPUs, so they can run on CPU-only nodes of a cluster while the training workers
+hold the GPUs. Tasks rather than an actor pool, because Ray Data starts a new actor pool on every
+execution of a dataset, and Ray Train executes it again every epoch: each actor imports torch and
+open_clip (5-7 s of CPU) before its first clip, which cost the demo 10-15 s per epoch and per
+evaluation (`clipray bench startup`, docs/benchmarks.md). Ray keeps task worker processes for reuse, and each keeps its
+`ClipDecoder` (tokenizer, batch arrays) in `_DECODERS`, so a warm worker starts decoding at once.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -32,10 +38,11 @@ SKIP_DIR = "skips"
 
 
 class ClipDecoder:
-    """Callable class for `map_batches`: decodes, samples, crops and tokenises a batch of rows.
+    """Decodes, samples, crops and tokenises a batch of manifest rows.
 
-    One instance lives in each actor of the pool; it loads the tokenizer once and appends its
-    skipped rows to its own files in `skip_dir` (local path or fsspec URI).
+    One instance per worker process and settings (`decode_batch` keeps them): it loads the
+    tokenizer once and appends its skipped rows to its own files in `skip_dir` (local path or
+    fsspec URI).
     """
 
     def __init__(self, data: DataConfig, root: str, skip_dir: str):
@@ -47,7 +54,7 @@ class ClipDecoder:
         self.skip_dir = skip_dir.rstrip("/")
         self.name = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.calls = 0
-        self._buffers: list[np.ndarray] = []  # frames arrays this actor may decode into again
+        self._buffers: list[np.ndarray] = []  # frames arrays this decoder may write into again
         self._free_refs = 0  # sys.getrefcount of a buffer that nothing outside the list holds
 
     def _frames_buffer(self, shape: tuple[int, ...]) -> np.ndarray:
@@ -78,7 +85,7 @@ class ClipDecoder:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """The decoded batch; {} when every clip in it was skipped, since Ray Data cannot build a
         block from a zero-row tensor column (it warns and pickles it). Not a generator that
-        yields nothing instead: that left the actors idle between calls (docs/benchmarks-data-log.md)."""
+        yields nothing instead: that left the decode actors idle between calls (docs/benchmarks-data-log.md)."""
         T, S = self.cfg.max_frames, self.cfg.size
         n = len(batch["row_id"])
         # each clip is decoded straight into its row of the batch: no second copy of the frames
@@ -120,6 +127,36 @@ class ClipDecoder:
             f.write("".join(json.dumps(s) + "\n" for s in skips))
 
 
+_DECODERS: dict[str, ClipDecoder] = {}  # this worker process's decoders, by settings
+
+
+def decode_batch(batch: dict[str, np.ndarray], data: DataConfig, root: str, skip_dir: str) -> dict[str, np.ndarray]:
+    """`map_batches` function: this process's `ClipDecoder` for these settings decodes the batch."""
+    key = repr((data.video, data.tokenizer, data.max_words, root, skip_dir))
+    if key not in _DECODERS:
+        if len(_DECODERS) >= 4:  # a long-lived worker may serve many runs: keep the newest few
+            del _DECODERS[next(iter(_DECODERS))]
+        _DECODERS[key] = ClipDecoder(data, root, skip_dir)
+    return _DECODERS[key](batch)
+
+
+@contextlib.contextmanager
+def _footer_readers(files: int):
+    """Ray Data's Parquet reader starts 32 actors to read file footers on every execution of a
+    dataset (RAY_DATA_PARQUET_FOOTER_NUM_ACTORS, read when `read_parquet` is called). On a laptop
+    starting them took 2.5-4 s per execution for a one-file manifest; one per file, up to 32,
+    does the same job. A value the user set is left alone."""
+    name = "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS"
+    if name in os.environ:
+        yield
+        return
+    os.environ[name] = str(max(1, min(32, files)))
+    try:
+        yield
+    finally:
+        os.environ.pop(name, None)
+
+
 def clip_dataset(data: DataConfig, skip_dir: str, split: str | None = None,
                  limit: int | None = None, files: list[str] | None = None) -> Any:
     """A streaming Ray Dataset of decoded clips for one split of `data.manifest`.
@@ -127,37 +164,43 @@ def clip_dataset(data: DataConfig, skip_dir: str, split: str | None = None,
     `files` narrows the read to some of the manifest's shard files (as `manifest_files` names
     them): training workers that stream a huge manifest shard by shard read their own.
     """
-    import ray.data
-    from ray.data.expressions import col
-
     from clipray.runtime import check_fits
 
     check_fits({"data.decode_actors x data.decode_cpus": data.decode_actors * data.decode_cpus})
+    root = data.video_root or default_root(data.manifest)
+    return manifest_rows(data, split, limit, files).map_batches(
+        decode_batch,
+        fn_kwargs={"data": data, "root": root, "skip_dir": skip_dir},
+        batch_size=data.decode_batch,
+        concurrency=data.decode_actors,
+        num_cpus=data.decode_cpus,
+        batch_format="numpy",
+    )
+
+
+def manifest_rows(data: DataConfig, split: str | None = None, limit: int | None = None,
+                  files: list[str] | None = None) -> Any:
+    """The reading half of `clip_dataset`: the split's manifest rows, `data.decode_batch` per block."""
+    import ray.data
+    from ray.data.expressions import col
+
     fs, all_files = manifest_files(data.manifest)
     files = files or all_files
-    ds = ray.data.read_parquet(files, filesystem=fs).select_columns(DATA_COLUMNS + ["split"])
+    with _footer_readers(len(files)):
+        ds = ray.data.read_parquet(files, filesystem=fs).select_columns(DATA_COLUMNS + ["split"])
     split = split or data.split
     if split:
         ds = ds.filter(expr=col("split") == split)
     ds = ds.select_columns(DATA_COLUMNS)
     if limit:
         ds = ds.limit(limit)
-    # Manifest rows are tiny and decoding is slow: small blocks let every actor of the pool work
-    # (one Parquet row group would otherwise go to a single actor). Streaming, no shuffle.
-    ds = ds.repartition(target_num_rows_per_block=data.decode_batch)
-    root = data.video_root or default_root(data.manifest)
-    return ds.map_batches(
-        ClipDecoder,
-        fn_constructor_args=(data, root, skip_dir),
-        batch_size=data.decode_batch,
-        compute=ray.data.ActorPoolStrategy(size=data.decode_actors),
-        num_cpus=data.decode_cpus,
-        batch_format="numpy",
-    )
+    # Manifest rows are tiny and decoding is slow: small blocks let every decoder work (one
+    # Parquet row group would otherwise go to a single task). Streaming, no shuffle.
+    return ds.repartition(target_num_rows_per_block=data.decode_batch)
 
 
 def collect_skips(skip_dir: str, out_name: str = "skip_report.jsonl") -> dict[str, Any]:
-    """Merge the actors' skip files into one report beside them; return counts by reason."""
+    """Merge the decoders' skip files into one report beside them; return counts by reason."""
     import fsspec
 
     fs, root = fsspec.core.url_to_fs(skip_dir.rstrip("/"))

@@ -2,15 +2,15 @@
 
 `ray.address` in config, else RAY_ADDRESS, selects a cluster (this is what `ray job submit`
 sets for the driver). Otherwise a local Ray starts in-process with more logical CPUs than
-cores: Ray Data's decode actors and the training workers each hold CPU slots, and on a 2-core
+cores: Ray Data's decode tasks and the training workers each hold CPU slots, and on a 2-core
 laptop an exact count leaves the read stage starved (it waits forever, silently).
 
 The embedded Ray deletes freed objects from the object store within 50 ms instead of Ray's
 1 s (`FREE_OBJECTS_ENV`). Ray Data frees each batch as soon as it is consumed, but Ray batches
-the deletions; meanwhile the decode actors keep writing, so the store hands out memory no
+the deletions; meanwhile the decoders keep writing, so the store hands out memory no
 process has touched yet and the writer takes a page fault on every 4 kB of it (28k faults,
 35 ms of CPU per 116 MB batch here), until every page of the store has been through every
-actor. Deleted within 50 ms, a freed batch's memory is what the next batch gets
+decoder. Deleted within 50 ms, a freed batch's memory is what the next batch gets
 (docs/benchmarks-data-log.md). Clusters keep Ray's default: each round of deletions is sent to
 every node, so a shorter period multiplies that traffic by the node count, while on real clips
 (~130 ms each to decode) the faults cost under 1%.

@@ -10,15 +10,16 @@ from clipray.bench.data import CAN_PIN, cpu_split
 
 def test_cpu_split_groups_processes_by_role_over_the_window():
     me = os.getpid()
-    before = {me: ("python bench", 10.0), 101: ("ray::MapWorker(MapBatches(ClipDecoder))", 5.0),
-              102: ("raylet", 1.0), 104: ("ray::MapWorker(MapBatches(ClipDecoder))", 0.0)}
-    after = {me: ("python bench", 10.5), 101: ("ray::MapWorker(MapBatches(ClipDecoder))", 8.0),
+    # a decode worker is known by pid: between two tasks Ray titles it ray::IDLE
+    before = {me: ("python bench", 10.0), 101: ("ray::MapBatches(decode_batch)", 5.0),
+              102: ("raylet", 1.0), 104: ("ray::IDLE", 0.0)}
+    after = {me: ("python bench", 10.5), 101: ("ray::IDLE", 8.0),
              102: ("raylet", 1.5),
              103: ("gcs_server", 0.5),  # started inside the window: all its time counts
-             104: ("ray::MapWorker(MapBatches(ClipDecoder))", 4.0)}
+             104: ("ray::MapBatches(decode_batch)", 4.0)}
     # pid 105 exited inside the window: its time is unknown and not counted
-    split = cpu_split(before | {105: ("ray::IDLE", 2.0)}, after, wall=5.0)
-    assert split["decode actors"] == pytest.approx((3.0 + 4.0) / 5.0)
+    split = cpu_split(before | {105: ("ray::IDLE", 2.0)}, after, wall=5.0, decoders={101, 104, 105})
+    assert split["decode workers"] == pytest.approx((3.0 + 4.0) / 5.0)
     assert split["consumer"] == pytest.approx(0.5 / 5.0)
     assert split["Ray + system"] == pytest.approx((0.5 + 0.5) / 5.0)
     assert split["idle"] == pytest.approx(max(0.0, (os.cpu_count() or 1) - 1.4 - 0.1 - 0.2))
@@ -73,6 +74,7 @@ def test_bare_loop_counts_every_frame_on_one_core_and_unpins_after(tmp_path):
     (["bench", "data", "--repeat", "two"], "argument --repeat: not a number: 'two'"),
     (["bench", "serve", "--scale", "0"], "argument --scale: must be 0.01 or more, got 0"),
     (["bench", "train", "--warmup", "-1"], "argument --warmup: must be 0 or more, got -1"),
+    (["bench", "startup", "--rounds", "1"], "argument --rounds: must be 2 or more, got 1"),
 ])
 def test_counts_below_their_floor_are_usage_errors_before_any_work(argv, says, tmp_path, capsys, monkeypatch):
     from clipray.cli import main

@@ -114,8 +114,34 @@ def test_a_batch_whose_clips_are_all_skipped_returns_no_columns_but_the_report(s
     assert out["frame_mask"].sum(axis=1).min() >= 1  # real frames, no zero stand-in
 
 
+def test_decode_tasks_keep_one_decoder_per_process_and_settings(synth_small, tmp_path):
+    """Every decode task that lands on a warm worker reuses that process's ClipDecoder (its
+    tokenizer and batch arrays) for the same settings, and only for the same settings."""
+    from clipray import pipeline
+
+    rows = read_manifest(synth_small["manifest"]).to_pylist()[:2]
+    batch = {k: np.array([r[k] for r in rows]) for k in ("row_id", "video_id", "path", "caption")}
+    batch["start"] = batch["end"] = np.array([None, None])
+    root = str(Path(synth_small["manifest"]).parent)
+    small = DataConfig(manifest="unused", video=VideoConfig(fps=2.0, max_frames=4, size=32))
+    pipeline._DECODERS.clear()
+    first = pipeline.decode_batch(batch, small, root, str(tmp_path / "a"))
+    dec = next(iter(pipeline._DECODERS.values()))
+    again = pipeline.decode_batch(batch, small, root, str(tmp_path / "a"))
+    assert list(pipeline._DECODERS.values()) == [dec]  # the same decoder served both tasks
+    assert again["row_id"].tolist() == first["row_id"].tolist() == [r["row_id"] for r in rows]
+    assert (again["frames"] == ClipDecoder(small, root, str(tmp_path))(batch)["frames"]).all()
+    # other frames or another run's skip folder: a decoder of its own, never the first one
+    bigger = DataConfig(manifest="unused", video=VideoConfig(fps=2.0, max_frames=4, size=48))
+    assert pipeline.decode_batch(batch, bigger, root, str(tmp_path / "a"))["frames"].shape == (2, 4, 3, 48, 48)
+    for run in "bcde":
+        pipeline.decode_batch(batch, small, root, str(tmp_path / run))
+    assert len(pipeline._DECODERS) == 4 and dec not in pipeline._DECODERS.values()  # bounded, oldest out
+    pipeline._DECODERS.clear()
+
+
 def test_frames_buffer_reused_only_once_released(tmp_path):
-    """A decode actor writes the next batch into an earlier batch's array only when nothing
+    """A decoder writes the next batch into an earlier batch's array only when nothing
     holds it: here the holder is the block Ray Data builds from the returned batch."""
     from ray.data.block import BlockAccessor
 
@@ -157,7 +183,7 @@ def test_consumed_batch_memory_is_reused(ray_local):
             batch = np.ones(nbytes, np.uint8)  # its own pages are touched before counting
             before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             for _ in range(rounds):
-                ref = ray.put(batch)  # one copy into the object store, as a decode actor's batch
+                ref = ray.put(batch)  # one copy into the object store, as a decoded batch
                 del ref  # consumed: nothing holds it any more
                 time.sleep(0.1)
             return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before

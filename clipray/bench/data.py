@@ -6,15 +6,15 @@ resize the shorter side, centre crop, keep uint8) on the same clips:
       (no fresh pages per clip): the per-core ceiling. Unpinned, decord's helper threads spill
       onto a second core (1.07-1.11 cores measured on 2 cores), which would overstate what one
       core does;
-  (b) the Ray Data pipeline (`clipray.pipeline.clip_dataset`) with one decode actor, charged for
-      one core or for the CPU the actor used if more: the same decode work as (a), while the
+  (b) the Ray Data pipeline (`clipray.pipeline.clip_dataset`) with one decode task at a time,
+      charged for one core or for the CPU its worker used if more: the same decode work as (a), while the
       consumer and Ray's own processes use the machine's other cores, as a decode node's spare
       capacity would;
-  (c) the pipeline with one decode actor per core, charged for every core of the machine: the
+  (c) the pipeline with one decode task per core, charged for every core of the machine: the
       consumer and Ray's processes take their share from the decoders. A CPU split over the
       timed window (psutil, per process) shows where the cores went.
 Figures are normalised per core. Steady state is timed from the first batch out of the pipeline,
-so actor start-up (importing torch, loading the tokenizer) is reported apart. After Ray shuts
+so start-up (a worker importing torch, loading the tokenizer) is reported apart. After Ray shuts
 down and its processes have exited, (a) runs again: on a shared machine whose speed drifts
 during a run (back-to-back passes of the pinned loop ranged 5.1-6.9 ms per clip here), the two
 (a) runs bracket the pipeline's, and the closing lines give each ratio against their mean.
@@ -107,7 +107,7 @@ def bare_loop(manifest: str, cfg: VideoConfig, repeat: int) -> tuple[int, int, f
 
     The pin covers threads started inside the loop (decord starts its own per open file) and is
     lifted afterwards, so processes started later (Ray's) get every core. Every clip is decoded
-    into the same array, as a decode actor reuses its batch arrays: with a new array per clip,
+    into the same array, as a decoder reuses its batch arrays: with a new array per clip,
     glibc handed the loop fresh pages, 224-615 page faults per clip, and alternating in one
     process it was 9-13% slower on the synthetic set (docs/benchmarks-data-log.md).
     """
@@ -172,14 +172,26 @@ def cpu_seconds() -> dict[int, tuple[str, float]]:
     return out
 
 
-def cpu_split(before: dict, after: dict, wall: float) -> dict[str, float]:
-    """Cores used over `wall` seconds: the decode actors, this process (the consumer, which also
-    runs Ray Data's scheduler), every other process (Ray's own, the OS), and idle."""
-    split = {"decode actors": 0.0, "consumer": 0.0, "Ray + system": 0.0}
+def decode_pids() -> set[int]:
+    """The processes running a decode task now (Ray titles a busy worker `ray::<task name>`)."""
+    import psutil
+
+    out = set()
+    for p in psutil.process_iter(["cmdline"]):
+        if "decode_batch" in " ".join(p.info["cmdline"] or []):
+            out.add(p.pid)
+    return out
+
+
+def cpu_split(before: dict, after: dict, wall: float, decoders: set[int]) -> dict[str, float]:
+    """Cores used over `wall` seconds: the decode workers (`decoders`, the pids seen decoding),
+    this process (the consumer, which also runs Ray Data's scheduler), every other process (Ray's
+    own, the OS), and idle."""
+    split = {"decode workers": 0.0, "consumer": 0.0, "Ray + system": 0.0}
     for pid, (cmd, t) in after.items():
         used = t - before.get(pid, (cmd, 0.0))[1]
         role = ("consumer" if pid == os.getpid() else
-                "decode actors" if "ClipDecoder" in cmd else "Ray + system")
+                "decode workers" if pid in decoders else "Ray + system")
         split[role] += used / wall
     split["idle"] = max(0.0, (os.cpu_count() or 1) - sum(split.values()))
     return split
@@ -189,9 +201,9 @@ def ray_pipeline(manifest: str, cfg: VideoConfig, repeat: int, actors: int,
                  skip_dir: str, batch: int) -> tuple[int, int, float, float, dict[str, float]]:
     from clipray.pipeline import clip_dataset
 
-    # at least 8 calls per actor: with fewer, the actors finish before the first batch is out and
+    # at least 8 calls per decoder: with fewer, they finish before the first batch is out and
     # the timed window holds only the consumer draining what was decoded (a 96-row run showed the
-    # decode actors at 0.00 cores and a ratio of 1.86x)
+    # decoders at 0.00 cores and a ratio of 1.86x)
     rep = repeated_manifest(manifest, Path(skip_dir) / "repeated.parquet", repeat=repeat,
                             at_least=8 * batch * actors)
     data = DataConfig(manifest=rep, video=cfg, decode_actors=actors, decode_cpus=1.0,
@@ -199,16 +211,22 @@ def ray_pipeline(manifest: str, cfg: VideoConfig, repeat: int, actors: int,
     t0 = time.perf_counter()
     first = None
     clips = frames = 0
+    decoders: set[int] = set()
     for b in clip_dataset(data, skip_dir).iter_batches(batch_size=batch, batch_format="numpy"):
+        now = time.perf_counter()
         if first is None:
-            first = time.perf_counter()
+            first = scanned = now
             startup = first - t0
             cpu0 = cpu_seconds()
+            decoders |= decode_pids()
             continue  # steady state starts after the first batch
+        if now - scanned > 2.0:  # a worker between two tasks is titled ray::IDLE: look again
+            decoders |= decode_pids()
+            scanned = now
         clips += len(b["row_id"])
         frames += int(b["frame_mask"].sum())
     wall = time.perf_counter() - first
-    return clips, frames, wall, startup, cpu_split(cpu0, cpu_seconds(), wall)
+    return clips, frames, wall, startup, cpu_split(cpu0, cpu_seconds(), wall, decoders)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -219,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--frames", type=at_least(1), default=12)
     ap.add_argument("--size", type=at_least(1), default=224)
     ap.add_argument("--cores", type=at_least(1), default=os.cpu_count() or 1,
-                    help="decode actors of run (c), one per core (default: every core)")
+                    help="decode tasks of run (c), one per core (default: every core)")
     ap.add_argument("--skip-real", action="store_true", help="only the synthetic set")
     ap.add_argument("--workdir", default=None, help="where to write the clip sets (default: a temp dir)")
     args = ap.parse_args(argv)
@@ -244,15 +262,15 @@ def main(argv: list[str] | None = None) -> int:
     bare_runs = {name: bare_loop(manifest, cfg, passes) for name, (manifest, cfg, _) in sets.items()}
     init_ray(quiet=True)
     # now, not minutes later when run (c) starts
-    check_fits({"--cores (decode actors of run (c), 1 CPU each)": float(args.cores)}, advice="lower --cores")
+    check_fits({"--cores (decode tasks of run (c), 1 CPU each)": float(args.cores)}, advice="lower --cores")
     quiet_data_progress()
     per_core_runs: dict[str, list[tuple[str, float]]] = {}  # set -> (label, frames/s per core)
     header = f"{'clip set':36} {'method':28} {'clips/s':>8} {'frames/s':>9} {'frames/s/core':>14}"
     print(header)
     print("-" * len(header))
-    runs = [("(b) Ray Data, 1 decode actor", 1)]
+    runs = [("(b) Ray Data, 1 decode task", 1)]
     if args.cores > 1:
-        runs.append((f"(c) Ray Data, {args.cores} actors", args.cores))
+        runs.append((f"(c) Ray Data, {args.cores} decode tasks", args.cores))
     for n_set, (name, (manifest, cfg, batch)) in enumerate(sets.items()):
         c, f, dt, used, other = bare_runs[name]
         bare = f / dt
@@ -264,8 +282,8 @@ def main(argv: list[str] | None = None) -> int:
             if c == 0:  # the first batch is start-up: nothing was left to time
                 raise SystemExit(f"clipray bench data: {name}: the pipeline produced one batch of {batch} "
                                  f"clips or fewer, nothing to time after start-up; raise --videos or --repeat")
-            # each actor is charged for its core, or for more if its decoder's threads used more
-            per_core = f / dt / max(actors, split["decode actors"])
+            # each decoder is charged for its core, or for more if its threads used more
+            per_core = f / dt / max(actors, split["decode workers"])
             print(f"{name:36} {label:28} {c / dt:8.1f} {f / dt:9.1f} "
                   f"{per_core:14.1f}   ratio {per_core / bare:.2f}x  (start-up {startup:.1f}s)")
             print(f"{'':36} {'':28} cores used: " + ", ".join(f"{k} {v:.2f}" for k, v in split.items()))

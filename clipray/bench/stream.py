@@ -183,21 +183,18 @@ class Tokenise:
 
 def read_tokenise_dataset(data: DataConfig, batch: int) -> Any:
     """The reader's stages of `clip_dataset` with tokenising in place of decoding."""
+    import dataclasses
+
     import ray.data
-    from ray.data.expressions import col
 
-    from clipray.manifest import manifest_files
-    from clipray.pipeline import DATA_COLUMNS
+    from clipray.pipeline import manifest_rows
 
-    fs, files = manifest_files(data.manifest)
-    ds = ray.data.read_parquet(files, filesystem=fs).select_columns(DATA_COLUMNS + ["split"])
-    ds = ds.filter(expr=col("split") == data.split).select_columns(DATA_COLUMNS)
     # as in clip_dataset: small blocks, so work and output flow block by block instead of one
     # Parquet row group (a whole shard) per task
-    ds = ds.repartition(target_num_rows_per_block=batch)
-    return ds.map_batches(Tokenise, fn_constructor_args=(data,), batch_size=batch,
-                          compute=ray.data.ActorPoolStrategy(size=data.decode_actors),
-                          num_cpus=data.decode_cpus, batch_format="numpy")
+    rows = manifest_rows(dataclasses.replace(data, decode_batch=batch))
+    return rows.map_batches(Tokenise, fn_constructor_args=(data,), batch_size=batch,
+                            compute=ray.data.ActorPoolStrategy(size=data.decode_actors),
+                            num_cpus=data.decode_cpus, batch_format="numpy")
 
 
 @dataclass

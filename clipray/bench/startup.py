@@ -1,0 +1,109 @@
+"""`clipray bench startup`: what one execution of a small dataset costs before its first clip.
+
+Ray Data starts afresh every time a dataset is executed, and Ray Train executes the training
+and test datasets again every epoch, so on small data that start-up, not decoding, sets the
+pace. This runs the demo's test split (the demo config's decode settings) through three
+versions of the pipeline, in interleaved rounds on one embedded Ray:
+  (a) decode actors (`ClipDecoder` in a Ray Data actor pool, as `clip_dataset` had it) with Ray
+      Data's 32 Parquet footer-reader actors: the baseline;
+  (b) the same actor pool with one footer reader per manifest file;
+  (c) `clip_dataset` itself: decode tasks on workers Ray keeps between executions, one footer
+      reader per file.
+For each: seconds to the first batch and to the last, for the first execution and the median
+of the later ones (an actor pool starts anew each time; task workers are started once).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from clipray.cli import at_least
+
+ARMS = {
+    "a": "(a) decode actors, 32 footer readers",
+    "b": "(b) decode actors, 1 footer reader/file",
+    "c": "(c) decode tasks, 1 footer reader/file",
+}
+
+
+def dataset(arm: str, data, skip_dir: str):
+    import ray.data
+
+    from clipray.manifest import default_root
+    from clipray.pipeline import ClipDecoder, clip_dataset, manifest_rows
+
+    if arm == "c":
+        return clip_dataset(data, skip_dir, split="test")
+    footer = "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS"
+    if arm == "a":
+        os.environ[footer] = "32"  # Ray Data's default, set so that clip_dataset leaves it alone
+    try:
+        rows = manifest_rows(data, split="test")
+    finally:
+        os.environ.pop(footer, None)
+    return rows.map_batches(ClipDecoder, fn_constructor_args=(data, data.video_root or default_root(data.manifest),
+                                                              skip_dir),
+                            batch_size=data.decode_batch, compute=ray.data.ActorPoolStrategy(size=data.decode_actors),
+                            num_cpus=data.decode_cpus, batch_format="numpy")
+
+
+def execute(ds) -> tuple[int, float, float]:
+    """Rows, seconds to the first batch, seconds to the end."""
+    t0 = time.perf_counter()
+    first, rows = None, 0
+    for b in ds.iter_batches(batch_size=16, batch_format="numpy"):
+        first = first if first is not None else time.perf_counter() - t0
+        rows += len(b["row_id"])
+    return rows, first or 0.0, time.perf_counter() - t0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="clipray bench startup", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rounds", type=at_least(2), default=4, help="executions of each version")
+    ap.add_argument("--data", default="clipray_data/synth", help="synthetic set (made if absent)")
+    ap.add_argument("--videos", type=at_least(1), default=240, help="videos to generate when --data is absent")
+    args = ap.parse_args(argv)
+
+    from clipray.config import load_config
+    from clipray.demo import demo_config_path, ensure_synth
+    from clipray.runtime import init_ray, quiet_data_progress
+
+    manifest = ensure_synth(Path(args.data), args.videos).resolve()
+    data = load_config(demo_config_path(), [f"data.manifest={manifest}"]).data
+    work = Path(tempfile.mkdtemp(prefix="clipray-bench-startup-"))
+    init_ray(quiet=True)
+    quiet_data_progress()
+    times: dict[str, list[tuple[float, float]]] = {k: [] for k in ARMS}
+    clips = None
+    for r in range(args.rounds):
+        for arm in ARMS:
+            n, first, total = execute(dataset(arm, data, str(work / arm)))
+            if clips is not None and n != clips:
+                raise SystemExit(f"clipray bench startup: {ARMS[arm]} gave {n} clips, the others {clips}")
+            clips = n
+            times[arm].append((first, total))
+            print(f"round {r + 1}/{args.rounds} {ARMS[arm]:42} first batch {first:5.1f}s, all {n} clips {total:5.1f}s",
+                  flush=True)
+    print(f"\nclipray bench startup: the demo's test split ({clips} clips, {data.video.max_frames} frames at "
+          f"{data.video.size}px), {data.decode_actors} decoders x {data.decode_cpus:g} CPU, {os.cpu_count()} cores, "
+          f"{args.rounds} executions each")
+    print(f"{'version':42} {'first execution':>18} {'later (median)':>16} {'later (range)':>14}  against (a)")
+    base = statistics.median(t for _, t in times["a"][1:])
+    for arm, label in ARMS.items():
+        later = [t for _, t in times[arm][1:]]
+        med = statistics.median(later)
+        line = f"{label:42} {times[arm][0][1]:17.1f}s {med:15.1f}s {min(later):6.1f}-{max(later):4.1f}s"
+        print(line + (f"  {base / med:.1f}x faster" if arm != "a" else ""))
+    print("seconds to an execution's last clip; to its first batch (median of the later executions): "
+          + ", ".join(f"({k}) {statistics.median(f for f, _ in v[1:]):.1f}s" for k, v in times.items()))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
