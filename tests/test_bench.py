@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from clipray.bench.data import CAN_PIN, cpu_split
+from clipray.bench.data import CAN_PIN, cpu_split, decoding
 
 
 def test_cpu_split_groups_processes_by_role_over_the_window():
@@ -18,6 +18,7 @@ def test_cpu_split_groups_processes_by_role_over_the_window():
              103: ("gcs_server", 0.5),  # started inside the window: all its time counts
              104: ("ray::MapBatches(decode_batch)", 4.0)}
     # pid 105 exited inside the window: its time is unknown and not counted
+    assert decoding(before) | decoding(after) == {101, 104}  # each seen busy in one snapshot
     split = cpu_split(before | {105: ("ray::IDLE", 2.0)}, after, wall=5.0, decoders={101, 104, 105})
     assert split["decode workers"] == pytest.approx((3.0 + 4.0) / 5.0)
     assert split["consumer"] == pytest.approx(0.5 / 5.0)

@@ -172,15 +172,10 @@ def cpu_seconds() -> dict[int, tuple[str, float]]:
     return out
 
 
-def decode_pids() -> set[int]:
-    """The processes running a decode task now (Ray titles a busy worker `ray::<task name>`)."""
-    import psutil
-
-    out = set()
-    for p in psutil.process_iter(["cmdline"]):
-        if "decode_batch" in " ".join(p.info["cmdline"] or []):
-            out.add(p.pid)
-    return out
+def decoding(snapshot: dict[int, tuple[str, float]]) -> set[int]:
+    """The pids of a `cpu_seconds` snapshot that were running a decode task then (Ray titles a
+    busy worker `ray::<task name>`, an idle one `ray::IDLE`)."""
+    return {pid for pid, (cmd, _) in snapshot.items() if "decode_batch" in cmd}
 
 
 def cpu_split(before: dict, after: dict, wall: float, decoders: set[int]) -> dict[str, float]:
@@ -218,15 +213,16 @@ def ray_pipeline(manifest: str, cfg: VideoConfig, repeat: int, actors: int,
             first = scanned = now
             startup = first - t0
             cpu0 = cpu_seconds()
-            decoders |= decode_pids()
+            decoders |= decoding(cpu0)
             continue  # steady state starts after the first batch
         if now - scanned > 2.0:  # a worker between two tasks is titled ray::IDLE: look again
-            decoders |= decode_pids()
+            decoders |= decoding(cpu_seconds())
             scanned = now
         clips += len(b["row_id"])
         frames += int(b["frame_mask"].sum())
     wall = time.perf_counter() - first
-    return clips, frames, wall, startup, cpu_split(cpu0, cpu_seconds(), wall, decoders)
+    cpu1 = cpu_seconds()
+    return clips, frames, wall, startup, cpu_split(cpu0, cpu1, wall, decoders | decoding(cpu1))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,6 +21,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from unittest import mock
 
 from clipray.cli import at_least
 
@@ -39,13 +40,11 @@ def dataset(arm: str, data, skip_dir: str):
 
     if arm == "c":
         return clip_dataset(data, skip_dir, split="test")
-    footer = "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS"
-    if arm == "a":
-        os.environ[footer] = "32"  # Ray Data's default, set so that clip_dataset leaves it alone
-    try:
+    # (a) sets Ray Data's default, which manifest_rows then leaves alone; the environment is
+    # restored as it was, a user's own value included
+    footer = {"RAY_DATA_PARQUET_FOOTER_NUM_ACTORS": "32"} if arm == "a" else {}
+    with mock.patch.dict(os.environ, footer):
         rows = manifest_rows(data, split="test")
-    finally:
-        os.environ.pop(footer, None)
     return rows.map_batches(ClipDecoder, fn_constructor_args=(data, data.video_root or default_root(data.manifest),
                                                               skip_dir),
                             batch_size=data.decode_batch, compute=ray.data.ActorPoolStrategy(size=data.decode_actors),
@@ -93,6 +92,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nclipray bench startup: the demo's test split ({clips} clips, {data.video.max_frames} frames at "
           f"{data.video.size}px), {data.decode_actors} decoders x {data.decode_cpus:g} CPU, {os.cpu_count()} cores, "
           f"{args.rounds} executions each")
+    if "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS" in os.environ:
+        print(f"(b) and (c) read with your RAY_DATA_PARQUET_FOOTER_NUM_ACTORS="
+              f"{os.environ['RAY_DATA_PARQUET_FOOTER_NUM_ACTORS']}, not one footer reader per file")
     print(f"{'version':42} {'first execution':>18} {'later (median)':>16} {'later (range)':>14}  against (a)")
     base = statistics.median(t for _, t in times["a"][1:])
     for arm, label in ARMS.items():
