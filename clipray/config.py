@@ -45,8 +45,12 @@ class DataConfig:
     tokenizer: str = "ViT-B-32"  # open_clip model name whose tokenizer is used
     max_words: int = 32
     batch_size: int = 32  # per training worker
-    decode_actors: int = 2  # decode tasks at once (named when they were an actor pool)
-    decode_cpus: float = 1.0  # logical CPUs reserved per decode task
+    # how decoders run: "tasks" start at once on warm worker processes (short epochs, laptops,
+    # tests); "actors" keep each decoder fed between calls (long epochs, streaming, decode nodes).
+    # docs/benchmarks.md, "Decode tasks or decode actors"
+    decode_pool: str = "tasks"
+    decode_actors: int = 2  # decoders at once: tasks or actors, per `decode_pool`
+    decode_cpus: float = 1.0  # logical CPUs reserved per decoder
     decode_batch: int = 4  # manifest rows per map_batches call
     shuffle_buffer: int = 0  # >0: local shuffle buffer (rows) when iterating; 0 = no shuffle
     eval_manifest: str = ""  # held-out manifest for evaluation (default: data.manifest)
@@ -155,7 +159,8 @@ RULES: dict[type, dict[str, tuple[Any, str]]] = {
     VideoConfig: dict(backend=_one_of("decord", "pyav"), fps=_above(0), max_frames=_at_least(1),
                       slice=_one_of("head", "tail", "uniform"), size=_at_least(1), timeout_s=_above(0)),
     DataConfig: dict(split=_one_of(*SPLITS), eval_split=_one_of(*SPLITS), max_words=_at_least(2),
-                     batch_size=_at_least(1), decode_actors=_at_least(1), decode_cpus=_above(0), decode_batch=_at_least(1),
+                     batch_size=_at_least(1), decode_pool=_one_of("tasks", "actors"), decode_actors=_at_least(1),
+                     decode_cpus=_above(0), decode_batch=_at_least(1),
                      shuffle_buffer=_at_least(0)),
     OptimConfig: dict(lr=_above(0), coef_lr=_at_least(0), weight_decay=_at_least(0), eps=_above(0),
                       warmup_ratio=((lambda v: 0 <= v < 1), "in [0, 1)"), grad_clip=_at_least(0)),

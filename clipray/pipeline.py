@@ -1,20 +1,26 @@
 """The Ray Data pipeline: clip manifest -> fixed-shape uint8 frame batches, streamed.
 
-    read_parquet(manifest) -> filter(split) -> map_batches(decode_batch, CPU tasks)
+    read_parquet(manifest) -> filter(split) -> map_batches(ClipDecoder, CPU tasks or actors)
         -> rows of frames [T, 3, S, S] uint8, frame_mask [T] uint8, tokens [L] int64, row_id
 
-One generic reader serves every source, because every source is the same manifest. The decode
-tasks resize and crop but never normalise, so each batch stays uint8 (4x smaller than float);
+One generic reader serves every source, because every source is the same manifest. The decoders
+resize and crop but never normalise, so each batch stays uint8 (4x smaller than float);
 the training worker normalises. Rows whose clip cannot be decoded are dropped from the stream
 and written to a skip report (`skips/*.jsonl`, merged by `collect_skips`) with their reason.
 
-Decoding runs as Ray tasks, at most `data.decode_actors` at once with `data.decode_cpus` each.
-They ask only for CPUs, so they can run on CPU-only nodes of a cluster while the training workers
-hold the GPUs. Tasks rather than an actor pool, because Ray Data starts a new actor pool on every
-execution of a dataset, and Ray Train executes it again every epoch: each actor imports torch and
-open_clip (5-7 s of CPU) before its first clip, which cost the demo 10-15 s per epoch and per
-evaluation (`clipray bench startup`, docs/benchmarks.md). Ray keeps task worker processes for reuse, and each keeps its
-`ClipDecoder` (tokenizer, batch arrays) in `_DECODERS`, so a warm worker starts decoding at once.
+Decoding runs on `data.decode_actors` decoders at once with `data.decode_cpus` each. They ask
+only for CPUs, so they can run on CPU-only nodes of a cluster while the training workers hold the
+GPUs. `data.decode_pool` picks how they run; both keep one `ClipDecoder` per process:
+- "tasks" (default): Ray tasks on worker processes that Ray keeps between executions, each with
+  its decoder in `_DECODERS`. Ray Data executes a dataset again every epoch and evaluation, and a
+  warm worker starts decoding at once: the demo's test split took 5.3 s per execution against
+  13-16 s with actors (`clipray bench startup`). But a task is submitted only when the last one
+  returned, so a decoder waits between calls, 0.2 s a call with two busy decoders on 2 cores.
+- "actors": a Ray Data actor pool, built anew on every execution, each actor importing torch and
+  open_clip (5-7 s of CPU) before its first clip. An actor holds its next call while it decodes
+  the current one, so it stays busy: 1.4-2x the tasks' frames/s with a decoder per core
+  (`clipray bench data`). The choice for long epochs and for streaming HowTo100M.
+docs/benchmarks.md, "Decode tasks or decode actors", has the figures.
 """
 
 from __future__ import annotations
@@ -40,8 +46,8 @@ SKIP_DIR = "skips"
 class ClipDecoder:
     """Decodes, samples, crops and tokenises a batch of manifest rows.
 
-    One instance per worker process and settings (`decode_batch` keeps them): it loads the
-    tokenizer once and appends its skipped rows to its own files in `skip_dir` (local path or
+    One instance per decode actor, or per task worker process and settings (`decode_batch` keeps
+    them): it loads the tokenizer once and appends its skipped rows to its own files in `skip_dir` (local path or
     fsspec URI).
     """
 
@@ -167,15 +173,16 @@ def clip_dataset(data: DataConfig, skip_dir: str, split: str | None = None,
     from clipray.runtime import check_fits
 
     check_fits({"data.decode_actors x data.decode_cpus": data.decode_actors * data.decode_cpus})
-    root = data.video_root or default_root(data.manifest)
+    import ray.data
+
+    args = {"data": data, "root": data.video_root or default_root(data.manifest), "skip_dir": skip_dir}
+    if data.decode_pool == "actors":
+        udf = {"fn": ClipDecoder, "fn_constructor_kwargs": args,
+               "compute": ray.data.ActorPoolStrategy(size=data.decode_actors)}
+    else:
+        udf = {"fn": decode_batch, "fn_kwargs": args, "compute": ray.data.TaskPoolStrategy(size=data.decode_actors)}
     return manifest_rows(data, split, limit, files).map_batches(
-        decode_batch,
-        fn_kwargs={"data": data, "root": root, "skip_dir": skip_dir},
-        batch_size=data.decode_batch,
-        concurrency=data.decode_actors,
-        num_cpus=data.decode_cpus,
-        batch_format="numpy",
-    )
+        **udf, batch_size=data.decode_batch, num_cpus=data.decode_cpus, batch_format="numpy")
 
 
 def manifest_rows(data: DataConfig, split: str | None = None, limit: int | None = None,

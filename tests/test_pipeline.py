@@ -40,13 +40,14 @@ def planted_manifest(tmp_path, synth_small, real_video):
     server.close()
 
 
-def test_bad_files_skipped_and_reported(ray_local, planted_manifest, tmp_path):
+@pytest.mark.parametrize("pool", ["tasks", "actors"])
+def test_bad_files_skipped_and_reported(ray_local, planted_manifest, tmp_path, pool):
     manifest, rows, expected = planted_manifest
     bad_ids = {i for i, r in enumerate(rows) if r["caption"].startswith("bad ")}
     assert 0.09 < len(bad_ids) / len(rows) < 0.2
     cfg = VideoConfig(fps=2.0, max_frames=6, size=48, timeout_s=4.0)
-    data = DataConfig(manifest=str(manifest), video=cfg, decode_actors=2, decode_cpus=0.5,
-                      decode_batch=4, max_words=16)
+    data = DataConfig(manifest=str(manifest), video=cfg, decode_pool=pool, decode_actors=2,
+                      decode_cpus=0.5, decode_batch=4, max_words=16)
     run = tmp_path / "run"
     t0 = time.time()
     got = {}

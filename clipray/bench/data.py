@@ -6,13 +6,14 @@ resize the shorter side, centre crop, keep uint8) on the same clips:
       (no fresh pages per clip): the per-core ceiling. Unpinned, decord's helper threads spill
       onto a second core (1.07-1.11 cores measured on 2 cores), which would overstate what one
       core does;
-  (b) the Ray Data pipeline (`clipray.pipeline.clip_dataset`) with one decode task at a time,
-      charged for one core or for the CPU its worker used if more: the same decode work as (a), while the
+  (b) the Ray Data pipeline (`clipray.pipeline.clip_dataset`) with one decoder, charged for one
+      core or for the CPU its process used if more: the same decode work as (a), while the
       consumer and Ray's own processes use the machine's other cores, as a decode node's spare
       capacity would;
-  (c) the pipeline with one decode task per core, charged for every core of the machine: the
+  (c) the pipeline with one decoder per core, charged for every core of the machine: the
       consumer and Ray's processes take their share from the decoders. A CPU split over the
       timed window (psutil, per process) shows where the cores went.
+(b) and (c) run once per decoder pool (`data.decode_pool`): decode tasks, then decode actors.
 Figures are normalised per core. Steady state is timed from the first batch out of the pipeline,
 so start-up (a worker importing torch, loading the tokenizer) is reported apart. After Ray shuts
 down and its processes have exited, (a) runs again: on a shared machine whose speed drifts
@@ -143,7 +144,7 @@ def bare_loop(manifest: str, cfg: VideoConfig, repeat: int) -> tuple[int, int, f
 
 def bare_cores(used: float, other: tuple[float, float]) -> str:
     """The line under a bare-loop row: its cores, and what else ran on the machine meanwhile."""
-    return (f"{'':36} {'':28} cores used: {used:.2f}" + ("" if CAN_PIN else " (not pinned on this OS)")
+    return (f"{'':36} {'':30} cores used: {used:.2f}" + ("" if CAN_PIN else " (not pinned on this OS)")
             + f"; rest of the machine {other[0]:.2f}, taken by the host {other[1]:.2f}")
 
 
@@ -173,9 +174,10 @@ def cpu_seconds() -> dict[int, tuple[str, float]]:
 
 
 def decoding(snapshot: dict[int, tuple[str, float]]) -> set[int]:
-    """The pids of a `cpu_seconds` snapshot that were running a decode task then (Ray titles a
-    busy worker `ray::<task name>`, an idle one `ray::IDLE`)."""
-    return {pid for pid, (cmd, _) in snapshot.items() if "decode_batch" in cmd}
+    """The pids of a `cpu_seconds` snapshot that were decoding then: a decode actor for its whole
+    life (`ray::MapWorker(MapBatches(ClipDecoder))`), a task worker only while it runs a decode
+    task (Ray titles it `ray::<task name>`, and `ray::IDLE` between tasks)."""
+    return {pid for pid, (cmd, _) in snapshot.items() if "decode_batch" in cmd or "ClipDecoder" in cmd}
 
 
 def cpu_split(before: dict, after: dict, wall: float, decoders: set[int]) -> dict[str, float]:
@@ -192,7 +194,7 @@ def cpu_split(before: dict, after: dict, wall: float, decoders: set[int]) -> dic
     return split
 
 
-def ray_pipeline(manifest: str, cfg: VideoConfig, repeat: int, actors: int,
+def ray_pipeline(manifest: str, cfg: VideoConfig, repeat: int, actors: int, pool: str,
                  skip_dir: str, batch: int) -> tuple[int, int, float, float, dict[str, float]]:
     from clipray.pipeline import clip_dataset
 
@@ -201,7 +203,7 @@ def ray_pipeline(manifest: str, cfg: VideoConfig, repeat: int, actors: int,
     # decoders at 0.00 cores and a ratio of 1.86x)
     rep = repeated_manifest(manifest, Path(skip_dir) / "repeated.parquet", repeat=repeat,
                             at_least=8 * batch * actors)
-    data = DataConfig(manifest=rep, video=cfg, decode_actors=actors, decode_cpus=1.0,
+    data = DataConfig(manifest=rep, video=cfg, decode_pool=pool, decode_actors=actors, decode_cpus=1.0,
                       decode_batch=batch)
     t0 = time.perf_counter()
     first = None
@@ -233,7 +235,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--frames", type=at_least(1), default=12)
     ap.add_argument("--size", type=at_least(1), default=224)
     ap.add_argument("--cores", type=at_least(1), default=os.cpu_count() or 1,
-                    help="decode tasks of run (c), one per core (default: every core)")
+                    help="decoders of run (c), one per core (default: every core)")
+    ap.add_argument("--pools", nargs="+", choices=("tasks", "actors"), default=["tasks", "actors"],
+                    help="decoder pools (data.decode_pool) to run (b) and (c) with (default: both)")
     ap.add_argument("--skip-real", action="store_true", help="only the synthetic set")
     ap.add_argument("--workdir", default=None, help="where to write the clip sets (default: a temp dir)")
     args = ap.parse_args(argv)
@@ -258,31 +262,34 @@ def main(argv: list[str] | None = None) -> int:
     bare_runs = {name: bare_loop(manifest, cfg, passes) for name, (manifest, cfg, _) in sets.items()}
     init_ray(quiet=True)
     # now, not minutes later when run (c) starts
-    check_fits({"--cores (decode tasks of run (c), 1 CPU each)": float(args.cores)}, advice="lower --cores")
+    check_fits({"--cores (decoders of run (c), 1 CPU each)": float(args.cores)}, advice="lower --cores")
     quiet_data_progress()
     per_core_runs: dict[str, list[tuple[str, float]]] = {}  # set -> (label, frames/s per core)
-    header = f"{'clip set':36} {'method':28} {'clips/s':>8} {'frames/s':>9} {'frames/s/core':>14}"
+    header = f"{'clip set':36} {'method':30} {'clips/s':>8} {'frames/s':>9} {'frames/s/core':>14}"
     print(header)
     print("-" * len(header))
-    runs = [("(b) Ray Data, 1 decode task", 1)]
-    if args.cores > 1:
-        runs.append((f"(c) Ray Data, {args.cores} decode tasks", args.cores))
+    runs = []  # (label, decoders, pool)
+    for pool in args.pools:
+        kind = pool.removesuffix("s")
+        runs.append((f"(b) Ray Data, 1 decode {kind}", 1, pool))
+        if args.cores > 1:
+            runs.append((f"(c) Ray Data, {args.cores} decode {pool}", args.cores, pool))
     for n_set, (name, (manifest, cfg, batch)) in enumerate(sets.items()):
         c, f, dt, used, other = bare_runs[name]
         bare = f / dt
-        print(f"{name:36} {'(a) bare decord loop, 1 core':28} {c / dt:8.1f} {bare:9.1f} {bare:14.1f}")
+        print(f"{name:36} {'(a) bare decord loop, 1 core':30} {c / dt:8.1f} {bare:9.1f} {bare:14.1f}")
         print(bare_cores(used, other))
-        for label, actors in runs:
-            c, f, dt, startup, split = ray_pipeline(manifest, cfg, args.repeat, actors,
-                                                    str(work / f"ray-{n_set}-{actors}"), batch)
+        for label, actors, pool in runs:
+            c, f, dt, startup, split = ray_pipeline(manifest, cfg, args.repeat, actors, pool,
+                                                    str(work / f"ray-{n_set}-{pool}-{actors}"), batch)
             if c == 0:  # the first batch is start-up: nothing was left to time
                 raise SystemExit(f"clipray bench data: {name}: the pipeline produced one batch of {batch} "
                                  f"clips or fewer, nothing to time after start-up; raise --videos or --repeat")
             # each decoder is charged for its core, or for more if its threads used more
             per_core = f / dt / max(actors, split["decode workers"])
-            print(f"{name:36} {label:28} {c / dt:8.1f} {f / dt:9.1f} "
+            print(f"{name:36} {label:30} {c / dt:8.1f} {f / dt:9.1f} "
                   f"{per_core:14.1f}   ratio {per_core / bare:.2f}x  (start-up {startup:.1f}s)")
-            print(f"{'':36} {'':28} cores used: " + ", ".join(f"{k} {v:.2f}" for k, v in split.items()))
+            print(f"{'':36} {'':30} cores used: " + ", ".join(f"{k} {v:.2f}" for k, v in split.items()))
             per_core_runs.setdefault(name, []).append((label, per_core))
     import psutil
     import ray
@@ -297,11 +304,11 @@ def main(argv: list[str] | None = None) -> int:
         c, f, dt, used, other = bare_loop(manifest, cfg, passes)
         first, again = bare_runs[name][1] / bare_runs[name][2], f / dt
         mean = (first + again) / 2
-        print(f"{name:36} {'(a) bare decord loop, again':28} {c / dt:8.1f} {again:9.1f} {again:14.1f}"
+        print(f"{name:36} {'(a) bare decord loop, again':30} {c / dt:8.1f} {again:9.1f} {again:14.1f}"
               f"   {again / first - 1:+.0%} against the first (a)")
         print(bare_cores(used, other))
         for label, per_core in per_core_runs[name]:
-            print(f"{'':36} {label:28} {'':33} ratio {per_core / mean:.2f}x")
+            print(f"{'':36} {label:30} {'':33} ratio {per_core / mean:.2f}x")
     return 0
 
 
