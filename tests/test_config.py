@@ -49,6 +49,7 @@ def test_bad_override(tmp_path):
     ("data.batch_size", "0", "data.batch_size must be >= 1, got 0"),
     ("data.video.fps", "0", "data.video.fps must be > 0, got 0.0"),
     ("data.video.backend", "decrod", "data.video.backend must be one of decord, pyav, got 'decrod'"),
+    ("data.decode_pool", "actor", "data.decode_pool must be one of tasks, actors, got 'actor'"),
     ("data.video.slice", "middle", "data.video.slice must be one of head, tail, uniform, got 'middle'"),
     ("optim.warmup_ratio", "1.0", "optim.warmup_ratio must be in [0, 1), got 1.0"),
     ("train.num_workers", "0", "train.num_workers must be >= 1, got 0"),
