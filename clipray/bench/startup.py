@@ -4,11 +4,11 @@ Ray Data starts afresh every time a dataset is executed, and Ray Train executes 
 and test datasets again every epoch, so on small data that start-up, not decoding, sets the
 pace. This runs the demo's test split (the demo config's decode settings) through three
 versions of the pipeline, in interleaved rounds on one embedded Ray:
-  (a) decode actors (`ClipDecoder` in a Ray Data actor pool, as `clip_dataset` had it) with Ray
-      Data's 32 Parquet footer-reader actors: the baseline;
-  (b) the same actor pool with one footer reader per manifest file;
-  (c) `clip_dataset` itself: decode tasks on workers Ray keeps between executions, one footer
-      reader per file.
+  (a) decode actors (`data.decode_pool=actors`: `ClipDecoder` in a Ray Data actor pool) with Ray
+      Data's 32 Parquet footer-reader actors: the pipeline before f0a301c, the baseline;
+  (b) the same actor pool with one footer reader per manifest file, as `clip_dataset` reads;
+  (c) decode tasks (`data.decode_pool=tasks`, the default) on workers Ray keeps between
+      executions, one footer reader per file.
 For each: seconds to the first batch and to the last, for the first execution and the median
 of the later ones (an actor pool starts anew each time; task workers are started once).
 """
@@ -33,22 +33,15 @@ ARMS = {
 
 
 def dataset(arm: str, data, skip_dir: str):
-    import ray.data
+    from dataclasses import replace
 
-    from clipray.manifest import default_root
-    from clipray.pipeline import ClipDecoder, clip_dataset, manifest_rows
+    from clipray.pipeline import clip_dataset
 
-    if arm == "c":
-        return clip_dataset(data, skip_dir, split="test")
     # (a) sets Ray Data's default, which manifest_rows then leaves alone; the environment is
     # restored as it was, a user's own value included
     footer = {"RAY_DATA_PARQUET_FOOTER_NUM_ACTORS": "32"} if arm == "a" else {}
     with mock.patch.dict(os.environ, footer):
-        rows = manifest_rows(data, split="test")
-    return rows.map_batches(ClipDecoder, fn_constructor_args=(data, data.video_root or default_root(data.manifest),
-                                                              skip_dir),
-                            batch_size=data.decode_batch, compute=ray.data.ActorPoolStrategy(size=data.decode_actors),
-                            num_cpus=data.decode_cpus, batch_format="numpy")
+        return clip_dataset(replace(data, decode_pool="tasks" if arm == "c" else "actors"), skip_dir, split="test")
 
 
 def execute(ds) -> tuple[int, float, float]:
