@@ -18,8 +18,9 @@ GPUs. `data.decode_pool` picks how they run; both keep one `ClipDecoder` per pro
   returned, so a decoder waits between calls, 0.2 s a call with two busy decoders on 2 cores.
 - "actors": a Ray Data actor pool, built anew on every execution, each actor importing torch and
   open_clip (5-7 s of CPU) before its first clip. An actor holds its next call while it decodes
-  the current one, so it stays busy: 1.4-2x the tasks' frames/s with a decoder per core
-  (`clipray bench data`). The choice for long epochs and for streaming HowTo100M.
+  the current one, so it stays busy: with a decoder per core, 1.14-1.17x the tasks' frames/s on
+  real H.264 and 1.8-2.2x on synthetic clips (`clipray bench data`). The choice for long epochs
+  and for streaming HowTo100M.
 docs/benchmarks.md, "Decode tasks or decode actors", has the figures.
 """
 
@@ -47,8 +48,8 @@ class ClipDecoder:
     """Decodes, samples, crops and tokenises a batch of manifest rows.
 
     One instance per decode actor, or per task worker process and settings (`decode_batch` keeps
-    them): it loads the tokenizer once and appends its skipped rows to its own files in `skip_dir` (local path or
-    fsspec URI).
+    them): it loads the tokenizer once and appends its skipped rows to its own files in
+    `skip_dir` (local path or fsspec URI).
     """
 
     def __init__(self, data: DataConfig, root: str, skip_dir: str):
@@ -180,7 +181,8 @@ def clip_dataset(data: DataConfig, skip_dir: str, split: str | None = None,
         udf = {"fn": ClipDecoder, "fn_constructor_kwargs": args,
                "compute": ray.data.ActorPoolStrategy(size=data.decode_actors)}
     else:
-        udf = {"fn": decode_batch, "fn_kwargs": args, "compute": ray.data.TaskPoolStrategy(size=data.decode_actors)}
+        udf = {"fn": decode_batch, "fn_kwargs": args,
+               "compute": ray.data.TaskPoolStrategy(size=data.decode_actors)}
     return manifest_rows(data, split, limit, files).map_batches(
         **udf, batch_size=data.decode_batch, num_cpus=data.decode_cpus, batch_format="numpy")
 
