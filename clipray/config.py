@@ -141,6 +141,7 @@ class Config:
 # zero batch or a misspelt backend fails at start-up rather than as a ZeroDivisionError or with
 # every clip skipped. A rule is (test, what it says); None always passes (an unset Optional).
 SPLITS = ("train", "val", "test")  # a manifest row's split (clipray.manifest imports it from here)
+DECODE_POOLS = ("tasks", "actors")  # data.decode_pool (clipray bench data --pools takes them too)
 
 
 def _at_least(lo: float) -> tuple[Any, str]:
@@ -159,7 +160,7 @@ RULES: dict[type, dict[str, tuple[Any, str]]] = {
     VideoConfig: dict(backend=_one_of("decord", "pyav"), fps=_above(0), max_frames=_at_least(1),
                       slice=_one_of("head", "tail", "uniform"), size=_at_least(1), timeout_s=_above(0)),
     DataConfig: dict(split=_one_of(*SPLITS), eval_split=_one_of(*SPLITS), max_words=_at_least(2),
-                     batch_size=_at_least(1), decode_pool=_one_of("tasks", "actors"), decode_actors=_at_least(1),
+                     batch_size=_at_least(1), decode_pool=_one_of(*DECODE_POOLS), decode_actors=_at_least(1),
                      decode_cpus=_above(0), decode_batch=_at_least(1),
                      shuffle_buffer=_at_least(0)),
     OptimConfig: dict(lr=_above(0), coef_lr=_at_least(0), weight_decay=_at_least(0), eps=_above(0),

@@ -19,6 +19,9 @@ def test_cpu_split_groups_processes_by_role_over_the_window():
              104: ("ray::MapBatches(decode_batch)", 4.0)}
     # pid 105 exited inside the window: its time is unknown and not counted
     assert decoding(before) | decoding(after) == {101, 104}  # each seen busy in one snapshot
+    # a decode actor keeps its title, busy or idle; other actors are not decoders
+    assert decoding({106: ("ray::MapWorker(MapBatches(ClipDecoder))", 1.0),
+                     107: ("ray::MapWorker(MapBatches(Tokenise))", 1.0)}) == {106}
     split = cpu_split(before | {105: ("ray::IDLE", 2.0)}, after, wall=5.0, decoders={101, 104, 105})
     assert split["decode workers"] == pytest.approx((3.0 + 4.0) / 5.0)
     assert split["consumer"] == pytest.approx(0.5 / 5.0)

@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 
 from clipray.cli import at_least
-from clipray.config import DataConfig, VideoConfig
+from clipray.config import DECODE_POOLS, DataConfig, VideoConfig
 from clipray.manifest import read_manifest, resolve_path, default_root, write_manifest
 
 
@@ -236,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--size", type=at_least(1), default=224)
     ap.add_argument("--cores", type=at_least(1), default=os.cpu_count() or 1,
                     help="decoders of run (c), one per core (default: every core)")
-    ap.add_argument("--pools", nargs="+", choices=("tasks", "actors"), default=["tasks", "actors"],
+    ap.add_argument("--pools", nargs="+", choices=DECODE_POOLS, default=list(DECODE_POOLS),
                     help="decoder pools (data.decode_pool) to run (b) and (c) with (default: both)")
     ap.add_argument("--skip-real", action="store_true", help="only the synthetic set")
     ap.add_argument("--workdir", default=None, help="where to write the clip sets (default: a temp dir)")
