@@ -60,8 +60,8 @@ def start(cfg: AppConfig, quiet_ray: bool = True) -> str:
     from clipray.runtime import init_ray, is_embedded
     from serve.app import app_from_config
 
+    app = app_from_config(cfg)  # config errors (no index at out=, ...) surface before Ray starts
     init_ray(cfg.ray, quiet=quiet_ray)
-    app = app_from_config(cfg)  # config errors surface before anything starts
     # on this machine, a taken port would otherwise surface as a traceback from Serve's proxy
     if is_embedded() and _live_http() is None and not port_free(cfg.serve.host, cfg.serve.port):
         raise ConfigError(f"serve.port {cfg.serve.port} on {cfg.serve.host} is taken by another "

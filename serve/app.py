@@ -227,12 +227,21 @@ class AppArgs(BaseModel):
 
 
 def _export_for(cfg: AppConfig, meta: dict) -> str:
+    """The export to serve: the index's own unless `checkpoint` names one; that one (local or at a
+    URI) must hold the same weights the index was built with."""
+    import tempfile
+
+    from clipray.export import fetch_export
+
     if not cfg.checkpoint:
         return meta["export"]
-    if store.fingerprint(cfg.checkpoint) != meta["fingerprint"]:
-        raise ConfigError(f"checkpoint={cfg.checkpoint} is not the model the index {cfg.out} was "
-                          "built with: its vectors would not match")
-    return os.path.abspath(cfg.checkpoint)
+    with tempfile.TemporaryDirectory(prefix="clipray-export-") as tmp:
+        local = fetch_export(cfg.checkpoint, tmp)
+        if store.fingerprint(local) != meta["fingerprint"]:
+            raise ConfigError(f"checkpoint={cfg.checkpoint} is not the model the index {cfg.out} was "
+                              "built with: its vectors would not match")
+    # a fetched copy is gone with tmp: serve the index's, which holds the same weights
+    return meta["export"] if local == tmp else os.path.abspath(local)
 
 
 def app_from_config(cfg: AppConfig) -> Any:

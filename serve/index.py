@@ -11,6 +11,9 @@ video encoder -> embeddings Parquet + a faiss index in `out` (layout: `serve.sto
 - Incremental: clips already in `out` (same path, start, end) are not embedded again; a run adds
   one Parquet part and rebuilds the faiss index over everything. The export must be the same
   model (checked by fingerprint), or the vectors would live in different spaces.
+- `checkpoint` is an export directory, local or at a URI (`s3://.../<run>/export`, where a run
+  stored in object storage keeps it); one at a URI is copied into `out/model-<fingerprint>/`,
+  which the index then serves with.
 - Only indexable (loose) heads give video vectors. A tightTransf export joins as a re-ranker:
   `index.rerank_checkpoint=TIGHT_EXPORT` also stores its per-frame features, and the served app
   re-scores the loose index's top candidates with it.
@@ -158,11 +161,36 @@ def _progress(done: int, total: int, skipped: int, t0: float) -> None:
           end="", flush=True)
 
 
-def _check_export(path: str, what: str, indexable: bool) -> dict:
-    from clipray.export import read_export_config
+def _local_export(path: str, what: str, out: Path) -> str:
+    """A local directory holding the export at `path`. One at a URI (a run directory in object
+    storage) is copied into `out/model-<fingerprint>`: the index keeps its own copy, and a later
+    run with another model can never overwrite it."""
+    import shutil
+    import tempfile
+
+    from clipray.export import fetch_export
 
     if not path:
         raise ConfigError(f"{what}: give an export directory (<run>/export)")
+    if "://" not in path or path.startswith("file://"):
+        return os.path.abspath(path.removeprefix("file://"))
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=out, prefix=".fetch-")
+    try:
+        fetch_export(path, tmp)
+        keep = out.absolute() / f"model-{store.fingerprint(tmp)}"
+        if not keep.exists():
+            os.rename(tmp, keep)
+        return str(keep)
+    except FileNotFoundError as e:
+        raise ConfigError(f"{what}={path}: no clipray export there ({e})") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _check_export(path: str, what: str, indexable: bool) -> dict:
+    from clipray.export import read_export_config
+
     conf = read_export_config(path)
     if conf["indexable"] != indexable:
         raise ConfigError(
@@ -177,14 +205,18 @@ def build_index(cfg: AppConfig, quiet: bool = False) -> dict[str, Any]:
     """Embed the manifest's new clips into `cfg.out` and rebuild the faiss index; returns meta."""
     import ray.data
 
+    from clipray.runtime import init_ray
+
     if not cfg.manifest or not cfg.out:
         raise ConfigError("clipray index needs manifest=... and out=...")
-    export = os.path.abspath(cfg.checkpoint)
-    conf = _check_export(export, "checkpoint", indexable=True)
-    rerank = os.path.abspath(cfg.index.rerank_checkpoint) if cfg.index.rerank_checkpoint else ""
-    if rerank:
-        _check_export(rerank, "index.rerank_checkpoint", indexable=False)
     out = Path(cfg.out)
+    export = _local_export(cfg.checkpoint, "checkpoint", out)
+    conf = _check_export(export, "checkpoint", indexable=True)
+    rerank = ""
+    if cfg.index.rerank_checkpoint:
+        rerank = _local_export(cfg.index.rerank_checkpoint, "index.rerank_checkpoint", out)
+        _check_export(rerank, "index.rerank_checkpoint", indexable=False)
+    init_ray(cfg.ray, quiet=True)  # after the checks above: a wrong path fails in a second
     out.mkdir(parents=True, exist_ok=True)
     meta, fp = store.read_meta(out), store.fingerprint(export)
     if meta and meta["fingerprint"] != fp:
@@ -313,11 +345,10 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(sys.argv[1:] if argv is None else argv)
     cfg = load_app_config(args.config, args.overrides)
 
-    from clipray.runtime import init_ray, quiet_data_progress
+    from clipray.runtime import quiet_data_progress
 
-    init_ray(cfg.ray, quiet=True)
     quiet_data_progress()
-    build_index(cfg)
+    build_index(cfg)  # starts Ray (or joins RAY_ADDRESS's) once its inputs check out
     return 0
 
 

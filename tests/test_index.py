@@ -161,6 +161,45 @@ def test_another_model_cannot_append(windowed, synth_small, tmp_path):
     assert not skip.exists() or all(json.loads(line)["reason"] for line in skip.read_text().splitlines())
 
 
+def test_export_at_a_uri_is_copied_into_the_index(ray_local, s3_server, export, synth_small, tmp_path):
+    """A run kept in object storage keeps its export there: `checkpoint=s3://...` builds the same
+    index as the export on disk, into an index that holds its own copy of the model (so serving
+    needs no bucket); a wrong or empty checkpoint fails naming the key, before anything runs."""
+    if s3_server is None:
+        pytest.skip("moto[server] is not installed (pip install -e '.[dev]')")
+    from serve import store
+    from serve.app import _export_for
+    from serve.config import load_app_config
+    from serve.index import build_index
+
+    s3 = s3_server.ensure_bucket()
+    s3.fs().put(export, f"{s3.bucket}/runs/r1/export", recursive=True)
+    uri, manifest = s3.url("runs/r1/export"), synth_small["manifest"]
+    disk = build_index(_cfg(export, manifest, tmp_path / "disk", "index.split=test"), quiet=True)
+    remote = build_index(_cfg(uri, manifest, tmp_path / "remote", "index.split=test"), quiet=True)
+    fp = store.fingerprint(export)
+    assert disk["fingerprint"] == remote["fingerprint"] == fp
+    assert remote["export"] == str((tmp_path / "remote" / f"model-{fp}").absolute())
+    assert store.fingerprint(remote["export"]) == fp
+    assert not list((tmp_path / "remote").glob(".fetch-*"))
+
+    def vectors(out):  # by clip, since the job may finish its batches in any order
+        t = store.read_table(out).sort_by([("path", "ascending"), ("start", "ascending")])
+        return t.column("path").to_pylist(), store.embedding_matrix(t)
+
+    (paths_d, x_d), (paths_r, x_r) = vectors(tmp_path / "disk"), vectors(tmp_path / "remote")
+    assert paths_d == paths_r and len(paths_d) == disk["count"] > 0
+    np.testing.assert_allclose(x_r, x_d, atol=1e-5)
+    # serving with checkpoint=URI: the same weights, so the index's own copy serves
+    assert _export_for(_cfg(uri, manifest, tmp_path / "remote"), remote) == remote["export"]
+
+    with pytest.raises(ConfigError, match=r"checkpoint=s3://\S+/runs/none/export: no clipray export"):
+        build_index(_cfg(s3.url("runs/none/export"), manifest, tmp_path / "none"), quiet=True)
+    assert not list((tmp_path / "none").glob(".fetch-*"))
+    with pytest.raises(ConfigError, match=r"^checkpoint: give an export directory"):
+        build_index(load_app_config(None, [f"manifest={manifest}", f"out={tmp_path / 'none'}"]), quiet=True)
+
+
 def test_plan_streams_the_manifest_into_unique_clips_and_a_caption_sample(synth_small, tmp_path):
     import os
 
