@@ -395,7 +395,7 @@ def test_generic_refuses_hhmmss_and_clashing_ids(tmp_path):
     fx.write(tmp_path, "c.csv", "path,caption\na/x.mp4,one\nb/x.mp4,two\n")  # both default to 'x'
     with pytest.raises(SourceError, match="video_id 'x'"):
         prepare("generic", tmp_path, tmp_path / "g.parquet", file="c.csv")
-    with pytest.raises(SourceError, match="pass file="):
+    with pytest.raises(SourceError, match="-o file=PATH"):
         prepare("generic", tmp_path, tmp_path / "g.parquet")
 
 

@@ -229,7 +229,7 @@ class Context:
                         return self._found(join(d, name))
         if required:
             raise SourceError(f"{self.source}: none of {list(names)} found in {base!r} or two "
-                              "folder levels below it (pass annotations=DIR if they live elsewhere)")
+                              "folder levels below it (pass -o annotations=DIR if they live elsewhere)")
         return None
 
     def _levels(self) -> list[list[str]]:

@@ -95,7 +95,7 @@ def read_records(path: str, ctx: Context) -> Iterator[tuple[str, dict]]:
 
 def rows(ctx: Context) -> Iterator[dict]:
     if not ctx.options["file"]:
-        raise SourceError("generic: pass file=PATH, the CSV or JSONL to read (see datasets/generic.yaml)")
+        raise SourceError("generic: name the CSV or JSONL to read with -o file=PATH (see datasets/generic.yaml)")
     path = ctx.user_path(str(ctx.options["file"]))
     ctx.metadata.update(file=path)
     files = ctx.files(exts=None)  # user videos may carry any extension
