@@ -53,6 +53,8 @@ def test_bad_override(tmp_path):
     ("data.video.slice", "middle", "data.video.slice must be one of head, tail, uniform, got 'middle'"),
     ("optim.warmup_ratio", "1.0", "optim.warmup_ratio must be in [0, 1), got 1.0"),
     ("train.num_workers", "0", "train.num_workers must be >= 1, got 0"),
+    ("train.zero_stage", "5", "train.zero_stage must be one of 0, 1, 2, 3, got 5"),
+    ("train.precision", "fp16", "train.precision must be one of auto, fp32, bf16, got 'fp16'"),
     ("ray.num_cpus", "0", "ray.num_cpus must be >= 1, got 0"),
 ])
 def test_values_out_of_range_name_key_and_source(tmp_path, key, value, says):
