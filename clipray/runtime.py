@@ -97,9 +97,14 @@ def model_pool(section: str, actors: int, cpus: float, gpus: float) -> float:
 
 
 def quiet_data_progress() -> None:
-    """Ray Data's per-operator progress bars drown a driver's own progress line."""
+    """Ray Data's per-operator progress bars drown a driver's own progress line, and its one
+    console line per execution ("Dataset ... execution finished in N seconds", INFO) lands in the
+    middle of it; warnings still show, and Ray Data's log file keeps its INFO lines otherwise."""
+    import logging
+
     import ray.data
 
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
+    logging.getLogger("ray.data._internal.execution.streaming_executor").setLevel(logging.WARNING)

@@ -22,7 +22,7 @@ from clipray.config import OptimConfig, TrainConfig
 def precision(train: TrainConfig) -> str:
     if train.precision == "auto":
         return "bf16" if train.use_gpu else "fp32"
-    return train.precision  # auto, fp32 or bf16: checked when the config loads (clipray.config.RULES)
+    return train.precision  # fp32 or bf16 (any other value fails when the config loads)
 
 
 def build(train: TrainConfig, batch_size: int) -> dict[str, Any]:
