@@ -148,7 +148,10 @@ def run(cfg: Config, quiet_ray: bool = False, stop_epoch: int = 0, table: bool =
         run_config=ray.train.RunConfig(
             name=cfg.train.run_name, storage_path=out.rsplit("/", 1)[0],
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            # the controller's INFO lines (resources requested, worker group started) off the
+            # console; the workers quiet their own (train.loop.quiet_worker_logs)
+            logging_config=ray.train.LoggingConfig(log_level="WARNING")),
     )
     t0 = time.perf_counter()
     try:
@@ -184,7 +187,9 @@ def _eval_loop(config: dict[str, Any]) -> None:
 
     from clipray.export import fetch_export, load_export
     from train.evaluate import evaluate
+    from train.loop import quiet_worker_logs
 
+    quiet_worker_logs()
     with tempfile.TemporaryDirectory() as d:
         model = load_export(fetch_export(config["export"], d), ray.train.torch.get_device())
     metrics = evaluate(model, ray.train.get_dataset_shard("test"), config["manifest"], config["split"],
@@ -217,7 +222,8 @@ def evaluate_export(cfg: Config, export: str, split: str, name: str) -> dict[str
             resources_per_worker={"CPU": cfg.train.cpus_per_worker}),
         datasets={"test": clip_dataset(data, out, split=split)},
         dataset_config=_data_config(),
-        run_config=ray.train.RunConfig(name=name, storage_path=f"{out}/evaluations"),
+        run_config=ray.train.RunConfig(name=name, storage_path=f"{out}/evaluations",
+                                       logging_config=ray.train.LoggingConfig(log_level="WARNING")),
     )
     metrics = dict(trainer.fit().metrics, eval_split=split, export=export)
     _put_text(f"{out}/{name}.json", json.dumps(metrics, indent=1))

@@ -73,16 +73,27 @@ class Progress:
         self.total, self.start_step, self.clips = total, start_step, clips_per_step
         self.t0 = self.last = time.perf_counter()
 
-    def __call__(self, epoch: int, epochs: int, step: int, loss: float, lr: float, force=False) -> None:
+    def __call__(self, epoch: int, epochs: int, step: int, loss: float, lr: float, epoch_end=False) -> None:
+        """A line at most every 5 s with this step's loss, and one at the end of each epoch with
+        the epoch's mean loss."""
         now = time.perf_counter()
-        if not force and now - self.last < 5.0:
+        if not epoch_end and now - self.last < 5.0:
             return
         self.last = now
         done = step - self.start_step
         rate = done * self.clips / max(now - self.t0, 1e-9)
         eta = (self.total - step) * (now - self.t0) / max(done, 1)
-        say(f"[train] epoch {epoch}/{epochs} step {step}/{self.total} loss {loss:.4f} "
+        what = "epoch mean loss" if epoch_end else "loss"
+        say(f"[train] epoch {epoch}/{epochs} step {step}/{self.total} {what} {loss:.4f} "
             f"lr {lr:.2e} {rate:.1f} clips/s ETA {int(eta) // 60:02d}:{int(eta) % 60:02d}")
+
+
+def quiet_worker_logs() -> None:
+    """In a Ray Train worker: Ray Train logs every report at INFO from every rank (one line under
+    a logger named by its file path, which only the root logger's level reaches) and open_clip
+    logs each model it builds at INFO. Our progress lines say what matters; warnings still show."""
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
+    logging.getLogger().setLevel(logging.WARNING)
 
 
 def train_loop(config: dict[str, Any]) -> None:
@@ -95,8 +106,7 @@ def train_loop(config: dict[str, Any]) -> None:
     from train import ds_config
     from train.evaluate import evaluate
 
-    # Ray Train logs every checkpoint and report at INFO from every rank; our progress line says it
-    logging.getLogger("ray.train").setLevel(logging.WARNING)
+    quiet_worker_logs()
     cfg: Config = config["cfg"]
     steps_per_epoch: int = config["steps_per_epoch"]
     ctx = ray.train.get_context()
@@ -175,7 +185,7 @@ def train_loop(config: dict[str, Any]) -> None:
         record = {"epoch": epoch, "step": state["step"], "loss": sum(losses) / len(losses),
                   "lr": sched.get_last_lr()[-1], "clips_per_s": len(losses) * B * world / seconds}
         if rank == 0:
-            progress(epoch, segments, state["step"], record["loss"], record["lr"], force=True)
+            progress(epoch, segments, state["step"], record["loss"], record["lr"], epoch_end=True)
         last = epoch >= stop or state["step"] >= total
         if last or epoch % max(1, cfg.train.eval_every_epochs) == 0:
             m = eval_model(engine, cfg, replica)
