@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import signal
 import socket
 import sys
@@ -67,9 +68,11 @@ def start(cfg: AppConfig, quiet_ray: bool = True) -> str:
         raise ConfigError(f"serve.port {cfg.serve.port} on {cfg.serve.host} is taken by another "
                           f"process (an earlier clipray serve?): stop it or pick another, e.g. "
                           f"serve.port={cfg.serve.port + 1}")
+    logs = {"log_level": cfg.serve.log_level}
+    logging.getLogger("ray.serve").setLevel(cfg.serve.log_level)  # this process's Serve lines
     # the port is fixed when Serve's proxy starts: before serve.run, which would start it on 8000
-    serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
-    serve.run(app, name=cfg.serve.app_name, route_prefix="/")
+    serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port}, logging_config=logs)
+    serve.run(app, name=cfg.serve.app_name, route_prefix="/", logging_config=logs)
     url = url_of(cfg)
     live = _live_http()
     if live and live[1] != cfg.serve.port:

@@ -29,6 +29,7 @@ from clipray.config import ConfigError, RayConfig, VideoConfig, load_config
 
 INDEX_KINDS = ("flat", "ivf_flat", "ivf_sq8", "ivf_pq", "hnsw")
 SPLITS = ("all", "train", "val", "test")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "demo.yaml"
 
 
@@ -85,6 +86,10 @@ class ServeConfig:
     port: int = 8000
     app_name: str = "clipray"
     max_words: int = 32  # caption tokens fed to the text encoder
+    # Serve's own logs (controller, proxy, every replica) under `clipray serve`: INFO has a line
+    # per request and per replica change, WARNING only problems (the demo's choice). Under
+    # `serve run` or a RayService, Serve's own `logging_config` decides.
+    log_level: str = "INFO"
     ingress: DeploymentConfig = field(default_factory=lambda: DeploymentConfig(
         max_batch_size=1, max_ongoing_requests=64, target_ongoing_requests=32, num_cpus=0.25))
     text_encoder: DeploymentConfig = field(default_factory=DeploymentConfig)
@@ -137,6 +142,8 @@ def resolve(cfg: AppConfig) -> AppConfig:
         raise ConfigError("index.actors and index.batch must be >= 1")
     if not 0 < sv.port < 65536:
         raise ConfigError(f"serve.port out of range: {sv.port}")
+    if sv.log_level not in LOG_LEVELS:
+        raise ConfigError(f"serve.log_level must be one of {LOG_LEVELS}, got {sv.log_level!r}")
     lim = sv.limits
     if lim.max_text_chars < 1 or lim.max_k < 1 or lim.max_upload_mb <= 0:
         raise ConfigError("serve.limits: max_text_chars, max_k and max_upload_mb must be positive")

@@ -55,7 +55,8 @@ def serve_demo(export_dir: str, manifest: str, out_dir: str, queries: int = 4) -
 
     index_dir = str(Path(out_dir) / "index")
     cfg = load_app_config(None, [f"checkpoint={export_dir}", f"manifest={manifest}", f"out={index_dir}",
-                                 f"serve.port={_port()}", "serve.text_encoder.max_replicas=1"])
+                                 f"serve.port={_port()}", "serve.text_encoder.max_replicas=1",
+                                 "serve.log_level=WARNING"])
     build_index(cfg)
     t0 = time.perf_counter()
     url = start(cfg)

@@ -78,6 +78,9 @@ def test_serve_config_gets_the_same_video_rules():
 
     with pytest.raises(ConfigError, match="command-line override: video.max_frames must be >= 1, got 0"):
         load_app_config(None, ["video.max_frames=0"])
+    with pytest.raises(ConfigError, match="serve.log_level must be one of .*, got 'LOUD'"):
+        load_app_config(None, ["serve.log_level=LOUD"])
+    assert load_app_config(None, ["serve.log_level=WARNING"]).serve.log_level == "WARNING"
 
 
 @pytest.mark.parametrize("override, says", [
