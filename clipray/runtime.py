@@ -99,7 +99,8 @@ def model_pool(section: str, actors: int, cpus: float, gpus: float) -> float:
 def quiet_data_progress() -> None:
     """Ray Data's per-operator progress bars drown a driver's own progress line, and its one
     console line per execution ("Dataset ... execution finished in N seconds", INFO) lands in the
-    middle of it; warnings still show, and Ray Data's log file keeps its INFO lines otherwise."""
+    middle of it. Its notice that the bars are off says only what this function did. Other
+    warnings still show, and Ray Data's log file keeps its other INFO lines."""
     import logging
 
     import ray.data
@@ -108,3 +109,4 @@ def quiet_data_progress() -> None:
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
     logging.getLogger("ray.data._internal.execution.streaming_executor").setLevel(logging.WARNING)
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
