@@ -76,11 +76,20 @@ def read_export_config(export_dir: str | Path) -> dict[str, Any]:
     return config
 
 
-def fetch_export(export_dir: str, into: str | Path) -> str:
-    """A local directory holding the export: a local path as it is; one at a URI (s3://...,
-    where a run directory in object storage keeps it) copied into `into` first."""
+def local_dir(export_dir: str) -> str | None:
+    """The export's directory on this machine (a path or a file:// URI), or None when it is at
+    a remote URI (s3://..., where a run directory in object storage keeps it)."""
     if "://" not in export_dir or export_dir.startswith("file://"):
         return export_dir.removeprefix("file://")
+    return None
+
+
+def fetch_export(export_dir: str, into: str | Path) -> str:
+    """A local directory holding the export: a local one as it is; one at a remote URI copied
+    into `into` first."""
+    local = local_dir(export_dir)
+    if local is not None:
+        return local
     import fsspec
 
     fs, root = fsspec.core.url_to_fs(export_dir)

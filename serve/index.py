@@ -168,12 +168,12 @@ def _local_export(path: str, what: str, out: Path) -> str:
     import shutil
     import tempfile
 
-    from clipray.export import fetch_export
+    from clipray.export import fetch_export, local_dir
 
     if not path:
         raise ConfigError(f"{what}: give an export directory (<run>/export)")
-    if "://" not in path or path.startswith("file://"):
-        return os.path.abspath(path.removeprefix("file://"))
+    if (local := local_dir(path)) is not None:
+        return os.path.abspath(local)
     out.mkdir(parents=True, exist_ok=True)
     tmp = tempfile.mkdtemp(dir=out, prefix=".fetch-")
     try:
