@@ -134,6 +134,28 @@ def test_an_eval_manifest_without_test_rows_fails_before_training(synth_small, t
     assert not (tmp_path / "no-test").exists()
 
 
+def test_a_missing_manifest_fails_before_ray_or_a_model_loads(tmp_path):
+    """`clipray train` and `clipray edit` check their manifest before importing Ray Train, the
+    pipeline or open_clip (~5 s together), so a wrong path fails in about a second."""
+    code = f"""
+import sys
+from clipray.config import load_config
+from train import driver, edit
+for run, path in ((driver.run, {str(DEMO)!r}), (edit.run, {str(REPO / "train/configs/edit_demo.yaml")!r})):
+    try:
+        run(load_config(path, ["data.manifest={tmp_path}/missing.parquet"]))
+    except Exception as e:
+        print(type(e).__name__, e)
+print("loaded:", sorted(m for m in ("ray", "open_clip", "deepspeed") if m in sys.modules))
+"""
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    lines = out.stdout.splitlines()
+    assert out.returncode == 0, out.stderr
+    assert lines[0] == f"ManifestError manifest not found: {tmp_path}/missing.parquet"
+    assert lines[1].startswith(f"ConfigError manifest not found: {tmp_path}/missing.parquet; a manifest with timestamps")
+    assert lines[2] == "loaded: []"
+
+
 def test_when_every_clip_is_skipped_the_failure_points_at_the_skip_report(ray_local, synth_small, tmp_path, capfd):
     import ray.train
 

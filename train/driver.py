@@ -91,14 +91,6 @@ def run(cfg: Config, quiet_ray: bool = False, stop_epoch: int = 0, table: bool =
     calling again with the same run name continues from there, on whatever data the new call
     names, with the learning-rate schedule still spanning `train.epochs`: clip editing trains
     its rounds this way."""
-    import ray.train
-    from ray.train.torch import TorchTrainer
-
-    from clipray.pipeline import clip_dataset, collect_skips
-    from clipray.runtime import check_fits, init_ray, quiet_data_progress
-    from train.loop import STATE, train_loop
-
-    cfg = model_io(cfg)
     if not cfg.data.manifest:
         raise ConfigError("data.manifest is empty: give a manifest (e.g. data.manifest=PATH)")
     out = run_dir(cfg)
@@ -119,6 +111,16 @@ def run(cfg: Config, quiet_ray: bool = False, stop_epoch: int = 0, table: bool =
     if (cfg.data.eval_manifest or not cfg.data.shard_stream) and count_rows(eval_manifest, eval_split) < 1:
         raise ConfigError(f"{eval_manifest} has no {eval_split!r} rows to evaluate on: give data.eval_manifest "
                           f"a manifest with a {eval_split} split, or set data.eval_split")
+    cfg = model_io(cfg)  # loads open_clip's model configs (~4 s): after the manifest checks
+    # imported after the checks above, so a wrong path or key fails in a second, not after
+    # Ray Train and the pipeline load (~5 s)
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from clipray.pipeline import clip_dataset, collect_skips
+    from clipray.runtime import check_fits, init_ray, quiet_data_progress
+    from train.loop import STATE, train_loop
+
     init_ray(cfg.ray, quiet=quiet_ray)
     # the workers and one decode pool run at once (in shard_stream mode, one pool per worker)
     pools = cfg.train.num_workers if cfg.data.shard_stream else 1

@@ -293,7 +293,7 @@ def run(cfg: Config, quiet_ray: bool = False) -> dict[str, Any]:
     from clipray.runtime import init_ray, quiet_data_progress
     from train import driver
 
-    cfg, e = driver.model_io(cfg), cfg.edit
+    e = cfg.edit
     source = cfg.data.manifest
     if not source:
         raise ConfigError("data.manifest is empty: give a manifest with timestamps (e.g. data.manifest=PATH)")
@@ -306,6 +306,7 @@ def run(cfg: Config, quiet_ray: bool = False) -> dict[str, Any]:
     except ManifestError as err:
         raise ConfigError(f"{err}; a manifest with timestamps comes from `clipray data synth --out DIR "
                           "--idle-seconds 1` (DIR/events.parquet) or `clipray data prepare youcook2 ...`") from None
+    cfg = driver.model_io(cfg)  # loads open_clip's model configs (~4 s): after the cheap checks
     out = driver.run_dir(cfg)
     data = dataclasses.replace(cfg.data, video_root=cfg.data.video_root or default_root(source),
                                eval_manifest=cfg.data.eval_manifest or source, eval_split=e.val_split)
