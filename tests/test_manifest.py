@@ -98,3 +98,47 @@ def test_check_streams_every_shard_and_names_a_bad_row_in_a_later_one(tmp_path, 
     pq.write_table(t.set_column(t.schema.get_field_index("caption"), "caption", [captions]), shard)
     with pytest.raises(ManifestError, match=r"\(part-00001.parquet\) row 3 \(video v6\): empty caption"):
         check_manifest(out)
+
+
+def test_row_ids_repeated_across_a_folder_are_caught_by_every_reader(tmp_path):
+    """Two manifests in one folder (as `clipray data synth --out DIR` leaves manifest.parquet and
+    events.parquet) both number their rows from 0: read as one folder, their rows would share ids,
+    which batches, skip reports and evaluation join on. A folder of one manifest's shards passes."""
+    from clipray.manifest import check_unique_ids
+
+    write_manifest(rows(6), tmp_path / "mixed" / "a.parquet")
+    write_manifest(rows(4), tmp_path / "mixed" / "b.parquet")
+    hint = r"a manifest folder must hold the shards of one manifest only \(its files: a.parquet, b.parquet\)"
+    with pytest.raises(ManifestError, match=r"mixed \(b.parquet\) row 0: row_id 0 repeats an earlier row's; " + hint):
+        check_manifest(tmp_path / "mixed")
+    with pytest.raises(ManifestError, match=r"mixed: row_id (0|1|2|3) is used by more than one row; " + hint):
+        check_unique_ids(str(tmp_path / "mixed"))
+    write_manifest(rows(25), tmp_path / "sharded", rows_per_shard=10)
+    check_unique_ids(str(tmp_path / "sharded"))
+    assert check_manifest(tmp_path / "sharded").rows == 25
+    # one file with a repeat among ids above the dense range (kept from a rewrite): no folder hint
+    big = [dict(r, row_id=2**40 + i % 3) for i, r in enumerate(rows(5))]
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from clipray.manifest import SCHEMA
+
+    pq.write_table(pa.Table.from_pylist([dict(r, group=r["video_id"], timestamp=None, duration=None)
+                                         for r in big], schema=SCHEMA), tmp_path / "big.parquet")
+    with pytest.raises(ManifestError, match=rf"big.parquet row 3: row_id {2**40} repeats an earlier row's$"):
+        check_manifest(tmp_path / "big.parquet")
+    with pytest.raises(ManifestError, match=rf"row_id {2**40 + 0}|row_id {2**40 + 1}"):
+        check_unique_ids(str(tmp_path / "big.parquet"))
+
+
+def test_row_id_tracker_agrees_with_a_set():
+    import random
+
+    from clipray.manifest import RowIds
+
+    rng = random.Random(0)
+    ids, seen = RowIds(), set()
+    for _ in range(20000):
+        rid = rng.choice([rng.randrange(300), rng.randrange(200_000), rng.randrange(2**28 - 5, 2**28 + 5),
+                          rng.randrange(2**62)])
+        assert ids.add(rid) == (rid not in seen)
+        seen.add(rid)

@@ -156,6 +156,21 @@ print("loaded:", sorted(m for m in ("ray", "open_clip", "deepspeed") if m in sys
     assert lines[2] == "loaded: []"
 
 
+def test_the_synthetic_folder_given_as_the_manifest_is_refused_before_training(synth_small, tmp_path):
+    """`data synth --out DIR` writes two manifests into DIR (manifest.parquet, events.parquet);
+    DIR itself read as one manifest would mix their rows under the same row ids."""
+    from clipray.manifest import ManifestError
+    from train.driver import run
+
+    folder = str(Path(synth_small["manifest"]).parent)
+    cfg = load_config(DEMO, overrides(folder, tmp_path, "mixed"))
+    with pytest.raises(ManifestError, match=r"row_id \d+ is used by more than one row; a manifest folder must "
+                                            r"hold the shards of one manifest only \(its files: events.parquet, "
+                                            r"manifest.parquet\)"):
+        run(cfg, quiet_ray=True)
+    assert not (tmp_path / "mixed").exists()
+
+
 def test_when_every_clip_is_skipped_the_failure_points_at_the_skip_report(ray_local, synth_small, tmp_path, capfd):
     import ray.train
 

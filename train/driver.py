@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from clipray.config import Config, ConfigError, to_yaml
+from clipray.manifest import check_unique_ids
 
 
 def model_io(cfg: Config) -> Config:
@@ -101,6 +102,7 @@ def run(cfg: Config, quiet_ray: bool = False, stop_epoch: int = 0, table: bool =
             raise ConfigError("data.shard_stream trains by a step budget: set train.max_steps")
         n_train, steps_per_epoch = None, 0
     else:
+        check_unique_ids(cfg.data.manifest)
         n_train = count_rows(cfg.data.manifest, "train")
         steps_per_epoch = n_train // per_step
         if steps_per_epoch < 1:
@@ -108,6 +110,8 @@ def run(cfg: Config, quiet_ray: bool = False, stop_epoch: int = 0, table: bool =
                               f"(data.batch_size x train.num_workers)")
     eval_manifest, eval_split = cfg.data.eval_manifest or cfg.data.manifest, cfg.data.eval_split
     # (a streamed HowTo100M manifest is not counted; its evaluation set is data.eval_manifest)
+    if cfg.data.eval_manifest:
+        check_unique_ids(eval_manifest)
     if (cfg.data.eval_manifest or not cfg.data.shard_stream) and count_rows(eval_manifest, eval_split) < 1:
         raise ConfigError(f"{eval_manifest} has no {eval_split!r} rows to evaluate on: give data.eval_manifest "
                           f"a manifest with a {eval_split} split, or set data.eval_split")
