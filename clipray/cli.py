@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from typing import Callable
 
@@ -150,6 +151,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ManifestError, SourceError, FileNotFoundError) as e:
         print(f"clipray {argv[0]}: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `clipray data check M | head -1`: the reader has gone, no traceback
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's exit flush is quiet
+        return 141  # as a process killed by SIGPIPE
 
 
 if __name__ == "__main__":

@@ -142,3 +142,17 @@ def test_row_id_tracker_agrees_with_a_set():
                           rng.randrange(2**62)])
         assert ids.add(rid) == (rid not in seen)
         seen.add(rid)
+
+
+def test_check_piped_into_a_reader_that_leaves_exits_quietly(tmp_path):
+    """`clipray data check M | head -1`: the closed pipe ends the command with SIGPIPE's status
+    and nothing on stderr, not a BrokenPipeError traceback."""
+    import subprocess
+    import sys
+
+    write_manifest(rows(8), tmp_path / "m.parquet")
+    proc = subprocess.Popen([sys.executable, "-m", "clipray.cli", "data", "check", str(tmp_path / "m.parquet")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # the reader is gone before the first line is written
+    assert proc.wait(timeout=60) == 141
+    assert proc.stderr.read() == b""
