@@ -130,8 +130,12 @@ def _literal(v: str) -> object:
 
 def bench_main(argv: list[str]) -> int:
     if not argv or argv[0] not in BENCHES:
-        print(f"usage: clipray bench {{{','.join(BENCHES)}}} [options]", file=sys.stderr)
-        return 2
+        asked = bool(argv) and argv[0] in ("-h", "--help")
+        print(f"usage: clipray bench {{{','.join(BENCHES)}}} [options]; each takes --help",
+              file=sys.stdout if asked else sys.stderr)
+        if argv and not asked:
+            print(f"clipray bench: error: unknown benchmark {argv[0]!r}", file=sys.stderr)
+        return 0 if asked else 2
     return _load(BENCHES[argv[0]])(argv[1:])
 
 

@@ -92,6 +92,16 @@ def test_counts_below_their_floor_are_usage_errors_before_any_work(argv, says, t
     assert list(tmp_path.iterdir()) == []  # nothing generated, no run folder
 
 
+def test_an_unknown_benchmark_is_named(capsys):
+    from clipray.cli import main
+
+    assert main(["bench", "dta"]) == 2
+    err = capsys.readouterr().err
+    assert "clipray bench: error: unknown benchmark 'dta'" in err and "{data,model,train," in err
+    assert main(["bench", "--help"]) == 0
+    assert capsys.readouterr().out.startswith("usage: clipray bench {data,")
+
+
 def test_saved_for_backward_counts_activations_not_parameters():
     import torch
 
