@@ -13,6 +13,7 @@ Extra `key=value` arguments override the demo config, e.g. `model.name=test_seqT
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from pathlib import Path
 
@@ -28,6 +29,11 @@ def ensure_synth(data_dir: Path, videos: int, seed: int = 0, **options) -> Path:
 
         print(f"[demo] generating {videos} synthetic videos in {data_dir} ...", flush=True)
         generate(data_dir, videos=videos, seed=seed, progress=True, **options)
+        return manifest
+    made = json.loads((data_dir / "synth.json").read_text())
+    other = (made.get("videos"), made.get("seed")) != (videos, seed)
+    print(f"[demo] using the {made.get('videos')} synthetic videos (seed {made.get('seed')}) already in {data_dir}"
+          + (f"; for {videos} (seed {seed}) give another --data folder" if other else ""), flush=True)
     return manifest
 
 

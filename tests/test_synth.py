@@ -81,3 +81,18 @@ def test_idle_background_lies_between_events_and_outside_their_true_spans(tmp_pa
         before = decode_clip(path, ev["start"] - 0.9, ev["start"] - 0.1, cfg)  # the idle second before it
         assert all(len(_object_pixels(f.transpose(1, 2, 0))) == 0 for f in before.frames[before.mask == 1])
     assert len(events) > 6  # two-event videos were among them
+
+
+def test_demo_reuses_a_made_set_and_says_when_it_differs_from_the_one_asked_for(tmp_path, capsys):
+    from clipray.demo import ensure_synth
+
+    manifest = ensure_synth(tmp_path / "s", videos=3, seed=1)
+    assert read_manifest(manifest).num_rows == 3 and "generating 3 synthetic videos" in capsys.readouterr().out
+    before = sorted(p.stat().st_mtime_ns for p in (tmp_path / "s").rglob("*.mp4"))
+    assert ensure_synth(tmp_path / "s", videos=3, seed=1) == manifest
+    assert capsys.readouterr().out == f"[demo] using the 3 synthetic videos (seed 1) already in {tmp_path / 's'}\n"
+    ensure_synth(tmp_path / "s", videos=5, seed=1)
+    assert capsys.readouterr().out.endswith("already in " + str(tmp_path / "s") +
+                                            "; for 5 (seed 1) give another --data folder\n")
+    assert read_manifest(manifest).num_rows == 3  # not regenerated
+    assert sorted(p.stat().st_mtime_ns for p in (tmp_path / "s").rglob("*.mp4")) == before
