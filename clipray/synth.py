@@ -119,12 +119,35 @@ def write_mp4(path: Path, frames: Iterator[np.ndarray], width: int, height: int,
 
 def plan(videos: int, seed: int, val_frac: float, test_frac: float,
          max_events: int = 2) -> list[SynthVideo]:
-    """Decide every video's events and split. 40% single events, the rest order twins."""
+    """Decide every video's events and split. 40% single events, the rest order twins.
+
+    No caption is used twice while the event space lasts: an event always renders the same
+    frames, so two videos with one caption would be one file twice, and the same clip in train
+    and test. There are 96 single events (6 colours x 4 shapes x 4 directions); once all are
+    used, the remaining videos are twins (9,120 ordered pairs at `max_events=2`); only a lone
+    last video, or a set larger than the space, repeats a caption.
+    """
     rng = np.random.default_rng(seed)
+    used: set[str] = set()
 
     def event() -> Event:
         return Event(str(rng.choice(list(COLOURS))), str(rng.choice(SHAPES)),
                      str(rng.choice(list(DIRECTIONS))))
+
+    def fresh(n: int, tries: int = 200, must: bool = False) -> tuple[Event, ...] | None:
+        """n events whose caption, and for twins the swapped one, is not used yet; after
+        `tries` draws, None, or with `must` a used one."""
+        while True:
+            evs = tuple(event() for _ in range(n))
+            if n > 1 and evs[0] == evs[-1]:  # twins must differ when swapped
+                continue
+            captions = {SynthVideo("", evs, "").caption, SynthVideo("", evs[::-1], "").caption}
+            tries -= 1
+            if not captions & used or (must and tries < 0):
+                used.update(captions)
+                return evs
+            if tries < 0:
+                return None
 
     def split() -> str:
         u = rng.random()
@@ -133,16 +156,15 @@ def plan(videos: int, seed: int, val_frac: float, test_frac: float,
     out: list[SynthVideo] = []
     while len(out) < videos:
         vid = f"synth{len(out):05d}"
-        if videos - len(out) >= 2 and rng.random() < 0.6:
-            n = int(rng.integers(2, max_events + 1))
-            evs = [event() for _ in range(n)]
-            while evs[0] == evs[-1]:
-                evs[-1] = event()
+        pair_fits = videos - len(out) >= 2
+        single = None if pair_fits and rng.random() < 0.6 else fresh(1)
+        if single is None and pair_fits:
+            evs = fresh(int(rng.integers(2, max_events + 1)), tries=2_000, must=True)
             twin_id, s = f"synth{len(out) + 1:05d}", split()
-            out.append(SynthVideo(vid, tuple(evs), s, twin_id))
-            out.append(SynthVideo(twin_id, tuple(reversed(evs)), s, vid))
+            out.append(SynthVideo(vid, evs, s, twin_id))
+            out.append(SynthVideo(twin_id, evs[::-1], s, vid))
         else:
-            out.append(SynthVideo(vid, (event(),), split()))
+            out.append(SynthVideo(vid, single or fresh(1, 0, must=True), split()))
     return out
 
 

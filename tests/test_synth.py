@@ -39,6 +39,23 @@ def test_twins_swap_event_order():
     assert {v.split for v in specs} == {"train", "val", "test"}
 
 
+def test_no_caption_or_video_twice_while_the_event_space_lasts(synth_small):
+    """An event always renders the same frames, so a repeated caption would be one video twice,
+    perhaps once in train and once in test (the 240-video demo set had 15 such repeats, and 4 of
+    its 45 test videos were also in train)."""
+    import hashlib
+
+    for videos, seed in ((240, 0), (600, 1)):
+        captions = [v.caption for v in plan(videos, seed, val_frac=0.1, test_frac=0.2)]
+        assert len(set(captions)) == len(captions) == videos
+    # past the 96 single events only twins are drawn
+    assert sum(len(v.events) == 1 for v in plan(600, 1, val_frac=0.1, test_frac=0.2)) == 96
+    t = read_manifest(synth_small["manifest"])
+    root = synth_small["manifest"].rsplit("/", 1)[0]
+    digests = {hashlib.sha1(_all_frames(f"{root}/{p}").tobytes()).hexdigest() for p in t.column("path").to_pylist()}
+    assert len(digests) == t.num_rows == 24
+
+
 def _object_pixels(rgb: np.ndarray) -> np.ndarray:
     return np.argwhere(np.abs(rgb.astype(int) - 24).sum(-1) > 90)
 
