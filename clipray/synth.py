@@ -156,7 +156,7 @@ def plan(videos: int, seed: int, val_frac: float, test_frac: float,
     out: list[SynthVideo] = []
     while len(out) < videos:
         vid = f"synth{len(out):05d}"
-        pair_fits = videos - len(out) >= 2
+        pair_fits = max_events >= 2 and videos - len(out) >= 2  # max_events=1: single events only
         single = None if pair_fits and rng.random() < 0.6 else fresh(1)
         if single is None and pair_fits:
             evs = fresh(int(rng.integers(2, max_events + 1)), tries=2_000, must=True)

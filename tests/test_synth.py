@@ -50,6 +50,9 @@ def test_no_caption_or_video_twice_while_the_event_space_lasts(synth_small):
         assert len(set(captions)) == len(captions) == videos
     # past the 96 single events only twins are drawn
     assert sum(len(v.events) == 1 for v in plan(600, 1, val_frac=0.1, test_frac=0.2)) == 96
+    # `data synth --max-events 1` (no twins) used to fail in numpy (integers(2, 2))
+    singles = plan(30, 0, val_frac=0.1, test_frac=0.2, max_events=1)
+    assert {len(v.events) for v in singles} == {1} and len({v.caption for v in singles}) == 30
     t = read_manifest(synth_small["manifest"])
     root = synth_small["manifest"].rsplit("/", 1)[0]
     digests = {hashlib.sha1(_all_frames(f"{root}/{p}").tobytes()).hexdigest() for p in t.column("path").to_pylist()}
