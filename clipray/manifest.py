@@ -308,7 +308,7 @@ class Every:
 
 class RowIds:
     """The row ids met so far, to catch a repeated one: a byte per id below 2**28, since every
-    clipray writer numbers rows 0, 1, ... (136 MB for HowTo100M's 136M rows), and a set for any
+    clipray writer numbers rows 0, 1, ... (136-170 MB for HowTo100M's 136M rows), and a set for any
     id above that."""
 
     DENSE = 1 << 28
