@@ -83,7 +83,12 @@ async def _validation(request: Request, exc: RequestValidationError) -> JSONResp
     # field and the rule only.
     parts = []
     for e in exc.errors():
-        where = ".".join(str(x) for x in e.get("loc", ()) if x != "body") or "body"
+        loc = e.get("loc", ())
+        if e.get("type") == "json_invalid":  # loc is ("body", character offset)
+            why = str((e.get("ctx") or {}).get("error", "")).removesuffix(" at")  # "Unterminated string starting at"
+            parts.append(f"body: not valid JSON at character {loc[-1]}" + (f" ({why})" if why else ""))
+            continue
+        where = ".".join(str(x) for x in loc if x != "body") or "body"
         parts.append(f"{where}: {e.get('msg', 'invalid')}")
     return _error(422, "; ".join(parts) or "invalid request", [p for p in parts])
 

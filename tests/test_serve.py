@@ -181,6 +181,9 @@ def test_bad_inputs_are_4xx_with_a_message(app, synth_small):
         if r.status_code not in codes or not str(body.get("error", "")).strip():
             wrong.append(f"{name}: {r.status_code} {r.text[:200]}")
     assert not wrong, "\n".join(wrong)
+    r = requests.post(f"{app['url']}/search", data=b'{"text": "a red', timeout=30,
+                      headers={"Content-Type": "application/json"})
+    assert r.json()["error"] == "body: not valid JSON at character 9 (Unterminated string starting)"
     # a path in the query string is ignored: the clip id alone picks the file
     r = requests.get(f"{app['url']}/clips/0", params={"path": "/etc/passwd"}, timeout=30)
     assert r.status_code == 200 and b"root:" not in r.content and r.content[4:8] == b"ftyp"
