@@ -204,7 +204,10 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> Any:
         node = OmegaConf.load(path)
     except Exception as e:  # yaml scanner/parser errors carry line numbers in the message
         raise ConfigError(f"{path}: not valid YAML: {e}") from e
-    parent = node.pop("extends", None) if OmegaConf.is_dict(node) else None
+    if not OmegaConf.is_dict(node):  # a list, or a file that is not YAML keys at all
+        raise ConfigError(f"{path}: a config file holds `key: value` lines; this one reads as a "
+                          f"{type(OmegaConf.to_container(node)).__name__}")
+    parent = node.pop("extends", None)
     if parent is None:
         return node
     base = _read_yaml(path.parent / str(parent), seen + (path,))
@@ -215,8 +218,10 @@ def _merge(base: Any, other: Any, source: str) -> Any:
     try:
         return OmegaConf.merge(base, other)
     except OmegaConfBaseException as e:
-        key = getattr(e, "full_key", None) or "?"
+        key = str(getattr(e, "full_key", None) or "?")
         msg = str(e).splitlines()[0]
+        if len(key) > 60:  # a file that is not YAML keys reads as one long key: not all of it twice
+            msg, key = msg.replace(key, key[:57] + "..."), key[:57] + "..."
         raise ConfigError(f"{source}: bad key '{key}': {msg}") from e
 
 

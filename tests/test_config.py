@@ -105,3 +105,18 @@ def test_every_training_recipe_loads_and_fits_its_model(path):
 
     cfg = model_io(load_config(path))
     assert cfg.data.video.size in (32, 224) and cfg.train.epochs >= 1
+
+
+def test_a_file_that_is_not_yaml_keys_is_refused_in_a_line(tmp_path):
+    """A YAML list, or any text file given by mistake, names the file in one short line."""
+    listed = tmp_path / "list.yaml"
+    listed.write_text("- data\n- train\n")
+    with pytest.raises(ConfigError, match=r"list.yaml: a config file holds `key: value` lines; "
+                                          r"this one reads as a list"):
+        load_config(listed)
+    prose = tmp_path / "notes.txt"  # one long plain scalar, which OmegaConf reads as a key
+    prose.write_text("remember to " * 200 + "\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(prose)
+    assert str(e.value).startswith(f"{prose}: bad key 'remember to remember to")
+    assert "...' not in 'Config'" in str(e.value) and len(str(e.value)) < 300
