@@ -158,6 +158,11 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # `clipray data check M | head -1`: the reader has gone, no traceback
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's exit flush is quiet
         return 141  # as a process killed by SIGPIPE
+    except OSError as e:  # a path that cannot be read or written (not a folder, no permission)
+        if e.filename is None:
+            raise
+        print(f"clipray {argv[0]}: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -132,7 +132,11 @@ class ManifestWriter:
         meta = {"clipray.manifest": "1", **{k: json.dumps(v) for k, v in (metadata or {}).items()}}
         self.schema = SCHEMA.with_metadata(meta)
         self.fs, self.root = pafs.FileSystem.from_uri(_as_uri(self.out))
-        self.fs.create_dir(self.root if not self.single else str(Path(self.root).parent), recursive=True)
+        folder = self.root if not self.single else str(Path(self.root).parent)
+        try:  # up front, so a bad --out fails before a long source is read
+            self.fs.create_dir(folder, recursive=True)
+        except OSError as e:
+            raise ManifestError(f"{self.out}: cannot create the folder {folder} ({e})") from e
         self._buf: list[dict[str, Any]] = []
         self.rows = 0
         self.shards: list[str] = []

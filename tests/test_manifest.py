@@ -156,3 +156,19 @@ def test_check_piped_into_a_reader_that_leaves_exits_quietly(tmp_path):
     proc.stdout.close()  # the reader is gone before the first line is written
     assert proc.wait(timeout=60) == 141
     assert proc.stderr.read() == b""
+
+
+def test_an_output_under_a_file_is_an_error_line_not_a_traceback(tmp_path, capsys):
+    """`--out` beneath a regular file: the command exits 2 with the path and the reason."""
+    from clipray.cli import main
+
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    (tmp_path / "own.csv").write_text("video_id,path,caption\nv1,v1.mp4,a red square moves left\n")
+    assert main(["data", "synth", "--out", str(afile / "synth"), "--videos", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("clipray data: error: [Errno 20] Not a directory:") and str(afile) in err
+    assert main(["data", "prepare", "generic", "--root", str(tmp_path), "--out", str(afile / "m.parquet"),
+                 "-o", f"file={tmp_path / 'own.csv'}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"clipray data: error: {afile / 'm.parquet'}: cannot create the folder {afile}")
