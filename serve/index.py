@@ -210,6 +210,10 @@ def build_index(cfg: AppConfig, quiet: bool = False) -> dict[str, Any]:
     if not cfg.manifest or not cfg.out:
         raise ConfigError("clipray index needs manifest=... and out=...")
     out = Path(cfg.out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"out: cannot create the index folder {out} ({e})") from e
     export = _local_export(cfg.checkpoint, "checkpoint", out)
     conf = _check_export(export, "checkpoint", indexable=True)
     rerank = ""
@@ -217,7 +221,6 @@ def build_index(cfg: AppConfig, quiet: bool = False) -> dict[str, Any]:
         rerank = _local_export(cfg.index.rerank_checkpoint, "index.rerank_checkpoint", out)
         _check_export(rerank, "index.rerank_checkpoint", indexable=False)
     init_ray(cfg.ray, quiet=True)  # after the checks above: a wrong path fails in a second
-    out.mkdir(parents=True, exist_ok=True)
     meta, fp = store.read_meta(out), store.fingerprint(export)
     if meta and meta["fingerprint"] != fp:
         raise ConfigError(f"{out} was built with another model ({meta['export']}); "

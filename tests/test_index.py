@@ -235,3 +235,12 @@ def test_ivf_pq_on_too_few_clips_fails_before_embedding(ray_local, export, synth
         build_index(_cfg(export, synth_small["manifest"], tmp_path / "pq", "index.kind=ivf_pq"), quiet=True)
     assert store.read_table(tmp_path / "pq", store.META_COLUMNS).num_rows == 0  # nothing embedded
     assert store.too_few_for("ivf_pq", store.PQ_MIN_VECTORS) == store.too_few_for("hnsw", 1) == ""
+
+
+def test_an_index_folder_that_cannot_be_made_fails_before_ray_starts(synth_small, tmp_path):
+    from serve.index import build_index
+
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(ConfigError, match=rf"out: cannot create the index folder {tmp_path}/afile/index "
+                                          r"\(\[Errno 20\] Not a directory"):
+        build_index(_cfg("unused", synth_small["manifest"], tmp_path / "afile" / "index"), quiet=True)

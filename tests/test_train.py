@@ -134,6 +134,17 @@ def test_an_eval_manifest_without_test_rows_fails_before_training(synth_small, t
     assert not (tmp_path / "no-test").exists()
 
 
+def test_a_run_folder_that_cannot_be_made_fails_before_ray_starts(synth_small, tmp_path):
+    from clipray.config import ConfigError
+    from train.driver import run
+
+    (tmp_path / "afile").write_text("x")
+    cfg = load_config(DEMO, overrides(synth_small["manifest"], tmp_path / "afile" / "runs", "nowhere"))
+    with pytest.raises(ConfigError, match=rf"train.storage_path: cannot create the run folder "
+                                          rf"{tmp_path}/afile/runs/nowhere \(\[Errno 20\] Not a directory"):
+        run(cfg, quiet_ray=True)
+
+
 def test_a_missing_manifest_fails_before_ray_or_a_model_loads(tmp_path):
     """`clipray train` and `clipray edit` check their manifest before importing Ray Train, the
     pipeline or open_clip (~5 s together), so a wrong path fails in about a second."""
