@@ -136,13 +136,15 @@ def test_an_eval_manifest_without_test_rows_fails_before_training(synth_small, t
 
 def test_a_run_folder_that_cannot_be_made_fails_before_ray_starts(synth_small, tmp_path):
     from clipray.config import ConfigError
-    from train.driver import run
+    from train import driver, edit
 
     (tmp_path / "afile").write_text("x")
-    cfg = load_config(DEMO, overrides(synth_small["manifest"], tmp_path / "afile" / "runs", "nowhere"))
-    with pytest.raises(ConfigError, match=rf"train.storage_path: cannot create the run folder "
-                                          rf"{tmp_path}/afile/runs/nowhere \(\[Errno 20\] Not a directory"):
-        run(cfg, quiet_ray=True)
+    for run, config, manifest in ((driver.run, DEMO, synth_small["manifest"]),
+                                  (edit.run, REPO / "train/configs/edit_demo.yaml", synth_small["events_manifest"])):
+        cfg = load_config(config, overrides(manifest, tmp_path / "afile" / "runs", "nowhere"))
+        with pytest.raises(ConfigError, match=rf"train.storage_path: cannot create the run folder "
+                                              rf"{tmp_path}/afile/runs/nowhere \(\[Errno 20\] Not a directory"):
+            run(cfg, quiet_ray=True)
 
 
 def test_a_missing_manifest_fails_before_ray_or_a_model_loads(tmp_path):

@@ -56,6 +56,17 @@ def run_dir(cfg: Config) -> str:
     return f"{storage.rstrip('/')}/{cfg.train.run_name}"
 
 
+def make_run_dir(out: str) -> None:
+    """A local run folder that cannot be made (a file in its path, no permission) fails now,
+    not after Ray starts; one in object storage needs no folder."""
+    if "://" in out:
+        return
+    try:
+        Path(out).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"train.storage_path: cannot create the run folder {out} ({e})") from e
+
+
 def count_rows(manifest: str, split: str) -> int:
     import pyarrow.dataset as pads
 
@@ -115,11 +126,7 @@ def run(cfg: Config, quiet_ray: bool = False, stop_epoch: int = 0, table: bool =
     if (cfg.data.eval_manifest or not cfg.data.shard_stream) and count_rows(eval_manifest, eval_split) < 1:
         raise ConfigError(f"{eval_manifest} has no {eval_split!r} rows to evaluate on: give data.eval_manifest "
                           f"a manifest with a {eval_split} split, or set data.eval_split")
-    if "://" not in out:  # a local run folder that cannot be made fails now, not after Ray starts
-        try:
-            Path(out).mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise ConfigError(f"train.storage_path: cannot create the run folder {out} ({e})") from e
+    make_run_dir(out)
     cfg = model_io(cfg)  # loads open_clip's model configs (~4 s): after the manifest checks
     # imported after the checks above, so a wrong path or key fails in a second, not after
     # Ray Train and the pipeline load (~5 s)

@@ -315,7 +315,7 @@ def run(cfg: Config, quiet_ray: bool = False) -> dict[str, Any]:
     for split in (e.val_split, e.test_split):
         if driver.count_rows(data.eval_manifest, split) < 1:
             raise ConfigError(f"{data.eval_manifest} has no {split!r} rows: set edit.val_split / edit.test_split")
-
+    driver.make_run_dir(out)
     captions, skips = initial_captions(source, data.video_root, e, data.video.backend)
     state = _get_json(f"{out}/edit_state.json")
     if state and state["edit"] != dataclasses.asdict(e):
