@@ -69,7 +69,8 @@ def save_export(model, out_dir: str | Path, extra: Optional[dict[str, Any]] = No
 def read_export_config(export_dir: str | Path) -> dict[str, Any]:
     path = Path(export_dir) / CONFIG
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: not a clipray export (no {CONFIG})")
+        raise FileNotFoundError(f"{export_dir}: not a clipray export, no {CONFIG} in it "
+                                f"(a training run writes its export to RUN_DIR/export)")
     config = json.loads(path.read_text())
     if config.get("format") != FORMAT:
         raise ValueError(f"{path}: format {config.get('format')!r}, expected {FORMAT!r}")

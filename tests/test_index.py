@@ -237,10 +237,13 @@ def test_ivf_pq_on_too_few_clips_fails_before_embedding(ray_local, export, synth
     assert store.too_few_for("ivf_pq", store.PQ_MIN_VECTORS) == store.too_few_for("hnsw", 1) == ""
 
 
-def test_an_index_folder_that_cannot_be_made_fails_before_ray_starts(synth_small, tmp_path):
+def test_an_index_folder_or_export_that_is_not_one_fails_before_ray_starts(synth_small, tmp_path):
     from serve.index import build_index
 
     (tmp_path / "afile").write_text("x")
     with pytest.raises(ConfigError, match=rf"out: cannot create the index folder {tmp_path}/afile/index "
                                           r"\(\[Errno 20\] Not a directory"):
         build_index(_cfg("unused", synth_small["manifest"], tmp_path / "afile" / "index"), quiet=True)
+    with pytest.raises(FileNotFoundError, match=rf"^{tmp_path}: not a clipray export, no config.json in it "
+                                                r"\(a training run writes its export to RUN_DIR/export\)"):
+        build_index(_cfg(str(tmp_path), synth_small["manifest"], tmp_path / "index"), quiet=True)
