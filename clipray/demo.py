@@ -56,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     from clipray.config import load_config
     from train.driver import run, run_dir
 
+    load_config(demo_config_path(), args.overrides)  # a bad override fails before a minute of video making
     manifest = ensure_synth(Path(args.data), args.videos)
     name = f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
     cfg = load_config(demo_config_path(), [f"data.manifest={manifest.resolve()}",

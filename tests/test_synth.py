@@ -116,3 +116,15 @@ def test_demo_reuses_a_made_set_and_says_when_it_differs_from_the_one_asked_for(
                                             "; for 5 (seed 1) give another --data folder\n")
     assert read_manifest(manifest).num_rows == 3  # not regenerated
     assert sorted(p.stat().st_mtime_ns for p in (tmp_path / "s").rglob("*.mp4")) == before
+
+
+def test_demo_checks_its_overrides_before_making_videos(tmp_path):
+    import pytest
+
+    from clipray.config import ConfigError
+    from clipray.demo import main
+
+    for bad, says in (("train.epocs=3", "train.epocs"), ("foo", "key=value, got: foo")):
+        with pytest.raises(ConfigError, match=says):
+            main(["--data", str(tmp_path / "synth"), "--no-serve", bad])
+    assert not (tmp_path / "synth").exists()
