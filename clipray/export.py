@@ -20,6 +20,8 @@ from typing import Any, Optional
 
 import torch
 
+from clipray.config import ConfigError
+
 FORMAT = "clipray.export/1"
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
@@ -71,9 +73,13 @@ def read_export_config(export_dir: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"{export_dir}: not a clipray export, no {CONFIG} in it "
                                 f"(a training run writes its export to RUN_DIR/export)")
-    config = json.loads(path.read_text())
-    if config.get("format") != FORMAT:
-        raise ValueError(f"{path}: format {config.get('format')!r}, expected {FORMAT!r}")
+    try:
+        config = json.loads(path.read_text())
+    except ValueError as e:
+        raise ConfigError(f"{path}: not a clipray export, not valid JSON ({e})") from e
+    found = config.get("format") if isinstance(config, dict) else None
+    if found != FORMAT:
+        raise ConfigError(f"{path}: not a clipray export, format {found!r} where {FORMAT!r} was expected")
     return config
 
 

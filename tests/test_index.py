@@ -247,3 +247,8 @@ def test_an_index_folder_or_export_that_is_not_one_fails_before_ray_starts(synth
     with pytest.raises(FileNotFoundError, match=rf"^{tmp_path}: not a clipray export, no config.json in it "
                                                 r"\(a training run writes its export to RUN_DIR/export\)"):
         build_index(_cfg(str(tmp_path), synth_small["manifest"], tmp_path / "index"), quiet=True)
+    for text, says in (("garbage{", "not valid JSON"), ('{"format": "other/2"}', "format 'other/2' where "
+                                                      "'clipray.export/1' was expected")):
+        (tmp_path / "config.json").write_text(text)
+        with pytest.raises(ConfigError, match=rf"^{tmp_path}/config.json: not a clipray export, {says}"):
+            build_index(_cfg(str(tmp_path), synth_small["manifest"], tmp_path / "index"), quiet=True)
