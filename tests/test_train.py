@@ -169,6 +169,34 @@ print("loaded:", sorted(m for m in ("ray", "open_clip", "deepspeed") if m in sys
     assert lines[2] == "loaded: []"
 
 
+def test_deepspeed_starts_on_cpu_without_compiling_a_cpp_op(tmp_path):
+    """`ds_config.initialize` on one CPU process: the engine takes an optimiser step and
+    DeepSpeed built nothing into TORCH_EXTENSIONS_DIR. Left to itself it compiles its
+    shared-memory all-reduce op there on first use, 55-95 s on 2 cores, for inference only."""
+    from ports import free_ports
+
+    code = """
+import torch
+from clipray.config import TrainConfig
+from train import ds_config
+task = torch.nn.Linear(4, 1)
+before = task.weight.detach().clone()
+opt = torch.optim.AdamW(task.parameters(), lr=0.1)
+sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
+engine = ds_config.initialize(task, opt, sched, TrainConfig(zero_stage=0), batch_size=2)
+engine.backward(engine(torch.ones(2, 4)).sum())
+engine.step()
+print("moved:", bool((task.weight != before).all()))
+"""
+    ext = tmp_path / "torch_extensions"
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(ext), "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_ports(1)[0])}
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.splitlines()[-1] == "moved: True"
+    assert not ext.exists() or not any(ext.iterdir()), sorted(p.name for p in ext.rglob("*"))
+
+
 def test_the_synthetic_folder_given_as_the_manifest_is_refused_before_training(synth_small, tmp_path):
     """`data synth --out DIR` writes two manifests into DIR (manifest.parquet, events.parquet);
     DIR itself read as one manifest would mix their rows under the same row ids."""

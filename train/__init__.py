@@ -3,5 +3,5 @@
     python -m train CONFIG [key=value ...]      (= clipray train CONFIG ...)
 
 `driver.run` builds the Ray Data streams and the TorchTrainer; `loop.train_loop` is the one
-per-worker function; `ds_config.build` is the one place the DeepSpeed config is made.
+per-worker function; `ds_config` is the one place the DeepSpeed config is made and the engine started.
 """

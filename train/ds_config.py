@@ -37,6 +37,25 @@ def build(train: TrainConfig, batch_size: int) -> dict[str, Any]:
     }
 
 
+def initialize(task: torch.nn.Module, opt: Any, sched: Any, train: TrainConfig, batch_size: int) -> Any:
+    """`deepspeed.initialize` with `build`'s config; returns the engine.
+
+    DeepSpeed's communication backend loads a shared-memory all-reduce op (deepspeed_shm_comm)
+    on CPU, compiling it with the system C++ compiler the first time an installation runs: 55-95
+    s on 2 cores, in the demo and the first training test. Only DeepSpeed's inference tensor
+    parallelism calls that op; training reduces through torch.distributed, so it is marked
+    unavailable and never built. DeepSpeed keeps the table it checks (`__compatible_ops__`) as
+    one dict for the process, so the change holds.
+    """
+    import deepspeed
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    engine, *_ = deepspeed.initialize(model=task, optimizer=opt, lr_scheduler=sched,
+                                      config=build(train, batch_size))
+    return engine
+
+
 def _decays(name: str, p: torch.nn.Parameter) -> bool:
     """Weight decay on matrices and kernels only: biases, norms, embeddings' gains and
     logit_scale are 0/1-dim and stay undecayed."""

@@ -97,7 +97,6 @@ def quiet_worker_logs() -> None:
 
 
 def train_loop(config: dict[str, Any]) -> None:
-    import deepspeed
     import ray.train
 
     from clipray.losses import clamp_logit_scale
@@ -128,8 +127,7 @@ def train_loop(config: dict[str, Any]) -> None:
     # schedule still spans every segment
     stop = min(segments, config.get("stop_epoch") or segments)
     opt, sched = ds_config.optimizer_and_schedule(model, cfg.optim, max(1, total // cfg.train.grad_accum))
-    engine, _, _, _ = deepspeed.initialize(model=RetrievalTask(model), optimizer=opt, lr_scheduler=sched,
-                                           config=ds_config.build(cfg.train, B))
+    engine = ds_config.initialize(RetrievalTask(model), opt, sched, cfg.train, B)
     replica = build_model(cfg.model) if cfg.train.zero_stage == 3 else None
     dtype = torch.bfloat16 if ds_config.precision(cfg.train) == "bf16" else torch.float32
     state: dict[str, Any] = {"epoch": 0, "step": 0, "history": []}

@@ -62,7 +62,6 @@ def plain_loop(name: str, batch: int, frames: int, steps: int, warmup: int, thre
 
 def _ray_loop(config: dict[str, Any]) -> None:
     """One Ray Train worker: DeepSpeed engine, pre-made tensors or the dataset shard."""
-    import deepspeed
     import ray.train
 
     from clipray.config import OptimConfig, TrainConfig
@@ -75,8 +74,7 @@ def _ray_loop(config: dict[str, Any]) -> None:
     model = create_model(config["model"])
     steps, warmup = config["steps"], config["warmup"]
     opt, sched = ds_config.optimizer_and_schedule(model, OptimConfig(), steps + warmup)
-    engine, *_ = deepspeed.initialize(model=RetrievalTask(model), optimizer=opt, lr_scheduler=sched,
-                                      config=ds_config.build(TrainConfig(zero_stage=0), config["batch"]))
+    engine = ds_config.initialize(RetrievalTask(model), opt, sched, TrainConfig(zero_stage=0), config["batch"])
     if config["from_video"]:
         it = iter(ray.train.get_dataset_shard("train").iter_torch_batches(
             batch_size=config["batch"], drop_last=True, prefetch_batches=4))
