@@ -149,20 +149,25 @@ def decode_batch(batch: dict[str, np.ndarray], data: DataConfig, root: str, skip
 
 
 @contextlib.contextmanager
-def _footer_readers(files: int):
-    """Ray Data's Parquet reader starts 32 actors to read file footers on every execution of a
-    dataset (RAY_DATA_PARQUET_FOOTER_NUM_ACTORS, read when `read_parquet` is called). On a laptop
-    starting them took 2.5-4 s per execution for a one-file manifest; one per file, up to 32,
-    does the same job. A value the user set is left alone."""
-    name = "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS"
-    if name in os.environ:
+def _parquet_reader_without_actors():
+    """Ray Data 2.60 reads Parquet with its V2 datasource by default, which starts actors to
+    read the files' footers on every execution of a dataset (RAY_DATA_PARQUET_FOOTER_NUM_ACTORS,
+    32 of them unless set): on 2 cores an execution of the demo's test split took 2.4-2.7 s with
+    one such actor and 0.6-0.8 s with the V1 datasource, which lists the files and samples a few
+    when the dataset is built and starts no actor (`clipray bench startup`). Ray Train executes
+    the datasets again every epoch, so V1 is used for the read. A user's
+    RAY_DATA_USE_DATASOURCE_V2 is left alone."""
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    if "RAY_DATA_USE_DATASOURCE_V2" in os.environ:
         yield
         return
-    os.environ[name] = str(max(1, min(32, files)))
+    was, ctx.use_datasource_v2 = ctx.use_datasource_v2, False
     try:
         yield
     finally:
-        os.environ.pop(name, None)
+        ctx.use_datasource_v2 = was
 
 
 def clip_dataset(data: DataConfig, skip_dir: str, split: str | None = None,
@@ -196,7 +201,7 @@ def manifest_rows(data: DataConfig, split: str | None = None, limit: int | None 
 
     fs, all_files = manifest_files(data.manifest)
     files = files or all_files
-    with _footer_readers(len(files)):
+    with _parquet_reader_without_actors():
         ds = ray.data.read_parquet(files, filesystem=fs).select_columns(DATA_COLUMNS + ["split"])
     split = split or data.split
     if split:

@@ -99,8 +99,10 @@ def model_pool(section: str, actors: int, cpus: float, gpus: float) -> float:
 def quiet_data_progress() -> None:
     """Ray Data's per-operator progress bars drown a driver's own progress line, and its one
     console line per execution ("Dataset ... execution finished in N seconds", INFO) lands in the
-    middle of it. Its notice that the bars are off says only what this function did. Other
-    warnings still show, and Ray Data's log file keeps its other INFO lines."""
+    middle of it. Its notice that the bars are off says only what this function did, and its
+    Parquet reader's two lines on the encoding ratio and reader batch size it estimated, each time
+    a manifest is opened, are its own bookkeeping. Other warnings still show, and Ray Data's log
+    file keeps its other INFO lines."""
     import logging
 
     import ray.data
@@ -110,3 +112,4 @@ def quiet_data_progress() -> None:
     ctx.print_on_execution_start = False
     logging.getLogger("ray.data._internal.execution.streaming_executor").setLevel(logging.WARNING)
     logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
+    logging.getLogger("ray.data._internal.datasource.parquet_datasource").setLevel(logging.WARNING)

@@ -4,11 +4,12 @@ Ray Data starts afresh every time a dataset is executed, and Ray Train executes 
 and test datasets again every epoch, so on small data that start-up, not decoding, sets the
 pace. This runs the demo's test split (the demo config's decode settings) through three
 versions of the pipeline, in interleaved rounds on one embedded Ray:
-  (a) decode actors (`data.decode_pool=actors`: `ClipDecoder` in a Ray Data actor pool) with Ray
-      Data's 32 Parquet footer-reader actors: the pipeline before f0a301c, the baseline;
-  (b) the same actor pool with one footer reader per manifest file, as `clip_dataset` reads;
-  (c) decode tasks (`data.decode_pool=tasks`, the default) on workers Ray keeps between
-      executions, one footer reader per file.
+  (a) decode actors (`data.decode_pool=actors`: `ClipDecoder` in a Ray Data actor pool) and Ray
+      Data's V2 Parquet reader with its 32 footer-reader actors: the pipeline before f0a301c,
+      the baseline;
+  (b) decode tasks (`data.decode_pool=tasks`, the default) on workers Ray keeps between
+      executions, and the V2 reader with one footer reader per manifest file (f0a301c-03ca8fe);
+  (c) decode tasks and Ray Data's V1 Parquet reader, which starts no actor: `clip_dataset` now.
 For each: seconds to the first batch and to the last, for the first execution and the median
 of the later ones (an actor pool starts anew each time; task workers are started once).
 """
@@ -27,9 +28,11 @@ from clipray.cli import at_least
 
 ARMS = {
     "a": "(a) decode actors, 32 footer readers",
-    "b": "(b) decode actors, 1 footer reader/file",
-    "c": "(c) decode tasks, 1 footer reader/file",
+    "b": "(b) decode tasks, 1 footer reader/file",
+    "c": "(c) decode tasks, no footer readers",
 }
+V2 = "RAY_DATA_USE_DATASOURCE_V2"
+FOOTERS = "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS"
 
 
 def dataset(arm: str, data, skip_dir: str):
@@ -37,11 +40,13 @@ def dataset(arm: str, data, skip_dir: str):
 
     from clipray.pipeline import clip_dataset
 
-    # (a) sets Ray Data's default, which manifest_rows then leaves alone; the environment is
-    # restored as it was, a user's own value included
-    footer = {"RAY_DATA_PARQUET_FOOTER_NUM_ACTORS": "32"} if arm == "a" else {}
-    with mock.patch.dict(os.environ, footer):
-        return clip_dataset(replace(data, decode_pool="tasks" if arm == "c" else "actors"), skip_dir, split="test")
+    # (a) and (b) ask for the V2 reader, which clip_dataset then leaves alone; (c) reads as
+    # clip_dataset does by itself. The environment is restored as it was.
+    env = {"a": {V2: "1", FOOTERS: "32"}, "b": {V2: "1", FOOTERS: "1"}, "c": {}}[arm]
+    with mock.patch.dict(os.environ, env):
+        if arm == "c":
+            os.environ.pop(V2, None)
+        return clip_dataset(replace(data, decode_pool="actors" if arm == "a" else "tasks"), skip_dir, split="test")
 
 
 def execute(ds) -> tuple[int, float, float]:
@@ -85,9 +90,6 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nclipray bench startup: the demo's test split ({clips} clips, {data.video.max_frames} frames at "
           f"{data.video.size}px), {data.decode_actors} decoders x {data.decode_cpus:g} CPU, {os.cpu_count()} cores, "
           f"{args.rounds} executions each")
-    if "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS" in os.environ:
-        print(f"(b) and (c) read with your RAY_DATA_PARQUET_FOOTER_NUM_ACTORS="
-              f"{os.environ['RAY_DATA_PARQUET_FOOTER_NUM_ACTORS']}, not one footer reader per file")
     print(f"{'version':42} {'first execution':>18} {'later (median)':>16} {'later (range)':>14}  against (a)")
     base = statistics.median(t for _, t in times["a"][1:])
     for arm, label in ARMS.items():
