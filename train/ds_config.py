@@ -45,12 +45,15 @@ def initialize(task: torch.nn.Module, opt: Any, sched: Any, train: TrainConfig, 
     s on 2 cores, in the demo and the first training test. Only DeepSpeed's inference tensor
     parallelism calls that op; training reduces through torch.distributed, so it is marked
     unavailable and never built. DeepSpeed keeps the table it checks (`__compatible_ops__`) as
-    one dict for the process, so the change holds.
+    one dict for the process, so the change holds. Where the accelerator has no such op (CUDA),
+    the table is left unread, as DeepSpeed leaves it: reading it first probes every op.
     """
     import deepspeed
     import deepspeed.ops
+    from deepspeed.accelerator import get_accelerator
 
-    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    if get_accelerator().create_op_builder("ShareMemCommBuilder") is not None:
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     engine, *_ = deepspeed.initialize(model=task, optimizer=opt, lr_scheduler=sched,
                                       config=build(train, batch_size))
     return engine
