@@ -27,6 +27,7 @@ import argparse
 import dataclasses
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -35,6 +36,7 @@ from typing import Any, Optional
 import numpy as np
 
 from clipray.config import ConfigError, VideoConfig
+from clipray.manifest import ManifestError
 from serve import store
 from serve.config import AppConfig, load_app_config
 
@@ -165,7 +167,6 @@ def _local_export(path: str, what: str, out: Path) -> str:
     """A local directory holding the export at `path`. One at a URI (a run directory in object
     storage) is copied into `out/model-<fingerprint>`: the index keeps its own copy, and a later
     run with another model can never overwrite it."""
-    import shutil
     import tempfile
 
     from clipray.export import fetch_export, local_dir
@@ -203,17 +204,29 @@ def _check_export(path: str, what: str, indexable: bool) -> dict:
 
 def build_index(cfg: AppConfig, quiet: bool = False) -> dict[str, Any]:
     """Embed the manifest's new clips into `cfg.out` and rebuild the faiss index; returns meta."""
-    import ray.data
-
-    from clipray.runtime import init_ray
-
     if not cfg.manifest or not cfg.out:
         raise ConfigError("clipray index needs manifest=... and out=...")
     out = Path(cfg.out)
+    fresh = not out.exists()
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ConfigError(f"out: cannot create the index folder {out} ({e})") from e
+    try:
+        return _build(cfg, out, quiet)
+    except (ConfigError, ManifestError, FileNotFoundError):
+        # a wrong checkpoint, manifest or index kind fails before anything is embedded: leave
+        # no index folder behind that holds nothing but a fetched model (a skip report stays)
+        if fresh and all(p.name.startswith("model-") for p in out.iterdir()):
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
+def _build(cfg: AppConfig, out: Path, quiet: bool) -> dict[str, Any]:
+    import ray.data
+
+    from clipray.runtime import init_ray
+
     export = _local_export(cfg.checkpoint, "checkpoint", out)
     conf = _check_export(export, "checkpoint", indexable=True)
     rerank = ""

@@ -195,7 +195,7 @@ def test_export_at_a_uri_is_copied_into_the_index(ray_local, s3_server, export, 
 
     with pytest.raises(ConfigError, match=r"checkpoint=s3://\S+/runs/none/export: no clipray export"):
         build_index(_cfg(s3.url("runs/none/export"), manifest, tmp_path / "none"), quiet=True)
-    assert not list((tmp_path / "none").glob(".fetch-*"))
+    assert not (tmp_path / "none").exists()  # nor its half-fetched copy
     with pytest.raises(ConfigError, match=r"^checkpoint: give an export directory"):
         build_index(load_app_config(None, [f"manifest={manifest}", f"out={tmp_path / 'none'}"]), quiet=True)
 
@@ -233,7 +233,7 @@ def test_ivf_pq_on_too_few_clips_fails_before_embedding(ray_local, export, synth
     with pytest.raises(ConfigError, match=rf"0 clips indexed \+ {n} new from .*; ivf_pq needs >= "
                                           rf"{store.PQ_MIN_VECTORS} vectors to train its codebooks, got {n}"):
         build_index(_cfg(export, synth_small["manifest"], tmp_path / "pq", "index.kind=ivf_pq"), quiet=True)
-    assert store.read_table(tmp_path / "pq", store.META_COLUMNS).num_rows == 0  # nothing embedded
+    assert not (tmp_path / "pq").exists()  # nothing embedded, no empty index left behind
     assert store.too_few_for("ivf_pq", store.PQ_MIN_VECTORS) == store.too_few_for("hnsw", 1) == ""
 
 
@@ -252,3 +252,9 @@ def test_an_index_folder_or_export_that_is_not_one_fails_before_ray_starts(synth
         (tmp_path / "config.json").write_text(text)
         with pytest.raises(ConfigError, match=rf"^{tmp_path}/config.json: not a clipray export, {says}"):
             build_index(_cfg(str(tmp_path), synth_small["manifest"], tmp_path / "index"), quiet=True)
+    assert not (tmp_path / "index").exists()  # the folder each failed try made is gone again
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("kept")
+    with pytest.raises(ConfigError, match="not a clipray export"):  # a folder the user made stays
+        build_index(_cfg(str(tmp_path), synth_small["manifest"], tmp_path / "mine"), quiet=True)
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "kept"
