@@ -12,6 +12,7 @@ ZeRO), so the same code runs where DeepSpeed's fused CUDA kernels do not exist.
 from __future__ import annotations
 
 import math
+import os
 from typing import Any
 
 import torch
@@ -47,7 +48,12 @@ def initialize(task: torch.nn.Module, opt: Any, sched: Any, train: TrainConfig, 
     unavailable and never built. DeepSpeed keeps the table it checks (`__compatible_ops__`) as
     one dict for the process, so the change holds. Where the accelerator has no such op (CUDA),
     the table is left unread, as DeepSpeed leaves it: reading it first probes every op.
+
+    A CPU run names DeepSpeed's accelerator (`DS_ACCELERATOR=cpu`, unless the user set one)
+    instead of letting it probe and warn on every worker that it found no GPU.
     """
+    if not train.use_gpu:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import deepspeed
     import deepspeed.ops
     from deepspeed.accelerator import get_accelerator
