@@ -218,11 +218,29 @@ def _merge(base: Any, other: Any, source: str) -> Any:
     try:
         return OmegaConf.merge(base, other)
     except OmegaConfBaseException as e:
-        key = str(getattr(e, "full_key", None) or "?")
-        msg = str(e).splitlines()[0]
+        key, msg = str(getattr(e, "full_key", None) or ""), str(e).splitlines()[0]
+        if not key and (clash := _section_given_a_value(base, other)):
+            key, sub = clash
+            msg = (f"a section, not a value: set its keys instead ({', '.join(f'{key}.{k}' for k in sub[:4])}"
+                   + (f", ... {len(sub)} in all)" if len(sub) > 4 else ")"))
+        key = key or "?"
         if len(key) > 60:  # a file that is not YAML keys reads as one long key: not all of it twice
             msg, key = msg.replace(key, key[:57] + "..."), key[:57] + "..."
         raise ConfigError(f"{source}: bad key '{key}': {msg}") from e
+
+
+def _section_given_a_value(base: Any, other: Any, prefix: str = "") -> tuple[str, list[str]] | None:
+    """The first key that is a section in `base` but a plain value in `other` (`index=/x` where
+    `index.out=/x` was meant), with the section's keys; OmegaConf's error names no key for it."""
+    for k in other:
+        if k not in base:
+            continue
+        key, b, o = f"{prefix}{k}", base._get_node(k), other._get_node(k)
+        if OmegaConf.is_dict(b) and not OmegaConf.is_dict(o):
+            return key, [str(x) for x in b]
+        if OmegaConf.is_dict(b) and (found := _section_given_a_value(b, o, key + ".")):
+            return found
+    return None
 
 
 def load_config(

@@ -45,6 +45,22 @@ def test_bad_override(tmp_path):
         load_config(tmp_path / "missing.yaml")
 
 
+def test_a_value_given_to_a_section_names_the_section_and_its_keys(tmp_path):
+    """`data=x` (or `data: x` in a file) where `data.manifest=x` was meant: OmegaConf's own error
+    names no key."""
+    with pytest.raises(ConfigError, match=r"^command-line override: bad key 'data': a section, not a value: set "
+                                          r"its keys instead \(data\.manifest, data\.split, data\.video, "
+                                          r"data\.video_root, \.\.\. 15 in all\)$"):
+        load_config(None, ["data=/videos/manifest.parquet"])
+    with pytest.raises(ConfigError, match=r"bad key 'data.video': a section, not a value: set its keys instead "
+                                          r"\(data\.video\.backend, "):
+        load_config(None, ["data.video=decord"])
+    f = tmp_path / "flat.yaml"
+    f.write_text("train: 3\n")
+    with pytest.raises(ConfigError, match=rf"^{f}: bad key 'train': a section, not a value"):
+        load_config(f)
+
+
 @pytest.mark.parametrize("key, value, says", [
     ("data.batch_size", "0", "data.batch_size must be >= 1, got 0"),
     ("data.video.fps", "0", "data.video.fps must be > 0, got 0.0"),
