@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="clipray serve", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("config", help="YAML config, e.g. serve/configs/demo.yaml")
-    ap.add_argument("overrides", nargs="*", help="key=value, e.g. out=runs/index serve.port=8001")
+    ap.add_argument("overrides", nargs="*", default=[], help="key=value, e.g. out=runs/index serve.port=8001")
     args = ap.parse_args(sys.argv[1:] if argv is None else argv)
     cfg = load_app_config(args.config, args.overrides)
     def interrupt(signum: int, frame: object) -> None:

@@ -356,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="clipray index", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("config", help="YAML config, e.g. serve/configs/demo.yaml")
-    ap.add_argument("overrides", nargs="*", help="key=value, e.g. checkpoint=runs/demo/export "
+    ap.add_argument("overrides", nargs="*", default=[], help="key=value, e.g. checkpoint=runs/demo/export "
                     "manifest=clipray_data/synth/manifest.parquet out=runs/index index.kind=ivf_sq8")
     args = ap.parse_args(sys.argv[1:] if argv is None else argv)
     cfg = load_app_config(args.config, args.overrides)

@@ -136,3 +136,15 @@ def test_a_file_that_is_not_yaml_keys_is_refused_in_a_line(tmp_path):
         load_config(prose)
     assert str(e.value).startswith(f"{prose}: bad key 'remember to remember to")
     assert "...' not in 'Config'" in str(e.value) and len(str(e.value)) < 300
+
+
+@pytest.mark.parametrize("command", ["train", "edit", "index", "serve"])
+def test_a_command_without_its_config_names_the_one_missing_argument(command, capsys):
+    """The overrides are optional, so only CONFIG is reported missing, under the command's name."""
+    from clipray.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main([command])
+    err = capsys.readouterr().err.splitlines()
+    assert e.value.code == 2 and err[0].startswith(f"usage: clipray {command} [-h] config [overrides ...]")
+    assert err[-1] == f"clipray {command}: error: the following arguments are required: config"

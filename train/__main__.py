@@ -8,11 +8,11 @@ import sys
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
-        prog="python -m train", description="Train a retrieval model with Ray Train + DeepSpeed. "
+        prog="clipray train", description="Train a retrieval model with Ray Train + DeepSpeed. "
         "Connects to RAY_ADDRESS (or ray.address) when set, else starts a local Ray. Re-running the "
         "same command resumes from the latest checkpoint of train.run_name under train.storage_path.")
     ap.add_argument("config", help="YAML config, e.g. train/configs/demo.yaml")
-    ap.add_argument("overrides", nargs="*", help="key=value overrides, e.g. model.head=seqTransf")
+    ap.add_argument("overrides", nargs="*", default=[], help="key=value overrides, e.g. model.head=seqTransf")
     args = ap.parse_args(sys.argv[1:] if argv is None else argv)
 
     from clipray.config import load_config

@@ -418,7 +418,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="clipray edit", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("config", help="YAML config, e.g. train/configs/edit_demo.yaml")
-    ap.add_argument("overrides", nargs="*", help="key=value overrides, e.g. edit.rounds=2 edit.step_s=0.5")
+    ap.add_argument("overrides", nargs="*", default=[], help="key=value overrides, e.g. edit.rounds=2 edit.step_s=0.5")
     args = ap.parse_args(sys.argv[1:] if argv is None else argv)
 
     from clipray.config import load_config
