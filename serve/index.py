@@ -19,6 +19,8 @@ video encoder -> embeddings Parquet + a faiss index in `out` (layout: `serve.sto
   re-scores the loose index's top candidates with it.
 - Unreadable clips are skipped and listed in `out/skip_report.jsonl`; progress and an ETA are
   printed while the job runs.
+- A wrong checkpoint, manifest or index kind fails before anything is embedded (a wrong path
+  before Ray starts), and a new `out` made for the run is removed again.
 """
 
 from __future__ import annotations
