@@ -13,16 +13,16 @@ only for CPUs, so they can run on CPU-only nodes of a cluster while the training
 GPUs. `data.decode_pool` picks how they run; both keep one `ClipDecoder` per process:
 - "tasks" (default): Ray tasks on worker processes that Ray keeps between executions, each with
   its decoder in `_DECODERS`. Ray Data executes a dataset again every epoch and evaluation, and a
-  warm worker starts decoding at once: the demo's test split took 5.3 s per execution against
-  13-16 s with actors (`clipray bench startup`). But a task is submitted only once Ray Data's
-  scheduling loop has handled the last one's return, and that loop waits up to 0.1 s for all its
-  running tasks: with two decoders on 2 cores each waited about 0.2 s between calls.
+  warm worker starts decoding at once, where a new actor pool first imports (`clipray bench
+  startup` measures both). But a task is submitted only once Ray Data's scheduling loop has
+  handled the last one's return, and that loop waits up to 0.1 s for all its running tasks:
+  with two decoders on 2 cores each waited about 0.2 s between calls.
 - "actors": a Ray Data actor pool, built anew on every execution, each actor importing torch and
   open_clip (5-7 s of CPU) before its first clip. An actor holds its next call while it decodes
   the current one, so it stays busy: with a decoder per core, 1.14-1.17x the tasks' frames/s on
   real H.264 and 1.8-2.2x on synthetic clips (`clipray bench data`). The choice for long epochs
   and for streaming HowTo100M.
-docs/benchmarks.md, "Decode tasks or decode actors", has the figures.
+docs/benchmarks.md, "Decode tasks or decode actors" and "Start-up per execution", has the figures.
 """
 
 from __future__ import annotations
