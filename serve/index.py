@@ -38,7 +38,7 @@ from typing import Any, Optional
 import numpy as np
 
 from clipray.config import ConfigError, VideoConfig
-from clipray.manifest import ManifestError
+from clipray.manifest import Every, ManifestError
 from serve import store
 from serve.config import AppConfig, load_app_config
 
@@ -157,12 +157,20 @@ class ClipEmbedder:
         return out
 
 
-def _progress(done: int, total: int, skipped: int, t0: float) -> None:
+PROGRESS_S = 10.0  # a progress line this often when the output is a log, not a terminal
+
+
+def _progress(done: int, total: int, skipped: int, t0: float, every: Every) -> None:
+    """On a terminal one line rewritten in place; in a log (`ray job logs`, a file) a line every
+    PROGRESS_S and one at the end, rather than every update joined by carriage returns."""
     dt = time.perf_counter() - t0
     rate = done / dt if dt > 0 else 0.0
     eta = (total - done) / rate if rate > 0 else float("nan")
-    print(f"\r  embedded {done}/{total} clips, skipped {skipped} ({rate:.1f} clips/s, ETA {eta:.0f}s)  ",
-          end="", flush=True)
+    line = f"  embedded {done}/{total} clips, skipped {skipped} ({rate:.1f} clips/s, ETA {eta:.0f}s)"
+    if sys.stdout.isatty():
+        print(f"\r{line}  ", end="", flush=True)
+    elif every() or done == total:
+        print(line, flush=True)
 
 
 def _local_export(path: str, what: str, out: Path) -> str:
@@ -250,7 +258,7 @@ def _build(cfg: AppConfig, out: Path, quiet: bool) -> dict[str, Any]:
     print(f"index {out}: {len(existing)} clips already embedded, {len(rows)} new "
           f"({cfg.index.split} split{', windows %gs/%gs' % (cfg.index.window_s, cfg.index.stride_s) if cfg.index.window_s else ''})",
           flush=True)
-    t0, done, skipped, new = time.perf_counter(), 0, [], []
+    t0, done, skipped, new, every = time.perf_counter(), 0, [], [], Every(PROGRESS_S)
     if rows:
         import pyarrow as pa
 
@@ -273,8 +281,8 @@ def _build(cfg: AppConfig, out: Path, quiet: bool) -> dict[str, Any]:
                 new.append({k: v[keep] for k, v in b.items() if k != "skip"})
             done += len(b["skip"])
             if not quiet:
-                _progress(done, len(rows), len(skipped), t0)
-        if not quiet:
+                _progress(done, len(rows), len(skipped), t0, every)
+        if not quiet and sys.stdout.isatty():
             print(flush=True)
     added = _write_new(out, new, len(existing), rerank)
     if skipped:

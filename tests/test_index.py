@@ -149,6 +149,23 @@ def test_cross_encoder_is_a_reranker_not_an_index(ray_local, export, synth_small
     assert [len(s) for s in scores] == [2, 1] and np.isfinite(scores[0]).all()
 
 
+def test_progress_in_a_log_is_whole_lines_ending_at_the_total(ray_local, export, synth_small, tmp_path,
+                                                               capsys, monkeypatch):
+    """Under `ray job logs` or a file, stdout is no terminal: progress comes as whole lines (at
+    most one per PROGRESS_S, here every batch), not updates joined by carriage returns."""
+    import serve.index as index
+
+    monkeypatch.setattr(index, "PROGRESS_S", 0.0)
+    meta = index.build_index(_cfg(export, synth_small["manifest"], tmp_path / "idx", "index.split=test",
+                                  "index.batch=4"), quiet=False)
+    out = capsys.readouterr().out
+    assert "\r" not in out
+    done = [int(line.split()[1].split("/")[0]) for line in out.splitlines() if line.startswith("  embedded ")]
+    n = meta["count"]
+    assert len(done) == -(-n // 4) and done == sorted(done) and done[-1] == n  # one line per batch of 4
+    assert all(f"/{n} clips, skipped 0 (" in line for line in out.splitlines() if line.startswith("  embedded "))
+
+
 def test_another_model_cannot_append(windowed, synth_small, tmp_path):
     from clipray.export import save_export
     from clipray.models import create_model
