@@ -236,9 +236,11 @@ def _section_given_a_value(base: Any, other: Any, prefix: str = "") -> tuple[str
         if k not in base:
             continue
         key, b, o = f"{prefix}{k}", base._get_node(k), other._get_node(k)
-        if OmegaConf.is_dict(b) and not OmegaConf.is_dict(o):
+        if not OmegaConf.is_dict(b):
+            continue
+        if not OmegaConf.is_dict(o):
             return key, [str(x) for x in b]
-        if OmegaConf.is_dict(b) and (found := _section_given_a_value(b, o, key + ".")):
+        if found := _section_given_a_value(b, o, key + "."):
             return found
     return None
 

@@ -160,10 +160,10 @@ def test_progress_in_a_log_is_whole_lines_ending_at_the_total(ray_local, export,
                                   "index.batch=4"), quiet=False)
     out = capsys.readouterr().out
     assert "\r" not in out
-    done = [int(line.split()[1].split("/")[0]) for line in out.splitlines() if line.startswith("  embedded ")]
-    n = meta["count"]
+    lines, n = [line for line in out.splitlines() if line.startswith("  embedded ")], meta["count"]
+    done = [int(line.split()[1].split("/")[0]) for line in lines]
     assert len(done) == -(-n // 4) and done == sorted(done) and done[-1] == n  # one line per batch of 4
-    assert all(f"/{n} clips, skipped 0 (" in line for line in out.splitlines() if line.startswith("  embedded "))
+    assert all(f"/{n} clips, skipped 0 (" in line for line in lines)
 
 
 def test_another_model_cannot_append(windowed, synth_small, tmp_path):

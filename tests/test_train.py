@@ -190,8 +190,9 @@ engine.step()
 print("moved:", bool((task.weight != before).all()))
 """
     ext = tmp_path / "torch_extensions"
-    env = {**{k: v for k, v in os.environ.items() if k != "DS_ACCELERATOR"}, "TORCH_EXTENSIONS_DIR": str(ext), "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1",
-           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_ports(1)[0])}
+    env = {k: v for k, v in os.environ.items() if k != "DS_ACCELERATOR"}
+    env.update(TORCH_EXTENSIONS_DIR=str(ext), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1",
+               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_ports(1)[0]))
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.splitlines()[-1] == "moved: True"
