@@ -27,6 +27,10 @@ from clipray.config import ConfigError, RayConfig
 FREE_OBJECTS_ENV = "RAY_free_objects_period_milliseconds"
 FREE_OBJECTS_PERIOD_MS = "50"
 
+# Ray Data's logging setup for the embedded Ray's processes (a user's own value wins)
+RAY_DATA_LOGGING_ENV = "RAY_DATA_LOGGING_CONFIG"
+RAY_DATA_LOGGING = os.path.join(os.path.dirname(__file__), "ray_data_logging.yaml")
+
 # what the Ray that init_ray started in this process has ({"CPU": 4.0, "GPU": 0.0}); None when
 # it joined a cluster
 _embedded: dict[str, float] | None = None
@@ -49,6 +53,9 @@ def init_ray(cfg: RayConfig | None = None, quiet: bool = False) -> None:
         return
     num_cpus = cfg.num_cpus or max(4, 2 * (os.cpu_count() or 1))
     os.environ.setdefault(FREE_OBJECTS_ENV, FREE_OBJECTS_PERIOD_MS)  # a user's own value wins
+    # read by every Ray worker that imports ray.data, Ray Train's dataset coordinators included,
+    # whose console lines Ray forwards to ours: see ray_data_logging.yaml
+    os.environ.setdefault(RAY_DATA_LOGGING_ENV, RAY_DATA_LOGGING)
     # the dashboard stays on: it hosts the State API, which Ray Train uses to watch its controller
     ray.init(num_cpus=num_cpus, **kwargs)
     have = ray.cluster_resources()
@@ -94,6 +101,15 @@ def model_pool(section: str, actors: int, cpus: float, gpus: float) -> float:
     check_fits({f"{section}.actors x {section}.actor_gpus": actors * gpus}, "GPU",
                advice=f"set {section}.actor_gpus=0 (CPU) or -1 (GPU if there is one)")
     return gpus
+
+
+class RayDataConsoleFilter(logging.Filter):
+    """Ray Data's console filter in the embedded Ray's processes (ray_data_logging.yaml): drops
+    what Ray Data itself marks hidden, as its own filter does, and its notice that progress bars
+    are off, which only restates `quiet_data_progress` in each process that runs a dataset."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not getattr(record, "hide", False) and not str(record.msg).startswith("Progress bars disabled")
 
 
 def quiet_data_progress() -> None:

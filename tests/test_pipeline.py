@@ -203,3 +203,39 @@ def test_consumed_batch_memory_is_reused(ray_local):
     pages = nbytes // 4096
     # measured: one batch's worth (the first); 9 with Ray's default of deleting once a second
     assert faults < 4 * pages, f"{faults} page faults for {rounds} batches of {pages} pages"
+
+
+def test_ray_data_info_lines_stay_in_its_log_not_on_the_console(ray_local):
+    """Ray Train runs each dataset's executor in a coordinator actor whose console Ray forwards
+    to the driver: with Ray Data's default logging, every epoch and evaluation printed a
+    "Dataset ... execution finished" line, and each coordinator a "Progress bars disabled"
+    notice, in the middle of training's own lines. The embedded Ray keeps both in Ray Data's
+    log file only (clipray/ray_data_logging.yaml)."""
+    import ray
+
+    logs = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs"
+    name = f"logcheck{time.time_ns()}"
+    ds = ray.data.range(64).map_batches(lambda b: b)
+    ds.set_name(name)
+
+    @ray.remote(num_cpus=0)
+    def consume(it) -> int:
+        return sum(len(b["id"]) for b in it.iter_batches(batch_size=8))
+
+    # streaming_split runs the executor in a SplitCoordinator actor, as Ray Train does
+    assert sum(ray.get([consume.remote(it) for it in ds.streaming_split(2)])) == 64
+
+    def lines_naming_it(files) -> list[str]:
+        return [line for f in files for line in f.read_text(errors="replace").splitlines() if name in line]
+
+    deadline = time.time() + 30
+    while not any("execution finished" in line for line in lines_naming_it(logs.glob("ray-data/ray-data.log"))):
+        assert time.time() < deadline, "Ray Data's log never recorded the execution"
+        time.sleep(0.2)
+    # the coordinator writes its console to its worker's .err/.out files, which Ray forwards
+    console = [f for f in logs.glob("worker-*") if f.suffix in (".err", ".out")]
+    assert console, "no worker console files to check"
+    assert lines_naming_it(console) == []
+    notices = [line for f in console for line in f.read_text(errors="replace").splitlines()
+               if "Progress bars disabled" in line]
+    assert notices == []
