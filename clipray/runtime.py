@@ -14,6 +14,9 @@ decoder. Deleted within 50 ms, a freed batch's memory is what the next batch get
 (docs/benchmarks-data-log.md). Clusters keep Ray's default: each round of deletions is sent to
 every node, so a shorter period multiplies that traffic by the node count, while on real clips
 (~130 ms each to decode) the faults cost under 1%.
+
+Its processes also read Ray Data's logging setup from `ray_data_logging.yaml`: warnings on the
+console, INFO lines in Ray Data's log file only.
 """
 
 from __future__ import annotations
