@@ -200,6 +200,34 @@ print("moved:", bool((task.weight != before).all()))
     assert "unable to detect it" not in out.stdout + out.stderr, out.stdout[-3000:]
 
 
+def test_the_step_agreement_all_reduces_on_the_device_the_process_group_serves(monkeypatch):
+    """GPU workers talk NCCL, which serves CUDA tensors only: the first GPU run crashed at its
+    first batch all-reducing a CPU flag. A "cuda:gloo" group, with no backend for CPU tensors
+    either, stands in for NCCL on this GPU-less machine."""
+    import torch.distributed as dist
+
+    from ports import free_ports
+    from train.loop import _all_have, collective_device
+
+    first, second = free_ports(2)
+    dist.init_process_group("cuda:gloo", init_method=f"tcp://127.0.0.1:{first}", rank=0, world_size=1)
+    try:
+        with pytest.raises(RuntimeError, match="No backend type associated with device type cpu"):
+            dist.all_reduce(torch.tensor([1]))  # what the loop used to do
+        monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)  # the worker's GPU, had it one
+        assert collective_device() == torch.device("cuda", 0)
+    finally:
+        dist.destroy_process_group()
+    monkeypatch.undo()
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{second}", rank=0, world_size=1)
+    try:
+        assert collective_device() == torch.device("cpu")
+        assert _all_have(True) is True and _all_have(False) is False
+    finally:
+        dist.destroy_process_group()
+    assert _all_have(True) is True and _all_have(False) is False  # no group: nothing to agree on
+
+
 def test_the_synthetic_folder_given_as_the_manifest_is_refused_before_training(synth_small, tmp_path):
     """`data synth --out DIR` writes two manifests into DIR (manifest.parquet, events.parquet);
     DIR itself read as one manifest would mix their rows under the same row ids."""

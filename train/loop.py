@@ -38,10 +38,21 @@ def say(msg: str) -> None:
     sys.stdout.flush()
 
 
+def collective_device() -> torch.device:
+    """Where a tensor handed to a collective must live: the CPU when the process group has a
+    backend for CPU tensors (gloo), else this worker's GPU. NCCL, the group on GPU workers,
+    serves CUDA tensors only; a CPU tensor fails with "No backend type associated with device
+    type cpu" (the first GPU run did, at its first batch)."""
+    devices = {part.split(":")[0] for part in dist.get_backend_config().split(",")}
+    return torch.device("cpu") if "cpu" in devices else torch.device("cuda", torch.cuda.current_device())
+
+
 def _all_have(has_batch: bool) -> bool:
-    flag = torch.tensor([1 if has_batch else 0])
-    if dist.is_initialized():
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    """Whether every worker has a batch this step (so all of them step, or none)."""
+    if not dist.is_initialized():
+        return has_batch
+    flag = torch.tensor([1 if has_batch else 0], device=collective_device())
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
     return bool(flag.item())
 
 
@@ -128,7 +139,8 @@ def train_loop(config: dict[str, Any]) -> None:
     stop = min(segments, config.get("stop_epoch") or segments)
     opt, sched = ds_config.optimizer_and_schedule(model, cfg.optim, max(1, total // cfg.train.grad_accum))
     engine = ds_config.initialize(RetrievalTask(model), opt, sched, cfg.train, B)
-    replica = build_model(cfg.model) if cfg.train.zero_stage == 3 else None
+    # on the worker's device (its GPU, not the CPU); its fp32 weights run under the same autocast
+    replica = build_model(cfg.model).to(engine.device) if cfg.train.zero_stage == 3 else None
     dtype = torch.bfloat16 if ds_config.precision(cfg.train) == "bf16" else torch.float32
     state: dict[str, Any] = {"epoch": 0, "step": 0, "history": []}
     ckpt = ray.train.get_checkpoint()
