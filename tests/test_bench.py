@@ -114,3 +114,16 @@ def test_saved_for_backward_counts_activations_not_parameters():
     assert saved_for_backward(layer, lambda: (layer(x) ** 2).sum()) == (5 * 4 + 5 * 3) * 4
     layer.requires_grad_(False)  # nothing needs a gradient: nothing is kept
     assert saved_for_backward(layer, lambda: (layer(x) ** 2).sum()) == 0
+
+
+def test_bench_model_in_bf16_keeps_half_the_activations_of_fp32():
+    """`--dtype bf16` runs the model as DeepSpeed's bf16 mode does: every activation kept for
+    backward takes 2 bytes instead of 4, so the memory kept halves (the loss's few fp32 logits
+    aside), and the trainable parameters are the same."""
+    from clipray.bench.model import _parser, bench_one
+
+    runs = {d: bench_one("test_meanP", batch=2, frames=4, words=16, repeats=1, device="cpu", dtype=d)
+            for d in ("fp32", "bf16")}
+    assert runs["bf16"]["trainable_m"] == runs["fp32"]["trainable_m"] > 0
+    assert 0.48 < runs["bf16"]["kept_mb"] / runs["fp32"]["kept_mb"] < 0.52
+    assert _parser().parse_args(["--threads", "0"]).threads == 0  # its help: 0 = torch's default

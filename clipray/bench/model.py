@@ -9,7 +9,8 @@ valid, 32-token captions) and time
 One warm-up step of each first; the median and best wall time and the median process CPU time
 of `--repeats` steps, divided by the batch size, are printed as a Markdown table. Sizes: `tiny`
 (the `test_*` models, 32 px) and `vitb32` (ViT-B/32 at 224 px, the paper's backbone). Runs on
-CPU unless `--device` says otherwise.
+CPU unless `--device` says otherwise, in fp32 unless `--dtype bf16` runs the model in bf16 (as
+DeepSpeed's bf16 mode does). On CUDA each forward+backward is timed up to the GPU's finishing it.
 
 Memory: "kept for backward" is the size of every tensor autograd saves during one training
 forward (counted once per storage, parameters excluded), the activation memory a training step
@@ -36,6 +37,7 @@ from clipray.cli import at_least
 SIZES = {"tiny": "test", "vitb32": "clip4clip_vitb32", "vitb16": "clip4clip_vitb16"}
 HEADS = ("meanP", "seqLSTM", "seqTransf", "tightTransf")
 TUNINGS = ("full", "frozen", "unipt")
+DTYPES = ("fp32", "bf16")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -47,9 +49,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--frames", type=at_least(1), default=12, help="frames per clip")
     p.add_argument("--words", type=at_least(1), default=32, help="tokens per caption")
     p.add_argument("--repeats", type=at_least(1), default=5, help="timed steps per measurement")
-    p.add_argument("--threads", type=at_least(1), default=1,
+    p.add_argument("--threads", type=at_least(0), default=1,
                    help="torch threads (0 = torch default); 1 keeps CPU time meaningful on a shared machine")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", choices=DTYPES, default="fp32",
+                   help="weights and activations: fp32, or bf16 as DeepSpeed's bf16 mode computes")
     p.add_argument("--rss", action="store_true",
                    help="also measure one step's rise in peak RSS, in a fresh process per row (CPU)")
     return p
@@ -99,6 +103,12 @@ def _inputs(model, batch: int, frames: int, words: int, device: str):
     return video, mask, tokens
 
 
+def _torch_dtype(dtype: str):
+    import torch
+
+    return torch.bfloat16 if dtype == "bf16" else torch.float32
+
+
 def _status_kb(field: str) -> int:
     for line in open("/proc/self/status"):
         if line.startswith(field + ":"):
@@ -106,7 +116,8 @@ def _status_kb(field: str) -> int:
     raise RuntimeError(f"no {field} in /proc/self/status")
 
 
-def step_rss_mb(name: str, tuning: str, batch: int, frames: int, words: int, threads: int) -> float:
+def step_rss_mb(name: str, tuning: str, batch: int, frames: int, words: int, threads: int,
+                dtype: str = "fp32") -> float:
     """Run in a fresh process: MB by which one forward+backward step raises the resident set
     above what it was before the step (Linux: the peak is reset just before, and getrusage's
     ru_maxrss is no use here, since a spawned process inherits its parent's)."""
@@ -118,7 +129,7 @@ def step_rss_mb(name: str, tuning: str, batch: int, frames: int, words: int, thr
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(0)
-    task = RetrievalTask(create_model(name, tuning=tuning)).train()
+    task = RetrievalTask(create_model(name, tuning=tuning).to(_torch_dtype(dtype))).train()
     inputs = _inputs(task.model, batch, frames, words, "cpu")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset the peak (VmHWM) to the current resident set
@@ -128,30 +139,33 @@ def step_rss_mb(name: str, tuning: str, batch: int, frames: int, words: int, thr
 
 
 def bench_one(name: str, batch: int, frames: int, words: int, repeats: int, device: str,
-              tuning: str = "full") -> dict:
+              tuning: str = "full", dtype: str = "fp32") -> dict:
     import torch
 
     from clipray.models import create_model
     from clipray.task import RetrievalTask
 
     torch.manual_seed(0)
-    model = create_model(name, tuning=tuning).to(device)
+    model = create_model(name, tuning=tuning).to(device, _torch_dtype(dtype))
     task = RetrievalTask(model).train()
     video, mask, tokens = _inputs(model, batch, frames, words, device)
+    cuda = torch.device(device).type == "cuda"
 
     def forward():
         with torch.no_grad():
-            task(video, mask, tokens)["loss"].item()
+            task(video, mask, tokens)["loss"].item()  # .item() waits for the GPU
 
     def forward_backward():
         task.zero_grad(set_to_none=True)
         task(video, mask, tokens)["loss"].backward()
+        if cuda:  # backward() returns once its kernels are queued: time them, not their launch
+            torch.cuda.synchronize()
 
     forward()  # warm-up: allocator, kernels, lazy imports
     forward_backward()
     kept = saved_for_backward(model, lambda: task(video, mask, tokens)["loss"])
     peak = None
-    if torch.device(device).type == "cuda":
+    if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         forward_backward()
@@ -188,7 +202,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.rss and (cuda or not os.path.exists("/proc/self/clear_refs")):
         print("--rss measures CPU memory on Linux; leave it out with --device cuda or elsewhere")
         return 2
-    print(f"device={args.device} threads={torch.get_num_threads()} batch={args.batch} "
+    print(f"device={args.device} dtype={args.dtype} threads={torch.get_num_threads()} batch={args.batch} "
           f"frames={args.frames} words={args.words} repeats={args.repeats} torch={torch.__version__}")
     print("| size | head | tuning | params (M) | trainable (M) | kept for backward (MB/clip) |"
           + (" peak allocated (MB/step) |" if cuda else "")
@@ -199,13 +213,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         for head in heads:
             for tuning in tunings:
                 r = bench_one(f"{SIZES[size]}_{head}", args.batch, args.frames, args.words, args.repeats,
-                              args.device, tuning)
+                              args.device, tuning, args.dtype)
                 cells = [f"{m:.1f} ({b:.1f}), {c:.1f}" for m, b, c in (r["fwd_ms"], r["fwd_bwd_ms"])]
                 peak = f" {r['peak_mb']:.0f} |" if cuda else ""
                 if args.rss:
                     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
                         rss = pool.submit(step_rss_mb, f"{SIZES[size]}_{head}", tuning, args.batch,
-                                          args.frames, args.words, args.threads).result()
+                                          args.frames, args.words, args.threads, args.dtype).result()
                     peak = f" {rss / args.batch:.1f} |"
                 print(f"| {size} | {head} | {tuning} | {r['params_m']:.1f} | {r['trainable_m']:.2f} | "
                       f"{r['kept_mb']:.1f} |{peak} {cells[0]} | {cells[1]} |", flush=True)
