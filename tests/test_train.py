@@ -92,7 +92,14 @@ def test_train_outputs_match_brute_force_eval(ray_local, synth_small, tmp_path, 
     lines = (out / "metrics.csv").read_text().splitlines()
     assert len(lines) == 4 and lines[0].startswith("epoch,step")
     with open(out / "metrics.csv") as f:  # train.eval_every_epochs=100: the last epoch alone
-        assert [bool(r["t2v_r1"]) for r in csv.DictReader(f)] == [False, False, True]
+        rows = list(csv.DictReader(f))
+    assert [bool(r["t2v_r1"]) for r in rows] == [False, False, True]
+    for r in rows:  # where each epoch's time went (EpochClock): the waits are a part of it
+        epoch_s, wait, first = float(r["epoch_s"]), float(r["data_wait_s"]), float(r["first_batch_s"])
+        assert 0 < first <= wait < epoch_s
+        clips = (n_train // 8) * 8
+        assert float(r["clips_per_s"]) == pytest.approx(clips / epoch_s, rel=1e-6)
+        assert float(r["step_clips_per_s"]) == pytest.approx(clips / (epoch_s - wait), rel=1e-6)
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     bf = brute_force_metrics(out / "export", synth_small["manifest"])
     assert result["t2v_r1"] == pytest.approx(bf["t2v_r1"])
@@ -226,6 +233,24 @@ def test_the_step_agreement_all_reduces_on_the_device_the_process_group_serves(m
     finally:
         dist.destroy_process_group()
     assert _all_have(True) is True and _all_have(False) is False  # no group: nothing to agree on
+
+
+def test_the_epoch_clock_splits_an_epoch_into_waits_for_batches_and_the_rest():
+    """Hand-timed: an epoch of 10 s whose three waits for a batch took 4, 0.5 and 0.5 s."""
+    from train.loop import EpochClock
+
+    now = [100.0]
+    clock = EpochClock(clock=lambda: now[0])
+    for wait, step in ((4.0, 1.0), (0.5, 1.5), (0.5, 2.5)):
+        with clock.waiting():
+            now[0] += wait
+        now[0] += step
+    assert clock.summary(clips=48) == pytest.approx({"epoch_s": 10.0, "data_wait_s": 5.0, "first_batch_s": 4.0,
+                                                     "clips_per_s": 4.8, "step_clips_per_s": 9.6})
+    with pytest.raises(StopIteration), clock.waiting():  # a wait that ends in an error still counts
+        now[0] += 2.0
+        raise StopIteration
+    assert clock.summary(clips=48)["data_wait_s"] == pytest.approx(7.0)
 
 
 def test_the_synthetic_folder_given_as_the_manifest_is_refused_before_training(synth_small, tmp_path):

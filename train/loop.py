@@ -77,6 +77,37 @@ def eval_model(engine: Any, cfg: Config, replica: Any) -> Any:
     return replica
 
 
+class EpochClock:
+    """Where an epoch's wall time went: waiting for the next batch, or elsewhere (the step,
+    agreeing with the other workers). The first wait is also kept apart: it carries the data
+    pipeline's start-up, which Ray Data pays again every epoch. A run whose later waits are a
+    large share of the epoch is short of decode cores (README, "Sizing")."""
+
+    def __init__(self, clock=time.perf_counter):
+        self.clock = clock
+        self.t0 = clock()
+        self.wait, self.first = 0.0, None
+
+    @contextlib.contextmanager
+    def waiting(self):
+        t = self.clock()
+        try:
+            yield
+        finally:
+            dt = self.clock() - t
+            self.wait += dt
+            if self.first is None:
+                self.first = dt
+
+    def summary(self, clips: int) -> dict[str, float]:
+        """Seconds of the epoch, of its waits and of its first wait; clips/s over the whole epoch
+        and over the time outside the waits (what the step would sustain if never starved)."""
+        total = self.clock() - self.t0
+        busy = max(total - self.wait, 1e-9)
+        return {"epoch_s": total, "data_wait_s": self.wait, "first_batch_s": self.first or 0.0,
+                "clips_per_s": clips / max(total, 1e-9), "step_clips_per_s": clips / busy}
+
+
 class Progress:
     """Rank 0's progress line (Ray forwards worker stdout to the driver)."""
 
@@ -163,13 +194,14 @@ def train_loop(config: dict[str, Any]) -> None:
     dev = engine.device
     while state["epoch"] < stop and state["step"] < total:
         epoch = state["epoch"] + 1
-        losses, t_epoch, empty_passes = [], time.perf_counter(), 0
+        losses, clock, empty_passes = [], EpochClock(), 0
         if not shard_mode:
             batches = iter(train_shard.iter_torch_batches(
                 batch_size=B, drop_last=True, local_shuffle_buffer_size=cfg.data.shuffle_buffer or None,
                 local_shuffle_seed=cfg.train.seed + epoch if cfg.data.shuffle_buffer else None))
         while len(losses) < seg_steps and state["step"] < total:
-            batch = stream.next() if shard_mode else next(batches, None)
+            with clock.waiting():
+                batch = stream.next() if shard_mode else next(batches, None)
             if not _all_have(batch is not None):
                 if not shard_mode:
                     break
@@ -191,11 +223,13 @@ def train_loop(config: dict[str, Any]) -> None:
                 progress(epoch, segments, state["step"], losses[-1], sched.get_last_lr()[-1])
         if not losses:
             raise RuntimeError(f"epoch {epoch} got no training batch: check the skip report")
-        seconds = time.perf_counter() - t_epoch
         record = {"epoch": epoch, "step": state["step"], "loss": sum(losses) / len(losses),
-                  "lr": sched.get_last_lr()[-1], "clips_per_s": len(losses) * B * world / seconds}
+                  "lr": sched.get_last_lr()[-1], **clock.summary(len(losses) * B * world)}
         if rank == 0:
             progress(epoch, segments, state["step"], record["loss"], record["lr"], epoch_end=True)
+            say(f"[train] epoch {epoch}: {record['epoch_s']:.1f} s, {record['data_wait_s']:.1f} s of it waiting "
+                f"for batches ({record['first_batch_s']:.1f} s for the first); outside the waits "
+                f"{record['step_clips_per_s']:.1f} clips/s")
         last = epoch >= stop or state["step"] >= total
         if last or epoch % max(1, cfg.train.eval_every_epochs) == 0:
             m = eval_model(engine, cfg, replica)
