@@ -94,10 +94,10 @@ def test_train_outputs_match_brute_force_eval(ray_local, synth_small, tmp_path, 
     with open(out / "metrics.csv") as f:  # train.eval_every_epochs=100: the last epoch alone
         rows = list(csv.DictReader(f))
     assert [bool(r["t2v_r1"]) for r in rows] == [False, False, True]
+    clips = (n_train // 8) * 8  # per epoch: 2 workers x 4 clips per step
     for r in rows:  # where each epoch's time went (EpochClock): the waits are a part of it
         epoch_s, wait, first = float(r["epoch_s"]), float(r["data_wait_s"]), float(r["first_batch_s"])
         assert 0 < first <= wait < epoch_s
-        clips = (n_train // 8) * 8
         assert float(r["clips_per_s"]) == pytest.approx(clips / epoch_s, rel=1e-6)
         assert float(r["step_clips_per_s"]) == pytest.approx(clips / (epoch_s - wait), rel=1e-6)
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

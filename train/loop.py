@@ -81,7 +81,8 @@ class EpochClock:
     """Where an epoch's wall time went: waiting for the next batch, or elsewhere (the step,
     agreeing with the other workers). The first wait is also kept apart: it carries the data
     pipeline's start-up, which Ray Data pays again every epoch. A run whose later waits are a
-    large share of the epoch is short of decode cores (README, "Sizing")."""
+    large share of the epoch is short of decode cores (README, "The data pipeline and sizing
+    decode workers")."""
 
     def __init__(self, clock=time.perf_counter):
         self.clock = clock
