@@ -52,7 +52,14 @@ class DataConfig:
     decode_actors: int = 2  # decoders at once: tasks or actors, per `decode_pool`
     decode_cpus: float = 1.0  # logical CPUs reserved per decoder
     decode_batch: int = 4  # manifest rows per map_batches call
-    shuffle_buffer: int = 0  # >0: local shuffle buffer (rows) when iterating; 0 = no shuffle
+    # Training order. Manifests list a video's captions together (MSR-VTT: 20 in a row), and a
+    # batch with two captions of one video scores one of them as a negative. shuffle_rows
+    # shuffles the training split's manifest rows before decoding (Ray Data random_shuffle of
+    # the small rows, not of frames): a new order every epoch, or every pass of a shard with
+    # shard_stream. shuffle_buffer > 0 adds a local buffer of that many decoded clips on each
+    # training worker (memory: rows x frames x 3 x size x size bytes); 0 = none.
+    shuffle_rows: bool = False
+    shuffle_buffer: int = 0
     eval_manifest: str = ""  # held-out manifest for evaluation (default: data.manifest)
     eval_split: str = "test"  # the split of the eval manifest that training evaluates on
     # Huge sharded manifests (HowTo100M): each training worker streams its own shard files, one

@@ -171,11 +171,13 @@ def _parquet_reader_without_actors():
 
 
 def clip_dataset(data: DataConfig, skip_dir: str, split: str | None = None,
-                 limit: int | None = None, files: list[str] | None = None) -> Any:
+                 limit: int | None = None, files: list[str] | None = None,
+                 shuffle: bool = False, seed: int | None = None) -> Any:
     """A streaming Ray Dataset of decoded clips for one split of `data.manifest`.
 
     `files` narrows the read to some of the manifest's shard files (as `manifest_files` names
     them): training workers that stream a huge manifest shard by shard read their own.
+    `shuffle` puts the rows in a random order before they are decoded (see `manifest_rows`).
     """
     from clipray.runtime import check_fits
 
@@ -189,13 +191,18 @@ def clip_dataset(data: DataConfig, skip_dir: str, split: str | None = None,
     else:
         udf = {"fn": decode_batch, "fn_kwargs": args,
                "compute": ray.data.TaskPoolStrategy(size=data.decode_actors)}
-    return manifest_rows(data, split, limit, files).map_batches(
+    return manifest_rows(data, split, limit, files, shuffle, seed).map_batches(
         **udf, batch_size=data.decode_batch, num_cpus=data.decode_cpus, batch_format="numpy")
 
 
 def manifest_rows(data: DataConfig, split: str | None = None, limit: int | None = None,
-                  files: list[str] | None = None) -> Any:
-    """The reading half of `clip_dataset`: the split's manifest rows, `data.decode_batch` per block."""
+                  files: list[str] | None = None, shuffle: bool = False, seed: int | None = None) -> Any:
+    """The reading half of `clip_dataset`: the split's manifest rows, `data.decode_batch` per block.
+
+    `shuffle`: Ray Data's random_shuffle of the rows, before any decoding. It holds the split's
+    rows (a few hundred bytes each) at once, so a huge manifest shuffles shard by shard
+    (`data.shard_stream`). With `seed` None every execution (every epoch) draws a new order;
+    with a seed every execution repeats the same one."""
     import ray.data
     from ray.data.expressions import col
 
@@ -209,8 +216,10 @@ def manifest_rows(data: DataConfig, split: str | None = None, limit: int | None 
     ds = ds.select_columns(DATA_COLUMNS)
     if limit:
         ds = ds.limit(limit)
+    if shuffle:
+        ds = ds.random_shuffle(seed=seed)
     # Manifest rows are tiny and decoding is slow: small blocks let every decoder work (one
-    # Parquet row group would otherwise go to a single task). Streaming, no shuffle.
+    # Parquet row group would otherwise go to a single task). Streaming unless shuffled.
     return ds.repartition(target_num_rows_per_block=data.decode_batch)
 
 

@@ -239,3 +239,45 @@ def test_ray_data_info_lines_stay_in_its_log_not_on_the_console(ray_local):
     notices = [line for f in console for line in f.read_text(errors="replace").splitlines()
                if "Progress bars disabled" in line]
     assert notices == []
+
+
+def test_shuffled_rows_mix_a_manifest_that_lists_each_videos_captions_together(ray_local, synth_small, tmp_path):
+    """Manifests list a video's captions together (MSR-VTT: 20 in a row), and a batch holding
+    two captions of one video scores one of them as the other's negative. With `shuffle` the
+    rows are shuffled before decoding: a batch of B from N rows, k per video, then holds about
+    B(B-1)/2 x (k-1)/(N-1) such pairs, as uniform sampling does; every row still arrives once,
+    with its own video's frames, and each execution (epoch) draws a new order."""
+    root = synth_small["manifest"].rsplit("/", 1)[0]
+    first = {}
+    for r in read_manifest(synth_small["manifest"]).to_pylist():
+        first.setdefault(r["video_id"], r)
+    videos, k, B = list(first.values())[:12], 8, 8
+    rows = [dict(r, path=f"{root}/{r['path']}", caption=f"{r['caption']} ({j})", split="train")
+            for r in videos for j in range(k)]  # each video's 8 captions in a row
+    write_manifest(rows, tmp_path / "grouped.parquet")
+    cfg = VideoConfig(fps=2.0, max_frames=2, size=32)
+    data = DataConfig(manifest=str(tmp_path / "grouped.parquet"), video=cfg, decode_actors=2,
+                      decode_cpus=0.5, decode_batch=4, max_words=16)
+    ref = {r["video_id"]: decode_clip(r["path"], None, None, cfg).frames for r in rows[::k]}
+
+    def epoch(shuffle: bool) -> tuple[list[int], float]:
+        order, pairs = [], []
+        for b in clip_dataset(data, str(tmp_path / "run"), shuffle=shuffle).iter_batches(
+                batch_size=B, batch_format="numpy", drop_last=True):
+            vids = [rows[int(rid)]["video_id"] for rid in b["row_id"]]
+            for i, v in enumerate(vids):
+                assert np.array_equal(b["frames"][i], ref[v])  # the row's own video, decoded
+            pairs.append(sum(vids[i] == vids[j] for i in range(B) for j in range(i + 1, B)))
+            order += [int(rid) for rid in b["row_id"]]
+        return order, float(np.mean(pairs))
+
+    uniform = B * (B - 1) / 2 * (k - 1) / (len(rows) - 1)  # 2.06 same-video pairs per batch
+    grouped, grouped_pairs = epoch(shuffle=False)
+    first_order, first_pairs = epoch(shuffle=True)
+    second_order, second_pairs = epoch(shuffle=True)
+    for order in (grouped, first_order, second_order):
+        assert sorted(order) == list(range(len(rows)))  # every row once per epoch (12 full batches)
+    assert grouped_pairs > 10  # read as listed, batches are one or two videos
+    assert first_pairs < 2.5 * uniform and second_pairs < 2.5 * uniform
+    assert first_order != second_order
+

@@ -42,7 +42,7 @@ def test_posttrain_resumes_mid_pass_without_rereading_shards(ray_local, s3_shard
     run = s3.url("pp/runs/howto")
     args = [sys.executable, "-m", "train", str(REPO / "train/configs/demo.yaml"),
             f"data.manifest={s3.url('pp/train')}", f"data.eval_manifest={s3.url('pp/eval.parquet')}",
-            "data.shard_stream=true", "data.shuffle_buffer=4", "data.batch_size=2",
+            "data.shard_stream=true", "data.shuffle_rows=true", "data.shuffle_buffer=4", "data.batch_size=2",
             "data.video.max_frames=4", "data.decode_actors=1", "data.decode_cpus=0.25",
             "train.max_steps=6", "train.checkpoint_every_steps=2", "train.num_workers=2",
             "train.eval_every_epochs=100",  # only the final evaluation is checked

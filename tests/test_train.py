@@ -300,7 +300,7 @@ def test_zero2_trains_through_planted_bad_videos(ray_local, synth_small, real_vi
                 for k, p in bad.items() if k in ("missing", "empty", "truncated", "corrupt")]
     write_manifest(rows + bad_rows, tmp_path / "m.parquet")
     cfg = load_config(DEMO, overrides(str(tmp_path / "m.parquet"), tmp_path, "zero2",
-                                      **{"train.zero_stage": 2}))
+                                      **{"train.zero_stage": 2, "data.shuffle_rows": True}))
     final = run(cfg, quiet_ray=True)
     assert np.isfinite(final["loss"]) and final["skipped_clips"] == 4
     report = [json.loads(x) for x in (tmp_path / "zero2" / "skip_report.jsonl").read_text().splitlines()]

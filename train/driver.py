@@ -150,7 +150,7 @@ def run(cfg: Config, quiet_ray: bool = False, stop_epoch: int = 0, table: bool =
     eval_data = dataclasses.replace(cfg.data, manifest=eval_manifest)
     datasets = {"test": clip_dataset(eval_data, out, split=eval_split)}
     if not cfg.data.shard_stream:
-        datasets["train"] = clip_dataset(cfg.data, out, split="train")
+        datasets["train"] = clip_dataset(cfg.data, out, split="train", shuffle=cfg.data.shuffle_rows)
     total = cfg.train.max_steps or steps_per_epoch * cfg.train.epochs
     print(f"[driver] run {out}: {n_train if n_train is not None else 'streamed'} training clips, "
           f"{total} steps, {cfg.train.num_workers} workers, ZeRO-{cfg.train.zero_stage}", flush=True)

@@ -1,8 +1,9 @@
 """Streaming a huge sharded manifest (HowTo100M: 136M rows) without a global shuffle.
 
 Each training worker reads its own share of the manifest's Parquet shards, one Ray Data
-stream per shard (decode actors on any CPU node), with a local shuffle buffer inside it. A
-pass visits every shard once, in an order seeded by the pass number, dealt round-robin to the
+stream per shard (decode actors on any CPU node), its rows shuffled before decoding
+(`data.shuffle_rows`) and/or mixed by a local buffer of decoded clips (`data.shuffle_buffer`).
+A pass visits every shard once, in an order seeded by the pass number, dealt round-robin to the
 workers. The checkpoint records the shards consumed in the current pass, so after a restart
 the remaining shards are dealt again and consumed ones are never read a second time. A pass
 ends for everyone as soon as one worker runs out (workers step in lock-step).
@@ -44,7 +45,9 @@ class ShardStream:
 
         for f in self.my_shards():
             self.opened.append(f)
-            ds = clip_dataset(self.data, self.skip_dir, split="train", files=[f])
+            # rows in an order seeded by the pass and the shard: a restart reads the same order
+            ds = clip_dataset(self.data, self.skip_dir, split="train", files=[f], shuffle=self.data.shuffle_rows,
+                              seed=(self.seed * 1_000_003 + self.state["pass"] * 8191 + self.files.index(f)) % 2**32)
             it = iter(ds.iter_torch_batches(
                 batch_size=self.batch_size, drop_last=True,
                 local_shuffle_buffer_size=self.data.shuffle_buffer or None,
