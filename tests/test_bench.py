@@ -79,6 +79,7 @@ def test_bare_loop_counts_every_frame_on_one_core_and_unpins_after(tmp_path):
     (["bench", "serve", "--scale", "0"], "argument --scale: must be 0.01 or more, got 0"),
     (["bench", "train", "--warmup", "-1"], "argument --warmup: must be 0 or more, got -1"),
     (["bench", "startup", "--rounds", "1"], "argument --rounds: must be 2 or more, got 1"),
+    (["bench", "shuffle", "--batch", "1"], "argument --batch: must be 2 or more, got 1"),
 ])
 def test_counts_below_their_floor_are_usage_errors_before_any_work(argv, says, tmp_path, capsys, monkeypatch):
     from clipray.cli import main
@@ -127,3 +128,22 @@ def test_bench_model_in_bf16_keeps_half_the_activations_of_fp32():
     assert runs["bf16"]["trainable_m"] == runs["fp32"]["trainable_m"] > 0
     assert 0.48 < runs["bf16"]["kept_mb"] / runs["fp32"]["kept_mb"] < 0.52
     assert _parser().parse_args(["--threads", "0"]).threads == 0  # its help: 0 = torch's default
+
+
+def test_bench_shuffle_counts_same_video_pairs_as_a_hand_count_does(ray_local, tmp_path, capsys):
+    """Read as listed, with batches as long as a video's run of captions, a batch holds 6 pairs
+    of one video whenever it sits inside one run; shuffled, about what uniform sampling gives."""
+    from clipray.bench.shuffle import grouped_manifest, main, read
+    from clipray.config import DataConfig
+
+    grouped_manifest(tmp_path / "m.parquet", videos=30, captions=4)
+    data = DataConfig(manifest=str(tmp_path / "m.parquet"), decode_batch=4)
+    listed, shuffled = read(data, False, 0, 4, 4), read(data, True, 0, 4, 4)
+    assert listed["batches"] == shuffled["batches"] == 30
+    assert listed["pairs"] > 3  # most batches are one video's 4 captions: 6 pairs each
+    assert shuffled["pairs"] < 1.0  # uniform: 6 x 3/119 = 0.15 per batch
+    assert main(["--videos", "30", "--captions", "4", "--batch", "4", "--buffer", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "120 rows, 4 captions per video" in out and "uniform sampling (expected)" in out
+    assert out.rstrip().endswith("0.15")
+
