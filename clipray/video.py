@@ -24,7 +24,7 @@ from typing import Any, Callable, Sequence, TypeVar
 
 import numpy as np
 import torch
-import torchvision.transforms.v2.functional as TF
+import torch.nn.functional as F
 
 from clipray.config import VideoConfig
 from clipray.manifest import as_seconds
@@ -207,10 +207,22 @@ def _short(e: BaseException) -> str:
 # ---------------------------------------------------------------- resize / crop
 
 def resize_crop(frames: np.ndarray, size: int) -> torch.Tensor:
-    """uint8 [N, H, W, 3] -> uint8 [N, 3, size, size]: shorter side to `size`, centre crop."""
+    """uint8 [N, H, W, 3] -> uint8 [N, 3, size, size]: shorter side to `size`, centre crop.
+
+    torchvision's tensor `resize` (bicubic, antialiased) and `center_crop`, pixel for pixel
+    (tests/test_video.py compares them), written with torch alone: importing torchvision took
+    1.7 s of every decode actor's start-up, paid on every dataset execution.
+    """
     x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2)
-    x = TF.resize(x, [size], interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
-    return TF.center_crop(x, [size, size])
+    h, w = x.shape[-2:]
+    # torchvision's output size: the shorter side becomes `size`, the longer keeps the aspect
+    # ratio, rounded down; a square frame counts its width as the shorter side
+    nh, nw = (int(size * h / w), size) if w <= h else (size, int(size * w / h))
+    if (nh, nw) != (h, w):
+        # uint8 in and out: torch's native uint8 kernel on CPU, as torchvision uses
+        x = F.interpolate(x, size=[nh, nw], mode="bicubic", align_corners=False, antialias=True)
+    top, left = int(round((nh - size) / 2.0)), int(round((nw - size) / 2.0))
+    return x[..., top:top + size, left:left + size]
 
 
 # ---------------------------------------------------------------- one clip

@@ -7,7 +7,7 @@ import pytest
 
 from bad_videos import GatedServer, plant
 from clipray.config import VideoConfig
-from clipray.video import SkipClip, candidate_indices, decode_clip, decode_clip_safe, select
+from clipray.video import SkipClip, candidate_indices, decode_clip, decode_clip_safe, resize_crop, select
 
 
 def test_candidate_indices_by_hand():
@@ -54,6 +54,25 @@ def test_padding_and_crop(real_video):
     assert c.frames.shape == (8, 3, 64, 64) and c.frames.dtype == np.uint8
     assert c.mask.tolist() == [1, 1, 1, 0, 0, 0, 0, 0]
     assert not c.frames[3:].any() and c.frames[:3].any()
+
+
+@pytest.mark.parametrize("shape", [(12, 72, 96), (1, 96, 72), (3, 50, 50), (2, 224, 300), (2, 301, 224),
+                                   (2, 224, 224), (4, 360, 640), (2, 17, 400)])
+@pytest.mark.parametrize("size", [224, 33])
+def test_resize_crop_is_torchvisions_resize_and_centre_crop(shape, size):
+    """The decoders resize with torch alone (importing torchvision slowed every decode actor's
+    start-up); the pixels must stay those of torchvision's bicubic antialiased `resize` and
+    `center_crop`, which trained models saw: landscape, portrait, square, already the size,
+    odd crops and a single frame."""
+    import torch
+    import torchvision.transforms.v2.functional as TF
+
+    frames = np.random.default_rng(sum(shape) + size).integers(0, 256, (*shape, 3), dtype=np.uint8)
+    x = torch.from_numpy(frames).permute(0, 3, 1, 2)
+    want = TF.center_crop(TF.resize(x, [size], interpolation=TF.InterpolationMode.BICUBIC, antialias=True), [size, size])
+    got = resize_crop(frames, size)
+    assert got.shape == (shape[0], 3, size, size) and got.dtype == torch.uint8
+    assert torch.equal(got, want)
 
 
 def test_decode_into_a_batch_row(real_video):
