@@ -17,8 +17,9 @@ GPUs. `data.decode_pool` picks how they run; both keep one `ClipDecoder` per pro
   startup` measures both). But a task is submitted only once Ray Data's scheduling loop has
   handled the last one's return, and that loop waits up to 0.1 s for all its running tasks:
   with two decoders on 2 cores each waited about 0.2 s between calls.
-- "actors": a Ray Data actor pool, built anew on every execution, each actor importing torch and
-  open_clip (5-7 s of CPU) before its first clip. An actor holds its next call while it decodes
+- "actors": a Ray Data actor pool, built anew on every execution, each actor starting a Ray
+  worker and importing torch (2-3 s more with torchvision and all of open_clip, which the
+  decoders no longer import) before its first clip. An actor holds its next call while it decodes
   the current one, so it stays busy: with a decoder per core, 1.14-1.17x the tasks' frames/s on
   real H.264 and 1.8-2.2x on synthetic clips (`clipray bench data`). The choice for long epochs
   and for streaming HowTo100M.
@@ -33,7 +34,8 @@ import os
 import sys
 import uuid
 from collections import Counter
-from typing import Any
+from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 
@@ -43,6 +45,35 @@ from clipray.video import SkipClip, decode_clip_safe
 
 DATA_COLUMNS = ["row_id", "video_id", "path", "start", "end", "caption"]
 SKIP_DIR = "skips"
+_TOKENIZER_MODULE = "clipray._open_clip_tokenizer"
+
+
+def caption_tokenizer(name: str, context_length: int) -> Callable[[list[str]], Any]:
+    """open_clip's tokenizer for the open_clip model `name`, as `open_clip.get_tokenizer` gives it.
+
+    Every decode actor loads one as it starts, on every dataset execution, and importing the
+    open_clip package (its models and torchvision) was about 2 s of that start-up (`clipray
+    bench startup`). For a built-in model config that asks for CLIP's own BPE tokenizer (all of
+    clipray's models), this loads only open_clip's tokenizer module, from the installed
+    package; any other name, or a process that has imported open_clip anyway, goes through
+    `get_tokenizer`. tests/test_pipeline.py checks the two give the same tokens.
+    """
+    import importlib.util
+
+    pkg = Path(importlib.util.find_spec("open_clip").submodule_search_locations[0])
+    config = pkg / "model_configs" / f"{name}.json"
+    text = json.loads(config.read_text()).get("text_cfg", {}) if config.is_file() else None
+    if ("open_clip" in sys.modules or text is None or "siglip" in name.lower()
+            or text.get("hf_tokenizer_name") or text.get("tokenizer_kwargs")):
+        import open_clip
+
+        return open_clip.get_tokenizer(name, context_length=context_length)
+    if _TOKENIZER_MODULE not in sys.modules:
+        spec = importlib.util.spec_from_file_location(_TOKENIZER_MODULE, pkg / "tokenizer.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        sys.modules[_TOKENIZER_MODULE] = module
+    return sys.modules[_TOKENIZER_MODULE].SimpleTokenizer(context_length=context_length)
 
 
 class ClipDecoder:
@@ -54,11 +85,9 @@ class ClipDecoder:
     """
 
     def __init__(self, data: DataConfig, root: str, skip_dir: str):
-        import open_clip
-
         self.cfg = data.video
         self.root = root
-        self.tokenize = open_clip.get_tokenizer(data.tokenizer, context_length=data.max_words)
+        self.tokenize = caption_tokenizer(data.tokenizer, data.max_words)
         self.skip_dir = skip_dir.rstrip("/")
         self.name = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.calls = 0

@@ -5,6 +5,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import open_clip
 import pytest
 
 from bad_videos import GatedServer, plant
@@ -67,13 +68,15 @@ def test_bad_files_skipped_and_reported(ray_local, planted_manifest, tmp_path, p
     assert time.time() - t0 < 120, "pipeline stalled"
     assert footer_readers() == readers  # the manifest was read without starting an actor
     assert set(got) == set(range(len(rows))) - bad_ids  # every good clip, once
+    tok = open_clip.get_tokenizer(data.tokenizer, context_length=16)
     for rid in got:  # every clip's frames are what a direct decode gives: none was overwritten
         r = rows[rid]
         ref = decode_clip(r["path"], r.get("start"), r.get("end"), cfg)
         frames, mask, tokens = got[rid]
         assert np.array_equal(frames, ref.frames) and np.array_equal(mask, ref.mask)
         assert mask.sum() >= 1 and frames[: mask.sum()].any()
-        assert tokens[0] == 49406 and 49407 in tokens  # open_clip start/end-of-text tokens
+        # its own caption's tokens, though the decoders dropped the bad rows between them
+        assert tokens.tolist() == tok([r["caption"]])[0].tolist() and tokens[0] == 49406
     report = collect_skips(str(run))
     assert report["skipped"] == len(bad_ids)
     on_disk = [json.loads(line) for line in (run / "skip_report.jsonl").read_text().splitlines()]
@@ -148,6 +151,51 @@ def test_decode_tasks_keep_one_decoder_per_process_and_settings(synth_small, tmp
         pipeline.decode_batch(batch, small, root, str(tmp_path / run))
     assert len(pipeline._DECODERS) == 4 and dec not in pipeline._DECODERS.values()  # bounded, oldest out
     pipeline._DECODERS.clear()
+
+
+def test_decoders_tokenise_as_open_clip_without_importing_it(synth_small, tmp_path):
+    """A decode actor starts on every dataset execution (every epoch and evaluation); importing
+    torchvision and the open_clip package took about 2 s of that (`clipray bench startup`). A
+    decoder in a fresh interpreter imports neither, and its tokens are open_clip's own. Names
+    whose tokenizer is not CLIP's BPE (SigLIP's, or no built-in config) go to open_clip."""
+    import subprocess
+    import sys
+
+    rows = read_manifest(synth_small["manifest"]).to_pylist()[:3]
+    captions = [r["caption"] for r in rows] + ["Ünïcode &amp; punctuation!!", "a " * 40]
+    code = f"""
+import json, sys, numpy as np
+from clipray.config import DataConfig, VideoConfig
+from clipray.pipeline import ClipDecoder, caption_tokenizer
+rows = {[{k: r[k] for k in ("row_id", "video_id", "path", "caption")} for r in rows]!r}
+batch = {{k: np.array([r[k] for r in rows]) for k in ("row_id", "video_id", "path", "caption")}}
+batch["start"] = batch["end"] = np.array([None] * len(rows))
+data = DataConfig(manifest="unused", video=VideoConfig(fps=2.0, max_frames=4, size=32), max_words=16)
+out = ClipDecoder(data, {str(Path(synth_small["manifest"]).parent)!r}, {str(tmp_path)!r})(batch)
+assert out["frames"].shape == (3, 4, 3, 32, 32)
+tokens = {{name: caption_tokenizer(name, n)({captions!r}).tolist() for name, n in (("ViT-B-32", 16), ("ViT-L-14", 77))}}
+imported = sorted(m for m in ("open_clip", "torchvision") if m in sys.modules)
+def route(name):
+    try:
+        return type(caption_tokenizer(name, 16)).__module__
+    except Exception as e:
+        return type(e).__name__
+others = {{name: route(name) for name in ("no-such-model", "ViT-B-16-SigLIP")}}
+print(json.dumps({{"decoder": out["tokens"].tolist(), "tokens": tokens, "imported": imported, "others": others}}))
+"""
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    got = json.loads(res.stdout.splitlines()[-1])
+    assert got["imported"] == []
+    assert got["decoder"] == open_clip.get_tokenizer("ViT-B-32", context_length=16)(captions[:3]).tolist()
+    for name, n in (("ViT-B-32", 16), ("ViT-L-14", 77)):
+        assert got["tokens"][name] == open_clip.get_tokenizer(name, context_length=n)(captions).tolist()
+    assert got["others"]["no-such-model"] == "open_clip.tokenizer"  # open_clip's default, via open_clip
+    try:  # SigLIP's tokenizer needs transformers: the same class, or the same error, as open_clip's
+        want = type(open_clip.get_tokenizer("ViT-B-16-SigLIP", context_length=16)).__module__
+    except Exception as e:
+        want = type(e).__name__
+    assert got["others"]["ViT-B-16-SigLIP"] == want
 
 
 def test_frames_buffer_reused_only_once_released(tmp_path):

@@ -4,12 +4,14 @@ Ray Data starts afresh every time a dataset is executed, and Ray Train executes 
 and test datasets again every epoch, so on small data that start-up, not decoding, sets the
 pace. This runs the demo's test split (the demo config's decode settings) through three
 versions of the pipeline, in interleaved rounds on one embedded Ray:
-  (a) decode actors (`data.decode_pool=actors`: `ClipDecoder` in a Ray Data actor pool) and Ray
-      Data's V2 Parquet reader with its 32 footer-reader actors: the pipeline before f0a301c,
-      the baseline;
-  (b) decode tasks (`data.decode_pool=tasks`, the default) on workers Ray keeps between
-      executions, and the V2 reader with one footer reader per manifest file (f0a301c-03ca8fe);
-  (c) decode tasks and Ray Data's V1 Parquet reader, which starts no actor: `clip_dataset` now.
+  (a) decode actors (`data.decode_pool=actors`) as they were before the decoders stopped
+      importing torchvision and the whole open_clip package (each actor imports both before
+      its first clip, and tokenises with `open_clip.get_tokenizer`): the baseline;
+  (b) decode actors now (`clip_dataset`), importing torch and open_clip's tokenizer module only;
+  (c) decode tasks now (`data.decode_pool=tasks`, the default), on worker processes Ray keeps
+      between executions.
+All three read the manifest as `clip_dataset` does (Ray Data's V1 Parquet reader; the
+reader arms of earlier versions of this bench are recorded in docs/benchmarks.md).
 For each: seconds to the first batch and to the last, for the first execution and the median
 of the later ones (an actor pool starts anew each time; task workers are started once).
 """
@@ -22,31 +24,44 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
-from unittest import mock
 
 from clipray.cli import at_least
+from clipray.pipeline import ClipDecoder
 
 ARMS = {
-    "a": "(a) decode actors, 32 footer readers",
-    "b": "(b) decode tasks, 1 footer reader/file",
-    "c": "(c) decode tasks, no footer readers",
+    "a": "(a) decode actors, importing open_clip",
+    "b": "(b) decode actors, tokenizer module only",
+    "c": "(c) decode tasks",
 }
-V2 = "RAY_DATA_USE_DATASOURCE_V2"
-FOOTERS = "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS"
+
+
+class OpenClipDecoder(ClipDecoder):
+    """(a)'s decoder: `ClipDecoder` as it was, importing torchvision (its resize) and the open_clip
+    package (its tokenizer) as each actor starts."""
+
+    def __init__(self, data, root: str, skip_dir: str):
+        import open_clip
+        import torchvision.transforms.v2.functional  # noqa: F401
+
+        super().__init__(data, root, skip_dir)
+        self.tokenize = open_clip.get_tokenizer(data.tokenizer, context_length=data.max_words)
 
 
 def dataset(arm: str, data, skip_dir: str):
     from dataclasses import replace
 
-    from clipray.pipeline import clip_dataset
+    import ray.data
 
-    # (a) and (b) ask for the V2 reader, which clip_dataset then leaves alone; (c) reads as
-    # clip_dataset does by itself. The environment is restored as it was.
-    env = {"a": {V2: "1", FOOTERS: "32"}, "b": {V2: "1", FOOTERS: "1"}, "c": {}}[arm]
-    with mock.patch.dict(os.environ, env):
-        if arm == "c":
-            os.environ.pop(V2, None)
-        return clip_dataset(replace(data, decode_pool="actors" if arm == "a" else "tasks"), skip_dir, split="test")
+    from clipray.manifest import default_root
+    from clipray.pipeline import clip_dataset, manifest_rows
+
+    if arm != "a":
+        return clip_dataset(replace(data, decode_pool="actors" if arm == "b" else "tasks"), skip_dir, split="test")
+    # clip_dataset's actor pool, with (a)'s decoder in it
+    args = {"data": data, "root": data.video_root or default_root(data.manifest), "skip_dir": skip_dir}
+    return manifest_rows(data, "test").map_batches(
+        OpenClipDecoder, fn_constructor_kwargs=args, compute=ray.data.ActorPoolStrategy(size=data.decode_actors),
+        batch_size=data.decode_batch, num_cpus=data.decode_cpus, batch_format="numpy")
 
 
 def execute(ds) -> tuple[int, float, float]:
