@@ -80,6 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=at_least(2), default=4, help="executions of each version")
     ap.add_argument("--data", default="clipray_data/synth", help="synthetic set (made if absent)")
     ap.add_argument("--videos", type=at_least(1), default=240, help="videos to generate when --data is absent")
+    ap.add_argument("--decoders", type=at_least(1), default=None,
+                    help="decoders per execution (default: the demo config's data.decode_actors, 2)")
     args = ap.parse_args(argv)
 
     from clipray.config import load_config
@@ -87,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     from clipray.runtime import init_ray, quiet_data_progress
 
     manifest = ensure_synth(Path(args.data), args.videos).resolve()
-    data = load_config(demo_config_path(), [f"data.manifest={manifest}"]).data
+    data = load_config(demo_config_path(), [f"data.manifest={manifest}"]
+                       + ([f"data.decode_actors={args.decoders}"] if args.decoders else [])).data
     work = Path(tempfile.mkdtemp(prefix="clipray-bench-startup-"))
     init_ray(quiet=True)
     quiet_data_progress()
