@@ -55,16 +55,16 @@ def caption_tokenizer(name: str, context_length: int) -> Callable[[list[str]], A
     open_clip package (its models and torchvision) was about 2 s of that start-up (`clipray
     bench startup`). For a built-in model config that asks for CLIP's own BPE tokenizer (all of
     clipray's models), this loads only open_clip's tokenizer module, from the installed
-    package; any other name, or a process that has imported open_clip anyway, goes through
-    `get_tokenizer`. tests/test_pipeline.py checks the two give the same tokens.
+    package. A name with no built-in config, one whose config names a Hugging Face tokenizer
+    (SigLIP's among them) or tokenizer options, or a process that has imported open_clip anyway,
+    goes through `get_tokenizer`. tests/test_pipeline.py checks both routes.
     """
     import importlib.util
 
     pkg = Path(importlib.util.find_spec("open_clip").submodule_search_locations[0])
     config = pkg / "model_configs" / f"{name}.json"
     text = json.loads(config.read_text()).get("text_cfg", {}) if config.is_file() else None
-    if ("open_clip" in sys.modules or text is None or "siglip" in name.lower()
-            or text.get("hf_tokenizer_name") or text.get("tokenizer_kwargs")):
+    if "open_clip" in sys.modules or text is None or text.get("hf_tokenizer_name") or text.get("tokenizer_kwargs"):
         import open_clip
 
         return open_clip.get_tokenizer(name, context_length=context_length)

@@ -157,7 +157,8 @@ def test_decoders_tokenise_as_open_clip_without_importing_it(synth_small, tmp_pa
     """A decode actor starts on every dataset execution (every epoch and evaluation); importing
     torchvision and the open_clip package took about 2 s of that (`clipray bench startup`). A
     decoder in a fresh interpreter imports neither, and its tokens are open_clip's own. Names
-    whose tokenizer is not CLIP's BPE (SigLIP's, or no built-in config) go to open_clip."""
+    whose tokenizer is not plain CLIP BPE (a Hugging Face one, options, no built-in config) go to
+    open_clip."""
     import subprocess
     import sys
 
@@ -175,27 +176,30 @@ out = ClipDecoder(data, {str(Path(synth_small["manifest"]).parent)!r}, {str(tmp_
 assert out["frames"].shape == (3, 4, 3, 32, 32)
 tokens = {{name: caption_tokenizer(name, n)({captions!r}).tolist() for name, n in (("ViT-B-32", 16), ("ViT-L-14", 77))}}
 imported = sorted(m for m in ("open_clip", "torchvision") if m in sys.modules)
-def route(name):
-    try:
-        return type(caption_tokenizer(name, 16)).__module__
-    except Exception as e:
-        return type(e).__name__
-others = {{name: route(name) for name in ("no-such-model", "ViT-B-16-SigLIP")}}
-print(json.dumps({{"decoder": out["tokens"].tolist(), "tokens": tokens, "imported": imported, "others": others}}))
+try:  # the tokenizer another name gets, before anything here has imported open_clip
+    other = type(caption_tokenizer(sys.argv[1], 16)).__module__
+except Exception as e:
+    other = type(e).__name__
+print(json.dumps({{"decoder": out["tokens"].tolist(), "tokens": tokens, "imported": imported, "other": other}}))
 """
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert res.returncode == 0, res.stderr[-2000:]
-    got = json.loads(res.stdout.splitlines()[-1])
-    assert got["imported"] == []
-    assert got["decoder"] == open_clip.get_tokenizer("ViT-B-32", context_length=16)(captions[:3]).tolist()
-    for name, n in (("ViT-B-32", 16), ("ViT-L-14", 77)):
-        assert got["tokens"][name] == open_clip.get_tokenizer(name, context_length=n)(captions).tolist()
-    assert got["others"]["no-such-model"] == "open_clip.tokenizer"  # open_clip's default, via open_clip
-    try:  # SigLIP's tokenizer needs transformers: the same class, or the same error, as open_clip's
-        want = type(open_clip.get_tokenizer("ViT-B-16-SigLIP", context_length=16)).__module__
-    except Exception as e:
-        want = type(e).__name__
-    assert got["others"]["ViT-B-16-SigLIP"] == want
+    others = {}
+    routes = ("no-such-model", "mt5-base-ViT-B-32", "ViT-B-16-SigLIP")  # HF; HF + options
+    for name in routes:  # a fresh interpreter each
+        res = subprocess.run([sys.executable, "-c", code, name], capture_output=True, text=True, timeout=120)
+        assert res.returncode == 0, res.stderr[-2000:]
+        got = json.loads(res.stdout.splitlines()[-1])
+        others[name] = got["other"]
+        assert got["imported"] == []
+        assert got["decoder"] == open_clip.get_tokenizer("ViT-B-32", context_length=16)(captions[:3]).tolist()
+        for clip_name, n in (("ViT-B-32", 16), ("ViT-L-14", 77)):
+            assert got["tokens"][clip_name] == open_clip.get_tokenizer(clip_name, context_length=n)(captions).tolist()
+    assert others["no-such-model"] == "open_clip.tokenizer"  # open_clip's default, via open_clip
+    for name in routes[1:]:  # these need transformers: the same class, or the same error, as open_clip's
+        try:
+            want = type(open_clip.get_tokenizer(name, context_length=16)).__module__
+        except Exception as e:
+            want = type(e).__name__
+        assert others[name] == want and want != "clipray._open_clip_tokenizer"
 
 
 def test_frames_buffer_reused_only_once_released(tmp_path):
