@@ -104,7 +104,7 @@ def data_main(argv: list[str]) -> int:
             if "=" not in o:
                 ap.error(f"--option takes KEY=VALUE, got {o!r}")
             k, v = o.split("=", 1)
-            opts[k] = _literal(v)
+            opts[k] = v  # text: each source types its options by their defaults
         print(prepare(args.name, args.root, args.out, progress_s=PROGRESS_S, **opts))
         return 0
     from clipray.manifest import check_manifest, manifest_metadata
@@ -114,19 +114,6 @@ def data_main(argv: list[str]) -> int:
     if meta:
         print(f"metadata: {meta}")
     return 0
-
-
-def _literal(v: str) -> object:
-    """Adapter option values: ints, floats and booleans as such, everything else a string."""
-    low = v.lower()
-    if low in ("true", "false"):
-        return low == "true"
-    for cast in (int, float):
-        try:
-            return cast(v)
-        except ValueError:
-            pass
-    return v
 
 
 def bench_main(argv: list[str]) -> int:

@@ -133,6 +133,13 @@ class ManifestWriter:
         self.schema = SCHEMA.with_metadata(meta)
         self.fs, self.root = pafs.FileSystem.from_uri(_as_uri(self.out))
         folder = self.root if not self.single else str(Path(self.root).parent)
+        kind = self.fs.get_file_info(self.root).type
+        if self.single and kind == pafs.FileType.Directory:
+            raise ManifestError(f"{self.out}: is a folder; a manifest named *.parquet is written as one "
+                                "file (name a folder without .parquet to write shards into it)")
+        if not self.single and kind == pafs.FileType.File:
+            raise ManifestError(f"{self.out}: is a file; a manifest not named *.parquet is a folder of "
+                                "shards (name the file *.parquet to replace it)")
         try:  # up front, so a bad --out fails before a long source is read
             self.fs.create_dir(folder, recursive=True)
         except OSError as e:
@@ -214,13 +221,31 @@ def _check_header(fs: pafs.FileSystem, file: str, path: str) -> None:
     """Read the first file's footer, so a wrong file fails here with its name rather than later
     in a Ray task: not Parquet, or lacking the columns every manifest row must have."""
     try:
-        names = pq.read_schema(file, filesystem=fs).names
+        schema = pq.read_schema(file, filesystem=fs)
     except (pa.ArrowInvalid, OSError) as e:
         raise ManifestError(f"{path}: not a Parquet manifest ({str(e).splitlines()[0][:200]})") from None
-    missing = [f.name for f in SCHEMA if not f.nullable and f.name not in names]
+    missing = [f.name for f in SCHEMA if not f.nullable and f.name not in schema.names]
     if missing:
         raise ManifestError(f"{path}: not a clipray manifest, it has no {', '.join(missing)} column(s); "
                             "write one with `clipray data prepare` (`generic` for your own CSV/JSONL)")
+    wrong = [f"{f.name} is {f.type}, not {SCHEMA.field(f.name).type}" for f in schema
+             if f.name in COLUMNS and not _reads_as(f.type, SCHEMA.field(f.name).type)]
+    if wrong:
+        raise ManifestError(f"{path}: column types differ from the manifest schema: {'; '.join(wrong)}")
+
+
+def _reads_as(have: pa.DataType, want: pa.DataType) -> bool:
+    """Whether a column of type `have` reads into the schema's `want` without loss or parsing:
+    ints as float seconds, large strings as strings, an all-null column as anything."""
+    if have == want or pa.types.is_null(have):
+        return True
+    if pa.types.is_dictionary(have):
+        have = have.value_type
+    if pa.types.is_string(want):
+        return pa.types.is_string(have) or pa.types.is_large_string(have)
+    if pa.types.is_floating(want):
+        return pa.types.is_integer(have) or pa.types.is_floating(have)
+    return pa.types.is_integer(want) and pa.types.is_integer(have)
 
 
 def read_manifest(path: str | Path, columns: Sequence[str] | None = None,
@@ -369,13 +394,24 @@ def iter_checked(path: str | Path, split: str | None = None,
     for f in files:
         where = str(path) if len(files) == 1 else f"{path} ({f.rsplit('/', 1)[-1]})"
         batches = pads.dataset(f, filesystem=fs, format="parquet", schema=SCHEMA).to_batches(batch_size=batch_rows)
-        for i, raw in enumerate(r for b in batches for r in b.to_pylist()):
+        for i, raw in enumerate(r for b in _batches(batches, where) for r in b.to_pylist()):
             row = check_row(raw, f"{where} row {i}")
+            if not isinstance(raw["row_id"], int):
+                raise ManifestError(f"{where} row {i}: row_id is missing ({raw['row_id']!r})")
             if not ids.add(raw["row_id"]):
                 raise ManifestError(f"{where} row {i}: row_id {raw['row_id']} repeats an earlier row's"
                                     + _mixed_hint(files))
             if split is None or row["split"] == split:
                 yield {"row_id": raw["row_id"], **row}
+
+
+def _batches(batches: Iterator[pa.RecordBatch], where: str) -> Iterator[pa.RecordBatch]:
+    """Record batches of one file; a column that does not read into the schema (a later shard
+    of another type than the first, whose types were checked) fails naming the file."""
+    try:
+        yield from batches
+    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as e:
+        raise ManifestError(f"{where}: cannot be read as a manifest ({str(e).splitlines()[0][:200]})") from None
 
 
 def check_manifest(path: str | Path, progress_s: float | None = None) -> Tally:

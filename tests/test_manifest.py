@@ -172,3 +172,28 @@ def test_an_output_under_a_file_is_an_error_line_not_a_traceback(tmp_path, capsy
                  "-o", f"file={tmp_path / 'own.csv'}"]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"clipray data: error: {afile / 'm.parquet'}: cannot create the folder {afile}")
+
+
+def test_columns_of_another_type_and_null_row_ids_are_named_not_tracebacks(tmp_path, capsys):
+    """A manifest written by other tools: columns that read into the schema (int32 ids, whole
+    seconds as ints, large strings) are accepted; a text `start` or a null row_id is an error
+    line naming the file, the column or the row."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from clipray.cli import main
+
+    base = {"row_id": pa.array([0, 1], pa.int32()), "video_id": pa.array(["v0", "v1"], pa.large_string()),
+            "path": ["a.mp4", "b.mp4"], "start": pa.array([1, 2], pa.int64()), "end": [3.0, 4.5],
+            "caption": ["one", "two"], "split": ["train", "test"], "group": pa.nulls(2)}
+    pq.write_table(pa.table(base), tmp_path / "ok.parquet")
+    assert [(r["row_id"], r["start"]) for r in iter_checked(tmp_path / "ok.parquet")] == [(0, 1.0), (1, 2.0)]
+    assert read_manifest(tmp_path / "ok.parquet").column("start").to_pylist() == [1.0, 2.0]
+
+    pq.write_table(pa.table({**base, "start": ["1", "x"], "end": ["3", "4"]}), tmp_path / "text.parquet")
+    pq.write_table(pa.table({**base, "row_id": pa.array([0, None], pa.int64())}), tmp_path / "null.parquet")
+    for name, msg in (("text.parquet", ": column types differ from the manifest schema: start is string, not "
+                                       "double; end is string, not double"),
+                      ("null.parquet", " row 1: row_id is missing (None)")):
+        assert main(["data", "check", str(tmp_path / name)]) == 2
+        assert capsys.readouterr().err == f"clipray data: error: {tmp_path / name}{msg}\n"

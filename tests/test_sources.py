@@ -196,7 +196,10 @@ def test_activitynet_sentences_clamped_and_empty_spans_dropped(tmp_path):
     paths = {r["video_id"]: r["path"] for r in read_manifest(str(out)).to_pylist()}
     assert paths["v_AAAAAAAAAAA"].endswith("videos/AAAAAAAAAAA.mp4")  # stored without v_
     assert paths["v_BBB-BB_BBBB"].endswith("videos/v_BBB-BB_BBBB.mkv")  # stored with v_
-    assert any("train_ids.json" in n for n in rep.notes)
+    # train_ids.json lists A twice and Z (no captions); train.json has D, which it does not list
+    assert rep.notes == ["1 ids of train_ids.json have no captions in train.json; skipped",
+                         "1 ids repeat in train_ids.json; each video is used once",
+                         "1 videos of train.json are not in train_ids.json; left out"]
 
 
 def test_activitynet_paragraph_view(tmp_path):
@@ -240,6 +243,7 @@ def test_didemo_sentence_view(tmp_path):
     assert paths["v2_x_y.avi"].endswith("videos/v2_x_y.avi.mp4")
     assert paths["v3_bare."].endswith("videos/v3_bare.")
     assert rep.missing_videos == ["missing.mov"] and rep.rejected == {"empty caption": 1}
+    assert rep.notes == ["1 descriptions of 1 videos in test_data.json are not in test_list.txt; left out"]
 
 
 def test_didemo_paragraph_view(tmp_path):
@@ -468,3 +472,129 @@ def test_prepare_then_check_through_the_cli(tmp_path, capsys):
         f"{len({r['caption'] for r in rows})} distinct captions")
     assert main(["data", "check", str(tmp_path / "msrvtt_data" / "MSRVTT_data.json")]) == 2
     assert "MSRVTT_data.json: not a Parquet manifest" in capsys.readouterr().err
+
+
+def _latin1_line(path, line: int) -> None:
+    """Re-save line `line` (1-based) of a UTF-8 file as cp1252, as a spreadsheet would."""
+    lines = path.read_bytes().split(b"\n")
+    lines[line - 1] = lines[line - 1] + " caf\u00e9".encode("cp1252")
+    path.write_bytes(b"\n".join(lines))
+
+
+@pytest.mark.parametrize("fmt", ["csv", "jsonl"])
+def test_a_file_that_is_not_utf8_is_named_with_its_line(tmp_path, capsys, fmt):
+    """A cp1252 byte in an annotation file: an error line naming the file and the line it is on,
+    not a UnicodeDecodeError traceback."""
+    from clipray.cli import main
+
+    fx.touch(tmp_path, "a.mp4", "b.mp4", "c.mp4")
+    if fmt == "csv":
+        fx.write(tmp_path, "own.csv", "path,caption\na.mp4,one\nb.mp4,two\nc.mp4,three\n")
+    else:
+        fx.write(tmp_path, "own.jsonl", "".join(json.dumps({"path": f"{v}.mp4", "caption": v}) + "\n"
+                                                for v in "abc"))
+    _latin1_line(tmp_path / f"own.{fmt}", 3)
+    assert main(["data", "prepare", "generic", "--root", str(tmp_path), "--out", str(tmp_path / "m.parquet"),
+                 "-o", f"file=own.{fmt}"]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"clipray data: error: {tmp_path / f'own.{fmt}'}: line 3 is not UTF-8 text "
+                   "(invalid continuation byte); re-save the file as UTF-8\n")
+
+
+def test_the_bad_utf8_line_is_found_across_read_chunks(tmp_path):
+    """`first_bad_utf8_line` reads 1 MiB at a time; a multi-byte character split across two
+    chunks is not an error, and the line of the first bad byte matches a line-by-line decode."""
+    from clipray.sources.base import first_bad_utf8_line
+
+    good = "caf\u00e9 \u6f22\u5b57 \U0001f600\n".encode()  # 2-, 3- and 4-byte characters
+    body = good * ((1 << 21) // len(good) + 7)
+    for cut in (1 << 20) - 1, (1 << 20) + 5, (1 << 21) + 3:
+        data = body[:cut] + b"\xff" + body[cut:]
+        (tmp_path / "f.txt").write_bytes(data)
+        want = next(n for n, ln in enumerate(data.split(b"\n"), 1) if not _decodes(ln))
+        assert first_bad_utf8_line(str(tmp_path / "f.txt")) == want
+    (tmp_path / "f.txt").write_bytes(body)
+    assert first_bad_utf8_line(str(tmp_path / "f.txt")) == 0
+
+
+def _decodes(b: bytes) -> bool:
+    try:
+        b.decode("utf-8")
+        return True
+    except UnicodeDecodeError:
+        return False
+
+
+def test_howto100m_skips_an_unreadable_caption_csv_and_names_file_lines(tmp_path):
+    """One caption CSV that is not UTF-8 and one with a field over csv's size limit, among
+    good ones: both are rejected whole and counted; the rest are written; rejected lines of a
+    good file are named by their line in the file (header = line 1)."""
+    fx.write_howto100m(tmp_path, "csv")
+    folder = tmp_path / "small_train_captions"
+    _latin1_line(folder / "AAAAAAAAAAA.csv", 3)
+    (folder / "DDDDDDDDDDD.csv").write_text("start,end,text\n1.0,2.0," + "x" * 200_000 + "\n")
+    rep = prepare("howto100m", tmp_path, tmp_path / "out", val_list="val_list.csv", workers=1)
+    assert table(tmp_path / "out", *TIMED) == [("BBB-BB_BBBB", 68.46000000000001, 70.0, "wash them, then dry", "train")]
+    assert rep.rejected == {"not UTF-8 text; file skipped": 1,
+                            "unreadable CSV (field larger than field limit (131072)); file skipped": 1,
+                            "end <= start, or a negative or non-finite time": 1, "empty caption": 1}
+    assert sorted(rep.rejected_examples) == [
+        "AAAAAAAAAAA.csv line 3: not UTF-8 text; file skipped",
+        "BBB-BB_BBBB.csv line 3: end <= start, or a negative or non-finite time",
+        "BBB-BB_BBBB.csv line 4: empty caption",
+        "DDDDDDDDDDD.csv line 2: unreadable CSV (field larger than field limit (131072)); file skipped"]
+
+
+def test_msvd_caption_json_that_is_not_json_is_named(tmp_path):
+    fx.write_msvd(tmp_path)
+    for p in tmp_path.rglob("raw-captions.pkl"):
+        p.unlink()
+        fx.write(p.parent, "raw-captions.json", '{"a": [')
+    with pytest.raises(SourceError, match=r"^raw-captions.json: not valid JSON \(Expecting value"):
+        prepare("msvd", tmp_path, tmp_path / "m.parquet")
+
+
+def test_options_from_the_command_line_keep_their_text(tmp_path, capsys):
+    """`-o` values are typed by each option's default: a path option that looks like a number
+    stays the path it names (a folder `2016`, a file `0123`), a count must be at least 1."""
+    from clipray.cli import main
+
+    fx.write_msrvtt(tmp_path / "root")
+    (tmp_path / "root" / "msrvtt_data").rename(tmp_path / "root" / "2016")  # relative to --root
+    assert main(["data", "prepare", "msrvtt", "--root", str(tmp_path / "root"), "--out",
+                 str(tmp_path / "m.parquet"), "-o", "annotations=2016", "-o", "expand=false"]) == 0
+    assert "  rows      4 (test 1, train 3)" in capsys.readouterr().out
+    fx.touch(tmp_path, "v.mp4")
+    fx.write(tmp_path, "0123", json.dumps({"path": "v.mp4", "caption": "a red square"}) + "\n")
+    assert main(["data", "prepare", "generic", "--root", str(tmp_path), "--out", str(tmp_path / "g.parquet"),
+                 "-o", "file=0123"]) == 0
+    assert table(tmp_path / "g.parquet", "caption") == [("a red square",)]
+    capsys.readouterr()
+    assert main(["data", "prepare", "generic", "--root", str(tmp_path), "--out", str(tmp_path / "g"),
+                 "-o", "file=0123", "-o", "rows_per_shard=0"]) == 2
+    assert capsys.readouterr().err == ("clipray data: error: source 'generic': option rows_per_shard=0 "
+                                       "must be at least 1\n")
+
+
+def test_an_output_of_the_wrong_kind_is_refused_before_reading(tmp_path, capsys):
+    """`--out x.parquet` that is a folder, or a shard folder's name that is a file: an error
+    line before any annotation is read, and what is there is left as it was."""
+    from clipray.cli import main
+
+    fx.write_youcook2(tmp_path)
+    (tmp_path / "dir.parquet").mkdir()
+    (tmp_path / "dir.parquet" / "keep.txt").write_text("mine")
+    (tmp_path / "afile").write_text("mine")
+    for out, msg in ((tmp_path / "dir.parquet", "is a folder; a manifest named *.parquet is written as one file"),
+                     (tmp_path / "afile", "is a file; a manifest not named *.parquet is a folder of shards")):
+        assert main(["data", "prepare", "youcook2", "--root", str(tmp_path), "--out", str(out)]) == 2
+        assert capsys.readouterr().err.startswith(f"clipray data: error: {out}: {msg}")
+    assert (tmp_path / "dir.parquet" / "keep.txt").read_text() == "mine"
+    assert (tmp_path / "afile").read_text() == "mine"
+
+
+def test_a_csv_line_the_csv_module_cannot_read_is_named(tmp_path):
+    fx.touch(tmp_path, "a.mp4", "b.mp4")
+    fx.write(tmp_path, "own.csv", "path,caption\na.mp4,one\nb.mp4," + "x" * 200_000 + "\n")
+    with pytest.raises(SourceError, match=r"^own.csv line 3: unreadable CSV \(field larger than field limit"):
+        prepare("generic", tmp_path, tmp_path / "m.parquet", file="own.csv")

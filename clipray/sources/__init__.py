@@ -124,8 +124,8 @@ def prepare(name: str, root: str, out: str, progress_s: float | None = None, **o
     # fails before anything is written, and rules they discover are in the metadata.
     first = next(rows, None)
     metadata = {"source": name, "root": root, "options": opts, **ctx.metadata}
-    _remove_old_shards(out)
     writer = ManifestWriter(out, rows_per_shard=int(opts["rows_per_shard"]), metadata=metadata)
+    _remove_old_shards(out)
     tally, every = Tally(), Every(progress_s)
     try:
         if first is not None:

@@ -60,9 +60,15 @@ def rows(ctx: Context) -> Iterator[dict]:
             if not isinstance(listed, list):
                 raise SourceError(f"{ids_name}: expected a JSON list of video ids")
             ids = [i for i in dict.fromkeys(listed) if i in data]
-            if len(ids) < len(listed):
-                ctx.notes.append(f"{len(set(listed)) - len(ids)} ids of {ids_name} have no captions "
-                                 f"in {cap_name}; skipped")
+            absent = len(set(listed)) - len(ids)
+            if absent:
+                ctx.notes.append(f"{absent:,} ids of {ids_name} have no captions in {cap_name}; skipped")
+            if len(set(listed)) < len(listed):
+                ctx.notes.append(f"{len(listed) - len(set(listed)):,} ids repeat in {ids_name}; "
+                                 "each video is used once")
+            unlisted = len(data) - len(ids)
+            if unlisted:
+                ctx.notes.append(f"{unlisted:,} videos of {cap_name} are not in {ids_name}; left out")
         plan.append((eval_split if split == "eval" else split, cap_name, data, ids))
     files = ctx.files()
     for split, cap_name, data, ids in plan:

@@ -16,6 +16,7 @@ is copied to.
 
 from __future__ import annotations
 
+import codecs
 import csv
 import io
 import os
@@ -33,6 +34,7 @@ COMMON_OPTIONS: dict[str, Any] = {
     "annotations": None,  # folder holding the annotation files (default: the root)
     "rows_per_shard": 1_000_000,  # rows per Parquet shard when `out` is a directory
 }
+POSITIVE_OPTIONS = ("rows_per_shard", "workers")  # counts: 0 or less is a mistake
 
 
 class SourceError(ValueError):
@@ -64,12 +66,57 @@ def exists(path: str) -> bool:
     return fs.get_file_info(p).type == pafs.FileType.File
 
 
+class NotUtf8(SourceError):
+    """An annotation file holds bytes that are not UTF-8 (a spreadsheet saved as cp1252, say)."""
+
+    def __init__(self, path: str, line: int, reason: str):
+        super().__init__(f"{path}: line {line} is not UTF-8 text ({reason}); re-save the file as UTF-8")
+        self.path, self.line = path, line
+
+
+class _Utf8Text(io.TextIOWrapper):
+    """utf-8 text whose decoding errors name the file and the line, rather than a bare
+    UnicodeDecodeError from somewhere inside a CSV or JSON parser."""
+
+    def __init__(self, raw: Any, path: str):
+        super().__init__(raw, encoding="utf-8-sig", newline="")
+        self.path = path
+
+    def _named(self, call: Callable, *args: Any) -> Any:
+        try:
+            return call(*args)
+        except UnicodeDecodeError as e:
+            raise NotUtf8(self.path, first_bad_utf8_line(self.path), e.reason) from None
+
+    def read(self, size: int | None = -1) -> str:
+        return self._named(super().read, size)
+
+    def readline(self, size: int | None = -1) -> str:
+        return self._named(super().readline, size)
+
+    def __next__(self) -> str:
+        return self._named(super().__next__)
+
+
+def first_bad_utf8_line(path: str) -> int:
+    """The 1-based line holding the file's first byte that is not UTF-8 (0: none), read in
+    chunks so a multi-GB file costs no memory. The decoding error indexes into the bytes held
+    back from the last chunk plus this one; held-back bytes are never a newline."""
+    decoder, line = codecs.getincrementaldecoder("utf-8")(), 1
+    with open_binary(path) as f:
+        while chunk := f.read(1 << 20):
+            try:
+                decoder.decode(chunk)
+            except UnicodeDecodeError as e:
+                return line + e.object.count(b"\n", 0, e.start)
+            line += chunk.count(b"\n")
+    return 0
+
+
 def open_text(path: str) -> TextIO:
-    """A text handle on a local path or URI; utf-8 with any BOM (spreadsheet exports) removed."""
-    if not is_uri(path):
-        return open(path, encoding="utf-8-sig", newline="")
-    fs, p = _fs(path)
-    return io.TextIOWrapper(fs.open_input_stream(p), encoding="utf-8-sig", newline="")
+    """A text handle on a local path or URI; utf-8 with any BOM (spreadsheet exports) removed.
+    A byte that is not UTF-8 raises `NotUtf8`, naming the file and its line."""
+    return _Utf8Text(open_binary(path), path)
 
 
 def open_binary(path: str):
@@ -199,7 +246,8 @@ class Context:
 
     @property
     def annotations(self) -> str:
-        return self.options.get("annotations") or self.root
+        folder = self.options.get("annotations")
+        return self.user_path(folder) if folder else self.root
 
     def files(self, exts: Iterable[str] | None = VIDEO_EXTS) -> FileIndex:
         """The (cached) one-walk index of the root."""
@@ -301,14 +349,20 @@ class SourceSpec:
         for key, values in self.choices.items():
             if out[key] not in values:
                 raise SourceError(f"source '{self.name}': option {key}={out[key]!r} must be one of {values}")
+        for key in POSITIVE_OPTIONS:
+            if key in out and out[key] < 1:
+                raise SourceError(f"source '{self.name}': option {key}={out[key]!r} must be at least 1")
         return out
 
 
 def _coerce(source: str, key: str, value: Any, default: Any) -> Any:
-    """Option values as the default's type: the CLI turns `-o test_set=1000` into an int and
-    `-o expand=false` into a bool, Python callers may pass strings; both must work."""
-    if default is None or value is None:
+    """Option values as the default's type, from the strings of a command line (`-o
+    expand=false`, `-o test_set=1000`) or from Python values. Options without a default are
+    paths: kept as text, so a folder named `2016` or a file `0123` stays what it was."""
+    if value is None:
         return value
+    if default is None:
+        return str(value)  # also a pathlib.Path
     bad = SourceError(f"source '{source}': option {key}={value!r} is not of type {type(default).__name__}")
     if isinstance(default, bool):
         if isinstance(value, bool) or value in (0, 1):
@@ -351,8 +405,11 @@ def csv_rows(f: TextIO, name: str) -> tuple[list[str], str, Iterator[tuple[int, 
 
     def body() -> Iterator[tuple[int, list[str]]]:
         reader = csv.reader(f, delimiter=delim)
-        for fields in reader:  # line_num, not a counter: quoted fields may span lines
-            if fields and any(s.strip() for s in fields):
-                yield reader.line_num + 1, fields
+        try:
+            for fields in reader:  # line_num, not a counter: quoted fields may span lines
+                if fields and any(s.strip() for s in fields):
+                    yield reader.line_num + 1, fields
+        except csv.Error as e:  # a NUL byte, a field over csv's size limit
+            raise SourceError(f"{name} line {reader.line_num + 1}: unreadable CSV ({e})") from None
 
     return header, delim, body()

@@ -67,6 +67,7 @@ def rows(ctx: Context) -> Iterator[dict]:
     found: dict[str, str | None] = {}
     for split, data_name, items, listed in plan:
         paragraphs: dict[str, list[str]] = {}
+        unlisted: dict[str, int] = {}  # video -> descriptions left out by the split list
         for i, item in enumerate(items):
             where = f"{data_name}[{i}]"
             video = item.get("video") if isinstance(item, dict) else None
@@ -74,6 +75,7 @@ def rows(ctx: Context) -> Iterator[dict]:
                 ctx.reject(where, "entry has no 'video' name")
                 continue
             if listed is not None and video not in listed and split_ext(video)[0] not in listed:
+                unlisted[video] = unlisted.get(video, 0) + 1
                 continue
             if video not in found:
                 found[video] = files.by_name(video) or files.by_name(video + ".mp4")
@@ -100,6 +102,10 @@ def rows(ctx: Context) -> Iterator[dict]:
         for video, texts in paragraphs.items():
             yield _row(ctx, video, found[video], split, " ".join(texts), None, None,
                        f"{data_name} video {video}")
+        if unlisted:
+            list_name = next(name for s, _, name in SPLITS if s == split)
+            ctx.notes.append(f"{sum(unlisted.values()):,} descriptions of {len(unlisted):,} videos in "
+                             f"{data_name} are not in {list_name}; left out")
 
 
 def _row(ctx: Context, video: str, rel: str, split: str, caption: str, start, end, where: str) -> dict:

@@ -31,8 +31,8 @@ from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from typing import Any, Iterator
 
-from clipray.sources.base import (Context, SourceError, SourceSpec, is_uri, join, open_binary, open_text,
-                                  split_ext)
+from clipray.sources.base import (Context, NotUtf8, SourceError, SourceSpec, is_uri, join, open_binary,
+                                  open_text, split_ext)
 
 JSON_NAMES = ("raw_caption.json", "caption.json")
 CSV_DIRS = ("raw_caption", "caption", "captions", "small_train_captions")
@@ -42,15 +42,17 @@ Segments = list[tuple[float, float, str]]
 Rejects = list[tuple[str, str]]
 
 
-def video_segments(where: str, starts: Any, ends: Any, texts: Any) -> tuple[Segments, Rejects]:
-    """Usable (start, end, text) lines of one video, and (where, reason) for the others."""
+def video_segments(where: str, starts: Any, ends: Any, texts: Any,
+                   lines: list[int] | None = None) -> tuple[Segments, Rejects]:
+    """Usable (start, end, text) lines of one video, and (where, reason) for the others.
+    A rejected line is named by its position in the lists, or by `lines` (a CSV's file lines)."""
     if not (isinstance(starts, list) and isinstance(ends, list) and isinstance(texts, list)):
         return [], [(where, "start/end/text are not lists")]
     if not len(starts) == len(ends) == len(texts):
         return [], [(where, "start/end/text lists differ in length")]
     good: Segments = []
     bad: Rejects = []
-    for k, (s, e, t) in enumerate(zip(starts, ends, texts)):
+    for k, s, e, t in zip(lines or range(len(starts)), starts, ends, texts):
         try:
             s, e = float(s), float(e)
         except (TypeError, ValueError):
@@ -67,17 +69,26 @@ def video_segments(where: str, starts: Any, ends: Any, texts: Any) -> tuple[Segm
 
 
 def read_caption_csv(path: str) -> tuple[Segments, Rejects]:
-    """One per-video caption CSV (header start,end,text)."""
+    """One per-video caption CSV (header start,end,text). A file that cannot be read as CSV
+    text is rejected whole, with its reason: one bad file among a million stops nothing."""
     name = path.rsplit("/", 1)[-1]
+    cols: dict[str, list] = {"start": [], "end": [], "text": []}
+    lines: list[int] = []
     with open_text(path) as f:
         reader = csv.DictReader(f)
-        if not reader.fieldnames or not {"start", "end", "text"} <= set(reader.fieldnames):
-            return [], [(name, f"header {reader.fieldnames} is not start,end,text")]
-        cols: dict[str, list] = {"start": [], "end": [], "text": []}
-        for rec in reader:
-            for key in cols:
-                cols[key].append(rec[key])
-    return video_segments(name, cols["start"], cols["end"], cols["text"])
+        try:
+            if not reader.fieldnames or not {"start", "end", "text"} <= set(reader.fieldnames):
+                return [], [(name, f"header {reader.fieldnames} is not start,end,text")]
+            for rec in reader:
+                for key in cols:
+                    cols[key].append(rec[key])
+                lines.append(reader.line_num)
+        except NotUtf8 as e:
+            return [], [(f"{name} line {e.line}", "not UTF-8 text; file skipped")]
+        except csv.Error as e:  # a NUL byte, a field over csv's size limit
+            # DictReader's own line_num moves only after a good record; its reader's is this line
+            return [], [(f"{name} line {reader.reader.line_num}", f"unreadable CSV ({e}); file skipped")]
+    return video_segments(name, cols["start"], cols["end"], cols["text"], lines)
 
 
 def _read_batch(paths: list[str]) -> list[tuple[Segments, Rejects]]:

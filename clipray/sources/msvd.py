@@ -58,7 +58,10 @@ def load_captions(path: str) -> dict[str, list]:
     name = os.path.basename(path)
     if path.endswith(".json"):
         with open_text(path) as f:
-            data = json.load(f)
+            try:
+                data = json.load(f)
+            except ValueError as e:
+                raise SourceError(f"{name}: not valid JSON ({e})") from None
     else:
         with open_binary(path) as f:
             data = restricted_load(f, name)
