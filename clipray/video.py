@@ -15,12 +15,13 @@ report; nothing ever substitutes an all-zero clip.
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import queue
 import threading
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence, TypeVar
+from typing import Any, Callable, Iterable, Sequence, TypeVar
 
 import numpy as np
 import torch
@@ -159,35 +160,52 @@ class PyAVVideo:
 
     def get(self, indices: Sequence[int]) -> np.ndarray:
         """Decode linearly from a keyframe before the first wanted frame (faster than a seek
-        per frame), keeping the wanted indices by presentation time."""
+        per frame), keeping the wanted indices by presentation time. Frame i is the one shown
+        i / fps after the first frame (as decord counts), not after the stream's start_time,
+        which some containers (H.264 in AVI) set a frame early. Seeking in MPEG-TS/PS and FLV
+        can land after the wanted frame; then the clip is decoded from the start instead."""
         want = sorted(set(indices))
-        s = self._stream
-        t0 = float(s.start_time * s.time_base) if s.start_time is not None else 0.0
-        got: dict[int, np.ndarray] = {}
+        s, c = self._stream, self._container
         try:
-            if want[0] > 0:
-                self._container.seek(int((want[0] / self.fps + t0) / s.time_base), stream=s,
-                                     backward=True, any_frame=False)
-            for frame in self._container.decode(s):
-                if frame.pts is None:
-                    continue
-                i = int(round((float(frame.pts * s.time_base) - t0) * self.fps))
-                if i in want:
-                    got[i] = frame.to_ndarray(format="rgb24")
-                if i >= want[-1]:
-                    break
+            frames = c.decode(s)
+            first = next((f for f in frames if f.pts is not None), None)
+            if first is None:
+                raise SkipClip("decode failed: the stream holds no frame")
+            t0 = float(first.pts * s.time_base)
+            if want[0] == 0:
+                got = self._collect(itertools.chain([first], frames), want, t0)
+            else:
+                c.seek(int((want[0] / self.fps + t0) / s.time_base), stream=s, backward=True, any_frame=False)
+                got = self._collect(c.decode(s), want, t0)
+                if want[0] not in got:
+                    c.seek(int(t0 / s.time_base), stream=s, backward=True, any_frame=False)
+                    got = self._collect(c.decode(s), want, t0)
+        except SkipClip:
+            raise
         except Exception as e:
             raise SkipClip(f"decode failed: {_short(e)}") from None
         finally:
-            self._container.close()
+            c.close()
         missing = [i for i in want if i not in got]
         if missing:
-            if not got:
-                raise SkipClip(f"decode failed: no frame among {len(want)} requested")
+            if min(missing) < min(got, default=want[-1] + 1):
+                raise SkipClip(f"decode failed: frame {min(missing)} not found")
             # a file that over-reports its length: reuse the nearest earlier decoded frame
             for i in missing:
-                got[i] = got[max((k for k in got if k < i), default=min(got))]
+                got[i] = got[max(k for k in got if k < i)]
         return np.stack([got[i] for i in indices])
+
+    def _collect(self, frames: Iterable[Any], want: list[int], t0: float) -> dict[int, np.ndarray]:
+        got: dict[int, np.ndarray] = {}
+        for frame in frames:
+            if frame.pts is None:
+                continue
+            i = int(round((float(frame.pts * self._stream.time_base) - t0) * self.fps))
+            if i in want:
+                got[i] = frame.to_ndarray(format="rgb24")
+            if i >= want[-1]:
+                break
+        return got
 
 
 BACKENDS: dict[str, Callable[[Any], Any]] = {"decord": DecordVideo, "pyav": PyAVVideo}

@@ -48,6 +48,44 @@ def test_decord_and_pyav_agree_on_real_h264(real_video):
     assert a.frames.std() > 20  # real content, not a blank frame
 
 
+def _numbered_video(path, n: int, fmt: str | None = None) -> None:
+    """H.264 (lossless, B-frames, a keyframe every 12) whose frame i shows i: the left half
+    is grey (i // 16) * 16 + 8, the right half (i % 16) * 16 + 8."""
+    import av
+
+    with av.open(str(path), "w", format=fmt) as c:
+        s = c.add_stream("libx264", rate=25)
+        s.width, s.height, s.pix_fmt = 64, 48, "yuv420p"
+        s.options = {"crf": "0", "bf": "2", "g": "12"}
+        for i in range(n):
+            img = np.empty((48, 64, 3), np.uint8)
+            img[:, :32], img[:, 32:] = (i // 16) * 16 + 8, (i % 16) * 16 + 8
+            c.mux(s.encode(av.VideoFrame.from_ndarray(img, format="rgb24")))
+        c.mux(s.encode())
+
+
+def _shown(frames: np.ndarray) -> list[int]:
+    """The numbers `_numbered_video` drew on decoded frames [n, 3, 32, 32]."""
+    left, right = np.median(frames[:, :, 8:24, 2:12], axis=(1, 2, 3)), np.median(frames[:, :, 8:24, 20:30], axis=(1, 2, 3))
+    return [int(a // 16) * 16 + int(b // 16) for a, b in zip(left, right)]
+
+
+@pytest.mark.parametrize("ext, fmt", [("mp4", None), ("avi", None), ("ts", "mpegts"), ("flv", None)])
+def test_pyav_decodes_the_frame_at_each_index_in_any_container(tmp_path, ext, fmt):
+    """The PyAV fallback returns frame i for index i: in AVI, where H.264's stream start_time
+    is a frame before the first frame's; in MPEG-TS and FLV, where a seek can land after the
+    wanted frame (or, at the last frame, on none), which once gave a later frame or a skip."""
+    path = tmp_path / f"numbered.{ext}"
+    _numbered_video(path, 100, fmt)
+    for (start, end), fps, n, how in [((1.4, 2.9), 7.0, 3, "head"), ((0.0, None), 1.0, 3, "tail"),
+                                      ((2.0, 2.04), 1.0, 4, "uniform"), ((3.99, 4.0), 1.0, 4, "uniform"),
+                                      ((0.0, 0.5), 1.0, 4, "uniform"), ((0.5, 3.5), 2.5, 12, "uniform")]:
+        cfg = VideoConfig(backend="pyav", fps=fps, max_frames=n, slice=how, size=32, timeout_s=0)
+        clip = decode_clip(str(path), start, end, cfg)
+        assert clip.indices == select(candidate_indices(100, 25.0, start, end, fps), n, how)
+        assert _shown(clip.frames[:len(clip.indices)]) == clip.indices, (start, end)
+
+
 def test_padding_and_crop(real_video):
     cfg = VideoConfig(fps=1.0, max_frames=8, size=64)
     c = decode_clip(str(real_video), 2.0, 5.0, cfg)  # 3 candidates -> 3 real + 5 padded
