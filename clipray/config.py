@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence, TypeVar
+from typing import Any, Optional, Sequence, TypeVar, get_args, get_origin
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -200,9 +200,11 @@ def bad_value(cfg: Any, prefix: str = "") -> Optional[tuple[str, str]]:
     return None
 
 
-def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> Any:
-    """Load a YAML file, following `extends:` chains (child keys override the parent)."""
-    path = path.resolve()
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[str, Any]]:
+    """Load a YAML file and the files it `extends:`, as (file, keys) pairs, the farthest parent
+    first: each file's keys override those before it, and a mistake names the file it is in.
+    A parent is named relative to the file given (`train/configs/clip4clip_vitb32.yaml`)."""
+    name, path = str(path), path.resolve()
     if path in seen:
         raise ConfigError(f"{path}: circular 'extends'")
     if not path.is_file():
@@ -216,9 +218,8 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> Any:
                           f"{type(OmegaConf.to_container(node)).__name__}")
     parent = node.pop("extends", None)
     if parent is None:
-        return node
-    base = _read_yaml(path.parent / str(parent), seen + (path,))
-    return OmegaConf.merge(base, node)
+        return [(name, node)]
+    return _read_yaml(Path(name).parent / str(parent), seen + (path,)) + [(name, node)]
 
 
 def _merge(base: Any, other: Any, source: str) -> Any:
@@ -230,6 +231,8 @@ def _merge(base: Any, other: Any, source: str) -> Any:
             key, sub = clash
             msg = (f"a section, not a value: set its keys instead ({', '.join(f'{key}.{k}' for k in sub[:4])}"
                    + (f", ... {len(sub)} in all)" if len(sub) > 4 else ")"))
+        elif not key and (found := _unnamed_bad_key(base, other)):
+            key, msg = found
         key = key or "?"
         if len(key) > 60:  # a file that is not YAML keys reads as one long key: not all of it twice
             msg, key = msg.replace(key, key[:57] + "..."), key[:57] + "..."
@@ -252,6 +255,41 @@ def _section_given_a_value(base: Any, other: Any, prefix: str = "") -> tuple[str
     return None
 
 
+def _unnamed_bad_key(base: Any, other: Any, prefix: str = "") -> tuple[str, str] | None:
+    """The first key of `other` that does not merge onto `base`, and why, for the errors OmegaConf
+    raises naming no key (`optim.betas=[0.9]`: a list of the wrong length for a tuple)."""
+    for k in other:
+        key, o = f"{prefix}{k}", other._get_node(k)
+        b = base._get_node(k) if k in base else None
+        if OmegaConf.is_dict(b) and OmegaConf.is_dict(o):
+            if found := _unnamed_bad_key(b, o, key + "."):
+                return found
+            continue
+        try:
+            OmegaConf.merge(base, {k: o})
+        except OmegaConfBaseException as e:
+            hint = b._metadata.ref_type if b is not None else None
+            types = get_args(hint)
+            if get_origin(hint) is tuple and types and Ellipsis not in types:
+                value = OmegaConf.to_container(o) if OmegaConf.is_config(o) else o._value()
+                return key, (f"must be a list of {len(types)} values "
+                             f"({', '.join(getattr(t, '__name__', str(t)) for t in types)}), got {value!r}")
+            return key, str(e).splitlines()[0]
+    return None
+
+
+def _source_of(key: str, sources: Sequence[tuple[str, Any]]) -> Optional[str]:
+    """The last source (file or overrides) that sets the dotted `key`, or None."""
+    for name, node in reversed(sources):
+        for part in key.split("."):
+            node = node._get_node(part) if OmegaConf.is_dict(node) and part in node else None
+            if node is None:
+                break
+        else:
+            return name
+    return None
+
+
 def load_config(
     path: str | Path | None = None,
     overrides: Sequence[str] = (),
@@ -259,8 +297,9 @@ def load_config(
 ) -> T:
     """Schema defaults <- YAML file (with `extends`) <- `key=value` overrides -> dataclass."""
     cfg = OmegaConf.structured(schema)
-    if path is not None:
-        cfg = _merge(cfg, _read_yaml(Path(path)), str(path))
+    sources = _read_yaml(Path(path)) if path is not None else []
+    for name, node in sources:  # one file at a time, so that a mistake in a parent names the parent
+        cfg = _merge(cfg, node, name)
     bad = [o for o in overrides if "=" not in o]
     if bad:
         raise ConfigError(f"overrides must look like key=value, got: {' '.join(bad)}")
@@ -270,14 +309,17 @@ def load_config(
         except OmegaConfBaseException as e:
             raise ConfigError(f"command-line overrides: {e}") from e
         cfg = _merge(cfg, dotlist, "command-line override")
+        sources.append(("command-line override", dotlist))
     try:
         obj = OmegaConf.to_object(cfg)
-    except OmegaConfBaseException as e:
-        raise ConfigError(f"{path or 'defaults'}: {e}") from e
+    except OmegaConfBaseException as e:  # an interpolation that does not resolve: `${oops}`
+        key = str(getattr(e, "full_key", None) or "")
+        source = _source_of(key, sources) if key else None
+        raise ConfigError(f"{source}: {key}: {str(e).splitlines()[0]}" if source
+                          else f"{path or 'defaults'}: {e}") from e
     bad = bad_value(obj)
     if bad:
-        source = "command-line override" if bad[0] in {o.split("=", 1)[0] for o in overrides} else path
-        raise ConfigError(f"{source}: {bad[0]} {bad[1]}")
+        raise ConfigError(f"{_source_of(bad[0], sources) or path or 'defaults'}: {bad[0]} {bad[1]}")
     return _absolute_paths(obj) if isinstance(obj, Config) else obj  # type: ignore[return-value]
 
 

@@ -36,6 +36,67 @@ def test_wrong_type_names_key(tmp_path):
     assert "batch_size" in str(e.value) and "bad.yaml" in str(e.value)
 
 
+def test_a_mistake_in_a_parent_file_names_the_parent_not_the_child(tmp_path):
+    """Every paper recipe extends clip4clip_vitb32.yaml: a typo there must not be blamed on msvd.yaml.
+    The file named is the one the bad key or value is written in, however far up the chain."""
+    grand, parent, child = tmp_path / "grand.yaml", tmp_path / "parent.yaml", tmp_path / "child.yaml"
+    child.write_text("extends: parent.yaml\ntrain:\n  epochs: 2\n")
+    parent.write_text("extends: grand.yaml\nmodel:\n  name: test_meanP\n")
+    grand.write_text("data:\n  batchsize: 3\n")  # a typo two files up
+    with pytest.raises(ConfigError) as e:
+        load_config(child)
+    assert str(e.value).startswith(f"{grand}: bad key 'data.batchsize': Key 'batchsize' not in 'DataConfig'")
+    grand.write_text("data:\n  batch_size: lots\n")  # a wrong type
+    with pytest.raises(ConfigError) as e:
+        load_config(child)
+    assert str(e.value).startswith(f"{grand}: bad key 'data.batch_size': Value 'lots' of type 'str' could not be")
+    grand.write_text("data:\n  video:\n    fps: 0\n")  # out of range: named by the file that set it last
+    with pytest.raises(ConfigError) as e:
+        load_config(child)
+    assert str(e.value) == f"{grand}: data.video.fps must be > 0, got 0.0"
+    parent.write_text("extends: grand.yaml\ndata:\n  video:\n    fps: -1\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(child)
+    assert str(e.value) == f"{parent}: data.video.fps must be > 0, got -1.0"
+    with pytest.raises(ConfigError) as e:
+        load_config(child, ["data.video.fps=0"])
+    assert str(e.value) == "command-line override: data.video.fps must be > 0, got 0.0"
+    child.write_text("extends: parent.yaml\ndata:\n  video:\n    fps: 2\n")  # the child's value wins
+    assert load_config(child).data.video.fps == 2.0
+    child.write_text("extends: parent.yaml\ntrain:\n  epocs: 2\n")  # and the child's own typo names the child
+    with pytest.raises(ConfigError) as e:
+        load_config(child)
+    assert str(e.value).startswith(f"{child}: bad key 'train.epocs'")
+
+
+def test_a_tuple_of_the_wrong_length_names_its_key(tmp_path):
+    """OmegaConf names no key for it (the message was `bad key '?'`), nor formats its own message for
+    a tuple of words ('$VALUE' of type '$VALUE_TYPE')."""
+    for value, got in (("[0.9]", "[0.9]"), ("[0.9,0.98,0.99]", "[0.9, 0.98, 0.99]"), ("[a,b]", "['a', 'b']")):
+        with pytest.raises(ConfigError) as e:
+            load_config(None, [f"optim.betas={value}"])
+        assert str(e.value) == ("command-line override: bad key 'optim.betas': must be a list of 2 values "
+                                f"(float, float), got {got}")
+    f = tmp_path / "betas.yaml"
+    f.write_text("optim:\n  betas: [0.9]\n")
+    with pytest.raises(ConfigError, match=rf"^{f}: bad key 'optim.betas': must be a list of 2 values"):
+        load_config(f)
+    assert load_config(None, ["optim.betas=[0.8,0.9]"]).optim.betas == (0.8, 0.9)
+
+
+def test_an_interpolation_that_does_not_resolve_names_where_it_is_written(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["data.manifest=${oops}"])
+    assert str(e.value) == "command-line override: data.manifest: Interpolation key 'oops' not found"
+    parent, child = tmp_path / "parent.yaml", tmp_path / "child.yaml"
+    parent.write_text("data:\n  manifest: ${oops}\n")
+    child.write_text("extends: parent.yaml\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(child)
+    assert str(e.value) == f"{parent}: data.manifest: Interpolation key 'oops' not found"
+    assert load_config(child, ["data.manifest=${train.run_name}"]).data.manifest.endswith("clipray")
+
+
 def test_bad_override(tmp_path):
     with pytest.raises(ConfigError, match="train.no_such_key"):
         load_config(None, ["train.no_such_key=1"])
