@@ -73,10 +73,24 @@ def _shape_mask(shape: str, xx: np.ndarray, yy: np.ndarray, cx: float, cy: float
     raise ValueError(shape)
 
 
-def event_span(k: int, event_seconds: float, idle_seconds: float) -> tuple[float, float]:
-    """Event k's [start, end) in seconds: events and idle gaps alternate, idle first."""
-    start = idle_seconds + k * (event_seconds + idle_seconds)
-    return start, start + event_seconds
+def frame_counts(fps: int, event_seconds: float, idle_seconds: float) -> tuple[int, int]:
+    """Frames per event (at least one) and per idle gap: the seconds rounded to whole frames."""
+    return max(1, round(event_seconds * fps)), round(idle_seconds * fps)
+
+
+def event_span(k: int, fps: int, event_seconds: float, idle_seconds: float) -> tuple[float, float]:
+    """Event k's [start, end) in seconds: events and idle gaps alternate, idle first. The times
+    of the frames `render` writes (frame i at i / fps), so an idle gap or event that is not a
+    whole number of frames does not shift the recorded times away from the video."""
+    per_event, idle = frame_counts(fps, event_seconds, idle_seconds)
+    start = idle + k * (per_event + idle)
+    return start / fps, (start + per_event) / fps
+
+
+def duration(n_events: int, fps: int, event_seconds: float, idle_seconds: float) -> float:
+    """Seconds of video `render` writes for n events: its frame count / fps."""
+    per_event, idle = frame_counts(fps, event_seconds, idle_seconds)
+    return (n_events * per_event + (n_events + 1) * idle) / fps
 
 
 def render(events: tuple[Event, ...], width: int, height: int, fps: int,
@@ -85,8 +99,8 @@ def render(events: tuple[Event, ...], width: int, height: int, fps: int,
     empty background."""
     yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
     r = min(width, height) / 6
-    per_event = int(round(event_seconds * fps))
-    idle = [np.full((height, width, 3), 24, np.uint8)] * int(round(idle_seconds * fps))
+    per_event, idle_frames = frame_counts(fps, event_seconds, idle_seconds)
+    idle = [np.full((height, width, 3), 24, np.uint8)] * idle_frames
     yield from idle
     for ev in events:
         (ux, uy), colour = DIRECTIONS[ev.direction], np.array(COLOURS[ev.colour], np.uint8)
@@ -181,14 +195,14 @@ def generate(out: str | Path, videos: int = 200, seed: int = 0, width: int = 96,
     for k, v in enumerate(specs):
         rel = f"videos/{v.video_id}.mp4"
         write_mp4(out / rel, render(v.events, width, height, fps, event_seconds, idle_seconds), width, height, fps)
-        duration = len(v.events) * event_seconds + (len(v.events) + 1) * idle_seconds
+        seconds = duration(len(v.events), fps, event_seconds, idle_seconds)
         rows.append(dict(video_id=v.video_id, path=rel, start=None, end=None, caption=v.caption,
-                         split=v.split, duration=duration))
+                         split=v.split, duration=seconds))
         for i, ev in enumerate(v.events):
-            s, e = event_span(i, event_seconds, idle_seconds)
-            ts = float(np.round(rng.uniform(s + 0.2 * event_seconds, e - 0.2 * event_seconds), 3))
+            s, e = event_span(i, fps, event_seconds, idle_seconds)
+            ts = float(np.round(rng.uniform(s + 0.2 * (e - s), e - 0.2 * (e - s)), 3))
             event_rows.append(dict(video_id=v.video_id, path=rel, start=s, end=e, caption=ev.text,
-                                   split=v.split, timestamp=ts, duration=duration))
+                                   split=v.split, timestamp=ts, duration=seconds))
         if progress and (k + 1) % 50 == 0:
             print(f"  synth: {k + 1}/{len(specs)} videos", flush=True)
     meta = {"source": "synthetic", "seed": seed, "fps": fps, "size": [width, height],

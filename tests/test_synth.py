@@ -1,6 +1,7 @@
 """Synthetic data: reproducible from the seed, and the captions describe what the frames show."""
 
 import numpy as np
+import pytest
 
 from clipray.config import VideoConfig
 from clipray.manifest import read_manifest
@@ -128,3 +129,37 @@ def test_demo_checks_its_overrides_before_making_videos(tmp_path):
         with pytest.raises(ConfigError, match=says):
             main(["--data", str(tmp_path / "synth"), "--no-serve", bad])
     assert not (tmp_path / "synth").exists()
+
+
+@pytest.mark.parametrize("fps, event_seconds, idle_seconds", [(3, 2.0, 0.3), (5, 0.7, 0.5), (8, 2.0, 1.0)])
+def test_recorded_times_are_the_times_of_the_frames_written(tmp_path, fps, event_seconds, idle_seconds):
+    """events.parquet and manifest.parquet give the times of the frames in the mp4 (frame i at
+    i / fps), also when an idle gap or an event is not a whole number of frames: at 3 fps a 0.3 s
+    gap is written as one frame (1/3 s), and the times used to drift by 1/30 s per gap."""
+    import av
+
+    made = generate(tmp_path, videos=2, seed=1, fps=fps, event_seconds=event_seconds, idle_seconds=idle_seconds)
+    events = read_manifest(made["events_manifest"]).to_pylist()
+    videos = {r["video_id"]: r for r in read_manifest(made["manifest"]).to_pylist()}
+    assert len(events) > len(videos)  # two-event videos among them
+    for vid, row in videos.items():
+        with av.open(f"{tmp_path}/{row['path']}") as c:
+            frames = [(float(f.time), len(_object_pixels(f.to_ndarray(format="rgb24")))) for f in c.decode(video=0)]
+        assert [t for t, _ in frames] == pytest.approx([i / fps for i in range(len(frames))])
+        assert all(n == 0 or n > 30 for _, n in frames)  # blank background or an object
+        # the events are the runs of frames showing an object: [first frame's time, last one's + 1 / fps)
+        runs, shown = [], [n > 30 for _, n in frames]
+        for i, on in enumerate(shown):
+            if on and (i == 0 or not shown[i - 1]):
+                runs.append([i / fps, None])
+            if on and (i + 1 == len(shown) or not shown[i + 1]):
+                runs[-1][1] = (i + 1) / fps
+        mine = [e for e in events if e["video_id"] == vid]
+        assert [t for e in mine for t in (e["start"], e["end"])] == pytest.approx([t for r in runs for t in r], abs=1e-9)
+        assert row["duration"] == pytest.approx(len(frames) / fps, abs=1e-9)
+        assert all(e["duration"] == row["duration"] and e["start"] < e["timestamp"] < e["end"] for e in mine)
+    if (fps, idle_seconds) == (3, 0.3):  # by hand: 1 idle frame, 6 event frames, 1 idle, 6 event, 1 idle
+        two = next(v for v in videos if sum(e["video_id"] == v for e in events) == 2)
+        assert videos[two]["duration"] == pytest.approx(15 / 3)
+        spans = [t for e in events if e["video_id"] == two for t in (e["start"], e["end"])]
+        assert spans == pytest.approx([1 / 3, 7 / 3, 8 / 3, 14 / 3])
