@@ -123,7 +123,8 @@ def write_mp4(path: Path, frames: Iterator[np.ndarray], width: int, height: int,
         stream = out.add_stream("libx264", rate=fps)
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
         # a keyframe every second keeps seeking cheap; one thread keeps output byte-stable
-        stream.options = {"crf": "20", "preset": "veryfast", "g": str(fps), "threads": "1"}
+        stream.options = {"crf": "20", "preset": "veryfast", "g": str(fps), "threads": "1",
+                          "x264-params": "mbtree=0"}
         for rgb in frames:
             out.mux(stream.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")))
             n += 1

@@ -17,15 +17,17 @@ def _all_frames(path):
 
 
 def test_same_seed_same_videos(tmp_path):
-    a = generate(tmp_path / "a", videos=6, seed=7)
-    b = generate(tmp_path / "b", videos=6, seed=7)
+    """The same seed writes the same bytes. 200 videos: x264's mbtree lookahead once made about
+    one video in ten differ between runs (up to 9 grey levels), so 6 videos rarely showed it."""
+    a = generate(tmp_path / "a", videos=200, seed=7)
+    b = generate(tmp_path / "b", videos=200, seed=7)
     c = generate(tmp_path / "c", videos=6, seed=8)
     ta, tb = read_manifest(a["manifest"]), read_manifest(b["manifest"])
     assert ta.equals(tb)
-    for p in ta.column("path").to_pylist():
-        # the mp4 header carries a creation time, so compare every decoded frame, not bytes
-        assert np.array_equal(_all_frames(tmp_path / "a" / p), _all_frames(tmp_path / "b" / p))
-    assert read_manifest(c["manifest"]).column("caption") != ta.column("caption")
+    differ = [p for p in ta.column("path").to_pylist()
+              if (tmp_path / "a" / p).read_bytes() != (tmp_path / "b" / p).read_bytes()]
+    assert differ == []
+    assert read_manifest(c["manifest"]).column("caption") != ta.column("caption")[:6]
 
 
 def test_twins_swap_event_order():
