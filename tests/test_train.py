@@ -208,6 +208,34 @@ torch.distributed.destroy_process_group()  # else gloo's threads can abort the e
     assert "unable to detect it" not in out.stdout + out.stderr, out.stdout[-3000:]
 
 
+def test_grad_clip_caps_the_gradient_norm_the_optimiser_steps_with(tmp_path):
+    """`optim.grad_clip` reaches DeepSpeed: with SGD at lr 1 a step moves the weights by minus
+    the gradient it was given, so the move's norm is min(norm, cap). The loss's gradient is
+    10 * 2 rows = 20 per weight, norm 40; 0 turns clipping off. (It was fixed at 1.0.)"""
+    from ports import free_ports
+
+    code = """
+import torch
+from clipray.config import TrainConfig
+from train import ds_config
+for cap in (0.5, 0.0, 100.0):
+    task = torch.nn.Linear(4, 1, bias=False)
+    before = task.weight.detach().clone()
+    opt = torch.optim.SGD(task.parameters(), lr=1.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
+    engine = ds_config.initialize(task, opt, sched, TrainConfig(zero_stage=0), 2, grad_clip=cap)
+    engine.backward(10 * engine(torch.ones(2, 4)).sum())
+    engine.step()
+    print(cap, round(float((task.weight - before).norm()), 4), flush=True)
+torch.distributed.destroy_process_group()
+"""
+    env = {**os.environ, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(free_ports(1)[0])}
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.splitlines()[-3:] == ["0.5 0.5", "0.0 40.0", "100.0 40.0"]
+
+
 def test_the_step_agreement_all_reduces_on_the_device_the_process_group_serves(monkeypatch):
     """GPU workers talk NCCL, which serves CUDA tensors only: the first GPU run crashed at its
     first batch all-reducing a CPU flag. A "cuda:gloo" group, with no backend for CPU tensors
@@ -300,10 +328,14 @@ def test_zero2_trains_through_planted_bad_videos(ray_local, synth_small, real_vi
     bad_rows = [dict(video_id=f"bad_{k}", path=str(p), caption=f"broken {k}", split="train")
                 for k, p in bad.items() if k in ("missing", "empty", "truncated", "corrupt")]
     write_manifest(rows + bad_rows, tmp_path / "m.parquet")
+    # a step budget whose segments (7 steps) outrun a pass over the data (18 good clips at a
+    # global batch of 8: 2 steps)
     cfg = load_config(DEMO, overrides(str(tmp_path / "m.parquet"), tmp_path, "zero2",
-                                      **{"train.zero_stage": 2, "data.shuffle_rows": True}))
+                                      **{"train.zero_stage": 2, "data.shuffle_rows": True,
+                                         "train.max_steps": 10, "train.checkpoint_every_steps": 7}))
     final = run(cfg, quiet_ray=True)
     assert np.isfinite(final["loss"]) and final["skipped_clips"] == 4
+    assert final["step"] == 10  # was 4: each of the two segments ended with its pass
     report = [json.loads(x) for x in (tmp_path / "zero2" / "skip_report.jsonl").read_text().splitlines()]
     assert sorted(r["video_id"] for r in report) == sorted(r["video_id"] for r in bad_rows)
     assert all(r["reason"] for r in report)

@@ -3,7 +3,7 @@
 CLIP4Clip's recipe: two parameter groups (backbone at lr * coef_lr, new modules at lr), weight
 decay on weights only (not biases, LayerNorm/embedding gains or logit_scale), Adam betas
 (0.9, 0.98) eps 1e-6, linear warm-up over `warmup_ratio` of the steps then cosine decay,
-gradient clipping at 1.0. ZeRO stage 0-3 from config; bf16 on GPU, fp32 on CPU.
+gradients clipped to a global norm of 1.0 (`optim.grad_clip`). ZeRO stage 0-3 from config; bf16 on GPU, fp32 on CPU.
 
 The optimiser is a plain torch AdamW handed to `deepspeed.initialize` (DeepSpeed wraps it for
 ZeRO), so the same code runs where DeepSpeed's fused CUDA kernels do not exist.
@@ -26,11 +26,11 @@ def precision(train: TrainConfig) -> str:
     return train.precision  # fp32 or bf16 (any other value fails when the config loads)
 
 
-def build(train: TrainConfig, batch_size: int) -> dict[str, Any]:
+def build(train: TrainConfig, batch_size: int, grad_clip: float = 1.0) -> dict[str, Any]:
     return {
         "train_micro_batch_size_per_gpu": batch_size,
         "gradient_accumulation_steps": train.grad_accum,
-        "gradient_clipping": 1.0,
+        "gradient_clipping": grad_clip,  # the global norm's cap; 0 turns clipping off
         "zero_optimization": {"stage": train.zero_stage},
         "bf16": {"enabled": precision(train) == "bf16"},
         "steps_per_print": 10**9,  # our own progress line reports
@@ -38,7 +38,8 @@ def build(train: TrainConfig, batch_size: int) -> dict[str, Any]:
     }
 
 
-def initialize(task: torch.nn.Module, opt: Any, sched: Any, train: TrainConfig, batch_size: int) -> Any:
+def initialize(task: torch.nn.Module, opt: Any, sched: Any, train: TrainConfig, batch_size: int,
+               grad_clip: float = 1.0) -> Any:
     """`deepspeed.initialize` with `build`'s config; returns the engine.
 
     DeepSpeed's communication backend loads a shared-memory all-reduce op (deepspeed_shm_comm)
@@ -61,7 +62,7 @@ def initialize(task: torch.nn.Module, opt: Any, sched: Any, train: TrainConfig, 
     if get_accelerator().create_op_builder("ShareMemCommBuilder") is not None:
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     engine, *_ = deepspeed.initialize(model=task, optimizer=opt, lr_scheduler=sched,
-                                      config=build(train, batch_size))
+                                      config=build(train, batch_size, grad_clip))
     return engine
 
 

@@ -20,7 +20,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
@@ -170,7 +170,7 @@ def train_loop(config: dict[str, Any]) -> None:
     # schedule still spans every segment
     stop = min(segments, config.get("stop_epoch") or segments)
     opt, sched = ds_config.optimizer_and_schedule(model, cfg.optim, max(1, total // cfg.train.grad_accum))
-    engine = ds_config.initialize(RetrievalTask(model), opt, sched, cfg.train, B)
+    engine = ds_config.initialize(RetrievalTask(model), opt, sched, cfg.train, B, cfg.optim.grad_clip)
     # on the worker's device (its GPU, not the CPU); its fp32 weights run under the same autocast
     replica = build_model(cfg.model).to(engine.device) if cfg.train.zero_stage == 3 else None
     dtype = torch.bfloat16 if ds_config.precision(cfg.train) == "bf16" else torch.float32
@@ -193,19 +193,32 @@ def train_loop(config: dict[str, Any]) -> None:
     eval_manifest = cfg.data.eval_manifest or cfg.data.manifest
     progress = Progress(total, state["step"], B * world)
     dev = engine.device
+
+    def data_pass(n: int) -> Iterator[dict[str, torch.Tensor]]:
+        return iter(train_shard.iter_torch_batches(
+            batch_size=B, drop_last=True, local_shuffle_buffer_size=cfg.data.shuffle_buffer or None,
+            local_shuffle_seed=cfg.train.seed + n if cfg.data.shuffle_buffer else None))
+
     while state["epoch"] < stop and state["step"] < total:
         epoch = state["epoch"] + 1
         losses, clock, empty_passes = [], EpochClock(), 0
+        # Without shard_stream every segment starts a pass over the data (a new order with
+        # data.shuffle_rows): an epoch ends with it; a step budget's segment starts another
+        # until it has its seg_steps. The pass is not kept across an evaluation: a pool of
+        # decode actors waiting on it would hold the CPUs that evaluation decodes with.
         if not shard_mode:
-            batches = iter(train_shard.iter_torch_batches(
-                batch_size=B, drop_last=True, local_shuffle_buffer_size=cfg.data.shuffle_buffer or None,
-                local_shuffle_seed=cfg.train.seed + epoch if cfg.data.shuffle_buffer else None))
+            passes, pass_steps = 0, 0
+            batches = data_pass(epoch)
         while len(losses) < seg_steps and state["step"] < total:
             with clock.waiting():
                 batch = stream.next() if shard_mode else next(batches, None)
             if not _all_have(batch is not None):
                 if not shard_mode:
-                    break
+                    if not cfg.train.max_steps or pass_steps == 0:
+                        break  # the epoch's data has ended, or a new pass gave no batch
+                    passes, pass_steps = passes + 1, 0
+                    batches = data_pass(epoch + 1000 * passes)
+                    continue
                 empty_passes = empty_passes + 1 if not losses else 0
                 if empty_passes > 1:
                     raise RuntimeError("a whole pass over the shards gave no batch: see the skip report")
@@ -219,6 +232,7 @@ def train_loop(config: dict[str, Any]) -> None:
             engine.step()
             clamp_logit_scale(engine)
             state["step"] += 1
+            pass_steps += 1
             losses.append(loss.item())
             if rank == 0:
                 progress(epoch, segments, state["step"], losses[-1], sched.get_last_lr()[-1])
