@@ -98,6 +98,14 @@ async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     return _error(exc.status_code, str(exc.detail))
 
 
+def _set_upload_cap(cap: int) -> None:
+    """Give `_upload_cap` its limit. Serve runs `Ingress` from a pickled copy that carries its
+    own copy of `api`, while this middleware, pickled by reference, reads the `api` of this
+    module as the replica imported it: a limit set on the copy never reached the middleware,
+    and an over-size upload was read whole before `_upload` refused it."""
+    api.state.max_upload_bytes = cap
+
+
 @api.middleware("http")
 async def _upload_cap(request: Request, call_next: Any) -> Any:
     """Refuse an over-size upload from its Content-Length, before the body is read."""
@@ -137,7 +145,8 @@ class Ingress:
     def __init__(self, text: Any, video: Any, searcher: Any, reranker: Any, limits: dict):
         self.text, self.video, self.searcher, self.reranker = text, video, searcher, reranker
         self.limits = limits
-        api.state.max_upload_bytes = int(limits["max_upload_mb"] * 1024 * 1024)
+        self.max_upload_bytes = int(limits["max_upload_mb"] * 1024 * 1024)
+        _set_upload_cap(self.max_upload_bytes)
         self.page = PAGE.read_text()
 
     # ---- validation ------------------------------------------------------------------------
@@ -156,7 +165,7 @@ class Ingress:
         return k
 
     async def _upload(self, file: UploadFile) -> Any:
-        cap = api.state.max_upload_bytes
+        cap = self.max_upload_bytes
         data = await file.read(cap + 1)
         if len(data) > cap:
             raise HTTPException(413, f"upload exceeds the limit of {cap} bytes (serve.limits.max_upload_mb)")

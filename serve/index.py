@@ -250,6 +250,14 @@ def _build(cfg: AppConfig, out: Path, quiet: bool) -> dict[str, Any]:
                           "vectors from two models cannot share an index: use a new out=")
     if meta and meta.get("rerank") and rerank and meta["rerank"]["fingerprint"] != store.fingerprint(rerank):
         raise ConfigError(f"{out}: re-ranker export differs from the one the index holds")
+    # every row needs re-ranker features or none does: a row without them fails every search
+    # whose candidates include it
+    if meta and meta.get("rerank") and not rerank:
+        raise ConfigError(f"{out} holds re-ranker features for its {meta['count']} clips: append with the "
+                          f"same index.rerank_checkpoint ({meta['rerank']['export']})")
+    if meta and not meta.get("rerank") and rerank:
+        raise ConfigError(f"{out} has no re-ranker features for its {meta['count']} clips: build a new "
+                          "index (another out=) with index.rerank_checkpoint")
     existing = store.read_table(out, store.META_COLUMNS)
     rows, captions = plan_clips(cfg, store.existing_keys(existing))
     why = store.too_few_for(cfg.index.kind, len(existing) + len(rows))

@@ -152,8 +152,10 @@ def build_faiss(x: np.ndarray, kind: str, nlist: int = 0, pq_m: int = 0, refine:
             spec = f"IVF{lists},{'Flat' if kind == 'ivf_flat' else 'SQ8'}"
         index = faiss.index_factory(d, spec, ip)
         params.update(nlist=lists, factory=spec)
+        # k-means wants ~256 points per list; PQ's codebooks want PQ_MIN_VECTORS whatever nlist is
+        sample = max(256 * lists, PQ_MIN_VECTORS if kind == "ivf_pq" else 0)
         rng = np.random.default_rng(seed)
-        train = x if n <= 256 * lists else x[rng.choice(n, 256 * lists, replace=False)]
+        train = x if n <= sample else x[rng.choice(n, sample, replace=False)]
         index.train(train)
     else:
         raise ConfigError(f"unknown index kind {kind!r}")
@@ -176,16 +178,17 @@ def set_search_params(index: Any, nprobe: int = 16, ef_search: int = 128, refine
 
 
 def recall_at_k(index: Any, exact: Any, queries: np.ndarray, k: int = 10) -> dict[str, float]:
-    """Share of exact top-k ids the index also returns, and both per-query latencies (ms)."""
+    """Share of exact top-k ids the index also returns, and both per-query latencies (ms). An
+    index of fewer than k clips is searched for all of them, still under the name recall@k."""
     q = np.ascontiguousarray(queries, dtype=np.float32)
-    k = min(k, exact.ntotal)
+    top = min(k, exact.ntotal)
     t0 = time.perf_counter()
-    _, truth = exact.search(q, k)
+    _, truth = exact.search(q, top)
     t1 = time.perf_counter()
-    _, got = index.search(q, k)
+    _, got = index.search(q, top)
     t2 = time.perf_counter()
     hits = sum(len(set(a.tolist()) & set(b.tolist())) for a, b in zip(truth, got))
-    return {f"recall@{k}": hits / max(1, k * len(q)), "queries": len(q),
+    return {f"recall@{k}": hits / max(1, top * len(q)), "queries": len(q),
             "exact_ms_per_query_batched": 1000 * (t1 - t0) / max(1, len(q)),
             "index_ms_per_query_batched": 1000 * (t2 - t1) / max(1, len(q))}
 

@@ -53,6 +53,25 @@ def test_windows_cover_the_video():
     assert windows(1.5, 2.0, 1.0) == [(0.0, 1.5)]
 
 
+def test_pq_codebooks_train_on_enough_vectors_and_a_tiny_index_reports_recall_at_10(capfd):
+    """ivf_pq with few lists trained its PQ codebooks on 256 x nlist vectors (1,024 here), below
+    the 9,984 that 256 centroids need (faiss warned); and an index of 6 clips filed its recall
+    as recall@6, which the summary line read as recall@10 = nan."""
+    import faiss
+
+    from serve import store
+
+    x = np.random.default_rng(0).standard_normal((12_000, 32)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    store.build_faiss(x, "ivf_pq", nlist=4, pq_m=8)
+    assert "please provide at least" not in capfd.readouterr().err
+    exact = faiss.IndexFlatIP(32)
+    exact.add(x[:6])
+    index, _ = store.build_faiss(x[:6], "hnsw")
+    rec = store.recall_at_k(index, exact, x[:3])
+    assert rec["recall@10"] == 1.0 and rec["queries"] == 3
+
+
 def test_append_embeds_only_new_clips(windowed, export, synth_small):
     from clipray.manifest import read_manifest
     from serve import store
@@ -123,7 +142,7 @@ def test_approximate_index_reports_recall_and_cli(windowed, export, synth_small,
     assert type(store.load_faiss(out, meta)).__name__ == "IndexHNSWFlat"
 
 
-def test_cross_encoder_is_a_reranker_not_an_index(ray_local, export, synth_small, tmp_path):
+def test_cross_encoder_is_a_reranker_not_an_index(ray_local, windowed, export, synth_small, tmp_path):
     import open_clip
     import torch
 
@@ -147,6 +166,15 @@ def test_cross_encoder_is_a_reranker_not_an_index(ray_local, export, synth_small
     scores = score_candidates(model, tok, torch.from_numpy(feats), torch.from_numpy(mask).bool(),
                               [("a red square moves left", [0, 1]), ("a blue circle moves up", [1])])
     assert [len(s) for s in scores] == [2, 1] and np.isfinite(scores[0]).all()
+    # an append must keep every row with features or none: a row without them made every
+    # search that drew it as a candidate fail with a 500
+    count = meta["count"]
+    with pytest.raises(ConfigError, match=f"holds re-ranker features for its {count} clips: append with the same"):
+        build_index(_cfg(export, synth_small["manifest"], out), quiet=True)
+    with pytest.raises(ConfigError, match=f"has no re-ranker features for its {windowed['full']['count']} clips"):
+        build_index(_cfg(export, synth_small["manifest"], windowed["out"], *WINDOWS,
+                         f"index.rerank_checkpoint={tight}"), quiet=True)
+    assert store.read_meta(out)["count"] == count and len(store.parts(out)) == 1
 
 
 def test_progress_in_a_log_is_whole_lines_ending_at_the_total(ray_local, export, synth_small, tmp_path,
