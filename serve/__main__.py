@@ -108,13 +108,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("overrides", nargs="*", default=[], help="key=value, e.g. out=runs/index serve.port=8001")
     args = ap.parse_args(sys.argv[1:] if argv is None else argv)
     cfg = load_app_config(args.config, args.overrides)
+
     def interrupt(signum: int, frame: object) -> None:
         raise KeyboardInterrupt
-    # SIGTERM (docker stop, a supervisor) stops like Ctrl-C; SIGINT explicitly, since a shell
-    # that starts us in the background leaves it ignored
-    signal.signal(signal.SIGTERM, interrupt)
-    signal.signal(signal.SIGINT, interrupt)
+
+    def stop_on_signals() -> None:
+        # SIGTERM (docker stop, a supervisor) stops like Ctrl-C; SIGINT explicitly, since a
+        # shell that starts us in the background leaves it ignored
+        signal.signal(signal.SIGTERM, interrupt)
+        signal.signal(signal.SIGINT, interrupt)
+
+    stop_on_signals()
     url = start(cfg, quiet_ray=False)
+    stop_on_signals()  # again: starting Ray put its own SIGTERM handler in, which aborts the process
     print(f"clipray serving {cfg.out} at {url}  (search page {url}/, API docs {url}/docs); Ctrl-C stops",
           flush=True)
     try:

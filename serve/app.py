@@ -245,12 +245,16 @@ def _export_for(cfg: AppConfig, meta: dict) -> str:
     URI) must hold the same weights the index was built with."""
     import tempfile
 
-    from clipray.export import fetch_export
+    from clipray.export import WEIGHTS, fetch_export, read_export_config
 
     if not cfg.checkpoint:
+        if not (Path(meta["export"]) / WEIGHTS).is_file():
+            raise ConfigError(f"the index {cfg.out} was built with the export {meta['export']}, which is "
+                              f"gone (no {WEIGHTS} in it): give checkpoint= an export of the same weights")
         return meta["export"]
     with tempfile.TemporaryDirectory(prefix="clipray-export-") as tmp:
         local = fetch_export(cfg.checkpoint, tmp)
+        read_export_config(local)  # a run folder, not its export: say so, not "no such file"
         if store.fingerprint(local) != meta["fingerprint"]:
             raise ConfigError(f"checkpoint={cfg.checkpoint} is not the model the index {cfg.out} was "
                               "built with: its vectors would not match")

@@ -72,6 +72,25 @@ def test_pq_codebooks_train_on_enough_vectors_and_a_tiny_index_reports_recall_at
     assert rec["recall@10"] == 1.0 and rec["queries"] == 3
 
 
+def test_serving_an_index_whose_export_is_gone_or_a_run_folder_fails_in_a_line(windowed, export, tmp_path):
+    """Both used to fail later: a deleted export as tracebacks from every encoder replica once
+    Ray was up, a run folder given as checkpoint= as a bare 'No such file'."""
+    import shutil
+
+    from serve.app import app_from_config
+    from serve.config import load_app_config
+
+    idx = tmp_path / "idx"
+    shutil.copytree(windowed["out"], idx)
+    meta = json.loads((idx / "index.json").read_text())
+    (idx / "index.json").write_text(json.dumps({**meta, "export": str(tmp_path / "deleted")}))
+    with pytest.raises(ConfigError, match=rf"^the index {idx} was built with the export {tmp_path / 'deleted'}, "
+                                          r"which is gone \(no model.safetensors in it\)"):
+        app_from_config(load_app_config(None, [f"out={idx}"]))
+    with pytest.raises(FileNotFoundError, match="not a clipray export, no config.json in it"):
+        app_from_config(load_app_config(None, [f"out={idx}", f"checkpoint={Path(export).parent}"]))
+
+
 def test_append_embeds_only_new_clips(windowed, export, synth_small):
     from clipray.manifest import read_manifest
     from serve import store
