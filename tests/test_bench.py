@@ -130,6 +130,21 @@ def test_bench_model_in_bf16_keeps_half_the_activations_of_fp32():
     assert _parser().parse_args(["--threads", "0"]).threads == 0  # its help: 0 = torch's default
 
 
+def test_bench_model_refuses_a_device_this_machine_lacks_in_a_line(capsys):
+    """`--device cuda` without a GPU (or a device torch cannot parse) exits 2 with a line, not
+    torch's traceback; its --help is the whole description, not its first line cut mid-sentence."""
+    import torch
+
+    from clipray.bench.model import _parser, main
+
+    if not torch.cuda.is_available():
+        assert main(["--device", "cuda", "--sizes", "tiny"]) == 2
+        assert capsys.readouterr().out == "--device cuda: torch sees no CUDA GPU on this machine\n"
+    assert main(["--device", "gpu0", "--sizes", "tiny"]) == 2
+    assert capsys.readouterr().out.startswith("--device gpu0: ")
+    assert "kept for backward" in _parser().format_help() and "--rss" in _parser().description
+
+
 def test_bench_shuffle_counts_same_video_pairs_as_a_hand_count_does(ray_local, tmp_path, capsys):
     """Read as listed, with batches as long as a video's run of captions, a batch holds 6 pairs
     of one video whenever it sits inside one run; shuffled, about what uniform sampling gives."""

@@ -209,3 +209,14 @@ def test_a_command_without_its_config_names_the_one_missing_argument(command, ca
     err = capsys.readouterr().err.splitlines()
     assert e.value.code == 2 and err[0].startswith(f"usage: clipray {command} [-h] config [overrides ...]")
     assert err[-1] == f"clipray {command}: error: the following arguments are required: config"
+
+
+def test_a_pretrained_file_that_is_not_there_fails_at_load(tmp_path):
+    """`model.pretrained` naming a missing local file: a config error now, not a traceback from
+    every training worker once Ray and the workers are up. Tags and files that exist pass."""
+    with pytest.raises(ConfigError, match=r"^model.pretrained=/nonexistent.pt: no such file \(give an open_clip tag"):
+        load_config(None, ["model.pretrained=/nonexistent.pt"])
+    weights = tmp_path / "w.pt"
+    weights.write_bytes(b"x")
+    assert load_config(None, [f"model.pretrained={weights}"]).model.pretrained == str(weights)
+    assert load_config(None, ["model.pretrained=openai"]).model.pretrained == "openai"

@@ -266,14 +266,14 @@ def _write_outputs(out: str, cfg: Config, history: list[dict], final: dict, expo
     w.writerows(history)
     _put_text(f"{out}/metrics.csv", buf.getvalue())
     with fsspec.open(f"{out}/curves.png", "wb") as f:
-        f.write(_plot(history))
+        f.write(_plot(history, cfg.data.eval_split))
     fs, root = fsspec.core.url_to_fs(f"{out}/export")
     fs.makedirs(root, exist_ok=True)
     for p in export_src.iterdir():
         fs.put_file(str(p), f"{root}/{p.name}")
 
 
-def _plot(history: list[dict]) -> bytes:
+def _plot(history: list[dict], split: str = "test") -> bytes:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -285,7 +285,7 @@ def _plot(history: list[dict]) -> bytes:
     ev = [h for h in history if "t2v_r1" in h]
     ax[1].plot([h["epoch"] for h in ev], [h["t2v_r1"] for h in ev], marker="o", label="text->video")
     ax[1].plot([h["epoch"] for h in ev], [h["v2t_r1"] for h in ev], marker="s", label="video->text")
-    ax[1].set(title="test R@1 (%)", xlabel="epoch")
+    ax[1].set(title=f"{split} R@1 (%)", xlabel="epoch")
     ax[1].legend()
     fig.tight_layout()
     buf = io.BytesIO()

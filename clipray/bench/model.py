@@ -41,7 +41,8 @@ DTYPES = ("fp32", "bf16")
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="clipray bench model", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="clipray bench model", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", default="tiny,vitb32", help=f"comma list of {', '.join(SIZES)}")
     p.add_argument("--heads", default=",".join(HEADS), help="comma list of heads")
     p.add_argument("--tunings", default="full", help=f"comma list of {', '.join(TUNINGS)}")
@@ -198,7 +199,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if bad:
         print(f"unknown size/head/tuning: {', '.join(bad)}")
         return 2
-    cuda = torch.device(args.device).type == "cuda"
+    try:
+        cuda = torch.device(args.device).type == "cuda"
+    except RuntimeError as e:  # "gpu0"
+        print(f"--device {args.device}: {e}")
+        return 2
+    if cuda and not torch.cuda.is_available():
+        print(f"--device {args.device}: torch sees no CUDA GPU on this machine")
+        return 2
     if args.rss and (cuda or not os.path.exists("/proc/self/clear_refs")):
         print("--rss measures CPU memory on Linux; leave it out with --device cuda or elsewhere")
         return 2
