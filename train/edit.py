@@ -1,5 +1,5 @@
 """`clipray edit CONFIG [key=value ...]` (= `python -m train.edit`): clip-boundary editing from
-single timestamps, wrapped around any retrieval model (specs/clip_editing.md).
+single timestamps, wrapped around any retrieval model (README: `clipray edit`).
 
 Stage 1  each training caption's clip is built from the timestamps of its video
          (`clipray.editing.initial_clips`: edit.init, edit.window_s, edit.max_width_s).

@@ -174,5 +174,5 @@ def _locate(ctx: Context, files, raw: str, cache: dict[str, bool]) -> str | None
 
 SOURCE = SourceSpec(
     name="generic", rows=rows, options={"file": None},
-    summary="your own CSV / JSONL / video-level JSONL (specs/datasets.md section 8)",
+    summary="your own CSV / JSONL / video-level JSONL (datasets/generic.yaml)",
 )
