@@ -199,6 +199,7 @@ def train_loop(config: dict[str, Any]) -> None:
             batch_size=B, drop_last=True, local_shuffle_buffer_size=cfg.data.shuffle_buffer or None,
             local_shuffle_seed=cfg.train.seed + n if cfg.data.shuffle_buffer else None))
 
+    pass_steps = 0
     while state["epoch"] < stop and state["step"] < total:
         epoch = state["epoch"] + 1
         losses, clock, empty_passes = [], EpochClock(), 0
