@@ -331,7 +331,7 @@ def _absolute_paths(cfg: Config) -> Config:
     """Local paths made absolute against the directory the command runs in: Ray Train
     workers run elsewhere, and a relative manifest would not be found there."""
     pre = cfg.model.pretrained
-    local_weights = pre is not None and not pre.startswith("hf-hub:") and ("/" in pre or Path(pre).expanduser().exists())
+    local_weights = bool(pre) and not pre.startswith("hf-hub:") and ("/" in pre or Path(pre).expanduser().exists())
     if local_weights and "://" not in pre and not Path(_absolute(pre)).is_file():
         # here, not as a traceback from every training worker once Ray is up
         raise ConfigError(f"model.pretrained={pre}: no such file (give an open_clip tag such as "

@@ -220,3 +220,4 @@ def test_a_pretrained_file_that_is_not_there_fails_at_load(tmp_path):
     weights.write_bytes(b"x")
     assert load_config(None, [f"model.pretrained={weights}"]).model.pretrained == str(weights)
     assert load_config(None, ["model.pretrained=openai"]).model.pretrained == "openai"
+    assert load_config(None, ["model.pretrained=''"]).model.pretrained == ""  # none, as open_clip reads it
