@@ -19,6 +19,7 @@ pydantic annotation to validate its args.
 
 import asyncio
 import os
+import re
 from pathlib import Path
 from typing import Any, Optional
 
@@ -104,6 +105,25 @@ def _set_upload_cap(cap: int) -> None:
     module as the replica imported it: a limit set on the copy never reached the middleware,
     and an over-size upload was read whole before `_upload` refused it."""
     api.state.max_upload_bytes = cap
+
+
+_RANGE_SPEC = re.compile(r"\s*(?:(\d+)-(\d*)|-(\d+))\s*")
+
+
+def _byte_ranges(header: Optional[str]) -> bool:
+    """Whether a Range header is absent or a well-formed `bytes=` range set (RFC 9110 14.1.2).
+    Defined above `Ingress`: Serve pickles that class when it is decorated, with the globals
+    its methods use as they are then."""
+    if header is None:
+        return True
+    unit, _, ranges = header.partition("=")
+    if unit.strip().lower() != "bytes" or not ranges.strip():
+        return False
+    for spec in ranges.split(","):
+        m = _RANGE_SPEC.fullmatch(spec)
+        if m is None or (m.group(2) and int(m.group(2)) < int(m.group(1))):
+            return False
+    return True
 
 
 @api.middleware("http")
@@ -219,15 +239,19 @@ class Ingress:
         emb = await self._upload(file)
         return {"embedding": emb.tolist(), "dim": len(emb)}
 
-    @api.get("/clips/{clip_id}", response_class=FileResponse,
-             responses={200: {"content": {"video/mp4": {}}}, 404: {"description": "unknown clip id"}})
-    async def clip(self, clip_id: int) -> FileResponse:
+    @api.api_route("/clips/{clip_id}", methods=["GET", "HEAD"], response_class=FileResponse,
+                   responses={200: {"content": {"video/mp4": {}}}, 404: {"description": "unknown clip id"}})
+    async def clip(self, clip_id: int, request: Request) -> FileResponse:
         """The indexed video file of a clip (HTTP Range supported), chosen by id only."""
         path = await _call(self.searcher.clip_path, clip_id)
         if path is None:
             raise HTTPException(404, f"clip_id: no clip {clip_id} in the index")
         if "://" in path or not os.path.isfile(path):
             raise HTTPException(404, f"clip_id: the file of clip {clip_id} is not available to this server")
+        if not _byte_ranges(request.headers.get("range")):
+            # RFC 9110 14.2: a Range of another unit, or one that does not parse, is ignored
+            # (the whole file, 200), where Starlette answered a text/plain 400
+            request.scope["headers"] = [(k, v) for k, v in request.scope["headers"] if k != b"range"]
         return FileResponse(path, media_type="video/mp4", filename=os.path.basename(path),
                             content_disposition_type="inline")
 

@@ -141,6 +141,18 @@ def test_clip_stream_supports_range(app, synth_small):
     part = requests.get(f"{url}/clips/{hit['clip_id']}", headers={"Range": "bytes=100-199"}, timeout=30)
     assert part.status_code == 206 and part.content == data[100:200]
     assert part.headers["content-range"] == f"bytes 100-199/{len(data)}"
+    clip = f"{url}/clips/{hit['clip_id']}"
+    # RFC 9110: HEAD as GET without the body; a suffix range; an unsatisfiable one is a 416
+    # naming the size; a Range of another unit, or one that does not parse, is ignored (200)
+    head = requests.head(clip, timeout=30)
+    assert head.status_code == 200 and head.content == b"" and head.headers["content-length"] == str(len(data))
+    tail = requests.get(clip, headers={"Range": "bytes=-100"}, timeout=30)
+    assert tail.status_code == 206 and tail.content == data[-100:]
+    past = requests.get(clip, headers={"Range": f"bytes={len(data)}-"}, timeout=30)
+    assert past.status_code == 416 and past.headers["content-range"] == f"bytes */{len(data)}"
+    for odd in ("items=0-9", "bytes=5-3", "bytes=abc", "bytes="):
+        r = requests.get(clip, headers={"Range": odd}, timeout=30)
+        assert (r.status_code, r.content == data) == (200, True), odd
 
 
 def _bad_requests(url: str, video: bytes) -> list[tuple[str, object, tuple[int, ...]]]:
