@@ -304,6 +304,10 @@ def load_config(
     if bad:
         raise ConfigError(f"overrides must look like key=value, got: {' '.join(bad)}")
     if overrides:
+        # `key=` reads as null, which a text field refuses ("Incompatible value 'None'"): give
+        # such a field the empty text, so the command's own check says what it needs
+        overrides = [f"{o}''" if o.endswith("=") and isinstance(OmegaConf.select(cfg, o[:-1], default=None), str)
+                     else o for o in overrides]
         try:
             dotlist = OmegaConf.from_dotlist(list(overrides))
         except OmegaConfBaseException as e:

@@ -221,3 +221,14 @@ def test_a_pretrained_file_that_is_not_there_fails_at_load(tmp_path):
     assert load_config(None, [f"model.pretrained={weights}"]).model.pretrained == str(weights)
     assert load_config(None, ["model.pretrained=openai"]).model.pretrained == "openai"
     assert load_config(None, ["model.pretrained=''"]).model.pretrained == ""  # none, as open_clip reads it
+
+
+def test_an_empty_value_for_a_text_key_is_the_empty_text(tmp_path):
+    """`checkpoint=` (a variable that expanded to nothing) used to fail as "Incompatible value
+    'None' for field of type 'str'"; a text key now gets "" and the command's own check says
+    what it needs. An optional key still reads `key=` as unset."""
+    from serve.config import load_app_config
+
+    assert load_app_config(None, ["checkpoint="]).checkpoint == ""
+    assert load_config(None, ["data.manifest="]).data.manifest == ""
+    assert load_config(None, ["model.pretrained="]).model.pretrained is None
