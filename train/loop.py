@@ -199,7 +199,6 @@ def train_loop(config: dict[str, Any]) -> None:
             batch_size=B, drop_last=True, local_shuffle_buffer_size=cfg.data.shuffle_buffer or None,
             local_shuffle_seed=cfg.train.seed + n if cfg.data.shuffle_buffer else None))
 
-    pass_steps = 0
     while state["epoch"] < stop and state["step"] < total:
         epoch = state["epoch"] + 1
         losses, clock, empty_passes = [], EpochClock(), 0
@@ -208,16 +207,16 @@ def train_loop(config: dict[str, Any]) -> None:
         # until it has its seg_steps. The pass is not kept across an evaluation: a pool of
         # decode actors waiting on it would hold the CPUs that evaluation decodes with.
         if not shard_mode:
-            passes, pass_steps = 0, 0
+            passes, pass_start = 0, 0  # pass_start: the segment's steps when this pass began
             batches = data_pass(epoch)
         while len(losses) < seg_steps and state["step"] < total:
             with clock.waiting():
                 batch = stream.next() if shard_mode else next(batches, None)
             if not _all_have(batch is not None):
                 if not shard_mode:
-                    if not cfg.train.max_steps or pass_steps == 0:
+                    if not cfg.train.max_steps or len(losses) == pass_start:
                         break  # the epoch's data has ended, or a new pass gave no batch
-                    passes, pass_steps = passes + 1, 0
+                    passes, pass_start = passes + 1, len(losses)
                     batches = data_pass(epoch + 1000 * passes)
                     continue
                 empty_passes = empty_passes + 1 if not losses else 0
@@ -233,7 +232,6 @@ def train_loop(config: dict[str, Any]) -> None:
             engine.step()
             clamp_logit_scale(engine)
             state["step"] += 1
-            pass_steps += 1
             losses.append(loss.item())
             if rank == 0:
                 progress(epoch, segments, state["step"], losses[-1], sched.get_last_lr()[-1])
