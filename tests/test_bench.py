@@ -162,3 +162,57 @@ def test_bench_shuffle_counts_same_video_pairs_as_a_hand_count_does(ray_local, t
     assert "120 rows, 4 captions per video" in out and "uniform sampling (expected)" in out
     assert out.rstrip().endswith("0.15")
 
+
+
+def test_bench_serve_overhead_compares_the_unbatched_call_with_the_in_process_one(tmp_path, monkeypatch, capsys):
+    """The Serve overhead line compares the same single call served and in-process. In the
+    batched app a lone request waits out the batch timeout (5 ms) before it runs, which is
+    batching's cost, not the proxy's: the figure comes from the max_batch_size=1 app's p50. The
+    measurements are faked here (no Ray, no model): only api_bench's arithmetic runs."""
+    import types
+
+    import clipray.export
+    import clipray.synth
+    import ray.serve
+    import serve.__main__
+    import serve.config
+    import serve.demo_step
+    import serve.index
+    from clipray.bench import serve as bench
+
+    p50 = {(32, "/encode/text", 1): 65.2, (1, "/encode/text", 1): 51.4}  # batched, unbatched
+
+    def load_app_config(path, overrides):
+        bs = int(next((o.split("=")[1] for o in overrides if o.startswith("serve.text_encoder.max_batch_size=")),
+                      32))
+        return types.SimpleNamespace(bs=bs, serve=types.SimpleNamespace(app_name="clipray-bench"))
+
+    async def load(url, clients, total, body):
+        bs, path = int(url.split("/")[2].removeprefix("bs")), "/" + url.split("/", 3)[3]
+        return {"clients": clients, "requests": total, "failed": 0, "rps": 10.0 * clients / bs,
+                "p50": p50.get((bs, path, clients), 100.0), "p95": 0.0, "p99": 0.0}
+
+    async def handle_load(method, clients, total, arg):
+        return {"clients": clients, "requests": total, "failed": 0, "rps": 10.0, "p50": 1.0, "p95": 1.0, "p99": 1.0}
+
+    (tmp_path / "vitb32_export").mkdir()
+    (tmp_path / "vitb32_export" / "config.json").write_text("{}")
+    (tmp_path / "synth").mkdir()
+    (tmp_path / "synth" / "synth.json").write_text("{}")
+    (tmp_path / "api_index").mkdir()
+    (tmp_path / "api_index" / "index.json").write_text("{}")
+    monkeypatch.setattr(serve.config, "load_app_config", load_app_config)
+    monkeypatch.setattr(serve.__main__, "start", lambda cfg: f"http://bs{cfg.bs}")
+    monkeypatch.setattr(serve.__main__, "stop", lambda cfg: None)
+    monkeypatch.setattr(serve.demo_step, "_port", lambda: 1)
+    monkeypatch.setattr(clipray.export, "load_export", lambda path: None)
+    monkeypatch.setattr(ray.serve, "get_deployment_handle", lambda *a, **k: types.SimpleNamespace(encode=None))
+    monkeypatch.setattr(bench, "_load", load)
+    monkeypatch.setattr(bench, "_handle_load", handle_load)
+    monkeypatch.setattr(bench, "_direct_encode_ms", lambda model, queries, n: 28.6)
+    for name, module in (("save_export", clipray.export), ("generate", clipray.synth), ("build_index", serve.index)):
+        monkeypatch.setattr(module, name, lambda *a, **k: pytest.fail("nothing is built: it exists"))
+
+    out = bench.api_bench(tmp_path, 1.0)
+    assert out["serve_overhead_share"] == pytest.approx((51.4 - 28.6) / 51.4)
+    assert "p50 51.4 ms vs the same encoder in-process 28.6 ms -> 44%" in capsys.readouterr().out
