@@ -216,3 +216,24 @@ def test_bench_serve_overhead_compares_the_unbatched_call_with_the_in_process_on
     out = bench.api_bench(tmp_path, 1.0)
     assert out["serve_overhead_share"] == pytest.approx((51.4 - 28.6) / 51.4)
     assert "p50 51.4 ms vs the same encoder in-process 28.6 ms -> 44%" in capsys.readouterr().out
+
+
+def _no_work(monkeypatch, *targets):
+    """Make each (module, name) fail the test if called: a usage error must come before it."""
+    for module, name in targets:
+        monkeypatch.setattr(module, name, lambda *a, _n=name, **k: pytest.fail(f"{_n} ran before the usage error"))
+
+
+def test_bench_train_refuses_an_unknown_model_before_any_work(monkeypatch, capsys):
+    """A typo in --model was a ValueError traceback from create_model, after 150 videos were
+    generated and Ray had started."""
+    import clipray.runtime
+    import clipray.synth
+    from clipray.cli import main
+
+    _no_work(monkeypatch, (clipray.synth, "generate"), (clipray.runtime, "init_ray"))
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "train", "--model", "test_meanp"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "argument --model: invalid choice: 'test_meanp'" in err and "test_meanP" in err
+

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from clipray.cli import at_least
+from clipray.models import list_models
 
 
 def _batch(model: Any, batch: int, frames: int, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -130,7 +131,8 @@ def ray_loop(name: str, batch: int, frames: int, steps: int, warmup: int, thread
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="clipray bench train", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="test_meanP")
+    ap.add_argument("--model", default="test_meanP", choices=list_models(), metavar="MODEL",
+                    help="a registered model (default: test_meanP): " + ", ".join(list_models()))
     ap.add_argument("--batch", type=at_least(1), default=32)
     ap.add_argument("--frames", type=at_least(1), default=8)
     ap.add_argument("--steps", type=at_least(1), default=60)
