@@ -237,3 +237,25 @@ def test_bench_train_refuses_an_unknown_model_before_any_work(monkeypatch, capsy
     err = capsys.readouterr().err
     assert e.value.code == 2 and "argument --model: invalid choice: 'test_meanp'" in err and "test_meanP" in err
 
+
+def test_bench_train_refuses_cores_the_local_ray_lacks_instead_of_waiting_forever(monkeypatch, capsys):
+    """(c) runs the train worker (--threads CPUs) beside the decode actors (--decode-cores, one
+    CPU each) and Ray Data's read tasks: on an embedded Ray too small for them Ray Train and
+    Ray Data would wait for CPUs forever, silently. Ray is faked here: 4 CPUs, as init_ray
+    gives a 2-core machine; the loops must not start."""
+    import clipray.runtime
+    import clipray.synth
+    from clipray.bench import train as bench
+    from clipray.cli import main
+
+    monkeypatch.setattr(clipray.runtime, "init_ray",
+                        lambda *a, **k: monkeypatch.setattr(clipray.runtime, "_embedded", {"CPU": 4.0, "GPU": 0.0}))
+    monkeypatch.setattr(clipray.runtime, "quiet_data_progress", lambda: None)
+    monkeypatch.setattr(clipray.synth, "generate", lambda *a, **k: {"manifest": "unused.parquet"})
+    _no_work(monkeypatch, (bench, "plain_loop"), (bench, "ray_loop"))
+    # 3 (step) + 1 (decode) + 1 (read tasks) = 5 CPUs > 4
+    assert main(["bench", "train", "--threads", "3", "--decode-cores", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "needs 5 CPUs at once" in err and "--threads" in err and "--decode-cores" in err
+    assert main(["bench", "train", "--threads", "1", "--decode-cores", "3"]) == 2  # 1 + 3 + 1
+    assert "needs 5 CPUs at once" in capsys.readouterr().err

@@ -144,17 +144,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--videos", type=at_least(1), default=150, help="synthetic videos for (c)")
     args = ap.parse_args(argv)
 
-    from clipray.runtime import init_ray, quiet_data_progress
+    from clipray.runtime import check_fits, init_ray, quiet_data_progress
     from clipray.synth import generate
 
+    init_ray(quiet=True)
+    decode = args.decode_cores or max(1, (os.cpu_count() or 2) - args.threads)
+    # now, not after (a) and (b): what does not fit the embedded Ray would wait for CPUs forever
+    check_fits({"--threads (the train worker)": float(args.threads),
+                "--decode-cores (decode actors of (c), 1 CPU each)": float(decode)},
+               advice="lower --threads or --decode-cores")
+    quiet_data_progress()
     manifest = generate(Path(tempfile.mkdtemp(prefix="clipray-bench-synth-")), videos=args.videos,
                         seed=0, test_frac=0.0, val_frac=0.0)["manifest"]
-    init_ray(quiet=True)
-    quiet_data_progress()
     common = (args.model, args.batch, args.frames, args.steps, args.warmup, args.threads)
     a = plain_loop(*common)
     b, b_start = ray_loop(*common, manifest=None)
-    decode = args.decode_cores or max(1, (os.cpu_count() or 2) - args.threads)
     c, c_start = ray_loop(*common, manifest=manifest, decode_cores=decode)
     med = {k: statistics.median(v) for k, v in (("a", a), ("b", b), ("c", c))}
     print(f"clipray bench train: {args.model}, batch {args.batch} x {args.frames} frames, step on "
