@@ -259,3 +259,18 @@ def test_bench_train_refuses_cores_the_local_ray_lacks_instead_of_waiting_foreve
     assert "needs 5 CPUs at once" in err and "--threads" in err and "--decode-cores" in err
     assert main(["bench", "train", "--threads", "1", "--decode-cores", "3"]) == 2  # 1 + 3 + 1
     assert "needs 5 CPUs at once" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("heads", ["meanP,seqtransf", ""])
+def test_bench_heads_refuses_an_unknown_head_before_any_work(heads, monkeypatch, capsys):
+    """A misspelt head failed only when its turn came: after the 600-video set was written and,
+    when it was not the first, after the heads before it had trained."""
+    import clipray.demo
+    import train.driver
+    from clipray.cli import main
+
+    _no_work(monkeypatch, (clipray.demo, "ensure_synth"), (train.driver, "run"))
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "heads", "--heads", heads])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "argument --heads:" in err and "meanP, seqLSTM, seqTransf, tightTransf" in err

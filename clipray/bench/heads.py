@@ -17,10 +17,22 @@ from pathlib import Path
 from clipray.cli import at_least
 
 
+def _heads(text: str) -> list[str]:
+    """An argparse `type`: a comma list of temporal heads, each checked now, not at its turn."""
+    from clipray.models import HEAD_NAMES
+
+    heads = [h for h in text.split(",") if h]
+    bad = [h for h in heads if h not in HEAD_NAMES]
+    if bad or not heads:
+        raise argparse.ArgumentTypeError(f"{', '.join(bad) or 'no head'}: give a comma list of "
+                                         f"{', '.join(HEAD_NAMES)}")
+    return heads
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="clipray bench heads", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--heads", default="meanP,seqTransf")
+    ap.add_argument("--heads", type=_heads, default="meanP,seqTransf", help="comma list of temporal heads")
     # 600 videos give 168 steps: seqTransf needs about that many to separate twins (60 are too few)
     ap.add_argument("--data", default="clipray_data/synth600", help="synthetic set (made if absent)")
     ap.add_argument("--videos", type=at_least(1), default=600, help="videos to generate when --data is absent")
@@ -34,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     manifest = ensure_synth(Path(args.data), args.videos).resolve()
     runs = Path(tempfile.mkdtemp(prefix="clipray-bench-heads-"))
     rows = []
-    for head in args.heads.split(","):
+    for head in args.heads:
         cfg = load_config(demo_config_path(), [f"data.manifest={manifest}", f"train.storage_path={runs}",
                                                f"train.run_name={head}", f"model.name=test_{head}",
                                                *args.overrides])
