@@ -282,6 +282,23 @@ def test_launcher_configs_pass_rays_validator_and_mount_the_token(name, doc):
         assert starts and all("RAY_AUTH_MODE=token" in c for c in starts), f"{name}: {key}"
 
 
+# vCPUs and GPUs of the machine types the launcher configs name (AWS and GCP machine-type docs)
+MACHINES = {"m6i.2xlarge": (8, 0), "p4d.24xlarge": (96, 8), "c6i.8xlarge": (32, 0),
+            "n2-standard-8": (8, 0), "a2-highgpu-8g": (96, 8), "c2-standard-30": (30, 0)}
+
+
+@pytest.mark.parametrize("name,doc", launcher_docs(), ids=lambda x: x if isinstance(x, str) else "")
+def test_launcher_node_types_advertise_no_more_than_their_machine_has(name, doc):
+    """`resources` is what Ray schedules by: a decode node advertising more CPUs than its
+    machine has takes one decode actor per advertised CPU, more than it has cores."""
+    for t, v in doc["available_node_types"].items():
+        machine = v["node_config"].get("InstanceType") or v["node_config"].get("machineType")
+        assert machine in MACHINES, f"{name}/{t}: add {machine}'s vCPUs and GPUs to MACHINES"
+        cpus, gpus = MACHINES[machine]
+        assert v["resources"].get("CPU", cpus) <= cpus, f"{name}/{t}: {machine} has {cpus} vCPUs"
+        assert v["resources"].get("GPU", 0) <= gpus, f"{name}/{t}: {machine} has {gpus} GPUs"
+
+
 # ---------------------------------------------------------------- runtime env
 
 def test_runtime_env_parses_as_ray_job_submit_does_and_excludes_data(tmp_path):
