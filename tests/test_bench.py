@@ -274,3 +274,17 @@ def test_bench_heads_refuses_an_unknown_head_before_any_work(heads, monkeypatch,
         main(["bench", "heads", "--heads", heads])
     err = capsys.readouterr().err
     assert e.value.code == 2 and "argument --heads:" in err and "meanP, seqLSTM, seqTransf, tightTransf" in err
+
+
+def test_a_grouped_manifest_smaller_than_one_batch_is_a_usage_error(monkeypatch, capsys):
+    """`clipray bench shuffle --videos 2 --captions 1` (2 rows, batches of 16) gave not one
+    batch and ended in a ZeroDivisionError traceback after Ray had started."""
+    import clipray.runtime
+    from clipray.bench import shuffle as bench
+    from clipray.cli import main
+
+    _no_work(monkeypatch, (bench, "grouped_manifest"), (clipray.runtime, "init_ray"))
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "shuffle", "--videos", "2", "--captions", "1"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "2 rows (--videos x --captions) do not fill one batch of 16 (--batch)" in err

@@ -57,6 +57,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--buffer", type=at_least(1), default=2048, help="(b)'s local shuffle buffer, rows")
     ap.add_argument("--batch", type=at_least(2), default=16, help="clips per batch (one training worker's)")
     args = ap.parse_args(argv)
+    if args.videos * args.captions < args.batch:  # batches are drop_last: none would be read
+        ap.error(f"{args.videos * args.captions} rows (--videos x --captions) do not fill one batch of "
+                 f"{args.batch} (--batch)")
 
     from clipray.config import DataConfig
     from clipray.runtime import init_ray, quiet_data_progress
