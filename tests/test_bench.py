@@ -288,3 +288,16 @@ def test_a_grouped_manifest_smaller_than_one_batch_is_a_usage_error(monkeypatch,
         main(["bench", "shuffle", "--videos", "2", "--captions", "1"])
     err = capsys.readouterr().err
     assert e.value.code == 2 and "2 rows (--videos x --captions) do not fill one batch of 16 (--batch)" in err
+
+
+def test_bench_model_refuses_a_gpu_index_past_the_last_gpu_in_a_line(monkeypatch, capsys):
+    """`--device cuda:1` on a one-GPU machine was CUDA's 'invalid device ordinal' traceback once
+    the first model was built. The GPU count is faked: the check runs before any CUDA call."""
+    import torch
+
+    from clipray.bench.model import main
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert main(["--device", "cuda:1", "--sizes", "tiny", "--heads", "meanP"]) == 2
+    assert capsys.readouterr().out == "--device cuda:1: torch sees 1 CUDA GPU(s) on this machine, the last cuda:0\n"

@@ -207,6 +207,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if cuda and not torch.cuda.is_available():
         print(f"--device {args.device}: torch sees no CUDA GPU on this machine")
         return 2
+    gpus = torch.cuda.device_count() if cuda else 0
+    if cuda and (torch.device(args.device).index or 0) >= gpus:  # else CUDA's "invalid device ordinal"
+        print(f"--device {args.device}: torch sees {gpus} CUDA GPU(s) on this machine, the last cuda:{gpus - 1}")
+        return 2
     if args.rss and (cuda or not os.path.exists("/proc/self/clear_refs")):
         print("--rss measures CPU memory on Linux; leave it out with --device cuda or elsewhere")
         return 2
