@@ -104,8 +104,20 @@ new_run=0
 [[ -n $run_name ]] || { run_name="${config_name}-${stamp}"; new_run=1; }
 [[ -n $storage_path ]] || storage_path="${CLIPRAY_STORAGE_PATH:-}"
 if [[ -z $storage_path ]]; then
-    # Fall back to the config's own train.storage_path, as python -m train would.
-    storage_path="$(python -c 'import sys; from clipray.config import load_config; print(load_config(sys.argv[1]).train.storage_path)' "$config" 2>/dev/null || true)"
+    # Fall back to the config's own train.storage_path, as python -m train would. load_config
+    # makes a relative path absolute against the current directory, so it is read from an empty
+    # temporary one: a path under it was relative (refused below), not this machine's <checkout>/runs.
+    storage_path="$(python -c '
+import os, sys, tempfile
+sys.path.insert(0, os.getcwd())  # the checkout, for imports made after the chdir below
+from pathlib import Path
+from clipray.config import load_config
+config = Path(sys.argv[1]).resolve()
+with tempfile.TemporaryDirectory() as d:
+    os.chdir(d)
+    here, path = str(Path(d).resolve()), load_config(config).train.storage_path
+    print(os.path.relpath(path, here) if path == here or path.startswith(here + os.sep) else path)
+' "$config" 2>/dev/null || true)"
     [[ -n $storage_path ]] || storage_path="runs"
 fi
 if [[ $storage_path != *://* ]]; then

@@ -416,6 +416,20 @@ def test_submit_sh_names_the_run_and_prints_how_to_follow_stop_resume(tmp_path):
     assert r5.returncode == 2 and "config file not found" in r5.stderr
 
 
+def test_submit_sh_refuses_a_configs_relative_storage_path_too(tmp_path):
+    """With no train.storage_path given, the config's is used, and a relative one must be refused
+    as a given one is: load_config makes it absolute against the submitting machine's directory
+    (demo.yaml's `runs` -> <checkout>/runs), a path the cluster's nodes do not share."""
+    env = dict(RAY_ADDRESS="http://127.0.0.1:8265", RAY_AUTH_MODE="token", RAY_AUTH_TOKEN="t",
+               CLIPRAY_DRY_RUN="1")
+    r = _submit(tmp_path, "train/configs/demo.yaml", **env)  # train.storage_path: runs
+    assert r.returncode == 2 and "train.storage_path=runs is relative" in r.stderr, r.stdout + r.stderr
+    r = _submit(tmp_path, "edit", "train/configs/edit_demo.yaml", **env)  # the schema's default, runs
+    assert r.returncode == 2 and "train.storage_path=runs is relative" in r.stderr, r.stdout + r.stderr
+    r = _submit(tmp_path, "train/configs/howto100m.yaml", **env)  # a URL is taken as it is
+    assert r.returncode == 0 and "train.storage_path=s3://YOUR-BUCKET/runs\n" in r.stdout, r.stderr
+
+
 def test_readme_covers_every_file_and_the_job_commands():
     text = (CLUSTER / "README.md").read_text()
     for p in sorted(CLUSTER.iterdir()):
