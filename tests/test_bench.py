@@ -301,3 +301,26 @@ def test_bench_model_refuses_a_gpu_index_past_the_last_gpu_in_a_line(monkeypatch
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     assert main(["--device", "cuda:1", "--sizes", "tiny", "--heads", "meanP"]) == 2
     assert capsys.readouterr().out == "--device cuda:1: torch sees 1 CUDA GPU(s) on this machine, the last cuda:0\n"
+
+
+def test_bench_stream_removes_only_what_it_wrote_in_a_given_workdir(tmp_path, monkeypatch):
+    """Without --keep the bench cleans up after itself, also when it fails; in a --workdir the
+    user named (`--workdir .` is a checkout) that is its own files, not the whole folder. Ray
+    is faked to fail once the manifest is written, so the clean-up runs without it."""
+    import clipray.runtime
+    from clipray.bench.stream import main
+
+    work = tmp_path / "mine"
+    work.mkdir()
+    (work / "notes.txt").write_text("keep me")
+
+    def no_ray(*a, **k):
+        raise RuntimeError("no Ray in this test")
+
+    monkeypatch.setattr(clipray.runtime, "init_ray", no_ray)
+    with pytest.raises(RuntimeError, match="no Ray in this test"):
+        main(["--workdir", str(work), "--rows", "20", "--shard-rows", "10", "--videos", "1"])
+    assert sorted(p.name for p in work.iterdir()) == ["notes.txt"]
+    with pytest.raises(RuntimeError, match="no Ray in this test"):  # a folder it made goes whole
+        main(["--workdir", str(tmp_path / "new"), "--rows", "20", "--shard-rows", "10", "--videos", "1"])
+    assert not (tmp_path / "new").exists()

@@ -270,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--actors", type=at_least(1), default=2, help="tokenise / decode actors")
     ap.add_argument("--batch", type=at_least(1), default=1024, help="rows per tokenise call and per driver batch")
     ap.add_argument("--workdir", default=None, help="where to write the manifest (default: a temp dir)")
-    ap.add_argument("--keep", action="store_true", help="keep the workdir")
+    ap.add_argument("--keep", action="store_true", help="keep what the bench wrote in the workdir")
     args = ap.parse_args(argv)
     if os.environ.get("RAY_ADDRESS"):
         ap.error("this benchmark measures an embedded local Ray: unset RAY_ADDRESS")
@@ -280,6 +280,8 @@ def main(argv: list[str] | None = None) -> int:
     from clipray.runtime import init_ray, quiet_data_progress
     from clipray.synth import generate
 
+    # a folder the bench makes is removed whole; in one that was there, only what it writes
+    own = args.workdir is None or not Path(args.workdir).exists()
     work = Path(args.workdir or tempfile.mkdtemp(prefix="clipray-bench-stream-"))
     try:
         synth = generate(work / "synth", videos=args.videos, seed=0, width=32, height=32, fps=4,
@@ -323,7 +325,8 @@ def main(argv: list[str] | None = None) -> int:
             report("phase 3, clip_dataset decode (2 frames, 32 px)", run, s, base)
     finally:
         if not args.keep:
-            shutil.rmtree(work, ignore_errors=True)
+            for path in [work] if own else [work / "synth", work / "manifest", work / "run"]:
+                shutil.rmtree(path, ignore_errors=True)
     return 0
 
 
