@@ -324,3 +324,15 @@ def test_bench_stream_removes_only_what_it_wrote_in_a_given_workdir(tmp_path, mo
     with pytest.raises(RuntimeError, match="no Ray in this test"):  # a folder it made goes whole
         main(["--workdir", str(tmp_path / "new"), "--rows", "20", "--shard-rows", "10", "--videos", "1"])
     assert not (tmp_path / "new").exists()
+
+
+def test_bench_serve_refuses_a_dim_below_the_embeddings_it_lifts(monkeypatch, capsys):
+    """The 1M vectors are the tiny model's 64-d embeddings lifted by an orthonormal map, which
+    needs --dim >= 64: --dim 32 was a matmul shape error after the whole API part had run."""
+    import clipray.runtime
+    from clipray.cli import main
+
+    _no_work(monkeypatch, (clipray.runtime, "init_ray"))
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "serve", "--dim", "32"])
+    assert e.value.code == 2 and "argument --dim: must be 64 or more, got 32" in capsys.readouterr().err

@@ -322,7 +322,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="clipray bench serve", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--vectors", type=at_least(1), default=1_000_000)
-    ap.add_argument("--dim", type=at_least(1), default=512)
+    ap.add_argument("--dim", type=at_least(64), default=512,
+                    help="vector width: the tiny model's 64-d embeddings lifted to it (so 64 or more)")
     ap.add_argument("--scale", type=at_least(0.01, float), default=1.0, help="multiply the request counts")
     ap.add_argument("--skip-api", action="store_true")
     ap.add_argument("--skip-index", action="store_true")
