@@ -244,6 +244,24 @@ def test_rayjob_entrypoints_exist_and_their_overrides_load(name, doc):
         assert config.startswith("train/configs/") and config != "train/configs/demo.yaml"
 
 
+@pytest.mark.parametrize("name,doc", ray_docs({"RayJob"}), ids=lambda x: x if isinstance(x, str) else "")
+def test_rayjob_decoders_fit_its_cpu_groups(name, doc):
+    """The decoders the run holds at once, counted as train.driver counts them: one pool of
+    data.decode_actors, or with data.shard_stream one pool per train worker (each streams its
+    own shards through its own clip_dataset), plus a CPU for Ray Data's read tasks, fit the
+    CPU-only groups at the replicas the job starts with (the manifests size them so)."""
+    from clipray.config import load_config
+
+    cmd = train_commands(doc["spec"]["entrypoint"])[0]
+    cfg = load_config(REPO / cmd[3], cmd[4:])
+    pools = cfg.train.num_workers if cfg.data.shard_stream else 1
+    need = pools * cfg.data.decode_actors * cfg.data.decode_cpus + 1
+    have = sum(cpus(containers(w)[0]) * w["replicas"] for _, w in groups(cluster_spec(doc))[1:]
+               if not gpus(containers(w)[0]))
+    assert need <= have, (f"{name}: {pools} decode pool(s) x data.decode_actors={cfg.data.decode_actors} x "
+                          f"{cfg.data.decode_cpus:g} CPU + 1 = {need:g} CPUs, the decode groups have {have:g}")
+
+
 @pytest.mark.parametrize("name,doc", ray_docs({"RayService"}), ids=lambda x: x if isinstance(x, str) else "")
 def test_rayservice_import_paths_exist(name, doc):
     serve_cfg = yaml.safe_load(doc["spec"].get("serveConfigV2", "") or "{}")
