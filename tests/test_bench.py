@@ -336,3 +336,21 @@ def test_bench_serve_refuses_a_dim_below_the_embeddings_it_lifts(monkeypatch, ca
     with pytest.raises(SystemExit) as e:
         main(["bench", "serve", "--dim", "32"])
     assert e.value.code == 2 and "argument --dim: must be 64 or more, got 32" in capsys.readouterr().err
+
+
+def test_bench_stream_refuses_more_actors_than_the_local_ray_can_run_beside_its_reads(monkeypatch, capsys):
+    """Phase 2's tokenise actors take a CPU each; with all of the embedded Ray's CPUs held by
+    them the read tasks never run and the stream waits forever, silently. Ray is faked here
+    (4 CPUs); the stream must not start."""
+    import clipray.runtime
+    from clipray.bench import stream as bench
+    from clipray.cli import main
+
+    monkeypatch.setattr(clipray.runtime, "init_ray",
+                        lambda *a, **k: monkeypatch.setattr(clipray.runtime, "_embedded", {"CPU": 4.0, "GPU": 0.0}))
+    monkeypatch.setattr(clipray.runtime, "quiet_data_progress", lambda: None)
+    monkeypatch.setattr(bench.time, "sleep", lambda s: None)
+    _no_work(monkeypatch, (bench, "read_tokenise_dataset"))
+    assert main(["bench", "stream", "--actors", "4", "--rows", "20", "--shard-rows", "10", "--videos", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "needs 5 CPUs at once (--actors" in err and "lower --actors" in err

@@ -277,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from clipray.manifest import read_manifest
     from clipray.pipeline import clip_dataset, collect_skips
-    from clipray.runtime import init_ray, quiet_data_progress
+    from clipray.runtime import check_fits, init_ray, quiet_data_progress
     from clipray.synth import generate
 
     # a folder the bench makes is removed whole; in one that was there, only what it writes
@@ -300,6 +300,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{psutil.Process().memory_info().rss / GB:.2f} GB")
 
         init_ray(RayConfig(), quiet=True)
+        # actors holding every CPU would starve the read tasks: the stream would wait forever
+        check_fits({"--actors (1 CPU each)": float(args.actors)}, advice="lower --actors")
         quiet_data_progress()
         data = DataConfig(manifest=manifest, split="train", max_words=32, decode_actors=args.actors,
                           decode_cpus=1.0, decode_batch=args.batch,
