@@ -5,7 +5,8 @@
 video need no special case:
 
 - text-to-video: one rank per caption, among all videos;
-- video-to-text: per video, the best rank among its own captions (all texts are candidates);
+- video-to-text: per video, the best rank among its own captions (all texts are candidates;
+  the video's other captions are matches too, so they never count against it);
 - rank = 1 + the number of OTHER candidates scoring >= the match, so ties count against the
   query (the reference gives tied rows several ranks, which inflates R@1), and exactly one rank
   per query;
@@ -75,9 +76,13 @@ def v2t_ranks(sim, video_of_text) -> torch.Tensor:
     own = sim[torch.arange(n_text), gt]
     best = torch.full((n_video,), -float("inf"), dtype=sim.dtype)
     best = best.scatter_reduce(0, gt, own, reduce="amax")  # each video's best own caption
-    ranks, rows = torch.zeros(n_video, dtype=torch.long), _rows_per_block(n_video)
+    # Only other videos' captions compete: a second caption of the same video (MSVD repeats
+    # sentences verbatim) is also a correct answer, so tying with it is not a miss.
+    ranks, rows = torch.ones(n_video, dtype=torch.long), _rows_per_block(n_video)
+    cols = torch.arange(n_video)
     for i in range(0, n_text, rows):
-        ranks += (_checked(sim[i : i + rows]) >= best).sum(0)
+        ahead = _checked(sim[i : i + rows]) >= best
+        ranks += (ahead & (gt[i : i + rows, None] != cols)).sum(0)
     return ranks
 
 

@@ -18,7 +18,8 @@ from clipray.models import create_model
 
 def brute_force(sim, video_of_text):
     """The definition, literally: rank = 1 + number of OTHER candidates scoring >= the match;
-    video-to-text takes the best rank among the video's own captions."""
+    video-to-text takes the best rank among the video's own captions, and only captions of
+    other videos compete (a video's own captions are all correct answers)."""
     sim = np.asarray(sim, dtype=np.float64)
     nt, nv = sim.shape
     t2v = []
@@ -28,7 +29,8 @@ def brute_force(sim, video_of_text):
     v2t = []
     for j in range(nv):
         own = [c for c in range(nt) if video_of_text[c] == j]
-        v2t.append(min(1 + sum(1 for t in range(nt) if t != c and sim[t, j] >= sim[c, j]) for c in own))
+        v2t.append(min(1 + sum(1 for t in range(nt) if video_of_text[t] != j and sim[t, j] >= sim[c, j])
+                       for c in own))
     out = {}
     for prefix, ranks in (("t2v", np.array(t2v)), ("v2t", np.array(v2t))):
         out.update({
@@ -65,6 +67,17 @@ def test_ties_count_against_the_query_one_rank_each():
     assert m["t2v_r1"] == 0.0 and m["t2v_mdr"] == 3.0 and m["v2t_mnr"] == 3.0
     m = retrieval_metrics(torch.eye(3), [0, 1, 2])
     assert m["t2v_r1"] == m["v2t_r1"] == 100.0 and m["t2v_mnr"] == 1.0
+
+
+def test_a_videos_own_tied_captions_do_not_count_against_it():
+    # Video 0 has the same sentence twice (MSVD repeats captions verbatim): both copies score
+    # 0.9, above every other text, so video 0 retrieves a correct caption first.
+    sim = torch.tensor([[0.9, 0.1], [0.9, 0.1], [0.2, 0.8]])
+    assert M.v2t_ranks(sim, [0, 0, 1]).tolist() == [1, 1]
+    assert retrieval_metrics(sim, [0, 0, 1])["v2t_r1"] == 100.0
+    # a caption of ANOTHER video tying with the best own caption still counts against it
+    sim = torch.tensor([[0.9, 0.1], [0.5, 0.1], [0.9, 0.8]])
+    assert M.v2t_ranks(sim, [0, 0, 1]).tolist() == [2, 1]
 
 
 def test_bad_inputs_are_errors():
