@@ -305,6 +305,26 @@ def test_checkpoint_path_loads_exact_open_clip_weights(tmp_path):
     assert torch.equal(model.head.blocks[3].mlp.c_fc.weight, ref.transformer.resblocks[3].mlp.c_fc.weight)
 
 
+def test_registered_pretrained_weights_are_the_default(tmp_path):
+    from clipray.models import ModelSpec, get_spec, register_model
+    from clipray.models.backbone import register_tiny_configs
+
+    register_tiny_configs()
+    torch.manual_seed(7)
+    ref = open_clip.create_model(TINY_OPEN_CLIP_NAME)
+    path = tmp_path / "registered.pt"
+    torch.save(ref.state_dict(), path)
+    name = f"test_registered_weights_{os.getpid()}_{id(path)}"
+    register_model(name, ModelSpec(TINY_OPEN_CLIP_NAME, "ViT-B-32", pretrained=str(path)))
+    assert get_spec(name).pretrained == str(path)
+    want = ref.visual.conv1.weight
+    # no override: the registered checkpoint, not a random init
+    assert torch.equal(create_model(name).backbone.clip.visual.conv1.weight, want)
+    assert torch.equal(build_model(ModelConfig(name=name)).backbone.clip.visual.conv1.weight, want)
+    # an explicit "none" still asks for random weights
+    assert not torch.equal(create_model(name, pretrained="none").backbone.clip.visual.conv1.weight, want)
+
+
 def test_frozen_tuning_trains_head_only():
     model = build("test_seqTransf", tuning="frozen")
     out = RetrievalTask(model)(*clip_batch(b=2, t=3), tokens(["x", "y"]))

@@ -84,6 +84,8 @@ def create_model(
 ) -> "CLIP4Clip":
     """Build registered model `name`; each override left None keeps the registered value."""
     spec = get_spec(name)
+    if pretrained is None:  # keep the registered weights; "none"/"random" asks for none
+        pretrained = spec.pretrained
     spec = dataclasses.replace(
         spec,
         pretrained=None if _no_weights(pretrained) else pretrained,
