@@ -289,6 +289,9 @@ def test_tight_scores_pairs_and_is_not_indexable():
 
 
 def test_checkpoint_path_loads_exact_open_clip_weights(tmp_path):
+    from clipray.models.backbone import register_tiny_configs
+
+    register_tiny_configs()  # this test must not depend on an earlier one having built a model
     torch.manual_seed(123)
     ref = open_clip.create_model(TINY_OPEN_CLIP_NAME)  # stock layout: 0-dim logit_scale
     with torch.no_grad():
