@@ -120,6 +120,21 @@ def test_block_wise_scores_equal_one_shot_scores(name):
     assert video.shape == ((6, 64) if model.indexable else (6, 3, 64))
 
 
+def test_a_bf16_cross_encoder_scores_the_float32_embeddings_it_stored():
+    # Evaluation keeps embeddings as float32 on CPU; a bf16 model (DeepSpeed bf16 on GPU) must
+    # still score them, as if it had been handed its own bf16 features.
+    torch.manual_seed(0)
+    model = create_model("test_tightTransf").to(torch.bfloat16)
+    frames, mask, tokens = _data(n=4)
+    text = embed_texts(model, [tokens])
+    video, vmask = embed_videos(model, [(frames, mask)])
+    assert text.dtype == video.dtype == torch.float32
+    got = similarity_in_blocks(model, text, video, vmask, pair_block=5)
+    with torch.no_grad():
+        want = model.similarity(text.bfloat16(), video.bfloat16(), vmask).float()
+    assert torch.equal(got, want)
+
+
 def test_all_equal_embeddings_score_r1_near_zero():
     torch.manual_seed(0)
     model = create_model("test_meanP")

@@ -177,7 +177,9 @@ class TightTransf(nn.Module):
         n, t = mask.shape
         if t + 1 > self.position_embeddings.num_embeddings:
             raise ValueError(f"1 + {t} frames > {self.position_embeddings.num_embeddings} positions")
-        x = torch.cat([text.unsqueeze(1).to(frame_feats.dtype), frame_feats], dim=1)
+        # The head's own dtype: stored float32 embeddings may meet a bf16 model at evaluation.
+        dtype = self.score.weight.dtype
+        x = torch.cat([text.unsqueeze(1).to(dtype), frame_feats.to(dtype)], dim=1)
         x = x + self.position_embeddings.weight[: t + 1].to(x.dtype)
         full = torch.cat([mask.new_ones(n, 1), mask], dim=1)  # the text position is always valid
         x = self.ln_pool(_run_blocks(self.blocks, x, full))
