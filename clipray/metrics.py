@@ -45,6 +45,8 @@ def _as_inputs(sim, video_of_text) -> tuple[torch.Tensor, torch.Tensor]:
     gt = torch.as_tensor(video_of_text, dtype=torch.long).reshape(-1)
     if sim.ndim != 2 or gt.shape[0] != sim.shape[0]:
         raise ValueError(f"sim {tuple(sim.shape)} needs one video index per text, got {gt.shape[0]}")
+    if sim.shape[0] == 0 or sim.shape[1] == 0:  # would give NaN means and medians, silently
+        raise ValueError(f"sim {tuple(sim.shape)}: no text or no video to rank")
     if gt.numel() and (gt.min() < 0 or gt.max() >= sim.shape[1]):
         raise ValueError("video_of_text holds an index outside [0, num_videos)")
     return sim, gt

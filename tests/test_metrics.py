@@ -91,6 +91,12 @@ def test_bad_inputs_are_errors():
         retrieval_metrics(torch.rand(2, 3), [0, 3])
 
 
+def test_an_empty_similarity_matrix_is_an_error_not_nan_metrics():
+    for sim in (torch.zeros(0, 0), torch.zeros(0, 3)):
+        with pytest.raises(ValueError, match="no text"):
+            retrieval_metrics(sim, [])
+
+
 def _data(n=6, t=3):
     g = torch.Generator().manual_seed(3)
     frames = torch.randint(0, 256, (n, t, 3, 32, 32), dtype=torch.uint8, generator=g)
