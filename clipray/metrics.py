@@ -42,7 +42,10 @@ def _as_inputs(sim, video_of_text) -> tuple[torch.Tensor, torch.Tensor]:
     sim = torch.as_tensor(sim)
     if not sim.is_floating_point():
         sim = sim.double()
-    gt = torch.as_tensor(video_of_text, dtype=torch.long).reshape(-1)
+    gt = torch.as_tensor(video_of_text).reshape(-1)
+    if gt.is_floating_point() and not bool((gt == gt.round()).all()):  # long() would truncate
+        raise ValueError("video_of_text must hold integer video indices")
+    gt = gt.long()
     if sim.ndim != 2 or gt.shape[0] != sim.shape[0]:
         raise ValueError(f"sim {tuple(sim.shape)} needs one video index per text, got {gt.shape[0]}")
     if sim.shape[0] == 0 or sim.shape[1] == 0:  # would give NaN means and medians, silently

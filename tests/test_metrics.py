@@ -91,6 +91,13 @@ def test_bad_inputs_are_errors():
         retrieval_metrics(torch.rand(2, 3), [0, 3])
 
 
+def test_fractional_video_indices_are_an_error_not_truncated():
+    sim = torch.eye(2)
+    with pytest.raises(ValueError, match="integer"):
+        retrieval_metrics(sim, np.array([0.9, 1.2]))  # was read as [0, 1]: R@1 = 100
+    assert retrieval_metrics(sim, np.array([0.0, 1.0]))["t2v_r1"] == 100.0  # whole floats are fine
+
+
 def test_an_empty_similarity_matrix_is_an_error_not_nan_metrics():
     for sim in (torch.zeros(0, 0), torch.zeros(0, 3)):
         with pytest.raises(ValueError, match="no text"):
