@@ -162,6 +162,21 @@ def test_text_is_eot_feature_at_any_length():
     assert torch.allclose(a, b, atol=1e-5) and not torch.allclose(a, ours32, atol=1e-3)
 
 
+@pytest.mark.parametrize("tuning", ["full", "unipt"])
+def test_misshapen_inputs_are_clear_errors(tuning):
+    model = build("test_meanP", tuning=tuning).eval()
+    tok = tokens(["a dog", "a cat"], 16)
+    frames, mask = clip_batch(b=2, t=3)
+    x = model.normalize(frames)
+    with torch.no_grad():
+        with pytest.raises(ValueError, match=r"tokens must be \[N, L\]"):
+            model.encode_text(tok[0])  # one caption without its batch dimension
+        with pytest.raises(ValueError, match=r"mask .* must be \[B, T\] = \[2, 3\]"):
+            model.encode_frames(x, mask[:, :2])
+        with pytest.raises(ValueError, match=r"frames must be \[B, T, 3, H, W\]"):
+            model.encode_frames(x[0], mask[0])  # one clip without its batch dimension
+
+
 def test_layer_states_are_the_residual_stream_block_by_block():
     bb = build("test_meanP").eval().backbone
     clip, visual = bb.clip, bb.clip.visual

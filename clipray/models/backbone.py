@@ -157,6 +157,8 @@ class ClipBackbone(nn.Module):
         from open_clip.transformer import text_global_pool
 
         clip = self.clip
+        if tokens.ndim != 2:
+            raise ValueError(f"tokens must be [N, L], got shape {tuple(tokens.shape)}")
         n_tok = tokens.shape[-1]
         if n_tok > self.context_length:
             raise ValueError(f"{n_tok} tokens > context length {self.context_length}")
@@ -186,7 +188,11 @@ class ClipBackbone(nn.Module):
         embeddings `[B, T, D]`; padded positions are exactly zero and never enter the tower.
         `with_states=True` (ViT towers only) also returns each layer's residual stream for the
         valid frames only, `[N_valid, tokens, W]` x (blocks + 1), in `mask`'s row-major order."""
+        if frames.ndim != 5 or frames.shape[2] != 3:
+            raise ValueError(f"frames must be [B, T, 3, H, W], got shape {tuple(frames.shape)}")
         b, t = frames.shape[:2]
+        if tuple(mask.shape) != (b, t):
+            raise ValueError(f"mask {tuple(mask.shape)} must be [B, T] = [{b}, {t}]")
         if tuple(frames.shape[-2:]) != (self.image_size, self.image_size):
             raise ValueError(f"frames are {tuple(frames.shape[-2:])}, model wants {self.image_size}px")
         valid = mask.to(device=frames.device, dtype=torch.bool).reshape(b * t)
