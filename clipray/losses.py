@@ -30,6 +30,8 @@ LOGIT_SCALE_MAX = math.log(100.0)
 
 def symmetric_cross_entropy(logits: torch.Tensor) -> torch.Tensor:
     """`(CE(S, diag) + CE(S.T, diag)) / 2` for a square text x video logit matrix."""
+    if logits.ndim != 2 or logits.shape[0] != logits.shape[1]:  # the diagonal = matching pairs
+        raise ValueError(f"logits must be square (one clip per caption), got {tuple(logits.shape)}")
     labels = torch.arange(logits.shape[0], device=logits.device)
     return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2
 
