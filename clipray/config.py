@@ -74,7 +74,7 @@ class ModelConfig:
     pretrained: Optional[str] = None  # open_clip pretrained tag or a local checkpoint path
     head: Optional[str] = None  # override: meanP | seqLSTM | seqTransf | tightTransf
     linear_patch: Optional[str] = None  # override: 2d | 3d
-    tuning: str = "full"  # full | frozen | unipt (clipray/models/tuning.py)
+    tuning: Optional[str] = None  # override: full | frozen | unipt (clipray/models/tuning.py)
 
 
 @dataclass

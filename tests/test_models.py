@@ -377,3 +377,15 @@ def test_clamp_logit_scale():
     assert math.isclose(out["logit_scale"].item(), 100.0, rel_tol=1e-5)  # forward caps too
     clamp_logit_scale(task)
     assert model.logit_scale.item() == pytest.approx(LOGIT_SCALE_MAX)
+
+
+def test_a_registered_tuning_is_kept_unless_the_config_names_one():
+    from clipray.models import ModelSpec, register_model
+    from clipray.models.tuning import TUNINGS
+
+    name = f"test_registered_unipt_{os.getpid()}"
+    register_model(name, ModelSpec(TINY_OPEN_CLIP_NAME, "ViT-B-32", tuning="unipt"))
+    unipt, full = TUNINGS["unipt"], TUNINGS["full"]
+    assert isinstance(build_model(ModelConfig(name=name)).tuning, unipt)  # the config named none
+    assert isinstance(build_model(ModelConfig(name=name, tuning="full")).tuning, full)
+    assert isinstance(build_model(ModelConfig(name="test_meanP")).tuning, full)  # the families' own
