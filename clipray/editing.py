@@ -14,7 +14,8 @@ module turns timestamps into clips and decides edits; the Ray jobs around it liv
   than `margin` (in the head's own score units: cosine for loose heads, a logit for tightTransf).
 - `tiou`: temporal IoU, to compare edited clips with ground truth where the manifest has it.
 
-Times are rounded to milliseconds so moves by a step never drift by float error.
+Times are rounded to milliseconds so moves by a step never drift by float error (an initial
+clip's ends never round past its timestamp).
 """
 
 from __future__ import annotations
@@ -80,7 +81,8 @@ def initial_clips(timestamps: Sequence[float], duration: float, rule: str = "mid
         if max_width_s > 0:
             s, e = max(s, t - max_width_s / 2), min(e, t + max_width_s / 2)
         s, e = _widen(s, e, t, duration, min_width_s)
-        out[i] = (_ms(s), _ms(e))
+        # rounded to the millisecond, but never past t: the clip must hold its timestamp
+        out[i] = (min(_ms(s), t), max(_ms(e), t))
     return out
 
 

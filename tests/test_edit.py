@@ -201,3 +201,18 @@ def test_clip_editing_end_to_end(ray_local, events, tmp_path, capsys):
     assert f"t2v R@1 {test['t2v_r1']:.1f}" in said
     with pytest.raises(ConfigError, match="other edit.\\* settings"):
         main([*args, "edit.margin=0.1"])
+
+
+# ---------------------------------------------------------------- the pure parts, no Ray
+
+def test_initial_clips_hold_their_timestamp_after_rounding_to_the_millisecond():
+    """A timestamp at a video's end that is not a whole millisecond (durations are frames / fps),
+    or two timestamps under a millisecond apart: rounding a clip's end down (or its start up)
+    must not leave the timestamp outside it (the round's manifest would then be refused)."""
+    from clipray.editing import initial_clips
+
+    for ts, duration, kw in (([4.0, 10.0374], 10.0374, {}),  # midpoint: last end = duration
+                             ([3.0, 6.0004], 6.0004, {"rule": "window", "window_s": 2.0}),
+                             ([1.0005, 1.0006], 5.0, {})):  # midpoint 1.00055 rounds up to 1.001
+        for t, (s, e) in zip(ts, initial_clips(ts, duration, **kw)):
+            assert s <= t <= e, (ts, duration, kw, (s, e))
