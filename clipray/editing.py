@@ -9,7 +9,7 @@ module turns timestamps into clips and decides edits; the Ray jobs around it liv
   centred on t_i, clipped to the video. `max_width_s` (both rules) shrinks a clip towards t_i.
 - `candidates`: the clips a teacher scores around the current one: start and end each moved by
   -K..K steps, never before the previous timestamp or after the next one (nor past the video's
-  ends), always containing t_i, never shorter than `min_width_s`. The current clip comes first.
+  ends; these to the millisecond, as clips are), always containing t_i, never shorter than `min_width_s`. The current clip comes first.
 - `choose`: the best-scoring candidate replaces the current clip only when it beats it by more
   than `margin` (in the head's own score units: cosine for loose heads, a logit for tightTransf).
 - `tiou`: temporal IoU, to compare edited clips with ground truth where the manifest has it.
@@ -92,13 +92,16 @@ def candidates(start: float, end: float, b: Bounds, step_s: float, max_steps: in
     out, seen = [(_ms(start), _ms(end))], {(_ms(start), _ms(end))}
     moves = [k * step_s for k in range(-max_steps, max_steps + 1)]
     eps = 1e-6
+    # the neighbours and the video's end count to the millisecond, as the clips do (a last clip
+    # ends at the video's end rounded, maybe up); t stays exact: a clip must hold it
+    lo, hi = _ms(b.lo), _ms(b.hi)
     for ds in moves:
         s = _ms(start + ds)
-        if not (b.lo - eps <= s <= b.t + eps):
+        if not (lo - eps <= s <= b.t + eps):
             continue
         for de in moves:
             e = _ms(end + de)
-            if (s, e) in seen or not (b.t - eps <= e <= b.hi + eps) or e - s < min_width_s - eps:
+            if (s, e) in seen or not (b.t - eps <= e <= hi + eps) or e - s < min_width_s - eps:
                 continue
             seen.add((s, e))
             out.append((s, e))

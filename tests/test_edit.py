@@ -216,3 +216,17 @@ def test_initial_clips_hold_their_timestamp_after_rounding_to_the_millisecond():
                              ([1.0005, 1.0006], 5.0, {})):  # midpoint 1.00055 rounds up to 1.001
         for t, (s, e) in zip(ts, initial_clips(ts, duration, **kw)):
             assert s <= t <= e, (ts, duration, kw, (s, e))
+
+
+def test_candidates_of_a_clip_ending_at_a_video_end_rounded_up():
+    """A video of 10.0376 s: its last clip ends at 10.038 (the end rounded to the millisecond).
+    Keeping that end while moving the start is a valid edit, as it is for every other clip;
+    only the end moved a step further out is past the video."""
+    from clipray.editing import Bounds, candidates, initial_clips
+
+    clip = initial_clips([6.0, 8.0], 10.0376)[1]
+    assert clip == (7.0, 10.038)
+    got = candidates(*clip, Bounds(6.0, 8.0, 10.0376), step_s=0.25, max_steps=1, min_width_s=0.5)
+    by_hand = [(7.0, 10.038)] + [(s, e) for s in (6.75, 7.0, 7.25) for e in (9.788, 10.038)
+                                 if (s, e) != (7.0, 10.038)]
+    assert got[0] == clip and sorted(got) == sorted(by_hand)
