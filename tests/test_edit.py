@@ -230,3 +230,15 @@ def test_candidates_of_a_clip_ending_at_a_video_end_rounded_up():
     by_hand = [(7.0, 10.038)] + [(s, e) for s in (6.75, 7.0, 7.25) for e in (9.788, 10.038)
                                  if (s, e) != (7.0, 10.038)]
     assert got[0] == clip and sorted(got) == sorted(by_hand)
+
+
+def test_an_edit_pool_too_big_for_the_local_ray_fails_before_the_warm_up(ray_local, events, tmp_path):
+    """The teacher's actor pool first runs in round 1, after the warm-up (hours on a real set):
+    a pool the local Ray cannot hold must be refused before any training, not after it."""
+    from clipray.config import ConfigError
+    from train.edit import main
+
+    args = [str(EDIT_DEMO), *overrides(events["events_manifest"], tmp_path, "big-pool"), "edit.actors=64"]
+    with pytest.raises(ConfigError, match="edit.actors x edit.actor_cpus"):
+        main(args)
+    assert not (tmp_path / "big-pool" / "metrics.csv").exists()  # nothing trained

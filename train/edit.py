@@ -290,7 +290,7 @@ def _val(final: dict) -> dict[str, float]:
 def run(cfg: Config, quiet_ray: bool = False) -> dict[str, Any]:
     """Stages 1-3 and the final test; returns edit_result.json's content."""
     from clipray.manifest import default_root
-    from clipray.runtime import init_ray, quiet_data_progress
+    from clipray.runtime import init_ray, model_pool, quiet_data_progress
     from train import driver
 
     e = cfg.edit
@@ -332,6 +332,8 @@ def run(cfg: Config, quiet_ray: bool = False) -> dict[str, Any]:
         skips = state["skips"]
     init_ray(cfg.ray, quiet=quiet_ray)
     quiet_data_progress()
+    if e.rounds:  # the teacher's pool first runs after the warm-up: a pool that cannot fit fails now
+        model_pool("edit", e.actors, e.actor_cpus, e.actor_gpus)
     if skips and not records:
         print(f"[edit] {len(skips)} training captions left out: {dict(Counter(s['reason'] for s in skips))}", flush=True)
     print(f"[edit] run {out}: {len(captions)} training captions, init={e.init}, warm-up {e.warmup_epochs} "
