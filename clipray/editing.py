@@ -88,19 +88,20 @@ def initial_clips(timestamps: Sequence[float], duration: float, rule: str = "mid
 
 def candidates(start: float, end: float, b: Bounds, step_s: float, max_steps: int,
                min_width_s: float) -> list[tuple[float, float]]:
-    """The current clip first, then every valid move of its start and end by -K..K steps."""
-    out, seen = [(_ms(start), _ms(end))], {(_ms(start), _ms(end))}
+    """The current clip first, then every valid move of its start and end by -K..K steps. A
+    boundary not moved stays as it is (an end kept at an unrounded timestamp keeps holding it)."""
+    out, seen = [(start, end)], {(start, end), (_ms(start), _ms(end))}
     moves = [k * step_s for k in range(-max_steps, max_steps + 1)]
     eps = 1e-6
     # the neighbours and the video's end count to the millisecond, as the clips do (a last clip
     # ends at the video's end rounded, maybe up); t stays exact: a clip must hold it
-    lo, hi = _ms(b.lo), _ms(b.hi)
+    lo, hi = min(b.lo, _ms(b.lo)), max(b.hi, _ms(b.hi))
     for ds in moves:
-        s = _ms(start + ds)
+        s = _ms(start + ds) if ds else start
         if not (lo - eps <= s <= b.t + eps):
             continue
         for de in moves:
-            e = _ms(end + de)
+            e = _ms(end + de) if de else end
             if (s, e) in seen or not (b.t - eps <= e <= hi + eps) or e - s < min_width_s - eps:
                 continue
             seen.add((s, e))

@@ -242,3 +242,14 @@ def test_an_edit_pool_too_big_for_the_local_ray_fails_before_the_warm_up(ray_loc
     with pytest.raises(ConfigError, match="edit.actors x edit.actor_cpus"):
         main(args)
     assert not (tmp_path / "big-pool" / "metrics.csv").exists()  # nothing trained
+
+
+def test_candidates_keep_an_unrounded_end_that_holds_the_timestamp():
+    """A timestamp at the end of a video of 10.0374 s: its clip ends at 10.0374 (10.037 would
+    lose it). The teacher's candidates, the current clip first, must all still hold it: an
+    unmoved end stays as it is, only the start moves."""
+    from clipray.editing import Bounds, candidates
+
+    clip, b = (7.019, 10.0374), Bounds(4.0, 10.0374, 10.0374)
+    got = candidates(*clip, b, step_s=0.25, max_steps=1, min_width_s=0.5)
+    assert got == [(7.019, 10.0374), (6.769, 10.0374), (7.269, 10.0374)]
