@@ -320,6 +320,9 @@ def run(cfg: Config, quiet_ray: bool = False) -> dict[str, Any]:
     state = _get_json(f"{out}/edit_state.json")
     if state and state["edit"] != dataclasses.asdict(e):
         raise ConfigError(f"{out} holds an editing run with other edit.* settings; use a new train.run_name")
+    if state and state.get("source", source) != source:  # its clips join this manifest by row id
+        raise ConfigError(f"{out} holds an editing run of another data.manifest ({state['source']}); "
+                          "use a new train.run_name")
     records: list[dict] = state["records"] if state else []
     finished = _get_json(f"{out}/edit_result.json") if len(records) == e.rounds + 1 else None
     if finished:
@@ -364,7 +367,8 @@ def run(cfg: Config, quiet_ray: bool = False) -> dict[str, Any]:
         rec.update(teacher_updated=changed, manifest=manifest, seconds=round(time.perf_counter() - t0, 1))
         records.append(rec)
         _put(f"{out}/clips/skips.jsonl", "".join(json.dumps(s) + "\n" for s in skips))
-        _put(f"{out}/edit_state.json", json.dumps({"edit": dataclasses.asdict(e), "records": records, "skips": skips,
+        _put(f"{out}/edit_state.json", json.dumps({"edit": dataclasses.asdict(e), "source": source,
+                                                   "records": records, "skips": skips,
                                                    "clips": {r: c.clip for r, c in captions.items()}}))
         _put(f"{out}/edits.csv", _csv(records))
         print(_round_line(rec), flush=True)
