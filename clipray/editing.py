@@ -9,7 +9,8 @@ module turns timestamps into clips and decides edits; the Ray jobs around it liv
   centred on t_i, clipped to the video. `max_width_s` (both rules) shrinks a clip towards t_i.
 - `candidates`: the clips a teacher scores around the current one: start and end each moved by
   -K..K steps, never before the previous timestamp or after the next one (nor past the video's
-  ends; these to the millisecond, as clips are), always containing t_i, never shorter than `min_width_s`. The current clip comes first.
+  ends), these bounds taken to the millisecond as clips are; always containing t_i, never
+  shorter than `min_width_s`. The current clip comes first.
 - `choose`: the best-scoring candidate replaces the current clip only when it beats it by more
   than `margin` (in the head's own score units: cosine for loose heads, a logit for tightTransf).
 - `tiou`: temporal IoU, to compare edited clips with ground truth where the manifest has it.
