@@ -281,3 +281,12 @@ def test_a_run_of_another_manifest_is_not_resumed(events, tmp_path):
     (out / "edit_result.json").write_text(json.dumps({"rounds": records, "test": test, "left_out": 0}))
     with pytest.raises(ConfigError, match="another data.manifest"):
         run(cfg)
+
+
+def test_left_out_counts_only_captions_never_trained_on():
+    from train.edit import skip_counts
+
+    skips = [{"row_id": 1, "round": 0}, {"row_id": 2, "round": 0},  # unreadable at stage 1
+             {"row_id": 3, "round": 1}, {"row_id": 3, "round": 2}, {"row_id": 4, "round": 2}]  # unscored
+    assert skip_counts(skips) == {"left_out": 2, "unscored": 3}
+    assert skip_counts([]) == {"left_out": 0, "unscored": 0}

@@ -374,10 +374,17 @@ def run(cfg: Config, quiet_ray: bool = False) -> dict[str, Any]:
         print(_round_line(rec), flush=True)
 
     test = driver.evaluate_export(base, f"{out}/export", e.test_split, name=f"eval-{e.test_split}")
-    result = {"rounds": records, "test": test, "left_out": len(skips)}
+    result = {"rounds": records, "test": test, **skip_counts(skips)}
     _put(f"{out}/edit_result.json", json.dumps(result, indent=1))
     print(_summary(result, out))
     return result
+
+
+def skip_counts(skips: list[dict]) -> dict[str, int]:
+    """`left_out`: training captions never trained on (round 0's skips); `unscored`: the times a
+    round's teacher could not score a caption, which kept its clip and still trained."""
+    left_out = sum(s["round"] == 0 for s in skips)
+    return {"left_out": left_out, "unscored": len(skips) - left_out}
 
 
 COLUMNS = ("round", "epoch", "edited", "mean_shift_s", "median_gain", "edited_tiou_before", "edited_tiou_after",
