@@ -159,6 +159,11 @@ def _above(lo: float) -> tuple[Any, str]:
     return (lambda v: v > lo), f"> {lo}"
 
 
+def _whole_ms() -> tuple[Any, str]:
+    # clip times are kept to the millisecond: a finer step would round to no move or drift
+    return (lambda v: v >= 0.001 and abs(v * 1000 - round(v * 1000)) < 1e-6), "a whole number of milliseconds, >= 0.001"
+
+
 def _one_of(*choices: Any) -> tuple[Any, str]:
     return (lambda v: v in choices), f"one of {', '.join(map(str, choices))}"
 
@@ -180,7 +185,7 @@ RULES: dict[type, dict[str, tuple[Any, str]]] = {
     RayConfig: dict(num_cpus=_at_least(1)),
     EditConfig: dict(init=_one_of("midpoint", "window"), window_s=_at_least(0), max_width_s=_at_least(0),
                      min_width_s=_above(0), warmup_epochs=_at_least(1), rounds=_at_least(0),
-                     epochs_per_round=_at_least(1), step_s=_above(0), max_steps=_at_least(1), margin=_at_least(0),
+                     epochs_per_round=_at_least(1), step_s=_whole_ms(), max_steps=_at_least(1), margin=_at_least(0),
                      val_split=_one_of(*SPLITS), test_split=_one_of(*SPLITS),
                      actors=_at_least(1), actor_cpus=_above(0), batch=_at_least(1)),
 }

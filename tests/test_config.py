@@ -232,3 +232,11 @@ def test_an_empty_value_for_a_text_key_is_the_empty_text(tmp_path):
     assert load_app_config(None, ["checkpoint="]).checkpoint == ""
     assert load_config(None, ["data.manifest="]).data.manifest == ""
     assert load_config(None, ["model.pretrained="]).model.pretrained is None
+
+
+@pytest.mark.parametrize("step", ["0.0005", "0.0015", "0"])
+def test_an_edit_step_finer_than_the_millisecond_clips_are_kept_to_is_refused(step):
+    with pytest.raises(ConfigError, match=f"edit.step_s must be a whole number of milliseconds, >= 0.001, got {step}"):
+        load_config(None, [f"edit.step_s={step}"])
+    for ok in ("0.001", "0.25", "1", "2.5"):
+        assert load_config(None, [f"edit.step_s={ok}"]).edit.step_s == float(ok)
