@@ -389,3 +389,16 @@ def test_a_registered_tuning_is_kept_unless_the_config_names_one():
     assert isinstance(build_model(ModelConfig(name=name)).tuning, unipt)  # the config named none
     assert isinstance(build_model(ModelConfig(name=name, tuning="full")).tuning, full)
     assert isinstance(build_model(ModelConfig(name="test_meanP")).tuning, full)  # the families' own
+
+
+def test_bf16_model_normalises_with_the_exact_mean_and_std():
+    model = build("test_meanP")
+    mean, std = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
+    model.backbone.set_pixel_stats(mean, std)
+    model = model.to(torch.bfloat16)
+    assert model.backbone.pixel_stats() == {"mean": mean, "std": std}  # what an export stores
+    frames = torch.randint(0, 256, (2, 3, 3, 8, 8), dtype=torch.uint8)
+    by_hand = (frames.float() / 255 - torch.tensor(mean).view(1, 1, 3, 1, 1)) / torch.tensor(std).view(1, 1, 3, 1, 1)
+    got = model.normalize(frames)
+    assert got.dtype == torch.bfloat16
+    assert torch.equal(got, by_hand.to(torch.bfloat16))  # fp32 arithmetic, then one rounding

@@ -100,9 +100,9 @@ class ClipBackbone(nn.Module):
         pp = open_clip.get_model_preprocess_cfg(clip)
         mean = pp.get("mean", open_clip.OPENAI_DATASET_MEAN)
         std = pp.get("std", open_clip.OPENAI_DATASET_STD)
-        # Not persistent: they follow from the config, and checkpoints stay pure weights.
-        self.register_buffer("pixel_mean", torch.tensor(mean).view(1, 1, 3, 1, 1), persistent=False)
-        self.register_buffer("pixel_std", torch.tensor(std).view(1, 1, 3, 1, 1), persistent=False)
+        # Plain floats, not buffers: they follow from the config (checkpoints stay pure weights),
+        # and `.to(torch.bfloat16)` would round a buffer's mean/std (0.4815 -> 0.4805).
+        self.set_pixel_stats(mean, std)
 
         if linear_patch == "3d":
             conv2d = getattr(visual, "conv1", None)
@@ -126,14 +126,14 @@ class ClipBackbone(nn.Module):
 
     # ---- input ---------------------------------------------------------------------------
     def pixel_stats(self) -> dict[str, list[float]]:
-        return {"mean": self.pixel_mean.flatten().tolist(), "std": self.pixel_std.flatten().tolist()}
+        return {"mean": list(self._pixel_mean), "std": list(self._pixel_std)}
 
     def set_pixel_stats(self, mean: list[float], std: list[float]) -> None:
         """Restore the normalisation a pretrained tag chose (an export rebuilt from a bare
         config would otherwise fall back to the OpenAI mean/std)."""
-        with torch.no_grad():
-            self.pixel_mean.copy_(torch.tensor(mean).view_as(self.pixel_mean))
-            self.pixel_std.copy_(torch.tensor(std).view_as(self.pixel_std))
+        if len(mean) != 3 or len(std) != 3:
+            raise ValueError(f"pixel mean and std need 3 values each, got {list(mean)} and {list(std)}")
+        self._pixel_mean, self._pixel_std = tuple(map(float, mean)), tuple(map(float, std))
 
     @property
     def dtype(self) -> torch.dtype:
@@ -144,8 +144,10 @@ class ClipBackbone(nn.Module):
         the model's device and in its parameter dtype (computed in fp32 first)."""
         if frames.dtype != torch.uint8:
             raise TypeError(f"normalize expects uint8 frames, got {frames.dtype}")
-        x = frames.to(self.pixel_mean.device, non_blocking=True).float().div_(255.0)
-        return ((x - self.pixel_mean) / self.pixel_std).to(self.dtype)
+        device = self.clip.token_embedding.weight.device
+        x = frames.to(device, non_blocking=True).float().div_(255.0)
+        mean, std = (torch.tensor(v, device=device).view(1, 1, 3, 1, 1) for v in (self._pixel_mean, self._pixel_std))
+        return ((x - mean) / std).to(self.dtype)
 
     # ---- towers --------------------------------------------------------------------------
     def encode_text(self, tokens: torch.Tensor, with_states: bool = False):
