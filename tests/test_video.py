@@ -7,7 +7,8 @@ import pytest
 
 from bad_videos import GatedServer, plant
 from clipray.config import VideoConfig
-from clipray.video import SkipClip, candidate_indices, decode_clip, decode_clip_safe, resize_crop, select
+from clipray.video import (SkipClip, candidate_indices, decode_clip, decode_clip_safe, open_video, resize_crop,
+                           select)
 
 
 def test_candidate_indices_by_hand():
@@ -48,15 +49,17 @@ def test_decord_and_pyav_agree_on_real_h264(real_video):
     assert a.frames.std() > 20  # real content, not a blank frame
 
 
-def _numbered_video(path, n: int, fmt: str | None = None) -> None:
+def _numbered_video(path, n: int, fmt: str | None = None, mux: dict | None = None) -> None:
     """H.264 (lossless, B-frames, a keyframe every 12) whose frame i shows i: the left half
-    is grey (i // 16) * 16 + 8, the right half (i % 16) * 16 + 8."""
+    is grey (i // 16) * 16 + 8, the right half (i % 16) * 16 + 8. MPEG-PS (fmt "mpeg") gets
+    MPEG-2 (B-frames, a keyframe every 12). `mux`: the muxer's options."""
     import av
 
-    with av.open(str(path), "w", format=fmt) as c:
-        s = c.add_stream("libx264", rate=25)
+    mpeg = fmt == "mpeg"
+    with av.open(str(path), "w", format=fmt, options=mux or {}) as c:
+        s = c.add_stream("mpeg2video" if mpeg else "libx264", rate=25)
         s.width, s.height, s.pix_fmt = 64, 48, "yuv420p"
-        s.options = {"crf": "0", "bf": "2", "g": "12"}
+        s.options = {"bf": "2", "g": "12", "b": "2M"} if mpeg else {"crf": "0", "bf": "2", "g": "12"}
         for i in range(n):
             img = np.empty((48, 64, 3), np.uint8)
             img[:, :32], img[:, 32:] = (i // 16) * 16 + 8, (i % 16) * 16 + 8
@@ -84,6 +87,20 @@ def test_pyav_decodes_the_frame_at_each_index_in_any_container(tmp_path, ext, fm
         clip = decode_clip(str(path), start, end, cfg)
         assert clip.indices == select(candidate_indices(100, 25.0, start, end, fps), n, how)
         assert _shown(clip.frames[:len(clip.indices)]) == clip.indices, (start, end)
+
+
+@pytest.mark.parametrize("ext, fmt", [("mpg", "mpeg"), ("mp4", None), ("avi", None), ("ts", "mpegts"),
+                                      ("flv", None), ("mkv", None)])
+def test_pyav_counts_every_frame(tmp_path, ext, fmt):
+    """MPEG-PS stores no frame count, and the duration libavformat estimates from the last
+    timestamps in the file came out 2 frames short of this 100-frame file (its frames are
+    small, a PES packet of 64 bytes keeps each its timestamp): the last two frames could never
+    be sampled. Every container counts all 100, and the last frames are the ones decoded."""
+    path = tmp_path / f"numbered.{ext}"
+    _numbered_video(path, 100, fmt, mux={"packetsize": "64"} if fmt == "mpeg" else None)
+    assert open_video(str(path), "pyav").num_frames == 100
+    clip = decode_clip(str(path), 3.88, None, VideoConfig(backend="pyav", fps=25.0, max_frames=4, size=32, timeout_s=0))
+    assert clip.indices == [97, 98, 99] and _shown(clip.frames[:3]) == [97, 98, 99]
 
 
 def test_padding_and_crop(real_video):
