@@ -188,7 +188,7 @@ class PyAVVideo:
                 c.seek(int((want[0] / self.fps + t0) / s.time_base), stream=s, backward=True, any_frame=False)
                 got = self._collect(c.decode(s), want, t0)
                 if want[0] not in got:
-                    c.seek(int(t0 / s.time_base), stream=s, backward=True, any_frame=False)
+                    c.seek(0)  # the file's start: in MPEG-PS, a seek to t0 itself can land past it
                     got = self._collect(c.decode(s), want, t0)
         except SkipClip:
             raise

@@ -49,14 +49,15 @@ def test_decord_and_pyav_agree_on_real_h264(real_video):
     assert a.frames.std() > 20  # real content, not a blank frame
 
 
-def _numbered_video(path, n: int, fmt: str | None = None, mux: dict | None = None) -> None:
+def _numbered_video(path, n: int, fmt: str | None = None) -> None:
     """H.264 (lossless, B-frames, a keyframe every 12) whose frame i shows i: the left half
     is grey (i // 16) * 16 + 8, the right half (i % 16) * 16 + 8. MPEG-PS (fmt "mpeg") gets
-    MPEG-2 (B-frames, a keyframe every 12). `mux`: the muxer's options."""
+    MPEG-2 (B-frames, a keyframe every 12) in 64-byte packets: each of these small frames then
+    starts a PES packet of its own and keeps its timestamp, as real frames, larger, do."""
     import av
 
     mpeg = fmt == "mpeg"
-    with av.open(str(path), "w", format=fmt, options=mux or {}) as c:
+    with av.open(str(path), "w", format=fmt, options={"packetsize": "64"} if mpeg else {}) as c:
         s = c.add_stream("mpeg2video" if mpeg else "libx264", rate=25)
         s.width, s.height, s.pix_fmt = 64, 48, "yuv420p"
         s.options = {"bf": "2", "g": "12", "b": "2M"} if mpeg else {"crf": "0", "bf": "2", "g": "12"}
@@ -73,11 +74,14 @@ def _shown(frames: np.ndarray) -> list[int]:
     return [int(a // 16) * 16 + int(b // 16) for a, b in zip(left, right)]
 
 
-@pytest.mark.parametrize("ext, fmt", [("mp4", None), ("avi", None), ("ts", "mpegts"), ("flv", None)])
+@pytest.mark.parametrize("ext, fmt", [("mp4", None), ("avi", None), ("ts", "mpegts"), ("flv", None),
+                                      ("mkv", None), ("mpg", "mpeg")])
 def test_pyav_decodes_the_frame_at_each_index_in_any_container(tmp_path, ext, fmt):
     """The PyAV fallback returns frame i for index i: in AVI, where H.264's stream start_time
     is a frame before the first frame's; in MPEG-TS and FLV, where a seek can land after the
-    wanted frame (or, at the last frame, on none), which once gave a later frame or a skip."""
+    wanted frame (or, at the last frame, on none), which once gave a later frame or a skip.
+    In MPEG-PS the retry's seek to the first frame's time landed past it too, which gave
+    frame 3 for frame 6 here (or a skip): the retry now seeks to the start of the file."""
     path = tmp_path / f"numbered.{ext}"
     _numbered_video(path, 100, fmt)
     for (start, end), fps, n, how in [((1.4, 2.9), 7.0, 3, "head"), ((0.0, None), 1.0, 3, "tail"),
@@ -93,11 +97,11 @@ def test_pyav_decodes_the_frame_at_each_index_in_any_container(tmp_path, ext, fm
                                       ("flv", None), ("mkv", None)])
 def test_pyav_counts_every_frame(tmp_path, ext, fmt):
     """MPEG-PS stores no frame count, and the duration libavformat estimates from the last
-    timestamps in the file came out 2 frames short of this 100-frame file (its frames are
-    small, a PES packet of 64 bytes keeps each its timestamp): the last two frames could never
-    be sampled. Every container counts all 100, and the last frames are the ones decoded."""
+    timestamps in the file came out 2 frames short of this 100-frame file: the last two frames
+    could never be sampled. Every container counts all 100, and the last frames are the ones
+    decoded."""
     path = tmp_path / f"numbered.{ext}"
-    _numbered_video(path, 100, fmt, mux={"packetsize": "64"} if fmt == "mpeg" else None)
+    _numbered_video(path, 100, fmt)
     assert open_video(str(path), "pyav").num_frames == 100
     clip = decode_clip(str(path), 3.88, None, VideoConfig(backend="pyav", fps=25.0, max_frames=4, size=32, timeout_s=0))
     assert clip.indices == [97, 98, 99] and _shown(clip.frames[:3]) == [97, 98, 99]
