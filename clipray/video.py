@@ -132,6 +132,14 @@ class DecordVideo:
             raise SkipClip(f"not a decodable video: {_short(e)}") from None
         self.num_frames = len(self._vr)
         self.fps = float(self._vr.get_avg_fps())
+        # An MP4 cut without re-encoding (`ffmpeg -ss ... -c copy`) keeps the frames from the
+        # keyframe before the cut and hides them with an edit list, at negative times. decord
+        # counts some of them and numbers from them after a seek, so its index i is an earlier
+        # frame there than when reading from the start: such a file is read with PyAV (`_reader`).
+        try:
+            self.hides_frames = bool(self.num_frames) and self._vr.get_frame_timestamp(0)[0] < 0
+        except Exception:
+            self.hides_frames = False
 
     def get(self, indices: Sequence[int]) -> np.ndarray:
         try:
@@ -162,6 +170,9 @@ class PyAVVideo:
                 self._container.seek(0)
             except Exception as e:
                 raise SkipClip(f"not a decodable video: {_short(e)}") from None
+        if n and s.duration and s.time_base and "mp4" in self._container.format.name:
+            # an edit list that hides frames (see DecordVideo) shortens the duration, not the count
+            n = min(n, int(round(float(s.duration * s.time_base) * self.fps)))
         if not n and s.duration and s.time_base:
             n = int(round(float(s.duration * s.time_base) * self.fps))
         elif not n and self._container.duration:
@@ -221,10 +232,21 @@ class PyAVVideo:
 BACKENDS: dict[str, Callable[[Any], Any]] = {"decord": DecordVideo, "pyav": PyAVVideo}
 
 
+def _reader(src: Any, backend: str) -> Any:
+    """The backend's reader of an open source; PyAV's where decord would number frames wrongly."""
+    video = BACKENDS[backend](src)
+    if getattr(video, "hides_frames", False):
+        del video
+        if hasattr(src, "seek"):
+            src.seek(0)
+        video = PyAVVideo(src)
+    return video
+
+
 def open_video(path: str, backend: str = "decord") -> Any:
     if backend not in BACKENDS:
         raise ValueError(f"video.backend must be one of {sorted(BACKENDS)}, got {backend!r}")
-    return BACKENDS[backend](open_source(path))
+    return _reader(open_source(path), backend)
 
 
 def _short(e: BaseException) -> str:
@@ -262,7 +284,7 @@ def _decode(path: str, start: float | None, end: float | None,
         raise ValueError(f"video.backend must be one of {sorted(BACKENDS)}, got {cfg.backend!r}")
     src = open_source(path)
     try:
-        video = BACKENDS[cfg.backend](src)
+        video = _reader(src, cfg.backend)
         idx = select(candidate_indices(video.num_frames, video.fps, start, end, cfg.fps),
                      cfg.max_frames, cfg.slice)
         raw = video.get(idx)
@@ -350,7 +372,7 @@ def _decode_windows(path: str, windows: Sequence[tuple[float | None, float | Non
         raise ValueError(f"video.backend must be one of {sorted(BACKENDS)}, got {cfg.backend!r}")
     src = open_source(path)
     try:
-        video = BACKENDS[cfg.backend](src)
+        video = _reader(src, cfg.backend)
         picks: list[list[int] | SkipClip] = []
         for start, end in windows:
             try:
@@ -384,7 +406,7 @@ def probe_duration(path: str, backend: str = "decord") -> float | None:
     try:
         src = open_source(path)
         try:
-            v = BACKENDS[backend](src)
+            v = _reader(src, backend)
             return v.num_frames / v.fps if v.fps else None
         finally:
             close_source(src)

@@ -107,6 +107,41 @@ def test_pyav_counts_every_frame(tmp_path, ext, fmt):
     assert clip.indices == [97, 98, 99] and _shown(clip.frames[:3]) == [97, 98, 99]
 
 
+def _cut_without_reencoding(src, dst, hidden: int) -> None:
+    """What `ffmpeg -ss T -c copy` writes: the same packets, the first `hidden` frames at
+    negative times, which the MP4 muxer hides behind an edit list."""
+    import av
+
+    with av.open(str(src)) as inp, av.open(str(dst), "w") as out:
+        s_in = inp.streams.video[0]
+        s_out = out.add_stream_from_template(s_in)
+        shift = int(round(hidden / 25 / s_in.time_base))
+        for p in inp.demux(s_in):
+            if p.dts is None:  # the demuxer's end-of-stream packet
+                continue
+            p.pts, p.dts, p.stream = p.pts - shift, p.dts - shift, s_out
+            out.mux(p)
+
+
+@pytest.mark.parametrize("backend", ["decord", "pyav"])
+def test_an_mp4_cut_without_reencoding_gives_the_frames_it_shows(tmp_path, backend):
+    """An edit list hides 18 frames (the cut is at 18, after the keyframe at 12): the video has
+    82 frames, and frame i of it shows frame i + 18 of the original. decord counted 84 (the
+    hidden frames at -0.08 and -0.04 s) and, after a seek, numbered from them: index 40 gave
+    frame 38, while index 0, read from the start, gave frame 0. PyAV counted all 100."""
+    _numbered_video(tmp_path / "whole.mp4", 100)
+    path = tmp_path / "cut.mp4"
+    _cut_without_reencoding(tmp_path / "whole.mp4", path, hidden=18)
+    assert open_video(str(path), backend).num_frames == 82
+    for (start, end), fps, n, how in [((1.4, 2.9), 7.0, 3, "head"), ((0.0, None), 1.0, 3, "tail"),
+                                      ((2.0, 2.04), 1.0, 4, "uniform"), ((0.0, 0.5), 1.0, 4, "uniform"),
+                                      ((0.5, 3.28), 2.5, 12, "uniform")]:
+        cfg = VideoConfig(backend=backend, fps=fps, max_frames=n, slice=how, size=32, timeout_s=0)
+        clip = decode_clip(str(path), start, end, cfg)
+        assert clip.indices == select(candidate_indices(82, 25.0, start, end, fps), n, how)
+        assert _shown(clip.frames[:len(clip.indices)]) == [i + 18 for i in clip.indices], (start, end)
+
+
 def test_padding_and_crop(real_video):
     cfg = VideoConfig(fps=1.0, max_frames=8, size=64)
     c = decode_clip(str(real_video), 2.0, 5.0, cfg)  # 3 candidates -> 3 real + 5 padded
