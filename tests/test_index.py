@@ -322,3 +322,34 @@ def test_an_index_folder_or_export_that_is_not_one_fails_before_ray_starts(synth
     with pytest.raises(ConfigError, match="not a clipray export"):  # a folder the user made stays
         build_index(_cfg(str(tmp_path), synth_small["manifest"], tmp_path / "mine"), quiet=True)
     assert (tmp_path / "mine" / "notes.txt").read_text() == "kept"
+
+
+def _unit(n: int, d: int, seed: int = 0) -> np.ndarray:
+    x = np.random.default_rng(seed).standard_normal((n, d)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def test_recall_counts_a_clip_tied_with_the_exact_kth_as_a_hit():
+    """Identical clips (a copied video, still windows) tie: exact search keeps one of the tied
+    ids at the k-th place, an IVF index probing every list (so itself exact) may keep another.
+    Recall was counted by id and came out 0.91 for an exact search; by score it is 1.0."""
+    import faiss
+
+    from serve import store
+
+    base = _unit(300, 16)
+    x = np.repeat(base, 4, axis=0)  # every clip four times
+    q = base[:50] + 0.01 * np.random.default_rng(1).standard_normal((50, 16)).astype(np.float32)
+    exact = faiss.IndexFlatIP(16)
+    exact.add(x)
+    index, params = store.build_faiss(x, "ivf_flat")
+    store.set_search_params(index, nprobe=params["nlist"])  # every list: an exact search
+    assert store.recall_at_k(index, exact, q)["recall@10"] == 1.0
+    # brute force: a clip counts when its exact score reaches the exact 10th score
+    hnsw, _ = store.build_faiss(x, "hnsw", hnsw_m=4)
+    store.set_search_params(hnsw, ef_search=10)
+    _, got = hnsw.search(q, 10)
+    s = q @ x.T
+    kth = np.sort(s, axis=1)[:, -10:-9]
+    want = sum(len({i for i in g if i >= 0 and s[j, i] >= kth[j, 0] - 1e-5}) for j, g in enumerate(got)) / 500
+    assert store.recall_at_k(hnsw, exact, q)["recall@10"] == pytest.approx(want)
