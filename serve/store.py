@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 import time
 from pathlib import Path
 from typing import Any, Iterable, Optional
@@ -210,7 +211,17 @@ def save_faiss(out: str | Path, index: Any) -> None:
 def load_faiss(out: str | Path, meta: dict[str, Any]) -> Any:
     import faiss
 
-    index = faiss.read_index(str(Path(out) / FAISS))
+    path = Path(out) / FAISS
+    try:
+        index = faiss.read_index(str(path))
+    except RuntimeError as e:  # faiss's C++ assertion text: keep its last clause, the reason
+        why = re.sub(r"^Error in .*? at \S+:\d+: (Error: '.*?' failed: )?", "", str(e).strip())
+        raise ConfigError(f"{path}: not a readable faiss index ({why}): rebuild it with `clipray index` "
+                          "and the same out=") from None
+    # a file from an interrupted build or another index would serve ids the clip table lacks
+    if (index.ntotal, index.d) != (meta.get("count", index.ntotal), meta.get("dim", index.d)):
+        raise ConfigError(f"{path} holds {index.ntotal} vectors of dim {index.d} where {META} says "
+                          f"{meta['count']} of dim {meta['dim']}: rebuild it with `clipray index` and the same out=")
     p = meta.get("search", {})
     set_search_params(index, p.get("nprobe", 16), p.get("ef_search", 128), p.get("refine", 0))
     return index

@@ -353,3 +353,35 @@ def test_recall_counts_a_clip_tied_with_the_exact_kth_as_a_hit():
     kth = np.sort(s, axis=1)[:, -10:-9]
     want = sum(len({i for i in g if i >= 0 and s[j, i] >= kth[j, 0] - 1e-5}) for j, g in enumerate(got)) / 500
     assert store.recall_at_k(hnsw, exact, q)["recall@10"] == pytest.approx(want)
+
+
+def test_an_unreadable_or_mismatched_faiss_file_is_a_clear_error(tmp_path):
+    """A truncated, empty or missing index.faiss raised faiss's C++ assertion text from the
+    Searcher replica; one holding another count or dim than index.json served ids the clip
+    table lacks (an IndexError per search) or failed on the first query."""
+    from serve import store
+
+    out = tmp_path / "an index"
+    out.mkdir()
+    x = _unit(200, 16)
+    index, _ = store.build_faiss(x, "flat")
+    store.save_faiss(out, index)
+    meta = {"count": 200, "dim": 16, "search": {}}
+    loaded = store.load_faiss(out, meta)
+    assert np.array_equal(loaded.search(x[:5], 7)[1], index.search(x[:5], 7)[1])  # round trip
+    data = (out / store.FAISS).read_bytes()
+    for bad in (data[: len(data) // 2], data[:-4], b"", b"not a faiss index"):
+        (out / store.FAISS).write_bytes(bad)
+        with pytest.raises(ConfigError, match=rf"^{out}/index.faiss: not a readable faiss index \(.+\): "
+                                              r"rebuild it with `clipray index`"):
+            store.load_faiss(out, meta)
+    (out / store.FAISS).unlink()
+    with pytest.raises(ConfigError, match=rf"^{out}/index.faiss: not a readable faiss index"):
+        store.load_faiss(out, meta)
+    store.save_faiss(out, store.build_faiss(x[:150], "flat")[0])
+    with pytest.raises(ConfigError, match=rf"^{out}/index.faiss holds 150 vectors of dim 16 where "
+                                          r"index.json says 200 of dim 16"):
+        store.load_faiss(out, meta)
+    store.save_faiss(out, store.build_faiss(_unit(200, 8), "flat")[0])
+    with pytest.raises(ConfigError, match=r"holds 200 vectors of dim 8 where index.json says 200 of dim 16"):
+        store.load_faiss(out, meta)
