@@ -236,9 +236,10 @@ def read_rerank(out: str | Path, count: int) -> Optional[tuple[np.ndarray, np.nd
     first = chunks[0]
     feats = np.zeros((count, *first["feats"].shape[1:]), np.float16)
     mask = np.zeros((count, first["mask"].shape[1]), np.uint8)
-    for c in chunks:
-        feats[c["row_id"]] = c["feats"]
-        mask[c["row_id"]] = c["mask"]
+    for c in chunks:  # in write order: a later part's rows replace an interrupted run's
+        keep = c["row_id"] < count  # an interrupted append's rows past the index: never served
+        feats[c["row_id"][keep]] = c["feats"][keep]
+        mask[c["row_id"][keep]] = c["mask"][keep]
     return feats, mask
 
 

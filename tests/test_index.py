@@ -385,3 +385,27 @@ def test_an_unreadable_or_mismatched_faiss_file_is_a_clear_error(tmp_path):
     store.save_faiss(out, store.build_faiss(_unit(200, 8), "flat")[0])
     with pytest.raises(ConfigError, match=r"holds 200 vectors of dim 8 where index.json says 200 of dim 16"):
         store.load_faiss(out, meta)
+
+
+def test_rerank_features_of_an_interrupted_append_are_ignored_not_an_index_error(tmp_path):
+    """An append writes its re-ranker part before its embeddings part. Interrupted between the
+    two, it leaves features for row ids the index never got; a later, smaller append reuses
+    some of those ids and the rest lie past the index's count: read_rerank raised IndexError
+    and the Reranker replica could not start."""
+    from serve import store
+
+    rng = np.random.default_rng(0)
+
+    def part(ids):
+        ids = np.asarray(ids, np.int64)
+        feats = rng.standard_normal((len(ids), 3, 4)).astype(np.float16)
+        mask = rng.integers(0, 2, (len(ids), 3)).astype(np.uint8)
+        store.write_part(tmp_path, {"row_id": ids, "feats": feats, "mask": mask}, sub=store.RERANK_DIR)
+        return feats, mask
+
+    f0, m0 = part(range(5))        # the first build: rows 0-4
+    part(range(5, 10))             # an append interrupted before its embeddings part
+    f2, m2 = part(range(5, 7))     # the next append: rows 5-6, count 7
+    feats, mask = store.read_rerank(tmp_path, 7)
+    np.testing.assert_array_equal(feats, np.concatenate([f0, f2]))
+    np.testing.assert_array_equal(mask, np.concatenate([m0, m2]))
