@@ -142,6 +142,9 @@ class ClipEmbedder:
             with torch.no_grad():
                 x, m = self._frames(clips, self.model)
                 out["embedding"][ok] = self.model.encode_video(x, m).float().cpu().numpy()
+            # a NaN/inf vector is never found by an exact index and breaks an IVF one's k-means
+            for i in np.flatnonzero(ok & ~np.isfinite(out["embedding"]).all(1)):
+                out["skip"][i] = "the model's embedding of this clip is not finite (NaN/inf)"
         if self.tight is not None:
             tcfg = dataclasses.replace(self.video, size=self.tight.image_size)
             tclips = clips if tcfg.size == self.video.size else self._decode(batch, tcfg)[0]

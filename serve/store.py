@@ -130,6 +130,11 @@ def build_faiss(x: np.ndarray, kind: str, nlist: int = 0, pq_m: int = 0, refine:
 
     n, d = x.shape
     x = np.ascontiguousarray(x, dtype=np.float32)
+    bad = np.concatenate([np.flatnonzero(~np.isfinite(x[i : i + 65536]).all(1)) + i for i in range(0, n, 65536)]
+                         or [np.zeros(0, np.int64)])
+    if len(bad):  # faiss's k-means stops on them in C++; a flat index never returns them
+        raise ConfigError(f"{len(bad)} of {n} vectors are not finite (NaN/inf), rows {bad[:10].tolist()}: "
+                          "the model gave no usable vector for those clips")
     ip = faiss.METRIC_INNER_PRODUCT
     params: dict[str, Any] = {"kind": kind}
     if kind == "flat":

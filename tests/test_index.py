@@ -409,3 +409,41 @@ def test_rerank_features_of_an_interrupted_append_are_ignored_not_an_index_error
     feats, mask = store.read_rerank(tmp_path, 7)
     np.testing.assert_array_equal(feats, np.concatenate([f0, f2]))
     np.testing.assert_array_equal(mask, np.concatenate([m0, m2]))
+
+
+def test_vectors_that_are_not_finite_are_refused_clearly_by_every_kind():
+    """A NaN/inf embedding (an fp16 model overflowing) broke an IVF index's k-means with faiss's
+    C++ assertion text after every clip was embedded, and hid in a flat or HNSW one, where no
+    query ever finds it."""
+    from serve import store
+
+    x = _unit(400, 16)
+    x[7], x[300, 3] = np.nan, np.inf
+    for kind in ("flat", "hnsw", "ivf_flat", "ivf_sq8"):
+        with pytest.raises(ConfigError, match=r"^2 of 400 vectors are not finite \(NaN/inf\), rows \[7, 300\]"):
+            store.build_faiss(x, kind)
+
+
+def test_a_clip_whose_embedding_is_not_finite_is_skipped_with_a_reason(synth_small, tmp_path):
+    from clipray.config import VideoConfig
+    from clipray.export import save_export
+    from clipray.manifest import read_manifest
+    from clipray.models import create_model
+    from serve.index import ClipEmbedder
+
+    export = save_export(create_model("test_meanP"), tmp_path / "export")
+    emb = ClipEmbedder(str(export), VideoConfig(max_frames=4), "", use_gpu=False)
+    encode = emb.model.encode_video
+
+    def first_nan(x, m):  # what an overflowing fp16 model gives for one clip
+        v = encode(x, m)
+        v[0] = float("nan")
+        return v
+
+    emb.model.encode_video = first_nan
+    root = Path(synth_small["manifest"]).parent
+    paths = [str(root / r["path"]) for r in read_manifest(synth_small["manifest"]).to_pylist()[:3]]
+    out = emb({"video_id": np.array(["a", "b", "c"], object), "path": np.array(paths, object),
+               "start": np.array([np.nan] * 3), "end": np.array([np.nan] * 3)})
+    assert out["skip"][0].startswith("the model's embedding of this clip is not finite")
+    assert list(out["skip"][1:]) == ["", ""] and np.isfinite(out["embedding"][1:]).all()
