@@ -219,6 +219,9 @@ def build_index(cfg: AppConfig, quiet: bool = False) -> dict[str, Any]:
     """Embed the manifest's new clips into `cfg.out` and rebuild the faiss index; returns meta."""
     if not cfg.manifest or not cfg.out:
         raise ConfigError("clipray index needs manifest=... and out=...")
+    if "://" in cfg.out:  # Path() would fold s3://b/i into a local folder s3:/b/i
+        raise ConfigError(f"out={cfg.out}: the index folder is a local path (on a cluster, a shared "
+                          "volume every Serve replica mounts), not a URI")
     out = Path(cfg.out)
     fresh = not out.exists()
     try:

@@ -447,3 +447,15 @@ def test_a_clip_whose_embedding_is_not_finite_is_skipped_with_a_reason(synth_sma
                "start": np.array([np.nan] * 3), "end": np.array([np.nan] * 3)})
     assert out["skip"][0].startswith("the model's embedding of this clip is not finite")
     assert list(out["skip"][1:]) == ["", ""] and np.isfinite(out["embedding"][1:]).all()
+
+
+def test_an_index_out_at_a_uri_is_refused_not_written_to_a_local_s3_folder(synth_small, tmp_path, monkeypatch):
+    """out=s3://bucket/index made a local folder ./s3:/bucket/index (pathlib folds '//') and
+    would have indexed into it, where serving on another machine never finds it."""
+    from serve.index import build_index
+
+    monkeypatch.chdir(tmp_path)
+    for uri in ("s3://bucket/index", "gs://b/i"):
+        with pytest.raises(ConfigError, match=rf"^out={uri}: the index folder is a local path"):
+            build_index(_cfg("unused", synth_small["manifest"], uri), quiet=True)
+    assert list(tmp_path.iterdir()) == []
