@@ -90,9 +90,13 @@ def write_part(out: str | Path, rows: dict[str, np.ndarray], sub: str = EMB_DIR)
     d = Path(out) / sub
     d.mkdir(parents=True, exist_ok=True)
     path = d / f"part-{len(parts(out, sub, '.parquet' if sub == EMB_DIR else '.npz')):05d}"
+    # written under another name and renamed when whole: a run killed mid-write leaves no
+    # truncated part that every later read fails on
     if sub != EMB_DIR:
-        np.savez(f"{path}.npz", **rows)
-        return Path(f"{path}.npz")
+        tmp = Path(f"{path}.npz.tmp")
+        with open(tmp, "wb") as f:
+            np.savez(f, **rows)
+        return tmp.replace(f"{path}.npz")
     emb = np.ascontiguousarray(rows["embedding"], dtype=np.float32)
     table = pa.table({
         "row_id": pa.array(rows["row_id"], pa.int64()),
@@ -102,8 +106,8 @@ def write_part(out: str | Path, rows: dict[str, np.ndarray], sub: str = EMB_DIR)
         "path": pa.array(rows["path"], pa.string()),
         "embedding": pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1), pa.float32()), emb.shape[1]),
     })
-    pq.write_table(table, f"{path}.parquet")
-    return Path(f"{path}.parquet")
+    pq.write_table(table, f"{path}.parquet.tmp")
+    return Path(f"{path}.parquet.tmp").replace(f"{path}.parquet")
 
 
 # ---- faiss ------------------------------------------------------------------------------------

@@ -459,3 +459,52 @@ def test_an_index_out_at_a_uri_is_refused_not_written_to_a_local_s3_folder(synth
         with pytest.raises(ConfigError, match=rf"^out={uri}: the index folder is a local path"):
             build_index(_cfg("unused", synth_small["manifest"], uri), quiet=True)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_part_cut_off_while_written_leaves_the_index_readable(tmp_path, monkeypatch):
+    """write_part wrote straight into part-NNNNN.parquet / .npz: a run killed mid-write left a
+    truncated part that every later read (the next append, the Searcher, the Reranker) failed
+    on with a Parquet footer / zip error. A part now appears whole or not at all."""
+    import pyarrow.parquet as pq
+
+    from serve import store
+
+    x = _unit(4, 8)
+    rows = {"row_id": np.arange(4), "video_id": list("abcd"), "start": [0.0, 1.0, None, 2.0],
+            "end": [1.0, 2.0, None, 3.0], "path": ["/v/a.mp4"] * 4, "embedding": x}
+    store.write_part(tmp_path, rows)
+    feats = {"row_id": np.arange(4), "feats": np.ones((4, 2, 3), np.float16), "mask": np.ones((4, 2), np.uint8)}
+    store.write_part(tmp_path, feats, sub=store.RERANK_DIR)
+    real_pq, real_savez = pq.write_table, np.savez
+
+    def cut(where):  # the first half is on disk when the process dies
+        if hasattr(where, "flush"):
+            where.flush()
+        p = Path(getattr(where, "name", where))
+        p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
+        raise KeyboardInterrupt
+
+    def killed_pq(table, where, *a, **kw):
+        real_pq(table, where, *a, **kw)
+        cut(where)
+
+    def killed_savez(where, **kw):
+        real_savez(where, **kw)
+        cut(where if hasattr(where, "flush") or str(where).endswith(".npz") else f"{where}.npz")
+
+    more = dict(rows, row_id=np.arange(4, 8), path=["/v/b.mp4"] * 4)
+    monkeypatch.setattr(pq, "write_table", killed_pq)
+    with pytest.raises(KeyboardInterrupt):
+        store.write_part(tmp_path, more)
+    monkeypatch.setattr(np, "savez", killed_savez)
+    with pytest.raises(KeyboardInterrupt):
+        store.write_part(tmp_path, dict(feats, row_id=np.arange(4, 8)), sub=store.RERANK_DIR)
+    monkeypatch.undo()
+    t = store.read_table(tmp_path)
+    assert t.column("row_id").to_pylist() == [0, 1, 2, 3]
+    np.testing.assert_array_equal(store.embedding_matrix(t), x)
+    f, m = store.read_rerank(tmp_path, 4)
+    assert f.shape == (4, 2, 3) and m.sum() == 8
+    # the next run's part is numbered after the whole ones and read back
+    store.write_part(tmp_path, more)
+    assert store.read_table(tmp_path).column("row_id").to_pylist() == list(range(8))
