@@ -54,7 +54,17 @@ def fingerprint(export_dir: str | Path) -> str:
 
 def read_meta(out: str | Path) -> Optional[dict[str, Any]]:
     p = Path(out) / META
-    return json.loads(p.read_text()) if p.is_file() else None
+    if not p.is_file():
+        return None
+    try:
+        meta = json.loads(p.read_text())
+    except ValueError as e:
+        meta = e
+    if not isinstance(meta, dict):
+        why = meta if isinstance(meta, ValueError) else f"a JSON {type(meta).__name__}, not an object"
+        raise ConfigError(f"{p}: not an index's metadata ({why}): move it away and run `clipray index` "
+                          "with the same out= and checkpoint= to write it again")
+    return meta
 
 
 def write_meta(out: str | Path, meta: dict[str, Any]) -> None:

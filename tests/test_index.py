@@ -508,3 +508,18 @@ def test_a_part_cut_off_while_written_leaves_the_index_readable(tmp_path, monkey
     # the next run's part is numbered after the whole ones and read back
     store.write_part(tmp_path, more)
     assert store.read_table(tmp_path).column("row_id").to_pylist() == list(range(8))
+
+
+def test_an_index_json_that_is_not_json_is_a_clear_error(tmp_path):
+    """A hand-edited or cut-off index.json raised a JSONDecodeError traceback from `clipray
+    serve` (and from an append) instead of naming the file."""
+    from serve import store
+
+    assert store.read_meta(tmp_path) is None
+    store.write_meta(tmp_path, {"count": 3})
+    assert store.read_meta(tmp_path) == {"count": 3}
+    for bad in ('{"count": 3', "", "[1, 2]"):
+        (tmp_path / store.META).write_text(bad)
+        with pytest.raises(ConfigError, match=rf"^{tmp_path}/index.json: not an index's metadata \(.+\): "
+                                              r"move it away and run `clipray index` with the same out= "):
+            store.read_meta(tmp_path)
