@@ -83,8 +83,13 @@ def read_table(out: str | Path, columns: Optional[list[str]] = None) -> pa.Table
     files = parts(out)
     if not files:
         return pa.table({c: [] for c in (columns or META_COLUMNS)})
-    t = pa.concat_tables(pq.read_table(f, columns=columns) for f in files)
-    return t.sort_by("row_id")
+    t = pa.concat_tables(pq.read_table(f, columns=columns) for f in files).sort_by("row_id")
+    ids = t.column("row_id").to_numpy()
+    if not np.array_equal(ids, np.arange(len(ids))):  # a faiss id is a position, a row id too
+        shown = ids.tolist() if len(ids) <= 12 else ids[:12].tolist() + ["..."]
+        raise ConfigError(f"{out}: the embedding parts' row ids are not 0..{len(ids) - 1} ({shown}): a part "
+                          "was removed, or two runs appended at once; build the index again into a new out=")
+    return t
 
 
 def embedding_matrix(table: pa.Table) -> np.ndarray:

@@ -523,3 +523,34 @@ def test_an_index_json_that_is_not_json_is_a_clear_error(tmp_path):
         with pytest.raises(ConfigError, match=rf"^{tmp_path}/index.json: not an index's metadata \(.+\): "
                                               r"move it away and run `clipray index` with the same out= "):
             store.read_meta(tmp_path)
+
+
+def test_embedding_parts_whose_row_ids_are_not_positions_are_refused(tmp_path):
+    """A faiss id is a position in the table and the Reranker reads features by row id: that
+    works only while row ids are 0..N-1. A part removed by hand (or two runs appending at once)
+    broke it silently: re-ranked searches scored other clips' features, and the next append
+    numbered its rows from the count, giving ids that were already taken."""
+    from serve import store
+
+    def part(ids):
+        n = len(ids)
+        store.write_part(tmp_path, {"row_id": np.asarray(ids), "video_id": ["v"] * n, "start": [None] * n,
+                                    "end": [None] * n, "path": [f"/v/{i}.mp4" for i in ids],
+                                    "embedding": _unit(n, 4)})
+
+    part(range(3))
+    part(range(3, 6))
+    assert store.read_table(tmp_path).column("row_id").to_pylist() == list(range(6))
+    part(range(6, 9))
+    store.parts(tmp_path)[1].unlink()
+    for cols in (None, store.META_COLUMNS, ["row_id", "embedding"]):
+        with pytest.raises(ConfigError, match=rf"^{tmp_path}: the embedding parts' row ids are not 0..5 "
+                                              r"\(\[0, 1, 2, 6, 7, 8\]\)"):
+            store.read_table(tmp_path, cols)
+    for p in store.parts(tmp_path):
+        p.unlink()
+    part(range(3))
+    part(range(3, 5))  # two runs appending at once: both numbered their rows from 3
+    part(range(3, 5))
+    with pytest.raises(ConfigError, match=r"row ids are not 0..6 \(\[0, 1, 2, 3, 3, 4, 4\]\)"):
+        store.read_table(tmp_path)
