@@ -130,6 +130,19 @@ def load_export(export_dir: str | Path, device: str | torch.device = "cpu"):
     model = build_from_spec(config["name"], spec, open_clip_cfg=config["open_clip_cfg"])
     model.backbone.set_pixel_stats(**config["pixel_stats"])
     model.to(dtype=getattr(torch, config["dtype"]))
-    state = load_file(str(weights), device="cpu")
+    from safetensors import SafetensorError
+
+    try:  # cut off in a copy or an upload: say which file, not only safetensors' header error
+        state = load_file(str(weights), device="cpu")
+    except SafetensorError as e:
+        raise ConfigError(f"{weights}: not a readable safetensors file ({e}): export the model again") from None
+    want = model.state_dict()
+    diff = ([f"missing {k}" for k in want if k not in state] + [f"unexpected {k}" for k in state if k not in want]
+            + [f"{k} is {list(state[k].shape)}, not {list(v.shape)}" for k, v in want.items()
+               if k in state and state[k].shape != v.shape])
+    if diff:  # weights of another model next to this config.json (a half-overwritten export)
+        more = f" and {len(diff) - 3} more" if len(diff) > 3 else ""
+        raise ConfigError(f"{weights} does not hold the model its {CONFIG} describes "
+                          f"({config['overrides']['head']} head): {', '.join(diff[:3])}{more}")
     model.load_state_dict(state, strict=True)
     return model.to(device).eval()

@@ -80,3 +80,25 @@ def test_pickle_is_refused(tmp_path):
         load_export(tmp_path)
     with pytest.raises(TypeError):
         save_export(model, tmp_path, extra={"not json": object()})
+
+
+def test_cut_off_or_foreign_weights_are_a_clear_error(tmp_path):
+    """A model.safetensors cut off in a copy or an upload failed inside every index actor and
+    Serve replica with safetensors' 'Error while deserializing header: ...', naming no file;
+    weights of another head under this config.json failed with a page of state-dict keys."""
+    from clipray.config import ConfigError
+
+    export = tmp_path / "my export"
+    save_export(create_model("test_meanP"), export)
+    weights = export / "model.safetensors"
+    data = weights.read_bytes()
+    for bad in (data[: len(data) // 2], data[:-10], b"", b"x" * 100):
+        weights.write_bytes(bad)
+        with pytest.raises(ConfigError, match=rf"^{weights}: not a readable safetensors file \(.+\): "
+                                              r"export the model again"):
+            load_export(export)
+    save_export(create_model("test_seqTransf"), tmp_path / "other")
+    weights.write_bytes((tmp_path / "other" / "model.safetensors").read_bytes())
+    with pytest.raises(ConfigError, match=rf"^{weights} does not hold the model its config.json describes "
+                                          r"\(meanP head\): unexpected head.blocks.0.attn.in_proj_bias"):
+        load_export(export)
