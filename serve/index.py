@@ -222,6 +222,9 @@ def build_index(cfg: AppConfig, quiet: bool = False) -> dict[str, Any]:
     if "://" in cfg.out:  # Path() would fold s3://b/i into a local folder s3:/b/i
         raise ConfigError(f"out={cfg.out}: the index folder is a local path (on a cluster, a shared "
                           "volume every Serve replica mounts), not a URI")
+    ix = cfg.index  # now, not in faiss after every clip is embedded
+    store.check_knobs(nlist=ix.nlist, nprobe=ix.nprobe, pq_m=ix.pq_m, refine=ix.refine, hnsw_m=ix.hnsw_m,
+                      ef_search=ix.ef_search)
     out = Path(cfg.out)
     fresh = not out.exists()
     try:

@@ -136,6 +136,17 @@ def too_few_for(kind: str, n: int) -> str:
     return ""
 
 
+def check_knobs(**knobs: int) -> None:
+    """Refuse index.* values faiss cannot take: it segfaults (hnsw_m=1), aborts (0) or hangs
+    (< 0) building HNSW, fails every search (nprobe=0, refine < 0), or returns one clip per
+    query whatever k (ef_search=0)."""
+    least = {"hnsw_m": (2, ""), "nprobe": (1, ""), "ef_search": (1, ""), "nlist": (0, " (0 = about 4 sqrt(N))"),
+             "pq_m": (0, " (0 = dim / 4)"), "refine": (0, " (0 = off)")}
+    for k, v in knobs.items():
+        if v < least[k][0]:
+            raise ConfigError(f"index.{k}={v} must be >= {least[k][0]}{least[k][1]}")
+
+
 def _nlist(n: int, want: int) -> int:
     """IVF list count: asked for, else ~4 sqrt(N); never so many that k-means lacks points."""
     nlist = want or int(4 * math.sqrt(max(n, 1)))
@@ -147,6 +158,7 @@ def build_faiss(x: np.ndarray, kind: str, nlist: int = 0, pq_m: int = 0, refine:
     """A trained, filled inner-product index over `x` [N, D]; returns (index, build params)."""
     import faiss
 
+    check_knobs(nlist=nlist, pq_m=pq_m, refine=refine, hnsw_m=hnsw_m)
     n, d = x.shape
     x = np.ascontiguousarray(x, dtype=np.float32)
     bad = np.concatenate([np.flatnonzero(~np.isfinite(x[i : i + 65536]).all(1)) + i for i in range(0, n, 65536)]
@@ -193,6 +205,7 @@ def set_search_params(index: Any, nprobe: int = 16, ef_search: int = 128, refine
     """Runtime knobs are not all serialised by faiss: apply them after every load."""
     import faiss
 
+    check_knobs(nprobe=nprobe, ef_search=ef_search, refine=refine)
     ivf = faiss.try_extract_index_ivf(index)
     if ivf is not None:
         ivf.nprobe = min(nprobe, ivf.nlist)

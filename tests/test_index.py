@@ -554,3 +554,25 @@ def test_embedding_parts_whose_row_ids_are_not_positions_are_refused(tmp_path):
     part(range(3, 5))
     with pytest.raises(ConfigError, match=r"row ids are not 0..6 \(\[0, 1, 2, 3, 3, 4, 4\]\)"):
         store.read_table(tmp_path)
+
+
+@pytest.mark.parametrize("knob,value,rule", [
+    ("hnsw_m", 1, ">= 2"), ("hnsw_m", 0, ">= 2"), ("nprobe", 0, ">= 1"), ("ef_search", 0, ">= 1"),
+    ("nlist", -3, ">= 0"), ("pq_m", -1, ">= 0"), ("refine", -1, ">= 0")])
+def test_faiss_knobs_faiss_cannot_take_fail_before_embedding(synth_small, tmp_path, knob, value, rule):
+    """The config took them all, and faiss then, after every clip was embedded: segfaulted
+    (hnsw_m=1), aborted (hnsw_m=0), hung (hnsw_m<0), failed every search (nprobe=0, refine<0) or
+    returned one clip per query whatever k (ef_search=0)."""
+    from serve import store
+    from serve.index import build_index
+
+    with pytest.raises(ConfigError, match=rf"^index.{knob}={value} must be {rule}"):
+        build_index(_cfg("unused", synth_small["manifest"], tmp_path / "idx", f"index.{knob}={value}"), quiet=True)
+    assert not (tmp_path / "idx").exists()
+    x = _unit(2000, 16)
+    with pytest.raises(ConfigError, match=rf"^index.{knob}={value} must be {rule}"):
+        if knob in ("nprobe", "ef_search"):
+            store.set_search_params(store.build_faiss(x, "hnsw")[0], **{knob: value})
+        else:
+            store.build_faiss(x, "ivf_pq" if knob in ("pq_m", "refine") else "hnsw" if knob == "hnsw_m"
+                              else "ivf_flat", **{knob: value})
