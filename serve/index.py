@@ -252,6 +252,8 @@ def _build(cfg: AppConfig, out: Path, quiet: bool) -> dict[str, Any]:
     if cfg.index.rerank_checkpoint:
         rerank = _local_export(cfg.index.rerank_checkpoint, "index.rerank_checkpoint", out)
         _check_export(rerank, "index.rerank_checkpoint", indexable=False)
+    if cfg.index.kind == "ivf_pq":  # now, not in build_faiss after every clip is embedded
+        store.pq_sub_quantizers(conf["open_clip_cfg"]["embed_dim"], cfg.index.pq_m)
     init_ray(cfg.ray, quiet=True)  # after the checks above: a wrong path fails in a second
     meta, fp = store.read_meta(out), store.fingerprint(export)
     if meta and meta["fingerprint"] != fp:

@@ -147,6 +147,14 @@ def check_knobs(**knobs: int) -> None:
             raise ConfigError(f"index.{k}={v} must be >= {least[k][0]}{least[k][1]}")
 
 
+def pq_sub_quantizers(dim: int, pq_m: int) -> int:
+    """index.pq_m (0 = dim / 4), which must divide the embedding dim."""
+    m = pq_m or dim // 4
+    if dim % m:
+        raise ConfigError(f"index.pq_m={m} must divide the embedding dim {dim}")
+    return m
+
+
 def _nlist(n: int, want: int) -> int:
     """IVF list count: asked for, else ~4 sqrt(N); never so many that k-means lacks points."""
     nlist = want or int(4 * math.sqrt(max(n, 1)))
@@ -177,9 +185,7 @@ def build_faiss(x: np.ndarray, kind: str, nlist: int = 0, pq_m: int = 0, refine:
     elif kind in ("ivf_flat", "ivf_sq8", "ivf_pq"):
         lists = _nlist(n, nlist)
         if kind == "ivf_pq":
-            m = pq_m or d // 4
-            if d % m:
-                raise ConfigError(f"index.pq_m={m} must divide the embedding dim {d}")
+            m = pq_sub_quantizers(d, pq_m)
             why = too_few_for(kind, n)
             if why:
                 raise ConfigError(why)

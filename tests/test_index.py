@@ -576,3 +576,26 @@ def test_faiss_knobs_faiss_cannot_take_fail_before_embedding(synth_small, tmp_pa
         else:
             store.build_faiss(x, "ivf_pq" if knob in ("pq_m", "refine") else "hnsw" if knob == "hnsw_m"
                               else "ivf_flat", **{knob: value})
+
+
+def test_a_pq_m_that_does_not_divide_the_model_dim_fails_before_ray_and_embedding(synth_small, tmp_path, monkeypatch):
+    """index.pq_m must divide the embedding dim; build_faiss said so only after every clip was
+    embedded. The export's config holds the dim, so the check runs before Ray starts."""
+    import clipray.runtime
+    from clipray.export import save_export
+    from clipray.models import create_model
+    from serve import store
+    from serve.index import build_index
+
+    def no_ray(*a, **k):
+        raise AssertionError("Ray started")
+
+    monkeypatch.setattr(clipray.runtime, "init_ray", no_ray)
+    model = create_model("test_meanP")
+    export = save_export(model, tmp_path / "export")
+    with pytest.raises(ConfigError, match=rf"^index.pq_m=5 must divide the embedding dim {model.embed_dim}"):
+        build_index(_cfg(str(export), synth_small["manifest"], tmp_path / "idx", "index.kind=ivf_pq",
+                         "index.pq_m=5"), quiet=True)
+    assert not (tmp_path / "idx").exists()
+    with pytest.raises(ConfigError, match=r"^index.pq_m=5 must divide the embedding dim 16"):
+        store.build_faiss(_unit(10_000, 16), "ivf_pq", pq_m=5)
