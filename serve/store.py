@@ -275,14 +275,20 @@ def read_rerank(out: str | Path, count: int) -> Optional[tuple[np.ndarray, np.nd
     files = parts(out, RERANK_DIR, ".npz")
     if not files:
         return None
-    chunks = [np.load(f) for f in files]
-    first = chunks[0]
-    feats = np.zeros((count, *first["feats"].shape[1:]), np.float16)
-    mask = np.zeros((count, first["mask"].shape[1]), np.uint8)
+    chunks = []
+    for f in files:
+        with np.load(f) as z:
+            chunks.append({k: z[k] for k in ("row_id", "feats", "mask")})
+    # an append with another video.max_frames stored another frame count: the shorter parts are
+    # padded with masked frames, which the cross-encoder ignores
+    t = max(c["feats"].shape[1] for c in chunks)
+    feats = np.zeros((count, t, chunks[0]["feats"].shape[2]), np.float16)
+    mask = np.zeros((count, t), np.uint8)
     for c in chunks:  # in write order: a later part's rows replace an interrupted run's
         keep = c["row_id"] < count  # an interrupted append's rows past the index: never served
-        feats[c["row_id"][keep]] = c["feats"][keep]
-        mask[c["row_id"][keep]] = c["mask"][keep]
+        rows, n = c["row_id"][keep], c["feats"].shape[1]
+        mask[rows] = 0  # all of a replaced row, also frames past this part's count
+        feats[rows, :n], mask[rows, :n] = c["feats"][keep], c["mask"][keep]
     return feats, mask
 
 

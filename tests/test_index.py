@@ -599,3 +599,28 @@ def test_a_pq_m_that_does_not_divide_the_model_dim_fails_before_ray_and_embeddin
     assert not (tmp_path / "idx").exists()
     with pytest.raises(ConfigError, match=r"^index.pq_m=5 must divide the embedding dim 16"):
         store.build_faiss(_unit(10_000, 16), "ivf_pq", pq_m=5)
+
+
+def test_rerank_parts_of_appends_with_another_frame_count_are_padded_and_masked(tmp_path):
+    """An append with another video.max_frames stores re-ranker features of another length: the
+    Reranker failed to start with numpy's 'could not broadcast' from read_rerank. Shorter parts
+    are now padded with masked frames, which the cross-encoder ignores."""
+    from serve import store
+
+    rng = np.random.default_rng(0)
+    f0, m0 = rng.standard_normal((2, 3, 4)).astype(np.float16), np.array([[1, 1, 0], [1, 1, 1]], np.uint8)
+    f1, m1 = rng.standard_normal((2, 5, 4)).astype(np.float16), np.array([[1, 1, 1, 1, 0], [1, 0, 0, 0, 0]], np.uint8)
+    store.write_part(tmp_path, {"row_id": np.arange(2), "feats": f0, "mask": m0}, sub=store.RERANK_DIR)
+    store.write_part(tmp_path, {"row_id": np.arange(2, 4), "feats": f1, "mask": m1}, sub=store.RERANK_DIR)
+    feats, mask = store.read_rerank(tmp_path, 4)
+    want_f = np.zeros((4, 5, 4), np.float16)
+    want_f[:2, :3], want_f[2:] = f0, f1
+    want_m = np.zeros((4, 5), np.uint8)
+    want_m[:2, :3], want_m[2:] = m0, m1
+    np.testing.assert_array_equal(feats, want_f)
+    np.testing.assert_array_equal(mask, want_m)
+    # a later part of 3 frames replacing rows 2-3 (an interrupted run's) masks their frames 4-5
+    store.write_part(tmp_path, {"row_id": np.arange(2, 4), "feats": f0, "mask": m0}, sub=store.RERANK_DIR)
+    feats, mask = store.read_rerank(tmp_path, 4)
+    np.testing.assert_array_equal(mask, np.concatenate([want_m[:2], want_m[:2]]))
+    np.testing.assert_array_equal(feats[2:, :3], f0)
