@@ -71,3 +71,48 @@ def test_posttrain_resumes_mid_pass_without_rereading_shards(ray_local, s3_shard
     assert len(set(final["consumed"])) == len(final["consumed"]) == 6
     assert result["num_test_videos"] == len(read_manifest(s3.url("pp/eval.parquet")))
     assert fs.exists(f"{run}/export/model.safetensors")
+
+
+def _streamed(data, batch_size, world, run_dir, seed=0):
+    """Every rank's batches (row ids) and state after one pass of its ShardStream."""
+    from train.shards import ShardStream
+
+    out = []
+    for rank in range(world):
+        stream = ShardStream(data, str(run_dir), batch_size, rank, world, seed, {})
+        shards, batches = stream.my_shards(), []
+        while (b := stream.next()) is not None:
+            assert len(b["row_id"]) == batch_size and b["frames"].shape[0] == batch_size
+            batches.append(b["row_id"].tolist())
+        stream.sync()
+        out.append((shards, batches, stream.state))
+    return out
+
+
+def test_shard_ends_carry_their_rows_into_the_next_batch(ray_local, synth_small, tmp_path):
+    """Shards of 2 rows and batches of 3: every batch but the pass's last partial one is
+    filled across shard ends, so no row is lost (each shard's drop_last lost them all), and a
+    shard counts as consumed once all its rows have been handed out."""
+    import pyarrow.parquet as pq
+
+    from clipray.config import DataConfig, VideoConfig
+    from clipray.manifest import manifest_files
+
+    root = synth_small["manifest"].rsplit("/", 1)[0]
+    rows = read_manifest(synth_small["manifest"]).to_pylist()[:14]
+    for r in rows:
+        r["path"], r["split"] = f"{root}/{r['path']}", "train"
+    write_manifest(rows, tmp_path / "m", rows_per_shard=2)  # 7 shards
+    data = DataConfig(manifest=str(tmp_path / "m"), video=VideoConfig(fps=2.0, max_frames=2, size=32),
+                      decode_actors=1, decode_cpus=0.5, decode_batch=4, max_words=16)
+    fs, files = manifest_files(data.manifest)
+    ids = {f: pq.read_table(f, filesystem=fs)["row_id"].to_pylist() for f in files}
+    seen_all = []
+    for shards, batches, state in _streamed(data, 3, 2, tmp_path / "run"):
+        mine = [i for f in shards for i in ids[f]]
+        seen = [i for b in batches for i in b]
+        assert len(seen) == len(set(seen)) == len(mine) // 3 * 3  # all but the pass's remainder
+        assert set(seen) <= set(mine)
+        assert sorted(state["consumed"]) == sorted(f for f in shards if set(ids[f]) <= set(seen))
+        seen_all += seen
+    assert len(seen_all) == len(set(seen_all)) == 12  # rank 0: 8 rows -> 6, rank 1: 6 rows -> 6

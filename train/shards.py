@@ -41,25 +41,44 @@ class ShardStream:
         return [f for f in order if f not in consumed][self.rank::self.world]
 
     def _batches(self) -> Iterator[Any]:
+        import torch
+
         from clipray.pipeline import clip_dataset
 
+        # A shard's rows rarely fill whole batches: its short last batch waits in `left` for
+        # the next shards' short ones, so no row is dropped at a shard's end (and shards
+        # smaller than a batch still train). `owed`: the shards with rows in `left`.
+        left: list[dict[str, Any]] = []
+        owed: list[str] = []
         for f in self.my_shards():
             self.opened.append(f)
             # rows in an order seeded by the pass and the shard: a restart reads the same order
             ds = clip_dataset(self.data, self.skip_dir, split="train", files=[f], shuffle=self.data.shuffle_rows,
                               seed=(self.seed * 1_000_003 + self.state["pass"] * 8191 + self.files.index(f)) % 2**32)
             it = iter(ds.iter_torch_batches(
-                batch_size=self.batch_size, drop_last=True,
+                batch_size=self.batch_size, drop_last=False,
                 local_shuffle_buffer_size=self.data.shuffle_buffer or None,
                 local_shuffle_seed=self.seed + self.state["pass"] if self.data.shuffle_buffer else None))
             nxt = next(it, None)
             if nxt is None:  # nothing decodable in it: consumed all the same
                 self.done.append(f)
             while nxt is not None:
-                # one batch of look-ahead: a shard counts as consumed when its last batch is
+                # one batch of look-ahead: a shard counts as consumed when its last rows are
                 # handed out, not one step later, so a checkpoint right after it records it
                 cur, nxt = nxt, next(it, None)
-                if nxt is None:
+                if len(cur["row_id"]) < self.batch_size:  # the shard's short last batch
+                    left.append(cur)
+                    owed.append(f)
+                    if sum(len(b["row_id"]) for b in left) < self.batch_size:
+                        continue
+                    rows = {k: torch.cat([b[k] for b in left]) for k in cur}
+                    cur = {k: v[:self.batch_size] for k, v in rows.items()}
+                    rest = {k: v[self.batch_size:] for k, v in rows.items()}
+                    # only this shard's rows can be over: the earlier ones summed to less
+                    left = [rest] if len(rest["row_id"]) else []
+                    self.done += owed if not left else owed[:-1]
+                    owed = owed[-1:] if left else []
+                elif nxt is None:
                     self.done.append(f)
                 yield cur
 
