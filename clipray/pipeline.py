@@ -258,12 +258,14 @@ def collect_skips(skip_dir: str, out_name: str = "skip_report.jsonl") -> dict[st
 
     fs, root = fsspec.core.url_to_fs(skip_dir.rstrip("/"))
     parts = sorted(fs.glob(f"{root}/{SKIP_DIR}/*.jsonl")) if fs.exists(f"{root}/{SKIP_DIR}") else []
-    records: dict[int, dict] = {}
+    records: dict[tuple, dict] = {}
     for p in parts:
         with fs.open(p) as f:
             for line in f.read().decode().splitlines():
                 rec = json.loads(line)
-                records[rec["row_id"]] = rec  # a re-executed block may report a row twice
+                # a re-executed block may report a row twice; but a run's training and
+                # evaluation manifests (data.eval_manifest) both number their rows from 0
+                records[(rec["row_id"], rec["video_id"], rec["path"])] = rec
     rows = [records[k] for k in sorted(records)]
     fs.makedirs(root, exist_ok=True)
     with fs.open(f"{root}/{out_name}", "w") as f:

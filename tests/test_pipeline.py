@@ -127,6 +127,27 @@ def test_a_batch_whose_clips_are_all_skipped_returns_no_columns_but_the_report(s
     assert out["frame_mask"].sum(axis=1).min() >= 1  # real frames, no zero stand-in
 
 
+def test_skip_report_keeps_rows_of_two_manifests_that_share_a_row_id(synth_small, tmp_path):
+    """Training and evaluation on data.eval_manifest write their skips into one run folder, and
+    both manifests number their rows from 0: the report counts each row once (a re-executed
+    block reports its rows again), not each row id."""
+    data = DataConfig(manifest="unused", video=VideoConfig(fps=2.0, max_frames=4, size=32))
+    train, test = ClipDecoder(data, str(tmp_path / "train"), str(tmp_path)), \
+        ClipDecoder(data, str(tmp_path / "eval"), str(tmp_path))
+
+    def batch(videos):
+        n = len(videos)
+        return {"row_id": np.arange(n), "video_id": np.array(videos), "path": np.array([f"{v}.mp4" for v in videos]),
+                "start": np.array([None] * n), "end": np.array([None] * n), "caption": np.array(["a cat"] * n)}
+
+    assert train(batch(["t0", "t1", "t2"])) == {} and test(batch(["e0", "e1"])) == {}
+    assert train(batch(["t0", "t1", "t2"])) == {}  # the same rows again
+    report = collect_skips(str(tmp_path))
+    assert report["skipped"] == 5 and report["by_reason"] == {"missing file": 5}
+    assert sorted((r["row_id"], r["video_id"]) for r in report["records"]) == \
+        [(0, "e0"), (0, "t0"), (1, "e1"), (1, "t1"), (2, "t2")]
+
+
 def test_decode_tasks_keep_one_decoder_per_process_and_settings(synth_small, tmp_path):
     """Every decode task that lands on a warm worker reuses that process's ClipDecoder (its
     tokenizer and batch arrays) for the same settings, and only for the same settings."""
