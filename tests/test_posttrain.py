@@ -116,3 +116,20 @@ def test_shard_ends_carry_their_rows_into_the_next_batch(ray_local, synth_small,
         assert sorted(state["consumed"]) == sorted(f for f in shards if set(ids[f]) <= set(seen))
         seen_all += seen
     assert len(seen_all) == len(set(seen_all)) == 12  # rank 0: 8 rows -> 6, rank 1: 6 rows -> 6
+
+
+def test_fewer_shards_than_workers_is_a_clear_error_before_ray(synth_small, tmp_path):
+    """A worker dealt no shard ends every pass at its first step, so the run could only fail,
+    after Ray Train had started, with 'a whole pass over the shards gave no batch'."""
+    from clipray.config import ConfigError, load_config
+    from train.driver import run
+
+    rows = read_manifest(synth_small["manifest"]).to_pylist()[:6]
+    write_manifest(rows, tmp_path / "m", rows_per_shard=2)  # 3 shards
+    cfg = load_config(REPO / "train/configs/demo.yaml", [
+        f"data.manifest={tmp_path / 'm'}", f"data.eval_manifest={synth_small['manifest']}",
+        "data.shard_stream=true", "train.max_steps=2", "train.num_workers=4", "train.cpus_per_worker=0.5",
+        "data.decode_cpus=0.25", "data.decode_actors=1", f"train.storage_path={tmp_path}", "train.run_name=few"])
+    with pytest.raises(ConfigError, match=r"has 3 shard file\(s\), fewer than train.num_workers=4"):
+        run(cfg, quiet_ray=True)
+    assert not (tmp_path / "few").exists()

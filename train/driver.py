@@ -111,6 +111,14 @@ def run(cfg: Config, quiet_ray: bool = False, stop_epoch: int = 0, table: bool =
         # workers stream their own shards; counting 136M rows up front is not worth a pass
         if cfg.train.max_steps < 1:
             raise ConfigError("data.shard_stream trains by a step budget: set train.max_steps")
+        from clipray.manifest import manifest_files
+
+        shards = len(manifest_files(cfg.data.manifest)[1])
+        if shards < cfg.train.num_workers:
+            # a worker dealt no shard ends every pass at once (train.shards)
+            raise ConfigError(f"data.shard_stream: {cfg.data.manifest} has {shards} shard file(s), fewer than "
+                              f"train.num_workers={cfg.train.num_workers}, and each worker streams shards of its "
+                              "own: write the manifest in more shards, or use fewer workers")
         n_train, steps_per_epoch = None, 0
     else:
         check_unique_ids(cfg.data.manifest)
