@@ -131,7 +131,7 @@ class ManifestWriter:
         self.rows_per_shard = rows_per_shard
         meta = {"clipray.manifest": "1", **{k: json.dumps(v) for k, v in (metadata or {}).items()}}
         self.schema = SCHEMA.with_metadata(meta)
-        self.fs, self.root = pafs.FileSystem.from_uri(_as_uri(self.out))
+        self.fs, self.root = _filesystem(self.out)
         folder = self.root if not self.single else str(Path(self.root).parent)
         kind = self.fs.get_file_info(self.root).type
         if self.single and kind == pafs.FileType.Directory:
@@ -200,9 +200,22 @@ def _as_uri(path: str) -> str:
     return path if "://" in path else str(Path(path).resolve())
 
 
+def _filesystem(path: str) -> tuple[pafs.FileSystem, str]:
+    """The pyarrow filesystem and path of a manifest path or URI. An object store key is taken
+    as written, as s3fs/gcsfs take it for the videos and skip files beside the manifest:
+    pyarrow's URI parsing would refuse a space or a non-ASCII letter, cut a key at '#' or '?'
+    (writing and reading another place) and decode '%20'."""
+    uri = _as_uri(path)
+    scheme, _, rest = uri.partition("://")
+    if scheme in ("s3", "gs", "gcs") and rest.strip("/"):
+        fs, _ = pafs.FileSystem.from_uri(f"{scheme}://{rest.split('/', 1)[0]}")
+        return fs, rest.rstrip("/")
+    return pafs.FileSystem.from_uri(uri)
+
+
 def manifest_files(path: str) -> tuple[pafs.FileSystem, list[str]]:
     """The Parquet files of a manifest (a file or a directory of shards), sorted."""
-    fs, root = pafs.FileSystem.from_uri(_as_uri(path))
+    fs, root = _filesystem(path)
     info = fs.get_file_info(root)
     if info.type == pafs.FileType.NotFound:
         raise ManifestError(f"manifest not found: {path}")
