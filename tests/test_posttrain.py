@@ -133,3 +133,27 @@ def test_fewer_shards_than_workers_is_a_clear_error_before_ray(synth_small, tmp_
     with pytest.raises(ConfigError, match=r"has 3 shard file\(s\), fewer than train.num_workers=4"):
         run(cfg, quiet_ray=True)
     assert not (tmp_path / "few").exists()
+
+
+def test_decode_actors_that_leave_no_room_for_the_evaluation_pool_are_refused(ray_local, synth_small, tmp_path):
+    """Each worker's decode actors stay up, paused, while it evaluates mid-shard: the
+    evaluation's pool must fit beside them, or it waits for CPUs forever (seen: a stream held
+    by backpressure kept its 2 CPUs and a 2-actor evaluation pool never started)."""
+    from clipray.config import ConfigError, load_config
+    from train.driver import run
+
+    root = synth_small["manifest"].rsplit("/", 1)[0]
+    rows = read_manifest(synth_small["manifest"]).to_pylist()
+    for r in rows:
+        r["path"], r["split"] = f"{root}/{r['path']}", "train"
+    write_manifest(rows, tmp_path / "m", rows_per_shard=12)
+    # 1 worker x 1 CPU + its 2 decode actors x 1 CPU + 1 for read tasks fill the 4 CPUs; the
+    # evaluation's 2 actors cannot start
+    cfg = load_config(REPO / "train/configs/demo.yaml", [
+        f"data.manifest={tmp_path / 'm'}", f"data.eval_manifest={synth_small['manifest']}",
+        "data.shard_stream=true", "data.decode_pool=actors", "data.decode_actors=2", "data.decode_cpus=1",
+        "data.batch_size=2", "data.video.max_frames=4", "train.max_steps=2", "train.num_workers=1",
+        "train.cpus_per_worker=1", f"train.storage_path={tmp_path}", "train.run_name=full"])
+    with pytest.raises(ConfigError, match=r"needs 6 CPUs at once .*data.decode_actors x data.decode_cpus "
+                                          r"\(evaluation\) = 2.* the local Ray has 4"):
+        run(cfg, quiet_ray=True)
