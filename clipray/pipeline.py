@@ -257,7 +257,9 @@ def collect_skips(skip_dir: str, out_name: str = "skip_report.jsonl") -> dict[st
     import fsspec
 
     fs, root = fsspec.core.url_to_fs(skip_dir.rstrip("/"))
-    parts = sorted(fs.glob(f"{root}/{SKIP_DIR}/*.jsonl")) if fs.exists(f"{root}/{SKIP_DIR}") else []
+    # listed, not globbed: a run folder named like "exp [2]" is no glob pattern for itself
+    parts = sorted(p for p in fs.find(f"{root}/{SKIP_DIR}", maxdepth=1) if p.endswith(".jsonl")) \
+        if fs.exists(f"{root}/{SKIP_DIR}") else []
     records: dict[tuple, dict] = {}
     for p in parts:
         with fs.open(p) as f:

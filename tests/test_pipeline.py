@@ -148,6 +148,21 @@ def test_skip_report_keeps_rows_of_two_manifests_that_share_a_row_id(synth_small
         [(0, "e0"), (0, "t0"), (1, "e1"), (1, "t1"), (2, "t2")]
 
 
+def test_skip_report_of_a_run_folder_whose_name_has_glob_brackets(synth_small, tmp_path):
+    """A run named "exp [2]": its skip files were globbed with the folder's name in the
+    pattern, where "[2]" matches "2" only, so the report came out empty and the run said 0."""
+    run = tmp_path / "exp [2]"
+    dec = ClipDecoder(DataConfig(manifest="unused", video=VideoConfig(fps=2.0, max_frames=4, size=32)),
+                      str(tmp_path), str(run))
+    assert dec({"row_id": np.arange(3), "video_id": np.array(["a", "b", "c"]),
+                "path": np.array(["a.mp4", "b.mp4", "c.mp4"]), "start": np.array([None] * 3),
+                "end": np.array([None] * 3), "caption": np.array(["x", "y", "z"])}) == {}
+    report = collect_skips(str(run))
+    assert report["skipped"] == 3 and report["by_reason"] == {"missing file": 3}
+    on_disk = [json.loads(line) for line in (run / "skip_report.jsonl").read_text().splitlines()]
+    assert [(r["row_id"], r["video_id"]) for r in on_disk] == [(0, "a"), (1, "b"), (2, "c")]
+
+
 def test_decode_tasks_keep_one_decoder_per_process_and_settings(synth_small, tmp_path):
     """Every decode task that lands on a warm worker reuses that process's ClipDecoder (its
     tokenizer and batch arrays) for the same settings, and only for the same settings."""
