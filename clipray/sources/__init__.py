@@ -172,7 +172,9 @@ def _remove_old_shards(out: str) -> None:
         return
     import pyarrow.fs as pafs
 
-    fs, base = pafs.FileSystem.from_uri(out if is_uri(out) else os.path.abspath(out))
+    from clipray.manifest import _filesystem
+
+    fs, base = _filesystem(out)  # the key as the writer takes it: a '#' in it is no fragment
     for info in fs.get_file_info(pafs.FileSelector(base, allow_not_found=True)):
         if info.type == pafs.FileType.File and re.fullmatch(r"part-\d+\.parquet", info.base_name):
             fs.delete_file(info.path)
