@@ -598,3 +598,15 @@ def test_a_csv_line_the_csv_module_cannot_read_is_named(tmp_path):
     fx.write(tmp_path, "own.csv", "path,caption\na.mp4,one\nb.mp4," + "x" * 200_000 + "\n")
     with pytest.raises(SourceError, match=r"^own.csv line 3: unreadable CSV \(field larger than field limit"):
         prepare("generic", tmp_path, tmp_path / "m.parquet", file="own.csv")
+
+
+def test_generic_jsonl_numeric_ids_zero_are_kept(tmp_path):
+    # JSONL ids are often numbers counted from 0: video_id 0 and group 0 are given values, not
+    # absent ones (spec section 8: video_id defaults to the path stem only when not given)
+    fx.touch(tmp_path, "clips/a.mp4", "clips/b.mp4")
+    lines = [{"path": "clips/a.mp4", "video_id": 0, "caption": "first", "group": 0},
+             {"path": "clips/b.mp4", "video_id": 1, "caption": "second", "group": 0}]
+    fx.write(tmp_path, "ann.jsonl", "\n".join(json.dumps(x) for x in lines) + "\n")
+    out = tmp_path / "g.parquet"
+    prepare("generic", tmp_path, out, file="ann.jsonl")
+    assert table(out, "video_id", "caption", "group") == [("0", "first", "0"), ("1", "second", "0")]

@@ -111,7 +111,7 @@ def rows(ctx: Context) -> Iterator[dict]:
             continue
         if not is_uri(raw) and not os.path.isabs(raw):  # './a.mp4' and 'a.mp4' are one file
             raw = posixpath.normpath(raw.replace(os.sep, "/"))
-        vid = str(rec.get("video_id") or "").strip() or split_ext(posixpath.basename(raw))[0]
+        vid = _text(rec.get("video_id")) or split_ext(posixpath.basename(raw))[0]
         start, end = seconds(rec.get("start"), "start", where), seconds(rec.get("end"), "end", where)
         ts, duration = seconds(rec.get("timestamp"), "timestamp", where), seconds(rec.get("duration"), "duration", where)
         first = ids.setdefault(vid, (raw, where))
@@ -144,13 +144,18 @@ def rows(ctx: Context) -> Iterator[dict]:
         caption = ctx.caption(rec.get("caption"), where)
         if caption is None:
             continue
-        group = str(rec.get("group") or "").strip() or vid
+        group = _text(rec.get("group")) or vid
         yield {"video_id": vid, "path": full, "start": start, "end": end, "caption": caption,
                "split": split, "timestamp": ts, "group": group, "duration": duration, "_where": where}
     if clamped:
         ctx.notes.append(f"{clamped} rows had end past their duration; end clamped to duration")
     if unknown:
         ctx.notes.append(f"ignored columns: {', '.join(sorted(unknown))}")
+
+
+def _text(value: Any) -> str:
+    """An id as text; only a missing or empty value is absent (a JSONL id 0 is the id '0')."""
+    return "" if value is None else str(value).strip()
 
 
 def _locate(ctx: Context, files, raw: str, cache: dict[str, bool]) -> str | None:
