@@ -610,3 +610,14 @@ def test_generic_jsonl_numeric_ids_zero_are_kept(tmp_path):
     out = tmp_path / "g.parquet"
     prepare("generic", tmp_path, out, file="ann.jsonl")
     assert table(out, "video_id", "caption", "group") == [("0", "first", "0"), ("1", "second", "0")]
+
+
+def test_generic_blank_split_cell_defaults_to_train(tmp_path):
+    # spec section 8: split defaults to train; a cell holding only spaces is empty, as it is
+    # for start/end (seconds() reads "  " as no time), not an unknown split
+    fx.touch(tmp_path, "clips/a.mp4")
+    fx.write(tmp_path, "ann.csv", "path,caption,start,end,split\nclips/a.mp4,a cat,  ,  ,  \n")
+    out = tmp_path / "g.parquet"
+    rep = prepare("generic", tmp_path, out, file="ann.csv")
+    assert table(out, *TIMED) == [("a", None, None, "a cat", "train")]
+    assert rep.rejected == {}

@@ -122,7 +122,7 @@ def rows(ctx: Context) -> Iterator[dict]:
         if full is None:
             ctx.missing(raw)
             continue
-        split = str(rec.get("split") or "train").strip()
+        split = _text(rec.get("split")) or "train"
         if split not in SPLITS:
             ctx.reject(where, f"split must be one of {', '.join(SPLITS)}", category="unknown split")
             continue
