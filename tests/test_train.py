@@ -425,3 +425,23 @@ def test_killed_worker_is_replaced_and_run_finishes(ray_local, synth_small, tmp_
     n_train = read_manifest(synth_small["manifest"], split="train").num_rows
     assert final["total_steps"] == 3 * (n_train // 8) and final["epoch"] == 3
     assert np.isfinite(final["loss"]) and "t2v_r1" in final
+
+
+def test_resuming_with_another_batch_size_is_refused_before_ray_and_leaves_the_run(ray_local, synth_small, tmp_path):
+    """A finished 1-epoch run re-run with another batch size: its checkpoint counts steps of
+    batch 4; continuing would resume at that step on another schedule (seen: a plan of 18 steps
+    that finished at 8), so the call is refused and the run's history is left as it was.
+    The same settings again resume the finished run and change nothing."""
+    from clipray.config import ConfigError
+    from train.driver import run
+
+    args = overrides(synth_small["manifest"], tmp_path, "mixed", **{"train.epochs": 1})
+    first = run(load_config(DEMO, args), quiet_ray=True, table=False)
+    n_train = read_manifest(synth_small["manifest"], split="train").num_rows
+    assert first["total_steps"] == n_train // 8 and first["epoch"] == 1
+    history = (tmp_path / "mixed" / "metrics.csv").read_text()
+    with pytest.raises(ConfigError, match=r"data\.batch_size: 4 -> 2"):
+        run(load_config(DEMO, args + ["data.batch_size=2"]), quiet_ray=True, table=False)
+    with pytest.raises(ConfigError, match=r"model"):
+        run(load_config(DEMO, args + ["model.head=seqTransf"]), quiet_ray=True, table=False)
+    assert (tmp_path / "mixed" / "metrics.csv").read_text() == history

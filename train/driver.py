@@ -67,6 +67,46 @@ def make_run_dir(out: str) -> None:
         raise ConfigError(f"train.storage_path: cannot create the run folder {out} ({e})") from e
 
 
+RESUME_KEY = "resume_key.json"  # what a checkpoint of the run must match to be continued
+
+
+def resume_key(cfg: Config, steps_per_epoch: int, stop_epoch: int = 0) -> dict[str, Any]:
+    """The settings a resumed run must share with its checkpoints: the model the weights load
+    into, and the steps, batch and schedule the saved step and epoch count in. A call with
+    `stop_epoch` (clip editing's rounds) names new data each round, so the manifest is left out."""
+    key = {"model": dataclasses.asdict(cfg.model), "data.batch_size": cfg.data.batch_size,
+           "train.num_workers": cfg.train.num_workers, "train.epochs": cfg.train.epochs,
+           "train.max_steps": cfg.train.max_steps, "train.grad_accum": cfg.train.grad_accum,
+           "train.zero_stage": cfg.train.zero_stage,
+           "train.checkpoint_every_steps": cfg.train.checkpoint_every_steps}
+    if not stop_epoch:
+        manifest = cfg.data.manifest if "://" in cfg.data.manifest else str(Path(cfg.data.manifest).resolve())
+        key.update({"data.manifest": manifest, "steps_per_epoch": steps_per_epoch})
+    return json.loads(json.dumps(key))  # tuples as lists, as read back
+
+
+def check_resume(out: str, key: dict[str, Any]) -> None:
+    """Refuse to continue a run's checkpoints with other settings (re-running with another batch
+    size would resume at the saved step of another schedule and mix the two silently); record
+    the settings of a run that has no checkpoint yet."""
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(out)
+    saved = None
+    if fs.glob(f"{root}/checkpoint_*"):
+        try:
+            saved = json.loads(fs.cat(f"{root}/{RESUME_KEY}"))
+        except FileNotFoundError:
+            saved = None  # a run from before this record: nothing to compare with
+    if saved is None:
+        _put_text(f"{out}/{RESUME_KEY}", json.dumps(key, indent=1))
+        return
+    changed = [f"{k}: {saved[k]!r} -> {v!r}" for k, v in key.items() if k in saved and saved[k] != v]
+    if changed:
+        raise ConfigError(f"{out} holds checkpoints of a run with other settings ({'; '.join(changed)}); "
+                          "resuming would mix the two: use a new train.run_name, or the run's settings")
+
+
 def count_rows(manifest: str, split: str) -> int:
     import pyarrow.dataset as pads
 
@@ -135,6 +175,7 @@ def run(cfg: Config, quiet_ray: bool = False, stop_epoch: int = 0, table: bool =
         raise ConfigError(f"{eval_manifest} has no {eval_split!r} rows to evaluate on: give data.eval_manifest "
                           f"a manifest with a {eval_split} split, or set data.eval_split")
     make_run_dir(out)
+    check_resume(out, resume_key(cfg, steps_per_epoch, stop_epoch))
     cfg = model_io(cfg)  # loads open_clip's model configs (~4 s): after the manifest checks
     # imported after the checks above, so a wrong path or key fails in a second, not after
     # Ray Train and the pipeline load (~5 s)
