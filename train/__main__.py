@@ -23,4 +23,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    # through the `clipray` entry point: a bad config or path is a one-line error and exit
+    # status 2 there, and `ray job submit ... python -m train` shows the same, not a traceback
+    from clipray.cli import main as cli
+
+    raise SystemExit(cli(["train", *sys.argv[1:]]))
