@@ -445,3 +445,29 @@ def test_resuming_with_another_batch_size_is_refused_before_ray_and_leaves_the_r
     with pytest.raises(ConfigError, match=r"model"):
         run(load_config(DEMO, args + ["model.head=seqTransf"]), quiet_ray=True, table=False)
     assert (tmp_path / "mixed" / "metrics.csv").read_text() == history
+
+
+def test_ctrl_c_says_the_run_is_kept_and_how_to_resume(ray_local, synth_small, tmp_path):
+    """SIGINT to the driver (Ctrl-C): Ray Train aborts the run and its ray.get ends in a bare
+    SystemExit(1), which printed nothing at all; the driver now says where the checkpoints are
+    and that re-running the command resumes (the resume itself: test_zero3_stop_and_resume...)."""
+    args = [sys.executable, "-m", "train", str(DEMO),
+            *overrides(synth_small["manifest"], tmp_path, "ctrlc", **{"train.epochs": 20})]
+    env = dict(os.environ, RAY_ADDRESS=_gcs_address(ray_local), PYTHONUNBUFFERED="1")
+    log = tmp_path / "run.log"
+    with open(log, "w") as f:
+        p = subprocess.Popen(args, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while registered_state(str(tmp_path / "ctrlc")) is None:
+            assert p.poll() is None and time.time() < deadline, log.read_text()[-3000:]
+            time.sleep(0.3)
+        os.kill(p.pid, signal.SIGINT)
+        assert p.wait(timeout=120) != 0
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+    said = log.read_text()
+    assert f"training interrupted; its checkpoints stay in {tmp_path / 'ctrlc'}" in said, said[-3000:]
+    assert not (tmp_path / "ctrlc" / "result.json").exists()

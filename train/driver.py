@@ -228,6 +228,12 @@ def run(cfg: Config, quiet_ray: bool = False, stop_epoch: int = 0, table: bool =
     t0 = time.perf_counter()
     try:
         result = trainer.fit()
+    except (KeyboardInterrupt, SystemExit):
+        # Ctrl-C: Ray Train aborts the run and its ray.get ends in a bare SystemExit(1)
+        print(f"\n[driver] training interrupted; its checkpoints stay in {out}: re-run the same command "
+              "(same train.run_name and train.storage_path) to resume from the latest",
+              file=sys.stderr, flush=True)
+        raise
     except ray.train.TrainingFailedError:
         # often every clip was skipped (wrong video root, unreadable files): say so beside the error
         skips = collect_skips(out)
