@@ -133,6 +133,8 @@ def main(argv: list[str] | None = None) -> int:
                 **{k: (lambda a, t=t: _load(t)(a)) for k, t in PASSTHROUGH.items()}}
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
         print(__doc__.strip(), file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout)
+        if argv and argv[0] not in ("-h", "--help"):  # `clipray trian`: say what was wrong, as bench does
+            print(f"clipray: error: unknown command {argv[0]!r}", file=sys.stderr)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     from clipray.config import ConfigError
     from clipray.manifest import ManifestError

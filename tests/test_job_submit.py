@@ -153,3 +153,15 @@ def test_python_m_train_answers_a_bad_config_with_a_usage_error_not_a_traceback(
                            capture_output=True, text=True, timeout=120)
         assert r.returncode == 2, r.stderr[-2000:]
         assert "Traceback" not in r.stderr and said in r.stderr, r.stderr[-2000:]
+
+
+def test_an_unknown_clipray_command_is_named_in_an_error(capsys):
+    """`clipray trian ...` printed the usage text alone (exit 2) without saying what was wrong;
+    `clipray bench nope` names the unknown benchmark, so the top level names the command."""
+    from clipray.cli import main
+
+    assert main(["trian", "train/configs/demo.yaml"]) == 2
+    err = capsys.readouterr().err
+    assert err.rstrip().endswith("clipray: error: unknown command 'trian'"), err[-500:]
+    assert main([]) == 2 and "unknown command" not in capsys.readouterr().err  # no command: usage alone
+    assert main(["--help"]) == 0 and "clipray train CONFIG" in capsys.readouterr().out
