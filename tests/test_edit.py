@@ -290,3 +290,23 @@ def test_left_out_counts_only_captions_never_trained_on():
              {"row_id": 3, "round": 1}, {"row_id": 3, "round": 2}, {"row_id": 4, "round": 2}]  # unscored
     assert skip_counts(skips) == {"left_out": 2, "unscored": 3}
     assert skip_counts([]) == {"left_out": 0, "unscored": 0}
+
+
+def test_edit_state_is_read_back_from_a_run_folder_named_like_a_glob(tmp_path):
+    """fsspec's cat() and copy() expand glob patterns: in a run folder "exp [2]" a resume failed
+    to read edit_state.json, and the teacher's export could not be copied."""
+    from train.edit import _get_json
+
+    out = tmp_path / "exp [2]"
+    out.mkdir()
+    (out / "edit_state.json").write_text(json.dumps({"records": [1, 2]}))
+    assert _get_json(str(out / "edit_state.json")) == {"records": [1, 2]}
+    assert _get_json(str(out / "missing.json")) is None
+    from clipray.export import CONFIG, WEIGHTS
+    from train.edit import _copy_export
+
+    (out / "export").mkdir()
+    for name in (WEIGHTS, CONFIG):
+        (out / "export" / name).write_text(name)
+    _copy_export(str(out / "export"), str(out / "teacher"))  # the teacher, after a better round
+    assert sorted(p.read_text() for p in (out / "teacher").iterdir()) == sorted([WEIGHTS, CONFIG])

@@ -471,3 +471,18 @@ def test_ctrl_c_says_the_run_is_kept_and_how_to_resume(ray_local, synth_small, t
     said = log.read_text()
     assert f"training interrupted; its checkpoints stay in {tmp_path / 'ctrlc'}" in said, said[-3000:]
     assert not (tmp_path / "ctrlc" / "result.json").exists()
+
+
+def test_resume_check_finds_the_checkpoints_of_a_run_folder_named_like_a_glob(tmp_path):
+    import json
+
+    from clipray.config import ConfigError, load_config
+    from train.driver import RESUME_KEY, check_resume, resume_key
+
+    out = tmp_path / "exp [2]"
+    (out / "checkpoint_000001").mkdir(parents=True)
+    cfg = load_config(None, ["data.batch_size=8"])
+    (out / RESUME_KEY).write_text(json.dumps(resume_key(cfg, 5)))
+    check_resume(str(out), resume_key(cfg, 5))  # the same settings: resumes
+    with pytest.raises(ConfigError, match=r"data.batch_size: 8 -> 4"):
+        check_resume(str(out), resume_key(load_config(None, ["data.batch_size=4"]), 5))

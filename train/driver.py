@@ -93,9 +93,10 @@ def check_resume(out: str, key: dict[str, Any]) -> None:
 
     fs, root = fsspec.core.url_to_fs(out)
     saved = None
-    if fs.glob(f"{root}/checkpoint_*"):
+    # listed, not globbed: a run folder named like "exp [2]" is no glob pattern for itself
+    if any(p.rstrip("/").rsplit("/", 1)[-1].startswith("checkpoint_") for p in fs.ls(root, detail=False)):
         try:
-            saved = json.loads(fs.cat(f"{root}/{RESUME_KEY}"))
+            saved = json.loads(fs.cat_file(f"{root}/{RESUME_KEY}"))  # cat() would glob "[2]"
         except FileNotFoundError:
             saved = None  # a run from before this record: nothing to compare with
     if saved is None:

@@ -267,7 +267,7 @@ def _get_json(uri: str) -> Optional[dict]:
     import fsspec
 
     fs, path = fsspec.core.url_to_fs(uri)
-    return json.loads(fs.cat(path)) if fs.exists(path) else None
+    return json.loads(fs.cat_file(path)) if fs.exists(path) else None  # cat() would glob a "[2]" in it
 
 
 def _copy_export(src: str, dst: str) -> None:
@@ -279,7 +279,7 @@ def _copy_export(src: str, dst: str) -> None:
     d = fsspec.core.url_to_fs(dst)[1]
     fs.makedirs(d, exist_ok=True)
     for name in (WEIGHTS, CONFIG):
-        fs.copy(f"{s}/{name}", f"{d}/{name}")
+        fs.cp_file(f"{s}/{name}", f"{d}/{name}")  # copy() would glob a "[2]" in the run folder
 
 
 def _val(final: dict) -> dict[str, float]:
