@@ -142,14 +142,16 @@ def _get_json(url: str, token: str) -> dict:
 
 
 def test_python_m_train_answers_a_bad_config_with_a_usage_error_not_a_traceback(tmp_path):
-    """`python -m train` is what `ray job submit` runs: a config path missing from the job's
-    working dir, or a mistyped override, is one line on stderr and exit status 2, as with
-    `clipray train` (no Ray starts: both fail while the config loads)."""
+    """`python -m train` (and `python -m train.edit`) is what `ray job submit` runs: a config
+    path missing from the job's working dir, or a mistyped override, is one line on stderr and
+    exit status 2, as with `clipray train` (no Ray starts: both fail while the config loads)."""
     env = dict(os.environ, PYTHONPATH=str(REPO))
     env.pop("RAY_ADDRESS", None)
-    for args, said in ((["train/configs/demo.yaml"], f"config file not found: {tmp_path}/train/configs/demo.yaml"),
-                       ([str(REPO / "train/configs/demo.yaml"), "data.manifst=x"], "bad key 'data.manifst'")):
-        r = subprocess.run([sys.executable, "-m", "train", *args], cwd=tmp_path, env=env,
+    for module, args, said in (
+            ("train", ["train/configs/demo.yaml"], f"config file not found: {tmp_path}/train/configs/demo.yaml"),
+            ("train", [str(REPO / "train/configs/demo.yaml"), "data.manifst=x"], "bad key 'data.manifst'"),
+            ("train.edit", [str(REPO / "train/configs/edit_demo.yaml"), "edit.step_s=0"], "edit.step_s must be")):
+        r = subprocess.run([sys.executable, "-m", module, *args], cwd=tmp_path, env=env,
                            capture_output=True, text=True, timeout=120)
         assert r.returncode == 2, r.stderr[-2000:]
         assert "Traceback" not in r.stderr and said in r.stderr, r.stderr[-2000:]

@@ -441,4 +441,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    # through the `clipray` entry point, as `python -m train`: a bad config is one line, exit 2
+    from clipray.cli import main as cli
+
+    raise SystemExit(cli(["edit", *sys.argv[1:]]))
