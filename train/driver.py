@@ -94,7 +94,11 @@ def check_resume(out: str, key: dict[str, Any]) -> None:
     fs, root = fsspec.core.url_to_fs(out)
     saved = None
     # listed, not globbed: a run folder named like "exp [2]" is no glob pattern for itself
-    if any(p.rstrip("/").rsplit("/", 1)[-1].startswith("checkpoint_") for p in fs.ls(root, detail=False)):
+    try:
+        names = [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(root, detail=False)]
+    except FileNotFoundError:  # a new run in object storage, which has no empty folders
+        names = []
+    if any(n.startswith("checkpoint_") for n in names):
         try:
             saved = json.loads(fs.cat_file(f"{root}/{RESUME_KEY}"))  # cat() would glob "[2]"
         except FileNotFoundError:
