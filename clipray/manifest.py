@@ -131,7 +131,7 @@ class ManifestWriter:
         self.rows_per_shard = rows_per_shard
         meta = {"clipray.manifest": "1", **{k: json.dumps(v) for k, v in (metadata or {}).items()}}
         self.schema = SCHEMA.with_metadata(meta)
-        self.fs, self.root = _filesystem(self.out)
+        self.fs, self.root = filesystem(self.out)
         folder = self.root if not self.single else str(Path(self.root).parent)
         kind = self.fs.get_file_info(self.root).type
         if self.single and kind == pafs.FileType.Directory:
@@ -200,7 +200,7 @@ def _as_uri(path: str) -> str:
     return path if "://" in path else str(Path(path).resolve())
 
 
-def _filesystem(path: str) -> tuple[pafs.FileSystem, str]:
+def filesystem(path: str) -> tuple[pafs.FileSystem, str]:
     """The pyarrow filesystem and path of a manifest path or URI. An object store key is taken
     as written, as s3fs/gcsfs take it for the videos and skip files beside the manifest:
     pyarrow's URI parsing would refuse a space or a non-ASCII letter, cut a key at '#' or '?'
@@ -215,7 +215,7 @@ def _filesystem(path: str) -> tuple[pafs.FileSystem, str]:
 
 def manifest_files(path: str) -> tuple[pafs.FileSystem, list[str]]:
     """The Parquet files of a manifest (a file or a directory of shards), sorted."""
-    fs, root = _filesystem(path)
+    fs, root = filesystem(path)
     info = fs.get_file_info(root)
     if info.type == pafs.FileType.NotFound:
         raise ManifestError(f"manifest not found: {path}")

@@ -172,9 +172,9 @@ def _remove_old_shards(out: str) -> None:
         return
     import pyarrow.fs as pafs
 
-    from clipray.manifest import _filesystem
+    from clipray.manifest import filesystem
 
-    fs, base = _filesystem(out)  # the key as the writer takes it: a '#' in it is no fragment
+    fs, base = filesystem(out)  # the key as the writer takes it: a '#' in it is no fragment
     for info in fs.get_file_info(pafs.FileSelector(base, allow_not_found=True)):
         if info.type == pafs.FileType.File and re.fullmatch(r"part-\d+\.parquet", info.base_name):
             fs.delete_file(info.path)

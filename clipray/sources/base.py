@@ -46,9 +46,9 @@ def is_uri(path: str) -> bool:
 
 
 def _fs(path: str):
-    import pyarrow.fs as pafs
+    from clipray.manifest import filesystem
 
-    return pafs.FileSystem.from_uri(path)
+    return filesystem(path)  # an object-store key as written, as the manifest's own
 
 
 def join(base: str, *parts: str) -> str:

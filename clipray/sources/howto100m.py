@@ -31,7 +31,7 @@ from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from typing import Any, Iterator
 
-from clipray.sources.base import (Context, NotUtf8, SourceError, SourceSpec, is_uri, join, open_binary,
+from clipray.sources.base import (Context, NotUtf8, SourceError, SourceSpec, _fs, is_uri, join, open_binary,
                                   open_text, split_ext)
 
 JSON_NAMES = ("raw_caption.json", "caption.json")
@@ -115,7 +115,7 @@ def _isdir(path: str) -> bool:
         return os.path.isdir(path)
     import pyarrow.fs as pafs
 
-    fs, p = pafs.FileSystem.from_uri(path)
+    fs, p = _fs(path)
     return fs.get_file_info(p).type == pafs.FileType.Directory
 
 
@@ -124,7 +124,7 @@ def _list_csv(folder: str) -> list[str]:
         return sorted(e.name for e in os.scandir(folder) if e.name.endswith(".csv") and e.is_file())
     import pyarrow.fs as pafs
 
-    fs, p = pafs.FileSystem.from_uri(folder)
+    fs, p = _fs(folder)
     return sorted(i.base_name for i in fs.get_file_info(pafs.FileSelector(p))
                   if i.type == pafs.FileType.File and i.base_name.endswith(".csv"))
 
