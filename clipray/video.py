@@ -170,11 +170,12 @@ class PyAVVideo:
                 self._container.seek(0)
             except Exception as e:
                 raise SkipClip(f"not a decodable video: {_short(e)}") from None
-        if n and s.duration and s.time_base and "mp4" in self._container.format.name:
+        by_duration = int(round(float(s.duration * s.time_base) * self.fps)) if s.duration and s.time_base else 0
+        if n and by_duration and "mp4" in self._container.format.name:
             # an edit list that hides frames (see DecordVideo) shortens the duration, not the count
-            n = min(n, int(round(float(s.duration * s.time_base) * self.fps)))
-        if not n and s.duration and s.time_base:
-            n = int(round(float(s.duration * s.time_base) * self.fps))
+            n = min(n, by_duration)
+        elif not n and by_duration:
+            n = by_duration
         elif not n and self._container.duration:
             n = int(round(self._container.duration / 1e6 * self.fps))
         self.num_frames = int(n)
