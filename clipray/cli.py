@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import math
 import os
 import sys
 from typing import Callable
@@ -42,13 +43,16 @@ BENCHES = {
 
 
 def at_least(lo: float, cast: Callable[[str], float] = int) -> Callable[[str], float]:
-    """An argparse `type`: a number >= lo, so a zero or negative count is a usage error at once
-    rather than an empty output or a ZeroDivisionError minutes in."""
+    """An argparse `type`: a finite number >= lo, so a zero or negative count (or nan or inf,
+    which pass a `< lo` test) is a usage error at once rather than an empty output or a
+    ZeroDivisionError minutes in."""
     def parse(text: str) -> float:
         try:
             value = cast(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
         if value < lo:
             raise argparse.ArgumentTypeError(f"must be {lo} or more, got {text}")
         return value

@@ -80,6 +80,11 @@ def test_bare_loop_counts_every_frame_on_one_core_and_unpins_after(tmp_path):
     (["bench", "train", "--warmup", "-1"], "argument --warmup: must be 0 or more, got -1"),
     (["bench", "startup", "--rounds", "1"], "argument --rounds: must be 2 or more, got 1"),
     (["bench", "shuffle", "--batch", "1"], "argument --batch: must be 2 or more, got 1"),
+    # `nan < 0` is false, so nan passed the floor, as inf did: both were tracebacks from the
+    # frame arithmetic once generation had started
+    (["data", "synth", "--idle-seconds", "nan"], "argument --idle-seconds: must be a finite number, got nan"),
+    (["data", "synth", "--idle-seconds", "inf"], "argument --idle-seconds: must be a finite number, got inf"),
+    (["bench", "edit", "--idle-seconds", "NaN"], "argument --idle-seconds: must be a finite number, got NaN"),
 ])
 def test_counts_below_their_floor_are_usage_errors_before_any_work(argv, says, tmp_path, capsys, monkeypatch):
     from clipray.cli import main
