@@ -70,7 +70,7 @@ def data_main(argv: list[str]) -> int:
     s = sub.add_parser("synth", help="write the synthetic H.264 video-text dataset and its manifests")
     s.add_argument("--out", required=True, help="output directory")
     s.add_argument("--videos", type=at_least(1), default=200)
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--seed", type=at_least(0), default=0, help="0 or more (numpy's seeds are)")
     s.add_argument("--fps", type=at_least(1), default=8)
     s.add_argument("--width", type=at_least(16), default=96, help="even (H.264 in yuv420p)")
     s.add_argument("--height", type=at_least(16), default=72, help="even")

@@ -85,6 +85,8 @@ def test_bare_loop_counts_every_frame_on_one_core_and_unpins_after(tmp_path):
     (["data", "synth", "--idle-seconds", "nan"], "argument --idle-seconds: must be a finite number, got nan"),
     (["data", "synth", "--idle-seconds", "inf"], "argument --idle-seconds: must be a finite number, got inf"),
     (["bench", "edit", "--idle-seconds", "NaN"], "argument --idle-seconds: must be a finite number, got NaN"),
+    # numpy refuses a negative seed: it was a ValueError traceback from the generator
+    (["data", "synth", "--seed", "-1"], "argument --seed: must be 0 or more, got -1"),
 ])
 def test_counts_below_their_floor_are_usage_errors_before_any_work(argv, says, tmp_path, capsys, monkeypatch):
     from clipray.cli import main
