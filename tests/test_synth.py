@@ -127,7 +127,11 @@ def test_demo_checks_its_overrides_before_making_videos(tmp_path):
     from clipray.config import ConfigError
     from clipray.demo import main
 
-    for bad, says in (("train.epocs=3", "train.epocs"), ("foo", "key=value, got: foo")):
+    for bad, says in (("train.epocs=3", "train.epocs"), ("foo", "key=value, got: foo"),
+                      # names the registries know, checked before the videos too (they were
+                      # checked only once training started, after a minute of video making)
+                      ("model.head=seqtransf", "model.head must be one of"),
+                      ("model.name=test_meanp", "model.name: unknown model 'test_meanp'")):
         with pytest.raises(ConfigError, match=says):
             main(["--data", str(tmp_path / "synth"), "--no-serve", bad])
     assert not (tmp_path / "synth").exists()

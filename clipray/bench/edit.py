@@ -46,9 +46,11 @@ def main(argv: list[str] | None = None) -> int:
     from clipray.demo import ensure_synth
     from train import driver, edit
 
+    config = Path(train.__file__).parent / "configs" / "edit_demo.yaml"
+    # a bad override fails now, not after minutes of video making
+    driver.model_io(load_config(config, args.overrides))
     data = args.data or ("clipray_data/synth" + (f"-idle{args.idle_seconds:g}" if args.idle_seconds else ""))
     events = ensure_synth(Path(data), args.videos, idle_seconds=args.idle_seconds).resolve().parent / "events.parquet"
-    config = Path(train.__file__).parent / "configs" / "edit_demo.yaml"
     runs = Path(tempfile.mkdtemp(prefix="clipray-bench-edit-"))
     common = [f"data.manifest={events}", f"train.storage_path={runs}", *args.overrides]
     rows = []
