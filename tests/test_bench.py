@@ -126,6 +126,26 @@ def test_an_unknown_benchmark_is_named(capsys):
     assert capsys.readouterr().out.startswith("usage: clipray bench {data,")
 
 
+@pytest.mark.parametrize("argv, says", [
+    (["--heads", "meanP", "--words", "78"], "--words 78: test_meanP reads captions of at most 77 tokens"),
+    (["--heads", "meanP,seqTransf", "--frames", "78"], "--frames 78: test_seqTransf has positions for at most 77 frames"),
+    (["--heads", "tightTransf", "--frames", "77"], "--frames 77: test_tightTransf has positions for at most 76 frames"),
+])
+def test_bench_model_words_or_frames_past_the_positions_are_a_line_not_a_traceback(argv, says, capsys):
+    """Captions get the text tower's 77 positions, and seqTransf / tightTransf copy them for the
+    frames (tightTransf after the caption's one): past them, every row was a ValueError traceback."""
+    from clipray.bench.model import main
+
+    assert main(["--sizes", "tiny", "--repeats", "1", "--batch", "1", *argv]) == 2
+    assert capsys.readouterr().out.strip().endswith(says)
+    from clipray.bench.model import _past_positions
+
+    # the edges themselves fit (meanP and seqLSTM take any number of frames)
+    assert _past_positions(["tiny"], ["meanP", "seqLSTM", "seqTransf"], 77, 77) is None
+    assert _past_positions(["tiny"], ["tightTransf"], 77, 76) is None
+    assert _past_positions(["tiny"], ["meanP", "seqLSTM"], 77, 500) is None
+
+
 def test_saved_for_backward_counts_activations_not_parameters():
     import torch
 

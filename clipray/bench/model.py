@@ -184,6 +184,25 @@ def bench_one(name: str, batch: int, frames: int, words: int, repeats: int, devi
     }
 
 
+def _past_positions(sizes: Sequence[str], heads: Sequence[str], words: int, frames: int) -> Optional[str]:
+    """What is wrong when --words or --frames do not fit a model's positions: captions get the
+    text tower's context length, and seqTransf / tightTransf copy those positions for frames
+    (tightTransf puts the caption in front of them)."""
+    from clipray.models import get_spec
+    from clipray.models.backbone import open_clip_config
+
+    for size in sizes:
+        for head in heads:
+            name = f"{SIZES[size]}_{head}"
+            ctx = int(open_clip_config(get_spec(name).open_clip_name).get("text_cfg", {}).get("context_length", 77))
+            if words > ctx:
+                return f"--words {words}: {name} reads captions of at most {ctx} tokens"
+            most = {"seqTransf": ctx, "tightTransf": ctx - 1}.get(head)
+            if most is not None and frames > most:
+                return f"--frames {frames}: {name} has positions for at most {most} frames"
+    return None
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parser().parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # random weights: never touch the network
@@ -198,6 +217,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
            + [t for t in tunings if t not in TUNINGS])
     if bad:
         print(f"unknown size/head/tuning: {', '.join(bad)}")
+        return 2
+    too_long = _past_positions(sizes, heads, args.words, args.frames)
+    if too_long:  # else a ValueError traceback from the first model that cannot take them
+        print(too_long)
         return 2
     try:
         cuda = torch.device(args.device).type == "cuda"
