@@ -107,6 +107,9 @@ if [[ -z $storage_path ]]; then
     # Fall back to the config's own train.storage_path, as python -m train would. load_config
     # makes a relative path absolute against the current directory, so it is read from an empty
     # temporary one: a path under it was relative (refused below), not this machine's <checkout>/runs.
+    # A config that does not load, or a local python without clipray's dependencies, is said
+    # as such: falling back to "runs" blamed a relative path the config may not have.
+    read_err="$(mktemp)"
     storage_path="$(python -c '
 import os, sys, tempfile
 sys.path.insert(0, os.getcwd())  # the checkout, for imports made after the chdir below
@@ -117,7 +120,12 @@ with tempfile.TemporaryDirectory() as d:
     os.chdir(d)
     here, path = str(Path(d).resolve()), load_config(config).train.storage_path
     print(os.path.relpath(path, here) if path == here or path.startswith(here + os.sep) else path)
-' "$config" 2>/dev/null || true)"
+' "$config" 2>"$read_err")" || {
+        why="$(grep -v '^[[:space:]]*$' "$read_err" | tail -n 1)"
+        rm -f "$read_err"
+        die "cannot read train.storage_path from $config (${why:-python failed}); give train.storage_path=... or set CLIPRAY_STORAGE_PATH"
+    }
+    rm -f "$read_err"
     [[ -n $storage_path ]] || storage_path="runs"
 fi
 if [[ $storage_path != *://* ]]; then

@@ -448,6 +448,26 @@ def test_submit_sh_refuses_a_configs_relative_storage_path_too(tmp_path):
     assert r.returncode == 0 and "train.storage_path=s3://YOUR-BUCKET/runs\n" in r.stdout, r.stderr
 
 
+def test_submit_sh_says_when_it_cannot_read_the_configs_storage_path(tmp_path):
+    """The config's train.storage_path is read with the local python. When that fails (no
+    clipray dependencies on this machine, a config that does not load) the script fell back to
+    `runs` and refused it as relative, though howto100m.yaml's is s3://: now it says what failed."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "python").write_text("#!/bin/sh\necho \"ModuleNotFoundError: No module named 'omegaconf'\" >&2\nexit 1\n")
+    (bin_dir / "python").chmod(0o755)
+    env = dict(RAY_ADDRESS="http://127.0.0.1:8265", RAY_AUTH_MODE="token", RAY_AUTH_TOKEN="t", CLIPRAY_DRY_RUN="1",
+               PATH=f"{bin_dir}:{os.environ['PATH']}")
+    r = _submit(tmp_path, "train/configs/howto100m.yaml", **env)
+    assert r.returncode == 2 and "relative" not in r.stderr, r.stderr
+    assert r.stderr.strip() == ("submit.sh: cannot read train.storage_path from train/configs/howto100m.yaml "
+                                "(ModuleNotFoundError: No module named 'omegaconf'); give train.storage_path=... "
+                                "or set CLIPRAY_STORAGE_PATH")
+    # a storage path given needs no python at all
+    r = _submit(tmp_path, "train/configs/howto100m.yaml", "train.storage_path=s3://b/r", **env)
+    assert r.returncode == 0 and "train.storage_path=s3://b/r\n" in r.stdout, r.stderr
+
+
 def test_readme_covers_every_file_and_the_job_commands():
     text = (CLUSTER / "README.md").read_text()
     for p in sorted(CLUSTER.iterdir()):
