@@ -31,10 +31,27 @@ def ensure_synth(data_dir: Path, videos: int, seed: int = 0, **options) -> Path:
         generate(data_dir, videos=videos, seed=seed, progress=True, **options)
         return manifest
     made = json.loads((data_dir / "synth.json").read_text())
-    other = (made.get("videos"), made.get("seed")) != (videos, seed)
+    other = []
+    if (made.get("videos"), made.get("seed")) != (videos, seed):
+        other.append(f"{videos} (seed {seed})")
+    # the idle background changes what the set is (`bench edit --idle-seconds`): say so too
+    idle = float(options.get("idle_seconds", 0.0))
+    made_idle = float(_synth_metadata(manifest).get("idle_seconds", 0.0))
+    if made_idle != idle:
+        other.append(f"{idle:g} s of idle background (these have {made_idle:g} s)")
     print(f"[demo] using the {made.get('videos')} synthetic videos (seed {made.get('seed')}) already in {data_dir}"
-          + (f"; for {videos} (seed {seed}) give another --data folder" if other else ""), flush=True)
+          + (f"; for {' and '.join(other)} give another --data folder" if other else ""), flush=True)
     return manifest
+
+
+def _synth_metadata(manifest: Path) -> dict:
+    """What `generate` recorded in the manifest (seed, fps, idle_seconds, ...); {} if unreadable."""
+    from clipray.manifest import ManifestError, manifest_metadata
+
+    try:
+        return manifest_metadata(manifest)
+    except (ManifestError, OSError):
+        return {}
 
 
 def demo_config_path() -> Path:

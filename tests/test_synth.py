@@ -121,6 +121,20 @@ def test_demo_reuses_a_made_set_and_says_when_it_differs_from_the_one_asked_for(
     assert sorted(p.stat().st_mtime_ns for p in (tmp_path / "s").rglob("*.mp4")) == before
 
 
+def test_a_made_set_with_other_idle_seconds_is_named_when_reused(tmp_path, capsys):
+    """`clipray bench edit --data DIR --idle-seconds 1` on a set made back to back (the demo's)
+    used it without a word, and its table then compared edits on a set without idle background."""
+    from clipray.demo import ensure_synth
+
+    ensure_synth(tmp_path / "s", videos=3, seed=1)  # back to back, as the demo makes it
+    capsys.readouterr()
+    ensure_synth(tmp_path / "s", videos=3, seed=1, idle_seconds=1.0)
+    assert capsys.readouterr().out.endswith(
+        "already in " + str(tmp_path / "s") + "; for 1 s of idle background (these have 0 s) give another --data folder\n")
+    ensure_synth(tmp_path / "s", videos=3, seed=1, idle_seconds=0.0)  # what it has: nothing to say
+    assert capsys.readouterr().out.endswith("already in " + str(tmp_path / "s") + "\n")
+
+
 def test_demo_checks_its_overrides_before_making_videos(tmp_path):
     import pytest
 
