@@ -93,6 +93,8 @@ def data_main(argv: list[str]) -> int:
 
         if args.width % 2 or args.height % 2:
             s.error(f"--width and --height must be even for H.264 (yuv420p), got {args.width}x{args.height}")
+        if max(args.width, args.height) > 16384:  # else libx264 refuses to open, as a traceback
+            s.error(f"--width and --height must be 16384 or less for libx264, got {args.width}x{args.height}")
 
         made = generate(args.out, videos=args.videos, seed=args.seed, fps=args.fps, width=args.width,
                         height=args.height, max_events=args.max_events, idle_seconds=args.idle_seconds,

@@ -73,6 +73,8 @@ def test_bare_loop_counts_every_frame_on_one_core_and_unpins_after(tmp_path):
 @pytest.mark.parametrize("argv, says", [
     (["data", "synth", "--videos", "0"], "argument --videos: must be 1 or more, got 0"),
     (["data", "synth", "--width", "33"], "--width and --height must be even for H.264 (yuv420p), got 33x72"),
+    # libx264's limit: past it the encoder failed to open, as an av.error traceback
+    (["data", "synth", "--width", "16386"], "--width and --height must be 16384 or less for libx264, got 16386x72"),
     (["demo", "--videos", "-2"], "argument --videos: must be 1 or more, got -2"),
     (["bench", "data", "--cores", "0"], "argument --cores: must be 1 or more, got 0"),
     (["bench", "data", "--repeat", "two"], "argument --repeat: not a number: 'two'"),
