@@ -12,6 +12,7 @@ win. That keeps the paper recipes (MSR-VTT, MSVD, ...) to a few lines each.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence, TypeVar, get_args, get_origin
@@ -191,6 +192,9 @@ RULES: dict[type, dict[str, tuple[Any, str]]] = {
 }
 
 
+UNBOUNDED = {"timeout_s"}  # `inf` is no limit (clipray.video); every other ruled number must be finite
+
+
 def bad_value(cfg: Any, prefix: str = "") -> Optional[tuple[str, str]]:
     """The first (key, what is wrong) that breaks RULES in a loaded config of any schema."""
     rules = RULES.get(type(cfg), {})
@@ -200,6 +204,10 @@ def bad_value(cfg: Any, prefix: str = "") -> Optional[tuple[str, str]]:
             bad = bad_value(value, key + ".")
             if bad:
                 return bad
+        elif (f.name in rules and isinstance(value, float) and not math.isfinite(value)
+              and not (f.name in UNBOUNDED and value > 0)):
+            # `data.video.fps=inf` passed `> 0` and divided by zero in every clip's decode
+            return key, f"must be a finite number, got {value!r}"
         elif f.name in rules and value is not None and not rules[f.name][0](value):
             return key, f"must be {rules[f.name][1]}, got {value!r}"
     return None

@@ -133,6 +133,12 @@ def test_a_value_given_to_a_section_names_the_section_and_its_keys(tmp_path):
     ("train.zero_stage", "5", "train.zero_stage must be one of 0, 1, 2, 3, got 5"),
     ("train.precision", "fp16", "train.precision must be one of auto, fp32, bf16, got 'fp16'"),
     ("ray.num_cpus", "0", "ray.num_cpus must be >= 1, got 0"),
+    # inf passed `> 0` / `>= 0`: fps=inf divided by zero in every clip's decode (all skipped),
+    # lr=inf trains to NaN (video.timeout_s=inf stays allowed: no limit)
+    ("data.video.fps", "inf", "data.video.fps must be a finite number, got inf"),
+    ("data.video.timeout_s", "-inf", "data.video.timeout_s must be a finite number, got -inf"),
+    ("optim.lr", "inf", "optim.lr must be a finite number, got inf"),
+    ("data.decode_cpus", "inf", "data.decode_cpus must be a finite number, got inf"),
 ])
 def test_values_out_of_range_name_key_and_source(tmp_path, key, value, says):
     with pytest.raises(ConfigError) as e:
@@ -148,6 +154,7 @@ def test_values_out_of_range_name_key_and_source(tmp_path, key, value, says):
     # the edges that are allowed load, and an unset Optional passes
     assert load_config(None, ["data.shuffle_buffer=0", "optim.warmup_ratio=0", "train.max_failures=-1"])
     assert load_config(None).ray.num_cpus is None
+    assert load_config(None, ["data.video.timeout_s=inf"]).data.video.timeout_s == float("inf")
 
 
 def test_serve_config_gets_the_same_video_rules():
