@@ -182,7 +182,8 @@ RULES: dict[type, dict[str, tuple[Any, str]]] = {
                       cpus_per_worker=_at_least(0), zero_stage=_one_of(0, 1, 2, 3),
                       precision=_one_of("auto", "fp32", "bf16"),
                       grad_accum=_at_least(1), eval_every_epochs=_at_least(0),
-                      checkpoint_every_steps=_at_least(0), max_failures=_at_least(-1)),
+                      checkpoint_every_steps=_at_least(0), max_failures=_at_least(-1),
+                      seed=_at_least(0)),  # numpy (Ray Data's local shuffle) refuses a negative seed
     RayConfig: dict(num_cpus=_at_least(1)),
     EditConfig: dict(init=_one_of("midpoint", "window"), window_s=_at_least(0), max_width_s=_at_least(0),
                      min_width_s=_above(0), warmup_epochs=_at_least(1), rounds=_at_least(0),

@@ -139,6 +139,9 @@ def test_a_value_given_to_a_section_names_the_section_and_its_keys(tmp_path):
     ("data.video.timeout_s", "-inf", "data.video.timeout_s must be a finite number, got -inf"),
     ("optim.lr", "inf", "optim.lr must be a finite number, got inf"),
     ("data.decode_cpus", "inf", "data.decode_cpus must be a finite number, got inf"),
+    # with data.shuffle_buffer the seed goes to numpy's default_rng in Ray Data's local shuffle,
+    # which raised "expected non-negative integer" in every training worker once Ray was up
+    ("train.seed", "-1", "train.seed must be >= 0, got -1"),
 ])
 def test_values_out_of_range_name_key_and_source(tmp_path, key, value, says):
     with pytest.raises(ConfigError) as e:
