@@ -177,7 +177,9 @@ RULES: dict[type, dict[str, tuple[Any, str]]] = {
                      decode_cpus=_above(0), decode_batch=_at_least(1),
                      shuffle_buffer=_at_least(0)),
     OptimConfig: dict(lr=_above(0), coef_lr=_at_least(0), weight_decay=_at_least(0), eps=_above(0),
-                      warmup_ratio=((lambda v: 0 <= v < 1), "in [0, 1)"), grad_clip=_at_least(0)),
+                      warmup_ratio=((lambda v: 0 <= v < 1), "in [0, 1)"), grad_clip=_at_least(0),
+                      # else AdamW's ValueError in every training worker, once Ray is up
+                      betas=((lambda v: all(0 <= b < 1 for b in v)), "two numbers in [0, 1)")),
     TrainConfig: dict(epochs=_at_least(1), max_steps=_at_least(0), num_workers=_at_least(1),
                       cpus_per_worker=_at_least(0), zero_stage=_one_of(0, 1, 2, 3),
                       precision=_one_of("auto", "fp32", "bf16"),

@@ -142,6 +142,8 @@ def test_a_value_given_to_a_section_names_the_section_and_its_keys(tmp_path):
     # with data.shuffle_buffer the seed goes to numpy's default_rng in Ray Data's local shuffle,
     # which raised "expected non-negative integer" in every training worker once Ray was up
     ("train.seed", "-1", "train.seed must be >= 0, got -1"),
+    # torch's AdamW refuses them, but only in the training workers, after Ray started
+    ("optim.betas", "[0.9,1.5]", "optim.betas must be two numbers in [0, 1), got (0.9, 1.5)"),
 ])
 def test_values_out_of_range_name_key_and_source(tmp_path, key, value, says):
     with pytest.raises(ConfigError) as e:
