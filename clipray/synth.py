@@ -190,6 +190,9 @@ def generate(out: str | Path, videos: int = 200, seed: int = 0, width: int = 96,
     """Write the videos and both manifests; returns a summary dict (also saved as synth.json)."""
     out = Path(out)
     (out / "videos").mkdir(parents=True, exist_ok=True)
+    # synth.json marks a finished set (`clipray demo` reuses one): a run that stops midway, over
+    # an older set, must not leave the old marker and manifests over some of the new videos
+    (out / "synth.json").unlink(missing_ok=True)
     rng = np.random.default_rng(seed + 1)
     rows, event_rows = [], []
     specs = plan(videos, seed, val_frac, test_frac, max_events)

@@ -135,6 +135,34 @@ def test_a_made_set_with_other_idle_seconds_is_named_when_reused(tmp_path, capsy
     assert capsys.readouterr().out.endswith("already in " + str(tmp_path / "s") + "\n")
 
 
+def test_a_generation_stopped_midway_leaves_no_finished_set_behind(tmp_path, monkeypatch, capsys):
+    """Writing a set over another (another seed) and stopping it (Ctrl-C) left the old synth.json
+    and manifests beside some new videos: the demo then reused the set, its captions naming
+    what other videos showed."""
+    import clipray.synth as synth
+    from clipray.demo import ensure_synth
+
+    generate(tmp_path / "s", videos=4, seed=1)
+    real, written = synth.write_mp4, []
+
+    def stop_after_two(path, *a, **k):
+        if len(written) == 2:
+            raise KeyboardInterrupt
+        written.append(path)
+        return real(path, *a, **k)
+
+    monkeypatch.setattr(synth, "write_mp4", stop_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        generate(tmp_path / "s", videos=4, seed=2)
+    monkeypatch.setattr(synth, "write_mp4", real)
+    assert not (tmp_path / "s" / "synth.json").exists()
+    capsys.readouterr()
+    ensure_synth(tmp_path / "s", videos=4, seed=2)  # made again, whole
+    assert "generating 4 synthetic videos" in capsys.readouterr().out
+    assert read_manifest(str(tmp_path / "s" / "manifest.parquet")).column("caption").to_pylist() == \
+        [v.caption for v in plan(4, 2, val_frac=0.1, test_frac=0.2)]
+
+
 def test_demo_checks_its_overrides_before_making_videos(tmp_path):
     import pytest
 
