@@ -383,6 +383,24 @@ def test_bench_serve_refuses_a_dim_below_the_embeddings_it_lifts(monkeypatch, ca
     assert e.value.code == 2 and "argument --dim: must be 64 or more, got 32" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv, says", [
+    (["--json", "no-such-folder/serve.json"], "--json no-such-folder/serve.json: no folder"),
+    (["--skip-api", "--skip-index"], "--skip-api and --skip-index leave nothing to run"),
+])
+def test_bench_serve_refuses_a_json_it_could_not_write_before_the_run(argv, says, tmp_path, monkeypatch, capsys):
+    """--json in a folder that is not there failed with FileNotFoundError when writing it, after
+    the whole run; skipping both parts started Ray to measure nothing."""
+    import clipray.bench.serve as bench
+    import clipray.runtime
+    from clipray.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    _no_work(monkeypatch, (clipray.runtime, "init_ray"), (bench, "api_bench"), (bench, "index_bench"))
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "serve", *argv])
+    assert e.value.code == 2 and says in capsys.readouterr().err
+
+
 def test_bench_stream_refuses_more_actors_than_the_local_ray_can_run_beside_its_reads(monkeypatch, capsys):
     """Phase 2's tokenise actors take a CPU each; with all of the embedded Ray's CPUs held by
     them the read tasks never run and the stream waits forever, silently. Ray is faked here

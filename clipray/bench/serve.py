@@ -331,6 +331,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workdir", default=None, help="models, clips and indexes (default: a temp dir)")
     ap.add_argument("--json", default=None, help="also write the figures here")
     args = ap.parse_args(argv)
+    if args.skip_api and args.skip_index:
+        ap.error("--skip-api and --skip-index leave nothing to run")
+    if args.json and not Path(args.json).resolve().parent.is_dir():  # else lost after the whole run
+        ap.error(f"--json {args.json}: no folder {Path(args.json).resolve().parent} to write it in")
 
     from clipray.runtime import init_ray, quiet_data_progress
 
