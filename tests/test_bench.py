@@ -118,6 +118,18 @@ def test_bench_heads_and_edit_check_their_overrides_before_making_videos(bench, 
     assert not (tmp_path / "synth").exists()
 
 
+def test_bench_data_with_no_training_clip_says_so_before_ray(tmp_path, monkeypatch):
+    """`clipray bench data --videos 1` makes one test video: its bare loop timed 0 clips and the
+    pipeline run was a ZeroDivisionError traceback, after Ray had started."""
+    import clipray.runtime
+    from clipray.cli import main
+
+    _no_work(monkeypatch, (clipray.runtime, "init_ray"))
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "data", "--videos", "1", "--skip-real", "--workdir", str(tmp_path)])
+    assert "--videos 1 put no video in the train split, nothing to decode; raise --videos" in str(e.value.code)
+
+
 def test_an_unknown_benchmark_is_named(capsys):
     from clipray.cli import main
 

@@ -255,6 +255,10 @@ def main(argv: list[str] | None = None) -> int:
     if not args.skip_real:
         sets["real H.264 (360p, 10 s windows)"] = (
             real_manifest(work / "real"), VideoConfig(fps=1, max_frames=args.frames, size=args.size), 8)
+    for name, (manifest, _, _) in sets.items():  # the clips decoded are the train split's
+        if read_manifest(manifest, columns=["row_id"], split="train").num_rows == 0:
+            raise SystemExit(f"clipray bench data: {name}: --videos {args.videos} put no video in the train "
+                             "split, nothing to decode; raise --videos")
     print(f"clipray bench data: {args.cores} cores, {args.frames} frames/clip at {args.size}px, "
           f"repeat {args.repeat}; the bare loops run before Ray starts and again after it stops")
     passes = max(1, args.repeat // 2)  # of the bare loop, each time it runs
