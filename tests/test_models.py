@@ -162,6 +162,24 @@ def test_text_is_eot_feature_at_any_length():
     assert torch.allclose(a, b, atol=1e-5) and not torch.allclose(a, ours32, atol=1e-3)
 
 
+def test_unipt_text_side_sees_every_caption_token_up_to_end_of_text():
+    """The side network weighs and averages a caption's own tokens: start, words, end of text.
+    Token id 0 is padding, and also "!" before another symbol ("wow!("): it was masked out."""
+    import open_clip
+
+    unipt = build("test_meanP", tuning="unipt").eval()
+    tok = open_clip.get_tokenizer("ViT-B-32", context_length=16)
+    texts = ["wow!( a red square", "left!/ then up", "kids play football"]
+    t = tok(texts)
+    assert (t[:2, 2:4] == 0).any(1).all()  # the "!" tokens of the first two captions are id 0
+    n = torch.tensor([len(tok.encode(x)) + 2 for x in texts])  # start + words + end, by hand
+    valid = torch.arange(16)[None] < n[:, None]
+    with torch.no_grad():
+        anchor, states = unipt.backbone.encode_text(t, with_states=True)
+        want = anchor + unipt.tuning.text(anchor, states, n - 1, valid)
+        assert torch.allclose(unipt.encode_text(t), F.normalize(want, dim=-1), atol=1e-6)
+
+
 @pytest.mark.parametrize("tuning", ["full", "unipt"])
 def test_misshapen_inputs_are_clear_errors(tuning):
     model = build("test_meanP", tuning=tuning).eval()

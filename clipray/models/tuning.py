@@ -131,8 +131,11 @@ class UniPTTuning(Tuning):
     def encode_text(self, backbone: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             anchor, states = backbone.encode_text(tokens, with_states=True)
-        # Zero is the tokenizer's padding id; the start and end tokens are never zero.
-        return anchor + self.text(anchor, states, backbone.eot_index(tokens), tokens != 0)
+        # The caption's tokens are those up to its end-of-text token. Not `tokens != 0`: zero is
+        # the padding id but also a real token ("!" before another symbol, as in "wow!(").
+        eot = backbone.eot_index(tokens)
+        valid = torch.arange(tokens.shape[1], device=tokens.device)[None] <= eot[:, None]
+        return anchor + self.text(anchor, states, eot, valid)
 
     def encode_frames(self, backbone: nn.Module, frames: torch.Tensor, mask: torch.Tensor):
         with torch.no_grad():
