@@ -392,6 +392,34 @@ def test_zero3_stop_and_resume_at_saved_step(ray_local, synth_small, tmp_path):
     assert epochs == ["1", "2", "3"]  # no epoch trained twice: the history continues
 
 
+def test_a_resume_off_a_grad_accum_boundary_keeps_the_optimiser_steps_of_a_straight_run(ray_local, synth_small,
+                                                                                       tmp_path):
+    """train.grad_accum=2 with 3 steps per epoch (18 rows, 2 workers x 3): epoch 1 ends half-way
+    through an accumulation. A run stopped after it and resumed must step the optimiser where
+    one never stopped does, after micro-steps 2, 4 and 6: 1 step by the end of epoch 1, 3 by the
+    end. DeepSpeed counted micro-steps from 0 again after the resume, so the resumed run stepped
+    after 5 alone: 2 steps, and its schedule stopped half-way (lr 5e-4 at the end, not 0)."""
+    import math
+
+    from train.driver import run
+
+    args = overrides(synth_small["manifest"], tmp_path, "accum", **{"data.batch_size": 3, "train.grad_accum": 2})
+    run(load_config(DEMO, args), quiet_ray=True, stop_epoch=1, table=False)
+    final = run(load_config(DEMO, args), quiet_ray=True, table=False)
+    assert final["total_steps"] == 6
+    with open(tmp_path / "accum" / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    # demo: lr 1e-3 for every group, 10% warm-up; the schedule spans 6 // 2 = 3 optimiser steps,
+    # of which int(0.3) -> 1 warms up; "lr" is the rate after the epoch's last optimiser step
+    n, warm = 3, 1
+
+    def lr_after(k):  # k optimiser steps taken
+        return 1e-3 * ((k + 1) / warm if k < warm else 0.5 * (1 + math.cos(math.pi * min(1, (k - warm) / (n - warm)))))
+
+    assert [int(r["step"]) for r in rows] == [3, 6]
+    assert [float(r["lr"]) for r in rows] == pytest.approx([lr_after(1), lr_after(3)], abs=1e-12)
+
+
 def _train_worker_pids() -> list[int]:
     """Ray titles each actor's process `ray::<Class>...`: find the training workers by it,
     among the descendants of this process (whose Ray started them), never anyone else's."""

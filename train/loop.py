@@ -180,6 +180,11 @@ def train_loop(config: dict[str, Any]) -> None:
         with ckpt.as_directory() as d:
             engine.load_checkpoint(d, tag=TAG)
             state = json.loads((Path(d) / STATE).read_text())
+        # DeepSpeed restores its optimiser steps but not its micro-step count, from which it
+        # finds the train.grad_accum boundaries: left at 0, a resume that is not on a boundary
+        # shifts every later one, and the run takes fewer optimiser (and schedule) steps than
+        # one never stopped. Every engine.step() is one of our steps.
+        engine.micro_steps = state["step"]
         if rank == 0:
             say(f"[train] resumed from step {state['step']} (epoch {state['epoch']})")
 
