@@ -459,7 +459,8 @@ def test_resuming_with_another_batch_size_is_refused_before_ray_and_leaves_the_r
     """A finished 1-epoch run re-run with another batch size: its checkpoint counts steps of
     batch 4; continuing would resume at that step on another schedule (seen: a plan of 18 steps
     that finished at 8), so the call is refused and the run's history is left as it was.
-    The same settings again resume the finished run and change nothing."""
+    The same settings again resume the finished run and change nothing. So do optimiser settings:
+    the checkpoint restores its own learning rate, and a new one was ignored without a word."""
     from clipray.config import ConfigError
     from train.driver import run
 
@@ -472,6 +473,11 @@ def test_resuming_with_another_batch_size_is_refused_before_ray_and_leaves_the_r
         run(load_config(DEMO, args + ["data.batch_size=2"]), quiet_ray=True, table=False)
     with pytest.raises(ConfigError, match=r"model"):
         run(load_config(DEMO, args + ["model.head=seqTransf"]), quiet_ray=True, table=False)
+    # the checkpoint's optimiser and schedule bring back lr 1e-3: a new rate was ignored silently
+    with pytest.raises(ConfigError, match=r"optim\.lr: 0\.001 -> 0\.002"):
+        run(load_config(DEMO, args + ["optim.lr=2e-3"]), quiet_ray=True, table=False)
+    with pytest.raises(ConfigError, match=r"optim\.warmup_ratio: 0\.1 -> 0\.5"):
+        run(load_config(DEMO, args + ["optim.warmup_ratio=0.5"]), quiet_ray=True, table=False)
     assert (tmp_path / "mixed" / "metrics.csv").read_text() == history
 
 

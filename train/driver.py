@@ -72,13 +72,18 @@ RESUME_KEY = "resume_key.json"  # what a checkpoint of the run must match to be 
 
 def resume_key(cfg: Config, steps_per_epoch: int, stop_epoch: int = 0) -> dict[str, Any]:
     """The settings a resumed run must share with its checkpoints: the model the weights load
-    into, and the steps, batch and schedule the saved step and epoch count in. A call with
-    `stop_epoch` (clip editing's rounds) names new data each round, so the manifest is left out."""
+    into, the steps, batch and schedule the saved step and epoch count in, and the optimiser's
+    settings: the checkpoint's optimiser and schedule state bring back their own learning rates,
+    weight decay, betas and eps over the config's (a new optim.lr was ignored without a word),
+    while a new warm-up would move the schedule under the saved step. A call with `stop_epoch`
+    (clip editing's rounds) names new data each round, so the manifest is left out."""
     key = {"model": dataclasses.asdict(cfg.model), "data.batch_size": cfg.data.batch_size,
            "train.num_workers": cfg.train.num_workers, "train.epochs": cfg.train.epochs,
            "train.max_steps": cfg.train.max_steps, "train.grad_accum": cfg.train.grad_accum,
            "train.zero_stage": cfg.train.zero_stage,
-           "train.checkpoint_every_steps": cfg.train.checkpoint_every_steps}
+           "train.checkpoint_every_steps": cfg.train.checkpoint_every_steps,
+           # optim.grad_clip is left out: it reaches DeepSpeed's config anew at every start
+           **{f"optim.{k}": v for k, v in dataclasses.asdict(cfg.optim).items() if k != "grad_clip"}}
     if not stop_epoch:
         manifest = cfg.data.manifest if "://" in cfg.data.manifest else str(Path(cfg.data.manifest).resolve())
         key.update({"data.manifest": manifest, "steps_per_epoch": steps_per_epoch})
