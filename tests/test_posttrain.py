@@ -135,6 +135,23 @@ def test_fewer_shards_than_workers_is_a_clear_error_before_ray(synth_small, tmp_
     assert not (tmp_path / "few").exists()
 
 
+def test_a_streamed_run_without_an_eval_manifest_is_a_clear_error_before_ray(synth_small, tmp_path):
+    """data.shard_stream never reads the training manifest whole, so nothing counted its test
+    rows: a run without data.eval_manifest trained its first checkpoint_every_steps steps and
+    then failed in every worker with "no clip of the 'test' split could be decoded"."""
+    from clipray.config import ConfigError, load_config
+    from train.driver import run
+
+    rows = [dict(r, split="train") for r in read_manifest(synth_small["manifest"]).to_pylist()]
+    write_manifest(rows, tmp_path / "m", rows_per_shard=6)
+    cfg = load_config(REPO / "train/configs/demo.yaml", [
+        f"data.manifest={tmp_path / 'm'}", "data.shard_stream=true", "train.max_steps=2",
+        f"train.storage_path={tmp_path}", "train.run_name=noeval"])
+    with pytest.raises(ConfigError, match=r"data.shard_stream evaluates on data.eval_manifest, which is empty"):
+        run(cfg, quiet_ray=True)
+    assert not (tmp_path / "noeval").exists()
+
+
 def test_decode_actors_that_leave_no_room_for_the_evaluation_pool_are_refused(ray_local, synth_small, tmp_path):
     """Each worker's decode actors stay up, paused, while it evaluates mid-shard: the
     evaluation's pool must fit beside them, or it waits for CPUs forever (seen: a stream held

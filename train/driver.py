@@ -161,6 +161,12 @@ def run(cfg: Config, quiet_ray: bool = False, stop_epoch: int = 0, table: bool =
         # workers stream their own shards; counting 136M rows up front is not worth a pass
         if cfg.train.max_steps < 1:
             raise ConfigError("data.shard_stream trains by a step budget: set train.max_steps")
+        if not cfg.data.eval_manifest:
+            # else every evaluation filters the whole streamed manifest for its test split, and a
+            # manifest without one fails only after the first checkpoint_every_steps steps
+            raise ConfigError("data.shard_stream evaluates on data.eval_manifest, which is empty: give a "
+                              f"manifest with a {cfg.data.eval_split!r} split (the streamed manifest is never "
+                              "read whole)")
         from clipray.manifest import manifest_files
 
         shards = len(manifest_files(cfg.data.manifest)[1])
