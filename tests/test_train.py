@@ -141,6 +141,25 @@ def test_an_eval_manifest_without_test_rows_fails_before_training(synth_small, t
     assert not (tmp_path / "no-test").exists()
 
 
+def test_more_frames_than_a_temporal_head_has_positions_fails_before_training(synth_small, tmp_path):
+    """seqTransf and tightTransf take CLIP's 77 text positions for frames (tightTransf: one for
+    the caption): more frames failed in every worker at the first batch, after Ray and decoding."""
+    from clipray.config import ConfigError
+    from train.driver import run
+
+    for head, frames, most in (("seqTransf", 78, 77), ("tightTransf", 77, 76)):
+        cfg = load_config(DEMO, overrides(synth_small["manifest"], tmp_path, "long", **{
+            "model.name": f"test_{head}", "data.video.max_frames": frames}))
+        with pytest.raises(ConfigError, match=rf"data.video.max_frames={frames}: the {head} head has 77 "
+                                              rf"positions.*so at most {most} frames"):
+            run(cfg, quiet_ray=True)
+    # at the limit it loads: the head's own check agrees
+    from train.driver import model_io
+
+    model_io(load_config(DEMO, overrides(synth_small["manifest"], tmp_path, "ok", **{
+        "model.name": "test_seqTransf", "data.video.max_frames": 77})))
+
+
 def test_a_run_folder_that_cannot_be_made_fails_before_ray_starts(synth_small, tmp_path):
     from clipray.config import ConfigError
     from train import driver, edit

@@ -43,6 +43,14 @@ def model_io(cfg: Config) -> Config:
     size = oc["vision_cfg"]["image_size"]
     size = size[0] if isinstance(size, (list, tuple)) else int(size)
     ctx = int(oc.get("text_cfg", {}).get("context_length", 77))
+    # the temporal heads take their frame positions from CLIP's text positions (tightTransf:
+    # one for the caption too); more frames failed at the first batch in every worker
+    head = m.head or spec.head
+    frames = cfg.data.video.max_frames + (1 if head == "tightTransf" else 0)
+    if head in ("seqTransf", "tightTransf") and frames > ctx:
+        raise ConfigError(f"data.video.max_frames={cfg.data.video.max_frames}: the {head} head has {ctx} "
+                          f"positions{' (one for the caption)' if head == 'tightTransf' else ''}, "
+                          f"so at most {ctx - (frames - cfg.data.video.max_frames)} frames")
     video = dataclasses.replace(cfg.data.video, size=size)
     data = dataclasses.replace(cfg.data, video=video, tokenizer=spec.tokenizer_name,
                                max_words=min(cfg.data.max_words, ctx))
