@@ -106,6 +106,41 @@ def test_train_outputs_match_brute_force_eval(ray_local, synth_small, tmp_path, 
     assert result["t2v_mnr"] == pytest.approx(bf["t2v_mnr"], abs=1e-6)
 
 
+def test_the_reported_loss_is_the_global_batch_loss_not_rank_0s_share(ray_local, synth_small, tmp_path):
+    """8 training rows, 2 workers x 4: one step whose global batch is the whole training split,
+    in some order (the symmetric loss does not depend on it). The epoch's loss must be that
+    batch's loss under the initial model, computed here in one process. It was rank 0's own:
+    its 4 rows scored against the 8 clips, one share of the mean."""
+    import open_clip
+
+    from clipray.config import VideoConfig
+    from clipray.models import build_model
+    from clipray.task import RetrievalTask
+    from clipray.video import decode_clip
+    from train.driver import model_io, run
+
+    root = synth_small["manifest"].rsplit("/", 1)[0]
+    rows = read_manifest(synth_small["manifest"]).to_pylist()
+    for r in rows:
+        r["path"] = f"{root}/{r['path']}"
+    train = [r for r in rows if r["split"] == "train"][:8]
+    write_manifest(train + [r for r in rows if r["split"] == "test"], tmp_path / "m.parquet")
+    cfg = load_config(DEMO, overrides(str(tmp_path / "m.parquet"), tmp_path, "loss", **{"train.epochs": 1}))
+    final = run(cfg, quiet_ray=True, table=False)
+    assert final["total_steps"] == 1
+
+    cfg = model_io(cfg)
+    torch.manual_seed(cfg.train.seed)  # the workers' initial model
+    model = build_model(cfg.model)
+    vcfg = VideoConfig(fps=2.0, max_frames=4, size=model.image_size)
+    clips = [decode_clip(r["path"], r["start"], r["end"], vcfg) for r in train]
+    tokens = open_clip.get_tokenizer(cfg.data.tokenizer, context_length=cfg.data.max_words)([r["caption"] for r in train])
+    with torch.no_grad():
+        loss = RetrievalTask(model)(torch.from_numpy(np.stack([c.frames for c in clips])),
+                                    torch.from_numpy(np.stack([c.mask for c in clips])), tokens)["loss"]
+    assert final["loss"] == pytest.approx(loss.item(), abs=1e-5)
+
+
 def test_workers_and_decode_pool_too_big_for_the_local_ray_fail_before_training(ray_local, synth_small, tmp_path):
     from clipray.config import ConfigError
     from train.driver import run

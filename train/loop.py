@@ -16,6 +16,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import math
 import sys
 import tempfile
 import time
@@ -54,6 +55,17 @@ def _all_have(has_batch: bool) -> bool:
     flag = torch.tensor([1 if has_batch else 0], device=collective_device())
     dist.all_reduce(flag, op=dist.ReduceOp.MIN)
     return bool(flag.item())
+
+
+def _mean_over_workers(loss: torch.Tensor) -> float:
+    """The step's loss over the global batch. Each worker's contrastive loss scores only its own
+    rows (against every worker's columns) and a cross-encoder's only its own pairs, so the
+    batch's loss is the mean of the workers' (clipray.losses); rank 0's alone is one share."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return loss.item()
+    t = loss.detach().float().reshape(1).to(collective_device())
+    dist.all_reduce(t)
+    return t.item() / dist.get_world_size()
 
 
 def _full_params(engine: Any, stage: int):
@@ -231,13 +243,14 @@ def train_loop(config: dict[str, Any]) -> None:
                 continue
             out = engine(batch["frames"].to(dev), batch["frame_mask"].to(dev), batch["tokens"].to(dev))
             loss = out["loss"]
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"non-finite loss {loss.item()} at step {state['step']}")
+            step_loss = _mean_over_workers(loss)  # every worker stops together on a non-finite one
+            if not math.isfinite(step_loss):
+                raise FloatingPointError(f"non-finite loss {step_loss} at step {state['step']}")
             engine.backward(loss)
             engine.step()
             clamp_logit_scale(engine)
             state["step"] += 1
-            losses.append(loss.item())
+            losses.append(step_loss)
             if rank == 0:
                 progress(epoch, segments, state["step"], losses[-1], sched.get_last_lr()[-1])
         if not losses:
