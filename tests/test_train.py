@@ -535,6 +535,23 @@ def test_resuming_with_another_batch_size_is_refused_before_ray_and_leaves_the_r
     assert (tmp_path / "mixed" / "metrics.csv").read_text() == history
 
 
+def test_a_run_name_with_a_slash_keeps_its_checkpoints_in_its_run_folder(ray_local, synth_small, tmp_path):
+    """train.run_name=group/one: the run folder is <storage>/group/one, and Ray's checkpoints
+    belong in it, beside result.json, where a resume's settings check looks for them. Ray was
+    given <storage>/group as its storage path and the name again, so they went to
+    <storage>/group/group/one and a resume with other settings went unchecked."""
+    from clipray.config import ConfigError
+    from train.driver import run
+
+    args = overrides(synth_small["manifest"], tmp_path, "group/one", **{"train.epochs": 1})
+    run(load_config(DEMO, args), quiet_ray=True, table=False)
+    out = tmp_path / "group" / "one"
+    assert (out / "result.json").exists() and any(p.name.startswith("checkpoint_") for p in out.iterdir())
+    assert not (tmp_path / "group" / "group").exists()
+    with pytest.raises(ConfigError, match=r"data\.batch_size: 4 -> 2"):
+        run(load_config(DEMO, args + ["data.batch_size=2"]), quiet_ray=True, table=False)
+
+
 def test_ctrl_c_says_the_run_is_kept_and_how_to_resume(ray_local, synth_small, tmp_path):
     """SIGINT to the driver (Ctrl-C): Ray Train aborts the run and its ray.get ends in a bare
     SystemExit(1), which printed nothing at all; the driver now says where the checkpoints are

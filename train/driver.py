@@ -57,11 +57,15 @@ def model_io(cfg: Config) -> Config:
     return dataclasses.replace(cfg, data=data)
 
 
-def run_dir(cfg: Config) -> str:
+def storage_root(cfg: Config) -> str:
     storage = cfg.train.storage_path
     if "://" not in storage:
         storage = str(Path(storage).resolve())
-    return f"{storage.rstrip('/')}/{cfg.train.run_name}"
+    return storage.rstrip("/")
+
+
+def run_dir(cfg: Config) -> str:
+    return f"{storage_root(cfg)}/{cfg.train.run_name}"
 
 
 def make_run_dir(out: str) -> None:
@@ -242,7 +246,9 @@ def run(cfg: Config, quiet_ray: bool = False, stop_epoch: int = 0, table: bool =
         datasets=datasets,
         dataset_config=_data_config(),
         run_config=ray.train.RunConfig(
-            name=cfg.train.run_name, storage_path=out.rsplit("/", 1)[0],
+            # Ray's run folder is storage_path/name: the storage root, not the run folder's
+            # parent, which differs when the name has a "/" in it
+            name=cfg.train.run_name, storage_path=storage_root(cfg),
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             # the controller's INFO lines (resources requested, worker group started) off the
