@@ -224,10 +224,19 @@ class PyAVVideo:
                 continue
             i = int(round((float(frame.pts * self._stream.time_base) - t0) * self.fps))
             if i in want:
-                got[i] = frame.to_ndarray(format="rgb24")
+                got[i] = _upright(frame)
             if i >= want[-1]:
                 break
         return got
+
+
+def _upright(frame: Any) -> np.ndarray:
+    """A PyAV frame as RGB, turned as players show it: a phone's portrait video is stored
+    landscape with a display matrix saying to rotate it, which decord applies and PyAV's
+    `to_ndarray` does not (the rotation is counterclockwise degrees, a multiple of 90)."""
+    rgb = frame.to_ndarray(format="rgb24")
+    k = int(round(getattr(frame, "rotation", 0) / 90)) % 4
+    return np.rot90(rgb, k) if k else rgb
 
 
 BACKENDS: dict[str, Callable[[Any], Any]] = {"decord": DecordVideo, "pyav": PyAVVideo}

@@ -232,3 +232,37 @@ def test_decode_given_up_never_writes_its_row(real_video):
         assert np.array_equal(row, ref.frames) and c.mask.tolist() == ref.mask.tolist()
     finally:
         server.close()
+
+
+def _quadrants(h: int, w: int) -> np.ndarray:
+    """A picture whose orientation shows: four flat quadrants, red, green, blue and white."""
+    img = np.empty((h, w, 3), np.uint8)
+    img[:h // 2, :w // 2], img[:h // 2, w // 2:] = (220, 30, 30), (30, 220, 30)
+    img[h // 2:, :w // 2], img[h // 2:, w // 2:] = (30, 30, 220), (230, 230, 230)
+    return img
+
+
+@pytest.mark.parametrize("backend", ["decord", "pyav"])
+@pytest.mark.parametrize("degrees", [90, -90, 180])
+def test_a_rotated_phone_video_comes_back_as_players_show_it(tmp_path, backend, degrees):
+    """Phones store a portrait video landscape with a display matrix that says to turn it.
+    decord turns the frames; PyAV's to_ndarray did not, so the pyav backend, and the decord
+    backend's own hand-over to PyAV (an MP4 cut without re-encoding), gave sideways frames:
+    the two backends disagreed on the same file."""
+    import av
+
+    img, path = _quadrants(96, 128), tmp_path / f"rotated{degrees}.mp4"
+    with av.open(str(path), "w") as c:
+        s = c.add_stream("libx264", rate=25)
+        s.width, s.height, s.pix_fmt, s.options = 128, 96, "yuv444p", {"crf": "0"}
+        s.set_display_rotation(degrees)  # counterclockwise, as np.rot90 turns
+        for _ in range(5):
+            c.mux(s.encode(av.VideoFrame.from_ndarray(img, format="rgb24")))
+        c.mux(s.encode())
+    want = np.rot90(img, degrees // 90)
+    got = open_video(str(path), backend).get([0, 3])
+    assert got.shape == (2, *want.shape)
+    assert np.abs(got.astype(int) - want).max() <= 3
+    clip = decode_clip(str(path), None, None, VideoConfig(backend=backend, fps=25.0, max_frames=2, size=32, timeout_s=0))
+    want_clip = resize_crop(np.stack([want] * 2), 32).numpy()
+    assert np.abs(clip.frames.astype(int) - want_clip).max() <= 3
