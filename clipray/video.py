@@ -154,9 +154,12 @@ class PyAVVideo:
 
         try:
             self._container = av.open(src)
-            self._stream = self._container.streams.video[0]
         except Exception as e:
             raise SkipClip(f"not a decodable video: {_short(e)}") from None
+        if not self._container.streams.video:  # an audio file, or subtitles only
+            self._container.close()
+            raise SkipClip("no video stream")
+        self._stream = self._container.streams.video[0]
         s = self._stream
         self.fps = float(s.average_rate or s.guessed_rate or 0)
         n = s.frames
@@ -243,8 +246,18 @@ BACKENDS: dict[str, Callable[[Any], Any]] = {"decord": DecordVideo, "pyav": PyAV
 
 
 def _reader(src: Any, backend: str) -> Any:
-    """The backend's reader of an open source; PyAV's where decord would number frames wrongly."""
-    video = BACKENDS[backend](src)
+    """The backend's reader of an open source; PyAV's where decord cannot open the file or
+    would number its frames wrongly."""
+    try:
+        video = BACKENDS[backend](src)
+    except SkipClip:
+        if backend == "pyav":
+            raise
+        # decord 0.6's FFmpeg has no AV1 decoder (YouTube serves AV1 in MP4 and WebM): it finds
+        # no video stream it can decode. PyAV's can, or names what the file lacks.
+        if hasattr(src, "seek"):
+            src.seek(0)
+        return PyAVVideo(src)
     if getattr(video, "hides_frames", False):
         del video
         if hasattr(src, "seek"):
