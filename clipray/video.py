@@ -132,12 +132,20 @@ class DecordVideo:
             raise SkipClip(f"not a decodable video: {_short(e)}") from None
         self.num_frames = len(self._vr)
         self.fps = float(self._vr.get_avg_fps())
-        # An MP4 cut without re-encoding (`ffmpeg -ss ... -c copy`) keeps the frames from the
-        # keyframe before the cut and hides them with an edit list, at negative times. decord
-        # counts some of them and numbers from them after a seek, so its index i is an earlier
-        # frame there than when reading from the start: such a file is read with PyAV (`_reader`).
+        # Files where decord's index i is not the frame shown at i / fps are read with PyAV,
+        # which finds frames by their times (`_reader`):
+        # - an MP4 cut without re-encoding (`ffmpeg -ss ... -c copy`) keeps the frames from the
+        #   keyframe before the cut and hides them with an edit list, at negative times. decord
+        #   counts some of them and numbers from them after a seek, so its index i is an earlier
+        #   frame there than when reading from the start;
+        # - a variable frame rate (phones, screen recordings, frames dropped while still): the
+        #   frames' times stray from i / fps, by 40 frames in a 6 s MKV of 25 and 5 fps parts.
+        #   (decord's index of every frame's time: 0.5 ms for 10,800 frames.)
         try:
-            self.hides_frames = bool(self.num_frames) and self._vr.get_frame_timestamp(0)[0] < 0
+            n, ts = self.num_frames, self._vr.get_frame_timestamp(range(self.num_frames))[:, 0]
+            uneven = n > 1 and self.fps > 0 and bool(np.all(np.diff(ts) > 0)) and \
+                float(np.abs(ts - ts[0] - np.arange(n) / self.fps).max()) * self.fps > 0.5
+            self.hides_frames = bool(n) and (ts[0] < 0 or uneven)
         except Exception:
             self.hides_frames = False
 
@@ -221,15 +229,29 @@ class PyAVVideo:
         return np.stack([got[i] for i in indices])
 
     def _collect(self, frames: Iterable[Any], want: list[int], t0: float) -> dict[int, np.ndarray]:
+        """Index i is the frame shown at i / fps: the one at that time or, where a variable
+        frame rate leaves a gap, the last one before it (a file that stops early: its last)."""
         got: dict[int, np.ndarray] = {}
+        k, prev, shown = 0, None, None  # next wanted slot, the last frame decoded, as RGB
         for frame in frames:
             if frame.pts is None:
                 continue
             i = int(round((float(frame.pts * self._stream.time_base) - t0) * self.fps))
-            if i in want:
+            while k < len(want) and want[k] < i:  # slots between the previous frame and this one
+                if prev is not None:
+                    shown = _upright(prev) if shown is None else shown
+                    got[want[k]] = shown
+                k += 1
+            if k < len(want) and want[k] == i:
                 got[i] = _upright(frame)
+                k += 1
             if i >= want[-1]:
                 break
+            prev, shown = frame, None
+        else:
+            if prev is not None and k < len(want):
+                shown = _upright(prev)
+                got.update((j, shown) for j in want[k:])
         return got
 
 

@@ -312,3 +312,46 @@ def test_an_audio_file_is_a_skip_that_says_so(tmp_path, backend):
     with pytest.raises(SkipClip) as e:
         decode_clip_safe(str(path), None, None, VideoConfig(backend=backend, timeout_s=20))
     assert e.value.reason == "no video stream"
+
+
+@pytest.mark.parametrize("ext", ["mkv", "mp4"])
+@pytest.mark.parametrize("backend", ["decord", "pyav"])
+def test_a_variable_frame_rate_gives_the_frames_shown_at_the_sampled_times(tmp_path, ext, backend):
+    """2 s at 25 fps, 2 s at 5 fps (a phone or screen recording that slows while the picture
+    is still), 2 s at 25 fps: 110 frames over 6 s. decord numbers frames by their order, so
+    index i was not the frame shown at i / fps: in the MKV (fps 25) the 1.6 s after frame 110's
+    place were cut off and [4, 5) gave frames 100 and 106 for 60, 66, 72, 78; in the MP4 (its
+    average, 18.3 fps) [0.5, 1.5) gave 9, 13, 18, 22. PyAV found frames by time but filled the
+    gaps of the slow part with the previous wanted frame (50, 50, 50, 50 for 50, 51, 52, 53)."""
+    import av
+    from fractions import Fraction
+
+    times = [k / 25 for k in range(50)] + [2 + k / 5 for k in range(10)] + [4 + k / 25 for k in range(50)]
+    path = tmp_path / f"vfr.{ext}"
+    with av.open(str(path), "w") as c:
+        s = c.add_stream("libx264", rate=25)
+        s.width, s.height, s.pix_fmt, s.time_base = 64, 48, "yuv420p", Fraction(1, 100)
+        s.options = {"crf": "0", "bf": "2", "g": "12"}
+        for i, t in enumerate(times):
+            img = np.empty((48, 64, 3), np.uint8)
+            img[:, :32], img[:, 32:] = (i // 16) * 16 + 8, (i % 16) * 16 + 8
+            f = av.VideoFrame.from_ndarray(img, format="rgb24")
+            f.pts, f.time_base = round(t * 100), Fraction(1, 100)
+            c.mux(s.encode(f))
+        c.mux(s.encode())
+    video = open_video(str(path), backend)
+    assert abs(video.num_frames / video.fps - 6.0) < 0.05  # the whole 6 s can be sampled
+
+    def shown_at(t):  # the frame a player shows at time t
+        return max(i for i, x in enumerate(times) if x <= t + 1e-6)
+
+    for (start, end) in [(0.5, 1.5), (2.0, 4.0), (4.0, 5.0), (5.0, None)]:
+        cfg = VideoConfig(backend=backend, fps=4.0, max_frames=8, size=32, timeout_s=0)
+        clip = decode_clip(str(path), start, end, cfg)
+        assert len(clip.indices) == 8 if (start, end) == (2.0, 4.0) else 4
+        got, fps = _shown(clip.frames[:len(clip.indices)]), video.fps
+        # frames are found by time rounded to the index grid: in the MP4, a grid of its average
+        # rate, the frame shown within half a step of i / fps; in the MKV (25), exactly at it
+        assert all(shown_at((i - 0.5) / fps) <= g <= shown_at((i + 0.5) / fps) for i, g in zip(clip.indices, got))
+        if ext == "mkv":
+            assert got == [shown_at(i / fps) for i in clip.indices], (start, end)
