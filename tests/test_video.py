@@ -355,3 +355,49 @@ def test_a_variable_frame_rate_gives_the_frames_shown_at_the_sampled_times(tmp_p
         assert all(shown_at((i - 0.5) / fps) <= g <= shown_at((i + 0.5) / fps) for i, g in zip(clip.indices, got))
         if ext == "mkv":
             assert got == [shown_at(i / fps) for i in clip.indices], (start, end)
+
+
+def _tens(i: int) -> np.ndarray:
+    """Frame i of a 128x96 video for lossy codecs: the left half shows i // 10, the right i % 10,
+    as greys 25 apart."""
+    img = np.empty((96, 128, 3), np.uint8)
+    img[:, :64], img[:, 64:] = (i // 10) * 25 + 12, (i % 10) * 25 + 12
+    return img
+
+
+def _tens_shown(frames: np.ndarray) -> list[int]:
+    left, right = np.median(frames[:, :, 8:24, 2:12], axis=(1, 2, 3)), np.median(frames[:, :, 8:24, 20:30], axis=(1, 2, 3))
+    return [int(a // 25) * 10 + int(b // 25) for a, b in zip(left, right)]
+
+
+@pytest.mark.parametrize("name, codec, fmt, options", [
+    ("hevc.mp4", "libx265", None, {"x265-params": "lossless=1:bframes=3:keyint=12:log-level=none"}),
+    ("hevc.mkv", "libx265", None, {"x265-params": "lossless=1:bframes=3:keyint=12:log-level=none"}),
+    ("mpeg2.ts", "mpeg2video", "mpegts", {"qscale": "2", "bf": "2", "g": "12"}),
+    ("mpeg2.mkv", "mpeg2video", None, {"qscale": "2", "bf": "2", "g": "12"}),
+    ("mpeg4.mp4", "mpeg4", None, {"qscale": "2", "bf": "2", "g": "12"}),
+    ("mpeg4.mov", "mpeg4", "mov", {"qscale": "2", "bf": "2", "g": "12"}),
+    ("wmv2.wmv", "wmv2", "asf", {"qscale": "2", "g": "12"}),
+])
+def test_decord_backend_gives_frame_i_for_open_gop_codecs(tmp_path, name, codec, fmt, options):
+    """decord counts frames from the keyframe it seeks to; in an open GOP (x265's default, MPEG-2,
+    MPEG-4 Part 2 with B-frames) the frames after a keyframe that refer to the GOP before it are
+    dropped there, so index 35 gave frame 24 (HEVC in MKV), 37 (MPEG-4 in MP4) or 40 (MPEG-2
+    in TS), silently; WMV gave frame 0 for every index. Such files are now read with PyAV."""
+    import av
+
+    path = tmp_path / name
+    with av.open(str(path), "w", format=fmt) as c:
+        s = c.add_stream(codec, rate=25)
+        s.width, s.height, s.pix_fmt, s.options = 128, 96, "yuv420p", options
+        for i in range(100):
+            c.mux(s.encode(av.VideoFrame.from_ndarray(_tens(i), format="rgb24")))
+        c.mux(s.encode())
+    assert open_video(str(path)).num_frames == 100
+    for (start, end), fps, n, how in [((1.4, 2.9), 7.0, 3, "head"), ((0.0, None), 1.0, 3, "tail"),
+                                      ((2.0, 2.04), 1.0, 4, "uniform"), ((0.5, 3.5), 2.5, 12, "uniform"),
+                                      ((3.88, None), 25.0, 4, "head")]:
+        cfg = VideoConfig(fps=fps, max_frames=n, slice=how, size=32, timeout_s=0)  # decord, the default
+        clip = decode_clip(str(path), start, end, cfg)
+        assert clip.indices == select(candidate_indices(100, 25.0, start, end, fps), n, how)
+        assert _tens_shown(clip.frames[:len(clip.indices)]) == clip.indices, (start, end)
