@@ -196,6 +196,16 @@ class PyAVVideo:
             n = by_duration
         elif not n and self._container.duration:
             n = int(round(self._container.duration / 1e6 * self.fps))
+        if not n and self.fps > 0 and s.time_base:
+            # no count and no duration: a WebM from a browser's MediaRecorder or a live-streamed
+            # MKV. The frames' times say how long it is (demuxing only, as for MPEG-PS above)
+            try:
+                pts = [p.pts for p in self._container.demux(s) if p.pts is not None and p.size]
+                self._container.seek(0)
+            except Exception as e:
+                raise SkipClip(f"not a decodable video: {_short(e)}") from None
+            if pts:
+                n = int(round(float((max(pts) - min(pts)) * s.time_base) * self.fps)) + 1
         self.num_frames = int(n)
 
     def get(self, indices: Sequence[int]) -> np.ndarray:

@@ -401,3 +401,30 @@ def test_decord_backend_gives_frame_i_for_open_gop_codecs(tmp_path, name, codec,
         clip = decode_clip(str(path), start, end, cfg)
         assert clip.indices == select(candidate_indices(100, 25.0, start, end, fps), n, how)
         assert _tens_shown(clip.frames[:len(clip.indices)]) == clip.indices, (start, end)
+
+
+@pytest.mark.parametrize("backend", ["decord", "pyav"])
+def test_a_webm_without_duration_is_read(tmp_path, backend):
+    """A browser's MediaRecorder and live streams write WebM/MKV with no duration, frame count
+    or cues. decord refuses it ('broken metadata') and PyAV found no frames in it: every such
+    file was a 'video reports no frames' skip. Its length comes from its frames' times now."""
+    import av
+
+    path = tmp_path / "recorded.webm"
+    with av.open(str(path), "w", options={"live": "1"}) as c:
+        s = c.add_stream("libvpx-vp9", rate=25)
+        s.width, s.height, s.pix_fmt, s.options = 64, 48, "yuv420p", {"lossless": "1", "g": "12"}
+        for i in range(100):
+            img = np.empty((48, 64, 3), np.uint8)
+            img[:, :32], img[:, 32:] = (i // 16) * 16 + 8, (i % 16) * 16 + 8
+            c.mux(s.encode(av.VideoFrame.from_ndarray(img, format="rgb24")))
+        c.mux(s.encode())
+    with av.open(str(path)) as c:
+        assert c.duration is None and not c.streams.video[0].frames  # what the browser writes
+    assert open_video(str(path), backend).num_frames == 100
+    for (start, end), fps, n, how in [((1.4, 2.9), 7.0, 3, "head"), ((0.0, None), 1.0, 3, "tail"),
+                                      ((0.5, 3.5), 2.5, 12, "uniform"), ((3.88, None), 25.0, 4, "head")]:
+        cfg = VideoConfig(backend=backend, fps=fps, max_frames=n, slice=how, size=32, timeout_s=0)
+        clip = decode_clip(str(path), start, end, cfg)
+        assert clip.indices == select(candidate_indices(100, 25.0, start, end, fps), n, how)
+        assert _shown(clip.frames[:len(clip.indices)]) == clip.indices, (start, end)
