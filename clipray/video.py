@@ -174,7 +174,9 @@ class PyAVVideo:
         if not self._container.streams.video:  # an audio file, or subtitles only
             self._container.close()
             raise SkipClip("no video stream")
-        self._stream = self._container.streams.video[0]
+        # the stream decord and players pick (libavformat's best: the default one, then the one
+        # with more frames), not the first listed, which can be a cover picture
+        self._stream = _main_video(self._container)
         s = self._stream
         self.fps = float(s.average_rate or s.guessed_rate or 0)
         n = s.frames
@@ -293,13 +295,17 @@ BACKENDS: dict[str, Callable[[Any], Any]] = {"decord": DecordVideo, "pyav": PyAV
 _DECORD_MISNUMBERS = frozenset({"hevc", "mpeg1video", "mpeg2video", "mpeg4", "wmv1", "wmv2"})
 
 
+def _main_video(container: Any) -> Any:
+    return container.streams.best("video") or container.streams.video[0]
+
+
 def _codec(src: Any) -> str | None:
     """The name of the file's video codec (a PyAV open: 0.3 ms locally), None if unreadable."""
     import av
 
     try:
         with av.open(src) as c:
-            return c.streams.video[0].codec_context.name if c.streams.video else None
+            return _main_video(c).codec_context.name if c.streams.video else None
     except Exception:
         return None
     finally:

@@ -428,3 +428,30 @@ def test_a_webm_without_duration_is_read(tmp_path, backend):
         clip = decode_clip(str(path), start, end, cfg)
         assert clip.indices == select(candidate_indices(100, 25.0, start, end, fps), n, how)
         assert _shown(clip.frames[:len(clip.indices)]) == clip.indices, (start, end)
+
+
+@pytest.mark.parametrize("backend", ["decord", "pyav"])
+def test_the_main_video_stream_is_decoded_when_a_picture_stream_comes_first(tmp_path, backend):
+    """An MKV whose first stream is a still picture (a cover put first when muxed) and whose
+    second is the video: decord, as players, takes libavformat's best stream, and PyAV took
+    the first listed, which gave a two-frame clip of the cover (and the decord backend hands
+    many files to PyAV)."""
+    import av
+
+    path = tmp_path / "cover_first.mkv"
+    with av.open(str(path), "w") as c:
+        cover = c.add_stream("mjpeg", rate=1)
+        cover.width, cover.height, cover.pix_fmt = 64, 48, "yuvj420p"
+        s = c.add_stream("libx264", rate=25)
+        s.width, s.height, s.pix_fmt, s.options = 64, 48, "yuv420p", {"crf": "0", "bf": "2", "g": "12"}
+        c.mux(cover.encode(av.VideoFrame.from_ndarray(np.full((48, 64, 3), 250, np.uint8), format="rgb24")))
+        c.mux(cover.encode())
+        for i in range(50):
+            img = np.empty((48, 64, 3), np.uint8)
+            img[:, :32], img[:, 32:] = (i // 16) * 16 + 8, (i % 16) * 16 + 8
+            c.mux(s.encode(av.VideoFrame.from_ndarray(img, format="rgb24")))
+        c.mux(s.encode())
+    video = open_video(str(path), backend)
+    assert (video.num_frames, video.fps) == (50, 25.0)
+    clip = decode_clip(str(path), 0.5, 1.5, VideoConfig(backend=backend, fps=4.0, max_frames=4, size=32, timeout_s=0))
+    assert clip.indices == [12, 18, 25, 31] and _shown(clip.frames) == clip.indices
