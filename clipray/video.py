@@ -261,12 +261,12 @@ class PyAVVideo:
                     shown = _upright(prev) if shown is None else shown
                     got[want[k]] = shown
                 k += 1
+            prev, shown = frame, None
             if k < len(want) and want[k] == i:
-                got[i] = _upright(frame)
+                got[i] = shown = _upright(frame)
                 k += 1
             if i >= want[-1]:
                 break
-            prev, shown = frame, None
         else:
             if prev is not None and k < len(want):
                 shown = _upright(prev)
