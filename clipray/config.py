@@ -102,7 +102,7 @@ class TrainConfig:
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
     grad_accum: int = 1
     activation_checkpointing: bool = False
-    eval_every_epochs: int = 1
+    eval_every_epochs: int = 1  # evaluate every N epochs and after the last (N >= epochs: last only)
     checkpoint_every_steps: int = 0  # with max_steps: checkpoint (and evaluate) every N steps
     max_failures: int = 0
     seed: int = 42
@@ -183,7 +183,7 @@ RULES: dict[type, dict[str, tuple[Any, str]]] = {
     TrainConfig: dict(epochs=_at_least(1), max_steps=_at_least(0), num_workers=_at_least(1),
                       cpus_per_worker=_at_least(0), zero_stage=_one_of(0, 1, 2, 3),
                       precision=_one_of("auto", "fp32", "bf16"),
-                      grad_accum=_at_least(1), eval_every_epochs=_at_least(0),
+                      grad_accum=_at_least(1), eval_every_epochs=_at_least(1),
                       checkpoint_every_steps=_at_least(0), max_failures=_at_least(-1),
                       seed=_at_least(0)),  # numpy (Ray Data's local shuffle) refuses a negative seed
     RayConfig: dict(num_cpus=_at_least(1)),

@@ -142,6 +142,8 @@ def test_a_value_given_to_a_section_names_the_section_and_its_keys(tmp_path):
     # with data.shuffle_buffer the seed goes to numpy's default_rng in Ray Data's local shuffle,
     # which raised "expected non-negative integer" in every training worker once Ray was up
     ("train.seed", "-1", "train.seed must be >= 0, got -1"),
+    # 0 read as 1 (every epoch), not as "never" or "at the end only"
+    ("train.eval_every_epochs", "0", "train.eval_every_epochs must be >= 1, got 0"),
     # torch's AdamW refuses them, but only in the training workers, after Ray started
     ("optim.betas", "[0.9,1.5]", "optim.betas must be two numbers in [0, 1), got (0.9, 1.5)"),
 ])

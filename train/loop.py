@@ -263,7 +263,7 @@ def train_loop(config: dict[str, Any]) -> None:
                 f"for batches ({record['first_batch_s']:.1f} s for the first); outside the waits "
                 f"{record['step_clips_per_s']:.1f} clips/s")
         last = epoch >= stop or state["step"] >= total
-        if last or epoch % max(1, cfg.train.eval_every_epochs) == 0:
+        if last or epoch % cfg.train.eval_every_epochs == 0:
             m = eval_model(engine, cfg, replica)
             with torch.autocast(dev.type, dtype=dtype, enabled=dtype != torch.float32):
                 record.update(evaluate(m, test_shard, eval_manifest, cfg.data.eval_split, B))
