@@ -60,7 +60,11 @@ def _tokenizer(model: Any, max_words: int) -> Any:
 
     def tokenize(texts: list[str]) -> Any:
         t = tok(texts)
-        return t[:, : max(2, int((t != 0).sum(1).max()))]
+        # up to the last non-zero column (the longest caption's end-of-text token), not the
+        # count of non-zero tokens: id 0 is also a real token ("!" before another symbol, as
+        # in "wow!("), and a count cut such a query's end-of-text token off
+        used = (t != 0).any(0).nonzero()
+        return t[:, : max(2, int(used.max()) + 1 if len(used) else 0)]
 
     return tokenize
 

@@ -131,6 +131,35 @@ def test_encoders_and_video_query(app, synth_small):
     assert requests.get(f"{url}/docs", timeout=10).status_code == 200
 
 
+def test_search_is_the_brute_force_cosine_ranking_of_the_offline_query(app, synth_small):
+    """/encode/text equals the export's text tower on the full tokenization, and /search the
+    exact cosine ranking of that vector over the index's embedding parts (ids, order, scores).
+    "!" followed by another symbol ("wow!(") is token id 0, the padding id: the server cut
+    its queries by a count of non-zero tokens, dropping the end-of-text token the text tower
+    pools at, and every such query came back as one same vector."""
+    import numpy as np
+    import open_clip
+    import torch
+
+    from clipray.export import load_export
+    from serve import store
+
+    emb = store.embedding_matrix(store.read_table(app["out"]))
+    model = load_export(app["export"])
+    tok = open_clip.get_tokenizer(model.tokenizer_name, context_length=app["cfg"].serve.max_words)
+    texts = [r["caption"] for r in _videos(synth_small)[:2]] + ["a red square moves left!(", "a blue circle!/ moves up"]
+    for text in texts:
+        with torch.no_grad():
+            want = model.encode_text(tok([text]))[0].float().numpy()
+        got = requests.post(f"{app['url']}/encode/text", json={"text": text}, timeout=30).json()["embedding"]
+        assert np.abs(np.array(got) - want).max() < 1e-4, text
+        scores = emb @ want
+        order = sorted(range(len(scores)), key=lambda i: (-scores[i], i))[:5]
+        hits = requests.post(f"{app['url']}/search", json={"text": text, "k": 5}, timeout=30).json()["results"]
+        assert [h["clip_id"] for h in hits] == order, text
+        assert np.allclose([h["score"] for h in hits], scores[order], atol=1e-5), text
+
+
 def test_clip_stream_supports_range(app, synth_small):
     url = app["url"]
     hit = requests.post(f"{url}/search", json={"text": "a blue circle moves up", "k": 1}, timeout=30).json()["results"][0]
