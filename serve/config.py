@@ -124,6 +124,17 @@ def _check_deployment(name: str, d: DeploymentConfig) -> DeploymentConfig:
                           "Serve would never fill a batch (raise it, or 0 for 2 x batch)")
     if d.num_cpus < 0 or d.num_gpus < 0:
         raise ConfigError(f"serve.{name}: num_cpus/num_gpus must be >= 0")
+    # what Serve's own schema refuses (with a pydantic traceback from .options(), or a replica
+    # that never batches), named by key here
+    if d.initial_replicas is not None and not d.min_replicas <= d.initial_replicas <= d.max_replicas:
+        raise ConfigError(f"serve.{name}.initial_replicas={d.initial_replicas} must lie in "
+                          f"min_replicas..max_replicas = {d.min_replicas}..{d.max_replicas}")
+    for key, least, strict in (("target_ongoing_requests", 0, True), ("look_back_period_s", 0, True),
+                               ("upscale_delay_s", 0, False), ("downscale_delay_s", 0, False),
+                               ("batch_wait_timeout_s", 0, False)):
+        v = getattr(d, key)
+        if v is not None and (v <= least if strict else v < least):
+            raise ConfigError(f"serve.{name}.{key}={v} must be {'>' if strict else '>='} {least}")
     return dataclasses.replace(d, max_ongoing_requests=mor)
 
 
@@ -142,6 +153,8 @@ def resolve(cfg: AppConfig) -> AppConfig:
         raise ConfigError("index.actors and index.batch must be >= 1")
     if not 0 < sv.port < 65536:
         raise ConfigError(f"serve.port out of range: {sv.port}")
+    if sv.max_words < 2:  # the start and end-of-text tokens
+        raise ConfigError(f"serve.max_words must be >= 2, got {sv.max_words}")
     if sv.log_level not in LOG_LEVELS:
         raise ConfigError(f"serve.log_level must be one of {LOG_LEVELS}, got {sv.log_level!r}")
     lim = sv.limits

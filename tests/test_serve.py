@@ -372,3 +372,28 @@ def test_port_free_sees_a_listening_socket_and_its_release():
         s.listen()
         assert not port_free("127.0.0.1", port)
     assert port_free("127.0.0.1", port)
+
+
+# ---- start-up errors (no Ray) ------------------------------------------------------------------
+REPO = Path(__file__).resolve().parents[1]
+DEMO = str(REPO / "serve" / "configs" / "demo.yaml")
+
+
+@pytest.mark.parametrize("override, said", [
+    ("serve.text_encoder.target_ongoing_requests=0", "serve.text_encoder.target_ongoing_requests=0.0 must be > 0"),
+    ("serve.searcher.upscale_delay_s=-1", "serve.searcher.upscale_delay_s=-1.0 must be >= 0"),
+    ("serve.text_encoder.look_back_period_s=0", "serve.text_encoder.look_back_period_s=0.0 must be > 0"),
+    ("serve.text_encoder.initial_replicas=3", "serve.text_encoder.initial_replicas=3 must lie in min_replicas..max_replicas = 1..2"),
+    ("serve.video_encoder.batch_wait_timeout_s=-0.1", "serve.video_encoder.batch_wait_timeout_s=-0.1 must be >= 0"),
+    ("serve.max_words=0", "serve.max_words must be >= 2, got 0"),
+])
+def test_values_serve_refuses_are_a_config_error_naming_the_key(override, said, tmp_path, capsys):
+    """Values out of Serve's own bounds came out of `.options()` as a pydantic traceback (or, for
+    batch_wait_timeout_s and max_words, were taken): now one line naming the key, before any
+    index is read or Ray starts."""
+    from clipray.cli import main
+
+    assert main(["serve", DEMO, f"out={tmp_path}", override]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == f"clipray serve: error: {said}", err
+
