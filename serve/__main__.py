@@ -135,4 +135,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    # through the `clipray` entry point, as `python -m train`: a bad config or a missing index
+    # is one line and exit status 2 (`ray job submit ... python -m serve` shows the same)
+    from clipray.cli import main as cli
+
+    raise SystemExit(cli(["serve", *sys.argv[1:]]))

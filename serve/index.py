@@ -398,4 +398,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    # through the `clipray` entry point, as `python -m train`: a bad config or checkpoint is one
+    # line and exit status 2 (`ray job submit ... python -m serve.index` shows the same)
+    from clipray.cli import main as cli
+
+    raise SystemExit(cli(["index", *sys.argv[1:]]))

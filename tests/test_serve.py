@@ -397,3 +397,20 @@ def test_values_serve_refuses_are_a_config_error_naming_the_key(override, said, 
     err = capsys.readouterr().err
     assert err.strip() == f"clipray serve: error: {said}", err
 
+
+def test_python_m_serve_and_index_answer_a_bad_config_with_a_usage_error(tmp_path):
+    """`python -m serve` / `python -m serve.index` (what `ray job submit` runs) printed a
+    traceback and exited 1 where `clipray serve` / `clipray index` print one line and exit 2."""
+    import subprocess
+    import sys
+
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    env.pop("RAY_ADDRESS", None)
+    for module, args, said in (
+            ("serve", [DEMO, "serve.prot=1"], "clipray serve: error: command-line override: bad key 'serve.prot'"),
+            ("serve", [DEMO, f"out={tmp_path}"], f"clipray serve: error: out={tmp_path}: no index there"),
+            ("serve.index", [DEMO, "index.kind=ivf"], "clipray index: error: index.kind must be one of")):
+        r = subprocess.run([sys.executable, "-m", module, *args], cwd=tmp_path, env=env,
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2, r.stderr[-2000:]
+        assert "Traceback" not in r.stderr and said in r.stderr, r.stderr[-2000:]
