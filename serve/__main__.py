@@ -54,8 +54,9 @@ def port_free(host: str, port: int) -> bool:
             return False
 
 
-def start(cfg: AppConfig, quiet_ray: bool = True) -> str:
-    """Ray (existing or embedded) -> Serve on the configured host/port -> the app; its URL."""
+def start(cfg: AppConfig, quiet_ray: bool = True, route_prefix: str = "/") -> str:
+    """Ray (existing or embedded) -> Serve on the configured host/port -> the app at
+    `route_prefix`; its URL."""
     from ray import serve
 
     from clipray.runtime import init_ray, is_embedded
@@ -72,7 +73,12 @@ def start(cfg: AppConfig, quiet_ray: bool = True) -> str:
     logging.getLogger("ray.serve").setLevel(cfg.serve.log_level)  # this process's Serve lines
     # the port is fixed when Serve's proxy starts: before serve.run, which would start it on 8000
     serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port}, logging_config=logs)
-    serve.run(app, name=cfg.serve.app_name, route_prefix="/", logging_config=logs)
+    try:
+        serve.run(app, name=cfg.serve.app_name, route_prefix=route_prefix, logging_config=logs)
+    except RuntimeError as e:  # "Deploying application X failed": a replica's constructor raised
+        why = deploy_failure(cfg.serve.app_name) or str(e)
+        serve.delete(cfg.serve.app_name)  # on a cluster, leave no failed app behind
+        raise ConfigError(f"the app did not start: {why}") from None
     url = url_of(cfg)
     live = _live_http()
     if live and live[1] != cfg.serve.port:
@@ -80,8 +86,25 @@ def start(cfg: AppConfig, quiet_ray: bool = True) -> str:
         url = f"http://{live[0]}:{live[1]}"
         print(f"note: Serve was already running on this Ray; the app is at {url}, not "
               f"{url_of(cfg)}", flush=True)
+    url += route_prefix.rstrip("/")
     wait_healthy(url)
     return url
+
+
+def deploy_failure(app_name: str) -> str:
+    """The last line of the error of the first deployment that failed to start (its replica's
+    exception, e.g. an unreadable index file), or "" when Serve says none."""
+    from ray import serve
+
+    try:
+        app = serve.status().applications.get(app_name)
+    except Exception:  # noqa: BLE001 - only a better message is lost
+        return ""
+    for name, d in (app.deployments.items() if app else ()):
+        lines = [line.strip() for line in (d.message or "").splitlines() if line.strip()]
+        if d.status.value in ("DEPLOY_FAILED", "UNHEALTHY") and lines:
+            return f"deployment {name} failed to start: {lines[-1]}"
+    return ""
 
 
 def _live_http() -> tuple[str, int] | None:

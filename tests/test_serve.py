@@ -338,6 +338,29 @@ def test_text_encoder_autoscales_up_and_down(app):
     assert _running(st) == 1, f"TextEncoder did not scale back down: {_states(st)}"
 
 
+def test_a_replica_that_cannot_start_is_one_error_and_leaves_no_app(app, tmp_path):
+    """A replica whose constructor raises (here the Searcher, on a cut index.faiss) made
+    serve.run raise "Deploying application ... failed" and `clipray serve` end in a traceback
+    whose cause was only in the controller's log; the failed app also stayed deployed."""
+    import shutil
+
+    from ray import serve
+
+    from clipray.config import ConfigError
+    from serve.__main__ import start
+    from serve.config import load_app_config
+
+    out = tmp_path / "index"
+    shutil.copytree(app["out"], out)
+    (out / "index.faiss").write_bytes((out / "index.faiss").read_bytes()[:100])
+    cfg = load_app_config(None, [*app_overrides(app["cfg"].serve.port), f"out={out}", "serve.app_name=clipray-broken"])
+    with pytest.raises(ConfigError, match=r"the app did not start: deployment Searcher failed to start: "
+                                          r".*index\.faiss: not a readable faiss index"):
+        start(cfg, route_prefix="/broken")
+    assert "clipray-broken" not in serve.status().applications
+    assert requests.get(f"{app['url']}/healthz", timeout=30).json()["status"] == "ok"
+
+
 # ---- OpenAPI fuzzing ---------------------------------------------------------------------------
 def test_openapi_fuzz_finds_no_server_error(app):
     """schemathesis draws bounded examples for every operation of /openapi.json: never a 5xx."""
