@@ -69,6 +69,7 @@ def start(cfg: AppConfig, quiet_ray: bool = True, route_prefix: str = "/") -> st
         raise ConfigError(f"serve.port {cfg.serve.port} on {cfg.serve.host} is taken by another "
                           f"process (an earlier clipray serve?): stop it or pick another, e.g. "
                           f"serve.port={cfg.serve.port + 1}")
+    check_gpus(cfg)
     logs = {"log_level": cfg.serve.log_level}
     logging.getLogger("ray.serve").setLevel(cfg.serve.log_level)  # this process's Serve lines
     # the port is fixed when Serve's proxy starts: before serve.run, which would start it on 8000
@@ -89,6 +90,25 @@ def start(cfg: AppConfig, quiet_ray: bool = True, route_prefix: str = "/") -> st
     url += route_prefix.rstrip("/")
     wait_healthy(url)
     return url
+
+
+def check_gpus(cfg: AppConfig) -> None:
+    """On the embedded Ray, which never grows, replicas asking for GPUs it lacks would leave
+    serve.run waiting for them forever: say so instead. On a cluster this checks nothing."""
+    from clipray.runtime import check_fits
+    from serve import store
+
+    names = ["ingress", "text_encoder", "video_encoder", "searcher"]
+    if (store.read_meta(cfg.out) or {}).get("rerank"):
+        names.append("reranker")
+    asks = {}
+    for n in names:
+        d = getattr(cfg.serve, n)
+        count = max(1, d.min_replicas if d.initial_replicas is None else d.initial_replicas)
+        if d.num_gpus > 0:
+            asks[f"serve.{n}: {count} replica(s) x num_gpus"] = count * d.num_gpus
+    if asks:
+        check_fits(asks, "GPU", advice="set their num_gpus to 0 or give RAY_ADDRESS of a cluster with GPUs")
 
 
 def deploy_failure(app_name: str) -> str:

@@ -361,6 +361,25 @@ def test_a_replica_that_cannot_start_is_one_error_and_leaves_no_app(app, tmp_pat
     assert requests.get(f"{app['url']}/healthz", timeout=30).json()["status"] == "ok"
 
 
+def test_gpus_the_local_ray_lacks_are_an_error_not_a_wait_forever(app):
+    """On the embedded Ray (which never grows) a replica asking for GPUs it lacks, e.g.
+    cluster.yaml's encoders run without RAY_ADDRESS, left serve.run waiting forever."""
+    from ray import serve
+
+    from clipray.config import ConfigError
+    from serve.__main__ import start
+    from serve.config import load_app_config
+
+    cfg = load_app_config(None, [*app_overrides(app["cfg"].serve.port), f"out={app['out']}",
+                                 "serve.app_name=clipray-gpu", "serve.searcher.num_gpus=64",
+                                 "serve.video_encoder.initial_replicas=1", "serve.video_encoder.max_replicas=3",
+                                 "serve.video_encoder.num_gpus=0.5"])
+    with pytest.raises(ConfigError, match=r"needs 64\.5 GPUs at once \(serve\.video_encoder: 1 replica\(s\) x num_gpus = 0\.5; "
+                                          r"serve\.searcher: 1 replica\(s\) x num_gpus = 64\), but the local Ray has \d"):
+        start(cfg, route_prefix="/gpu")
+    assert "clipray-gpu" not in serve.status().applications
+
+
 # ---- OpenAPI fuzzing ---------------------------------------------------------------------------
 def test_openapi_fuzz_finds_no_server_error(app):
     """schemathesis draws bounded examples for every operation of /openapi.json: never a 5xx."""
