@@ -151,3 +151,17 @@ def test_page_shows_api_errors(app, browser):
     browser.type_and_enter("#q", "a red square " * 30)
     status = browser.until("(s => s.includes('error') && s)(document.getElementById('status').textContent)", 30)
     assert "max_text_chars" in status
+
+
+def test_page_shows_the_status_of_an_error_that_is_not_json(app, browser):
+    """A proxy or server error whose body is not JSON (Serve's plain-text 500/503, a load
+    balancer's HTML 502) was shown as the browser's JSON parse error ("Unexpected token '<'
+    ..."), not as the HTTP status. The response is made here by replacing window.fetch: the
+    running app answers every bad request with JSON."""
+    browser.open(app["url"] + "/")
+    browser.js("window.fetch = async () => new Response('<html><body>upstream down</body></html>', "
+               "{status: 502, statusText: 'Bad Gateway', headers: {'Content-Type': 'text/html'}}); true")
+    browser.type_and_enter("#q", "a red square")
+    status = browser.until("(s => s.includes('error') && s)(document.getElementById('status').textContent)", 30)
+    assert "502" in status and "Bad Gateway" in status and "JSON" not in status, status
+    assert browser.js("document.querySelectorAll('#results .tile').length") == 0
