@@ -126,19 +126,53 @@ def _byte_ranges(header: Optional[str]) -> bool:
     return True
 
 
-@api.middleware("http")
-async def _upload_cap(request: Request, call_next: Any) -> Any:
-    """Refuse an over-size upload from its Content-Length, before the body is read."""
-    cap = getattr(api.state, "max_upload_bytes", None)
-    if cap and request.method == "POST" and request.url.path in UPLOAD_PATHS:
-        try:
-            length = int(request.headers.get("content-length", "0"))
-        except ValueError:
-            return _error(400, "Content-Length is not a number")
-        if length > cap + 65536:  # multipart framing around the file
-            return _error(413, f"upload of {length} bytes exceeds the limit of {cap} bytes "
-                               "(serve.limits.max_upload_mb)")
-    return await call_next(request)
+class _UploadCap:
+    """Refuse an over-size upload from its Content-Length, before the body is read; one sent
+    without a length (chunked) as soon as more than the limit has arrived, where it used to be
+    read whole (Starlette spools a form's files to disk) and refused only then."""
+
+    def __init__(self, app: Any):
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        cap, path, root = getattr(api.state, "max_upload_bytes", None), scope.get("path", ""), scope.get("root_path", "")
+        path = path[len(root):] if root and path.startswith(root) else path  # under a route prefix
+        if not (cap and scope["type"] == "http" and scope["method"] == "POST" and path in UPLOAD_PATHS):
+            return await self.app(scope, receive, send)
+        limit = cap + 65536  # multipart framing around the file
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None:
+            try:
+                n = int(length)
+            except ValueError:
+                return await _error(400, "Content-Length is not a number")(scope, receive, send)
+            if n > limit:
+                return await _error(413, f"upload of {n} bytes exceeds the limit of {cap} bytes "
+                                         "(serve.limits.max_upload_mb)")(scope, receive, send)
+        seen, over = 0, False
+
+        async def counted() -> dict:
+            nonlocal seen, over
+            if over:
+                return {"type": "http.disconnect"}
+            msg = await receive()
+            seen += len(msg.get("body", b"")) if msg["type"] == "http.request" else 0
+            if seen > limit:  # stop reading: the app sees a client that went away
+                over = True
+                return {"type": "http.disconnect"}
+            return msg
+
+        async def guarded(msg: dict) -> None:
+            if not over:
+                return await send(msg)
+            if msg["type"] == "http.response.start":  # whatever the app answered: the 413
+                await _error(413, f"upload exceeds the limit of {cap} bytes "
+                                  "(serve.limits.max_upload_mb)")(scope, counted, send)
+
+        await self.app(scope, counted, guarded)
+
+
+api.add_middleware(_UploadCap)
 
 
 def _retryable(e: BaseException) -> bool:
