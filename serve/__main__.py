@@ -58,6 +58,7 @@ def start(cfg: AppConfig, quiet_ray: bool = True, route_prefix: str = "/") -> st
     """Ray (existing or embedded) -> Serve on the configured host/port -> the app at
     `route_prefix`; its URL."""
     from ray import serve
+    from ray.serve.exceptions import RayServeException
 
     from clipray.runtime import init_ray, is_embedded
     from serve.app import app_from_config
@@ -76,6 +77,9 @@ def start(cfg: AppConfig, quiet_ray: bool = True, route_prefix: str = "/") -> st
     serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port}, logging_config=logs)
     try:
         serve.run(app, name=cfg.serve.app_name, route_prefix=route_prefix, logging_config=logs)
+    except RayServeException as e:  # refused before deploying: another app serves this route
+        raise ConfigError(f"the app did not start: {getattr(e, 'cause', None) or e} (stop that app, or give "
+                          "serve.app_name its name to replace it)") from None
     except RuntimeError as e:  # "Deploying application X failed": a replica's constructor raised
         why = deploy_failure(cfg.serve.app_name) or str(e)
         serve.delete(cfg.serve.app_name)  # on a cluster, leave no failed app behind

@@ -402,6 +402,23 @@ def test_a_replica_that_cannot_start_is_one_error_and_leaves_no_app(app, tmp_pat
     assert requests.get(f"{app['url']}/healthz", timeout=30).json()["status"] == "ok"
 
 
+
+def test_a_second_app_on_a_taken_route_is_one_error_line(app):
+    """`clipray serve` with another serve.app_name on a Ray whose Serve already has an app at /
+    (two indexes on one cluster) ended in a RayTaskError traceback from the controller."""
+    from ray import serve
+
+    from clipray.config import ConfigError
+    from serve.__main__ import start
+    from serve.config import load_app_config
+
+    cfg = load_app_config(None, [*app_overrides(app["cfg"].serve.port), f"out={app['out']}", "serve.app_name=clipray-other"])
+    with pytest.raises(ConfigError, match=r'^the app did not start: Prefix / is being used by application "clipray-test"\. '
+                                          r'Failed to deploy application "clipray-other"\. \(stop that app, or give '
+                                          r"serve.app_name its name to replace it\)$"):
+        start(cfg)
+    assert "clipray-other" not in serve.status().applications
+
 def test_gpus_the_local_ray_lacks_are_an_error_not_a_wait_forever(app):
     """On the embedded Ray (which never grows) a replica asking for GPUs it lacks, e.g.
     cluster.yaml's encoders run without RAY_ADDRESS, left serve.run waiting forever."""
