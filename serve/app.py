@@ -126,6 +126,16 @@ def _byte_ranges(header: Optional[str]) -> bool:
     return True
 
 
+def _satisfiable(header: str, size: int) -> list[str]:
+    """The ranges of a well-formed `bytes=` range set that lie inside a file of `size` bytes."""
+    keep = []
+    for spec in header.partition("=")[2].split(","):
+        m = _RANGE_SPEC.fullmatch(spec)
+        if (m.group(1) is not None and int(m.group(1)) < size) or (m.group(3) is not None and int(m.group(3)) > 0 < size):
+            keep.append(spec.strip())
+    return keep
+
+
 class _UploadCap:
     """Refuse an over-size upload from its Content-Length, before the body is read; one sent
     without a length (chunked) as soon as more than the limit has arrived, where it used to be
@@ -282,10 +292,22 @@ class Ingress:
             raise HTTPException(404, f"clip_id: no clip {clip_id} in the index")
         if "://" in path or not os.path.isfile(path):
             raise HTTPException(404, f"clip_id: the file of clip {clip_id} is not available to this server")
-        if not _byte_ranges(request.headers.get("range")):
+        rng = request.headers.get("range")
+        if not _byte_ranges(rng):
             # RFC 9110 14.2: a Range of another unit, or one that does not parse, is ignored
             # (the whole file, 200), where Starlette answered a text/plain 400
             request.scope["headers"] = [(k, v) for k, v in request.scope["headers"] if k != b"range"]
+        elif rng is not None:
+            size = os.path.getsize(path)
+            keep = _satisfiable(rng, size)
+            if not keep:  # where Starlette answered an empty text/plain 416
+                return JSONResponse(status_code=416, headers={"Content-Range": f"bytes */{size}"},
+                                    content={"error": f"Range: {rng.strip()} lies past the end of the "
+                                                      f"{size}-byte file of clip {clip_id}"})
+            # RFC 9110 14.1.1: the ranges inside the file are served, the others left out (a
+            # range set with one past the end was a 416 for all of them)
+            request.scope["headers"] = [(k, v) for k, v in request.scope["headers"] if k != b"range"] + [
+                (b"range", ("bytes=" + ",".join(keep)).encode("latin-1"))]
         return FileResponse(path, media_type="video/mp4", filename=os.path.basename(path),
                             content_disposition_type="inline")
 

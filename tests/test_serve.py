@@ -179,6 +179,14 @@ def test_clip_stream_supports_range(app, synth_small):
     assert tail.status_code == 206 and tail.content == data[-100:]
     past = requests.get(clip, headers={"Range": f"bytes={len(data)}-"}, timeout=30)
     assert past.status_code == 416 and past.headers["content-range"] == f"bytes */{len(data)}"
+    # the 416 says why in JSON like every other error (Starlette's was an empty text/plain),
+    # and a range set with one range past the end serves the others (it was a 416 for all)
+    for odd in (f"bytes={len(data)}-", "bytes=-0", f"bytes={len(data) + 10}-{len(data) + 20},-0"):
+        r = requests.get(clip, headers={"Range": odd}, timeout=30)
+        assert (r.status_code, r.headers["content-range"]) == (416, f"bytes */{len(data)}"), odd
+        assert r.json()["error"] == f"Range: {odd} lies past the end of the {len(data)}-byte file of clip {hit['clip_id']}"
+    mixed = requests.get(clip, headers={"Range": f"bytes=10-19,{len(data)}-"}, timeout=30)
+    assert mixed.status_code == 206 and mixed.content == data[10:20], mixed.headers
     for odd in ("items=0-9", "bytes=5-3", "bytes=abc", "bytes="):
         r = requests.get(clip, headers={"Range": odd}, timeout=30)
         assert (r.status_code, r.content == data) == (200, True), odd
