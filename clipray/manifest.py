@@ -115,11 +115,16 @@ def validate_table(table: pa.Table, source: str = "manifest") -> None:
         check_row(row, f"{source} row {i}")
 
 
+PARTIAL = ".partial"  # a folder manifest's shard until the whole manifest is written
+
+
 class ManifestWriter:
     """Streams rows into Parquet shards of `rows_per_shard` rows, validating each row.
 
     `out` ending in `.parquet` gives one file (all rows buffered, for small sources); otherwise
-    `out` is a directory of `part-NNNNN.parquet` shards written as they fill. Rows are numbered
+    `out` is a directory of `part-NNNNN.parquet` shards written as they fill, each under a
+    `.partial` name until `close()` renames them all: a write killed midway (OOM, preemption)
+    leaves no folder that reads as a smaller, complete manifest. Rows are numbered
     0, 1, ... in the order written, unless `keep_row_ids`: then each row brings its own
     `row_id` (a rewrite of a manifest whose rows must still join with the original's).
     """
@@ -146,7 +151,8 @@ class ManifestWriter:
             raise ManifestError(f"{self.out}: cannot create the folder {folder} ({e})") from e
         self._buf: list[dict[str, Any]] = []
         self.rows = 0
-        self.shards: list[str] = []
+        self.shards: list[str] = []  # final names; a folder's are `.partial` until close()
+        self._renamed = self.single
         self._ids: set[int] | None = set() if keep_row_ids else None
 
     def add(self, row: Mapping[str, Any]) -> None:
@@ -170,14 +176,25 @@ class ManifestWriter:
     def _flush(self) -> None:
         table = pa.Table.from_pylist(self._buf, schema=self.schema)
         path = self.root if self.single else f"{self.root}/part-{len(self.shards):05d}.parquet"
-        pq.write_table(table, path, filesystem=self.fs)
+        pq.write_table(table, path if self.single else path + PARTIAL, filesystem=self.fs)
         self.shards.append(path)
         self._buf = []
 
     def close(self) -> "ManifestWriter":
         if self._buf or not self.shards:
             self._flush()
+        if not self._renamed:
+            for path in self.shards:
+                self.fs.move(path + PARTIAL, path)
+            self._renamed = True
         return self
+
+    def discard(self) -> None:
+        """Delete what was written (a failed write leaves no manifest that reads as complete)."""
+        for path in self.shards:
+            for name in (path,) if self._renamed else (path + PARTIAL,):
+                if self.fs.get_file_info(name).type == pafs.FileType.File:
+                    self.fs.delete_file(name)
 
     def __enter__(self) -> "ManifestWriter":
         return self
@@ -225,7 +242,11 @@ def manifest_files(path: str) -> tuple[pafs.FileSystem, list[str]]:
         files = sorted(i.path for i in fs.get_file_info(pafs.FileSelector(root, recursive=True))
                        if i.type == pafs.FileType.File and i.path.endswith(".parquet"))
     if not files:
-        raise ManifestError(f"no .parquet files under {path}")
+        unfinished = info.type == pafs.FileType.Directory and any(
+            i.path.endswith(".parquet" + PARTIAL) for i in fs.get_file_info(pafs.FileSelector(root)))
+        raise ManifestError(f"{path}: an unfinished manifest (only *.parquet{PARTIAL} shards: the write "
+                            "that made it stopped midway); write it again" if unfinished
+                            else f"no .parquet files under {path}")
     _check_header(fs, files[0], path)
     return fs, files
 

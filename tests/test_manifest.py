@@ -30,6 +30,29 @@ def test_sharded_roundtrip(tmp_path):
     assert (s.rows, len(s.videos), s.distinct_captions, s.per_split) == (25, 13, 25, {"train": 18, "test": 7})
 
 
+def test_a_folder_write_killed_midway_reads_as_unfinished_not_as_a_smaller_manifest(tmp_path):
+    """Shards are written as they fill. A process killed before close() (OOM, preemption) left
+    complete-looking shards that `data check` called valid: 20 of 25 rows, without a word."""
+    from clipray.manifest import ManifestWriter
+
+    out = tmp_path / "m"
+    w = ManifestWriter(out, rows_per_shard=10).extend(rows(25))  # two shards full, never closed
+    assert len(w.shards) == 2
+    with pytest.raises(ManifestError, match="an unfinished manifest"):
+        check_manifest(out)
+    w.close()  # the same write finished: every row, in order, under the usual names
+    assert read_manifest(out).column("row_id").to_pylist() == list(range(25))
+    assert sorted(p.name for p in out.iterdir()) == [f"part-0000{i}.parquet" for i in range(3)]
+
+    # a failed write removes what it wrote, finished or not
+    for close in (False, True):
+        w = ManifestWriter(tmp_path / f"gone{close}", rows_per_shard=10).extend(rows(25))
+        if close:
+            w.close()
+        w.discard()
+        assert list((tmp_path / f"gone{close}").iterdir()) == []
+
+
 @pytest.mark.parametrize("bad, msg", [
     (dict(start=-1.0, end=2.0), "negative start"),
     (dict(start=3.0, end=2.0), "end 2.0 <= start 3.0"),

@@ -138,8 +138,7 @@ def prepare(name: str, root: str, out: str, progress_s: float | None = None, **o
         writer.close()
     except BaseException:
         # a format error deep in a big source: leave no half manifest that reads as complete
-        for path in writer.shards:
-            writer.fs.delete_file(path)
+        writer.discard()
         raise
     return PrepareReport(
         source=name, root=root, out=out, rows=writer.rows, videos=len(tally.videos),
@@ -167,7 +166,7 @@ def _chain(first, rest):
 
 def _remove_old_shards(out: str) -> None:
     """A folder manifest is rewritten whole: stale `part-*.parquet` from a longer earlier run
-    would otherwise be read back as part of this one."""
+    would otherwise be read back as part of this one (and `.partial` ones of a killed run linger)."""
     if out.endswith(".parquet"):
         return
     import pyarrow.fs as pafs
@@ -176,5 +175,5 @@ def _remove_old_shards(out: str) -> None:
 
     fs, base = filesystem(out)  # the key as the writer takes it: a '#' in it is no fragment
     for info in fs.get_file_info(pafs.FileSelector(base, allow_not_found=True)):
-        if info.type == pafs.FileType.File and re.fullmatch(r"part-\d+\.parquet", info.base_name):
+        if info.type == pafs.FileType.File and re.fullmatch(r"part-\d+\.parquet(\.partial)?", info.base_name):
             fs.delete_file(info.path)
