@@ -2,7 +2,8 @@
 
 Connects to RAY_ADDRESS (or `ray.address`) when set, else starts an embedded local Ray; starts
 Serve's HTTP proxy on `serve.host:serve.port` (default 127.0.0.1:8000), deploys the app from
-`serve.app:build_app`, prints the URL and blocks until Ctrl-C, then deletes the app.
+`serve.app:build_app`, prints the URL and blocks until Ctrl-C (or SIGTERM), then deletes the app.
+Interrupted while starting, it deletes the app it was deploying and exits with status 130.
 
     clipray serve serve/configs/demo.yaml out=runs/index
     clipray serve serve/configs/demo.yaml out=runs/index serve.port=8001 serve.text_encoder.max_replicas=4
@@ -20,6 +21,7 @@ import socket
 import sys
 import time
 import urllib.request
+from typing import Callable
 
 from clipray.config import ConfigError
 from serve.config import AppConfig, load_app_config
@@ -54,9 +56,11 @@ def port_free(host: str, port: int) -> bool:
             return False
 
 
-def start(cfg: AppConfig, quiet_ray: bool = True, route_prefix: str = "/") -> str:
+def start(cfg: AppConfig, quiet_ray: bool = True, route_prefix: str = "/",
+          on_ray_started: Callable[[], None] | None = None) -> str:
     """Ray (existing or embedded) -> Serve on the configured host/port -> the app at
-    `route_prefix`; its URL."""
+    `route_prefix`; its URL. `on_ray_started` runs as soon as Ray is up (starting Ray replaces
+    the process's SIGTERM handler: `main` puts its own back there)."""
     from ray import serve
     from ray.serve.exceptions import RayServeException
 
@@ -65,6 +69,8 @@ def start(cfg: AppConfig, quiet_ray: bool = True, route_prefix: str = "/") -> st
 
     app = app_from_config(cfg)  # config errors (no index at out=, ...) surface before Ray starts
     init_ray(cfg.ray, quiet=quiet_ray)
+    if on_ray_started is not None:
+        on_ray_started()
     # on this machine, a taken port would otherwise surface as a traceback from Serve's proxy
     if is_embedded() and _live_http() is None and not port_free(cfg.serve.host, cfg.serve.port):
         raise ConfigError(f"serve.port {cfg.serve.port} on {cfg.serve.host} is taken by another "
@@ -143,8 +149,12 @@ def _live_http() -> tuple[str, int] | None:
 
 
 def stop(cfg: AppConfig) -> None:
+    """Delete the app (also one still deploying); nothing to do before Ray and Serve are up."""
+    import ray
     from ray import serve
 
+    if not ray.is_initialized() or _live_http() is None:
+        return  # serve.delete would start Ray, or raise that Serve is not running
     serve.delete(cfg.serve.app_name)
 
 
@@ -166,8 +176,15 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGINT, interrupt)
 
     stop_on_signals()
-    url = start(cfg, quiet_ray=False)
-    stop_on_signals()  # again: starting Ray put its own SIGTERM handler in, which aborts the process
+    try:
+        # again once Ray is up: starting it put Ray's own SIGTERM handler in, which would end
+        # the process with a traceback or an abort and leave a half-deployed app on a cluster
+        url = start(cfg, quiet_ray=False, on_ray_started=stop_on_signals)
+    except KeyboardInterrupt:
+        print("interrupted while starting: stopping ...", flush=True)
+        stop(cfg)
+        print("stopped", flush=True)
+        return 130
     print(f"clipray serving {cfg.out} at {url}  (search page {url}/, API docs {url}/docs); Ctrl-C stops",
           flush=True)
     try:

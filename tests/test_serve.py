@@ -446,6 +446,46 @@ def test_gpus_the_local_ray_lacks_are_an_error_not_a_wait_forever(app):
     assert "clipray-gpu" not in serve.status().applications
 
 
+def test_sigterm_while_starting_deletes_the_half_deployed_app_and_exits_cleanly(app, monkeypatch, capsys):
+    """SIGTERM to `clipray serve` while start() was deploying met Ray's own handler (ray.init
+    puts in one that raises SystemExit), not ours, which main() put back only once start()
+    returned: the process ended with a C stack dump and, on a cluster, left the half-deployed
+    app behind. Here Ray is the session's, already up, so ray.init's handler is put in as a
+    fresh `clipray serve` gets it; the shared app holds "/", so this one deploys at /sig."""
+    import sys
+
+    import clipray.runtime
+    import serve.__main__ as serve_main
+    from ray import serve
+
+    real_init, saved = clipray.runtime.init_ray, {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def init_ray(*a, **kw):
+        real_init(*a, **kw)
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(signum))  # as ray.init does
+
+    def deploying(target, name, route_prefix, logging_config):  # serve.run, SIGTERMed mid-deploy
+        serve.run_many([serve.RunTarget(target, name=name, route_prefix="/sig", logging_config=logging_config)],
+                       wait_for_applications_running=False)
+        assert serve.status().applications[name].status.value in ("DEPLOYING", "RUNNING")
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(30)  # the signal's handler raises before this ends
+        raise AssertionError("SIGTERM did not interrupt the start")
+
+    monkeypatch.setattr(clipray.runtime, "init_ray", init_ray)
+    monkeypatch.setattr(serve, "run", deploying)
+    try:
+        code = serve_main.main([str(Path(serve_main.__file__).parent / "configs" / "demo.yaml"), *app_overrides(app["cfg"].serve.port),
+                                f"out={app['out']}", "serve.app_name=clipray-sig"])
+    finally:
+        for s, h in saved.items():
+            signal.signal(s, h)
+    assert code == 130
+    assert capsys.readouterr().out.splitlines()[-2:] == ["interrupted while starting: stopping ...", "stopped"]
+    assert "clipray-sig" not in serve.status().applications
+    assert requests.get(f"{app['url']}/healthz", timeout=30).json()["status"] == "ok"
+
+
 # ---- OpenAPI fuzzing ---------------------------------------------------------------------------
 def test_openapi_fuzz_finds_no_server_error(app):
     """schemathesis draws bounded examples for every operation of /openapi.json: never a 5xx."""
