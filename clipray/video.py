@@ -299,6 +299,12 @@ def _main_video(container: Any) -> Any:
     return container.streams.best("video") or container.streams.video[0]
 
 
+def _rewind(src: Any) -> None:
+    """Back to the start of an open file, for the next reader (a path needs nothing)."""
+    if hasattr(src, "seek"):
+        src.seek(0)
+
+
 def _codec(src: Any) -> str | None:
     """The name of the file's video codec (a PyAV open: 0.3 ms locally), None if unreadable."""
     import av
@@ -309,31 +315,26 @@ def _codec(src: Any) -> str | None:
     except Exception:
         return None
     finally:
-        if hasattr(src, "seek"):
-            src.seek(0)
+        _rewind(src)
 
 
 def _reader(src: Any, backend: str) -> Any:
     """The backend's reader of an open source; PyAV's where decord cannot open the file or
     would number its frames wrongly."""
-    if backend == "decord" and _codec(src) in _DECORD_MISNUMBERS:
+    if backend == "pyav":
         return PyAVVideo(src)
-    try:
-        video = BACKENDS[backend](src)
-    except SkipClip:
-        if backend == "pyav":
-            raise
-        # decord 0.6's FFmpeg has no AV1 decoder (YouTube serves AV1 in MP4 and WebM): it finds
-        # no video stream it can decode. PyAV's can, or names what the file lacks.
-        if hasattr(src, "seek"):
-            src.seek(0)
-        return PyAVVideo(src)
-    if getattr(video, "hides_frames", False):
-        del video
-        if hasattr(src, "seek"):
-            src.seek(0)
-        video = PyAVVideo(src)
-    return video
+    if _codec(src) not in _DECORD_MISNUMBERS:
+        try:
+            video = DecordVideo(src)
+            if not video.hides_frames:
+                return video
+            del video
+        except SkipClip:
+            # decord 0.6's FFmpeg has no AV1 decoder (YouTube serves AV1 in MP4 and WebM): it
+            # finds no video stream it can decode. PyAV's can, or names what the file lacks.
+            pass
+        _rewind(src)
+    return PyAVVideo(src)
 
 
 def open_video(path: str, backend: str = "decord") -> Any:
