@@ -110,27 +110,18 @@ def _set_upload_cap(cap: int) -> None:
 _RANGE_SPEC = re.compile(r"\s*(?:(\d+)-(\d*)|-(\d+))\s*")
 
 
-def _byte_ranges(header: Optional[str]) -> bool:
-    """Whether a Range header is absent or a well-formed `bytes=` range set (RFC 9110 14.1.2).
-    Defined above `Ingress`: Serve pickles that class when it is decorated, with the globals
-    its methods use as they are then."""
-    if header is None:
-        return True
+def _ranges_inside(header: str, size: int) -> Optional[list[str]]:
+    """The ranges of a `bytes=` range set (RFC 9110 14.1.2) that lie inside a file of `size`
+    bytes; None when the header is not a well-formed range set. Defined above `Ingress`: Serve
+    pickles that class when it is decorated, with the globals its methods use as they are then."""
     unit, _, ranges = header.partition("=")
     if unit.strip().lower() != "bytes" or not ranges.strip():
-        return False
+        return None
+    keep = []
     for spec in ranges.split(","):
         m = _RANGE_SPEC.fullmatch(spec)
         if m is None or (m.group(2) and int(m.group(2)) < int(m.group(1))):
-            return False
-    return True
-
-
-def _satisfiable(header: str, size: int) -> list[str]:
-    """The ranges of a well-formed `bytes=` range set that lie inside a file of `size` bytes."""
-    keep = []
-    for spec in header.partition("=")[2].split(","):
-        m = _RANGE_SPEC.fullmatch(spec)
+            return None
         if (m.group(1) is not None and int(m.group(1)) < size) or (m.group(3) is not None and int(m.group(3)) > 0 < size):
             keep.append(spec.strip())
     return keep
@@ -293,21 +284,21 @@ class Ingress:
         if "://" in path or not os.path.isfile(path):
             raise HTTPException(404, f"clip_id: the file of clip {clip_id} is not available to this server")
         rng = request.headers.get("range")
-        if not _byte_ranges(rng):
-            # RFC 9110 14.2: a Range of another unit, or one that does not parse, is ignored
-            # (the whole file, 200), where Starlette answered a text/plain 400
-            request.scope["headers"] = [(k, v) for k, v in request.scope["headers"] if k != b"range"]
-        elif rng is not None:
+        if rng is not None:
             size = os.path.getsize(path)
-            keep = _satisfiable(rng, size)
-            if not keep:  # where Starlette answered an empty text/plain 416
+            keep = _ranges_inside(rng, size)
+            if keep == []:  # where Starlette answered an empty text/plain 416
                 return JSONResponse(status_code=416, headers={"Content-Range": f"bytes */{size}"},
                                     content={"error": f"Range: {rng.strip()} lies past the end of the "
                                                       f"{size}-byte file of clip {clip_id}"})
-            # RFC 9110 14.1.1: the ranges inside the file are served, the others left out (a
-            # range set with one past the end was a 416 for all of them)
-            request.scope["headers"] = [(k, v) for k, v in request.scope["headers"] if k != b"range"] + [
-                (b"range", ("bytes=" + ",".join(keep)).encode("latin-1"))]
+            # RFC 9110 14.2: a Range of another unit, or one that does not parse, is ignored (the
+            # whole file, 200), where Starlette answered a text/plain 400. RFC 9110 14.1.1: the
+            # ranges inside the file are served, the others left out (a range set with one past
+            # the end was a 416 for all of them)
+            headers = [(k, v) for k, v in request.scope["headers"] if k != b"range"]
+            if keep:
+                headers.append((b"range", ("bytes=" + ",".join(keep)).encode("latin-1")))
+            request.scope["headers"] = headers
         return FileResponse(path, media_type="video/mp4", filename=os.path.basename(path),
                             content_disposition_type="inline")
 
