@@ -24,7 +24,7 @@ import urllib.request
 from typing import Callable
 
 from clipray.config import ConfigError
-from serve.config import AppConfig, load_app_config
+from serve.config import DEPLOYMENTS, AppConfig, load_app_config
 
 
 def url_of(cfg: AppConfig) -> str:
@@ -108,11 +108,9 @@ def check_gpus(cfg: AppConfig) -> None:
     from clipray.runtime import check_fits
     from serve import store
 
-    names = ["ingress", "text_encoder", "video_encoder", "searcher"]
-    if (store.read_meta(cfg.out) or {}).get("rerank"):
-        names.append("reranker")
+    rerank = bool((store.read_meta(cfg.out) or {}).get("rerank"))  # else no reranker replica
     asks = {}
-    for n in names:
+    for n in DEPLOYMENTS if rerank else [n for n in DEPLOYMENTS if n != "reranker"]:
         d = getattr(cfg.serve, n)
         count = max(1, d.min_replicas if d.initial_replicas is None else d.initial_replicas)
         if d.num_gpus > 0:

@@ -30,6 +30,7 @@ from clipray.config import ConfigError, RayConfig, VideoConfig, load_config
 INDEX_KINDS = ("flat", "ivf_flat", "ivf_sq8", "ivf_pq", "hnsw")
 SPLITS = ("all", "train", "val", "test")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+DEPLOYMENTS = ("ingress", "text_encoder", "video_encoder", "searcher", "reranker")  # serve.<name> sections
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "demo.yaml"
 
 
@@ -160,8 +161,7 @@ def resolve(cfg: AppConfig) -> AppConfig:
     lim = sv.limits
     if lim.max_text_chars < 1 or lim.max_k < 1 or lim.max_upload_mb <= 0:
         raise ConfigError("serve.limits: max_text_chars, max_k and max_upload_mb must be positive")
-    deps = {n: _check_deployment(n, getattr(sv, n))
-            for n in ("ingress", "text_encoder", "video_encoder", "searcher", "reranker")}
+    deps = {n: _check_deployment(n, getattr(sv, n)) for n in DEPLOYMENTS}
     return dataclasses.replace(cfg, index=ix, serve=dataclasses.replace(sv, **deps))
 
 
