@@ -95,15 +95,16 @@ def candidates(start: float, end: float, b: Bounds, step_s: float, max_steps: in
     moves = [k * step_s for k in range(-max_steps, max_steps + 1)]
     eps = 1e-6
     # the neighbours and the video's end count to the millisecond, as the clips do (a last clip
-    # ends at the video's end rounded, maybe up); t stays exact: a clip must hold it
+    # ends at the video's end rounded, maybe up); t is compared exactly, as the manifest checks
+    # it: an end a float's hair below t (t = 3.0000004, e = 3.0) would not hold it
     lo, hi = min(b.lo, _ms(b.lo)), max(b.hi, _ms(b.hi))
     for ds in moves:
         s = _ms(start + ds) if ds else start
-        if not (lo - eps <= s <= b.t + eps):
+        if not (lo - eps <= s <= b.t):
             continue
         for de in moves:
             e = _ms(end + de) if de else end
-            if (s, e) in seen or not (b.t - eps <= e <= hi + eps) or e - s < min_width_s - eps:
+            if (s, e) in seen or not (b.t <= e <= hi + eps) or e - s < min_width_s - eps:
                 continue
             seen.add((s, e))
             out.append((s, e))

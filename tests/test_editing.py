@@ -91,3 +91,21 @@ def test_decode_windows_gives_the_frames_decode_clip_gives(synth_small, real_vid
                 np.testing.assert_array_equal(clip.frames, want.frames)
     with pytest.raises(SkipClip, match="missing file"):
         decode_windows(str(tmp_path / "nope.mp4"), [(0, 1)], VideoConfig())
+
+
+def test_candidates_hold_a_timestamp_a_hair_off_the_millisecond_grid():
+    """A timestamp under a microsecond from a whole millisecond (YouCook2's `uniform` rule draws
+    full-precision floats): moved boundaries are whole milliseconds, and one at 3.0 does not hold
+    t = 3.0000004 (nor a start at 3.0 t = 2.9999996). Such a clip, if chosen, was refused by the
+    round's manifest ("timestamp outside [start, end]") after the whole scoring job, every time
+    the run was resumed."""
+    from clipray.manifest import check_row
+
+    for t in (3.0000004, 2.9999996):
+        got = candidates(2.0, 4.0, Bounds(0.0, t, 10.0), step_s=1.0, max_steps=1, min_width_s=0.5)
+        # by hand: starts 1, 2, 3 and ends 3, 4, 5, those holding t
+        want = [(s, e) for s in (1.0, 2.0, 3.0) for e in (3.0, 4.0, 5.0) if s <= t <= e]
+        assert got[0] == (2.0, 4.0) and sorted(got) == sorted(want)
+        for s, e in got:  # each is a valid training row of the round's manifest
+            check_row({"video_id": "v", "path": "v.mp4", "caption": "c", "split": "train",
+                       "start": s, "end": e, "timestamp": t}, "row")
