@@ -107,6 +107,43 @@ def test_edit_job_picks_the_best_candidate_as_brute_force_scoring_does(ray_local
     assert edited > 0  # a random teacher has preferences too: the job did edit
 
 
+def test_the_gain_is_the_best_candidates_also_where_a_margin_keeps_the_clip(events, tmp_path):
+    """edits.csv's median_gain is how much the teacher's best candidate beat the current clip,
+    the scale to set edit.margin against. Under a margin the kept clips reported a gain of 0
+    (their own score less their own), so every run with a margin showed a median of 0.0000.
+    The scorer runs here without Ray, as one actor would."""
+    import open_clip
+
+    from clipray.export import load_export, save_export
+    from clipray.models import create_model
+    from train.driver import model_io
+    from train.edit import ClipScorer, initial_captions
+
+    torch.manual_seed(0)
+    export = save_export(create_model("test_meanP"), tmp_path / "teacher")
+    cfg = model_io(load_config(EDIT_DEMO, overrides(events["events_manifest"], tmp_path, "gain",
+                                                    **{"edit.margin": 1000.0})))  # no cosine beats by that
+    root = events["events_manifest"].rsplit("/", 1)[0]
+    captions = list(initial_captions(events["events_manifest"], root, cfg.edit, "decord")[0].values())[:6]
+    scorer = ClipScorer(str(export), cfg.data.video, cfg.data.max_words, cfg.edit, use_gpu=False)
+    batch = {"row_id": np.array([c.row_id for c in captions]), "path": np.array([c.path for c in captions]),
+             "caption": np.array([c.caption for c in captions]),
+             **{k: np.array([c.clip[j] for c in captions]) for j, k in enumerate(("start", "end"))},
+             **{k: np.array([getattr(c.bounds, k) for c in captions]) for k in ("lo", "t", "hi")}}
+    out = scorer(batch)
+    model = load_export(export)
+    tok = open_clip.get_tokenizer(model.tokenizer_name, context_length=cfg.data.max_words)
+    gains = []
+    for i, c in enumerate(captions):
+        scores = encode(model, tok, c.caption, c.path, by_hand_candidates(c.clip, c.bounds.lo, c.bounds.t, c.bounds.hi),
+                        cfg.data.video)
+        assert (out["start"][i], out["end"][i]) == c.clip  # kept: the margin is out of reach
+        assert out["current"][i] == pytest.approx(scores[c.clip], abs=1e-5)
+        assert out["best"][i] - out["current"][i] == pytest.approx(max(scores.values()) - scores[c.clip], abs=1e-5)
+        gains.append(max(scores.values()) - scores[c.clip])
+    assert max(gains) > 1e-4  # some candidate did beat its clip: the old code said 0 for all
+
+
 def midpoint_clips_by_hand(rows: list[dict]) -> dict[int, tuple]:
     out = {}
     for vid in {r["video_id"] for r in rows}:

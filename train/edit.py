@@ -184,7 +184,9 @@ class ClipScorer:
                 continue
             k = choose(scores, e.margin)
             out["start"][i], out["end"][i] = wins[k]
-            out["candidates"][i], out["current"][i], out["best"][i] = len(wins), scores[0], scores[k]
+            # the best candidate's score, kept or not: under a margin a gain short of it is still
+            # the scale the margin is set against
+            out["candidates"][i], out["current"][i], out["best"][i] = len(wins), scores[0], np.nanmax(scores)
         return out
 
 
