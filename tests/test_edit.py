@@ -347,3 +347,52 @@ def test_edit_state_is_read_back_from_a_run_folder_named_like_a_glob(tmp_path):
         (out / "export" / name).write_text(name)
     _copy_export(str(out / "export"), str(out / "teacher"))  # the teacher, after a better round
     assert sorted(p.read_text() for p in (out / "teacher").iterdir()) == sorted([WEIGHTS, CONFIG])
+
+
+def test_a_resume_counts_the_captions_of_a_video_unreadable_since(events, tmp_path, monkeypatch, capsys):
+    """Stage 1 runs anew on a resume: a video that cannot be read now (deleted, its storage
+    down) drops its captions from training. The resume took the saved skips whole, so they
+    went untrained with `left_out` still 0 and nothing said. Ray and the final evaluation are
+    stubbed: the resume's bookkeeping all happens before them."""
+    import dataclasses
+    import shutil
+
+    import clipray.runtime
+    import train.driver
+    from clipray.manifest import write_manifest
+    from train.edit import run
+
+    root = Path(events["events_manifest"]).parent
+    rows = read_manifest(events["events_manifest"]).to_pylist()
+    gone = next(r["video_id"] for r in rows if r["split"] == "train")
+    copy = tmp_path / "gone.mp4"
+    shutil.copy(root / next(r["path"] for r in rows if r["video_id"] == gone), copy)
+    for r in rows:  # no durations: stage 1 reads each video's length from the file
+        r.update(duration=None, path=str(copy) if r["video_id"] == gone else str(root / r["path"]))
+    manifest = str(tmp_path / "events.parquet")
+    write_manifest(rows, manifest, keep_row_ids=True)
+    cfg = load_config(EDIT_DEMO, overrides(manifest, tmp_path, "resume", **{"edit.rounds": 0}))
+    out = tmp_path / "resume"
+    out.mkdir()
+    rec = {"round": 0, "epoch": 1, "edited": 0, "mean_shift_s": 0.0, "train_tiou": 0.5, "mean_width_s": 2.0,
+           "val_r1": 10.0, "val_r5": 50.0, "val_r10": 100.0, "val_rsum": 160.0, "teacher_updated": True}
+    # the first run read every video: nothing left out; it stopped before its final evaluation
+    (out / "edit_state.json").write_text(json.dumps({"edit": dataclasses.asdict(cfg.edit), "source": manifest,
+                                                     "records": [rec], "skips": [], "clips": {}}))
+    copy.unlink()
+    test = {"eval_split": "test", "num_test_videos": 13, **{f"t2v_{k}": 1.0 for k in ("r1", "r5", "r10", "mdr")},
+            "v2t_r1": 1.0}
+    monkeypatch.setattr(clipray.runtime, "init_ray", lambda *a, **k: None)
+    monkeypatch.setattr(train.driver, "evaluate_export", lambda *a, **k: test)
+    result = run(cfg)
+    lost = sum(r["video_id"] == gone and r["split"] == "train" for r in rows)
+    assert lost >= 1 and result["left_out"] == lost
+    assert f"{lost} more training captions left out since the last run" in capsys.readouterr().out
+    # and the other way: a caption left out before and readable now trains, so it is not counted
+    from train.edit import resumed_skips
+
+    saved = [{"row_id": 1, "round": 0, "reason": "unreadable video"}, {"row_id": 2, "round": 0, "reason": "x"},
+             {"row_id": 1, "round": 1, "reason": "missing file"}]
+    fresh = [{"row_id": 2, "round": 0, "reason": "x"}, {"row_id": 3, "round": 0, "reason": "unreadable video"}]
+    skips, since = resumed_skips(saved, fresh, {1: None})
+    assert [(s["row_id"], s["round"]) for s in skips] == [(2, 0), (1, 1), (3, 0)] and since == fresh[1:]

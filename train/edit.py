@@ -334,7 +334,10 @@ def run(cfg: Config, quiet_ray: bool = False) -> dict[str, Any]:
         for rid, clip in state["clips"].items():
             if int(rid) in captions:  # (a video unreadable since is left out again)
                 captions[int(rid)].clip = tuple(clip)
-        skips = state["skips"]
+        skips, since = resumed_skips(state["skips"], skips, captions)
+        if since:
+            print(f"[edit] {len(since)} more training captions left out since the last run: "
+                  f"{dict(Counter(s['reason'] for s in since))}", flush=True)
     init_ray(cfg.ray, quiet=quiet_ray)
     quiet_data_progress()
     if e.rounds:  # the teacher's pool first runs after the warm-up: a pool that cannot fit fails now
@@ -380,6 +383,15 @@ def run(cfg: Config, quiet_ray: bool = False) -> dict[str, Any]:
     _put(f"{out}/edit_result.json", json.dumps(result, indent=1))
     print(_summary(result, out))
     return result
+
+
+def resumed_skips(saved: list[dict], fresh: list[dict], captions: dict[int, Caption]) -> tuple[list[dict], list[dict]]:
+    """A resumed run's skips, and the captions left out since the saved ones: stage 1 runs anew,
+    and a video unreadable now (deleted, storage down) drops its captions from training, which
+    `left_out` must count; a caption readable again trains, so it is no longer left out."""
+    known = {s["row_id"] for s in saved if s["round"] == 0}
+    since = [s for s in fresh if s["row_id"] not in known]
+    return [s for s in saved if s["round"] > 0 or s["row_id"] not in captions] + since, since
 
 
 def skip_counts(skips: list[dict]) -> dict[str, int]:
