@@ -396,3 +396,34 @@ def test_a_resume_counts_the_captions_of_a_video_unreadable_since(events, tmp_pa
     fresh = [{"row_id": 2, "round": 0, "reason": "x"}, {"row_id": 3, "round": 0, "reason": "unreadable video"}]
     skips, since = resumed_skips(saved, fresh, {1: None})
     assert [(s["row_id"], s["round"]) for s in skips] == [(2, 0), (1, 1), (3, 0)] and since == fresh[1:]
+
+
+def test_a_resume_may_give_the_scoring_job_other_resources(events, tmp_path, capsys):
+    """edit.actors, actor_cpus, actor_gpus and batch size the teacher's job, not its edits (each
+    caption is scored on its own): a run resumed on another cluster, with fewer GPUs, must go
+    on. Any edit.* change refused it, saying to start over. What the edits depend on (here
+    edit.margin) is still refused, named."""
+    import dataclasses
+
+    from clipray.config import ConfigError
+    from train.edit import run
+
+    cfg = load_config(EDIT_DEMO, overrides(events["events_manifest"], tmp_path, "moved"))
+    out = tmp_path / "moved"
+    out.mkdir()
+    rec = {"round": 0, "epoch": 1, "edited": 0, "mean_shift_s": 0.0, "train_tiou": 0.5, "mean_width_s": 2.0,
+           "val_r1": 10.0, "val_r5": 50.0, "val_r10": 100.0, "val_rsum": 160.0, "teacher_updated": True}
+    records = [rec, dict(rec, round=1, epoch=2, teacher_updated=False)]
+    (out / "edit_state.json").write_text(json.dumps({"edit": dataclasses.asdict(cfg.edit), "records": records,
+                                                     "skips": [], "clips": {}, "source": events["events_manifest"]}))
+    test = {"eval_split": "test", "num_test_videos": 13, **{f"t2v_{k}": 1.0 for k in ("r1", "r5", "r10", "mdr")},
+            "v2t_r1": 1.0}
+    (out / "edit_result.json").write_text(json.dumps({"rounds": records, "test": test, "left_out": 0}))
+    pool = {"edit.actors": 1, "edit.actor_cpus": 0.25, "edit.actor_gpus": 0, "edit.batch": 3}
+    assert all(getattr(cfg.edit, k.split(".")[1]) != v for k, v in pool.items())
+    moved = load_config(EDIT_DEMO, overrides(events["events_manifest"], tmp_path, "moved", **pool))
+    assert run(moved)["test"] == test  # the finished run's result, nothing refused
+    assert "has finished every round" in capsys.readouterr().out
+    margin = load_config(EDIT_DEMO, overrides(events["events_manifest"], tmp_path, "moved", **{"edit.margin": 0.1}))
+    with pytest.raises(ConfigError, match=r"other edit.\* settings \(edit.margin: 0.0 -> 0.1\)"):
+        run(margin)

@@ -258,6 +258,11 @@ def clip_stats(captions: dict[int, Caption]) -> dict[str, Optional[float]]:
 
 # ---------------------------------------------------------------- the rounds
 
+# the scoring job's resources, not what it computes (each caption is scored on its own): a
+# resumed run may use other ones, on another cluster, and make the same edits
+POOL_KEYS = ("actors", "actor_cpus", "actor_gpus", "batch")
+
+
 def _put(uri: str, text: str) -> None:
     import fsspec
 
@@ -320,8 +325,11 @@ def run(cfg: Config, quiet_ray: bool = False) -> dict[str, Any]:
     driver.make_run_dir(out)
     captions, skips = initial_captions(source, data.video_root, e, data.video.backend)
     state = _get_json(f"{out}/edit_state.json")
-    if state and state["edit"] != dataclasses.asdict(e):
-        raise ConfigError(f"{out} holds an editing run with other edit.* settings; use a new train.run_name")
+    changed = [f"edit.{k}: {v!r} -> {getattr(e, k)!r}" for k, v in (state or {}).get("edit", {}).items()
+               if k not in POOL_KEYS and v != getattr(e, k, None)]
+    if changed:
+        raise ConfigError(f"{out} holds an editing run with other edit.* settings ({'; '.join(changed)}); "
+                          "use a new train.run_name, or the run's settings")
     if state and state.get("source", source) != source:  # its clips join this manifest by row id
         raise ConfigError(f"{out} holds an editing run of another data.manifest ({state['source']}); "
                           "use a new train.run_name")
