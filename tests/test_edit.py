@@ -427,3 +427,21 @@ def test_a_resume_may_give_the_scoring_job_other_resources(events, tmp_path, cap
     margin = load_config(EDIT_DEMO, overrides(events["events_manifest"], tmp_path, "moved", **{"edit.margin": 0.1}))
     with pytest.raises(ConfigError, match=r"other edit.\* settings \(edit.margin: 0.0 -> 0.1\)"):
         run(margin)
+
+
+def test_a_failed_state_write_keeps_the_last_state(tmp_path):
+    """edit_state.json is rewritten after every round; a write that fails midway (here a text
+    that cannot be encoded, as a full disk or a killed job) must leave the last one whole, or
+    no re-run can resume. Written in place, it was cut to nothing and the next run failed with
+    a JSONDecodeError traceback."""
+    from train.edit import _get_json, _put
+
+    state = tmp_path / "exp [2]" / "edit_state.json"  # a run folder named like a glob, too
+    state.parent.mkdir()
+    _put(str(state), json.dumps({"records": [1]}))
+    with pytest.raises(UnicodeEncodeError):
+        _put(str(state), '{"records": [1, 2], "x": "\ud800"}')
+    assert _get_json(str(state)) == {"records": [1]}
+    _put(str(state), json.dumps({"records": [1, 2]}))
+    assert _get_json(str(state)) == {"records": [1, 2]}
+    assert [p.name for p in state.parent.iterdir()] == ["edit_state.json"]  # no .partial left

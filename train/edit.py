@@ -264,10 +264,16 @@ POOL_KEYS = ("actors", "actor_cpus", "actor_gpus", "batch")
 
 
 def _put(uri: str, text: str) -> None:
-    import fsspec
+    """Write a file whole or not at all: a `.partial` file moved over it when complete. Written
+    in place, a write that failed midway (a full disk, the job killed) left a cut
+    edit_state.json or edit_result.json, which every re-run then failed to read."""
+    from clipray.manifest import PARTIAL, filesystem
 
-    with fsspec.open(uri, "w") as f:
-        f.write(text)
+    data = text.encode()
+    fs, path = filesystem(uri)
+    with fs.open_output_stream(path + PARTIAL) as f:
+        f.write(data)
+    fs.move(path + PARTIAL, path)
 
 
 def _get_json(uri: str) -> Optional[dict]:
