@@ -114,7 +114,7 @@ class EditConfig:
     init: str = "midpoint"  # midpoint | window: how stage 1 turns timestamps into clips
     window_s: float = 0.0  # init=window: the clip's width, centred on the timestamp
     max_width_s: float = 0.0  # >0: no initial clip wider than this (shrunk towards its timestamp)
-    min_width_s: float = 1.0  # no clip, initial or edited, shorter than this
+    min_width_s: float = 1.0  # no clip, initial or edited, shorter than this (>= 1 ms: clips keep ms)
     warmup_epochs: int = 2  # stage 2: epochs on the initial clips; the teacher is this student
     rounds: int = 3  # stage 3: (edit if the teacher changed) + train + validate, this many times
     epochs_per_round: int = 1
@@ -188,7 +188,7 @@ RULES: dict[type, dict[str, tuple[Any, str]]] = {
                       seed=_at_least(0)),  # numpy (Ray Data's local shuffle) refuses a negative seed
     RayConfig: dict(num_cpus=_at_least(1)),
     EditConfig: dict(init=_one_of("midpoint", "window"), window_s=_at_least(0), max_width_s=_at_least(0),
-                     min_width_s=_above(0), warmup_epochs=_at_least(1), rounds=_at_least(0),
+                     min_width_s=_at_least(0.001), warmup_epochs=_at_least(1), rounds=_at_least(0),
                      epochs_per_round=_at_least(1), step_s=_whole_ms(), max_steps=_at_least(1), margin=_at_least(0),
                      val_split=_one_of(*SPLITS), test_split=_one_of(*SPLITS),
                      actors=_at_least(1), actor_cpus=_above(0), batch=_at_least(1)),

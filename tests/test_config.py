@@ -254,3 +254,11 @@ def test_an_edit_step_finer_than_the_millisecond_clips_are_kept_to_is_refused(st
         load_config(None, [f"edit.step_s={step}"])
     for ok in ("0.001", "0.25", "1", "2.5"):
         assert load_config(None, [f"edit.step_s={ok}"]).edit.step_s == float(ok)
+
+
+def test_a_minimum_clip_width_under_the_millisecond_clips_are_kept_to_is_refused():
+    # initial_clips([4.9999, 5.0, 5.0001], 10, min_width_s=0.0001) gave the clip (5.0, 5.0) once
+    # rounded to the millisecond, and round 0's manifest was refused after stage 1
+    with pytest.raises(ConfigError, match="edit.min_width_s must be >= 0.001, got 0.0001"):
+        load_config(None, ["edit.min_width_s=0.0001"])
+    assert load_config(None, ["edit.min_width_s=0.001"]).edit.min_width_s == 0.001
