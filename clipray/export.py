@@ -9,7 +9,8 @@
 weights, no download; the original `pretrained` value is kept for provenance only), loads the
 safetensors strictly and returns a model that is bit-identical to the one saved. Only
 safetensors and JSON are read; a directory that holds only pickle files (.pt/.bin/.pth/.pkl)
-is refused.
+is refused. `check_export(dir)` refuses what `load_export` would (weights cut off, or of
+another model) from the safetensors header alone, so a job can check before it starts workers.
 """
 
 from __future__ import annotations
@@ -106,43 +107,81 @@ def fetch_export(export_dir: str, into: str | Path) -> str:
     return str(into)
 
 
-def load_export(export_dir: str | Path, device: str | torch.device = "cpu"):
-    """Rebuild the exported model on `device` with its saved weights and dtype (eval mode)."""
+def _build(config: dict[str, Any]):
     import dataclasses
-
-    from safetensors.torch import load_file
 
     from clipray.models import ModelSpec, build_from_spec
 
-    root = Path(export_dir)
-    weights = root / WEIGHTS
-    if not weights.is_file():
-        pickles = sorted(p.name for p in root.glob("*") if p.suffix in _PICKLE_SUFFIXES)
-        hint = f"; found only pickle files {pickles}, which are never loaded" if pickles else ""
-        raise FileNotFoundError(f"{weights} missing{hint}")
-    config = read_export_config(root)
     fields = {f.name for f in dataclasses.fields(ModelSpec)}
     spec = ModelSpec(
         open_clip_name=config["open_clip_name"],
         tokenizer_name=config["tokenizer_name"],
         **{k: v for k, v in config["overrides"].items() if k in fields},
     )
-    model = build_from_spec(config["name"], spec, open_clip_cfg=config["open_clip_cfg"])
-    model.backbone.set_pixel_stats(**config["pixel_stats"])
-    model.to(dtype=getattr(torch, config["dtype"]))
-    from safetensors import SafetensorError
+    return build_from_spec(config["name"], spec, open_clip_cfg=config["open_clip_cfg"])
 
-    try:  # cut off in a copy or an upload: say which file, not only safetensors' header error
-        state = load_file(str(weights), device="cpu")
-    except SafetensorError as e:
-        raise ConfigError(f"{weights}: not a readable safetensors file ({e}): export the model again") from None
-    want = model.state_dict()
-    diff = ([f"missing {k}" for k in want if k not in state] + [f"unexpected {k}" for k in state if k not in want]
-            + [f"{k} is {list(state[k].shape)}, not {list(v.shape)}" for k, v in want.items()
-               if k in state and state[k].shape != v.shape])
+
+def _weights_of(root: Path) -> Path:
+    weights = root / WEIGHTS
+    if not weights.is_file():
+        pickles = sorted(p.name for p in root.glob("*") if p.suffix in _PICKLE_SUFFIXES)
+        hint = f"; found only pickle files {pickles}, which are never loaded" if pickles else ""
+        raise FileNotFoundError(f"{weights} missing{hint}")
+    return weights
+
+
+def _unreadable(weights: Path, e: Exception) -> ConfigError:
+    # cut off in a copy or an upload: say which file, not only safetensors' header error
+    return ConfigError(f"{weights}: not a readable safetensors file ({e}): export the model again")
+
+
+def _check_shapes(weights: Path, config: dict, want: dict[str, tuple], have: dict[str, tuple]) -> None:
+    diff = ([f"missing {k}" for k in want if k not in have] + [f"unexpected {k}" for k in have if k not in want]
+            + [f"{k} is {list(have[k])}, not {list(v)}" for k, v in want.items() if k in have and have[k] != v])
     if diff:  # weights of another model next to this config.json (a half-overwritten export)
         more = f" and {len(diff) - 3} more" if len(diff) > 3 else ""
         raise ConfigError(f"{weights} does not hold the model its {CONFIG} describes "
                           f"({config['overrides']['head']} head): {', '.join(diff[:3])}{more}")
+
+
+def check_export(export_dir: str | Path) -> dict[str, Any]:
+    """The export's config, once its weights file is known to hold the model it describes: the
+    safetensors header (names and shapes) against the model built on the meta device, so no
+    weight is read or allocated. What `load_export` would refuse, in a fraction of a second:
+    a job checks its exports with it before it starts the workers that load them."""
+    from safetensors import SafetensorError, safe_open
+
+    root = Path(export_dir)
+    config = read_export_config(root)  # a run folder, not its export: says so
+    weights = _weights_of(root)
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            have = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except SafetensorError as e:
+        raise _unreadable(weights, e) from None
+    with torch.device("meta"):
+        model = _build(config)
+    _check_shapes(weights, config, {k: tuple(v.shape) for k, v in model.state_dict().items()}, have)
+    return config
+
+
+def load_export(export_dir: str | Path, device: str | torch.device = "cpu"):
+    """Rebuild the exported model on `device` with its saved weights and dtype (eval mode)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    root = Path(export_dir)
+    weights = _weights_of(root)
+    config = read_export_config(root)
+    model = _build(config)
+    model.backbone.set_pixel_stats(**config["pixel_stats"])
+    model.to(dtype=getattr(torch, config["dtype"]))
+    try:
+        state = load_file(str(weights), device="cpu")
+    except SafetensorError as e:
+        raise _unreadable(weights, e) from None
+    want = model.state_dict()
+    _check_shapes(weights, config, {k: tuple(v.shape) for k, v in want.items()},
+                  {k: tuple(v.shape) for k, v in state.items()})
     model.load_state_dict(state, strict=True)
     return model.to(device).eval()

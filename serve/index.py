@@ -203,9 +203,9 @@ def _local_export(path: str, what: str, out: Path) -> str:
 
 
 def _check_export(path: str, what: str, indexable: bool) -> dict:
-    from clipray.export import read_export_config
+    from clipray.export import check_export
 
-    conf = read_export_config(path)
+    conf = check_export(path)  # weights cut off or of another model: now, not in every actor
     if conf["indexable"] != indexable:
         raise ConfigError(
             f"{what}={path}: head {conf['overrides']['head']} " + (

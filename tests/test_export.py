@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from clipray.export import load_export, save_export
+from clipray.export import check_export, load_export, save_export
 from clipray.models import create_model
 from clipray.task import RetrievalTask
 
@@ -47,6 +47,7 @@ def test_round_trip_is_bit_identical(tmp_path, name, overrides):
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["name"] == name and config["extra"] == {"t2v_r1": 12.5}
     assert config["open_clip_cfg"]["vision_cfg"]["image_size"] == 32
+    assert check_export(tmp_path) == config  # header against the model built on the meta device
 
     loaded = load_export(tmp_path)
     a, b = model.state_dict(), loaded.state_dict()

@@ -601,6 +601,43 @@ def test_a_pq_m_that_does_not_divide_the_model_dim_fails_before_ray_and_embeddin
         store.build_faiss(_unit(10_000, 16), "ivf_pq", pq_m=5)
 
 
+def test_an_export_whose_weights_are_cut_off_or_of_another_model_fails_before_ray(synth_small, tmp_path,
+                                                                                  monkeypatch):
+    """A model.safetensors cut off in a copy, or another head's weights under this config.json,
+    passed the config check and failed in the embedding actor: Ray started, and the command
+    ended in a 230-line ActorDiedError traceback. The weights' header is checked first."""
+    import clipray.runtime
+    from clipray.export import save_export
+    from clipray.models import create_model
+    from serve.index import build_index
+
+    def no_ray(*a, **k):
+        raise AssertionError("Ray started")
+
+    monkeypatch.setattr(clipray.runtime, "init_ray", no_ray)
+    export = save_export(create_model("test_meanP"), tmp_path / "export")
+    tight = save_export(create_model("test_tightTransf"), tmp_path / "tight")
+    weights, good = export / "model.safetensors", (export / "model.safetensors").read_bytes()
+    for target, extra in ((weights, []), (tight / "model.safetensors", [f"index.rerank_checkpoint={tight}"])):
+        data = target.read_bytes()
+        target.write_bytes(data[: len(data) // 2])
+        with pytest.raises(ConfigError, match=rf"^{target}: not a readable safetensors file \(.+\): "
+                                              r"export the model again"):
+            build_index(_cfg(str(export), synth_small["manifest"], tmp_path / "idx", *extra), quiet=True)
+        target.write_bytes(data)
+    save_export(create_model("test_seqTransf"), tmp_path / "other")
+    weights.write_bytes((tmp_path / "other" / "model.safetensors").read_bytes())
+    with pytest.raises(ConfigError, match=rf"^{weights} does not hold the model its config.json describes "
+                                          r"\(meanP head\): unexpected head.blocks.0.attn.in_proj_bias"):
+        build_index(_cfg(str(export), synth_small["manifest"], tmp_path / "idx"), quiet=True)
+    weights.write_bytes(good)
+    assert not (tmp_path / "idx").exists()
+    from clipray.export import check_export
+
+    assert check_export(export)["overrides"]["head"] == "meanP"  # reads the header only
+
+
+
 def test_rerank_parts_of_appends_with_another_frame_count_are_padded_and_masked(tmp_path):
     """An append with another video.max_frames stores re-ranker features of another length: the
     Reranker failed to start with numpy's 'could not broadcast' from read_rerank. Shorter parts
