@@ -311,26 +311,42 @@ class AppArgs(BaseModel):
     overrides: list[str] = []
 
 
+def _index_export(cfg: AppConfig, export: str, fingerprint: str, what: str, fix: str) -> str:
+    """An export the index recorded, checked to still hold the weights it was built with: one
+    exported again at the same path (a run folder deleted and trained anew) gives vectors of
+    another model, which the index's would be searched with without a word."""
+    from clipray.export import WEIGHTS
+
+    if not (Path(export) / WEIGHTS).is_file():
+        raise ConfigError(f"the index {cfg.out} was built with the {what} {export}, which is "
+                          f"gone (no {WEIGHTS} in it): {fix}")
+    if store.fingerprint(export) != fingerprint:
+        raise ConfigError(f"the index {cfg.out} was built with the {what} {export}, which now holds other "
+                          f"weights (exported again since): its vectors would not match; {fix}")
+    return export
+
+
 def _export_for(cfg: AppConfig, meta: dict) -> str:
     """The export to serve: the index's own unless `checkpoint` names one; that one (local or at a
     URI) must hold the same weights the index was built with."""
     import tempfile
 
-    from clipray.export import WEIGHTS, fetch_export, read_export_config
+    from clipray.export import fetch_export, read_export_config
 
+    fix = "give checkpoint= an export of the same weights"
     if not cfg.checkpoint:
-        if not (Path(meta["export"]) / WEIGHTS).is_file():
-            raise ConfigError(f"the index {cfg.out} was built with the export {meta['export']}, which is "
-                              f"gone (no {WEIGHTS} in it): give checkpoint= an export of the same weights")
-        return meta["export"]
+        return _index_export(cfg, meta["export"], meta["fingerprint"], "export", fix)
     with tempfile.TemporaryDirectory(prefix="clipray-export-") as tmp:
         local = fetch_export(cfg.checkpoint, tmp)
         read_export_config(local)  # a run folder, not its export: say so, not "no such file"
         if store.fingerprint(local) != meta["fingerprint"]:
             raise ConfigError(f"checkpoint={cfg.checkpoint} is not the model the index {cfg.out} was "
                               "built with: its vectors would not match")
-    # a fetched copy is gone with tmp: serve the index's, which holds the same weights
-    return meta["export"] if local == tmp else os.path.abspath(local)
+    if local != tmp:
+        return os.path.abspath(local)
+    # a fetched copy is gone with tmp: serve the index's, if it still holds the same weights
+    return _index_export(cfg, meta["export"], meta["fingerprint"], "export",
+                         f"index again with checkpoint={cfg.checkpoint}, which copies it into the index")
 
 
 def app_from_config(cfg: AppConfig) -> Any:
@@ -357,8 +373,10 @@ def app_from_config(cfg: AppConfig) -> Any:
     searcher = Searcher.options(**opts(sv.searcher)).bind(index_dir, batch(sv.searcher))
     rerank = None
     if meta.get("rerank"):
+        tight = _index_export(cfg, meta["rerank"]["export"], meta["rerank"]["fingerprint"], "re-ranker export",
+                              "index again into a new out= with the index.rerank_checkpoint to serve")
         rerank = Reranker.options(**opts(sv.reranker)).bind(
-            meta["rerank"]["export"], index_dir, sv.max_words, batch(sv.reranker), sv.reranker.num_gpus)
+            tight, index_dir, sv.max_words, batch(sv.reranker), sv.reranker.num_gpus)
     limits = {"max_text_chars": sv.limits.max_text_chars, "max_k": sv.limits.max_k,
               "max_upload_mb": sv.limits.max_upload_mb, "rerank_candidates": sv.limits.rerank_candidates}
     return Ingress.options(**opts(sv.ingress)).bind(text, vid, searcher, rerank, limits)

@@ -91,6 +91,45 @@ def test_serving_an_index_whose_export_is_gone_or_a_run_folder_fails_in_a_line(w
         app_from_config(load_app_config(None, [f"out={idx}", f"checkpoint={Path(export).parent}"]))
 
 
+def test_serving_an_index_whose_export_was_exported_again_is_refused(tmp_path):
+    """The index records its export's path and a fingerprint of its weights. A model exported
+    again at that path (a run folder deleted and trained anew) was served as it was: the text
+    encoder's vectors searched the old model's index, and every answer was wrong without a word."""
+    import shutil
+
+    import torch
+
+    from clipray.export import save_export
+    from clipray.models import create_model
+    from serve import store
+    from serve.app import app_from_config
+    from serve.config import load_app_config
+
+    def export(name, head, seed):
+        torch.manual_seed(seed)
+        return str(save_export(create_model(f"test_{head}"), tmp_path / name))
+
+    loose, tight = export("loose", "meanP", 0), export("tight", "tightTransf", 0)
+    idx = tmp_path / "idx"
+    idx.mkdir()
+    store.write_meta(idx, {"format": "clipray.index/1", "export": loose, "fingerprint": store.fingerprint(loose),
+                           "dim": 64, "count": 1, "kind": "flat", "video": {"fps": 2.0, "max_frames": 8},
+                           "rerank": {"export": tight, "fingerprint": store.fingerprint(tight)}})
+    app_from_config(load_app_config(None, [f"out={idx}"]))  # as built: composes
+    for name, head, what, fix in (("loose", "meanP", "export", "give checkpoint= an export of the same weights"),
+                                  ("tight", "tightTransf", "re-ranker export", "index again into a new out=")):
+        keep = tmp_path / f"{name}-kept"
+        shutil.copytree(tmp_path / name, keep)
+        export(name, head, 1)  # the same path, other weights
+        with pytest.raises(ConfigError, match=rf"^the index {idx} was built with the {what} {tmp_path / name}, "
+                                              rf"which now holds other weights \(exported again since\): its "
+                                              rf"vectors would not match; {fix}"):
+            app_from_config(load_app_config(None, [f"out={idx}"]))
+        shutil.rmtree(tmp_path / name)
+        keep.rename(tmp_path / name)
+    app_from_config(load_app_config(None, [f"out={idx}", f"checkpoint={loose}"]))
+
+
 def test_append_embeds_only_new_clips(windowed, export, synth_small):
     from clipray.manifest import read_manifest
     from serve import store
