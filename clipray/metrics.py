@@ -186,10 +186,14 @@ def similarity_in_blocks(
     dev = _device(model)
     with _EvalMode(model):
         if video_emb.ndim == 2:
-            vids = video_emb.to(dev)
-            for i in range(0, n_text, text_block):
-                t = text_emb[i : i + text_block].to(dev, vids.dtype)
-                out[i : i + text_block] = (t @ vids.t()).float().cpu()
+            # float32 products even under the training loop's bf16 autocast (GPU): bf16 scores
+            # keep ~3 digits, so near neighbours tie (and ties count against the query) or swap,
+            # and evaluation would rank otherwise than the float32 index that serves the model
+            vids = video_emb.to(dev, torch.float32)
+            with torch.autocast(dev.type, enabled=False):
+                for i in range(0, n_text, text_block):
+                    t = text_emb[i : i + text_block].to(dev, torch.float32)
+                    out[i : i + text_block] = (t @ vids.t()).cpu()
             return out
         if video_mask is None:
             raise ValueError("a cross-encoder needs the frame mask of every video")

@@ -174,3 +174,20 @@ def test_dual_softmax_is_opt_in_and_reported_apart():
     assert retrieval_metrics(sim, [0, 1])["t2v_r1"] == 50.0
     assert M.retrieval_metrics_dsl(sim, [0, 1])["dsl_t2v_r1"] == 100.0
     assert torch.allclose(M.dual_softmax(sim), sim * torch.softmax(sim * 100.0, dim=0))
+
+
+def test_loose_scores_stay_float32_under_the_training_loops_bf16_autocast():
+    """On GPU the loop evaluates under bf16 autocast, which ran the text x video products in
+    bf16: scores of ~3 digits, so a match 0.0002 above its nearest rival tied with it (a miss,
+    ties count against the query) and R@1 came out about a point lower than the float32
+    ranking the served index gives the same vectors. The CPU autocast does the same casts."""
+    model = create_model("test_meanP")
+    text = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
+    video = torch.tensor([[0.3002, 0.953877, 0.0], [0.3, 0.0, 0.953939]])  # unit rows
+    want = text @ video.t()
+    assert want[0, 0] - want[0, 1] == pytest.approx(0.0002, abs=1e-6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = similarity_in_blocks(model, text, video)
+    assert got.dtype == torch.float32 and torch.equal(got, want)
+    assert retrieval_metrics(got, [0, 1])["t2v_r1"] == 100.0
+    assert retrieval_metrics(want.bfloat16().float(), [0, 1])["t2v_r1"] == 50.0  # what bf16 scores gave
