@@ -254,7 +254,6 @@ def _build(cfg: AppConfig, out: Path, quiet: bool) -> dict[str, Any]:
         _check_export(rerank, "index.rerank_checkpoint", indexable=False)
     if cfg.index.kind == "ivf_pq":  # now, not in build_faiss after every clip is embedded
         store.pq_sub_quantizers(conf["open_clip_cfg"]["embed_dim"], cfg.index.pq_m)
-    init_ray(cfg.ray, quiet=True)  # after the checks above: a wrong path fails in a second
     meta, fp = store.read_meta(out), store.fingerprint(export)
     if meta and meta["fingerprint"] != fp:
         raise ConfigError(f"{out} was built with another model ({meta['export']}); "
@@ -271,6 +270,9 @@ def _build(cfg: AppConfig, out: Path, quiet: bool) -> dict[str, Any]:
                           "index (another out=) with index.rerank_checkpoint")
     existing = store.read_table(out, store.META_COLUMNS)
     rows, captions = plan_clips(cfg, store.existing_keys(existing))
+    if not rows and not len(existing):  # no skip report to look at: nothing was tried
+        raise ConfigError(f"manifest={cfg.manifest} has no clip to index" + (
+            f" in the {cfg.index.split} split (index.split)" if cfg.index.split != "all" else ""))
     why = store.too_few_for(cfg.index.kind, len(existing) + len(rows))
     if why:  # now, not after hours of embedding
         raise ConfigError(f"index {out}: {len(existing)} clips indexed + {len(rows)} new from {cfg.manifest}; {why}")
@@ -282,6 +284,8 @@ def _build(cfg: AppConfig, out: Path, quiet: bool) -> dict[str, Any]:
         import pyarrow as pa
 
         from clipray.runtime import model_pool
+
+        init_ray(cfg.ray, quiet=True)  # after the checks above: a wrong path fails in a second
 
         gpus = model_pool("index", cfg.index.actors, cfg.index.actor_cpus, cfg.index.actor_gpus)
         ds = ray.data.from_arrow(pa.Table.from_pylist(rows)).repartition(

@@ -677,6 +677,31 @@ def test_an_export_whose_weights_are_cut_off_or_of_another_model_fails_before_ra
 
 
 
+def test_a_split_the_manifest_lacks_fails_before_ray_saying_so(synth_small, tmp_path, monkeypatch):
+    """index.split=test on a manifest with no test row started Ray, embedded nothing and said
+    "no clip could be embedded (see skip_report.jsonl)", a report that was never written."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    import clipray.runtime
+    from clipray.export import save_export
+    from clipray.models import create_model
+    from serve.index import build_index
+
+    def no_ray(*a, **k):
+        raise AssertionError("Ray started")
+
+    monkeypatch.setattr(clipray.runtime, "init_ray", no_ray)
+    table = pq.read_table(synth_small["manifest"])
+    manifest = tmp_path / "train_only.parquet"
+    pq.write_table(table.filter(pc.equal(table["split"], "train")), manifest)
+    export = save_export(create_model("test_meanP"), tmp_path / "export")
+    with pytest.raises(ConfigError, match=rf"^manifest={manifest} has no clip to index in the test split "
+                                          r"\(index.split\)$"):
+        build_index(_cfg(str(export), str(manifest), tmp_path / "idx", "index.split=test"), quiet=True)
+    assert not (tmp_path / "idx").exists()
+
+
 def test_rerank_parts_of_appends_with_another_frame_count_are_padded_and_masked(tmp_path):
     """An append with another video.max_frames stores re-ranker features of another length: the
     Reranker failed to start with numpy's 'could not broadcast' from read_rerank. Shorter parts
