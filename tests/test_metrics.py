@@ -191,3 +191,40 @@ def test_loose_scores_stay_float32_under_the_training_loops_bf16_autocast():
     assert got.dtype == torch.float32 and torch.equal(got, want)
     assert retrieval_metrics(got, [0, 1])["t2v_r1"] == 100.0
     assert retrieval_metrics(want.bfloat16().float(), [0, 1])["t2v_r1"] == 50.0  # what bf16 scores gave
+
+
+@pytest.mark.parametrize("whole", [None, float("nan")])
+def test_evaluation_groups_a_videos_captions_whose_times_are_nan_as_one_clip(ray_local, tmp_path, whole):
+    """A Parquet manifest may mark a whole-video row with NaN start/end (pyarrow keeps a NaN it
+    is given; pandas writes a null): the manifest and the decoder read both as the whole file.
+    Evaluation keyed clips by (video_id, start, end), where no NaN equals another, so each of a
+    video's captions became a clip of its own and the video's copies outranked each other:
+    3 videos of 2 captions were 6 targets, R@1 0. Brute force: 3 clips, ranks by hand."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from train.evaluate import evaluate
+
+    n = 6
+    vid = [0, 0, 1, 1, 2, 2]
+    pq.write_table(pa.table({
+        "row_id": pa.array(range(n), pa.int64()), "video_id": [f"v{v}" for v in vid],
+        "path": [f"v{v}.mp4" for v in vid], "start": pa.array([whole] * n, pa.float64(), from_pandas=False),
+        "end": pa.array([whole] * n, pa.float64(), from_pandas=False),
+        "caption": [f"caption {i}" for i in range(n)], "split": ["test"] * n}), tmp_path / "m.parquet")
+    torch.manual_seed(0)
+    model = create_model("test_meanP")
+    frames = _data(n=3, t=2)[0]
+    mask = torch.ones(n, 2, dtype=torch.bool)
+    words = ["dog", "cat", "car", "tree", "boat", "bird"]
+    tokens = open_clip.get_tokenizer("ViT-B-32")([f"a {w}" for w in words], context_length=16)
+    shard = ray_local.data.from_items([{"frames": frames[v, :2].numpy(), "frame_mask": mask[i].numpy(),
+                                        "tokens": tokens[i].numpy(), "row_id": i} for i, v in enumerate(vid)])
+    got = evaluate(model, shard, str(tmp_path / "m.parquet"), "test", 4)
+    with torch.no_grad():
+        video = model.encode_video(model.normalize(frames[:, :2]), torch.ones(3, 2, dtype=torch.bool))
+        sim = model.encode_text(tokens) @ video.t()
+    want = brute_force(sim.numpy(), vid)
+    assert got["num_test_videos"] == 3 and got["num_test_texts"] == 6
+    for k in METRIC_KEYS:
+        assert got[k] == pytest.approx(want[k]), k

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from clipray.manifest import manifest_metadata, read_manifest
+from clipray.manifest import as_seconds, manifest_metadata, read_manifest
 from clipray.metrics import retrieval_metrics, similarity_in_blocks
 
 
@@ -59,7 +59,10 @@ def evaluate(model: Any, shard: Any, manifest: str, split: str, batch_size: int)
     joined = {k: v[order] for k, v in joined.items()}
     table = read_manifest(manifest, columns=["row_id", "video_id", "start", "end", "caption"], split=split)
     ids = table.column("row_id").to_pylist()
-    clip_of_row = dict(zip(ids, zip(*(table.column(c).to_pylist() for c in ("video_id", "start", "end")))))
+    # a NaN time is the whole file, as a null is (the manifest and the decoder read both so); as
+    # a key, every NaN differs from every other and each caption became a clip of its own
+    times = [[as_seconds(t) for t in table.column(c).to_pylist()] for c in ("start", "end")]
+    clip_of_row = dict(zip(ids, zip(table.column("video_id").to_pylist(), *times)))
     caption_of_row = dict(zip(ids, table.column("caption").to_pylist()))
     clips: dict[tuple, int] = {}
     first_row: list[int] = []
