@@ -241,6 +241,25 @@ def build_index(cfg: AppConfig, quiet: bool = False) -> dict[str, Any]:
         raise
 
 
+def sampling_notice(conf: dict, cfg: AppConfig) -> str:
+    """How this index would sample clips or cut captions unlike the training run that made the
+    export (recorded in its `extra`), with the overrides that match it; "" when alike or not
+    recorded. Not refused: another sampling may be meant, but unsaid it gives a worse index."""
+    extra = conf.get("extra") or {}
+    trained = {f"video.{k}": v for k, v in (extra.get("video") or {}).items()
+               if k in ("fps", "max_frames", "slice")}  # (the frame size is the model's)
+    if "max_words" in extra:
+        trained["serve.max_words"] = extra["max_words"]
+    now = {"serve.max_words": cfg.serve.max_words, **{f"video.{k}": getattr(cfg.video, k) for k in
+                                                      ("fps", "max_frames", "slice")}}
+    differ = {k: v for k, v in trained.items() if v != now[k]}
+    if not differ:
+        return ""
+    return (f"the export was trained with {' '.join(f'{k}={v}' for k, v in differ.items())}, and this index "
+            f"uses {' '.join(f'{k}={now[k]}' for k in differ)}; give the former as overrides to "
+            "sample clips and cut captions as training did")
+
+
 def _build(cfg: AppConfig, out: Path, quiet: bool) -> dict[str, Any]:
     import ray.data
 
@@ -248,6 +267,9 @@ def _build(cfg: AppConfig, out: Path, quiet: bool) -> dict[str, Any]:
 
     export = _local_export(cfg.checkpoint, "checkpoint", out)
     conf = _check_export(export, "checkpoint", indexable=True)
+    notice = sampling_notice(conf, cfg)
+    if notice:
+        print(f"[index] note: {notice}", file=sys.stderr, flush=True)
     rerank = ""
     if cfg.index.rerank_checkpoint:
         rerank = _local_export(cfg.index.rerank_checkpoint, "index.rerank_checkpoint", out)

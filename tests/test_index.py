@@ -725,3 +725,44 @@ def test_rerank_parts_of_appends_with_another_frame_count_are_padded_and_masked(
     feats, mask = store.read_rerank(tmp_path, 4)
     np.testing.assert_array_equal(mask, np.concatenate([want_m[:2], want_m[:2]]))
     np.testing.assert_array_equal(feats[2:, :3], f0)
+
+
+def test_an_index_that_samples_unlike_the_exports_training_run_says_so(synth_small, tmp_path, monkeypatch, capsys):
+    """The export records how training decoded clips and cut captions; an index at other
+    settings (serve/configs/demo.yaml's 2 fps, 8 frames for a 1 fps, 12 frame recipe) was a
+    silently worse index. It now names the differences and the overrides that match them."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    import clipray.runtime
+    from clipray.export import save_export
+    from clipray.models import create_model
+    from serve.index import build_index
+
+    monkeypatch.setattr(clipray.runtime, "init_ray", lambda *a, **k: pytest.fail("Ray started"))
+    table = pq.read_table(synth_small["manifest"])
+    manifest = tmp_path / "train_only.parquet"
+    pq.write_table(table.filter(pc.equal(table["split"], "train")), manifest)
+    trained = {"backend": "decord", "fps": 1.0, "max_frames": 12, "slice": "uniform", "size": 224, "timeout_s": 60.0}
+    export = save_export(create_model("test_meanP"), tmp_path / "export",
+                         extra={"video": trained, "max_words": 24})
+    args = (str(export), str(manifest), tmp_path / "idx", "index.split=test")
+    for overrides, said in (
+        (["video.fps=2", "video.max_frames=8", "video.size=96", "serve.max_words=24"],
+         "the export was trained with video.fps=1.0 video.max_frames=12, and this index uses "
+         "video.fps=2.0 video.max_frames=8; give the former"),
+        (["video.fps=1", "video.max_frames=12", "video.slice=head", "serve.max_words=32"],
+         "the export was trained with video.slice=uniform serve.max_words=24, and this index uses "
+         "video.slice=head serve.max_words=32; give the former"),
+        # the same sampling (the backend and timeout are no sampling; the size is the model's)
+        (["video.fps=1", "video.max_frames=12", "video.backend=pyav", "video.timeout_s=5", "serve.max_words=24"], None),
+    ):
+        with pytest.raises(ConfigError, match="has no clip to index"):
+            build_index(_cfg(*args, *overrides), quiet=True)
+        err = capsys.readouterr().err
+        assert (said in err) if said else ("note" not in err), err
+    # an export without the record (saved outside training): nothing to compare, nothing said
+    bare = save_export(create_model("test_meanP"), tmp_path / "bare")
+    with pytest.raises(ConfigError, match="has no clip to index"):
+        build_index(_cfg(str(bare), str(manifest), tmp_path / "idx", "index.split=test", "video.fps=2"), quiet=True)
+    assert "note" not in capsys.readouterr().err
