@@ -238,7 +238,11 @@ def manifest_rows(data: DataConfig, split: str | None = None, limit: int | None 
     fs, all_files = manifest_files(data.manifest)
     files = files or all_files
     with _parquet_reader_without_actors():
-        ds = ray.data.read_parquet(files, filesystem=fs).select_columns(DATA_COLUMNS + ["split"])
+        # partitioning=None: Ray Data reads a `key=value` folder in a path as a column
+        # (hive partitioning), so a manifest under `.../split=test/` or `.../caption=x/` had
+        # that value in place of its rows' own, where every other reader of it does not
+        ds = ray.data.read_parquet(files, filesystem=fs, partitioning=None).select_columns(
+            DATA_COLUMNS + ["split"])
     split = split or data.split
     if split:
         ds = ds.filter(expr=col("split") == split)

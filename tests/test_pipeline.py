@@ -369,3 +369,20 @@ def test_shuffled_rows_mix_a_manifest_that_lists_each_videos_captions_together(r
     assert first_pairs < 2.5 * uniform and second_pairs < 2.5 * uniform
     assert first_order != second_order
 
+
+
+def test_a_key_value_folder_in_the_manifest_path_is_no_column(ray_local, tmp_path):
+    """Ray Data reads Parquet with hive partitioning unless told not to: a `split=test` or
+    `caption=...` folder above the manifest replaced every row's split or caption with the
+    folder's value (the train split then read no row), and `row_id=7` every row id with '7'.
+    data check and read_manifest read the rows as written; the pipeline must too."""
+    from clipray.pipeline import manifest_rows
+
+    rows = [dict(video_id=f"v{i}", path=f"/videos/{i}.mp4", caption=f"caption {i}", split="train")
+            for i in range(5)]
+    for sub in ("split=test", "caption=x y", "row_id=7"):
+        for out in (tmp_path / sub / "m.parquet", tmp_path / sub / "shards"):
+            write_manifest(rows, out, rows_per_shard=2)
+            got = manifest_rows(DataConfig(manifest=str(out)), "train").take_all()
+            assert sorted((r["row_id"], r["video_id"], r["caption"]) for r in got) == \
+                [(i, f"v{i}", f"caption {i}") for i in range(5)], (sub, out.name)
