@@ -40,7 +40,7 @@ from typing import Any, Callable
 import numpy as np
 
 from clipray.config import DataConfig
-from clipray.manifest import default_root, manifest_files, resolve_path
+from clipray.manifest import SCHEMA, default_root, manifest_files, resolve_path
 from clipray.video import SkipClip, decode_clip_safe
 
 DATA_COLUMNS = ["row_id", "video_id", "path", "start", "end", "caption"]
@@ -240,8 +240,10 @@ def manifest_rows(data: DataConfig, split: str | None = None, limit: int | None 
     with _parquet_reader_without_actors():
         # partitioning=None: Ray Data reads a `key=value` folder in a path as a column
         # (hive partitioning), so a manifest under `.../split=test/` or `.../caption=x/` had
-        # that value in place of its rows' own, where every other reader of it does not
-        ds = ray.data.read_parquet(files, filesystem=fs, partitioning=None).select_columns(
+        # that value in place of its rows' own, where every other reader of it does not.
+        # schema: the manifest's, as every other reader takes it: a file without the optional
+        # start/end columns reads them as nulls (whole files), not as a KeyError inside Ray.
+        ds = ray.data.read_parquet(files, filesystem=fs, partitioning=None, schema=SCHEMA).select_columns(
             DATA_COLUMNS + ["split"])
     split = split or data.split
     if split:

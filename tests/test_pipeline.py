@@ -386,3 +386,23 @@ def test_a_key_value_folder_in_the_manifest_path_is_no_column(ray_local, tmp_pat
             got = manifest_rows(DataConfig(manifest=str(out)), "train").take_all()
             assert sorted((r["row_id"], r["video_id"], r["caption"]) for r in got) == \
                 [(i, f"v{i}", f"caption {i}") for i in range(5)], (sub, out.name)
+
+
+def test_a_manifest_without_the_optional_time_columns_reads_as_whole_files(ray_local, tmp_path):
+    """A Parquet written by hand with only the required columns passes `clipray data check`
+    (its readers fill the optional columns with nulls); the pipeline stopped with a KeyError
+    from inside Ray Data ('Column start does not exist'). Its rows are whole files."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from clipray.manifest import check_manifest
+    from clipray.pipeline import manifest_rows
+
+    out = tmp_path / "own.parquet"
+    pq.write_table(pa.table({"row_id": [0, 1], "video_id": ["a", "b"], "path": ["a.mp4", "b.mp4"],
+                             "caption": ["one", "two"], "split": ["train", "train"]}), out)
+    assert check_manifest(str(out)).rows == 2
+    got = manifest_rows(DataConfig(manifest=str(out)), "train").take_all()
+    assert sorted(got, key=lambda r: r["row_id"]) == [
+        {"row_id": 0, "video_id": "a", "path": "a.mp4", "start": None, "end": None, "caption": "one"},
+        {"row_id": 1, "video_id": "b", "path": "b.mp4", "start": None, "end": None, "caption": "two"}]
