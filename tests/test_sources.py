@@ -326,6 +326,27 @@ def test_howto100m_giant_json_is_streamed_into_shards(tmp_path, monkeypatch):
     assert manifest_metadata(str(out))["captions_form"] == "json"
 
 
+def test_howto100m_caption_json_with_a_bom_or_a_byte_not_utf8(tmp_path, capsys):
+    """datasets/README.md: annotation files are UTF-8, a BOM is fine, and a file in another
+    encoding stops the run naming the file and the line of the first bad byte. The streamed
+    caption JSON was read as bytes by the JSON parser, which called a BOM an invalid character
+    and a cp1252 byte an invalid JSON without the line."""
+    from clipray.cli import main
+
+    fx.write_howto100m(tmp_path, "json")
+    caption_json = tmp_path / "raw_caption.json"
+    text = json.dumps(fx.HOWTO_CAPTIONS, indent=1).encode()
+    caption_json.write_bytes(b"\xef\xbb\xbf" + text)
+    rep = prepare("howto100m", tmp_path, tmp_path / "bom", rows_per_shard=4, val_list="val_list.csv")
+    _check_howto(rep, tmp_path / "bom")  # the rows of the file without a BOM
+
+    line = next(n for n, ln in enumerate(text.split(b"\n"), 1) if b'"pick the ripe berries into a bowl"' in ln)
+    caption_json.write_bytes(text.replace(b"into a bowl\"", "into a caf\u00e9\"".encode("cp1252")))
+    assert main(["data", "prepare", "howto100m", "--root", str(tmp_path), "--out", str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err == (f"clipray data: error: {caption_json}: line {line} is not UTF-8 text "
+                                       "(invalid byte); re-save the file as UTF-8\n")
+
+
 def test_howto100m_sharded_csv_folder_in_worker_processes(tmp_path, capsys):
     fx.write_howto100m(tmp_path, "csv")
     out = tmp_path / "howto"

@@ -23,6 +23,7 @@ anywhere under the root, matched by stem.
 
 from __future__ import annotations
 
+import codecs
 import csv
 import math
 import os
@@ -31,8 +32,8 @@ from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from typing import Any, Iterator
 
-from clipray.sources.base import (Context, NotUtf8, SourceError, SourceSpec, _fs, is_uri, join, open_binary,
-                                  open_text, split_ext)
+from clipray.sources.base import (Context, NotUtf8, SourceError, SourceSpec, _fs, first_bad_utf8_line, is_uri,
+                                  join, open_binary, open_text, split_ext)
 
 JSON_NAMES = ("raw_caption.json", "caption.json")
 CSV_DIRS = ("raw_caption", "caption", "captions", "small_train_captions")
@@ -196,9 +197,32 @@ def _stream_json(path: str) -> Iterator[tuple[str, Any]]:
         raise SourceError("howto100m: reading caption JSON needs the ijson package (pip install ijson)") from None
     with open_binary(path) as f:
         try:
-            yield from ijson.kvitems(f, "", use_float=True)
-        except ijson.JSONError as e:
+            yield from ijson.kvitems(_WithoutBom(f), "", use_float=True)
+        except (ijson.JSONError, UnicodeDecodeError) as e:
+            # yajl reads bytes: a byte that is not UTF-8 is its JSON error, named by line here
+            # as every other annotation file's is (datasets/README.md)
+            line = first_bad_utf8_line(path) if isinstance(e, UnicodeDecodeError) or "UTF8" in str(e) else 0
+            if line:
+                raise NotUtf8(path, line, "invalid byte") from None
             raise SourceError(f"{os.path.basename(path)}: invalid JSON ({e})") from None
+
+
+class _WithoutBom:
+    """A binary file read past a leading UTF-8 BOM (an editor's 'UTF-8 with BOM'), which the
+    JSON parser takes for a stray character; the text readers drop it too (`open_text`)."""
+
+    def __init__(self, f: Any):
+        self.f, head = f, f.read(len(codecs.BOM_UTF8))
+        self.head = b"" if head == codecs.BOM_UTF8 else head
+
+    def read(self, size: int = -1) -> bytes:
+        if not self.head or size == 0:
+            return self.f.read(size)
+        if size is None or size < 0:
+            out, self.head = self.head + self.f.read(), b""
+            return out
+        out, self.head = self.head[:size], self.head[size:]
+        return out + self.f.read(size - len(out)) if len(out) < size else out
 
 
 def _map_batches(folder: str, batches: list, workers: int) -> Iterator[list[tuple[Segments, Rejects]]]:
