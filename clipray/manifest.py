@@ -221,8 +221,11 @@ def filesystem(path: str) -> tuple[pafs.FileSystem, str]:
     """The pyarrow filesystem and path of a manifest path or URI. An object store key is taken
     as written, as s3fs/gcsfs take it for the videos and skip files beside the manifest:
     pyarrow's URI parsing would refuse a space or a non-ASCII letter, cut a key at '#' or '?'
-    (writing and reading another place) and decode '%20'."""
+    (writing and reading another place) and decode '%20'. A file:/// URI is the local path
+    after its scheme, as written, as the video decoder (`clipray.video.open_source`) opens it."""
     uri = _as_uri(path)
+    if uri.startswith("file:///"):
+        return pafs.LocalFileSystem(), uri[len("file://"):]
     scheme, _, rest = uri.partition("://")
     if scheme in ("s3", "gs", "gcs") and rest.strip("/"):
         fs, _ = pafs.FileSystem.from_uri(f"{scheme}://{rest.split('/', 1)[0]}")

@@ -105,6 +105,22 @@ def test_msrvtt_uri_root_writes_uris(tmp_path):
     assert all(p.startswith("file://") for p in paths)
 
 
+def test_a_file_uri_root_and_out_are_paths_as_written(tmp_path):
+    """A file:/// root or manifest is the local path after the scheme, as the video decoder
+    opens the rows' file:// paths: pyarrow's URI parsing refused a space or an accent (a
+    traceback), cut the root at '#' and decoded '%20', so the release was looked for elsewhere."""
+    from clipray.video import open_source
+
+    base = tmp_path / "my videos #2 %20 \u00e9"
+    fx.write_msrvtt(base)
+    rep = prepare("msrvtt", f"file://{base}", f"file://{base}/m.parquet")
+    paths = [r["path"] for r in read_manifest(f"file://{base}/m.parquet").to_pylist()]
+    assert rep.rows == len(paths) == 5 and (base / "m.parquet").is_file()
+    assert paths[0] == f"file://{base}/MSRVTT_Videos/video0.mp4"
+    (base / "MSRVTT_Videos/video0.mp4").write_bytes(b"x")
+    assert open_source(paths[0]) == str(base / "MSRVTT_Videos/video0.mp4")  # the row's file
+
+
 @pytest.mark.parametrize("protocol", [0, 2, 5])
 def test_msvd_pickle_splits_and_multi_captions(tmp_path, protocol):
     fx.write_msvd(tmp_path, protocol=protocol)
