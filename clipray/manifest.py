@@ -153,6 +153,7 @@ class ManifestWriter:
         self.rows = 0
         self.shards: list[str] = []  # final names; a folder's are `.partial` until close()
         self._renamed = self.single
+        self._moved = 0  # a folder's shards given their final name so far, in order
         self._ids: set[int] | None = set() if keep_row_ids else None
 
     def add(self, row: Mapping[str, Any]) -> None:
@@ -184,17 +185,19 @@ class ManifestWriter:
         if self._buf or not self.shards:
             self._flush()
         if not self._renamed:
-            for path in self.shards:
-                self.fs.move(path + PARTIAL, path)
+            for path in self.shards[self._moved:]:
+                self.fs.move(path + PARTIAL, path)  # on an object store, a copy: seconds each
+                self._moved += 1
             self._renamed = True
         return self
 
     def discard(self) -> None:
         """Delete what was written (a failed write leaves no manifest that reads as complete)."""
-        for path in self.shards:
-            for name in (path,) if self._renamed else (path + PARTIAL,):
-                if self.fs.get_file_info(name).type == pafs.FileType.File:
-                    self.fs.delete_file(name)
+        for i, path in enumerate(self.shards):
+            # a close() that failed midway renamed the first shards only
+            name = path if self.single or i < self._moved else path + PARTIAL
+            if self.fs.get_file_info(name).type == pafs.FileType.File:
+                self.fs.delete_file(name)
 
     def __enter__(self) -> "ManifestWriter":
         return self
@@ -239,17 +242,22 @@ def manifest_files(path: str) -> tuple[pafs.FileSystem, list[str]]:
     info = fs.get_file_info(root)
     if info.type == pafs.FileType.NotFound:
         raise ManifestError(f"manifest not found: {path}")
+    partial = 0
     if info.type == pafs.FileType.File:
         files = [root]
     else:
-        files = sorted(i.path for i in fs.get_file_info(pafs.FileSelector(root, recursive=True))
-                       if i.type == pafs.FileType.File and i.path.endswith(".parquet"))
+        listed = [i.path for i in fs.get_file_info(pafs.FileSelector(root, recursive=True))
+                  if i.type == pafs.FileType.File]
+        files = sorted(p for p in listed if p.endswith(".parquet"))
+        partial = sum(p.endswith(".parquet" + PARTIAL) for p in listed)
+    if partial:
+        # a write stopped before or while close() renamed its shards (each a copy on an
+        # object store): the finished names alone would read as a smaller, complete manifest
+        raise ManifestError(f"{path}: an unfinished manifest ({partial} *.parquet{PARTIAL} shard"
+                            f"{'s' if partial > 1 else ''}: the write that made it stopped midway); "
+                            "write it again")
     if not files:
-        unfinished = info.type == pafs.FileType.Directory and any(
-            i.path.endswith(".parquet" + PARTIAL) for i in fs.get_file_info(pafs.FileSelector(root)))
-        raise ManifestError(f"{path}: an unfinished manifest (only *.parquet{PARTIAL} shards: the write "
-                            "that made it stopped midway); write it again" if unfinished
-                            else f"no .parquet files under {path}")
+        raise ManifestError(f"no .parquet files under {path}")
     _check_header(fs, files[0], path)
     return fs, files
 

@@ -53,6 +53,41 @@ def test_a_folder_write_killed_midway_reads_as_unfinished_not_as_a_smaller_manif
         assert list((tmp_path / f"gone{close}").iterdir()) == []
 
 
+def test_a_write_stopped_while_renaming_its_shards_reads_as_unfinished_and_discards_whole(tmp_path):
+    """close() gives the shards their final names one by one; on an object store each rename
+    is a copy of up to ~150 MB. A write stopped after the first renames left a folder of some
+    `part-*.parquet` and some `.partial` shards that data check read as a complete manifest of
+    the renamed rows only; and discard() after a rename that failed removed only the `.partial`
+    ones, leaving the renamed shards as that smaller manifest."""
+    import fsspec
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+    from clipray.manifest import ManifestWriter, manifest_files
+
+    class SecondMoveFails(FSSpecHandler):  # the local filesystem, but a copy that breaks
+        moves = 0
+
+        def move(self, src, dest):
+            SecondMoveFails.moves += 1
+            if SecondMoveFails.moves == 2:
+                raise OSError("connection reset during copy")
+            super().move(src, dest)
+
+    out = tmp_path / "m"
+    w = ManifestWriter(out, rows_per_shard=10)
+    w.fs = PyFileSystem(SecondMoveFails(fsspec.filesystem("file")))
+    w.extend(rows(25))
+    with pytest.raises(OSError, match="connection reset"):
+        w.close()
+    assert sorted(p.name for p in out.iterdir()) == [
+        "part-00000.parquet", "part-00001.parquet.partial", "part-00002.parquet.partial"]
+    for read in (check_manifest, read_manifest, manifest_files):
+        with pytest.raises(ManifestError, match=r"an unfinished manifest \(2 \*.parquet.partial shards"):
+            read(str(out))
+    w.discard()  # what sources.prepare does when close() raises
+    assert list(out.iterdir()) == []
+
+
 @pytest.mark.parametrize("bad, msg", [
     (dict(start=-1.0, end=2.0), "negative start"),
     (dict(start=3.0, end=2.0), "end 2.0 <= start 3.0"),
