@@ -441,6 +441,9 @@ def iter_checked(path: str | Path, split: str | None = None,
         batches = pads.dataset(f, filesystem=fs, format="parquet", schema=SCHEMA).to_batches(batch_size=batch_rows)
         for i, raw in enumerate(r for b in _batches(batches, where) for r in b.to_pylist()):
             row = check_row(raw, f"{where} row {i}")
+            if raw["split"] != row["split"]:  # (ManifestWriter strips it; a hand-made file may not)
+                raise ManifestError(f"{where} row {i}: split {raw['split']!r} has spaces around it, and the "
+                                    f"readers take a split as written: write {row['split']!r}")
             if not isinstance(raw["row_id"], int):
                 raise ManifestError(f"{where} row {i}: row_id is missing ({raw['row_id']!r})")
             if not ids.add(raw["row_id"]):

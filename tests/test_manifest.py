@@ -156,6 +156,16 @@ def test_check_streams_every_shard_and_names_a_bad_row_in_a_later_one(tmp_path, 
     pq.write_table(t.set_column(t.schema.get_field_index("caption"), "caption", [captions]), shard)
     with pytest.raises(ManifestError, match=r"\(part-00001.parquet\) row 3 \(video v6\): empty caption"):
         check_manifest(out)
+    # a split with spaces around it: check_row reads it as "train", but the pipeline, the
+    # driver's row count and read_manifest(split=) filter as written, so training found no row
+    captions[3] = "fixed again"
+    splits = t.column("split").to_pylist()
+    splits[3] = splits[3] + " "
+    t = t.set_column(t.schema.get_field_index("caption"), "caption", [captions])
+    pq.write_table(t.set_column(t.schema.get_field_index("split"), "split", [splits]), shard)
+    with pytest.raises(ManifestError, match=rf"\(part-00001.parquet\) row 3: split '{splits[3]}' has spaces "
+                                            rf"around it, and the readers take a split as written: write '{splits[3][:-1]}'"):
+        check_manifest(out)
 
 
 def test_row_ids_repeated_across_a_folder_are_caught_by_every_reader(tmp_path):
