@@ -414,6 +414,8 @@ def test_generic_jsonl_and_video_level_jsonl(tmp_path):
          "captions": [{"text": "a cat sits", "start": 0, "end": 2.5}, "a cat naps",
                       {"text": " ", "start": 1, "end": 2}]},
         {"path": "clips/cat.mp4", "caption": "clamped", "start": 1, "end": 9, "duration": 5},
+        # `text`, as a caption object has it, was rejected as an empty caption
+        {"path": "long/kitchen.mp4", "text": "crack two eggs", "split": "train"},
     ]
     fx.write(tmp_path, "ann.jsonl", "\n".join(json.dumps(x) for x in lines) + "\n")
     out = tmp_path / "g.parquet"
@@ -423,6 +425,7 @@ def test_generic_jsonl_and_video_level_jsonl(tmp_path):
         ("cat", 0.0, 2.5, "a cat sits", "test", None, None),
         ("cat", None, None, "a cat naps", "test", None, None),
         ("cat", 1.0, 5.0, "clamped", "train", None, 5.0),  # end 9 clamped to duration 5
+        ("kitchen", None, None, "crack two eggs", "train", None, None),
     ]
     assert rep.rejected == {"empty caption": 1}
     assert any("clamped" in n for n in rep.notes)

@@ -6,7 +6,8 @@ relative to the root). Three shapes are accepted:
 - JSONL, one such row object per line;
 - video-level JSONL: `{"path": ..., "captions": [{"text", "start", "end", "timestamp"}, ...]}`
   (a caption may also be a bare string), expanded to one row per caption.
-Columns: `path` and `caption` required; `video_id` (default: the path's stem), `start`/`end`
+Columns: `path` and `caption` required (in JSONL `text` also names the caption, as in a caption
+object); `video_id` (default: the path's stem), `start`/`end`
 (seconds; both empty = whole file), `split` (default train), `timestamp`, `group`, `duration`,
 `caption_id` (accepted; the manifest keeps row order instead). Other columns are ignored and
 named in the report notes.
@@ -78,8 +79,8 @@ def read_records(path: str, ctx: Context) -> Iterator[tuple[str, dict]]:
                 raise SourceError(f"{where}: not valid JSON ({e})") from None
             if not isinstance(rec, dict):
                 raise SourceError(f"{where}: expected a JSON object per line")
-            if "captions" not in rec:
-                yield where, rec
+            if "captions" not in rec:  # `text` as a caption object names it, if no `caption`
+                yield where, {**rec, "caption": rec["text"]} if "caption" not in rec and "text" in rec else rec
                 continue
             if not isinstance(rec["captions"], list):
                 raise SourceError(f"{where}: 'captions' must be a list")
