@@ -416,6 +416,8 @@ def test_generic_jsonl_and_video_level_jsonl(tmp_path):
         {"path": "clips/cat.mp4", "caption": "clamped", "start": 1, "end": 9, "duration": 5},
         # `text`, as a caption object has it, was rejected as an empty caption
         {"path": "long/kitchen.mp4", "text": "crack two eggs", "split": "train"},
+        # end clamped to 5, then rejected (start 6 >= end): one reason, not also a clamp
+        {"path": "clips/cat.mp4", "caption": "late", "start": 6, "end": 9, "duration": 5},
     ]
     fx.write(tmp_path, "ann.jsonl", "\n".join(json.dumps(x) for x in lines) + "\n")
     out = tmp_path / "g.parquet"
@@ -427,8 +429,8 @@ def test_generic_jsonl_and_video_level_jsonl(tmp_path):
         ("cat", 1.0, 5.0, "clamped", "train", None, 5.0),  # end 9 clamped to duration 5
         ("kitchen", None, None, "crack two eggs", "train", None, None),
     ]
-    assert rep.rejected == {"empty caption": 1}
-    assert any("clamped" in n for n in rep.notes)
+    assert rep.rejected == {"empty caption": 1, "need 0 <= start < end": 1}
+    assert "1 rows had end past their duration; end clamped to duration" in rep.notes
 
 
 def test_generic_refuses_hhmmss_and_clashing_ids(tmp_path):

@@ -133,8 +133,9 @@ def rows(ctx: Context) -> Iterator[dict]:
         if duration is not None and duration <= 0:
             ctx.reject(where, "duration must be > 0")
             continue
-        if end is not None and duration is not None and end > duration:
-            end, clamped = duration, clamped + 1
+        cut = end is not None and duration is not None and end > duration
+        if cut:
+            end = duration
         if start is not None and (start < 0 or end <= start):
             ctx.reject(where, "need 0 <= start < end")
             continue
@@ -146,6 +147,7 @@ def rows(ctx: Context) -> Iterator[dict]:
         if caption is None:
             continue
         group = _text(rec.get("group")) or vid
+        clamped += cut  # (counted once the row is kept: a rejected row is counted as rejected)
         yield {"video_id": vid, "path": full, "start": start, "end": end, "caption": caption,
                "split": split, "timestamp": ts, "group": group, "duration": duration, "_where": where}
     if clamped:
