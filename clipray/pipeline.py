@@ -243,7 +243,10 @@ def manifest_rows(data: DataConfig, split: str | None = None, limit: int | None 
         # that value in place of its rows' own, where every other reader of it does not.
         # schema: the manifest's, as every other reader takes it: a file without the optional
         # start/end columns reads them as nulls (whole files), not as a KeyError inside Ray.
-        ds = ray.data.read_parquet(files, filesystem=fs, partitioning=None, schema=SCHEMA).select_columns(
+        # file_extensions=None: the files are listed already, and Ray Data's own extension
+        # check cuts a path at '?' (a URL's query), so a manifest under `what?/` read no file
+        ds = ray.data.read_parquet(files, filesystem=fs, partitioning=None, schema=SCHEMA,
+                                   file_extensions=None).select_columns(
             DATA_COLUMNS + ["split"])
     split = split or data.split
     if split:
