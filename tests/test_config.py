@@ -189,6 +189,16 @@ def test_model_names_are_checked_against_the_registries_before_ray_starts(overri
     assert model_io(load_config(None, ["model.head=seqTransf", "model.linear_patch=3d"])).data.video.size > 0
 
 
+@pytest.mark.parametrize("tuning", ["frozen", "unipt"])
+def test_a_3d_patch_that_could_not_train_is_refused_before_ray_starts(tuning):
+    from train.driver import model_io
+
+    with pytest.raises(ConfigError, match=f"model.linear_patch, model.tuning: linear_patch '3d' needs tuning "
+                                          f"'full': tuning '{tuning}' runs CLIP's image tower without autograd"):
+        model_io(load_config(None, ["model.linear_patch=3d", f"model.tuning={tuning}"]))
+    assert model_io(load_config(None, [f"model.tuning={tuning}"])).model.tuning == tuning
+
+
 @pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "train" / "configs").glob("*.yaml")),
                          ids=lambda p: p.name)
 def test_every_training_recipe_loads_and_fits_its_model(path):

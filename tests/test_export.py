@@ -32,8 +32,8 @@ def _outputs(model):
 
 @pytest.mark.parametrize(
     "name,overrides",
-    [("test_seqTransf", {"linear_patch": "3d", "tuning": "frozen"}), ("test_tightTransf", {}), ("test_seqLSTM", {}),
-     ("test_seqTransf", {"tuning": "unipt"})],
+    [("test_seqTransf", {"linear_patch": "3d"}), ("test_seqTransf", {"tuning": "frozen"}), ("test_tightTransf", {}),
+     ("test_seqLSTM", {}), ("test_seqTransf", {"tuning": "unipt"})],
 )
 def test_round_trip_is_bit_identical(tmp_path, name, overrides):
     torch.manual_seed(0)

@@ -104,8 +104,7 @@ def test_vitb32_builds_without_download():
     assert model.logit_scale.shape == (1,)
 
 
-@pytest.mark.parametrize("tuning", ["full", "unipt"])
-@pytest.mark.parametrize("linear_patch", ["2d", "3d"])
+@pytest.mark.parametrize("linear_patch, tuning", [("2d", "full"), ("3d", "full"), ("2d", "unipt")])
 @pytest.mark.parametrize("name", TINY)
 def test_padding_changes_nothing(name, linear_patch, tuning):
     model = build(name, linear_patch=linear_patch, tuning=tuning).eval()
@@ -278,6 +277,20 @@ def test_3d_patch_is_inflated_2d_and_equal_at_init():
         x = model.normalize(frames)
         assert torch.allclose(bb.encode_frames(x, mask), as_2d.encode_frames(x, mask), atol=1e-5)
     assert not w2.requires_grad  # unused in 3d mode
+
+
+@pytest.mark.parametrize("tuning", ["frozen", "unipt"])
+def test_3d_patch_with_a_backbone_run_without_autograd_is_refused(tuning):
+    """The 3d patch starts as the 2d one and differs only once trained; frozen and unipt run the
+    image tower under no_grad, so it never trained and the model was silently the 2d one."""
+    with pytest.raises(ValueError, match="linear_patch '3d' needs tuning 'full'"):
+        build("test_meanP", linear_patch="3d", tuning=tuning)
+    assert build("test_meanP", linear_patch="2d", tuning=tuning).backbone.patch3d is None
+    model = build("test_meanP", linear_patch="3d", tuning="full")
+    out = RetrievalTask(model)(*clip_batch(b=2, t=3), tokens(["x", "y"]))
+    out["loss"].backward()
+    grad = model.backbone.patch3d.weight.grad
+    assert grad is not None and grad[:, :, 0].abs().sum() > 0 and grad[:, :, 2].abs().sum() > 0
 
 
 @pytest.mark.parametrize("name", ["test_seqTransf", "test_tightTransf"])

@@ -26,7 +26,7 @@ from clipray.manifest import check_unique_ids
 
 def model_io(cfg: Config) -> Config:
     """Fit the data section to the model: frame size, tokenizer and caption length."""
-    from clipray.models import HEAD_NAMES, get_spec
+    from clipray.models import HEAD_NAMES, check_options, get_spec
     from clipray.models.backbone import open_clip_config
     from clipray.models.tuning import TUNINGS
 
@@ -39,6 +39,10 @@ def model_io(cfg: Config) -> Config:
         spec = get_spec(m.name)
     except ValueError as e:
         raise ConfigError(f"model.name: {e}") from None
+    try:
+        check_options(m.linear_patch or spec.linear_patch, m.tuning or spec.tuning)
+    except ValueError as e:
+        raise ConfigError(f"model.linear_patch, model.tuning: {e}") from None
     oc = open_clip_config(spec.open_clip_name)
     size = oc["vision_cfg"]["image_size"]
     size = size[0] if isinstance(size, (list, tuple)) else int(size)

@@ -93,7 +93,22 @@ def create_model(
         linear_patch=linear_patch or spec.linear_patch,
         tuning=tuning or spec.tuning,
     )
+    check_options(spec.linear_patch, spec.tuning)
     return build_from_spec(name, spec)
+
+
+def check_options(linear_patch: str, tuning: str) -> None:
+    """Refuse options that cannot work together (ValueError saying why).
+
+    The 3d patch is a new Conv3d in front of the image tower that starts as the 2d patch and
+    only differs once trained; a tuning that runs the tower without autograd (frozen, unipt)
+    never trains it, so the model would be the 2d one at the cost of a Conv3d."""
+    from clipray.models.tuning import TUNINGS
+
+    cls = TUNINGS.get(tuning)
+    if linear_patch == "3d" and cls is not None and not cls.trains_backbone:
+        raise ValueError(f"linear_patch '3d' needs tuning 'full': tuning {tuning!r} runs CLIP's image "
+                         "tower without autograd, so the 3d patch would never train and stay the 2d one")
 
 
 def build_model(cfg: "ModelConfig") -> "CLIP4Clip":
@@ -125,6 +140,6 @@ def build_from_spec(name: str, spec: ModelSpec, open_clip_cfg: Optional[dict[str
 
 
 __all__ = [
-    "HEAD_NAMES", "ModelSpec", "build_from_spec", "build_model", "create_model", "get_spec",
+    "HEAD_NAMES", "ModelSpec", "build_from_spec", "build_model", "check_options", "create_model", "get_spec",
     "list_models", "register_model",
 ]

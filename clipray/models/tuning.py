@@ -39,6 +39,9 @@ class Tuning(nn.Module):
     """Base: run the towers as they are; subclasses change what trains and how towers run."""
 
     name = "base"
+    # False: the backbone runs without autograd, so nothing inside it (the 3d patch included)
+    # can train.
+    trains_backbone = True
 
     def prepare(self, backbone: nn.Module) -> None:
         """Called once when the model is assembled (after weights are loaded)."""
@@ -58,6 +61,8 @@ class FullTuning(Tuning):
 @register_tuning("frozen")
 class FrozenTuning(Tuning):
     """Backbone frozen and run without autograd; the head and the temperature train."""
+
+    trains_backbone = False
 
     def prepare(self, backbone: nn.Module) -> None:
         for name, p in backbone.named_parameters():
@@ -116,6 +121,8 @@ class SideNetwork(nn.Module):
 @register_tuning("unipt")
 class UniPTTuning(Tuning):
     """UniPT: frozen backbone run under `no_grad`, one trained `SideNetwork` per tower."""
+
+    trains_backbone = False
 
     def prepare(self, backbone: nn.Module) -> None:
         for p in backbone.parameters():  # logit_scale too, as in the reference
