@@ -189,6 +189,35 @@ def test_model_names_are_checked_against_the_registries_before_ray_starts(overri
     assert model_io(load_config(None, ["model.head=seqTransf", "model.linear_patch=3d"])).data.video.size > 0
 
 
+@pytest.mark.parametrize("overrides, says", [
+    (["model.pretrained=openai"], "model.pretrained=openai: not a pretrained tag of clipray-tiny (it has none) "
+                                  "nor a local checkpoint file"),
+    (["model.name=clip4clip_vitb32_meanP", "model.pretrained=laion2b_s34b_b79k"],
+     "model.pretrained=laion2b_s34b_b79k: not a pretrained tag of ViT-B-32-quickgelu (its tags: openai, "),
+    (["model.name=clip4clip_vitb32_meanP", "model.pretrained=s3://bucket/ViT-B-32.pt"],
+     "model.pretrained=s3://bucket/ViT-B-32.pt: not a pretrained tag of ViT-B-32-quickgelu"),
+])
+def test_weights_open_clip_cannot_load_are_refused_before_ray_starts(overrides, says):
+    """open_clip loads a tag it knows for the model or a local file; anything else was a
+    RuntimeError traceback from every training worker once Ray had started."""
+    from train.driver import model_io
+
+    with pytest.raises(ConfigError) as e:
+        model_io(load_config(None, overrides))
+    assert str(e.value).startswith(says)
+
+
+def test_weights_open_clip_can_load_pass_the_model_check(tmp_path):
+    from train.driver import model_io
+
+    weights = tmp_path / "w.pt"
+    weights.write_bytes(b"")
+    for overrides in (["model.name=clip4clip_vitb32_meanP", "model.pretrained=openai"],
+                      ["model.name=clip4clip_vitb32_meanP", "model.pretrained=LAION400M-E32"],  # open_clip's spelling rules
+                      [f"model.pretrained={weights}"], ["model.pretrained=none"], ["model.pretrained="], []):
+        model_io(load_config(None, overrides))
+
+
 @pytest.mark.parametrize("tuning", ["frozen", "unipt"])
 def test_a_3d_patch_that_could_not_train_is_refused_before_ray_starts(tuning):
     from train.driver import model_io

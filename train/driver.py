@@ -26,7 +26,7 @@ from clipray.manifest import check_unique_ids
 
 def model_io(cfg: Config) -> Config:
     """Fit the data section to the model: frame size, tokenizer and caption length."""
-    from clipray.models import HEAD_NAMES, check_options, get_spec
+    from clipray.models import HEAD_NAMES, check_options, check_pretrained, get_spec
     from clipray.models.backbone import open_clip_config
     from clipray.models.tuning import TUNINGS
 
@@ -43,6 +43,10 @@ def model_io(cfg: Config) -> Config:
         check_options(m.linear_patch or spec.linear_patch, m.tuning or spec.tuning)
     except ValueError as e:
         raise ConfigError(f"model.linear_patch, model.tuning: {e}") from None
+    try:  # else open_clip's RuntimeError in every training worker, once Ray is up
+        check_pretrained(m.name, m.pretrained)
+    except ValueError as e:
+        raise ConfigError(f"model.pretrained={m.pretrained or spec.pretrained}: {e}") from None
     oc = open_clip_config(spec.open_clip_name)
     size = oc["vision_cfg"]["image_size"]
     size = size[0] if isinstance(size, (list, tuple)) else int(size)

@@ -111,6 +111,29 @@ def check_options(linear_patch: str, tuning: str) -> None:
                          "tower without autograd, so the 3d patch would never train and stay the 2d one")
 
 
+def check_pretrained(name: str, pretrained: Optional[str] = None) -> None:
+    """ValueError unless `create_model(name, pretrained=pretrained)` can load its weights: open_clip
+    takes a tag it knows for the model or a local file, nothing else (no URI, no tag of another
+    model). None = the registered weights, as in `create_model`. Nothing is downloaded."""
+    import os
+
+    import open_clip
+
+    from clipray.models.backbone import register_tiny_configs
+
+    spec = get_spec(name)
+    if pretrained is None:
+        pretrained = spec.pretrained
+    if _no_weights(pretrained):
+        return
+    register_tiny_configs()
+    if open_clip.get_pretrained_cfg(spec.open_clip_name, pretrained) or os.path.isfile(pretrained):
+        return
+    tags = open_clip.list_pretrained_tags_by_model(spec.open_clip_name)
+    raise ValueError(f"not a pretrained tag of {spec.open_clip_name} ("
+                     f"{'its tags: ' + ', '.join(tags) if tags else 'it has none'}) nor a local checkpoint file")
+
+
 def build_model(cfg: "ModelConfig") -> "CLIP4Clip":
     """Build from the `model:` section of a clipray config."""
     return create_model(
@@ -140,6 +163,6 @@ def build_from_spec(name: str, spec: ModelSpec, open_clip_cfg: Optional[dict[str
 
 
 __all__ = [
-    "HEAD_NAMES", "ModelSpec", "build_from_spec", "build_model", "check_options", "create_model", "get_spec",
-    "list_models", "register_model",
+    "HEAD_NAMES", "ModelSpec", "build_from_spec", "build_model", "check_options", "check_pretrained",
+    "create_model", "get_spec", "list_models", "register_model",
 ]
