@@ -334,6 +334,35 @@ def test_tight_scores_pairs_and_is_not_indexable():
     assert not model.logit_scale.requires_grad
 
 
+def test_tight_scores_keep_float32_in_a_bf16_model_and_under_autocast():
+    """A bf16 model (GPU evaluation, a bf16 export served as re-ranker) or bf16 autocast (the GPU
+    training loop) gave bf16 pair scores: of 200 candidates ~150 distinct, ties that count
+    against the query. The score layer runs in float32 on the pooled feature it is given."""
+    torch.manual_seed(0)
+    model = build("test_tightTransf").eval()
+    with torch.no_grad():
+        model.head.score.weight.mul_(100)  # trained-like spread of scores
+    frames, _ = clip_batch(b=200, t=4)
+    mask = torch.arange(4)[None] < torch.arange(200)[:, None] % 4 + 1  # 1 to 4 real frames
+    seen = {}
+
+    def keep(_, __, out):
+        seen["h"] = out
+    model.head.act.register_forward_hook(keep)
+    w, b = model.head.score.weight, model.head.score.bias
+    for cast, ctx in (("bf16 model", None), ("autocast", torch.autocast("cpu", dtype=torch.bfloat16))):
+        m = model.to(torch.bfloat16) if cast == "bf16 model" else model.float()
+        with torch.no_grad(), (ctx or torch.autocast("cpu", enabled=False)):
+            feats = m.encode_frames(m.normalize(frames), mask)
+            text = m.encode_text(tokens(["a dog runs"]))
+            sim = m.similarity(text, feats, mask)
+        # brute force: the pooled features the head made, through the score layer in float64
+        want = (seen["h"].double() @ w.double().t() + b.double()).view(1, 200)
+        assert sim.dtype == torch.float32, cast
+        assert torch.allclose(sim.double(), want, atol=1e-5), cast
+        assert len(set(sim[0].tolist())) == 200, cast
+
+
 def test_checkpoint_path_loads_exact_open_clip_weights(tmp_path):
     from clipray.models.backbone import register_tiny_configs
 

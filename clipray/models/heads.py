@@ -183,7 +183,11 @@ class TightTransf(nn.Module):
         x = x + self.position_embeddings.weight[: t + 1].to(x.dtype)
         full = torch.cat([mask.new_ones(n, 1), mask], dim=1)  # the text position is always valid
         x = self.ln_pool(_run_blocks(self.blocks, x, full))
-        return self.score(self.act(self.dense(x[:, 0]))).squeeze(-1)
+        h = self.act(self.dense(x[:, 0]))
+        # the score in float32, whatever the model's dtype or autocast: a bf16 score keeps ~3
+        # digits, so a query's candidates tie (a tie counts against it in R@k) or swap
+        with torch.autocast(h.device.type, enabled=False):
+            return F.linear(h.float(), self.score.weight.float(), self.score.bias.float()).squeeze(-1)
 
     def similarity(self, text: torch.Tensor, frame_feats: torch.Tensor, mask: torch.Tensor):
         """Every text against every video: `[Nt, D]` x `[Nv, T, D]` -> `[Nt, Nv]` (Nt*Nv passes)."""
