@@ -4,8 +4,9 @@
 2. trains the demo config (`train/configs/demo.yaml`: tiny CLIP4Clip, 2 Ray Train workers,
    DeepSpeed ZeRO-0 fp32 on gloo) with evaluation every epoch, and exports the model;
 3. prints the retrieval metrics and where the run's files are;
-4. when the serving package is present: indexes the test videos, starts the HTTP API, runs a
-   few text queries against it and prints their top results next to the true video.
+4. when the serving package is present: indexes every video of the set (all splits), starts the
+   HTTP API, runs a few captions of test videos as queries against it and prints their top
+   results next to the true video.
 
 Extra `key=value` arguments override the demo config, e.g. `model.name=test_seqTransf`.
 """
