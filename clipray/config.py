@@ -33,7 +33,7 @@ class VideoConfig:
     fps: float = 1.0  # candidate frames per second over [start, end]
     max_frames: int = 12
     slice: str = "uniform"  # head | tail | uniform, when more candidates than max_frames
-    size: int = 224  # shorter side resized to this, then centre crop size x size
+    size: int = 224  # shorter side resized to this, then centre crop size x size (training: the model's)
     timeout_s: float = 60.0  # one file's decode is abandoned (and reported) after this
 
 
@@ -43,7 +43,7 @@ class DataConfig:
     split: str = "train"
     video: VideoConfig = field(default_factory=VideoConfig)
     video_root: str = ""  # prefix for relative paths in the manifest (default: manifest's dir)
-    tokenizer: str = "ViT-B-32"  # open_clip model name whose tokenizer is used
+    tokenizer: str = "ViT-B-32"  # open_clip model name whose tokenizer is used (training: the model's)
     max_words: int = 32
     batch_size: int = 32  # per training worker
     # how decoders run: "tasks" start at once on warm worker processes (short epochs, laptops,
