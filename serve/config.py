@@ -7,7 +7,8 @@ The root schema `AppConfig` is merged with YAML and `key=value` overrides by
                  app defaults to the one the index was built with (recorded in the index)
     manifest     the clip manifest to index
     out          the index directory: written by `clipray index`, read by `clipray serve`
-    video        how clips are decoded, at index time and for uploaded query clips
+    video        how `clipray index` decodes clips; the served app decodes uploaded query clips
+                 as the index recorded (of this section, only `video.timeout_s` applies there)
     index.*      `IndexConfig`: split, sliding windows, faiss index kind, the Ray Data actor pool
     serve.*      `ServeConfig`: HTTP address, request limits, one `DeploymentConfig` per
                  deployment (replicas, autoscaling, batch size, CPUs/GPUs)
