@@ -72,8 +72,14 @@ def candidate_indices(num_frames: int, video_fps: float, start: float | None, en
     hi = duration if end is None else min(end, duration)
     if lo >= duration or hi <= lo:
         raise SkipClip(f"window [{start}, {end}] outside video of {duration:.2f}s")
-    step = 1.0 / fps
-    times = np.arange(lo, hi, step) if hi - lo >= step else np.array([(lo + hi) / 2])
+    # the times lo + k / fps before hi, counted from the window's length in steps, which is
+    # rounded to within 1e-6 of a whole number first: np.arange(lo, hi, 1 / fps) counted the
+    # float error of hi - lo, so [1.3, 8.3] at 1 fps got a frame at 8.3, its end, where
+    # [1.0, 8.0] got none, and [0.4, 1.4], a step long, was taken as shorter (its midpoint)
+    steps = (hi - lo) * fps
+    if abs(steps - round(steps)) < 1e-6:
+        steps = float(round(steps))
+    times = lo + np.arange(math.ceil(steps)) / fps if steps >= 1 else np.array([(lo + hi) / 2])
     idx = np.clip(np.floor(times * video_fps + 1e-6).astype(np.int64), 0, num_frames - 1)
     return sorted(set(idx.tolist()))
 

@@ -27,6 +27,31 @@ def test_candidate_indices_by_hand():
         candidate_indices(250, 25.0, 12.0, 14.0, 1.0)
 
 
+def test_candidate_times_are_those_before_the_windows_end_in_exact_arithmetic():
+    """Times start + k / fps before end, as exact fractions of the decimal bounds a manifest
+    holds, and the frame shown at each: np.arange counted the float error of end - start, so
+    [1.3, 8.3] at 1 fps got 8 frames, one at its end, where [1.0, 8.0] got 7, and [0.4, 1.4]
+    was taken as shorter than a step (one frame at its midpoint, 0.9 s)."""
+    import math
+    from fractions import Fraction
+
+    def brute(n, video_fps, start, end, fps):
+        vf, lo, step = Fraction(video_fps).limit_denominator(10**5), Fraction(start), 1 / Fraction(fps)
+        hi = min(Fraction(end), n / vf)
+        times = [lo + k * step for k in range(int((hi - lo) / step) + 1) if lo + k * step < hi]
+        return sorted({min(n - 1, math.floor(t * vf)) for t in (times if hi - lo >= step else [(lo + hi) / 2])})
+
+    assert candidate_indices(500, 25.0, 1.3, 8.3, 1.0) == [32, 57, 82, 107, 132, 157, 182]
+    assert candidate_indices(500, 25.0, 0.4, 1.4, 1.0) == [10]
+    for video_fps in (25.0, 30000 / 1001, 60.0):
+        for fps in (1.0, 2.0, 2.5, 0.5):
+            for a in range(0, 60, 3):
+                for b in range(a + 1, a + 80, 2):
+                    got = candidate_indices(int(20 * video_fps), video_fps, a / 10, b / 10, fps)
+                    want = brute(int(20 * video_fps), video_fps, Fraction(a, 10), Fraction(b, 10), fps)
+                    assert got == want, (video_fps, fps, a / 10, b / 10)
+
+
 def test_select_head_tail_uniform():
     idx = list(range(0, 100, 10))  # 10 candidates
     assert select(idx, 4, "head") == [0, 10, 20, 30]
