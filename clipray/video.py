@@ -85,7 +85,7 @@ def candidate_indices(num_frames: int, video_fps: float, start: float | None, en
 
 
 def select(indices: Sequence[int], max_frames: int, how: str) -> list[int]:
-    """Keep at most `max_frames` of `indices`: head, tail or uniform (linspace over them)."""
+    """Keep at most `max_frames` of `indices`: head, tail or uniform (linspace over them, floored)."""
     n = len(indices)
     if n <= max_frames:
         return list(indices)
@@ -94,8 +94,11 @@ def select(indices: Sequence[int], max_frames: int, how: str) -> list[int]:
     if how == "tail":
         return list(indices[-max_frames:])
     if how == "uniform":
-        pick = np.linspace(0, n - 1, max_frames).round().astype(int)
-        return [indices[i] for i in pick]
+        # CLIP4Clip's pick, np.linspace(0, n - 1, max_frames, dtype=int): each position rounded
+        # down, not to the nearest, here in exact integers (linspace's float gave 14 for 15)
+        if max_frames == 1:
+            return [indices[0]]
+        return [indices[i * (n - 1) // (max_frames - 1)] for i in range(max_frames)]
     raise ValueError(f"video.slice must be head, tail or uniform, got {how!r}")
 
 

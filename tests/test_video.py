@@ -58,6 +58,15 @@ def test_select_head_tail_uniform():
     assert select(idx, 4, "tail") == [60, 70, 80, 90]
     assert select(idx, 4, "uniform") == [0, 30, 60, 90]  # linspace(0, 9, 4) = 0, 3, 6, 9
     assert select(idx, 12, "uniform") == idx
+    # CLIP4Clip's uniform pick rounds each linspace position down (np.linspace(..., dtype=int)):
+    # 20 candidates to 12 are positions 0, 1.73, 3.45, 5.18, ... -> 0, 1, 3, 5, ..., not 0, 2, 3, 5
+    assert select(list(range(20)), 12, "uniform") == [0, 1, 3, 5, 6, 8, 10, 12, 13, 15, 17, 19]
+    assert select(list(range(31)), 23, "uniform")[11] == 15  # 11 * 30 / 22 = 15 exactly
+    assert select(idx, 1, "uniform") == [0]
+    for n in range(2, 120):  # brute force: the largest index i with i <= k (n - 1) / (m - 1)
+        for m in range(2, n):
+            assert select(list(range(n)), m, "uniform") == \
+                [max(i for i in range(n) if i * (m - 1) <= k * (n - 1)) for k in range(m)]
     with pytest.raises(ValueError):
         select(idx, 4, "middle")
 
