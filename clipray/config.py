@@ -33,7 +33,7 @@ class VideoConfig:
     fps: float = 1.0  # candidate frames per second over [start, end]
     max_frames: int = 12
     slice: str = "uniform"  # head | tail | uniform, when more candidates than max_frames
-    size: int = 224  # shorter side resized to this, then centre crop size x size (training: the model's)
+    size: int = 224  # shorter side resized to this, then centre crop size x size (train, edit, index, serve: the model's)
     timeout_s: float = 60.0  # one file's decode is abandoned (and reported) after this
 
 
