@@ -151,6 +151,14 @@ def test_workers_and_decode_pool_too_big_for_the_local_ray_fail_before_training(
                                           r"data.decode_actors x data.decode_cpus = 1.5"):
         run(cfg, quiet_ray=True)
     assert not (tmp_path / "too-big" / "result.json").exists()
+    # a step budget's pass goes on after each checkpoint's evaluation: its paused decode actors
+    # keep their CPUs beside the evaluation's (1 worker + 1.5 + 1.5 + 1 for reads > 4)
+    cfg = load_config(DEMO, overrides(synth_small["manifest"], tmp_path, "budget-actors", **{
+        "data.decode_pool": "actors", "data.decode_cpus": 0.75, "train.num_workers": 1,
+        "train.max_steps": 4, "train.checkpoint_every_steps": 2}))
+    with pytest.raises(ConfigError, match=r"data.decode_actors x data.decode_cpus \(evaluation\) = 1.5"):
+        run(cfg, quiet_ray=True)
+    assert not (tmp_path / "budget-actors" / "result.json").exists()
     # GPU workers on a Ray without GPUs: Ray Train would wait for them forever
     import ray
 
@@ -393,6 +401,50 @@ def test_zero2_trains_through_planted_bad_videos(ray_local, synth_small, real_vi
     report = [json.loads(x) for x in (tmp_path / "zero2" / "skip_report.jsonl").read_text().splitlines()]
     assert sorted(r["video_id"] for r in report) == sorted(r["video_id"] for r in bad_rows)
     assert all(r["reason"] for r in report)
+
+
+def test_a_step_budget_reads_on_through_its_pass_from_one_checkpoint_to_the_next(ray_local, synth_small, tmp_path,
+                                                                                  monkeypatch):
+    """24 training rows, 2 workers x 4 clips: a pass is 3 steps. A budget of 6 steps in segments
+    of 2 (checkpoint_every_steps) is two whole passes, so every caption trains exactly twice.
+    Each segment started a new pass and trained its first 2 steps: in manifest order
+    (data.shuffle_rows=false) the same 16 captions every segment, 3 times each, and the other
+    8 never. The workers log the captions (tokens) every step trains on."""
+    import collections
+
+    import train.loop
+    from train.driver import run
+
+    root = synth_small["manifest"].rsplit("/", 1)[0]
+    rows = read_manifest(synth_small["manifest"]).to_pylist()
+    for r in rows:
+        r["path"], r["split"] = f"{root}/{r['path']}", "train"
+    write_manifest(rows, tmp_path / "m.parquet")
+    log = tmp_path / "trained.txt"
+
+    def logged_loop(config):  # in each Ray Train worker (pickled by value: a local function)
+        import train.loop as loop  # the worker's own module: the real loop
+        from clipray.task import RetrievalTask
+
+        forward = RetrievalTask.forward
+
+        def logged(self, frames, frame_mask, tokens):
+            with open(log, "a") as f:
+                f.write("".join(" ".join(map(str, t)) + "\n" for t in tokens.tolist()))
+            return forward(self, frames, frame_mask, tokens)
+
+        RetrievalTask.forward = logged
+        loop.train_loop(config)
+
+    monkeypatch.setattr(train.loop, "train_loop", logged_loop)
+    cfg = load_config(DEMO, overrides(str(tmp_path / "m.parquet"), tmp_path, "budget", **{
+        "data.eval_manifest": synth_small["manifest"], "data.shuffle_rows": False,
+        "train.max_steps": 6, "train.checkpoint_every_steps": 2}))
+    final = run(cfg, quiet_ray=True, table=False)
+    assert final["total_steps"] == 6
+    trained = collections.Counter(log.read_text().splitlines())
+    assert len(trained) == len(rows) == 24
+    assert set(trained.values()) == {2}, sorted(trained.values())
 
 
 def test_unipt_under_zero3_trains_its_side_networks_and_leaves_clip_bit_identical(ray_local, synth_small, tmp_path):

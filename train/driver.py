@@ -228,9 +228,10 @@ def run(cfg: Config, quiet_ray: bool = False, stop_epoch: int = 0, table: bool =
     asks = {"train.num_workers x train.cpus_per_worker": cfg.train.num_workers * cfg.train.cpus_per_worker,
             "data.decode_actors x data.decode_cpus" + (" x train.num_workers" if pools > 1 else ""):
                 pools * cfg.data.decode_actors * cfg.data.decode_cpus}
-    if cfg.data.shard_stream and cfg.data.decode_pool == "actors":
-        # a worker evaluates mid-shard: its decode actors, paused, keep their CPUs while the
-        # evaluation's pool starts, which would otherwise wait for CPUs forever
+    if (cfg.data.shard_stream or cfg.train.max_steps) and cfg.data.decode_pool == "actors":
+        # a worker evaluates mid-shard (or, by a step budget, mid-pass): its decode actors,
+        # paused, keep their CPUs while the evaluation's pool starts, which would otherwise
+        # wait for CPUs forever
         asks["data.decode_actors x data.decode_cpus (evaluation)"] = cfg.data.decode_actors * cfg.data.decode_cpus
     check_fits(asks)
     if cfg.train.use_gpu:  # one GPU per worker

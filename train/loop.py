@@ -216,16 +216,23 @@ def train_loop(config: dict[str, Any]) -> None:
             batch_size=B, drop_last=True, local_shuffle_buffer_size=cfg.data.shuffle_buffer or None,
             local_shuffle_seed=cfg.train.seed + n if cfg.data.shuffle_buffer else None))
 
+    batches, passes = None, 0  # without shard_stream: the pass being read, passes started
     while state["epoch"] < stop and state["step"] < total:
         epoch = state["epoch"] + 1
         losses, clock, empty_passes = [], EpochClock(), 0
-        # Without shard_stream every segment starts a pass over the data (a new order with
-        # data.shuffle_rows): an epoch ends with it; a step budget's segment starts another
-        # until it has its seg_steps. The pass is not kept across an evaluation: a pool of
-        # decode actors waiting on it would hold the CPUs that evaluation decodes with.
+        # Without shard_stream an epoch is one pass over the data (a new order with
+        # data.shuffle_rows). A step budget's segment goes on with the pass the last segment
+        # left, and starts another when it ends, until it has its seg_steps (a new pass per
+        # segment trained each pass's first seg_steps batches only: without shuffle_rows, the
+        # same rows every segment and never the rest). A decode actor pool, paused on it, keeps
+        # its CPUs while the segment's evaluation decodes (the driver counts both, as for
+        # shard_stream).
         if not shard_mode:
-            passes, pass_start = 0, 0  # pass_start: the segment's steps when this pass began
-            batches = data_pass(epoch)
+            if batches is None or not cfg.train.max_steps:
+                batches = data_pass(epoch)
+                pass_start = 0  # the segment's steps when this pass began
+            else:
+                pass_start = -1  # carried over: it has given batches
         while len(losses) < seg_steps and state["step"] < total:
             with clock.waiting():
                 batch = stream.next() if shard_mode else next(batches, None)
