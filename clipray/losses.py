@@ -101,3 +101,18 @@ def clamp_logit_scale(model: nn.Module, max_value: float = LOGIT_SCALE_MAX) -> N
     shard = getattr(param, "ds_tensor", None)
     if shard is not None:
         shard.data.clamp_(max=max_value)
+    if not param.requires_grad:
+        return
+    # ZeRO (stages 1-3) and DeepSpeed's bf16 optimiser step an fp32 copy of the weights and copy
+    # it over the parameter: capped only above, the copy went on growing past the cap while the
+    # gradient pushed up, and the parameter stayed at the cap for as many steps after the
+    # gradient turned. Each rank caps its own part of the copy (a clamp is elementwise).
+    mapping = getattr(param, "_hp_mapping", None)  # ZeRO-1/2, the bf16 optimiser; None: not here
+    if mapping is not None:
+        mapping.get_hp_fragment().clamp_(max=max_value)  # a view into the flat fp32 partition
+    elif hasattr(param, "ds_id"):  # ZeRO-3
+        from deepspeed.utils import safe_get_local_fp32_param, safe_set_local_fp32_param
+
+        local = safe_get_local_fp32_param(param)
+        if local is not None:
+            safe_set_local_fp32_param(param, local.clamp(max=max_value))

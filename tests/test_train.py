@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import signal
 import subprocess
@@ -296,6 +297,56 @@ torch.distributed.destroy_process_group()
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.splitlines()[-3:] == ["0.5 0.5", "0.0 40.0", "100.0 40.0"]
+
+
+def test_logit_scale_is_capped_in_the_optimiser_s_fp32_copy_too(tmp_path):
+    """ZeRO steps an fp32 copy of the weights and copies it over the model's: capping only the
+    model's logit_scale left the copy growing past ln(100) while the gradient pushed it up, so
+    after the gradient turned the scale stayed at the cap (5 steps of +0.1 from 4.5, then 3 of
+    -0.1: 4.7 in the copy, the cap for 3 more steps). As in the reference (one fp32 weight,
+    capped), it must leave the cap at the first step down, at every ZeRO stage and under bf16.
+    AdamW with betas (0, 0) moves a weight by exactly lr per step."""
+    from ports import free_ports
+
+    code = """
+import torch
+from clipray.config import TrainConfig
+from clipray.losses import clamp_logit_scale
+from train import ds_config
+
+class Scale(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.logit_scale = torch.nn.Parameter(torch.tensor([4.5]))
+        self.w = torch.nn.Linear(2, 1)
+
+    def forward(self, sign):
+        return (sign * self.logit_scale).sum() + 0 * self.w(torch.ones(1, 2, dtype=self.w.weight.dtype)).sum()
+
+for stage, precision in ((0, "fp32"), (1, "fp32"), (2, "fp32"), (3, "fp32"), (1, "bf16")):
+    task = Scale()
+    opt = torch.optim.AdamW(task.parameters(), lr=0.1, betas=(0.0, 0.0), eps=1e-12, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
+    engine = ds_config.initialize(task, opt, sched, TrainConfig(zero_stage=stage, precision=precision), 1, 0.0)
+    seen = []
+    for sign in [-1.0] * 5 + [1.0] * 3:  # the loss -scale pushes it up, +scale down
+        engine.backward(engine(torch.tensor(sign)))
+        engine.step()
+        clamp_logit_scale(engine)
+        seen.append(round(float(task.logit_scale.detach().float()[0]), 2))
+    print(stage, precision, seen, flush=True)
+torch.distributed.destroy_process_group()
+"""
+    env = {**os.environ, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(free_ports(1)[0])}
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    ref = [4.6] + [math.log(100)] * 4 + [math.log(100) - 0.1 * k for k in (1, 2, 3)]
+    fp32 = [round(v, 2) for v in ref]
+    bf16 = [round(float(torch.tensor(v).bfloat16()), 2) for v in ref]  # the model's bf16 weight
+    assert fp32[-3:] == [4.51, 4.41, 4.31] and bf16[-3:] == [4.5, 4.41, 4.31]
+    assert out.stdout.splitlines()[-5:] == [f"{s} {p} {fp32 if p == 'fp32' else bf16}" for s, p in
+                                            ((0, "fp32"), (1, "fp32"), (2, "fp32"), (3, "fp32"), (1, "bf16"))]
 
 
 def test_the_step_agreement_all_reduces_on_the_device_the_process_group_serves(monkeypatch):
