@@ -185,6 +185,24 @@ def test_an_eval_manifest_without_test_rows_fails_before_training(synth_small, t
     assert not (tmp_path / "no-test").exists()
 
 
+def test_a_grad_accum_longer_than_the_run_fails_before_training(synth_small, tmp_path):
+    """DeepSpeed steps the optimiser once per train.grad_accum batches: 2 epochs of 2 steps
+    (16 training rows at 2 workers x 4) with grad_accum=5 took no optimiser step, and the run
+    exported its initial weights as a finished, trained model."""
+    from clipray.config import ConfigError
+    from train.driver import run
+
+    n_train = read_manifest(synth_small["manifest"], split="train").num_rows
+    total = 2 * (n_train // 8)
+    for accum, key in ((total + 1, {}), (3, {"train.max_steps": 2})):
+        cfg = load_config(DEMO, overrides(synth_small["manifest"], tmp_path, "accum",
+                                          **{"train.grad_accum": accum, **key}))
+        steps = key.get("train.max_steps", total)
+        with pytest.raises(ConfigError, match=rf"train.grad_accum={accum} is more than the run's {steps} steps"):
+            run(cfg, quiet_ray=True)
+    assert not (tmp_path / "accum").exists()
+
+
 def test_more_frames_than_a_temporal_head_has_positions_fails_before_training(synth_small, tmp_path):
     """seqTransf and tightTransf take CLIP's 77 text positions for frames (tightTransf: one for
     the caption): more frames failed in every worker at the first batch, after Ray and decoding."""

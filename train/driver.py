@@ -203,6 +203,12 @@ def run(cfg: Config, quiet_ray: bool = False, stop_epoch: int = 0, table: bool =
         if steps_per_epoch < 1:
             raise ConfigError(f"{n_train} training rows cannot fill one step of {per_step} clips "
                               f"(data.batch_size x train.num_workers)")
+    total = cfg.train.max_steps or steps_per_epoch * cfg.train.epochs
+    if total < cfg.train.grad_accum:
+        # DeepSpeed steps the optimiser once per train.grad_accum batches: the run would train
+        # nothing and export its initial weights as finished
+        raise ConfigError(f"train.grad_accum={cfg.train.grad_accum} is more than the run's {total} steps (batches), "
+                          "so no optimiser step would be taken: lower train.grad_accum, or train for more steps")
     eval_manifest, eval_split = cfg.data.eval_manifest or cfg.data.manifest, cfg.data.eval_split
     # (a streamed HowTo100M manifest is not counted; its evaluation set is data.eval_manifest)
     if cfg.data.eval_manifest:
@@ -242,7 +248,6 @@ def run(cfg: Config, quiet_ray: bool = False, stop_epoch: int = 0, table: bool =
     datasets = {"test": clip_dataset(eval_data, out, split=eval_split)}
     if not cfg.data.shard_stream:
         datasets["train"] = clip_dataset(cfg.data, out, split="train", shuffle=cfg.data.shuffle_rows)
-    total = cfg.train.max_steps or steps_per_epoch * cfg.train.epochs
     print(f"[driver] run {out}: {n_train if n_train is not None else 'streamed'} training clips, "
           f"{total} steps, {cfg.train.num_workers} workers, ZeRO-{cfg.train.zero_stage}", flush=True)
     trainer = TorchTrainer(
