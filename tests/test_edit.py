@@ -292,11 +292,27 @@ def test_candidates_keep_an_unrounded_end_that_holds_the_timestamp():
     assert got == [(7.019, 10.0374), (6.769, 10.0374), (7.269, 10.0374)]
 
 
+def finished_run(out, cfg, source: str) -> dict:
+    """Write the state and result of a two-round editing run of `source` into `out`, as `run`
+    leaves them at its end; the test metrics it records."""
+    import dataclasses
+
+    out.mkdir()
+    rec = {"round": 0, "epoch": 1, "edited": 0, "mean_shift_s": 0.0, "train_tiou": 0.5, "mean_width_s": 2.0,
+           "val_r1": 10.0, "val_r5": 50.0, "val_r10": 100.0, "val_rsum": 160.0, "teacher_updated": True}
+    records = [rec, dict(rec, round=1, epoch=2, teacher_updated=False)]
+    (out / "edit_state.json").write_text(json.dumps({"edit": dataclasses.asdict(cfg.edit), "records": records,
+                                                     "skips": [], "clips": {}, "source": source}))
+    test = {"eval_split": "test", "num_test_videos": 13, **{f"t2v_{k}": 1.0 for k in ("r1", "r5", "r10", "mdr")},
+            "v2t_r1": 1.0}
+    (out / "edit_result.json").write_text(json.dumps({"rounds": records, "test": test, "left_out": 0}))
+    return test
+
+
 def test_a_run_of_another_manifest_is_not_resumed(events, tmp_path):
     """The same config and run name on another manifest (the demo's `edit-demo` run name on a
     new synthetic set) is a new run: the old run's clips (joined by row id) and its finished
     result belong to the manifest they came from. Refused before Ray starts."""
-    import dataclasses
     import shutil
 
     from clipray.config import ConfigError
@@ -305,17 +321,7 @@ def test_a_run_of_another_manifest_is_not_resumed(events, tmp_path):
     other = tmp_path / "other-events.parquet"
     shutil.copy(events["events_manifest"], other)
     cfg = load_config(EDIT_DEMO, overrides(str(other), tmp_path, "reused"))
-    out = tmp_path / "reused"
-    out.mkdir()
-    rec = {"round": 0, "epoch": 1, "edited": 0, "mean_shift_s": 0.0, "train_tiou": 0.5, "mean_width_s": 2.0,
-           "val_r1": 10.0, "val_r5": 50.0, "val_r10": 100.0, "val_rsum": 160.0, "teacher_updated": True}
-    records = [rec, dict(rec, round=1, epoch=2, teacher_updated=False)]
-    (out / "edit_state.json").write_text(json.dumps({"edit": dataclasses.asdict(cfg.edit), "records": records,
-                                                     "skips": [], "clips": {},
-                                                     "source": events["events_manifest"]}))
-    test = {"eval_split": "test", "num_test_videos": 13, **{f"t2v_{k}": 1.0 for k in ("r1", "r5", "r10", "mdr")},
-            "v2t_r1": 1.0}
-    (out / "edit_result.json").write_text(json.dumps({"rounds": records, "test": test, "left_out": 0}))
+    finished_run(tmp_path / "reused", cfg, events["events_manifest"])
     with pytest.raises(ConfigError, match="another data.manifest"):
         run(cfg)
 
@@ -403,22 +409,11 @@ def test_a_resume_may_give_the_scoring_job_other_resources(events, tmp_path, cap
     caption is scored on its own): a run resumed on another cluster, with fewer GPUs, must go
     on. Any edit.* change refused it, saying to start over. What the edits depend on (here
     edit.margin) is still refused, named."""
-    import dataclasses
-
     from clipray.config import ConfigError
     from train.edit import run
 
     cfg = load_config(EDIT_DEMO, overrides(events["events_manifest"], tmp_path, "moved"))
-    out = tmp_path / "moved"
-    out.mkdir()
-    rec = {"round": 0, "epoch": 1, "edited": 0, "mean_shift_s": 0.0, "train_tiou": 0.5, "mean_width_s": 2.0,
-           "val_r1": 10.0, "val_r5": 50.0, "val_r10": 100.0, "val_rsum": 160.0, "teacher_updated": True}
-    records = [rec, dict(rec, round=1, epoch=2, teacher_updated=False)]
-    (out / "edit_state.json").write_text(json.dumps({"edit": dataclasses.asdict(cfg.edit), "records": records,
-                                                     "skips": [], "clips": {}, "source": events["events_manifest"]}))
-    test = {"eval_split": "test", "num_test_videos": 13, **{f"t2v_{k}": 1.0 for k in ("r1", "r5", "r10", "mdr")},
-            "v2t_r1": 1.0}
-    (out / "edit_result.json").write_text(json.dumps({"rounds": records, "test": test, "left_out": 0}))
+    test = finished_run(tmp_path / "moved", cfg, events["events_manifest"])
     pool = {"edit.actors": 1, "edit.actor_cpus": 0.25, "edit.actor_gpus": 0, "edit.batch": 3}
     assert all(getattr(cfg.edit, k.split(".")[1]) != v for k, v in pool.items())
     moved = load_config(EDIT_DEMO, overrides(events["events_manifest"], tmp_path, "moved", **pool))
