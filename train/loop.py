@@ -245,7 +245,8 @@ def train_loop(config: dict[str, Any]) -> None:
                     continue
                 empty_passes = empty_passes + 1 if not losses else 0
                 if empty_passes > 1:
-                    raise RuntimeError("a whole pass over the shards gave no batch: see the skip report")
+                    raise RuntimeError("a whole pass over the shards gave no batch: they hold no train row, "
+                                       "or every clip was skipped (see the skip report)")
                 stream.new_pass()  # one worker ran out of shards: everyone starts the next pass
                 continue
             out = engine(batch["frames"].to(dev), batch["frame_mask"].to(dev), batch["tokens"].to(dev))
