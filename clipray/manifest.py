@@ -152,8 +152,7 @@ class ManifestWriter:
         self._buf: list[dict[str, Any]] = []
         self.rows = 0
         self.shards: list[str] = []  # final names; a folder's are `.partial` until close()
-        self._renamed = self.single
-        self._moved = 0  # a folder's shards given their final name so far, in order
+        self._final = 0  # the shards under their final name so far, in order (a single file's at once)
         self._ids: set[int] | None = set() if keep_row_ids else None
 
     def add(self, row: Mapping[str, Any]) -> None:
@@ -179,23 +178,22 @@ class ManifestWriter:
         path = self.root if self.single else f"{self.root}/part-{len(self.shards):05d}.parquet"
         pq.write_table(table, path if self.single else path + PARTIAL, filesystem=self.fs)
         self.shards.append(path)
+        self._final += self.single
         self._buf = []
 
     def close(self) -> "ManifestWriter":
         if self._buf or not self.shards:
             self._flush()
-        if not self._renamed:
-            for path in self.shards[self._moved:]:
-                self.fs.move(path + PARTIAL, path)  # on an object store, a copy: seconds each
-                self._moved += 1
-            self._renamed = True
+        for path in self.shards[self._final:]:
+            self.fs.move(path + PARTIAL, path)  # on an object store, a copy: seconds each
+            self._final += 1
         return self
 
     def discard(self) -> None:
         """Delete what was written (a failed write leaves no manifest that reads as complete)."""
         for i, path in enumerate(self.shards):
             # a close() that failed midway renamed the first shards only
-            name = path if self.single or i < self._moved else path + PARTIAL
+            name = path if i < self._final else path + PARTIAL
             if self.fs.get_file_info(name).type == pafs.FileType.File:
                 self.fs.delete_file(name)
 
