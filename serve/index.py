@@ -241,17 +241,18 @@ def build_index(cfg: AppConfig, quiet: bool = False) -> dict[str, Any]:
         raise
 
 
+SAMPLING = ("fps", "max_frames", "slice")  # the video.* keys that choose a clip's frames (the size is the model's)
+
+
 def sampling_notice(conf: dict, cfg: AppConfig) -> str:
     """How this index would sample clips or cut captions unlike the training run that made the
     export (recorded in its `extra`), with the overrides that match it; "" when alike or not
     recorded. Not refused: another sampling may be meant, but unsaid it gives a worse index."""
     extra = conf.get("extra") or {}
-    trained = {f"video.{k}": v for k, v in (extra.get("video") or {}).items()
-               if k in ("fps", "max_frames", "slice")}  # (the frame size is the model's)
+    trained = {f"video.{k}": v for k, v in (extra.get("video") or {}).items() if k in SAMPLING}
     if "max_words" in extra:
         trained["serve.max_words"] = extra["max_words"]
-    now = {"serve.max_words": cfg.serve.max_words, **{f"video.{k}": getattr(cfg.video, k) for k in
-                                                      ("fps", "max_frames", "slice")}}
+    now = {"serve.max_words": cfg.serve.max_words, **{f"video.{k}": getattr(cfg.video, k) for k in SAMPLING}}
     differ = {k: v for k, v in trained.items() if v != now[k]}
     if not differ:
         return ""
