@@ -110,7 +110,9 @@ def check_gpus(cfg: AppConfig) -> None:
 
     rerank = bool((store.read_meta(cfg.out) or {}).get("rerank"))  # else no reranker replica
     asks = {}
-    for n in DEPLOYMENTS if rerank else [n for n in DEPLOYMENTS if n != "reranker"]:
+    for n in DEPLOYMENTS:
+        if n == "reranker" and not rerank:
+            continue
         d = getattr(cfg.serve, n)
         count = max(1, d.min_replicas if d.initial_replicas is None else d.initial_replicas)
         if d.num_gpus > 0:
