@@ -118,6 +118,46 @@ def test_shard_ends_carry_their_rows_into_the_next_batch(ray_local, synth_small,
     assert len(seen_all) == len(set(seen_all)) == 12  # rank 0: 8 rows -> 6, rank 1: 6 rows -> 6
 
 
+def test_shards_that_become_unreadable_stop_the_run_after_two_empty_passes(ray_local, synth_small, tmp_path):
+    """A store that stops answering mid-run (every clip skipped from then on) used to go on
+    starting passes forever once the segment had taken a step: the loop counted empty passes
+    per segment. Two passes in a row without a step now stop it, whenever they come."""
+    import shutil
+
+    from clipray.config import DataConfig, VideoConfig
+
+    root = synth_small["manifest"].rsplit("/", 1)[0]
+    rows = read_manifest(synth_small["manifest"]).to_pylist()[:4]
+    for r in rows:
+        shutil.copy(f"{root}/{r['path']}", tmp_path / Path(r["path"]).name)
+        r["path"], r["split"] = str(tmp_path / Path(r["path"]).name), "train"
+    write_manifest(rows, tmp_path / "m", rows_per_shard=2)  # 2 shards
+    data = DataConfig(manifest=str(tmp_path / "m"), video=VideoConfig(fps=2.0, max_frames=2, size=32),
+                      decode_actors=1, decode_cpus=0.5, decode_batch=4, max_words=16)
+    from train.shards import ShardStream
+
+    stream = ShardStream(data, str(tmp_path / "run"), 2, 0, 1, 0, {})
+
+    def one_pass() -> int:  # as the training loop takes them: a step per batch
+        n = 0
+        while stream.next() is not None:
+            stream.steps, n = stream.steps + 1, n + 1
+        return n
+
+    assert one_pass() == 2
+    stream.new_pass()
+    assert one_pass() == 2  # a pass after a pass with steps
+    for r in rows:
+        os.remove(r["path"])
+    stream.new_pass()
+    assert one_pass() == 0
+    stream.new_pass()  # one empty pass may be the rest of a pass a resume took up
+    assert one_pass() == 0
+    with pytest.raises(RuntimeError, match="a whole pass over the shards gave no batch"):
+        stream.new_pass()
+    assert stream.state["pass"] == 3
+
+
 def test_fewer_shards_than_workers_is_a_clear_error_before_ray(synth_small, tmp_path):
     """A worker dealt no shard ends every pass at its first step, so the run could only fail,
     after Ray Train had started, with 'a whole pass over the shards gave no batch'."""

@@ -219,7 +219,7 @@ def train_loop(config: dict[str, Any]) -> None:
     batches, passes = None, 0  # without shard_stream: the pass being read, passes started
     while state["epoch"] < stop and state["step"] < total:
         epoch = state["epoch"] + 1
-        losses, clock, empty_passes = [], EpochClock(), 0
+        losses, clock = [], EpochClock()
         # Without shard_stream an epoch is one pass over the data (a new order with
         # data.shuffle_rows). A step budget's segment goes on with the pass the last segment
         # left, and starts another when it ends, until it has its seg_steps (a new pass per
@@ -243,10 +243,6 @@ def train_loop(config: dict[str, Any]) -> None:
                     passes, pass_start = passes + 1, len(losses)
                     batches = data_pass(epoch + 1000 * passes)
                     continue
-                empty_passes = empty_passes + 1 if not losses else 0
-                if empty_passes > 1:
-                    raise RuntimeError("a whole pass over the shards gave no batch: they hold no train row, "
-                                       "or every clip was skipped (see the skip report)")
                 stream.new_pass()  # one worker ran out of shards: everyone starts the next pass
                 continue
             out = engine(batch["frames"].to(dev), batch["frame_mask"].to(dev), batch["tokens"].to(dev))
@@ -259,6 +255,8 @@ def train_loop(config: dict[str, Any]) -> None:
             clamp_logit_scale(engine)
             state["step"] += 1
             losses.append(step_loss)
+            if shard_mode:
+                stream.steps += 1
             if rank == 0:
                 progress(epoch, segments, state["step"], losses[-1], sched.get_last_lr()[-1])
         if not losses:

@@ -33,6 +33,11 @@ class ShardStream:
         self.done: list[str] = []  # consumed by this rank since the last checkpoint
         self.opened: list[str] = []
         self._it: Optional[Iterator[Any]] = None
+        # The training loop adds one to `steps` per step it takes on this pass's batches (the
+        # same count on every rank: they step in lock-step). Two passes in a row without a step
+        # mean the shards give nothing, now or from some point of the run on (a store that
+        # stopped answering): one alone may be the rest of a pass a resume took up.
+        self.steps, self.empty_passes = 0, 0
 
     def my_shards(self) -> list[str]:
         order = list(self.files)
@@ -89,6 +94,13 @@ class ShardStream:
         return next(self._it, None)
 
     def new_pass(self) -> None:
+        """Start the next pass, once one rank ran out of shards; raises after two passes in a
+        row that gave no step."""
+        self.empty_passes = 0 if self.steps else self.empty_passes + 1
+        if self.empty_passes > 1:
+            raise RuntimeError("a whole pass over the shards gave no batch: they hold no train row, "
+                               "or every clip was skipped (see the skip report)")
+        self.steps = 0
         self.state["pass"] += 1
         self.state["consumed"], self.done, self._it = [], [], None
 
