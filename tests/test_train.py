@@ -215,6 +215,11 @@ def test_more_frames_than_a_temporal_head_has_positions_fails_before_training(sy
         with pytest.raises(ConfigError, match=rf"data.video.max_frames={frames}: the {head} head has 77 "
                                               rf"positions.*so at most {most} frames"):
             run(cfg, quiet_ray=True)
+    cfg = load_config(DEMO, overrides(synth_small["manifest"], tmp_path, "long", **{"model.head": "meanp"}))
+    with pytest.raises(ConfigError, match="model.head must be one of meanP, seqLSTM, seqTransf, tightTransf"):
+        run(cfg, quiet_ray=True)
+    # a refused model leaves no run folder (it held a resume_key.json of the refused settings)
+    assert not (tmp_path / "long").exists()
     # at the limit it loads: the head's own check agrees
     from train.driver import model_io
 

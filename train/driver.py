@@ -216,9 +216,12 @@ def run(cfg: Config, quiet_ray: bool = False, stop_epoch: int = 0, table: bool =
     if (cfg.data.eval_manifest or not cfg.data.shard_stream) and count_rows(eval_manifest, eval_split) < 1:
         raise ConfigError(f"{eval_manifest} has no {eval_split!r} rows to evaluate on: give data.eval_manifest "
                           f"a manifest with a {eval_split} split, or set data.eval_split")
+    # loads open_clip's model configs (~4 s): after the manifest checks, before the run folder
+    # is made (a wrong model.* key leaves none behind); the resume key is the config as given
+    fitted = model_io(cfg)
     make_run_dir(out)
     check_resume(out, resume_key(cfg, steps_per_epoch, stop_epoch))
-    cfg = model_io(cfg)  # loads open_clip's model configs (~4 s): after the manifest checks
+    cfg = fitted
     # imported after the checks above, so a wrong path or key fails in a second, not after
     # Ray Train and the pipeline load (~5 s)
     import ray.train
