@@ -26,6 +26,9 @@ from clipray.config import ConfigError
 FORMAT = "clipray.export/1"
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
+# what loading and serving read from config.json ("extra" is optional)
+REQUIRED = ("name", "overrides", "open_clip_name", "open_clip_cfg", "tokenizer_name", "image_size",
+            "pixel_stats", "context_length", "indexable", "dtype")
 _PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".pkl", ".pickle", ".ckpt")
 
 
@@ -81,6 +84,9 @@ def read_export_config(export_dir: str | Path) -> dict[str, Any]:
     found = config.get("format") if isinstance(config, dict) else None
     if found != FORMAT:
         raise ConfigError(f"{path}: not a clipray export, format {found!r} where {FORMAT!r} was expected")
+    missing = [k for k in REQUIRED if k not in config]
+    if missing:  # a hand-edited or cut file: else a KeyError where the key is first read
+        raise ConfigError(f"{path}: {', '.join(missing)} missing; export the model again")
     return config
 
 

@@ -103,3 +103,18 @@ def test_cut_off_or_foreign_weights_are_a_clear_error(tmp_path):
     with pytest.raises(ConfigError, match=rf"^{weights} does not hold the model its config.json describes "
                                           r"\(meanP head\): unexpected head.blocks.0.attn.in_proj_bias"):
         load_export(export)
+
+
+def test_a_config_json_missing_keys_is_a_clear_error(tmp_path):
+    """A hand-edited or cut config.json failed with a bare KeyError wherever its first missing
+    key was read (in the index's actors or a Serve replica)."""
+    from clipray.config import ConfigError
+
+    export = save_export(create_model("test_meanP"), tmp_path / "e")
+    config = json.loads((export / "config.json").read_text())
+    del config["pixel_stats"], config["open_clip_cfg"]
+    (export / "config.json").write_text(json.dumps(config))
+    for load in (load_export, check_export):
+        with pytest.raises(ConfigError, match=rf"^{export}/config.json: open_clip_cfg, pixel_stats missing; "
+                                              "export the model again$"):
+            load(export)
