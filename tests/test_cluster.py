@@ -364,12 +364,40 @@ def test_dockerfile_pins_match_pyproject():
     for name, version in pins.items():
         assert name in reqs, f"Dockerfile pins {name}, which pyproject.toml does not list"
         assert reqs[name].specifier.contains(version), f"{name}=={version} outside pyproject's {reqs[name]}"
-    # the project itself, with the extra that brings s3fs, from the copied checkout
-    m = re.search(r'pip install --no-cache-dir "\.\[(\w+)\]"', dockerfile())
-    assert m and m.group(1) in pyproject()["project"]["optional-dependencies"]
+    # the project itself, with the extras that bring s3fs and gcsfs, from the copied checkout
+    assert image_extras() and set(image_extras()) <= set(pyproject()["project"]["optional-dependencies"])
     for src in re.findall(r"^COPY (?:--\S+ )*(.+) \S+$", dockerfile(), re.M):
         for s in src.split():
             assert (REPO / s).exists(), f"Dockerfile copies {s}, which is not in the repository"
+
+
+def image_extras() -> list[str]:
+    """The extras of the project that cluster/Dockerfile installs (`pip install ".[s3,...]"`)."""
+    m = re.search(r'pip install --no-cache-dir "\.\[([\w,]+)\]"', dockerfile())
+    return m.group(1).split(",") if m else []
+
+
+def test_the_image_opens_every_bucket_scheme_the_cluster_files_name():
+    """A gs:// train.storage_path (cluster/gcp-gpu.yaml, README) goes through fsspec: the resume
+    check, result.json, the export, skip reports and gs:// videos. The image installed s3fs
+    only, so such a run stopped before Ray with "ImportError: Please install gcsfs" (a traceback).
+    Every fsspec scheme named in cluster/ must have its implementation in the image: pinned
+    there, or brought by an extra it installs."""
+    from fsspec.registry import known_implementations
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    text = "\n".join(p.read_text() for p in sorted(CLUSTER.iterdir()) if p.is_file())
+    schemes = set(re.findall(r"\b([a-z][a-z0-9]*)://", text)) - {"http", "https"}
+    assert {"s3", "gs"} <= schemes, schemes
+    extras = pyproject()["project"]["optional-dependencies"]
+    installed = {canonicalize_name(Requirement(s).name)
+                 for s in re.findall(r'"([A-Za-z0-9_.\-\[\],]+==[0-9][^"\s]*)"', dockerfile())}
+    installed |= {canonicalize_name(Requirement(r).name) for e in image_extras() for r in extras[e]}
+    for scheme in sorted(schemes):
+        impl = known_implementations[scheme]
+        package = canonicalize_name(impl["class"].split(".")[0])
+        assert package in installed, f"{scheme}:// needs {package}, which cluster/Dockerfile does not install"
 
 
 # ---------------------------------------------------------------- submit.sh
