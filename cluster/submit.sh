@@ -14,7 +14,8 @@
 #   RAY_AUTH_MODE=token    required: clipray clusters run with Ray token authentication on
 #   RAY_AUTH_TOKEN         the token, or a file at RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token
 #   CLIPRAY_STORAGE_PATH   default train.storage_path (local path or s3://...; default: the config's)
-#   CLIPRAY_FOLLOW=1       tail the job's logs after submitting
+#   CLIPRAY_FOLLOW=1       submit without --no-wait: tail the job's logs until it ends, and exit 1
+#                          if it failed (as ray job submit does; `ray job logs -f` exits 0 either way)
 #   CLIPRAY_DRY_RUN=1      print the command instead of running it (nothing is contacted)
 #
 # The run name is train.run_name if you give one, else <config name>-<UTC timestamp>; that name
@@ -147,11 +148,15 @@ if [[ $new_run == 1 ]]; then
 else
     submission_id="clipray-${run_name}-${stamp}"
 fi
+follow=0
+[[ ${CLIPRAY_FOLLOW:-0} == 1 ]] && follow=1
+no_wait=(--no-wait)
+[[ $follow == 0 ]] || no_wait=()  # ray job submit then tails the logs and exits 1 if the job fails
 cmd=(ray job submit
      --working-dir .
      --runtime-env cluster/runtime_env.yaml
      --submission-id "$submission_id"
-     --no-wait
+     ${no_wait[@]+"${no_wait[@]}"}
      --
      python -m "$module" "$config" ${overrides[@]+"${overrides[@]}"}
      "train.run_name=$run_name" "train.storage_path=$storage_path")
@@ -164,7 +169,7 @@ if [[ ${CLIPRAY_DRY_RUN:-0} == 1 ]]; then
     printf '\n'
 else
     command -v ray >/dev/null || die "the ray CLI is not on PATH (pip install 'ray[default]==2.60.0')"
-    "${cmd[@]}"
+    [[ $follow == 1 ]] || "${cmd[@]}"  # following: submitted below, after the commands to manage it
 fi
 
 quoted_overrides=""
@@ -178,6 +183,7 @@ job id:   $submission_id
   resume:       cluster/submit.sh $command_arg$config$quoted_overrides train.run_name=$run_name train.storage_path=$storage_path
                 (same run name + storage path: training continues from the latest checkpoint)
 EOF
-if [[ ${CLIPRAY_FOLLOW:-0} == 1 && ${CLIPRAY_DRY_RUN:-0} != 1 ]]; then
-    exec ray job logs -f "$submission_id"
+if [[ $follow == 1 && ${CLIPRAY_DRY_RUN:-0} != 1 ]]; then
+    echo
+    exec "${cmd[@]}"  # its exit status is the job's: 1 when it failed
 fi

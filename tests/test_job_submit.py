@@ -88,6 +88,7 @@ def ray_head(tmp_path: Path):
 def test_job_submit_trains_the_demo_on_a_token_auth_head(ray_local, synth_small, tmp_path):
     with ray_head(tmp_path) as (url, env):
         _submit_demo_and_check(url, env, synth_small["manifest"], tmp_path / "runs")
+        _follow_a_failing_job(env, tmp_path / "runs")
 
     # only the head this test started is gone: the session's own local Ray still runs tasks
     assert ray_local.get(ray_local.remote(lambda: 41 + 1).remote(), timeout=120) == 42
@@ -133,6 +134,21 @@ def _submit_demo_and_check(url: str, env: dict, manifest: str, storage: Path) ->
     # the job ran from the package `--working-dir .` uploaded, not from this checkout in place
     info = _get_json(f"{url}/api/jobs/{job_id}", token)
     assert info["runtime_env"]["working_dir"].startswith("gcs://_ray_pkg_"), info["runtime_env"]
+
+
+def _follow_a_failing_job(env: dict, storage: Path) -> None:
+    """CLIPRAY_FOLLOW=1 tails the job to its end; a job that failed must fail the script, as
+    `ray job submit` without --no-wait does. It exec'd `ray job logs -f`, which exits 0 whatever
+    the job's end, so a CI step or a `&&` chain went on after a failed run."""
+    sub = subprocess.run(
+        ["bash", "cluster/submit.sh", "train/configs/demo.yaml", "data.manifest=/nonexistent/manifest.parquet",
+         "train.run_name=jobfails", f"train.storage_path={storage}"],
+        cwd=REPO, env=dict(env, CLIPRAY_FOLLOW="1"), capture_output=True, text=True, timeout=300)
+    said = sub.stdout + sub.stderr
+    assert "clipray train: error:" in said and "/nonexistent/manifest.parquet" in said, said[-3000:]
+    assert sub.returncode == 1, said[-3000:]
+    # the follow-up commands are still printed, the resume line among them
+    assert "resume:       cluster/submit.sh train/configs/demo.yaml" in sub.stdout, said[-3000:]
 
 
 def _get_json(url: str, token: str) -> dict:
