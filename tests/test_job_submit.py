@@ -89,6 +89,7 @@ def test_job_submit_trains_the_demo_on_a_token_auth_head(ray_local, synth_small,
     with ray_head(tmp_path) as (url, env):
         _submit_demo_and_check(url, env, synth_small["manifest"], tmp_path / "runs")
         _follow_a_failing_job(env, tmp_path / "runs")
+        _a_run_folder_in_the_jobs_working_dir_is_refused(env, synth_small["manifest"])
 
     # only the head this test started is gone: the session's own local Ray still runs tasks
     assert ray_local.get(ray_local.remote(lambda: 41 + 1).remote(), timeout=120) == 42
@@ -149,6 +150,24 @@ def _follow_a_failing_job(env: dict, storage: Path) -> None:
     assert sub.returncode == 1, said[-3000:]
     # the follow-up commands are still printed, the resume line among them
     assert "resume:       cluster/submit.sh train/configs/demo.yaml" in sub.stdout, said[-3000:]
+
+
+def _a_run_folder_in_the_jobs_working_dir_is_refused(env: dict, manifest: str) -> None:
+    """`ray job submit --working-dir . -- python -m train CONFIG` with a relative storage path
+    (demo.yaml's `runs`, the schema's default for the recipes), which submit.sh refuses: the run
+    folder resolved inside the job's unpacked copy of the code. The run trained and wrote its
+    checkpoints and export there, a temporary folder of Ray's that a later job does not share
+    (a resubmission after a code change unpacks elsewhere and started over from step 0)."""
+    sub = subprocess.run(
+        [RAY, "job", "submit", "--working-dir", ".", "--runtime-env", "cluster/runtime_env.yaml", "--",
+         "python", "-m", "train", "train/configs/demo.yaml", f"data.manifest={manifest}", "train.epochs=1",
+         "data.batch_size=4", "data.video.max_frames=4", "train.run_name=inpkg"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    said = sub.stdout + sub.stderr
+    assert sub.returncode == 1, said[-3000:]  # the job failed
+    assert "clipray train: error: train.storage_path: the run folder" in said, said[-3000:]
+    assert "is inside this Ray job's working directory" in said, said[-3000:]
+    assert "[driver] run" not in said  # refused before Ray Train starts
 
 
 def _get_json(url: str, token: str) -> dict:

@@ -15,6 +15,7 @@ import csv
 import dataclasses
 import io
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -76,11 +77,33 @@ def run_dir(cfg: Config) -> str:
     return f"{storage_root(cfg)}/{cfg.train.run_name}"
 
 
+def job_working_dir() -> Path | None:
+    """This process's working directory when it is the driver of a Ray job submitted with a
+    working_dir (`ray job submit --working-dir .`): Ray's unpacked, temporary copy of the code."""
+    raw = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")  # set by Ray's job supervisor for the driver
+    try:
+        wd = (json.loads(raw).get("runtime_env") or {}).get("working_dir") if raw else None
+    except (ValueError, AttributeError):
+        return None
+    # an uploaded package (gcs://_ray_pkg_...zip) or a remote zip is unpacked for the job; a
+    # local:// one is used in place
+    if not isinstance(wd, str) or "://" not in wd or wd.startswith("local://"):
+        return None
+    return Path.cwd().resolve()
+
+
 def make_run_dir(out: str) -> None:
     """A local run folder that cannot be made (a file in its path, no permission) fails now,
-    not after Ray starts; one in object storage needs no folder."""
+    not after Ray starts; one in object storage needs no folder. Nor may it be inside a Ray
+    job's unpacked working_dir (a relative train.storage_path in a job)."""
     if "://" in out:
         return
+    job_dir = job_working_dir()
+    if job_dir is not None and Path(out).resolve().is_relative_to(job_dir):
+        raise ConfigError(f"train.storage_path: the run folder {out} is inside this Ray job's working directory "
+                          f"{job_dir}, Ray's temporary copy of the submitted code, which a later job does not share "
+                          "(a resume would start over) and Ray deletes: give s3://..., gs://... or an absolute path "
+                          "that every node shares")
     try:
         Path(out).mkdir(parents=True, exist_ok=True)
     except OSError as e:
