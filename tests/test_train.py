@@ -240,6 +240,27 @@ def test_a_run_folder_that_cannot_be_made_fails_before_ray_starts(synth_small, t
             run(cfg, quiet_ray=True)
 
 
+def test_an_empty_run_name_or_part_fails_before_ray_starts(synth_small, tmp_path):
+    """`train.run_name=` (an unset shell variable): Ray Train named the checkpoints' folder anew
+    at every start (ray_train_run-<date>), so a re-run never resumed, while result.json, the export
+    and resume_key.json went to the storage root itself. A trailing '/' or a '..' part likewise put
+    the run's files elsewhere than its checkpoints."""
+    from clipray.config import ConfigError
+    from train import driver, edit
+
+    for name in ("", "group/", "/abs", "a//b", "../up", "."):
+        cfg = load_config(DEMO, overrides(synth_small["manifest"], tmp_path, name))
+        with pytest.raises(ConfigError, match=r"train.run_name=.* is not a folder name under train.storage_path"):
+            driver.run_dir(cfg)
+    for run, config, manifest in ((driver.run, DEMO, synth_small["manifest"]),
+                                  (edit.run, REPO / "train/configs/edit_demo.yaml", synth_small["events_manifest"])):
+        with pytest.raises(ConfigError, match=r"train.run_name='' is not a folder name"):
+            run(load_config(config, overrides(manifest, tmp_path, "")), quiet_ray=True)
+    assert list(tmp_path.iterdir()) == []  # nothing written at the storage root
+    assert driver.run_dir(load_config(DEMO, overrides(synth_small["manifest"], tmp_path, "group/one"))) == \
+        f"{tmp_path}/group/one"
+
+
 def test_a_missing_manifest_fails_before_ray_or_a_model_loads(tmp_path):
     """`clipray train` and `clipray edit` check their manifest before importing Ray Train, the
     pipeline or open_clip (~5 s together), so a wrong path fails in about a second."""

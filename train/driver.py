@@ -74,7 +74,14 @@ def storage_root(cfg: Config) -> str:
 
 
 def run_dir(cfg: Config) -> str:
-    return f"{storage_root(cfg)}/{cfg.train.run_name}"
+    name = cfg.train.run_name
+    # Ray Train takes the same name for the checkpoints' folder: an empty one it replaces with a
+    # new generated name each start (never resumed), while the run's files went to the storage
+    # root itself; an empty, "." or ".." part puts them beside it or in another folder
+    if any(part in ("", ".", "..") for part in name.split("/")):
+        raise ConfigError(f"train.run_name={name!r} is not a folder name under train.storage_path: give a name "
+                          "(parts joined by '/', none empty, '.' or '..')")
+    return f"{storage_root(cfg)}/{name}"
 
 
 def job_working_dir() -> Path | None:
