@@ -174,13 +174,16 @@ fi
 
 quoted_overrides=""
 for kv in ${overrides[@]+"${overrides[@]}"}; do quoted_overrides+=" $(printf '%q' "$kv")"; done
+# quoted as the overrides are: the line is pasted as it is (a storage path may hold a space)
+quoted_config="$(printf '%q' "$config")"
+quoted_run="$(printf '%q %q' "train.run_name=$run_name" "train.storage_path=$storage_path")"
 cat <<EOF
 
 job id:   $submission_id
   follow logs:  ray job logs -f $submission_id
   status:       ray job status $submission_id
   stop:         ray job stop $submission_id
-  resume:       cluster/submit.sh $command_arg$config$quoted_overrides train.run_name=$run_name train.storage_path=$storage_path
+  resume:       cluster/submit.sh $command_arg$quoted_config$quoted_overrides $quoted_run
                 (same run name + storage path: training continues from the latest checkpoint)
 EOF
 if [[ $follow == 1 && ${CLIPRAY_DRY_RUN:-0} != 1 ]]; then

@@ -462,6 +462,23 @@ def test_submit_sh_names_the_run_and_prints_how_to_follow_stop_resume(tmp_path):
     assert r5.returncode == 2 and "config file not found" in r5.stderr
 
 
+def test_submit_sh_resume_line_keeps_a_storage_path_with_a_space_in_one_word(tmp_path):
+    """The printed resume line is pasted as it is: a storage path with a space (an NFS folder,
+    an S3 key) came out unquoted, and pasting it gave submit.sh two words, the second refused
+    as not key=value; the overrides beside it were already quoted."""
+    env = dict(RAY_ADDRESS="http://127.0.0.1:8265", RAY_AUTH_MODE="token", RAY_AUTH_TOKEN="t",
+               CLIPRAY_DRY_RUN="1")
+    store = "/mnt/shared fs/clip runs"
+    r = _submit(tmp_path, "train/configs/demo.yaml", "model.head=seqTransf", "train.run_name=r1",
+                f"train.storage_path={store}", **env)
+    assert r.returncode == 0, r.stderr
+    resume = re.search(r"resume:\s+(.*)$", r.stdout, re.M).group(1)
+    assert shlex.split(resume) == ["cluster/submit.sh", "train/configs/demo.yaml", "model.head=seqTransf",
+                                   "train.run_name=r1", f"train.storage_path={store}"]
+    r2 = _submit(tmp_path, *shlex.split(resume)[1:], **env)  # pasted: the same run
+    assert r2.returncode == 0 and f"storage: {store}\n" in r2.stdout, r2.stderr
+
+
 def test_submit_sh_refuses_a_configs_relative_storage_path_too(tmp_path):
     """With no train.storage_path given, the config's is used, and a relative one must be refused
     as a given one is: load_config makes it absolute against the submitting machine's directory
