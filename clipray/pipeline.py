@@ -266,6 +266,10 @@ def collect_skips(skip_dir: str, out_name: str = "skip_report.jsonl") -> dict[st
     import fsspec
 
     fs, root = fsspec.core.url_to_fs(skip_dir.rstrip("/"))
+    # the decoders (other processes) wrote the files: a listing this process cached before (an
+    # object store's, s3fs/gcsfs: the resume check's of the run folder, an earlier report's of
+    # skips/) would hide those written since; this drops skips/'s and its parents'
+    fs.invalidate_cache(f"{root}/{SKIP_DIR}")
     # listed, not globbed: a run folder named like "exp [2]" is no glob pattern for itself
     parts = sorted(p for p in fs.find(f"{root}/{SKIP_DIR}", maxdepth=1) if p.endswith(".jsonl")) \
         if fs.exists(f"{root}/{SKIP_DIR}") else []

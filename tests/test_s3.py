@@ -145,3 +145,32 @@ def test_rewriting_a_manifest_folder_with_a_hash_in_its_key_clears_only_that_fol
     left = sorted(p for p in fs.find(f"{s3.bucket}/keep") if not p.endswith("/"))  # pyarrow leaves a folder marker
     assert left == [f"{s3.bucket}/keep/m#2/notes.txt",
                                                     f"{s3.bucket}/keep/m/part-00000.parquet"]
+
+
+def test_the_skip_report_lists_skip_files_written_after_this_process_listed_the_run(s3):
+    """Decoders in other processes write the skip files; the driver merges them. s3fs keeps the
+    listings this process made: after the resume check listed a resumed run's folder (no skips/
+    then), a failed run's report found no skip file (the 'clips skipped' hint missing, an empty
+    skip_report.jsonl written), and a second report in one process (clip editing's rounds) read
+    the first one's listing of skips/ and left out every file written since."""
+    import fsspec
+
+    from train.driver import _put_text, check_resume, resume_key
+    from clipray.config import load_config
+
+    def rec(i):
+        return json.dumps({"row_id": i, "video_id": f"v{i}", "path": f"p{i}", "reason": "decode failed: x"}) + "\n"
+
+    worker = s3.fs()  # a decode actor's own client
+    out = s3.url("cache/run")
+    cfg = load_config(None, ["data.batch_size=8"])
+    worker.pipe_file(f"{s3.bucket}/cache/run/checkpoint_000001/state.json", b"{}")
+    worker.pipe_file(f"{s3.bucket}/cache/run/resume_key.json", json.dumps(resume_key(cfg, 5)).encode())
+    check_resume(out, resume_key(cfg, 5))  # a resumed run: lists the run folder, writes nothing
+    worker.pipe_file(f"{s3.bucket}/cache/run/skips/a-000001.jsonl", rec(1).encode())
+    assert collect_skips(out)["skipped"] == 1
+    assert fsspec.open(f"{out}/skip_report.jsonl", "r").open().read() == rec(1)
+    worker.pipe_file(f"{s3.bucket}/cache/run/skips/b-000001.jsonl", rec(2).encode())  # a later round
+    _put_text(f"{out}/config.yaml", "x")  # what the driver writes between two reports
+    report = collect_skips(out)
+    assert report["skipped"] == 2 and [r["row_id"] for r in report["records"]] == [1, 2]
