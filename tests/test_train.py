@@ -261,6 +261,26 @@ def test_an_empty_run_name_or_part_fails_before_ray_starts(synth_small, tmp_path
         f"{tmp_path}/group/one"
 
 
+def test_a_storage_scheme_without_its_fsspec_package_is_a_config_error(synth_small, tmp_path):
+    """train.storage_path=gs://... on an install without gcsfs (the `gcs` extra): the resume
+    check opened it through fsspec and `clipray train` stopped with an ImportError traceback
+    (exit 1); it is a one-line error naming the extra, before Ray starts."""
+    import importlib.util
+
+    from clipray.config import ConfigError
+    from train import driver, edit
+
+    if importlib.util.find_spec("gcsfs") is not None:
+        pytest.skip("gcsfs is installed here")
+    for run, config, manifest in ((driver.run, DEMO, synth_small["manifest"]),
+                                  (edit.run, REPO / "train/configs/edit_demo.yaml", synth_small["events_manifest"])):
+        cfg = load_config(config, overrides(manifest, "gs://bucket/runs", "r"))
+        with pytest.raises(ConfigError, match=r"train.storage_path: the run folder gs://bucket/runs/r cannot be opened "
+                                              r"here: .*gcsfs.* "
+                                              r"\(pip install 'clipray\[gcs\]'\)"):
+            run(cfg, quiet_ray=True)
+
+
 def test_a_missing_manifest_fails_before_ray_or_a_model_loads(tmp_path):
     """`clipray train` and `clipray edit` check their manifest before importing Ray Train, the
     pipeline or open_clip (~5 s together), so a wrong path fails in about a second."""

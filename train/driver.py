@@ -99,11 +99,23 @@ def job_working_dir() -> Path | None:
     return Path.cwd().resolve()
 
 
+STORAGE_EXTRAS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs"}  # scheme -> the extra with its fsspec package
+
+
 def make_run_dir(out: str) -> None:
     """A local run folder that cannot be made (a file in its path, no permission) fails now,
     not after Ray starts; one in object storage needs no folder. Nor may it be inside a Ray
     job's unpacked working_dir (a relative train.storage_path in a job)."""
     if "://" in out:
+        import fsspec
+
+        scheme = out.split("://", 1)[0]
+        try:  # the run's files go through fsspec: s3fs, gcsfs are extras
+            fsspec.get_filesystem_class(scheme)
+        except (ImportError, ValueError) as e:  # ValueError: a scheme fsspec does not know
+            extra = STORAGE_EXTRAS.get(scheme)
+            raise ConfigError(f"train.storage_path: the run folder {out} cannot be opened here: {e}"
+                              + (f" (pip install 'clipray[{extra}]')" if extra else "")) from None
         return
     job_dir = job_working_dir()
     if job_dir is not None and Path(out).resolve().is_relative_to(job_dir):
