@@ -281,6 +281,9 @@ class Ingress:
         path = await _call(self.searcher.clip_path, clip_id)
         if path is None:
             raise HTTPException(404, f"clip_id: no clip {clip_id} in the index")
+        # a file:// URI (a manifest or root given as one) is the local path after its scheme, as
+        # the decoder that indexed it read it (clipray.video.open_source)
+        path = path.removeprefix("file://")
         if "://" in path or not os.path.isfile(path):
             raise HTTPException(404, f"clip_id: the file of clip {clip_id} is not available to this server")
         rng = request.headers.get("range")

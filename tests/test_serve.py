@@ -387,6 +387,38 @@ def test_text_encoder_autoscales_up_and_down(app):
     assert _running(st) == 1, f"TextEncoder did not scale back down: {_states(st)}"
 
 
+def test_an_index_of_a_file_uri_manifest_streams_its_clips(app, synth_small, tmp_path):
+    """A manifest given as a file:/// URI (its relative paths resolve under it) is decoded and
+    indexed as the local files, and the index records each clip's path as such a URI: GET
+    /clips answered every clip with 404 "not available to this server", so none of the search
+    page's tiles played. A second app, on the test split, at /uri."""
+    from ray import serve
+
+    from serve import store
+    from serve.__main__ import start
+    from serve.config import load_app_config
+    from serve.index import build_index
+
+    out = tmp_path / "index"
+    cfg = load_app_config(None, [*app_overrides(app["cfg"].serve.port), f"checkpoint={app['export']}",
+                                 f"manifest=file://{synth_small['manifest']}", "index.split=test", f"out={out}",
+                                 "serve.app_name=clipray-uri"])
+    build_index(cfg, quiet=True)
+    paths = store.read_table(out).column("path").to_pylist()
+    assert paths and all(p.startswith("file:///") for p in paths), paths
+    url = start(cfg, route_prefix="/uri")
+    try:
+        for i, p in enumerate(paths):
+            data = Path(p.removeprefix("file://")).read_bytes()
+            r = requests.get(f"{url}/clips/{i}", timeout=30)
+            assert (r.status_code, r.headers.get("content-type")) == (200, "video/mp4"), r.text[:200]
+            assert r.content == data
+        part = requests.get(f"{url}/clips/0", headers={"Range": "bytes=4-7"}, timeout=30)
+        assert (part.status_code, part.content) == (206, b"ftyp")
+    finally:
+        serve.delete("clipray-uri")
+
+
 def test_a_replica_that_cannot_start_is_one_error_and_leaves_no_app(app, tmp_path):
     """A replica whose constructor raises (here the Searcher, on a cut index.faiss) made
     serve.run raise "Deploying application ... failed" and `clipray serve` end in a traceback
