@@ -127,6 +127,16 @@ def _ranges_inside(header: str, size: int) -> Optional[list[str]]:
     return keep
 
 
+async def _no_unknown_fields(request: Request, *known: str) -> None:
+    """Refuse form fields an upload endpoint does not take, as the JSON endpoints refuse
+    unknown keys: FastAPI ignores them, so a misspelt `K=5` came back as 10 results and a `path`
+    field was taken without a word. Defined above `Ingress`, which Serve pickles."""
+    extra = sorted(set((await request.form()).keys()) - set(known))
+    if extra:
+        raise HTTPException(422, "; ".join(f"{name}: Extra inputs are not permitted (this endpoint "
+                                           f"takes {', '.join(known)})" for name in extra))
+
+
 class _UploadCap:
     """Refuse an over-size upload from its Content-Length, before the body is read; one sent
     without a length (chunked) as soon as more than the limit has arrived, where it used to be
@@ -258,9 +268,10 @@ class Ingress:
         return await self._search(await _call(self.text.encode, text), k, text)
 
     @api.post("/search/video", response_model=SearchResponse)
-    async def search_video(self, file: UploadFile = File(..., description="a video clip"),
+    async def search_video(self, request: Request, file: UploadFile = File(..., description="a video clip"),
                            k: int = Form(10)) -> dict:
         """Video-to-video: the top-k indexed clips for an uploaded clip."""
+        await _no_unknown_fields(request, "file", "k")
         k = self._k(k)
         return await self._search(await self._upload(file), k)
 
@@ -270,7 +281,8 @@ class Ingress:
         return {"embedding": emb.tolist(), "dim": len(emb)}
 
     @api.post("/encode/video", response_model=Embedding)
-    async def encode_video(self, file: UploadFile = File(..., description="a video clip")) -> dict:
+    async def encode_video(self, request: Request, file: UploadFile = File(..., description="a video clip")) -> dict:
+        await _no_unknown_fields(request, "file")
         emb = await self._upload(file)
         return {"embedding": emb.tolist(), "dim": len(emb)}
 

@@ -214,6 +214,11 @@ def _bad_requests(url: str, video: bytes) -> list[tuple[str, object, tuple[int, 
         ("upload missing", lambda: post("/encode/video", data={"path": "/etc/passwd"}), (422,)),
         ("upload too big", lambda: post("/encode/video", files={"file": ("x.mp4", video * (2 * 2**20 // len(video) + 1))}), (413,)),
         ("upload k out of range", lambda: post("/search/video", files={"file": ("x.mp4", video)}, data={"k": "0"}), (422,)),
+        # unknown form fields are refused as unknown JSON keys are (they were ignored: 200)
+        ("upload with a path field", lambda: post("/search/video", files={"file": ("x.mp4", video)},
+                                                  data={"k": "2", "path": "/etc/passwd"}), (422,)),
+        ("upload with k misspelt", lambda: post("/search/video", files={"file": ("x.mp4", video)}, data={"K": "2"}), (422,)),
+        ("encode upload with a k", lambda: post("/encode/video", files={"file": ("x.mp4", video)}, data={"k": "2"}), (422,)),
         ("unknown clip id", lambda: requests.get(f"{url}/clips/999999", timeout=30), (404,)),
         ("negative clip id", lambda: requests.get(f"{url}/clips/-1", timeout=30), (404,)),
         ("clip id not a number", lambda: requests.get(f"{url}/clips/abc", timeout=30), (422,)),
@@ -233,6 +238,8 @@ def test_bad_inputs_are_4xx_with_a_message(app, synth_small):
     r = requests.post(f"{app['url']}/search", data=b'{"text": "a red', timeout=30,
                       headers={"Content-Type": "application/json"})
     assert r.json()["error"] == "body: not valid JSON at character 9 (Unterminated string starting)"
+    r = requests.post(f"{app['url']}/search/video", files={"file": ("x.mp4", video)}, data={"K": "2"}, timeout=60)
+    assert r.json()["error"] == "K: Extra inputs are not permitted (this endpoint takes file, k)"
     # an over-size upload is refused from its Content-Length: the 413 comes back although the
     # body never does (it used to wait for the whole body, read it, then refuse it)
     import socket
