@@ -37,12 +37,14 @@ from serve.deployments import Reranker, Searcher, TextEncoder, VideoEncoder
 
 PAGE = Path(__file__).with_name("page.html")
 UPLOAD_PATHS = ("/search/video", "/encode/video")
+DEFAULT_K = 10  # results when a request gives no k (serve.limits.max_k where that is lower)
 
 
 class SearchRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")  # a stray `path` field is refused, not ignored
     text: str = Field(min_length=1, description="the query; limit: serve.limits.max_text_chars")
-    k: int = Field(10, ge=1, description="results wanted; limit: serve.limits.max_k")
+    k: Optional[int] = Field(None, ge=1, description=f"results wanted (default {DEFAULT_K}, or "
+                             "serve.limits.max_k where lower); limit: serve.limits.max_k")
 
 
 class TextRequest(BaseModel):
@@ -224,7 +226,9 @@ class Ingress:
                                      f"{self.limits['max_text_chars']} (serve.limits.max_text_chars)")
         return text
 
-    def _k(self, k: int) -> int:
+    def _k(self, k: Optional[int]) -> int:
+        if k is None:  # not given: the default, within the limit (a max_k below it refused every such request)
+            return min(DEFAULT_K, self.limits["max_k"])
         if not 1 <= k <= self.limits["max_k"]:
             raise HTTPException(422, f"k: must be between 1 and {self.limits['max_k']}, got {k}")
         return k
@@ -269,7 +273,7 @@ class Ingress:
 
     @api.post("/search/video", response_model=SearchResponse)
     async def search_video(self, request: Request, file: UploadFile = File(..., description="a video clip"),
-                           k: int = Form(10)) -> dict:
+                           k: Optional[int] = Form(None)) -> dict:
         """Video-to-video: the top-k indexed clips for an uploaded clip."""
         await _no_unknown_fields(request, "file", "k")
         k = self._k(k)

@@ -394,11 +394,12 @@ def test_text_encoder_autoscales_up_and_down(app):
     assert _running(st) == 1, f"TextEncoder did not scale back down: {_states(st)}"
 
 
-def test_an_index_of_a_file_uri_manifest_streams_its_clips(app, synth_small, tmp_path):
+def test_an_index_of_a_file_uri_manifest_streams_its_clips_and_max_k_caps_the_default_k(app, synth_small, tmp_path):
     """A manifest given as a file:/// URI (its relative paths resolve under it) is decoded and
     indexed as the local files, and the index records each clip's path as such a URI: GET
     /clips answered every clip with 404 "not available to this server", so none of the search
-    page's tiles played. A second app, on the test split, at /uri."""
+    page's tiles played. A second app, on the test split, at /uri, with serve.limits.max_k=2:
+    a request without k (10 by default) was refused with "k: must be between 1 and 2, got 10"."""
     from ray import serve
 
     from serve import store
@@ -409,7 +410,7 @@ def test_an_index_of_a_file_uri_manifest_streams_its_clips(app, synth_small, tmp
     out = tmp_path / "index"
     cfg = load_app_config(None, [*app_overrides(app["cfg"].serve.port), f"checkpoint={app['export']}",
                                  f"manifest=file://{synth_small['manifest']}", "index.split=test", f"out={out}",
-                                 "serve.app_name=clipray-uri"])
+                                 "serve.app_name=clipray-uri", "serve.limits.max_k=2"])
     build_index(cfg, quiet=True)
     paths = store.read_table(out).column("path").to_pylist()
     assert paths and all(p.startswith("file:///") for p in paths), paths
@@ -422,6 +423,12 @@ def test_an_index_of_a_file_uri_manifest_streams_its_clips(app, synth_small, tmp
             assert r.content == data
         part = requests.get(f"{url}/clips/0", headers={"Range": "bytes=4-7"}, timeout=30)
         assert (part.status_code, part.content) == (206, b"ftyp")
+        video = Path(paths[0].removeprefix("file://")).read_bytes()
+        for r in (requests.post(f"{url}/search", json={"text": "a red square moves left"}, timeout=30),
+                  requests.post(f"{url}/search/video", files={"file": ("x.mp4", video)}, timeout=60)):
+            assert r.status_code == 200 and len(r.json()["results"]) == 2, r.text[:300]
+        r = requests.post(f"{url}/search", json={"text": "a red square", "k": 3}, timeout=30)
+        assert (r.status_code, r.json()["error"]) == (422, "k: must be between 1 and 2, got 3")
     finally:
         serve.delete("clipray-uri")
 
