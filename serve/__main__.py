@@ -27,9 +27,15 @@ from clipray.config import ConfigError
 from serve.config import DEPLOYMENTS, AppConfig, load_app_config
 
 
+def http_url(host: str, port: int) -> str:
+    """The URL of a server listening on host:port; an IPv6 address in brackets (RFC 3986): as
+    http://::1:8000 no browser or HTTP client opened the printed address."""
+    host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
 def url_of(cfg: AppConfig) -> str:
-    host = "127.0.0.1" if cfg.serve.host in ("0.0.0.0", "::") else cfg.serve.host
-    return f"http://{host}:{cfg.serve.port}"
+    return http_url(cfg.serve.host, cfg.serve.port)
 
 
 def wait_healthy(url: str, timeout_s: float = 120.0) -> dict:
@@ -94,7 +100,7 @@ def start(cfg: AppConfig, quiet_ray: bool = True, route_prefix: str = "/",
     live = _live_http()
     if live and live[1] != cfg.serve.port:
         # Serve was already running on this Ray: its proxy keeps the address it started with
-        url = f"http://{live[0]}:{live[1]}"
+        url = http_url(*live)
         print(f"note: Serve was already running on this Ray; the app is at {url}, not "
               f"{url_of(cfg)}", flush=True)
     url += route_prefix.rstrip("/")

@@ -568,6 +568,47 @@ def test_port_free_sees_a_listening_socket_and_its_release():
     assert port_free("127.0.0.1", port)
 
 
+def test_the_url_of_an_ipv6_host_is_one_an_http_client_opens(tmp_path):
+    """serve.host=::1 printed and polled http://::1:8000, which requests (and browsers) refuse
+    to parse: the address needs brackets. A plain HTTP server on ::1 stands in for Serve's proxy."""
+    import json
+    import socket
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from serve.__main__ import url_of, wait_healthy
+    from serve.config import load_app_config
+
+    class Health(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            body = json.dumps({"status": "ok"}).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    class Server6(ThreadingHTTPServer):
+        address_family = socket.AF_INET6
+
+    try:
+        server = Server6(("::1", 0), Health)
+    except OSError as e:
+        pytest.skip(f"no IPv6 loopback here: {e}")
+    with server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        try:
+            cfg = load_app_config(None, [f"out={tmp_path}", "serve.host=::1", f"serve.port={server.server_port}"])
+            url = url_of(cfg)
+            assert url == f"http://[::1]:{server.server_port}"
+            assert requests.get(f"{url}/healthz", timeout=10).json() == {"status": "ok"}
+            assert wait_healthy(url, timeout_s=10) == {"status": "ok"}
+        finally:
+            server.shutdown()
+    assert url_of(load_app_config(None, [f"out={tmp_path}", "serve.host=0.0.0.0"])) == "http://127.0.0.1:8000"
+
+
 # ---- start-up errors (no Ray) ------------------------------------------------------------------
 REPO = Path(__file__).resolve().parents[1]
 DEMO = str(REPO / "serve" / "configs" / "demo.yaml")
