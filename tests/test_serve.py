@@ -266,42 +266,35 @@ def test_bad_inputs_are_4xx_with_a_message(app, synth_small):
 def test_an_over_size_chunked_upload_is_refused_before_it_is_read_whole(app):
     """An upload without a Content-Length (Transfer-Encoding: chunked, as `curl -T -` sends)
     passed the Content-Length check and was read whole, 64 MB spooled into the replica, before
-    the 413: now the 413 comes once more than the limit (1 MB here) has arrived."""
+    the 413: now the 413 comes once more than the limit (1 MB here) has arrived. The body sent
+    here never ends (no closing boundary, no last chunk), so only a server that refuses it from
+    what has arrived answers at all: Serve's proxy reads a body as fast as it comes whatever the
+    replica does, and a 64 MB body that did end was, on a loaded machine, sometimes all sent
+    before the 413 came, which the test read as the old behaviour."""
     import socket
     from urllib.parse import urlparse
 
-    host, total = urlparse(app["url"]), 64 * 2**20
+    host = urlparse(app["url"])
     with socket.create_connection((host.hostname, host.port), timeout=60) as sock:
-        reply, sent = [], [0]
-
-        def read() -> None:  # the whole answer, and how much had been sent when it began
-            data = sock.recv(65536)
-            at = sent[0]
-            while data and not (b"\r\n\r\n" in data and data.endswith(b"}")):
-                more = sock.recv(65536)
-                if not more:
-                    break
-                data += more
-            reply.append((data, at))
-
-        reader = threading.Thread(target=read, daemon=True)
-        reader.start()
         part = b'--b\r\nContent-Disposition: form-data; name="file"; filename="x.mp4"\r\n\r\n'
         sock.sendall(b"POST /encode/video HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
                      b"Content-Type: multipart/form-data; boundary=b\r\n\r\n" + b"%x\r\n%s\r\n" % (len(part), part))
         chunk = b"%x\r\n%s\r\n" % (65536, b"\x00" * 65536)
         try:
-            while sent[0] < total and not reply:
+            for _ in range(4 * 16):  # 4 MB, and then nothing more
                 sock.sendall(chunk)
-                sent[0] += 65536
-            if not reply:
-                sock.sendall(b"9\r\n\r\n--b--\r\n\r\n0\r\n\r\n")  # the closing boundary, the last chunk
         except OSError:  # the server answered and closed while we were still sending
             pass
-        reader.join(60)
-    (data, at), = reply
+        data = b""
+        while not (b"\r\n\r\n" in data and data.endswith(b"}")):
+            try:
+                more = sock.recv(65536)
+            except socket.timeout:
+                break
+            if not more:
+                break
+            data += more
     assert data.startswith(b"HTTP/1.1 413 ") and b"exceeds the limit of 1048576 bytes" in data, data[:300]
-    assert at < total, "the 413 came only after the whole body was sent"
 
 # ---- failure and scaling -----------------------------------------------------------------------
 def _handle(name: str):
