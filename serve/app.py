@@ -37,6 +37,7 @@ from serve.deployments import Reranker, Searcher, TextEncoder, VideoEncoder
 
 PAGE = Path(__file__).with_name("page.html")
 UPLOAD_PATHS = ("/search/video", "/encode/video")
+JSON_PATHS = ("/search", "/encode/text")
 DEFAULT_K = 10  # results when a request gives no k (serve.limits.max_k where that is lower)
 
 
@@ -101,12 +102,19 @@ async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     return _error(exc.status_code, str(exc.detail))
 
 
-def _set_upload_cap(cap: int) -> None:
-    """Give `_upload_cap` its limit. Serve runs `Ingress` from a pickled copy that carries its
+def json_body_cap(max_text_chars: int) -> int:
+    """The most bytes a JSON query may have: 64 KiB besides the text, at 12 bytes a character
+    (a character outside the BMP written as two \\u escapes)."""
+    return 65536 + 12 * max_text_chars
+
+
+def _set_upload_cap(cap: int, json_cap: int) -> None:
+    """Give `_UploadCap` its limits. Serve runs `Ingress` from a pickled copy that carries its
     own copy of `api`, while this middleware, pickled by reference, reads the `api` of this
     module as the replica imported it: a limit set on the copy never reached the middleware,
     and an over-size upload was read whole before `_upload` refused it."""
     api.state.max_upload_bytes = cap
+    api.state.max_json_bytes = json_cap
 
 
 _RANGE_SPEC = re.compile(r"\s*(?:(\d+)-(\d*)|-(\d+))\s*")
@@ -142,17 +150,24 @@ async def _no_unknown_fields(request: Request, *known: str) -> None:
 class _UploadCap:
     """Refuse an over-size upload from its Content-Length, before the body is read; one sent
     without a length (chunked) as soon as more than the limit has arrived, where it used to be
-    read whole (Starlette spools a form's files to disk) and refused only then."""
+    read whole (Starlette spools a form's files to disk) and refused only then. A JSON query
+    likewise, over `json_body_cap`: any size was read whole and parsed (a 200 MB text took as
+    much memory in the ingress twice over) before its length was refused."""
 
     def __init__(self, app: Any):
         self.app = app
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        cap, path, root = getattr(api.state, "max_upload_bytes", None), scope.get("path", ""), scope.get("root_path", "")
+        path, root = scope.get("path", ""), scope.get("root_path", "")
         path = path[len(root):] if root and path.startswith(root) else path  # under a route prefix
-        if not (cap and scope["type"] == "http" and scope["method"] == "POST" and path in UPLOAD_PATHS):
+        if path in UPLOAD_PATHS:
+            cap, what, key = getattr(api.state, "max_upload_bytes", None), "upload", "serve.limits.max_upload_mb"
+            limit = (cap or 0) + 65536  # multipart framing around the file
+        else:
+            cap, what, key = getattr(api.state, "max_json_bytes", None), "request body", "serve.limits.max_text_chars"
+            limit = cap or 0
+        if not (cap and scope["type"] == "http" and scope["method"] == "POST" and path in UPLOAD_PATHS + JSON_PATHS):
             return await self.app(scope, receive, send)
-        limit = cap + 65536  # multipart framing around the file
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None:
             try:
@@ -160,8 +175,8 @@ class _UploadCap:
             except ValueError:
                 return await _error(400, "Content-Length is not a number")(scope, receive, send)
             if n > limit:
-                return await _error(413, f"upload of {n} bytes exceeds the limit of {cap} bytes "
-                                         "(serve.limits.max_upload_mb)")(scope, receive, send)
+                return await _error(413, f"{what} of {n} bytes exceeds the limit of {cap} bytes "
+                                         f"({key})")(scope, receive, send)
         seen, over = 0, False
 
         async def counted() -> dict:
@@ -179,8 +194,7 @@ class _UploadCap:
             if not over:
                 return await send(msg)
             if msg["type"] == "http.response.start":  # whatever the app answered: the 413
-                await _error(413, f"upload exceeds the limit of {cap} bytes "
-                                  "(serve.limits.max_upload_mb)")(scope, counted, send)
+                await _error(413, f"{what} exceeds the limit of {cap} bytes ({key})")(scope, counted, send)
 
         await self.app(scope, counted, guarded)
 
@@ -213,7 +227,7 @@ class Ingress:
         self.text, self.video, self.searcher, self.reranker = text, video, searcher, reranker
         self.limits = limits
         self.max_upload_bytes = int(limits["max_upload_mb"] * 1024 * 1024)
-        _set_upload_cap(self.max_upload_bytes)
+        _set_upload_cap(self.max_upload_bytes, json_body_cap(limits["max_text_chars"]))
         self.page = PAGE.read_text()
 
     # ---- validation ------------------------------------------------------------------------

@@ -257,6 +257,26 @@ def test_bad_inputs_are_4xx_with_a_message(app, synth_small):
             reply += chunk
     reply = reply.decode("latin-1")
     assert reply.startswith("HTTP/1.1 413 ") and "upload of 67108864 bytes exceeds the limit of 1048576" in reply
+    # a JSON query too: over 64 KiB + 12 bytes per serve.limits.max_text_chars (200 here) it is
+    # refused from its Content-Length, or once that much has come of one sent chunked (it was
+    # read whole and parsed, whatever its size, before the text's length was refused); the body
+    # never ends, so only a server that refuses it from what has arrived answers at all
+    for head, body in ((b"Content-Length: 67108864", b'{"text": "' + b"a" * 65536),
+                       (b"Transfer-Encoding: chunked", b"%x\r\n%s\r\n" % (65536, b'{"text": "'.ljust(65536, b"a")) * 2)):
+        with socket.create_connection((host.hostname, host.port), timeout=30) as sock:
+            sock.sendall(b"POST /search HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n" + head + b"\r\n\r\n" + body)
+            reply = b""
+            while not (b"\r\n\r\n" in reply and reply.endswith(b"}")):
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                reply += chunk
+        reply = reply.decode("latin-1")
+        assert reply.startswith("HTTP/1.1 413 ") and "exceeds the limit of 67936 bytes (serve.limits.max_text_chars)" in reply, reply
+    data = b'{"text": "' + b"a" * 2**21 + b'"}'  # a client that sends its whole body at once
+    r = requests.post(f"{app['url']}/encode/text", data=data, headers={"Content-Type": "application/json"}, timeout=60)
+    assert (r.status_code, r.json()["error"]) == (413, f"request body of {len(data)} bytes exceeds the limit of "
+                                                       "67936 bytes (serve.limits.max_text_chars)")
     # a path in the query string is ignored: the clip id alone picks the file
     r = requests.get(f"{app['url']}/clips/0", params={"path": "/etc/passwd"}, timeout=30)
     assert r.status_code == 200 and b"root:" not in r.content and r.content[4:8] == b"ftyp"
