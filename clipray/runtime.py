@@ -49,6 +49,13 @@ def init_ray(cfg: RayConfig | None = None, quiet: bool = False) -> None:
         return
     cfg = cfg or RayConfig()
     address = cfg.address or os.environ.get("RAY_ADDRESS")
+    if address and address.lower().startswith(("http://", "https://")):
+        # the job server's address (cluster/README exports it for `ray job submit`): Ray refuses
+        # it in ray.init with a ValueError traceback, after the command's checks and set-up
+        named = "ray.address" if cfg.address else "RAY_ADDRESS"
+        raise ConfigError(f"{named}={address} is a Ray dashboard / job-server address (what `ray job submit` "
+                          "takes), not a cluster to join: unset it to run on an embedded local Ray, or give "
+                          "the cluster's GCS address (host:6379)")
     kwargs = dict(log_to_driver=not quiet, logging_level=logging.WARNING)
     if address:
         ray.init(address=address, **kwargs)

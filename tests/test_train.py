@@ -303,6 +303,30 @@ print("loaded:", sorted(m for m in ("ray", "open_clip", "deepspeed") if m in sys
     assert lines[2] == "loaded: []"
 
 
+def test_a_job_server_address_in_ray_address_is_a_one_line_error(synth_small, tmp_path):
+    """cluster/README exports RAY_ADDRESS=http://127.0.0.1:8265 for `ray job submit`; a
+    `clipray train` in that shell (or ray.address=http://...) ended in Ray's ValueError
+    traceback from ray.init. Both are a one-line error naming where the address came from."""
+    code = f"""
+import os, sys
+from clipray.cli import main
+base = [{str(DEMO)!r}, *{overrides(synth_small["manifest"], tmp_path, "http")!r}]
+os.environ["RAY_ADDRESS"] = "http://127.0.0.1:8265"
+print(main(["train", *base]))
+del os.environ["RAY_ADDRESS"]
+print(main(["train", *base, "ray.address=https://head:8265"]))
+print("ray started:", __import__("ray").is_initialized())
+"""
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.stdout.splitlines() == ["2", "2", "ray started: False"], out.stderr
+    says = "is a Ray dashboard / job-server address (what `ray job submit` takes), not a cluster to join"
+    assert out.stderr.splitlines() == [f"clipray train: error: RAY_ADDRESS=http://127.0.0.1:8265 {says}: unset "
+                                       "it to run on an embedded local Ray, or give the cluster's GCS address "
+                                       "(host:6379)",
+                                       f"clipray train: error: ray.address=https://head:8265 {says}: unset it to "
+                                       "run on an embedded local Ray, or give the cluster's GCS address (host:6379)"]
+
+
 def test_deepspeed_starts_on_cpu_without_compiling_a_cpp_op(tmp_path):
     """`ds_config.initialize` on one CPU process: the engine takes an optimiser step and
     DeepSpeed built nothing into TORCH_EXTENSIONS_DIR. Left to itself it compiles its
