@@ -1,7 +1,8 @@
 """The serving step of `clipray demo`: index the synthetic videos, serve, query over HTTP.
 
 `serve_demo(export_dir, manifest, out_dir)` runs on the Ray the caller already started (or
-starts an embedded one): `clipray index` over every clip of the manifest, the Serve app on
+starts an embedded one): `clipray index` over every clip of the manifest (sampled as the
+export's training run sampled them: `trained_sampling`), the Serve app on
 127.0.0.1 (port 8000, or a free one when 8000 is taken), a few caption queries of known test
 videos through the real HTTP API (`POST /search`), each printed next to the true video, then the
 app is deleted and the command that serves the same index for real is printed.
@@ -47,6 +48,27 @@ def _queries(manifest: str, n: int) -> list[dict]:
     return out[:n]
 
 
+def trained_sampling(export_dir: str) -> list[str]:
+    """The index overrides that sample clips and cut captions as the export's training run did
+    (its recorded video.fps, video.max_frames, video.slice and max_words): `clipray demo
+    data.video.max_frames=4` trains on 4 frames, and its index and queries must use 4 too."""
+    from clipray.export import CONFIG, local_dir
+    from serve.index import SAMPLING
+
+    local = local_dir(export_dir)
+    if local is not None:
+        text = (Path(local) / CONFIG).read_bytes()
+    else:  # a run stored in object storage (train.storage_path=s3://...) keeps its export there
+        import fsspec
+
+        fs, root = fsspec.core.url_to_fs(export_dir)
+        text = fs.cat_file(f"{root.rstrip('/')}/{CONFIG}")
+    extra = json.loads(text).get("extra") or {}
+    video = extra.get("video") or {}
+    return ([f"video.{k}={video[k]}" for k in SAMPLING if k in video]
+            + ([f"serve.max_words={extra['max_words']}"] if "max_words" in extra else []))
+
+
 def serve_demo(export_dir: str, manifest: str, out_dir: str, queries: int = 4) -> list[dict]:
     """Index, serve, query, stop. Returns one dict per query: text, true video, rank, results."""
     from serve.__main__ import start, stop
@@ -54,9 +76,10 @@ def serve_demo(export_dir: str, manifest: str, out_dir: str, queries: int = 4) -
     from serve.index import build_index
 
     index_dir = str(Path(out_dir) / "index")
+    trained = trained_sampling(export_dir)
     cfg = load_app_config(None, [f"checkpoint={export_dir}", f"manifest={manifest}", f"out={index_dir}",
                                  f"serve.port={_port()}", "serve.text_encoder.max_replicas=1",
-                                 "serve.log_level=WARNING"])
+                                 "serve.log_level=WARNING", *trained])
     build_index(cfg)
     t0 = time.perf_counter()
     url = start(cfg)
@@ -79,7 +102,10 @@ def serve_demo(export_dir: str, manifest: str, out_dir: str, queries: int = 4) -
     finally:
         stop(cfg)
     found = sum(r["rank"] is not None for r in report)
+    # the index records the clip sampling clipray serve uses; the caption length is a serve setting
+    words = (f" serve.max_words={cfg.serve.max_words}"
+             if cfg.serve.max_words != load_app_config(None).serve.max_words else "")
     print(f"{found}/{len(report)} queries found their video in the top 5. Serve it for real with:\n"
-          f"  clipray serve serve/configs/demo.yaml out={index_dir}\n"
+          f"  clipray serve serve/configs/demo.yaml out={index_dir}{words}\n"
           f"  then open http://127.0.0.1:8000/ (search page) or http://127.0.0.1:8000/docs (API)")
     return report

@@ -766,3 +766,37 @@ def test_an_index_that_samples_unlike_the_exports_training_run_says_so(synth_sma
     with pytest.raises(ConfigError, match="has no clip to index"):
         build_index(_cfg(str(bare), str(manifest), tmp_path / "idx", "index.split=test", "video.fps=2"), quiet=True)
     assert "note" not in capsys.readouterr().err
+
+
+def test_the_demo_indexes_with_the_sampling_its_model_trained_with(ray_local, s3_server, synth_small, tmp_path,
+                                                                     monkeypatch, capfd):
+    """`clipray demo data.video.max_frames=4 data.max_words=16` trained on 4 frames and 16-token
+    captions, and its serving step indexed and queried with serve/configs/demo.yaml's 8 frames and
+    32 tokens, printing a note to give overrides that the demo has no way to pass on."""
+    import serve.__main__
+    from clipray.export import save_export
+    from clipray.models import create_model
+    from serve.demo_step import serve_demo, trained_sampling
+
+    export = save_export(create_model("test_meanP"), tmp_path / "export", extra={
+        "video": {"fps": 1.0, "max_frames": 4, "slice": "head", "size": 32}, "max_words": 16})
+
+    class Started(Exception):
+        pass
+
+    def start(cfg):
+        raise Started(cfg)
+
+    monkeypatch.setattr(serve.__main__, "start", start)  # the index is what is checked: no app
+    with pytest.raises(Started) as e:
+        serve_demo(str(export), synth_small["manifest"], str(tmp_path / "run"))
+    meta = json.loads((tmp_path / "run" / "index" / "index.json").read_text())
+    assert {k: meta["video"][k] for k in ("fps", "max_frames", "slice")} == {"fps": 1.0, "max_frames": 4,
+                                                                            "slice": "head"}
+    assert meta["max_words"] == 16 and e.value.args[0].serve.max_words == 16  # the queries' tokens too
+    assert "note:" not in capfd.readouterr().err
+    if s3_server is not None:  # a demo run kept in object storage (train.storage_path=s3://...)
+        s3 = s3_server.ensure_bucket()
+        s3.fs().put(str(export), f"{s3.bucket}/demo/export", recursive=True)
+        assert trained_sampling(s3.url("demo/export")) == trained_sampling(str(export)) == [
+            "video.fps=1.0", "video.max_frames=4", "video.slice=head", "serve.max_words=16"]
