@@ -1,9 +1,11 @@
 """Connecting to Ray: an existing cluster when one is named, else an embedded local Ray.
 
 `ray.address` in config, else RAY_ADDRESS, selects a cluster (this is what `ray job submit`
-sets for the driver). Otherwise a local Ray starts in-process with more logical CPUs than
-cores: Ray Data's decode tasks and the training workers each hold CPU slots, and on a 2-core
-laptop an exact count leaves the read stage starved (it waits forever, silently).
+sets for the driver); `local` (Ray's word for a new local instance) is the embedded Ray below,
+so `ray.address=local` runs locally whatever RAY_ADDRESS says. Otherwise a local Ray starts
+in-process with more logical CPUs than cores: Ray Data's decode tasks and the training workers
+each hold CPU slots, and on a 2-core laptop an exact count leaves the read stage starved (it
+waits forever, silently).
 
 The embedded Ray deletes freed objects from the object store within 50 ms instead of Ray's
 1 s (`FREE_OBJECTS_ENV`). Ray Data frees each batch as soon as it is consumed, but Ray batches
@@ -57,7 +59,7 @@ def init_ray(cfg: RayConfig | None = None, quiet: bool = False) -> None:
                           "takes), not a cluster to join: unset it to run on an embedded local Ray, or give "
                           "the cluster's GCS address (host:6379)")
     kwargs = dict(log_to_driver=not quiet, logging_level=logging.WARNING)
-    if address:
+    if address and address != "local":
         ray.init(address=address, **kwargs)
         _embedded = None
         return
@@ -67,7 +69,9 @@ def init_ray(cfg: RayConfig | None = None, quiet: bool = False) -> None:
     # whose console lines Ray forwards to ours: see ray_data_logging.yaml
     os.environ.setdefault(RAY_DATA_LOGGING_ENV, RAY_DATA_LOGGING)
     # the dashboard stays on: it hosts the State API, which Ray Train uses to watch its controller
-    ray.init(num_cpus=num_cpus, **kwargs)
+    # "local" (Ray's word for a new local instance) is this embedded Ray, sized and checked as
+    # such; naming it keeps ray.init from joining a RAY_ADDRESS that ray.address=local overrode
+    ray.init(address="local" if address else None, num_cpus=num_cpus, **kwargs)
     have = ray.cluster_resources()
     _embedded = {"CPU": float(num_cpus), "GPU": float(have.get("GPU", 0.0))}
 

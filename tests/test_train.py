@@ -327,6 +327,29 @@ print("ray started:", __import__("ray").is_initialized())
                                        "run on an embedded local Ray, or give the cluster's GCS address (host:6379)"]
 
 
+def test_ray_address_local_is_the_embedded_ray_sized_and_checked_as_such(tmp_path):
+    """`ray.address=local` (or RAY_ADDRESS=local), Ray's word for a new local instance, started
+    one with Ray's exact CPU count and without check_fits (not counted as embedded): on 2 cores
+    the demo's workers and decoders then waited for CPUs forever, silently."""
+    code = """
+import os, ray
+os.environ["RAY_ADDRESS"] = "127.0.0.1:1"  # a cluster that ray.address=local overrides
+from clipray import runtime
+from clipray.config import ConfigError, RayConfig
+runtime.init_ray(RayConfig(address="local", num_cpus=3), quiet=True)
+print(runtime.is_embedded(), ray.cluster_resources().get("CPU"))
+try:
+    runtime.check_fits({"train.num_workers x train.cpus_per_worker": 3.0})
+except ConfigError as e:
+    print(str(e).split(":")[0])
+ray.shutdown()
+"""
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.stdout.splitlines() == ["True 3.0", "this run needs 4 CPUs at once (train.num_workers x "
+                                       "train.cpus_per_worker = 3; 1 for Ray Data's read tasks), but the local "
+                                       "Ray has 3 (ray.num_cpus)"], out.stderr
+
+
 def test_deepspeed_starts_on_cpu_without_compiling_a_cpp_op(tmp_path):
     """`ds_config.initialize` on one CPU process: the engine takes an optimiser step and
     DeepSpeed built nothing into TORCH_EXTENSIONS_DIR. Left to itself it compiles its
