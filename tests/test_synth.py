@@ -211,3 +211,33 @@ def test_recorded_times_are_the_times_of_the_frames_written(tmp_path, fps, event
         assert videos[two]["duration"] == pytest.approx(15 / 3)
         spans = [t for e in events if e["video_id"] == two for t in (e["start"], e["end"])]
         assert spans == pytest.approx([1 / 3, 7 / 3, 8 / 3, 14 / 3])
+
+
+def test_ctrl_c_during_data_synth_is_a_line_and_status_130_not_a_traceback(tmp_path):
+    """Ctrl-C in a long `clipray data synth` (or data check, prepare, index...) ended in Python's
+    KeyboardInterrupt traceback; the command now says it was interrupted and exits as SIGINT does."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    out = tmp_path / "synth"
+    p = subprocess.Popen([sys.executable, "-c", "import sys; from clipray.cli import main; sys.exit(main())",
+                          "data", "synth", "--out", str(out), "--videos", "2000"], cwd=repo,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 60
+        while not (out / "videos").exists() or not any((out / "videos").iterdir()):
+            assert p.poll() is None and time.time() < deadline
+            time.sleep(0.1)
+        p.send_signal(signal.SIGINT)
+        _, err = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert p.returncode == 130 and "Traceback" not in err, err
+    assert err.strip().splitlines()[-1] == "clipray data: interrupted"
+    assert not (out / "synth.json").exists()  # an unfinished set, as before
