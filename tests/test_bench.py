@@ -429,3 +429,25 @@ def test_bench_stream_refuses_more_actors_than_the_local_ray_can_run_beside_its_
     assert main(["bench", "stream", "--actors", "4", "--rows", "20", "--shard-rows", "10", "--videos", "1"]) == 2
     err = capsys.readouterr().err
     assert "needs 5 CPUs at once (--actors" in err and "lower --actors" in err
+
+
+def test_bench_stream_refuses_a_cluster_address_but_runs_with_ray_address_local(tmp_path, monkeypatch, capsys):
+    """RAY_ADDRESS=local is the embedded Ray (clipray.runtime), which the bench measures: it was
+    refused as if it named a cluster. An address of a cluster is still a usage error."""
+    import clipray.synth
+    from clipray.cli import main
+
+    class Reached(Exception):
+        pass
+
+    def generate(*a, **k):
+        raise Reached
+
+    monkeypatch.setattr(clipray.synth, "generate", generate)
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "stream", "--workdir", str(tmp_path / "w")])
+    assert e.value.code == 2 and "measures an embedded local Ray: unset RAY_ADDRESS" in capsys.readouterr().err
+    monkeypatch.setenv("RAY_ADDRESS", "local")
+    with pytest.raises(Reached):  # past the check: the bench starts making its videos
+        main(["bench", "stream", "--workdir", str(tmp_path / "w")])

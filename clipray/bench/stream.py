@@ -272,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workdir", default=None, help="where to write the manifest (default: a temp dir)")
     ap.add_argument("--keep", action="store_true", help="keep what the bench wrote in the workdir")
     args = ap.parse_args(argv)
-    if os.environ.get("RAY_ADDRESS"):
+    if os.environ.get("RAY_ADDRESS", "local") not in ("", "local"):  # local: the embedded Ray (clipray.runtime)
         ap.error("this benchmark measures an embedded local Ray: unset RAY_ADDRESS")
 
     from clipray.manifest import read_manifest
