@@ -350,6 +350,27 @@ ray.shutdown()
                                        "Ray has 3 (ray.num_cpus)"], out.stderr
 
 
+def test_object_storage_that_cannot_be_reached_is_a_line_naming_the_storage_path(synth_small, tmp_path):
+    """train.storage_path=s3://... without credentials (or bucket, or permission) ended `clipray
+    train` and `clipray edit` in a botocore traceback from the run's first look at its folder."""
+    code = f"""
+from clipray.cli import main
+store = ["train.storage_path=s3://clipray-none/runs", "data.batch_size=4"]
+print(main(["train", {str(DEMO)!r}, "data.manifest={synth_small['manifest']}", *store]))
+print(main(["edit", {str(REPO / "train/configs/edit_demo.yaml")!r}, "data.manifest={synth_small['events_manifest']}",
+            *store]))
+"""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env.update(AWS_EC2_METADATA_DISABLED="true", AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"),
+               AWS_CONFIG_FILE=str(tmp_path / "none"))
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert out.stdout.splitlines() == ["2", "2"], out.stderr
+    assert out.stderr.splitlines() == [
+        f"clipray {cmd}: error: train.storage_path=s3://clipray-none/runs: cannot read or write the run folder "
+        f"s3://clipray-none/runs/{run} (NoCredentialsError: Unable to locate credentials)"
+        for cmd, run in (("train", "demo"), ("edit", "edit-demo"))]
+
+
 def test_deepspeed_starts_on_cpu_without_compiling_a_cpp_op(tmp_path):
     """`ds_config.initialize` on one CPU process: the engine takes an optimiser step and
     DeepSpeed built nothing into TORCH_EXTENSIONS_DIR. Left to itself it compiles its

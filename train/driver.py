@@ -11,6 +11,7 @@ checkpoint; `train.max_failures` lets Ray Train replace a killed worker and cont
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import io
@@ -19,7 +20,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from clipray.config import Config, ConfigError, to_yaml
 from clipray.manifest import check_unique_ids
@@ -152,6 +153,22 @@ def resume_key(cfg: Config, steps_per_epoch: int, stop_epoch: int = 0) -> dict[s
     return json.loads(json.dumps(key))  # tuples as lists, as read back
 
 
+@contextlib.contextmanager
+def storage_access(cfg: Config, out: str) -> Iterator[None]:
+    """Around a run's first touch of its folder in object storage: what fails there (no
+    credentials, no such bucket, no permission) is a line naming train.storage_path, not a
+    botocore or gcsfs traceback."""
+    try:
+        yield
+    except ConfigError:
+        raise
+    except Exception as e:
+        if "://" not in out:
+            raise
+        raise ConfigError(f"train.storage_path={cfg.train.storage_path}: cannot read or write the run folder "
+                          f"{out} ({type(e).__name__}: {e})") from e
+
+
 def check_resume(out: str, key: dict[str, Any]) -> None:
     """Refuse to continue a run's checkpoints with other settings (re-running with another batch
     size would resume at the saved step of another schedule and mix the two silently); record
@@ -262,7 +279,8 @@ def run(cfg: Config, quiet_ray: bool = False, stop_epoch: int = 0, table: bool =
     # is made (a wrong model.* key leaves none behind); the resume key is the config as given
     fitted = model_io(cfg)
     make_run_dir(out)
-    check_resume(out, resume_key(cfg, steps_per_epoch, stop_epoch))
+    with storage_access(cfg, out):
+        check_resume(out, resume_key(cfg, steps_per_epoch, stop_epoch))
     cfg = fitted
     # imported after the checks above, so a wrong path or key fails in a second, not after
     # Ray Train and the pipeline load (~5 s)

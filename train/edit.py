@@ -330,7 +330,8 @@ def run(cfg: Config, quiet_ray: bool = False) -> dict[str, Any]:
             raise ConfigError(f"{data.eval_manifest} has no {split!r} rows: set edit.val_split / edit.test_split")
     driver.make_run_dir(out)
     captions, skips = initial_captions(source, data.video_root, e, data.video.backend)
-    state = _get_json(f"{out}/edit_state.json")
+    with driver.storage_access(cfg, out):
+        state = _get_json(f"{out}/edit_state.json")
     changed = [f"edit.{k}: {v!r} -> {getattr(e, k)!r}" for k, v in (state or {}).get("edit", {}).items()
                if k not in POOL_KEYS and v != getattr(e, k, None)]
     if changed:
