@@ -236,18 +236,21 @@ def filesystem(path: str) -> tuple[pafs.FileSystem, str]:
 
 def manifest_files(path: str) -> tuple[pafs.FileSystem, list[str]]:
     """The Parquet files of a manifest (a file or a directory of shards), sorted."""
-    fs, root = filesystem(path)
-    info = fs.get_file_info(root)
-    if info.type == pafs.FileType.NotFound:
-        raise ManifestError(f"manifest not found: {path}")
-    partial = 0
-    if info.type == pafs.FileType.File:
-        files = [root]
-    else:
-        listed = [i.path for i in fs.get_file_info(pafs.FileSelector(root, recursive=True))
-                  if i.type == pafs.FileType.File]
-        files = sorted(p for p in listed if p.endswith(".parquet"))
-        partial = sum(p.endswith(".parquet" + PARTIAL) for p in listed)
+    try:
+        fs, root = filesystem(path)
+        info = fs.get_file_info(root)
+        if info.type == pafs.FileType.NotFound:
+            raise ManifestError(f"manifest not found: {path}")
+        partial = 0
+        if info.type == pafs.FileType.File:
+            files = [root]
+        else:
+            listed = [i.path for i in fs.get_file_info(pafs.FileSelector(root, recursive=True))
+                      if i.type == pafs.FileType.File]
+            files = sorted(p for p in listed if p.endswith(".parquet"))
+            partial = sum(p.endswith(".parquet" + PARTIAL) for p in listed)
+    except OSError as e:  # an object store it cannot reach (network, credentials, bucket, permission)
+        raise ManifestError(f"{path}: cannot read the manifest ({str(e).splitlines()[0][:300]})") from None
     if partial:
         # a write stopped before or while close() renamed its shards (each a copy on an
         # object store): the finished names alone would read as a smaller, complete manifest

@@ -265,3 +265,23 @@ def test_columns_of_another_type_and_null_row_ids_are_named_not_tracebacks(tmp_p
                       ("null.parquet", " row 1: row_id is missing (None)")):
         assert main(["data", "check", str(tmp_path / name)]) == 2
         assert capsys.readouterr().err == f"clipray data: error: {tmp_path / name}{msg}\n"
+
+
+def test_a_manifest_in_object_storage_that_cannot_be_reached_is_an_error_line(tmp_path):
+    """pyarrow's OSError for an object store it cannot reach (no network, credentials, bucket or
+    permission) has no file name, so `clipray data check s3://...` (and train, index: every
+    reader lists the manifest first) ended in its traceback."""
+    import os
+    import subprocess
+    import sys
+
+    from ports import free_ports
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env.update(AWS_ENDPOINT_URL=f"http://127.0.0.1:{free_ports()[0]}", AWS_ACCESS_KEY_ID="x",
+               AWS_SECRET_ACCESS_KEY="y", AWS_EC2_METADATA_DISABLED="true")  # nothing listens there
+    out = subprocess.run([sys.executable, "-m", "clipray.cli", "data", "check", "s3://clipray-none/m.parquet"],
+                         env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and len(out.stderr.splitlines()) == 1, out.stderr
+    assert out.stderr.startswith("clipray data: error: s3://clipray-none/m.parquet: cannot read the manifest "
+                                 "(When getting information for key 'm.parquet' in bucket 'clipray-none'")
