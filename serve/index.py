@@ -198,6 +198,8 @@ def _local_export(path: str, what: str, out: Path) -> str:
         return str(keep)
     except FileNotFoundError as e:
         raise ConfigError(f"{what}={path}: no clipray export there ({e})") from None
+    except Exception as e:  # an object store it cannot reach (credentials, network, permission)
+        raise ConfigError(f"{what}={path}: cannot fetch the export ({type(e).__name__}: {e})") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -800,3 +800,23 @@ def test_the_demo_indexes_with_the_sampling_its_model_trained_with(ray_local, s3
         s3.fs().put(str(export), f"{s3.bucket}/demo/export", recursive=True)
         assert trained_sampling(s3.url("demo/export")) == trained_sampling(str(export)) == [
             "video.fps=1.0", "video.max_frames=4", "video.slice=head", "serve.max_words=16"]
+
+
+def test_an_export_in_object_storage_that_cannot_be_reached_is_an_error_line(synth_small, tmp_path):
+    """checkpoint=s3://... without credentials (or network, or permission) ended `clipray index`
+    in a botocore traceback from the export's fetch; the index folder made for it stayed behind."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env.update(AWS_EC2_METADATA_DISABLED="true", AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"),
+               AWS_CONFIG_FILE=str(tmp_path / "none"))
+    out = subprocess.run([sys.executable, "-m", "clipray.cli", "index", "serve/configs/demo.yaml",
+                          "checkpoint=s3://clipray-none/export", f"manifest={synth_small['manifest']}",
+                          f"out={tmp_path / 'index'}"], cwd=Path(__file__).resolve().parents[1], env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and out.stderr.splitlines() == [
+        "clipray index: error: checkpoint=s3://clipray-none/export: cannot fetch the export "
+        "(NoCredentialsError: Unable to locate credentials)"], out.stderr
+    assert not (tmp_path / "index").exists()
