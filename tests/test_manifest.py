@@ -285,3 +285,30 @@ def test_a_manifest_in_object_storage_that_cannot_be_reached_is_an_error_line(tm
     assert out.returncode == 2 and len(out.stderr.splitlines()) == 1, out.stderr
     assert out.stderr.startswith("clipray data: error: s3://clipray-none/m.parquet: cannot read the manifest "
                                  "(When getting information for key 'm.parquet' in bucket 'clipray-none'")
+
+
+def test_data_prepare_to_or_from_object_storage_that_cannot_be_reached_is_an_error_line(tmp_path):
+    """`clipray data prepare ... --out s3://...` (or --root s3://...) on a store it cannot reach
+    ended in pyarrow's OSError traceback (no file name for the CLI to name)."""
+    import os
+    import subprocess
+    import sys
+
+    from ports import free_ports
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env.update(AWS_ENDPOINT_URL=f"http://127.0.0.1:{free_ports()[0]}", AWS_ACCESS_KEY_ID="x",
+               AWS_SECRET_ACCESS_KEY="y", AWS_EC2_METADATA_DISABLED="true")  # nothing listens there
+    (tmp_path / "own.csv").write_text("video_id,path,caption\nv1,v1.mp4,a red square moves left\n")
+    for args, says in (
+            (["--root", str(tmp_path), "--out", "s3://clipray-none/m.parquet", "-o", f"file={tmp_path / 'own.csv'}"],
+             f"generic: cannot read {tmp_path} or write s3://clipray-none/m.parquet (When getting information for "
+             "key 'm.parquet' in bucket 'clipray-none'"),
+            (["--root", "s3://clipray-none/r", "--out", str(tmp_path / "m.parquet"), "-o", "file=s3://clipray-none/a.csv"],
+             f"generic: cannot read s3://clipray-none/r or write {tmp_path / 'm.parquet'} (When listing objects under "
+             "key 'r/' in bucket 'clipray-none'")):
+        out = subprocess.run([sys.executable, "-m", "clipray.cli", "data", "prepare", "generic", *args],
+                             env=env, capture_output=True, text=True, timeout=120)
+        assert out.returncode == 2 and len(out.stderr.splitlines()) == 1, out.stderr
+        assert out.stderr.startswith(f"clipray data: error: {says}"), out.stderr
+    assert not (tmp_path / "m.parquet").exists()

@@ -112,6 +112,17 @@ def prepare(name: str, root: str, out: str, progress_s: float | None = None, **o
     """Turn the release `name` found under `root` into the manifest `out` (a `.parquet` file, or
     a folder of shards); see each module in clipray.sources for its options. With `progress_s`,
     a line on stderr at most that often (HowTo100M takes a while)."""
+    try:
+        return _prepare(name, root, out, progress_s, **options)
+    except OSError as e:
+        if e.filename is not None:  # a local path: the command names it (clipray.cli)
+            raise
+        # pyarrow's error for an object store it cannot reach (network, credentials, bucket,
+        # permission) names the key and bucket but carries no file name: a line, not its traceback
+        raise SourceError(f"{name}: cannot read {root} or write {out} ({str(e).splitlines()[0][:300]})") from None
+
+
+def _prepare(name: str, root: str, out: str, progress_s: float | None = None, **options: Any) -> PrepareReport:
     spec = get_source(name)
     opts = spec.resolve_options(options)
     root, out = str(root), str(out)
