@@ -134,7 +134,8 @@ def write_mp4(path: Path, frames: Iterator[np.ndarray], width: int, height: int,
 
 def plan(videos: int, seed: int, val_frac: float, test_frac: float,
          max_events: int = 2) -> list[SynthVideo]:
-    """Decide every video's events and split. 40% single events, the rest order twins.
+    """Decide every video's events and split. Each draw is a single event (40%) or a pair of
+    order twins (60%, two videos), so about a quarter of the videos show a single event.
 
     No caption is used twice while the event space lasts: an event always renders the same
     frames, so two videos with one caption would be one file twice, and the same clip in train
