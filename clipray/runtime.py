@@ -43,6 +43,21 @@ _embedded: dict[str, float] | None = None
 READ_TASK_CPUS = 1.0
 
 
+def usable_cores(cpu_max: str = "/sys/fs/cgroup/cpu.max") -> int:
+    """The cores this process may run on: its CPU affinity (taskset, a container's cpuset), and
+    a cgroup v2 CPU quota (a container's --cpus, a Kubernetes CPU limit) where that is fewer.
+    os.cpu_count() is the host's: in a 4-CPU container on a 64-core host it sized the embedded
+    Ray (and the benches' defaults) for 64 cores."""
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        quota, period = open(cpu_max).read().split()[:2]
+        if quota != "max":
+            n = min(n, max(1, int(quota) // int(period)))  # whole cores, as Ray counts them
+    except (OSError, ValueError):  # no cgroup v2 here, or no quota
+        pass
+    return n
+
+
 def init_ray(cfg: RayConfig | None = None, quiet: bool = False) -> None:
     import ray
 
@@ -63,7 +78,7 @@ def init_ray(cfg: RayConfig | None = None, quiet: bool = False) -> None:
         ray.init(address=address, **kwargs)
         _embedded = None
         return
-    num_cpus = cfg.num_cpus or max(4, 2 * (os.cpu_count() or 1))
+    num_cpus = cfg.num_cpus or max(4, 2 * usable_cores())
     os.environ.setdefault(FREE_OBJECTS_ENV, FREE_OBJECTS_PERIOD_MS)  # a user's own value wins
     # read by every Ray worker that imports ray.data, Ray Train's dataset coordinators included,
     # whose console lines Ray forwards to ours: see ray_data_logging.yaml

@@ -327,6 +327,24 @@ print("ray started:", __import__("ray").is_initialized())
                                        "run on an embedded local Ray, or give the cluster's GCS address (host:6379)"]
 
 
+def test_usable_cores_count_the_affinity_and_the_containers_quota(tmp_path):
+    """The embedded Ray and the benches' defaults were sized from os.cpu_count(), the host's
+    cores: in a container of 4 CPUs on a 64-core host, for 64."""
+    from clipray.runtime import usable_cores
+
+    mine = len(os.sched_getaffinity(0))
+    for text, want in (("max 100000", mine), ("100000 100000", 1), ("50000 100000", 1),
+                       (f"{150000 * mine} 100000", mine), ("garbage", mine)):
+        (tmp_path / "cpu.max").write_text(text + "\n")
+        assert usable_cores(str(tmp_path / "cpu.max")) == want, text
+    assert usable_cores(str(tmp_path / "none")) == mine
+    # a process pinned to one core (taskset) may use one, whatever the host has
+    code = "import os; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}); " \
+           "from clipray.runtime import usable_cores; print(usable_cores(), os.cpu_count())"
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert out.stdout.split()[0] == "1", out.stderr
+
+
 def test_ray_address_local_is_the_embedded_ray_sized_and_checked_as_such(tmp_path):
     """`ray.address=local` (or RAY_ADDRESS=local), Ray's word for a new local instance, started
     one with Ray's exact CPU count and without check_fits (not counted as embedded): on 2 cores

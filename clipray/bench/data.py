@@ -37,6 +37,7 @@ from pathlib import Path
 from clipray.cli import at_least
 from clipray.config import DECODE_POOLS, DataConfig, VideoConfig
 from clipray.manifest import read_manifest, resolve_path, default_root, write_manifest
+from clipray.runtime import usable_cores
 
 
 def make_long_real_videos(out: Path, seconds: float = 30.0, height: int = 360) -> list[Path]:
@@ -234,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeat", type=at_least(1), default=4, help="passes over each clip set")
     ap.add_argument("--frames", type=at_least(1), default=12)
     ap.add_argument("--size", type=at_least(1), default=224)
-    ap.add_argument("--cores", type=at_least(1), default=os.cpu_count() or 1,
+    ap.add_argument("--cores", type=at_least(1), default=usable_cores(),
                     help="decoders of run (c), one per core (default: every core)")
     ap.add_argument("--pools", nargs="+", choices=DECODE_POOLS, default=list(DECODE_POOLS),
                     help="decoder pools (data.decode_pool) to run (b) and (c) with (default: both)")

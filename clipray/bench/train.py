@@ -144,11 +144,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--videos", type=at_least(1), default=150, help="synthetic videos for (c)")
     args = ap.parse_args(argv)
 
-    from clipray.runtime import check_fits, init_ray, quiet_data_progress
+    from clipray.runtime import check_fits, init_ray, quiet_data_progress, usable_cores
     from clipray.synth import generate
 
     init_ray(quiet=True)
-    decode = args.decode_cores or max(1, (os.cpu_count() or 2) - args.threads)
+    decode = args.decode_cores or max(1, usable_cores() - args.threads)
     # now, not after (a) and (b): what does not fit the embedded Ray would wait for CPUs forever
     check_fits({"--threads (the train worker)": float(args.threads),
                 "--decode-cores (decode actors of (c), 1 CPU each)": float(decode)},
