@@ -20,7 +20,7 @@ import torch
 
 from clipray.config import load_config
 from clipray.editing import tiou
-from clipray.manifest import read_manifest
+from clipray.manifest import read_manifest, write_manifest
 
 REPO = Path(__file__).resolve().parents[1]
 EDIT_DEMO = REPO / "train" / "configs" / "edit_demo.yaml"
@@ -181,7 +181,16 @@ def test_clip_editing_end_to_end(ray_local, events, tmp_path, capsys):
     from clipray.config import ConfigError
     from train.edit import main
 
-    args = [str(EDIT_DEMO), *overrides(events["events_manifest"], tmp_path, "edit")]
+    # the evaluation manifest in a folder of its own, its relative paths valid there only (they
+    # were resolved under the source manifest's folder, so every evaluation clip was skipped)
+    rows = read_manifest(events["events_manifest"]).to_pylist()
+    for r in rows:
+        r["path"] = r["path"].replace("videos/", "clips/", 1)
+    (tmp_path / "evalset").mkdir()
+    (tmp_path / "evalset" / "clips").symlink_to(Path(events["events_manifest"]).parent / "videos")
+    write_manifest(rows, tmp_path / "evalset" / "events.parquet")
+    args = [str(EDIT_DEMO), *overrides(events["events_manifest"], tmp_path, "edit"),
+            f"data.eval_manifest={tmp_path / 'evalset' / 'events.parquet'}"]
     assert main(args) == 0
     out = tmp_path / "edit"
     result = json.loads((out / "edit_result.json").read_text())

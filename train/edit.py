@@ -105,16 +105,19 @@ def initial_captions(source: str, root: str, e: EditConfig, backend: str) -> tup
     return captions, left_out
 
 
-def write_round(source: str, path: str, captions: dict[int, Caption], round_no: int) -> None:
+def write_round(source: str, root: str, path: str, captions: dict[int, Caption], round_no: int) -> None:
     """The source manifest with each training row's clip replaced by its current one (rows left
-    out are dropped); row ids are kept, so rounds join with the source's ground truth."""
+    out are dropped); row ids are kept, so rounds join with the source's ground truth. Video
+    paths are written resolved under `root` (the source's video root): the round lives in the
+    run folder, where a relative path would point at nothing."""
     def rows():
         for row in iter_checked(source):
+            row = dict(row, path=resolve_path(row["path"], root))
             if row["split"] == "train":
                 c = captions.get(row["row_id"])
                 if c is None:
                     continue
-                row = dict(row, start=c.clip[0], end=c.clip[1])
+                row.update(start=c.clip[0], end=c.clip[1])
             yield row
 
     meta = {**manifest_metadata(source), "edit_round": round_no}
@@ -321,15 +324,18 @@ def run(cfg: Config, quiet_ray: bool = False) -> dict[str, Any]:
                           "--idle-seconds 1` (DIR/events.parquet) or `clipray data prepare youcook2 ...`") from None
     cfg = driver.model_io(cfg)  # loads open_clip's model configs (~4 s): after the cheap checks
     out = driver.run_dir(cfg)
-    data = dataclasses.replace(cfg.data, video_root=cfg.data.video_root or default_root(source),
-                               eval_manifest=cfg.data.eval_manifest or source, eval_split=e.val_split)
+    # data.video_root stays as given: the rounds' manifests hold absolute paths, and an
+    # evaluation manifest in another folder resolves its relative paths against its own folder
+    # (they were taken under the source's, so every evaluation clip was skipped)
+    root = cfg.data.video_root or default_root(source)
+    data = dataclasses.replace(cfg.data, eval_manifest=cfg.data.eval_manifest or source, eval_split=e.val_split)
     epochs = e.warmup_epochs + e.rounds * e.epochs_per_round
     base = dataclasses.replace(cfg, data=data, train=dataclasses.replace(cfg.train, epochs=epochs))
     for split in (e.val_split, e.test_split):
         if driver.count_rows(data.eval_manifest, split) < 1:
             raise ConfigError(f"{data.eval_manifest} has no {split!r} rows: set edit.val_split / edit.test_split")
     driver.make_run_dir(out)
-    captions, skips = initial_captions(source, data.video_root, e, data.video.backend)
+    captions, skips = initial_captions(source, root, e, data.video.backend)
     with driver.storage_access(cfg, out):
         state = _get_json(f"{out}/edit_state.json")
     changed = [f"edit.{k}: {v!r} -> {getattr(e, k)!r}" for k, v in (state or {}).get("edit", {}).items()
@@ -374,7 +380,7 @@ def run(cfg: Config, quiet_ray: bool = False) -> dict[str, Any]:
             for rid, clip in new.items():
                 captions[rid].clip = clip
         manifest = f"{out}/clips/round-{round_no:02d}.parquet"
-        write_round(source, manifest, captions, round_no)
+        write_round(source, root, manifest, captions, round_no)
         stop = e.warmup_epochs + round_no * e.epochs_per_round
         print(f"[edit] round {round_no}: {rec['edited']} clips edited; training to epoch {stop}", flush=True)
         final = driver.run(dataclasses.replace(base, data=dataclasses.replace(data, manifest=manifest)),
