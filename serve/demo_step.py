@@ -53,7 +53,7 @@ def trained_sampling(export_dir: str) -> list[str]:
     (its recorded video.fps, video.max_frames, video.slice and max_words): `clipray demo
     data.video.max_frames=4` trains on 4 frames, and its index and queries must use 4 too."""
     from clipray.export import CONFIG, local_dir
-    from serve.index import SAMPLING
+    from serve.index import recorded_sampling
 
     local = local_dir(export_dir)
     if local is not None:
@@ -63,10 +63,7 @@ def trained_sampling(export_dir: str) -> list[str]:
 
         fs, root = fsspec.core.url_to_fs(export_dir)
         text = fs.cat_file(f"{root.rstrip('/')}/{CONFIG}")
-    extra = json.loads(text).get("extra") or {}
-    video = extra.get("video") or {}
-    return ([f"video.{k}={video[k]}" for k in SAMPLING if k in video]
-            + ([f"serve.max_words={extra['max_words']}"] if "max_words" in extra else []))
+    return [f"{k}={v}" for k, v in recorded_sampling(json.loads(text)).items()]
 
 
 def serve_demo(export_dir: str, manifest: str, out_dir: str, queries: int = 4) -> list[dict]:

@@ -246,14 +246,22 @@ def build_index(cfg: AppConfig, quiet: bool = False) -> dict[str, Any]:
 SAMPLING = ("fps", "max_frames", "slice")  # the video.* keys that choose a clip's frames (the size is the model's)
 
 
-def sampling_notice(conf: dict, cfg: AppConfig) -> str:
-    """How this index would sample clips or cut captions unlike the training run that made the
-    export (recorded in its `extra`), with the overrides that match it; "" when alike or not
-    recorded. Not refused: another sampling may be meant, but unsaid it gives a worse index."""
+def recorded_sampling(conf: dict) -> dict[str, Any]:
+    """How the training run that made the export sampled clips and cut captions (recorded in
+    its `extra`), under this config's keys (video.fps, ..., serve.max_words); {} if not recorded."""
     extra = conf.get("extra") or {}
-    trained = {f"video.{k}": v for k, v in (extra.get("video") or {}).items() if k in SAMPLING}
+    video = extra.get("video") or {}
+    trained = {f"video.{k}": video[k] for k in SAMPLING if k in video}
     if "max_words" in extra:
         trained["serve.max_words"] = extra["max_words"]
+    return trained
+
+
+def sampling_notice(conf: dict, cfg: AppConfig) -> str:
+    """How this index would sample clips or cut captions unlike the training run that made the
+    export (`recorded_sampling`), with the overrides that match it; "" when alike or not
+    recorded. Not refused: another sampling may be meant, but unsaid it gives a worse index."""
+    trained = recorded_sampling(conf)
     now = {"serve.max_words": cfg.serve.max_words, **{f"video.{k}": getattr(cfg.video, k) for k in SAMPLING}}
     differ = {k: v for k, v in trained.items() if v != now[k]}
     if not differ:
