@@ -162,12 +162,15 @@ class _UploadCap:
         path = path[len(root):] if root and path.startswith(root) else path  # under a route prefix
         if path in UPLOAD_PATHS:
             cap, what, key = getattr(api.state, "max_upload_bytes", None), "upload", "serve.limits.max_upload_mb"
-            limit = (cap or 0) + 65536  # multipart framing around the file
-        else:
+            framing = 65536  # multipart framing around the file
+        elif path in JSON_PATHS:
             cap, what, key = getattr(api.state, "max_json_bytes", None), "request body", "serve.limits.max_text_chars"
-            limit = cap or 0
-        if not (cap and scope["type"] == "http" and scope["method"] == "POST" and path in UPLOAD_PATHS + JSON_PATHS):
+            framing = 0
+        else:
+            cap = None
+        if not (cap and scope["type"] == "http" and scope["method"] == "POST"):
             return await self.app(scope, receive, send)
+        limit = cap + framing
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None:
             try:
