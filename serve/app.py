@@ -272,11 +272,12 @@ class Ingress:
         return {"results": sorted(pool, key=lambda h: -h["score"])[:k]}
 
     # ---- routes ----------------------------------------------------------------------------
-    @api.get("/", response_class=HTMLResponse, include_in_schema=False)
+    # HEAD too (the headers of a GET): uptime and load-balancer checks probe with it
+    @api.api_route("/", methods=["GET", "HEAD"], response_class=HTMLResponse, include_in_schema=False)
     async def page(self) -> HTMLResponse:
         return HTMLResponse(self.page)
 
-    @api.get("/healthz")
+    @api.api_route("/healthz", methods=["GET", "HEAD"])
     async def healthz(self) -> dict:
         info = await _call(self.searcher.info)
         return {"status": "ok", "clips": info["clips"], "index": info["kind"],

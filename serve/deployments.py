@@ -107,13 +107,16 @@ class VideoEncoder:
         _configure(self.embed_batch, batch)
 
     def _decode(self, data: bytes) -> Any:
-        from clipray.video import decode_clip_safe
+        from clipray.video import SkipClip, decode_clip_safe
 
         # decord and PyAV both take a path; the upload lives only for this call
         with tempfile.NamedTemporaryFile(suffix=".mp4") as f:
             f.write(data)
             f.flush()
-            return decode_clip_safe(f.name, None, None, self.video)
+            try:
+                return decode_clip_safe(f.name, None, None, self.video)
+            except SkipClip as e:  # the reason names the file: the client's is "the upload", not our temp path
+                raise SkipClip(e.reason.replace(f.name, "the upload")) from None
 
     @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.005)
     async def embed_batch(self, clips: list[tuple[np.ndarray, np.ndarray]]) -> list[np.ndarray]:

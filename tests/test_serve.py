@@ -240,6 +240,14 @@ def test_bad_inputs_are_4xx_with_a_message(app, synth_small):
     assert r.json()["error"] == "body: not valid JSON at character 9 (Unterminated string starting)"
     r = requests.post(f"{app['url']}/search/video", files={"file": ("x.mp4", video)}, data={"K": "2"}, timeout=60)
     assert r.json()["error"] == "K: Extra inputs are not permitted (this endpoint takes file, k)"
+    # the reason names the client's upload, not the replica's temporary file
+    r = requests.post(f"{app['url']}/encode/video", files={"file": ("x.mp4", video[: len(video) // 3])}, timeout=60)
+    assert r.status_code == 415 and "the upload" in r.json()["error"], r.text
+    assert "/tmp" not in r.text and ".mp4" not in r.text, r.text
+    # HEAD on the page and the health check (uptime/load-balancer probes) answers as GET does
+    for path in ("/", "/healthz"):
+        h, g = requests.head(f"{app['url']}{path}", timeout=30), requests.get(f"{app['url']}{path}", timeout=30)
+        assert (h.status_code, h.content) == (200, b"") and h.headers["content-type"] == g.headers["content-type"]
     # an over-size upload is refused from its Content-Length: the 413 comes back although the
     # body never does (it used to wait for the whole body, read it, then refuse it)
     import socket
