@@ -301,6 +301,14 @@ def _build(cfg: AppConfig, out: Path, quiet: bool) -> dict[str, Any]:
     if meta and not meta.get("rerank") and rerank:
         raise ConfigError(f"{out} has no re-ranker features for its {meta['count']} clips: build a new "
                           "index (another out=) with index.rerank_checkpoint")
+    # the served app samples query uploads as the index records, and one vector space holds
+    # clips sampled one way: an append sampled another way would mix the two unseen
+    held = (meta or {}).get("video") or {}
+    differ = [k for k in SAMPLING if k in held and held[k] != getattr(cfg.video, k)]
+    if differ:
+        raise ConfigError(f"{out} holds clips sampled with {' '.join(f'video.{k}={held[k]}' for k in differ)}; "
+                          f"this append asks {' '.join(f'video.{k}={getattr(cfg.video, k)}' for k in differ)}: "
+                          "give the former as overrides, or build a new index (another out=)")
     existing = store.read_table(out, store.META_COLUMNS)
     rows, captions = plan_clips(cfg, store.existing_keys(existing))
     if not rows and not len(existing):  # no skip report to look at: nothing was tried

@@ -264,6 +264,24 @@ def test_another_model_cannot_append(windowed, synth_small, tmp_path):
     assert not skip.exists() or all(json.loads(line)["reason"] for line in skip.read_text().splitlines())
 
 
+def test_an_append_sampled_unlike_the_index_is_refused(windowed, export, synth_small):
+    """The index records one sampling, with which the app decodes query uploads; an append at
+    another video.fps/max_frames/slice embedded its clips that way and overwrote the record,
+    so the index held vectors of two samplings and the older clips were queried unlike their own."""
+    from serve import store
+    from serve.index import build_index
+
+    out = windowed["out"]
+    held = store.read_meta(out)
+    for overrides, said in ((["video.fps=3"], f"video.fps={held['video']['fps']}; this append asks video.fps=3.0"),
+                            (["video.max_frames=5", "video.slice=head"],
+                             f"video.max_frames={held['video']['max_frames']} video.slice={held['video']['slice']}; "
+                             "this append asks video.max_frames=5 video.slice=head")):
+        with pytest.raises(ConfigError, match=f"^{out} holds clips sampled with {said}: give the former"):
+            build_index(_cfg(export, synth_small["manifest"], out, *WINDOWS, *overrides), quiet=True)
+    assert store.read_meta(out) == held  # nothing written
+
+
 def test_export_at_a_uri_is_copied_into_the_index(ray_local, s3_server, export, synth_small, tmp_path):
     """A run kept in object storage keeps its export there: `checkpoint=s3://...` builds the same
     index as the export on disk, into an index that holds its own copy of the model (so serving
