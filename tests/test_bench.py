@@ -318,10 +318,13 @@ def test_bench_train_refuses_cores_the_local_ray_lacks_instead_of_waiting_foreve
     assert "needs 5 CPUs at once" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("heads", ["meanP,seqtransf", ""])
-def test_bench_heads_refuses_an_unknown_head_before_any_work(heads, monkeypatch, capsys):
+@pytest.mark.parametrize("heads, says", [("meanP,seqtransf", "meanP, seqLSTM, seqTransf, tightTransf"),
+                                         ("", "meanP, seqLSTM, seqTransf, tightTransf"),
+                                         ("meanP,seqTransf,meanP", "meanP named twice: give each head once")])
+def test_bench_heads_refuses_an_unknown_head_before_any_work(heads, says, monkeypatch, capsys):
     """A misspelt head failed only when its turn came: after the 600-video set was written and,
-    when it was not the first, after the heads before it had trained."""
+    when it was not the first, after the heads before it had trained. A head named twice ran
+    under the same run name, so its second row was the first run resumed, not a second run."""
     import clipray.demo
     import train.driver
     from clipray.cli import main
@@ -330,7 +333,7 @@ def test_bench_heads_refuses_an_unknown_head_before_any_work(heads, monkeypatch,
     with pytest.raises(SystemExit) as e:
         main(["bench", "heads", "--heads", heads])
     err = capsys.readouterr().err
-    assert e.value.code == 2 and "argument --heads:" in err and "meanP, seqLSTM, seqTransf, tightTransf" in err
+    assert e.value.code == 2 and "argument --heads:" in err and says in err
 
 
 def test_a_grouped_manifest_smaller_than_one_batch_is_a_usage_error(monkeypatch, capsys):

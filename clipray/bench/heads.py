@@ -26,6 +26,9 @@ def _heads(text: str) -> list[str]:
     if bad or not heads:
         raise argparse.ArgumentTypeError(f"{', '.join(bad) or 'no head'}: give a comma list of "
                                          f"{', '.join(HEAD_NAMES)}")
+    twice = sorted({h for h in heads if heads.count(h) > 1})
+    if twice:  # each head's run is named after it: a second one resumed the first's finished run
+        raise argparse.ArgumentTypeError(f"{', '.join(twice)} named twice: give each head once")
     return heads
 
 
