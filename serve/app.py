@@ -20,6 +20,7 @@ pydantic annotation to validate its args.
 import asyncio
 import os
 import re
+import sys
 from pathlib import Path
 from typing import Any, Optional
 
@@ -386,6 +387,28 @@ def _export_for(cfg: AppConfig, meta: dict) -> str:
                          f"index again with checkpoint={cfg.checkpoint}, which copies it into the index")
 
 
+def caption_length_notice(max_words: int, exports: dict[str, str]) -> str:
+    """serve.max_words against the caption length each export's training run recorded (`extra`
+    of its config.json), named by what it is ("export", "re-ranker export"); "" when alike or
+    not recorded. The app follows the clip sampling the index recorded, but cuts queries at this
+    config's serve.max_words: a run trained on 64-token captions was served cutting every query
+    at the default 32 without a word (`clipray index` names it, where it changes nothing served)."""
+    from clipray.export import read_export_config
+
+    said = []
+    for what, export in exports.items():
+        try:
+            trained = (read_export_config(export).get("extra") or {}).get("max_words")
+        except (OSError, ConfigError):  # its replicas say why the export cannot be loaded
+            continue
+        if trained is not None and trained != max_words:
+            said.append(f"the {what} was trained with serve.max_words={trained}")
+    if not said:
+        return ""
+    return (f"{', '.join(said)}, and this app cuts queries at serve.max_words={max_words}; give "
+            "the former as an override to cut queries as training did")
+
+
 def app_from_config(cfg: AppConfig) -> Any:
     """Compose the deployments from a resolved `AppConfig`."""
     if not cfg.out:
@@ -396,6 +419,12 @@ def app_from_config(cfg: AppConfig) -> Any:
     index_dir, sv = os.path.abspath(cfg.out), cfg.serve
     export = _export_for(cfg, meta)
     video = dict(meta["video"], timeout_s=cfg.video.timeout_s)
+    tight = meta.get("rerank") and _index_export(
+        cfg, meta["rerank"]["export"], meta["rerank"]["fingerprint"], "re-ranker export",
+        "index again into a new out= with the index.rerank_checkpoint to serve")
+    notice = caption_length_notice(sv.max_words, {"export": export, **({"re-ranker export": tight} if tight else {})})
+    if notice:
+        print(f"[serve] note: {notice}", file=sys.stderr, flush=True)
 
     def opts(d: Any) -> dict:
         return deployment_options(d)
@@ -409,9 +438,7 @@ def app_from_config(cfg: AppConfig) -> Any:
         export, video, batch(sv.video_encoder), sv.video_encoder.num_gpus)
     searcher = Searcher.options(**opts(sv.searcher)).bind(index_dir, batch(sv.searcher))
     rerank = None
-    if meta.get("rerank"):
-        tight = _index_export(cfg, meta["rerank"]["export"], meta["rerank"]["fingerprint"], "re-ranker export",
-                              "index again into a new out= with the index.rerank_checkpoint to serve")
+    if tight:
         rerank = Reranker.options(**opts(sv.reranker)).bind(
             tight, index_dir, sv.max_words, batch(sv.reranker), sv.reranker.num_gpus)
     limits = {"max_text_chars": sv.limits.max_text_chars, "max_k": sv.limits.max_k,

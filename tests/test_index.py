@@ -838,3 +838,38 @@ def test_an_export_in_object_storage_that_cannot_be_reached_is_an_error_line(syn
         "clipray index: error: checkpoint=s3://clipray-none/export: cannot fetch the export "
         "(NoCredentialsError: Unable to locate credentials)"], out.stderr
     assert not (tmp_path / "index").exists()
+
+
+def test_serving_cuts_queries_unlike_the_exports_training_run_says_so(tmp_path, capsys):
+    """The app decodes query clips as the index recorded, but cuts queries at this config's
+    serve.max_words: a run trained on 64-token captions (the ActivityNet and DiDeMo recipes) was
+    served cutting every query at the default 32, with no word at `clipray serve` (only
+    `clipray index` named it, where the caption length changes nothing that is served)."""
+    import torch
+
+    from clipray.export import save_export
+    from clipray.models import create_model
+    from serve import store
+    from serve.app import app_from_config
+    from serve.config import load_app_config
+
+    torch.manual_seed(0)
+    loose = str(save_export(create_model("test_meanP"), tmp_path / "loose", extra={"max_words": 64}))
+    tight = str(save_export(create_model("test_tightTransf"), tmp_path / "tight", extra={"max_words": 48}))
+    bare = str(save_export(create_model("test_meanP"), tmp_path / "bare"))  # saved outside training
+    for export, rerank, words, said in (
+        (loose, None, 32, "the export was trained with serve.max_words=64, and this app cuts queries at "
+                          "serve.max_words=32; give the former"),
+        (loose, tight, 64, "the re-ranker export was trained with serve.max_words=48, and this app cuts "
+                           "queries at serve.max_words=64"),
+        (loose, None, 64, None),
+        (bare, None, 32, None),
+    ):
+        idx = tmp_path / f"idx-{Path(export).name}-{bool(rerank)}-{words}"
+        idx.mkdir()
+        store.write_meta(idx, {"format": "clipray.index/1", "export": export, "fingerprint": store.fingerprint(export),
+                               "dim": 64, "count": 1, "kind": "flat", "video": {"fps": 2.0, "max_frames": 8},
+                               "rerank": rerank and {"export": rerank, "fingerprint": store.fingerprint(rerank)}})
+        app_from_config(load_app_config(None, [f"out={idx}", f"serve.max_words={words}"]))
+        err = capsys.readouterr().err
+        assert (said in err) if said else ("note" not in err), err
