@@ -257,7 +257,7 @@ def recorded_sampling(conf: dict) -> dict[str, Any]:
     return trained
 
 
-def sampling_notice(conf: dict, cfg: AppConfig) -> str:
+def sampling_notice(conf: dict, cfg: AppConfig, what: str = "export") -> str:
     """How this index would sample clips or cut captions unlike the training run that made the
     export (`recorded_sampling`), with the overrides that match it; "" when alike or not
     recorded. Not refused: another sampling may be meant, but unsaid it gives a worse index."""
@@ -266,7 +266,7 @@ def sampling_notice(conf: dict, cfg: AppConfig) -> str:
     differ = {k: v for k, v in trained.items() if v != now[k]}
     if not differ:
         return ""
-    return (f"the export was trained with {' '.join(f'{k}={v}' for k, v in differ.items())}, and this index "
+    return (f"the {what} was trained with {' '.join(f'{k}={v}' for k, v in differ.items())}, and this index "
             f"uses {' '.join(f'{k}={now[k]}' for k in differ)}; give the former as overrides to "
             "sample clips and cut captions as training did")
 
@@ -284,7 +284,11 @@ def _build(cfg: AppConfig, out: Path, quiet: bool) -> dict[str, Any]:
     rerank = ""
     if cfg.index.rerank_checkpoint:
         rerank = _local_export(cfg.index.rerank_checkpoint, "index.rerank_checkpoint", out)
-        _check_export(rerank, "index.rerank_checkpoint", indexable=False)
+        # its frame features are decoded with this index's sampling too
+        notice = sampling_notice(_check_export(rerank, "index.rerank_checkpoint", indexable=False), cfg,
+                                 "re-ranker export")
+        if notice:
+            print(f"[index] note: {notice}", file=sys.stderr, flush=True)
     if cfg.index.kind == "ivf_pq":  # now, not in build_faiss after every clip is embedded
         store.pq_sub_quantizers(conf["open_clip_cfg"]["embed_dim"], cfg.index.pq_m)
     meta, fp = store.read_meta(out), store.fingerprint(export)

@@ -873,3 +873,32 @@ def test_serving_cuts_queries_unlike_the_exports_training_run_says_so(tmp_path, 
         app_from_config(load_app_config(None, [f"out={idx}", f"serve.max_words={words}"]))
         err = capsys.readouterr().err
         assert (said in err) if said else ("note" not in err), err
+
+
+def test_a_reranker_whose_training_sampled_otherwise_is_named_too(synth_small, tmp_path, monkeypatch, capsys):
+    """The re-ranker's frame features are decoded with the index's sampling as well; only the
+    loose export's training run was compared, so a tightTransf trained on 12 frames at 1 fps
+    re-scored features of 8 frames at 2 fps without a word."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    import clipray.runtime
+    from clipray.export import save_export
+    from clipray.models import create_model
+    from serve.index import build_index
+
+    monkeypatch.setattr(clipray.runtime, "init_ray", lambda *a, **k: pytest.fail("Ray started"))
+    table = pq.read_table(synth_small["manifest"])
+    manifest = tmp_path / "train_only.parquet"
+    pq.write_table(table.filter(pc.equal(table["split"], "train")), manifest)
+    loose = save_export(create_model("test_meanP"), tmp_path / "loose",
+                        extra={"video": {"fps": 2.0, "max_frames": 8, "slice": "uniform"}, "max_words": 32})
+    tight = save_export(create_model("test_tightTransf"), tmp_path / "tight",
+                        extra={"video": {"fps": 1.0, "max_frames": 12, "slice": "uniform"}, "max_words": 32})
+    with pytest.raises(ConfigError, match="has no clip to index"):
+        build_index(_cfg(str(loose), str(manifest), tmp_path / "idx", "index.split=test", "video.fps=2",
+                         "video.max_frames=8", f"index.rerank_checkpoint={tight}"), quiet=True)
+    err = capsys.readouterr().err
+    assert ("the re-ranker export was trained with video.fps=1.0 video.max_frames=12, and this index uses "
+            "video.fps=2.0 video.max_frames=8" in err), err
+    assert "the export was" not in err, err
