@@ -130,7 +130,9 @@ class ClipDecoder:
         masks = np.empty((n, T), dtype=np.uint8)
         keep, skips = [], []
         for i in range(n):
-            path = str(batch["path"][i])
+            # stripped, as the manifest's own check reads it (clipray data check, clipray index):
+            # a hand-written manifest's "videos/x.mp4 " was every clip skipped as a missing file
+            path = str(batch["path"][i]).strip()
             try:
                 clip = decode_clip_safe(resolve_path(path, self.root), batch["start"][i], batch["end"][i],
                                         self.cfg, out=frames[len(keep)])

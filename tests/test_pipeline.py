@@ -407,3 +407,33 @@ def test_a_manifest_without_the_optional_time_columns_reads_as_whole_files(ray_l
     assert sorted(got, key=lambda r: r["row_id"]) == [
         {"row_id": 0, "video_id": "a", "path": "a.mp4", "start": None, "end": None, "caption": "one"},
         {"row_id": 1, "video_id": "b", "path": "b.mp4", "start": None, "end": None, "caption": "two"}]
+
+
+def test_a_path_with_stray_whitespace_decodes_as_the_manifest_check_and_the_index_read_it(synth_small, tmp_path):
+    """`clipray data check` and `clipray index` read a manifest row as `check_row` normalises it,
+    its path stripped; the decoder of training and evaluation took the raw value, so a
+    hand-written manifest whose paths end in a space (CSV "path, caption") passed the check and
+    was indexed and served, while training and evaluation skipped every clip as a missing file."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from clipray.manifest import iter_checked
+
+    rows = read_manifest(synth_small["manifest"]).to_pylist()[:2]
+    root = str(Path(synth_small["manifest"]).parent)
+    dec = ClipDecoder(DataConfig(manifest="unused", video=VideoConfig(fps=2.0, max_frames=4, size=32)),
+                      root, str(tmp_path))
+
+    def batch(paths):
+        return {"row_id": np.arange(2), "video_id": np.array([r["video_id"] for r in rows]),
+                "path": np.array(paths), "start": np.array([None] * 2), "end": np.array([None] * 2),
+                "caption": np.array([r["caption"] for r in rows])}
+
+    table = read_manifest(synth_small["manifest"])
+    padded = tmp_path / "padded.parquet"
+    pq.write_table(table.set_column(table.schema.get_field_index("path"), "path",
+                                    pa.array([f" {p}\t" for p in table.column("path").to_pylist()])), padded)
+    assert [r["path"] for r in iter_checked(padded)][:2] == [r["path"] for r in rows]  # what the index reads
+    out = dec(batch([f" {r['path']}\t" for r in rows]))
+    assert out and out["row_id"].tolist() == [0, 1], "every clip skipped"
+    np.testing.assert_array_equal(out["frames"], dec(batch([r["path"] for r in rows]))["frames"])
