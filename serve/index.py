@@ -243,6 +243,18 @@ def build_index(cfg: AppConfig, quiet: bool = False) -> dict[str, Any]:
         raise
 
 
+def check_frame_positions(conf: dict, what: str, max_frames: int) -> None:
+    """A temporal transformer head has one position per frame (tightTransf one more, for the
+    caption), taken from CLIP's text positions; training refuses more frames at start-up
+    (`train.driver.model_io`), and an index of more failed in every embedding actor, a Ray Data
+    traceback once Ray and the actor pool had started."""
+    head, ctx = conf["overrides"]["head"], int(conf["context_length"])
+    extra = {"seqTransf": 0, "tightTransf": 1}.get(head)
+    if extra is not None and max_frames + extra > ctx:
+        raise ConfigError(f"video.max_frames={max_frames}: the {head} head of {what} has {ctx} positions"
+                          f"{' (one for the caption)' if extra else ''}, so at most {ctx - extra} frames")
+
+
 SAMPLING = ("fps", "max_frames", "slice")  # the video.* keys that choose a clip's frames (the size is the model's)
 
 
@@ -278,15 +290,17 @@ def _build(cfg: AppConfig, out: Path, quiet: bool) -> dict[str, Any]:
 
     export = _local_export(cfg.checkpoint, "checkpoint", out)
     conf = _check_export(export, "checkpoint", indexable=True)
+    check_frame_positions(conf, f"checkpoint={cfg.checkpoint}", cfg.video.max_frames)
     notice = sampling_notice(conf, cfg)
     if notice:
         print(f"[index] note: {notice}", file=sys.stderr, flush=True)
     rerank = ""
     if cfg.index.rerank_checkpoint:
         rerank = _local_export(cfg.index.rerank_checkpoint, "index.rerank_checkpoint", out)
+        rconf = _check_export(rerank, "index.rerank_checkpoint", indexable=False)
+        check_frame_positions(rconf, f"index.rerank_checkpoint={cfg.index.rerank_checkpoint}", cfg.video.max_frames)
         # its frame features are decoded with this index's sampling too
-        notice = sampling_notice(_check_export(rerank, "index.rerank_checkpoint", indexable=False), cfg,
-                                 "re-ranker export")
+        notice = sampling_notice(rconf, cfg, "re-ranker export")
         if notice:
             print(f"[index] note: {notice}", file=sys.stderr, flush=True)
     if cfg.index.kind == "ivf_pq":  # now, not in build_faiss after every clip is embedded

@@ -902,3 +902,37 @@ def test_a_reranker_whose_training_sampled_otherwise_is_named_too(synth_small, t
     assert ("the re-ranker export was trained with video.fps=1.0 video.max_frames=12, and this index uses "
             "video.fps=2.0 video.max_frames=8" in err), err
     assert "the export was" not in err, err
+
+
+def test_more_frames_than_a_temporal_heads_positions_fail_before_ray(synth_small, tmp_path, monkeypatch):
+    """seqTransf has one position per frame and tightTransf one more, for the caption (CLIP's 77
+    text positions); training refuses more frames at start-up, but `clipray index
+    video.max_frames=80` with such an export failed in every embedding actor, a Ray Data
+    traceback after Ray and the actor pool had started."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    import clipray.runtime
+    from clipray.export import save_export
+    from clipray.models import create_model
+    from serve.index import build_index
+
+    monkeypatch.setattr(clipray.runtime, "init_ray", lambda *a, **k: pytest.fail("Ray started"))
+    table = pq.read_table(synth_small["manifest"])
+    manifest = tmp_path / "train_only.parquet"  # no test clip: a run the checks pass stops there
+    pq.write_table(table.filter(pc.equal(table["split"], "train")), manifest)
+    seq = save_export(create_model("test_seqTransf"), tmp_path / "seq")
+    tight = save_export(create_model("test_tightTransf"), tmp_path / "tight")
+    assert create_model("test_seqTransf").context_length == 77
+    for frames, rerank, said in (
+        (78, None, rf"^video.max_frames=78: the seqTransf head of checkpoint={seq} has 77 positions, so at most 77"),
+        (77, tight, rf"^video.max_frames=77: the tightTransf head of index.rerank_checkpoint={tight} has 77 "
+                    r"positions \(one for the caption\), so at most 76 frames"),
+        (77, None, "has no clip to index"),
+        (76, tight, "has no clip to index"),
+    ):
+        out = tmp_path / f"idx-{frames}-{bool(rerank)}"
+        with pytest.raises(ConfigError, match=said):
+            build_index(_cfg(str(seq), str(manifest), out, "index.split=test", f"video.max_frames={frames}",
+                             *([f"index.rerank_checkpoint={rerank}"] if rerank else [])), quiet=True)
+        assert not out.exists()
