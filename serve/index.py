@@ -244,15 +244,14 @@ def build_index(cfg: AppConfig, quiet: bool = False) -> dict[str, Any]:
 
 
 def check_frame_positions(conf: dict, what: str, max_frames: int) -> None:
-    """A temporal transformer head has one position per frame (tightTransf one more, for the
-    caption), taken from CLIP's text positions; training refuses more frames at start-up
-    (`train.driver.model_io`), and an index of more failed in every embedding actor, a Ray Data
-    traceback once Ray and the actor pool had started."""
-    head, ctx = conf["overrides"]["head"], int(conf["context_length"])
-    extra = {"seqTransf": 0, "tightTransf": 1}.get(head)
-    if extra is not None and max_frames + extra > ctx:
-        raise ConfigError(f"video.max_frames={max_frames}: the {head} head of {what} has {ctx} positions"
-                          f"{' (one for the caption)' if extra else ''}, so at most {ctx - extra} frames")
+    """`models.check_frames` for an export, now: an index of more frames than its temporal head
+    has positions failed in every embedding actor, a Ray Data traceback after Ray had started."""
+    from clipray.models import check_frames
+
+    try:
+        check_frames(conf["overrides"]["head"], int(conf["context_length"]), max_frames)
+    except ValueError as e:
+        raise ConfigError(f"video.max_frames={max_frames}: {what}: {e}") from None
 
 
 SAMPLING = ("fps", "max_frames", "slice")  # the video.* keys that choose a clip's frames (the size is the model's)

@@ -925,8 +925,8 @@ def test_more_frames_than_a_temporal_heads_positions_fail_before_ray(synth_small
     tight = save_export(create_model("test_tightTransf"), tmp_path / "tight")
     assert create_model("test_seqTransf").context_length == 77
     for frames, rerank, said in (
-        (78, None, rf"^video.max_frames=78: the seqTransf head of checkpoint={seq} has 77 positions, so at most 77"),
-        (77, tight, rf"^video.max_frames=77: the tightTransf head of index.rerank_checkpoint={tight} has 77 "
+        (78, None, rf"^video.max_frames=78: checkpoint={seq}: the seqTransf head has 77 positions, so at most 77"),
+        (77, tight, rf"^video.max_frames=77: index.rerank_checkpoint={tight}: the tightTransf head has 77 "
                     r"positions \(one for the caption\), so at most 76 frames"),
         (77, None, "has no clip to index"),
         (76, tight, "has no clip to index"),

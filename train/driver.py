@@ -28,7 +28,7 @@ from clipray.manifest import check_unique_ids
 
 def model_io(cfg: Config) -> Config:
     """Fit the data section to the model: frame size, tokenizer and caption length."""
-    from clipray.models import HEAD_NAMES, check_options, check_pretrained, get_spec
+    from clipray.models import HEAD_NAMES, check_frames, check_options, check_pretrained, get_spec
     from clipray.models.backbone import open_clip_config
     from clipray.models.tuning import TUNINGS
 
@@ -53,14 +53,10 @@ def model_io(cfg: Config) -> Config:
     size = oc["vision_cfg"]["image_size"]
     size = size[0] if isinstance(size, (list, tuple)) else int(size)
     ctx = int(oc.get("text_cfg", {}).get("context_length", 77))
-    # the temporal heads take their frame positions from CLIP's text positions (tightTransf:
-    # one for the caption too); more frames failed at the first batch in every worker
-    head = m.head or spec.head
-    frames = cfg.data.video.max_frames + (1 if head == "tightTransf" else 0)
-    if head in ("seqTransf", "tightTransf") and frames > ctx:
-        raise ConfigError(f"data.video.max_frames={cfg.data.video.max_frames}: the {head} head has {ctx} "
-                          f"positions{' (one for the caption)' if head == 'tightTransf' else ''}, "
-                          f"so at most {ctx - (frames - cfg.data.video.max_frames)} frames")
+    try:  # else a failure at the first batch in every worker
+        check_frames(m.head or spec.head, ctx, cfg.data.video.max_frames)
+    except ValueError as e:
+        raise ConfigError(f"data.video.max_frames={cfg.data.video.max_frames}: {e}") from None
     video = dataclasses.replace(cfg.data.video, size=size)
     data = dataclasses.replace(cfg.data, video=video, tokenizer=spec.tokenizer_name,
                                max_words=min(cfg.data.max_words, ctx))

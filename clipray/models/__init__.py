@@ -111,6 +111,16 @@ def check_options(linear_patch: str, tuning: str) -> None:
                          "tower without autograd, so the 3d patch would never train and stay the 2d one")
 
 
+def check_frames(head: str, context_length: int, max_frames: int) -> None:
+    """ValueError unless `head` takes `max_frames` frames: the temporal transformers take one
+    position per frame from CLIP's text positions (tightTransf one more, for the caption); more
+    frames fail at the first batch, in every worker or actor."""
+    extra = {"seqTransf": 0, "tightTransf": 1}.get(head)
+    if extra is not None and max_frames + extra > context_length:
+        raise ValueError(f"the {head} head has {context_length} positions"
+                         f"{' (one for the caption)' if extra else ''}, so at most {context_length - extra} frames")
+
+
 def check_pretrained(name: str, pretrained: Optional[str] = None) -> None:
     """ValueError unless `create_model(name, pretrained=pretrained)` can load its weights: open_clip
     takes a tag it knows for the model or a local file, nothing else (no URI, no tag of another
