@@ -110,7 +110,9 @@ def retrieval_metrics(sim, video_of_text) -> dict[str, float]:
 def dual_softmax(sim: torch.Tensor, temperature: float = 100.0, dim: int = 0) -> torch.Tensor:
     """DSL re-weighting: `sim * softmax(temperature * sim, dim)`. dim=0 (a prior over texts per
     video) for text-to-video, dim=1 for video-to-text. Inference only; transductive."""
-    sim = torch.as_tensor(sim).float()
+    # float64: in float32, exp(-100 * gap) underflows to 0 once two cosines differ by ~0.87,
+    # and the pairs it zeroes tie with each other (a tie counts against the query)
+    sim = torch.as_tensor(sim).double()
     return sim * F.softmax(sim * temperature, dim=dim)
 
 
