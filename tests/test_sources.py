@@ -342,6 +342,46 @@ def test_howto100m_giant_json_is_streamed_into_shards(tmp_path, monkeypatch):
     assert manifest_metadata(str(out))["captions_form"] == "json"
 
 
+def test_a_rewrite_stopped_while_the_old_shards_go_reads_as_unfinished(tmp_path, monkeypatch):
+    """A re-run deletes the folder's old shards, one by one, before it writes its own: stopped
+    among those deletes (a Ctrl-C in its first seconds; ~545 deletes on S3 for HowTo100M), the
+    old shards left were read back as a smaller, complete manifest, which the `.partial` names
+    exist to rule out (datasets/README.md)."""
+    import clipray.manifest as manifest_mod
+    from clipray.manifest import ManifestError, manifest_files
+
+    fx.write_howto100m(tmp_path, "json")
+    out = tmp_path / "howto"
+    prepare("howto100m", tmp_path, out, rows_per_shard=1)  # 6 shards
+    real = manifest_mod.filesystem
+
+    class StoppedAtThirdDelete:  # the real filesystem, interrupted as it deletes a third file
+        def __init__(self, fs):
+            self.fs, self.deletes = fs, 0
+
+        def __getattr__(self, name):
+            return getattr(self.fs, name)
+
+        def delete_file(self, path):
+            self.deletes += 1
+            if self.deletes == 3:
+                raise KeyboardInterrupt
+            self.fs.delete_file(path)
+
+    def stopping(path):
+        fs, p = real(path)
+        return StoppedAtThirdDelete(fs), p
+
+    monkeypatch.setattr(manifest_mod, "filesystem", stopping)
+    with pytest.raises(KeyboardInterrupt):
+        prepare("howto100m", tmp_path, out, rows_per_shard=4, val_list="val_list.csv")
+    monkeypatch.undo()
+    assert len([n for n in os.listdir(out) if n.endswith(".parquet")]) == 4  # 2 of the 6 went
+    with pytest.raises(ManifestError, match="unfinished manifest"):
+        manifest_files(str(out))
+    _check_howto(prepare("howto100m", tmp_path, out, rows_per_shard=4, val_list="val_list.csv"), out)
+
+
 def test_howto100m_caption_json_with_a_bom_or_a_byte_not_utf8(tmp_path, capsys):
     """datasets/README.md: annotation files are UTF-8, a BOM is fine, and a file in another
     encoding stops the run naming the file and the line of the first bad byte. The streamed

@@ -177,14 +177,26 @@ def _chain(first, rest):
 
 def _remove_old_shards(out: str) -> None:
     """A folder manifest is rewritten whole: stale `part-*.parquet` from a longer earlier run
-    would otherwise be read back as part of this one (and `.partial` ones of a killed run linger)."""
+    would otherwise be read back as part of this one (and `.partial` ones of a killed run linger).
+
+    The writer's first `.partial` name is written before any old shard goes, so a run stopped
+    while they go (one delete per shard: seconds for HowTo100M's ~545 on an object store) leaves
+    a folder that reads as unfinished, not the shards left as a smaller, complete manifest. The
+    writer's first shard replaces it."""
     if out.endswith(".parquet"):
         return
     import pyarrow.fs as pafs
 
-    from clipray.manifest import filesystem
+    from clipray.manifest import PARTIAL, filesystem
 
     fs, base = filesystem(out)  # the key as the writer takes it: a '#' in it is no fragment
-    for info in fs.get_file_info(pafs.FileSelector(base, allow_not_found=True)):
-        if info.type == pafs.FileType.File and re.fullmatch(r"part-\d+\.parquet(\.partial)?", info.base_name):
-            fs.delete_file(info.path)
+    old = [info.path for info in fs.get_file_info(pafs.FileSelector(base, allow_not_found=True))
+           if info.type == pafs.FileType.File and re.fullmatch(r"part-\d+\.parquet(\.partial)?", info.base_name)]
+    if not old:
+        return
+    unfinished = f"{base}/part-00000.parquet{PARTIAL}"  # ManifestWriter's first shard, as it names it
+    with fs.open_output_stream(unfinished):
+        pass
+    for path in old:
+        if path != unfinished:
+            fs.delete_file(path)
