@@ -34,6 +34,7 @@ import os
 import sys
 import uuid
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
 
@@ -276,13 +277,16 @@ def collect_skips(skip_dir: str, out_name: str = "skip_report.jsonl") -> dict[st
     parts = sorted(p for p in fs.find(f"{root}/{SKIP_DIR}", maxdepth=1) if p.endswith(".jsonl")) \
         if fs.exists(f"{root}/{SKIP_DIR}") else []
     records: dict[tuple, dict] = {}
-    for p in parts:
-        with fs.open(p) as f:
-            for line in f.read().decode().splitlines():
-                rec = json.loads(line)
-                # a re-executed block may report a row twice; but a run's training and
-                # evaluation manifests (data.eval_manifest) both number their rows from 0
-                records[(rec["row_id"], rec["video_id"], rec["path"])] = rec
+    # read 32 at a time: decoders write a file per batch with a skip, so a long run on an object
+    # store leaves thousands, and one request after another took seconds per thousand
+    with ThreadPoolExecutor(32) as pool:
+        texts = list(pool.map(fs.cat_file, parts))
+    for text in texts:
+        for line in text.decode().splitlines():
+            rec = json.loads(line)
+            # a re-executed block may report a row twice; but a run's training and
+            # evaluation manifests (data.eval_manifest) both number their rows from 0
+            records[(rec["row_id"], rec["video_id"], rec["path"])] = rec
     rows = [records[k] for k in sorted(records)]
     fs.makedirs(root, exist_ok=True)
     with fs.open(f"{root}/{out_name}", "w") as f:
