@@ -211,20 +211,21 @@ def test_evaluation_groups_a_videos_captions_whose_times_are_nan_as_one_clip(ray
 
     n = 6
     vid = [0, 0, 1, 1, 2, 2]
+    words = ["dog", "cat", "car", "tree", "boat", "bird"]
     pq.write_table(pa.table({
         "row_id": pa.array(range(n), pa.int64()), "video_id": [f"v{v}" for v in vid],
         "path": [f"v{v}.mp4" for v in vid], "start": pa.array([whole] * n, pa.float64(), from_pandas=False),
         "end": pa.array([whole] * n, pa.float64(), from_pandas=False),
-        "caption": [f"caption {i}" for i in range(n)], "split": ["test"] * n}), tmp_path / "m.parquet")
+        "caption": [f"a {w}" for w in words], "split": ["test"] * n}), tmp_path / "m.parquet")
     torch.manual_seed(0)
     model = create_model("test_meanP")
     frames = _data(n=3, t=2)[0]
     mask = torch.ones(n, 2, dtype=torch.bool)
-    words = ["dog", "cat", "car", "tree", "boat", "bird"]
-    tokens = open_clip.get_tokenizer("ViT-B-32")([f"a {w}" for w in words], context_length=16)
+    tokenize = open_clip.get_tokenizer("ViT-B-32", context_length=16)
+    tokens = tokenize([f"a {w}" for w in words])
     shard = ray_local.data.from_items([{"frames": frames[v, :2].numpy(), "frame_mask": mask[i].numpy(),
                                         "tokens": tokens[i].numpy(), "row_id": i} for i, v in enumerate(vid)])
-    got = evaluate(model, shard, str(tmp_path / "m.parquet"), "test", 4)
+    got = evaluate(model, shard, str(tmp_path / "m.parquet"), "test", 4, tokenize)
     with torch.no_grad():
         video = model.encode_video(model.normalize(frames[:, :2]), torch.ones(3, 2, dtype=torch.bool))
         sim = model.encode_text(tokens) @ video.t()

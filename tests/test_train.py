@@ -41,9 +41,11 @@ def overrides(manifest, storage, name, **extra):
     return [f"{k}={v}" for k, v in base.items()]
 
 
-def brute_force_metrics(export_dir: Path, manifest: str) -> dict:
+def brute_force_metrics(export_dir: Path, manifest: str, keep: int | None = None) -> dict:
     """Re-evaluate the exported model on the test split without Ray: decode each clip, embed,
-    score every text against every video and rank by hand."""
+    score every text against every video and rank by hand. `keep`: the manifest repeats blocks
+    of `keep` clips and one more (a corrupt video's, left out) under other captions: row i's
+    clip is row i % (keep + 1)'s; v2t ranks a clip's best caption among other clips' captions."""
     import open_clip
 
     from clipray.config import VideoConfig
@@ -54,18 +56,28 @@ def brute_force_metrics(export_dir: Path, manifest: str) -> dict:
     cfg = json.loads((export_dir / "config.json").read_text())
     size = model.image_size
     rows = read_manifest(manifest, split="test").to_pylist()
+    n = keep or len(rows)
+    stride = n + 1 if keep else n  # keep: each wording block holds the kept clips and one bad
+    texts = [r for i, r in enumerate(rows) if i % stride < n]
+    clip_of = [i % stride for i, r in enumerate(rows) if i % stride < n]
     root = manifest.rsplit("/", 1)[0]
     vcfg = VideoConfig(fps=2.0, max_frames=4, size=size)
-    clips = [decode_clip(f"{root}/{r['path']}", r["start"], r["end"], vcfg) for r in rows]
+    clips = [decode_clip(r["path"] if r["path"].startswith("/") else f"{root}/{r['path']}", r["start"], r["end"], vcfg)
+             for r in rows[:n]]
     tok = open_clip.get_tokenizer(cfg.get("tokenizer_name", "ViT-B-32"), context_length=32)
     with torch.no_grad():
         frames = torch.from_numpy(np.stack([c.frames for c in clips]))
         mask = torch.from_numpy(np.stack([c.mask for c in clips])).bool()
         v = model.encode_video(model.normalize(frames), mask)
-        t = model.encode_text(tok([r["caption"] for r in rows]))
+        t = model.encode_text(tok([r["caption"] for r in texts]))
     sim = (t @ v.T).numpy()
-    ranks = [1 + int((np.delete(sim[i], i) >= sim[i, i]).sum()) for i in range(len(rows))]
-    return {"t2v_r1": 100.0 * np.mean([r == 1 for r in ranks]), "t2v_mnr": float(np.mean(ranks))}
+    t2v = [1 + int((np.delete(sim[i], c) >= sim[i, c]).sum()) for i, c in enumerate(clip_of)]
+    own = np.array(clip_of)
+    best = [sim[own == c, c].max() for c in range(n)]  # a clip's best caption, among other clips' ones
+    v2t = [1 + int((sim[own != c, c] >= best[c]).sum()) for c in range(n)]
+    return {"t2v_r1": 100.0 * np.mean([r == 1 for r in t2v]), "t2v_r5": 100.0 * np.mean([r <= 5 for r in t2v]),
+            "t2v_mnr": float(np.mean(t2v)), "v2t_r1": 100.0 * np.mean([r == 1 for r in v2t]),
+            "v2t_mnr": float(np.mean(v2t)), "sim": sim, "video_of_text": clip_of}
 
 
 def test_train_outputs_match_brute_force_eval(ray_local, synth_small, tmp_path, monkeypatch):
@@ -105,6 +117,42 @@ def test_train_outputs_match_brute_force_eval(ray_local, synth_small, tmp_path, 
     bf = brute_force_metrics(out / "export", synth_small["manifest"])
     assert result["t2v_r1"] == pytest.approx(bf["t2v_r1"])
     assert result["t2v_mnr"] == pytest.approx(bf["t2v_mnr"], abs=1e-6)
+
+
+def test_evaluation_decodes_each_clip_once_and_ranks_every_caption(ray_local, synth_small, real_video, tmp_path):
+    """A clip with several captions (MSVD: ~40 per test video) was decoded and embedded once per
+    caption row, all but the first thrown away. Evaluation now decodes each clip's first row
+    only and queries with every caption. 2 workers over 3 captions per clip (one clip corrupt):
+    the metrics are a brute force's over the good clips, and the corrupt clip is tried once."""
+    from clipray.export import save_export
+    from clipray.metrics import retrieval_metrics
+    from clipray.models import create_model
+    from train.driver import evaluate_export
+
+    root = synth_small["manifest"].rsplit("/", 1)[0]
+    test = read_manifest(synth_small["manifest"], split="test").to_pylist()
+    corrupt = plant(real_video, tmp_path / "bad")["corrupt"]
+    clips = [dict(video_id=r["video_id"], path=f"{root}/{r['path']}", start=r["start"], end=r["end"],
+                  caption=r["caption"]) for r in test]
+    clips.append(dict(video_id="bad", path=str(corrupt), start=None, end=None, caption="broken"))
+    wording = ("{}", "here {}", "{} again")
+    # a clip's captions are rows apart: its first row is in the first third
+    rows = [dict(c, caption=w.format(c["caption"]), split="test") for w in wording for c in clips]
+    write_manifest(rows, tmp_path / "m.parquet")
+    torch.manual_seed(0)
+    export = save_export(create_model("test_meanP"), tmp_path / "export")
+    cfg = load_config(DEMO, overrides(str(tmp_path / "m.parquet"), tmp_path, "three"))
+    got = evaluate_export(cfg, str(export), "test", "eval-test")
+
+    skipped = [json.loads(x) for f in sorted((tmp_path / "three" / "skips").iterdir())
+               for x in f.read_text().splitlines()]
+    assert [r["row_id"] for r in skipped] == [len(clips) - 1]  # once, not once per caption
+    assert got["num_test_videos"] == len(test) and got["num_test_texts"] == 3 * len(test)
+    # brute force, no Ray: each good clip decoded and embedded, every caption against every clip
+    bf = brute_force_metrics(export, str(tmp_path / "m.parquet"), keep=len(test))
+    for k in ("t2v_r1", "t2v_r5", "t2v_mnr", "v2t_r1", "v2t_mnr"):
+        assert got[k] == pytest.approx(bf[k], abs=1e-6), k
+    assert got["t2v_r1"] == pytest.approx(retrieval_metrics(bf["sim"], bf["video_of_text"])["t2v_r1"])
 
 
 def test_the_reported_loss_is_the_global_batch_loss_not_rank_0s_share(ray_local, synth_small, tmp_path):

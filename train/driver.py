@@ -285,6 +285,7 @@ def run(cfg: Config, quiet_ray: bool = False, stop_epoch: int = 0, table: bool =
 
     from clipray.pipeline import clip_dataset, collect_skips
     from clipray.runtime import check_fits, init_ray, quiet_data_progress
+    from train.evaluate import first_rows
     from train.loop import STATE, train_loop
 
     init_ray(cfg.ray, quiet=quiet_ray)
@@ -304,7 +305,7 @@ def run(cfg: Config, quiet_ray: bool = False, stop_epoch: int = 0, table: bool =
                    advice="set train.use_gpu=false, or submit the job to a GPU cluster")
     quiet_data_progress()
     eval_data = dataclasses.replace(cfg.data, manifest=eval_manifest)
-    datasets = {"test": clip_dataset(eval_data, out, split=eval_split)}
+    datasets = {"test": clip_dataset(eval_data, out, split=eval_split, rows=first_rows(eval_manifest, eval_split))}
     if not cfg.data.shard_stream:
         datasets["train"] = clip_dataset(cfg.data, out, split="train", shuffle=cfg.data.shuffle_rows)
     print(f"[driver] run {out}: {n_train if n_train is not None else 'streamed'} training clips, "
@@ -367,6 +368,7 @@ def _eval_loop(config: dict[str, Any]) -> None:
     import ray.train.torch
 
     from clipray.export import fetch_export, load_export
+    from clipray.pipeline import caption_tokenizer
     from train.evaluate import evaluate
     from train.loop import quiet_worker_logs
 
@@ -374,7 +376,7 @@ def _eval_loop(config: dict[str, Any]) -> None:
     with tempfile.TemporaryDirectory() as d:
         model = load_export(fetch_export(config["export"], d), ray.train.torch.get_device())
     metrics = evaluate(model, ray.train.get_dataset_shard("test"), config["manifest"], config["split"],
-                       config["batch_size"])
+                       config["batch_size"], caption_tokenizer(config["tokenizer"], config["max_words"]))
     with tempfile.TemporaryDirectory() as d:  # Result.metrics holds only what came with a checkpoint
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
 
@@ -388,6 +390,7 @@ def evaluate_export(cfg: Config, export: str, split: str, name: str) -> dict[str
 
     from clipray.pipeline import clip_dataset
     from clipray.runtime import init_ray
+    from train.evaluate import first_rows
 
     cfg = model_io(cfg)
     manifest, out = cfg.data.eval_manifest or cfg.data.manifest, run_dir(cfg)
@@ -397,11 +400,12 @@ def evaluate_export(cfg: Config, export: str, split: str, name: str) -> dict[str
     data = dataclasses.replace(cfg.data, manifest=manifest)
     trainer = TorchTrainer(
         _eval_loop,
-        train_loop_config={"export": export, "manifest": manifest, "split": split, "batch_size": cfg.data.batch_size},
+        train_loop_config={"export": export, "manifest": manifest, "split": split, "batch_size": cfg.data.batch_size,
+                           "tokenizer": cfg.data.tokenizer, "max_words": cfg.data.max_words},
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
             resources_per_worker={"CPU": cfg.train.cpus_per_worker}),
-        datasets={"test": clip_dataset(data, out, split=split)},
+        datasets={"test": clip_dataset(data, out, split=split, rows=first_rows(manifest, split))},
         dataset_config=_data_config(),
         run_config=ray.train.RunConfig(name=name, storage_path=f"{out}/evaluations",
                                        logging_config=ray.train.LoggingConfig(log_level="WARNING")),

@@ -3,14 +3,15 @@
 Each worker embeds its shard of the test stream (texts and videos, in batches), the pieces are
 gathered across workers, and every rank scores the joined set block-wise with the retrieval
 metrics. Rows are tied back to clips through the manifest's `row_id`. A retrieval target is a
-clip, (video_id, start, end): several captions of one clip (MSR-VTT's 20 per video) need no
-special case, its embedding is taken once, from its first row; the segments of one video
-(YouCook2, DiDeMo moments, the synthetic events) are targets of their own.
+clip, (video_id, start, end), decoded once, from its first row (`first_rows`: MSVD's ~40
+captions per test video were ~40 decodes of it); every row's caption is a query, tokenized from
+the manifest and embedded a share per worker. The segments of one video (YouCook2, DiDeMo
+moments, the synthetic events) are targets of their own.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -28,10 +29,38 @@ def _gather(obj: Any) -> list[Any]:
     return out
 
 
+def _rank_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def read_split(manifest: str, split: str) -> tuple[list[int], list[tuple], list[str]]:
+    """The split's row ids (ascending), each row's clip (video_id, start, end) and caption."""
+    table = read_manifest(manifest, columns=["row_id", "video_id", "start", "end", "caption"],
+                          split=split).sort_by("row_id")
+    # a NaN time is the whole file, as a null is (the manifest and the decoder read both so); as
+    # a key, every NaN differs from every other and each caption became a clip of its own
+    times = [[as_seconds(t) for t in table.column(c).to_pylist()] for c in ("start", "end")]
+    clips = list(zip(table.column("video_id").to_pylist(), *times))
+    return table.column("row_id").to_pylist(), clips, table.column("caption").to_pylist()
+
+
+def first_rows(manifest: str, split: str) -> list[int] | None:
+    """The rows whose videos evaluation decodes: each clip's first; None when every row is a
+    clip of its own (nothing to leave out)."""
+    ids, clips, _ = read_split(manifest, split)
+    first: dict[tuple, int] = {}
+    for rid, clip in zip(ids, clips):
+        first.setdefault(clip, rid)
+    return None if len(first) == len(ids) else sorted(first.values())
+
+
 @torch.no_grad()
-def embed_shard(model: Any, shard: Any, batch_size: int) -> dict[str, torch.Tensor]:
-    """Embed this worker's share of the test stream: row ids, text and video embeddings."""
-    rows, texts, videos, masks = [], [], [], []
+def embed_videos(model: Any, shard: Any, batch_size: int) -> dict[str, torch.Tensor]:
+    """Embed this worker's share of the test clips: row ids, video embeddings (a tight head's
+    frame features) and frame masks."""
+    rows, videos, masks = [], [], []
     dev = model.logit_scale.device
     was = model.training
     model.eval()
@@ -39,49 +68,66 @@ def embed_shard(model: Any, shard: Any, batch_size: int) -> dict[str, torch.Tens
         mask = b["frame_mask"].to(dev).bool()
         feats = model.encode_frames(model.normalize(b["frames"].to(dev)), mask)
         videos.append((model.pool_video(feats, mask) if model.indexable else feats).float().cpu())
-        texts.append(model.encode_text(b["tokens"].to(dev)).float().cpu())
         masks.append(mask.cpu())
         rows.append(b["row_id"].cpu())
     model.train(was)
     if not rows:
         return {}
-    return {"row_id": torch.cat(rows), "text": torch.cat(texts), "video": torch.cat(videos),
-            "mask": torch.cat(masks)}
+    return {"row_id": torch.cat(rows), "video": torch.cat(videos), "mask": torch.cat(masks)}
 
 
-def evaluate(model: Any, shard: Any, manifest: str, split: str, batch_size: int) -> dict[str, float]:
-    """Metrics over the whole split, identical on every rank (all of them call this)."""
-    parts = [p for p in _gather(embed_shard(model, shard, batch_size)) if p]
+@torch.no_grad()
+def embed_texts(model: Any, captions: list[str], tokenize: Callable[[list[str]], Any],
+                batch_size: int) -> torch.Tensor:
+    """Every caption's embedding, in order: each worker embeds every world-th, then all gather."""
+    rank, world = _rank_world()
+    mine = list(range(rank, len(captions), world))
+    dev = model.logit_scale.device
+    was = model.training
+    model.eval()
+    out = [model.encode_text(tokenize([captions[i] for i in mine[s:s + batch_size]]).to(dev)).float().cpu()
+           for s in range(0, len(mine), batch_size)]
+    model.train(was)
+    got = _gather((mine, torch.cat(out) if out else torch.empty(0)))
+    full: list[Any] = [None] * len(captions)
+    for idx, emb in got:
+        for k, i in enumerate(idx):
+            full[i] = emb[k]
+    return torch.stack(full)
+
+
+def evaluate(model: Any, shard: Any, manifest: str, split: str, batch_size: int,
+             tokenize: Callable[[list[str]], Any]) -> dict[str, float]:
+    """Metrics over the whole split, identical on every rank (all of them call this). `shard`:
+    this worker's share of the split's decoded clips (`first_rows` of it, or every row);
+    `tokenize`: the captions' tokenizer, as the training batches are cut."""
+    parts = [p for p in _gather(embed_videos(model, shard, batch_size)) if p]
     if not parts:
         raise RuntimeError(f"no clip of the {split!r} split could be decoded; see the skip report")
     joined = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
     order = torch.argsort(joined["row_id"])
     joined = {k: v[order] for k, v in joined.items()}
-    table = read_manifest(manifest, columns=["row_id", "video_id", "start", "end", "caption"], split=split)
-    ids = table.column("row_id").to_pylist()
-    # a NaN time is the whole file, as a null is (the manifest and the decoder read both so); as
-    # a key, every NaN differs from every other and each caption became a clip of its own
-    times = [[as_seconds(t) for t in table.column(c).to_pylist()] for c in ("start", "end")]
-    clip_of_row = dict(zip(ids, zip(table.column("video_id").to_pylist(), *times)))
-    caption_of_row = dict(zip(ids, table.column("caption").to_pylist()))
-    clips: dict[tuple, int] = {}
+    ids, clips_of, captions = read_split(manifest, split)
+    clip_of_row = dict(zip(ids, clips_of))
+    clips: dict[tuple, int] = {}  # each decoded clip's column: its first decoded row's
     first_row: list[int] = []
-    video_of_text = []
     for i, rid in enumerate(joined["row_id"].tolist()):
         c = clip_of_row[rid]
         if c not in clips:
             clips[c] = len(clips)
             first_row.append(i)
-        video_of_text.append(clips[c])
+    # the queries: every caption of a clip that decoded (a skipped clip's leave with it)
+    queries = [i for i, c in enumerate(clips_of) if c in clips]
+    video_of_text = [clips[clips_of[i]] for i in queries]
+    texts = embed_texts(model, [captions[i] for i in queries], tokenize, batch_size)
     idx = torch.tensor(first_row)
-    sim = similarity_in_blocks(model, joined["text"], joined["video"][idx],
+    sim = similarity_in_blocks(model, texts, joined["video"][idx],
                                None if model.indexable else joined["mask"][idx])
     metrics = retrieval_metrics(sim, video_of_text)
     metrics["num_test_videos"] = len(clips)  # clips, strictly: the key predates moment manifests
     metrics["num_test_texts"] = len(video_of_text)
     if manifest_metadata(manifest).get("source") == "synthetic":
-        captions = [caption_of_row[r] for r in joined["row_id"].tolist()]
-        metrics.update(order_accuracy(sim.numpy(), video_of_text, captions))
+        metrics.update(order_accuracy(sim.numpy(), video_of_text, [captions[i] for i in queries]))
     return metrics
 
 

@@ -156,6 +156,7 @@ def train_loop(config: dict[str, Any]) -> None:
 
     from clipray.losses import clamp_logit_scale
     from clipray.models import build_model
+    from clipray.pipeline import caption_tokenizer
     from clipray.task import RetrievalTask
     from train import ds_config
     from train.evaluate import evaluate
@@ -208,6 +209,7 @@ def train_loop(config: dict[str, Any]) -> None:
         train_shard = ray.train.get_dataset_shard("train")
     test_shard = ray.train.get_dataset_shard("test")
     eval_manifest = cfg.data.eval_manifest or cfg.data.manifest
+    tokenize = caption_tokenizer(cfg.data.tokenizer, cfg.data.max_words)  # the captions evaluation queries with
     progress = Progress(total, state["step"], B * world)
     dev = engine.device
 
@@ -272,7 +274,7 @@ def train_loop(config: dict[str, Any]) -> None:
         if last or epoch % cfg.train.eval_every_epochs == 0:
             m = eval_model(engine, cfg, replica)
             with torch.autocast(dev.type, dtype=dtype, enabled=dtype != torch.float32):
-                record.update(evaluate(m, test_shard, eval_manifest, cfg.data.eval_split, B))
+                record.update(evaluate(m, test_shard, eval_manifest, cfg.data.eval_split, B, tokenize))
             if rank == 0:
                 say(f"[eval] epoch {epoch} ({cfg.data.eval_split}): t2v R@1 {record['t2v_r1']:.1f} "
                     f"R@5 {record['t2v_r5']:.1f} R@10 {record['t2v_r10']:.1f} MdR {record['t2v_mdr']:.1f} "
