@@ -833,6 +833,10 @@ def test_resuming_with_another_batch_size_is_refused_before_ray_and_leaves_the_r
         run(load_config(DEMO, args + ["optim.lr=2e-3"]), quiet_ray=True, table=False)
     with pytest.raises(ConfigError, match=r"optim\.warmup_ratio: 0\.1 -> 0\.5"):
         run(load_config(DEMO, args + ["optim.warmup_ratio=0.5"]), quiet_ray=True, table=False)
+    # DeepSpeed keeps a bf16 run's optimiser state in other files and keys: the fp32 checkpoint
+    # failed to load in every worker (KeyError 'dynamic_loss_scale' at ZeRO-0) once Ray had started
+    with pytest.raises(ConfigError, match=r"train\.precision: 'fp32' -> 'bf16'"):
+        run(load_config(DEMO, args + ["train.precision=bf16"]), quiet_ray=True, table=False)
     assert (tmp_path / "mixed" / "metrics.csv").read_text() == history
 
 
@@ -892,3 +896,19 @@ def test_resume_check_finds_the_checkpoints_of_a_run_folder_named_like_a_glob(tm
     check_resume(str(out), resume_key(cfg, 5))  # the same settings: resumes
     with pytest.raises(ConfigError, match=r"data.batch_size: 8 -> 4"):
         check_resume(str(out), resume_key(load_config(None, ["data.batch_size=4"]), 5))
+
+
+def test_resuming_on_cpu_a_run_checkpointed_on_gpu_is_refused_naming_the_precision(tmp_path):
+    """train.precision=auto is bf16 on GPU workers and fp32 on CPU ones: the same config resumed
+    with train.use_gpu=false would load a bf16 DeepSpeed checkpoint into an fp32 engine, which
+    failed in every worker after Ray started (ZeRO-0: KeyError 'dynamic_loss_scale'; ZeRO-2: no
+    bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt). Refused before, with what it resolved to."""
+    from clipray.config import ConfigError, load_config
+    from train.driver import check_resume, resume_key
+
+    out = tmp_path / "gpu-run"
+    (out / "checkpoint_000001").mkdir(parents=True)
+    check_resume(str(out), resume_key(load_config(None, ["train.use_gpu=true"]), 5))  # records the key
+    check_resume(str(out), resume_key(load_config(None, ["train.use_gpu=true", "train.precision=bf16"]), 5))
+    with pytest.raises(ConfigError, match=r"train\.precision: 'bf16' -> 'fp32'"):
+        check_resume(str(out), resume_key(load_config(None, ["train.use_gpu=false"]), 5))

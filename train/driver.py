@@ -136,10 +136,16 @@ def resume_key(cfg: Config, steps_per_epoch: int, stop_epoch: int = 0) -> dict[s
     weight decay, betas and eps over the config's (a new optim.lr was ignored without a word),
     while a new warm-up would move the schedule under the saved step. A call with `stop_epoch`
     (clip editing's rounds) names new data each round, so the manifest is left out."""
+    from train.ds_config import precision
+
     key = {"model": dataclasses.asdict(cfg.model), "data.batch_size": cfg.data.batch_size,
            "train.num_workers": cfg.train.num_workers, "train.epochs": cfg.train.epochs,
            "train.max_steps": cfg.train.max_steps, "train.grad_accum": cfg.train.grad_accum,
            "train.zero_stage": cfg.train.zero_stage,
+           # as resolved (auto: bf16 on GPU, fp32 on CPU): DeepSpeed keeps the optimiser's state
+           # of a bf16 run in other files and keys, and a checkpoint of the other precision
+           # failed to load in every worker (KeyError, FileNotFoundError) once Ray had started
+           "train.precision": precision(cfg.train),
            "train.checkpoint_every_steps": cfg.train.checkpoint_every_steps,
            # optim.grad_clip is left out: it reaches DeepSpeed's config anew at every start
            **{f"optim.{k}": v for k, v in dataclasses.asdict(cfg.optim).items() if k != "grad_clip"}}
