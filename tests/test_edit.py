@@ -449,3 +449,47 @@ def test_a_failed_state_write_keeps_the_last_state(tmp_path):
     _put(str(state), json.dumps({"records": [1, 2]}))
     assert _get_json(str(state)) == {"records": [1, 2]}
     assert [p.name for p in state.parent.iterdir()] == ["edit_state.json"]  # no .partial left
+
+
+def test_a_round_stopped_after_its_training_resumes_on_the_clips_it_trained_on(ray_local, events, tmp_path,
+                                                                              monkeypatch):
+    """Round 1 trains on its edits, beats round 0 and starts copying itself over the teacher;
+    the job dies mid-copy (a cut weights file), before the round's state is saved. The re-run
+    scored round 1 again, with that teacher: a cut one failed every re-run, a whole one (the
+    round's own student) rewrote the round's manifest with clips its training never saw. Now the
+    round's edits are saved before it trains and reused: no scoring, the same manifest, and the
+    teacher copied whole. Validation is stubbed to improve every round (so the teacher moves);
+    training, scoring and the final evaluation are real."""
+    import train.edit
+    from clipray.export import WEIGHTS
+    from train.edit import main
+
+    vals = iter(range(1000))
+    monkeypatch.setattr(train.edit, "_val", lambda final: {"val_r1": 0.0, "val_r5": 0.0, "val_r10": 0.0,
+                                                           "val_rsum": float(next(vals))})
+    copy, scored = train.edit._copy_export, []
+
+    def dying_copy(src, dst):  # the second copy (round 1's student) is cut short
+        if not scored or len(scored) > 1:
+            return copy(src, dst)
+        Path(dst, WEIGHTS).write_bytes(Path(src, WEIGHTS).read_bytes()[:1000])
+        raise KeyboardInterrupt
+
+    edit_clips = train.edit.edit_clips
+    monkeypatch.setattr(train.edit, "_copy_export", dying_copy)
+    monkeypatch.setattr(train.edit, "edit_clips", lambda *a, **k: scored.append(a[3]) or edit_clips(*a, **k))
+    args = [str(EDIT_DEMO), *overrides(events["events_manifest"], tmp_path, "cut")]
+    with pytest.raises(KeyboardInterrupt):
+        main(args)
+    out = tmp_path / "cut"
+    trained = read_clips(str(out / "clips" / "round-01.parquet"))
+    assert scored == [1] and not (out / "edit_result.json").exists()
+    scored.append("resumed")
+    assert main(args) == 0
+    assert scored == [1, "resumed"]  # round 1 was not scored again
+    result = json.loads((out / "edit_result.json").read_text())
+    assert [r["teacher_updated"] for r in result["rounds"]] == [True, True]
+    assert read_clips(result["rounds"][1]["manifest"]) == trained
+    moved = sum(trained[i] != c for i, c in read_clips(str(out / "clips" / "round-00.parquet")).items())
+    assert result["rounds"][1]["edited"] == moved > 0
+    assert (out / "teacher" / WEIGHTS).read_bytes() == (out / "export" / WEIGHTS).read_bytes()

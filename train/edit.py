@@ -27,6 +27,8 @@ Run directory = that of `clipray train`, plus:
                            the training clips with ground truth, validation metrics, teacher
   edit_result.json         the rounds and the final test metrics; edit_state.json lets a
                            re-run of the same command resume after the last finished round
+                           (and holds a round's edits while it trains: a round stopped midway
+                           goes on with them, not scored again)
 """
 
 from __future__ import annotations
@@ -368,14 +370,33 @@ def run(cfg: Config, quiet_ray: bool = False) -> dict[str, Any]:
     print(f"[edit] run {out}: {len(captions)} training captions, init={e.init}, warm-up {e.warmup_epochs} "
           f"epochs, {e.rounds} rounds x {e.epochs_per_round}", flush=True)
 
+    def save_state(pending: Optional[dict] = None) -> None:
+        _put(f"{out}/edit_state.json", json.dumps({"edit": dataclasses.asdict(e), "source": source,
+                                                   "records": records, "skips": skips,
+                                                   "clips": {r: c.clip for r, c in captions.items()},
+                                                   **({"pending": pending} if pending else {})}))
+
     teacher, best = f"{out}/teacher", max((r["val_rsum"] for r in records), default=-math.inf)
     changed = records[-1]["teacher_updated"] if records else True
+    # a round's edits are saved before it trains: a run stopped during the round (its training,
+    # or the teacher's copy at its end) resumes with the clips it was training on. Scored again,
+    # they came from a teacher that a finished round may already have replaced, so the round's
+    # manifest held clips its training never saw (and a cut copy failed every re-run)
+    pending = (state or {}).get("pending")
     for round_no in range(len(records), e.rounds + 1):
         t0 = time.perf_counter()
         rec: dict[str, Any] = {"round": round_no, "edited": 0, "mean_shift_s": 0.0}
-        if round_no > 0 and changed:
+        if pending and pending["round"] == round_no:
+            rec = pending["rec"]
+            skips += pending["unscored"]
+            for rid, clip in pending["clips"].items():
+                if int(rid) in captions:
+                    captions[int(rid)].clip = tuple(clip)
+            print(f"[edit] round {round_no}: the stopped run's edits are reused, not scored again", flush=True)
+        elif round_no > 0 and changed:
             new, gains, unscored = edit_clips(base, captions, teacher, round_no, quiet_ray)
             rec.update(round_stats(captions, new, gains), unscored=len(unscored))
+            save_state({"round": round_no, "rec": rec, "unscored": unscored, "clips": new})
             skips += unscored
             for rid, clip in new.items():
                 captions[rid].clip = clip
@@ -393,9 +414,7 @@ def run(cfg: Config, quiet_ray: bool = False) -> dict[str, Any]:
         rec.update(teacher_updated=changed, manifest=manifest, seconds=round(time.perf_counter() - t0, 1))
         records.append(rec)
         _put(f"{out}/clips/skips.jsonl", "".join(json.dumps(s) + "\n" for s in skips))
-        _put(f"{out}/edit_state.json", json.dumps({"edit": dataclasses.asdict(e), "source": source,
-                                                   "records": records, "skips": skips,
-                                                   "clips": {r: c.clip for r, c in captions.items()}}))
+        save_state()
         _put(f"{out}/edits.csv", _csv(records))
         print(_round_line(rec), flush=True)
 
