@@ -493,3 +493,39 @@ def test_a_round_stopped_after_its_training_resumes_on_the_clips_it_trained_on(r
     moved = sum(trained[i] != c for i, c in read_clips(str(out / "clips" / "round-00.parquet")).items())
     assert result["rounds"][1]["edited"] == moved > 0
     assert (out / "teacher" / WEIGHTS).read_bytes() == (out / "export" / WEIGHTS).read_bytes()
+
+
+def test_a_resume_with_another_training_setting_is_refused_before_ray_starts(events, tmp_path, monkeypatch):
+    """A stopped editing run re-run with another data.batch_size (the training run's settings
+    check, as `clipray train` makes it): refused when its round's training started, after Ray
+    and the round's scoring job, which scores every caption again (hours on a real set). Now
+    refused before Ray starts. Ray is a stub that fails the test if reached."""
+    import dataclasses
+
+    import clipray.runtime
+    from clipray.config import ConfigError
+    from train.edit import run
+
+    class RayStarted(Exception):
+        pass
+
+    def no_ray(*a, **k):
+        raise RayStarted
+
+    monkeypatch.setattr(clipray.runtime, "init_ray", no_ray)
+    cfg = load_config(EDIT_DEMO, overrides(events["events_manifest"], tmp_path, "moved-batch"))
+    with pytest.raises(RayStarted):
+        run(cfg)  # a new run: its settings recorded, then Ray would start
+    out = tmp_path / "moved-batch"
+    (out / "checkpoint_2026-01-01_00-00-00.000000").mkdir()  # the warm-up's checkpoint
+    rec = {"round": 0, "epoch": 1, "edited": 0, "mean_shift_s": 0.0, "train_tiou": 0.5, "mean_width_s": 2.0,
+           "val_r1": 10.0, "val_r5": 50.0, "val_r10": 100.0, "val_rsum": 160.0, "teacher_updated": True}
+    (out / "edit_state.json").write_text(json.dumps({"edit": dataclasses.asdict(cfg.edit), "records": [rec],
+                                                     "skips": [], "clips": {},
+                                                     "source": events["events_manifest"]}))
+    with pytest.raises(RayStarted):
+        run(cfg)  # the same settings resume
+    other = load_config(EDIT_DEMO, overrides(events["events_manifest"], tmp_path, "moved-batch",
+                                             **{"data.batch_size": 2}))
+    with pytest.raises(ConfigError, match=r"data\.batch_size: 4 -> 2"):
+        run(other)

@@ -361,6 +361,11 @@ def run(cfg: Config, quiet_ray: bool = False) -> dict[str, Any]:
         if since:
             print(f"[edit] {len(since)} more training captions left out since the last run: "
                   f"{dict(Counter(s['reason'] for s in since))}", flush=True)
+    # the training run's own settings check (batch size, model, optimiser ...), which each
+    # round's training repeats: made now, a changed setting was refused only after Ray started
+    # and the round's teacher had scored every caption again
+    with driver.storage_access(cfg, out):
+        driver.check_resume(out, driver.resume_key(base, 0, stop_epoch=epochs))
     init_ray(cfg.ray, quiet=quiet_ray)
     quiet_data_progress()
     if e.rounds:  # the teacher's pool first runs after the warm-up: a pool that cannot fit fails now
