@@ -661,8 +661,23 @@ def test_a_step_budget_reads_on_through_its_pass_from_one_checkpoint_to_the_next
     8 never. The workers log the captions (tokens) every step trains on."""
     import collections
 
-    import train.loop
     from train.driver import run
+
+    rows, log = log_trained_captions(synth_small, tmp_path, monkeypatch)
+    cfg = load_config(DEMO, overrides(str(tmp_path / "m.parquet"), tmp_path, "budget", **{
+        "data.eval_manifest": synth_small["manifest"], "data.shuffle_rows": False,
+        "train.max_steps": 6, "train.checkpoint_every_steps": 2}))
+    final = run(cfg, quiet_ray=True, table=False)
+    assert final["total_steps"] == 6
+    trained = collections.Counter(log.read_text().splitlines())
+    assert len(trained) == len(rows) == 24
+    assert set(trained.values()) == {2}, sorted(trained.values())
+
+
+def log_trained_captions(synth_small, tmp_path, monkeypatch):
+    """The 24 synthetic videos all as training rows (tmp_path/m.parquet), and a log file to which
+    the workers write the captions (tokens) every step trains on."""
+    import train.loop
 
     root = synth_small["manifest"].rsplit("/", 1)[0]
     rows = read_manifest(synth_small["manifest"]).to_pylist()
@@ -686,14 +701,28 @@ def test_a_step_budget_reads_on_through_its_pass_from_one_checkpoint_to_the_next
         loop.train_loop(config)
 
     monkeypatch.setattr(train.loop, "train_loop", logged_loop)
-    cfg = load_config(DEMO, overrides(str(tmp_path / "m.parquet"), tmp_path, "budget", **{
+    return rows, log
+
+
+def test_a_step_budget_resumed_mid_pass_reads_on_where_its_pass_was(ray_local, synth_small, tmp_path, monkeypatch):
+    """As above (a pass is 3 steps, 6 steps in segments of 2), stopped after the first segment
+    (2 of its pass's 3 steps) and resumed: every caption still trains exactly twice. The resumed
+    run started a new pass and trained its first batches again: in manifest order the same 16
+    captions of segment 1 a second time (8 captions once, 8 twice, 8 three times)."""
+    import collections
+
+    from train.driver import run
+
+    rows, log = log_trained_captions(synth_small, tmp_path, monkeypatch)
+    args = overrides(str(tmp_path / "m.parquet"), tmp_path, "budget-resume", **{
         "data.eval_manifest": synth_small["manifest"], "data.shuffle_rows": False,
-        "train.max_steps": 6, "train.checkpoint_every_steps": 2}))
-    final = run(cfg, quiet_ray=True, table=False)
+        "train.max_steps": 6, "train.checkpoint_every_steps": 2})
+    assert run(load_config(DEMO, args), quiet_ray=True, stop_epoch=1, table=False)["total_steps"] == 2
+    final = run(load_config(DEMO, args), quiet_ray=True, table=False)
     assert final["total_steps"] == 6
     trained = collections.Counter(log.read_text().splitlines())
     assert len(trained) == len(rows) == 24
-    assert set(trained.values()) == {2}, sorted(trained.values())
+    assert set(trained.values()) == {2}, sorted(collections.Counter(trained.values()).items())
 
 
 def test_unipt_under_zero3_trains_its_side_networks_and_leaves_clip_bit_identical(ray_local, synth_small, tmp_path):

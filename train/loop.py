@@ -214,11 +214,16 @@ def train_loop(config: dict[str, Any]) -> None:
     dev = engine.device
 
     def data_pass(n: int) -> Iterator[dict[str, torch.Tensor]]:
+        reading["seed"], reading["taken"] = n, 0
         return iter(train_shard.iter_torch_batches(
             batch_size=B, drop_last=True, local_shuffle_buffer_size=cfg.data.shuffle_buffer or None,
             local_shuffle_seed=cfg.train.seed + n if cfg.data.shuffle_buffer else None))
 
     batches, passes = None, 0  # without shard_stream: the pass being read, passes started
+    # a step budget's pass (its seed, the batches each worker took from it, passes started), in
+    # the checkpoint: a resumed run reads on where the pass was, as a run never stopped does
+    reading: dict[str, int] = {"seed": 0, "taken": 0}
+    resumed_pass = state.get("data_pass") if cfg.train.max_steps and not shard_mode else None
     while state["epoch"] < stop and state["step"] < total:
         epoch = state["epoch"] + 1
         losses, clock = [], EpochClock()
@@ -230,7 +235,17 @@ def train_loop(config: dict[str, Any]) -> None:
         # its CPUs while the segment's evaluation decodes (the driver counts both, as for
         # shard_stream).
         if not shard_mode:
-            if batches is None or not cfg.train.max_steps:
+            if resumed_pass:
+                # the pass the checkpoint's segment was reading, past the batches it trained on
+                # (decoded again: a new pass in its place trained on the pass's first batches
+                # again, and without data.shuffle_rows the same rows after every resume)
+                batches, passes = data_pass(resumed_pass["seed"]), resumed_pass["passes"]
+                with clock.waiting():
+                    for _ in range(resumed_pass["taken"]):
+                        next(batches, None)
+                reading["taken"], resumed_pass = resumed_pass["taken"], None
+                pass_start = -1
+            elif batches is None or not cfg.train.max_steps:
                 batches = data_pass(epoch)
                 pass_start = 0  # the segment's steps when this pass began
             else:
@@ -256,6 +271,7 @@ def train_loop(config: dict[str, Any]) -> None:
             engine.step()
             clamp_logit_scale(engine)
             state["step"] += 1
+            reading["taken"] += 1
             losses.append(step_loss)
             if shard_mode:
                 stream.steps += 1
@@ -281,6 +297,8 @@ def train_loop(config: dict[str, Any]) -> None:
                     f"({record['num_test_videos']} clips)")
         state["epoch"] = epoch
         state["history"].append(record)
+        if cfg.train.max_steps and not shard_mode:
+            state["data_pass"] = dict(reading, passes=passes)
         if shard_mode:
             stream.sync()
         with tempfile.TemporaryDirectory() as d:
