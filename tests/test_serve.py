@@ -392,10 +392,20 @@ def _states(st) -> str:
     return f"{st.status.value} ({st.status_trigger.value}) {dict(st.replica_states)}"
 
 
+def _wait_for_one_text_encoder(when: str) -> None:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and _running(_deployment("TextEncoder")) > 1:
+        time.sleep(0.5)
+    st = _deployment("TextEncoder")
+    assert _running(st) == 1, f"TextEncoder did not scale down to 1 replica {when}: {_states(st)}"
+
+
 def test_text_encoder_autoscales_up_and_down(app):
     """4 clients, each request waiting 0.25 s in the encoder's batch: ~4 ongoing against a
-    target of 2 per replica, so Serve must add the second replica; idle, it must remove it."""
-    assert _running(_deployment("TextEncoder")) == 1
+    target of 2 per replica, so Serve must add the second replica; idle, it must remove it.
+    The test before it streams /search, which may have scaled the encoder up on a busy machine:
+    it starts from one replica, once the idle encoder has scaled back down."""
+    _wait_for_one_text_encoder("before the load")
     stop, peak, seen = threading.Event(), 1, ""
     with ThreadPoolExecutor(1) as bg:
         fut = bg.submit(_stream, app["url"], 150.0, 4, stop, "/encode/text")
@@ -408,11 +418,7 @@ def test_text_encoder_autoscales_up_and_down(app):
         res = fut.result()
     assert peak == 2, f"TextEncoder never ran 2 replicas under load ({res['ok']} requests; last: {seen})"
     assert res["fail"] == 0, res["errors"][:3]
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and _running(_deployment("TextEncoder")) > 1:
-        time.sleep(0.5)
-    st = _deployment("TextEncoder")
-    assert _running(st) == 1, f"TextEncoder did not scale back down: {_states(st)}"
+    _wait_for_one_text_encoder("after the load")
 
 
 def test_an_index_of_a_file_uri_manifest_streams_its_clips_and_max_k_caps_the_default_k(app, synth_small, tmp_path):
