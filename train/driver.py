@@ -17,6 +17,7 @@ import dataclasses
 import io
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -351,6 +352,15 @@ def run(cfg: Config, quiet_ray: bool = False, stop_epoch: int = 0, table: bool =
             print(f"[driver] training failed with {skips['skipped']} clips skipped so far "
                   f"{skips['by_reason']}; report: {skips['report']}", file=sys.stderr, flush=True)
         raise
+    except Exception as e:
+        # Ray Train's record of the run's checkpoints (checkpoint_manager_snapshot.json) is cut
+        # (a kill while Ray rewrote it), another Ray version's, or names a deleted checkpoint:
+        # its controller dies as it starts (an ActorDiedError holding Ray's own, private, error)
+        why = re.search(r"CheckpointManagerInitializationError: (.+)", str(e))
+        if why is None:
+            raise
+        raise ConfigError(f"{out}: Ray Train cannot resume this run from its record of the checkpoints "
+                          f"({why.group(1)[:300]}); give a new train.run_name to start over") from None
     if result.checkpoint is None:
         raise RuntimeError(f"training produced no checkpoint; see the logs under {out}")
     with result.checkpoint.as_directory() as d:
