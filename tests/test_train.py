@@ -931,6 +931,9 @@ def test_resume_check_finds_the_checkpoints_of_a_run_folder_named_like_a_glob(tm
     check_resume(str(out), resume_key(cfg, 5))  # the same settings: resumes
     with pytest.raises(ConfigError, match=r"data.batch_size: 8 -> 4"):
         check_resume(str(out), resume_key(load_config(None, ["data.batch_size=4"]), 5))
+    # a manifest with more training rows: said as what moved, not as an internal key
+    with pytest.raises(ConfigError, match=r"\(steps per epoch \(training rows of data.manifest / global batch\): 5 -> 6\)"):
+        check_resume(str(out), resume_key(cfg, 6))
 
 
 def test_resuming_on_cpu_a_run_checkpointed_on_gpu_is_refused_naming_the_precision(tmp_path):

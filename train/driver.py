@@ -193,7 +193,9 @@ def check_resume(out: str, key: dict[str, Any]) -> None:
     if saved is None:
         _put_text(f"{out}/{RESUME_KEY}", json.dumps(key, indent=1))
         return
-    changed = [f"{k}: {saved[k]!r} -> {v!r}" for k, v in key.items() if k in saved and saved[k] != v]
+    # steps_per_epoch is no setting: it moves with the manifest's training rows
+    name = {"steps_per_epoch": "steps per epoch (training rows of data.manifest / global batch)"}
+    changed = [f"{name.get(k, k)}: {saved[k]!r} -> {v!r}" for k, v in key.items() if k in saved and saved[k] != v]
     if changed:
         raise ConfigError(f"{out} holds checkpoints of a run with other settings ({'; '.join(changed)}); "
                           "resuming would mix the two: use a new train.run_name, or the run's settings")
