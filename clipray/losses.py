@@ -89,9 +89,11 @@ class PairLoss(nn.Module):
 def clamp_logit_scale(model: nn.Module, max_value: float = LOGIT_SCALE_MAX) -> None:
     """Cap the model's `logit_scale` in place (call after each optimiser step).
 
-    Accepts the retrieval model, a `RetrievalTask`, or a DeepSpeed engine wrapping either.
-    Under ZeRO-3 the parameter's local shard (`ds_tensor`) is clamped too.
+    Accepts the retrieval model, a `RetrievalTask`, or a DeepSpeed engine wrapping either (an
+    optimiser's fp32 copy is reached through the engine only). Under ZeRO-3 the parameter's local
+    shard (`ds_tensor`) is clamped too.
     """
+    optimizer = getattr(model, "optimizer", None)  # a DeepSpeed engine's
     target = model
     for attr in ("module", "model"):  # DeepSpeed engine -> task -> model
         while hasattr(target, attr) and not hasattr(target, "logit_scale"):
@@ -116,3 +118,8 @@ def clamp_logit_scale(model: nn.Module, max_value: float = LOGIT_SCALE_MAX) -> N
         local = safe_get_local_fp32_param(param)
         if local is not None:
             safe_set_local_fp32_param(param, local.clamp(max=max_value))
+    else:  # bf16 without ZeRO: DeepSpeed's unfused optimiser keeps one fp32 copy per parameter
+        for low, high in zip(getattr(optimizer, "fp16_groups", ()), getattr(optimizer, "fp32_groups", ())):
+            for p, copy in zip(low, high):
+                if p is param:
+                    copy.data.clamp_(max=max_value)
