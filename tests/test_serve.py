@@ -676,3 +676,28 @@ def test_python_m_serve_and_index_answer_a_bad_config_with_a_usage_error(tmp_pat
                            capture_output=True, text=True, timeout=120)
         assert r.returncode == 2, r.stderr[-2000:]
         assert "Traceback" not in r.stderr and said in r.stderr, r.stderr[-2000:]
+
+
+def test_the_encoders_tokenizer_cache_stays_bounded(monkeypatch):
+    """open_clip's tokenizer keeps the BPE of every word it has seen, for ever: each query of
+    new words (a client sending random strings) grew a TextEncoder or Reranker replica's memory
+    without bound (~600 bytes a query of two 60-letter words). The served tokenizer now starts
+    its cache afresh past serve.deployments.TOKEN_CACHE_MAX words, with the same tokens."""
+    import random
+    import string
+    import types
+
+    import open_clip
+    import torch
+
+    from serve import deployments
+
+    monkeypatch.setattr(deployments, "TOKEN_CACHE_MAX", 500, raising=False)
+    tokenize = deployments._tokenizer(types.SimpleNamespace(tokenizer_name="ViT-B-32", context_length=77), 32)
+    tok = next(c.cell_contents for c in tokenize.__closure__ if hasattr(c.cell_contents, "cache"))
+    ref, rng = open_clip.get_tokenizer("ViT-B-32", context_length=32), random.Random(0)
+    for _ in range(300):  # 1800 new words
+        q = " ".join("".join(rng.choices(string.ascii_lowercase, k=8)) for _ in range(6))
+        got, want = tokenize([q]), ref([q])
+        assert torch.equal(got, want[:, : got.shape[1]]) and not want[:, got.shape[1]:].any(), q
+        assert len(tok.cache) <= 500 + 6 + 2, len(tok.cache)
