@@ -121,20 +121,35 @@ def _set_upload_cap(cap: int, json_cap: int) -> None:
 _RANGE_SPEC = re.compile(r"\s*(?:(\d+)-(\d*)|-(\d+))\s*")
 
 
+def _offset(digits: str) -> int:
+    """A Range header's byte offset, one of over 18 digits as 10**18 (past the end of any
+    file): int() refuses a string of over 4300 digits, a ValueError that was a 500."""
+    digits = digits.lstrip("0") or "0"
+    return int(digits) if len(digits) <= 18 else 10**18
+
+
 def _ranges_inside(header: str, size: int) -> Optional[list[str]]:
     """The ranges of a `bytes=` range set (RFC 9110 14.1.2) that lie inside a file of `size`
-    bytes; None when the header is not a well-formed range set. Defined above `Ingress`: Serve
-    pickles that class when it is decorated, with the globals its methods use as they are then."""
+    bytes, their ends cut to the file's; None when the header is not a well-formed range set.
+    Defined above `Ingress`: Serve pickles that class when it is decorated, with the globals its
+    methods use as they are then."""
     unit, _, ranges = header.partition("=")
     if unit.strip().lower() != "bytes" or not ranges.strip():
         return None
     keep = []
     for spec in ranges.split(","):
         m = _RANGE_SPEC.fullmatch(spec)
-        if m is None or (m.group(2) and int(m.group(2)) < int(m.group(1))):
+        if m is None:
             return None
-        if (m.group(1) is not None and int(m.group(1)) < size) or (m.group(3) is not None and int(m.group(3)) > 0 < size):
-            keep.append(spec.strip())
+        if m.group(3) is not None:  # the last N bytes
+            if _offset(m.group(3)) > 0 < size:
+                keep.append(f"-{min(_offset(m.group(3)), size)}")
+            continue
+        first, last = _offset(m.group(1)), _offset(m.group(2)) if m.group(2) else None
+        if last is not None and last < first:
+            return None
+        if first < size:
+            keep.append(f"{first}-{min(last, size - 1) if last is not None else ''}")
     return keep
 
 

@@ -190,6 +190,14 @@ def test_clip_stream_supports_range(app, synth_small):
     for odd in ("items=0-9", "bytes=5-3", "bytes=abc", "bytes="):
         r = requests.get(clip, headers={"Range": odd}, timeout=30)
         assert (r.status_code, r.content == data) == (200, True), odd
+    # offsets of more digits than int() takes (4300) were a 500 (a ValueError): one past the end
+    # is a 416, an end past it the rest of the file, a suffix longer than the file all of it
+    huge = "9" * 5000
+    r = requests.get(clip, headers={"Range": f"bytes={huge}-"}, timeout=30)
+    assert (r.status_code, r.headers.get("content-range")) == (416, f"bytes */{len(data)}"), r.text[:200]
+    for odd, want in ((f"bytes=10-{huge}", data[10:]), (f"bytes=-{huge}", data), (f"bytes=0{huge}-,0-9", data[:10])):
+        r = requests.get(clip, headers={"Range": odd}, timeout=30)
+        assert (r.status_code, r.content == want) == (206, True), (odd[:20], r.status_code, r.text[:200])
 
 
 def _bad_requests(url: str, video: bytes) -> list[tuple[str, object, tuple[int, ...]]]:
