@@ -113,11 +113,28 @@ def fetch_export(export_dir: str, into: str | Path) -> str:
     return str(into)
 
 
-def _build(config: dict[str, Any]):
+def _fetched_weights(cfg: Any) -> list[str]:
+    """Options of an open_clip config that make building it fetch pretrained tower weights
+    (timm's or a Hugging Face text model's, from the hub), which an export never needs."""
+    vision = cfg.get("vision_cfg") if isinstance(cfg, dict) else None
+    text = cfg.get("text_cfg") if isinstance(cfg, dict) else None
+    asks = []
+    if isinstance(vision, dict) and vision.get("timm_model_name") and vision.get("timm_model_pretrained"):
+        asks.append("vision_cfg.timm_model_pretrained")
+    if isinstance(text, dict) and text.get("hf_model_name") and text.get("hf_model_pretrained", True):
+        asks.append("text_cfg.hf_model_pretrained")
+    return asks
+
+
+def _build(config: dict[str, Any], root: Path):
     import dataclasses
 
     from clipray.models import ModelSpec, build_from_spec
 
+    asks = _fetched_weights(config["open_clip_cfg"])
+    if asks:  # building it would download weights from the hub (named by this file) before loading ours
+        raise ConfigError(f"{root / CONFIG}: open_clip_cfg asks for pretrained tower weights ({', '.join(asks)}), "
+                          f"which open_clip would fetch from the network; an export's weights are its {WEIGHTS} only")
     fields = {f.name for f in dataclasses.fields(ModelSpec)}
     spec = ModelSpec(
         open_clip_name=config["open_clip_name"],
@@ -166,7 +183,7 @@ def check_export(export_dir: str | Path) -> dict[str, Any]:
     except SafetensorError as e:
         raise _unreadable(weights, e) from None
     with torch.device("meta"):
-        model = _build(config)
+        model = _build(config, root)
     _check_shapes(weights, config, {k: tuple(v.shape) for k, v in model.state_dict().items()}, have)
     return config
 
@@ -179,7 +196,7 @@ def load_export(export_dir: str | Path, device: str | torch.device = "cpu"):
     root = Path(export_dir)
     weights = _weights_of(root)
     config = read_export_config(root)
-    model = _build(config)
+    model = _build(config, root)
     model.backbone.set_pixel_stats(**config["pixel_stats"])
     model.to(dtype=getattr(torch, config["dtype"]))
     try:

@@ -83,6 +83,27 @@ def test_pickle_is_refused(tmp_path):
         save_export(model, tmp_path, extra={"not json": object()})
 
 
+@pytest.mark.parametrize("tower, options", [
+    ("vision_cfg", {"timm_model_name": "resnet18", "timm_model_pretrained": True}),
+    ("text_cfg", {"hf_model_name": "bert-base-uncased"}),  # open_clip's hf_model_pretrained defaults to true
+])
+def test_an_export_config_asking_for_hub_weights_is_refused_before_any_fetch(tmp_path, tower, options):
+    """config.json's open_clip_cfg is passed to open_clip.CLIP as it is: a timm image tower
+    with timm_model_pretrained (or a Hugging Face text tower) made check_export and load_export,
+    in every serving replica, fetch the named weights from the hub before loading the
+    export's own (here, offline: the hub's "cannot find the requested files", or transformers
+    missing); "no download" held only for configs clipray itself writes."""
+    from clipray.config import ConfigError
+
+    save_export(create_model("test_meanP"), tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["open_clip_cfg"][tower].update(options)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    for load in (check_export, load_export):
+        with pytest.raises(ConfigError, match=r"config\.json: open_clip_cfg asks for pretrained tower weights \(" + tower):
+            load(tmp_path)
+
+
 def test_cut_off_or_foreign_weights_are_a_clear_error(tmp_path):
     """A model.safetensors cut off in a copy or an upload failed inside every index actor and
     Serve replica with safetensors' 'Error while deserializing header: ...', naming no file;
