@@ -11,14 +11,15 @@ moments, the synthetic events) are targets of their own.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import itertools
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
 from clipray.manifest import as_seconds, manifest_metadata, read_manifest
-from clipray.metrics import retrieval_metrics, similarity_in_blocks
+from clipray.metrics import embed_texts, embed_videos, retrieval_metrics, similarity_in_blocks
 
 
 def _gather(obj: Any) -> list[Any]:
@@ -56,39 +57,32 @@ def first_rows(manifest: str, split: str) -> list[int] | None:
     return None if len(first) == len(ids) else sorted(first.values())
 
 
-@torch.no_grad()
-def embed_videos(model: Any, shard: Any, batch_size: int) -> dict[str, torch.Tensor]:
-    """Embed this worker's share of the test clips: row ids, video embeddings (a tight head's
-    frame features) and frame masks."""
-    rows, videos, masks = [], [], []
-    dev = model.logit_scale.device
-    was = model.training
-    model.eval()
-    for b in shard.iter_torch_batches(batch_size=batch_size, drop_last=False):
-        mask = b["frame_mask"].to(dev).bool()
-        feats = model.encode_frames(model.normalize(b["frames"].to(dev)), mask)
-        videos.append((model.pool_video(feats, mask) if model.indexable else feats).float().cpu())
-        masks.append(mask.cpu())
-        rows.append(b["row_id"].cpu())
-    model.train(was)
-    if not rows:
+def shard_videos(model: Any, shard: Any, batch_size: int) -> dict[str, torch.Tensor]:
+    """Embed this worker's share of the test clips (`metrics.embed_videos`): row ids, video
+    embeddings (a tight head's frame features) and frame masks; {} for an empty share."""
+    rows: list[torch.Tensor] = []
+
+    def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for b in shard.iter_torch_batches(batch_size=batch_size, drop_last=False):
+            rows.append(b["row_id"])
+            yield b["frames"], b["frame_mask"]
+
+    it = batches()
+    first = next(it, None)
+    if first is None:
         return {}
-    return {"row_id": torch.cat(rows), "video": torch.cat(videos), "mask": torch.cat(masks)}
+    video, mask = embed_videos(model, itertools.chain([first], it))
+    return {"row_id": torch.cat(rows), "video": video, "mask": mask}
 
 
-@torch.no_grad()
-def embed_texts(model: Any, captions: list[str], tokenize: Callable[[list[str]], Any],
-                batch_size: int) -> torch.Tensor:
-    """Every caption's embedding, in order: each worker embeds every world-th, then all gather."""
+def caption_embeddings(model: Any, captions: list[str], tokenize: Callable[[list[str]], Any],
+                       batch_size: int) -> torch.Tensor:
+    """Every caption's embedding, in order (`metrics.embed_texts`): each worker embeds every
+    world-th, then all gather."""
     rank, world = _rank_world()
     mine = list(range(rank, len(captions), world))
-    dev = model.logit_scale.device
-    was = model.training
-    model.eval()
-    out = [model.encode_text(tokenize([captions[i] for i in mine[s:s + batch_size]]).to(dev)).float().cpu()
-           for s in range(0, len(mine), batch_size)]
-    model.train(was)
-    got = _gather((mine, torch.cat(out) if out else torch.empty(0)))
+    batches = (tokenize([captions[i] for i in mine[s:s + batch_size]]) for s in range(0, len(mine), batch_size))
+    got = _gather((mine, embed_texts(model, batches) if mine else torch.empty(0)))
     full: list[Any] = [None] * len(captions)
     for idx, emb in got:
         for k, i in enumerate(idx):
@@ -101,7 +95,7 @@ def evaluate(model: Any, shard: Any, manifest: str, split: str, batch_size: int,
     """Metrics over the whole split, identical on every rank (all of them call this). `shard`:
     this worker's share of the split's decoded clips (`first_rows` of it, or every row);
     `tokenize`: the captions' tokenizer, as the training batches are cut."""
-    parts = [p for p in _gather(embed_videos(model, shard, batch_size)) if p]
+    parts = [p for p in _gather(shard_videos(model, shard, batch_size)) if p]
     if not parts:
         raise RuntimeError(f"no clip of the {split!r} split could be decoded; see the skip report")
     joined = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
@@ -119,7 +113,7 @@ def evaluate(model: Any, shard: Any, manifest: str, split: str, batch_size: int,
     # the queries: every caption of a clip that decoded (a skipped clip's leave with it)
     queries = [i for i, c in enumerate(clips_of) if c in clips]
     video_of_text = [clips[clips_of[i]] for i in queries]
-    texts = embed_texts(model, [captions[i] for i in queries], tokenize, batch_size)
+    texts = caption_embeddings(model, [captions[i] for i in queries], tokenize, batch_size)
     idx = torch.tensor(first_row)
     sim = similarity_in_blocks(model, texts, joined["video"][idx],
                                None if model.indexable else joined["mask"][idx])
