@@ -118,6 +118,11 @@ def validate_table(table: pa.Table, source: str = "manifest") -> None:
 PARTIAL = ".partial"  # a folder manifest's shard until the whole manifest is written
 
 
+def shard_name(i: int) -> str:
+    """The file name of a folder manifest's shard `i` (from 0)."""
+    return f"part-{i:05d}.parquet"
+
+
 class ManifestWriter:
     """Streams rows into Parquet shards of `rows_per_shard` rows, validating each row.
 
@@ -175,7 +180,7 @@ class ManifestWriter:
 
     def _flush(self) -> None:
         table = pa.Table.from_pylist(self._buf, schema=self.schema)
-        path = self.root if self.single else f"{self.root}/part-{len(self.shards):05d}.parquet"
+        path = self.root if self.single else f"{self.root}/{shard_name(len(self.shards))}"
         pq.write_table(table, path if self.single else path + PARTIAL, filesystem=self.fs)
         self.shards.append(path)
         self._final += self.single

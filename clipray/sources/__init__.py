@@ -187,14 +187,14 @@ def _remove_old_shards(out: str) -> None:
         return
     import pyarrow.fs as pafs
 
-    from clipray.manifest import PARTIAL, filesystem
+    from clipray.manifest import PARTIAL, filesystem, shard_name
 
     fs, base = filesystem(out)  # the key as the writer takes it: a '#' in it is no fragment
     old = [info.path for info in fs.get_file_info(pafs.FileSelector(base, allow_not_found=True))
            if info.type == pafs.FileType.File and re.fullmatch(r"part-\d+\.parquet(\.partial)?", info.base_name)]
     if not old:
         return
-    unfinished = f"{base}/part-00000.parquet{PARTIAL}"  # ManifestWriter's first shard, as it names it
+    unfinished = f"{base}/{shard_name(0)}{PARTIAL}"  # ManifestWriter's first shard
     with fs.open_output_stream(unfinished):
         pass
     for path in old:
