@@ -391,20 +391,19 @@ def run(cfg: Config, quiet_ray: bool = False) -> dict[str, Any]:
     for round_no in range(len(records), e.rounds + 1):
         t0 = time.perf_counter()
         rec: dict[str, Any] = {"round": round_no, "edited": 0, "mean_shift_s": 0.0}
+        new: dict[int, tuple] = {}
+        unscored: list[dict] = []
         if pending and pending["round"] == round_no:
-            rec = pending["rec"]
-            skips += pending["unscored"]
-            for rid, clip in pending["clips"].items():
-                if int(rid) in captions:
-                    captions[int(rid)].clip = tuple(clip)
+            rec, unscored = pending["rec"], pending["unscored"]
+            new = {int(rid): tuple(clip) for rid, clip in pending["clips"].items() if int(rid) in captions}
             print(f"[edit] round {round_no}: the stopped run's edits are reused, not scored again", flush=True)
         elif round_no > 0 and changed:
             new, gains, unscored = edit_clips(base, captions, teacher, round_no, quiet_ray)
             rec.update(round_stats(captions, new, gains), unscored=len(unscored))
             save_state({"round": round_no, "rec": rec, "unscored": unscored, "clips": new})
-            skips += unscored
-            for rid, clip in new.items():
-                captions[rid].clip = clip
+        skips += unscored
+        for rid, clip in new.items():
+            captions[rid].clip = clip
         manifest = f"{out}/clips/round-{round_no:02d}.parquet"
         write_round(source, root, manifest, captions, round_no)
         stop = e.warmup_epochs + round_no * e.epochs_per_round
