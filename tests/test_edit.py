@@ -518,6 +518,7 @@ def test_a_resume_with_another_training_setting_is_refused_before_ray_starts(eve
         run(cfg)  # a new run: its settings recorded, then Ray would start
     out = tmp_path / "moved-batch"
     (out / "checkpoint_2026-01-01_00-00-00.000000").mkdir()  # the warm-up's checkpoint
+    (out / "checkpoint_manager_snapshot.json").write_text("{}")  # and Ray Train's record of it
     rec = {"round": 0, "epoch": 1, "edited": 0, "mean_shift_s": 0.0, "train_tiou": 0.5, "mean_width_s": 2.0,
            "val_r1": 10.0, "val_r5": 50.0, "val_r10": 100.0, "val_rsum": 160.0, "teacher_updated": True}
     (out / "edit_state.json").write_text(json.dumps({"edit": dataclasses.asdict(cfg.edit), "records": [rec],

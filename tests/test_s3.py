@@ -165,6 +165,7 @@ def test_the_skip_report_lists_skip_files_written_after_this_process_listed_the_
     out = s3.url("cache/run")
     cfg = load_config(None, ["data.batch_size=8"])
     worker.pipe_file(f"{s3.bucket}/cache/run/checkpoint_000001/state.json", b"{}")
+    worker.pipe_file(f"{s3.bucket}/cache/run/checkpoint_manager_snapshot.json", b"{}")
     worker.pipe_file(f"{s3.bucket}/cache/run/resume_key.json", json.dumps(resume_key(cfg, 5)).encode())
     check_resume(out, resume_key(cfg, 5))  # a resumed run: lists the run folder, writes nothing
     worker.pipe_file(f"{s3.bucket}/cache/run/skips/a-000001.jsonl", rec(1).encode())

@@ -923,10 +923,11 @@ def test_resume_check_finds_the_checkpoints_of_a_run_folder_named_like_a_glob(tm
     import json
 
     from clipray.config import ConfigError, load_config
-    from train.driver import RESUME_KEY, check_resume, resume_key
+    from train.driver import RAY_CHECKPOINT_RECORD, RESUME_KEY, check_resume, resume_key
 
     out = tmp_path / "exp [2]"
     (out / "checkpoint_000001").mkdir(parents=True)
+    (out / RAY_CHECKPOINT_RECORD).write_text("{}")
     cfg = load_config(None, ["data.batch_size=8"])
     (out / RESUME_KEY).write_text(json.dumps(resume_key(cfg, 5)))
     check_resume(str(out), resume_key(cfg, 5))  # the same settings: resumes
@@ -937,16 +938,36 @@ def test_resume_check_finds_the_checkpoints_of_a_run_folder_named_like_a_glob(tm
         check_resume(str(out), resume_key(cfg, 6))
 
 
+def test_a_checkpoint_folder_ray_never_finished_does_not_hold_a_new_run_to_old_settings(tmp_path):
+    """A run stopped while Ray wrote its first checkpoint leaves a checkpoint_* folder, and no
+    record of it: Ray Train starts such a run afresh. The resume check counted the folder and
+    refused a run with other settings; now it goes by Ray's record of finished checkpoints."""
+    import json
+
+    from clipray.config import ConfigError, load_config
+    from train.driver import RAY_CHECKPOINT_RECORD, RESUME_KEY, check_resume, resume_key
+
+    out = tmp_path / "cut"
+    check_resume(str(out), resume_key(load_config(None, ["data.batch_size=8"]), 5))  # the first run
+    (out / "checkpoint_2026-12-05_14-00-00.000000").mkdir()  # stopped while writing its checkpoint
+    check_resume(str(out), resume_key(load_config(None, ["data.batch_size=4"]), 5))  # starts afresh
+    assert json.loads((out / RESUME_KEY).read_text())["data.batch_size"] == 4  # recorded anew
+    (out / RAY_CHECKPOINT_RECORD).write_text("{}")  # once Ray lists a checkpoint, the key holds
+    with pytest.raises(ConfigError, match=r"data.batch_size: 4 -> 8"):
+        check_resume(str(out), resume_key(load_config(None, ["data.batch_size=8"]), 5))
+
+
 def test_resuming_on_cpu_a_run_checkpointed_on_gpu_is_refused_naming_the_precision(tmp_path):
     """train.precision=auto is bf16 on GPU workers and fp32 on CPU ones: the same config resumed
     with train.use_gpu=false would load a bf16 DeepSpeed checkpoint into an fp32 engine, which
     failed in every worker after Ray started (ZeRO-0: KeyError 'dynamic_loss_scale'; ZeRO-2: no
     bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt). Refused before, with what it resolved to."""
     from clipray.config import ConfigError, load_config
-    from train.driver import check_resume, resume_key
+    from train.driver import RAY_CHECKPOINT_RECORD, check_resume, resume_key
 
     out = tmp_path / "gpu-run"
     (out / "checkpoint_000001").mkdir(parents=True)
+    (out / RAY_CHECKPOINT_RECORD).write_text("{}")
     check_resume(str(out), resume_key(load_config(None, ["train.use_gpu=true"]), 5))  # records the key
     check_resume(str(out), resume_key(load_config(None, ["train.use_gpu=true", "train.precision=bf16"]), 5))
     with pytest.raises(ConfigError, match=r"train\.precision: 'bf16' -> 'fp32'"):

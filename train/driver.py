@@ -128,6 +128,7 @@ def make_run_dir(out: str) -> None:
 
 
 RESUME_KEY = "resume_key.json"  # what a checkpoint of the run must match to be continued
+RAY_CHECKPOINT_RECORD = "checkpoint_manager_snapshot.json"  # Ray Train's list of a run's checkpoints
 
 
 def resume_key(cfg: Config, steps_per_epoch: int, stop_epoch: int = 0) -> dict[str, Any]:
@@ -185,7 +186,10 @@ def check_resume(out: str, key: dict[str, Any]) -> None:
         names = [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(root, detail=False)]
     except FileNotFoundError:  # a new run in object storage, which has no empty folders
         names = []
-    if any(n.startswith("checkpoint_") for n in names):
+    # Ray Train resumes from its record of the checkpoints it finished, not from the folders: a
+    # run stopped while writing its first checkpoint left a checkpoint_* folder and no record,
+    # and a new run with other settings there was refused although Ray would start it afresh
+    if RAY_CHECKPOINT_RECORD in names:
         try:
             saved = json.loads(fs.cat_file(f"{root}/{RESUME_KEY}"))  # cat() would glob "[2]"
         except FileNotFoundError:
