@@ -718,9 +718,17 @@ def test_a_step_budget_resumed_mid_pass_reads_on_where_its_pass_was(ray_local, s
     args = overrides(str(tmp_path / "m.parquet"), tmp_path, "budget-resume", **{
         "data.eval_manifest": synth_small["manifest"], "data.shuffle_rows": False,
         "train.max_steps": 6, "train.checkpoint_every_steps": 2})
-    assert run(load_config(DEMO, args), quiet_ray=True, stop_epoch=1, table=False)["total_steps"] == 2
+    first = run(load_config(DEMO, args), quiet_ray=True, stop_epoch=1, table=False)
+    assert first["total_steps"] == 2
     final = run(load_config(DEMO, args), quiet_ray=True, table=False)
     assert final["total_steps"] == 6
+    # the run's time goes with its steps: every epoch's, the first call's too (was this call's only)
+    with open(tmp_path / "budget-resume" / "metrics.csv") as f:
+        epoch_s = [float(r["epoch_s"]) for r in csv.DictReader(f)]
+    assert len(epoch_s) == 3 and epoch_s[0] == pytest.approx(first["epoch_s"])
+    assert final["train_seconds"] == pytest.approx(sum(epoch_s)) and final["train_seconds"] > final["epoch_s"]
+    assert json.loads((tmp_path / "budget-resume" / "result.json").read_text())["train_seconds"] == \
+        pytest.approx(final["train_seconds"])
     trained = collections.Counter(log.read_text().splitlines())
     assert len(trained) == len(rows) == 24
     assert set(trained.values()) == {2}, sorted(collections.Counter(trained.values()).items())

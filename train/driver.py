@@ -372,7 +372,10 @@ def run(cfg: Config, quiet_ray: bool = False, stop_epoch: int = 0, table: bool =
     with result.checkpoint.as_directory() as d:
         state = json.loads((Path(d) / STATE).read_text())
         export_src = Path(d) / "export"
-        final = dict(state["history"][-1], total_steps=state["step"], seconds=time.perf_counter() - t0)
+        # seconds: this call's (a resumed run's later part); train_seconds: every epoch of the run,
+        # from the history its checkpoints carry, so that it goes with total_steps
+        final = dict(state["history"][-1], total_steps=state["step"], seconds=time.perf_counter() - t0,
+                     train_seconds=sum(h["epoch_s"] for h in state["history"]))
         _write_outputs(out, cfg, state["history"], final, export_src)
     skips = collect_skips(out)
     final.update(skipped_clips=skips["skipped"], eval_split=eval_split)
@@ -491,7 +494,8 @@ def _table(m: dict, out: str, skips: dict) -> str:
     extra = f"; event-order accuracy {m['order_acc']:.1f}% over {m['order_pairs']} twin captions" \
         if "order_acc" in m else ""
     return "\n".join([
-        f"\nfinished: {m['total_steps']} steps in {m['seconds']:.0f}s, {m['num_test_videos']} {m['eval_split']} clips "
+        f"\nfinished: {m['total_steps']} steps, {m['train_seconds']:.0f}s of training epochs "
+        f"({m['seconds']:.0f}s in this call), {m['num_test_videos']} {m['eval_split']} clips "
         f"(chance R@1 {100 / m['num_test_videos']:.1f}%){extra}", *rows,
         f"skipped clips: {skips['skipped']} {skips['by_reason'] or ''}",
         f"run directory: {out}  (result.json, metrics.csv, curves.png, export/, skip_report.jsonl)"])
