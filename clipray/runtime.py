@@ -58,6 +58,23 @@ def usable_cores(cpu_max: str = "/sys/fs/cgroup/cpu.max") -> int:
     return n
 
 
+def check_answers(address: str, named: str, timeout_s: float = 10.0) -> None:
+    """A cluster address (host:port, or ray://host:port) where nothing accepts a connection is a
+    one-line error: ray.init retried it for minutes, printing a warning every few seconds (a
+    stale RAY_ADDRESS in the shell, a cluster that is down). "auto" and other forms go to Ray."""
+    import socket
+
+    hostport = address[len("ray://"):] if address.lower().startswith("ray://") else address
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError as e:
+        raise ConfigError(f"{named}={address}: nothing answers there ({e.strerror or e}): start the cluster, "
+                          "or unset it to run on an embedded local Ray") from None
+
+
 def init_ray(cfg: RayConfig | None = None, quiet: bool = False) -> None:
     import ray
 
@@ -66,15 +83,16 @@ def init_ray(cfg: RayConfig | None = None, quiet: bool = False) -> None:
         return
     cfg = cfg or RayConfig()
     address = cfg.address or os.environ.get("RAY_ADDRESS")
+    named = "ray.address" if cfg.address else "RAY_ADDRESS"
     if address and address.lower().startswith(("http://", "https://")):
         # the job server's address (cluster/README exports it for `ray job submit`): Ray refuses
         # it in ray.init with a ValueError traceback, after the command's checks and set-up
-        named = "ray.address" if cfg.address else "RAY_ADDRESS"
         raise ConfigError(f"{named}={address} is a Ray dashboard / job-server address (what `ray job submit` "
                           "takes), not a cluster to join: unset it to run on an embedded local Ray, or give "
                           "the cluster's GCS address (host:6379)")
     kwargs = dict(log_to_driver=not quiet, logging_level=logging.WARNING)
     if address and address != "local":
+        check_answers(address, named)
         ray.init(address=address, **kwargs)
         _embedded = None
         return

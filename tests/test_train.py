@@ -12,6 +12,7 @@ import json
 import math
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -351,10 +352,14 @@ print("loaded:", sorted(m for m in ("ray", "open_clip", "deepspeed") if m in sys
     assert lines[2] == "loaded: []"
 
 
-def test_a_job_server_address_in_ray_address_is_a_one_line_error(synth_small, tmp_path):
+def test_a_job_server_or_dead_address_in_ray_address_is_a_one_line_error(synth_small, tmp_path):
     """cluster/README exports RAY_ADDRESS=http://127.0.0.1:8265 for `ray job submit`; a
     `clipray train` in that shell (or ray.address=http://...) ended in Ray's ValueError
-    traceback from ray.init. Both are a one-line error naming where the address came from."""
+    traceback from ray.init. Both are a one-line error naming where the address came from, as is
+    an address where nothing answers (a cluster that is down), which ray.init retried for minutes."""
+    with socket.socket() as s:  # a port that was free a moment ago: nothing listens there
+        s.bind(("127.0.0.1", 0))
+        dead = s.getsockname()[1]
     code = f"""
 import os, sys
 from clipray.cli import main
@@ -363,16 +368,21 @@ os.environ["RAY_ADDRESS"] = "http://127.0.0.1:8265"
 print(main(["train", *base]))
 del os.environ["RAY_ADDRESS"]
 print(main(["train", *base, "ray.address=https://head:8265"]))
+print(main(["train", *base, "ray.address=127.0.0.1:{dead}"]))
 print("ray started:", __import__("ray").is_initialized())
 """
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert out.stdout.splitlines() == ["2", "2", "ray started: False"], out.stderr
+    assert out.stdout.splitlines() == ["2", "2", "2", "ray started: False"], out.stderr
     says = "is a Ray dashboard / job-server address (what `ray job submit` takes), not a cluster to join"
     assert out.stderr.splitlines() == [f"clipray train: error: RAY_ADDRESS=http://127.0.0.1:8265 {says}: unset "
                                        "it to run on an embedded local Ray, or give the cluster's GCS address "
                                        "(host:6379)",
                                        f"clipray train: error: ray.address=https://head:8265 {says}: unset it to "
-                                       "run on an embedded local Ray, or give the cluster's GCS address (host:6379)"]
+                                       "run on an embedded local Ray, or give the cluster's GCS address (host:6379)",
+                                       # a cluster that is down: Ray's connect loop retried for minutes
+                                       f"clipray train: error: ray.address=127.0.0.1:{dead}: nothing answers there "
+                                       "(Connection refused): start the cluster, or unset it to run on an embedded "
+                                       "local Ray"]
 
 
 def test_usable_cores_count_the_affinity_and_the_containers_quota(tmp_path):
