@@ -403,6 +403,10 @@ def test_a_resume_counts_the_captions_of_a_video_unreadable_since(events, tmp_pa
     lost = sum(r["video_id"] == gone and r["split"] == "train" for r in rows)
     assert lost >= 1 and result["left_out"] == lost
     assert f"{lost} more training captions left out since the last run" in capsys.readouterr().out
+    # the first run stopped after saving its round and before writing the round's edits.csv line:
+    # the resume, with no round left to train, wrote none
+    with open(out / "edits.csv") as f:
+        assert [r["round"] for r in csv.DictReader(f)] == ["0"]
     # and the other way: a caption left out before and readable now trains, so it is not counted
     from train.edit import resumed_skips
 

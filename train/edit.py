@@ -421,6 +421,8 @@ def run(cfg: Config, quiet_ray: bool = False) -> dict[str, Any]:
         save_state()
         _put(f"{out}/edits.csv", _csv(records))
         print(_round_line(rec), flush=True)
+    if records:  # again: a run stopped after a round's state and before its line here resumes past it
+        _put(f"{out}/edits.csv", _csv(records))
 
     test = driver.evaluate_export(base, f"{out}/export", e.test_split, name=f"eval-{e.test_split}")
     result = {"rounds": records, "test": test, **skip_counts(skips)}
