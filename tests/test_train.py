@@ -114,6 +114,10 @@ def test_train_outputs_match_brute_force_eval(ray_local, synth_small, tmp_path, 
         assert 0 < first <= wait < epoch_s
         assert float(r["clips_per_s"]) == pytest.approx(clips / epoch_s, rel=1e-6)
         assert float(r["step_clips_per_s"]) == pytest.approx(clips / (epoch_s - wait), rel=1e-6)
+    # each epoch's peak memory (a CPU worker's peak resident set): a process holding torch,
+    # open_clip and Ray holds hundreds of MB
+    assert all(100 < float(r["peak_mem_mb"]) < 64 * 1024 for r in rows)
+    assert result["peak_mem_mb"] == pytest.approx(float(rows[-1]["peak_mem_mb"]))
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     bf = brute_force_metrics(out / "export", synth_small["manifest"])
     assert result["t2v_r1"] == pytest.approx(bf["t2v_r1"])
@@ -602,6 +606,28 @@ def test_the_epoch_clock_splits_an_epoch_into_waits_for_batches_and_the_rest():
         now[0] += 2.0
         raise StopIteration
     assert clock.summary(clips=48)["data_wait_s"] == pytest.approx(7.0)
+
+
+def test_peak_memory_is_the_epochs_own_peak_resident_set():
+    """specs/unipt.md: peak memory is a first-class metric of a run (metrics.csv had none). On a
+    CPU worker it is the process's peak resident set since the epoch's start: 96 MB touched
+    during the epoch raise it by at least 96 MB over the resident set at the reset, and the next
+    epoch's reset forgets them once freed."""
+    from train.loop import PeakMemory
+
+    def rss_mb() -> float:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
+
+    memory = PeakMemory(torch.device("cpu"))
+    memory.reset()
+    before = rss_mb()
+    block = np.ones(96 * 2**20, dtype=np.uint8)  # every page written: resident
+    peak = memory.read_mb()
+    assert peak >= before + 96 - 1
+    del block
+    memory.reset()
+    assert memory.read_mb() < peak - 64
 
 
 def test_the_synthetic_folder_given_as_the_manifest_is_refused_before_training(synth_small, tmp_path):

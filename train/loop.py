@@ -121,6 +121,49 @@ class EpochClock:
                 "clips_per_s": clips / max(total, 1e-9), "step_clips_per_s": clips / busy}
 
 
+class PeakMemory:
+    """A worker's peak memory over an epoch's training steps, MB (specs/unipt.md: peak memory is
+    a first-class metric, what UniPT and frozen tuning are for). On a GPU, the most torch held
+    allocated on it (`torch.cuda.max_memory_allocated`); on a CPU, the process's peak resident
+    set (Linux VmHWM, brought down to the current one by /proc/self/clear_refs at each reset).
+    `read_mb` is None where neither can be read."""
+
+    def __init__(self, device: torch.device):
+        self.device = torch.device(device)
+
+    def reset(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            return
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # VmHWM := VmRSS
+        except OSError:
+            pass  # not Linux: the peak since the process started
+
+    def read_mb(self) -> float | None:
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device) / 2**20
+        try:
+            with open("/proc/self/status") as f:
+                for line in f:
+                    if line.startswith("VmHWM:"):
+                        return int(line.split()[1]) / 1024
+        except OSError:
+            pass
+        return None
+
+
+def _max_over_workers(value: float | None) -> float | None:
+    """The largest worker's value (None if some worker has none)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return value
+    t = torch.tensor([0.0 if value is None else float(value), float(value is None)], dtype=torch.float64,
+                     device=collective_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return None if t[1].item() else t[0].item()
+
+
 class Progress:
     """Rank 0's progress line (Ray forwards worker stdout to the driver)."""
 
@@ -211,6 +254,7 @@ def train_loop(config: dict[str, Any]) -> None:
     eval_manifest = cfg.data.eval_manifest or cfg.data.manifest
     tokenize = caption_tokenizer(cfg.data.tokenizer, cfg.data.max_words)  # the captions evaluation queries with
     progress = Progress(total, state["step"], B * world)
+    memory = PeakMemory(engine.device)
     dev = engine.device
 
     def data_pass(n: int) -> Iterator[dict[str, torch.Tensor]]:
@@ -227,6 +271,7 @@ def train_loop(config: dict[str, Any]) -> None:
     while state["epoch"] < stop and state["step"] < total:
         epoch = state["epoch"] + 1
         losses, clock = [], EpochClock()
+        memory.reset()
         # Without shard_stream an epoch is one pass over the data (a new order with
         # data.shuffle_rows). A step budget's segment goes on with the pass the last segment
         # left, and starts another when it ends, until it has its seg_steps (a new pass per
@@ -281,6 +326,9 @@ def train_loop(config: dict[str, Any]) -> None:
             raise RuntimeError(f"epoch {epoch} got no training batch: check the skip report")
         record = {"epoch": epoch, "step": state["step"], "loss": sum(losses) / len(losses),
                   "lr": sched.get_last_lr()[-1], **clock.summary(len(losses) * B * world)}
+        peak = _max_over_workers(memory.read_mb())  # the training steps' peak, before evaluation
+        if peak is not None:
+            record["peak_mem_mb"] = peak
         if rank == 0:
             progress(epoch, segments, state["step"], record["loss"], record["lr"], epoch_end=True)
             say(f"[train] epoch {epoch}: {record['epoch_s']:.1f} s, {record['data_wait_s']:.1f} s of it waiting "
