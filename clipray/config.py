@@ -61,6 +61,10 @@ class DataConfig:
     # training worker (memory: rows x frames x 3 x size x size bytes); 0 = none.
     shuffle_rows: bool = False
     shuffle_buffer: int = 0
+    # the order of each training clip's frames (specs/clip4clip.md): ordinal, reverse, or a new
+    # random order per clip and step; padding stays at the end. Evaluation, the index and
+    # serving read frames in order, as the reference evaluates
+    train_frame_order: str = "ordinal"
     eval_manifest: str = ""  # held-out manifest for evaluation (default: data.manifest)
     eval_split: str = "test"  # the split of the eval manifest that training evaluates on
     # Huge sharded manifests (HowTo100M): each training worker streams its own shard files, one
@@ -150,6 +154,7 @@ class Config:
 # every clip skipped. A rule is (test, what it says); None always passes (an unset Optional).
 SPLITS = ("train", "val", "test")  # a manifest row's split (clipray.manifest imports it from here)
 DECODE_POOLS = ("tasks", "actors")  # data.decode_pool (clipray bench data --pools takes them too)
+FRAME_ORDERS = ("ordinal", "reverse", "random")  # data.train_frame_order
 
 
 def _at_least(lo: float) -> tuple[Any, str]:
@@ -175,7 +180,7 @@ RULES: dict[type, dict[str, tuple[Any, str]]] = {
     DataConfig: dict(split=_one_of(*SPLITS), eval_split=_one_of(*SPLITS), max_words=_at_least(2),
                      batch_size=_at_least(1), decode_pool=_one_of(*DECODE_POOLS), decode_actors=_at_least(1),
                      decode_cpus=_above(0), decode_batch=_at_least(1),
-                     shuffle_buffer=_at_least(0)),
+                     shuffle_buffer=_at_least(0), train_frame_order=_one_of(*FRAME_ORDERS)),
     OptimConfig: dict(lr=_above(0), coef_lr=_at_least(0), weight_decay=_at_least(0), eps=_above(0),
                       warmup_ratio=((lambda v: 0 <= v < 1), "in [0, 1)"), grad_clip=_at_least(0),
                       # else AdamW's ValueError in every training worker, once Ray is up

@@ -111,7 +111,7 @@ def test_a_value_given_to_a_section_names_the_section_and_its_keys(tmp_path):
     names no key."""
     with pytest.raises(ConfigError, match=r"^command-line override: bad key 'data': a section, not a value: set "
                                           r"its keys instead \(data\.manifest, data\.split, data\.video, "
-                                          r"data\.video_root, \.\.\. 16 in all\)$"):
+                                          r"data\.video_root, \.\.\. 17 in all\)$"):
         load_config(None, ["data=/videos/manifest.parquet"])
     with pytest.raises(ConfigError, match=r"bad key 'data.video': a section, not a value: set its keys instead "
                                           r"\(data\.video\.backend, "):

@@ -608,6 +608,30 @@ def test_the_epoch_clock_splits_an_epoch_into_waits_for_batches_and_the_rest():
     assert clock.summary(clips=48)["data_wait_s"] == pytest.approx(7.0)
 
 
+def test_train_frame_order_reorders_each_clips_real_frames_and_keeps_padding_last():
+    """specs/clip4clip.md: frames train in ordinal (default), reverse or random order; the
+    option was missing. Each clip's real frames only: its padded slots stay at the end."""
+    from clipray.config import ConfigError
+    from train.loop import order_frames
+
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1], [1, 0, 0, 0]])
+    frames = (torch.arange(12).view(3, 4) * 10).view(3, 4, 1, 1, 1).expand(3, 4, 3, 2, 2).to(torch.uint8)
+    got, got_mask = order_frames(frames, mask, "ordinal")
+    assert got is frames and got_mask is mask
+    got, got_mask = order_frames(frames, mask, "reverse")
+    assert got[:, :, 0, 0, 0].tolist() == [[20, 10, 0, 30], [70, 60, 50, 40], [80, 90, 100, 110]]
+    assert torch.equal(got_mask, mask) and torch.equal(got, got[:, :, :1, :1, :1].expand_as(got))
+    runs = [order_frames(frames, mask, "random", torch.Generator().manual_seed(s))[0][:, :, 0, 0, 0] for s in
+            (0, 0, 1, 2, 3)]
+    assert torch.equal(runs[0], runs[1])  # a seed gives one order
+    for r in runs:
+        assert sorted(r[0, :3].tolist()) == [0, 10, 20] and r[0, 3] == 30
+        assert sorted(r[1].tolist()) == [40, 50, 60, 70] and r[2].tolist() == [80, 90, 100, 110]
+    assert len({tuple(r[:2].flatten().tolist()) for r in runs}) > 1  # seeds give other orders
+    with pytest.raises(ConfigError, match=r"data.train_frame_order.*one of ordinal, reverse, random"):
+        load_config(None, ["data.train_frame_order=backwards"])
+
+
 def test_peak_memory_is_the_epochs_own_peak_resident_set():
     """specs/unipt.md: peak memory is a first-class metric of a run (metrics.csv had none). On a
     CPU worker it is the process's peak resident set since the epoch's start: 96 MB touched
@@ -779,7 +803,8 @@ def test_unipt_under_zero3_trains_its_side_networks_and_leaves_clip_bit_identica
     from train.driver import run
 
     cfg = load_config(DEMO, overrides(synth_small["manifest"], tmp_path, "unipt",
-                                      **{"model.tuning": "unipt", "train.epochs": 1, "train.zero_stage": 3}))
+                                      **{"model.tuning": "unipt", "train.epochs": 1, "train.zero_stage": 3,
+                                         "data.train_frame_order": "random"}))
     final = run(cfg, quiet_ray=True)
     assert np.isfinite(final["loss"])
     torch.manual_seed(cfg.train.seed)  # the workers' initial model

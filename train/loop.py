@@ -121,6 +121,24 @@ class EpochClock:
                 "clips_per_s": clips / max(total, 1e-9), "step_clips_per_s": clips / busy}
 
 
+def order_frames(frames: torch.Tensor, mask: torch.Tensor, order: str,
+                 generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each clip's real frames (`mask` 1) in `order` (data.train_frame_order): as decoded
+    ("ordinal"), last to first ("reverse"), or shuffled ("random", from `generator`); padded
+    slots stay where they are. frames [B, T, ...], mask [B, T]."""
+    if order == "ordinal":
+        return frames, mask
+    B, T = mask.shape
+    real = mask.bool()
+    slot = torch.arange(T, dtype=torch.float64).expand(B, T)
+    # sort keys: real frames first, in the wanted order; padding after them, as it was
+    key = -slot if order == "reverse" else torch.rand(B, T, generator=generator, dtype=torch.float64)
+    key = torch.where(real, key, slot + T + 2)
+    idx = key.argsort(dim=1)
+    rows = torch.arange(B).unsqueeze(1)
+    return frames[rows, idx], mask[rows, idx]
+
+
 class PeakMemory:
     """A worker's peak memory over an epoch's training steps, MB (specs/unipt.md: peak memory is
     a first-class metric, what UniPT and frozen tuning are for). On a GPU, the most torch held
@@ -307,7 +325,9 @@ def train_loop(config: dict[str, Any]) -> None:
                     continue
                 stream.new_pass()  # one worker ran out of shards: everyone starts the next pass
                 continue
-            out = engine(batch["frames"].to(dev), batch["frame_mask"].to(dev), batch["tokens"].to(dev))
+            shuffle = torch.Generator().manual_seed(cfg.train.seed + world * state["step"] + rank)
+            frames, frame_mask = order_frames(batch["frames"], batch["frame_mask"], cfg.data.train_frame_order, shuffle)
+            out = engine(frames.to(dev), frame_mask.to(dev), batch["tokens"].to(dev))
             loss = out["loss"]
             step_loss = _mean_over_workers(loss)  # every worker stops together on a non-finite one
             if not math.isfinite(step_loss):
