@@ -26,7 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
-from clipray.config import ConfigError, RayConfig, VideoConfig, load_config
+from clipray.config import RULES, ConfigError, RayConfig, VideoConfig, load_config
+from clipray.config import _above as above, _at_least as at_least, _one_of as one_of
 
 INDEX_KINDS = ("flat", "ivf_flat", "ivf_sq8", "ivf_pq", "hnsw")
 SPLITS = ("all", "train", "val", "test")
@@ -114,54 +115,49 @@ class AppConfig:
     ray: RayConfig = field(default_factory=RayConfig)
 
 
+# Each value's bounds, checked by load_config (`clipray.config.RULES`) so that a mistake names
+# its key and the file or override that set it. Every ruled float must also be finite: nan
+# passed every `<` test (num_cpus, target_ongoing_requests: a pydantic traceback from Serve;
+# index.window_s: an IndexError planning the windows), and max_upload_mb=inf or nan made every
+# Ingress replica fail to start (int() of it) once Ray and Serve were up.
+RULES[IndexConfig] = dict(
+    split=one_of(*SPLITS), kind=one_of(*INDEX_KINDS), window_s=at_least(0), stride_s=at_least(0),
+    actors=at_least(1), actor_cpus=at_least(0), batch=at_least(1), recall_queries=at_least(0))
+# (the faiss knobs, nlist ... ef_search, are store.check_knobs's: build_faiss checks them too)
+RULES[DeploymentConfig] = dict(
+    min_replicas=at_least(0), max_batch_size=at_least(1), num_cpus=at_least(0), num_gpus=at_least(0),
+    target_ongoing_requests=above(0), look_back_period_s=above(0), upscale_delay_s=at_least(0),
+    downscale_delay_s=at_least(0), batch_wait_timeout_s=at_least(0))
+RULES[LimitsConfig] = dict(max_text_chars=at_least(1), max_k=at_least(1), max_upload_mb=above(0),
+                           rerank_candidates=at_least(0))
+RULES[ServeConfig] = dict(port=((lambda v: 0 < v < 65536), "a port, 1..65535"),
+                          max_words=at_least(2),  # the start and end-of-text tokens
+                          log_level=one_of(*LOG_LEVELS))
+
+
 def _check_deployment(name: str, d: DeploymentConfig) -> DeploymentConfig:
-    if d.min_replicas < 0 or d.max_replicas < max(1, d.min_replicas):
+    # the single values (RULES) were checked at load, naming the file; here what ties them
+    if d.max_replicas < max(1, d.min_replicas):
         raise ConfigError(f"serve.{name}: need 0 <= min_replicas <= max_replicas >= 1, "
                           f"got {d.min_replicas}..{d.max_replicas}")
-    if d.max_batch_size < 1:
-        raise ConfigError(f"serve.{name}.max_batch_size must be >= 1")
     mor = d.max_ongoing_requests or 2 * d.max_batch_size
     if mor < d.max_batch_size:
         raise ConfigError(f"serve.{name}.max_ongoing_requests={mor} < max_batch_size={d.max_batch_size}: "
                           "Serve would never fill a batch (raise it, or 0 for 2 x batch)")
-    if d.num_cpus < 0 or d.num_gpus < 0:
-        raise ConfigError(f"serve.{name}: num_cpus/num_gpus must be >= 0")
-    # what Serve's own schema refuses (with a pydantic traceback from .options(), or a replica
-    # that never batches), named by key here
+    # what Serve's own schema refuses (with a pydantic traceback from .options()), named by key here
     if d.initial_replicas is not None and not d.min_replicas <= d.initial_replicas <= d.max_replicas:
         raise ConfigError(f"serve.{name}.initial_replicas={d.initial_replicas} must lie in "
                           f"min_replicas..max_replicas = {d.min_replicas}..{d.max_replicas}")
-    for key, least, strict in (("target_ongoing_requests", 0, True), ("look_back_period_s", 0, True),
-                               ("upscale_delay_s", 0, False), ("downscale_delay_s", 0, False),
-                               ("batch_wait_timeout_s", 0, False)):
-        v = getattr(d, key)
-        if v is not None and (v <= least if strict else v < least):
-            raise ConfigError(f"serve.{name}.{key}={v} must be {'>' if strict else '>='} {least}")
     return dataclasses.replace(d, max_ongoing_requests=mor)
 
 
 def resolve(cfg: AppConfig) -> AppConfig:
     """Cross-field checks and derived defaults; raises ConfigError naming the key."""
     ix, sv = cfg.index, cfg.serve
-    if ix.split not in SPLITS:
-        raise ConfigError(f"index.split must be one of {SPLITS}, got {ix.split!r}")
-    if ix.kind not in INDEX_KINDS:
-        raise ConfigError(f"index.kind must be one of {INDEX_KINDS}, got {ix.kind!r}")
-    if ix.window_s < 0 or ix.stride_s < 0 or (ix.stride_s and not ix.window_s):
+    if ix.stride_s and not ix.window_s:
         raise ConfigError("index.window_s/stride_s: give a positive window (stride defaults to half)")
     if ix.window_s and not ix.stride_s:
         ix = dataclasses.replace(ix, stride_s=ix.window_s / 2)
-    if ix.actors < 1 or ix.batch < 1:
-        raise ConfigError("index.actors and index.batch must be >= 1")
-    if not 0 < sv.port < 65536:
-        raise ConfigError(f"serve.port out of range: {sv.port}")
-    if sv.max_words < 2:  # the start and end-of-text tokens
-        raise ConfigError(f"serve.max_words must be >= 2, got {sv.max_words}")
-    if sv.log_level not in LOG_LEVELS:
-        raise ConfigError(f"serve.log_level must be one of {LOG_LEVELS}, got {sv.log_level!r}")
-    lim = sv.limits
-    if lim.max_text_chars < 1 or lim.max_k < 1 or lim.max_upload_mb <= 0:
-        raise ConfigError("serve.limits: max_text_chars, max_k and max_upload_mb must be positive")
     deps = {n: _check_deployment(n, getattr(sv, n)) for n in DEPLOYMENTS}
     return dataclasses.replace(cfg, index=ix, serve=dataclasses.replace(sv, **deps))
 

@@ -174,6 +174,40 @@ def test_serve_config_gets_the_same_video_rules():
     assert load_app_config(None, ["serve.log_level=WARNING"]).serve.log_level == "WARNING"
 
 
+@pytest.mark.parametrize("key, value, says", [
+    # accepted, then an error from Ray Data's actor pool once Ray was up and the manifest planned
+    ("index.actor_cpus", "-1", "index.actor_cpus must be >= 0, got -1.0"),
+    # nan passed `< 0`, and planning the windows ended in an IndexError traceback
+    ("index.window_s", "nan", "index.window_s must be a finite number, got nan"),
+    ("index.recall_queries", "-1", "index.recall_queries must be >= 0, got -1"),
+    ("index.batch", "0", "index.batch must be >= 1, got 0"),
+    ("serve.limits.rerank_candidates", "-1", "serve.limits.rerank_candidates must be >= 0, got -1"),
+    # these were refused, but in resolve() with no file named
+    ("serve.port", "70000", "serve.port must be a port, 1..65535, got 70000"),
+    ("index.kind", "ivf", "index.kind must be one of flat, ivf_flat, ivf_sq8, ivf_pq, hnsw, got 'ivf'"),
+    ("serve.searcher.num_gpus", "-1", "serve.searcher.num_gpus must be >= 0, got -1.0"),
+])
+def test_index_and_serve_values_out_of_range_name_key_and_source(tmp_path, key, value, says):
+    """`clipray index` / `clipray serve` values get the rules every other command's do, at load:
+    the key and the file (or override) named, before Ray starts."""
+    from serve.config import load_app_config
+
+    with pytest.raises(ConfigError) as e:
+        load_app_config(None, [f"{key}={value}"])
+    assert str(e.value) == f"command-line override: {says}"
+    f = tmp_path / "app.yaml"
+    section, _, leaf = key.rpartition(".")
+    f.write_text("".join(f"{'  ' * i}{part}:\n" for i, part in enumerate(section.split(".")))
+                 + f"{'  ' * (section.count('.') + 1)}{leaf}: {value}\n")
+    with pytest.raises(ConfigError) as e:
+        load_app_config(f)
+    assert str(e.value) == f"{f}: {says}"
+    # the edges that are allowed load
+    cfg = load_app_config(None, ["index.actor_cpus=0", "index.recall_queries=0", "serve.limits.rerank_candidates=0",
+                                 "serve.port=65535", "index.window_s=4", "serve.ingress.min_replicas=0"])
+    assert (cfg.index.stride_s, cfg.serve.port, cfg.index.actor_gpus) == (2.0, 65535, -1.0)
+
+
 @pytest.mark.parametrize("override, says", [
     ("model.name=test_meanp", "model.name: unknown model 'test_meanp'; registered: clip4clip_vitb16_meanP"),
     ("model.head=meanp", "model.head must be one of meanP, seqLSTM, seqTransf, tightTransf, got 'meanp'"),

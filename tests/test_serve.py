@@ -650,12 +650,20 @@ DEMO = str(REPO / "serve" / "configs" / "demo.yaml")
 
 
 @pytest.mark.parametrize("override, said", [
-    ("serve.text_encoder.target_ongoing_requests=0", "serve.text_encoder.target_ongoing_requests=0.0 must be > 0"),
-    ("serve.searcher.upscale_delay_s=-1", "serve.searcher.upscale_delay_s=-1.0 must be >= 0"),
-    ("serve.text_encoder.look_back_period_s=0", "serve.text_encoder.look_back_period_s=0.0 must be > 0"),
+    ("serve.text_encoder.target_ongoing_requests=0",
+     "command-line override: serve.text_encoder.target_ongoing_requests must be > 0, got 0.0"),
+    ("serve.searcher.upscale_delay_s=-1", "command-line override: serve.searcher.upscale_delay_s must be >= 0, got -1.0"),
+    ("serve.text_encoder.look_back_period_s=0",
+     "command-line override: serve.text_encoder.look_back_period_s must be > 0, got 0.0"),
     ("serve.text_encoder.initial_replicas=3", "serve.text_encoder.initial_replicas=3 must lie in min_replicas..max_replicas = 1..2"),
-    ("serve.video_encoder.batch_wait_timeout_s=-0.1", "serve.video_encoder.batch_wait_timeout_s=-0.1 must be >= 0"),
-    ("serve.max_words=0", "serve.max_words must be >= 2, got 0"),
+    ("serve.video_encoder.batch_wait_timeout_s=-0.1",
+     "command-line override: serve.video_encoder.batch_wait_timeout_s must be >= 0, got -0.1"),
+    ("serve.max_words=0", "command-line override: serve.max_words must be >= 2, got 0"),
+    # nan passed every `<` test (a pydantic traceback from Serve once Ray was up), and
+    # max_upload_mb=inf or nan failed every Ingress replica's start (int() of it)
+    ("serve.text_encoder.num_cpus=nan", "command-line override: serve.text_encoder.num_cpus must be a finite number, got nan"),
+    ("serve.limits.max_upload_mb=inf", "command-line override: serve.limits.max_upload_mb must be a finite number, got inf"),
+    ("serve.limits.max_upload_mb=nan", "command-line override: serve.limits.max_upload_mb must be a finite number, got nan"),
 ])
 def test_values_serve_refuses_are_a_config_error_naming_the_key(override, said, tmp_path, capsys):
     """Values out of Serve's own bounds came out of `.options()` as a pydantic traceback (or, for
@@ -679,7 +687,7 @@ def test_python_m_serve_and_index_answer_a_bad_config_with_a_usage_error(tmp_pat
     for module, args, said in (
             ("serve", [DEMO, "serve.prot=1"], "clipray serve: error: command-line override: bad key 'serve.prot'"),
             ("serve", [DEMO, f"out={tmp_path}"], f"clipray serve: error: out={tmp_path}: no index there"),
-            ("serve.index", [DEMO, "index.kind=ivf"], "clipray index: error: index.kind must be one of")):
+            ("serve.index", [DEMO, "index.kind=ivf"], "clipray index: error: command-line override: index.kind must be one of")):
         r = subprocess.run([sys.executable, "-m", module, *args], cwd=tmp_path, env=env,
                            capture_output=True, text=True, timeout=120)
         assert r.returncode == 2, r.stderr[-2000:]
