@@ -17,10 +17,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence, TypeVar, get_args, get_origin
 
+import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 T = TypeVar("T")
+# what a merge raises for a value of the wrong shape: OmegaConf's own errors, and a TypeError
+# ("Cannot merge incompatible container types") for a mapping given to a list or the reverse
+MERGE_ERRORS = (OmegaConfBaseException, TypeError, ValueError)
 
 
 class ConfigError(ValueError):
@@ -216,9 +220,16 @@ def bad_value(cfg: Any, prefix: str = "") -> Optional[tuple[str, str]]:
               and not (f.name in UNBOUNDED and value > 0)):
             # `data.video.fps=inf` passed `> 0` and divided by zero in every clip's decode
             return key, f"must be a finite number, got {value!r}"
-        elif f.name in rules and value is not None and not rules[f.name][0](value):
+        elif f.name in rules and value is not None and not _passes(rules[f.name][0], value):
             return key, f"must be {rules[f.name][1]}, got {value!r}"
     return None
+
+
+def _passes(test: Any, value: Any) -> bool:
+    try:
+        return bool(test(value))
+    except TypeError:  # `optim.betas=[[1],2]`: OmegaConf leaves a tuple's items unchecked
+        return False
 
 
 def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[str, Any]]:
@@ -246,12 +257,13 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[str, Any]]
 def _merge(base: Any, other: Any, source: str) -> Any:
     try:
         return OmegaConf.merge(base, other)
-    except OmegaConfBaseException as e:
+    except MERGE_ERRORS as e:
         key, msg = str(getattr(e, "full_key", None) or ""), str(e).splitlines()[0]
         if not key and (clash := _section_given_a_value(base, other)):
             key, sub = clash
             msg = (f"a section, not a value: set its keys instead ({', '.join(f'{key}.{k}' for k in sub[:4])}"
-                   + (f", ... {len(sub)} in all)" if len(sub) > 4 else ")"))
+                   + (f", ... {len(sub)} in all)" if len(sub) > 4 else ")") if sub
+                   else f"a mapping, not a value: set its keys instead ({key}.NAME=value)")
         elif not key and (found := _unnamed_bad_key(base, other)):
             key, msg = found
         key = key or "?"
@@ -288,7 +300,7 @@ def _unnamed_bad_key(base: Any, other: Any, prefix: str = "") -> tuple[str, str]
             continue
         try:
             OmegaConf.merge(base, {k: o})
-        except OmegaConfBaseException as e:
+        except MERGE_ERRORS as e:
             hint = b._metadata.ref_type if b is not None else None
             types = get_args(hint)
             if get_origin(hint) is tuple and types and Ellipsis not in types:
@@ -311,6 +323,20 @@ def _source_of(key: str, sources: Sequence[tuple[str, Any]]) -> Optional[str]:
     return None
 
 
+def _from_dotlist(overrides: Sequence[str]) -> Any:
+    """The overrides as one config; a value that is not YAML (`data.manifest=*.parquet`: `*` starts
+    a YAML alias; `@x`, `%x`, an unclosed quote or bracket) names its override in one line."""
+    for o in overrides:
+        try:
+            OmegaConf.from_dotlist([o])
+        except (OmegaConfBaseException, yaml.YAMLError) as e:
+            key, _, value = o.partition("=")
+            why = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise ConfigError(f"command-line override: bad key '{key}': the value {value!r} does not read as "
+                              f"YAML ({why}); quote a text value: \"{key}='{value}'\"") from e
+    return OmegaConf.from_dotlist(list(overrides))
+
+
 def load_config(
     path: str | Path | None = None,
     overrides: Sequence[str] = (),
@@ -329,10 +355,7 @@ def load_config(
         # such a field the empty text, so the command's own check says what it needs
         overrides = [f"{o}''" if o.endswith("=") and isinstance(OmegaConf.select(cfg, o[:-1], default=None), str)
                      else o for o in overrides]
-        try:
-            dotlist = OmegaConf.from_dotlist(list(overrides))
-        except OmegaConfBaseException as e:
-            raise ConfigError(f"command-line overrides: {e}") from e
+        dotlist = _from_dotlist(overrides)
         cfg = _merge(cfg, dotlist, "command-line override")
         sources.append(("command-line override", dotlist))
     try:

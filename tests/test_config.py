@@ -335,3 +335,37 @@ def test_a_minimum_clip_width_under_the_millisecond_clips_are_kept_to_is_refused
     with pytest.raises(ConfigError, match="edit.min_width_s must be >= 0.001, got 0.0001"):
         load_config(None, ["edit.min_width_s=0.0001"])
     assert load_config(None, ["edit.min_width_s=0.001"]).edit.min_width_s == 0.001
+
+
+def test_values_of_the_wrong_shape_or_not_yaml_are_one_line_naming_the_key(tmp_path, capsys):
+    """Each was a Python traceback from the CLI: an override whose value YAML cannot read (a
+    yaml ScannerError: `*` starts an alias, `@` no token), a mapping where a list belongs (a
+    TypeError from OmegaConf's merge), a list inside betas (a TypeError in its range rule) and
+    a list where a mapping belongs."""
+    from clipray.cli import main
+    from serve.config import load_app_config
+
+    for value, why in (("*.parquet", "did not find expected alphabetic or numeric character"),
+                       ("@home", "found character that cannot start any token")):
+        with pytest.raises(ConfigError) as e:
+            load_config(None, [f"data.manifest={value}"])
+        assert str(e.value) == (f"command-line override: bad key 'data.manifest': the value '{value}' does not "
+                                f"read as YAML ({why}); quote a text value: \"data.manifest='{value}'\"")
+        assert load_config(None, [f"data.manifest='{value}'"]).data.manifest.endswith(value)  # as it says
+    (tmp_path / "ok.yaml").write_text("train:\n  epochs: 1\n")
+    assert main(["train", str(tmp_path / "ok.yaml"), "train.run_name=@x"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("clipray train: error: command-line override: bad key 'train.run_name'") and err.count("\n") == 1
+
+    f = tmp_path / "run.yaml"
+    f.write_text("optim:\n  betas: {b1: 0.9}\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(f)
+    assert str(e.value) == f"{f}: bad key 'optim.betas': must be a list of 2 values (float, float), got {{'b1': 0.9}}"
+    with pytest.raises(ConfigError, match=r"^command-line override: optim.betas must be two numbers in \[0, 1\), "
+                                          r"got \(\[0.9\], 0.98\)$"):
+        load_config(None, ["optim.betas=[[0.9],0.98]"])
+    with pytest.raises(ConfigError, match=r"^command-line override: bad key 'serve.ingress.env_vars': a mapping, not a "
+                                          r"value: set its keys instead \(serve.ingress.env_vars.NAME=value\)$"):
+        load_app_config(None, ["serve.ingress.env_vars=[A=1]"])
+    assert load_app_config(None, ["serve.ingress.env_vars={A: 1}"]).serve.ingress.env_vars == {"A": "1"}
