@@ -240,7 +240,7 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[str, Any]]
     if path in seen:
         raise ConfigError(f"{path}: circular 'extends'")
     if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
+        raise ConfigError(f"config file not found: {path}" + (" (a folder)" if path.is_dir() else ""))
     try:
         node = OmegaConf.load(path)
     except Exception as e:  # yaml scanner/parser errors carry line numbers in the message
@@ -251,7 +251,15 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[str, Any]]
     parent = node.pop("extends", None)
     if parent is None:
         return [(name, node)]
-    return _read_yaml(Path(name).parent / str(parent), seen + (path,)) + [(name, node)]
+    if not isinstance(parent, str) or not parent.strip():  # a list, a number, an empty text
+        given = OmegaConf.to_container(parent) if OmegaConf.is_config(parent) else parent
+        raise ConfigError(f"{path}: bad key 'extends': names one YAML file (relative to this one), got {given!r}")
+    try:
+        return _read_yaml(Path(name).parent / parent, seen + (path,)) + [(name, node)]
+    except ConfigError as e:  # the parent is missing: say which file names it, and how
+        if str(e).startswith("config file not found: "):
+            raise ConfigError(f"{path}: bad key 'extends: {parent}': {e}") from None
+        raise
 
 
 def _merge(base: Any, other: Any, source: str) -> Any:
@@ -344,6 +352,9 @@ def load_config(
 ) -> T:
     """Schema defaults <- YAML file (with `extends`) <- `key=value` overrides -> dataclass."""
     cfg = OmegaConf.structured(schema)
+    if path is not None and "://" in str(path):  # Path() would fold it into a local s3:/b/c.yaml
+        raise ConfigError(f"{path}: a config file is read from a local path, not a URI (copy it here; "
+                          "a Ray job ships its working_dir)")
     sources = _read_yaml(Path(path)) if path is not None else []
     for name, node in sources:  # one file at a time, so that a mistake in a parent names the parent
         cfg = _merge(cfg, node, name)

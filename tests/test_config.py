@@ -369,3 +369,32 @@ def test_values_of_the_wrong_shape_or_not_yaml_are_one_line_naming_the_key(tmp_p
                                           r"value: set its keys instead \(serve.ingress.env_vars.NAME=value\)$"):
         load_app_config(None, ["serve.ingress.env_vars=[A=1]"])
     assert load_app_config(None, ["serve.ingress.env_vars={A: 1}"]).serve.ingress.env_vars == {"A": "1"}
+
+
+def test_a_parent_or_config_file_that_cannot_be_read_names_the_file_that_asks_for_it(tmp_path):
+    """`extends: missing.yaml` said only "config file not found: <dir>/missing.yaml", not which
+    file named it; `extends: [a]` looked for a file called "['a']" and `extends: ''` for the
+    folder; a config given as a URI was reported as a local path Path() had folded
+    (s3://b/c.yaml -> <cwd>/s3:/b/c.yaml)."""
+    child = tmp_path / "run.yaml"
+    child.write_text("extends: base.yaml\ntrain:\n  epochs: 2\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(child)
+    assert str(e.value) == f"{child}: bad key 'extends: base.yaml': config file not found: {tmp_path / 'base.yaml'}"
+    (tmp_path / "base.yaml").mkdir()
+    with pytest.raises(ConfigError, match=r"bad key 'extends: base.yaml': config file not found: .*base.yaml \(a folder\)$"):
+        load_config(child)
+    for value, given in (("[a.yaml]", "['a.yaml']"), ("''", "''"), ("3", "3")):
+        child.write_text(f"extends: {value}\n")
+        with pytest.raises(ConfigError) as e:
+            load_config(child)
+        assert str(e.value) == f"{child}: bad key 'extends': names one YAML file (relative to this one), got {given}"
+    from serve.config import load_app_config
+
+    for load in (load_config, load_app_config):
+        with pytest.raises(ConfigError, match=r"^s3://b/c.yaml: a config file is read from a local path, not a URI"):
+            load("s3://b/c.yaml")
+    (tmp_path / "base.yaml").rmdir()  # and the working chain still loads
+    (tmp_path / "base.yaml").write_text("train:\n  epochs: 3\n  seed: 7\n")
+    child.write_text("extends: base.yaml\ntrain:\n  epochs: 2\n")
+    assert (load_config(child).train.epochs, load_config(child).train.seed) == (2, 7)
