@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence, TypeVar, get_args, get_origin
@@ -404,8 +405,15 @@ def _absolute_paths(cfg: Config) -> Config:
 
 
 def to_yaml(cfg: Any) -> str:
-    """The resolved config as YAML, saved beside every run for reproducibility."""
-    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+    """The resolved config as YAML, saved beside every run for reproducibility: `load_config`
+    reads it back to the same config. A `${` in a value (given escaped, `\\${`, or from an
+    environment variable) is written escaped, else it would read back as an interpolation."""
+    def escaped(v: Any) -> Any:
+        if isinstance(v, dict):
+            return {k: escaped(x) for k, x in v.items()}
+        # OmegaConf reads `\${` as a literal `${`, and n backslashes before it from 2n
+        return re.sub(r"(\\*)\$\{", lambda m: m[1] * 2 + "\\${", v) if isinstance(v, str) else v
+    return OmegaConf.to_yaml(OmegaConf.create(escaped(dataclasses.asdict(cfg))))
 
 
 def replace(cfg: T, **changes: Any) -> T:

@@ -1,5 +1,6 @@
 """Config: YAML + overrides merged onto the typed schema; mistakes name the key and the file."""
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -398,3 +399,25 @@ def test_a_parent_or_config_file_that_cannot_be_read_names_the_file_that_asks_fo
     (tmp_path / "base.yaml").write_text("train:\n  epochs: 3\n  seed: 7\n")
     child.write_text("extends: base.yaml\ntrain:\n  epochs: 2\n")
     assert (load_config(child).train.epochs, load_config(child).train.seed) == (2, 7)
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "train" / "configs").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_the_config_yaml_a_run_saves_loads_back_to_the_same_config(path, tmp_path, monkeypatch):
+    """`<run>/config.yaml` (train.driver writes config.to_yaml) is the run's config: loaded back
+    it is the same. A `${` in a value (a run name given as `\\${x}`, an environment variable that
+    holds one) was written as is and read back as an interpolation: "Interpolation key 'x' not
+    found"."""
+    from clipray.config import to_yaml
+
+    monkeypatch.setenv("CLIPRAY_TEST_VALUE", "from-env-${HOME}")
+    for overrides in ([], [r"train.run_name=a\${x}", "data.tokenizer=${oc.env:CLIPRAY_TEST_VALUE}",
+                           r"data.split=val", "data.video.timeout_s=inf", "optim.betas=[0.5,0.75]"]):
+        cfg = load_config(path, overrides)
+        saved = tmp_path / "config.yaml"
+        saved.write_text(to_yaml(cfg))
+        assert load_config(saved) == cfg
+    assert (cfg.train.run_name, cfg.data.tokenizer) == ("a${x}", "from-env-${HOME}")
+    weird = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, run_name="a\\${x}\\\\${y}"))
+    saved.write_text(to_yaml(weird))
+    assert load_config(saved).train.run_name == "a\\${x}\\\\${y}"
