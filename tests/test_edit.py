@@ -318,6 +318,24 @@ def finished_run(out, cfg, source: str) -> dict:
     return test
 
 
+@pytest.mark.parametrize("extra, says", [
+    (["edit.max_width_s=0.4"], "edit.max_width_s=0.4 is below edit.min_width_s=0.5"),
+    (["edit.init=window", "edit.window_s=0.25"], "edit.window_s=0.25 is below edit.min_width_s=0.5"),
+])
+def test_a_clip_width_cap_below_the_minimum_width_is_refused_before_ray_starts(extra, says, tmp_path):
+    """edit_demo.yaml keeps clips >= 0.5 s: with edit.max_width_s=0.4 (or a 0.25 s window) every
+    initial clip was widened to 0.5 s, past the cap the run was given, and nothing said so
+    (initial_clips([2, 5, 8], 10, max_width_s=0.4, min_width_s=0.5) gives clips of 0.5 s)."""
+    from clipray.config import ConfigError
+    from clipray.editing import initial_clips
+    from train.edit import run
+
+    assert {round(e - s, 3) for s, e in initial_clips([2.0, 5.0, 8.0], 10.0, max_width_s=0.4, min_width_s=0.5)} == {0.5}
+    with pytest.raises(ConfigError, match=f"^{says}, which every clip is widened to"):
+        run(load_config(EDIT_DEMO, [f"data.manifest={tmp_path / 'none.parquet'}", *extra]))
+    assert not list(tmp_path.iterdir())  # refused before the manifest or a run folder
+
+
 def test_a_run_of_another_manifest_is_not_resumed(events, tmp_path):
     """The same config and run name on another manifest (the demo's `edit-demo` run name on a
     new synthetic set) is a new run: the old run's clips (joined by row id) and its finished

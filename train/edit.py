@@ -319,6 +319,10 @@ def run(cfg: Config, quiet_ray: bool = False) -> dict[str, Any]:
         raise ConfigError("clip editing trains by epochs: unset data.shard_stream and train.max_steps")
     if e.init == "window" and e.window_s <= 0:
         raise ConfigError("edit.init=window needs edit.window_s > 0 (the clip's width around its timestamp)")
+    for key in ("max_width_s",) + (("window_s",) if e.init == "window" else ()):
+        if 0 < getattr(e, key) < e.min_width_s:  # else every clip is widened past it, silently
+            raise ConfigError(f"edit.{key}={getattr(e, key):g} is below edit.min_width_s={e.min_width_s:g}, "
+                              "which every clip is widened to: lower edit.min_width_s, or raise it")
     try:
         manifest_files(source)
     except ManifestError as err:
