@@ -21,6 +21,7 @@ from typing import Any, Optional, Sequence, TypeVar, get_args, get_origin
 import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+from omegaconf.nodes import StringNode
 
 T = TypeVar("T")
 # what a merge raises for a value of the wrong shape: OmegaConf's own errors, and a TypeError
@@ -332,6 +333,28 @@ def _source_of(key: str, sources: Sequence[tuple[str, Any]]) -> Optional[str]:
     return None
 
 
+def _text_as_given(cfg: Any, override: str) -> str:
+    """`key=value` with the value quoted where `key` is a text field and YAML would read the
+    value as a number or a boolean, which the field then holds as other text:
+    `train.run_name=0612` became the run "394" (YAML 1.1 octal), `=007` "7", `=1:30` "90",
+    `=yes` "True", `checkpoint=1e3` "1000.0"."""
+    key, _, value = override.partition("=")
+    node = cfg
+    for part in key.split("."):
+        if not OmegaConf.is_dict(node) or part not in node:
+            return override
+        node = node._get_node(part)
+    if not isinstance(node, StringNode):
+        return override
+    try:
+        read = OmegaConf.to_container(OmegaConf.from_dotlist([f"v={value}"]), resolve=False)["v"]
+    except (OmegaConfBaseException, yaml.YAMLError):
+        return override  # _from_dotlist names it
+    if isinstance(read, (bool, int, float)):
+        return f"{key}='{value.replace(chr(39), chr(39) * 2)}'"
+    return override
+
+
 def _from_dotlist(overrides: Sequence[str]) -> Any:
     """The overrides as one config; a value that is not YAML (`data.manifest=*.parquet`: `*` starts
     a YAML alias; `@x`, `%x`, an unclosed quote or bracket) names its override in one line."""
@@ -366,7 +389,7 @@ def load_config(
         # `key=` reads as null, which a text field refuses ("Incompatible value 'None'"): give
         # such a field the empty text, so the command's own check says what it needs
         overrides = [f"{o}''" if o.endswith("=") and isinstance(OmegaConf.select(cfg, o[:-1], default=None), str)
-                     else o for o in overrides]
+                     else _text_as_given(cfg, o) for o in overrides]
         dotlist = _from_dotlist(overrides)
         cfg = _merge(cfg, dotlist, "command-line override")
         sources.append(("command-line override", dotlist))

@@ -322,6 +322,24 @@ def test_an_empty_value_for_a_text_key_is_the_empty_text(tmp_path):
     assert load_config(None, ["model.pretrained="]).model.pretrained is None
 
 
+@pytest.mark.parametrize("value", ["0612", "007", "1:30", "yes", "off", "1e3", "0x1F", ".5", "it's 1"])
+def test_a_text_key_keeps_the_text_given_on_the_command_line(value, tmp_path):
+    """YAML read `train.run_name=0612` as the octal 394 and the run went to the folder `394`;
+    `007` was "7", `1:30` (sexagesimal) "90", `yes` "True", `1e3` "1000.0". A text key now holds
+    the text given, on the command line and from `serve run` / RayService args; number keys
+    still read numbers, and interpolations still resolve."""
+    from serve.app import AppArgs
+    from serve.config import load_app_config
+
+    assert load_config(None, [f"train.run_name={value}"]).train.run_name == value
+    assert load_config(None, [f"data.tokenizer={value}"]).data.tokenizer == value
+    assert load_config(None, [f"ray.address={value}"]).ray.address == value  # an Optional text
+    args = AppArgs.model_validate({"checkpoint": value})  # a RayService's `args:`, as build_app reads them
+    assert load_app_config(None, [f"{k}={v}" for k, v in args.model_extra.items()]).checkpoint == value
+    cfg = load_config(None, ["train.epochs=12", "optim.lr=1e-3", "train.use_gpu=yes", "train.run_name=${train.epochs}"])
+    assert (cfg.train.epochs, cfg.optim.lr, cfg.train.use_gpu, cfg.train.run_name) == (12, 1e-3, True, "12")
+
+
 @pytest.mark.parametrize("step", ["0.0005", "0.0015", "0"])
 def test_an_edit_step_finer_than_the_millisecond_clips_are_kept_to_is_refused(step):
     with pytest.raises(ConfigError, match=f"edit.step_s must be a whole number of milliseconds, >= 0.001, got {step}"):
