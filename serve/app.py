@@ -18,6 +18,7 @@ pydantic annotation to validate its args.
 """
 
 import asyncio
+import json
 import os
 import re
 import sys
@@ -466,6 +467,13 @@ def build_app(args: AppArgs) -> Any:
     """`serve.app:build_app`: args -> typed AppConfig -> the composed Serve application."""
     if isinstance(args, dict):
         args = AppArgs.model_validate(args)
-    extra = [f"{k}={v}" for k, v in (args.model_extra or {}).items()]
-    cfg = load_app_config(args.config or None, list(args.overrides) + extra)
+    cfg = load_app_config(args.config or None, list(args.overrides) + arg_overrides(args))
     return app_from_config(cfg)
+
+
+def arg_overrides(args: AppArgs) -> list[str]:
+    """The builder's extra args (typed values from a RayService's YAML `args:`) as `key=value`
+    overrides: text as it is, anything else as JSON, which YAML reads back. As Python's str()
+    a null was the text 'None' (look_back_period_s: null failed to load as a float) and a
+    backslash in a mapping's text was doubled."""
+    return [f"{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in (args.model_extra or {}).items()]

@@ -328,16 +328,40 @@ def test_a_text_key_keeps_the_text_given_on_the_command_line(value, tmp_path):
     `007` was "7", `1:30` (sexagesimal) "90", `yes` "True", `1e3` "1000.0". A text key now holds
     the text given, on the command line and from `serve run` / RayService args; number keys
     still read numbers, and interpolations still resolve."""
-    from serve.app import AppArgs
+    from serve.app import AppArgs, arg_overrides
     from serve.config import load_app_config
 
     assert load_config(None, [f"train.run_name={value}"]).train.run_name == value
     assert load_config(None, [f"data.tokenizer={value}"]).data.tokenizer == value
     assert load_config(None, [f"ray.address={value}"]).ray.address == value  # an Optional text
     args = AppArgs.model_validate({"checkpoint": value})  # a RayService's `args:`, as build_app reads them
-    assert load_app_config(None, [f"{k}={v}" for k, v in args.model_extra.items()]).checkpoint == value
+    assert load_app_config(None, arg_overrides(args)).checkpoint == value
     cfg = load_config(None, ["train.epochs=12", "optim.lr=1e-3", "train.use_gpu=yes", "train.run_name=${train.epochs}"])
     assert (cfg.train.epochs, cfg.optim.lr, cfg.train.use_gpu, cfg.train.run_name) == (12, 1e-3, True, "12")
+
+
+def test_serve_builder_args_of_any_yaml_type_load_as_written():
+    """A RayService's `args:` reach build_app typed by YAML; they were turned into overrides by
+    str(): a null became the text 'None' ("Value 'None' of type 'str' could not be converted to
+    Float") and a backslash in a mapping's text was doubled (Python's repr, single-quoted)."""
+    import yaml
+
+    from serve.app import AppArgs, arg_overrides
+    from serve.config import load_app_config
+
+    args = AppArgs.model_validate(yaml.safe_load(r"""
+        config: serve/configs/demo.yaml
+        serve.text_encoder.look_back_period_s: null
+        serve.searcher.max_replicas: 3
+        serve.searcher.env_vars: {WIN_PATH: 'C:\models', SAY: "it's"}
+        serve: {reranker: {num_cpus: 0.25}, limits: {max_k: 7}}
+        index.window_s: 2.5
+    """))
+    cfg = load_app_config(args.config, arg_overrides(args))
+    sv = cfg.serve
+    assert sv.text_encoder.look_back_period_s is None and sv.searcher.max_replicas == 3
+    assert sv.searcher.env_vars == {"WIN_PATH": "C:\\models", "SAY": "it's"}
+    assert (sv.reranker.num_cpus, sv.limits.max_k, cfg.index.window_s) == (0.25, 7, 2.5)
 
 
 @pytest.mark.parametrize("step", ["0.0005", "0.0015", "0"])
