@@ -335,9 +335,12 @@ def _source_of(key: str, sources: Sequence[tuple[str, Any]]) -> Optional[str]:
 
 def _text_as_given(cfg: Any, override: str) -> str:
     """`key=value` with the value quoted where `key` is a text field and YAML would read the
-    value as a number or a boolean, which the field then holds as other text:
-    `train.run_name=0612` became the run "394" (YAML 1.1 octal), `=007` "7", `=1:30` "90",
-    `=yes` "True", `checkpoint=1e3` "1000.0"."""
+    value as anything but that text: a number or a boolean (`train.run_name=0612` became the
+    run "394", YAML 1.1 octal; `=007` "7", `=1:30` "90", `=yes` "True"), a comment
+    (`train.run_name=ablation #2` became "ablation", the run folder of `ablation #1` too;
+    `clipray demo --runs 'runs #2'` wrote to `runs`), a mapping (`a: b` in a path),
+    or no YAML at all (`data.manifest=*.parquet`). A value quoted by the user, null (an
+    Optional's unset) and interpolations stay as YAML and OmegaConf read them."""
     key, _, value = override.partition("=")
     node = cfg
     for part in key.split("."):
@@ -349,10 +352,13 @@ def _text_as_given(cfg: Any, override: str) -> str:
     try:
         read = OmegaConf.to_container(OmegaConf.from_dotlist([f"v={value}"]), resolve=False)["v"]
     except (OmegaConfBaseException, yaml.YAMLError):
-        return override  # _from_dotlist names it
-    if isinstance(read, (bool, int, float)):
-        return f"{key}='{value.replace(chr(39), chr(39) * 2)}'"
-    return override
+        read = ...  # not YAML: the text it is
+    given = value.strip()  # as YAML strips a plain value
+    quoted = len(given) >= 2 and given[0] in "'\"" and given[-1] == given[0]
+    if (read is None and given in ("", "null", "Null", "NULL", "~")) or (
+            isinstance(read, str) and (read == given or quoted)):
+        return override
+    return f"{key}='{value.replace(chr(39), chr(39) * 2)}'"
 
 
 def _from_dotlist(overrides: Sequence[str]) -> Any:

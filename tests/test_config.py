@@ -322,12 +322,15 @@ def test_an_empty_value_for_a_text_key_is_the_empty_text(tmp_path):
     assert load_config(None, ["model.pretrained="]).model.pretrained is None
 
 
-@pytest.mark.parametrize("value", ["0612", "007", "1:30", "yes", "off", "1e3", "0x1F", ".5", "it's 1"])
+@pytest.mark.parametrize("value", ["0612", "007", "1:30", "yes", "off", "1e3", "0x1F", ".5", "it's 1",
+                                   "ablation #2", "#1", "a: b", "[x]", "{x}", "*.parquet", "@home", "'a' b"])
 def test_a_text_key_keeps_the_text_given_on_the_command_line(value, tmp_path):
     """YAML read `train.run_name=0612` as the octal 394 and the run went to the folder `394`;
-    `007` was "7", `1:30` (sexagesimal) "90", `yes` "True", `1e3` "1000.0". A text key now holds
-    the text given, on the command line and from `serve run` / RayService args; number keys
-    still read numbers, and interpolations still resolve."""
+    `007` was "7", `1:30` (sexagesimal) "90", `yes` "True", `1e3` "1000.0"; `ablation #2` was
+    "ablation" (a comment: the run of `ablation #1`, whose checkpoints it resumed), and `a: b`,
+    `[x]`, `*.parquet`, `@home` failed as a mapping, a list or no YAML. A text key now holds the
+    text given, on the command line and from `serve run` / RayService args; number keys still
+    read numbers, and quotes, null and interpolations still read as YAML and OmegaConf do."""
     from serve.app import AppArgs, arg_overrides
     from serve.config import load_app_config
 
@@ -338,6 +341,8 @@ def test_a_text_key_keeps_the_text_given_on_the_command_line(value, tmp_path):
     assert load_app_config(None, arg_overrides(args)).checkpoint == value
     cfg = load_config(None, ["train.epochs=12", "optim.lr=1e-3", "train.use_gpu=yes", "train.run_name=${train.epochs}"])
     assert (cfg.train.epochs, cfg.optim.lr, cfg.train.use_gpu, cfg.train.run_name) == (12, 1e-3, True, "12")
+    cfg = load_config(None, ["train.run_name='0612'", 'data.tokenizer="a\\tb"', "model.pretrained=null", "ray.address=~"])
+    assert (cfg.train.run_name, cfg.data.tokenizer, cfg.model.pretrained, cfg.ray.address) == ("0612", "a\tb", None, None)
 
 
 def test_serve_builder_args_of_any_yaml_type_load_as_written():
@@ -382,23 +387,22 @@ def test_a_minimum_clip_width_under_the_millisecond_clips_are_kept_to_is_refused
 
 def test_values_of_the_wrong_shape_or_not_yaml_are_one_line_naming_the_key(tmp_path, capsys):
     """Each was a Python traceback from the CLI: an override whose value YAML cannot read (a
-    yaml ScannerError: `*` starts an alias, `@` no token), a mapping where a list belongs (a
+    yaml ScannerError: `*` starts an alias, `@` no token; a text key takes it as text), a mapping where a list belongs (a
     TypeError from OmegaConf's merge), a list inside betas (a TypeError in its range rule) and
     a list where a mapping belongs."""
     from clipray.cli import main
     from serve.config import load_app_config
 
-    for value, why in (("*.parquet", "did not find expected alphabetic or numeric character"),
-                       ("@home", "found character that cannot start any token")):
+    for key, value, why in (("train.epochs", "*3", "found undefined alias"),
+                            ("optim.betas", "[0.9, 0.98", "did not find expected ',' or ']'")):
         with pytest.raises(ConfigError) as e:
-            load_config(None, [f"data.manifest={value}"])
-        assert str(e.value) == (f"command-line override: bad key 'data.manifest': the value '{value}' does not "
-                                f"read as YAML ({why}); quote a text value: \"data.manifest='{value}'\"")
-        assert load_config(None, [f"data.manifest='{value}'"]).data.manifest.endswith(value)  # as it says
+            load_config(None, [f"{key}={value}"])
+        assert str(e.value) == (f"command-line override: bad key '{key}': the value '{value}' does not "
+                                f"read as YAML ({why}); quote a text value: \"{key}='{value}'\"")
     (tmp_path / "ok.yaml").write_text("train:\n  epochs: 1\n")
-    assert main(["train", str(tmp_path / "ok.yaml"), "train.run_name=@x"]) == 2
+    assert main(["train", str(tmp_path / "ok.yaml"), "train.epochs=@3"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("clipray train: error: command-line override: bad key 'train.run_name'") and err.count("\n") == 1
+    assert err.startswith("clipray train: error: command-line override: bad key 'train.epochs'") and err.count("\n") == 1
 
     f = tmp_path / "run.yaml"
     f.write_text("optim:\n  betas: {b1: 0.9}\n")
