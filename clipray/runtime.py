@@ -115,9 +115,10 @@ def is_embedded() -> bool:
 
 
 def check_fits(asks: dict[str, float], resource: str = "CPU",
-               advice: str = "lower them or raise ray.num_cpus") -> None:
+               advice: str = "lower them or raise ray.num_cpus", read_tasks: bool = True) -> None:
     """Fail now if asks for `resource` ("CPU" or "GPU") that run at once cannot fit the
-    embedded Ray (CPUs: keeping one for Ray Data's read tasks).
+    embedded Ray (CPUs: keeping one for Ray Data's read tasks, unless `read_tasks` is False:
+    Serve's replicas run no Ray Data).
 
     Ray queues what does not fit rather than failing; on a cluster an autoscaler may add nodes,
     but the embedded Ray never grows, so a pool too big for it would wait forever, silently.
@@ -126,7 +127,7 @@ def check_fits(asks: dict[str, float], resource: str = "CPU",
     """
     if _embedded is None:
         return
-    reserve = READ_TASK_CPUS if resource == "CPU" else 0.0
+    reserve = READ_TASK_CPUS if resource == "CPU" and read_tasks else 0.0
     need, have = sum(asks.values()) + reserve, _embedded[resource]
     if need > have + 1e-9:
         parts = "; ".join(f"{k} = {v:g}" for k, v in asks.items())

@@ -82,7 +82,7 @@ def start(cfg: AppConfig, quiet_ray: bool = True, route_prefix: str = "/",
         raise ConfigError(f"serve.port {cfg.serve.port} on {cfg.serve.host} is taken by another "
                           f"process (an earlier clipray serve?): stop it or pick another, e.g. "
                           f"serve.port={cfg.serve.port + 1}")
-    check_gpus(cfg)
+    check_resources(cfg)
     logs = {"log_level": cfg.serve.log_level}
     logging.getLogger("ray.serve").setLevel(cfg.serve.log_level)  # this process's Serve lines
     # the port is fixed when Serve's proxy starts: before serve.run, which would start it on 8000
@@ -108,23 +108,26 @@ def start(cfg: AppConfig, quiet_ray: bool = True, route_prefix: str = "/",
     return url
 
 
-def check_gpus(cfg: AppConfig) -> None:
-    """On the embedded Ray, which never grows, replicas asking for GPUs it lacks would leave
-    serve.run waiting for them forever: say so instead. On a cluster this checks nothing."""
+def check_resources(cfg: AppConfig) -> None:
+    """On the embedded Ray, which never grows, replicas asking for more GPUs or CPUs than it has
+    would leave serve.run waiting for them forever (`serve.text_encoder.num_cpus=8` on a laptop
+    hung there, with no word): say so instead. On a cluster this checks nothing."""
     from clipray.runtime import check_fits
     from serve import store
 
     rerank = bool((store.read_meta(cfg.out) or {}).get("rerank"))  # else no reranker replica
-    asks = {}
+    asks: dict[str, dict[str, float]] = {"GPU": {}, "CPU": {}}
     for n in DEPLOYMENTS:
         if n == "reranker" and not rerank:
             continue
         d = getattr(cfg.serve, n)
         count = max(1, d.min_replicas if d.initial_replicas is None else d.initial_replicas)
-        if d.num_gpus > 0:
-            asks[f"serve.{n}: {count} replica(s) x num_gpus"] = count * d.num_gpus
-    if asks:
-        check_fits(asks, "GPU", advice="set their num_gpus to 0 or give RAY_ADDRESS of a cluster with GPUs")
+        for what, each in (("GPU", d.num_gpus), ("CPU", d.num_cpus)):
+            if each > 0:
+                asks[what][f"serve.{n}: {count} replica(s) x num_{what.lower()}s"] = count * each
+    if asks["GPU"]:
+        check_fits(asks["GPU"], "GPU", advice="set their num_gpus to 0 or give RAY_ADDRESS of a cluster with GPUs")
+    check_fits(asks["CPU"], advice="lower their replicas or num_cpus, or raise ray.num_cpus", read_tasks=False)
 
 
 def deploy_failure(app_name: str) -> str:

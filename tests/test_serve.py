@@ -676,6 +676,34 @@ def test_values_serve_refuses_are_a_config_error_naming_the_key(override, said, 
     assert err.strip() == f"clipray serve: error: {said}", err
 
 
+def test_replicas_the_embedded_ray_cannot_hold_are_refused_not_waited_for(tmp_path, monkeypatch):
+    """serve.run waited for ever for replicas asking more CPUs than the embedded Ray (which never
+    grows) has: `serve.text_encoder.num_cpus=8` on a laptop hung `clipray serve` without a word.
+    Only GPUs were checked. The serving app's CPUs are counted as Serve places them (the
+    starting replicas of each deployment; the reranker only with a re-ranking index); on a
+    cluster nothing is checked."""
+    import clipray.runtime
+    from clipray.config import ConfigError
+    from serve.__main__ import check_resources
+    from serve.config import load_app_config
+
+    monkeypatch.setattr(clipray.runtime, "_embedded", {"CPU": 4.0, "GPU": 0.0})
+    cfg = load_app_config(DEMO, [f"out={tmp_path}"])  # 0.25 + 3 x 0.5: fits in 4
+    check_resources(cfg)
+    check_resources(load_app_config(DEMO, [f"out={tmp_path}", "serve.reranker.num_cpus=8"]))  # no reranker here
+    big = load_app_config(DEMO, [f"out={tmp_path}", "serve.text_encoder.num_cpus=1", "serve.text_encoder.min_replicas=3",
+                                 "serve.text_encoder.max_replicas=4"])
+    with pytest.raises(ConfigError) as e:
+        check_resources(big)
+    assert str(e.value) == ("this run needs 4.25 CPUs at once (serve.ingress: 1 replica(s) x num_cpus = 0.25; "
+                            "serve.text_encoder: 3 replica(s) x num_cpus = 3; serve.video_encoder: 1 replica(s) x "
+                            "num_cpus = 0.5; serve.searcher: 1 replica(s) x num_cpus = 0.5), but the local Ray has 4 "
+                            "(ray.num_cpus): lower their replicas or num_cpus, or raise ray.num_cpus, or Ray would "
+                            "wait for CPUs forever")
+    monkeypatch.setattr(clipray.runtime, "_embedded", None)  # a cluster: its autoscaler may add nodes
+    check_resources(big)
+
+
 def test_python_m_serve_and_index_answer_a_bad_config_with_a_usage_error(tmp_path):
     """`python -m serve` / `python -m serve.index` (what `ray job submit` runs) printed a
     traceback and exited 1 where `clipray serve` / `clipray index` print one line and exit 2."""
