@@ -342,13 +342,18 @@ def _text_as_given(cfg: Any, override: str) -> str:
     or no YAML at all (`data.manifest=*.parquet`). A value quoted by the user, null (an
     Optional's unset) and interpolations stay as YAML and OmegaConf read them."""
     key, _, value = override.partition("=")
-    node = cfg
-    for part in key.split("."):
-        if not OmegaConf.is_dict(node) or part not in node:
+    node, parts = cfg, key.split(".")
+    for i, part in enumerate(parts):
+        if not OmegaConf.is_dict(node):
+            return override
+        if part not in node:  # a new key of a mapping of texts (serve.*.env_vars.NAME=true) is text
+            if i == len(parts) - 1 and node._metadata.element_type is str:
+                break
             return override
         node = node._get_node(part)
-    if not isinstance(node, StringNode):
-        return override
+    else:
+        if not isinstance(node, StringNode):
+            return override
     try:
         read = OmegaConf.to_container(OmegaConf.from_dotlist([f"v={value}"]), resolve=False)["v"]
     except (OmegaConfBaseException, yaml.YAMLError):

@@ -339,6 +339,8 @@ def test_a_text_key_keeps_the_text_given_on_the_command_line(value, tmp_path):
     assert load_config(None, [f"ray.address={value}"]).ray.address == value  # an Optional text
     args = AppArgs.model_validate({"checkpoint": value})  # a RayService's `args:`, as build_app reads them
     assert load_app_config(None, arg_overrides(args)).checkpoint == value
+    env = load_app_config(None, [f"serve.ingress.env_vars.X={value}"]).serve.ingress.env_vars  # a mapping of texts
+    assert env["X"] == value
     cfg = load_config(None, ["train.epochs=12", "optim.lr=1e-3", "train.use_gpu=yes", "train.run_name=${train.epochs}"])
     assert (cfg.train.epochs, cfg.optim.lr, cfg.train.use_gpu, cfg.train.run_name) == (12, 1e-3, True, "12")
     cfg = load_config(None, ["train.run_name='0612'", 'data.tokenizer="a\\tb"', "model.pretrained=null", "ray.address=~"])
