@@ -367,8 +367,9 @@ def _text_as_given(cfg: Any, override: str) -> str:
 
 
 def _from_dotlist(overrides: Sequence[str]) -> Any:
-    """The overrides as one config; a value that is not YAML (`data.manifest=*.parquet`: `*` starts
-    a YAML alias; `@x`, `%x`, an unclosed quote or bracket) names its override in one line."""
+    """The overrides as one config; a value that is not YAML for a key that is no text (which
+    `_text_as_given` quoted): `train.epochs=*3` (`*` starts a YAML alias), `@3`, an unclosed
+    bracket `optim.betas=[0.9, 0.98`, names its override in one line."""
     for o in overrides:
         try:
             OmegaConf.from_dotlist([o])
@@ -445,6 +446,8 @@ def to_yaml(cfg: Any) -> str:
     def escaped(v: Any) -> Any:
         if isinstance(v, dict):
             return {k: escaped(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [escaped(x) for x in v]
         # OmegaConf reads `\${` as a literal `${`, and n backslashes before it from 2n
         return re.sub(r"(\\*)\$\{", lambda m: m[1] * 2 + "\\${", v) if isinstance(v, str) else v
     return OmegaConf.to_yaml(OmegaConf.create(escaped(dataclasses.asdict(cfg))))
