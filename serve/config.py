@@ -131,6 +131,8 @@ RULES[DeploymentConfig] = dict(
 RULES[LimitsConfig] = dict(max_text_chars=at_least(1), max_k=at_least(1), max_upload_mb=above(0),
                            rerank_candidates=at_least(0))
 RULES[ServeConfig] = dict(port=((lambda v: 0 < v < 65536), "a port, 1..65535"),
+                          # Serve refuses an empty one, once Ray and Serve are up
+                          app_name=((lambda v: bool(v.strip())), "a name"),
                           max_words=at_least(2),  # the start and end-of-text tokens
                           log_level=one_of(*LOG_LEVELS))
 

@@ -187,6 +187,8 @@ def test_serve_config_gets_the_same_video_rules():
     ("serve.port", "70000", "serve.port must be a port, 1..65535, got 70000"),
     ("index.kind", "ivf", "index.kind must be one of flat, ivf_flat, ivf_sq8, ivf_pq, hnsw, got 'ivf'"),
     ("serve.searcher.num_gpus", "-1", "serve.searcher.num_gpus must be >= 0, got -1.0"),
+    # Serve's "Application name must a non-empty string" came after Ray and Serve had started
+    ("serve.app_name", "''", "serve.app_name must be a name, got ''"),
 ])
 def test_index_and_serve_values_out_of_range_name_key_and_source(tmp_path, key, value, says):
     """`clipray index` / `clipray serve` values get the rules every other command's do, at load:
