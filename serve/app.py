@@ -5,9 +5,11 @@
 
 `build_app(args)` takes `config` (a YAML path, default serve/configs/demo.yaml), optionally
 `overrides` (a list of key=value) and any other key as one more override (`out=...`,
-`serve.port=8001`), loads the typed `AppConfig`, and composes Ingress(TextEncoder,
-VideoEncoder, Searcher[, Reranker]) with per-deployment autoscaling, request caps and
-resources.
+`serve.text_encoder.max_replicas=4`), loads the typed `AppConfig`, and composes
+Ingress(TextEncoder, VideoEncoder, Searcher[, Reranker]) with per-deployment autoscaling, request
+caps and resources. `serve.host`/`serve.port`/`serve.app_name` are not read here: `clipray serve`
+passes them to Serve, while `serve run` (127.0.0.1:8000) and a RayService (`http_options`) set
+the address themselves.
 
 Endpoints: POST /search, /search/video, /encode/text, /encode/video; GET /healthz,
 /clips/{clip_id} (the indexed file of a clip, with HTTP Range), / (search page), /docs.
