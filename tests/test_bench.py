@@ -295,6 +295,31 @@ def test_bench_train_refuses_an_unknown_model_before_any_work(monkeypatch, capsy
     assert e.value.code == 2 and "argument --model: invalid choice: 'test_meanp'" in err and "test_meanP" in err
 
 
+def test_bench_train_feeds_c_from_decode_actors_as_its_help_and_figures_say(monkeypatch):
+    """(c) stands in for CPU decode workers beside a GPU, which the recipe configs run as decode
+    actors; its help ("decode actors for (c)") and docs/benchmarks.md's figures are actors'.
+    Since decode tasks became DataConfig's default (787fae9) the bench built (c) with tasks,
+    which decode at another rate (docs/benchmarks.md, "Decode tasks or decode actors")."""
+    import clipray.bench.data
+    import clipray.pipeline
+    from clipray.bench.train import ray_loop
+
+    seen = []
+
+    class Built(Exception):
+        pass
+
+    def clip_dataset(data, skip_dir, split="train"):
+        seen.append(data)
+        raise Built
+
+    monkeypatch.setattr(clipray.bench.data, "repeated_manifest", lambda manifest, out, **k: str(out))
+    monkeypatch.setattr(clipray.pipeline, "clip_dataset", clip_dataset)
+    with pytest.raises(Built):
+        ray_loop("test_meanP", 2, 2, 1, 0, 1, manifest="m.parquet", decode_cores=3)
+    assert [(d.decode_pool, d.decode_actors, d.decode_cpus) for d in seen] == [("actors", 3, 1.0)]
+
+
 def test_bench_train_refuses_cores_the_local_ray_lacks_instead_of_waiting_forever(monkeypatch, capsys):
     """(c) runs the train worker (--threads CPUs) beside the decode actors (--decode-cores, one
     CPU each) and Ray Data's read tasks: on an embedded Ray too small for them Ray Train and
