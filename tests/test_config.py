@@ -471,3 +471,60 @@ def test_the_config_yaml_a_run_saves_loads_back_to_the_same_config(path, tmp_pat
     weird = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, run_name="a\\${x}\\\\${y}"))
     saved.write_text(to_yaml(weird))
     assert load_config(saved).train.run_name == "a\\${x}\\\\${y}"
+
+
+def _names_code(dotted: str) -> bool:
+    """Whether `dotted` names a Python module or attribute (`train.edit`, `ray.wait`,
+    `serve.smoke_model.fit_tiny`), which docs write in the same form as config keys."""
+    import importlib
+
+    parts = dotted.split(".")
+    for i in range(len(parts), 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:i]))
+        except ImportError:
+            continue
+        try:
+            for attr in parts[i:]:
+                obj = getattr(obj, attr)
+        except AttributeError:
+            return False
+        return True
+    return False
+
+
+def test_every_config_key_the_docs_name_is_in_a_schema():
+    """Each `section.key` the READMEs and docs/ give as an override (`key=`) or in backticks is a
+    key of the training schema (`clipray.config.Config`) or of the index/serve one
+    (`serve.config.AppConfig`): a key renamed in code, or misspelt in a doc, would be a command
+    that stops at start-up when copied. `serve.<name>.*` stands for any deployment section."""
+    import dataclasses
+    import re
+    import typing
+
+    from serve.config import AppConfig
+
+    def has(schema, key: str) -> bool:
+        for part in key.split("."):
+            if part == "*" or (part == "<name>" and schema is typing.get_type_hints(AppConfig)["serve"]):
+                return True
+            if not dataclasses.is_dataclass(schema) or part not in {f.name for f in dataclasses.fields(schema)}:
+                return False
+            schema = typing.get_type_hints(schema)[part]
+        return True
+
+    repo = Path(__file__).resolve().parents[1]
+    docs = [repo / "README.md", repo / "cluster" / "README.md", repo / "datasets" / "README.md",
+            *sorted((repo / "docs").glob("*.md"))]
+    key = re.compile(r"(?:(?<=`)|(?<=\s)|^)((?:data|model|optim|train|ray|edit|index|serve|video)"
+                     r"\.[a-z_<][a-z0-9_.*<>]*[a-z0-9_*])(?==|`)")
+    found, unknown = 0, []
+    for doc in docs:
+        for n, line in enumerate(doc.read_text().splitlines(), 1):
+            for k in key.findall(line):
+                if k.rsplit(".", 1)[-1] in ("json", "yaml", "csv", "parquet", "md", "py"):
+                    continue  # a file name (index.json)
+                found += 1
+                if not (has(Config, k) or has(AppConfig, k) or _names_code(k)):
+                    unknown.append(f"{doc.relative_to(repo)}:{n}: {k}")
+    assert found > 100 and not unknown, unknown
