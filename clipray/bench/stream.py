@@ -9,7 +9,8 @@ What it does, on an embedded local Ray:
      select -> map_batches(tokenise, CPU actor pool)`, and consumes it on the driver, checking
      every row arrives exactly once;
   3. streams the first `--decode-rows` rows through the real pipeline
-     (`clipray.pipeline.clip_dataset`: decode + sample + crop + tokenise) at 2 frames of 32 px.
+     (`clipray.pipeline.clip_dataset`: decode + sample + crop + tokenise) at 2 frames of 32 px,
+     on `--actors` decode tasks (`data.decode_pool`'s default).
 While each phase runs, a thread samples once a second the memory of the driver plus every Ray
 process (GCS, raylet, workers: the driver's process tree) and the table prints peak and mean and
 the values at 10 %, 50 % and 100 % of the rows: flat means the stream never accumulates.
@@ -267,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--videos", type=at_least(1), default=4, help="distinct tiny videos the rows reuse")
     ap.add_argument("--decode-rows", type=at_least(0), default=4000,
                     help="rows also decoded through clip_dataset (2 frames, 32 px); 0 skips")
-    ap.add_argument("--actors", type=at_least(1), default=2, help="tokenise / decode actors")
+    ap.add_argument("--actors", type=at_least(1), default=2, help="tokenise actors (phase 2); decoders (phase 3: decode tasks, data.decode_pool's default)")
     ap.add_argument("--batch", type=at_least(1), default=1024, help="rows per tokenise call and per driver batch")
     ap.add_argument("--workdir", default=None, help="where to write the manifest (default: a temp dir)")
     ap.add_argument("--keep", action="store_true", help="keep what the bench wrote in the workdir")
