@@ -191,7 +191,7 @@ def cpu_split(before: dict, after: dict, wall: float, decoders: set[int]) -> dic
         role = ("consumer" if pid == os.getpid() else
                 "decode workers" if pid in decoders else "Ray + system")
         split[role] += used / wall
-    split["idle"] = max(0.0, (os.cpu_count() or 1) - sum(split.values()))
+    split["idle"] = max(0.0, usable_cores() - sum(split.values()))  # of the cores this process may use
     return split
 
 

@@ -17,12 +17,12 @@ share of batches with any, beside what uniform sampling gives: B(B-1)/2 x (k-1)/
 from __future__ import annotations
 
 import argparse
-import os
 import tempfile
 import time
 from pathlib import Path
 
 from clipray.cli import at_least
+from clipray.runtime import usable_cores
 
 
 def grouped_manifest(path: Path, videos: int, captions: int) -> None:
@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     arms = {"(a) as listed": (False, 0), f"(b) local buffer of {args.buffer} rows": (False, args.buffer),
             "(c) data.shuffle_rows": (True, 0)}
     print(f"clipray bench shuffle: {n:,} rows, {k} captions per video listed together, batches of {B}, "
-          f"{os.cpu_count()} cores")
+          f"{usable_cores()} cores")
     print(f"{'order':34} {'same-video pairs/batch':>22} {'batches with one':>17} {'first batch':>12} {'all rows':>9}")
     for label, (shuffle, buffer) in arms.items():
         r = read(data, shuffle, buffer, B, k)

@@ -19,13 +19,13 @@ of the later ones (an actor pool starts anew each time; task workers are started
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
 from clipray.cli import at_least
+from clipray.runtime import usable_cores
 from clipray.pipeline import ClipDecoder
 
 ARMS = {
@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"round {r + 1}/{args.rounds} {ARMS[arm]:42} first batch {first:5.1f}s, all {n} clips {total:5.1f}s",
                   flush=True)
     print(f"\nclipray bench startup: the demo's test split ({clips} clips, {data.video.max_frames} frames at "
-          f"{data.video.size}px), {data.decode_actors} decoders x {data.decode_cpus:g} CPU, {os.cpu_count()} cores, "
+          f"{data.video.size}px), {data.decode_actors} decoders x {data.decode_cpus:g} CPU, {usable_cores()} cores, "
           f"{args.rounds} executions each")
     print(f"{'version':42} {'first execution':>18} {'later (median)':>16} {'later (range)':>14}  against (a)")
     base = statistics.median(t for _, t in times["a"][1:])

@@ -44,6 +44,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from clipray.cli import at_least
+from clipray.runtime import usable_cores
 from clipray.config import DataConfig, RayConfig, VideoConfig
 
 GB = 1024 ** 3
@@ -295,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
         import psutil
 
         print(f"clipray bench stream: {args.rows:,} manifest rows over {len(videos)} tiny videos, "
-              f"{os.cpu_count()} cores, {args.actors} actors")
+              f"{usable_cores()} cores, {args.actors} actors")
         print(f"manifest: {shards} Parquet shards written streaming in {write_s:.1f} s "
               f"({args.rows / write_s:,.0f} rows/s); driver peak RSS so far "
               f"{psutil.Process().memory_info().rss / GB:.2f} GB")
