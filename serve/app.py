@@ -74,6 +74,32 @@ class Embedding(BaseModel):
     dim: int
 
 
+class Health(BaseModel):
+    status: str
+    clips: int
+    index: str
+    rerank: bool
+
+
+class ErrorBody(BaseModel):
+    """Every 4xx: the field and the rule in one sentence (FastAPI's own 422 body, which the
+    schema documented by default, is replaced by this one)."""
+    error: str
+    detail: Optional[list[str]] = Field(None, description="one sentence per invalid field (422 only)")
+
+
+_WHY = {400: "a body that cannot be parsed", 404: "an unknown clip id, or its file is not on this server",
+        413: "a body over the limit (serve.limits.max_upload_mb, or 64 KiB + 12 bytes a character of "
+             "serve.limits.max_text_chars for a JSON query)",
+        415: "an upload that is not a usable video", 416: "a Range past the end of the file",
+        422: "a missing, unknown or invalid field, with the rule it breaks"}
+
+
+def _errors(*codes: int) -> dict:
+    """OpenAPI `responses` for the 4xx a route answers, each with the `{"error": ...}` body."""
+    return {c: {"model": ErrorBody, "description": _WHY[c]} for c in codes}
+
+
 api = FastAPI(title="clipray retrieval", version="1",
               description="Text-to-video and video-to-video search over a clipray index.")
 
@@ -242,6 +268,11 @@ async def _call(method: Any, *args: Any) -> Any:
         return await method.remote(*args)
 
 
+CLIP_RESPONSES = {200: {"content": {"video/mp4": {}}, "description": "the whole file"},
+                  206: {"content": {"video/mp4": {}}, "description": "the byte ranges a Range header asked for"},
+                  **_errors(404, 416, 422)}
+
+
 @serve.deployment
 @serve.ingress(api)
 class Ingress:
@@ -296,19 +327,22 @@ class Ingress:
     async def page(self) -> HTMLResponse:
         return HTMLResponse(self.page)
 
-    @api.api_route("/healthz", methods=["GET", "HEAD"])
+    # GET and HEAD as two routes: one route of both methods gave both operations one
+    # operationId in /openapi.json (named after whichever method a set listed first)
+    @api.get("/healthz", response_model=Health)
+    @api.head("/healthz", response_model=Health)
     async def healthz(self) -> dict:
         info = await _call(self.searcher.info)
         return {"status": "ok", "clips": info["clips"], "index": info["kind"],
                 "rerank": self.reranker is not None}
 
-    @api.post("/search", response_model=SearchResponse)
+    @api.post("/search", response_model=SearchResponse, responses=_errors(400, 413, 422))
     async def search(self, req: SearchRequest) -> dict:
         """Text-to-video: the top-k indexed clips for a text query."""
         text, k = self._text(req.text), self._k(req.k)
         return await self._search(await _call(self.text.encode, text), k, text)
 
-    @api.post("/search/video", response_model=SearchResponse)
+    @api.post("/search/video", response_model=SearchResponse, responses=_errors(400, 413, 415, 422))
     async def search_video(self, request: Request, file: UploadFile = File(..., description="a video clip"),
                            k: Optional[int] = Form(None)) -> dict:
         """Video-to-video: the top-k indexed clips for an uploaded clip."""
@@ -316,19 +350,19 @@ class Ingress:
         k = self._k(k)
         return await self._search(await self._upload(file), k)
 
-    @api.post("/encode/text", response_model=Embedding)
+    @api.post("/encode/text", response_model=Embedding, responses=_errors(400, 413, 422))
     async def encode_text(self, req: TextRequest) -> dict:
         emb = await _call(self.text.encode, self._text(req.text))
         return {"embedding": emb.tolist(), "dim": len(emb)}
 
-    @api.post("/encode/video", response_model=Embedding)
+    @api.post("/encode/video", response_model=Embedding, responses=_errors(400, 413, 415, 422))
     async def encode_video(self, request: Request, file: UploadFile = File(..., description="a video clip")) -> dict:
         await _no_unknown_fields(request, "file")
         emb = await self._upload(file)
         return {"embedding": emb.tolist(), "dim": len(emb)}
 
-    @api.api_route("/clips/{clip_id}", methods=["GET", "HEAD"], response_class=FileResponse,
-                   responses={200: {"content": {"video/mp4": {}}}, 404: {"description": "unknown clip id"}})
+    @api.get("/clips/{clip_id}", response_class=FileResponse, responses=CLIP_RESPONSES)
+    @api.head("/clips/{clip_id}", response_class=FileResponse, responses=CLIP_RESPONSES)
     async def clip(self, clip_id: int, request: Request) -> FileResponse:
         """The indexed video file of a clip (HTTP Range supported), chosen by id only."""
         path = await _call(self.searcher.clip_path, clip_id)

@@ -235,13 +235,25 @@ def _bad_requests(url: str, video: bytes) -> list[tuple[str, object, tuple[int, 
 
 
 def test_bad_inputs_are_4xx_with_a_message(app, synth_small):
+    from urllib.parse import urlparse
+
     video = (Path(synth_small["manifest"]).parent / "videos" / "synth00001.mp4").read_bytes()
+    # each answer is one /openapi.json documents for its operation, with the body it documents
+    # (the schema gave every 422 FastAPI's {"detail": [{loc, msg, type}]} and no 413/415 at all)
+    spec = requests.get(f"{app['url']}/openapi.json", timeout=30).json()
     wrong = []
     for name, send, codes in _bad_requests(app["url"], video):
         r = send()
         body = r.json() if r.headers.get("content-type", "").startswith("application/json") else {}
         if r.status_code not in codes or not str(body.get("error", "")).strip():
             wrong.append(f"{name}: {r.status_code} {r.text[:200]}")
+        path = urlparse(r.request.url).path
+        op = spec["paths"]["/clips/{clip_id}" if path.startswith("/clips/") else path][r.request.method.lower()]
+        said = op["responses"].get(str(r.status_code), {}).get("content", {}).get("application/json", {})
+        if said.get("schema") != {"$ref": "#/components/schemas/ErrorBody"}:
+            wrong.append(f"{name}: {r.status_code} is not documented with its body: {op['responses']}")
+    error_body = spec["components"]["schemas"]["ErrorBody"]
+    assert error_body["required"] == ["error"] and set(error_body["properties"]) == {"error", "detail"}
     assert not wrong, "\n".join(wrong)
     r = requests.post(f"{app['url']}/search", data=b'{"text": "a red', timeout=30,
                       headers={"Content-Type": "application/json"})
@@ -574,6 +586,10 @@ def test_openapi_fuzz_finds_no_server_error(app):
     from hypothesis import HealthCheck, given, settings
     from schemathesis.checks import not_a_server_error
 
+    spec = requests.get(f"{app['url']}/openapi.json", timeout=30).json()
+    # one operationId per operation: GET and HEAD of one route shared theirs
+    ids = [o["operationId"] for ops in spec["paths"].values() for o in ops.values()]
+    assert len(ids) == len(set(ids)) == 8, ids
     schema = schemathesis.openapi.from_url(f"{app['url']}/openapi.json")
     ops = [r.ok() for r in schema.get_all_operations()]
     assert {op.path for op in ops} >= {"/search", "/search/video", "/encode/text", "/encode/video",
