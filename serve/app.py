@@ -43,6 +43,7 @@ PAGE = Path(__file__).with_name("page.html")
 UPLOAD_PATHS = ("/search/video", "/encode/video")
 JSON_PATHS = ("/search", "/encode/text")
 DEFAULT_K = 10  # results when a request gives no k (serve.limits.max_k where that is lower)
+PAGE_K = 8  # results the search page asks for until its box is changed (max_k where lower)
 
 
 class SearchRequest(BaseModel):
@@ -268,6 +269,13 @@ async def _call(method: Any, *args: Any) -> Any:
         return await method.remote(*args)
 
 
+def page_html(max_k: int) -> str:
+    """The search page with its results box at PAGE_K, or serve.limits.max_k where that is lower:
+    a page that asked for 8 had every search refused ("k: must be between 1 and 5, got 8") by an
+    app of max_k=5 until the user found the box. Defined above `Ingress`, which Serve pickles."""
+    return PAGE.read_text().replace("{{k}}", str(min(PAGE_K, max_k)))
+
+
 CLIP_RESPONSES = {200: {"content": {"video/mp4": {}}, "description": "the whole file"},
                   206: {"content": {"video/mp4": {}}, "description": "the byte ranges a Range header asked for"},
                   **_errors(404, 416, 422)}
@@ -281,7 +289,7 @@ class Ingress:
         self.limits = limits
         self.max_upload_bytes = int(limits["max_upload_mb"] * 1024 * 1024)
         _set_upload_cap(self.max_upload_bytes, json_body_cap(limits["max_text_chars"]))
-        self.page = PAGE.read_text()
+        self.page = page_html(limits["max_k"])
 
     # ---- validation ------------------------------------------------------------------------
     def _text(self, text: str) -> str:

@@ -476,6 +476,9 @@ def test_an_index_of_a_file_uri_manifest_streams_its_clips_and_max_k_caps_the_de
             assert r.status_code == 200 and len(r.json()["results"]) == 2, r.text[:300]
         r = requests.post(f"{url}/search", json={"text": "a red square", "k": 3}, timeout=30)
         assert (r.status_code, r.json()["error"]) == (422, "k: must be between 1 and 2, got 3")
+        # the search page asks for max_k results, not its usual 8 (every search it sent was refused)
+        page = requests.get(f"{url}/", timeout=30).text
+        assert '<input id="k" name="k" type="number" min="1" value="2" title="results">' in page
     finally:
         serve.delete("clipray-uri")
 
