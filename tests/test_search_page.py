@@ -165,3 +165,23 @@ def test_page_shows_the_status_of_an_error_that_is_not_json(app, browser):
     status = browser.until("(s => s.includes('error') && s)(document.getElementById('status').textContent)", 30)
     assert "502" in status and "Bad Gateway" in status and "JSON" not in status, status
     assert browser.js("document.querySelectorAll('#results .tile').length") == 0
+
+
+def test_an_earlier_search_answering_late_does_not_replace_the_newest(app, browser):
+    """Two searches in a row whose answers come back in the other order (batching, replicas):
+    the page showed whichever answered last, the first query's clips under the second query's
+    text. window.fetch is replaced by one that answers the first call 1.5 s late."""
+    browser.open(app["url"] + "/")
+    browser.js("""(() => { let n = 0; window.fetch = async (url, init) => {
+        const q = JSON.parse(init.body).text, late = ++n === 1;
+        if (late) await new Promise(r => setTimeout(r, 1500));
+        return new Response(JSON.stringify({results: [{clip_id: 0, video_id: q, score: 0.5, start: null, end: null}]}),
+                            {status: 200, headers: {'Content-Type': 'application/json'}}); }; return true; })()""")
+    browser.type_and_enter("#q", "first query")
+    browser.js("document.getElementById('q').value = ''; true")
+    browser.type_and_enter("#q", "second query")
+    browser.until("document.querySelectorAll('#results .tile').length > 0")
+    time.sleep(2.5)  # the first answer has come by now
+    labels = browser.js("Array.from(document.querySelectorAll('#results .tile .meta')).map(m => m.textContent)")
+    assert labels == ["#1 second query0.500"], labels
+    assert browser.js("document.getElementById('status').textContent").startswith("1 clips")
