@@ -151,6 +151,12 @@ def test_page_shows_api_errors(app, browser):
     browser.type_and_enter("#q", "a red square " * 30)
     status = browser.until("(s => s.includes('error') && s)(document.getElementById('status').textContent)", 30)
     assert "max_text_chars" in status
+    # the number box takes "1e1" as 10: the page read it with parseInt, as 1
+    browser.open(app["url"] + "/")
+    browser.js("document.getElementById('k').value = '1e1'; true")
+    browser.type_and_enter("#q", "a red square")
+    browser.until("document.getElementById('status').textContent.includes('clips in')", 30)
+    assert browser.js("document.querySelectorAll('#results .tile').length") == 10
 
 
 def test_page_shows_the_status_of_an_error_that_is_not_json(app, browser):
