@@ -191,3 +191,24 @@ def test_an_earlier_search_answering_late_does_not_replace_the_newest(app, brows
     labels = browser.js("Array.from(document.querySelectorAll('#results .tile .meta')).map(m => m.textContent)")
     assert labels == ["#1 second query0.500"], labels
     assert browser.js("document.getElementById('status').textContent").startswith("1 clips")
+
+
+def test_a_clip_window_loops_in_its_tile(app, browser):
+    """A tile plays its clip's window over and over. The `#t=start,end` media fragment pauses the
+    player at the window's end; the page sought back to the start but left it paused, so a
+    window that ends before its file did played once and then stood still. The answer (clip 0,
+    the window [0.5, 1.5] s of a 2-4 s video) is made by replacing window.fetch."""
+    browser.open(app["url"] + "/")
+    browser.js("""window.fetch = async () => new Response(JSON.stringify({results: [
+        {clip_id: 0, video_id: 'synth00000', score: 0.5, start: 0.5, end: 1.5}]}),
+        {status: 200, headers: {'Content-Type': 'application/json'}}); true""")
+    browser.type_and_enter("#q", "a red square")
+    browser.until(f"{VIDEOS}.length === 1 && {VIDEOS}[0].time > 0.5")
+    states = []
+    for _ in range(12):  # 3 s: two passes over the 1 s window and more
+        time.sleep(0.25)
+        states.append(browser.js("(v => [v.paused, v.currentTime])(document.querySelector('#results video'))"))
+    assert not states[-1][0] and not states[-2][0], states  # still playing
+    # inside the window, give or take a timeupdate (every 15-250 ms): never back at the file's start
+    assert all(0.4 <= t <= 2.0 for _, t in states) and any(b < a for (_, a), (_, b) in zip(states, states[1:])), states
+    assert browser.js("document.querySelector('#results video').src").endswith("/clips/0#t=0.5,1.5")
