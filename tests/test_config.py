@@ -123,6 +123,20 @@ def test_a_value_given_to_a_section_names_the_section_and_its_keys(tmp_path):
         load_config(f)
 
 
+def refused_as_override_and_in_a_file(load, f: Path, key: str, value: str, says: str) -> None:
+    """`load(path, overrides)` refuses `key=value` given as an override and written in the YAML
+    file `f`, saying `says` after the source's name."""
+    with pytest.raises(ConfigError) as e:
+        load(None, [f"{key}={value}"])
+    assert str(e.value) == f"command-line override: {says}"
+    section, _, leaf = key.rpartition(".")
+    f.write_text("".join(f"{'  ' * i}{part}:\n" for i, part in enumerate(section.split(".")))
+                 + f"{'  ' * (section.count('.') + 1)}{leaf}: {value}\n")
+    with pytest.raises(ConfigError) as e:
+        load(f)
+    assert str(e.value) == f"{f}: {says}"
+
+
 @pytest.mark.parametrize("key, value, says", [
     ("data.batch_size", "0", "data.batch_size must be >= 1, got 0"),
     ("data.video.fps", "0", "data.video.fps must be > 0, got 0.0"),
@@ -149,16 +163,7 @@ def test_a_value_given_to_a_section_names_the_section_and_its_keys(tmp_path):
     ("optim.betas", "[0.9,1.5]", "optim.betas must be two numbers in [0, 1), got (0.9, 1.5)"),
 ])
 def test_values_out_of_range_name_key_and_source(tmp_path, key, value, says):
-    with pytest.raises(ConfigError) as e:
-        load_config(None, [f"{key}={value}"])
-    assert str(e.value) == f"command-line override: {says}"
-    f = tmp_path / "run.yaml"
-    section, _, leaf = key.rpartition(".")
-    f.write_text("".join(f"{'  ' * i}{part}:\n" for i, part in enumerate(section.split(".")))
-                 + f"{'  ' * (section.count('.') + 1)}{leaf}: {value}\n")
-    with pytest.raises(ConfigError) as e:
-        load_config(f)
-    assert str(e.value) == f"{f}: {says}"
+    refused_as_override_and_in_a_file(load_config, tmp_path / "run.yaml", key, value, says)
     # the edges that are allowed load, and an unset Optional passes
     assert load_config(None, ["data.shuffle_buffer=0", "optim.warmup_ratio=0", "train.max_failures=-1"])
     assert load_config(None).ray.num_cpus is None
@@ -195,16 +200,7 @@ def test_index_and_serve_values_out_of_range_name_key_and_source(tmp_path, key, 
     the key and the file (or override) named, before Ray starts."""
     from serve.config import load_app_config
 
-    with pytest.raises(ConfigError) as e:
-        load_app_config(None, [f"{key}={value}"])
-    assert str(e.value) == f"command-line override: {says}"
-    f = tmp_path / "app.yaml"
-    section, _, leaf = key.rpartition(".")
-    f.write_text("".join(f"{'  ' * i}{part}:\n" for i, part in enumerate(section.split(".")))
-                 + f"{'  ' * (section.count('.') + 1)}{leaf}: {value}\n")
-    with pytest.raises(ConfigError) as e:
-        load_app_config(f)
-    assert str(e.value) == f"{f}: {says}"
+    refused_as_override_and_in_a_file(load_app_config, tmp_path / "app.yaml", key, value, says)
     # the edges that are allowed load
     cfg = load_app_config(None, ["index.actor_cpus=0", "index.recall_queries=0", "serve.limits.rerank_candidates=0",
                                  "serve.port=65535", "index.window_s=4", "serve.ingress.min_replicas=0"])
