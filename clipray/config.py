@@ -21,7 +21,7 @@ from typing import Any, Optional, Sequence, TypeVar, get_args, get_origin
 import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
-from omegaconf.nodes import StringNode
+from omegaconf.nodes import BooleanNode, FloatNode, IntegerNode, StringNode
 
 T = TypeVar("T")
 # what a merge raises for a value of the wrong shape: OmegaConf's own errors, and a TypeError
@@ -333,14 +333,15 @@ def _source_of(key: str, sources: Sequence[tuple[str, Any]]) -> Optional[str]:
     return None
 
 
-def _text_as_given(cfg: Any, override: str) -> str:
+def _value_as_given(cfg: Any, override: str) -> str:
     """`key=value` with the value quoted where `key` is a text field and YAML would read the
     value as anything but that text: a number or a boolean (`train.run_name=0612` became the
     run "394", YAML 1.1 octal; `=007` "7", `=1:30` "90", `=yes` "True"), a comment
     (`train.run_name=ablation #2` became "ablation", the run folder of `ablation #1` too;
     `clipray demo --runs 'runs #2'` wrote to `runs`), a mapping (`a: b` in a path),
     or no YAML at all (`data.manifest=*.parquet`). A value quoted by the user, null (an
-    Optional's unset) and interpolations stay as YAML and OmegaConf read them."""
+    Optional's unset) and interpolations stay as YAML and OmegaConf read them. A number key
+    reads a leading zero as decimal, and a boolean key refuses a whole number but 0 and 1."""
     key, _, value = override.partition("=")
     node, parts = cfg, key.split(".")
     for i, part in enumerate(parts):
@@ -352,6 +353,12 @@ def _text_as_given(cfg: Any, override: str) -> str:
             return override
         node = node._get_node(part)
     else:
+        given = value.strip()
+        if isinstance(node, (IntegerNode, FloatNode)) and re.fullmatch(r"[+-]?0[0-9]+", given):
+            return f"{key}={int(given)}"  # YAML 1.1 reads a leading 0 as octal: train.epochs=010 was 8
+        if isinstance(node, BooleanNode) and re.fullmatch(r"[+-]?[0-9]+", given) and int(given) not in (0, 1):
+            # OmegaConf took any other whole number as true: train.use_gpu=2 (or -1) trained on GPUs
+            raise ConfigError(f"command-line override: {key} must be true or false, got {given}")
         if not isinstance(node, StringNode):
             return override
     try:
@@ -368,7 +375,7 @@ def _text_as_given(cfg: Any, override: str) -> str:
 
 def _from_dotlist(overrides: Sequence[str]) -> Any:
     """The overrides as one config; a value that is not YAML for a key that is no text (which
-    `_text_as_given` quoted): `train.epochs=*3` (`*` starts a YAML alias), `@3`, an unclosed
+    `_value_as_given` quoted): `train.epochs=*3` (`*` starts a YAML alias), `@3`, an unclosed
     bracket `optim.betas=[0.9, 0.98`, names its override in one line."""
     for o in overrides:
         try:
@@ -401,7 +408,7 @@ def load_config(
         # `key=` reads as null, which a text field refuses ("Incompatible value 'None'"): give
         # such a field the empty text, so the command's own check says what it needs
         overrides = [f"{o}''" if o.endswith("=") and isinstance(OmegaConf.select(cfg, o[:-1], default=None), str)
-                     else _text_as_given(cfg, o) for o in overrides]
+                     else _value_as_given(cfg, o) for o in overrides]
         dotlist = _from_dotlist(overrides)
         cfg = _merge(cfg, dotlist, "command-line override")
         sources.append(("command-line override", dotlist))

@@ -345,6 +345,20 @@ def test_a_text_key_keeps_the_text_given_on_the_command_line(value, tmp_path):
     assert (cfg.train.run_name, cfg.data.tokenizer, cfg.model.pretrained, cfg.ray.address) == ("0612", "a\tb", None, None)
 
 
+def test_number_and_boolean_overrides_read_as_a_person_writes_them():
+    """YAML 1.1 read a leading zero as octal: train.epochs=010 trained 8 epochs, ray.num_cpus=010
+    sized Ray for 8. OmegaConf took any whole number as a boolean: train.use_gpu=2 (or -1) was
+    true. A leading zero now reads as decimal, and a boolean refuses a number but 0 and 1."""
+    cfg = load_config(None, ["train.epochs=010", "optim.lr=01", "train.seed=00", "ray.num_cpus=010"])
+    assert (cfg.train.epochs, cfg.optim.lr, cfg.train.seed, cfg.ray.num_cpus) == (10, 1.0, 0, 10)
+    assert load_config(None, ["train.epochs=0x10"]).train.epochs == 16  # a prefix says its base
+    for value in ("2", "-1", "10"):
+        with pytest.raises(ConfigError, match=f"^command-line override: train.use_gpu must be true or false, got {value}$"):
+            load_config(None, [f"train.use_gpu={value}"])
+    assert [load_config(None, [f"train.use_gpu={v}"]).train.use_gpu for v in ("0", "1", "on", "false")] == \
+        [False, True, True, False]
+
+
 def test_serve_builder_args_of_any_yaml_type_load_as_written():
     """A RayService's `args:` reach build_app typed by YAML; they were turned into overrides by
     str(): a null became the text 'None' ("Value 'None' of type 'str' could not be converted to
