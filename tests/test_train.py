@@ -314,6 +314,23 @@ def test_an_empty_run_name_or_part_fails_before_ray_starts(synth_small, tmp_path
         f"{tmp_path}/group/one"
 
 
+def test_checkpoint_every_steps_without_a_step_budget_is_refused_before_ray_starts(synth_small, tmp_path):
+    """train.checkpoint_every_steps only sets a step budget's segments: a run by epochs (or clip
+    editing, which trains by epochs) ignored it without a word and checkpointed once per epoch."""
+    from clipray.config import ConfigError
+    from train import driver, edit
+
+    cfg = load_config(DEMO, overrides(synth_small["manifest"], tmp_path, "every", **{"train.checkpoint_every_steps": 2}))
+    with pytest.raises(ConfigError, match=r"^train.checkpoint_every_steps=2 applies to a step budget "
+                                          r"\(train.max_steps\), and train.max_steps is 0"):
+        driver.run(cfg, quiet_ray=True)
+    cfg = load_config(REPO / "train/configs/edit_demo.yaml", overrides(
+        synth_small["events_manifest"], tmp_path, "every-edit", **{"train.checkpoint_every_steps": 2}))
+    with pytest.raises(ConfigError, match="clip editing trains by epochs: unset .*train.checkpoint_every_steps"):
+        edit.run(cfg, quiet_ray=True)
+    assert list(tmp_path.iterdir()) == []  # refused before the run folder is made
+
+
 def test_a_storage_scheme_without_its_fsspec_package_is_a_config_error(synth_small, tmp_path):
     """train.storage_path=gs://... on an install without gcsfs (the `gcs` extra): the resume
     check opened it through fsspec and `clipray train` stopped with an ImportError traceback

@@ -243,6 +243,11 @@ def run(cfg: Config, quiet_ray: bool = False, stop_epoch: int = 0, table: bool =
     its rounds this way."""
     if not cfg.data.manifest:
         raise ConfigError("data.manifest is empty: give a manifest (e.g. data.manifest=PATH)")
+    if cfg.train.checkpoint_every_steps and not cfg.train.max_steps:
+        # else ignored without a word: a run by epochs checkpoints (and evaluates) at each epoch's end
+        raise ConfigError(f"train.checkpoint_every_steps={cfg.train.checkpoint_every_steps} applies to a step "
+                          "budget (train.max_steps), and train.max_steps is 0: a run by epochs checkpoints at "
+                          "the end of each epoch; unset it, or give train.max_steps")
     out = run_dir(cfg)
     per_step = cfg.data.batch_size * cfg.train.num_workers
     if cfg.data.shard_stream:

@@ -315,8 +315,9 @@ def run(cfg: Config, quiet_ray: bool = False) -> dict[str, Any]:
     source = cfg.data.manifest
     if not source:
         raise ConfigError("data.manifest is empty: give a manifest with timestamps (e.g. data.manifest=PATH)")
-    if cfg.data.shard_stream or cfg.train.max_steps:
-        raise ConfigError("clip editing trains by epochs: unset data.shard_stream and train.max_steps")
+    if cfg.data.shard_stream or cfg.train.max_steps or cfg.train.checkpoint_every_steps:
+        raise ConfigError("clip editing trains by epochs: unset data.shard_stream, train.max_steps and "
+                          "train.checkpoint_every_steps")
     if e.init == "window" and e.window_s <= 0:
         raise ConfigError("edit.init=window needs edit.window_s > 0 (the clip's width around its timestamp)")
     for key in ("max_width_s",) + (("window_s",) if e.init == "window" else ()):
