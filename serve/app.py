@@ -277,7 +277,8 @@ def page_html(max_k: int) -> str:
 
 
 CLIP_RESPONSES = {200: {"content": {"video/mp4": {}}, "description": "the whole file"},
-                  206: {"content": {"video/mp4": {}}, "description": "the byte ranges a Range header asked for"},
+                  206: {"content": {"video/mp4": {}, "multipart/byteranges": {}},
+                        "description": "the byte range a Range header asked for (several: multipart/byteranges)"},
                   **_errors(404, 416, 422)}
 
 
