@@ -67,7 +67,8 @@ def trained_sampling(export_dir: str) -> list[str]:
 
 
 def serve_demo(export_dir: str, manifest: str, out_dir: str, queries: int = 4) -> list[dict]:
-    """Index, serve, query, stop. Returns one dict per query: text, true video, rank, results."""
+    """Index, serve, query, stop. Returns one dict per query: text, true video, its rank among
+    the indexed clips (None past serve.limits.max_k), the top 5 results."""
     from serve.__main__ import start, stop
     from serve.config import load_app_config
     from serve.index import build_index
@@ -82,15 +83,19 @@ def serve_demo(export_dir: str, manifest: str, out_dir: str, queries: int = 4) -
     url = start(cfg)
     print(f"serving at {url} (up in {time.perf_counter() - t0:.1f}s); queries through POST {url}/search:")
     report = []
+    # the true video's rank among every indexed clip (as far as the API's k goes), beside the top 5
+    count = json.loads((Path(index_dir) / "index.json").read_text())["count"]
+    k = min(cfg.serve.limits.max_k, count)
     try:
         for row in _queries(manifest, queries):
             t1 = time.perf_counter()
-            hits = _post(f"{url}/search", {"text": row["caption"], "k": 5})["results"]
+            ranked = _post(f"{url}/search", {"text": row["caption"], "k": k})["results"]
             ms = 1000 * (time.perf_counter() - t1)
-            ids = [h["video_id"] for h in hits]
+            ids = [h["video_id"] for h in ranked]
             rank = ids.index(row["video_id"]) + 1 if row["video_id"] in ids else None
-            print(f"  {row['caption']!r}  (true video {row['video_id']}, "
-                  f"{'rank ' + str(rank) if rank else 'not in top 5'}, {ms:.0f} ms)")
+            hits = ranked[:5]
+            print(f"  {row['caption']!r}  (true video {row['video_id']}: "
+                  f"{f'rank {rank}' if rank else f'not in the top {k}'} of {count} clips, {ms:.0f} ms)")
             for i, h in enumerate(hits, 1):
                 mark = "  <- true video" if h["video_id"] == row["video_id"] else ""
                 print(f"      {i}. {h['video_id']}  score {h['score']:.3f}{mark}")
@@ -98,11 +103,13 @@ def serve_demo(export_dir: str, manifest: str, out_dir: str, queries: int = 4) -
                            "latency_ms": ms, "results": hits})
     finally:
         stop(cfg)
-    found = sum(r["rank"] is not None for r in report)
+    found = sum(r["rank"] is not None and r["rank"] <= 5 for r in report)
+    ranks = ", ".join(str(r["rank"] or f">{k}") for r in report)
     # the index records the clip sampling clipray serve uses; the caption length is a serve setting
     words = (f" serve.max_words={cfg.serve.max_words}"
              if cfg.serve.max_words != load_app_config(None).serve.max_words else "")
-    print(f"{found}/{len(report)} queries found their video in the top 5. Serve it for real with:\n"
+    print(f"{found}/{len(report)} queries found their video in the top 5 of {count} clips (ranks {ranks}; a random "
+          f"ranking would average {(count + 1) / 2:.0f}). Serve it for real with:\n"
           f"  clipray serve serve/configs/demo.yaml out={index_dir}{words}\n"
           f"  then open http://127.0.0.1:8000/ (search page) or http://127.0.0.1:8000/docs (API)")
     return report
