@@ -58,6 +58,29 @@ def usable_cores(cpu_max: str = "/sys/fs/cgroup/cpu.max") -> int:
     return n
 
 
+def proc_status_kb(field: str) -> int | None:
+    """A field of this process's /proc/self/status in kB (VmRSS: resident now, VmHWM: the peak);
+    None where there is none (not Linux)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def reset_peak_rss() -> None:
+    """Bring this process's peak resident set (VmHWM) down to the current one (Linux; elsewhere
+    the peak stays the one since the process started)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
 def check_answers(address: str, named: str, timeout_s: float = 10.0) -> None:
     """A cluster address (host:port, or ray://host:port) where nothing accepts a connection is a
     one-line error: ray.init retried it for minutes, printing a warning every few seconds (a

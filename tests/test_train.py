@@ -654,15 +654,12 @@ def test_peak_memory_is_the_epochs_own_peak_resident_set():
     CPU worker it is the process's peak resident set since the epoch's start: 96 MB touched
     during the epoch raise it by at least 96 MB over the resident set at the reset, and the next
     epoch's reset forgets them once freed."""
+    from clipray.runtime import proc_status_kb
     from train.loop import PeakMemory
-
-    def rss_mb() -> float:
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
 
     memory = PeakMemory(torch.device("cpu"))
     memory.reset()
-    before = rss_mb()
+    before = proc_status_kb("VmRSS") / 1024
     block = np.ones(96 * 2**20, dtype=np.uint8)  # every page written: resident
     peak = memory.read_mb()
     assert peak >= before + 96 - 1

@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 
 from clipray.config import Config
+from clipray.runtime import proc_status_kb, reset_peak_rss
 
 STATE = "state.json"  # epoch, step and the metric history, beside the DeepSpeed shards
 TAG = "deepspeed"
@@ -152,24 +153,14 @@ class PeakMemory:
     def reset(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-            return
-        try:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")  # VmHWM := VmRSS
-        except OSError:
-            pass  # not Linux: the peak since the process started
+        else:
+            reset_peak_rss()
 
     def read_mb(self) -> float | None:
         if self.device.type == "cuda":
             return torch.cuda.max_memory_allocated(self.device) / 2**20
-        try:
-            with open("/proc/self/status") as f:
-                for line in f:
-                    if line.startswith("VmHWM:"):
-                        return int(line.split()[1]) / 1024
-        except OSError:
-            pass
-        return None
+        kb = proc_status_kb("VmHWM")
+        return None if kb is None else kb / 1024
 
 
 def _max_over_workers(value: float | None) -> float | None:

@@ -110,13 +110,6 @@ def _torch_dtype(dtype: str):
     return torch.bfloat16 if dtype == "bf16" else torch.float32
 
 
-def _status_kb(field: str) -> int:
-    for line in open("/proc/self/status"):
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"no {field} in /proc/self/status")
-
-
 def step_rss_mb(name: str, tuning: str, batch: int, frames: int, words: int, threads: int,
                 dtype: str = "fp32") -> float:
     """Run in a fresh process: MB by which one forward+backward step raises the resident set
@@ -125,6 +118,7 @@ def step_rss_mb(name: str, tuning: str, batch: int, frames: int, words: int, thr
     import torch
 
     from clipray.models import create_model
+    from clipray.runtime import proc_status_kb, reset_peak_rss
     from clipray.task import RetrievalTask
 
     if threads:
@@ -132,11 +126,10 @@ def step_rss_mb(name: str, tuning: str, batch: int, frames: int, words: int, thr
     torch.manual_seed(0)
     task = RetrievalTask(create_model(name, tuning=tuning).to(_torch_dtype(dtype))).train()
     inputs = _inputs(task.model, batch, frames, words, "cpu")
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset the peak (VmHWM) to the current resident set
-    before = _status_kb("VmRSS")
+    reset_peak_rss()  # the peak (VmHWM) down to the current resident set (main checks it is Linux)
+    before = proc_status_kb("VmRSS")
     task(*inputs)["loss"].backward()
-    return (_status_kb("VmHWM") - before) / 1024
+    return (proc_status_kb("VmHWM") - before) / 1024
 
 
 def bench_one(name: str, batch: int, frames: int, words: int, repeats: int, device: str,
