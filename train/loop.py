@@ -316,8 +316,10 @@ def train_loop(config: dict[str, Any]) -> None:
                     continue
                 stream.new_pass()  # one worker ran out of shards: everyone starts the next pass
                 continue
-            shuffle = torch.Generator().manual_seed(cfg.train.seed + world * state["step"] + rank)
-            frames, frame_mask = order_frames(batch["frames"], batch["frame_mask"], cfg.data.train_frame_order, shuffle)
+            order = cfg.data.train_frame_order
+            shuffle = (torch.Generator().manual_seed(cfg.train.seed + world * state["step"] + rank)
+                       if order == "random" else None)
+            frames, frame_mask = order_frames(batch["frames"], batch["frame_mask"], order, shuffle)
             out = engine(frames.to(dev), frame_mask.to(dev), batch["tokens"].to(dev))
             loss = out["loss"]
             step_loss = _mean_over_workers(loss)  # every worker stops together on a non-finite one
