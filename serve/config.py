@@ -167,9 +167,11 @@ def resolve(cfg: AppConfig) -> AppConfig:
 def find_config(path: str | Path) -> Path:
     """A config path as given, else relative to the source root (where `serve/` lives): a Serve
     app built on a cluster runs in a worker whose working directory is not the checkout."""
+    if "://" in str(path):  # a URI: load_config says config files are local
+        return path  # type: ignore[return-value]
     p = Path(path)
-    if p.is_file() or p.is_absolute() or "://" in str(path):  # a URI: load_config says it is no file
-        return path if "://" in str(path) else p  # type: ignore[return-value]
+    if p.is_file() or p.is_absolute():
+        return p
     root = Path(__file__).resolve().parents[1] / p
     return root if root.is_file() else p
 

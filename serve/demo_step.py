@@ -69,6 +69,7 @@ def trained_sampling(export_dir: str) -> list[str]:
 def serve_demo(export_dir: str, manifest: str, out_dir: str, queries: int = 4) -> list[dict]:
     """Index, serve, query, stop. Returns one dict per query: text, true video, its rank among
     the indexed clips (None past serve.limits.max_k), the top 5 results."""
+    from serve import store
     from serve.__main__ import start, stop
     from serve.config import load_app_config
     from serve.index import build_index
@@ -84,7 +85,7 @@ def serve_demo(export_dir: str, manifest: str, out_dir: str, queries: int = 4) -
     print(f"serving at {url} (up in {time.perf_counter() - t0:.1f}s); queries through POST {url}/search:")
     report = []
     # the true video's rank among every indexed clip (as far as the API's k goes), beside the top 5
-    count = json.loads((Path(index_dir) / "index.json").read_text())["count"]
+    count = store.read_meta(index_dir)["count"]
     k = min(cfg.serve.limits.max_k, count)
     try:
         for row in _queries(manifest, queries):
