@@ -115,7 +115,8 @@ def validate_table(table: pa.Table, source: str = "manifest") -> None:
         check_row(row, f"{source} row {i}")
 
 
-PARTIAL = ".partial"  # a folder manifest's shard until the whole manifest is written
+PARTIAL = ".partial"  # a manifest file's suffix until the whole manifest is written
+ROWS_PER_GROUP = 32_768  # rows a ManifestWriter holds before writing them out (one row group)
 
 
 def shard_name(i: int) -> str:
@@ -126,10 +127,11 @@ def shard_name(i: int) -> str:
 class ManifestWriter:
     """Streams rows into Parquet shards of `rows_per_shard` rows, validating each row.
 
-    `out` ending in `.parquet` gives one file (all rows buffered, for small sources); otherwise
-    `out` is a directory of `part-NNNNN.parquet` shards written as they fill, each under a
-    `.partial` name until `close()` renames them all: a write killed midway (OOM, preemption)
-    leaves no folder that reads as a smaller, complete manifest. Rows are numbered
+    `out` ending in `.parquet` gives one file; otherwise `out` is a directory of
+    `part-NNNNN.parquet` shards. Either way rows go to disk as they come, `ROWS_PER_GROUP` at a
+    time (one Parquet row group), so memory stays flat however many rows a source has. Each file
+    is written under a `.partial` name until `close()` renames them all: a write killed midway
+    (OOM, preemption) leaves no file or folder that reads as a smaller, complete manifest. Rows are numbered
     0, 1, ... in the order written, unless `keep_row_ids`: then each row brings its own
     `row_id` (a rewrite of a manifest whose rows must still join with the original's).
     """
@@ -156,8 +158,10 @@ class ManifestWriter:
             raise ManifestError(f"{self.out}: cannot create the folder {folder} ({e})") from e
         self._buf: list[dict[str, Any]] = []
         self.rows = 0
-        self.shards: list[str] = []  # final names; a folder's are `.partial` until close()
-        self._final = 0  # the shards under their final name so far, in order (a single file's at once)
+        self.shards: list[str] = []  # final names of the files begun; `.partial` until close()
+        self._final = 0  # the shards under their final name so far, in order
+        self._writer: pq.ParquetWriter | None = None  # the file being written
+        self._in_shard = 0  # rows given to the file being written
         self._ids: set[int] | None = set() if keep_row_ids else None
 
     def add(self, row: Mapping[str, Any]) -> None:
@@ -170,8 +174,12 @@ class ManifestWriter:
             self._ids.add(rid)
         self._buf.append(clean)
         self.rows += 1
-        if not self.single and len(self._buf) >= self.rows_per_shard:
+        self._in_shard += 1
+        shard_full = not self.single and self._in_shard >= self.rows_per_shard
+        if shard_full or len(self._buf) >= ROWS_PER_GROUP:
             self._flush()
+        if shard_full:
+            self._end_file()
 
     def extend(self, rows: Iterable[Mapping[str, Any]]) -> "ManifestWriter":
         for r in rows:
@@ -179,16 +187,24 @@ class ManifestWriter:
         return self
 
     def _flush(self) -> None:
-        table = pa.Table.from_pylist(self._buf, schema=self.schema)
-        path = self.root if self.single else f"{self.root}/{shard_name(len(self.shards))}"
-        pq.write_table(table, path if self.single else path + PARTIAL, filesystem=self.fs)
-        self.shards.append(path)
-        self._final += self.single
+        """Write the buffered rows to the current file (begun here if need be) as one row group."""
+        if self._writer is None:
+            path = self.root if self.single else f"{self.root}/{shard_name(len(self.shards))}"
+            self.shards.append(path)
+            self._writer = pq.ParquetWriter(path + PARTIAL, self.schema, filesystem=self.fs)
+        if self._buf:
+            self._writer.write_batch(pa.RecordBatch.from_pylist(self._buf, schema=self.schema))
         self._buf = []
 
+    def _end_file(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+        self._writer, self._in_shard = None, 0
+
     def close(self) -> "ManifestWriter":
-        if self._buf or not self.shards:
+        if self._buf or not self.shards:  # no row at all still gives an (empty) manifest
             self._flush()
+        self._end_file()
         for path in self.shards[self._final:]:
             self.fs.move(path + PARTIAL, path)  # on an object store, a copy: seconds each
             self._final += 1
@@ -196,6 +212,7 @@ class ManifestWriter:
 
     def discard(self) -> None:
         """Delete what was written (a failed write leaves no manifest that reads as complete)."""
+        self._end_file()
         for i, path in enumerate(self.shards):
             # a close() that failed midway renamed the first shards only
             name = path if i < self._final else path + PARTIAL
@@ -245,6 +262,9 @@ def manifest_files(path: str) -> tuple[pafs.FileSystem, list[str]]:
         fs, root = filesystem(path)
         info = fs.get_file_info(root)
         if info.type == pafs.FileType.NotFound:
+            if fs.get_file_info(root + PARTIAL).type == pafs.FileType.File:
+                raise ManifestError(f"{path}: an unfinished manifest (only {path}{PARTIAL}: the write "
+                                    "that made it stopped midway); write it again")
             raise ManifestError(f"manifest not found: {path}")
         partial = 0
         if info.type == pafs.FileType.File:

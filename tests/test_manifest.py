@@ -88,6 +88,36 @@ def test_a_write_stopped_while_renaming_its_shards_reads_as_unfinished_and_disca
     assert list(out.iterdir()) == []
 
 
+def test_a_single_file_manifest_streams_its_rows_to_disk(tmp_path, monkeypatch):
+    """`--out x.parquet` held every row as a Python dict, then the whole table, until close():
+    a HowTo100M prepare into one file (136M rows) ran out of memory instead of streaming. Now
+    the rows go out a row group at a time, under a `.partial` name until the file is whole."""
+    import pyarrow.parquet as pq
+
+    from clipray import manifest
+    from clipray.runtime import proc_status_kb, reset_peak_rss
+
+    monkeypatch.setattr(manifest, "ROWS_PER_GROUP", 500, raising=False)
+    out = tmp_path / "one.parquet"
+    w = manifest.ManifestWriter(out)
+    long = "x" * 2000  # 60k rows of 2 kB captions: 120 MB of text, more as dicts and a table
+    reset_peak_rss()
+    before = proc_status_kb("VmRSS")
+    w.extend(dict(video_id=f"v{i}", path=f"v{i}.mp4", caption=f"{i} {long}", split="train")
+             for i in range(60_000))
+    grew_mb = (proc_status_kb("VmHWM") - before) / 1024
+    assert grew_mb < 60, f"writing 60k rows grew the peak resident set by {grew_mb:.0f} MB"
+    assert not out.exists()  # still being written: a reader is told so, not shown fewer rows
+    with pytest.raises(ManifestError, match="an unfinished manifest"):
+        check_manifest(out)
+    w.close()
+    assert pq.ParquetFile(out).num_row_groups == 120
+    t = read_manifest(out)
+    assert t.column("row_id").to_pylist() == list(range(60_000))
+    assert t.column("caption")[59_999].as_py() == f"59999 {long}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["one.parquet"]
+
+
 @pytest.mark.parametrize("bad, msg", [
     (dict(start=-1.0, end=2.0), "negative start"),
     (dict(start=3.0, end=2.0), "end 2.0 <= start 3.0"),

@@ -2,8 +2,8 @@
 
 What it does, on an embedded local Ray:
   1. writes a synthetic manifest of `--rows` rows (default 1,000,000) as Parquet shards with
-     `ManifestWriter`, streaming: rows are generated one at a time and only one shard is ever
-     buffered. The rows reuse a few tiny synthetic H.264 videos under many video ids, so the
+     `ManifestWriter`, streaming: rows are generated one at a time and written a row group at
+     a time. The rows reuse a few tiny synthetic H.264 videos under many video ids, so the
      manifest is HowTo100M-sized while the disk holds a few KB of video;
   2. streams the whole manifest through the reader's stages, `read_parquet -> filter(split) ->
      select -> map_batches(tokenise, CPU actor pool)`, and consumes it on the driver, checking

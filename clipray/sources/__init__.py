@@ -6,7 +6,7 @@
 
 `SOURCES` maps a name to its `SourceSpec` (row generator + options). `prepare` runs one,
 streams its rows through `clipray.manifest.ManifestWriter` (one file for `*.parquet`, else a
-folder of shards written as they fill, so HowTo100M never sits in memory) and returns a
+folder of shards; either way written a row group at a time, so HowTo100M never sits in memory) and returns a
 `PrepareReport`: what was written, which videos were not found under the root (their rows
 dropped), and which annotation entries were rejected and why. The exact annotation formats are
 in specs/datasets.md; one module per release holds its rules.
