@@ -251,6 +251,26 @@ class _UploadCap:
 api.add_middleware(_UploadCap)
 
 
+class _NoSniff:
+    """Every answer says `X-Content-Type-Options: nosniff`: a browser then takes /clips' bytes
+    and the JSON answers as the type they are sent with, never as a page or a script it guessed
+    from their content (a clip is whatever file a manifest names; an error quotes its input)."""
+
+    def __init__(self, app: Any):
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        async def send_nosniff(msg: dict) -> None:
+            if msg["type"] == "http.response.start":
+                msg = {**msg, "headers": [*msg.get("headers", []), (b"x-content-type-options", b"nosniff")]}
+            await send(msg)
+
+        await self.app(scope, receive, send_nosniff if scope["type"] == "http" else send)
+
+
+api.add_middleware(_NoSniff)  # added last: outermost, so the 413s of _UploadCap carry it too
+
+
 def _retryable(e: BaseException) -> bool:
     import ray.exceptions as rex
 

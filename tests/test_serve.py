@@ -251,6 +251,8 @@ def test_bad_inputs_are_4xx_with_a_message(app, synth_small):
     for name, send, codes in _bad_requests(app["url"], video):
         r = send()
         body = r.json() if r.headers.get("content-type", "").startswith("application/json") else {}
+        if r.headers.get("x-content-type-options") != "nosniff":  # no answer is sniffed as a page
+            wrong.append(f"{name}: no X-Content-Type-Options: nosniff in {dict(r.headers)}")
         if r.status_code not in codes or not str(body.get("error", "")).strip():
             wrong.append(f"{name}: {r.status_code} {r.text[:200]}")
         path = urlparse(r.request.url).path
@@ -291,6 +293,7 @@ def test_bad_inputs_are_4xx_with_a_message(app, synth_small):
             reply += chunk
     reply = reply.decode("latin-1")
     assert reply.startswith("HTTP/1.1 413 ") and "upload of 67108864 bytes exceeds the limit of 1048576" in reply
+    assert "\r\nx-content-type-options: nosniff\r\n" in reply.lower()
     # a JSON query too: over 64 KiB + 12 bytes per serve.limits.max_text_chars (200 here) it is
     # refused from its Content-Length, or once that much has come of one sent chunked (it was
     # read whole and parsed, whatever its size, before the text's length was refused); the body
@@ -314,6 +317,8 @@ def test_bad_inputs_are_4xx_with_a_message(app, synth_small):
     # a path in the query string is ignored: the clip id alone picks the file
     r = requests.get(f"{app['url']}/clips/0", params={"path": "/etc/passwd"}, timeout=30)
     assert r.status_code == 200 and b"root:" not in r.content and r.content[4:8] == b"ftyp"
+    for path in ("/", "/clips/0", "/healthz", "/openapi.json"):  # the good answers too
+        assert requests.get(f"{app['url']}{path}", timeout=30).headers["x-content-type-options"] == "nosniff", path
 
 
 
