@@ -373,6 +373,36 @@ def _value_as_given(cfg: Any, override: str) -> str:
     return f"{key}='{value.replace(chr(39), chr(39) * 2)}'"
 
 
+def _plain_scalars(node: yaml.Node, prefix: str = "") -> list[tuple[str, str]]:
+    """(dotted key, value as written) of each unquoted scalar value in a YAML mapping."""
+    found: list[tuple[str, str]] = []
+    for k, v in node.value if isinstance(node, yaml.MappingNode) else ():
+        key = f"{prefix}{k.value}"
+        if isinstance(v, yaml.ScalarNode) and v.style is None:
+            found.append((key, v.value))
+        elif isinstance(v, yaml.MappingNode):
+            found += _plain_scalars(v, key + ".")
+    return found
+
+
+def _file_as_written(cfg: Any, node: Any, name: str) -> Any:
+    """A config file's keys read by the rules of an override's value (`_value_as_given`): a
+    text key keeps the text written (`run_name: 0612` was the run "394", `1:30` "90", `yes`
+    "True"), a number key reads a leading zero as decimal (`epochs: 010` trained 8 epochs) and a
+    true/false key refuses a whole number but 0 and 1. Quoted values, null and `${...}` stay
+    as YAML reads them."""
+    fixes = []
+    for key, raw in _plain_scalars(yaml.compose(Path(name).read_text())):
+        given = f"{key}={raw}"
+        try:
+            fixed = _value_as_given(cfg, given)
+        except ConfigError as e:
+            raise ConfigError(str(e).replace("command-line override", name, 1)) from None
+        if fixed != given:
+            fixes.append(fixed)
+    return OmegaConf.merge(node, OmegaConf.from_dotlist(fixes)) if fixes else node
+
+
 def _from_dotlist(overrides: Sequence[str]) -> Any:
     """The overrides as one config; a value that is not YAML for a key that is no text (which
     `_value_as_given` quoted): `train.epochs=*3` (`*` starts a YAML alias), `@3`, an unclosed
@@ -399,7 +429,8 @@ def load_config(
         raise ConfigError(f"{path}: a config file is read from a local path, not a URI (copy it here; "
                           "a Ray job ships its working_dir)")
     sources = _read_yaml(Path(path)) if path is not None else []
-    for name, node in sources:  # one file at a time, so that a mistake in a parent names the parent
+    for i, (name, node) in enumerate(sources):  # one file at a time: a mistake in a parent names it
+        sources[i] = (name, node := _file_as_written(cfg, node, name))
         cfg = _merge(cfg, node, name)
     bad = [o for o in overrides if "=" not in o]
     if bad:

@@ -345,7 +345,22 @@ def test_a_text_key_keeps_the_text_given_on_the_command_line(value, tmp_path):
     assert (cfg.train.run_name, cfg.data.tokenizer, cfg.model.pretrained, cfg.ray.address) == ("0612", "a\tb", None, None)
 
 
-def test_number_and_boolean_overrides_read_as_a_person_writes_them():
+@pytest.mark.parametrize("value", ["0612", "007", "1:30", "yes", "off", "1e3", "0x1F", ".5", "it's 1", "2026-12-05"])
+def test_a_text_key_keeps_the_text_written_in_a_config_file(value, tmp_path):
+    """The same rules in a YAML file: `run_name: 0612` trained into the run folder `394`,
+    `1:30` into `90`, `yes` into `True`, `2026-12-05` stayed (a date, read back as text). What
+    YAML syntax gives a file (a comment after ` #`, a quoted value) still holds there."""
+    f = tmp_path / "c.yaml"
+    f.write_text(f"train:\n  run_name: {value}\ndata:\n  tokenizer: {value}  # a comment\n"
+                 f"ray:\n  address: {value}\n")
+    cfg = load_config(f)
+    assert (cfg.train.run_name, cfg.data.tokenizer, cfg.ray.address) == (value, value, value)
+    f.write_text("train:\n  run_name: '0612'\n  seed: ${train.epochs}\nmodel:\n  pretrained: null\n")
+    cfg = load_config(f)
+    assert (cfg.train.run_name, cfg.train.seed, cfg.model.pretrained) == ("0612", cfg.train.epochs, None)
+
+
+def test_number_and_boolean_overrides_read_as_a_person_writes_them(tmp_path):
     """YAML 1.1 read a leading zero as octal: train.epochs=010 trained 8 epochs, ray.num_cpus=010
     sized Ray for 8. OmegaConf took any whole number as a boolean: train.use_gpu=2 (or -1) was
     true. A leading zero now reads as decimal, and a boolean refuses a number but 0 and 1."""
@@ -357,6 +372,12 @@ def test_number_and_boolean_overrides_read_as_a_person_writes_them():
             load_config(None, [f"train.use_gpu={value}"])
     assert [load_config(None, [f"train.use_gpu={v}"]).train.use_gpu for v in ("0", "1", "on", "false")] == \
         [False, True, True, False]
+    # and in a file (`epochs: 010` trained 8 epochs there; `use_gpu: 2` was true)
+    f = tmp_path / "c.yaml"
+    f.write_text("train:\n  epochs: 010\n  seed: 00\noptim:\n  lr: 01\nray:\n  num_cpus: 010\n")
+    cfg = load_config(f)
+    assert (cfg.train.epochs, cfg.optim.lr, cfg.train.seed, cfg.ray.num_cpus) == (10, 1.0, 0, 10)
+    refused_as_override_and_in_a_file(load_config, f, "train.use_gpu", "2", "train.use_gpu must be true or false, got 2")
 
 
 def test_serve_builder_args_of_any_yaml_type_load_as_written():
