@@ -256,6 +256,43 @@ def test_a_grad_accum_longer_than_the_run_fails_before_training(synth_small, tmp
     assert not (tmp_path / "accum").exists()
 
 
+def test_a_batch_of_one_clip_that_would_train_nothing_fails_before_training(synth_small, tmp_path):
+    """Over one clip the contrastive loss (the global batch: data.batch_size x train.num_workers)
+    and tightTransf's pair loss (each worker's batch) are a softmax over one logit: 0 at every
+    step, with no gradient. Training and clip editing ran such a batch to the end and exported
+    the initial weights as a trained model."""
+    import torch
+
+    from clipray.config import ConfigError
+    from clipray.models import create_model
+    from clipray.task import RetrievalTask
+    from train import driver, edit
+
+    # what such a run trained: one clip, loss 0 and no gradient
+    task = RetrievalTask(create_model("test_meanP"))
+    size = task.model.image_size
+    loss = task(torch.randint(0, 256, (1, 2, 3, size, size), dtype=torch.uint8), torch.ones(1, 2),
+                torch.tensor([[49406, 320, 49407]]))["loss"]
+    loss.backward()
+    assert loss.item() == 0.0 and all(p.grad is None or not p.grad.any() for p in task.parameters())
+
+    cases = ((driver.run, DEMO, synth_small["manifest"], "test_meanP", 1, r"data.batch_size=1 x train.num_workers=1 "
+              r"is a batch of one clip"),
+             (edit.run, REPO / "train/configs/edit_demo.yaml", synth_small["events_manifest"], "test_meanP", 1,
+              r"data.batch_size=1 x train.num_workers=1 is a batch of one clip"),
+             (driver.run, DEMO, synth_small["manifest"], "test_tightTransf", 2,
+              r"data.batch_size=1: the tightTransf head's loss scores each caption against the clips of its "
+              r"worker's batch"))
+    for run, config, manifest, name, workers, says in cases:
+        cfg = load_config(config, overrides(manifest, tmp_path, "one", **{
+            "model.name": name, "data.batch_size": 1, "train.num_workers": workers}))
+        with pytest.raises(ConfigError, match=says):
+            run(cfg, quiet_ray=True)
+    assert not (tmp_path / "one").exists()
+    # one clip per worker on two workers: each caption has the other worker's clip as a negative
+    driver.check_negatives(load_config(DEMO, ["data.batch_size=1", "train.num_workers=2"]))
+
+
 def test_more_frames_than_a_temporal_head_has_positions_fails_before_training(synth_small, tmp_path):
     """seqTransf and tightTransf take CLIP's 77 text positions for frames (tightTransf: one for
     the caption): more frames failed in every worker at the first batch, after Ray and decoding."""

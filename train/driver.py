@@ -64,6 +64,26 @@ def model_io(cfg: Config) -> Config:
     return dataclasses.replace(cfg, data=data)
 
 
+def check_negatives(cfg: Config) -> None:
+    """Refuse a batch in which the training loss has no negative: the contrastive loss of the
+    loose heads scores each caption against the global batch (data.batch_size x
+    train.num_workers), tightTransf's pair loss against each worker's own batch
+    (data.batch_size). Over one clip, cross entropy is 0 at every step, with no gradient: the run
+    trained nothing and exported its initial weights as finished."""
+    from clipray.models import get_spec
+
+    head = cfg.model.head or get_spec(cfg.model.name).head
+    if head == "tightTransf" and cfg.data.batch_size < 2:
+        raise ConfigError(f"data.batch_size={cfg.data.batch_size}: the tightTransf head's loss scores each caption "
+                          "against the clips of its worker's batch, and over one clip it is 0 at every step, so "
+                          "nothing would train: give data.batch_size >= 2")
+    if cfg.data.batch_size * cfg.train.num_workers < 2:
+        raise ConfigError(f"data.batch_size={cfg.data.batch_size} x train.num_workers={cfg.train.num_workers} is a "
+                          "batch of one clip: the contrastive loss scores each caption against the batch's "
+                          "other clips, and with none it is 0 at every step, so nothing would train: give "
+                          "data.batch_size >= 2")
+
+
 def storage_root(cfg: Config) -> str:
     storage = cfg.train.storage_path
     if "://" not in storage:
@@ -292,6 +312,7 @@ def run(cfg: Config, quiet_ray: bool = False, stop_epoch: int = 0, table: bool =
     # loads open_clip's model configs (~4 s): after the manifest checks, before the run folder
     # is made (a wrong model.* key leaves none behind); the resume key is the config as given
     fitted = model_io(cfg)
+    check_negatives(fitted)
     make_run_dir(out)
     with storage_access(cfg, out):
         check_resume(out, resume_key(cfg, steps_per_epoch, stop_epoch))

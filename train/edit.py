@@ -330,6 +330,7 @@ def run(cfg: Config, quiet_ray: bool = False) -> dict[str, Any]:
         raise ConfigError(f"{err}; a manifest with timestamps comes from `clipray data synth --out DIR "
                           "--idle-seconds 1` (DIR/events.parquet) or `clipray data prepare youcook2 ...`") from None
     cfg = driver.model_io(cfg)  # loads open_clip's model configs (~4 s): after the cheap checks
+    driver.check_negatives(cfg)
     out = driver.run_dir(cfg)
     # data.video_root stays as given: the rounds' manifests hold absolute paths, and an
     # evaluation manifest in another folder resolves its relative paths against its own folder
