@@ -299,6 +299,29 @@ def test_bench_train_refuses_an_unknown_model_before_any_work(monkeypatch, capsy
     assert e.value.code == 2 and "argument --model: invalid choice: 'test_meanp'" in err and "test_meanP" in err
 
 
+@pytest.mark.parametrize("model, frames, says", [
+    ("test_seqTransf", 78, "--frames 78: test_seqTransf: the seqTransf head has 77 positions, so at most 77 frames"),
+    ("test_tightTransf", 77, "--frames 77: test_tightTransf: the tightTransf head has 77 positions (one for the "
+                             "caption), so at most 76 frames"),
+])
+def test_bench_train_frames_past_the_heads_positions_are_a_usage_error_before_any_work(model, frames, says,
+                                                                                      monkeypatch, capsys):
+    """seqTransf and tightTransf take CLIP's 77 text positions for frames: more were a ValueError
+    traceback from (a)'s first step, after the videos were made and Ray had started."""
+    import clipray.runtime
+    import clipray.synth
+    from clipray.cli import main
+
+    _no_work(monkeypatch, (clipray.synth, "generate"), (clipray.runtime, "init_ray"))
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "train", "--model", model, "--frames", str(frames)])
+    assert e.value.code == 2 and capsys.readouterr().err.strip().endswith(f"error: {says}")
+    from clipray.bench.train import past_positions
+
+    # the edges fit, and meanP takes any number of frames
+    assert past_positions(model, frames - 1) is None and past_positions("test_meanP", 500) is None
+
+
 def test_bench_train_feeds_c_from_decode_actors_as_its_help_and_figures_say(monkeypatch):
     """(c) stands in for CPU decode workers beside a GPU, which the recipe configs run as decode
     actors; its help ("decode actors for (c)") and docs/benchmarks.md's figures are actors'.

@@ -130,6 +130,21 @@ def ray_loop(name: str, batch: int, frames: int, steps: int, warmup: int, thread
     return times, wall - sum(times)
 
 
+def past_positions(name: str, frames: int) -> str | None:
+    """What is wrong when --frames does not fit the model's head (seqTransf and tightTransf take
+    one of CLIP's text positions per frame, tightTransf one more for the caption); None if it fits."""
+    from clipray.models import check_frames, get_spec
+    from clipray.models.backbone import open_clip_config
+
+    spec = get_spec(name)
+    ctx = int(open_clip_config(spec.open_clip_name).get("text_cfg", {}).get("context_length", 77))
+    try:
+        check_frames(spec.head, ctx, frames)
+    except ValueError as e:
+        return f"--frames {frames}: {name}: {e}"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="clipray bench train", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -145,6 +160,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="decode actors for (c), one core each (default: the cores the step leaves)")
     ap.add_argument("--videos", type=at_least(1), default=150, help="synthetic videos for (c)")
     args = ap.parse_args(argv)
+    too_many = past_positions(args.model, args.frames)
+    if too_many:  # else a ValueError traceback from (a)'s first step, after the videos and Ray
+        ap.error(too_many)
 
     from clipray.runtime import check_fits, init_ray, quiet_data_progress, usable_cores
     from clipray.synth import generate
