@@ -147,6 +147,15 @@ def test_shards_that_become_unreadable_stop_the_run_after_two_empty_passes(ray_l
     assert one_pass() == 2
     stream.new_pass()
     assert one_pass() == 2  # a pass after a pass with steps
+    # a worker whose shards hold fewer clips than a batch: said so, not "no train row"
+    short = ShardStream(data, str(tmp_path / "run"), 5, 0, 1, 0, {})
+    short.steps = 0
+    assert short.next() is None
+    short.new_pass()
+    assert short.next() is None
+    with pytest.raises(RuntimeError, match=r"no batch: the shards of worker 0 gave 4 train clips, fewer than "
+                                           r"data.batch_size=5"):
+        short.new_pass()
     for r in rows:
         os.remove(r["path"])
     stream.new_pass()

@@ -38,6 +38,7 @@ class ShardStream:
         # mean the shards give nothing, now or from some point of the run on (a store that
         # stopped answering): one alone may be the rest of a pass a resume took up.
         self.steps, self.empty_passes = 0, 0
+        self.clips = 0  # clips this rank's shards gave in this pass (decoded, not skipped)
 
     def my_shards(self) -> list[str]:
         order = list(self.files)
@@ -70,6 +71,7 @@ class ShardStream:
             while nxt is not None:
                 # one batch of look-ahead: a shard counts as consumed when its last rows are
                 # handed out, not one step later, so a checkpoint right after it records it
+                self.clips += len(nxt["row_id"])
                 cur, nxt = nxt, next(it, None)
                 if len(cur["row_id"]) < self.batch_size:  # the shard's short last batch
                     left.append(cur)
@@ -98,9 +100,17 @@ class ShardStream:
         row that gave no step."""
         self.empty_passes = 0 if self.steps else self.empty_passes + 1
         if self.empty_passes > 1:
-            raise RuntimeError("a whole pass over the shards gave no batch: they hold no train row, "
-                               "or every clip was skipped (see the skip report)")
-        self.steps = 0
+            # a pass's short last batch waits for rows that never come: a worker whose shards
+            # hold fewer clips than a batch never has one, and all step together or none does
+            b = self.batch_size
+            why = ("they hold no train row, or every clip was skipped (see the skip report)" if not self.clips
+                   else f"the shards of worker {self.rank} gave {self.clips} train clips, fewer than "
+                        f"data.batch_size={b}: lower data.batch_size or train.num_workers" if self.clips < b
+                   else f"another worker's shards gave fewer train clips than data.batch_size={b} (those of "
+                        f"worker {self.rank} gave a batch): lower data.batch_size or train.num_workers, or see "
+                        "the skip report")
+            raise RuntimeError(f"a whole pass over the shards gave no batch: {why}")
+        self.steps, self.clips = 0, 0
         self.state["pass"] += 1
         self.state["consumed"], self.done, self._it = [], [], None
 
