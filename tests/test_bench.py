@@ -438,6 +438,25 @@ def test_bench_stream_removes_only_what_it_wrote_in_a_given_workdir(tmp_path, mo
     assert not (tmp_path / "new").exists()
 
 
+def test_bench_serve_index_recall_of_fewer_vectors_than_k_counts_only_real_neighbours(tmp_path, monkeypatch):
+    """--vectors below 10: faiss pads each top-10 row with -1, and the bench counted the pads
+    as found neighbours, 0.6 for an IVF that returned all 5 of 5 vectors (nlist 1, every list
+    probed: exhaustive, so recall 1 by hand). The vectors are random here, not the tiny model's."""
+    import numpy as np
+
+    from clipray.bench import serve as bench
+
+    rng = np.random.default_rng(0)
+
+    def vectors(work, n, dim, queries, seed=0):
+        x, q = rng.standard_normal((n, dim)), rng.standard_normal((queries, dim))
+        return [(v / np.linalg.norm(v, axis=1, keepdims=True)).astype(np.float32) for v in (x, q)]
+
+    monkeypatch.setattr(bench, "realish_vectors", vectors)
+    out = bench.index_bench(tmp_path, 5, 64, searcher=False)
+    assert [out[f"ivf_sq8_nprobe{p}"]["recall@10"] for p in (8, 16, 32, 64)] == [1.0] * 4
+
+
 def test_bench_serve_refuses_a_dim_below_the_embeddings_it_lifts(monkeypatch, capsys):
     """The 1M vectors are the tiny model's 64-d embeddings lifted by an orthonormal map, which
     needs --dim >= 64: --dim 32 was a matmul shape error after the whole API part had run."""
