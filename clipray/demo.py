@@ -72,10 +72,10 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     from clipray.config import load_config
-    from train.driver import model_io, run, run_dir
+    from train.driver import check_negatives, model_io, run, run_dir
 
     # a bad override, or a model name or head that does not exist, fails before a minute of video making
-    model_io(load_config(demo_config_path(), args.overrides))
+    check_negatives(model_io(load_config(demo_config_path(), args.overrides)))
     manifest = ensure_synth(Path(args.data), args.videos)
     name = f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
     cfg = load_config(demo_config_path(), [f"data.manifest={manifest.resolve()}",

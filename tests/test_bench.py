@@ -111,13 +111,16 @@ def test_counts_below_their_floor_are_usage_errors_before_any_work(argv, says, t
     ("heads", "model.tuning=frozn", "model.tuning must be one of frozen, full, unipt, got 'frozn'"),
     ("edit", "edit.rounds=-1", "edit.rounds must be >= 0, got -1"),
     ("edit", "model.head=meanp", "model.head must be one of meanP, seqLSTM, seqTransf, tightTransf, got 'meanp'"),
+    ("heads", "data.batch_size=1", "data.batch_size=1: the tightTransf head's loss"),  # meanP,tightTransf
+    ("edit", "model.head=tightTransf data.batch_size=1", "data.batch_size=1: the tightTransf head's loss"),
 ])
 def test_bench_heads_and_edit_check_their_overrides_before_making_videos(bench, bad, says, tmp_path, capsys):
     """A typo in an override used to surface only after the synthetic set was made (600 videos
     by default for heads, minutes on 2 cores): now it is the usual one-line error at once."""
     from clipray.cli import main
 
-    assert main(["bench", bench, "--data", str(tmp_path / "synth"), "--videos", "2", bad]) == 2
+    heads = ["--heads", "meanP,tightTransf"] if bench == "heads" else []
+    assert main(["bench", bench, "--data", str(tmp_path / "synth"), "--videos", "2", *heads, *bad.split()]) == 2
     assert says in capsys.readouterr().err
     assert not (tmp_path / "synth").exists()
 

@@ -173,9 +173,11 @@ def test_demo_checks_its_overrides_before_making_videos(tmp_path):
                       # names the registries know, checked before the videos too (they were
                       # checked only once training started, after a minute of video making)
                       ("model.head=seqtransf", "model.head must be one of"),
-                      ("model.name=test_meanp", "model.name: unknown model 'test_meanp'")):
+                      ("model.name=test_meanp", "model.name: unknown model 'test_meanp'"),
+                      # a batch in which the loss has no negative trains nothing
+                      ("model.name=test_tightTransf data.batch_size=1", "data.batch_size=1: the tightTransf head")):
         with pytest.raises(ConfigError, match=says):
-            main(["--data", str(tmp_path / "synth"), "--no-serve", bad])
+            main(["--data", str(tmp_path / "synth"), "--no-serve", *bad.split()])
     assert not (tmp_path / "synth").exists()
 
 

@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
 
     config = Path(train.__file__).parent / "configs" / "edit_demo.yaml"
     # a bad override fails now, not after minutes of video making
-    driver.model_io(load_config(config, args.overrides))
+    driver.check_negatives(driver.model_io(load_config(config, args.overrides)))
     data = args.data or ("clipray_data/synth" + (f"-idle{args.idle_seconds:g}" if args.idle_seconds else ""))
     events = ensure_synth(Path(data), args.videos, idle_seconds=args.idle_seconds).resolve().parent / "events.parquet"
     runs = Path(tempfile.mkdtemp(prefix="clipray-bench-edit-"))

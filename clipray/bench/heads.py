@@ -44,10 +44,10 @@ def main(argv: list[str] | None = None) -> int:
 
     from clipray.config import load_config
     from clipray.demo import demo_config_path, ensure_synth
-    from train.driver import model_io, run
+    from train.driver import check_negatives, model_io, run
 
     for head in args.heads:  # a bad override fails now, not after minutes of video making
-        model_io(load_config(demo_config_path(), [f"model.name=test_{head}", *args.overrides]))
+        check_negatives(model_io(load_config(demo_config_path(), [f"model.name=test_{head}", *args.overrides])))
     manifest = ensure_synth(Path(args.data), args.videos).resolve()
     runs = Path(tempfile.mkdtemp(prefix="clipray-bench-heads-"))
     rows = []
