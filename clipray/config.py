@@ -183,7 +183,8 @@ def _one_of(*choices: Any) -> tuple[Any, str]:
 RULES: dict[type, dict[str, tuple[Any, str]]] = {
     VideoConfig: dict(backend=_one_of("decord", "pyav"), fps=_above(0), max_frames=_at_least(1),
                       slice=_one_of("head", "tail", "uniform"), size=_at_least(1), timeout_s=_above(0)),
-    DataConfig: dict(split=_one_of(*SPLITS), eval_split=_one_of(*SPLITS), max_words=_at_least(2),
+    # max_words: the start and end-of-text tokens and a word; at 2 every caption was those two tokens
+    DataConfig: dict(split=_one_of(*SPLITS), eval_split=_one_of(*SPLITS), max_words=_at_least(3),
                      batch_size=_at_least(1), decode_pool=_one_of(*DECODE_POOLS), decode_actors=_at_least(1),
                      decode_cpus=_above(0), decode_batch=_at_least(1),
                      shuffle_buffer=_at_least(0), train_frame_order=_one_of(*FRAME_ORDERS)),

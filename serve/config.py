@@ -133,7 +133,9 @@ RULES[LimitsConfig] = dict(max_text_chars=at_least(1), max_k=at_least(1), max_up
 RULES[ServeConfig] = dict(port=((lambda v: 0 < v < 65536), "a port, 1..65535"),
                           # Serve refuses an empty one, once Ray and Serve are up
                           app_name=((lambda v: bool(v.strip())), "a name"),
-                          max_words=at_least(2),  # the start and end-of-text tokens
+                          # the start and end-of-text tokens and a word: at 2 every query was those two
+                          # tokens, the same vector whatever its text
+                          max_words=at_least(3),
                           log_level=one_of(*LOG_LEVELS))
 
 

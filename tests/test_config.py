@@ -139,6 +139,8 @@ def refused_as_override_and_in_a_file(load, f: Path, key: str, value: str, says:
 
 @pytest.mark.parametrize("key, value, says", [
     ("data.batch_size", "0", "data.batch_size must be >= 1, got 0"),
+    # the start and end-of-text tokens and no word: every caption was the same two tokens
+    ("data.max_words", "2", "data.max_words must be >= 3, got 2"),
     ("data.video.fps", "0", "data.video.fps must be > 0, got 0.0"),
     ("data.video.backend", "decrod", "data.video.backend must be one of decord, pyav, got 'decrod'"),
     ("data.decode_pool", "actor", "data.decode_pool must be one of tasks, actors, got 'actor'"),
@@ -165,7 +167,8 @@ def refused_as_override_and_in_a_file(load, f: Path, key: str, value: str, says:
 def test_values_out_of_range_name_key_and_source(tmp_path, key, value, says):
     refused_as_override_and_in_a_file(load_config, tmp_path / "run.yaml", key, value, says)
     # the edges that are allowed load, and an unset Optional passes
-    assert load_config(None, ["data.shuffle_buffer=0", "optim.warmup_ratio=0", "train.max_failures=-1"])
+    assert load_config(None, ["data.shuffle_buffer=0", "optim.warmup_ratio=0", "train.max_failures=-1",
+                              "data.max_words=3"])
     assert load_config(None).ray.num_cpus is None
     assert load_config(None, ["data.video.timeout_s=inf"]).data.video.timeout_s == float("inf")
 
@@ -187,6 +190,8 @@ def test_serve_config_gets_the_same_video_rules():
     ("index.window_s", "nan", "index.window_s must be a finite number, got nan"),
     ("index.recall_queries", "-1", "index.recall_queries must be >= 0, got -1"),
     ("index.batch", "0", "index.batch must be >= 1, got 0"),
+    # every query was the start and end-of-text tokens alone: one vector, one answer, whatever the text
+    ("serve.max_words", "2", "serve.max_words must be >= 3, got 2"),
     ("serve.limits.rerank_candidates", "-1", "serve.limits.rerank_candidates must be >= 0, got -1"),
     # these were refused, but in resolve() with no file named
     ("serve.port", "70000", "serve.port must be a port, 1..65535, got 70000"),
@@ -203,7 +208,8 @@ def test_index_and_serve_values_out_of_range_name_key_and_source(tmp_path, key, 
     refused_as_override_and_in_a_file(load_app_config, tmp_path / "app.yaml", key, value, says)
     # the edges that are allowed load
     cfg = load_app_config(None, ["index.actor_cpus=0", "index.recall_queries=0", "serve.limits.rerank_candidates=0",
-                                 "serve.port=65535", "index.window_s=4", "serve.ingress.min_replicas=0"])
+                                 "serve.port=65535", "index.window_s=4", "serve.ingress.min_replicas=0",
+                                 "serve.max_words=3"])
     assert (cfg.index.stride_s, cfg.serve.port, cfg.index.actor_gpus) == (2.0, 65535, -1.0)
 
 

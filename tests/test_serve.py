@@ -688,7 +688,7 @@ DEMO = str(REPO / "serve" / "configs" / "demo.yaml")
     ("serve.text_encoder.initial_replicas=3", "serve.text_encoder.initial_replicas=3 must lie in min_replicas..max_replicas = 1..2"),
     ("serve.video_encoder.batch_wait_timeout_s=-0.1",
      "command-line override: serve.video_encoder.batch_wait_timeout_s must be >= 0, got -0.1"),
-    ("serve.max_words=0", "command-line override: serve.max_words must be >= 2, got 0"),
+    ("serve.max_words=0", "command-line override: serve.max_words must be >= 3, got 0"),
     # nan passed every `<` test (a pydantic traceback from Serve once Ray was up), and
     # max_upload_mb=inf or nan failed every Ingress replica's start (int() of it)
     ("serve.text_encoder.num_cpus=nan", "command-line override: serve.text_encoder.num_cpus must be a finite number, got nan"),
