@@ -475,15 +475,16 @@ def caption_length_notice(max_words: int, exports: dict[str, str]) -> str:
     config's serve.max_words: a run trained on 64-token captions was served cutting every query
     at the default 32 without a word (`clipray index` names it, where it changes nothing served)."""
     from clipray.export import read_export_config
-    from serve.index import recorded_sampling
+    from serve.index import recorded_sampling, words_kept
 
     said = []
     for what, export in exports.items():
         try:
-            trained = recorded_sampling(read_export_config(export)).get("serve.max_words")
+            conf = read_export_config(export)
         except (OSError, ConfigError):  # its replicas say why the export cannot be loaded
             continue
-        if trained is not None and trained != max_words:
+        trained = recorded_sampling(conf).get("serve.max_words")
+        if trained is not None and trained != words_kept(conf, max_words):
             said.append(f"the {what} was trained with serve.max_words={trained}")
     if not said:
         return ""

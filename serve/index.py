@@ -268,12 +268,18 @@ def recorded_sampling(conf: dict) -> dict[str, Any]:
     return trained
 
 
+def words_kept(conf: dict, max_words: int) -> int:
+    """The tokens a query keeps under serve.max_words with this export: no more than its text
+    tower's positions (`context_length`), as training capped data.max_words."""
+    return min(max_words, int(conf.get("context_length") or max_words))
+
+
 def sampling_notice(conf: dict, cfg: AppConfig, what: str = "export") -> str:
     """How this index would sample clips or cut captions unlike the training run that made the
     export (`recorded_sampling`), with the overrides that match it; "" when alike or not
     recorded. Not refused: another sampling may be meant, but unsaid it gives a worse index."""
     trained = recorded_sampling(conf)
-    now = {"serve.max_words": cfg.serve.max_words, **{f"video.{k}": getattr(cfg.video, k) for k in SAMPLING}}
+    now = {"serve.max_words": words_kept(conf, cfg.serve.max_words), **{f"video.{k}": getattr(cfg.video, k) for k in SAMPLING}}
     differ = {k: v for k, v in trained.items() if v != now[k]}
     if not differ:
         return ""

@@ -864,6 +864,9 @@ def test_serving_cuts_queries_unlike_the_exports_training_run_says_so(tmp_path, 
                            "queries at serve.max_words=64"),
         (loose, None, 64, None),
         (bare, None, 32, None),
+        # a run given data.max_words=100 trains on the text tower's 77 positions and records 77;
+        # served with 100, queries are cut at 77 as well (it was named as a difference)
+        (str(save_export(create_model("test_meanP"), tmp_path / "full", extra={"max_words": 77})), None, 100, None),
     ):
         idx = tmp_path / f"idx-{Path(export).name}-{bool(rerank)}-{words}"
         idx.mkdir()
@@ -873,6 +876,10 @@ def test_serving_cuts_queries_unlike_the_exports_training_run_says_so(tmp_path, 
         app_from_config(load_app_config(None, [f"out={idx}", f"serve.max_words={words}"]))
         err = capsys.readouterr().err
         assert (said in err) if said else ("note" not in err), err
+    from serve.index import sampling_notice  # and `clipray index`'s note likewise
+    conf = {"context_length": 77, "extra": {"max_words": 77}}
+    assert sampling_notice(conf, load_app_config(None, ["serve.max_words=100"])) == ""
+    assert "this index uses serve.max_words=76" in sampling_notice(conf, load_app_config(None, ["serve.max_words=76"]))
 
 
 def test_a_reranker_whose_training_sampled_otherwise_is_named_too(synth_small, tmp_path, monkeypatch, capsys):
