@@ -270,25 +270,56 @@ def load_faiss(out: str | Path, meta: dict[str, Any]) -> Any:
     return index
 
 
+def _npy_header(f: Any) -> tuple[tuple[int, ...], np.dtype, bool]:
+    """Shape, dtype and Fortran order of the .npy stream `f`, which is left at its data."""
+    version = np.lib.format.read_magic(f)
+    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, fortran, dtype = read(f)
+    return shape, dtype, fortran
+
+
+_RERANK_ROWS = 4096  # feature rows read from a part at a time
+
+
 def read_rerank(out: str | Path, count: int) -> Optional[tuple[np.ndarray, np.ndarray]]:
-    """Frame features [N, T, D] fp16 and masks [N, T] by row id, or None without a re-ranker."""
+    """Frame features [N, T, D] fp16 and masks [N, T] by row id, or None without a re-ranker.
+
+    A part's features are read into place a few thousand rows at a time: loaded whole, a part
+    (a whole index's, 12 GB for 1M clips of 12 frames at D 512) and the copy of its kept rows
+    stood beside the array they went into, three times the memory the Reranker keeps."""
+    import zipfile
+
     files = parts(out, RERANK_DIR, ".npz")
     if not files:
         return None
-    chunks = []
+    shapes = []
     for f in files:
-        with np.load(f) as z:
-            chunks.append({k: z[k] for k in ("row_id", "feats", "mask")})
+        with zipfile.ZipFile(f) as z, z.open("feats.npy") as fh:
+            shapes.append(_npy_header(fh)[0])
     # an append with another video.max_frames stored another frame count: the shorter parts are
     # padded with masked frames, which the cross-encoder ignores
-    t = max(c["feats"].shape[1] for c in chunks)
-    feats = np.zeros((count, t, chunks[0]["feats"].shape[2]), np.float16)
+    t = max(s[1] for s in shapes)
+    feats = np.zeros((count, t, shapes[0][2]), np.float16)
     mask = np.zeros((count, t), np.uint8)
-    for c in chunks:  # in write order: a later part's rows replace an interrupted run's
-        keep = c["row_id"] < count  # an interrupted append's rows past the index: never served
-        rows, n = c["row_id"][keep], c["feats"].shape[1]
+    for f, (_, n, d) in zip(files, shapes):  # in write order: a later part's rows replace an interrupted run's
+        with np.load(f) as z:
+            row_id, part_mask = z["row_id"], z["mask"]
+        keep = row_id < count  # an interrupted append's rows past the index: never served
+        rows = row_id[keep]
         mask[rows] = 0  # all of a replaced row, also frames past this part's count
-        feats[rows, :n], mask[rows, :n] = c["feats"][keep], c["mask"][keep]
+        mask[rows, :n] = part_mask[keep]
+        with zipfile.ZipFile(f) as z, z.open("feats.npy") as fh:
+            _, dtype, fortran = _npy_header(fh)
+            if fortran:  # (np.savez of a C-ordered array never writes one)
+                fh.close()
+                with np.load(f) as whole:
+                    feats[rows, :n] = whole["feats"][keep]
+                continue
+            for a in range(0, len(row_id), _RERANK_ROWS):
+                m = min(_RERANK_ROWS, len(row_id) - a)
+                block = np.frombuffer(fh.read(m * n * d * dtype.itemsize), dtype).reshape(m, n, d)
+                sel = keep[a:a + m]
+                feats[row_id[a:a + m][sel], :n] = block[sel]
     return feats, mask
 
 

@@ -943,3 +943,30 @@ def test_more_frames_than_a_temporal_heads_positions_fail_before_ray(synth_small
             build_index(_cfg(str(seq), str(manifest), out, "index.split=test", f"video.max_frames={frames}",
                              *([f"index.rerank_checkpoint={rerank}"] if rerank else [])), quiet=True)
         assert not out.exists()
+
+
+def test_rerank_features_are_read_into_place_not_loaded_whole_beside_them(tmp_path):
+    """read_rerank loaded every part whole and then copied it into the served array: a Reranker
+    replica peaked at twice its features (24 GB for 1M clips of 12 frames at D 512, where it
+    keeps 12 GB). Now a part is read a few thousand rows at a time: the peak is the array it
+    keeps, and a block; the rows come out as before (brute force: the arrays written)."""
+    from clipray.runtime import proc_status_kb, reset_peak_rss
+    from serve import store
+
+    if proc_status_kb("VmHWM") is None or not Path("/proc/self/clear_refs").exists():
+        pytest.skip("needs Linux /proc to read the peak resident set")
+    rng = np.random.default_rng(0)
+    n, t, d = 24_000, 12, 64  # 35 MB of fp16 features in one part (a first build)
+    feats = rng.standard_normal((n, t, d), dtype=np.float32).astype(np.float16)
+    mask = rng.integers(0, 2, (n, t)).astype(np.uint8)
+    store.write_part(tmp_path, {"row_id": np.arange(n), "feats": feats, "mask": mask}, sub=store.RERANK_DIR)
+    want = feats.copy()
+    want[-5:] = 0  # an interrupted append's rows past the index (count n - 5) are left out
+    del feats
+    reset_peak_rss()
+    before = proc_status_kb("VmRSS")
+    got, got_mask = store.read_rerank(tmp_path, n - 5)
+    peak = (proc_status_kb("VmHWM") - before) * 1024
+    np.testing.assert_array_equal(got, want[:-5])
+    np.testing.assert_array_equal(got_mask, mask[:-5])
+    assert peak < 1.3 * got.nbytes, f"peak {peak / 1e6:.0f} MB for {got.nbytes / 1e6:.0f} MB of features"
