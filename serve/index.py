@@ -371,7 +371,9 @@ def _build(cfg: AppConfig, out: Path, quiet: bool) -> dict[str, Any]:
                 _progress(done, len(rows), len(skipped), t0, every)
         if not quiet and sys.stdout.isatty():
             print(flush=True)
-    added = _write_new(out, new, len(existing), rerank)
+    first_id = len(existing)
+    del existing, rows  # the index's clip table and this run's plan: not needed from here on
+    added = _write_new(out, new, first_id, rerank)  # empties `new`: the rebuild needs the memory
     if skipped:
         with open(out / "skip_report.jsonl", "a") as f:
             f.writelines(json.dumps(s) + "\n" for s in skipped)
@@ -393,16 +395,20 @@ def _f(v: Any) -> Optional[float]:
 
 
 def _write_new(out: Path, new: list[dict], first_id: int, rerank: str) -> int:
+    """Write the embedded batches `new` as one part (and their re-ranker features as another),
+    emptying `new` as they are joined: each column's batches go as it is joined, and none is
+    left for the faiss rebuild, which holds every embedding of the index at least twice."""
     if not new:
         return 0
-    cat = {k: np.concatenate([b[k] for b in new]) for k in new[0]}
+    cat = {k: np.concatenate([b.pop(k) for b in new]) for k in list(new[0])}
+    new.clear()
     n = len(cat["path"])
     cat["row_id"] = np.arange(first_id, first_id + n, dtype=np.int64)
     cat["start"] = np.array([_f(v) for v in cat["start"]], dtype=np.float64)
     cat["end"] = np.array([_f(v) for v in cat["end"]], dtype=np.float64)
     if rerank:  # the re-ranker part first: an interrupted run then leaves no orphan row ids
-        store.write_part(out, {"row_id": cat["row_id"], "feats": cat["rerank_feats"],
-                               "mask": cat["rerank_mask"]}, sub=store.RERANK_DIR)
+        store.write_part(out, {"row_id": cat["row_id"], "feats": cat.pop("rerank_feats"),
+                               "mask": cat.pop("rerank_mask")}, sub=store.RERANK_DIR)
     store.write_part(out, {k: [None if isinstance(x, float) and np.isnan(x) else x for x in v]
                            if k in ("start", "end") else v for k, v in cat.items()})
     return n

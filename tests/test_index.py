@@ -200,10 +200,15 @@ def test_approximate_index_reports_recall_and_cli(windowed, export, synth_small,
     assert type(store.load_faiss(out, meta)).__name__ == "IndexHNSWFlat"
 
 
-def test_cross_encoder_is_a_reranker_not_an_index(ray_local, windowed, export, synth_small, tmp_path):
+def test_cross_encoder_is_a_reranker_not_an_index(ray_local, windowed, export, synth_small, tmp_path,
+                                                 monkeypatch):
+    import gc
+    import weakref
+
     import open_clip
     import torch
 
+    import serve.index as index
     from clipray.export import load_export, save_export
     from clipray.models import create_model
     from serve import store
@@ -213,9 +218,29 @@ def test_cross_encoder_is_a_reranker_not_an_index(ray_local, windowed, export, s
     tight = save_export(create_model("test_tightTransf"), tmp_path / "tight")
     with pytest.raises(ConfigError, match="cross-encoder"):
         build_index(_cfg(str(tight), synth_small["manifest"], tmp_path / "no"), quiet=True)
+    # The embedded batches (vectors, re-ranker features) are written, then faiss is built over
+    # every vector of the index read back: the batches were held to the end of the build, up to
+    # as much memory again as the rebuild's own (with a re-ranker, 12 GB of frame features
+    # for 1M clips). None may be alive when faiss builds.
+    batches, alive = [], []
+    write_new, build_faiss = index._write_new, store.build_faiss
+
+    def recording_write_new(out, new, *args):
+        batches.extend(weakref.ref(b[k]) for b in new for k in ("embedding", "rerank_feats"))
+        return write_new(out, new, *args)
+
+    def checking_build_faiss(*args, **kwargs):
+        gc.collect()
+        alive.append(sum(r() is not None for r in batches))
+        return build_faiss(*args, **kwargs)
+
+    monkeypatch.setattr(index, "_write_new", recording_write_new)
+    monkeypatch.setattr(store, "build_faiss", checking_build_faiss)
     out = tmp_path / "rr"
     meta = build_index(_cfg(export, synth_small["manifest"], out, "index.split=test",
                             f"index.rerank_checkpoint={tight}"), quiet=True)
+    assert len(batches) >= 2 and alive == [0], f"{alive} of {len(batches)} embedded batch arrays held"
+    monkeypatch.undo()
     feats, mask = store.read_rerank(out, meta["count"])
     assert feats.shape == (meta["count"], 8, 64) and mask.sum(1).min() > 0
     # what the Reranker deployment computes: one cross-encoder score per candidate
