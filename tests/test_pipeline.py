@@ -144,8 +144,36 @@ def test_skip_report_keeps_rows_of_two_manifests_that_share_a_row_id(synth_small
     assert train(batch(["t0", "t1", "t2"])) == {}  # the same rows again
     report = collect_skips(str(tmp_path))
     assert report["skipped"] == 5 and report["by_reason"] == {"missing file": 5}
-    assert sorted((r["row_id"], r["video_id"]) for r in report["records"]) == \
-        [(0, "e0"), (0, "t0"), (1, "e1"), (1, "t1"), (2, "t2")]
+    on_disk = [json.loads(line) for line in (tmp_path / "skip_report.jsonl").read_text().splitlines()]
+    assert [(r["row_id"], r["video_id"]) for r in on_disk] == [(0, "e0"), (0, "t0"), (1, "e1"), (1, "t1"), (2, "t2")]
+
+
+def test_skip_report_holds_each_skipped_row_once_not_every_file_read_first(tmp_path):
+    """collect_skips read every skip file before parsing one, so the driver held every line
+    the decoders ever wrote (a row skipped in every epoch or pass over a streamed manifest once
+    per pass), then a dict per row, a list and the whole report as one string: 1M skipped rows
+    took 1.3 GB at the end of a run. Now a window of files at a time, a line per row: the peak
+    of Python's allocations stays far below the lines on disk."""
+    import tracemalloc
+
+    skips = tmp_path / "skips"
+    skips.mkdir()
+    reason = "decode failed: " + "x" * 60
+    rows = [json.dumps({"row_id": i, "video_id": f"v{i}", "path": f"/videos/v{i}.mp4", "reason": reason})
+            for i in range(500)]
+    body = "".join(r + "\n" for r in rows)
+    files = 400  # 200k lines: 500 rows skipped by each of 400 batches, epochs or passes
+    for n in range(files):
+        (skips / f"w{n % 7}-{n:06d}.jsonl").write_text(body)
+    tracemalloc.start()
+    try:
+        report = collect_skips(str(tmp_path))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert report["skipped"] == 500 and report["by_reason"] == {"decode failed": 500}
+    assert (tmp_path / "skip_report.jsonl").read_text().splitlines() == rows  # row order, each once
+    assert peak < 0.4 * len(body) * files, f"peak {peak / 1e6:.1f} MB for {len(body) * files / 1e6:.1f} MB of lines"
 
 
 def test_skip_report_of_a_run_folder_whose_name_has_glob_brackets(synth_small, tmp_path):
