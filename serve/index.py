@@ -419,7 +419,7 @@ def _rebuild(out: Path, cfg: AppConfig, export: str, fp: str, rerank: str, conf:
     """faiss over every stored embedding; recall@10 of an approximate kind vs exact."""
     import faiss
 
-    x = store.embedding_matrix(store.read_table(out, ["row_id", "embedding"]))
+    x = store.read_embeddings(out)
     if len(x) == 0:
         raise ConfigError(f"{out}: no clip could be embedded (see skip_report.jsonl)")
     ix = cfg.index
