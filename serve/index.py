@@ -58,11 +58,19 @@ def windows(duration: float, window: float, stride: float) -> list[tuple[float, 
     return out
 
 
+PROBE_THREADS = 16  # videos opened at once to find their length (sliding windows)
+PLAN_ROWS = 1024  # manifest rows planned at a time
+
+
 def plan_clips(cfg: AppConfig, have: set) -> tuple[list[dict], list[str]]:
     """Unique clips of the manifest not yet in the index (+ windows), and a seeded uniform
     sample of its captions (up to index.recall_queries) for the recall check. The manifest is
-    streamed: only the clips are kept, not its rows."""
+    streamed: only the clips are kept, not its rows. The videos whose length windows need (a
+    whole-video row without a `duration`) are opened PROBE_THREADS at a time: one after
+    another, a million videos in object storage (a few requests each) took a day before the
+    first clip was embedded."""
     import random
+    from concurrent.futures import ThreadPoolExecutor
 
     from clipray.manifest import default_root, iter_checked, resolve_path
     from clipray.video import probe_duration
@@ -72,25 +80,39 @@ def plan_clips(cfg: AppConfig, have: set) -> tuple[list[dict], list[str]]:
     rows, seen = [], set(have)
     sample, rng, k = [], random.Random(0), cfg.index.recall_queries
     durations: dict[str, Optional[float]] = {}
-    for n, r in enumerate(iter_checked(cfg.manifest, split)):
-        if n < k:  # reservoir sampling: every caption kept with the same chance k / rows
-            sample.append(r["caption"])
-        elif (j := rng.randrange(n + 1)) < k:
-            sample[j] = r["caption"]
-        path = resolve_path(r["path"], root)
-        path = path if "://" in path else os.path.abspath(path)
-        spans = [(r["start"], r["end"])]
-        if cfg.index.window_s and r["start"] is None:
-            if path not in durations:  # a video has many captions: open it once
-                durations[path] = r["duration"] or probe_duration(path, cfg.video.backend)
-            dur = durations[path]
-            if dur:
-                spans = windows(dur, cfg.index.window_s, cfg.index.stride_s)
-        for s, e in spans:
-            key = store.clip_key(path, s, e)
-            if key not in seen:
-                seen.add(key)
-                rows.append({"video_id": r["video_id"], "path": path, "start": s, "end": e})
+    pending: list[tuple[dict, str]] = []  # rows read, each with its resolved path
+
+    def plan(pool: ThreadPoolExecutor) -> None:
+        probe = []
+        for r, path in pending:  # a video has many captions: its first row's duration, or one probe
+            if cfg.index.window_s and r["start"] is None and path not in durations:
+                durations[path] = r["duration"]
+                if not r["duration"]:
+                    probe.append(path)
+        for path, dur in zip(probe, pool.map(lambda p: probe_duration(p, cfg.video.backend), probe)):
+            durations[path] = dur
+        for r, path in pending:
+            spans = [(r["start"], r["end"])]
+            if cfg.index.window_s and r["start"] is None and durations[path]:
+                spans = windows(durations[path], cfg.index.window_s, cfg.index.stride_s)
+            for s, e in spans:
+                key = store.clip_key(path, s, e)
+                if key not in seen:
+                    seen.add(key)
+                    rows.append({"video_id": r["video_id"], "path": path, "start": s, "end": e})
+        pending.clear()
+
+    with ThreadPoolExecutor(PROBE_THREADS) as pool:
+        for n, r in enumerate(iter_checked(cfg.manifest, split)):
+            if n < k:  # reservoir sampling: every caption kept with the same chance k / rows
+                sample.append(r["caption"])
+            elif (j := rng.randrange(n + 1)) < k:
+                sample[j] = r["caption"]
+            path = resolve_path(r["path"], root)
+            pending.append((r, path if "://" in path else os.path.abspath(path)))
+            if len(pending) >= PLAN_ROWS:
+                plan(pool)
+        plan(pool)
     return rows, sorted(set(sample))
 
 

@@ -371,6 +371,47 @@ def test_plan_streams_the_manifest_into_unique_clips_and_a_caption_sample(synth_
     assert [((r["path"], r["start"], r["end"]), r["video_id"]) for r in plan_clips(cfg, have)[0]] == want[3:]
 
 
+def test_plan_opens_the_videos_it_measures_for_windows_several_at_a_time(synth_small, tmp_path, monkeypatch):
+    """Sliding windows need each whole video's length: plan_clips opened the videos without a
+    `duration` one after another in the driver, a day for a million videos in object storage
+    before the first clip was embedded. They are opened several at a time now; each video
+    once, with the windows of its length, in manifest order."""
+    import os
+    import threading
+
+    import clipray.video
+    from clipray.manifest import read_manifest, write_manifest
+    from serve.index import plan_clips, windows
+
+    whole = read_manifest(synth_small["manifest"], split="test").to_pylist()
+    root = os.path.dirname(os.path.abspath(synth_small["manifest"]))
+    manifest = tmp_path / "no-durations.parquet"  # whole videos, length unknown
+    write_manifest([dict(r, path=f"{root}/{r['path']}", start=None, end=None, duration=None) for r in whole],
+                   manifest)
+    length = {f"{root}/{r['path']}": 3.0 + len(r["path"]) % 3 for r in whole}
+    lock, opened, running, met = threading.Lock(), [], [0], threading.Event()
+
+    def probe(path, backend="decord"):
+        with lock:
+            opened.append(path)
+            running[0] += 1
+            if running[0] > 1:
+                met.set()
+        met.wait(5)  # the first video waits for a second one to be opened beside it
+        with lock:
+            running[0] -= 1
+        return length[path]
+
+    monkeypatch.setattr(clipray.video, "probe_duration", probe)
+    cfg = _cfg("unused", str(manifest), tmp_path, "index.window_s=2", "index.stride_s=1")
+    rows = plan_clips(cfg, have=set())[0]
+    assert met.is_set(), "the videos were opened one after another"
+    assert sorted(opened) == sorted(length)  # each once
+    paths = list(dict.fromkeys(f"{root}/{r['path']}" for r in whole))
+    assert [(r["path"], r["start"], r["end"]) for r in rows] == \
+        [(p, s, e) for p in paths for s, e in windows(length[p], 2.0, 1.0)]
+
+
 def test_ivf_pq_on_too_few_clips_fails_before_embedding(ray_local, export, synth_small, tmp_path):
     from serve import store
     from serve.index import build_index, plan_clips
