@@ -228,6 +228,47 @@ def test_row_ids_repeated_across_a_folder_are_caught_by_every_reader(tmp_path):
         check_unique_ids(str(tmp_path / "big.parquet"))
 
 
+def test_the_row_id_check_of_a_counted_manifest_costs_bytes_a_row_not_a_hash_table(tmp_path):
+    """check_unique_ids (every `clipray train` without data.shard_stream, before Ray starts)
+    counted distinct ids with Arrow's hash table, about 90 bytes a row where its docstring said
+    8: 0.9 GB in the driver for a 10M-row manifest. A sorted copy of the ids finds a repeat as
+    well, the one a brute force finds."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    import subprocess
+    import sys
+
+    from clipray.manifest import SCHEMA
+    from clipray.runtime import proc_status_kb
+
+    if proc_status_kb("VmHWM") is None:
+        pytest.skip("needs Linux /proc to read the peak resident set")
+    n = 1_000_000
+    ids = np.random.default_rng(0).permutation(n)
+    ids[123_456] = ids[654_321]  # one id used twice, far apart
+    (tmp_path / "m").mkdir()
+    for k, part in enumerate(np.array_split(ids, 2)):
+        m = len(part)
+        pq.write_table(pa.table({"row_id": part, "video_id": pa.array(["v"] * m), "path": pa.array(["v.mp4"] * m),
+                                 "start": pa.nulls(m, pa.float64()), "end": pa.nulls(m, pa.float64()),
+                                 "caption": pa.array(["a cat"] * m), "split": pa.array(["train"] * m),
+                                 "timestamp": pa.nulls(m, pa.float64()), "group": pa.nulls(m, pa.string()),
+                                 "duration": pa.nulls(m, pa.float64())}, schema=SCHEMA),
+                       tmp_path / "m" / f"part-{k:05d}.parquet")
+    # in a process of its own: Arrow's memory pool keeps what this one freed, and reuses it
+    code = ("import sys\nfrom clipray.manifest import ManifestError, check_unique_ids\n"
+            "from clipray.runtime import proc_status_kb\nbefore = proc_status_kb('VmRSS')\n"
+            "try:\n    check_unique_ids(sys.argv[1])\nexcept ManifestError as e:\n    print(e)\n"
+            "print(proc_status_kb('VmHWM') - before)\n")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "m")], capture_output=True, text=True,
+                         timeout=120, check=True).stdout.splitlines()
+    assert f"row_id {ids[654_321]} is used by more than one row" in out[0]
+    per_row = int(out[-1]) * 1024 / n
+    assert per_row < 80, f"{per_row:.0f} bytes a row"
+
+
 def test_row_id_tracker_agrees_with_a_set():
     import random
 
