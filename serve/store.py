@@ -83,8 +83,17 @@ def read_table(out: str | Path, columns: Optional[list[str]] = None) -> pa.Table
     files = parts(out)
     if not files:
         return pa.table({c: [] for c in (columns or META_COLUMNS)})
-    t = pa.concat_tables(pq.read_table(f, columns=columns) for f in files).sort_by("row_id")
+    t = pa.concat_tables(pq.read_table(f, columns=columns) for f in files)
     ids = t.column("row_id").to_numpy()
+    if not (ids[1:] > ids[:-1]).all():
+        # Parts are written in row-id order, and then nothing is sorted: a sort gathers every
+        # column into one array, and a string column of over 2 GiB (the paths of tens of
+        # millions of clips) overflows a string array's 32-bit offsets, so an index that large
+        # could be neither served nor appended to ("offset overflow while concatenating arrays").
+        # Out of order (parts not written by clipray index), its strings are sorted as large ones.
+        t = t.cast(pa.schema([pa.field(f.name, pa.large_string()) if pa.types.is_string(f.type) else f
+                              for f in t.schema])).sort_by("row_id")
+        ids = t.column("row_id").to_numpy()
     if not np.array_equal(ids, np.arange(len(ids))):  # a faiss id is a position, a row id too
         shown = ids.tolist() if len(ids) <= 12 else ids[:12].tolist() + ["..."]
         raise ConfigError(f"{out}: the embedding parts' row ids are not 0..{len(ids) - 1} ({shown}): a part "

@@ -1101,3 +1101,34 @@ def test_a_searcher_keeps_the_clip_table_as_arrow_not_an_object_per_clip(tmp_pat
                                     "start": starts[i], "end": want}
     assert s.clip_path(49_999) == "/data/videos/video16666.mp4" and s.clip_path(n) is None
     assert s.info()["clips"] == n
+
+
+def test_reading_an_index_gathers_no_string_column_into_one_array(tmp_path):
+    """read_table sorted the parts by row id whatever their order, which gathers each column
+    into one array: past 2 GiB of paths (tens of millions of clips) Arrow's 32-bit string
+    offsets overflow, and `clipray serve` (every Searcher replica) and every append of such an
+    index failed with 'offset overflow while concatenating arrays' (measured: 2.2M clips of
+    1 kB paths). Parts written in row-id order are now read as they are, a chunk each; parts
+    in another order are still sorted, their strings as large strings."""
+    from serve import store
+
+    def part(ids):
+        n = len(ids)
+        store.write_part(tmp_path, {"row_id": np.asarray(ids), "video_id": [f"v{i}" for i in ids],
+                                    "start": [float(i) for i in ids], "end": [i + 1.0 for i in ids],
+                                    "path": [f"/v/{i}.mp4" for i in ids], "embedding": _unit(n, 4)})
+
+    for a in range(0, 9, 3):  # a build and two appends
+        part(range(a, a + 3))
+    t = store.read_table(tmp_path, store.META_COLUMNS)
+    assert t.column("path").to_pylist() == [f"/v/{i}.mp4" for i in range(9)]
+    assert t.column("start").to_pylist() == [float(i) for i in range(9)]
+    assert {t.column(c).num_chunks for c in ("video_id", "path")} == {3}  # nothing gathered
+    for p in store.parts(tmp_path):
+        p.unlink()
+    part(range(3, 6))  # parts out of row-id order (not clipray index's): sorted
+    part(range(3))
+    t = store.read_table(tmp_path, store.META_COLUMNS)
+    assert t.column("row_id").to_pylist() == list(range(6))
+    assert t.column("path").to_pylist() == [f"/v/{i}.mp4" for i in range(6)]
+    assert t.column("video_id").to_pylist() == [f"v{i}" for i in range(6)]
