@@ -71,11 +71,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("overrides", nargs="*", help="key=value overrides of train/configs/demo.yaml")
     args = ap.parse_args(argv)
 
-    from clipray.config import load_config
+    from clipray.config import ConfigError, load_config
     from train.driver import check_negatives, model_io, run, run_dir
 
     # a bad override, or a model name or head that does not exist, fails before a minute of video making
-    check_negatives(model_io(load_config(demo_config_path(), args.overrides)))
+    given = load_config(demo_config_path(), args.overrides)
+    check_negatives(model_io(given))
+    for what, where in (("--runs", args.runs), ("train.storage_path", given.train.storage_path)):
+        if "://" in where:  # Path() folded s3://b/runs into a local folder ./s3:/b/runs
+            raise ConfigError(f"{what}={where}: the demo keeps its runs and index on this machine (a local "
+                              "folder); `clipray train` trains into object storage")
     manifest = ensure_synth(Path(args.data), args.videos)
     name = f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
     cfg = load_config(demo_config_path(), [f"data.manifest={manifest.resolve()}",

@@ -175,7 +175,10 @@ def test_demo_checks_its_overrides_before_making_videos(tmp_path):
                       ("model.head=seqtransf", "model.head must be one of"),
                       ("model.name=test_meanp", "model.name: unknown model 'test_meanp'"),
                       # a batch in which the loss has no negative trains nothing
-                      ("model.name=test_tightTransf data.batch_size=1", "data.batch_size=1: the tightTransf head")):
+                      ("model.name=test_tightTransf data.batch_size=1", "data.batch_size=1: the tightTransf head"),
+                      # runs at a URI went to a local folder ./s3:/b/runs (Path folds the '//')
+                      ("--runs s3://b/runs", "--runs=s3://b/runs: the demo keeps its runs and index on this machine"),
+                      ("train.storage_path=gs://b/r", "train.storage_path=gs://b/r: the demo keeps")):
         with pytest.raises(ConfigError, match=says):
             main(["--data", str(tmp_path / "synth"), "--no-serve", *bad.split()])
     assert not (tmp_path / "synth").exists()
