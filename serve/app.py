@@ -430,19 +430,27 @@ class AppArgs(BaseModel):
     overrides: list[str] = []
 
 
-def _index_export(cfg: AppConfig, export: str, fingerprint: str, what: str, fix: str) -> str:
+def _index_export(cfg: AppConfig, recorded: dict, what: str, fix: str) -> str:
     """An export the index recorded, checked to still hold the weights it was built with: one
     exported again at the same path (a run folder deleted and trained anew) gives vectors of
-    another model, which the index's would be searched with without a word."""
+    another model, which the index's would be searched with without a word. An index moved or
+    copied (with its run folder, or alone with the copy of an export fetched from a URI) finds
+    the export where it lies from the index: at the recorded path relative to the index folder,
+    or the index's own `model-<fingerprint>` copy, before the absolute path recorded."""
     from clipray.export import WEIGHTS
 
-    if not (Path(export) / WEIGHTS).is_file():
+    export, fingerprint, index_dir = recorded["export"], recorded["fingerprint"], os.path.abspath(cfg.out)
+    places = [os.path.normpath(os.path.join(index_dir, recorded["export_rel"]))] if recorded.get("export_rel") else []
+    places += [os.path.join(index_dir, f"model-{fingerprint}"), export]
+    present = [p for p in dict.fromkeys(places) if (Path(p) / WEIGHTS).is_file()]
+    if not present:
         raise ConfigError(f"the index {cfg.out} was built with the {what} {export}, which is "
                           f"gone (no {WEIGHTS} in it): {fix}")
-    if store.fingerprint(export) != fingerprint:
-        raise ConfigError(f"the index {cfg.out} was built with the {what} {export}, which now holds other "
-                          f"weights (exported again since): its vectors would not match; {fix}")
-    return export
+    for p in present:
+        if store.fingerprint(p) == fingerprint:
+            return p
+    raise ConfigError(f"the index {cfg.out} was built with the {what} {export}, which now holds other "
+                      f"weights (exported again since): its vectors would not match; {fix}")
 
 
 def _export_for(cfg: AppConfig, meta: dict) -> str:
@@ -454,7 +462,7 @@ def _export_for(cfg: AppConfig, meta: dict) -> str:
 
     fix = "give checkpoint= an export of the same weights"
     if not cfg.checkpoint:
-        return _index_export(cfg, meta["export"], meta["fingerprint"], "export", fix)
+        return _index_export(cfg, meta, "export", fix)
     with tempfile.TemporaryDirectory(prefix="clipray-export-") as tmp:
         local = fetch_export(cfg.checkpoint, tmp)
         read_export_config(local)  # a run folder, not its export: say so, not "no such file"
@@ -464,8 +472,7 @@ def _export_for(cfg: AppConfig, meta: dict) -> str:
     if local != tmp:
         return os.path.abspath(local)
     # a fetched copy is gone with tmp: serve the index's, if it still holds the same weights
-    return _index_export(cfg, meta["export"], meta["fingerprint"], "export",
-                         f"index again with checkpoint={cfg.checkpoint}, which copies it into the index")
+    return _index_export(cfg, meta, "export", f"index again with checkpoint={cfg.checkpoint}, which copies it into the index")
 
 
 def caption_length_notice(max_words: int, exports: dict[str, str]) -> str:
@@ -503,8 +510,7 @@ def app_from_config(cfg: AppConfig) -> Any:
     export = _export_for(cfg, meta)
     video = dict(meta["video"], timeout_s=cfg.video.timeout_s)
     tight = meta.get("rerank") and _index_export(
-        cfg, meta["rerank"]["export"], meta["rerank"]["fingerprint"], "re-ranker export",
-        "index again into a new out= with the index.rerank_checkpoint to serve")
+        cfg, meta["rerank"], "re-ranker export", "index again into a new out= with the index.rerank_checkpoint to serve")
     notice = caption_length_notice(sv.max_words, {"export": export, **({"re-ranker export": tight} if tight else {})})
     if notice:
         print(f"[serve] note: {notice}", file=sys.stderr, flush=True)

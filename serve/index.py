@@ -455,12 +455,13 @@ def _rebuild(out: Path, cfg: AppConfig, export: str, fp: str, rerank: str, conf:
         recall = store.recall_at_k(index, exact, _caption_queries(export, captions, cfg))
     store.save_faiss(out, index)
     meta = dict(meta or {})
-    meta.update(format=FORMAT, export=export, fingerprint=fp, dim=int(x.shape[1]), count=int(len(x)),
+    meta.update(format=FORMAT, export=export, export_rel=os.path.relpath(export, out.absolute()), fingerprint=fp,
+                dim=int(x.shape[1]), count=int(len(x)),
                 kind=ix.kind, build=params, search=search, recall=recall,
                 video=dataclasses.asdict(dataclasses.replace(cfg.video, size=conf["image_size"])),
                 tokenizer=conf["tokenizer_name"], max_words=cfg.serve.max_words,
-                rerank={"export": rerank, "fingerprint": store.fingerprint(rerank)} if rerank
-                else meta.get("rerank"))
+                rerank={"export": rerank, "export_rel": os.path.relpath(rerank, out.absolute()),
+                        "fingerprint": store.fingerprint(rerank)} if rerank else meta.get("rerank"))
     return meta
 
 

@@ -5,8 +5,9 @@
     out/rerank/part-NNNNN.npz          optional: row_id, frame features [n, T, D] fp16, mask
                                        of a tightTransf export (the re-ranker's inputs)
     out/index.faiss                    faiss index over all embeddings; faiss id == row_id
-    out/index.json                     export path + fingerprint, dim, count, kind, search
-                                       parameters, recall@10 vs exact, build history
+    out/index.json                     export path (absolute, and relative to out) + fingerprint,
+                                       dim, count, kind, search parameters, recall@10 vs exact,
+                                       build history
 
 Row ids are contiguous (0..N-1) and assigned in append order, so a faiss id is a row id and a
 row id is a position: no id map. Clips are keyed by (path, start, end), which is what lets an

@@ -83,6 +83,7 @@ def test_serving_an_index_whose_export_is_gone_or_a_run_folder_fails_in_a_line(w
     idx = tmp_path / "idx"
     shutil.copytree(windowed["out"], idx)
     meta = json.loads((idx / "index.json").read_text())
+    meta = {k: v for k, v in meta.items() if k != "export_rel"}
     (idx / "index.json").write_text(json.dumps({**meta, "export": str(tmp_path / "deleted")}))
     with pytest.raises(ConfigError, match=rf"^the index {idx} was built with the export {tmp_path / 'deleted'}, "
                                           r"which is gone \(no model.safetensors in it\)"):
@@ -128,6 +129,60 @@ def test_serving_an_index_whose_export_was_exported_again_is_refused(tmp_path):
         shutil.rmtree(tmp_path / name)
         keep.rename(tmp_path / name)
     app_from_config(load_app_config(None, [f"out={idx}", f"checkpoint={loose}"]))
+
+
+def test_an_index_moved_with_its_run_folder_or_alone_with_its_model_copy_still_serves(tmp_path):
+    """index.json recorded its exports by absolute path only: the demo's index (runs/<run>/index,
+    exported at runs/<run>/export) moved with its run folder, and an index built from an export
+    at a URI (its own out/model-<fingerprint> copy) moved alone, were refused as built with an
+    export 'which is gone', though both still held the very weights (one fixed only by indexing
+    again). The export is found from the index folder first, checked by its fingerprint."""
+    import shutil
+
+    import torch
+
+    from clipray.export import read_export_config, save_export
+    from clipray.models import create_model
+    from serve import store
+    from serve.app import _export_for, _index_export, app_from_config
+    from serve.config import load_app_config
+    from serve.index import _rebuild
+
+    def export(path, head, seed):
+        torch.manual_seed(seed)
+        return str(save_export(create_model(f"test_{head}"), path))
+
+    run = tmp_path / "runs" / "demo"
+    loose, tight = export(run / "export", "meanP", 0), export(run / "tight", "tightTransf", 0)
+    idx = run / "index"
+    conf = read_export_config(loose)
+    dim = conf["open_clip_cfg"]["embed_dim"]
+    store.write_part(idx, {"row_id": np.arange(2), "video_id": np.array(["a", "b"], object),
+                           "start": np.array([None, None], object), "end": np.array([None, None], object),
+                           "path": np.array(["/v/a.mp4", "/v/b.mp4"], object),
+                           "embedding": np.eye(2, dim, dtype=np.float32)})
+    cfg = load_app_config(None, [f"checkpoint={loose}", "manifest=unused", f"out={idx}"])
+    store.write_meta(idx, _rebuild(idx, cfg, loose, store.fingerprint(loose), tight, conf, [], None))
+    shutil.move(tmp_path / "runs", tmp_path / "moved")  # the whole run folder, index and exports
+    moved = tmp_path / "moved" / "demo"
+    cfg = load_app_config(None, [f"out={moved / 'index'}"])
+    meta = store.read_meta(moved / "index")
+    assert _export_for(cfg, meta) == str(moved / "export")
+    assert _index_export(cfg, meta["rerank"], "re-ranker export", "") == str(moved / "tight")
+    app_from_config(cfg)  # composes, with the re-ranker
+
+    # an index holding its own copy (as `checkpoint=s3://...` leaves it; recorded before
+    # export_rel too), moved alone while its export stayed where it was
+    fp = store.fingerprint(loose := str(moved / "export"))
+    alone = tmp_path / "alone"
+    shutil.copytree(moved / "index", alone / "index")
+    shutil.copytree(loose, alone / "index" / f"model-{fp}")
+    meta = {k: v for k, v in meta.items() if k not in ("export_rel", "rerank")}
+    store.write_meta(alone / "index", {**meta, "export": str(tmp_path / "built-here" / f"model-{fp}")})
+    shutil.move(alone / "index", tmp_path / "served")
+    cfg = load_app_config(None, [f"out={tmp_path / 'served'}"])
+    assert _export_for(cfg, store.read_meta(tmp_path / "served")) == str(tmp_path / "served" / f"model-{fp}")
+    app_from_config(cfg)
 
 
 def test_append_embeds_only_new_clips(windowed, export, synth_small):
