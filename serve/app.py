@@ -503,6 +503,9 @@ def app_from_config(cfg: AppConfig) -> Any:
     """Compose the deployments from a resolved `AppConfig`."""
     if not cfg.out:
         raise ConfigError("serving needs the index directory: out=DIR (written by `clipray index`)")
+    if "://" in cfg.out:  # Path() folds s3://b/i into a local s3:/b/i, where no index is
+        raise ConfigError(f"out={cfg.out}: the index folder is read from a local path (on a cluster, a shared "
+                          "volume every Serve replica mounts), not a URI: copy the index folder there")
     meta = store.read_meta(cfg.out)
     if meta is None:
         raise ConfigError(f"out={cfg.out}: no index there; build one with `clipray index`")

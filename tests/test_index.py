@@ -629,13 +629,20 @@ def test_a_clip_whose_embedding_is_not_finite_is_skipped_with_a_reason(synth_sma
 
 def test_an_index_out_at_a_uri_is_refused_not_written_to_a_local_s3_folder(synth_small, tmp_path, monkeypatch):
     """out=s3://bucket/index made a local folder ./s3:/bucket/index (pathlib folds '//') and
-    would have indexed into it, where serving on another machine never finds it."""
+    would have indexed into it, where serving on another machine never finds it. Serving an
+    index copied to a URI said 'no index there; build one with `clipray index`' (it looked in a
+    local s3:/bucket/index), which pointed at building again, not at the local path it needs."""
+    from serve.app import app_from_config
+    from serve.config import load_app_config
     from serve.index import build_index
 
     monkeypatch.chdir(tmp_path)
     for uri in ("s3://bucket/index", "gs://b/i"):
         with pytest.raises(ConfigError, match=rf"^out={uri}: the index folder is a local path"):
             build_index(_cfg("unused", synth_small["manifest"], uri), quiet=True)
+        with pytest.raises(ConfigError, match=rf"^out={uri}: the index folder is read from a local path .*"
+                                              r"not a URI: copy the index folder there$"):
+            app_from_config(load_app_config(None, [f"out={uri}"]))
     assert list(tmp_path.iterdir()) == []
 
 
