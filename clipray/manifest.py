@@ -288,6 +288,26 @@ def manifest_files(path: str) -> tuple[pafs.FileSystem, list[str]]:
     return fs, files
 
 
+SIGNED_TAIL = 1 << 16  # bytes at the end of a Parquet file (its footer: schema, row groups, statistics)
+
+
+def manifest_signature(path: str) -> list[list]:
+    """Each Parquet file of a manifest as [its path inside the manifest folder (a one-file
+    manifest: its name), its size in bytes, a hash of its last 64 kB (the footer, with every
+    column's statistics)]: what a copy or a move of the manifest keeps, unlike its path."""
+    import hashlib
+
+    fs, files = manifest_files(path)
+    root = filesystem(path)[1].rstrip("/")
+    out = []
+    for info in fs.get_file_info(files):
+        with fs.open_input_file(info.path) as f:
+            tail = f.read_at(min(info.size, SIGNED_TAIL), max(0, info.size - SIGNED_TAIL))
+        name = info.base_name if files == [root] else info.path[len(root):].lstrip("/")
+        out.append([name, info.size, hashlib.sha256(tail).hexdigest()[:16]])
+    return out
+
+
 def _check_header(fs: pafs.FileSystem, file: str, path: str) -> None:
     """Read the first file's footer, so a wrong file fails here with its name rather than later
     in a Ray task: not Parquet, or lacking the columns every manifest row must have."""

@@ -77,6 +77,13 @@ def test_sharded_manifest_round_trips_on_s3(s3):
     got = list(iter_checked(s3.url("sharded/manifest"), batch_rows=4))
     assert [(g["row_id"], g["video_id"], g["caption"]) for g in got] == \
         [(i, f"v{i}", f"clip {i}") for i in range(25)]
+    # a resume finds the manifest copied to another prefix by its files' names and sizes
+    from clipray.manifest import manifest_signature
+
+    s3.fs().copy(f"{s3.bucket}/sharded/manifest", f"{s3.bucket}/moved/manifest", recursive=True)
+    sig = manifest_signature(s3.url("sharded/manifest"))
+    assert [n for n, _, _ in sig] == [f"part-{k:05d}.parquet" for k in range(3)] and all(b > 0 for _, b, _ in sig)
+    assert manifest_signature(s3.url("moved/manifest")) == sig
 
 
 def test_pipeline_streams_from_s3_and_reports_skips_to_s3(ray_local, s3, s3_dataset, tmp_path):

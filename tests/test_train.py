@@ -966,6 +966,8 @@ def test_resuming_with_another_batch_size_is_refused_before_ray_and_leaves_the_r
     that finished at 8), so the call is refused and the run's history is left as it was.
     The same settings again resume the finished run and change nothing. So do optimiser settings:
     the checkpoint restores its own learning rate, and a new one was ignored without a word."""
+    import shutil
+
     from clipray.config import ConfigError
     from train.driver import run
 
@@ -987,6 +989,12 @@ def test_resuming_with_another_batch_size_is_refused_before_ray_and_leaves_the_r
     # failed to load in every worker (KeyError 'dynamic_loss_scale' at ZeRO-0) once Ray had started
     with pytest.raises(ConfigError, match=r"train\.precision: 'fp32' -> 'bf16'"):
         run(load_config(DEMO, args + ["train.precision=bf16"]), quiet_ray=True, table=False)
+    # the manifest copied elsewhere (the same files): not named among the settings that differ
+    copy = tmp_path / "synth-copy"
+    shutil.copytree(Path(synth_small["manifest"]).parent, copy)
+    moved = overrides(str(copy / Path(synth_small["manifest"]).name), tmp_path, "mixed", **{"train.epochs": 1})
+    with pytest.raises(ConfigError, match=r"other settings \(optim\.lr: 0\.001 -> 0\.002\); resuming"):
+        run(load_config(DEMO, moved + ["optim.lr=2e-3"]), quiet_ray=True, table=False)
     assert (tmp_path / "mixed" / "metrics.csv").read_text() == history
 
 
@@ -1056,6 +1064,48 @@ def test_resume_check_finds_the_checkpoints_of_a_run_folder_named_like_a_glob(tm
     # a manifest with more training rows: said as what moved, not as an internal key
     with pytest.raises(ConfigError, match=r"\(steps per epoch \(training rows of data.manifest / global batch\): 5 -> 6\)"):
         check_resume(str(out), resume_key(cfg, 6))
+
+
+def test_a_run_resumes_on_its_manifest_moved_or_copied_to_another_path(tmp_path, capsys):
+    """resume_key.json keeps data.manifest as an absolute path: the project (manifest and run
+    folder) moved or copied to another disk, or a manifest copied to another bucket, and the same
+    command was refused ('data.manifest: /old/... -> /new/...'), with no way to give the run's
+    settings (the old path is gone). The manifest's files (names, sizes, footers) now identify
+    it too; another manifest with as many training rows, even of the same size, is still refused."""
+    import json
+    import shutil
+
+    from clipray.config import ConfigError, load_config
+    from clipray.manifest import manifest_signature, write_manifest
+    from train.driver import RAY_CHECKPOINT_RECORD, RESUME_KEY, check_resume, resume_key
+
+    def rows(caption):
+        return [{"video_id": f"v{i}", "path": f"v{i}.mp4", "start": None, "end": None,
+                 "caption": f"{caption} {i}", "split": "train"} for i in range(4)]
+
+    def key(manifest):
+        cfg = load_config(None, [f"data.manifest={manifest}"])
+        return resume_key(cfg, 2, 0, manifest_signature(cfg.data.manifest))
+
+    for shards in (0, 2):  # one file, and a folder of shards
+        base = tmp_path / f"shards{shards}"
+        old = base / "project" / ("m.parquet" if not shards else "m")
+        write_manifest(rows("a dog runs"), old, **({"rows_per_shard": shards} if shards else {}))
+        out = base / "run"
+        (out / "checkpoint_000001").mkdir(parents=True)
+        check_resume(str(out), key(old))  # the first run records its key
+        (out / RAY_CHECKPOINT_RECORD).write_text("{}")
+        shutil.move(base / "project", base / "moved")
+        new = base / "moved" / old.name
+        check_resume(str(out), key(new))  # resumes
+        assert "the same files): resuming" in capsys.readouterr().out
+        assert json.loads((out / RESUME_KEY).read_text())["data.manifest"] == str(new)
+        check_resume(str(out), key(new))  # and again, now at its new path
+        other = base / "other" / old.name
+        write_manifest(rows("a dog sits"), other, **({"rows_per_shard": shards} if shards else {}))
+        assert [s[:2] for s in manifest_signature(str(other))] == [s[:2] for s in manifest_signature(str(new))]
+        with pytest.raises(ConfigError, match=rf"data.manifest: '{new}' -> '{other}'"):
+            check_resume(str(out), key(other))
 
 
 def test_a_checkpoint_folder_ray_never_finished_does_not_hold_a_new_run_to_old_settings(tmp_path):

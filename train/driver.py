@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from clipray.config import Config, ConfigError, to_yaml
-from clipray.manifest import check_unique_ids
+from clipray.manifest import check_unique_ids, manifest_signature
 
 
 def model_io(cfg: Config) -> Config:
@@ -151,13 +151,16 @@ RESUME_KEY = "resume_key.json"  # what a checkpoint of the run must match to be 
 RAY_CHECKPOINT_RECORD = "checkpoint_manager_snapshot.json"  # Ray Train's list of a run's checkpoints
 
 
-def resume_key(cfg: Config, steps_per_epoch: int, stop_epoch: int = 0) -> dict[str, Any]:
+def resume_key(cfg: Config, steps_per_epoch: int, stop_epoch: int = 0,
+               manifest_files: list | None = None) -> dict[str, Any]:
     """The settings a resumed run must share with its checkpoints: the model the weights load
     into, the steps, batch and schedule the saved step and epoch count in, and the optimiser's
     settings: the checkpoint's optimiser and schedule state bring back their own learning rates,
     weight decay, betas and eps over the config's (a new optim.lr was ignored without a word),
     while a new warm-up would move the schedule under the saved step. A call with `stop_epoch`
-    (clip editing's rounds) names new data each round, so the manifest is left out."""
+    (clip editing's rounds) names new data each round, so the manifest is left out.
+    `manifest_files` (`clipray.manifest.manifest_signature`) lets a resume find the same
+    manifest at another path (moved or copied with the project, to another bucket)."""
     from train.ds_config import precision
 
     key = {"model": dataclasses.asdict(cfg.model), "data.batch_size": cfg.data.batch_size,
@@ -174,6 +177,8 @@ def resume_key(cfg: Config, steps_per_epoch: int, stop_epoch: int = 0) -> dict[s
     if not stop_epoch:
         manifest = cfg.data.manifest if "://" in cfg.data.manifest else str(Path(cfg.data.manifest).resolve())
         key.update({"data.manifest": manifest, "steps_per_epoch": steps_per_epoch})
+        if manifest_files is not None:
+            key["data.manifest_files"] = manifest_files
     return json.loads(json.dumps(key))  # tuples as lists, as read back
 
 
@@ -219,7 +224,19 @@ def check_resume(out: str, key: dict[str, Any]) -> None:
         return
     # steps_per_epoch is no setting: it moves with the manifest's training rows
     name = {"steps_per_epoch": "steps per epoch (training rows of data.manifest / global batch)"}
-    changed = [f"{name.get(k, k)}: {saved[k]!r} -> {v!r}" for k, v in key.items() if k in saved and saved[k] != v]
+    # the same files (names, sizes, footers) at another path: the manifest was moved or copied (with
+    # the project, to another disk or bucket), and its absolute path changed with it
+    moved = (saved.get("data.manifest", key.get("data.manifest")) != key.get("data.manifest")
+             and key.get("data.manifest_files") is not None
+             and saved.get("data.manifest_files") == key["data.manifest_files"])
+    skip = {"data.manifest_files"} | ({"data.manifest"} if moved else set())
+    changed = [f"{name.get(k, k)}: {saved[k]!r} -> {v!r}" for k, v in key.items()
+               if k in saved and saved[k] != v and k not in skip]
+    if moved and not changed:
+        print(f"[driver] data.manifest: the run's manifest {saved['data.manifest']} is now "
+              f"{key['data.manifest']} (the same files): resuming", flush=True)
+        _put_text(f"{out}/{RESUME_KEY}", json.dumps(key, indent=1))
+        return
     if changed:
         raise ConfigError(f"{out} holds checkpoints of a run with other settings ({'; '.join(changed)}); "
                           "resuming would mix the two: use a new train.run_name, or the run's settings")
@@ -314,8 +331,10 @@ def run(cfg: Config, quiet_ray: bool = False, stop_epoch: int = 0, table: bool =
     fitted = model_io(cfg)
     check_negatives(fitted)
     make_run_dir(out)
+    # the manifest's files (names, sizes, footers) also identify it: a resume finds it moved
+    files = None if cfg.data.shard_stream or stop_epoch else manifest_signature(cfg.data.manifest)
     with storage_access(cfg, out):
-        check_resume(out, resume_key(cfg, steps_per_epoch, stop_epoch))
+        check_resume(out, resume_key(cfg, steps_per_epoch, stop_epoch, files))
     cfg = fitted
     # imported after the checks above, so a wrong path or key fails in a second, not after
     # Ray Train and the pipeline load (~5 s)
