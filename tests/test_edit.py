@@ -352,6 +352,19 @@ def test_a_run_of_another_manifest_is_not_resumed(events, tmp_path):
     with pytest.raises(ConfigError, match="another data.manifest"):
         run(cfg)
 
+    # the run's own set moved with its run folder (the project to another disk): its manifest
+    # recorded by path alone was taken for another, and the run could never be resumed
+    from clipray.manifest import manifest_signature
+
+    src = Path(events["events_manifest"])
+    shutil.copytree(src.parent, tmp_path / "moved")
+    cfg = load_config(EDIT_DEMO, overrides(str(tmp_path / "moved" / src.name), tmp_path, "moved-run"))
+    test = finished_run(tmp_path / "moved-run", cfg, str(src))
+    state = json.loads((tmp_path / "moved-run" / "edit_state.json").read_text())
+    (tmp_path / "moved-run" / "edit_state.json").write_text(json.dumps(
+        {**state, "source_files": manifest_signature(str(src))}))
+    assert run(cfg)["test"] == test  # its finished result, before Ray starts
+
 
 def test_left_out_counts_only_captions_never_trained_on():
     from train.edit import skip_counts

@@ -49,8 +49,8 @@ import numpy as np
 
 from clipray.config import Config, ConfigError, EditConfig, VideoConfig
 from clipray.editing import Bounds, candidates, choose, initial_clips, neighbour_bounds, tiou
-from clipray.manifest import (Every, ManifestError, iter_checked, manifest_files, manifest_metadata, resolve_path,
-                              write_manifest)
+from clipray.manifest import (Every, ManifestError, iter_checked, manifest_files, manifest_metadata,
+                              manifest_signature, resolve_path, write_manifest)
 
 PROGRESS_S = 10.0
 
@@ -351,7 +351,10 @@ def run(cfg: Config, quiet_ray: bool = False) -> dict[str, Any]:
     if changed:
         raise ConfigError(f"{out} holds an editing run with other edit.* settings ({'; '.join(changed)}); "
                           "use a new train.run_name, or the run's settings")
-    if state and state.get("source", source) != source:  # its clips join this manifest by row id
+    # its clips join this manifest by row id; the same files at another path are the source
+    # moved or copied (with the project, to another disk or bucket)
+    source_files = manifest_signature(source)
+    if state and state.get("source", source) != source and state.get("source_files") != source_files:
         raise ConfigError(f"{out} holds an editing run of another data.manifest ({state['source']}); "
                           "use a new train.run_name")
     records: list[dict] = state["records"] if state else []
@@ -383,7 +386,7 @@ def run(cfg: Config, quiet_ray: bool = False) -> dict[str, Any]:
 
     def save_state(pending: Optional[dict] = None) -> None:
         _put(f"{out}/edit_state.json", json.dumps({"edit": dataclasses.asdict(e), "source": source,
-                                                   "records": records, "skips": skips,
+                                                   "source_files": source_files, "records": records, "skips": skips,
                                                    "clips": {r: c.clip for r, c in captions.items()},
                                                    **({"pending": pending} if pending else {})}))
 
