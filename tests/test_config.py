@@ -246,6 +246,21 @@ def test_weights_open_clip_cannot_load_are_refused_before_ray_starts(overrides, 
     assert str(e.value).startswith(says)
 
 
+def test_an_exports_weights_as_model_pretrained_are_refused_before_ray_starts(tmp_path):
+    """A training run's export/model.safetensors given as model.pretrained (to go on from a
+    trained model, or a run folder moved and its export taken for a checkpoint) passed the check
+    as a local file, and open_clip failed on its keys in every training worker once Ray was up
+    (RuntimeError: Missing key(s) in state_dict: "positional_embedding", ...)."""
+    from clipray.export import save_export
+    from clipray.models import create_model
+    from train.driver import model_io
+
+    weights = save_export(create_model("test_meanP"), tmp_path / "run" / "export") / "model.safetensors"
+    with pytest.raises(ConfigError, match=rf"^model.pretrained={weights}: the weights of a clipray export "
+                                          r"\(a training run's export/\), not an open_clip checkpoint; a run goes on"):
+        model_io(load_config(None, [f"model.pretrained={weights}"]))
+
+
 def test_weights_open_clip_can_load_pass_the_model_check(tmp_path):
     from train.driver import model_io
 

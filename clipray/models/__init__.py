@@ -137,11 +137,29 @@ def check_pretrained(name: str, pretrained: Optional[str] = None) -> None:
     if _no_weights(pretrained):
         return
     register_tiny_configs()
+    if os.path.isfile(pretrained) and _export_weights(pretrained):
+        # open_clip would fail on its keys (backbone.clip.*) in every worker, once Ray is up
+        raise ValueError("the weights of a clipray export (a training run's export/), not an open_clip "
+                         "checkpoint; a run goes on from its own checkpoints when re-run with the same "
+                         "train.run_name and train.storage_path")
     if open_clip.get_pretrained_cfg(spec.open_clip_name, pretrained) or os.path.isfile(pretrained):
         return
     tags = open_clip.list_pretrained_tags_by_model(spec.open_clip_name)
     raise ValueError(f"not a pretrained tag of {spec.open_clip_name} ("
                      f"{'its tags: ' + ', '.join(tags) if tags else 'it has none'}) nor a local checkpoint file")
+
+
+def _export_weights(path: str) -> bool:
+    """Whether a file is an export's model.safetensors (`clipray.export`), read from its header."""
+    from clipray.export import FORMAT
+
+    try:
+        from safetensors import safe_open
+
+        with safe_open(path, framework="pt") as f:
+            return (f.metadata() or {}).get("format") == FORMAT
+    except Exception:  # not safetensors (an open_clip .pt, .bin): open_clip's to load
+        return False
 
 
 def build_model(cfg: "ModelConfig") -> "CLIP4Clip":
