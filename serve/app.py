@@ -464,7 +464,12 @@ def _export_for(cfg: AppConfig, meta: dict) -> str:
     if not cfg.checkpoint:
         return _index_export(cfg, meta, "export", fix)
     with tempfile.TemporaryDirectory(prefix="clipray-export-") as tmp:
-        local = fetch_export(cfg.checkpoint, tmp)
+        try:
+            local = fetch_export(cfg.checkpoint, tmp)
+        except FileNotFoundError as e:  # (a local one is read below: a run folder is said to be one)
+            raise ConfigError(f"checkpoint={cfg.checkpoint}: no clipray export there ({e})") from None
+        except Exception as e:  # an object store it cannot reach (credentials, network, permission)
+            raise ConfigError(f"checkpoint={cfg.checkpoint}: cannot fetch the export ({type(e).__name__}: {e})") from None
         read_export_config(local)  # a run folder, not its export: say so, not "no such file"
         if store.fingerprint(local) != meta["fingerprint"]:
             raise ConfigError(f"checkpoint={cfg.checkpoint} is not the model the index {cfg.out} was "

@@ -967,6 +967,26 @@ def test_an_export_in_object_storage_that_cannot_be_reached_is_an_error_line(syn
         "(NoCredentialsError: Unable to locate credentials)"], out.stderr
     assert not (tmp_path / "index").exists()
 
+    # clipray serve of an index with its export at such a URI: the same line, not the traceback
+    import torch
+
+    from clipray.export import save_export
+    from clipray.models import create_model
+    from serve import store
+
+    torch.manual_seed(0)
+    export = str(save_export(create_model("test_meanP"), tmp_path / "export"))
+    (tmp_path / "served").mkdir()
+    store.write_meta(tmp_path / "served", {"format": "clipray.index/1", "export": export, "dim": 64, "count": 1,
+                                           "fingerprint": store.fingerprint(export), "kind": "flat",
+                                           "video": {"fps": 2.0, "max_frames": 8}})
+    out = subprocess.run([sys.executable, "-m", "clipray.cli", "serve", "serve/configs/demo.yaml",
+                          "checkpoint=s3://clipray-none/export", f"out={tmp_path / 'served'}"],
+                         cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and out.stderr.splitlines()[-1:] == [
+        "clipray serve: error: checkpoint=s3://clipray-none/export: cannot fetch the export "
+        "(NoCredentialsError: Unable to locate credentials)"], out.stderr[-3000:]
+
 
 def test_serving_cuts_queries_unlike_the_exports_training_run_says_so(tmp_path, capsys):
     """The app decodes query clips as the index recorded, but cuts queries at this config's
