@@ -1098,7 +1098,7 @@ def test_a_run_resumes_on_its_manifest_moved_or_copied_to_another_path(tmp_path,
         shutil.move(base / "project", base / "moved")
         new = base / "moved" / old.name
         check_resume(str(out), key(new))  # resumes
-        assert "the same files): resuming" in capsys.readouterr().out
+        assert f"data.manifest: the run's {old} is now {new} (the same files): resuming" in capsys.readouterr().out
         assert json.loads((out / RESUME_KEY).read_text())["data.manifest"] == str(new)
         check_resume(str(out), key(new))  # and again, now at its new path
         other = base / "other" / old.name
@@ -1106,6 +1106,36 @@ def test_a_run_resumes_on_its_manifest_moved_or_copied_to_another_path(tmp_path,
         assert [s[:2] for s in manifest_signature(str(other))] == [s[:2] for s in manifest_signature(str(new))]
         with pytest.raises(ConfigError, match=rf"data.manifest: '{new}' -> '{other}'"):
             check_resume(str(out), key(other))
+
+
+def test_a_run_resumes_on_its_pretrained_weights_moved_to_another_path(tmp_path, capsys):
+    """A local model.pretrained file (open_clip weights kept in the project) is recorded by its
+    absolute path in resume_key.json's model: the project moved, and the run was refused
+    ('model: {... 'pretrained': '/old/w.pt' ...} -> {...}'). Its size and hash identify it too;
+    other weights at the new path, or another model setting, are still refused."""
+    import shutil
+
+    from clipray.config import ConfigError, load_config
+    from train.driver import RAY_CHECKPOINT_RECORD, check_resume, resume_key
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "w.pt").write_bytes(bytes(range(256)) * 1024)
+    out = tmp_path / "run"
+    (out / "checkpoint_000001").mkdir(parents=True)
+    check_resume(str(out), resume_key(load_config(None, [f"model.pretrained={tmp_path / 'a' / 'w.pt'}"]), 5))
+    (out / RAY_CHECKPOINT_RECORD).write_text("{}")
+    shutil.move(tmp_path / "a", tmp_path / "b")
+    weights = tmp_path / "b" / "w.pt"
+    check_resume(str(out), resume_key(load_config(None, [f"model.pretrained={weights}"]), 5))
+    assert (f"model.pretrained: the run's {tmp_path / 'a' / 'w.pt'} is now {weights} (the same files): resuming"
+            in capsys.readouterr().out)
+    with pytest.raises(ConfigError, match=r"\(model: .*'head': None.* -> .*'head': 'seqTransf'"):
+        check_resume(str(out), resume_key(load_config(None, [f"model.pretrained={weights}", "model.head=seqTransf"]), 5))
+    other = tmp_path / "c" / "w.pt"
+    other.parent.mkdir()
+    other.write_bytes(bytes(range(255, -1, -1)) * 1024)  # as large, other bytes
+    with pytest.raises(ConfigError, match=r"\(model: "):
+        check_resume(str(out), resume_key(load_config(None, [f"model.pretrained={other}"]), 5))
 
 
 def test_a_checkpoint_folder_ray_never_finished_does_not_hold_a_new_run_to_old_settings(tmp_path):

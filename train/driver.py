@@ -159,8 +159,9 @@ def resume_key(cfg: Config, steps_per_epoch: int, stop_epoch: int = 0,
     weight decay, betas and eps over the config's (a new optim.lr was ignored without a word),
     while a new warm-up would move the schedule under the saved step. A call with `stop_epoch`
     (clip editing's rounds) names new data each round, so the manifest is left out.
-    `manifest_files` (`clipray.manifest.manifest_signature`) lets a resume find the same
-    manifest at another path (moved or copied with the project, to another bucket)."""
+    `manifest_files` (`clipray.manifest.manifest_signature`), and a local model.pretrained
+    file's size and hash, let a resume find the same manifest or weights at another path
+    (moved or copied with the project, to another disk or bucket)."""
     from train.ds_config import precision
 
     key = {"model": dataclasses.asdict(cfg.model), "data.batch_size": cfg.data.batch_size,
@@ -179,7 +180,40 @@ def resume_key(cfg: Config, steps_per_epoch: int, stop_epoch: int = 0,
         key.update({"data.manifest": manifest, "steps_per_epoch": steps_per_epoch})
         if manifest_files is not None:
             key["data.manifest_files"] = manifest_files
+    if cfg.model.pretrained and os.path.isfile(cfg.model.pretrained):
+        key["model.pretrained_file"] = file_signature(cfg.model.pretrained)
     return json.loads(json.dumps(key))  # tuples as lists, as read back
+
+
+def file_signature(path: str, span: int = 1 << 16) -> list:
+    """A local file's size and a hash of its first and last 64 kB (a torch zip's central
+    directory holds every entry's CRC; a safetensors header every tensor's offsets): what a
+    copy or a move keeps, unlike its path."""
+    import hashlib
+
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(span)
+        f.seek(max(0, size - span))
+        tail = f.read()
+    return [size, hashlib.sha256(head + tail).hexdigest()[:16]]
+
+
+def _moved(saved: dict[str, Any], key: dict[str, Any]) -> dict[str, tuple]:
+    """The paths that differ from the checkpoints' key only because their files were moved or
+    copied (the same files at another path: the project to another disk, a manifest to another
+    bucket): {key: (setting named, old path, new path)}."""
+    moved = {}
+    if (saved.get("data.manifest", key.get("data.manifest")) != key.get("data.manifest")
+            and key.get("data.manifest_files") is not None
+            and saved.get("data.manifest_files") == key["data.manifest_files"]):
+        moved["data.manifest"] = ("data.manifest", saved["data.manifest"], key["data.manifest"])
+    was, now = saved.get("model"), key.get("model")
+    if (isinstance(was, dict) and was != now and {**was, "pretrained": None} == {**now, "pretrained": None}
+            and key.get("model.pretrained_file") is not None
+            and saved.get("model.pretrained_file") == key["model.pretrained_file"]):
+        moved["model"] = ("model.pretrained", was["pretrained"], now["pretrained"])
+    return moved
 
 
 @contextlib.contextmanager
@@ -224,17 +258,13 @@ def check_resume(out: str, key: dict[str, Any]) -> None:
         return
     # steps_per_epoch is no setting: it moves with the manifest's training rows
     name = {"steps_per_epoch": "steps per epoch (training rows of data.manifest / global batch)"}
-    # the same files (names, sizes, footers) at another path: the manifest was moved or copied (with
-    # the project, to another disk or bucket), and its absolute path changed with it
-    moved = (saved.get("data.manifest", key.get("data.manifest")) != key.get("data.manifest")
-             and key.get("data.manifest_files") is not None
-             and saved.get("data.manifest_files") == key["data.manifest_files"])
-    skip = {"data.manifest_files"} | ({"data.manifest"} if moved else set())
+    moved = _moved(saved, key)
+    skip = {"data.manifest_files", "model.pretrained_file", *moved}
     changed = [f"{name.get(k, k)}: {saved[k]!r} -> {v!r}" for k, v in key.items()
                if k in saved and saved[k] != v and k not in skip]
     if moved and not changed:
-        print(f"[driver] data.manifest: the run's manifest {saved['data.manifest']} is now "
-              f"{key['data.manifest']} (the same files): resuming", flush=True)
+        for what, was, now in moved.values():
+            print(f"[driver] {what}: the run's {was} is now {now} (the same files): resuming", flush=True)
         _put_text(f"{out}/{RESUME_KEY}", json.dumps(key, indent=1))
         return
     if changed:
