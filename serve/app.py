@@ -455,15 +455,21 @@ def _index_export(cfg: AppConfig, recorded: dict, what: str, fix: str) -> str:
 
 def _export_for(cfg: AppConfig, meta: dict) -> str:
     """The export to serve: the index's own unless `checkpoint` names one; that one (local or at a
-    URI) must hold the same weights the index was built with."""
+    URI) must hold the same weights the index was built with. One fetched from a URI is kept in
+    the index folder as `model-<fingerprint>` (as `clipray index` keeps it) where the folder can
+    be written: the replicas load it from there."""
+    import shutil
     import tempfile
 
-    from clipray.export import fetch_export, read_export_config
+    from clipray.export import fetch_export, local_dir, read_export_config
 
     fix = "give checkpoint= an export of the same weights"
     if not cfg.checkpoint:
         return _index_export(cfg, meta, "export", fix)
-    with tempfile.TemporaryDirectory(prefix="clipray-export-") as tmp:
+    index_dir = os.path.abspath(cfg.out)
+    keep = index_dir if local_dir(cfg.checkpoint) is None and os.access(index_dir, os.W_OK) else None
+    tmp = tempfile.mkdtemp(prefix=".fetch-" if keep else "clipray-export-", dir=keep)
+    try:
         try:
             local = fetch_export(cfg.checkpoint, tmp)
         except FileNotFoundError as e:  # (a local one is read below: a run folder is said to be one)
@@ -474,9 +480,16 @@ def _export_for(cfg: AppConfig, meta: dict) -> str:
         if store.fingerprint(local) != meta["fingerprint"]:
             raise ConfigError(f"checkpoint={cfg.checkpoint} is not the model the index {cfg.out} was "
                               "built with: its vectors would not match")
-    if local != tmp:
-        return os.path.abspath(local)
-    # a fetched copy is gone with tmp: serve the index's, if it still holds the same weights
+        if local != tmp:
+            return os.path.abspath(local)
+        if keep:
+            try:
+                os.rename(tmp, os.path.join(keep, f"model-{meta['fingerprint']}"))
+            except OSError:  # already there (kept before, or by `clipray index`): checked below
+                pass
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    # the index's own copy, or the export it recorded, if it still holds the same weights
     return _index_export(cfg, meta, "export", f"index again with checkpoint={cfg.checkpoint}, which copies it into the index")
 
 

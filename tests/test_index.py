@@ -185,6 +185,41 @@ def test_an_index_moved_with_its_run_folder_or_alone_with_its_model_copy_still_s
     app_from_config(cfg)
 
 
+def test_serving_with_the_export_at_a_uri_keeps_a_copy_in_an_index_built_from_a_local_one(s3_server, tmp_path):
+    """An index built on one machine from a local export, copied to a server that reaches the
+    run (and its export) only in object storage: `checkpoint=s3://.../export` was fetched,
+    checked and thrown away, and serving then looked for the local export the index recorded
+    ('which is gone: index again with checkpoint=...', an index job needing manifest= again).
+    The checked copy is now kept in the index, as `clipray index` keeps one."""
+    if s3_server is None:
+        pytest.skip("moto[server] is not installed (pip install -e '.[dev]')")
+    import shutil
+
+    import torch
+
+    from clipray.export import save_export
+    from clipray.models import create_model
+    from serve import store
+    from serve.app import _export_for, app_from_config
+    from serve.config import load_app_config
+
+    torch.manual_seed(0)
+    export = str(save_export(create_model("test_meanP"), tmp_path / "run" / "export"))
+    fp, idx = store.fingerprint(export), tmp_path / "idx"
+    idx.mkdir()
+    meta = {"format": "clipray.index/1", "export": export, "fingerprint": fp, "dim": 64, "count": 1,
+            "kind": "flat", "video": {"fps": 2.0, "max_frames": 8}}
+    store.write_meta(idx, meta)
+    s3 = s3_server.ensure_bucket()
+    s3.fs().put(export, f"{s3.bucket}/runs/served/export", recursive=True)
+    shutil.rmtree(tmp_path / "run")  # the export is in the bucket only
+    cfg = load_app_config(None, [f"out={idx}", f"checkpoint={s3.url('runs/served/export')}"])
+    assert _export_for(cfg, meta) == str(idx / f"model-{fp}") and store.fingerprint(idx / f"model-{fp}") == fp
+    app_from_config(cfg)  # again, with the copy already there
+    assert sorted(p.name for p in idx.iterdir()) == ["index.json", f"model-{fp}"]  # no .fetch-* left
+    app_from_config(load_app_config(None, [f"out={idx}"]))  # and without checkpoint= from now on
+
+
 def test_append_embeds_only_new_clips(windowed, export, synth_small):
     from clipray.manifest import read_manifest
     from serve import store
