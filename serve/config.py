@@ -22,6 +22,7 @@ every batch (the default of 5 did exactly that); 0 means "twice the batch size".
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
@@ -163,7 +164,13 @@ def resolve(cfg: AppConfig) -> AppConfig:
     if ix.window_s and not ix.stride_s:
         ix = dataclasses.replace(ix, stride_s=ix.window_s / 2)
     deps = {n: _check_deployment(n, getattr(sv, n)) for n in DEPLOYMENTS}
-    return dataclasses.replace(cfg, index=ix, serve=dataclasses.replace(sv, **deps))
+    # a path under the home folder (`out: ~/index` in a YAML file, or an override the shell
+    # does not expand) is the user's, as clipray train takes its paths, not a folder named '~'
+    # in the working directory
+    home = os.path.expanduser
+    ix = dataclasses.replace(ix, rerank_checkpoint=home(ix.rerank_checkpoint))
+    return dataclasses.replace(cfg, checkpoint=home(cfg.checkpoint), manifest=home(cfg.manifest), out=home(cfg.out),
+                               index=ix, serve=dataclasses.replace(sv, **deps))
 
 
 def find_config(path: str | Path) -> Path:

@@ -681,6 +681,26 @@ def test_an_index_out_at_a_uri_is_refused_not_written_to_a_local_s3_folder(synth
     assert list(tmp_path.iterdir()) == []
 
 
+def test_index_and_serve_paths_under_the_home_folder_are_the_users(synth_small, tmp_path, monkeypatch):
+    """`out: ~/index` in a serve YAML (or out=~/index where the shell leaves '~' as it is, as sh
+    does after '=') built the index into a folder named '~' in the working directory, which
+    `clipray serve` then found only from that directory; clipray train expands '~' in its paths."""
+    from serve.config import load_app_config
+    from serve.index import build_index
+
+    home = tmp_path / "home"
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "app.yaml").write_text("out: ~/index\ncheckpoint: ~/runs/r/export\nmanifest: ~/data/m.parquet\n"
+                                      "index:\n  rerank_checkpoint: ~/runs/t/export\n")
+    cfg = load_app_config(tmp_path / "app.yaml")
+    assert (cfg.out, cfg.checkpoint, cfg.manifest, cfg.index.rerank_checkpoint) == (
+        str(home / "index"), str(home / "runs/r/export"), str(home / "data/m.parquet"), str(home / "runs/t/export"))
+    with pytest.raises(FileNotFoundError, match=rf"^{home}/runs/r/export: not a clipray export"):  # none there yet
+        build_index(load_app_config(tmp_path / "app.yaml", [f"manifest={synth_small['manifest']}"]), quiet=True)
+    assert not (tmp_path / "~").exists()
+
+
 def test_a_part_cut_off_while_written_leaves_the_index_readable(tmp_path, monkeypatch):
     """write_part wrote straight into part-NNNNN.parquet / .npz: a run killed mid-write left a
     truncated part that every later read (the next append, the Searcher, the Reranker) failed
