@@ -33,7 +33,7 @@ from typing import Any, Optional
 import numpy as np
 from ray import serve
 
-from clipray.config import VideoConfig
+from clipray.config import ConfigError, VideoConfig
 
 
 def _device(num_gpus: float) -> str:
@@ -161,6 +161,9 @@ class Searcher:
         # the clips' columns stay Arrow arrays, read per result: as Python lists (an object per
         # value) they took about three times the memory in every replica, 0.7 GB for 3M clips
         t = store.read_table(index_dir, store.META_COLUMNS)
+        if t.num_rows != self.index.ntotal:  # a part left out of a copy: ids faiss returns had no clip (500s)
+            raise ConfigError(f"{index_dir}: its {store.EMB_DIR}/ parts hold {t.num_rows} clips where "
+                              f"{store.FAISS} holds {self.index.ntotal}: copy the whole index folder again")
         self.video_id, self.start, self.end, self.path = (t.column(c) for c in ("video_id", "start", "end", "path"))
         _configure(self.search_batch, batch)
         self.batch_sizes: list[int] = []
@@ -205,7 +208,11 @@ class Reranker:
         self.model = load_export(export_dir, self.device)
         self.tokenize = _tokenizer(self.model, max_words)
         count = store.read_meta(index_dir)["count"]
-        feats, mask = store.read_rerank(index_dir, count)
+        stored = store.read_rerank(index_dir, count)
+        if stored is None:  # a copy of the index without its rerank/ folder (`cp` without -r)
+            raise ConfigError(f"{index_dir}: its index.json names a re-ranker and it has no {store.RERANK_DIR}/ "
+                              "parts: copy the whole index folder again")
+        feats, mask = stored
         self.feats, self.mask = torch.from_numpy(feats), torch.from_numpy(mask).bool()
         _configure(self.rerank_batch, batch)
 

@@ -185,6 +185,56 @@ def test_an_index_moved_with_its_run_folder_or_alone_with_its_model_copy_still_s
     app_from_config(cfg)
 
 
+def test_an_index_copied_without_its_parts_fails_to_start_saying_so(tmp_path):
+    """`cp index/* dest/` copies index.json and index.faiss and leaves out the embeddings/ and
+    rerank/ folders: the searcher started with no clip for the ids faiss returns, and every
+    search was a 500 (IndexError); the re-ranker failed to start on a TypeError. A part left
+    out (fewer clips than index.faiss holds) was the same 500 for its ids."""
+    import shutil
+
+    import torch
+
+    from clipray.export import read_export_config, save_export
+    from clipray.models import create_model
+    from serve import store
+    from serve.config import load_app_config
+    from serve.deployments import Reranker, Searcher
+    from serve.index import _rebuild
+
+    torch.manual_seed(0)
+    loose = str(save_export(create_model("test_meanP"), tmp_path / "loose"))
+    tight = str(save_export(create_model("test_tightTransf"), tmp_path / "tight"))
+    idx = tmp_path / "idx"
+    dim = read_export_config(loose)["open_clip_cfg"]["embed_dim"]
+    for part in (range(0, 2), range(2, 3)):
+        ids = np.arange(part.start, part.stop)
+        store.write_part(idx, {"row_id": ids, "feats": np.zeros((len(ids), 2, dim), np.float16),
+                               "mask": np.ones((len(ids), 2), np.uint8)}, sub=store.RERANK_DIR)
+        store.write_part(idx, {"row_id": ids, "video_id": np.array([f"v{i}" for i in ids], object),
+                               "start": np.array([None] * len(ids), object), "end": np.array([None] * len(ids), object),
+                               "path": np.array([f"/v/{i}.mp4" for i in ids], object),
+                               "embedding": np.eye(3, dim, dtype=np.float32)[ids]})
+    cfg = load_app_config(None, [f"checkpoint={loose}", "manifest=unused", f"out={idx}"])
+    store.write_meta(idx, _rebuild(idx, cfg, loose, store.fingerprint(loose), tight, read_export_config(loose), [], None))
+    batch = {"max_batch_size": 4, "batch_wait_timeout_s": 0.0}
+    assert Searcher.func_or_class(str(idx), batch).info()["clips"] == 3  # the whole index starts
+    Reranker.func_or_class(tight, str(idx), 32, batch)
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for f in idx.iterdir():
+        if f.is_file():  # cp idx/* copy/
+            shutil.copy(f, copy)
+    with pytest.raises(ConfigError, match=rf"^{copy}: its embeddings/ parts hold 0 clips where index.faiss holds 3: "
+                                          "copy the whole index folder again"):
+        Searcher.func_or_class(str(copy), batch)
+    with pytest.raises(ConfigError, match=rf"^{copy}: its index.json names a re-ranker and it has no rerank/ parts"):
+        Reranker.func_or_class(tight, str(copy), 32, batch)
+    shutil.copytree(idx / "embeddings", copy / "embeddings")
+    (copy / "embeddings" / "part-00001.parquet").unlink()  # one part left out
+    with pytest.raises(ConfigError, match=r"parts hold 2 clips where index.faiss holds 3"):
+        Searcher.func_or_class(str(copy), batch)
+
+
 def test_serving_with_the_export_at_a_uri_keeps_a_copy_in_an_index_built_from_a_local_one(s3_server, tmp_path):
     """An index built on one machine from a local export, copied to a server that reaches the
     run (and its export) only in object storage: `checkpoint=s3://.../export` was fetched,
