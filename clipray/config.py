@@ -334,7 +334,7 @@ def _source_of(key: str, sources: Sequence[tuple[str, Any]]) -> Optional[str]:
     return None
 
 
-def _value_as_given(cfg: Any, override: str) -> str:
+def _value_as_given(cfg: Any, override: str, source: str = "command-line override") -> str:
     """`key=value` with the value quoted where `key` is a text field and YAML would read the
     value as anything but that text: a number or a boolean (`train.run_name=0612` became the
     run "394", YAML 1.1 octal; `=007` "7", `=1:30` "90", `=yes` "True"), a comment
@@ -342,7 +342,8 @@ def _value_as_given(cfg: Any, override: str) -> str:
     `clipray demo --runs 'runs #2'` wrote to `runs`), a mapping (`a: b` in a path),
     or no YAML at all (`data.manifest=*.parquet`). A value quoted by the user, null (an
     Optional's unset) and interpolations stay as YAML and OmegaConf read them. A number key
-    reads a leading zero as decimal, and a boolean key refuses a whole number but 0 and 1."""
+    reads a leading zero as decimal, and a boolean key refuses a whole number but 0 and 1
+    (`source` names where the value was given)."""
     key, _, value = override.partition("=")
     node, parts = cfg, key.split(".")
     for i, part in enumerate(parts):
@@ -359,7 +360,7 @@ def _value_as_given(cfg: Any, override: str) -> str:
             return f"{key}={int(given)}"  # YAML 1.1 reads a leading 0 as octal: train.epochs=010 was 8
         if isinstance(node, BooleanNode) and re.fullmatch(r"[+-]?[0-9]+", given) and int(given) not in (0, 1):
             # OmegaConf took any other whole number as true: train.use_gpu=2 (or -1) trained on GPUs
-            raise ConfigError(f"command-line override: {key} must be true or false, got {given}")
+            raise ConfigError(f"{source}: {key} must be true or false, got {given}")
         if not isinstance(node, StringNode):
             return override
     try:
@@ -395,10 +396,7 @@ def _file_as_written(cfg: Any, node: Any, name: str) -> Any:
     fixes = []
     for key, raw in _plain_scalars(yaml.compose(Path(name).read_text())):
         given = f"{key}={raw}"
-        try:
-            fixed = _value_as_given(cfg, given)
-        except ConfigError as e:
-            raise ConfigError(str(e).replace("command-line override", name, 1)) from None
+        fixed = _value_as_given(cfg, given, name)
         if fixed != given:
             fixes.append(fixed)
     return OmegaConf.merge(node, OmegaConf.from_dotlist(fixes)) if fixes else node
