@@ -288,23 +288,31 @@ def manifest_files(path: str) -> tuple[pafs.FileSystem, list[str]]:
     return fs, files
 
 
-SIGNED_TAIL = 1 << 16  # bytes at the end of a Parquet file (its footer: schema, row groups, statistics)
+SIGNED_SPAN = 1 << 16  # bytes read at each end of a file to sign it
+
+
+def file_signature(fs: pafs.FileSystem, path: str) -> list:
+    """[its size in bytes, a hash of its first and last 64 kB]: what a copy or a move of a file
+    keeps, unlike its path. A Parquet file's footer (schema, row groups, every column's
+    statistics) and a torch zip's central directory (every entry's CRC) are at the end, a
+    safetensors header (every tensor's offsets) at the start."""
+    import hashlib
+
+    with fs.open_input_file(path) as f:
+        size = f.size()
+        ends = f.read_at(min(size, SIGNED_SPAN), 0) + f.read_at(min(size, SIGNED_SPAN), max(0, size - SIGNED_SPAN))
+    return [size, hashlib.sha256(ends).hexdigest()[:16]]
 
 
 def manifest_signature(path: str) -> list[list]:
     """Each Parquet file of a manifest as [its path inside the manifest folder (a one-file
-    manifest: its name), its size in bytes, a hash of its last 64 kB (the footer, with every
-    column's statistics)]: what a copy or a move of the manifest keeps, unlike its path."""
-    import hashlib
-
+    manifest: its name), *file_signature]: what a copy or a move of the manifest keeps."""
     fs, files = manifest_files(path)
     root = filesystem(path)[1].rstrip("/")
     out = []
-    for info in fs.get_file_info(files):
-        with fs.open_input_file(info.path) as f:
-            tail = f.read_at(min(info.size, SIGNED_TAIL), max(0, info.size - SIGNED_TAIL))
-        name = info.base_name if files == [root] else info.path[len(root):].lstrip("/")
-        out.append([name, info.size, hashlib.sha256(tail).hexdigest()[:16]])
+    for f in files:
+        name = f.rsplit("/", 1)[-1] if files == [root] else f[len(root):].lstrip("/")
+        out.append([name, *file_signature(fs, f)])
     return out
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from clipray.config import Config, ConfigError, to_yaml
-from clipray.manifest import check_unique_ids, manifest_signature
+from clipray.manifest import check_unique_ids, file_signature, filesystem, manifest_signature
 
 
 def model_io(cfg: Config) -> Config:
@@ -181,22 +181,8 @@ def resume_key(cfg: Config, steps_per_epoch: int, stop_epoch: int = 0,
         if manifest_files is not None:
             key["data.manifest_files"] = manifest_files
     if cfg.model.pretrained and os.path.isfile(cfg.model.pretrained):
-        key["model.pretrained_file"] = file_signature(cfg.model.pretrained)
+        key["model.pretrained_file"] = file_signature(*filesystem(cfg.model.pretrained))
     return json.loads(json.dumps(key))  # tuples as lists, as read back
-
-
-def file_signature(path: str, span: int = 1 << 16) -> list:
-    """A local file's size and a hash of its first and last 64 kB (a torch zip's central
-    directory holds every entry's CRC; a safetensors header every tensor's offsets): what a
-    copy or a move keeps, unlike its path."""
-    import hashlib
-
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
-        head = f.read(span)
-        f.seek(max(0, size - span))
-        tail = f.read()
-    return [size, hashlib.sha256(head + tail).hexdigest()[:16]]
 
 
 def _moved(saved: dict[str, Any], key: dict[str, Any]) -> dict[str, tuple]:
