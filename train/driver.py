@@ -30,7 +30,7 @@ from clipray.manifest import check_unique_ids, file_signature, filesystem, manif
 def model_io(cfg: Config) -> Config:
     """Fit the data section to the model: frame size, tokenizer and caption length."""
     from clipray.models import HEAD_NAMES, check_frames, check_options, check_pretrained, get_spec
-    from clipray.models.backbone import open_clip_config
+    from clipray.models.backbone import open_clip_config, text_context
     from clipray.models.tuning import TUNINGS
 
     m = cfg.model
@@ -53,7 +53,7 @@ def model_io(cfg: Config) -> Config:
     oc = open_clip_config(spec.open_clip_name)
     size = oc["vision_cfg"]["image_size"]
     size = size[0] if isinstance(size, (list, tuple)) else int(size)
-    ctx = int(oc.get("text_cfg", {}).get("context_length", 77))
+    ctx = text_context(oc)
     try:  # else a failure at the first batch in every worker
         check_frames(m.head or spec.head, ctx, cfg.data.video.max_frames)
     except ValueError as e:

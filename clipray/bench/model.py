@@ -182,12 +182,12 @@ def _past_positions(sizes: Sequence[str], heads: Sequence[str], words: int, fram
     text tower's context length, and seqTransf / tightTransf copy those positions for frames
     (tightTransf puts the caption in front of them)."""
     from clipray.models import get_spec
-    from clipray.models.backbone import open_clip_config
+    from clipray.models.backbone import open_clip_config, text_context
 
     for size in sizes:
         for head in heads:
             name = f"{SIZES[size]}_{head}"
-            ctx = int(open_clip_config(get_spec(name).open_clip_name).get("text_cfg", {}).get("context_length", 77))
+            ctx = text_context(open_clip_config(get_spec(name).open_clip_name))
             if words > ctx:
                 return f"--words {words}: {name} reads captions of at most {ctx} tokens"
             most = {"seqTransf": ctx, "tightTransf": ctx - 1}.get(head)

@@ -134,10 +134,10 @@ def past_positions(name: str, frames: int) -> str | None:
     """What is wrong when --frames does not fit the model's head (seqTransf and tightTransf take
     one of CLIP's text positions per frame, tightTransf one more for the caption); None if it fits."""
     from clipray.models import check_frames, get_spec
-    from clipray.models.backbone import open_clip_config
+    from clipray.models.backbone import open_clip_config, text_context
 
     spec = get_spec(name)
-    ctx = int(open_clip_config(spec.open_clip_name).get("text_cfg", {}).get("context_length", 77))
+    ctx = text_context(open_clip_config(spec.open_clip_name))
     try:
         check_frames(spec.head, ctx, frames)
     except ValueError as e:

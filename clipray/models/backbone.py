@@ -53,6 +53,12 @@ def open_clip_config(name: str) -> dict[str, Any]:
     return cfg
 
 
+def text_context(cfg: dict[str, Any]) -> int:
+    """The text tower's positions of an open_clip config: a caption's most tokens, and the
+    frames seqTransf / tightTransf can place (open_clip's default, 77, where it says none)."""
+    return int(cfg.get("text_cfg", {}).get("context_length", 77))
+
+
 def load_open_clip(
     name: str, pretrained: Optional[str] = None, cfg: Optional[dict[str, Any]] = None
 ) -> nn.Module:
