@@ -565,3 +565,53 @@ def test_a_resume_with_another_training_setting_is_refused_before_ray_starts(eve
                                              **{"data.batch_size": 2}))
     with pytest.raises(ConfigError, match=r"data\.batch_size: 4 -> 2"):
         run(other)
+
+
+@pytest.mark.parametrize("extra, says", [
+    ({"data.batch_size": 15}, "^29 training rows cannot fill one step of 30 clips"),
+    # 29 // (4 x 2 workers) = 3 steps an epoch, over a warm-up epoch and one round's epoch: 6
+    ({"train.grad_accum": 7}, r"^train.grad_accum=7 is more than the run's 6 steps"),
+])
+def test_too_few_training_captions_for_a_step_are_refused_before_ray_starts(events, tmp_path, monkeypatch,
+                                                                            extra, says):
+    """29 training captions and a batch of 2 x 15 (or fewer batches than one optimiser step takes):
+    the warm-up's training refused it, after the run folder, the duration probes and Ray."""
+    import clipray.runtime
+    from clipray.config import ConfigError
+    from train.edit import run
+
+    assert read_manifest(events["events_manifest"])["split"].to_pylist().count("train") == 29
+
+    def no_ray(*a, **k):
+        raise AssertionError("Ray started")
+
+    monkeypatch.setattr(clipray.runtime, "init_ray", no_ray)
+    with pytest.raises(ConfigError, match=says):
+        run(load_config(EDIT_DEMO, overrides(events["events_manifest"], tmp_path, "few", **extra)))
+    assert not (tmp_path / "few").exists()
+
+
+def test_too_few_usable_training_captions_are_refused_before_ray_starts(events, tmp_path, monkeypatch):
+    """22 of the 29 training timestamps past their video's end: the 7 captions left cannot fill
+    a step of 2 x 4, which the warm-up's training found only after Ray started."""
+    import clipray.runtime
+    from clipray.config import ConfigError
+    from clipray.manifest import write_manifest
+    from train.edit import run
+
+    root = Path(events["events_manifest"]).parent
+    rows = read_manifest(events["events_manifest"]).to_pylist()
+    train = [r for r in rows if r["split"] == "train"]
+    for r in train[7:]:
+        r.update(timestamp=r["duration"] + 1, start=None, end=None, duration=None)  # probed from the file
+    for r in rows:
+        r["path"] = str(root / r["path"])
+    manifest = str(tmp_path / "late.parquet")
+    write_manifest(rows, manifest, keep_row_ids=True)
+
+    def no_ray(*a, **k):
+        raise AssertionError("Ray started")
+
+    monkeypatch.setattr(clipray.runtime, "init_ray", no_ray)
+    with pytest.raises(ConfigError, match="^7 usable training captions cannot fill one step of 8 clips"):
+        run(load_config(EDIT_DEMO, overrides(manifest, tmp_path, "late")))

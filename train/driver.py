@@ -258,6 +258,23 @@ def check_resume(out: str, key: dict[str, Any]) -> None:
                           "resuming would mix the two: use a new train.run_name, or the run's settings")
 
 
+def check_steps(cfg: Config, n_train: int | None, what: str = "training rows") -> tuple[int, int]:
+    """Steps per epoch (0 for a streamed run, which counts no rows) and in all, refusing a run that
+    trains nothing: too few rows for one step, or fewer steps than one optimiser step takes."""
+    per_step = cfg.data.batch_size * cfg.train.num_workers
+    steps_per_epoch = 0 if n_train is None else n_train // per_step
+    if n_train is not None and steps_per_epoch < 1:
+        raise ConfigError(f"{n_train} {what} cannot fill one step of {per_step} clips "
+                          f"(data.batch_size x train.num_workers)")
+    total = cfg.train.max_steps or steps_per_epoch * cfg.train.epochs
+    if total < cfg.train.grad_accum:
+        # DeepSpeed steps the optimiser once per train.grad_accum batches: the run would train
+        # nothing and export its initial weights as finished
+        raise ConfigError(f"train.grad_accum={cfg.train.grad_accum} is more than the run's {total} steps (batches), "
+                          "so no optimiser step would be taken: lower train.grad_accum, or train for more steps")
+    return steps_per_epoch, total
+
+
 def count_rows(manifest: str, split: str) -> int:
     import pyarrow.dataset as pads
 
@@ -302,7 +319,6 @@ def run(cfg: Config, quiet_ray: bool = False, stop_epoch: int = 0, table: bool =
                           "budget (train.max_steps), and train.max_steps is 0: a run by epochs checkpoints at "
                           "the end of each epoch; unset it, or give train.max_steps")
     out = run_dir(cfg)
-    per_step = cfg.data.batch_size * cfg.train.num_workers
     if cfg.data.shard_stream:
         # workers stream their own shards; counting 136M rows up front is not worth a pass
         if cfg.train.max_steps < 1:
@@ -321,20 +337,11 @@ def run(cfg: Config, quiet_ray: bool = False, stop_epoch: int = 0, table: bool =
             raise ConfigError(f"data.shard_stream: {cfg.data.manifest} has {shards} shard file(s), fewer than "
                               f"train.num_workers={cfg.train.num_workers}, and each worker streams shards of its "
                               "own: write the manifest in more shards, or use fewer workers")
-        n_train, steps_per_epoch = None, 0
+        n_train = None
     else:
         check_unique_ids(cfg.data.manifest)
         n_train = count_rows(cfg.data.manifest, "train")
-        steps_per_epoch = n_train // per_step
-        if steps_per_epoch < 1:
-            raise ConfigError(f"{n_train} training rows cannot fill one step of {per_step} clips "
-                              f"(data.batch_size x train.num_workers)")
-    total = cfg.train.max_steps or steps_per_epoch * cfg.train.epochs
-    if total < cfg.train.grad_accum:
-        # DeepSpeed steps the optimiser once per train.grad_accum batches: the run would train
-        # nothing and export its initial weights as finished
-        raise ConfigError(f"train.grad_accum={cfg.train.grad_accum} is more than the run's {total} steps (batches), "
-                          "so no optimiser step would be taken: lower train.grad_accum, or train for more steps")
+    steps_per_epoch, total = check_steps(cfg, n_train)
     eval_manifest, eval_split = cfg.data.eval_manifest or cfg.data.manifest, cfg.data.eval_split
     # (a streamed HowTo100M manifest is not counted; its evaluation set is data.eval_manifest)
     if cfg.data.eval_manifest:

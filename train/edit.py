@@ -342,8 +342,12 @@ def run(cfg: Config, quiet_ray: bool = False) -> dict[str, Any]:
     for split in (e.val_split, e.test_split):
         if driver.count_rows(data.eval_manifest, split) < 1:
             raise ConfigError(f"{data.eval_manifest} has no {split!r} rows: set edit.val_split / edit.test_split")
+    # each round trains on the usable captions: too few for one step was refused only by the
+    # warm-up's training, after Ray started
+    driver.check_steps(base, driver.count_rows(source, "train"))
     driver.make_run_dir(out)
     captions, skips = initial_captions(source, root, e, data.video.backend)
+    driver.check_steps(base, len(captions), "usable training captions")
     with driver.storage_access(cfg, out):
         state = _get_json(f"{out}/edit_state.json")
     changed = [f"edit.{k}: {v!r} -> {getattr(e, k)!r}" for k, v in (state or {}).get("edit", {}).items()
