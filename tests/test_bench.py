@@ -528,3 +528,20 @@ def test_bench_stream_refuses_a_cluster_address_but_runs_with_ray_address_local(
     monkeypatch.setenv("RAY_ADDRESS", "local")
     with pytest.raises(Reached):  # past the check: the bench starts making its videos
         main(["bench", "stream", "--workdir", str(tmp_path / "w")])
+
+
+def test_bench_startup_on_a_set_without_test_rows_says_so_before_ray_starts(tmp_path, monkeypatch):
+    """It decodes the test split: a --data set without one timed 0 clips in every version and
+    printed those times as figures."""
+    import clipray.runtime
+    from clipray.cli import main
+    from clipray.synth import generate
+
+    generate(tmp_path / "set", videos=2, seed=0, test_frac=0.0)
+
+    def no_ray(*a, **k):
+        raise AssertionError("Ray started")
+
+    monkeypatch.setattr(clipray.runtime, "init_ray", no_ray)
+    with pytest.raises(SystemExit, match="manifest.parquet has no 'test' rows to decode"):
+        main(["bench", "startup", "--data", str(tmp_path / "set"), "--videos", "2"])
