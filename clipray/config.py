@@ -235,6 +235,15 @@ def _passes(test: Any, value: Any) -> bool:
         return False
 
 
+def _yaml_problem(e: Exception) -> str:
+    """A YAML error in one line: PyYAML's message spreads over four, naming the file twice."""
+    if isinstance(e, yaml.MarkedYAMLError) and e.problem_mark:
+        m, c = e.problem_mark, e.context_mark
+        context = f" ({e.context} at line {c.line + 1})" if e.context and c else ""
+        return f"line {m.line + 1}, column {m.column + 1}: {e.problem}{context}"
+    return " ".join(str(e).split())
+
+
 def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[str, Any]]:
     """Load a YAML file and the files it `extends:`, as (file, keys) pairs, the farthest parent
     first: each file's keys override those before it, and a mistake names the file it is in.
@@ -246,8 +255,8 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[str, Any]]
         raise ConfigError(f"config file not found: {path}" + (" (a folder)" if path.is_dir() else ""))
     try:
         node = OmegaConf.load(path)
-    except Exception as e:  # yaml scanner/parser errors carry line numbers in the message
-        raise ConfigError(f"{path}: not valid YAML: {e}") from e
+    except Exception as e:
+        raise ConfigError(f"{path}: not valid YAML: {_yaml_problem(e)}") from e
     if not OmegaConf.is_dict(node):  # a list, or a file that is not YAML keys at all
         raise ConfigError(f"{path}: a config file holds `key: value` lines; this one reads as a "
                           f"{type(OmegaConf.to_container(node)).__name__}")

@@ -306,6 +306,23 @@ def test_a_file_that_is_not_yaml_keys_is_refused_in_a_line(tmp_path):
     assert "...' not in 'Config'" in str(e.value) and len(str(e.value)) < 300
 
 
+@pytest.mark.parametrize("text, says", [
+    ("train:\n  epochs: [1\n", "line 3, column 1: did not find expected ',' or ']' "
+                                "(while parsing a flow sequence at line 2)"),
+    ("train:\n  epochs: 1\n  epochs: 2\n", "line 3, column 3: found duplicate key epochs "
+                                            "(while constructing a mapping at line 2)"),
+    ("train:\n\tepochs: 1\n", "line 2, column 1: found character that cannot start any token"),
+])
+def test_a_yaml_syntax_error_is_one_line_with_its_place(text, says, tmp_path):
+    """PyYAML's message is four lines that name the file twice: the CLI's one-line error broke
+    over them. Now the file, then the line and column as an editor counts them."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(text)
+    with pytest.raises(ConfigError) as e:
+        load_config(bad)
+    assert str(e.value).startswith(f"{bad}: not valid YAML: {says}") and "\n" not in str(e.value)
+
+
 @pytest.mark.parametrize("command", ["train", "edit", "index", "serve"])
 def test_a_command_without_its_config_names_the_one_missing_argument(command, capsys):
     """The overrides are optional, so only CONFIG is reported missing, under the command's name."""
