@@ -182,6 +182,7 @@ class ClipEmbedder:
         return out
 
 
+PLAN = "_plan"  # a clip's position in plan_clips' list, carried through the embedding job
 PROGRESS_S = 10.0  # a progress line this often when the output is a log, not a terminal
 
 
@@ -374,8 +375,11 @@ def _build(cfg: AppConfig, out: Path, quiet: bool) -> dict[str, Any]:
         init_ray(cfg.ray, quiet=True)  # after the checks above: a wrong path fails in a second
 
         gpus = model_pool("index", cfg.index.actors, cfg.index.actor_cpus, cfg.index.actor_gpus)
-        ds = ray.data.from_arrow(pa.Table.from_pylist(rows)).repartition(
-            target_num_rows_per_block=cfg.index.batch)
+        # each clip's place in the plan: the actors' batches come back in the order they finish,
+        # and the row ids (the served clip ids) and skip report follow the plan, not the timing
+        table = pa.Table.from_pylist(rows).append_column(PLAN, pa.array(np.arange(len(rows), dtype=np.int64)))
+        ds = ray.data.from_arrow(table).repartition(target_num_rows_per_block=cfg.index.batch)
+        del table
         ds = ds.map_batches(
             ClipEmbedder, fn_constructor_args=(export, cfg.video, rerank, gpus > 0),
             batch_size=cfg.index.batch, compute=ray.data.ActorPoolStrategy(size=cfg.index.actors),
@@ -383,8 +387,9 @@ def _build(cfg: AppConfig, out: Path, quiet: bool) -> dict[str, Any]:
         for b in ds.iter_batches(batch_size=None, batch_format="numpy"):
             for i, reason in enumerate(b["skip"]):
                 if reason:
-                    skipped.append({"video_id": str(b["video_id"][i]), "path": str(b["path"][i]),
-                                    "start": _f(b["start"][i]), "end": _f(b["end"][i]), "reason": str(reason)})
+                    skipped.append((int(b[PLAN][i]), {
+                        "video_id": str(b["video_id"][i]), "path": str(b["path"][i]),
+                        "start": _f(b["start"][i]), "end": _f(b["end"][i]), "reason": str(reason)}))
             keep = np.array([not r for r in b["skip"]], bool)
             if keep.any():
                 new.append({k: v[keep] for k, v in b.items() if k != "skip"})
@@ -398,7 +403,7 @@ def _build(cfg: AppConfig, out: Path, quiet: bool) -> dict[str, Any]:
     added = _write_new(out, new, first_id, rerank)  # empties `new`: the rebuild needs the memory
     if skipped:
         with open(out / "skip_report.jsonl", "a") as f:
-            f.writelines(json.dumps(s) + "\n" for s in skipped)
+            f.writelines(json.dumps(s) + "\n" for _, s in sorted(skipped, key=lambda p: p[0]))
     meta = _rebuild(out, cfg, export, fp, rerank, conf, captions, meta)
     meta.setdefault("history", []).append({
         "time": time.strftime("%Y-%m-%d %H:%M:%S"), "manifest": cfg.manifest, "split": cfg.index.split,
@@ -424,6 +429,9 @@ def _write_new(out: Path, new: list[dict], first_id: int, rerank: str) -> int:
         return 0
     cat = {k: np.concatenate([b.pop(k) for b in new]) for k in list(new[0])}
     new.clear()
+    order = np.argsort(cat.pop(PLAN), kind="stable")  # the plan's order, whichever actor finished first
+    for k in cat:
+        cat[k] = cat[k][order]
     n = len(cat["path"])
     cat["row_id"] = np.arange(first_id, first_id + n, dtype=np.int64)
     cat["start"] = np.array([_f(v) for v in cat["start"]], dtype=np.float64)

@@ -417,6 +417,35 @@ def test_progress_in_a_log_is_whole_lines_ending_at_the_total(ray_local, export,
     assert all(f"/{n} clips, skipped 0 (" in line for line in lines)
 
 
+def test_row_ids_follow_the_manifest_whatever_order_the_actors_finish_in(ray_local, export, synth_small,
+                                                                         tmp_path, monkeypatch):
+    """The same command gives the same clip ids: the embedding actors' batches come back in the
+    order they finish (two actors: another order from run to run), reversed here, and the row
+    ids (the served clip ids) and the skip report still follow the manifest."""
+    import ray.data
+
+    from clipray.manifest import read_manifest, resolve_path, write_manifest
+    from serve import store
+    from serve.index import build_index
+
+    iter_batches = ray.data.Dataset.iter_batches
+    monkeypatch.setattr(ray.data.Dataset, "iter_batches",
+                        lambda self, **kw: reversed(list(iter_batches(self, **kw))))
+    manifest = tmp_path / "m.parquet"
+    rows = [r for r in read_manifest(synth_small["manifest"]).to_pylist() if r["split"] == "test"]
+    root = Path(synth_small["manifest"]).parent
+    rows = [dict(r, path=resolve_path(r["path"], str(root))) for r in rows]
+    rows.insert(1, dict(rows[0], video_id="gone0", path=str(tmp_path / "gone0.mp4")))
+    rows.insert(3, dict(rows[0], video_id="gone1", path=str(tmp_path / "gone1.mp4")))  # skipped
+    write_manifest([{k: v for k, v in r.items() if k != "row_id"} for r in rows], manifest)
+    out = tmp_path / "idx"
+    build_index(_cfg(export, str(manifest), out, "index.split=test", "index.batch=1"), quiet=True)
+    t = store.read_table(out)
+    assert t.column("video_id").to_pylist() == [r["video_id"] for r in rows if not r["video_id"].startswith("gone")]
+    skipped = [json.loads(line)["video_id"] for line in (out / "skip_report.jsonl").read_text().splitlines()]
+    assert skipped == ["gone0", "gone1"]
+
+
 def test_another_model_cannot_append(windowed, synth_small, tmp_path):
     from clipray.export import save_export
     from clipray.models import create_model
