@@ -83,6 +83,42 @@ def test_msrvtt_9k_expand_and_report(tmp_path):
     assert json.loads(json.dumps(rep.to_dict()))["missing_count"] == 2
 
 
+@pytest.mark.parametrize("reverse", [False, True])
+def test_a_folder_linked_twice_under_the_root_gives_the_same_paths_whatever_the_listing_order(
+        tmp_path, monkeypatch, reverse):
+    """The walk follows links and lists a folder reached twice once (a loop guard): which of
+    its two paths the manifest names must not depend on the order the file system lists the
+    root's folders in (ext4: by hash, so one machine's copy and another's differ)."""
+    fx.write_msrvtt(tmp_path)
+    (tmp_path / "MSRVTT_Videos").rename(tmp_path / "all")
+    (tmp_path / "MSRVTT_Videos").symlink_to(tmp_path / "all")
+    scandir = os.scandir
+
+    class Listed:  # os.scandir's entries, sorted one way or the other
+        def __init__(self, path):
+            with scandir(path) as it:
+                self.entries = iter(sorted(it, key=lambda e: e.name, reverse=reverse))
+
+        def __iter__(self):
+            return self
+
+        def __next__(self):
+            return next(self.entries)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(os, "scandir", Listed)
+    out = tmp_path / "out.parquet"
+    prepare("msrvtt", tmp_path, out)
+    paths = {os.path.relpath(r["path"], tmp_path) for r in read_manifest(str(out)).to_pylist()}
+    assert paths == {"MSRVTT_Videos/video0.mp4", "MSRVTT_Videos/video1.mp4", "MSRVTT_Videos/video2.webm",
+                     "MSRVTT_Videos/video7011.mp4"}
+
+
 def test_msrvtt_7k_no_expand_and_semicolon_test_csv(tmp_path):
     fx.write_msrvtt(tmp_path, test_delimiter=";")
     out = tmp_path / "m.parquet"

@@ -179,12 +179,16 @@ class FileIndex:
             raise SourceError(f"video root {self.root!r} is not a directory")
         seen: set[tuple[int, int]] = set()
         # followlinks: datasets are often symlinked onto big disks; `seen` stops link loops.
+        # A folder reached twice (a link beside its target) is listed under the path walked
+        # first: folders are walked in name order, not the file system's (ext4: by hash), so
+        # the same tree gives the same paths on every machine.
         for dirpath, dirnames, filenames in os.walk(self.root, followlinks=True):
             st = os.stat(dirpath)
             if (st.st_dev, st.st_ino) in seen:
                 dirnames[:] = []
                 continue
             seen.add((st.st_dev, st.st_ino))
+            dirnames.sort()
             rel_dir = os.path.relpath(dirpath, self.root)
             for name in filenames:
                 if self._keep(name):
