@@ -228,7 +228,10 @@ def edit_clips(cfg: Config, captions: dict[int, Caption], teacher: str, round_no
             done = len(new) + len(unscored)
             print(f"[edit] round {round_no}: scored {done}/{len(rows)} captions "
                   f"({done / (time.perf_counter() - t0):.1f}/s)", flush=True)
-    return new, gains, unscored
+    # in row order, not the order the actors' batches finished in: the round's means (float
+    # sums), skips.jsonl and the saved state are the same however the job ran
+    return (dict(sorted(new.items())), dict(sorted(gains.items())),
+            sorted(unscored, key=lambda u: u["row_id"]))
 
 
 def round_stats(captions: dict[int, Caption], new: dict[int, tuple[float, float]],
