@@ -236,7 +236,8 @@ def manifest_rows(data: DataConfig, split: str | None = None, limit: int | None 
     `shuffle`: Ray Data's random_shuffle of the rows, before any decoding. It holds the split's
     rows (a few hundred bytes each) at once, so a huge manifest shuffles shard by shard
     (`data.shard_stream`). With `seed` None every execution (every epoch) draws a new order;
-    with a seed every execution repeats the same one."""
+    with a seed every execution draws the same one, though its blocks may still arrive in
+    another order (Ray Data hands each on as it is ready)."""
     import ray.data
     from ray.data.expressions import col
 

@@ -58,7 +58,8 @@ class ShardStream:
         owed: list[str] = []
         for f in self.my_shards():
             self.opened.append(f)
-            # rows in an order seeded by the pass and the shard: a restart reads the same order
+            # rows in an order seeded by the pass and the shard (the blocks of it may arrive in
+            # another order run to run: a restart counts whole shards consumed, not rows)
             ds = clip_dataset(self.data, self.skip_dir, split="train", files=[f], shuffle=self.data.shuffle_rows,
                               seed=(self.seed * 1_000_003 + self.state["pass"] * 8191 + self.files.index(f)) % 2**32)
             it = iter(ds.iter_torch_batches(
