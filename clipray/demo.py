@@ -36,10 +36,25 @@ def ensure_synth(data_dir: Path, videos: int, seed: int = 0, **options) -> Path:
     if (made.get("videos"), made.get("seed")) != (videos, seed):
         other.append(f"{videos} (seed {seed})")
     # the idle background changes what the set is (`bench edit --idle-seconds`): say so too
+    recorded = _synth_metadata(manifest)
     idle = float(options.get("idle_seconds", 0.0))
-    made_idle = float(_synth_metadata(manifest).get("idle_seconds", 0.0))
+    made_idle = float(recorded.get("idle_seconds", 0.0))
     if made_idle != idle:
         other.append(f"{idle:g} s of idle background (these have {made_idle:g} s)")
+    # and so do the encoding and the plan of a set made with `clipray data synth --fps ...`: its
+    # videos are not those the asked-for set (the demo's, whose figures the README gives) holds
+    import inspect
+
+    from clipray.synth import generate
+
+    want = {k: p.default for k, p in inspect.signature(generate).parameters.items()
+            if p.default is not inspect.Parameter.empty}
+    want.update(options)
+    want["size"] = [want.pop("width"), want.pop("height")]
+    for key in ("fps", "size", "max_events", "event_seconds", "val_frac", "test_frac"):
+        if key in recorded and recorded[key] != want[key]:
+            show = (lambda v: "x".join(map(str, v))) if key == "size" else (lambda v: f"{v:g}")
+            other.append(f"{key} {show(want[key])} (these have {show(recorded[key])})")
     print(f"[demo] using the {made.get('videos')} synthetic videos (seed {made.get('seed')}) already in {data_dir}"
           + (f"; for {' and '.join(other)} give another --data folder" if other else ""), flush=True)
     return manifest

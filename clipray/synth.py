@@ -211,7 +211,8 @@ def generate(out: str | Path, videos: int = 200, seed: int = 0, width: int = 96,
         if progress and (k + 1) % 50 == 0:
             print(f"  synth: {k + 1}/{len(specs)} videos", flush=True)
     meta = {"source": "synthetic", "seed": seed, "fps": fps, "size": [width, height],
-            "event_seconds": event_seconds, "idle_seconds": idle_seconds}
+            "event_seconds": event_seconds, "idle_seconds": idle_seconds, "max_events": max_events,
+            "val_frac": val_frac, "test_frac": test_frac}
     write_manifest(rows, out / "manifest.parquet", metadata=meta)
     write_manifest(event_rows, out / "events.parquet", metadata={**meta, "timestamp_rule": "uniform"})
     twins = {v.video_id: v.twin for v in specs if v.twin}

@@ -135,6 +135,20 @@ def test_a_made_set_with_other_idle_seconds_is_named_when_reused(tmp_path, capsy
     assert capsys.readouterr().out.endswith("already in " + str(tmp_path / "s") + "\n")
 
 
+def test_a_made_set_encoded_or_planned_otherwise_is_named_when_reused(tmp_path, capsys):
+    """A set made by `clipray data synth --fps 4 --max-events 3` in the demo's folder was reused
+    by `clipray demo` as its own (same count and seed), its figures then those of another set."""
+    from clipray.demo import ensure_synth
+
+    generate(tmp_path / "s", videos=3, seed=1, fps=4, width=32, height=24, max_events=3)
+    ensure_synth(tmp_path / "s", videos=3, seed=1)
+    assert capsys.readouterr().out.endswith(
+        "already in " + str(tmp_path / "s") + "; for fps 8 (these have 4) and size 96x72 (these have 32x24) "
+        "and max_events 2 (these have 3) give another --data folder\n")
+    ensure_synth(tmp_path / "s", videos=3, seed=1, fps=4, width=32, height=24, max_events=3)
+    assert capsys.readouterr().out.endswith("already in " + str(tmp_path / "s") + "\n")
+
+
 def test_a_generation_stopped_midway_leaves_no_finished_set_behind(tmp_path, monkeypatch, capsys):
     """Writing a set over another (another seed) and stopping it (Ctrl-C) left the old synth.json
     and manifests beside some new videos: the demo then reused the set, its captions naming
