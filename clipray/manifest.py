@@ -74,7 +74,7 @@ def check_row(row: Mapping[str, Any], where: str) -> dict[str, Any]:
         v = row.get(key)
         if v is None or not isinstance(v, str):
             raise ManifestError(f"{where}: '{key}' is missing or not a string ({v!r})")
-        out[key] = v.strip()
+        out[key] = _utf8(v.strip(), key, where)
     if not out["video_id"] or not out["path"]:
         raise ManifestError(f"{where}: empty video_id or path")
     if not out["caption"]:
@@ -102,8 +102,21 @@ def check_row(row: Mapping[str, Any], where: str) -> dict[str, Any]:
         raise ManifestError(f"{where} (video {out['video_id']}): duration must be > 0")
     group = row.get("group")
     out.update(start=start, end=end, timestamp=ts, duration=dur,
-               group=str(group) if group not in (None, "") else out["video_id"])
+               group=_utf8(str(group), "group", where) if group not in (None, "") else out["video_id"])
     return out
+
+
+def _utf8(text: str, key: str, where: str) -> str:
+    """`text`, when it is text Parquet can store: a lone surrogate (JSON's "\\ud83d" escape cut
+    from an emoji's pair, a file name that is not UTF-8 as os.walk gives it) failed the writer's
+    whole row group, and so the manifest, where it is one row refused."""
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ManifestError(f"{where}: '{key}' holds a lone surrogate (half of a pair, as a JSON "
+                                "escape cut from an emoji's gives), which is not text") from None
+    return text
 
 
 def validate_table(table: pa.Table, source: str = "manifest") -> None:

@@ -739,3 +739,26 @@ def test_generic_blank_split_cell_defaults_to_train(tmp_path):
     rep = prepare("generic", tmp_path, out, file="ann.csv")
     assert table(out, *TIMED) == [("a", None, None, "a cat", "train")]
     assert rep.rejected == {}
+
+
+def test_generic_odd_text_round_trips_and_a_lone_surrogate_is_one_rejected_row(tmp_path):
+    # captions and names in any script come back exactly; JSON's "\ud83d" (an emoji's escape cut
+    # in half by a bad exporter) is no text Parquet can store: it failed the writer's whole row
+    # group (a UnicodeEncodeError traceback, no manifest), where the row is rejected, and a path
+    # holding one is reported missing in a report that prints
+    odd = ["clips/a b #1 %20 +&.mp4", "clips/-lead.mp4", "clips/ÉCOLE é.mp4", "clips/字幕.mp4"]
+    fx.touch(tmp_path, *odd)
+    caps = ["Café naïve 😀", 'tab\there, "quoted", <b>x</b>\nnew line\x00nul', "مرحبا بالعالم", "视频 字幕"]
+    lines = [json.dumps({"path": p, "caption": c}) for p, c in zip(odd, caps)] + [
+        '{"path": "clips/-lead.mp4", "caption": "cut \\ud83d emoji"}',
+        '{"path": "clips/-lead.mp4", "video_id": "v\\udc80", "caption": "bad id"}',
+        '{"path": "clips/gone \\ud83d.mp4", "caption": "missing"}',
+    ]
+    fx.write(tmp_path, "ann.jsonl", "\n".join(lines) + "\n")
+    out = tmp_path / "g.parquet"
+    rep = prepare("generic", tmp_path, out, file="ann.jsonl")
+    assert [(r["path"], r["video_id"], r["caption"]) for r in read_manifest(str(out)).to_pylist()] == [
+        (str(tmp_path / p), os.path.splitext(os.path.basename(p))[0], c) for p, c in zip(odd, caps)]
+    assert rep.rejected_count == 2 and all("lone surrogate" in k for k in rep.rejected)
+    assert rep.missing_videos == ["clips/gone \\ud83d.mp4"]
+    assert "gone \\ud83d.mp4" in str(rep).encode("utf-8").decode()

@@ -305,7 +305,8 @@ class Context:
         return os.path.abspath(path) if os.path.exists(path) else join(self.root, path)
 
     def missing(self, video_id: str) -> None:
-        self.missing_ids[video_id] = None
+        # as the report can print it: a lone surrogate (a JSON escape cut from its pair) as \\ud800
+        self.missing_ids[video_id.encode("utf-8", "backslashreplace").decode()] = None
 
     def reject(self, where: str, reason: str, category: str | None = None) -> None:
         """Count an unusable entry under `category` (default: the reason) and keep the first
