@@ -762,3 +762,23 @@ def test_generic_odd_text_round_trips_and_a_lone_surrogate_is_one_rejected_row(t
     assert rep.rejected_count == 2 and all("lone surrogate" in k for k in rep.rejected)
     assert rep.missing_videos == ["clips/gone \\ud83d.mp4"]
     assert "gone \\ud83d.mp4" in str(rep).encode("utf-8").decode()
+
+
+def test_generic_finds_a_video_whose_name_is_the_same_text_in_another_unicode_form(tmp_path):
+    # a Mac writes 'é' as 'e' + a combining accent (NFD), and a copy keeps those bytes; an
+    # annotation typed elsewhere has the one letter (NFC). The two look alike in every listing,
+    # and the video was reported missing; the manifest names the file as it is on disk.
+    import unicodedata
+
+    nfd, nfc = (unicodedata.normalize(f, "clips/vidéo à.mp4") for f in ("NFD", "NFC"))
+    other_nfc, other_nfd = (unicodedata.normalize(f, "ÉCOLE.mp4") for f in ("NFC", "NFD"))
+    fx.touch(tmp_path, nfd, other_nfc)
+    fx.write(tmp_path, "ann.csv", "\n".join([
+        "path,caption,video_id", f"{nfc},relative NFC,", f"{tmp_path / nfc},absolute NFC,abs",
+        f"{other_nfd},relative NFD,", "clips/gone é.mp4,missing,"]) + "\n")
+    out = tmp_path / "g.parquet"
+    rep = prepare("generic", tmp_path, out, file="ann.csv")
+    assert table(out, "path", "caption") == [(str(tmp_path / nfd), "relative NFC"),
+                                             (str(tmp_path / nfd), "absolute NFC"),
+                                             (str(tmp_path / other_nfc), "relative NFD")]
+    assert rep.missing_videos == ["clips/gone é.mp4"]

@@ -20,6 +20,7 @@ import codecs
 import csv
 import io
 import os
+import unicodedata
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, Callable, Iterable, Iterator, Mapping, TextIO
@@ -203,6 +204,19 @@ class FileIndex:
     @cached_property
     def _relset(self) -> set[str]:
         return set(self.rels)
+
+    def get(self, rel: str) -> str | None:
+        """The listed file `rel` names: itself, or else the one whose path is the same text in
+        another Unicode form. Files made on a Mac keep 'é' as 'e' and a combining accent (NFD)
+        wherever they are copied, while an annotation typed elsewhere has the one letter (NFC):
+        the two look alike in every listing, and such a video was reported missing."""
+        if rel in self._relset:
+            return rel
+        return None if rel.isascii() else self._nfc.get(unicodedata.normalize("NFC", rel))
+
+    @cached_property
+    def _nfc(self) -> dict[str, str]:
+        return {unicodedata.normalize("NFC", r): r for r in self.rels if not r.isascii()}
 
     def _rank(self, rel: str) -> tuple:
         ext = split_ext(rel.rsplit("/", 1)[-1])[1]

@@ -13,7 +13,8 @@ object); `video_id` (default: the path's stem), `start`/`end`
 named in the report notes.
 
 Relative paths are under the root; missing files are dropped and listed by path in the report
-(URIs in the file are passed through unchecked). Times must be numbers of seconds: an `hh:mm:ss` string stops the run
+(URIs in the file are passed through unchecked). A local path finds its file also when one of them
+spells an accented letter in the other Unicode form (a Mac's NFD names, an annotation's NFC). Times must be numbers of seconds: an `hh:mm:ss` string stops the run
 with an error naming the line — guessing a time format is how clips end up wrong silently.
 Other bad rows (empty caption, end <= start, timestamp outside the clip, unknown split) are
 rejected and counted; an `end` past a given `duration` is clamped and noted.
@@ -25,6 +26,7 @@ import json
 import math
 import os
 import posixpath
+import unicodedata
 from typing import Any, Iterator
 
 from clipray.manifest import SPLITS
@@ -101,7 +103,7 @@ def rows(ctx: Context) -> Iterator[dict]:
     ctx.metadata.update(file=path)
     files = ctx.files(exts=None)  # user videos may carry any extension
     ids: dict[str, tuple[str, str]] = {}  # video_id -> (path, first where), to catch clashes
-    local: dict[str, bool] = {}
+    local: dict[str, str | None] = {}
     unknown: set[str] = set()
     clamped = 0
     for where, rec in read_records(path, ctx):
@@ -161,23 +163,28 @@ def _text(value: Any) -> str:
     return "" if value is None else str(value).strip()
 
 
-def _locate(ctx: Context, files, raw: str, cache: dict[str, bool]) -> str | None:
+def _locate(ctx: Context, files, raw: str, cache: dict[str, str | None]) -> str | None:
     """The manifest path of a row's video, or None when it does not exist."""
     if is_uri(raw):
         return raw  # a URI elsewhere: listing every bucket it names is not this adapter's job
     if os.path.isabs(raw):
-        if raw not in cache:
-            cache[raw] = os.path.isfile(raw)
-        return raw if cache[raw] else None
-    rel = raw  # already normalised
-    if rel in files:
+        return _on_disk(raw, cache)
+    rel = files.get(raw)  # (already normalised) as listed, in the Unicode form found on disk
+    if rel is not None:
         return ctx.path(rel)
-    if rel.startswith("../") and not is_uri(ctx.root):  # outside the walked root
-        full = os.path.normpath(os.path.join(ctx.root, rel))
-        if full not in cache:
-            cache[full] = os.path.isfile(full)
-        return full if cache[full] else None
+    if raw.startswith("../") and not is_uri(ctx.root):  # outside the walked root
+        return _on_disk(os.path.normpath(os.path.join(ctx.root, raw)), cache)
     return None
+
+
+def _on_disk(full: str, cache: dict[str, str | None]) -> str | None:
+    """A local file's path as on disk, or None: as written, else in the other Unicode form
+    (NFC or NFD: a Mac's 'e' + accent for an annotation's 'é', `FileIndex.get`)."""
+    if full not in cache:
+        forms = [full] if full.isascii() else dict.fromkeys(
+            [full, unicodedata.normalize("NFC", full), unicodedata.normalize("NFD", full)])
+        cache[full] = next((f for f in forms if os.path.isfile(f)), None)
+    return cache[full]
 
 
 SOURCE = SourceSpec(
