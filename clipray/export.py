@@ -104,9 +104,9 @@ def fetch_export(export_dir: str, into: str | Path) -> str:
     local = local_dir(export_dir)
     if local is not None:
         return local
-    import fsspec
+    from clipray.manifest import fsspec_path
 
-    fs, root = fsspec.core.url_to_fs(export_dir)
+    fs, root = fsspec_path(export_dir)
     Path(into).mkdir(parents=True, exist_ok=True)
     for name in (WEIGHTS, CONFIG):
         fs.get_file(f"{root.rstrip('/')}/{name}", str(Path(into) / name))

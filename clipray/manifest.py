@@ -269,6 +269,19 @@ def filesystem(path: str) -> tuple[pafs.FileSystem, str]:
     return pafs.FileSystem.from_uri(uri)
 
 
+def fsspec_path(path: str) -> tuple[Any, str]:
+    """The fsspec filesystem and path of a local path or URI, the path as written, as
+    `filesystem` takes it for pyarrow. fsspec's url_to_fs and open read '::' anywhere in a path
+    as a chain of filesystems and drop all after it: a run folder `runs/exp::2` had its
+    result.json, metrics.csv, export and skip files written over one another as a file `runs/exp`."""
+    import fsspec
+
+    protocol = path.split("://", 1)[0] if "://" in path else "file"
+    cls = fsspec.get_filesystem_class(protocol)
+    fs = fsspec.filesystem(protocol, **cls._get_kwargs_from_urls(path))
+    return fs, fs._strip_protocol(path)
+
+
 def manifest_files(path: str) -> tuple[pafs.FileSystem, list[str]]:
     """The Parquet files of a manifest (a file or a directory of shards), sorted."""
     try:

@@ -41,7 +41,7 @@ from typing import Any, Callable
 import numpy as np
 
 from clipray.config import DataConfig
-from clipray.manifest import SCHEMA, default_root, manifest_files, resolve_path
+from clipray.manifest import SCHEMA, default_root, fsspec_path, manifest_files, resolve_path
 from clipray.video import SkipClip, decode_clip_safe
 
 DATA_COLUMNS = ["row_id", "video_id", "path", "start", "end", "caption"]
@@ -157,11 +157,9 @@ class ClipDecoder:
         }
 
     def _report(self, skips: list[dict]) -> None:
-        import fsspec
-
         self.calls += 1
         path = f"{self.skip_dir}/{SKIP_DIR}/{self.name}-{self.calls:06d}.jsonl"
-        fs, p = fsspec.core.url_to_fs(path)
+        fs, p = fsspec_path(path)
         fs.makedirs(p.rsplit("/", 1)[0], exist_ok=True)
         with fs.open(p, "w") as f:
             f.write("".join(json.dumps(s) + "\n" for s in skips))
@@ -273,9 +271,7 @@ def collect_skips(skip_dir: str, out_name: str = "skip_report.jsonl") -> dict[st
     """Merge the decoders' skip files into one report beside them, one line per skipped row in
     row order; return the count, the counts by reason and the report's path. Memory holds each
     skipped row's line once, not the files' lines."""
-    import fsspec
-
-    fs, root = fsspec.core.url_to_fs(skip_dir.rstrip("/"))
+    fs, root = fsspec_path(skip_dir.rstrip("/"))
     # the decoders (other processes) wrote the files: a listing this process cached before (an
     # object store's, s3fs/gcsfs: the resume check's of the run folder, an earlier report's of
     # skips/) would hide those written since; this drops skips/'s and its parents'

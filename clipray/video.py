@@ -110,10 +110,10 @@ def open_source(path: str) -> Any:
     frames of the window), not the whole object, which matters for minutes-long videos cut
     into seconds-long clips. The caller closes it (`close_source`)."""
     if "://" in path and not path.startswith("file://"):
-        import fsspec
+        from clipray.manifest import fsspec_path
 
         try:
-            fs, fs_path = fsspec.core.url_to_fs(path)
+            fs, fs_path = fsspec_path(path)
             f = fs.open(fs_path, "rb", block_size=1 << 20)
         except FileNotFoundError:
             raise SkipClip("missing file") from None

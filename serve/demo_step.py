@@ -59,9 +59,9 @@ def trained_sampling(export_dir: str) -> list[str]:
     if local is not None:
         text = (Path(local) / CONFIG).read_bytes()
     else:  # a run stored in object storage (train.storage_path=s3://...) keeps its export there
-        import fsspec
+        from clipray.manifest import fsspec_path
 
-        fs, root = fsspec.core.url_to_fs(export_dir)
+        fs, root = fsspec_path(export_dir)
         text = fs.cat_file(f"{root.rstrip('/')}/{CONFIG}")
     return [f"{k}={v}" for k, v in recorded_sampling(json.loads(text)).items()]
 

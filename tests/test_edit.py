@@ -382,12 +382,14 @@ def test_left_out_counts_only_captions_never_trained_on():
     assert skip_counts([]) == {"left_out": 0, "unscored": 0}
 
 
-def test_edit_state_is_read_back_from_a_run_folder_named_like_a_glob(tmp_path):
+@pytest.mark.parametrize("name", ["exp [2]", "exp::2"])
+def test_edit_state_is_read_back_from_a_run_folder_named_like_a_glob(tmp_path, name):
     """fsspec's cat() and copy() expand glob patterns: in a run folder "exp [2]" a resume failed
-    to read edit_state.json, and the teacher's export could not be copied."""
+    to read edit_state.json, and the teacher's export could not be copied. fsspec reads '::' as
+    a chain of filesystems: in "exp::2" it looked for both in "exp"."""
     from train.edit import _get_json
 
-    out = tmp_path / "exp [2]"
+    out = tmp_path / name
     out.mkdir()
     (out / "edit_state.json").write_text(json.dumps({"records": [1, 2]}))
     assert _get_json(str(out / "edit_state.json")) == {"records": [1, 2]}

@@ -176,10 +176,13 @@ def test_skip_report_holds_each_skipped_row_once_not_every_file_read_first(tmp_p
     assert peak < 0.4 * len(body) * files, f"peak {peak / 1e6:.1f} MB for {len(body) * files / 1e6:.1f} MB of lines"
 
 
-def test_skip_report_of_a_run_folder_whose_name_has_glob_brackets(synth_small, tmp_path):
+@pytest.mark.parametrize("name", ["exp [2]", "exp::2"])
+def test_skip_report_of_a_run_folder_whose_name_has_glob_brackets(synth_small, tmp_path, name):
     """A run named "exp [2]": its skip files were globbed with the folder's name in the
-    pattern, where "[2]" matches "2" only, so the report came out empty and the run said 0."""
-    run = tmp_path / "exp [2]"
+    pattern, where "[2]" matches "2" only, so the report came out empty and the run said 0.
+    "exp::2": fsspec read '::' as a chain of filesystems, and every skip file was written over
+    the one before as a file "exp" beside the run, the report empty."""
+    run = tmp_path / name
     dec = ClipDecoder(DataConfig(manifest="unused", video=VideoConfig(fps=2.0, max_frames=4, size=32)),
                       str(tmp_path), str(run))
     assert dec({"row_id": np.arange(3), "video_id": np.array(["a", "b", "c"]),
@@ -189,6 +192,7 @@ def test_skip_report_of_a_run_folder_whose_name_has_glob_brackets(synth_small, t
     assert report["skipped"] == 3 and report["by_reason"] == {"missing file": 3}
     on_disk = [json.loads(line) for line in (run / "skip_report.jsonl").read_text().splitlines()]
     assert [(r["row_id"], r["video_id"]) for r in on_disk] == [(0, "a"), (1, "b"), (2, "c")]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [name]
 
 
 def test_decode_tasks_keep_one_decoder_per_process_and_settings(synth_small, tmp_path):

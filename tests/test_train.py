@@ -1047,13 +1047,17 @@ def test_ctrl_c_says_the_run_is_kept_and_how_to_resume(ray_local, synth_small, t
     assert not (tmp_path / "ctrlc" / "result.json").exists()
 
 
-def test_resume_check_finds_the_checkpoints_of_a_run_folder_named_like_a_glob(tmp_path):
+@pytest.mark.parametrize("name", ["exp [2]", "exp::2"])
+def test_resume_check_finds_the_checkpoints_of_a_run_folder_named_like_a_glob(tmp_path, name):
+    """"exp::2": fsspec read '::' as a chain of filesystems and took the run folder for a file
+    "exp" beside it: a re-run with other settings was not refused, and its resume key,
+    config.yaml, metrics.csv, curves and export were written over one another there."""
     import json
 
     from clipray.config import ConfigError, load_config
-    from train.driver import RAY_CHECKPOINT_RECORD, RESUME_KEY, check_resume, resume_key
+    from train.driver import RAY_CHECKPOINT_RECORD, RESUME_KEY, _write_outputs, check_resume, resume_key
 
-    out = tmp_path / "exp [2]"
+    out = tmp_path / name
     (out / "checkpoint_000001").mkdir(parents=True)
     (out / RAY_CHECKPOINT_RECORD).write_text("{}")
     cfg = load_config(None, ["data.batch_size=8"])
@@ -1064,6 +1068,12 @@ def test_resume_check_finds_the_checkpoints_of_a_run_folder_named_like_a_glob(tm
     # a manifest with more training rows: said as what moved, not as an internal key
     with pytest.raises(ConfigError, match=r"\(steps per epoch \(training rows of data.manifest / global batch\): 5 -> 6\)"):
         check_resume(str(out), resume_key(cfg, 6))
+    (tmp_path / "export").mkdir()
+    (tmp_path / "export" / "config.json").write_text("{}")
+    _write_outputs(str(out), cfg, [{"epoch": 1, "loss": 1.0}], {}, tmp_path / "export")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["export", name])
+    assert {"config.yaml", "metrics.csv", "curves.png"} <= {p.name for p in out.iterdir()}
+    assert (out / "export" / "config.json").read_text() == "{}"
 
 
 def test_a_run_resumes_on_its_manifest_moved_or_copied_to_another_path(tmp_path, capsys):

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from clipray.config import Config, ConfigError, to_yaml
-from clipray.manifest import check_unique_ids, file_signature, filesystem, manifest_signature
+from clipray.manifest import check_unique_ids, file_signature, filesystem, fsspec_path, manifest_signature
 
 
 def model_io(cfg: Config) -> Config:
@@ -222,9 +222,7 @@ def check_resume(out: str, key: dict[str, Any]) -> None:
     """Refuse to continue a run's checkpoints with other settings (re-running with another batch
     size would resume at the saved step of another schedule and mix the two silently); record
     the settings of a run that has no checkpoint yet."""
-    import fsspec
-
-    fs, root = fsspec.core.url_to_fs(out)
+    fs, root = fsspec_path(out)
     saved = None
     # listed, not globbed: a run folder named like "exp [2]" is no glob pattern for itself
     try:
@@ -509,15 +507,13 @@ def evaluate_export(cfg: Config, export: str, split: str, name: str) -> dict[str
 
 
 def _put_text(uri: str, text: str) -> None:
-    import fsspec
-
-    with fsspec.open(uri, "w") as f:
+    fs, path = fsspec_path(uri)
+    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)  # as fsspec.open does for a write
+    with fs.open(path, "w") as f:
         f.write(text)
 
 
 def _write_outputs(out: str, cfg: Config, history: list[dict], final: dict, export_src: Path) -> None:
-    import fsspec
-
     _put_text(f"{out}/config.yaml", to_yaml(cfg))
     keys = sorted({k for h in history for k in h}, key=lambda k: (k not in ("epoch", "step"), k))
     buf = io.StringIO()
@@ -525,9 +521,10 @@ def _write_outputs(out: str, cfg: Config, history: list[dict], final: dict, expo
     w.writeheader()
     w.writerows(history)
     _put_text(f"{out}/metrics.csv", buf.getvalue())
-    with fsspec.open(f"{out}/curves.png", "wb") as f:
+    fs, root = fsspec_path(out)  # (a folder _put_text made)
+    with fs.open(f"{root}/curves.png", "wb") as f:
         f.write(_plot(history, cfg.data.eval_split))
-    fs, root = fsspec.core.url_to_fs(f"{out}/export")
+    root = f"{root}/export"
     fs.makedirs(root, exist_ok=True)
     for p in export_src.iterdir():
         fs.put_file(str(p), f"{root}/{p.name}")

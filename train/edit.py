@@ -285,19 +285,18 @@ def _put(uri: str, text: str) -> None:
 
 
 def _get_json(uri: str) -> Optional[dict]:
-    import fsspec
+    from clipray.manifest import fsspec_path
 
-    fs, path = fsspec.core.url_to_fs(uri)
+    fs, path = fsspec_path(uri)
     return json.loads(fs.cat_file(path)) if fs.exists(path) else None  # cat() would glob a "[2]" in it
 
 
 def _copy_export(src: str, dst: str) -> None:
-    import fsspec
-
     from clipray.export import CONFIG, WEIGHTS
+    from clipray.manifest import fsspec_path
 
-    fs, s = fsspec.core.url_to_fs(src)
-    d = fsspec.core.url_to_fs(dst)[1]
+    fs, s = fsspec_path(src)
+    d = fsspec_path(dst)[1]
     fs.makedirs(d, exist_ok=True)
     for name in (WEIGHTS, CONFIG):
         fs.cp_file(f"{s}/{name}", f"{d}/{name}")  # copy() would glob a "[2]" in the run folder
