@@ -76,7 +76,9 @@ def write_meta(out: str | Path, meta: dict[str, Any]) -> None:
 
 
 def parts(out: str | Path, sub: str = EMB_DIR, suffix: str = ".parquet") -> list[Path]:
-    return sorted((Path(out) / sub).glob(f"part-*{suffix}"))
+    # absolute: pyarrow takes a relative path whose first folder has a ':' (out=idx-12:30) for a
+    # URI of an unknown scheme, and every part written or read there failed (ArrowInvalid)
+    return sorted((Path(out).absolute() / sub).glob(f"part-*{suffix}"))
 
 
 def read_table(out: str | Path, columns: Optional[list[str]] = None) -> pa.Table:
@@ -136,7 +138,7 @@ _EMBEDDING_ROWS = 4096  # embeddings read from a part at a time
 
 def write_part(out: str | Path, rows: dict[str, np.ndarray], sub: str = EMB_DIR) -> Path:
     """One new part holding this run's clips (row_id, metadata, embedding [n, D])."""
-    d = Path(out) / sub
+    d = Path(out).absolute() / sub  # (see parts)
     d.mkdir(parents=True, exist_ok=True)
     path = d / f"part-{len(parts(out, sub, '.parquet' if sub == EMB_DIR else '.npz')):05d}"
     # written under another name and renamed when whole: a run killed mid-write leaves no

@@ -53,6 +53,22 @@ def test_windows_cover_the_video():
     assert windows(1.5, 2.0, 1.0) == [(0.0, 1.5)]
 
 
+def test_an_index_folder_given_relative_with_a_colon_in_its_name_is_written_and_read(tmp_path, monkeypatch):
+    """out=idx-12:30 (a time in the name, relative to the working directory): pyarrow read
+    'idx-12' as a URI scheme, and writing the embeddings part (after every clip was embedded),
+    reading it back and serving it failed on an ArrowInvalid traceback."""
+    from serve import store
+
+    monkeypatch.chdir(tmp_path)
+    store.write_part("idx-12:30", {"row_id": np.arange(2), "video_id": np.array(["a", "b"], object),
+                                   "start": np.array([None, 1.0], object), "end": np.array([None, 2.0], object),
+                                   "path": np.array(["/v/a.mp4", "/v/b #1.mp4"], object),
+                                   "embedding": np.eye(2, 3, dtype=np.float32)})
+    assert store.read_table("idx-12:30", ["row_id", "video_id", "path"]).to_pylist() == [
+        {"row_id": 0, "video_id": "a", "path": "/v/a.mp4"}, {"row_id": 1, "video_id": "b", "path": "/v/b #1.mp4"}]
+    assert np.array_equal(store.read_embeddings("idx-12:30"), np.eye(2, 3, dtype=np.float32))
+
+
 def test_pq_codebooks_train_on_enough_vectors_and_a_tiny_index_reports_recall_at_10(capfd):
     """ivf_pq with few lists trained its PQ codebooks on 256 x nlist vectors (1,024 here), below
     the 9,984 that 256 centroids need (faiss warned); and an index of 6 clips filed its recall
