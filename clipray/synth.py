@@ -119,7 +119,9 @@ def write_mp4(path: Path, frames: Iterator[np.ndarray], width: int, height: int,
     import av
 
     n = 0
-    with av.open(str(path), "w") as out:
+    # absolute: FFmpeg reads a relative path's first folder with a ':' in it (--out synth-12:30)
+    # as a protocol, and the write failed (ProtocolNotFoundError traceback)
+    with av.open(str(Path(path).absolute()), "w") as out:
         stream = out.add_stream("libx264", rate=fps)
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
         # a keyframe every second keeps seeking cheap; one thread keeps output byte-stable

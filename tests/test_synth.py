@@ -30,6 +30,22 @@ def test_same_seed_same_videos(tmp_path):
     assert read_manifest(c["manifest"]).column("caption") != ta.column("caption")[:6]
 
 
+def test_a_set_written_to_a_relative_folder_with_a_colon_in_its_name(tmp_path, monkeypatch):
+    """--out synth-12:30: FFmpeg read the relative path's 'synth-12:' as a protocol, and the
+    first video's write failed with a ProtocolNotFoundError traceback."""
+    from clipray.config import VideoConfig
+    from clipray.manifest import default_root, resolve_path
+    from clipray.video import decode_clip_safe
+
+    monkeypatch.chdir(tmp_path)
+    made = generate("synth-12:30", videos=2, seed=0)
+    rows = read_manifest(made["manifest"]).to_pylist()
+    assert len(rows) == 2
+    clip = decode_clip_safe(resolve_path(rows[0]["path"], default_root(made["manifest"])), None, None,
+                            VideoConfig(max_frames=2, size=32))
+    assert clip.mask.sum() == 2
+
+
 def test_twins_swap_event_order():
     specs = plan(200, seed=1, val_frac=0.1, test_frac=0.2)
     by_id = {v.video_id: v for v in specs}
