@@ -212,3 +212,27 @@ def test_a_clip_window_loops_in_its_tile(app, browser):
     # inside the window, give or take a timeupdate (every 15-250 ms): never back at the file's start
     assert all(0.4 <= t <= 2.0 for _, t in states) and any(b < a for (_, a), (_, b) in zip(states, states[1:])), states
     assert browser.js("document.querySelector('#results video').src").endswith("/clips/0#t=0.5,1.5")
+
+
+def test_a_long_video_id_stays_inside_its_tile(browser, tmp_path):
+    """A video id with no space to break at (a long file name): its label ran across the next
+    tiles and pushed its score out of its own, beside another clip. The page is opened from a
+    file with window.fetch answering: no app is needed."""
+    from serve.app import page_html
+
+    (tmp_path / "index.html").write_text(page_html(8))
+    browser.open((tmp_path / "index.html").as_uri())
+    long_id = "a_very_long_video_file_name_with_no_space_in_it_" * 3
+    browser.js("""(() => { window.fetch = async () => new Response(JSON.stringify({results: [
+        {clip_id: 0, video_id: %s, score: 0.5, start: 1.0, end: 2.0},
+        {clip_id: 1, video_id: "short", score: 0.4, start: null, end: null}]}),
+        {status: 200, headers: {'Content-Type': 'application/json'}}); return true; })()""" % json.dumps(long_id))
+    browser.type_and_enter("#q", "a red square")
+    browser.until("document.querySelectorAll('#results .tile').length === 2")
+    boxes = browser.js("""Array.from(document.querySelectorAll('#results .tile')).map(t => {
+        const box = (e) => { const r = e.getBoundingClientRect(); return [r.left, r.right]; };
+        return {tile: box(t), label: box(t.querySelector('.meta span')), score: box(t.querySelector('.score'))}; })""")
+    for b in boxes:
+        (left, right), label, score = b["tile"], b["label"], b["score"]
+        assert left <= label[0] < label[1] <= score[0] < score[1] <= right, boxes
+    assert browser.js("document.querySelector('#results .meta span').textContent") == f"#1 {long_id} [1.0s-2.0s]"
