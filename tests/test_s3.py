@@ -119,14 +119,16 @@ def test_pipeline_streams_from_s3_and_reports_skips_to_s3(ray_local, s3, s3_data
 def test_manifest_keys_with_spaces_hash_and_accents_are_read_where_written(ray_local, s3, synth_small):
     """An object key is taken as written, by pyarrow (the manifest) as by s3fs (its videos and
     skip files): pyarrow's URI parsing refused the space and the 'é', and cut the key at '#',
-    writing and reading the manifest in another folder than the one its videos resolve to."""
+    writing and reading the manifest in another folder than the one its videos resolve to.
+    A '::' in a video's key: fsspec read it as a chain of filesystems, and every such clip was
+    skipped ("cannot read: TypeError ... 'target_options'")."""
     base = "odd/run #2/vidéos à b"
     src = synth_small["manifest"].rsplit("/", 1)[0]
     rows = read_manifest(synth_small["manifest"]).to_pylist()[:5]
     fs = s3.fs()
     for i, r in enumerate(rows):
-        fs.put_file(f"{src}/{r['path']}", f"{s3.bucket}/{base}/m/clip #{i} é.mp4")
-        r.update(path=f"clip #{i} é.mp4", split="train")
+        fs.put_file(f"{src}/{r['path']}", f"{s3.bucket}/{base}/m/clip #{i} é::take.mp4")
+        r.update(path=f"clip #{i} é::take.mp4", split="train")
     with ManifestWriter(s3.url(f"{base}/m"), rows_per_shard=2) as w:
         w.extend(rows)
     shards = [f"{s3.bucket}/{base}/m/part-{k:05d}.parquet" for k in range(3)]
