@@ -165,6 +165,10 @@ class Searcher:
             raise ConfigError(f"{index_dir}: its {store.EMB_DIR}/ parts hold {t.num_rows} clips where "
                               f"{store.FAISS} holds {self.index.ntotal}: copy the whole index folder again")
         self.video_id, self.start, self.end, self.path = (t.column(c) for c in ("video_id", "start", "end", "path"))
+        # an ivf_pq index with index.refine re-scores refine x k candidates exactly: how many it
+        # looks at grows with k, and a query's answer must not depend on the k of the others
+        # it is batched with
+        self.k_shapes_answer = hasattr(self.index, "k_factor")
         _configure(self.search_batch, batch)
         self.batch_sizes: list[int] = []
 
@@ -175,9 +179,20 @@ class Searcher:
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
     async def search_batch(self, queries: list[tuple[np.ndarray, int]]) -> list[list[dict]]:
         self.batch_sizes = (self.batch_sizes + [len(queries)])[-1000:]
+        return self.search_many(queries)
+
+    def search_many(self, queries: list[tuple[np.ndarray, int]]) -> list[list[dict]]:
+        """Each (vector, k)'s top-k, as that query alone gets them: one faiss call over the
+        batch at its largest k where the top k of a deeper search are the same, else one call
+        per distinct k (a batched k=5 query of an ivf_pq index was re-scored among the
+        candidates of the batch's k=100 query, another answer than it got alone)."""
         q = np.ascontiguousarray(np.stack([v for v, _ in queries]), dtype=np.float32)
-        kmax = min(max(k for _, k in queries), self.index.ntotal)
-        scores, ids = self.index.search(q, kmax)
+        ks = np.array([min(k, self.index.ntotal) for _, k in queries])
+        scores = np.zeros((len(queries), int(ks.max())), np.float32)
+        ids = np.full(scores.shape, -1, np.int64)
+        for k in (np.unique(ks) if self.k_shapes_answer else ks.max(keepdims=True)):
+            rows = np.flatnonzero(ks == k) if self.k_shapes_answer else np.arange(len(queries))
+            scores[rows, :k], ids[rows, :k] = self.index.search(q[rows], int(k))
         return [[self._row(i, s) for i, s in zip(ids[j, :k], scores[j, :k]) if i >= 0]
                 for j, (_, k) in enumerate(queries)]
 

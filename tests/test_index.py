@@ -1364,3 +1364,33 @@ def test_reading_an_index_gathers_no_string_column_into_one_array(tmp_path):
     assert t.column("row_id").to_pylist() == list(range(6))
     assert t.column("path").to_pylist() == [f"/v/{i}.mp4" for i in range(6)]
     assert t.column("video_id").to_pylist() == [f"v{i}" for i in range(6)]
+
+
+def test_a_batched_search_answers_each_query_as_it_is_answered_alone(tmp_path):
+    """The Searcher's batch searched every query at the batch's largest k and cut each to its
+    own: an ivf_pq index re-scores refine x k candidates exactly, so a k=5 query batched with a
+    k=50 one was re-scored among ten times the candidates it gets alone, and its answer hung on
+    whoever else was searching at that moment. Each query's hits are now those it gets alone."""
+    import faiss
+
+    from serve import store
+    from serve.deployments import Searcher
+
+    n, d = 2000, 16
+    x = _unit(n, d)
+    ids = np.arange(n)
+    store.write_part(tmp_path, {"row_id": ids, "video_id": [f"v{i}" for i in ids], "start": [0.0] * n,
+                                "end": [1.0] * n, "path": [f"/v/{i}.mp4" for i in ids], "embedding": x})
+    # an ivf_pq index as build_faiss makes one, with 4-bit codes so that it trains in a second
+    index = faiss.index_factory(d, "IVF4,PQ4x4,RFlat", faiss.METRIC_INNER_PRODUCT)
+    index.train(x)
+    index.add(x)
+    store.save_faiss(tmp_path, index)
+    store.write_meta(tmp_path, {"count": n, "dim": d, "kind": "ivf_pq", "search": {"nprobe": 1, "refine": 2}})
+    s = Searcher.func_or_class(str(tmp_path), {"max_batch_size": 8, "batch_wait_timeout_s": 0.0})
+    q = _unit(40, d, seed=1)
+    alone = [s.search_many([(v, 5)])[0] for v in q]
+    batched = s.search_many([(v, 5 if j % 2 else 50) for j, v in enumerate(q)])
+    for j in range(1, len(q), 2):
+        assert batched[j] == alone[j], j
+    assert [s.search_many([(v, 50)])[0] for v in q[::2]] == batched[::2]
