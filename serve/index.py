@@ -26,6 +26,7 @@ video encoder -> embeddings Parquet + a faiss index in `out` (layout: `serve.sto
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -33,7 +34,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import numpy as np
 
@@ -257,13 +258,37 @@ def build_index(cfg: AppConfig, quiet: bool = False) -> dict[str, Any]:
     except OSError as e:
         raise ConfigError(f"out: cannot create the index folder {out} ({e})") from e
     try:
-        return _build(cfg, out, quiet)
+        with _writing(out):
+            return _build(cfg, out, quiet)
     except (ConfigError, ManifestError, FileNotFoundError):
         # a wrong checkpoint, manifest or index kind fails before anything is embedded: leave
         # no index folder behind that holds nothing but a fetched model (a skip report stays)
-        if fresh and all(p.name.startswith("model-") for p in out.iterdir()):
+        if fresh and all(p.name.startswith("model-") or p.name == LOCK for p in out.iterdir()):
             shutil.rmtree(out, ignore_errors=True)
         raise
+
+
+LOCK = ".index.lock"  # held by the one `clipray index` writing the folder
+
+
+@contextlib.contextmanager
+def _writing(out: Path) -> Iterator[None]:
+    """The index folder, locked for this run (flock, released when the process ends however it
+    ends). Two runs into one out= both numbered their part after the parts they saw and gave
+    its rows the same first row id: one run's part replaced the other's without a word, its
+    clips lost though it said 'N added', or both parts stayed and the index failed every later
+    read. The second run is now refused, before it embeds anything."""
+    import fcntl
+
+    with open(out / LOCK, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ConfigError(f"out={out}: another `clipray index` is writing this index now; run this "
+                              "one when it has finished (or give another out=)") from None
+        except OSError:  # a filesystem without locks (ENOLCK): written unlocked, as before
+            pass
+        yield
 
 
 def check_frame_positions(conf: dict, what: str, max_frames: int) -> None:

@@ -625,6 +625,19 @@ def test_an_index_folder_or_export_that_is_not_one_fails_before_ray_starts(synth
         with pytest.raises(ConfigError, match=rf"^{tmp_path}/config.json: not a clipray export, {says}"):
             build_index(_cfg(str(tmp_path), synth_small["manifest"], tmp_path / "index"), quiet=True)
     assert not (tmp_path / "index").exists()  # the folder each failed try made is gone again
+    # a second run into an index folder another run is writing (its lock held here) is refused
+    # before anything: both runs numbered their part and row ids after what they saw, and one
+    # replaced the other's part without a word (or the index failed every later read)
+    import fcntl
+
+    (tmp_path / "busy").mkdir()
+    with open(tmp_path / "busy" / ".index.lock", "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(ConfigError, match=rf"^out={tmp_path}/busy: another `clipray index` is writing this "
+                                              r"index now; run this one when it has finished"):
+            build_index(_cfg(str(tmp_path), synth_small["manifest"], tmp_path / "busy"), quiet=True)
+    with pytest.raises(ConfigError, match="not a clipray export"):  # released: the next run goes on
+        build_index(_cfg(str(tmp_path), synth_small["manifest"], tmp_path / "busy"), quiet=True)
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("kept")
     with pytest.raises(ConfigError, match="not a clipray export"):  # a folder the user made stays
