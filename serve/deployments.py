@@ -161,9 +161,14 @@ class Searcher:
         # the clips' columns stay Arrow arrays, read per result: as Python lists (an object per
         # value) they took about three times the memory in every replica, 0.7 GB for 3M clips
         t = store.read_table(index_dir, store.META_COLUMNS)
-        if t.num_rows != self.index.ntotal:  # a part left out of a copy: ids faiss returns had no clip (500s)
+        if t.num_rows < self.index.ntotal:  # a part left out of a copy: ids faiss returns had no clip (500s)
             raise ConfigError(f"{index_dir}: its {store.EMB_DIR}/ parts hold {t.num_rows} clips where "
                               f"{store.FAISS} holds {self.index.ntotal}: copy the whole index folder again")
+        # more: an append writing its faiss index now (or stopped before it), whose new part is
+        # written first; its clips are not in the faiss index yet (the Reranker leaves them out
+        # too). A replica started meanwhile (`clipray serve`, an autoscaled or restarted one)
+        # was refused, saying to copy the index folder again
+        t = t.slice(0, self.index.ntotal)
         self.video_id, self.start, self.end, self.path = (t.column(c) for c in ("video_id", "start", "end", "path"))
         # an ivf_pq index with index.refine re-scores refine x k candidates exactly: how many it
         # looks at grows with k, and a query's answer must not depend on the k of the others

@@ -249,6 +249,15 @@ def test_an_index_copied_without_its_parts_fails_to_start_saying_so(tmp_path):
     (copy / "embeddings" / "part-00001.parquet").unlink()  # one part left out
     with pytest.raises(ConfigError, match=r"parts hold 2 clips where index.faiss holds 3"):
         Searcher.func_or_class(str(copy), batch)
+    # an append under way (its part written, its faiss index not yet) or stopped there: a replica
+    # started meanwhile serves the index as it was, where it was refused ("copy ... again")
+    store.write_part(idx, {"row_id": np.arange(3, 5), "video_id": np.array(["v3", "v4"], object),
+                           "start": np.array([None] * 2, object), "end": np.array([None] * 2, object),
+                           "path": np.array(["/v/3.mp4", "/v/4.mp4"], object), "embedding": np.eye(2, dim, dtype=np.float32)})
+    s = Searcher.func_or_class(str(idx), batch)
+    assert s.info()["clips"] == 3 and s.clip_path(2) == "/v/2.mp4" and s.clip_path(3) is None
+    assert [h["clip_id"] for h in s.search_many([(np.eye(1, dim, 1, dtype=np.float32)[0], 5)])[0]][:1] == [1]
+    Reranker.func_or_class(tight, str(idx), 32, batch)
 
 
 def test_serving_with_the_export_at_a_uri_keeps_a_copy_in_an_index_built_from_a_local_one(s3_server, tmp_path):
