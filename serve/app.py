@@ -543,14 +543,14 @@ def app_from_config(cfg: AppConfig) -> Any:
         return {"max_batch_size": d.max_batch_size, "batch_wait_timeout_s": d.batch_wait_timeout_s}
 
     text = TextEncoder.options(**opts(sv.text_encoder)).bind(
-        export, sv.max_words, batch(sv.text_encoder), sv.text_encoder.num_gpus)
+        export, sv.max_words, batch(sv.text_encoder), sv.text_encoder.num_gpus, meta["fingerprint"])
     vid = VideoEncoder.options(**opts(sv.video_encoder)).bind(
-        export, video, batch(sv.video_encoder), sv.video_encoder.num_gpus)
+        export, video, batch(sv.video_encoder), sv.video_encoder.num_gpus, meta["fingerprint"])
     searcher = Searcher.options(**opts(sv.searcher)).bind(index_dir, batch(sv.searcher))
     rerank = None
     if tight:
         rerank = Reranker.options(**opts(sv.reranker)).bind(
-            tight, index_dir, sv.max_words, batch(sv.reranker), sv.reranker.num_gpus)
+            tight, index_dir, sv.max_words, batch(sv.reranker), sv.reranker.num_gpus, meta["rerank"]["fingerprint"])
     limits = {"max_text_chars": sv.limits.max_text_chars, "max_k": sv.limits.max_k,
               "max_upload_mb": sv.limits.max_upload_mb, "rerank_candidates": sv.limits.rerank_candidates}
     return Ingress.options(**opts(sv.ingress)).bind(text, vid, searcher, rerank, limits)

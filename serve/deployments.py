@@ -47,6 +47,23 @@ def _configure(method: Any, batch: dict) -> None:
     method.set_batch_wait_timeout_s(float(batch["batch_wait_timeout_s"]))
 
 
+def _load(export_dir: str, device: str, fingerprint: str) -> Any:
+    """The export, checked to hold the weights the index was built with (`fingerprint`; "" is
+    not checked). The app checks its exports when it starts; a replica starts later too (an
+    autoscaled or a restarted one), and an export written again at that path since (a run
+    trained anew under the same name, a clip editing round) gave its queries vectors of another
+    model than the index's and the other replicas', without a word."""
+    from clipray.export import load_export
+    from serve import store
+
+    model = load_export(export_dir, device)
+    if fingerprint and store.fingerprint(export_dir) != fingerprint:  # after the load: what was loaded or newer
+        raise ConfigError(f"{export_dir} now holds other weights than the index was built with (exported "
+                          "again since this app started): its vectors would not match; restart the app "
+                          "with checkpoint= an export of the index's weights")
+    return model
+
+
 TOKEN_CACHE_MAX = 100_000  # words whose BPE open_clip's tokenizer keeps (~30 MB)
 
 
@@ -79,10 +96,8 @@ def _tokenizer(model: Any, max_words: int) -> Any:
 
 @serve.deployment
 class TextEncoder:
-    def __init__(self, export_dir: str, max_words: int, batch: dict, num_gpus: float = 0.0):
-        from clipray.export import load_export
-
-        self.model = load_export(export_dir, _device(num_gpus))
+    def __init__(self, export_dir: str, max_words: int, batch: dict, num_gpus: float = 0.0, fingerprint: str = ""):
+        self.model = _load(export_dir, _device(num_gpus), fingerprint)
         self.tokenize = _tokenizer(self.model, max_words)
         _configure(self.encode_batch, batch)
         self.batch_sizes: list[int] = []
@@ -106,11 +121,9 @@ class TextEncoder:
 
 @serve.deployment
 class VideoEncoder:
-    def __init__(self, export_dir: str, video: dict, batch: dict, num_gpus: float = 0.0):
-        from clipray.export import load_export
-
+    def __init__(self, export_dir: str, video: dict, batch: dict, num_gpus: float = 0.0, fingerprint: str = ""):
         self.device = _device(num_gpus)
-        self.model = load_export(export_dir, self.device)
+        self.model = _load(export_dir, self.device, fingerprint)
         self.video = dataclasses.replace(VideoConfig(**video), size=self.model.image_size)
         _configure(self.embed_batch, batch)
 
@@ -218,14 +231,14 @@ class Searcher:
 class Reranker:
     """tightTransf over the loose index's candidates: score(text, clip) from stored features."""
 
-    def __init__(self, export_dir: str, index_dir: str, max_words: int, batch: dict, num_gpus: float = 0.0):
+    def __init__(self, export_dir: str, index_dir: str, max_words: int, batch: dict, num_gpus: float = 0.0,
+                 fingerprint: str = ""):
         import torch
 
-        from clipray.export import load_export
         from serve import store
 
         self.device = _device(num_gpus)
-        self.model = load_export(export_dir, self.device)
+        self.model = _load(export_dir, self.device, fingerprint)
         self.tokenize = _tokenizer(self.model, max_words)
         count = store.read_meta(index_dir)["count"]
         stored = store.read_rerank(index_dir, count)

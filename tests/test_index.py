@@ -260,6 +260,41 @@ def test_an_index_copied_without_its_parts_fails_to_start_saying_so(tmp_path):
     Reranker.func_or_class(tight, str(idx), 32, batch)
 
 
+def test_a_replica_started_after_its_export_was_written_again_refuses_it(tmp_path):
+    """The app checks its exports against the index when it starts; its replicas load them
+    later too (an autoscaled or a restarted one). An export written again at that path meanwhile
+    (a run trained anew under its name, a clip editing round) was loaded without a word, and the
+    queries that replica encoded were vectors of another model than the index's."""
+    import torch
+
+    from clipray.export import save_export
+    from clipray.models import create_model
+    from serve import store
+    from serve.deployments import Reranker, TextEncoder, VideoEncoder
+
+    batch = {"max_batch_size": 4, "batch_wait_timeout_s": 0.0}
+    video = {"fps": 1.0, "max_frames": 2}
+    torch.manual_seed(0)
+    loose = str(save_export(create_model("test_meanP"), tmp_path / "run" / "export"))
+    tight = str(save_export(create_model("test_tightTransf"), tmp_path / "tight"))
+    fp, tight_fp = store.fingerprint(loose), store.fingerprint(tight)
+    store.write_part(tmp_path / "idx", {"row_id": np.arange(1), "feats": np.zeros((1, 2, 64), np.float16),
+                                        "mask": np.ones((1, 2), np.uint8)}, sub=store.RERANK_DIR)
+    store.write_meta(tmp_path / "idx", {"count": 1})
+    TextEncoder.func_or_class(loose, 32, batch, 0.0, fp)  # the weights the index was built with
+    VideoEncoder.func_or_class(loose, video, batch, 0.0, fp)
+    Reranker.func_or_class(tight, str(tmp_path / "idx"), 32, batch, 0.0, tight_fp)
+    save_export(create_model("test_meanP"), loose)  # trained anew under the same run name
+    save_export(create_model("test_tightTransf"), tight)
+    said = r"now holds other weights than the index was built with \(exported again since this app started\)"
+    with pytest.raises(ConfigError, match=rf"^{loose} {said}"):
+        TextEncoder.func_or_class(loose, 32, batch, 0.0, fp)
+    with pytest.raises(ConfigError, match=rf"^{loose} {said}"):
+        VideoEncoder.func_or_class(loose, video, batch, 0.0, fp)
+    with pytest.raises(ConfigError, match=rf"^{tight} {said}"):
+        Reranker.func_or_class(tight, str(tmp_path / "idx"), 32, batch, 0.0, tight_fp)
+
+
 def test_serving_with_the_export_at_a_uri_keeps_a_copy_in_an_index_built_from_a_local_one(s3_server, tmp_path):
     """An index built on one machine from a local export, copied to a server that reaches the
     run (and its export) only in object storage: `checkpoint=s3://.../export` was fetched,
