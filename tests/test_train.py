@@ -330,6 +330,33 @@ def test_a_run_folder_that_cannot_be_made_fails_before_ray_starts(synth_small, t
             run(cfg, quiet_ray=True)
 
 
+def test_a_second_run_in_a_run_folder_in_use_is_refused_before_ray_starts(synth_small, tmp_path, monkeypatch):
+    """Two runs under one train.run_name at once (a command started twice, two shells): both
+    found no checkpoint, each wrote its settings into resume_key.json over the other's, and both
+    wrote checkpoints, skip files and the export into the one folder, so a resume went on from
+    another run's checkpoint without a word. The folder's lock (held here, as a running
+    `clipray train` or `clipray edit` holds it) refuses the second before Ray starts."""
+    import fcntl
+
+    import clipray.runtime
+    from clipray.config import ConfigError
+    from train import driver, edit
+
+    monkeypatch.setattr(clipray.runtime, "init_ray", lambda *a, **k: pytest.fail("Ray started"))
+    (tmp_path / "busy").mkdir()
+    with open(tmp_path / "busy" / ".run.lock", "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        for run, config, manifest in ((driver.run, DEMO, synth_small["manifest"]),
+                                      (edit.run, REPO / "train/configs/edit_demo.yaml", synth_small["events_manifest"])):
+            with pytest.raises(ConfigError, match=rf"^{tmp_path}/busy: another training or clip editing run is "
+                                                  r"writing this run folder now .*give another train.run_name"):
+                run(load_config(config, overrides(manifest, tmp_path, "busy")), quiet_ray=True)
+    assert [p.name for p in (tmp_path / "busy").iterdir()] == [".run.lock"]  # nothing of either written
+    with driver.run_folder_lock(f"{tmp_path}/busy"):  # one process: clip editing's rounds train in its folder
+        with driver.run_folder_lock(f"{tmp_path}/busy"):
+            pass
+
+
 def test_an_empty_run_name_or_part_fails_before_ray_starts(synth_small, tmp_path):
     """`train.run_name=` (an unset shell variable): Ray Train named the checkpoints' folder anew
     at every start (ray_train_run-<date>), so a re-run never resumed, while result.json, the export

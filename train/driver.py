@@ -147,6 +147,39 @@ def make_run_dir(out: str) -> None:
         raise ConfigError(f"train.storage_path: cannot create the run folder {out} ({e})") from e
 
 
+RUN_LOCK = ".run.lock"  # held by the one process training (or clip editing) in a local run folder
+_LOCKED: dict[str, Any] = {}  # run folders this process holds: clip editing's rounds train in its own
+
+
+@contextlib.contextmanager
+def run_folder_lock(out: str) -> Iterator[None]:
+    """A local run folder, locked for this process (flock, released when it ends however it
+    ends). Two runs under one train.run_name at once both found no checkpoint, each recorded
+    its own settings in resume_key.json over the other's, and both wrote checkpoints, skip files,
+    metrics and the export into the one folder: a later resume went on from whichever
+    checkpoint was newest, another run's under other settings, without a word. The second is
+    now refused before Ray starts. (A run folder in object storage cannot be locked.)"""
+    if "://" in out or out in _LOCKED:
+        yield
+        return
+    import fcntl
+
+    with open(Path(out) / RUN_LOCK, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ConfigError(f"{out}: another training or clip editing run is writing this run folder now "
+                              "(the same train.run_name and train.storage_path): let it finish, or give "
+                              "another train.run_name") from None
+        except OSError:  # a filesystem without locks (ENOLCK): used unlocked, as before
+            pass
+        _LOCKED[out] = f
+        try:
+            yield
+        finally:
+            del _LOCKED[out]
+
+
 RESUME_KEY = "resume_key.json"  # what a checkpoint of the run must match to be continued
 RAY_CHECKPOINT_RECORD = "checkpoint_manager_snapshot.json"  # Ray Train's list of a run's checkpoints
 
@@ -309,6 +342,11 @@ def run(cfg: Config, quiet_ray: bool = False, stop_epoch: int = 0, table: bool =
     calling again with the same run name continues from there, on whatever data the new call
     names, with the learning-rate schedule still spanning `train.epochs`: clip editing trains
     its rounds this way."""
+    with contextlib.ExitStack() as held:  # the run folder's lock, once it is made
+        return _run(cfg, quiet_ray, stop_epoch, table, held)
+
+
+def _run(cfg: Config, quiet_ray: bool, stop_epoch: int, table: bool, held: contextlib.ExitStack) -> dict[str, Any]:
     if not cfg.data.manifest:
         raise ConfigError("data.manifest is empty: give a manifest (e.g. data.manifest=PATH)")
     if cfg.train.checkpoint_every_steps and not cfg.train.max_steps:
@@ -352,6 +390,7 @@ def run(cfg: Config, quiet_ray: bool = False, stop_epoch: int = 0, table: bool =
     fitted = model_io(cfg)
     check_negatives(fitted)
     make_run_dir(out)
+    held.enter_context(run_folder_lock(out))
     # the manifest's files (names, sizes, footers) also identify it: a resume finds it moved
     files = None if cfg.data.shard_stream or stop_epoch else manifest_signature(cfg.data.manifest)
     with storage_access(cfg, out):

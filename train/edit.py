@@ -34,6 +34,7 @@ Run directory = that of `clipray train`, plus:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import dataclasses
 import io
@@ -309,6 +310,11 @@ def _val(final: dict) -> dict[str, float]:
 
 def run(cfg: Config, quiet_ray: bool = False) -> dict[str, Any]:
     """Stages 1-3 and the final test; returns edit_result.json's content."""
+    with contextlib.ExitStack() as held:  # the run folder's lock, once it is made
+        return _run(cfg, quiet_ray, held)
+
+
+def _run(cfg: Config, quiet_ray: bool, held: contextlib.ExitStack) -> dict[str, Any]:
     from clipray.manifest import default_root
     from clipray.runtime import init_ray, model_pool, quiet_data_progress
     from train import driver
@@ -348,6 +354,7 @@ def run(cfg: Config, quiet_ray: bool = False) -> dict[str, Any]:
     # warm-up's training, after Ray started
     driver.check_steps(base, driver.count_rows(source, "train"))
     driver.make_run_dir(out)
+    held.enter_context(driver.run_folder_lock(out))  # its rounds' training runs hold it too
     captions, skips = initial_captions(source, root, e, data.video.backend)
     driver.check_steps(base, len(captions), "usable training captions")
     with driver.storage_access(cfg, out):
