@@ -119,6 +119,27 @@ def test_a_folder_linked_twice_under_the_root_gives_the_same_paths_whatever_the_
                      "MSRVTT_Videos/video7011.mp4"}
 
 
+def test_a_second_prepare_into_a_manifest_being_written_is_refused(tmp_path):
+    """Two prepares into one --out at once (a command started twice) both wrote the same
+    part-00000.parquet.partial: one reported its rows written and left a file that failed every
+    read (ArrowInvalid: its pages overwritten by the other's), the other failed renaming a file
+    that was gone. The manifest's lock (held here, as a running prepare holds it) refuses the
+    second before it writes anything, for a folder of shards as for one file."""
+    import fcntl
+
+    fx.write_msrvtt(tmp_path)
+    for out in (tmp_path / "out" / "m.parquet", tmp_path / "out" / "shards"):
+        out.parent.mkdir(exist_ok=True)
+        with open(out.parent / f".{out.name}.prepare.lock", "a") as held:
+            fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            with pytest.raises(SourceError, match=rf"^{out}: another `clipray data prepare` is writing this "
+                                                  r"manifest now: let it finish, or give another --out$"):
+                prepare("msrvtt", tmp_path, out)
+        assert not out.exists() or not any(out.iterdir())
+        assert prepare("msrvtt", tmp_path, out).rows == 5  # released: the next prepare writes it
+        assert len(read_manifest(str(out))) == 5
+
+
 def test_msrvtt_7k_no_expand_and_semicolon_test_csv(tmp_path):
     fx.write_msrvtt(tmp_path, test_delimiter=";")
     out = tmp_path / "m.parquet"

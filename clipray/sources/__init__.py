@@ -14,12 +14,13 @@ in specs/datasets.md; one module per release holds its rules.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
 from clipray.manifest import MAX_DISTINCT, Every, ManifestError, ManifestWriter, Tally
 from clipray.sources import activitynet, didemo, generic, howto100m, lsmdc, msrvtt, msvd, youcook2
@@ -136,27 +137,53 @@ def _prepare(name: str, root: str, out: str, progress_s: float | None = None, **
     first = next(rows, None)
     metadata = {"source": name, "root": root, "options": opts, **ctx.metadata}
     writer = ManifestWriter(out, rows_per_shard=int(opts["rows_per_shard"]), metadata=metadata)
-    _remove_old_shards(out)
-    tally, every = Tally(), Every(progress_s)
-    try:
-        if first is not None:
-            for row in _chain(first, rows):
-                _add(writer, row, ctx, tally)
-                if every():
-                    print(f"  {name}: {writer.rows:,} rows written, {len(writer.shards)} shards, "
-                          f"{writer.rows / (time.perf_counter() - started):,.0f} rows/s",
-                          file=sys.stderr, flush=True)
-        writer.close()
-    except BaseException:
-        # a format error deep in a big source: leave no half manifest that reads as complete
-        writer.discard()
-        raise
+    with _writing(out):
+        _remove_old_shards(out)
+        tally, every = Tally(), Every(progress_s)
+        try:
+            if first is not None:
+                for row in _chain(first, rows):
+                    _add(writer, row, ctx, tally)
+                    if every():
+                        print(f"  {name}: {writer.rows:,} rows written, {len(writer.shards)} shards, "
+                              f"{writer.rows / (time.perf_counter() - started):,.0f} rows/s",
+                              file=sys.stderr, flush=True)
+            writer.close()
+        except BaseException:
+            # a format error deep in a big source: leave no half manifest that reads as complete
+            writer.discard()
+            raise
     return PrepareReport(
         source=name, root=root, out=out, rows=writer.rows, videos=len(tally.videos),
         captions=tally.distinct_captions, per_split=tally.per_split,
         missing_videos=sorted(ctx.missing_ids), rejected=dict(ctx.rejected),
         rejected_examples=list(ctx.rejected_examples), shards=list(writer.shards), options=opts,
         metadata=metadata, notes=list(ctx.notes), seconds=time.perf_counter() - started)
+
+
+@contextlib.contextmanager
+def _writing(out: str) -> Iterator[None]:
+    """A local manifest, locked while this process writes it (flock on a hidden
+    `.NAME.prepare.lock` beside it, released when the process ends however it ends). Two
+    prepares into one --out both wrote the same `part-00000.parquet.partial`: one said it had
+    written the manifest, which then failed every read (its pages overwritten by the other's),
+    and the other failed renaming a file that was gone. The second is now refused at once.
+    (A manifest in object storage cannot be locked.)"""
+    if is_uri(out):
+        yield
+        return
+    import fcntl
+
+    path = os.path.abspath(out)
+    with open(os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.prepare.lock"), "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise SourceError(f"{out}: another `clipray data prepare` is writing this manifest now: let it "
+                              "finish, or give another --out") from None
+        except OSError:  # a filesystem without locks (ENOLCK): written unlocked, as before
+            pass
+        yield
 
 
 def _add(writer: ManifestWriter, row: dict, ctx: Context, tally: Tally) -> None:
