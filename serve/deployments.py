@@ -233,24 +233,37 @@ class Reranker:
 
     def __init__(self, export_dir: str, index_dir: str, max_words: int, batch: dict, num_gpus: float = 0.0,
                  fingerprint: str = ""):
+        self.device = _device(num_gpus)
+        self.model = _load(export_dir, self.device, fingerprint)
+        self.tokenize = _tokenizer(self.model, max_words)
+        self.index_dir = index_dir
+        self._read_features()
+        _configure(self.rerank_batch, batch)
+
+    def _read_features(self) -> None:
         import torch
 
         from serve import store
 
-        self.device = _device(num_gpus)
-        self.model = _load(export_dir, self.device, fingerprint)
-        self.tokenize = _tokenizer(self.model, max_words)
-        count = store.read_meta(index_dir)["count"]
-        stored = store.read_rerank(index_dir, count)
+        count = store.read_meta(self.index_dir)["count"]
+        stored = store.read_rerank(self.index_dir, count)
         if stored is None:  # a copy of the index without its rerank/ folder (`cp` without -r)
-            raise ConfigError(f"{index_dir}: its index.json names a re-ranker and it has no {store.RERANK_DIR}/ "
-                              "parts: copy the whole index folder again")
+            raise ConfigError(f"{self.index_dir}: its index.json names a re-ranker and it has no "
+                              f"{store.RERANK_DIR}/ parts: copy the whole index folder again")
         feats, mask = stored
         self.feats, self.mask = torch.from_numpy(feats), torch.from_numpy(mask).bool()
-        _configure(self.rerank_batch, batch)
 
     @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.005)
     async def rerank_batch(self, reqs: list[tuple[str, list[int]]]) -> list[list[float]]:
+        return self.rerank_many(reqs)
+
+    def rerank_many(self, reqs: list[tuple[str, list[int]]]) -> list[list[float]]:
+        """Each (text, candidate ids)'s scores. Candidates past the features this replica read
+        come from a Searcher replica started after an append to the index (autoscaled, or
+        restarted): the features are read again, with the appended clips'. Indexed with them as
+        they were, the batch failed with an IndexError, a 500 for every request in it."""
+        if max((max(ids) for _, ids in reqs if len(ids)), default=-1) >= len(self.feats):
+            self._read_features()
         return score_candidates(self.model, self.tokenize, self.feats, self.mask, reqs)
 
     async def rerank(self, text: str, ids: list[int]) -> list[float]:

@@ -257,7 +257,21 @@ def test_an_index_copied_without_its_parts_fails_to_start_saying_so(tmp_path):
     s = Searcher.func_or_class(str(idx), batch)
     assert s.info()["clips"] == 3 and s.clip_path(2) == "/v/2.mp4" and s.clip_path(3) is None
     assert [h["clip_id"] for h in s.search_many([(np.eye(1, dim, 1, dtype=np.float32)[0], 5)])[0]][:1] == [1]
-    Reranker.func_or_class(tight, str(idx), 32, batch)
+    before = Reranker.func_or_class(tight, str(idx), 32, batch)
+    # the append finishes; a Searcher replica started since (autoscaled, restarted) returns its
+    # clips to a Reranker replica that read the features before: it reads them again, where the
+    # batch failed with an IndexError (a 500 for every request in it, those of old clips too)
+    feats = np.random.default_rng(0).standard_normal((2, 2, dim)).astype(np.float16)
+    store.write_part(idx, {"row_id": np.arange(3, 5), "feats": feats, "mask": np.ones((2, 2), np.uint8)},
+                     sub=store.RERANK_DIR)
+    meta = store.read_meta(idx)
+    store.write_meta(idx, _rebuild(idx, cfg, loose, meta["fingerprint"], tight, read_export_config(loose), [], meta))
+    assert Searcher.func_or_class(str(idx), batch).info()["clips"] == 5
+    reqs = [("a red square", [0, 1]), ("a blue circle", [4, 3, 2])]
+    want = Reranker.func_or_class(tight, str(idx), 32, batch).rerank_many(reqs)
+    got = before.rerank_many(reqs)
+    assert [len(g) for g in got] == [2, 3] and np.allclose(got[0], want[0]) and np.allclose(got[1], want[1])
+    assert got[1][0] != got[1][2]  # the appended clip's own features, not a row of zeros
 
 
 def test_a_replica_started_after_its_export_was_written_again_refuses_it(tmp_path):
