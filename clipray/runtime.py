@@ -23,10 +23,30 @@ console, INFO lines in Ray Data's log file only.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+from typing import Iterator
 
 from clipray.config import ConfigError, RayConfig
+
+@contextlib.contextmanager
+def exclusive(lock_file: str, busy: Exception) -> Iterator[None]:
+    """Hold an exclusive flock on `lock_file` (made if absent) for the block, or raise `busy` at
+    once when another process holds it. The kernel releases it when the process ends, however
+    it ends, so a killed run leaves nothing to clean up. A filesystem without locks (ENOLCK) is
+    used unlocked."""
+    import fcntl
+
+    with open(lock_file, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise busy from None
+        except OSError:
+            pass
+        yield
+
 
 # Ray reads its settings from RAY_<name> in the environment of each of its processes
 FREE_OBJECTS_ENV = "RAY_free_objects_period_milliseconds"

@@ -273,21 +273,15 @@ LOCK = ".index.lock"  # held by the one `clipray index` writing the folder
 
 @contextlib.contextmanager
 def _writing(out: Path) -> Iterator[None]:
-    """The index folder, locked for this run (flock, released when the process ends however it
-    ends). Two runs into one out= both numbered their part after the parts they saw and gave
-    its rows the same first row id: one run's part replaced the other's without a word, its
-    clips lost though it said 'N added', or both parts stayed and the index failed every later
-    read. The second run is now refused, before it embeds anything."""
-    import fcntl
+    """The index folder, locked for this run. Two runs into one out= both numbered their part
+    after the parts they saw and gave its rows the same first row id: one run's part replaced
+    the other's without a word, its clips lost though it said 'N added', or both parts stayed
+    and the index failed every later read. The second run is now refused, before it embeds
+    anything."""
+    from clipray.runtime import exclusive
 
-    with open(out / LOCK, "a") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise ConfigError(f"out={out}: another `clipray index` is writing this index now; run this "
-                              "one when it has finished (or give another out=)") from None
-        except OSError:  # a filesystem without locks (ENOLCK): written unlocked, as before
-            pass
+    with exclusive(str(out / LOCK), ConfigError(f"out={out}: another `clipray index` is writing this index now; "
+                                                "run this one when it has finished (or give another out=)")):
         yield
 
 

@@ -148,36 +148,31 @@ def make_run_dir(out: str) -> None:
 
 
 RUN_LOCK = ".run.lock"  # held by the one process training (or clip editing) in a local run folder
-_LOCKED: dict[str, Any] = {}  # run folders this process holds: clip editing's rounds train in its own
+_LOCKED: set[str] = set()  # run folders this process holds: clip editing's rounds train in its own
 
 
 @contextlib.contextmanager
 def run_folder_lock(out: str) -> Iterator[None]:
-    """A local run folder, locked for this process (flock, released when it ends however it
-    ends). Two runs under one train.run_name at once both found no checkpoint, each recorded
-    its own settings in resume_key.json over the other's, and both wrote checkpoints, skip files,
-    metrics and the export into the one folder: a later resume went on from whichever
-    checkpoint was newest, another run's under other settings, without a word. The second is
-    now refused before Ray starts. (A run folder in object storage cannot be locked.)"""
+    """A local run folder, locked for this process. Two runs under one train.run_name at once
+    both found no checkpoint, each recorded its own settings in resume_key.json over the
+    other's, and both wrote checkpoints, skip files, metrics and the export into the one folder:
+    a later resume went on from whichever checkpoint was newest, another run's under other
+    settings, without a word. The second is now refused before Ray starts. (A run folder in
+    object storage cannot be locked.)"""
     if "://" in out or out in _LOCKED:
         yield
         return
-    import fcntl
+    from clipray.runtime import exclusive
 
-    with open(Path(out) / RUN_LOCK, "a") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise ConfigError(f"{out}: another training or clip editing run is writing this run folder now "
-                              "(the same train.run_name and train.storage_path): let it finish, or give "
-                              "another train.run_name") from None
-        except OSError:  # a filesystem without locks (ENOLCK): used unlocked, as before
-            pass
-        _LOCKED[out] = f
+    with exclusive(str(Path(out) / RUN_LOCK),
+                   ConfigError(f"{out}: another training or clip editing run is writing this run folder now "
+                               "(the same train.run_name and train.storage_path): let it finish, or give "
+                               "another train.run_name")):
+        _LOCKED.add(out)
         try:
             yield
         finally:
-            del _LOCKED[out]
+            _LOCKED.discard(out)
 
 
 RESUME_KEY = "resume_key.json"  # what a checkpoint of the run must match to be continued

@@ -163,26 +163,20 @@ def _prepare(name: str, root: str, out: str, progress_s: float | None = None, **
 
 @contextlib.contextmanager
 def _writing(out: str) -> Iterator[None]:
-    """A local manifest, locked while this process writes it (flock on a hidden
-    `.NAME.prepare.lock` beside it, released when the process ends however it ends). Two
-    prepares into one --out both wrote the same `part-00000.parquet.partial`: one said it had
-    written the manifest, which then failed every read (its pages overwritten by the other's),
-    and the other failed renaming a file that was gone. The second is now refused at once.
-    (A manifest in object storage cannot be locked.)"""
+    """A local manifest, locked while this process writes it (a hidden `.NAME.prepare.lock`
+    beside it). Two prepares into one --out both wrote the same `part-00000.parquet.partial`:
+    one said it had written the manifest, which then failed every read (its pages overwritten
+    by the other's), and the other failed renaming a file that was gone. The second is now
+    refused at once. (A manifest in object storage cannot be locked.)"""
     if is_uri(out):
         yield
         return
-    import fcntl
+    from clipray.runtime import exclusive
 
     path = os.path.abspath(out)
-    with open(os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.prepare.lock"), "a") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise SourceError(f"{out}: another `clipray data prepare` is writing this manifest now: let it "
-                              "finish, or give another --out") from None
-        except OSError:  # a filesystem without locks (ENOLCK): written unlocked, as before
-            pass
+    with exclusive(os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.prepare.lock"),
+                   SourceError(f"{out}: another `clipray data prepare` is writing this manifest now: let it "
+                               "finish, or give another --out")):
         yield
 
 
