@@ -322,6 +322,13 @@ class Ingress:
                                      f"{self.limits['max_text_chars']} (serve.limits.max_text_chars)")
         return text
 
+    async def _encode(self, text: str) -> Any:
+        emb = await _call(self.text.encode, text)
+        if emb is None:  # `&nbsp;`, a control character: answered as the empty text was
+            raise HTTPException(422, "text: the query has no words once cleaned for the tokenizer "
+                                     "(HTML entities and control characters are dropped)")
+        return emb
+
     def _k(self, k: Optional[int]) -> int:
         if k is None:  # not given: the default, within the limit (a max_k below it refused every such request)
             return min(DEFAULT_K, self.limits["max_k"])
@@ -369,7 +376,7 @@ class Ingress:
     async def search(self, req: SearchRequest) -> dict:
         """Text-to-video: the top-k indexed clips for a text query."""
         text, k = self._text(req.text), self._k(req.k)
-        return await self._search(await _call(self.text.encode, text), k, text)
+        return await self._search(await self._encode(text), k, text)
 
     @api.post("/search/video", response_model=SearchResponse, responses=_errors(400, 413, 415, 422))
     async def search_video(self, request: Request, file: UploadFile = File(..., description="a video clip"),
@@ -381,7 +388,7 @@ class Ingress:
 
     @api.post("/encode/text", response_model=Embedding, responses=_errors(400, 413, 422))
     async def encode_text(self, req: TextRequest) -> dict:
-        emb = await _call(self.text.encode, self._text(req.text))
+        emb = await self._encode(self._text(req.text))
         return {"embedding": emb.tolist(), "dim": len(emb)}
 
     @api.post("/encode/video", response_model=Embedding, responses=_errors(400, 413, 415, 422))

@@ -99,17 +99,22 @@ class TextEncoder:
     def __init__(self, export_dir: str, max_words: int, batch: dict, num_gpus: float = 0.0, fingerprint: str = ""):
         self.model = _load(export_dir, _device(num_gpus), fingerprint)
         self.tokenize = _tokenizer(self.model, max_words)
+        self.no_words = self.tokenize([""])[0, :2]  # start and end of text, nothing between
         _configure(self.encode_batch, batch)
         self.batch_sizes: list[int] = []
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
-    async def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
+    async def encode_batch(self, texts: list[str]) -> list[Optional[np.ndarray]]:
+        """Each text's vector; None for a text the tokenizer cleans to no words (`&nbsp;`, a
+        control character), which was answered as if it were the empty text."""
         import torch
 
         self.batch_sizes = (self.batch_sizes + [len(texts)])[-1000:]
-
+        tokens = self.tokenize(texts)
+        empty = (tokens[:, :2] == self.no_words).all(1).tolist()
         with torch.no_grad():  # on the event loop: see the module docstring
-            return list(self.model.encode_text(self.tokenize(texts)).float().cpu().numpy())
+            vectors = self.model.encode_text(tokens).float().cpu().numpy()
+        return [None if e else v for v, e in zip(vectors, empty)]
 
     async def encode(self, text: str) -> np.ndarray:
         return await self.encode_batch(text)
