@@ -46,6 +46,7 @@ from clipray.video import SkipClip, decode_clip_safe
 
 DATA_COLUMNS = ["row_id", "video_id", "path", "start", "end", "caption"]
 SKIP_DIR = "skips"
+NO_WORDS = "caption has no words once cleaned for the tokenizer"
 _TOKENIZER_MODULE = "clipray._open_clip_tokenizer"
 
 
@@ -89,6 +90,7 @@ class ClipDecoder:
         self.cfg = data.video
         self.root = root
         self.tokenize = caption_tokenizer(data.tokenizer, data.max_words)
+        self.no_words = self.tokenize([""]).numpy()[0, :2]  # start and end of text, nothing between
         self.skip_dir = skip_dir.rstrip("/")
         self.name = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.calls = 0
@@ -129,8 +131,16 @@ class ClipDecoder:
         # each clip is decoded straight into its row of the batch: no second copy of the frames
         frames = self._frames_buffer((n, T, 3, S, S))
         masks = np.empty((n, T), dtype=np.uint8)
+        # tokenised first: a caption the tokenizer cleans to no words (an HTML entity such as
+        # &nbsp;, a control character) trained as the empty text, its clip's vector pulled to it
+        tokens = self.tokenize([str(c) for c in batch["caption"]]).numpy()
+        no_words = (tokens[:, :2] == self.no_words).all(1)
         keep, skips = [], []
         for i in range(n):
+            if no_words[i]:
+                skips.append({"row_id": int(batch["row_id"][i]), "video_id": str(batch["video_id"][i]),
+                              "path": str(batch["path"][i]).strip(), "reason": NO_WORDS})
+                continue
             # stripped, as the manifest's own check reads it (clipray data check, clipray index):
             # a hand-written manifest's "videos/x.mp4 " was every clip skipped as a missing file
             path = str(batch["path"][i]).strip()
@@ -148,11 +158,10 @@ class ClipDecoder:
         if not keep:
             return {}
         k = len(keep)
-        tokens = self.tokenize([str(batch["caption"][i]) for i in keep]).numpy()
         return {
             "frames": frames[:k],
             "frame_mask": masks[:k],
-            "tokens": tokens.astype(np.int64),
+            "tokens": tokens[keep].astype(np.int64),
             "row_id": np.asarray(batch["row_id"])[keep].astype(np.int64),
         }
 

@@ -11,7 +11,7 @@ import pytest
 from bad_videos import GatedServer, plant
 from clipray.config import DataConfig, VideoConfig
 from clipray.manifest import read_manifest, write_manifest
-from clipray.pipeline import ClipDecoder, clip_dataset, collect_skips
+from clipray.pipeline import NO_WORDS, ClipDecoder, clip_dataset, collect_skips
 from clipray.video import decode_clip
 
 
@@ -125,6 +125,15 @@ def test_a_batch_whose_clips_are_all_skipped_returns_no_columns_but_the_report(s
     out = dec(batch([rows[0]["path"], "gone/x.mp4", rows[2]["path"], rows[3]["path"]]))
     assert out["row_id"].tolist() == [0, 2, 3] and out["frames"].shape == (3, 4, 3, 32, 32)
     assert out["frame_mask"].sum(axis=1).min() >= 1  # real frames, no zero stand-in
+    assert (out["tokens"] == dec.tokenize([rows[i]["caption"] for i in (0, 2, 3)]).numpy()).all()
+
+    # a caption the tokenizer cleans to no words trained as the empty text: skipped, with its reason
+    rows[1]["caption"], rows[3]["caption"] = "&nbsp;", "\x00 \x07"
+    out = dec(batch([r["path"] for r in rows]))
+    assert out["row_id"].tolist() == [0, 2]
+    assert (out["tokens"] == dec.tokenize([rows[0]["caption"], rows[2]["caption"]]).numpy()).all()
+    report = [json.loads(line) for f in sorted((tmp_path / "skips").iterdir()) for line in f.read_text().splitlines()]
+    assert [(r["row_id"], r["reason"]) for r in report[-2:]] == [(1, NO_WORDS), (3, NO_WORDS)]
 
 
 def test_skip_report_keeps_rows_of_two_manifests_that_share_a_row_id(synth_small, tmp_path):
