@@ -22,8 +22,10 @@ the Parquet schema metadata.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -267,6 +269,20 @@ def filesystem(path: str) -> tuple[pafs.FileSystem, str]:
         fs, _ = pafs.FileSystem.from_uri(f"{scheme}://{rest.split('/', 1)[0]}")
         return fs, rest.rstrip("/")
     return pafs.FileSystem.from_uri(uri)
+
+
+@contextlib.contextmanager
+def naming(path: str) -> Iterator[None]:
+    """Around a write of `path`: an OSError that names no file is raised again naming `path`.
+    A full disk, a quota or a file size limit met while writing (Python's file objects,
+    pyarrow's writers) is an OSError with an errno and no file name, which the commands
+    (clipray.cli) could not name, so they ended in its traceback."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is not None or not e.errno:  # (an object store's error keeps its own words)
+            raise
+        raise OSError(e.errno, os.strerror(e.errno), str(path)) from e
 
 
 def fsspec_path(path: str) -> tuple[Any, str]:

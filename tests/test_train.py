@@ -1145,6 +1145,36 @@ def test_a_run_resumes_on_its_manifest_moved_or_copied_to_another_path(tmp_path,
             check_resume(str(out), key(other))
 
 
+def test_a_run_folder_file_rewritten_on_a_full_disk_keeps_the_old_one(tmp_path):
+    """resume_key.json (rewritten when a run resumes on its manifest or weights moved), and
+    result.json, metrics.csv, config.yaml, were written in place: a write that failed midway (a
+    full disk; here a file size limit, EFBIG) left the file cut, and every later run of the
+    command failed on the cut record's JSONDecodeError traceback. The old file now stays whole,
+    no `.partial` is left, and the error names the file."""
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    out.mkdir()
+    old = json.dumps({"data.batch_size": 8}, indent=1)
+    (out / "resume_key.json").write_text(old)
+    script = (
+        "import json, resource, signal, sys\n"
+        "from train.driver import _put_text\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))\n"
+        "try:\n"
+        f"    _put_text({str(out / 'resume_key.json')!r}, json.dumps({{'x': 'y' * 100_000}}))\n"
+        "except OSError as e:\n"
+        "    print(e.filename, e.errno)\n")
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split() == [str(out / "resume_key.json"), "27"]  # EFBIG, named
+    assert (out / "resume_key.json").read_text() == old
+    assert sorted(p.name for p in out.iterdir()) == ["resume_key.json"]
+
+
 def test_a_run_resumes_on_its_pretrained_weights_moved_to_another_path(tmp_path, capsys):
     """A local model.pretrained file (open_clip weights kept in the project) is recorded by its
     absolute path in resume_key.json's model: the project moved, and the run was refused

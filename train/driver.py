@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from clipray.config import Config, ConfigError, to_yaml
-from clipray.manifest import check_unique_ids, file_signature, filesystem, fsspec_path, manifest_signature
+from clipray.manifest import (PARTIAL, check_unique_ids, file_signature, filesystem, fsspec_path, manifest_signature,
+                              naming)
 
 
 def model_io(cfg: Config) -> Config:
@@ -541,10 +542,25 @@ def evaluate_export(cfg: Config, export: str, split: str, name: str) -> dict[str
 
 
 def _put_text(uri: str, text: str) -> None:
+    """Write a file of the run folder whole or not at all. A local one is written under a
+    `.partial` name and moved over the old one when complete (an object store's PUT is whole
+    already): written in place, a write that failed midway (a full disk) left resume_key.json
+    cut, the record a resume is checked against, and every later run with a checkpoint failed
+    on its JSONDecodeError traceback. A failed write is one line naming the file."""
     fs, path = fsspec_path(uri)
-    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)  # as fsspec.open does for a write
-    with fs.open(path, "w") as f:
-        f.write(text)
+    with naming(uri):
+        fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)  # as fsspec.open does for a write
+        tmp = path if "://" in uri else path + PARTIAL
+        try:
+            with fs.open(tmp, "w") as f:
+                f.write(text)
+            if tmp != path:
+                fs.mv(tmp, path)
+        except BaseException:
+            if tmp != path:
+                with contextlib.suppress(OSError):
+                    fs.rm_file(tmp)
+            raise
 
 
 def _write_outputs(out: str, cfg: Config, history: list[dict], final: dict, export_src: Path) -> None:
