@@ -206,22 +206,27 @@ class ManifestWriter:
         if self._writer is None:
             path = self.root if self.single else f"{self.root}/{shard_name(len(self.shards))}"
             self.shards.append(path)
-            self._writer = pq.ParquetWriter(path + PARTIAL, self.schema, filesystem=self.fs)
+            with naming(path + PARTIAL):
+                self._writer = pq.ParquetWriter(path + PARTIAL, self.schema, filesystem=self.fs)
         if self._buf:
-            self._writer.write_batch(pa.RecordBatch.from_pylist(self._buf, schema=self.schema))
+            # a full disk is pyarrow's OSError naming no file: `clipray data synth` ended in its traceback
+            with naming(self.shards[-1] + PARTIAL):
+                self._writer.write_batch(pa.RecordBatch.from_pylist(self._buf, schema=self.schema))
         self._buf = []
 
     def _end_file(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
-        self._writer, self._in_shard = None, 0
+        writer, self._writer, self._in_shard = self._writer, None, 0
+        if writer is not None:
+            with naming(self.shards[-1] + PARTIAL):
+                writer.close()
 
     def close(self) -> "ManifestWriter":
         if self._buf or not self.shards:  # no row at all still gives an (empty) manifest
             self._flush()
         self._end_file()
         for path in self.shards[self._final:]:
-            self.fs.move(path + PARTIAL, path)  # on an object store, a copy: seconds each
+            with naming(path):
+                self.fs.move(path + PARTIAL, path)  # on an object store, a copy: seconds each
             self._final += 1
         return self
 
