@@ -170,8 +170,14 @@ class ClipDecoder:
         path = f"{self.skip_dir}/{SKIP_DIR}/{self.name}-{self.calls:06d}.jsonl"
         fs, p = fsspec_path(path)
         fs.makedirs(p.rsplit("/", 1)[0], exist_ok=True)
-        with fs.open(p, "w") as f:
+        # a local file under a name the report does not read until whole (an object store's PUT
+        # is whole already): a write cut midway (a full disk) left a line cut, and the skip
+        # report at the run's end failed on its JSONDecodeError, after every epoch had trained
+        tmp = p if "://" in path else p + ".partial"
+        with fs.open(tmp, "w") as f:
             f.write("".join(json.dumps(s) + "\n" for s in skips))
+        if tmp != p:
+            fs.mv(tmp, p)
 
 
 _DECODERS: dict[str, ClipDecoder] = {}  # this worker process's decoders, by settings
