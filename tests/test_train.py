@@ -1175,6 +1175,37 @@ def test_a_run_folder_file_rewritten_on_a_full_disk_keeps_the_old_one(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["resume_key.json"]
 
 
+def test_an_export_copied_over_the_last_one_on_a_full_disk_keeps_the_last_one(tmp_path):
+    """A run continued (clip editing's rounds, a resumed run) copies its export over the last
+    call's: copied in place, a full disk midway (here a file size limit, EFBIG) left the
+    weights cut beside the old config.json, an export that no longer loaded, the old one gone.
+    Each file is now moved in whole or not at all, and the error names it."""
+    import subprocess
+    import sys
+
+    out, src = tmp_path / "run", tmp_path / "new-export"
+    (out / "export").mkdir(parents=True)
+    (out / "export" / "model.safetensors").write_bytes(b"old weights")
+    src.mkdir()
+    (src / "model.safetensors").write_bytes(b"w" * 200_000)
+    script = ("import resource, signal, sys\n"
+              "from pathlib import Path\n"
+              "from clipray.config import load_config\n"
+              "from train.driver import _write_outputs\n"
+              "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+              "resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))\n"
+              "try:\n"
+              "    _write_outputs(sys.argv[1], load_config(None, []), [{'epoch': 1, 'loss': 1.0}], {}, Path(sys.argv[2]))\n"
+              "except OSError as e:\n"
+              "    print(e.filename, e.errno)\n")
+    res = subprocess.run([sys.executable, "-c", script, str(out), str(src)], capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert (out / "export" / "model.safetensors").read_bytes() == b"old weights"
+    assert sorted(p.name for p in (out / "export").iterdir()) == ["model.safetensors"]
+    assert res.stdout.split() == [str(out / "export" / "model.safetensors"), "27"]
+
+
 def test_a_run_resumes_on_its_pretrained_weights_moved_to_another_path(tmp_path, capsys):
     """A local model.pretrained file (open_clip weights kept in the project) is recorded by its
     absolute path in resume_key.json's model: the project moved, and the run was refused

@@ -572,12 +572,28 @@ def _write_outputs(out: str, cfg: Config, history: list[dict], final: dict, expo
     w.writerows(history)
     _put_text(f"{out}/metrics.csv", buf.getvalue())
     fs, root = fsspec_path(out)  # (a folder _put_text made)
-    with fs.open(f"{root}/curves.png", "wb") as f:
+    with naming(f"{out}/curves.png"), fs.open(f"{root}/curves.png", "wb") as f:
         f.write(_plot(history, cfg.data.eval_split))
     root = f"{root}/export"
     fs.makedirs(root, exist_ok=True)
     for p in export_src.iterdir():
-        fs.put_file(str(p), f"{root}/{p.name}")
+        # each file whole or not at all, as _put_text: the export of a run continued (clip
+        # editing's rounds, a resumed run) is written over the last call's, and copied in place,
+        # a full disk midway left its weights cut beside the old config.json, an export that no
+        # longer loaded (the old one gone)
+        dst = f"{root}/{p.name}"
+        tmp = dst if "://" in out else dst + PARTIAL
+        try:
+            fs.put_file(str(p), tmp)
+            if tmp != dst:
+                fs.mv(tmp, dst)
+        except BaseException as e:
+            if tmp != dst:
+                with contextlib.suppress(OSError):
+                    fs.rm_file(tmp)
+            if isinstance(e, OSError) and e.errno:  # (shutil names the file copied from)
+                raise OSError(e.errno, os.strerror(e.errno), f"{out}/export/{p.name}") from e
+            raise
 
 
 def _plot(history: list[dict], split: str = "test") -> bytes:
