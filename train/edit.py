@@ -276,13 +276,14 @@ def _put(uri: str, text: str) -> None:
     """Write a file whole or not at all: a `.partial` file moved over it when complete. Written
     in place, a write that failed midway (a full disk, the job killed) left a cut
     edit_state.json or edit_result.json, which every re-run then failed to read."""
-    from clipray.manifest import PARTIAL, filesystem
+    from clipray.manifest import PARTIAL, filesystem, naming
 
     data = text.encode()
     fs, path = filesystem(uri)
-    with fs.open_output_stream(path + PARTIAL) as f:
-        f.write(data)
-    fs.move(path + PARTIAL, path)
+    with naming(uri):  # pyarrow's OSError for a full disk names no file: the command's traceback
+        with fs.open_output_stream(path + PARTIAL) as f:
+            f.write(data)
+        fs.move(path + PARTIAL, path)
 
 
 def _get_json(uri: str) -> Optional[dict]:
