@@ -20,6 +20,7 @@ pydantic annotation to validate its args.
 """
 
 import asyncio
+import errno
 import json
 import os
 import re
@@ -93,7 +94,14 @@ _WHY = {400: "a body that cannot be parsed", 404: "an unknown clip id, or its fi
         413: "a body over the limit (serve.limits.max_upload_mb, or 64 KiB + 12 bytes a character of "
              "serve.limits.max_text_chars for a JSON query)",
         415: "an upload that is not a usable video", 416: "a Range past the end of the file",
-        422: "a missing, unknown or invalid field, with the rule it breaks"}
+        422: "a missing, unknown or invalid field, with the rule it breaks",
+        507: "this server has no room to store the upload now (its disk full): try again later"}
+# a full disk, a quota, a file size limit: the server's own storage, not the client's request
+NO_ROOM = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def no_room_message(why: str) -> str:
+    return f"the server cannot store the upload now ({why}); try again later"
 
 
 def _errors(*codes: int) -> dict:
@@ -130,6 +138,12 @@ async def _validation(request: Request, exc: RequestValidationError) -> JSONResp
 
 @api.exception_handler(StarletteHTTPException)  # also body-parse errors and unknown routes
 async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    cause = exc.__cause__
+    if exc.status_code == 400 and isinstance(cause, OSError) and cause.errno in NO_ROOM:
+        # FastAPI answers any error while it reads a form with 400 'There was an error parsing the
+        # body', also this server's disk full while Starlette spools an upload over 1 MiB to a
+        # temporary file: the client was told its request was bad
+        return _error(507, no_room_message(os.strerror(cause.errno)))
     return _error(exc.status_code, str(exc.detail))
 
 
@@ -344,6 +358,8 @@ class Ingress:
         if not data:
             raise HTTPException(422, "file: the upload is empty")
         out = await _call(self.video.encode, data)
+        if out.get("status") == 507:  # the encoder's disk had no room for the upload's copy
+            raise HTTPException(507, no_room_message(out["error"]))
         if "error" in out:
             raise HTTPException(415, f"file: not a usable video ({out['error']})")
         return out["embedding"]
@@ -378,7 +394,7 @@ class Ingress:
         text, k = self._text(req.text), self._k(req.k)
         return await self._search(await self._encode(text), k, text)
 
-    @api.post("/search/video", response_model=SearchResponse, responses=_errors(400, 413, 415, 422))
+    @api.post("/search/video", response_model=SearchResponse, responses=_errors(400, 413, 415, 422, 507))
     async def search_video(self, request: Request, file: UploadFile = File(..., description="a video clip"),
                            k: Optional[int] = Form(None)) -> dict:
         """Video-to-video: the top-k indexed clips for an uploaded clip."""
@@ -391,7 +407,7 @@ class Ingress:
         emb = await self._encode(self._text(req.text))
         return {"embedding": emb.tolist(), "dim": len(emb)}
 
-    @api.post("/encode/video", response_model=Embedding, responses=_errors(400, 413, 415, 422))
+    @api.post("/encode/video", response_model=Embedding, responses=_errors(400, 413, 415, 422, 507))
     async def encode_video(self, request: Request, file: UploadFile = File(..., description="a video clip")) -> dict:
         await _no_unknown_fields(request, "file")
         emb = await self._upload(file)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import errno
 import os
 import tempfile
 from typing import Any, Optional
@@ -161,6 +162,11 @@ class VideoEncoder:
             clip = await asyncio.to_thread(self._decode, data)
         except SkipClip as e:
             return {"error": e.reason}
+        except OSError as e:
+            # the upload's temporary copy: this replica's disk full was a 500 with no word
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+                raise
+            return {"error": os.strerror(e.errno), "status": 507}
         return {"embedding": await self.embed_batch((clip.frames, clip.mask))}
 
 

@@ -243,6 +243,86 @@ def _bad_requests(url: str, video: bytes) -> list[tuple[str, object, tuple[int, 
     ]
 
 
+def test_a_full_disk_on_the_server_is_a_507_not_a_400_or_a_500(monkeypatch):
+    """The server's own disk full while it stores an upload: Starlette spools a form's file of
+    over 1 MiB to a temporary file, and FastAPI answered the OSError as a 400 'There was an
+    error parsing the body' (the client told its request was bad); the VideoEncoder's
+    temporary copy of the upload failed the request with a 500. Both are now a 507 with the
+    reason. (Driven through FastAPI and Starlette's form parser, and the deployments' own
+    classes, without Ray: no disk can be filled under a running replica here.)"""
+    import asyncio
+    import errno
+    import json
+    import tempfile
+
+    import starlette.formparsers
+    from fastapi import FastAPI, File, HTTPException, UploadFile
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
+    from serve import app as sa
+    from serve import deployments
+
+    class FullDisk(tempfile.SpooledTemporaryFile):
+        def rollover(self):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(starlette.formparsers, "SpooledTemporaryFile", FullDisk)
+    api = FastAPI()
+    api.exception_handler(StarletteHTTPException)(sa._http)
+
+    async def up(file=File(...)):
+        return {"size": len(await file.read())}
+
+    up.__annotations__ = {"file": UploadFile}  # (this module's annotations are strings)
+    api.post("/up")(up)
+
+    def post(size: int) -> tuple[int, dict]:
+        body = (b"--b\r\nContent-Disposition: form-data; name=\"file\"; filename=\"x.mp4\"\r\n"
+                b"Content-Type: video/mp4\r\n\r\n" + b"x" * size + b"\r\n--b--\r\n")
+        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+                 "scheme": "http", "path": "/up", "raw_path": b"/up", "query_string": b"", "root_path": "",
+                 "headers": [(b"content-type", b"multipart/form-data; boundary=b"),
+                             (b"content-length", str(len(body)).encode())],
+                 "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80)}
+        sent, chunks = [], [body[i:i + 65536] for i in range(0, len(body), 65536)]
+
+        async def receive():
+            return {"type": "http.request", "body": chunks.pop(0), "more_body": bool(chunks)}
+
+        async def send(message):
+            sent.append(message)
+
+        asyncio.run(api(scope, receive, send))
+        return sent[0]["status"], json.loads(b"".join(m.get("body", b"") for m in sent[1:]))
+
+    assert post(1000) == (200, {"size": 1000})  # held in memory
+    assert post(2 << 20) == (507, {"error": "the server cannot store the upload now (No space left on device); "
+                                            "try again later"})
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(deployments.tempfile, "NamedTemporaryFile", full)
+    encoder = object.__new__(deployments.VideoEncoder.func_or_class)
+    out = asyncio.run(encoder.encode(b"an upload"))
+    assert out == {"error": "No space left on device", "status": 507}
+
+    class Remote:
+        async def remote(self, data):
+            return out
+
+    class Upload:
+        async def read(self, n):
+            return b"an upload"
+
+    ingress = object.__new__(sa.Ingress.func_or_class)
+    ingress.max_upload_bytes, ingress.video = 1 << 20, type("Video", (), {"encode": Remote()})()
+    with pytest.raises(HTTPException) as e:
+        asyncio.run(ingress._upload(Upload()))
+    assert (e.value.status_code, e.value.detail) == (
+        507, "the server cannot store the upload now (No space left on device); try again later")
+
+
 def test_bad_inputs_are_4xx_with_a_message(app, synth_small):
     from urllib.parse import urlparse
 
