@@ -17,13 +17,15 @@ served index does not depend on where the manifest was.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import math
+import os
 import re
 import time
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import numpy as np
 import pyarrow as pa
@@ -68,11 +70,32 @@ def read_meta(out: str | Path) -> Optional[dict[str, Any]]:
     return meta
 
 
+_STRERRORS = {os.strerror(n): n for n in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO, errno.EROFS)}
+
+
+def write_whole(path: str | Path, tmp: str | Path, write: Callable[[str], Any]) -> Path:
+    """`write(tmp)`, then `tmp` renamed to `path`: a run killed or failed midway leaves no cut
+    file that reads as whole. A failed write removes `tmp` (on a full disk, a cut copy of a big
+    faiss index or part kept its space) and is an OSError naming `path`: pyarrow's and Python's
+    OSError for a full disk, and faiss's RuntimeError, named none, and `clipray index` ended in
+    its traceback."""
+    try:
+        write(str(tmp))
+    except BaseException as e:
+        Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.errno and e.filename is None:
+            raise OSError(e.errno, os.strerror(e.errno), str(path)) from e
+        why = re.search(r"write error in .*\((.+?)\)\s*$", str(e)) if isinstance(e, RuntimeError) else None
+        if why:  # faiss: "... write error in <tmp>: 49955 != 409600 (No space left on device)"
+            raise OSError(_STRERRORS.get(why.group(1), errno.EIO), why.group(1), str(path)) from e
+        raise
+    return Path(tmp).replace(path)
+
+
 def write_meta(out: str | Path, meta: dict[str, Any]) -> None:
     p = Path(out) / META
-    tmp = p.with_suffix(".tmp")
-    tmp.write_text(json.dumps(meta, indent=1, sort_keys=True))
-    tmp.replace(p)
+    text = json.dumps(meta, indent=1, sort_keys=True)
+    write_whole(p, p.with_suffix(".tmp"), lambda tmp: Path(tmp).write_text(text))
 
 
 def parts(out: str | Path, sub: str = EMB_DIR, suffix: str = ".parquet") -> list[Path]:
@@ -144,10 +167,11 @@ def write_part(out: str | Path, rows: dict[str, np.ndarray], sub: str = EMB_DIR)
     # written under another name and renamed when whole: a run killed mid-write leaves no
     # truncated part that every later read fails on
     if sub != EMB_DIR:
-        tmp = Path(f"{path}.npz.tmp")
-        with open(tmp, "wb") as f:
-            np.savez(f, **rows)
-        return tmp.replace(f"{path}.npz")
+        def savez(tmp: str) -> None:
+            with open(tmp, "wb") as f:
+                np.savez(f, **rows)
+
+        return write_whole(f"{path}.npz", f"{path}.npz.tmp", savez)
     emb = np.ascontiguousarray(rows["embedding"], dtype=np.float32)
     table = pa.table({
         "row_id": pa.array(rows["row_id"], pa.int64()),
@@ -157,8 +181,7 @@ def write_part(out: str | Path, rows: dict[str, np.ndarray], sub: str = EMB_DIR)
         "path": pa.array(rows["path"], pa.string()),
         "embedding": pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1), pa.float32()), emb.shape[1]),
     })
-    pq.write_table(table, f"{path}.parquet.tmp")
-    return Path(f"{path}.parquet.tmp").replace(f"{path}.parquet")
+    return write_whole(f"{path}.parquet", f"{path}.parquet.tmp", lambda tmp: pq.write_table(table, tmp))
 
 
 # ---- faiss ------------------------------------------------------------------------------------
@@ -282,9 +305,7 @@ def recall_at_k(index: Any, exact: Any, queries: np.ndarray, k: int = 10) -> dic
 def save_faiss(out: str | Path, index: Any) -> None:
     import faiss
 
-    tmp = str(Path(out) / (FAISS + ".tmp"))
-    faiss.write_index(index, tmp)
-    Path(tmp).replace(Path(out) / FAISS)
+    write_whole(Path(out) / FAISS, Path(out) / (FAISS + ".tmp"), lambda tmp: faiss.write_index(index, tmp))
 
 
 def load_faiss(out: str | Path, meta: dict[str, Any]) -> Any:

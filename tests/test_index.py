@@ -1406,6 +1406,49 @@ def test_a_searcher_keeps_the_clip_table_as_arrow_not_an_object_per_clip(tmp_pat
     assert s.info()["clips"] == n
 
 
+def test_an_index_written_on_a_full_disk_is_an_error_naming_the_file_and_keeps_the_old_one(tmp_path):
+    """`clipray index` on a full disk (here a file size limit, EFBIG): pyarrow's OSError for a
+    part, Python's for index.json and faiss's RuntimeError for index.faiss named no file, so
+    the command ended in a traceback, and each left its cut temporary file holding the space
+    (a cut copy of a big faiss index: gigabytes of a full disk). Each is now an OSError naming
+    the file, no temporary file stays, and the index's files before stay whole."""
+    import subprocess
+    import sys
+
+    import faiss
+
+    from serve import store
+
+    index = faiss.IndexFlatIP(8)
+    index.add(np.eye(8, dtype=np.float32))
+    store.save_faiss(tmp_path, index)
+    store.write_meta(tmp_path, {"count": 8})
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    script = ("import resource, signal, sys\n"
+              "import faiss, numpy as np\n"
+              "from serve import store\n"
+              "out, n = sys.argv[1], 400\n"
+              "rows = dict(row_id=np.arange(n), video_id=np.array(['v'] * n), start=np.zeros(n), end=np.ones(n),\n"
+              "            path=np.array(['/v.mp4'] * n), embedding=np.random.rand(n, 64).astype(np.float32))\n"
+              "big = faiss.IndexFlatIP(64)\n"
+              "big.add(rows['embedding'])\n"
+              "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+              "resource.setrlimit(resource.RLIMIT_FSIZE, (50_000, 50_000))\n"
+              "for write in (lambda: store.write_part(out, rows), lambda: store.write_part(out, rows, 'rerank'),\n"
+              "              lambda: store.save_faiss(out, big), lambda: store.write_meta(out, {'x': 'y' * 100_000})):\n"
+              "    try:\n"
+              "        write()\n"
+              "    except OSError as e:\n"
+              "        print(e.errno, e.filename)\n")
+    res = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.splitlines() == [f"27 {tmp_path / 'embeddings' / 'part-00000.parquet'}",
+                                       f"27 {tmp_path / 'rerank' / 'part-00000.npz'}",
+                                       f"27 {tmp_path / store.FAISS}", f"27 {tmp_path / store.META}"]
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before
+    assert not list(tmp_path.rglob("*.tmp"))
+
+
 def test_reading_an_index_gathers_no_string_column_into_one_array(tmp_path):
     """read_table sorted the parts by row id whatever their order, which gathers each column
     into one array: past 2 GiB of paths (tens of millions of clips) Arrow's 32-bit string
