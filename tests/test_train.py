@@ -1206,6 +1206,43 @@ def test_an_export_copied_over_the_last_one_on_a_full_disk_keeps_the_last_one(tm
     assert res.stdout.split() == [str(out / "export" / "model.safetensors"), "27"]
 
 
+def test_run_outputs_written_to_an_object_store_that_drops_are_a_line_naming_the_file(tmp_path):
+    """The run's outputs (result.json, metrics.csv, config.yaml, curves, the export) go to the
+    run folder after every epoch has trained: an object store gone by then (its connection
+    dropped, a permission taken away) ended the command in botocore's traceback. It is a line
+    naming the file, and how to write it again."""
+    import os
+    import subprocess
+    import sys
+
+    from ports import free_ports
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env.update(AWS_ENDPOINT_URL=f"http://127.0.0.1:{free_ports()[0]}", AWS_ACCESS_KEY_ID="x",  # nothing listens
+               AWS_SECRET_ACCESS_KEY="y", AWS_EC2_METADATA_DISABLED="true", AWS_MAX_ATTEMPTS="1")
+    (tmp_path / "export").mkdir()
+    (tmp_path / "export" / "config.json").write_text("{}")
+    script = ("import sys\n"
+              "from pathlib import Path\n"
+              "from clipray.config import ConfigError, load_config\n"
+              "from train.driver import _put_text, _write_outputs\n"
+              "for write in (lambda: _put_text('s3://clipray-gone/run/result.json', '{}'),\n"
+              "              lambda: _write_outputs('s3://clipray-gone/run', load_config(None, []),\n"
+              "                                     [{'epoch': 1, 'loss': 1.0}], {}, Path(sys.argv[1]))):\n"
+              "    try:\n"
+              "        write()\n"
+              "    except ConfigError as e:\n"
+              "        print(e)\n")
+    res = subprocess.run([sys.executable, "-c", script, str(tmp_path / "export")], env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.splitlines()
+    assert len(lines) == 2, res.stdout
+    for line, name in zip(lines, ("result.json", "config.yaml")):
+        assert line.startswith(f"s3://clipray-gone/run/{name}: cannot write it (EndpointConnectionError: "), line
+        assert line.endswith("; run the same command again to write the run's outputs"), line
+
+
 def test_a_run_resumes_on_its_pretrained_weights_moved_to_another_path(tmp_path, capsys):
     """A local model.pretrained file (open_clip weights kept in the project) is recorded by its
     absolute path in resume_key.json's model: the project moved, and the run was refused

@@ -541,6 +541,21 @@ def evaluate_export(cfg: Config, export: str, split: str, name: str) -> dict[str
     return metrics
 
 
+@contextlib.contextmanager
+def _stored(uri: str) -> Iterator[None]:
+    """Around a write of the run folder's file `uri` in object storage: the store failing (its
+    connection dropped, throttled past the retries, a permission taken away) is a line naming the
+    file, not a botocore or gcsfs traceback after every epoch had trained; a re-run of the
+    command writes it again from the run's last checkpoint."""
+    try:
+        yield
+    except Exception as e:
+        if "://" not in uri or isinstance(e, ConfigError) or (isinstance(e, OSError) and e.filename):
+            raise
+        raise ConfigError(f"{uri}: cannot write it ({type(e).__name__}: {str(e).splitlines()[0][:300]}); "
+                          "run the same command again to write the run's outputs") from e
+
+
 def _put_text(uri: str, text: str) -> None:
     """Write a file of the run folder whole or not at all. A local one is written under a
     `.partial` name and moved over the old one when complete (an object store's PUT is whole
@@ -548,7 +563,7 @@ def _put_text(uri: str, text: str) -> None:
     cut, the record a resume is checked against, and every later run with a checkpoint failed
     on its JSONDecodeError traceback. A failed write is one line naming the file."""
     fs, path = fsspec_path(uri)
-    with naming(uri):
+    with _stored(uri), naming(uri):
         fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)  # as fsspec.open does for a write
         tmp = path if "://" in uri else path + PARTIAL
         try:
@@ -572,10 +587,11 @@ def _write_outputs(out: str, cfg: Config, history: list[dict], final: dict, expo
     w.writerows(history)
     _put_text(f"{out}/metrics.csv", buf.getvalue())
     fs, root = fsspec_path(out)  # (a folder _put_text made)
-    with naming(f"{out}/curves.png"), fs.open(f"{root}/curves.png", "wb") as f:
+    with _stored(f"{out}/curves.png"), naming(f"{out}/curves.png"), fs.open(f"{root}/curves.png", "wb") as f:
         f.write(_plot(history, cfg.data.eval_split))
     root = f"{root}/export"
-    fs.makedirs(root, exist_ok=True)
+    with _stored(f"{out}/export"):
+        fs.makedirs(root, exist_ok=True)
     for p in export_src.iterdir():
         # each file whole or not at all, as _put_text: the export of a run continued (clip
         # editing's rounds, a resumed run) is written over the last call's, and copied in place,
@@ -584,7 +600,8 @@ def _write_outputs(out: str, cfg: Config, history: list[dict], final: dict, expo
         dst = f"{root}/{p.name}"
         tmp = dst if "://" in out else dst + PARTIAL
         try:
-            fs.put_file(str(p), tmp)
+            with _stored(f"{out}/export/{p.name}"):
+                fs.put_file(str(p), tmp)
             if tmp != dst:
                 fs.mv(tmp, dst)
         except BaseException as e:
