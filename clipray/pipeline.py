@@ -41,7 +41,7 @@ from typing import Any, Callable
 import numpy as np
 
 from clipray.config import DataConfig
-from clipray.manifest import SCHEMA, default_root, fsspec_path, manifest_files, resolve_path
+from clipray.manifest import SCHEMA, default_root, fsspec_path, manifest_files, naming, resolve_path
 from clipray.video import SkipClip, decode_clip_safe
 
 DATA_COLUMNS = ["row_id", "video_id", "path", "start", "end", "caption"]
@@ -310,7 +310,8 @@ def collect_skips(skip_dir: str, out_name: str = "skip_report.jsonl") -> dict[st
                     records[(rec["row_id"], rec["video_id"], rec["path"])] = line
     fs.makedirs(root, exist_ok=True)
     reasons: Counter = Counter()
-    with fs.open(f"{root}/{out_name}", "w") as f:
+    # a full disk is an OSError naming no file: the run ended in its traceback after training
+    with naming(f"{skip_dir.rstrip('/')}/{out_name}"), fs.open(f"{root}/{out_name}", "w") as f:
         for key in sorted(records):  # written line by line, not joined into one string first
             line = records[key]
             reasons[_reason_kind(json.loads(line)["reason"])] += 1

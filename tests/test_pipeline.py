@@ -183,6 +183,29 @@ def test_a_skip_file_cut_by_a_full_disk_is_not_read_into_the_report(tmp_path):
     assert report["skipped"] == 1 and report["by_reason"] == {"missing file": 1}
 
 
+def test_a_skip_report_written_on_a_full_disk_is_an_error_naming_it(tmp_path):
+    """The skip report is written after every epoch has trained: a full disk (here a file size
+    limit, EFBIG) was Python's OSError naming no file, and the run ended in its traceback."""
+    import subprocess
+    import sys
+
+    (tmp_path / "skips").mkdir()
+    (tmp_path / "skips" / "w-000001.jsonl").write_text("".join(
+        json.dumps({"row_id": i, "video_id": f"v{i}", "path": f"/videos/v{i}.mp4", "reason": "missing file"}) + "\n"
+        for i in range(1000)))
+    script = ("import resource, signal, sys\n"
+              "from clipray.pipeline import collect_skips\n"
+              "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+              "resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))\n"
+              "try:\n"
+              "    collect_skips(sys.argv[1])\n"
+              "except OSError as e:\n"
+              "    print(e.filename, e.errno)\n")
+    res = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and res.stdout.split() == [str(tmp_path / "skip_report.jsonl"), "27"], \
+        (res.stdout, res.stderr)
+
+
 def test_skip_report_holds_each_skipped_row_once_not_every_file_read_first(tmp_path):
     """collect_skips read every skip file before parsing one, so the driver held every line
     the decoders ever wrote (a row skipped in every epoch or pass over a streamed manifest once
