@@ -421,8 +421,7 @@ def _build(cfg: AppConfig, out: Path, quiet: bool) -> dict[str, Any]:
     del existing, rows  # the index's clip table and this run's plan: not needed from here on
     added = _write_new(out, new, first_id, rerank)  # empties `new`: the rebuild needs the memory
     if skipped:
-        with open(out / "skip_report.jsonl", "a") as f:
-            f.writelines(json.dumps(s) + "\n" for _, s in sorted(skipped, key=lambda p: p[0]))
+        append_skips(out, [s for _, s in sorted(skipped, key=lambda p: p[0])])
     meta = _rebuild(out, cfg, export, fp, rerank, conf, captions, meta)
     meta.setdefault("history", []).append({
         "time": time.strftime("%Y-%m-%d %H:%M:%S"), "manifest": cfg.manifest, "split": cfg.index.split,
@@ -434,6 +433,16 @@ def _build(cfg: AppConfig, out: Path, quiet: bool) -> dict[str, Any]:
           f"{meta['kind']} dim {meta['dim']}" + (f", recall@10 vs exact {rec.get('recall@10', float('nan')):.3f} "
           f"on {rec.get('queries')} caption queries" if rec else ""), flush=True)
     return meta
+
+
+def append_skips(out: Path, skips: list[dict]) -> None:
+    """Add this run's skipped clips to `out/skip_report.jsonl`. A full disk (or a quota) is an
+    OSError naming the report: Python's names no file, and `clipray index` ended in its
+    traceback after every clip was embedded."""
+    from clipray.manifest import naming
+
+    with naming(out / "skip_report.jsonl"), open(out / "skip_report.jsonl", "a") as f:
+        f.writelines(json.dumps(s) + "\n" for s in skips)
 
 
 def _f(v: Any) -> Optional[float]:

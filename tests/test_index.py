@@ -1449,6 +1449,27 @@ def test_an_index_written_on_a_full_disk_is_an_error_naming_the_file_and_keeps_t
     assert not list(tmp_path.rglob("*.tmp"))
 
 
+def test_an_index_skip_report_written_on_a_full_disk_is_an_error_naming_it(tmp_path):
+    """`clipray index` adds its skipped clips to skip_report.jsonl after every clip is
+    embedded: a full disk (here a file size limit, EFBIG) was Python's OSError naming no file,
+    and the command ended in its traceback."""
+    import subprocess
+    import sys
+
+    script = ("import resource, signal, sys\n"
+              "from pathlib import Path\n"
+              "from serve.index import append_skips\n"
+              "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+              "resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))\n"
+              "try:\n"
+              "    append_skips(Path(sys.argv[1]), [{'video_id': f'v{i}', 'reason': 'missing file'} for i in range(500)])\n"
+              "except OSError as e:\n"
+              "    print(e.filename, e.errno)\n")
+    res = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and res.stdout.split() == [str(tmp_path / "skip_report.jsonl"), "27"], \
+        (res.stdout, res.stderr)
+
+
 def test_reading_an_index_gathers_no_string_column_into_one_array(tmp_path):
     """read_table sorted the parts by row id whatever their order, which gathers each column
     into one array: past 2 GiB of paths (tens of millions of clips) Arrow's 32-bit string
