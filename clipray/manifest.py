@@ -206,18 +206,22 @@ class ManifestWriter:
         if self._writer is None:
             path = self.root if self.single else f"{self.root}/{shard_name(len(self.shards))}"
             self.shards.append(path)
-            with naming(path + PARTIAL):
+            with naming(self._named(path) + PARTIAL):
                 self._writer = pq.ParquetWriter(path + PARTIAL, self.schema, filesystem=self.fs)
         if self._buf:
             # a full disk is pyarrow's OSError naming no file: `clipray data synth` ended in its traceback
-            with naming(self.shards[-1] + PARTIAL):
+            with naming(self._named(self.shards[-1]) + PARTIAL):
                 self._writer.write_batch(pa.RecordBatch.from_pylist(self._buf, schema=self.schema))
         self._buf = []
+
+    def _named(self, path: str) -> str:
+        """A file's path as the caller gave `out` (with its s3:// or gs://), for an error."""
+        return self.out.rstrip("/") + path[len(self.root):]
 
     def _end_file(self) -> None:
         writer, self._writer, self._in_shard = self._writer, None, 0
         if writer is not None:
-            with naming(self.shards[-1] + PARTIAL):
+            with naming(self._named(self.shards[-1]) + PARTIAL):
                 writer.close()
 
     def close(self) -> "ManifestWriter":
@@ -225,7 +229,7 @@ class ManifestWriter:
             self._flush()
         self._end_file()
         for path in self.shards[self._final:]:
-            with naming(path):
+            with naming(self._named(path)):
                 self.fs.move(path + PARTIAL, path)  # on an object store, a copy: seconds each
             self._final += 1
         return self
@@ -287,7 +291,9 @@ def naming(path: str) -> Iterator[None]:
     except OSError as e:
         if e.filename is not None or not e.errno:  # (an object store's error keeps its own words)
             raise
-        raise OSError(e.errno, os.strerror(e.errno), str(path)) from e
+        # an object store's own words (its key, bucket, service error) say more than the errno
+        why = os.strerror(e.errno) if "://" not in str(path) else str(e.strerror or e).splitlines()[0][:300]
+        raise OSError(e.errno, why, str(path)) from e
 
 
 def fsspec_path(path: str) -> tuple[Any, str]:
