@@ -426,6 +426,31 @@ def test_edit_state_written_on_a_full_disk_is_an_error_naming_it(tmp_path):
     assert state.read_text() == '{"records": []}'
 
 
+def test_edit_state_written_to_an_object_store_that_drops_is_a_line_naming_it(tmp_path):
+    """A clip editing run in object storage writes its state after each round has trained: the
+    store gone by then (its connection dropped) ended the command in pyarrow's OSError
+    traceback, which names no file."""
+    import os
+    import subprocess
+    import sys
+
+    from ports import free_ports
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env.update(AWS_ENDPOINT_URL=f"http://127.0.0.1:{free_ports()[0]}", AWS_ACCESS_KEY_ID="x",  # nothing listens
+               AWS_SECRET_ACCESS_KEY="y", AWS_EC2_METADATA_DISABLED="true", AWS_MAX_ATTEMPTS="1")
+    script = ("from clipray.config import ConfigError\n"
+              "from train.edit import _put\n"
+              "try:\n"
+              "    _put('s3://clipray-gone/run/edit_state.json', '{}')\n"
+              "except ConfigError as e:\n"
+              "    print(e)\n")
+    res = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.startswith("s3://clipray-gone/run/edit_state.json: cannot write it (OSError: When initiating "
+                                 "multiple part upload for key 'run/edit_state.json.partial'"), res.stdout
+
+
 def test_a_resume_counts_the_captions_of_a_video_unreadable_since(events, tmp_path, monkeypatch, capsys):
     """Stage 1 runs anew on a resume: a video that cannot be read now (deleted, its storage
     down) drops its captions from training. The resume took the saved skips whole, so they

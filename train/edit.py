@@ -277,10 +277,13 @@ def _put(uri: str, text: str) -> None:
     in place, a write that failed midway (a full disk, the job killed) left a cut
     edit_state.json or edit_result.json, which every re-run then failed to read."""
     from clipray.manifest import PARTIAL, filesystem, naming
+    from train.driver import _stored
 
     data = text.encode()
     fs, path = filesystem(uri)
-    with naming(uri):  # pyarrow's OSError for a full disk names no file: the command's traceback
+    # pyarrow's OSError for a full disk names no file, nor its error for an object store that
+    # dropped: the command ended in its traceback
+    with _stored(uri), naming(uri):
         with fs.open_output_stream(path + PARTIAL) as f:
             f.write(data)
         fs.move(path + PARTIAL, path)
