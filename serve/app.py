@@ -95,6 +95,7 @@ _WHY = {400: "a body that cannot be parsed", 404: "an unknown clip id, or its fi
              "serve.limits.max_text_chars for a JSON query)",
         415: "an upload that is not a usable video", 416: "a Range past the end of the file",
         422: "a missing, unknown or invalid field, with the rule it breaks",
+        503: "this server cannot store the upload now (its temporary folder not writable): try again later",
         507: "this server has no room to store the upload now (its disk full): try again later"}
 # a full disk, a quota, a file size limit: the server's own storage, not the client's request
 NO_ROOM = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
@@ -139,11 +140,11 @@ async def _validation(request: Request, exc: RequestValidationError) -> JSONResp
 @api.exception_handler(StarletteHTTPException)  # also body-parse errors and unknown routes
 async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     cause = exc.__cause__
-    if exc.status_code == 400 and isinstance(cause, OSError) and cause.errno in NO_ROOM:
+    if exc.status_code == 400 and isinstance(cause, OSError) and cause.errno:
         # FastAPI answers any error while it reads a form with 400 'There was an error parsing the
-        # body', also this server's disk full while Starlette spools an upload over 1 MiB to a
-        # temporary file: the client was told its request was bad
-        return _error(507, no_room_message(os.strerror(cause.errno)))
+        # body', also this server's disk full (or not writable) while Starlette spools an upload
+        # over 1 MiB to a temporary file: the client was told its request was bad
+        return _error(507 if cause.errno in NO_ROOM else 503, no_room_message(os.strerror(cause.errno)))
     return _error(exc.status_code, str(exc.detail))
 
 
@@ -358,8 +359,8 @@ class Ingress:
         if not data:
             raise HTTPException(422, "file: the upload is empty")
         out = await _call(self.video.encode, data)
-        if out.get("status") == 507:  # the encoder's disk had no room for the upload's copy
-            raise HTTPException(507, no_room_message(out["error"]))
+        if out.get("status") in (503, 507):  # the encoder's disk could not hold the upload's copy
+            raise HTTPException(out["status"], no_room_message(out["error"]))
         if "error" in out:
             raise HTTPException(415, f"file: not a usable video ({out['error']})")
         return out["embedding"]
@@ -394,7 +395,7 @@ class Ingress:
         text, k = self._text(req.text), self._k(req.k)
         return await self._search(await self._encode(text), k, text)
 
-    @api.post("/search/video", response_model=SearchResponse, responses=_errors(400, 413, 415, 422, 507))
+    @api.post("/search/video", response_model=SearchResponse, responses=_errors(400, 413, 415, 422, 503, 507))
     async def search_video(self, request: Request, file: UploadFile = File(..., description="a video clip"),
                            k: Optional[int] = Form(None)) -> dict:
         """Video-to-video: the top-k indexed clips for an uploaded clip."""
@@ -407,7 +408,7 @@ class Ingress:
         emb = await self._encode(self._text(req.text))
         return {"embedding": emb.tolist(), "dim": len(emb)}
 
-    @api.post("/encode/video", response_model=Embedding, responses=_errors(400, 413, 415, 422, 507))
+    @api.post("/encode/video", response_model=Embedding, responses=_errors(400, 413, 415, 422, 503, 507))
     async def encode_video(self, request: Request, file: UploadFile = File(..., description="a video clip")) -> dict:
         await _no_unknown_fields(request, "file")
         emb = await self._upload(file)

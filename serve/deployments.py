@@ -125,6 +125,10 @@ class TextEncoder:
         return {"pid": os.getpid(), "batch_sizes": list(self.batch_sizes)}
 
 
+class NotStored(Exception):
+    """The upload's temporary copy could not be written (args[0]: the OSError)."""
+
+
 @serve.deployment
 class VideoEncoder:
     def __init__(self, export_dir: str, video: dict, batch: dict, num_gpus: float = 0.0, fingerprint: str = ""):
@@ -137,9 +141,16 @@ class VideoEncoder:
         from clipray.video import SkipClip, decode_clip_safe
 
         # decord and PyAV both take a path; the upload lives only for this call
-        with tempfile.NamedTemporaryFile(suffix=".mp4") as f:
-            f.write(data)
-            f.flush()
+        try:
+            f = tempfile.NamedTemporaryFile(suffix=".mp4")
+        except OSError as e:
+            raise NotStored(e) from None
+        with f:
+            try:
+                f.write(data)
+                f.flush()
+            except OSError as e:
+                raise NotStored(e) from None
             try:
                 return decode_clip_safe(f.name, None, None, self.video)
             except SkipClip as e:  # the reason names the file: the client's is "the upload", not our temp path
@@ -162,11 +173,10 @@ class VideoEncoder:
             clip = await asyncio.to_thread(self._decode, data)
         except SkipClip as e:
             return {"error": e.reason}
-        except OSError as e:
-            # the upload's temporary copy: this replica's disk full was a 500 with no word
-            if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-                raise
-            return {"error": os.strerror(e.errno), "status": 507}
+        except NotStored as e:  # this replica's disk (full, read-only) was a 500 with no word
+            err = e.args[0]
+            return {"error": os.strerror(err.errno) if err.errno else str(err),
+                    "status": 507 if err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) else 503}
         return {"embedding": await self.embed_batch((clip.frames, clip.mask))}
 
 

@@ -248,7 +248,7 @@ def test_a_full_disk_on_the_server_is_a_507_not_a_400_or_a_500(monkeypatch):
     over 1 MiB to a temporary file, and FastAPI answered the OSError as a 400 'There was an
     error parsing the body' (the client told its request was bad); the VideoEncoder's
     temporary copy of the upload failed the request with a 500. Both are now a 507 with the
-    reason. (Driven through FastAPI and Starlette's form parser, and the deployments' own
+    reason (a 503 for a temporary folder that cannot be written). (Driven through FastAPI and Starlette's form parser, and the deployments' own
     classes, without Ray: no disk can be filled under a running replica here.)"""
     import asyncio
     import errno
@@ -299,11 +299,28 @@ def test_a_full_disk_on_the_server_is_a_507_not_a_400_or_a_500(monkeypatch):
     assert post(2 << 20) == (507, {"error": "the server cannot store the upload now (No space left on device); "
                                             "try again later"})
 
-    def full(*args, **kwargs):
-        raise OSError(errno.ENOSPC, "No space left on device")
+    class Temp:  # the temporary file is made, its write fails
+        name = "/tmp/x.mp4"
 
-    monkeypatch.setattr(deployments.tempfile, "NamedTemporaryFile", full)
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def write(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    def read_only(*args, **kwargs):  # its folder cannot be written
+        raise OSError(errno.EROFS, "Read-only file system")
+
     encoder = object.__new__(deployments.VideoEncoder.func_or_class)
+    monkeypatch.setattr(deployments.tempfile, "NamedTemporaryFile", read_only)
+    assert asyncio.run(encoder.encode(b"an upload")) == {"error": "Read-only file system", "status": 503}
+    monkeypatch.setattr(deployments.tempfile, "NamedTemporaryFile", Temp)
     out = asyncio.run(encoder.encode(b"an upload"))
     assert out == {"error": "No space left on device", "status": 507}
 
