@@ -427,9 +427,9 @@ def test_edit_state_written_on_a_full_disk_is_an_error_naming_it(tmp_path):
 
 
 def test_edit_state_written_to_an_object_store_that_drops_is_a_line_naming_it(tmp_path):
-    """A clip editing run in object storage writes its state after each round has trained: the
-    store gone by then (its connection dropped) ended the command in pyarrow's OSError
-    traceback, which names no file."""
+    """A clip editing run in object storage writes its state, its rounds' manifests and the
+    teacher's copy between rounds: the store gone by then (its connection dropped) ended the
+    command in pyarrow's OSError or botocore's traceback, which name no file."""
     import os
     import subprocess
     import sys
@@ -439,16 +439,33 @@ def test_edit_state_written_to_an_object_store_that_drops_is_a_line_naming_it(tm
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
     env.update(AWS_ENDPOINT_URL=f"http://127.0.0.1:{free_ports()[0]}", AWS_ACCESS_KEY_ID="x",  # nothing listens
                AWS_SECRET_ACCESS_KEY="y", AWS_EC2_METADATA_DISABLED="true", AWS_MAX_ATTEMPTS="1")
-    script = ("from clipray.config import ConfigError\n"
-              "from train.edit import _put\n"
-              "try:\n"
-              "    _put('s3://clipray-gone/run/edit_state.json', '{}')\n"
-              "except ConfigError as e:\n"
-              "    print(e)\n")
-    res = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    source = tmp_path / "events.parquet"
+    write_manifest([{"video_id": "v0", "path": "v0.mp4", "start": 0.0, "end": 1.0, "caption": "a cat",
+                     "split": "train", "timestamp": 0.5, "duration": 2.0}], source)
+    script = ("import sys\n"
+              "from concurrent.futures import ThreadPoolExecutor\n"
+              "from clipray.config import ConfigError\n"
+              "from train.edit import _copy_export, _put, write_round\n"
+              "def said(write):\n"
+              "    try:\n"
+              "        write()\n"
+              "    except ConfigError as e:\n"
+              "        return str(e)\n"
+              "writes = (lambda: _put('s3://clipray-gone/run/edit_state.json', '{}'),\n"
+              "          lambda: write_round(sys.argv[1], '/videos', 's3://clipray-gone/run/clips/round-01.parquet', {}, 1),\n"
+              "          lambda: _copy_export('s3://clipray-gone/run/export', 's3://clipray-gone/run/teacher'))\n"
+              "with ThreadPoolExecutor(3) as pool:  # at once: pyarrow retries each for seconds\n"
+              "    print('\\n'.join(map(str, pool.map(said, writes))))\n")
+    res = subprocess.run([sys.executable, "-c", script, str(source)], env=env, capture_output=True, text=True,
+                         timeout=120)
     assert res.returncode == 0, res.stderr
-    assert res.stdout.startswith("s3://clipray-gone/run/edit_state.json: cannot write it (OSError: When initiating "
-                                 "multiple part upload for key 'run/edit_state.json.partial'"), res.stdout
+    lines = res.stdout.splitlines()
+    assert len(lines) == 3, res.stdout
+    assert lines[0].startswith("s3://clipray-gone/run/edit_state.json: cannot write it (OSError: When initiating "
+                               "multiple part upload for key 'run/edit_state.json.partial'"), lines[0]
+    assert lines[1].startswith("s3://clipray-gone/run/clips/round-01.parquet: cannot write it (OSError: When "
+                               "getting information for key 'run/clips/round-01.parquet'"), lines[1]
+    assert lines[2].startswith("s3://clipray-gone/run/teacher: cannot write it (EndpointConnectionError: "), lines[2]
 
 
 def test_a_resume_counts_the_captions_of_a_video_unreadable_since(events, tmp_path, monkeypatch, capsys):

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from clipray.config import Config, ConfigError, to_yaml
-from clipray.manifest import (PARTIAL, check_unique_ids, file_signature, filesystem, fsspec_path, manifest_signature,
+from clipray.manifest import (PARTIAL, ManifestError, check_unique_ids, file_signature, filesystem, fsspec_path, manifest_signature,
                               naming)
 
 
@@ -550,7 +550,7 @@ def _stored(uri: str) -> Iterator[None]:
     try:
         yield
     except Exception as e:
-        if "://" not in uri or isinstance(e, ConfigError) or (isinstance(e, OSError) and e.filename):
+        if "://" not in uri or isinstance(e, (ConfigError, ManifestError)) or (isinstance(e, OSError) and e.filename):
             raise
         raise ConfigError(f"{uri}: cannot write it ({type(e).__name__}: {str(e).splitlines()[0][:300]}); "
                           "run the same command again to write the run's outputs") from e

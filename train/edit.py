@@ -123,8 +123,11 @@ def write_round(source: str, root: str, path: str, captions: dict[int, Caption],
                 row.update(start=c.clip[0], end=c.clip[1])
             yield row
 
+    from train.driver import _stored
+
     meta = {**manifest_metadata(source), "edit_round": round_no}
-    write_manifest(rows(), path, metadata=meta, keep_row_ids=True)
+    with _stored(path):  # the run folder in object storage failing: a line, not pyarrow's traceback
+        write_manifest(rows(), path, metadata=meta, keep_row_ids=True)
 
 
 # ---------------------------------------------------------------- stage 3: the teacher's edits
@@ -300,11 +303,14 @@ def _copy_export(src: str, dst: str) -> None:
     from clipray.export import CONFIG, WEIGHTS
     from clipray.manifest import fsspec_path
 
+    from train.driver import _stored
+
     fs, s = fsspec_path(src)
     d = fsspec_path(dst)[1]
-    fs.makedirs(d, exist_ok=True)
-    for name in (WEIGHTS, CONFIG):
-        fs.cp_file(f"{s}/{name}", f"{d}/{name}")  # copy() would glob a "[2]" in the run folder
+    with _stored(dst):  # the run folder in object storage failing: a line, not botocore's traceback
+        fs.makedirs(d, exist_ok=True)
+        for name in (WEIGHTS, CONFIG):
+            fs.cp_file(f"{s}/{name}", f"{d}/{name}")  # copy() would glob a "[2]" in the run folder
 
 
 def _val(final: dict) -> dict[str, float]:
