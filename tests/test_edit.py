@@ -404,24 +404,13 @@ def test_edit_state_is_read_back_from_a_run_folder_named_like_a_glob(tmp_path, n
     assert sorted(p.read_text() for p in (out / "teacher").iterdir()) == sorted([WEIGHTS, CONFIG])
 
 
-def test_edit_state_written_on_a_full_disk_is_an_error_naming_it(tmp_path):
+def test_edit_state_written_on_a_full_disk_is_an_error_naming_it(tmp_path, file_size_limit):
     """pyarrow's OSError for a full disk (here a file size limit, EFBIG) names no file, so a
     clip editing run whose edit_state.json, edits.csv or skips could not be written ended in
     its traceback; the error now names the file, and the old state stays whole."""
-    import subprocess
-    import sys
-
     state = tmp_path / "edit_state.json"
     state.write_text('{"records": []}')
-    script = ("import resource, signal, sys\n"
-              "from train.edit import _put\n"
-              "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
-              "resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))\n"
-              "try:\n"
-              "    _put(sys.argv[1], 'x' * 100_000)\n"
-              "except OSError as e:\n"
-              "    print(e.filename, e.errno)\n")
-    res = subprocess.run([sys.executable, "-c", script, str(state)], capture_output=True, text=True, timeout=120)
+    res = file_size_limit(4096, "_put(sys.argv[1], 'x' * 100_000)", state, setup="from train.edit import _put\n")
     assert res.returncode == 0 and res.stdout.split() == [str(state), "27"], (res.stdout, res.stderr)
     assert state.read_text() == '{"records": []}'
 

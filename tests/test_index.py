@@ -1406,15 +1406,12 @@ def test_a_searcher_keeps_the_clip_table_as_arrow_not_an_object_per_clip(tmp_pat
     assert s.info()["clips"] == n
 
 
-def test_an_index_written_on_a_full_disk_is_an_error_naming_the_file_and_keeps_the_old_one(tmp_path):
+def test_an_index_written_on_a_full_disk_is_an_error_naming_the_file_and_keeps_the_old_one(tmp_path, file_size_limit):
     """`clipray index` on a full disk (here a file size limit, EFBIG): pyarrow's OSError for a
     part, Python's for index.json and faiss's RuntimeError for index.faiss named no file, so
     the command ended in a traceback, and each left its cut temporary file holding the space
     (a cut copy of a big faiss index: gigabytes of a full disk). Each is now an OSError naming
     the file, no temporary file stays, and the index's files before stay whole."""
-    import subprocess
-    import sys
-
     import faiss
 
     from serve import store
@@ -1424,48 +1421,32 @@ def test_an_index_written_on_a_full_disk_is_an_error_naming_the_file_and_keeps_t
     store.save_faiss(tmp_path, index)
     store.write_meta(tmp_path, {"count": 8})
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
-    script = ("import resource, signal, sys\n"
-              "import faiss, numpy as np\n"
-              "from serve import store\n"
-              "out, n = sys.argv[1], 400\n"
+    res = file_size_limit(
+        50_000, "for write in (lambda: store.write_part(out, rows), lambda: store.write_part(out, rows, 'rerank'),\n"
+                "              lambda: store.save_faiss(out, big), lambda: store.write_meta(out, {'x': 'y' * 100_000})):\n"
+                "    try:\n"
+                "        write()\n"
+                "    except OSError as e:\n"
+                "        print(e.filename, e.errno)", tmp_path,
+        setup="import faiss, numpy as np\nfrom serve import store\nout, n = sys.argv[1], 400\n"
               "rows = dict(row_id=np.arange(n), video_id=np.array(['v'] * n), start=np.zeros(n), end=np.ones(n),\n"
               "            path=np.array(['/v.mp4'] * n), embedding=np.random.rand(n, 64).astype(np.float32))\n"
-              "big = faiss.IndexFlatIP(64)\n"
-              "big.add(rows['embedding'])\n"
-              "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
-              "resource.setrlimit(resource.RLIMIT_FSIZE, (50_000, 50_000))\n"
-              "for write in (lambda: store.write_part(out, rows), lambda: store.write_part(out, rows, 'rerank'),\n"
-              "              lambda: store.save_faiss(out, big), lambda: store.write_meta(out, {'x': 'y' * 100_000})):\n"
-              "    try:\n"
-              "        write()\n"
-              "    except OSError as e:\n"
-              "        print(e.errno, e.filename)\n")
-    res = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, timeout=120)
+              "big = faiss.IndexFlatIP(64)\nbig.add(rows['embedding'])\n")
     assert res.returncode == 0, res.stderr
-    assert res.stdout.splitlines() == [f"27 {tmp_path / 'embeddings' / 'part-00000.parquet'}",
-                                       f"27 {tmp_path / 'rerank' / 'part-00000.npz'}",
-                                       f"27 {tmp_path / store.FAISS}", f"27 {tmp_path / store.META}"]
+    assert res.stdout.splitlines() == [f"{tmp_path / 'embeddings' / 'part-00000.parquet'} 27",
+                                       f"{tmp_path / 'rerank' / 'part-00000.npz'} 27",
+                                       f"{tmp_path / store.FAISS} 27", f"{tmp_path / store.META} 27"]
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before
     assert not list(tmp_path.rglob("*.tmp"))
 
 
-def test_an_index_skip_report_written_on_a_full_disk_is_an_error_naming_it(tmp_path):
+def test_an_index_skip_report_written_on_a_full_disk_is_an_error_naming_it(tmp_path, file_size_limit):
     """`clipray index` adds its skipped clips to skip_report.jsonl after every clip is
     embedded: a full disk (here a file size limit, EFBIG) was Python's OSError naming no file,
     and the command ended in its traceback."""
-    import subprocess
-    import sys
-
-    script = ("import resource, signal, sys\n"
-              "from pathlib import Path\n"
-              "from serve.index import append_skips\n"
-              "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
-              "resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))\n"
-              "try:\n"
-              "    append_skips(Path(sys.argv[1]), [{'video_id': f'v{i}', 'reason': 'missing file'} for i in range(500)])\n"
-              "except OSError as e:\n"
-              "    print(e.filename, e.errno)\n")
-    res = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, timeout=120)
+    res = file_size_limit(
+        4096, "append_skips(Path(sys.argv[1]), [{'video_id': f'v{i}', 'reason': 'missing file'} for i in range(500)])",
+        tmp_path, setup="from pathlib import Path\nfrom serve.index import append_skips\n")
     assert res.returncode == 0 and res.stdout.split() == [str(tmp_path / "skip_report.jsonl"), "27"], \
         (res.stdout, res.stderr)
 

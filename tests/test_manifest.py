@@ -313,21 +313,13 @@ def test_an_output_under_a_file_is_an_error_line_not_a_traceback(tmp_path, capsy
     assert err.startswith(f"clipray data: error: {afile / 'm.parquet'}: cannot create the folder {afile}")
 
 
-def test_a_manifest_written_on_a_full_disk_is_an_error_line_naming_it(tmp_path):
+def test_a_manifest_written_on_a_full_disk_is_an_error_line_naming_it(tmp_path, file_size_limit):
     """pyarrow's OSError for a full disk (here a file size limit, EFBIG) names no file, so
     `clipray data synth` (and every ManifestWriter's caller) ended in its traceback; it is now
     one line naming the file, and the cut manifest stays unfinished, never read as whole."""
-    import subprocess
-    import sys
-
-    script = ("import resource, signal, sys\n"
-              "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
-              "resource.setrlimit(resource.RLIMIT_FSIZE, (3000, 3000))  # the videos fit, the manifest not\n"
-              "from clipray.cli import main\n"
-              "sys.exit(main(sys.argv[1:]))\n")
-    out = tmp_path / "synth"
-    res = subprocess.run([sys.executable, "-c", script, "data", "synth", "--out", str(out), "--videos", "4",
-                          "--width", "32", "--height", "24"], capture_output=True, text=True, timeout=120)
+    out = tmp_path / "synth"  # 3000 bytes: the videos fit, the manifest not
+    res = file_size_limit(3000, "sys.exit(main(sys.argv[1:]))", "data", "synth", "--out", out, "--videos", 4,
+                          "--width", 32, "--height", 24, setup="from clipray.cli import main\n")
     assert res.returncode == 2, res.stderr
     assert res.stderr == f"clipray data: error: [Errno 27] File too large: '{out / 'manifest.parquet.partial'}'\n"
     with pytest.raises(ManifestError, match="an unfinished manifest"):

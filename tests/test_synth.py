@@ -46,25 +46,17 @@ def test_a_set_written_to_a_relative_folder_with_a_colon_in_its_name(tmp_path, m
     assert clip.mask.sum() == 2
 
 
-def test_synth_marker_written_on_a_full_disk_is_an_error_line_and_not_left_cut(tmp_path):
+def test_synth_marker_written_on_a_full_disk_is_an_error_line_and_not_left_cut(tmp_path, file_size_limit):
     """synth.json marks a finished set, which `clipray demo` reuses: written in place on a full
     disk (here a file size limit, EFBIG; the summary made large so that it alone does not fit)
     it was left cut, and every later demo failed on its JSONDecodeError traceback; the command
     itself ended in Python's OSError traceback, which names no file."""
-    import subprocess
-    import sys
-
-    script = ("import json, resource, signal, sys\n"
-              "import clipray.synth\n"
-              "dumps = json.dumps\n"
-              "clipray.synth.json.dumps = lambda o, **k: dumps(dict(o, pad='x' * 50_000) if isinstance(o, dict) and 'twins' in o else o, **k)\n"
-              "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
-              "resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, 20_000))\n"
-              "from clipray.cli import main\n"
-              "sys.exit(main(sys.argv[1:]))\n")
     out = tmp_path / "synth"
-    res = subprocess.run([sys.executable, "-c", script, "data", "synth", "--out", str(out), "--videos", "2",
-                          "--width", "32", "--height", "24"], capture_output=True, text=True, timeout=120)
+    res = file_size_limit(
+        20_000, "sys.exit(main(sys.argv[1:]))", "data", "synth", "--out", out, "--videos", 2, "--width", 32,
+        "--height", 24, setup="import json\nimport clipray.synth\nfrom clipray.cli import main\ndumps = json.dumps\n"
+                              "clipray.synth.json.dumps = lambda o, **k: dumps(dict(o, pad='x' * 50_000) "
+                              "if isinstance(o, dict) and 'twins' in o else o, **k)\n")
     assert res.returncode == 2, res.stderr
     assert res.stderr == f"clipray data: error: [Errno 27] File too large: '{out / 'synth.json'}'\n"
     assert not (out / "synth.json").exists() and not (out / "synth.json.partial").exists()

@@ -1145,61 +1145,41 @@ def test_a_run_resumes_on_its_manifest_moved_or_copied_to_another_path(tmp_path,
             check_resume(str(out), key(other))
 
 
-def test_a_run_folder_file_rewritten_on_a_full_disk_keeps_the_old_one(tmp_path):
+def test_a_run_folder_file_rewritten_on_a_full_disk_keeps_the_old_one(tmp_path, file_size_limit):
     """resume_key.json (rewritten when a run resumes on its manifest or weights moved), and
     result.json, metrics.csv, config.yaml, were written in place: a write that failed midway (a
     full disk; here a file size limit, EFBIG) left the file cut, and every later run of the
     command failed on the cut record's JSONDecodeError traceback. The old file now stays whole,
     no `.partial` is left, and the error names the file."""
     import json
-    import subprocess
-    import sys
 
     out = tmp_path / "run"
     out.mkdir()
     old = json.dumps({"data.batch_size": 8}, indent=1)
     (out / "resume_key.json").write_text(old)
-    script = (
-        "import json, resource, signal, sys\n"
-        "from train.driver import _put_text\n"
-        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
-        "resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))\n"
-        "try:\n"
-        f"    _put_text({str(out / 'resume_key.json')!r}, json.dumps({{'x': 'y' * 100_000}}))\n"
-        "except OSError as e:\n"
-        "    print(e.filename, e.errno)\n")
-    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    res = file_size_limit(4096, "_put_text(sys.argv[1], json.dumps({'x': 'y' * 100_000}))", out / "resume_key.json",
+                          setup="import json\nfrom train.driver import _put_text\n")
     assert res.returncode == 0, res.stderr
     assert res.stdout.split() == [str(out / "resume_key.json"), "27"]  # EFBIG, named
     assert (out / "resume_key.json").read_text() == old
     assert sorted(p.name for p in out.iterdir()) == ["resume_key.json"]
 
 
-def test_an_export_copied_over_the_last_one_on_a_full_disk_keeps_the_last_one(tmp_path):
+def test_an_export_copied_over_the_last_one_on_a_full_disk_keeps_the_last_one(tmp_path, file_size_limit):
     """A run continued (clip editing's rounds, a resumed run) copies its export over the last
     call's: copied in place, a full disk midway (here a file size limit, EFBIG) left the
     weights cut beside the old config.json, an export that no longer loaded, the old one gone.
     Each file is now moved in whole or not at all, and the error names it."""
-    import subprocess
-    import sys
 
     out, src = tmp_path / "run", tmp_path / "new-export"
     (out / "export").mkdir(parents=True)
     (out / "export" / "model.safetensors").write_bytes(b"old weights")
     src.mkdir()
     (src / "model.safetensors").write_bytes(b"w" * 200_000)
-    script = ("import resource, signal, sys\n"
-              "from pathlib import Path\n"
-              "from clipray.config import load_config\n"
-              "from train.driver import _write_outputs\n"
-              "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
-              "resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))\n"
-              "try:\n"
-              "    _write_outputs(sys.argv[1], load_config(None, []), [{'epoch': 1, 'loss': 1.0}], {}, Path(sys.argv[2]))\n"
-              "except OSError as e:\n"
-              "    print(e.filename, e.errno)\n")
-    res = subprocess.run([sys.executable, "-c", script, str(out), str(src)], capture_output=True, text=True,
-                         timeout=120)
+    res = file_size_limit(
+        100_000, "_write_outputs(sys.argv[1], load_config(None, []), [{'epoch': 1, 'loss': 1.0}], {}, Path(sys.argv[2]))",
+        out, src, setup="from pathlib import Path\nfrom clipray.config import load_config\n"
+                        "from train.driver import _write_outputs\n")
     assert res.returncode == 0, res.stderr
     assert (out / "export" / "model.safetensors").read_bytes() == b"old weights"
     assert sorted(p.name for p in (out / "export").iterdir()) == ["model.safetensors"]
