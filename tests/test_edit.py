@@ -530,6 +530,28 @@ def test_a_resume_may_give_the_scoring_job_other_resources(events, tmp_path, cap
         run(margin)
 
 
+def test_a_finished_run_of_the_first_editing_version_prints_its_result(events, tmp_path, capsys):
+    """A run folder from the first `clipray edit` (db24a62, before 86e0dfa): its rounds record no
+    mean_width_s or median_gain and its state names no source. A re-run of its command printed
+    nothing but a KeyError traceback (and a resumed such run failed so after its last round):
+    the result table shows '-' for the width it never measured."""
+    from train.edit import run
+
+    cfg = load_config(EDIT_DEMO, overrides(events["events_manifest"], tmp_path, "old"))
+    test = finished_run(tmp_path / "old", cfg, events["events_manifest"])
+    for name in ("edit_state.json", "edit_result.json"):
+        f = tmp_path / "old" / name
+        saved = json.loads(f.read_text())
+        saved.pop("source", None)
+        for r in saved["rounds" if "rounds" in saved else "records"]:
+            del r["mean_width_s"]
+        f.write_text(json.dumps(saved))
+    assert run(cfg)["test"] == test
+    said = capsys.readouterr().out
+    assert "has finished every round" in said
+    assert [line.split()[5] for line in said.splitlines() if line.split()[:2] in (["0", "1"], ["1", "2"])] == ["-", "-"]
+
+
 def test_a_failed_state_write_keeps_the_last_state(tmp_path):
     """edit_state.json is rewritten after every round; a write that fails midway (here a text
     that cannot be encoded, as a full disk or a killed job) must leave the last one whole, or

@@ -508,7 +508,7 @@ def _summary(result: dict, out: str) -> str:
             f"{'R@10':>6}  teacher"]
     for r in result["rounds"]:
         rows.append(f"{r['round']:>5}{r['epoch']:>6}{r['edited']:>8}{r['mean_shift_s']:>8.2f}"
-                    f"{_f(r['train_tiou']):>7}{r['mean_width_s']:>8.2f}{r['val_r1']:>8.1f}{r['val_r5']:>6.1f}"
+                    f"{_f(r['train_tiou']):>7}{_f(r.get('mean_width_s'), '.2f'):>8}{r['val_r1']:>8.1f}{r['val_r5']:>6.1f}"
                     f"{r['val_r10']:>6.1f}  "
                     f"{'updated' if r['teacher_updated'] else 'kept'}")
     t = result["test"]
