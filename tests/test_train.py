@@ -858,11 +858,20 @@ def test_a_step_budget_resumed_mid_pass_reads_on_where_its_pass_was(ray_local, s
         "train.max_steps": 6, "train.checkpoint_every_steps": 2})
     first = run(load_config(DEMO, args), quiet_ray=True, stop_epoch=1, table=False)
     assert first["total_steps"] == 2
+    # its checkpoint as a run stopped before 9c803a8 saved it: the epoch's time only as its
+    # clips_per_s (the resumed run failed at its end on a KeyError: no result.json, no export)
+    snap = json.loads((tmp_path / "budget-resume" / "checkpoint_manager_snapshot.json").read_text())
+    state_file = tmp_path / "budget-resume" / snap["latest_checkpoint_result"]["checkpoint_dir_name"] / "state.json"
+    state = json.loads(state_file.read_text())
+    old = {k: v for k, v in state["history"][0].items()
+           if k not in ("epoch_s", "data_wait_s", "first_batch_s", "step_clips_per_s", "peak_mem_mb")}
+    state["history"][0] = dict(old, clips_per_s=2 * 4 * 2 / first["epoch_s"])  # 2 steps of 4 clips x 2 workers
+    state_file.write_text(json.dumps(state))
     final = run(load_config(DEMO, args), quiet_ray=True, table=False)
     assert final["total_steps"] == 6
     # the run's time goes with its steps: every epoch's, the first call's too (was this call's only)
     with open(tmp_path / "budget-resume" / "metrics.csv") as f:
-        epoch_s = [float(r["epoch_s"]) for r in csv.DictReader(f)]
+        epoch_s = [float(r["epoch_s"] or 2 * 4 * 2 / float(r["clips_per_s"])) for r in csv.DictReader(f)]
     assert len(epoch_s) == 3 and epoch_s[0] == pytest.approx(first["epoch_s"])
     assert final["train_seconds"] == pytest.approx(sum(epoch_s)) and final["train_seconds"] > final["epoch_s"]
     assert json.loads((tmp_path / "budget-resume" / "result.json").read_text())["train_seconds"] == \

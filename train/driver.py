@@ -476,7 +476,7 @@ def _run(cfg: Config, quiet_ray: bool, stop_epoch: int, table: bool, held: conte
         # seconds: this call's (a resumed run's later part); train_seconds: every epoch of the run,
         # from the history its checkpoints carry, so that it goes with total_steps
         final = dict(state["history"][-1], total_steps=state["step"], seconds=time.perf_counter() - t0,
-                     train_seconds=sum(h["epoch_s"] for h in state["history"]))
+                     train_seconds=train_seconds(state["history"], cfg.data.batch_size * cfg.train.num_workers))
         _write_outputs(out, cfg, state["history"], final, export_src)
     skips = collect_skips(out)
     final.update(skipped_clips=skips["skipped"], eval_split=eval_split)
@@ -576,6 +576,20 @@ def _put_text(uri: str, text: str) -> None:
                 with contextlib.suppress(OSError):
                     fs.rm_file(tmp)
             raise
+
+
+def train_seconds(history: list[dict], clips_per_step: int) -> float:
+    """The seconds of every epoch in a run's history. An epoch recorded before 9c803a8 (a run
+    stopped then and resumed now) has no epoch_s: its clips_per_s was its steps' clips over its
+    seconds, which give them back."""
+    total, step = 0.0, 0
+    for h in history:
+        if "epoch_s" in h:
+            total += h["epoch_s"]
+        elif h.get("clips_per_s"):
+            total += (h["step"] - step) * clips_per_step / h["clips_per_s"]
+        step = h["step"]
+    return total
 
 
 def _write_outputs(out: str, cfg: Config, history: list[dict], final: dict, export_src: Path) -> None:
