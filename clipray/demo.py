@@ -45,7 +45,7 @@ def ensure_synth(data_dir: Path, videos: int, seed: int = 0, **options) -> Path:
     # videos are not those the asked-for set (the demo's, whose figures the README gives) holds
     import inspect
 
-    from clipray.synth import generate
+    from clipray.synth import generate, plan
 
     want = {k: p.default for k, p in inspect.signature(generate).parameters.items()
             if p.default is not inspect.Parameter.empty}
@@ -55,9 +55,26 @@ def ensure_synth(data_dir: Path, videos: int, seed: int = 0, **options) -> Path:
         if key in recorded and recorded[key] != want[key]:
             show = (lambda v: "x".join(map(str, v))) if key == "size" else (lambda v: f"{v:g}")
             other.append(f"{key} {show(want[key])} (these have {show(recorded[key])})")
+    drawn = None if other else _drawn(manifest)
+    if drawn is not None and drawn != [(v.video_id, v.caption, v.split) for v in plan(
+            videos, seed, want["val_frac"], want["test_frac"], want["max_events"])]:
+        # a set drawn by an older generator (before 100c9df: repeated captions, test videos also
+        # in train), which no setting names: its videos are not those asked for either
+        other.append("the videos this clipray draws (these were drawn by an older one)")
     print(f"[demo] using the {made.get('videos')} synthetic videos (seed {made.get('seed')}) already in {data_dir}"
           + (f"; for {' and '.join(other)} give another --data folder" if other else ""), flush=True)
     return manifest
+
+
+def _drawn(manifest: Path) -> list[tuple] | None:
+    """The set's (video_id, caption, split) rows in manifest order; None if unreadable."""
+    import pyarrow.parquet as pq
+
+    try:
+        t = pq.read_table(manifest, columns=["video_id", "caption", "split"])
+    except (OSError, ValueError):
+        return None
+    return list(zip(*(t.column(c).to_pylist() for c in ("video_id", "caption", "split"))))
 
 
 def _synth_metadata(manifest: Path) -> dict:

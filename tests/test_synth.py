@@ -181,6 +181,26 @@ def test_a_made_set_encoded_or_planned_otherwise_is_named_when_reused(tmp_path, 
     assert capsys.readouterr().out.endswith("already in " + str(tmp_path / "s") + "\n")
 
 
+def test_a_set_drawn_by_an_older_generator_is_named_when_reused(tmp_path, capsys):
+    """A set made before 100c9df (the demo's 240 videos, seed 0, had 15 repeated captions and 45
+    test videos, 4 also in train, where this version draws 48 and none twice) records the same
+    count, seed and settings: `clipray demo` reused it as its own without a word. Here such a
+    set by hand: the same settings, its last video's caption drawn again (an older draw)."""
+    from clipray.demo import ensure_synth
+
+    generate(tmp_path / "s", videos=3, seed=1)
+    manifest = tmp_path / "s" / "manifest.parquet"
+    from clipray.manifest import manifest_metadata, write_manifest
+
+    meta, rows = manifest_metadata(manifest), read_manifest(manifest).to_pylist()
+    rows[-1]["caption"] = rows[0]["caption"]
+    write_manifest(rows, manifest, metadata=meta)
+    ensure_synth(tmp_path / "s", videos=3, seed=1)
+    assert capsys.readouterr().out.endswith(
+        "already in " + str(tmp_path / "s") + "; for the videos this clipray draws (these were drawn by an older "
+        "one) give another --data folder\n")
+
+
 def test_a_generation_stopped_midway_leaves_no_finished_set_behind(tmp_path, monkeypatch, capsys):
     """Writing a set over another (another seed) and stopping it (Ctrl-C) left the old synth.json
     and manifests beside some new videos: the demo then reused the set, its captions naming
