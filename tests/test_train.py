@@ -1057,6 +1057,28 @@ def test_a_run_name_with_a_slash_keeps_its_checkpoints_in_its_run_folder(ray_loc
         run(load_config(DEMO, args), quiet_ray=True, table=False)
 
 
+def test_a_run_named_with_a_slash_before_bd5de69_resumes_where_ray_kept_its_checkpoints(tmp_path, capsys):
+    """Before bd5de69 a run named group/one had Ray's checkpoints (and its record of them) in
+    <storage>/group/group/one. Stopped then and re-run now, Ray was pointed at <storage>/group/one,
+    found nothing and trained again from step 0, the old checkpoints left aside without a word.
+    Ray is now given the old place for such a run, and only for it."""
+    from train.driver import RAY_CHECKPOINT_RECORD, ray_storage, run_dir
+
+    cfg = load_config(DEMO, overrides(str(tmp_path / "m.parquet"), tmp_path, "group/one"))
+    out = run_dir(cfg)
+    assert ray_storage(cfg, out) == str(tmp_path)  # a new run: the storage root
+    legacy = tmp_path / "group" / "group" / "one"
+    legacy.mkdir(parents=True)
+    (legacy / RAY_CHECKPOINT_RECORD).write_text("{}")
+    assert ray_storage(cfg, out) == str(tmp_path / "group")  # Ray's run folder: <it>/group/one = legacy
+    assert f"resuming from {tmp_path / 'group'}/group/one" in capsys.readouterr().out
+    Path(out).mkdir(parents=True)
+    (Path(out) / RAY_CHECKPOINT_RECORD).write_text("{}")  # a run of this version's: its own folder
+    assert ray_storage(cfg, out) == str(tmp_path)
+    plain = load_config(DEMO, overrides(str(tmp_path / "m.parquet"), tmp_path, "one"))
+    assert ray_storage(plain, run_dir(plain)) == str(tmp_path)
+
+
 def test_ctrl_c_says_the_run_is_kept_and_how_to_resume(ray_local, synth_small, tmp_path):
     """SIGINT to the driver (Ctrl-C): Ray Train aborts the run and its ray.get ends in a bare
     SystemExit(1), which printed nothing at all; the driver now says where the checkpoints are

@@ -92,6 +92,27 @@ def storage_root(cfg: Config) -> str:
     return storage.rstrip("/")
 
 
+def ray_storage(cfg: Config, out: str) -> str:
+    """The storage path Ray Train is given (its checkpoints go to <it>/<train.run_name>): the
+    storage root. A run named with a '/' (group/one) and stopped before bd5de69 has them where
+    Ray was given the run folder's parent, <storage>/group/group/one: it resumes from there, as
+    it was, where the root would start it again from its first step without a word."""
+    root = storage_root(cfg)
+    if "/" not in cfg.train.run_name:
+        return root
+    parent = out.rsplit("/", 1)[0]
+    fs, path = fsspec_path(out)
+    legacy = f"{path.rsplit('/', 1)[0]}/{cfg.train.run_name}"
+    try:
+        if not fs.exists(f"{path}/{RAY_CHECKPOINT_RECORD}") and fs.exists(f"{legacy}/{RAY_CHECKPOINT_RECORD}"):
+            print(f"[driver] resuming from {parent}/{cfg.train.run_name}, where clipray before bd5de69 kept "
+                  "this run's checkpoints", flush=True)
+            return parent
+    except OSError:
+        pass
+    return root
+
+
 def run_dir(cfg: Config) -> str:
     name = cfg.train.run_name
     # Ray Train takes the same name for the checkpoints' folder: an empty one it replaces with a
@@ -436,7 +457,7 @@ def _run(cfg: Config, quiet_ray: bool, stop_epoch: int, table: bool, held: conte
         run_config=ray.train.RunConfig(
             # Ray's run folder is storage_path/name: the storage root, not the run folder's
             # parent, which differs when the name has a "/" in it
-            name=cfg.train.run_name, storage_path=storage_root(cfg),
+            name=cfg.train.run_name, storage_path=ray_storage(cfg, out),
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             # the controller's INFO lines (resources requested, worker group started) off the
