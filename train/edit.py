@@ -276,20 +276,12 @@ POOL_KEYS = ("actors", "actor_cpus", "actor_gpus", "batch")
 
 
 def _put(uri: str, text: str) -> None:
-    """Write a file whole or not at all: a `.partial` file moved over it when complete. Written
-    in place, a write that failed midway (a full disk, the job killed) left a cut
-    edit_state.json or edit_result.json, which every re-run then failed to read."""
-    from clipray.manifest import PARTIAL, filesystem, naming
-    from train.driver import _stored
+    """Write a file of the run folder whole or not at all (`driver._put_text`): written in
+    place, a write that failed midway (a full disk, the job killed) left a cut edit_state.json
+    or edit_result.json, which every re-run then failed to read."""
+    from train.driver import _put_text
 
-    data = text.encode()
-    fs, path = filesystem(uri)
-    # pyarrow's OSError for a full disk names no file, nor its error for an object store that
-    # dropped: the command ended in its traceback
-    with _stored(uri), naming(uri):
-        with fs.open_output_stream(path + PARTIAL) as f:
-            f.write(data)
-        fs.move(path + PARTIAL, path)
+    _put_text(uri, text)
 
 
 def _get_json(uri: str) -> Optional[dict]:
