@@ -23,6 +23,7 @@ report; nothing ever substitutes an all-zero clip.
 from __future__ import annotations
 
 import itertools
+import logging
 import math
 import os
 import queue
@@ -327,10 +328,32 @@ def _codec(src: Any) -> str | None:
         _rewind(src)
 
 
+_decord_missing: str | None = None  # why `import decord` failed in this process, once it has
+
+
+def _decord_importable() -> bool:
+    """Whether decord imports here. decord has no wheel for ARM (Apple Silicon, aarch64 Linux),
+    where pyproject leaves it out: there the decord backend reads every file with PyAV, saying
+    so once per process. Every clip was a skip ('decode failed: ModuleNotFoundError') and an
+    index's duration probe a traceback."""
+    global _decord_missing
+    if _decord_missing is None:
+        try:
+            import decord  # noqa: F401
+            _decord_missing = ""
+        except Exception as e:  # ImportError, or a broken install's OSError
+            _decord_missing = _short(e)
+            logging.getLogger(__name__).warning(
+                "video.backend=decord but decord does not import (%s): every video is read with PyAV, "
+                "slower; pip install decord (wheels for x86-64 only), or set video.backend=pyav (data.video.backend "
+                "to train)", _decord_missing)
+    return not _decord_missing
+
+
 def _reader(src: Any, backend: str) -> Any:
     """The backend's reader of an open source; PyAV's where decord cannot open the file or
-    would number its frames wrongly."""
-    if backend == "pyav":
+    would number its frames wrongly, or is not installed."""
+    if backend == "pyav" or not _decord_importable():
         return PyAVVideo(src)
     if _codec(src) not in _DECORD_MISNUMBERS:
         try:
