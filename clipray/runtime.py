@@ -63,18 +63,32 @@ _embedded: dict[str, float] | None = None
 READ_TASK_CPUS = 1.0
 
 
-def usable_cores(cpu_max: str = "/sys/fs/cgroup/cpu.max") -> int:
-    """The cores this process may run on: its CPU affinity (taskset, a container's cpuset), and
-    a cgroup v2 CPU quota (a container's --cpus, a Kubernetes CPU limit) where that is fewer.
-    os.cpu_count() is the host's: in a 4-CPU container on a 64-core host it sized the embedded
-    Ray (and the benches' defaults) for 64 cores."""
-    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+def _cpu_quota(cpu_max: str, cfs_dir: str) -> tuple[int, int] | None:
+    """The cgroup's CPU quota and period in us, None for none: cgroup v2's cpu.max, else cgroup
+    v1's cpu.cfs_quota_us (-1 for none) and cpu.cfs_period_us (Docker on a cgroup v1 host:
+    CentOS/RHEL 7, Amazon Linux 2, Ubuntu before 21.10)."""
     try:
         quota, period = open(cpu_max).read().split()[:2]
-        if quota != "max":
-            n = min(n, max(1, int(quota) // int(period)))  # whole cores, as Ray counts them
-    except (OSError, ValueError):  # no cgroup v2 here, or no quota
+        return None if quota == "max" else (int(quota), int(period))
+    except (OSError, ValueError):  # no cgroup v2 here
         pass
+    try:
+        quota = int(open(os.path.join(cfs_dir, "cpu.cfs_quota_us")).read())
+        period = int(open(os.path.join(cfs_dir, "cpu.cfs_period_us")).read())
+        return (quota, period) if quota > 0 and period > 0 else None
+    except (OSError, ValueError):  # no cgroup v1 either
+        return None
+
+
+def usable_cores(cpu_max: str = "/sys/fs/cgroup/cpu.max", cfs_dir: str = "/sys/fs/cgroup/cpu") -> int:
+    """The cores this process may run on: its CPU affinity (taskset, a container's cpuset), and
+    a cgroup CPU quota, v2 or v1 (a container's --cpus, a Kubernetes CPU limit), where that is
+    fewer. os.cpu_count() is the host's: in a 4-CPU container on a 64-core host it sized the
+    embedded Ray (and the benches' defaults) for 64 cores; a cgroup v1 quota was not read."""
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    quota = _cpu_quota(cpu_max, cfs_dir)
+    if quota:
+        n = min(n, max(1, quota[0] // quota[1]))  # whole cores, as Ray counts them
     return n
 
 

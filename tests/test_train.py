@@ -479,8 +479,16 @@ def test_usable_cores_count_the_affinity_and_the_containers_quota(tmp_path):
     for text, want in (("max 100000", mine), ("100000 100000", 1), ("50000 100000", 1),
                        (f"{150000 * mine} 100000", mine), ("garbage", mine)):
         (tmp_path / "cpu.max").write_text(text + "\n")
-        assert usable_cores(str(tmp_path / "cpu.max")) == want, text
-    assert usable_cores(str(tmp_path / "none")) == mine
+        assert usable_cores(str(tmp_path / "cpu.max"), str(tmp_path / "no-v1")) == want, text
+    assert usable_cores(str(tmp_path / "none"), str(tmp_path / "no-v1")) == mine
+    # cgroup v1 (Docker on a CentOS 7 / Amazon Linux 2 host): cpu.cfs_quota_us, -1 for none
+    v1 = tmp_path / "cpu"
+    v1.mkdir()
+    (v1 / "cpu.cfs_period_us").write_text("100000\n")
+    for text, want in (("-1", mine), ("100000", 1), ("50000", 1), (f"{150000 * mine}", mine), ("x", mine)):
+        (v1 / "cpu.cfs_quota_us").write_text(text + "\n")
+        assert usable_cores(str(tmp_path / "none"), str(v1)) == want, text
+    assert usable_cores(str(tmp_path / "none"), str(tmp_path / "no-v1")) == mine
     # a process pinned to one core (taskset) may use one, whatever the host has
     code = "import os; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}); " \
            "from clipray.runtime import usable_cores; print(usable_cores(), os.cpu_count())"
