@@ -115,7 +115,7 @@ def reset_peak_rss() -> None:
         pass
 
 
-def check_answers(address: str, named: str, timeout_s: float = 10.0) -> None:
+def check_answers(address: str, named: str, timeout_s: float = 10.0, shown: str = "") -> None:
     """A cluster address (host:port, or ray://host:port) where nothing accepts a connection is a
     one-line error: ray.init retried it for minutes, printing a warning every few seconds (a
     stale RAY_ADDRESS in the shell, a cluster that is down). "auto" and other forms go to Ray."""
@@ -128,8 +128,23 @@ def check_answers(address: str, named: str, timeout_s: float = 10.0) -> None:
     try:
         socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
     except OSError as e:
-        raise ConfigError(f"{named}={address}: nothing answers there ({e.strerror or e}): start the cluster, "
+        raise ConfigError(f"{shown or named + '=' + address}: nothing answers there ({e.strerror or e}): start the "
+                          "cluster, or unset it to run on an embedded local Ray") from None
+
+
+def find_auto(named: str) -> str:
+    """The cluster that `auto` names, as ray.init finds it: the last `ray start` here
+    (/tmp/ray/ray_current_cluster), else a Ray running on this machine. With none, ray.init's
+    ConnectionError was a traceback; a `ray start` since stopped without `ray stop` (a reboot, a
+    killed head) left an address where nothing answers, which ray.init retried for minutes."""
+    from ray._private import services
+
+    try:
+        found = services.canonicalize_bootstrap_address("auto", None)
+    except ConnectionError:
+        raise ConfigError(f"{named}=auto: no Ray cluster runs on this machine: start one (`ray start --head`), "
                           "or unset it to run on an embedded local Ray") from None
+    return found or "auto"
 
 
 def init_ray(cfg: RayConfig | None = None, quiet: bool = False) -> None:
@@ -149,7 +164,11 @@ def init_ray(cfg: RayConfig | None = None, quiet: bool = False) -> None:
                           "the cluster's GCS address (host:6379)")
     kwargs = dict(log_to_driver=not quiet, logging_level=logging.WARNING)
     if address and address != "local":
-        check_answers(address, named)
+        shown = ""
+        if address.lower() == "auto":
+            address = find_auto(named)
+            shown = f"{named}=auto, the cluster last started on this machine ({address})"
+        check_answers(address, named, shown=shown)
         ray.init(address=address, **kwargs)
         _embedded = None
         return

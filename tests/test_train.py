@@ -454,10 +454,23 @@ print(main(["train", *base]))
 del os.environ["RAY_ADDRESS"]
 print(main(["train", *base, "ray.address=https://head:8265"]))
 print(main(["train", *base, "ray.address=127.0.0.1:{dead}"]))
+# `auto` (a shell's RAY_ADDRESS=auto), as ray.init finds it: no `ray start` here and no Ray
+# running (this test's own Ray is hidden), then a `ray start` whose head has since died
+from ray._private import services
+none = lambda: set()
+none.cache_clear = lambda: None  # ray.shutdown at exit calls it
+services.find_gcs_addresses, services.find_bootstrap_address = none, lambda temp_dir: None
+os.environ["RAY_ADDRESS"] = "auto"
+print(main(["train", *base]))
+services.find_bootstrap_address = lambda temp_dir: "127.0.0.1:{dead}"
+print(main(["train", *base]))
 print("ray started:", __import__("ray").is_initialized())
 """
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert out.stdout.splitlines() == ["2", "2", "2", "ray started: False"], out.stderr
+    assert out.stdout.splitlines() == ["2", "2", "2", "2", "2", "ray started: False"], out.stderr
+    from ray._private.services import resolve_ip_for_localhost
+
+    here = resolve_ip_for_localhost("127.0.0.1")  # as ray.init reads a local address: this node's IP
     says = "is a Ray dashboard / job-server address (what `ray job submit` takes), not a cluster to join"
     assert out.stderr.splitlines() == [f"clipray train: error: RAY_ADDRESS=http://127.0.0.1:8265 {says}: unset "
                                        "it to run on an embedded local Ray, or give the cluster's GCS address "
@@ -467,7 +480,13 @@ print("ray started:", __import__("ray").is_initialized())
                                        # a cluster that is down: Ray's connect loop retried for minutes
                                        f"clipray train: error: ray.address=127.0.0.1:{dead}: nothing answers there "
                                        "(Connection refused): start the cluster, or unset it to run on an embedded "
-                                       "local Ray"]
+                                       "local Ray",
+                                       # ray.init's ConnectionError traceback; then minutes of retries
+                                       "clipray train: error: RAY_ADDRESS=auto: no Ray cluster runs on this machine: "
+                                       "start one (`ray start --head`), or unset it to run on an embedded local Ray",
+                                       "clipray train: error: RAY_ADDRESS=auto, the cluster last started on this "
+                                       f"machine ({here}:{dead}): nothing answers there (Connection refused): "
+                                       "start the cluster, or unset it to run on an embedded local Ray"]
 
 
 def test_usable_cores_count_the_affinity_and_the_containers_quota(tmp_path):
