@@ -180,7 +180,17 @@ def init_ray(cfg: RayConfig | None = None, quiet: bool = False) -> None:
     # the dashboard stays on: it hosts the State API, which Ray Train uses to watch its controller
     # "local" (Ray's word for a new local instance) is this embedded Ray, sized and checked as
     # such; naming it keeps ray.init from joining a RAY_ADDRESS that ray.address=local overrode
-    ray.init(address="local" if address else None, num_cpus=num_cpus, **kwargs)
+    try:
+        ray.init(address="local" if address else None, num_cpus=num_cpus, **kwargs)
+    except OSError as e:
+        if "AF_UNIX path length" not in str(e):
+            raise
+        # Ray's sockets live under $RAY_TMPDIR, else (Linux) $TMPDIR: a long one (a batch job's
+        # scratch folder) failed in ray.init with an OSError traceback
+        var = "RAY_TMPDIR" if os.environ.get("RAY_TMPDIR") else "TMPDIR"
+        raise ConfigError(f"{var}={os.environ.get(var, '')} is too long a path for the local Ray's sockets (a Unix "
+                          "socket's path holds at most 107 bytes): set RAY_TMPDIR to a short folder, e.g. "
+                          "RAY_TMPDIR=/tmp") from None
     have = ray.cluster_resources()
     _embedded = {"CPU": float(num_cpus), "GPU": float(have.get("GPU", 0.0))}
 

@@ -489,6 +489,19 @@ print("ray started:", __import__("ray").is_initialized())
                                        "start the cluster, or unset it to run on an embedded local Ray"]
 
 
+def test_a_tmpdir_too_long_for_rays_sockets_is_a_one_line_error(synth_small, tmp_path):
+    """On Linux the local Ray keeps its sockets under $TMPDIR (a batch job's scratch folder is
+    often long), and a socket's path holds 107 bytes: ray.init failed with an OSError traceback."""
+    long = tmp_path / ("t" * 90)
+    long.mkdir()
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_TMPDIR")}
+    out = subprocess.run([sys.executable, "-m", "train", str(DEMO), *overrides(synth_small["manifest"], tmp_path, "t")],
+                         cwd=REPO, env=dict(env, TMPDIR=str(long)), capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and out.stderr.splitlines()[-1] == (
+        f"clipray train: error: TMPDIR={long} is too long a path for the local Ray's sockets (a Unix socket's "
+        "path holds at most 107 bytes): set RAY_TMPDIR to a short folder, e.g. RAY_TMPDIR=/tmp"), out.stderr
+
+
 def test_usable_cores_count_the_affinity_and_the_containers_quota(tmp_path):
     """The embedded Ray and the benches' defaults were sized from os.cpu_count(), the host's
     cores: in a container of 4 CPUs on a 64-core host, for 64."""
