@@ -182,7 +182,17 @@ def init_ray(cfg: RayConfig | None = None, quiet: bool = False) -> None:
     # such; naming it keeps ray.init from joining a RAY_ADDRESS that ray.address=local overrode
     try:
         ray.init(address="local" if address else None, num_cpus=num_cpus, **kwargs)
-    except OSError as e:
+    except (OSError, RuntimeError) as e:
+        token_dir = os.path.join(os.path.expanduser("~"), ".ray")
+        if isinstance(e, RuntimeError) and "home directory" in str(e) or \
+                str(getattr(e, "filename", None) or "").startswith(token_dir):
+            # a new local Ray writes its authentication token to ~/.ray/auth_token: a HOME that
+            # cannot be written (read-only, a file, a container's user without one) failed in
+            # ray.init with a traceback, or a bare "No such file or directory: .../.ray"
+            why = getattr(e, "strerror", None) or str(e)
+            raise ConfigError(f"the local Ray keeps its authentication token in ~/.ray/auth_token, which cannot be "
+                              f"written here ({token_dir}: {why}): set HOME to a writable folder, or give the token "
+                              "in RAY_AUTH_TOKEN (a random string, e.g. RAY_AUTH_TOKEN=$(openssl rand -hex 32))") from None
         if "AF_UNIX path length" not in str(e):
             raise
         # Ray's sockets live under $RAY_TMPDIR, else (Linux) $TMPDIR: a long one (a batch job's

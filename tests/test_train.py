@@ -502,6 +502,23 @@ def test_a_tmpdir_too_long_for_rays_sockets_is_a_one_line_error(synth_small, tmp
         "path holds at most 107 bytes): set RAY_TMPDIR to a short folder, e.g. RAY_TMPDIR=/tmp"), out.stderr
 
 
+def test_a_home_where_ray_cannot_keep_its_token_is_a_one_line_error(synth_small, tmp_path):
+    """A new local Ray writes its authentication token to ~/.ray/auth_token: with a HOME that
+    cannot be written (read-only, or here a file) ray.init failed on 'No such file or directory'
+    or 'Not a directory' naming ~/.ray, or (no HOME and a user without a passwd entry: a
+    container's) on a RuntimeError traceback."""
+    home = tmp_path / "home"
+    home.write_text("")  # not a folder: nothing can be made under it, root or not
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN",
+                                                            "RAY_AUTH_TOKEN_PATH")}
+    out = subprocess.run([sys.executable, "-m", "train", str(DEMO), *overrides(synth_small["manifest"], tmp_path, "h")],
+                         cwd=REPO, env=dict(env, HOME=str(home)), capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and out.stderr.splitlines()[-1] == (
+        "clipray train: error: the local Ray keeps its authentication token in ~/.ray/auth_token, which cannot "
+        f"be written here ({home}/.ray: Not a directory): set HOME to a writable folder, or give the token in "
+        "RAY_AUTH_TOKEN (a random string, e.g. RAY_AUTH_TOKEN=$(openssl rand -hex 32))"), out.stderr
+
+
 def test_usable_cores_count_the_affinity_and_the_containers_quota(tmp_path):
     """The embedded Ray and the benches' defaults were sized from os.cpu_count(), the host's
     cores: in a container of 4 CPUs on a 64-core host, for 64."""
