@@ -611,7 +611,9 @@ print("moved:", bool((task.weight != before).all()), flush=True)
 torch.distributed.destroy_process_group()  # else gloo's threads can abort the exit (SIGABRT)
 """
     ext = tmp_path / "torch_extensions"
-    env = {k: v for k, v in os.environ.items() if k != "DS_ACCELERATOR"}
+    # set but empty (`export DS_ACCELERATOR=`) is unset: it was DeepSpeed's ValueError ('DS_ACCELERATOR
+    # must be one of [...]. Value "" is not supported') on every training worker
+    env = dict(os.environ, DS_ACCELERATOR="")
     env.update(TORCH_EXTENSIONS_DIR=str(ext), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1",
                MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_ports(1)[0]))
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)

@@ -53,6 +53,8 @@ def initialize(task: torch.nn.Module, opt: Any, sched: Any, train: TrainConfig, 
     A CPU run names DeepSpeed's accelerator (`DS_ACCELERATOR=cpu`, unless the user set one)
     instead of letting it probe and warn on every worker that it found no GPU.
     """
+    if os.environ.get("DS_ACCELERATOR") == "":  # set but empty: DeepSpeed's ValueError on every worker
+        del os.environ["DS_ACCELERATOR"]
     if not train.use_gpu:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import deepspeed
