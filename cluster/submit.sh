@@ -85,8 +85,8 @@ elif [[ -n ${RAY_AUTH_TOKEN_PATH:-} ]]; then
     [[ -s $RAY_AUTH_TOKEN_PATH ]] || { printf 'submit.sh: RAY_AUTH_TOKEN_PATH=%s is missing or empty\n' \
         "$RAY_AUTH_TOKEN_PATH" >&2; token_help; exit 2; }
     token_source="$RAY_AUTH_TOKEN_PATH"
-elif [[ -s $HOME/.ray/auth_token ]]; then
-    token_source="$HOME/.ray/auth_token"
+elif [[ -s ~/.ray/auth_token ]]; then  # ~, not $HOME: with HOME unset, the user's home (as Ray finds it)
+    token_source=~/.ray/auth_token
 else
     printf 'submit.sh: no Ray auth token: set RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or write ~/.ray/auth_token\n' >&2
     token_help

@@ -412,7 +412,8 @@ def _submit(tmp_path, *args, **env) -> subprocess.CompletedProcess:
     base = {k: v for k, v in os.environ.items() if not k.startswith("RAY_") and not k.startswith("CLIPRAY_")}
     base["HOME"] = str(tmp_path)
     base["PATH"] = f"{Path(sys.executable).parent}:{base.get('PATH', '')}"
-    return subprocess.run([str(CLUSTER / "submit.sh"), *args], env={**base, **env}, capture_output=True,
+    return subprocess.run([str(CLUSTER / "submit.sh"), *args], env={k: v for k, v in {**base, **env}.items()
+                                                                   if v is not None}, capture_output=True,
                           text=True, cwd=tmp_path, timeout=60)
 
 
@@ -423,6 +424,17 @@ def test_submit_sh_requires_token_auth(tmp_path):
     r = _submit(tmp_path, config, RAY_ADDRESS="http://127.0.0.1:8265", RAY_AUTH_MODE="token")
     assert r.returncode == 2 and "no Ray auth token" in r.stderr
     assert "kubectl get secret" in r.stderr and "auth_token" in r.stderr  # says how to get it
+    # no HOME at all (cron, `env -i`, a service): the user's home, as Ray finds the token; it was
+    # bash's 'HOME: unbound variable' (set -u), exit 1
+    import pwd
+
+    token = Path(pwd.getpwuid(os.getuid()).pw_dir) / ".ray" / "auth_token"
+    r = _submit(tmp_path, config, "train.storage_path=s3://b/runs", RAY_ADDRESS="http://127.0.0.1:8265",
+                RAY_AUTH_MODE="token", CLIPRAY_DRY_RUN="1", HOME=None)
+    if token.is_file() and token.stat().st_size:
+        assert r.returncode == 0 and f"token from {token}" in r.stdout, r.stderr
+    else:
+        assert r.returncode == 2 and "no Ray auth token" in r.stderr, r.stderr
     (tmp_path / ".ray").mkdir()
     (tmp_path / ".ray" / "auth_token").write_text("secret")  # the default token file counts
     r = _submit(tmp_path, config, "train.storage_path=s3://b/runs", RAY_ADDRESS="http://127.0.0.1:8265",
