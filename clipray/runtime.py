@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sys
 from typing import Iterator
 
 from clipray.config import ConfigError, RayConfig
@@ -92,6 +93,28 @@ def usable_cores(cpu_max: str = "/sys/fs/cgroup/cpu.max", cfs_dir: str = "/sys/f
     return n
 
 
+def cap_threads() -> None:
+    """This process's torch and faiss (OpenMP) threads at `usable_cores()`, unless
+    OMP_NUM_THREADS says otherwise. Both count the cores they see, not a CPU quota: a driver in
+    a 4-CPU container on a 64-core host (a Kubernetes CPU limit) ran clipray index's faiss build
+    and its recall queries on 64 threads, 16 to a core, throttled by the quota. faiss's count is
+    this thread's, the one that builds it in clipray index. Ray's workers get their own count
+    (OMP_NUM_THREADS from their CPUs). torch only where it is imported (2 s, which clipray serve's
+    driver has no use for): a later import calls this again."""
+    if "OMP_NUM_THREADS" in os.environ:
+        return
+    n = usable_cores()
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.get_num_threads() > n:
+        torch.set_num_threads(n)
+    try:  # faiss's wheel may bring its own OpenMP (imported before torch's, it does)
+        import faiss
+    except ImportError:
+        return
+    if faiss.omp_get_max_threads() > n:
+        faiss.omp_set_num_threads(n)
+
+
 def proc_status_kb(field: str) -> int | None:
     """A field of this process's /proc/self/status in kB (VmRSS: resident now, VmHWM: the peak);
     None where there is none (not Linux)."""
@@ -153,6 +176,7 @@ def init_ray(cfg: RayConfig | None = None, quiet: bool = False) -> None:
     global _embedded
     if ray.is_initialized():
         return
+    cap_threads()
     cfg = cfg or RayConfig()
     address = cfg.address or os.environ.get("RAY_ADDRESS")
     named = "ray.address" if cfg.address else "RAY_ADDRESS"

@@ -507,7 +507,9 @@ def _caption_queries(export: str, captions: list[str], cfg: AppConfig) -> np.nda
     import torch
 
     from clipray.export import load_export
+    from clipray.runtime import cap_threads
 
+    cap_threads()  # torch's threads under a CPU quota, now that it is imported
     model = load_export(export)
     tok = open_clip.get_tokenizer(model.tokenizer_name, context_length=min(cfg.serve.max_words, model.context_length))
     with torch.no_grad():

@@ -538,6 +538,18 @@ def test_usable_cores_count_the_affinity_and_the_containers_quota(tmp_path):
         (v1 / "cpu.cfs_quota_us").write_text(text + "\n")
         assert usable_cores(str(tmp_path / "none"), str(v1)) == want, text
     assert usable_cores(str(tmp_path / "none"), str(tmp_path / "no-v1")) == mine
+    # a driver's torch and faiss threads (one OpenMP) follow a quota below the cores it sees,
+    # unless OMP_NUM_THREADS is set: init_ray caps them first, whatever Ray it then finds
+    # (a job-server address: init_ray refuses it without starting Ray)
+    code = "import clipray.runtime as r, faiss, torch\nr.usable_cores = lambda: 1\n" \
+           "try: r.init_ray(r.RayConfig(address='http://h:1'))\nexcept r.ConfigError: pass\n" \
+           "print(torch.get_num_threads(), faiss.omp_get_max_threads())"
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    assert out.stdout.split() == ["1", "1"], out.stderr
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=dict(env, OMP_NUM_THREADS="2"),
+                         capture_output=True, text=True, timeout=60)
+    assert out.stdout.split() == ["2", "2"], out.stderr
     # a process pinned to one core (taskset) may use one, whatever the host has
     code = "import os; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}); " \
            "from clipray.runtime import usable_cores; print(usable_cores(), os.cpu_count())"
