@@ -34,6 +34,13 @@ def http_url(host: str, port: int) -> str:
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
+# this command's own server: never through an HTTP proxy from the environment. urllib sends
+# every request to $http_proxy unless $no_proxy names the host, and a proxy cannot reach this
+# machine's loopback: `clipray serve` (and the demo's queries) waited 120 s on a healthy app, then
+# said it 'did not answer'
+DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
 def url_of(cfg: AppConfig) -> str:
     return http_url(cfg.serve.host, cfg.serve.port)
 
@@ -43,7 +50,7 @@ def wait_healthy(url: str, timeout_s: float = 120.0) -> dict:
     deadline, last = time.monotonic() + timeout_s, None
     while time.monotonic() < deadline:
         try:
-            with urllib.request.urlopen(f"{url}/healthz", timeout=10) as r:
+            with DIRECT.open(f"{url}/healthz", timeout=10) as r:
                 return json.loads(r.read())
         except Exception as e:  # noqa: BLE001 - not up yet
             last = e

@@ -774,6 +774,53 @@ def test_the_url_of_an_ipv6_host_is_one_an_http_client_opens(tmp_path):
     assert url_of(load_app_config(None, [f"out={tmp_path}", "serve.host=0.0.0.0"])) == "http://127.0.0.1:8000"
 
 
+def test_the_health_check_and_the_demos_queries_go_direct_past_an_http_proxy(monkeypatch):
+    """urllib sends a request to $http_proxy unless $no_proxy names the host: behind a corporate
+    proxy (no no_proxy for 127.0.0.1) `clipray serve` polled /healthz through a proxy that cannot
+    reach this machine's loopback, waited 120 s on a healthy app and said it 'did not answer'; the
+    demo's queries failed the same way. A plain HTTP server stands in for Serve's proxy, and a
+    port where nothing listens for the HTTP proxy."""
+    import json
+    import socket
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from serve.__main__ import wait_healthy
+    from serve.demo_step import _post
+
+    class App(BaseHTTPRequestHandler):
+        def _answer(self, body: dict) -> None:
+            data = json.dumps(body).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_GET(self):  # noqa: N802
+            self._answer({"status": "ok"})
+
+        def do_POST(self):  # noqa: N802
+            self._answer({"got": json.loads(self.rfile.read(int(self.headers["Content-Length"])))})
+
+        def log_message(self, *args):
+            pass
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = s.getsockname()[1]
+    for var in ("http_proxy", "HTTP_PROXY"):
+        monkeypatch.setenv(var, f"http://127.0.0.1:{dead}")
+    for var in ("no_proxy", "NO_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    with ThreadingHTTPServer(("127.0.0.1", 0), App) as server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        try:
+            url = f"http://127.0.0.1:{server.server_port}"
+            assert wait_healthy(url, timeout_s=3) == {"status": "ok"}
+            assert _post(f"{url}/search", {"text": "a red square", "k": 5}) == {"got": {"text": "a red square", "k": 5}}
+        finally:
+            server.shutdown()
+
+
 # ---- start-up errors (no Ray) ------------------------------------------------------------------
 REPO = Path(__file__).resolve().parents[1]
 DEMO = str(REPO / "serve" / "configs" / "demo.yaml")
