@@ -115,6 +115,20 @@ def cap_threads() -> None:
         faiss.omp_set_num_threads(n)
 
 
+def loopback_direct() -> None:
+    """Add this machine's loopback to no_proxy (and NO_PROXY) where an HTTP proxy is set, for
+    this process and the Ray it starts. HTTP clients send every request to $http_proxy unless
+    $no_proxy names the host, and a proxy cannot reach this machine's 127.0.0.1: behind one, Ray
+    Train's placement-group cleaner asked the dashboard's State API through it, failed every time
+    ('Failed to query Ray Train Controller actor state') and so could not tell when a run's
+    controller had died."""
+    if not any(os.environ.get(v) for v in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY")):
+        return
+    for var in ("no_proxy", "NO_PROXY"):
+        have = [h.strip() for h in os.environ.get(var, "").split(",") if h.strip()]
+        os.environ[var] = ",".join(have + [h for h in ("127.0.0.1", "localhost", "::1") if h not in have])
+
+
 def proc_status_kb(field: str) -> int | None:
     """A field of this process's /proc/self/status in kB (VmRSS: resident now, VmHWM: the peak);
     None where there is none (not Linux)."""
@@ -177,6 +191,7 @@ def init_ray(cfg: RayConfig | None = None, quiet: bool = False) -> None:
     if ray.is_initialized():
         return
     cap_threads()
+    loopback_direct()
     cfg = cfg or RayConfig()
     address = cfg.address or os.environ.get("RAY_ADDRESS")
     named = "ray.address" if cfg.address else "RAY_ADDRESS"

@@ -519,6 +519,25 @@ def test_a_home_where_ray_cannot_keep_its_token_is_a_one_line_error(synth_small,
         "RAY_AUTH_TOKEN (a random string, e.g. RAY_AUTH_TOKEN=$(openssl rand -hex 32))"), out.stderr
 
 
+def test_behind_an_http_proxy_the_local_ray_reaches_its_loopback_directly():
+    """HTTP clients send every request to $http_proxy unless $no_proxy names the host; behind a
+    proxy, Ray Train's placement-group cleaner asked the dashboard (127.0.0.1:8265) through it and
+    warned 'Failed to query Ray Train Controller actor state' (a demo run under http_proxy, by
+    hand). init_ray adds the loopback to no_proxy for itself and the Ray it starts, keeping the
+    user's entries; with no proxy set it leaves them alone. (A job-server address: refused
+    before Ray starts.)"""
+    code = "import os, clipray.runtime as r\n" \
+           "try: r.init_ray(r.RayConfig(address='http://h:1'))\nexcept r.ConfigError: pass\n" \
+           "print(os.environ.get('no_proxy'), os.environ.get('NO_PROXY'))"
+    env = {k: v for k, v in os.environ.items() if k.lower() not in ("http_proxy", "https_proxy", "no_proxy")}
+    run = lambda **e: subprocess.run([sys.executable, "-c", code], cwd=REPO, env=dict(env, **e), capture_output=True,
+                                     text=True, timeout=60).stdout.split()
+    assert run(http_proxy="http://proxy:3128", no_proxy="corp.example, 127.0.0.1") == [
+        "corp.example,127.0.0.1,localhost,::1", "127.0.0.1,localhost,::1"]
+    assert run(HTTPS_PROXY="http://proxy:3128") == ["127.0.0.1,localhost,::1"] * 2
+    assert run(no_proxy="corp.example") == ["corp.example", "None"]
+
+
 def test_usable_cores_count_the_affinity_and_the_containers_quota(tmp_path):
     """The embedded Ray and the benches' defaults were sized from os.cpu_count(), the host's
     cores: in a container of 4 CPUs on a 64-core host, for 64."""
