@@ -20,7 +20,6 @@ pydantic annotation to validate its args.
 """
 
 import asyncio
-import errno
 import json
 import os
 import re
@@ -38,7 +37,7 @@ from ray import serve
 from clipray.config import ConfigError
 from serve import store
 from serve.config import AppConfig, deployment_options, load_app_config
-from serve.deployments import Reranker, Searcher, TextEncoder, VideoEncoder
+from serve.deployments import NO_ROOM, Reranker, Searcher, TextEncoder, VideoEncoder
 
 PAGE = Path(__file__).with_name("page.html")
 UPLOAD_PATHS = ("/search/video", "/encode/video")
@@ -97,8 +96,6 @@ _WHY = {400: "a body that cannot be parsed", 404: "an unknown clip id, or its fi
         422: "a missing, unknown or invalid field, with the rule it breaks",
         503: "this server cannot store the upload now (its temporary folder not writable): try again later",
         507: "this server has no room to store the upload now (its disk full): try again later"}
-# a full disk, a quota, a file size limit: the server's own storage, not the client's request
-NO_ROOM = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
 def no_room_message(why: str) -> str:

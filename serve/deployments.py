@@ -125,6 +125,9 @@ class TextEncoder:
         return {"pid": os.getpid(), "batch_sizes": list(self.batch_sizes)}
 
 
+NO_ROOM = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # a full disk, a quota, a file size limit
+
+
 class NotStored(Exception):
     """The upload's temporary copy could not be written (args[0]: the OSError)."""
 
@@ -176,7 +179,7 @@ class VideoEncoder:
         except NotStored as e:  # this replica's disk (full, read-only) was a 500 with no word
             err = e.args[0]
             return {"error": os.strerror(err.errno) if err.errno else str(err),
-                    "status": 507 if err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) else 503}
+                    "status": 507 if err.errno in NO_ROOM else 503}
         return {"embedding": await self.embed_batch((clip.frames, clip.mask))}
 
 
