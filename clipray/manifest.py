@@ -30,7 +30,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import pyarrow as pa
 import pyarrow.dataset as pads
@@ -294,6 +294,23 @@ def naming(path: str) -> Iterator[None]:
         # an object store's own words (its key, bucket, service error) say more than the errno
         why = os.strerror(e.errno) if "://" not in str(path) else str(e.strerror or e).splitlines()[0][:300]
         raise OSError(e.errno, why, str(path)) from e
+
+
+def replace_whole(fs: Any, path: str, local: bool, write: Callable[[str], Any]) -> None:
+    """`write(tmp)`, then `tmp` moved over the file `path` of the fsspec filesystem `fs`. A local
+    file is written under a `.partial` name, which a failed write removes: written in place, a
+    write cut midway (a full disk) left a file that read as whole. An object store's PUT is whole
+    already, so there it is written in place."""
+    tmp = path + PARTIAL if local else path
+    try:
+        write(tmp)
+        if tmp != path:
+            fs.mv(tmp, path)
+    except BaseException:
+        if tmp != path:
+            with contextlib.suppress(OSError):
+                fs.rm_file(tmp)
+        raise
 
 
 def fsspec_path(path: str) -> tuple[Any, str]:

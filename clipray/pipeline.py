@@ -41,7 +41,7 @@ from typing import Any, Callable
 import numpy as np
 
 from clipray.config import DataConfig
-from clipray.manifest import SCHEMA, default_root, fsspec_path, manifest_files, naming, resolve_path
+from clipray.manifest import SCHEMA, default_root, fsspec_path, manifest_files, naming, replace_whole, resolve_path
 from clipray.video import SkipClip, decode_clip_safe
 
 DATA_COLUMNS = ["row_id", "video_id", "path", "start", "end", "caption"]
@@ -173,11 +173,13 @@ class ClipDecoder:
         # a local file under a name the report does not read until whole (an object store's PUT
         # is whole already): a write cut midway (a full disk) left a line cut, and the skip
         # report at the run's end failed on its JSONDecodeError, after every epoch had trained
-        tmp = p if "://" in path else p + ".partial"
-        with fs.open(tmp, "w") as f:
-            f.write("".join(json.dumps(s) + "\n" for s in skips))
-        if tmp != p:
-            fs.mv(tmp, p)
+        text = "".join(json.dumps(s) + "\n" for s in skips)
+
+        def write(tmp: str) -> None:
+            with fs.open(tmp, "w") as f:
+                f.write(text)
+
+        replace_whole(fs, p, "://" not in path, write)
 
 
 _DECODERS: dict[str, ClipDecoder] = {}  # this worker process's decoders, by settings

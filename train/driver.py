@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from clipray.config import Config, ConfigError, to_yaml
-from clipray.manifest import (PARTIAL, ManifestError, check_unique_ids, file_signature, filesystem, fsspec_path, manifest_signature,
-                              naming)
+from clipray.manifest import (ManifestError, check_unique_ids, file_signature, filesystem, fsspec_path,
+                              manifest_signature, naming, replace_whole)
 
 
 def model_io(cfg: Config) -> Config:
@@ -584,19 +584,14 @@ def _put_text(uri: str, text: str) -> None:
     cut, the record a resume is checked against, and every later run with a checkpoint failed
     on its JSONDecodeError traceback. A failed write is one line naming the file."""
     fs, path = fsspec_path(uri)
+
+    def write(tmp: str) -> None:
+        with fs.open(tmp, "w") as f:
+            f.write(text)
+
     with _stored(uri), naming(uri):
         fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)  # as fsspec.open does for a write
-        tmp = path if "://" in uri else path + PARTIAL
-        try:
-            with fs.open(tmp, "w") as f:
-                f.write(text)
-            if tmp != path:
-                fs.mv(tmp, path)
-        except BaseException:
-            if tmp != path:
-                with contextlib.suppress(OSError):
-                    fs.rm_file(tmp)
-            raise
+        replace_whole(fs, path, "://" not in uri, write)
 
 
 def train_seconds(history: list[dict], clips_per_step: int) -> float:
@@ -632,18 +627,11 @@ def _write_outputs(out: str, cfg: Config, history: list[dict], final: dict, expo
         # editing's rounds, a resumed run) is written over the last call's, and copied in place,
         # a full disk midway left its weights cut beside the old config.json, an export that no
         # longer loaded (the old one gone)
-        dst = f"{root}/{p.name}"
-        tmp = dst if "://" in out else dst + PARTIAL
         try:
             with _stored(f"{out}/export/{p.name}"):
-                fs.put_file(str(p), tmp)
-            if tmp != dst:
-                fs.mv(tmp, dst)
-        except BaseException as e:
-            if tmp != dst:
-                with contextlib.suppress(OSError):
-                    fs.rm_file(tmp)
-            if isinstance(e, OSError) and e.errno:  # (shutil names the file copied from)
+                replace_whole(fs, f"{root}/{p.name}", "://" not in out, lambda tmp: fs.put_file(str(p), tmp))
+        except OSError as e:
+            if e.errno:  # (shutil names the file copied from)
                 raise OSError(e.errno, os.strerror(e.errno), f"{out}/export/{p.name}") from e
             raise
 
