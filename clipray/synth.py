@@ -26,7 +26,7 @@ from typing import Iterator
 
 import numpy as np
 
-from clipray.manifest import naming, write_manifest
+from clipray.manifest import fsspec_path, naming, replace_whole, write_manifest
 
 COLOURS = {
     "red": (220, 40, 40), "green": (40, 190, 60), "blue": (50, 90, 235),
@@ -224,12 +224,7 @@ def generate(out: str | Path, videos: int = 200, seed: int = 0, width: int = 96,
                "events_manifest": str(out / "events.parquet")}
     # written whole or not at all (the marker `clipray demo` trusts): in place, a full disk midway
     # left it cut, and every later demo failed on its JSONDecodeError traceback
-    tmp = out / "synth.json.partial"
-    try:
-        with naming(out / "synth.json"):
-            tmp.write_text(json.dumps(summary, indent=1))
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    tmp.replace(out / "synth.json")
+    fs, marker = fsspec_path(str((out / "synth.json").absolute()))
+    with naming(out / "synth.json"):
+        replace_whole(fs, marker, True, lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=1)))
     return summary
