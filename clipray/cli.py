@@ -142,6 +142,9 @@ def main(argv: list[str] | None = None) -> int:
         if argv and argv[0] not in ("-h", "--help"):  # `clipray trian`: say what was wrong, as bench does
             print(f"clipray: error: unknown command {argv[0]!r}", file=sys.stderr)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
+    for stream in sys.stdout, sys.stderr:  # a latin-1 locale: a Chinese file name prints as \u89c6, not a traceback
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     from clipray.config import ConfigError
     from clipray.manifest import ManifestError
     from clipray.sources import SourceError

@@ -640,6 +640,25 @@ def test_a_file_that_is_not_utf8_is_named_with_its_line(tmp_path, capsys, fmt):
                    "(invalid continuation byte); re-save the file as UTF-8\n")
 
 
+def test_a_report_prints_in_a_locale_that_cannot_spell_its_names(tmp_path, monkeypatch):
+    """Under a latin-1 locale (LC_ALL=de_DE.ISO-8859-1) the report's missing-video line names a
+    Chinese file with escapes; before, printing it raised UnicodeEncodeError after the manifest
+    was written, so the command ended in a traceback and the report was lost."""
+    import io
+    import sys
+
+    from clipray.cli import main
+
+    fx.touch(tmp_path, "a.mp4")
+    fx.write(tmp_path, "own.csv", "path,caption\na.mp4,one\n\u89c6\u9891.mp4,two\n")
+    out = io.TextIOWrapper(io.BytesIO(), encoding="latin-1")
+    monkeypatch.setattr(sys, "stdout", out)
+    assert main(["data", "prepare", "generic", "--root", str(tmp_path), "--out", str(tmp_path / "m.parquet"),
+                 "-o", "file=own.csv"]) == 0
+    out.flush()
+    assert "\\u89c6\\u9891.mp4" in out.buffer.getvalue().decode("latin-1")
+
+
 def test_the_bad_utf8_line_is_found_across_read_chunks(tmp_path):
     """`first_bad_utf8_line` reads 1 MiB at a time; a multi-byte character split across two
     chunks is not an error, and the line of the first bad byte matches a line-by-line decode."""
