@@ -194,31 +194,49 @@ class PyAVVideo:
             # MPEG-PS stores no frame count, and libavformat estimates the duration from the
             # timestamps it finds in the file's tail, which falls frames short when small frames
             # share a PES packet (it stamps only one of them): count the packets instead, one a
-            # frame, as decord does (demuxing only, no decoding: 4 ms for a 20 s 360p file)
-            try:
-                n = sum(1 for p in self._container.demux(s) if p.size)
-                self._container.seek(0)
-            except Exception as e:
-                raise SkipClip(f"not a decodable video: {_short(e)}") from None
-        by_duration = int(round(float(s.duration * s.time_base) * self.fps)) if s.duration and s.time_base else 0
+            # frame, as decord does
+            n = len(self._packet_times(src))
+            s = self._stream
+        # MKV, WebM, FLV and NUT store no duration per stream: libavformat's is the file's where
+        # it finds none of the video's times while it probes (a video starting 5 s after its audio)
+        own = s.duration and s.time_base and not any(f in self._container.format.name for f in ("matroska", "flv", "nut"))
+        by_duration = int(round(float(s.duration * s.time_base) * self.fps)) if own else 0
         if n and by_duration and "mp4" in self._container.format.name:
             # an edit list that hides frames (see DecordVideo) shortens the duration, not the count
             n = min(n, by_duration)
         elif not n and by_duration:
             n = by_duration
-        elif not n and self._container.duration:
-            n = int(round(self._container.duration / 1e6 * self.fps))
         if not n and self.fps > 0 and s.time_base:
-            # no count and no duration: a WebM from a browser's MediaRecorder or a live-streamed
-            # MKV. The frames' times say how long it is (demuxing only, as for MPEG-PS above)
-            try:
-                pts = [p.pts for p in self._container.demux(s) if p.pts is not None and p.size]
-                self._container.seek(0)
-            except Exception as e:
-                raise SkipClip(f"not a decodable video: {_short(e)}") from None
+            # no count and no duration of the stream's own, as in MKV, WebM, FLV and NUT (and a
+            # WebM from a browser's MediaRecorder or a live-streamed MKV, no duration at all).
+            # The frames' times say how long it is. The file's duration is not the video's: it
+            # runs to the end of the longest stream (an audio track that goes on after the
+            # picture stops), and MKV's to the last time, not from the first (a stream whose
+            # times start at 5 s), which counted frames past the video's end and gave its last
+            # frame in their place
+            pts = [t for t in self._packet_times(src) if t is not None]
+            s = self._stream
             if pts:
                 n = int(round(float((max(pts) - min(pts)) * s.time_base) * self.fps)) + 1
+        if not n and self._container.duration:  # no frame with a time (a raw stream): a guess
+            n = int(round(self._container.duration / 1e6 * self.fps))
         self.num_frames = int(n)
+
+    def _packet_times(self, src: Any) -> list[int | None]:
+        """The times of the stream's packets (demuxing only, no decoding: 4 ms for a 20 s 360p
+        file), the file then opened anew for `get`: a seek back to its start lost the frame of
+        a one-frame FLV."""
+        import av
+
+        try:
+            times = [p.pts for p in self._container.demux(self._stream) if p.size]
+            self._container.close()
+            _rewind(src)
+            self._container = av.open(src)
+            self._stream = _main_video(self._container)
+        except Exception as e:
+            raise SkipClip(f"not a decodable video: {_short(e)}") from None
+        return times
 
     def get(self, indices: Sequence[int]) -> np.ndarray:
         """Decode linearly from a keyframe before the first wanted frame (faster than a seek

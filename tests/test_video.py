@@ -8,8 +8,8 @@ import pytest
 
 from bad_videos import GatedServer, plant
 from clipray.config import VideoConfig
-from clipray.video import (SkipClip, candidate_indices, decode_clip, decode_clip_safe, open_video, resize_crop,
-                           select)
+from clipray.video import (SkipClip, candidate_indices, decode_clip, decode_clip_safe, open_video, probe_duration,
+                           resize_crop, select)
 
 
 def test_candidate_indices_by_hand():
@@ -481,6 +481,44 @@ def test_a_webm_without_duration_is_read(tmp_path, backend):
         clip = decode_clip(str(path), start, end, cfg)
         assert clip.indices == select(candidate_indices(100, 25.0, start, end, fps), n, how)
         assert _shown(clip.frames[:len(clip.indices)]) == clip.indices, (start, end)
+
+
+@pytest.mark.parametrize("ext, start_s, audio_s", [("mkv", 0.0, 5.0), ("flv", 0.0, 5.0), ("mkv", 5.0, 0.0),
+                                                   ("mkv", 5.0, 7.0)])
+def test_pyav_counts_the_videos_frames_not_the_files_duration(tmp_path, ext, start_s, audio_s):
+    """MKV, FLV and NUT keep no frame count or duration per stream, and PyAV took the file's:
+    that of its longest stream (5 s of audio beside 2.4 s of picture) or, in MKV, its last
+    time (a video whose times run from 5 s to 7.4 s; with 7 s of audio from 0 s, libavformat
+    gave the video stream that duration as its own). It counted 126 or 185 frames for 60, so
+    a whole-video clip at 1 fps gave frames 0, 25, 50 and three more copies of frame 59."""
+    import av
+    from fractions import Fraction
+
+    path = tmp_path / f"av.{ext}"
+    with av.open(str(path), "w") as c:
+        a = c.add_stream("aac", rate=44100) if audio_s else None
+        s = c.add_stream("libx264", rate=25)
+        s.width, s.height, s.pix_fmt, s.time_base = 64, 48, "yuv420p", Fraction(1, 1000)
+        s.options = {"crf": "0", "bf": "2", "g": "12"}
+        for k in range(int(audio_s * 44100 / 1024)):
+            f = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
+            f.sample_rate, f.pts = 44100, k * 1024
+            c.mux(a.encode(f))
+        if a:
+            c.mux(a.encode())
+        for i in range(60):
+            img = np.empty((48, 64, 3), np.uint8)
+            img[:, :32], img[:, 32:] = (i // 16) * 16 + 8, (i % 16) * 16 + 8
+            f = av.VideoFrame.from_ndarray(img, format="rgb24")
+            f.pts, f.time_base = round((start_s + i / 25) * 1000), Fraction(1, 1000)
+            c.mux(s.encode(f))
+        c.mux(s.encode())
+    assert open_video(str(path), "pyav").num_frames == 60
+    assert probe_duration(str(path), "pyav") == pytest.approx(2.4)  # an index's sliding windows
+    for (start, end), fps, want in [((None, None), 1.0, [0, 25, 50]), ((1.8, None), 4.0, [45, 51, 57])]:
+        cfg = VideoConfig(backend="pyav", fps=fps, max_frames=8, size=32, timeout_s=0)
+        clip = decode_clip(str(path), start, end, cfg)
+        assert clip.indices == want and _shown(clip.frames[:len(want)]) == want
 
 
 @pytest.mark.parametrize("backend", ["decord", "pyav"])
