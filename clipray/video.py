@@ -4,8 +4,9 @@ Two backends behind one small interface (`open_video` -> `.fps`, `.num_frames`,
 `.get(indices)`): decord (the default) and PyAV (the fallback, selectable in config). Sources
 are local paths or any fsspec URI (s3://, gs://, ...). The decord backend reads with PyAV the
 files decord cannot open (AV1) or would number wrongly (`_reader`): HEVC, MPEG-1/2, MPEG-4
-Part 2 and WMV, a variable frame rate, and negative frame times (an edit list that hides
-frames; H.264 in AVI and MPEG-PS, where decord has no valid times). Frames
+Part 2 and WMV, a variable frame rate, negative frame times (an edit list that hides
+frames; H.264 in AVI and MPEG-PS, where decord has no valid times), and several video
+streams (decord takes another than the default one players show). Frames
 come back as players show them: turned by a display matrix (a phone's portrait video), but
 with the stored pixels' aspect (a non-square pixel aspect ratio is not applied, by either
 backend) and counted from the video's first frame (a video that starts after its audio is
@@ -333,15 +334,20 @@ def _rewind(src: Any) -> None:
         src.seek(0)
 
 
-def _codec(src: Any) -> str | None:
-    """The name of the file's video codec (a PyAV open: 0.3 ms locally), None if unreadable."""
+def _decord_misreads(src: Any) -> bool:
+    """Whether decord would give other frames than PyAV (a PyAV open: 0.3 ms locally; False if
+    PyAV cannot open the file): a codec it misnumbers, or more than one video stream (a cover
+    picture aside). Of several, decord 0.6's FFmpeg takes the one of the highest bit rate, where
+    PyAV, as players, takes the default one (an MP4's first track): a recording beside its
+    preview, or a second camera, gave the other stream's frames under the decord backend."""
     import av
 
     try:
         with av.open(src) as c:
-            return _main_video(c).codec_context.name if c.streams.video else None
+            moving = [v for v in c.streams.video if not v.disposition & av.stream.Disposition.attached_pic]
+            return len(moving) > 1 or (bool(moving) and _main_video(c).codec_context.name in _DECORD_MISNUMBERS)
     except Exception:
-        return None
+        return False
     finally:
         _rewind(src)
 
@@ -370,10 +376,10 @@ def _decord_importable() -> bool:
 
 def _reader(src: Any, backend: str) -> Any:
     """The backend's reader of an open source; PyAV's where decord cannot open the file or
-    would number its frames wrongly, or is not installed."""
+    would number its frames wrongly or take another stream, or is not installed."""
     if backend == "pyav" or not _decord_importable():
         return PyAVVideo(src)
-    if _codec(src) not in _DECORD_MISNUMBERS:
+    if not _decord_misreads(src):
         try:
             video = DecordVideo(src)
             if not video.hides_frames:

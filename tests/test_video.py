@@ -546,3 +546,27 @@ def test_the_main_video_stream_is_decoded_when_a_picture_stream_comes_first(tmp_
     assert (video.num_frames, video.fps) == (50, 25.0)
     clip = decode_clip(str(path), 0.5, 1.5, VideoConfig(backend=backend, fps=4.0, max_frames=4, size=32, timeout_s=0))
     assert clip.indices == [12, 18, 25, 31] and _shown(clip.frames) == clip.indices
+
+
+@pytest.mark.parametrize("backend", ["decord", "pyav"])
+def test_the_default_video_stream_is_decoded_of_two(tmp_path, backend):
+    """An MP4 of two video streams (a recording and a second camera, or a preview beside it):
+    players and PyAV show the default one, its first track. decord 0.6's FFmpeg takes the one
+    of the highest bit rate, here the second (noise), so the backends gave two different
+    videos' frames for one file, without a word. The decord backend now reads it with PyAV."""
+    import av
+
+    path, rng = tmp_path / "two_cameras.mp4", np.random.default_rng(0)
+    with av.open(str(path), "w") as c:
+        main, other = c.add_stream("libx264", rate=25), c.add_stream("libx264", rate=25)
+        for s in (main, other):
+            s.width, s.height, s.pix_fmt, s.options = 64, 48, "yuv420p", {"crf": "0", "g": "12"}
+        for i in range(50):
+            img = np.empty((48, 64, 3), np.uint8)
+            img[:, :32], img[:, 32:] = (i // 16) * 16 + 8, (i % 16) * 16 + 8
+            c.mux(main.encode(av.VideoFrame.from_ndarray(img, format="rgb24")))
+            c.mux(other.encode(av.VideoFrame.from_ndarray(rng.integers(0, 256, (48, 64, 3), np.uint8), format="rgb24")))
+        c.mux(main.encode())
+        c.mux(other.encode())
+    clip = decode_clip(str(path), 0.5, 1.5, VideoConfig(backend=backend, fps=4.0, max_frames=4, size=32, timeout_s=0))
+    assert clip.indices == [12, 18, 25, 31] and _shown(clip.frames) == clip.indices
