@@ -5,8 +5,9 @@ Two backends behind one small interface (`open_video` -> `.fps`, `.num_frames`,
 are local paths or any fsspec URI (s3://, gs://, ...). The decord backend reads with PyAV the
 files decord cannot open (AV1) or would number wrongly (`_reader`): HEVC, MPEG-1/2, MPEG-4
 Part 2 and WMV, a variable frame rate, negative frame times (an edit list that hides
-frames; H.264 in AVI and MPEG-PS, where decord has no valid times), and several video
-streams (decord takes another than the default one players show). Frames
+frames; H.264 in AVI and MPEG-PS, where decord has no valid times), several video streams
+(decord takes another than the default one players show), and a rotated MKV or WebM (decord
+does not turn it). Frames
 come back as players show them: turned by a display matrix (a phone's portrait video), but
 with the stored pixels' aspect (a non-square pixel aspect ratio is not applied, by either
 backend) and counted from the video's first frame (a video that starts after its audio is
@@ -336,16 +337,24 @@ def _rewind(src: Any) -> None:
 
 def _decord_misreads(src: Any) -> bool:
     """Whether decord would give other frames than PyAV (a PyAV open: 0.3 ms locally; False if
-    PyAV cannot open the file): a codec it misnumbers, or more than one video stream (a cover
-    picture aside). Of several, decord 0.6's FFmpeg takes the one of the highest bit rate, where
-    PyAV, as players, takes the default one (an MP4's first track): a recording beside its
-    preview, or a second camera, gave the other stream's frames under the decord backend."""
+    PyAV cannot open the file): a codec it misnumbers, more than one video stream (a cover
+    picture aside), or a rotated MKV or WebM. Of several streams, decord 0.6's FFmpeg takes the
+    one of the highest bit rate, where PyAV, as players, takes the default one (an MP4's first
+    track): a recording beside its preview, or a second camera, gave the other stream's frames.
+    Nor does it read an MKV's rotation (FFmpeg 7 writes a phone video's display matrix there:
+    `ffmpeg -i phone.mp4 -c copy phone.mkv`), and gave its frames sideways or upside down; only
+    a decoded frame tells the rotation (2-3 ms for 720p), so only MKV and WebM are asked."""
     import av
 
     try:
         with av.open(src) as c:
             moving = [v for v in c.streams.video if not v.disposition & av.stream.Disposition.attached_pic]
-            return len(moving) > 1 or (bool(moving) and _main_video(c).codec_context.name in _DECORD_MISNUMBERS)
+            if len(moving) != 1:
+                return len(moving) > 1
+            main = _main_video(c)
+            if main.codec_context.name in _DECORD_MISNUMBERS:
+                return True
+            return "matroska" in c.format.name and bool(getattr(next(c.decode(main), None), "rotation", 0))
     except Exception:
         return False
     finally:
