@@ -3,7 +3,8 @@
 Two backends behind one small interface (`open_video` -> `.fps`, `.num_frames`,
 `.get(indices)`): decord (the default) and PyAV (the fallback, selectable in config). Sources
 are local paths or any fsspec URI (s3://, gs://, ...). The decord backend reads with PyAV the
-files decord cannot open (AV1) or would number wrongly (`_reader`): HEVC, MPEG-1/2, MPEG-4
+files decord cannot open (AV1) or decode (frames 16, 24, 48 or 72 pixels wide) or would
+number wrongly (`_reader`): HEVC, MPEG-1/2, MPEG-4
 Part 2 and WMV, a variable frame rate, negative frame times (an edit list that hides
 frames; H.264 in AVI and MPEG-PS, where decord has no valid times), several video streams
 (decord takes another than the default one players show), and a rotated MKV or WebM (decord
@@ -145,6 +146,7 @@ class DecordVideo:
     def __init__(self, src: Any):
         import decord
 
+        self._src = src
         try:
             self._vr = decord.VideoReader(src, ctx=decord.cpu(0), num_threads=1)
         except Exception as e:  # decord raises RuntimeError/DECORDError for any bad file
@@ -172,7 +174,16 @@ class DecordVideo:
         try:
             return self._vr.get_batch(list(indices)).asnumpy()
         except Exception as e:  # truncated files open fine and fail here (DECORDError)
-            raise SkipClip(f"decode failed: {_short(e)}") from None
+            failed = _short(e)
+        # and so do some files PyAV decodes: frames 16, 24, 48 or 72 pixels wide as shown (its
+        # copy of a frame out of FFmpeg's checks a size that FFmpeg's row padding breaks, in
+        # `clipray data synth --width 48` too), a one-frame FLV. Frame i is the same frame in both
+        # (`_reader` keeps decord only then); a file broken for both is a skip with decord's reason
+        _rewind(self._src)
+        try:
+            return PyAVVideo(self._src).get(indices)
+        except SkipClip:
+            raise SkipClip(f"decode failed: {failed}") from None
 
 
 class PyAVVideo:

@@ -102,21 +102,21 @@ def test_the_decord_backend_reads_with_pyav_where_decord_does_not_import(real_vi
     assert len(said) == 1 and "pip install decord" in said[0]  # once per process
 
 
-def _numbered_video(path, n: int, fmt: str | None = None) -> None:
+def _numbered_video(path, n: int, fmt: str | None = None, size: tuple[int, int] = (64, 48)) -> None:
     """H.264 (lossless, B-frames, a keyframe every 12) whose frame i shows i: the left half
     is grey (i // 16) * 16 + 8, the right half (i % 16) * 16 + 8. MPEG-PS (fmt "mpeg") gets
     MPEG-2 (B-frames, a keyframe every 12) in 64-byte packets: each of these small frames then
     starts a PES packet of its own and keeps its timestamp, as real frames, larger, do."""
     import av
 
-    mpeg = fmt == "mpeg"
+    mpeg, (w, h) = fmt == "mpeg", size
     with av.open(str(path), "w", format=fmt, options={"packetsize": "64"} if mpeg else {}) as c:
         s = c.add_stream("mpeg2video" if mpeg else "libx264", rate=25)
-        s.width, s.height, s.pix_fmt = 64, 48, "yuv420p"
+        s.width, s.height, s.pix_fmt = w, h, "yuv420p"
         s.options = {"bf": "2", "g": "12", "b": "2M"} if mpeg else {"crf": "0", "bf": "2", "g": "12"}
         for i in range(n):
-            img = np.empty((48, 64, 3), np.uint8)
-            img[:, :32], img[:, 32:] = (i // 16) * 16 + 8, (i % 16) * 16 + 8
+            img = np.empty((h, w, 3), np.uint8)
+            img[:, :w // 2], img[:, w // 2:] = (i // 16) * 16 + 8, (i % 16) * 16 + 8
             c.mux(s.encode(av.VideoFrame.from_ndarray(img, format="rgb24")))
         c.mux(s.encode())
 
@@ -522,6 +522,22 @@ def test_pyav_counts_the_videos_frames_not_the_files_duration(tmp_path, ext, sta
         cfg = VideoConfig(backend="pyav", fps=fps, max_frames=8, size=32, timeout_s=0)
         clip = decode_clip(str(path), start, end, cfg)
         assert clip.indices == want and _shown(clip.frames[:len(want)]) == want
+
+
+@pytest.mark.parametrize("backend", ["decord", "pyav"])
+def test_files_decord_opens_but_cannot_decode_are_read_with_pyav(tmp_path, backend):
+    """decord 0.6 opens some files PyAV decodes and then fails on every frame: frames 16, 24, 48
+    or 72 pixels wide as shown ('DECORDArrayCopyFromTo: The size must exactly match'), which
+    `clipray data synth --width 48` wrote, and a one-frame FLV ('Unable to handle EOF'). Every
+    clip of them was a skip under the decord backend; PyAV now reads them."""
+    narrow, single = tmp_path / "narrow.mp4", tmp_path / "single.flv"
+    _numbered_video(narrow, 50, size=(48, 36))
+    _numbered_video(single, 1)
+    cfg = VideoConfig(backend=backend, fps=4.0, max_frames=4, size=32, timeout_s=0)
+    clip = decode_clip(str(narrow), 0.5, 1.5, cfg)
+    assert clip.indices == [12, 18, 25, 31] and _shown(clip.frames) == clip.indices
+    clip = decode_clip(str(single), None, None, cfg)
+    assert clip.indices == [0] and _shown(clip.frames[:1]) == [0]
 
 
 @pytest.mark.parametrize("backend", ["decord", "pyav"])
