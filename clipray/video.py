@@ -194,7 +194,7 @@ class PyAVVideo:
             self._container = av.open(src)
         except Exception as e:
             raise SkipClip(f"not a decodable video: {_short(e)}") from None
-        if not self._container.streams.video:  # an audio file, or subtitles only
+        if not _moving(self._container):  # an audio file (with its cover picture), subtitles only
             self._container.close()
             raise SkipClip("no video stream")
         # the stream decord and players pick (libavformat's best: the default one, then the one
@@ -340,6 +340,15 @@ def _main_video(container: Any) -> Any:
     return container.streams.best("video") or container.streams.video[0]
 
 
+def _moving(container: Any) -> list[Any]:
+    """The file's video streams but cover pictures (attached_pic: an MP4 or M4A's cover art, a
+    picture and no video; an audio download with its thumbnail was a skip that said 'decode
+    failed: the stream holds no frame')."""
+    import av
+
+    return [v for v in container.streams.video if not v.disposition & av.stream.Disposition.attached_pic]
+
+
 def _rewind(src: Any) -> None:
     """Back to the start of an open file, for the next reader (a path needs nothing)."""
     if hasattr(src, "seek"):
@@ -354,14 +363,14 @@ def _decord_misreads(src: Any) -> bool:
     track): a recording beside its preview, or a second camera, gave the other stream's frames.
     Nor does it read an MKV's rotation (FFmpeg 7 writes a phone video's display matrix there:
     `ffmpeg -i phone.mp4 -c copy phone.mkv`), and gave its frames sideways or upside down; only
-    a decoded frame tells the rotation (2-3 ms for 720p), so only MKV and WebM are asked."""
+    a decoded frame tells the rotation (2-3 ms for 720p), so only MKV and WebM are asked. A
+    file of no video stream is PyAV's too, which says so."""
     import av
 
     try:
         with av.open(src) as c:
-            moving = [v for v in c.streams.video if not v.disposition & av.stream.Disposition.attached_pic]
-            if len(moving) != 1:
-                return len(moving) > 1
+            if len(_moving(c)) != 1:
+                return True
             main = _main_video(c)
             if main.codec_context.name in _DECORD_MISNUMBERS:
                 return True

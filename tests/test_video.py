@@ -350,16 +350,24 @@ def test_av1_decodes_with_either_backend(tmp_path, ext, backend):
     assert clip.indices == [12, 18, 25, 31, 37, 43] and _shown(clip.frames) == clip.indices
 
 
+@pytest.mark.parametrize("cover", [False, True])
 @pytest.mark.parametrize("backend", ["decord", "pyav"])
-def test_an_audio_file_is_a_skip_that_says_so(tmp_path, backend):
+def test_an_audio_file_is_a_skip_that_says_so(tmp_path, backend, cover):
     """An audio-only file named like a video (a download that kept only the audio) is a skip
     saying so; the reasons were decord's 'Check failed: st_nb >= 0 ... cannot find video stream
-    with wanted index: -1' and PyAV's 'IndexError: tuple index out of range'."""
+    with wanted index: -1' and PyAV's 'IndexError: tuple index out of range'. With its cover
+    picture (an attached_pic stream, as a download with its thumbnail embedded) it said 'decode
+    failed: the stream holds no frame'."""
     import av
 
     path = tmp_path / "audio.mp4"
     with av.open(str(path), "w") as c:
         s = c.add_stream("aac", rate=44100)
+        if cover:
+            pic = c.add_stream("mjpeg", rate=1)
+            pic.width, pic.height, pic.pix_fmt, pic.disposition = 64, 48, "yuvj420p", av.stream.Disposition.attached_pic
+            c.mux(pic.encode(av.VideoFrame.from_ndarray(np.full((48, 64, 3), 200, np.uint8), format="rgb24")))
+            c.mux(pic.encode())
         for k in range(40):
             f = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
             f.sample_rate, f.pts = 44100, k * 1024
