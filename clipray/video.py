@@ -213,7 +213,8 @@ class PyAVVideo:
         # MKV, WebM, FLV and NUT store no duration per stream: libavformat's is the file's where
         # it finds none of the video's times while it probes (a video starting 5 s after its audio)
         own = s.duration and s.time_base and not any(f in self._container.format.name for f in ("matroska", "flv", "nut"))
-        by_duration = int(round(float(s.duration * s.time_base) * self.fps)) if own else 0
+        self._seconds = float(s.duration * s.time_base) if own else None  # the stream's length, as its header says
+        by_duration = int(round(self._seconds * self.fps)) if own else 0
         if n and by_duration and "mp4" in self._container.format.name:
             # an edit list that hides frames (see DecordVideo) shortens the duration, not the count
             n = min(n, by_duration)
@@ -279,6 +280,12 @@ class PyAVVideo:
             raise SkipClip(f"decode failed: {_short(e)}") from None
         finally:
             c.close()
+        if self._end is not None and self._seconds and want[-1] / self.fps > self._end \
+                and self._seconds - self._end > max(1.0, 2 / self.fps):
+            # a file cut short where a frame ends: an MP4 whose header (moov first) lists every
+            # frame decodes to where the bytes stop, and the clip's frames past it came back as
+            # its last frame again, with no error
+            raise SkipClip(f"truncated: the video stops at {self._end:.2f} s of the {self._seconds:.2f} s it reports")
         missing = [i for i in want if i not in got]
         if missing:
             if min(missing) < min(got, default=want[-1] + 1):
@@ -293,6 +300,7 @@ class PyAVVideo:
         frame rate leaves a gap, the last one before it (a file that stops early: its last)."""
         got: dict[int, np.ndarray] = {}
         k, prev, shown = 0, None, None  # next wanted slot, the last frame decoded, as RGB
+        self._end = None  # where the stream's last frame ends, once decoding has reached it (s)
         for frame in frames:
             if frame.pts is None:
                 continue
@@ -309,6 +317,8 @@ class PyAVVideo:
             if i >= want[-1]:
                 break
         else:
+            if prev is not None:  # a frame shows until the next one, the last for its duration
+                self._end = float((prev.pts + (prev.duration or 0)) * self._stream.time_base) - t0
             if prev is not None and k < len(want):
                 shown = _upright(prev)
                 got.update((j, shown) for j in want[k:])

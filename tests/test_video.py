@@ -6,7 +6,7 @@ import threading
 import numpy as np
 import pytest
 
-from bad_videos import GatedServer, plant
+from bad_videos import GatedServer, faststart_copy, plant
 from clipray.config import VideoConfig
 from clipray.video import (SkipClip, candidate_indices, decode_clip, decode_clip_safe, open_video, probe_duration,
                            resize_crop, select)
@@ -376,6 +376,32 @@ def test_an_audio_file_is_a_skip_that_says_so(tmp_path, backend, cover):
     with pytest.raises(SkipClip) as e:
         decode_clip_safe(str(path), None, None, VideoConfig(backend=backend, timeout_s=20))
     assert e.value.reason == "no video stream"
+
+
+@pytest.mark.parametrize("backend", ["decord", "pyav"])
+def test_an_mp4_cut_where_a_frame_ends_gives_no_frame_past_the_cut(tmp_path, backend):
+    """A faststart MP4 (header first) of 100 numbered frames (4 s), cut where frame packet 50
+    ends: its header still lists 100 frames. PyAV decoded up to the cut and gave its last frame
+    for every index past it: a whole-video clip at 2 fps came back as frames 0, 12, 25, 37, 50,
+    50, 50, 50, with no error. Now a clip that runs past the cut is a skip saying so, and one
+    inside what the file holds decodes right. (decord counts the frames it finds: it samples
+    the 2 s left.)"""
+    import av
+
+    _numbered_video(tmp_path / "n.mp4", 100)
+    whole = faststart_copy(tmp_path / "n.mp4", tmp_path / "fs.mp4").read_bytes()
+    with av.open(str(tmp_path / "fs.mp4")) as c:
+        cut = sorted(p.pos + p.size for p in c.demux(c.streams.video[0]) if p.size)[50]
+    (tmp_path / "cut.mp4").write_bytes(whole[:cut])
+    cfg = VideoConfig(backend=backend, fps=2.0, max_frames=24, size=32, timeout_s=0)
+    if backend == "pyav":
+        with pytest.raises(SkipClip, match=r"^truncated: the video stops at 2\.04 s of the 4\.00 s it reports$"):
+            decode_clip(str(tmp_path / "cut.mp4"), None, None, cfg)
+    else:
+        clip = decode_clip(str(tmp_path / "cut.mp4"), None, None, cfg)
+        assert clip.indices == _shown(clip.frames[:len(clip.indices)]) == [0, 12, 25, 37, 50]
+    clip = decode_clip(str(tmp_path / "cut.mp4"), 0.0, 1.5, cfg)
+    assert clip.indices == _shown(clip.frames[:len(clip.indices)]) == [0, 12, 25]
 
 
 @pytest.mark.parametrize("ext", ["mkv", "mp4"])
