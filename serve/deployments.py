@@ -227,16 +227,26 @@ class Searcher:
         """Each (vector, k)'s top-k, as that query alone gets them: one faiss call over the
         batch at its largest k where the top k of a deeper search are the same, else one call
         per distinct k (a batched k=5 query of an ivf_pq index was re-scored among the
-        candidates of the batch's k=100 query, another answer than it got alone)."""
+        candidates of the batch's k=100 query, another answer than it got alone).
+
+        Equal scores are listed by clip id, the lower first. faiss lists tied clips in no set
+        order (a flat index: the higher id first, so the first hit of a duplicated video hung on
+        k and on the k of the queries batched with it), and its k=1 search keeps any one of
+        them where a deeper one keeps the lowest ids: a flat index is searched 2 deep at least."""
         q = np.ascontiguousarray(np.stack([v for v, _ in queries]), dtype=np.float32)
-        ks = np.array([min(k, self.index.ntotal) for _, k in queries])
-        scores = np.zeros((len(queries), int(ks.max())), np.float32)
+        n = self.index.ntotal
+        ks = np.array([min(k, n) for _, k in queries])
+        deep = ks if self.k_shapes_answer else np.full_like(ks, min(max(int(ks.max()), 2), n))
+        scores = np.zeros((len(queries), int(deep.max())), np.float32)
         ids = np.full(scores.shape, -1, np.int64)
-        for k in (np.unique(ks) if self.k_shapes_answer else ks.max(keepdims=True)):
-            rows = np.flatnonzero(ks == k) if self.k_shapes_answer else np.arange(len(queries))
+        for k in np.unique(deep):
+            rows = np.flatnonzero(deep == k)
             scores[rows, :k], ids[rows, :k] = self.index.search(q[rows], int(k))
-        return [[self._row(i, s) for i, s in zip(ids[j, :k], scores[j, :k]) if i >= 0]
-                for j, (_, k) in enumerate(queries)]
+        out = []
+        for j, k in enumerate(ks):
+            hits = sorted((-float(s), int(i)) for i, s in zip(ids[j], scores[j]) if i >= 0)
+            out.append([self._row(i, -s) for s, i in hits[:k]])
+        return out
 
     async def search(self, vector: np.ndarray, k: int) -> list[dict]:
         return await self.search_batch((vector, k))

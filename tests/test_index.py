@@ -1510,3 +1510,34 @@ def test_a_batched_search_answers_each_query_as_it_is_answered_alone(tmp_path):
     for j in range(1, len(q), 2):
         assert batched[j] == alone[j], j
     assert [s.search_many([(v, 50)])[0] for v in q[::2]] == batched[::2]
+
+def test_tied_clips_are_listed_by_clip_id_whatever_k_and_the_batch(tmp_path):
+    """A duplicated video's copies score alike. faiss's flat index listed them higher id first
+    and its k=1 search kept any one of them, so the first hit of the same query changed with k
+    (k=2: clip 10, k=3: clip 34) and with the k of the queries batched with it. Equal scores
+    are listed by clip id now, the lower first: each answer is the brute-force one."""
+    from serve import store
+    from serve.deployments import Searcher
+
+    n, d = 1000, 8
+    x = _unit(n, d)
+    copies = np.sort(np.random.default_rng(2).choice(n, 100, replace=False))
+    x[copies] = x[copies[-1]]
+    ids = np.arange(n)
+    store.write_part(tmp_path, {"row_id": ids, "video_id": [f"v{i}" for i in ids], "start": [0.0] * n,
+                                "end": [1.0] * n, "path": [f"/v/{i}.mp4" for i in ids], "embedding": x})
+    index, _ = store.build_faiss(x, "flat")
+    store.save_faiss(tmp_path, index)
+    store.write_meta(tmp_path, {"count": n, "dim": d, "kind": "flat", "search": {}})
+    s = Searcher.func_or_class(str(tmp_path), {"max_batch_size": 8, "batch_wait_timeout_s": 0.0})
+    q = x[copies[0]]
+    scores = x.astype(np.float64) @ q
+    ks = (1, 2, 3, 10, 105)
+    for k in ks:
+        want = np.lexsort((ids, -scores))[:k].tolist()
+        assert [h["clip_id"] for h in s.search_many([(q, k)])[0]] == want, k
+    # the same clips batched (their scores may differ in the last bit: faiss's batched product)
+    clips = lambda answers: [[h["clip_id"] for h in a] for a in answers]  # noqa: E731
+    alone = clips(s.search_many([(q, k)])[0] for k in ks)
+    assert clips(s.search_many([(q, k) for k in ks])) == alone
+    assert clips(s.search_many([(q, 1)] * 5 + [(q, 3)])) == [alone[0]] * 5 + [alone[2]]
