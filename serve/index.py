@@ -179,6 +179,11 @@ class ClipEmbedder:
                     x, m = self._frames([c if k else None for c, k in zip(tclips, ok)], self.tight)
                     feats[ok] = self.tight.encode_frames(x, m).half().cpu().numpy()
                     masks[ok] = m.cpu().numpy()
+                # a NaN/inf feature (or one past float16's range, as stored) made the re-ranker
+                # score NaN: every query with the clip among its candidates failed (500)
+                for i in np.flatnonzero(ok & (out["skip"] == "") & ~np.isfinite(feats).all((1, 2))):
+                    out["skip"][i] = ("the re-ranker's frame features of this clip are not finite "
+                                      "(NaN/inf, or past float16's range)")
             out.update(rerank_feats=feats, rerank_mask=masks)
         return out
 

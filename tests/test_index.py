@@ -811,21 +811,30 @@ def test_a_clip_whose_embedding_is_not_finite_is_skipped_with_a_reason(synth_sma
     from serve.index import ClipEmbedder
 
     export = save_export(create_model("test_meanP"), tmp_path / "export")
-    emb = ClipEmbedder(str(export), VideoConfig(max_frames=4), "", use_gpu=False)
-    encode = emb.model.encode_video
+    tight = save_export(create_model("test_tightTransf"), tmp_path / "tight")
+    emb = ClipEmbedder(str(export), VideoConfig(max_frames=4), str(tight), use_gpu=False)
+    encode, frames = emb.model.encode_video, emb.tight.encode_frames
 
     def first_nan(x, m):  # what an overflowing fp16 model gives for one clip
         v = encode(x, m)
         v[0] = float("nan")
         return v
 
-    emb.model.encode_video = first_nan
+    def third_large(x, m):  # finite in float32, past float16's 65504 as the features are stored
+        f = frames(x, m)
+        f[2, 0, 0] = 7e4
+        return f
+
+    emb.model.encode_video, emb.tight.encode_frames = first_nan, third_large
     root = Path(synth_small["manifest"]).parent
-    paths = [str(root / r["path"]) for r in read_manifest(synth_small["manifest"]).to_pylist()[:3]]
-    out = emb({"video_id": np.array(["a", "b", "c"], object), "path": np.array(paths, object),
-               "start": np.array([np.nan] * 3), "end": np.array([np.nan] * 3)})
+    paths = [str(root / r["path"]) for r in read_manifest(synth_small["manifest"]).to_pylist()[:4]]
+    out = emb({"video_id": np.array(["a", "b", "c", "d"], object), "path": np.array(paths, object),
+               "start": np.array([np.nan] * 4), "end": np.array([np.nan] * 4)})
     assert out["skip"][0].startswith("the model's embedding of this clip is not finite")
-    assert list(out["skip"][1:]) == ["", ""] and np.isfinite(out["embedding"][1:]).all()
+    # the re-ranker scored such a clip NaN: every query with it among its candidates failed (500)
+    assert out["skip"][2].startswith("the re-ranker's frame features of this clip are not finite")
+    assert list(out["skip"][[1, 3]]) == ["", ""] and np.isfinite(out["embedding"][[1, 3]]).all()
+    assert np.isfinite(out["rerank_feats"][[1, 3]]).all()
 
 
 def test_an_index_out_at_a_uri_is_refused_not_written_to_a_local_s3_folder(synth_small, tmp_path, monkeypatch):
