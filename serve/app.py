@@ -27,6 +27,7 @@ import sys
 from pathlib import Path
 from typing import Any, Optional
 
+import numpy as np
 from fastapi import FastAPI, File, Form, HTTPException, Request, UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from fastapi.exceptions import RequestValidationError
@@ -301,6 +302,17 @@ async def _call(method: Any, *args: Any) -> Any:
         return await method.remote(*args)
 
 
+def finite_query(vector: Any) -> Any:
+    """A query's vector, refused where the model gave it NaN or inf (as `clipray index` skips
+    such clips): faiss finds no clip for it, so a search answered 200 with no results, as if
+    nothing matched, and JSON has no NaN, so /encode answered a bare 500. Defined above
+    `Ingress`, which Serve pickles."""
+    if not np.isfinite(vector).all():
+        raise HTTPException(500, "the model's vector of this query is not finite (NaN/inf): the served "
+                                 "export gives no usable vector for it")
+    return vector
+
+
 def page_html(max_k: int) -> str:
     """The search page with its results box at PAGE_K, or serve.limits.max_k where that is lower:
     a page that asked for 8 had every search refused ("k: must be between 1 and 5, got 8") by an
@@ -339,7 +351,7 @@ class Ingress:
         if emb is None:  # `&nbsp;`, a control character: answered as the empty text was
             raise HTTPException(422, "text: the query has no words once cleaned for the tokenizer "
                                      "(HTML entities and control characters are dropped)")
-        return emb
+        return finite_query(emb)
 
     def _k(self, k: Optional[int]) -> int:
         if k is None:  # not given: the default, within the limit (a max_k below it refused every such request)
@@ -360,7 +372,7 @@ class Ingress:
             raise HTTPException(out["status"], no_room_message(out["error"]))
         if "error" in out:
             raise HTTPException(415, f"file: not a usable video ({out['error']})")
-        return out["embedding"]
+        return finite_query(out["embedding"])
 
     async def _search(self, vector: Any, k: int, text: Optional[str] = None) -> dict:
         if self.reranker is None or text is None:

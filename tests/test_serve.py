@@ -340,6 +340,63 @@ def test_a_full_disk_on_the_server_is_a_507_not_a_400_or_a_500(monkeypatch):
         507, "the server cannot store the upload now (No space left on device); try again later")
 
 
+def test_a_query_whose_vector_is_not_finite_is_an_error_saying_so_not_empty_results(tmp_path):
+    """A model that gives a query a NaN vector (`clipray index` skips a clip whose vector is
+    so): faiss finds no clip for it, and /search and /search/video answered 200 with no
+    results, as if nothing in the index matched; /encode/text and /encode/video failed on JSON's
+    lack of NaN, a bare 500. Each is now a 500 that says so. (The ingress's own methods over a
+    real Searcher and flat index, without Ray: a deployment's batching needs a Serve replica.)"""
+    import asyncio
+
+    import faiss
+    import numpy as np
+    from fastapi import HTTPException
+
+    from serve import app as sa
+    from serve import store
+    from serve.deployments import Searcher
+
+    n, d = 5, 4
+    x = np.eye(n, d, dtype=np.float32)
+    store.write_part(tmp_path, {"row_id": np.arange(n), "video_id": [f"v{i}" for i in range(n)],
+                                "start": [0.0] * n, "end": [1.0] * n, "path": [f"/v/{i}.mp4" for i in range(n)],
+                                "embedding": x})
+    index = faiss.IndexFlatIP(d)
+    index.add(x)
+    store.save_faiss(tmp_path, index)
+    store.write_meta(tmp_path, {"count": n, "dim": d, "kind": "flat", "search": {}})
+    searcher = Searcher.func_or_class(str(tmp_path), {"max_batch_size": 1, "batch_wait_timeout_s": 0.0})
+
+    def handle(fn):  # a deployment handle's method: `await method.remote(*args)`
+        async def remote(*args):
+            return fn(*args)
+        return type("Method", (), {"remote": staticmethod(remote)})()
+
+    vectors = {"a dog": x[1], "a cat": np.full(d, np.nan, np.float32)}
+    ingress = object.__new__(sa.Ingress.func_or_class)
+    ingress.limits, ingress.reranker = {"max_text_chars": 300, "max_k": 10}, None
+    ingress.text = type("Text", (), {"encode": handle(vectors.get)})()
+    ingress.searcher = type("Search", (), {"search": handle(lambda v, k: searcher.search_many([(v, k)])[0])})()
+    hits = asyncio.run(ingress.search(sa.SearchRequest(text="a dog", k=2)))["results"]
+    assert [h["clip_id"] for h in hits] == [1, 0]
+    for route in (ingress.search, ingress.encode_text):
+        with pytest.raises(HTTPException) as e:
+            asyncio.run(route(sa.SearchRequest(text="a cat", k=2) if route == ingress.search
+                              else sa.TextRequest(text="a cat")))
+        assert (e.value.status_code, e.value.detail) == (
+            500, "the model's vector of this query is not finite (NaN/inf): the served export gives no usable "
+                 "vector for it")
+    ingress.max_upload_bytes = 1 << 20
+    ingress.video = type("Video", (), {"encode": handle(lambda data: {"embedding": vectors["a cat"]})})()
+
+    class Upload:
+        async def read(self, n):
+            return b"an upload"
+
+    with pytest.raises(HTTPException, match="not finite"):
+        asyncio.run(ingress._upload(Upload()))
+
+
 def test_bad_inputs_are_4xx_with_a_message(app, synth_small):
     from urllib.parse import urlparse
 
