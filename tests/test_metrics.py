@@ -212,11 +212,14 @@ def test_evaluation_groups_a_videos_captions_whose_times_are_nan_as_one_clip(ray
     n = 6
     vid = [0, 0, 1, 1, 2, 2]
     words = ["dog", "cat", "car", "tree", "boat", "bird"]
+    # a 7th row, of video 2, whose caption the tokenizer cleans to no words: not a query (it was
+    # ranked as the empty text), and no clip is decoded from it (the decoder skips it)
     pq.write_table(pa.table({
-        "row_id": pa.array(range(n), pa.int64()), "video_id": [f"v{v}" for v in vid],
-        "path": [f"v{v}.mp4" for v in vid], "start": pa.array([whole] * n, pa.float64(), from_pandas=False),
-        "end": pa.array([whole] * n, pa.float64(), from_pandas=False),
-        "caption": [f"a {w}" for w in words], "split": ["test"] * n}), tmp_path / "m.parquet")
+        "row_id": pa.array(range(n + 1), pa.int64()), "video_id": [f"v{v}" for v in vid + [2]],
+        "path": [f"v{v}.mp4" for v in vid + [2]],
+        "start": pa.array([whole] * (n + 1), pa.float64(), from_pandas=False),
+        "end": pa.array([whole] * (n + 1), pa.float64(), from_pandas=False),
+        "caption": [f"a {w}" for w in words] + ["&nbsp;"], "split": ["test"] * (n + 1)}), tmp_path / "m.parquet")
     torch.manual_seed(0)
     model = create_model("test_meanP")
     frames = _data(n=3, t=2)[0]
@@ -233,3 +236,25 @@ def test_evaluation_groups_a_videos_captions_whose_times_are_nan_as_one_clip(ray
     assert got["num_test_videos"] == 3 and got["num_test_texts"] == 6
     for k in METRIC_KEYS:
         assert got[k] == pytest.approx(want[k]), k
+
+
+def test_evaluation_decodes_each_clip_from_a_row_whose_caption_has_words(tmp_path):
+    """Evaluation decodes each test clip once, from its first row, and the decoder skips a row
+    whose caption the tokenizer cleans to no words (`&nbsp;`, control characters): a clip whose
+    first caption was such lost its other captions too and left the evaluation, one clip fewer
+    without a word. Its first row with words is decoded now; a clip with none stays out."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from train.evaluate import first_rows
+
+    vid = [0, 0, 1, 1, 2, 3, 3]
+    captions = ["&nbsp;", "a dog", "a cat", "\x00 \x07", "&nbsp;", "a car", "a boat"]
+    n = len(vid)
+    pq.write_table(pa.table({
+        "row_id": pa.array(range(n), pa.int64()), "video_id": [f"v{v}" for v in vid],
+        "path": [f"v{v}.mp4" for v in vid], "start": pa.array([None] * n, pa.float64()),
+        "end": pa.array([None] * n, pa.float64()), "caption": captions, "split": ["test"] * n}),
+        tmp_path / "m.parquet")
+    tokenize = open_clip.get_tokenizer("ViT-B-32", context_length=16)
+    assert first_rows(str(tmp_path / "m.parquet"), "test", tokenize) == [1, 2, 5]

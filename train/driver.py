@@ -418,7 +418,7 @@ def _run(cfg: Config, quiet_ray: bool, stop_epoch: int, table: bool, held: conte
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from clipray.pipeline import clip_dataset, collect_skips
+    from clipray.pipeline import caption_tokenizer, clip_dataset, collect_skips
     from clipray.runtime import check_fits, init_ray, quiet_data_progress
     from train.evaluate import first_rows
     from train.loop import STATE, train_loop
@@ -440,7 +440,9 @@ def _run(cfg: Config, quiet_ray: bool, stop_epoch: int, table: bool, held: conte
                    advice="set train.use_gpu=false, or submit the job to a GPU cluster")
     quiet_data_progress()
     eval_data = dataclasses.replace(cfg.data, manifest=eval_manifest)
-    datasets = {"test": clip_dataset(eval_data, out, split=eval_split, rows=first_rows(eval_manifest, eval_split))}
+    tokenize = caption_tokenizer(cfg.data.tokenizer, cfg.data.max_words)
+    datasets = {"test": clip_dataset(eval_data, out, split=eval_split,
+                                     rows=first_rows(eval_manifest, eval_split, tokenize))}
     if not cfg.data.shard_stream:
         datasets["train"] = clip_dataset(cfg.data, out, split="train", shuffle=cfg.data.shuffle_rows)
     print(f"[driver] run {out}: {n_train if n_train is not None else 'streamed'} training clips, "
@@ -535,7 +537,7 @@ def evaluate_export(cfg: Config, export: str, split: str, name: str) -> dict[str
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from clipray.pipeline import clip_dataset
+    from clipray.pipeline import caption_tokenizer, clip_dataset
     from clipray.runtime import init_ray
     from train.evaluate import first_rows
 
@@ -552,7 +554,8 @@ def evaluate_export(cfg: Config, export: str, split: str, name: str) -> dict[str
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
             resources_per_worker={"CPU": cfg.train.cpus_per_worker}),
-        datasets={"test": clip_dataset(data, out, split=split, rows=first_rows(manifest, split))},
+        datasets={"test": clip_dataset(data, out, split=split, rows=first_rows(
+            manifest, split, caption_tokenizer(cfg.data.tokenizer, cfg.data.max_words)))},
         dataset_config=_data_config(),
         run_config=ray.train.RunConfig(name=name, storage_path=f"{out}/evaluations",
                                        logging_config=ray.train.LoggingConfig(log_level="WARNING")),

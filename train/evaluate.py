@@ -47,13 +47,26 @@ def read_split(manifest: str, split: str) -> tuple[list[int], list[tuple], list[
     return table.column("row_id").to_pylist(), clips, table.column("caption").to_pylist()
 
 
-def first_rows(manifest: str, split: str) -> list[int] | None:
-    """The rows whose videos evaluation decodes: each clip's first; None when every row is a
+def has_words(captions: list[str], tokenize: Callable[[list[str]], Any]) -> list[bool]:
+    """Whether each caption keeps a word once cleaned for the tokenizer. The decoders skip a row
+    whose caption keeps none (`pipeline.NO_WORDS`: `&nbsp;`, control characters), and
+    evaluation leaves such a caption out as a query and as the row its clip is decoded from."""
+    none = np.asarray(tokenize([""]))[0, :2]  # start and end of text, nothing between
+    out: list[bool] = []
+    for s in range(0, len(captions), 4096):
+        out += (np.asarray(tokenize(captions[s:s + 4096]))[:, :2] != none).any(1).tolist()
+    return out
+
+
+def first_rows(manifest: str, split: str, tokenize: Callable[[list[str]], Any]) -> list[int] | None:
+    """The rows whose videos evaluation decodes: each clip's first whose caption has words (a
+    row without is skipped by the decoder, and its clip with it); None when every row is a
     clip of its own (nothing to leave out)."""
-    ids, clips, _ = read_split(manifest, split)
+    ids, clips, captions = read_split(manifest, split)
     first: dict[tuple, int] = {}
-    for rid, clip in zip(ids, clips):
-        first.setdefault(clip, rid)
+    for rid, clip, words in zip(ids, clips, has_words(captions, tokenize)):
+        if words:
+            first.setdefault(clip, rid)
     return None if len(first) == len(ids) else sorted(first.values())
 
 
@@ -110,8 +123,9 @@ def evaluate(model: Any, shard: Any, manifest: str, split: str, batch_size: int,
         if c not in clips:
             clips[c] = len(clips)
             first_row.append(i)
-    # the queries: every caption of a clip that decoded (a skipped clip's leave with it)
-    queries = [i for i, c in enumerate(clips_of) if c in clips]
+    # the queries: every caption of a clip that decoded (a skipped clip's leave with it), less
+    # those the tokenizer cleans to no words, which were ranked as the empty text
+    queries = [i for i, (c, words) in enumerate(zip(clips_of, has_words(captions, tokenize))) if c in clips and words]
     video_of_text = [clips[clips_of[i]] for i in queries]
     texts = caption_embeddings(model, [captions[i] for i in queries], tokenize, batch_size)
     idx = torch.tensor(first_row)
