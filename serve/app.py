@@ -379,9 +379,13 @@ class Ingress:
             return {"results": await _call(self.searcher.search, vector, k)}
         pool = await _call(self.searcher.search, vector, max(k, self.limits["rerank_candidates"]))
         scores = await _call(self.reranker.rerank, text, [h["clip_id"] for h in pool])
+        if not np.isfinite(np.asarray(scores, dtype=np.float64)).all():  # sorted at random, then no JSON for it
+            raise HTTPException(500, "the re-ranker's scores of this query are not finite (NaN/inf): the "
+                                     "served re-ranker export gives no usable score for it")
         for h, s in zip(pool, scores):
             h["score"] = s
-        return {"results": sorted(pool, key=lambda h: -h["score"])[:k]}
+        # equal scores by clip id, as the Searcher lists them
+        return {"results": sorted(pool, key=lambda h: (-h["score"], h["clip_id"]))[:k]}
 
     # ---- routes ----------------------------------------------------------------------------
     # HEAD too (the headers of a GET): uptime and load-balancer checks probe with it

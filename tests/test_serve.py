@@ -396,6 +396,19 @@ def test_a_query_whose_vector_is_not_finite_is_an_error_saying_so_not_empty_resu
     with pytest.raises(HTTPException, match="not finite"):
         asyncio.run(ingress._upload(Upload()))
 
+    # a re-ranker: its equal scores listed by clip id (as the Searcher's), its NaN one a 500 too
+    rerank = {"a dog": [0.5, 0.5, 0.5, 0.9, 0.5], "a fox": [0.5, float("nan"), 0.5, 0.5, 0.5]}
+    vectors["a fox"] = x[2]
+    ingress.limits["rerank_candidates"] = n
+    ingress.reranker = type("Rerank", (), {"rerank": handle(lambda text, ids: [rerank[text][i] for i in ids])})()
+    hits = asyncio.run(ingress.search(sa.SearchRequest(text="a dog", k=3)))["results"]
+    assert [(h["clip_id"], h["score"]) for h in hits] == [(3, 0.9), (0, 0.5), (1, 0.5)]
+    with pytest.raises(HTTPException) as e:
+        asyncio.run(ingress.search(sa.SearchRequest(text="a fox", k=3)))
+    assert (e.value.status_code, e.value.detail) == (
+        500, "the re-ranker's scores of this query are not finite (NaN/inf): the served re-ranker export "
+             "gives no usable score for it")
+
 
 def test_bad_inputs_are_4xx_with_a_message(app, synth_small):
     from urllib.parse import urlparse
