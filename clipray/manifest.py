@@ -224,10 +224,15 @@ class ManifestWriter:
             with naming(self._named(self.shards[-1]) + PARTIAL):
                 writer.close()
 
-    def close(self) -> "ManifestWriter":
+    def finish(self) -> "ManifestWriter":
+        """Write out every row, each file still under its `.partial` name (`close` renames them)."""
         if self._buf or not self.shards:  # no row at all still gives an (empty) manifest
             self._flush()
         self._end_file()
+        return self
+
+    def close(self) -> "ManifestWriter":
+        self.finish()
         for path in self.shards[self._final:]:
             with naming(self._named(path)):
                 self.fs.move(path + PARTIAL, path)  # on an object store, a copy: seconds each

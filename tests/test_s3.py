@@ -143,17 +143,18 @@ def test_manifest_keys_with_spaces_hash_and_accents_are_read_where_written(ray_l
 
 
 def test_rewriting_a_manifest_folder_with_a_hash_in_its_key_clears_only_that_folder(s3):
-    """`data prepare --out` clears a folder manifest's old shards first. pyarrow's URI parsing
-    cut s3://.../m#2 at the '#', so the shards of the manifest m were deleted instead."""
+    """`data prepare --out` clears a folder manifest's old shards. pyarrow's URI parsing cut
+    s3://.../m#2 at the '#', so the shards of the manifest m were deleted instead."""
     from clipray.sources import _remove_old_shards
 
     fs = s3.fs()
-    for key in ("keep/m/part-00000.parquet", "keep/m#2/part-00000.parquet", "keep/m#2/notes.txt"):
+    for key in ("keep/m/part-00000.parquet", "keep/m#2/part-00000.parquet", "keep/m#2/part-00001.parquet.partial",
+                "keep/m#2/notes.txt"):
         fs.pipe_file(f"{s3.bucket}/{key}", b"x")
-    _remove_old_shards(s3.url("keep/m#2"))
+    _remove_old_shards(s3.url("keep/m#2"), [f"{s3.bucket}/keep/m#2/part-00001.parquet"])  # the new shards kept
     left = sorted(p for p in fs.find(f"{s3.bucket}/keep") if not p.endswith("/"))  # pyarrow leaves a folder marker
-    assert left == [f"{s3.bucket}/keep/m#2/notes.txt",  # and the next write's first name, till it writes it
-                    f"{s3.bucket}/keep/m#2/part-00000.parquet.partial", f"{s3.bucket}/keep/m/part-00000.parquet"]
+    assert left == [f"{s3.bucket}/keep/m#2/notes.txt", f"{s3.bucket}/keep/m#2/part-00001.parquet.partial",
+                    f"{s3.bucket}/keep/m/part-00000.parquet"]
 
 
 def test_the_skip_report_lists_skip_files_written_after_this_process_listed_the_run(s3):

@@ -400,12 +400,14 @@ def test_howto100m_giant_json_is_streamed_into_shards(tmp_path, monkeypatch):
 
 
 def test_a_rewrite_stopped_while_the_old_shards_go_reads_as_unfinished(tmp_path, monkeypatch):
-    """A re-run deletes the folder's old shards, one by one, before it writes its own: stopped
-    among those deletes (a Ctrl-C in its first seconds; ~545 deletes on S3 for HowTo100M), the
-    old shards left were read back as a smaller, complete manifest, which the `.partial` names
+    """A re-run deletes the folder's old shards, one by one, once it has written its own under
+    `.partial` names: stopped among those deletes (~545 deletes on S3 for HowTo100M), the old
+    shards left must not read back as a smaller, complete manifest, which the `.partial` names
     exist to rule out (datasets/README.md)."""
+    import sys
+
     import clipray.manifest as manifest_mod
-    from clipray.manifest import ManifestError, manifest_files
+    from clipray.manifest import ManifestError, ManifestWriter, manifest_files
 
     fx.write_howto100m(tmp_path, "json")
     out = tmp_path / "howto"
@@ -425,9 +427,9 @@ def test_a_rewrite_stopped_while_the_old_shards_go_reads_as_unfinished(tmp_path,
                 raise KeyboardInterrupt
             self.fs.delete_file(path)
 
-    def stopping(path):
+    def stopping(path):  # the deletes' filesystem only: the writer's is pyarrow's own
         fs, p = real(path)
-        return StoppedAtThirdDelete(fs), p
+        return (StoppedAtThirdDelete(fs) if sys._getframe(1).f_code.co_name == "_old_shards" else fs), p
 
     monkeypatch.setattr(manifest_mod, "filesystem", stopping)
     with pytest.raises(KeyboardInterrupt):
@@ -435,6 +437,21 @@ def test_a_rewrite_stopped_while_the_old_shards_go_reads_as_unfinished(tmp_path,
     monkeypatch.undo()
     assert len([n for n in os.listdir(out) if n.endswith(".parquet")]) == 4  # 2 of the 6 went
     with pytest.raises(ManifestError, match="unfinished manifest"):
+        manifest_files(str(out))
+    # a run failing over that folder (here stopped at its third row, two shards written) removed
+    # its own .partial shards, and the 4 old ones left read as a smaller, complete manifest
+    real_add = ManifestWriter.add
+
+    def stopped_at_the_third_row(self, row):
+        if self.rows == 2:
+            raise KeyboardInterrupt
+        real_add(self, row)
+
+    monkeypatch.setattr(ManifestWriter, "add", stopped_at_the_third_row)
+    with pytest.raises(KeyboardInterrupt):
+        prepare("howto100m", tmp_path, out, rows_per_shard=1, val_list="val_list.csv")
+    monkeypatch.undo()
+    with pytest.raises(ManifestError, match="no .parquet files under"):
         manifest_files(str(out))
     _check_howto(prepare("howto100m", tmp_path, out, rows_per_shard=4, val_list="val_list.csv"), out)
 
@@ -549,6 +566,14 @@ def test_a_failed_run_leaves_no_partial_shards(tmp_path):
     with pytest.raises(SourceError, match="t.csv line 5"):
         prepare("generic", tmp_path, out, file="t.csv", rows_per_shard=1)  # 3 shards written first
     assert list(out.iterdir()) == []
+    # over an earlier manifest, which stays as it was: its shards were deleted before the new
+    # ones were written, and the failed re-run left an empty folder
+    fx.write(tmp_path, "good.csv", "path,caption,start,end\na/x.mp4,one,1,2\na/x.mp4,two,2,3\n")
+    prepare("generic", tmp_path, out, file="good.csv", rows_per_shard=1)
+    with pytest.raises(SourceError, match="t.csv line 5"):
+        prepare("generic", tmp_path, out, file="t.csv", rows_per_shard=1)
+    assert table(out, "caption") == [("one",), ("two",)]
+    assert sorted(os.listdir(out)) == ["part-00000.parquet", "part-00001.parquet"]
 
 
 def test_rows_breaking_manifest_rules_are_rejected_not_fatal(tmp_path, monkeypatch):

@@ -22,7 +22,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterator
 
-from clipray.manifest import MAX_DISTINCT, Every, ManifestError, ManifestWriter, Tally
+from clipray.manifest import MAX_DISTINCT, PARTIAL, Every, ManifestError, ManifestWriter, Tally
 from clipray.sources import activitynet, didemo, generic, howto100m, lsmdc, msrvtt, msvd, youcook2
 from clipray.sources.base import Context, SourceError, SourceSpec, is_uri
 
@@ -138,7 +138,11 @@ def _prepare(name: str, root: str, out: str, progress_s: float | None = None, **
     metadata = {"source": name, "root": root, "options": opts, **ctx.metadata}
     writer = ManifestWriter(out, rows_per_shard=int(opts["rows_per_shard"]), metadata=metadata)
     with _writing(out):
-        _remove_old_shards(out)
+        if any(path.endswith(PARTIAL) for path in _old_shards(out)[1]):
+            # unfinished (a run stopped while its shards went or were renamed): no manifest to
+            # keep, and its shards left would read as a smaller, complete one once a failure
+            # of this run removed its own .partial shards
+            _remove_old_shards(out, [])
         tally, every = Tally(), Every(progress_s)
         try:
             if first is not None:
@@ -148,11 +152,15 @@ def _prepare(name: str, root: str, out: str, progress_s: float | None = None, **
                         print(f"  {name}: {writer.rows:,} rows written, {len(writer.shards)} shards, "
                               f"{writer.rows / (time.perf_counter() - started):,.0f} rows/s",
                               file=sys.stderr, flush=True)
-            writer.close()
+            writer.finish()
         except BaseException:
-            # a format error deep in a big source: leave no half manifest that reads as complete
+            # a format error deep in a big source: leave no half manifest that reads as complete,
+            # and the manifest an earlier run wrote there as it was
             writer.discard()
             raise
+        # stopped from here on, the new shards' `.partial` names make the folder read as unfinished
+        _remove_old_shards(out, writer.shards)
+        writer.close()
     return PrepareReport(
         source=name, root=root, out=out, rows=writer.rows, videos=len(tally.videos),
         captions=tally.distinct_captions, per_split=tally.per_split,
@@ -196,28 +204,31 @@ def _chain(first, rest):
     yield from rest
 
 
-def _remove_old_shards(out: str) -> None:
+def _old_shards(out: str) -> tuple[Any, list[str]]:
+    """The filesystem of a folder manifest and the `part-*.parquet` (and `.partial`) files it
+    holds now; none for a one-file manifest."""
+    if out.endswith(".parquet"):
+        return None, []
+    import pyarrow.fs as pafs
+
+    from clipray.manifest import filesystem
+
+    fs, base = filesystem(out)  # the key as the writer takes it: a '#' in it is no fragment
+    return fs, [info.path for info in fs.get_file_info(pafs.FileSelector(base, allow_not_found=True))
+                if info.type == pafs.FileType.File and re.fullmatch(r"part-\d+\.parquet(\.partial)?", info.base_name)]
+
+
+def _remove_old_shards(out: str, new: list[str]) -> None:
     """A folder manifest is rewritten whole: stale `part-*.parquet` from a longer earlier run
     would otherwise be read back as part of this one (and `.partial` ones of a killed run linger).
 
-    The writer's first `.partial` name is written before any old shard goes, so a run stopped
-    while they go (one delete per shard: seconds for HowTo100M's ~545 on an object store) leaves
-    a folder that reads as unfinished, not the shards left as a smaller, complete manifest. The
-    writer's first shard replaces it."""
-    if out.endswith(".parquet"):
-        return
-    import pyarrow.fs as pafs
-
-    from clipray.manifest import PARTIAL, filesystem, shard_name
-
-    fs, base = filesystem(out)  # the key as the writer takes it: a '#' in it is no fragment
-    old = [info.path for info in fs.get_file_info(pafs.FileSelector(base, allow_not_found=True))
-           if info.type == pafs.FileType.File and re.fullmatch(r"part-\d+\.parquet(\.partial)?", info.base_name)]
-    if not old:
-        return
-    unfinished = f"{base}/{shard_name(0)}{PARTIAL}"  # ManifestWriter's first shard
-    with fs.open_output_stream(unfinished):
-        pass
+    They go once the new shards `new` are whole under their `.partial` names, which a run
+    stopped while they go (one delete per shard: seconds for HowTo100M's ~545 on an object
+    store) leaves, so the folder reads as unfinished, not as the old shards left, a smaller,
+    complete manifest. Deleted before the new shards were written, a run failing midway (a bad
+    annotation line deep in a big source, a full disk) lost the manifest an earlier run wrote."""
+    fs, old = _old_shards(out)
+    keep = {path + PARTIAL for path in new}
     for path in old:
-        if path != unfinished:
+        if path not in keep:
             fs.delete_file(path)
