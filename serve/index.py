@@ -494,9 +494,9 @@ def _rebuild(out: Path, cfg: AppConfig, export: str, fp: str, rerank: str, conf:
         exact = faiss.IndexFlatIP(x.shape[1])
         exact.add(x)
         recall = store.recall_at_k(index, exact, _caption_queries(export, captions, cfg))
-    store.save_faiss(out, index)
+    saved = store.save_faiss(out, index)
     meta = dict(meta or {})
-    meta.update(format=FORMAT, export=export, export_rel=os.path.relpath(export, out.absolute()), fingerprint=fp,
+    meta.update(format=FORMAT, faiss_file=saved, export=export, export_rel=os.path.relpath(export, out.absolute()), fingerprint=fp,
                 dim=int(x.shape[1]), count=int(len(x)),
                 kind=ix.kind, build=params, search=search, recall=recall,
                 video=dataclasses.asdict(dataclasses.replace(cfg.video, size=conf["image_size"])),

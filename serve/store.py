@@ -302,10 +302,25 @@ def recall_at_k(index: Any, exact: Any, queries: np.ndarray, k: int = 10) -> dic
             "index_ms_per_query_batched": 1000 * (t2 - t1) / max(1, len(q))}
 
 
-def save_faiss(out: str | Path, index: Any) -> None:
+def save_faiss(out: str | Path, index: Any) -> list:
+    """Write index.faiss; returns its `faiss_signature`, for index.json to record."""
     import faiss
 
     write_whole(Path(out) / FAISS, Path(out) / (FAISS + ".tmp"), lambda tmp: faiss.write_index(index, tmp))
+    return faiss_signature(out)
+
+
+def faiss_signature(out: str | Path) -> list:
+    """index.faiss's size and a hash of its ends (`file_signature`): index.json records the
+    one it describes. Written before index.json, a rebuild stopped between the two (killed, a
+    full disk) left a faiss index that the older index.json's count may still match (the
+    same clips indexed as another kind), served with that index.json's kind and search
+    parameters."""
+    import pyarrow.fs as pafs
+
+    from clipray.manifest import file_signature
+
+    return file_signature(pafs.LocalFileSystem(), str((Path(out) / FAISS).absolute()))
 
 
 def load_faiss(out: str | Path, meta: dict[str, Any]) -> Any:
@@ -322,6 +337,9 @@ def load_faiss(out: str | Path, meta: dict[str, Any]) -> Any:
     if (index.ntotal, index.d) != (meta.get("count", index.ntotal), meta.get("dim", index.d)):
         raise ConfigError(f"{path} holds {index.ntotal} vectors of dim {index.d} where {META} says "
                           f"{meta['count']} of dim {meta['dim']}: rebuild it with `clipray index` and the same out=")
+    if meta.get("faiss_file") and meta["faiss_file"] != faiss_signature(out):
+        raise ConfigError(f"{path} is not the faiss index {META} describes (a `clipray index` stopped between "
+                          "writing the two): rebuild it with `clipray index` and the same out=")
     p = meta.get("search", {})
     set_search_params(index, p.get("nprobe", 16), p.get("ef_search", 128), p.get("refine", 0))
     return index

@@ -272,6 +272,13 @@ def test_an_index_copied_without_its_parts_fails_to_start_saying_so(tmp_path):
     got = before.rerank_many(reqs)
     assert [len(g) for g in got] == [2, 3] and np.allclose(got[0], want[0]) and np.allclose(got[1], want[1])
     assert got[1][0] != got[1][2]  # the appended clip's own features, not a row of zeros
+    # a rebuild as another kind stopped between index.faiss and index.json (killed, a full
+    # disk): the count still agrees, and the hnsw index was served as index.json's exact one
+    hnsw = load_app_config(None, [f"checkpoint={loose}", "manifest=unused", f"out={idx}", "index.kind=hnsw"])
+    _rebuild(idx, hnsw, loose, meta["fingerprint"], tight, read_export_config(loose), [], store.read_meta(idx))
+    with pytest.raises(ConfigError, match=rf"^{idx}/index.faiss is not the faiss index index.json describes "
+                                          r"\(a `clipray index` stopped between writing the two\): rebuild it"):
+        Searcher.func_or_class(str(idx), batch)
 
 
 def test_a_replica_started_after_its_export_was_written_again_refuses_it(tmp_path):
