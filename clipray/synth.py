@@ -195,7 +195,10 @@ def generate(out: str | Path, videos: int = 200, seed: int = 0, width: int = 96,
     (out / "videos").mkdir(parents=True, exist_ok=True)
     # synth.json marks a finished set (`clipray demo` reuses one): a run that stops midway, over
     # an older set, must not leave the old marker and manifests over some of the new videos
-    (out / "synth.json").unlink(missing_ok=True)
+    # (the manifests read as whole: `clipray train` on one took its captions for other videos)
+    for name in ("synth.json", "manifest.parquet", "events.parquet"):
+        if not (out / name).is_dir():  # (a folder there is the manifest writer's to refuse)
+            (out / name).unlink(missing_ok=True)
     rng = np.random.default_rng(seed + 1)
     rows, event_rows = [], []
     specs = plan(videos, seed, val_frac, test_frac, max_events)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from clipray.config import VideoConfig
-from clipray.manifest import read_manifest
+from clipray.manifest import ManifestError, read_manifest
 from clipray.synth import COLOURS, DIRECTIONS, generate, plan
 from clipray.video import decode_clip
 
@@ -222,6 +222,9 @@ def test_a_generation_stopped_midway_leaves_no_finished_set_behind(tmp_path, mon
         generate(tmp_path / "s", videos=4, seed=2)
     monkeypatch.setattr(synth, "write_mp4", real)
     assert not (tmp_path / "s" / "synth.json").exists()
+    for name in ("manifest.parquet", "events.parquet"):  # read as whole, the old set's captions
+        with pytest.raises(ManifestError, match="manifest not found"):  # of the new videos
+            read_manifest(str(tmp_path / "s" / name))
     capsys.readouterr()
     ensure_synth(tmp_path / "s", videos=4, seed=2)  # made again, whole
     assert "generating 4 synthetic videos" in capsys.readouterr().out
