@@ -331,6 +331,31 @@ def fsspec_path(path: str) -> tuple[Any, str]:
     return fs, fs._strip_protocol(path)
 
 
+def prepare_lock(path: str) -> str:
+    """The lock file (a hidden `.NAME.prepare.lock` beside it) that `clipray data prepare` holds
+    while it writes the local manifest `path`."""
+    path = os.path.abspath(path)
+    return os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.prepare.lock")
+
+
+def _stopped(path: str) -> str:
+    """How an unfinished manifest came to be, and what to do: a `clipray data prepare` writing
+    it now (holding its lock; a rewrite keeps the old shards until the new ones are whole), else
+    a write that stopped midway. Said to have stopped, a manifest being written was written
+    again (a second prepare is refused) or thrown away."""
+    import fcntl
+
+    if "://" not in path:
+        try:
+            with open(prepare_lock(path)) as f:
+                fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return "a `clipray data prepare` is writing it now); wait for it to finish"
+        except OSError:  # no lock file, or a filesystem without locks
+            pass
+    return "the write that made it stopped midway); write it again"
+
+
 def manifest_files(path: str) -> tuple[pafs.FileSystem, list[str]]:
     """The Parquet files of a manifest (a file or a directory of shards), sorted."""
     try:
@@ -338,8 +363,7 @@ def manifest_files(path: str) -> tuple[pafs.FileSystem, list[str]]:
         info = fs.get_file_info(root)
         if info.type == pafs.FileType.NotFound:
             if fs.get_file_info(root + PARTIAL).type == pafs.FileType.File:
-                raise ManifestError(f"{path}: an unfinished manifest (only {path}{PARTIAL}: the write "
-                                    "that made it stopped midway); write it again")
+                raise ManifestError(f"{path}: an unfinished manifest (only {path}{PARTIAL}: {_stopped(path)}")
             raise ManifestError(f"manifest not found: {path}")
         partial = 0
         if info.type == pafs.FileType.File:
@@ -355,8 +379,7 @@ def manifest_files(path: str) -> tuple[pafs.FileSystem, list[str]]:
         # a write stopped before or while close() renamed its shards (each a copy on an
         # object store): the finished names alone would read as a smaller, complete manifest
         raise ManifestError(f"{path}: an unfinished manifest ({partial} *.parquet{PARTIAL} shard"
-                            f"{'s' if partial > 1 else ''}: the write that made it stopped midway); "
-                            "write it again")
+                            f"{'s' if partial > 1 else ''}: {_stopped(path)}")
     if not files:
         raise ManifestError(f"no .parquet files under {path}")
     _check_header(fs, files[0], path)

@@ -140,6 +140,31 @@ def test_a_second_prepare_into_a_manifest_being_written_is_refused(tmp_path):
         assert len(read_manifest(str(out))) == 5
 
 
+def test_a_manifest_read_while_a_prepare_rewrites_it_says_it_is_being_written(tmp_path, monkeypatch):
+    """A folder being written holds `.partial` shards (a rewrite, the old shards beside them
+    until the new ones are whole): a run or `data check` reading it meanwhile was told the write
+    'stopped midway; write it again', for as long as the prepare ran (hours for HowTo100M)."""
+    from clipray.manifest import ManifestError, manifest_files
+    from clipray.sources.base import SourceSpec
+
+    out, said = tmp_path / "m", []
+
+    def rows(ctx):
+        for i in range(3):
+            yield {"video_id": "v", "path": "/v.mp4", "caption": f"c{i}", "split": "train"}
+            if i == 0 and ctx.options.get("read"):  # shard 0 written, under its .partial name
+                with pytest.raises(ManifestError) as err:
+                    manifest_files(str(out))
+                said.append(str(err.value))
+
+    monkeypatch.setitem(SOURCES, "fake", SourceSpec("fake", rows, {"read": False}))
+    prepare("fake", tmp_path, out, rows_per_shard=1)
+    prepare("fake", tmp_path, out, rows_per_shard=1, read=True)
+    assert said == [f"{out}: an unfinished manifest (1 *.parquet.partial shard: a `clipray data prepare` is "
+                    "writing it now); wait for it to finish"]
+    assert table(out, "caption") == [("c0",), ("c1",), ("c2",)]
+
+
 def test_msrvtt_7k_no_expand_and_semicolon_test_csv(tmp_path):
     fx.write_msrvtt(tmp_path, test_delimiter=";")
     out = tmp_path / "m.parquet"

@@ -179,10 +179,10 @@ def _writing(out: str) -> Iterator[None]:
     if is_uri(out):
         yield
         return
+    from clipray.manifest import prepare_lock
     from clipray.runtime import exclusive
 
-    path = os.path.abspath(out)
-    with exclusive(os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.prepare.lock"),
+    with exclusive(prepare_lock(out),
                    SourceError(f"{out}: another `clipray data prepare` is writing this manifest now: let it "
                                "finish, or give another --out")):
         yield
