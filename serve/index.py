@@ -358,6 +358,7 @@ def _build(cfg: AppConfig, out: Path, quiet: bool) -> dict[str, Any]:
     if cfg.index.kind == "ivf_pq":  # now, not in build_faiss after every clip is embedded
         store.pq_sub_quantizers(conf["open_clip_cfg"]["embed_dim"], cfg.index.pq_m)
     meta, fp = store.read_meta(out), store.fingerprint(export)
+    began = {"checkpoint": (export, fp), **({"index.rerank_checkpoint": (rerank, store.fingerprint(rerank))} if rerank else {})}
     if meta and meta["fingerprint"] != fp:
         raise ConfigError(f"{out} was built with another model ({meta['export']}); "
                           "vectors from two models cannot share an index: use a new out=")
@@ -422,6 +423,13 @@ def _build(cfg: AppConfig, out: Path, quiet: bool) -> dict[str, Any]:
                 _progress(done, len(rows), len(skipped), t0, every)
         if not quiet and sys.stdout.isatty():
             print(flush=True)
+    # every actor read the export from its path as it started: one written again there meanwhile
+    # (a training run of that name, a clip editing round) embedded clips with other weights
+    # than the index records, some actors' with the old, some with the new, without a word
+    changed = [f"{what}={path}" for what, (path, was) in began.items() if store.fingerprint(path) != was]
+    if changed:
+        raise ConfigError(f"{' and '.join(changed)}: written again while this run embedded its clips (other "
+                          f"weights than it began with); {out} is as it was: run clipray index again")
     first_id = len(existing)
     del existing, rows  # the index's clip table and this run's plan: not needed from here on
     added = _write_new(out, new, first_id, rerank)  # empties `new`: the rebuild needs the memory

@@ -281,6 +281,50 @@ def test_an_index_copied_without_its_parts_fails_to_start_saying_so(tmp_path):
         Searcher.func_or_class(str(idx), batch)
 
 
+def test_an_export_written_again_while_an_index_is_built_fails_the_run_and_leaves_the_index(tmp_path, monkeypatch):
+    """`clipray index checkpoint=runs/x/export` while a run of that name writes its export
+    again: every embedding actor loads the export from its path, so the clips were embedded
+    with other weights than the fingerprint the index recorded (some actors' old, some new)
+    and the run said 'N added'. The export is checked again once the clips are embedded."""
+    import torch
+
+    import clipray.runtime
+    import serve.index as index_mod
+    from clipray.export import read_export_config, save_export
+    from clipray.manifest import write_manifest
+    from clipray.models import create_model
+    from serve import store
+
+    monkeypatch.setattr(clipray.runtime, "init_ray", lambda *a, **k: pytest.fail("Ray started"))
+    torch.manual_seed(0)
+    export = str(save_export(create_model("test_meanP"), tmp_path / "export"))
+    manifest, idx = tmp_path / "m.parquet", tmp_path / "idx"
+    write_manifest([{"video_id": v, "path": f"/v/{v}.mp4", "caption": f"clip {v}", "split": "test"} for v in "ab"],
+                   manifest)
+    dim = read_export_config(export)["open_clip_cfg"]["embed_dim"]
+    store.write_part(idx, {"row_id": np.arange(2), "video_id": np.array(["a", "b"], object),
+                           "start": np.array([None, None], object), "end": np.array([None, None], object),
+                           "path": np.array(["/v/a.mp4", "/v/b.mp4"], object),
+                           "embedding": np.eye(2, dim, dtype=np.float32)})
+    cfg = _cfg(export, manifest, idx)
+    conf = read_export_config(export)
+    store.write_meta(idx, index_mod._rebuild(idx, cfg, export, store.fingerprint(export), "", conf, [], None))
+    before = {p.name: p.read_bytes() for p in idx.iterdir() if p.is_file()}
+    real = index_mod.plan_clips
+
+    def training_meanwhile(*a, **k):  # the run of that name exports its next epoch
+        torch.manual_seed(1)
+        save_export(create_model("test_meanP"), export)
+        return real(*a, **k)
+
+    monkeypatch.setattr(index_mod, "plan_clips", training_meanwhile)
+    with pytest.raises(ConfigError, match=rf"^checkpoint={export}: written again while this run embedded its "
+                                          rf"clips \(other weights than it began with\); {idx} is as it was: "
+                                          "run clipray index again$"):
+        index_mod.build_index(cfg, quiet=True)
+    assert {p.name: p.read_bytes() for p in idx.iterdir() if p.is_file() and p.name != index_mod.LOCK} == before
+
+
 def test_a_replica_started_after_its_export_was_written_again_refuses_it(tmp_path):
     """The app checks its exports against the index when it starts; its replicas load them
     later too (an autoscaled or a restarted one). An export written again at that path meanwhile
