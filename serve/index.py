@@ -449,13 +449,20 @@ def _build(cfg: AppConfig, out: Path, quiet: bool) -> dict[str, Any]:
 
 
 def append_skips(out: Path, skips: list[dict]) -> None:
-    """Add this run's skipped clips to `out/skip_report.jsonl`. A full disk (or a quota) is an
-    OSError naming the report: Python's names no file, and `clipray index` ended in its
-    traceback after every clip was embedded."""
-    from clipray.manifest import naming
+    """Add this run's skipped clips to `out/skip_report.jsonl`: the report and this run's lines
+    are written under another name that replaces it when whole. Appended in place, a full disk
+    (or a kill) midway left a line cut, which the next run's first line then joined. A full
+    disk (or a quota) is an OSError naming the report: Python's names no file, and `clipray
+    index` ended in its traceback after every clip was embedded."""
+    report = out / "skip_report.jsonl"
 
-    with naming(out / "skip_report.jsonl"), open(out / "skip_report.jsonl", "a") as f:
-        f.writelines(json.dumps(s) + "\n" for s in skips)
+    def write(tmp: str) -> None:
+        if report.exists():
+            shutil.copyfile(report, tmp)
+        with open(tmp, "a") as f:
+            f.writelines(json.dumps(s) + "\n" for s in skips)
+
+    store.write_whole(report, f"{report}.tmp", write)
 
 
 def _f(v: Any) -> Optional[float]:

@@ -1503,12 +1503,21 @@ def test_an_index_written_on_a_full_disk_is_an_error_naming_the_file_and_keeps_t
 def test_an_index_skip_report_written_on_a_full_disk_is_an_error_naming_it(tmp_path, file_size_limit):
     """`clipray index` adds its skipped clips to skip_report.jsonl after every clip is
     embedded: a full disk (here a file size limit, EFBIG) was Python's OSError naming no file,
-    and the command ended in its traceback."""
+    and the command ended in its traceback. Appended in place, it also left a line cut, which
+    the next run's first line joined: the report is now replaced whole, or left as it was."""
+    before = '{"video_id": "old", "reason": "missing file"}\n' * 2
+    (tmp_path / "skip_report.jsonl").write_text(before)
     res = file_size_limit(
         4096, "append_skips(Path(sys.argv[1]), [{'video_id': f'v{i}', 'reason': 'missing file'} for i in range(500)])",
         tmp_path, setup="from pathlib import Path\nfrom serve.index import append_skips\n")
     assert res.returncode == 0 and res.stdout.split() == [str(tmp_path / "skip_report.jsonl"), "27"], \
         (res.stdout, res.stderr)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["skip_report.jsonl"]
+    assert (tmp_path / "skip_report.jsonl").read_text() == before
+    from serve.index import append_skips
+
+    append_skips(tmp_path, [{"video_id": "new", "reason": "missing file"}])  # room again: added
+    assert (tmp_path / "skip_report.jsonl").read_text() == before + '{"video_id": "new", "reason": "missing file"}\n'
 
 
 def test_reading_an_index_gathers_no_string_column_into_one_array(tmp_path):
