@@ -312,12 +312,19 @@ def collect_skips(skip_dir: str, out_name: str = "skip_report.jsonl") -> dict[st
                     records[(rec["row_id"], rec["video_id"], rec["path"])] = line
     fs.makedirs(root, exist_ok=True)
     reasons: Counter = Counter()
-    # a full disk is an OSError naming no file: the run ended in its traceback after training
-    with naming(f"{skip_dir.rstrip('/')}/{out_name}"), fs.open(f"{root}/{out_name}", "w") as f:
-        for key in sorted(records):  # written line by line, not joined into one string first
-            line = records[key]
-            reasons[_reason_kind(json.loads(line)["reason"])] += 1
-            f.write(line + "\n")
+
+    def write(tmp: str) -> None:
+        reasons.clear()
+        with fs.open(tmp, "w") as f:
+            for key in sorted(records):  # written line by line, not joined into one string first
+                line = records[key]
+                reasons[_reason_kind(json.loads(line)["reason"])] += 1
+                f.write(line + "\n")
+
+    # a full disk is an OSError naming no file: the run ended in its traceback after training.
+    # Whole or not at all: written in place, it also left the report cut, its last line no JSON
+    with naming(f"{skip_dir.rstrip('/')}/{out_name}"):
+        replace_whole(fs, f"{root}/{out_name}", "://" not in skip_dir, write)
     return {"skipped": len(records), "by_reason": dict(reasons), "report": f"{skip_dir.rstrip('/')}/{out_name}"}
 
 

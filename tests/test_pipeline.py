@@ -181,10 +181,15 @@ def test_a_skip_report_written_on_a_full_disk_is_an_error_naming_it(tmp_path, fi
     (tmp_path / "skips" / "w-000001.jsonl").write_text("".join(
         json.dumps({"row_id": i, "video_id": f"v{i}", "path": f"/videos/v{i}.mp4", "reason": "missing file"}) + "\n"
         for i in range(1000)))
+    before = '{"row_id": 0, "video_id": "v0", "path": "/videos/v0.mp4", "reason": "missing file"}\n'
+    (tmp_path / "skip_report.jsonl").write_text(before)  # an earlier call's (a resumed run's)
     res = file_size_limit(4096, "collect_skips(sys.argv[1])", tmp_path,
                           setup="from clipray.pipeline import collect_skips\n")
     assert res.returncode == 0 and res.stdout.split() == [str(tmp_path / "skip_report.jsonl"), "27"], \
         (res.stdout, res.stderr)
+    # left as it was, not cut midway through a line
+    assert (tmp_path / "skip_report.jsonl").read_text() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["skip_report.jsonl", "skips"]
 
 
 def test_skip_report_holds_each_skipped_row_once_not_every_file_read_first(tmp_path):
