@@ -362,6 +362,14 @@ def _build(cfg: AppConfig, out: Path, quiet: bool) -> dict[str, Any]:
     if meta and meta["fingerprint"] != fp:
         raise ConfigError(f"{out} was built with another model ({meta['export']}); "
                           "vectors from two models cannot share an index: use a new out=")
+    # a first build stopped after its part and before index.json (killed, out of memory in the
+    # faiss rebuild) left clips embedded by an export that no index.json names: taken as this
+    # run's, another model's vectors were served as this one's, without a word
+    other = store.part_fingerprints(out) - {fp}
+    if other:
+        raise ConfigError(f"{out} holds clips embedded with another model (fingerprint {', '.join(sorted(other))}) "
+                          f"by a `clipray index` that stopped before writing {store.META}: vectors from two "
+                          "models cannot share an index: use a new out=, or that run's checkpoint=")
     if meta and meta.get("rerank") and rerank and meta["rerank"]["fingerprint"] != store.fingerprint(rerank):
         raise ConfigError(f"{out}: re-ranker export differs from the one the index holds")
     # every row needs re-ranker features or none does: a row without them fails every search
@@ -432,7 +440,7 @@ def _build(cfg: AppConfig, out: Path, quiet: bool) -> dict[str, Any]:
                           f"weights than it began with); {out} is as it was: run clipray index again")
     first_id = len(existing)
     del existing, rows  # the index's clip table and this run's plan: not needed from here on
-    added = _write_new(out, new, first_id, rerank)  # empties `new`: the rebuild needs the memory
+    added = _write_new(out, new, first_id, rerank, fp)  # empties `new`: the rebuild needs the memory
     if skipped:
         append_skips(out, [s for _, s in sorted(skipped, key=lambda p: p[0])])
     meta = _rebuild(out, cfg, export, fp, rerank, conf, captions, meta)
@@ -469,7 +477,7 @@ def _f(v: Any) -> Optional[float]:
     return None if v is None or np.isnan(v) else float(v)
 
 
-def _write_new(out: Path, new: list[dict], first_id: int, rerank: str) -> int:
+def _write_new(out: Path, new: list[dict], first_id: int, rerank: str, fp: str = "") -> int:
     """Write the embedded batches `new` as one part (and their re-ranker features as another),
     emptying `new` as they are joined: each column's batches go as it is joined, and none is
     left for the faiss rebuild, which holds every embedding of the index at least twice."""
@@ -488,7 +496,7 @@ def _write_new(out: Path, new: list[dict], first_id: int, rerank: str) -> int:
         store.write_part(out, {"row_id": cat["row_id"], "feats": cat.pop("rerank_feats"),
                                "mask": cat.pop("rerank_mask")}, sub=store.RERANK_DIR)
     store.write_part(out, {k: [None if isinstance(x, float) and np.isnan(x) else x for x in v]
-                           if k in ("start", "end") else v for k, v in cat.items()})
+                           if k in ("start", "end") else v for k, v in cat.items()}, fingerprint=fp)
     return n
 
 

@@ -159,8 +159,23 @@ def read_embeddings(out: str | Path) -> np.ndarray:
 _EMBEDDING_ROWS = 4096  # embeddings read from a part at a time
 
 
-def write_part(out: str | Path, rows: dict[str, np.ndarray], sub: str = EMB_DIR) -> Path:
-    """One new part holding this run's clips (row_id, metadata, embedding [n, D])."""
+PART_FINGERPRINT = b"clipray.fingerprint"  # an embeddings part's: the export that embedded its clips
+
+
+def part_fingerprints(out: str | Path) -> set[str]:
+    """The fingerprints of the exports that embedded the index's parts (parts written before
+    they recorded one say nothing)."""
+    found = set()
+    for f in parts(out):
+        fp = (pq.read_schema(f).metadata or {}).get(PART_FINGERPRINT)
+        if fp:
+            found.add(fp.decode())
+    return found
+
+
+def write_part(out: str | Path, rows: dict[str, np.ndarray], sub: str = EMB_DIR, fingerprint: str = "") -> Path:
+    """One new part holding this run's clips (row_id, metadata, embedding [n, D]); an embeddings
+    part records the `fingerprint` of the export that embedded them."""
     d = Path(out).absolute() / sub  # (see parts)
     d.mkdir(parents=True, exist_ok=True)
     path = d / f"part-{len(parts(out, sub, '.parquet' if sub == EMB_DIR else '.npz')):05d}"
@@ -181,6 +196,8 @@ def write_part(out: str | Path, rows: dict[str, np.ndarray], sub: str = EMB_DIR)
         "path": pa.array(rows["path"], pa.string()),
         "embedding": pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1), pa.float32()), emb.shape[1]),
     })
+    if fingerprint:
+        table = table.replace_schema_metadata({PART_FINGERPRINT: fingerprint.encode()})
     return write_whole(f"{path}.parquet", f"{path}.parquet.tmp", lambda tmp: pq.write_table(table, tmp))
 
 

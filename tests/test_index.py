@@ -325,6 +325,42 @@ def test_an_export_written_again_while_an_index_is_built_fails_the_run_and_leave
     assert {p.name: p.read_bytes() for p in idx.iterdir() if p.is_file() and p.name != index_mod.LOCK} == before
 
 
+def test_a_first_build_stopped_before_its_index_json_is_not_taken_for_another_models(tmp_path, monkeypatch):
+    """A first `clipray index` stopped after writing its part and before index.json (killed,
+    out of memory in the faiss rebuild) left clips that no index.json said a model of: a run
+    with another export into the same out= took them as embedded already, added its own and
+    served both models' vectors as its own. The part records the export that embedded it."""
+    import torch
+
+    import clipray.runtime
+    from clipray.export import read_export_config, save_export
+    from clipray.manifest import write_manifest
+    from clipray.models import create_model
+    from serve import store
+    from serve.index import PLAN, _write_new, build_index
+
+    monkeypatch.setattr(clipray.runtime, "init_ray", lambda *a, **k: pytest.fail("Ray started"))
+    exports = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        exports.append(str(save_export(create_model("test_meanP"), tmp_path / f"export{seed}")))
+    manifest, idx = tmp_path / "m.parquet", tmp_path / "idx"
+    write_manifest([{"video_id": v, "path": f"/v/{v}.mp4", "caption": f"clip {v}", "split": "test"} for v in "ab"],
+                   manifest)
+    dim = read_export_config(exports[0])["open_clip_cfg"]["embed_dim"]
+    fp = store.fingerprint(exports[0])
+    # the first build's clips, embedded with exports[0] and written; it stopped there
+    _write_new(idx, [{"video_id": np.array(["a", "b"], object), "path": np.array(["/v/a.mp4", "/v/b.mp4"], object),
+                      "start": np.full(2, np.nan), "end": np.full(2, np.nan),
+                      "embedding": np.eye(2, dim, dtype=np.float32), PLAN: np.arange(2)}], 0, "", fp)
+    with pytest.raises(ConfigError, match=rf"^{idx} holds clips embedded with another model \(fingerprint {fp}\) "
+                                          r"by a `clipray index` that stopped before writing index.json"):
+        build_index(_cfg(exports[1], manifest, idx), quiet=True)
+    assert not (idx / store.META).exists()
+    meta = build_index(_cfg(exports[0], manifest, idx), quiet=True)  # its own export finishes it
+    assert meta["fingerprint"] == fp and meta["count"] == 2
+
+
 def test_a_replica_started_after_its_export_was_written_again_refuses_it(tmp_path):
     """The app checks its exports against the index when it starts; its replicas load them
     later too (an autoscaled or a restarted one). An export written again at that path meanwhile
