@@ -54,6 +54,18 @@ def test_elsewhere_is_the_machine_busy_time_less_the_loops_own_and_steal_apart()
                      wall=4.0) == pytest.approx((1.0 / 4.0, 0.0))
 
 
+def test_the_bare_loops_label_names_the_library_it_decodes_with(monkeypatch):
+    """Without decord (no ARM wheel) the decord backend reads with PyAV: row (a) said 'bare
+    decord loop' over figures of PyAV."""
+    import clipray.video
+    from clipray.bench.data import bare_label
+
+    monkeypatch.setattr(clipray.video, "_decord_missing", "")
+    assert (bare_label(), bare_label(again=True)) == ("(a) bare decord loop, 1 core", "(a) bare decord loop, again")
+    monkeypatch.setattr(clipray.video, "_decord_missing", "ModuleNotFoundError: No module named 'decord'")
+    assert (bare_label(), bare_label(again=True)) == ("(a) bare PyAV loop, 1 core", "(a) bare PyAV loop, again")
+
+
 @pytest.mark.skipif(not CAN_PIN, reason="no CPU affinity on this OS")
 def test_bare_loop_counts_every_frame_on_one_core_and_unpins_after(tmp_path):
     from clipray.bench.data import bare_loop

@@ -103,6 +103,14 @@ def elsewhere(before, after, own_cpu: float, wall: float) -> tuple[float, float]
     return max(0.0, busy - own_cpu) / wall, delta("steal") / wall
 
 
+def bare_label(again: bool = False) -> str:
+    """Row (a)'s label: the library the loop decodes with. Without decord (no wheel for ARM) the
+    decord backend reads every file with PyAV, and a row saying 'decord' timed PyAV."""
+    from clipray.video import _decord_importable
+
+    return f"(a) bare {'decord' if _decord_importable() else 'PyAV'} loop, {'again' if again else '1 core'}"
+
+
 def bare_loop(manifest: str, cfg: VideoConfig, repeat: int) -> tuple[int, int, float, float, tuple[float, float]]:
     """(clips, frames, seconds, cores used, `elsewhere` over the loop) for a plain decode loop
     pinned to one core.
@@ -282,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     for n_set, (name, (manifest, cfg, batch)) in enumerate(sets.items()):
         c, f, dt, used, other = bare_runs[name]
         bare = f / dt
-        print(f"{name:36} {'(a) bare decord loop, 1 core':30} {c / dt:8.1f} {bare:9.1f} {bare:14.1f}")
+        print(f"{name:36} {bare_label():30} {c / dt:8.1f} {bare:9.1f} {bare:14.1f}")
         print(bare_cores(used, other))
         for label, actors, pool in runs:
             c, f, dt, startup, split = ray_pipeline(manifest, cfg, args.repeat, actors, pool,
@@ -309,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
         c, f, dt, used, other = bare_loop(manifest, cfg, passes)
         first, again = bare_runs[name][1] / bare_runs[name][2], f / dt
         mean = (first + again) / 2
-        print(f"{name:36} {'(a) bare decord loop, again':30} {c / dt:8.1f} {again:9.1f} {again:14.1f}"
+        print(f"{name:36} {bare_label(again=True):30} {c / dt:8.1f} {again:9.1f} {again:14.1f}"
               f"   {again / first - 1:+.0%} against the first (a)")
         print(bare_cores(used, other))
         for label, per_core in per_core_runs[name]:
