@@ -597,3 +597,42 @@ def test_every_config_key_the_docs_name_is_in_a_schema():
                 if not (has(Config, k) or has(AppConfig, k) or _names_code(k)):
                     unknown.append(f"{doc.relative_to(repo)}:{n}: {k}")
     assert found > 100 and not unknown, unknown
+
+
+def test_every_config_key_is_named_in_the_docs():
+    """The other way round: each key of the training and index/serve schemas is named in the
+    READMEs or docs/, as `section.key`, or as `key` in a paragraph that lists its section's keys
+    (`data.*`: `video.fps`; `serve.<name>.*`: `num_cpus`; `serve.limits.*`: `max_k`). Thirteen
+    keys a user can set were in no doc (optim.warmup_ratio, ray.address, edit.min_width_s,
+    index.recall_queries, data.video_root, serve.<name>.initial_replicas, ...)."""
+    import re
+    import typing
+
+    from serve.config import DEPLOYMENTS, AppConfig
+
+    def keys(schema, prefix=""):
+        for f in dataclasses.fields(schema):
+            t = typing.get_type_hints(schema)[f.name]
+            yield from keys(t, f"{prefix}{f.name}.") if dataclasses.is_dataclass(t) else [prefix + f.name]
+
+    repo = Path(__file__).resolve().parents[1]
+    docs = [repo / "README.md", repo / "cluster" / "README.md", repo / "datasets" / "README.md",
+            *sorted((repo / "docs").glob("*.md"))]
+    text = "\n\n".join(d.read_text() for d in docs)
+    paragraphs = re.split(r"\n\s*\n", text)
+
+    def named(key: str) -> bool:
+        parts = key.split(".")
+        if re.search(rf"(?<![\w.]){re.escape(key)}(?![\w])", text):
+            return True
+        for i in range(1, len(parts)):
+            sections = {".".join(parts[:i])}
+            if i == 2 and parts[0] == "serve" and parts[1] in DEPLOYMENTS:
+                sections.add("serve.<name>")
+            rest = f"`{'.'.join(parts[i:])}`"
+            if any(rest in p and any(f"`{s}.*`" in p for s in sections) for p in paragraphs):
+                return True
+        return False
+
+    all_keys = sorted({*keys(Config), *keys(AppConfig)})
+    assert len(all_keys) > 100 and not [k for k in all_keys if not named(k)], [k for k in all_keys if not named(k)]
