@@ -142,7 +142,7 @@ class EditConfig:
 @dataclass
 class RayConfig:
     address: Optional[str] = None  # None: RAY_ADDRESS if set, else an embedded local Ray (also: "local")
-    num_cpus: Optional[int] = None  # logical CPUs of the embedded Ray (default: 2 x cores)
+    num_cpus: Optional[int] = None  # logical CPUs of the embedded Ray (default: 2 x cores, at least 4)
 
 
 @dataclass
