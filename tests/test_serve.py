@@ -790,6 +790,24 @@ def test_openapi_fuzz_finds_no_server_error(app):
     assert len(calls) >= 6 and all(c < 500 for c in calls)
 
 
+def test_the_serving_doc_names_every_error_status_the_api_answers():
+    """docs/serving.md lists the API's errors: every 4xx/5xx its OpenAPI schema declares, 405 (a
+    method a path does not take: Starlette's, through the app's error handler) and 500 (a
+    vector that is not finite). It named no 416 (a Range past the end) nor 405. (No Ray.)"""
+    import re
+
+    from fastapi.testclient import TestClient
+
+    from serve import app as sa
+
+    assert TestClient(sa.api).get("/search").status_code == 405
+    spec = sa.api.openapi()
+    codes = {int(c) for ops in spec["paths"].values() for op in ops.values() for c in op["responses"] if c[0] in "45"}
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "serving.md").read_text()
+    named = {int(c) for c in re.findall(r"\b([45]\d\d)\b", doc)}
+    assert codes >= {404, 413, 416, 422} and not (codes | {405, 500}) - named, sorted((codes | {405, 500}) - named)
+
+
 def test_port_free_sees_a_listening_socket_and_its_release():
     import socket
 
