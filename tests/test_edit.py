@@ -655,6 +655,7 @@ def test_a_resume_with_another_training_setting_is_refused_before_ray_starts(eve
     ({"data.batch_size": 15}, "^29 training rows cannot fill one step of 30 clips"),
     # 29 // (4 x 2 workers) = 3 steps an epoch, over a warm-up epoch and one round's epoch: 6
     ({"train.grad_accum": 7}, r"^train.grad_accum=7 is more than the run's 6 steps"),
+    ({"data.split": "val"}, r"^data.split=val: training reads the manifest's train rows"),
 ])
 def test_too_few_training_captions_for_a_step_are_refused_before_ray_starts(events, tmp_path, monkeypatch,
                                                                             extra, says):

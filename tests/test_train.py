@@ -253,6 +253,10 @@ def test_a_grad_accum_longer_than_the_run_fails_before_training(synth_small, tmp
         steps = key.get("train.max_steps", total)
         with pytest.raises(ConfigError, match=rf"train.grad_accum={accum} is more than the run's {steps} steps"):
             run(cfg, quiet_ray=True)
+    # data.split names rows that training does not read: it trained on the train rows, silently
+    with pytest.raises(ConfigError, match=r"^data.split=test: training reads the manifest's train rows"):
+        run(load_config(DEMO, overrides(synth_small["manifest"], tmp_path, "accum", **{"data.split": "test"})),
+            quiet_ray=True)
     assert not (tmp_path / "accum").exists()
 
 

@@ -308,7 +308,11 @@ def check_resume(out: str, key: dict[str, Any]) -> None:
 
 def check_steps(cfg: Config, n_train: int | None, what: str = "training rows") -> tuple[int, int]:
     """Steps per epoch (0 for a streamed run, which counts no rows) and in all, refusing a run that
-    trains nothing: too few rows for one step, or fewer steps than one optimiser step takes."""
+    trains nothing: too few rows for one step, or fewer steps than one optimiser step takes; or
+    one that names rows it would not train on."""
+    if cfg.data.split != "train":  # training read the train rows all the same, without a word
+        raise ConfigError(f"data.split={cfg.data.split}: training reads the manifest's train rows (data.split "
+                          "picks the rows of a bare clip_dataset stream); evaluation reads data.eval_split")
     per_step = cfg.data.batch_size * cfg.train.num_workers
     steps_per_epoch = 0 if n_train is None else n_train // per_step
     if n_train is not None and steps_per_epoch < 1:
