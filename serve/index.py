@@ -443,7 +443,7 @@ def _build(cfg: AppConfig, out: Path, quiet: bool) -> dict[str, Any]:
     added = _write_new(out, new, first_id, rerank, fp)  # empties `new`: the rebuild needs the memory
     if skipped:
         append_skips(out, [s for _, s in sorted(skipped, key=lambda p: p[0])])
-    meta = _rebuild(out, cfg, export, fp, rerank, conf, captions, meta)
+    meta = _rebuild(out, cfg, export, fp, rerank, conf, captions, meta, quiet)
     meta.setdefault("history", []).append({
         "time": time.strftime("%Y-%m-%d %H:%M:%S"), "manifest": cfg.manifest, "split": cfg.index.split,
         "window_s": cfg.index.window_s, "stride_s": cfg.index.stride_s, "added": added,
@@ -501,14 +501,19 @@ def _write_new(out: Path, new: list[dict], first_id: int, rerank: str, fp: str =
 
 
 def _rebuild(out: Path, cfg: AppConfig, export: str, fp: str, rerank: str, conf: dict,
-             captions: list[str], meta: Optional[dict]) -> dict:
-    """faiss over every stored embedding; recall@10 of an approximate kind vs exact."""
+             captions: list[str], meta: Optional[dict], quiet: bool = False) -> dict:
+    """faiss over every stored embedding; recall@10 of an approximate kind vs exact. Unless
+    `quiet`, a line as it starts and one with its time at the end: on millions of clips reading
+    the vectors back, training an IVF/PQ index and the recall check take minutes."""
     import faiss
 
+    ix, t0 = cfg.index, time.perf_counter()
+    if not quiet:
+        check = f" and its recall@10 check on {len(captions)} caption queries" if ix.kind != "flat" and captions else ""
+        print(f"index {out}: building the {ix.kind} faiss index{check} ...", flush=True)
     x = store.read_embeddings(out)
     if len(x) == 0:
         raise ConfigError(f"{out}: no clip could be embedded (see skip_report.jsonl)")
-    ix = cfg.index
     index, params = store.build_faiss(x, ix.kind, ix.nlist, ix.pq_m, ix.refine, ix.hnsw_m)
     search = {"nprobe": ix.nprobe, "ef_search": ix.ef_search, "refine": ix.refine}
     store.set_search_params(index, **search)
@@ -518,6 +523,9 @@ def _rebuild(out: Path, cfg: AppConfig, export: str, fp: str, rerank: str, conf:
         exact.add(x)
         recall = store.recall_at_k(index, exact, _caption_queries(export, captions, cfg))
     saved = store.save_faiss(out, index)
+    if not quiet:
+        print(f"index {out}: {ix.kind} faiss index of {len(x):,} clips built and saved in "
+              f"{time.perf_counter() - t0:.1f}s", flush=True)
     meta = dict(meta or {})
     meta.update(format=FORMAT, faiss_file=saved, export=export, export_rel=os.path.relpath(export, out.absolute()), fingerprint=fp,
                 dim=int(x.shape[1]), count=int(len(x)),

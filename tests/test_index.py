@@ -1646,3 +1646,28 @@ def test_tied_clips_are_listed_by_clip_id_whatever_k_and_the_batch(tmp_path):
     alone = clips(s.search_many([(q, k)])[0] for k in ks)
     assert clips(s.search_many([(q, k) for k in ks])) == alone
     assert clips(s.search_many([(q, 1)] * 5 + [(q, 3)])) == [alone[0]] * 5 + [alone[2]]
+
+
+def test_the_faiss_build_says_when_it_starts_and_how_long_it_took(tmp_path, capsys):
+    """After the last clip is embedded, reading every vector back, training an IVF/PQ index
+    and the recall check ran for minutes on millions of clips with no line at all: a start
+    line, and one at the end with the count and the time."""
+    from serve import store
+    from serve.index import _rebuild
+
+    rng = np.random.default_rng(0)
+    ids = np.arange(300)
+    store.write_part(tmp_path, {"row_id": ids, "video_id": np.array([f"v{i}" for i in ids], object),
+                                "start": np.zeros(300), "end": np.ones(300),
+                                "path": np.array([f"/v/{i}.mp4" for i in ids], object),
+                                "embedding": rng.standard_normal((300, 16), dtype=np.float32)})
+    cfg = _cfg("unused", "unused", tmp_path, "index.kind=ivf_flat", "index.nlist=4")
+    meta = _rebuild(tmp_path, cfg, str(tmp_path), "fp", "", {"image_size": 32, "tokenizer_name": "t"},
+                    [], None)
+    assert meta["count"] == 300
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == f"index {tmp_path}: building the ivf_flat faiss index ..."
+    assert lines[1].startswith(f"index {tmp_path}: ivf_flat faiss index of 300 clips built and saved in ")
+    assert lines[1].endswith("s") and len(lines) == 2
+    _rebuild(tmp_path, cfg, str(tmp_path), "fp", "", {"image_size": 32, "tokenizer_name": "t"}, [], None, quiet=True)
+    assert capsys.readouterr().out == ""  # (clipray bench serve builds its indexes quietly)
