@@ -20,13 +20,16 @@ Everything is reproducible from the seed.
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 
-from clipray.manifest import fsspec_path, naming, replace_whole, write_manifest
+from clipray.manifest import Every, fsspec_path, naming, replace_whole, write_manifest
+
+PROGRESS_S = 10.0  # with `progress`, a line this often
 
 COLOURS = {
     "red": (220, 40, 40), "green": (40, 190, 60), "blue": (50, 90, 235),
@@ -206,6 +209,7 @@ def generate(out: str | Path, videos: int = 200, seed: int = 0, width: int = 96,
     rng = np.random.default_rng(seed + 1)
     rows, event_rows = [], []
     specs = plan(videos, seed, val_frac, test_frac, max_events)
+    every, t0 = Every(PROGRESS_S if progress else None), time.perf_counter()
     for k, v in enumerate(specs):
         rel = f"videos/{v.video_id}.mp4"
         write_mp4(out / rel, render(v.events, width, height, fps, event_seconds, idle_seconds), width, height, fps)
@@ -217,8 +221,12 @@ def generate(out: str | Path, videos: int = 200, seed: int = 0, width: int = 96,
             ts = float(np.round(rng.uniform(s + 0.2 * (e - s), e - 0.2 * (e - s)), 3))
             event_rows.append(dict(video_id=v.video_id, path=rel, start=s, end=e, caption=ev.text,
                                    split=v.split, timestamp=ts, duration=seconds))
-        if progress and (k + 1) % 50 == 0:
-            print(f"  synth: {k + 1}/{len(specs)} videos", flush=True)
+        # by time, not every 50 videos: that was a line a second in a log at 96x72, and none
+        # for minutes at 1280x720 with idle seconds
+        if every():
+            rate = (k + 1) / (time.perf_counter() - t0)
+            print(f"  synth: {k + 1}/{len(specs)} videos, {rate:.1f} videos/s, "
+                  f"ETA {(len(specs) - k - 1) / rate:.0f}s", flush=True)
     meta = {"source": "synthetic", "seed": seed, "fps": fps, "size": [width, height],
             "event_seconds": event_seconds, "idle_seconds": idle_seconds, "max_events": max_events,
             "val_frac": val_frac, "test_frac": test_frac}

@@ -329,3 +329,19 @@ def test_ctrl_c_during_data_synth_is_a_line_and_status_130_not_a_traceback(tmp_p
     assert p.returncode == 130 and "Traceback" not in err, err
     assert err.strip().splitlines()[-1] == "clipray data: interrupted"
     assert not (out / "synth.json").exists()  # an unfinished set, as before
+
+
+def test_synth_progress_comes_by_time_with_a_rate_not_every_50_videos(tmp_path, monkeypatch, capsys):
+    """`clipray data synth` printed a line every 50 videos: about one a second into a log at
+    the default size, none for minutes on large frames. Now at most one per PROGRESS_S (here
+    every video; then never), each with the rate and an ETA."""
+    import clipray.synth as synth
+
+    monkeypatch.setattr(synth, "PROGRESS_S", 0.0, raising=False)
+    synth.generate(tmp_path / "a", videos=3, seed=0, width=16, height=16, progress=True)
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(",")[0] for line in lines] == [f"  synth: {k}/3 videos" for k in (1, 2, 3)]
+    assert all(" videos/s, ETA " in line for line in lines) and lines[-1].endswith("ETA 0s")
+    monkeypatch.setattr(synth, "PROGRESS_S", 1e9, raising=False)
+    synth.generate(tmp_path / "b", videos=50, seed=0, width=16, height=16, progress=True)
+    assert capsys.readouterr().out == ""
