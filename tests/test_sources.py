@@ -508,8 +508,9 @@ def test_howto100m_sharded_csv_folder_in_worker_processes(tmp_path, capsys):
     rep = prepare("howto100m", tmp_path, out, rows_per_shard=4, val_list="val_list.csv", workers=2,
                   progress_s=0)
     _check_howto(rep, out)
-    # progress_s=0: one line per row, counting up to the report's total
-    lines = capsys.readouterr().err.splitlines()
+    # progress_s=0: the time to the first row, then one line per row, counting up to the report's total
+    first, *lines = capsys.readouterr().err.splitlines()
+    assert first.startswith("  howto100m: first row after ") and first.endswith("s (annotations read, videos listed)")
     assert [int(ln.split()[1].replace(",", "")) for ln in lines] == list(range(1, rep.rows + 1))
     assert lines[-1].startswith(f"  howto100m: {rep.rows} rows written, {len(rep.shards) - 1} shards, ")
     assert manifest_metadata(str(out))["captions_form"] == "csv-folder"
@@ -872,3 +873,38 @@ def test_generic_finds_a_video_whose_name_is_the_same_text_in_another_unicode_fo
                                              (str(tmp_path / nfd), "absolute NFC"),
                                              (str(tmp_path / other_nfc), "relative NFD")]
     assert rep.missing_videos == ["clips/gone é.mp4"]
+
+
+def test_prepare_counts_rows_per_second_from_the_first_row(tmp_path, monkeypatch, capsys):
+    """The rows/s of `clipray data prepare`'s progress lines was spread over the time before the
+    first row too: reading HowTo100M's annotations and listing its 1.2M videos in object
+    storage takes minutes, so the rate read a fraction of the real one for a long while. Now it
+    counts from the first row, and a long wait for it is a line of its own. A fake clock here:
+    100 s to the first row, then a second a row."""
+    import dataclasses
+    import types
+
+    import clipray.sources as sources
+
+    fx.touch(tmp_path, *[f"v{i}.mp4" for i in range(4)])
+    fx.write(tmp_path, "own.csv", "path,caption\n" + "".join(f"v{i}.mp4,clip {i}\n" for i in range(4)))
+    now = [0.0]
+    spec = sources.SOURCES["generic"]
+
+    def slow(ctx):
+        for k, row in enumerate(spec.rows(ctx)):
+            now[0] += 100.0 if k == 0 else 1.0
+            yield row
+
+    monkeypatch.setitem(sources.SOURCES, "generic", dataclasses.replace(spec, rows=slow))
+    monkeypatch.setattr(sources, "time", types.SimpleNamespace(perf_counter=lambda: now[0]))
+    rep = prepare("generic", tmp_path, tmp_path / "m.parquet", progress_s=50, file="own.csv")
+    assert rep.rows == 4
+    first, *lines = capsys.readouterr().err.splitlines()
+    assert first == "  generic: first row after 100s (annotations read, videos listed)"
+    assert lines == []  # (progress lines go by the real clock: none in this test's instant)
+    capsys.readouterr()
+    now[0] = 0.0
+    prepare("generic", tmp_path, tmp_path / "n.parquet", progress_s=0, file="own.csv")
+    first, *lines = capsys.readouterr().err.splitlines()
+    assert lines[-1] == "  generic: 4 rows written, 0 shards, 1 rows/s"  # 4 rows in the 3 s after the first

@@ -135,6 +135,12 @@ def _prepare(name: str, root: str, out: str, progress_s: float | None = None, **
     # Adapters read and check their annotation files before the first row, so a wrong root
     # fails before anything is written, and rules they discover are in the metadata.
     first = next(rows, None)
+    # the rate counts from here: reading a big release's annotations and listing its videos
+    # (HowTo100M's 1.2M in object storage) took minutes, which the rows/s then spread over
+    writing = time.perf_counter()
+    if progress_s is not None and writing - started >= progress_s:
+        print(f"  {name}: first row after {writing - started:,.0f}s (annotations read, videos listed)",
+              file=sys.stderr, flush=True)
     metadata = {"source": name, "root": root, "options": opts, **ctx.metadata}
     writer = ManifestWriter(out, rows_per_shard=int(opts["rows_per_shard"]), metadata=metadata)
     with _writing(out):
@@ -150,7 +156,7 @@ def _prepare(name: str, root: str, out: str, progress_s: float | None = None, **
                     _add(writer, row, ctx, tally)
                     if every():
                         print(f"  {name}: {writer.rows:,} rows written, {len(writer.shards)} shards, "
-                              f"{writer.rows / (time.perf_counter() - started):,.0f} rows/s",
+                              f"{writer.rows / max(time.perf_counter() - writing, 1e-3):,.0f} rows/s",
                               file=sys.stderr, flush=True)
             writer.finish()
         except BaseException:
