@@ -453,7 +453,21 @@ def _build(cfg: AppConfig, out: Path, quiet: bool) -> dict[str, Any]:
     print(f"index {out}: {meta['count']} clips ({added} added, {len(skipped)} skipped), "
           f"{meta['kind']} dim {meta['dim']}" + (f", recall@10 vs exact {rec.get('recall@10', float('nan')):.3f} "
           f"on {rec.get('queries')} caption queries" if rec else ""), flush=True)
+    if skipped:
+        print(skip_summary(out, [s for _, s in skipped]), flush=True)
     return meta
+
+
+def skip_summary(out: Path, skips: list[dict]) -> str:
+    """The summary's line for this run's skipped clips: their count by reason (grouped as a
+    training run's table groups them) and the report that lists each."""
+    from collections import Counter
+
+    from clipray.pipeline import _reason_kind
+
+    kinds = Counter(_reason_kind(s["reason"]) for s in skips)
+    return (f"  skipped {len(skips)} clips {dict(kinds.most_common())}; each with its reason in "
+            f"{out / 'skip_report.jsonl'}")
 
 
 def append_skips(out: Path, skips: list[dict]) -> None:

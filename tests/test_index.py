@@ -579,10 +579,11 @@ def test_progress_in_a_log_is_whole_lines_ending_at_the_total(ray_local, export,
 
 
 def test_row_ids_follow_the_manifest_whatever_order_the_actors_finish_in(ray_local, export, synth_small,
-                                                                         tmp_path, monkeypatch):
+                                                                         tmp_path, monkeypatch, capsys):
     """The same command gives the same clip ids: the embedding actors' batches come back in the
     order they finish (two actors: another order from run to run), reversed here, and the row
-    ids (the served clip ids) and the skip report still follow the manifest."""
+    ids (the served clip ids) and the skip report still follow the manifest. The summary counts
+    the skips by reason and names the report (it said '2 skipped' and no more)."""
     import ray.data
 
     from clipray.manifest import read_manifest, resolve_path, write_manifest
@@ -605,6 +606,8 @@ def test_row_ids_follow_the_manifest_whatever_order_the_actors_finish_in(ray_loc
     assert t.column("video_id").to_pylist() == [r["video_id"] for r in rows if not r["video_id"].startswith("gone")]
     skipped = [json.loads(line)["video_id"] for line in (out / "skip_report.jsonl").read_text().splitlines()]
     assert skipped == ["gone0", "gone1"]
+    assert capsys.readouterr().out.splitlines()[-1] == \
+        f"  skipped 2 clips {{'missing file': 2}}; each with its reason in {out / 'skip_report.jsonl'}"
 
 
 def test_another_model_cannot_append(windowed, synth_small, tmp_path):
