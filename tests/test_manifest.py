@@ -174,8 +174,11 @@ def test_check_streams_every_shard_and_names_a_bad_row_in_a_later_one(tmp_path, 
     assert s.distinct_captions == len({r["caption"] for r in whole})
     assert s.per_split == {sp: sum(r["split"] == sp for r in whole) for sp in ("train", "test")}
     assert str(s) == "25 rows (test 7, train 18), 13 videos, 25 distinct captions"
-    # progress_s=0: a line after each row
-    assert capsys.readouterr().err.splitlines() == [f"  checked {n} rows" for n in range(1, 26)]
+    # progress_s=0: a line after each row, of the total its three shards' footers give (a bare
+    # "checked N rows" said nothing of how far a big manifest had got)
+    lines = capsys.readouterr().err.splitlines()
+    assert [ln.split(", ")[0] for ln in lines] == [f"  checked {n}/25 rows ({n * 4}%)" for n in range(1, 26)]
+    assert all(ln.split(", ")[1].endswith(" rows/s") for ln in lines) and lines[-1].endswith(", ETA 0s")
     assert [r["caption"] for r in iter_checked(out, split="test")] == [r["caption"] for r in whole
                                                                       if r["split"] == "test"]
     # a row broken behind the writer's back, fourth row of the second shard
