@@ -109,3 +109,30 @@ def test_candidates_hold_a_timestamp_a_hair_off_the_millisecond_grid():
         for s, e in got:  # each is a valid training row of the round's manifest
             check_row({"video_id": "v", "path": "v.mp4", "caption": "c", "split": "train",
                        "start": s, "end": e, "timestamp": t}, "row")
+
+
+def test_captions_left_out_are_counted_by_kind_not_one_count_per_video(tmp_path):
+    """Stage 1 leaves out a caption whose timestamp is past its video's end, with the video's
+    duration in the reason; the counts were of whole reasons, one per video (hundreds on one
+    line for a big set, and in the error when none is usable). Real H.264 videos of 1.0 to
+    1.5 s, probed (the manifest gives no duration)."""
+    from clipray.config import EditConfig
+    from clipray.manifest import write_manifest
+    from clipray.synth import write_mp4
+    from train.edit import initial_captions
+
+    for i in range(6):
+        write_mp4(tmp_path / f"v{i}.mp4", (np.zeros((16, 16, 3), np.uint8) for _ in range(8 + i)), 16, 16, 8)
+    rows = [dict(video_id=f"v{i}", path=f"v{i}.mp4", caption=f"clip {i}", split="train", start=None, end=None,
+                 timestamp=9.0) for i in range(6)]
+    write_manifest(rows, tmp_path / "n.parquet")
+    with pytest.raises(Exception, match=r"no training caption is usable \(\{\"timestamp past the video's end\": 6\}\)"):
+        initial_captions(str(tmp_path / "n.parquet"), str(tmp_path), EditConfig(), "pyav")
+    from train.edit import reason_counts
+
+    write_manifest(rows[:4] + [dict(rows[4], timestamp=0.5), dict(rows[5], timestamp=0.5)], tmp_path / "m.parquet")
+    captions, left_out = initial_captions(str(tmp_path / "m.parquet"), str(tmp_path), EditConfig(), "pyav")
+    assert len(captions) == 2 and len({s["reason"] for s in left_out}) == 4  # each keeps its duration
+    assert reason_counts(left_out) == {"timestamp past the video's end": 4}
+    assert reason_counts([{"reason": "decode failed: frame 3 not found"}, {"reason": "unreadable video"},
+                          {"reason": "decode failed: moov atom not found"}]) == {"decode failed": 2, "unreadable video": 1}

@@ -40,6 +40,7 @@ import dataclasses
 import io
 import json
 import math
+import re
 import sys
 import time
 from collections import Counter
@@ -104,8 +105,17 @@ def initial_captions(source: str, root: str, e: EditConfig, backend: str) -> tup
             truth = (r["start"], r["end"]) if r["start"] is not None else None
             captions[r["row_id"]] = Caption(r["row_id"], vid, path, r["caption"], b, clip, truth)
     if not captions:
-        raise ConfigError(f"{source}: no training caption is usable ({Counter(s['reason'] for s in left_out)})")
+        raise ConfigError(f"{source}: no training caption is usable ({reason_counts(left_out)})")
     return captions, left_out
+
+
+def reason_counts(skips: list[dict]) -> dict[str, int]:
+    """Captions left out, counted by the kind of their reason, most first: without the video's
+    duration a reason names ('timestamp past the video's end 12.35s') or a decode error's
+    details, which made a count per video, hundreds of them on one line, for a big set."""
+    from clipray.pipeline import _reason_kind
+
+    return dict(Counter(_reason_kind(re.sub(r" \d+(\.\d+)?s$", "", s["reason"])) for s in skips).most_common())
 
 
 def write_round(source: str, root: str, path: str, captions: dict[int, Caption], round_no: int) -> None:
@@ -384,7 +394,7 @@ def _run(cfg: Config, quiet_ray: bool, held: contextlib.ExitStack) -> dict[str, 
         skips, since = resumed_skips(state["skips"], skips, captions)
         if since:
             print(f"[edit] {len(since)} more training captions left out since the last run: "
-                  f"{dict(Counter(s['reason'] for s in since))}", flush=True)
+                  f"{reason_counts(since)}", flush=True)
     # the training run's own settings check (batch size, model, optimiser ...), which each
     # round's training repeats: made now, a changed setting was refused only after Ray started
     # and the round's teacher had scored every caption again
@@ -395,7 +405,7 @@ def _run(cfg: Config, quiet_ray: bool, held: contextlib.ExitStack) -> dict[str, 
     if e.rounds:  # the teacher's pool first runs after the warm-up: a pool that cannot fit fails now
         model_pool("edit", e.actors, e.actor_cpus, e.actor_gpus)
     if skips and not records:
-        print(f"[edit] {len(skips)} training captions left out: {dict(Counter(s['reason'] for s in skips))}", flush=True)
+        print(f"[edit] {len(skips)} training captions left out: {reason_counts(skips)}", flush=True)
     print(f"[edit] run {out}: {len(captions)} training captions, init={e.init}, warm-up {e.warmup_epochs} "
           f"epochs, {e.rounds} rounds x {e.epochs_per_round}", flush=True)
 
