@@ -3,16 +3,15 @@
 Two backends behind one small interface (`open_video` -> `.fps`, `.num_frames`,
 `.get(indices)`): decord (the default) and PyAV (the fallback, selectable in config). Sources
 are local paths or any fsspec URI (s3://, gs://, ...). The decord backend reads with PyAV the
-files decord cannot open (AV1) or decode (frames 16, 24, 48 or 72 pixels wide) or would
-number wrongly (`_reader`): HEVC, MPEG-1/2, MPEG-4
-Part 2 and WMV, a variable frame rate, negative frame times (an edit list that hides
-frames; H.264 in AVI and MPEG-PS, where decord has no valid times), several video streams
-(decord takes another than the default one players show), and a rotated MKV or WebM (decord
-does not turn it). Frames
-come back as players show them: turned by a display matrix (a phone's portrait video), but
-with the stored pixels' aspect (a non-square pixel aspect ratio is not applied, by either
-backend) and counted from the video's first frame (a video that starts after its audio is
-not shifted by that delay, by either backend).
+files decord cannot open (AV1) or decode (frames 16, 24, 48 or 72 pixels wide) or would number
+wrongly (`_reader`): HEVC, MPEG-1/2, MPEG-4 Part 2 and WMV, a variable frame rate, negative
+frame times (an edit list that hides frames; H.264 in AVI and MPEG-PS, where decord has no
+valid times), several video streams (decord takes another than the default one players show),
+and a rotated MKV or WebM (decord does not turn it). Frames come back as players show them:
+turned by a display matrix (a phone's portrait video), but with the stored pixels' aspect (a
+non-square pixel aspect ratio is not applied, by either backend) and counted from the video's
+first frame (a video that starts after its audio is not shifted by that delay, by either
+backend).
 
 Frame selection follows CLIP4Clip: candidate frames at `fps` per second over the clip window,
 then head / tail / uniform selection down to `max_frames`, plus a validity mask. Frames stay
