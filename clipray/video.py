@@ -211,7 +211,8 @@ class PyAVVideo:
             s = self._stream
         # MKV, WebM, FLV and NUT store no duration per stream: libavformat's is the file's where
         # it finds none of the video's times while it probes (a video starting 5 s after its audio)
-        own = s.duration and s.time_base and not any(f in self._container.format.name for f in ("matroska", "flv", "nut"))
+        fmt = self._container.format.name
+        own = s.duration and s.time_base and not any(f in fmt for f in ("matroska", "flv", "nut"))
         self._seconds = float(s.duration * s.time_base) if own else None  # the stream's length, as its header says
         by_duration = int(round(self._seconds * self.fps)) if own else 0
         if n and by_duration and "mp4" in self._container.format.name:

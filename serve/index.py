@@ -358,7 +358,9 @@ def _build(cfg: AppConfig, out: Path, quiet: bool) -> dict[str, Any]:
     if cfg.index.kind == "ivf_pq":  # now, not in build_faiss after every clip is embedded
         store.pq_sub_quantizers(conf["open_clip_cfg"]["embed_dim"], cfg.index.pq_m)
     meta, fp = store.read_meta(out), store.fingerprint(export)
-    began = {"checkpoint": (export, fp), **({"index.rerank_checkpoint": (rerank, store.fingerprint(rerank))} if rerank else {})}
+    began = {"checkpoint": (export, fp)}  # each export as this run began with it (checked again once embedded)
+    if rerank:
+        began["index.rerank_checkpoint"] = (rerank, store.fingerprint(rerank))
     if meta and meta["fingerprint"] != fp:
         raise ConfigError(f"{out} was built with another model ({meta['export']}); "
                           "vectors from two models cannot share an index: use a new out=")
@@ -541,8 +543,8 @@ def _rebuild(out: Path, cfg: AppConfig, export: str, fp: str, rerank: str, conf:
         print(f"index {out}: {ix.kind} faiss index of {len(x):,} clips built and saved in "
               f"{time.perf_counter() - t0:.1f}s", flush=True)
     meta = dict(meta or {})
-    meta.update(format=FORMAT, faiss_file=saved, export=export, export_rel=os.path.relpath(export, out.absolute()), fingerprint=fp,
-                dim=int(x.shape[1]), count=int(len(x)),
+    meta.update(format=FORMAT, faiss_file=saved, export=export, export_rel=os.path.relpath(export, out.absolute()),
+                fingerprint=fp, dim=int(x.shape[1]), count=int(len(x)),
                 kind=ix.kind, build=params, search=search, recall=recall,
                 video=dataclasses.asdict(dataclasses.replace(cfg.video, size=conf["image_size"])),
                 tokenizer=conf["tokenizer_name"], max_words=cfg.serve.max_words,
