@@ -50,6 +50,15 @@ NO_WORDS = "caption has no words once cleaned for the tokenizer"
 _TOKENIZER_MODULE = "clipray._open_clip_tokenizer"
 
 
+def wordless(tokens: Any, tokenize: Callable[[list[str]], Any]) -> np.ndarray:
+    """Which rows of `tokens` (`tokenize`'s output) hold no word: start and end of text with
+    nothing between, as the empty text. The tokenizer cleans away HTML entities (`&nbsp;`) and
+    control characters, so such a caption trained, was ranked or was searched as the empty
+    text. The decoders skip it (NO_WORDS), evaluation leaves it out, the API refuses it."""
+    empty = np.asarray(tokenize([""]))[0, :2]
+    return (np.asarray(tokens)[:, :2] == empty).all(1)
+
+
 def caption_tokenizer(name: str, context_length: int) -> Callable[[list[str]], Any]:
     """open_clip's tokenizer for the open_clip model `name`, as `open_clip.get_tokenizer` gives it.
 
@@ -90,7 +99,6 @@ class ClipDecoder:
         self.cfg = data.video
         self.root = root
         self.tokenize = caption_tokenizer(data.tokenizer, data.max_words)
-        self.no_words = self.tokenize([""]).numpy()[0, :2]  # start and end of text, nothing between
         self.skip_dir = skip_dir.rstrip("/")
         self.name = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.calls = 0
@@ -134,7 +142,7 @@ class ClipDecoder:
         # tokenised first: a caption the tokenizer cleans to no words (an HTML entity such as
         # &nbsp;, a control character) trained as the empty text, its clip's vector pulled to it
         tokens = self.tokenize([str(c) for c in batch["caption"]]).numpy()
-        no_words = (tokens[:, :2] == self.no_words).all(1)
+        no_words = wordless(tokens, self.tokenize)
         keep, skips = [], []
         for i in range(n):
             if no_words[i]:

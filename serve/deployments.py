@@ -100,7 +100,6 @@ class TextEncoder:
     def __init__(self, export_dir: str, max_words: int, batch: dict, num_gpus: float = 0.0, fingerprint: str = ""):
         self.model = _load(export_dir, _device(num_gpus), fingerprint)
         self.tokenize = _tokenizer(self.model, max_words)
-        self.no_words = self.tokenize([""])[0, :2]  # start and end of text, nothing between
         _configure(self.encode_batch, batch)
         self.batch_sizes: list[int] = []
 
@@ -110,9 +109,11 @@ class TextEncoder:
         control character), which was answered as if it were the empty text."""
         import torch
 
+        from clipray.pipeline import wordless
+
         self.batch_sizes = (self.batch_sizes + [len(texts)])[-1000:]
         tokens = self.tokenize(texts)
-        empty = (tokens[:, :2] == self.no_words).all(1).tolist()
+        empty = wordless(tokens, self.tokenize).tolist()
         with torch.no_grad():  # on the event loop: see the module docstring
             vectors = self.model.encode_text(tokens).float().cpu().numpy()
         return [None if e else v for v, e in zip(vectors, empty)]

@@ -20,6 +20,7 @@ import torch.distributed as dist
 
 from clipray.manifest import as_seconds, manifest_metadata, read_manifest
 from clipray.metrics import embed_texts, embed_videos, retrieval_metrics, similarity_in_blocks
+from clipray.pipeline import wordless
 
 
 def _gather(obj: Any) -> list[Any]:
@@ -51,10 +52,9 @@ def has_words(captions: list[str], tokenize: Callable[[list[str]], Any]) -> list
     """Whether each caption keeps a word once cleaned for the tokenizer. The decoders skip a row
     whose caption keeps none (`pipeline.NO_WORDS`: `&nbsp;`, control characters), and
     evaluation leaves such a caption out as a query and as the row its clip is decoded from."""
-    none = np.asarray(tokenize([""]))[0, :2]  # start and end of text, nothing between
     out: list[bool] = []
     for s in range(0, len(captions), 4096):
-        out += (np.asarray(tokenize(captions[s:s + 4096]))[:, :2] != none).any(1).tolist()
+        out += (~wordless(tokenize(captions[s:s + 4096]), tokenize)).tolist()
     return out
 
 
