@@ -31,12 +31,13 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import sys
 import uuid
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 
@@ -340,5 +341,12 @@ _SKIP_FILES_AT_ONCE = 64  # skip files read (and held) at a time by collect_skip
 
 
 def _reason_kind(reason: str) -> str:
-    """The reason's first clause, so counts group 'decode failed: <details>' together."""
-    return reason.split(":")[0].split(" after ")[0].split(" [")[0]
+    """The reason's first clause, so counts group 'decode failed: <details>' together, and
+    without a closing number of seconds ("timestamp past the video's end 12.35s": a count per
+    video, hundreds of them on one line for a big set)."""
+    return re.sub(r" \d+(\.\d+)?s$", "", reason.split(":")[0].split(" after ")[0].split(" [")[0])
+
+
+def reason_counts(skips: Iterable[dict]) -> dict[str, int]:
+    """Skipped rows counted by the kind of their reason (`_reason_kind`), most first."""
+    return dict(Counter(_reason_kind(s["reason"]) for s in skips).most_common())

@@ -463,12 +463,9 @@ def _build(cfg: AppConfig, out: Path, quiet: bool) -> dict[str, Any]:
 def skip_summary(out: Path, skips: list[dict]) -> str:
     """The summary's line for this run's skipped clips: their count by reason (grouped as a
     training run's table groups them) and the report that lists each."""
-    from collections import Counter
+    from clipray.pipeline import reason_counts
 
-    from clipray.pipeline import _reason_kind
-
-    kinds = Counter(_reason_kind(s["reason"]) for s in skips)
-    return (f"  skipped {len(skips)} clips {dict(kinds.most_common())}; each with its reason in "
+    return (f"  skipped {len(skips)} clips {reason_counts(skips)}; each with its reason in "
             f"{out / 'skip_report.jsonl'}")
 
 

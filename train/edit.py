@@ -40,10 +40,8 @@ import dataclasses
 import io
 import json
 import math
-import re
 import sys
 import time
-from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -53,6 +51,7 @@ from clipray.config import Config, ConfigError, EditConfig, VideoConfig
 from clipray.editing import Bounds, candidates, choose, initial_clips, neighbour_bounds, tiou
 from clipray.manifest import (Every, ManifestError, iter_checked, manifest_files, manifest_metadata,
                               manifest_signature, resolve_path, write_manifest)
+from clipray.pipeline import reason_counts
 
 PROGRESS_S = 10.0
 
@@ -107,15 +106,6 @@ def initial_captions(source: str, root: str, e: EditConfig, backend: str) -> tup
     if not captions:
         raise ConfigError(f"{source}: no training caption is usable ({reason_counts(left_out)})")
     return captions, left_out
-
-
-def reason_counts(skips: list[dict]) -> dict[str, int]:
-    """Captions left out, counted by the kind of their reason, most first: without the video's
-    duration a reason names ('timestamp past the video's end 12.35s') or a decode error's
-    details, which made a count per video, hundreds of them on one line, for a big set."""
-    from clipray.pipeline import _reason_kind
-
-    return dict(Counter(_reason_kind(re.sub(r" \d+(\.\d+)?s$", "", s["reason"])) for s in skips).most_common())
 
 
 def write_round(source: str, root: str, path: str, captions: dict[int, Caption], round_no: int) -> None:
