@@ -8,7 +8,9 @@ wrongly (`_reader`): HEVC, MPEG-1/2, MPEG-4 Part 2 and WMV, a variable frame rat
 frame times (an edit list that hides frames; H.264 in AVI and MPEG-PS, where decord has no
 valid times), several video streams (decord takes another than the default one players show),
 and a rotated MKV or WebM (decord does not turn it). Frames come back as players show them:
-turned by a display matrix (a phone's portrait video), but with the stored pixels' aspect (a
+turned or mirrored by a display matrix (a phone's portrait video, an editor's mirror; but the
+decord backend turns an MP4's mirror by 180 degrees, decord's own reading, which only a decoded
+frame per file would catch), with the stored pixels' aspect (a
 non-square pixel aspect ratio is not applied, by either backend) and counted from the video's
 first frame (a video that starts after its audio is not shifted by that delay, by either
 backend).
@@ -326,12 +328,33 @@ class PyAVVideo:
 
 
 def _upright(frame: Any) -> np.ndarray:
-    """A PyAV frame as RGB, turned as players show it: a phone's portrait video is stored
-    landscape with a display matrix saying to rotate it, which decord applies and PyAV's
-    `to_ndarray` does not (the rotation is counterclockwise degrees, a multiple of 90)."""
+    """A PyAV frame as RGB, turned and mirrored as players show it. A phone's portrait video
+    is stored landscape with a display matrix saying to rotate it, which decord applies and
+    PyAV's `to_ndarray` does not; an editor's mirror is a matrix with a flip, which PyAV's
+    `rotation` (and decord) read as a 180-degree turn: a mirrored video came back upside down.
+    A matrix off the right angles (a 45-degree tilt) is turned by its nearest right angle."""
     rgb = frame.to_ndarray(format="rgb24")
-    k = int(round(getattr(frame, "rotation", 0) / 90)) % 4
-    return np.rot90(rgb, k) if k else rgb
+    m = _display_matrix(frame)
+    if m is None or m == (1, 0, 0, 1):
+        return rgb
+    a, b, c, d = m  # FFmpeg's layout: the point (x, y), y down, is shown at (a*x + c*y, b*x + d*y)
+    if a == d == 0:
+        rgb, a, d = rgb.swapaxes(0, 1), c, b
+    elif b or c:
+        return np.rot90(rgb, int(round(frame.rotation / 90)) % 4)
+    return np.ascontiguousarray(rgb[::d, ::a])
+
+
+def _display_matrix(frame: Any) -> tuple[int, int, int, int] | None:
+    """The a, b, c, d entries (rounded to -1, 0 or 1) of a PyAV frame's display matrix, or
+    None when it has none."""
+    from av.sidedata.sidedata import Type
+
+    sd = frame.side_data.get(Type.DISPLAYMATRIX)
+    if sd is None:
+        return None
+    m = np.frombuffer(bytes(sd), np.int32)
+    return tuple(int(round(v / 65536)) for v in (m[0], m[1], m[3], m[4]))
 
 
 BACKENDS: dict[str, Callable[[Any], Any]] = {"decord": DecordVideo, "pyav": PyAVVideo}
@@ -373,7 +396,7 @@ def _decord_misreads(src: Any) -> bool:
     track): a recording beside its preview, or a second camera, gave the other stream's frames.
     Nor does it read an MKV's rotation (FFmpeg 7 writes a phone video's display matrix there:
     `ffmpeg -i phone.mp4 -c copy phone.mkv`), and gave its frames sideways or upside down; only
-    a decoded frame tells the rotation (2-3 ms for 720p), so only MKV and WebM are asked. A
+    a decoded frame tells the rotation or mirror (2-3 ms for 720p), so only MKV and WebM are asked. A
     file of no video stream is PyAV's too, which says so."""
     import av
 
@@ -384,7 +407,8 @@ def _decord_misreads(src: Any) -> bool:
             main = _main_video(c)
             if main.codec_context.name in _DECORD_MISNUMBERS:
                 return True
-            return "matroska" in c.format.name and bool(getattr(next(c.decode(main), None), "rotation", 0))
+            first = next(c.decode(main), None) if "matroska" in c.format.name else None
+            return first is not None and _display_matrix(first) not in (None, (1, 0, 0, 1))
     except Exception:
         return False
     finally:

@@ -324,6 +324,36 @@ def test_a_rotated_phone_video_comes_back_as_players_show_it(tmp_path, backend, 
     assert np.abs(clip.frames.astype(int) - want_clip).max() <= 3
 
 
+@pytest.mark.parametrize("reader", [("mp4", "pyav"), ("mkv", "pyav"), ("mkv", "decord")], ids="-".join)
+@pytest.mark.parametrize("flip", ["left-right", "top-bottom", "mirrored quarter turn"])
+def test_a_mirrored_video_comes_back_mirrored_not_turned(tmp_path, reader, flip):
+    """An editor's mirror is a display matrix with a flip. PyAV's frame.rotation reads a
+    left-right mirror as a 180-degree turn and a top-bottom one as no turn at all, so frames
+    came back upside down, or not mirrored. The matrix itself says where each pixel goes.
+    (The decord backend's own reading of an MP4's matrix has the same fault and stays: finding
+    the matrix costs a decoded frame per file, see clipray/video.py.)"""
+    import av
+
+    one = 1 << 16  # the display matrix is 16.16 fixed point, its last entry 2.30
+    matrix, want_of = {"left-right": ([-one, 0, 0, 0, one, 0, 0, 0, 1 << 30], lambda im: im[:, ::-1]),
+                       "top-bottom": ([one, 0, 0, 0, -one, 0, 0, 0, 1 << 30], lambda im: im[::-1]),
+                       "mirrored quarter turn": ([0, one, 0, one, 0, 0, 0, 0, 1 << 30], lambda im: im.swapaxes(0, 1)),
+                       }[flip]
+    ext, backend = reader
+    img, path = _quadrants(96, 128), tmp_path / f"mirror.{ext}"
+    with av.open(str(path), "w") as c:
+        s = c.add_stream("libx264", rate=25)
+        s.width, s.height, s.pix_fmt, s.options = 128, 96, "yuv444p", {"crf": "0"}
+        s.set_display_matrix(matrix)
+        for _ in range(3):
+            c.mux(s.encode(av.VideoFrame.from_ndarray(img, format="rgb24")))
+        c.mux(s.encode())
+    want = want_of(img)
+    got = open_video(str(path), backend).get([0, 2])
+    assert got.shape == (2, *want.shape)
+    assert np.abs(got.astype(int) - want).max() <= 3
+
+
 @pytest.mark.parametrize("ext", ["webm", "mp4"])
 @pytest.mark.parametrize("backend", ["decord", "pyav"])
 def test_av1_decodes_with_either_backend(tmp_path, ext, backend):
