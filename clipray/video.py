@@ -230,10 +230,15 @@ class PyAVVideo:
             # picture stops), and MKV's to the last time, not from the first (a stream whose
             # times start at 5 s), which counted frames past the video's end and gave its last
             # frame in their place
-            pts = [t for t in self._packet_times(src) if t is not None]
-            s = self._stream
+            times = self._packet_times(src)
+            pts, s = [t for t in times if t is not None], self._stream
             if pts:
                 n = int(round(float((max(pts) - min(pts)) * s.time_base) * self.fps)) + 1
+            elif times and not self._container.duration:
+                # a raw stream (a camera's .h264) has frames but no time for any of them
+                self._container.close()
+                raise SkipClip(f"a raw {fmt} stream, no container to time its frames: remux it, "
+                               "e.g. ffmpeg -i in.h264 -c copy out.mp4")
         if not n and self._container.duration:  # no frame with a time (a raw stream): a guess
             n = int(round(self._container.duration / 1e6 * self.fps))
         self.num_frames = int(n)

@@ -409,6 +409,24 @@ def test_an_audio_file_is_a_skip_that_says_so(tmp_path, backend, cover):
 
 
 @pytest.mark.parametrize("backend", ["decord", "pyav"])
+def test_a_raw_h264_stream_is_a_skip_that_says_to_remux_it(tmp_path, backend):
+    """A camera's raw .h264 (an elementary stream, no container) holds frames but no time for
+    any of them. The skip said 'video reports no frames', as if the file were empty."""
+    import av
+
+    path = tmp_path / "camera.h264"
+    with av.open(str(path), "w", format="h264") as c:
+        s = c.add_stream("libx264", rate=25)
+        s.width, s.height, s.pix_fmt = 64, 48, "yuv420p"
+        for i in range(10):
+            c.mux(s.encode(av.VideoFrame.from_ndarray(np.full((48, 64, 3), 20 * i, np.uint8), format="rgb24")))
+        c.mux(s.encode())
+    with pytest.raises(SkipClip) as e:
+        decode_clip_safe(str(path), None, None, VideoConfig(backend=backend, timeout_s=20))
+    assert e.value.reason.startswith("a raw h264 stream, no container to time its frames: remux it")
+
+
+@pytest.mark.parametrize("backend", ["decord", "pyav"])
 def test_an_mp4_cut_where_a_frame_ends_gives_no_frame_past_the_cut(tmp_path, backend):
     """A faststart MP4 (header first) of 100 numbered frames (4 s), cut where frame packet 50
     ends: its header still lists 100 frames. PyAV decoded up to the cut and gave its last frame
