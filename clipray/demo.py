@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
@@ -106,8 +107,11 @@ def main(argv: list[str] | None = None) -> int:
     from clipray.config import ConfigError, load_config
     from train.driver import check_negatives, model_io, run, run_dir
 
+    # the demo's videos and runs are on this machine: an embedded Ray, whatever RAY_ADDRESS says
+    # (a shell on a cluster's head node has it set); `ray.address=...` joins a cluster on purpose
+    overrides = ["ray.address=local", *args.overrides]
     # a bad override, or a model name or head that does not exist, fails before a minute of video making
-    given = load_config(demo_config_path(), args.overrides)
+    given = load_config(demo_config_path(), overrides)
     check_negatives(model_io(given))
     for what, where in (("--runs", args.runs), ("train.storage_path", given.train.storage_path)):
         if "://" in where:  # Path() folded s3://b/runs into a local folder ./s3:/b/runs
@@ -117,7 +121,10 @@ def main(argv: list[str] | None = None) -> int:
     name = f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
     cfg = load_config(demo_config_path(), [f"data.manifest={manifest.resolve()}",
                                            f"train.storage_path={Path(args.runs).resolve()}",
-                                           f"train.run_name={name}", *args.overrides])
+                                           f"train.run_name={name}", *overrides])
+    if os.environ.get("RAY_ADDRESS", "local") != "local" and cfg.ray.address == "local":
+        print(f"[demo] on an embedded local Ray, not RAY_ADDRESS={os.environ['RAY_ADDRESS']}: the demo's "
+              "videos and runs are on this machine (`clipray train` joins a cluster)", flush=True)
     print(f"[demo] training {cfg.model.name} on {manifest} with {cfg.train.num_workers} Ray Train "
           f"workers (DeepSpeed ZeRO-{cfg.train.zero_stage}) ...", flush=True)
     final = run(cfg, quiet_ray=False)

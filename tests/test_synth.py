@@ -1,5 +1,7 @@
 """Synthetic data: reproducible from the seed, and the captions describe what the frames show."""
 
+import os
+
 import numpy as np
 import pytest
 
@@ -265,6 +267,42 @@ def test_demo_checks_its_overrides_before_making_videos(tmp_path):
         with pytest.raises(ConfigError, match=says):
             main(["--data", str(tmp_path / "synth"), "--no-serve", *bad.split()])
     assert not (tmp_path / "synth").exists()
+
+
+def test_demo_trains_on_an_embedded_ray_whatever_ray_address_says(tmp_path, monkeypatch, capsys):
+    """A shell on a cluster's head node has RAY_ADDRESS set, and `clipray demo` joined that
+    cluster with videos and runs on this machine's disk (here an address where nothing answers:
+    the demo failed with 'RAY_ADDRESS=...: nothing answers there'). It now takes an embedded Ray
+    and says so; `ray.address=...` still joins one on purpose. Stops where training would start."""
+    import train.driver
+    from clipray.config import ConfigError
+    from clipray.demo import main
+    from ports import free_ports
+
+    taken = []
+
+    class Reached(Exception):
+        pass
+
+    def run(cfg, **kw):  # the address init_ray would take, and its check of it
+        from clipray.runtime import check_answers
+
+        address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+        if address != "local":
+            check_answers(address, "ray.address")
+        taken.append(address)
+        raise Reached
+
+    (port,) = free_ports(1)
+    monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{port}")
+    monkeypatch.setattr(train.driver, "run", run)
+    args = ["--data", str(tmp_path / "synth"), "--videos", "2", "--no-serve"]
+    with pytest.raises(Reached):
+        main(args)
+    assert taken == ["local"]
+    assert f"[demo] on an embedded local Ray, not RAY_ADDRESS=127.0.0.1:{port}" in capsys.readouterr().out
+    with pytest.raises(ConfigError, match="nothing answers there"):  # asked for by name: joined
+        main([*args, f"ray.address=127.0.0.1:{port}"])
 
 
 @pytest.mark.parametrize("fps, event_seconds, idle_seconds", [(3, 2.0, 0.3), (5, 0.7, 0.5), (8, 2.0, 1.0)])
