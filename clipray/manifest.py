@@ -405,13 +405,15 @@ def file_signature(fs: pafs.FileSystem, path: str) -> list:
 def manifest_signature(path: str) -> list[list]:
     """Each Parquet file of a manifest as [its path inside the manifest folder (a one-file
     manifest: its name), *file_signature]: what a copy or a move of the manifest keeps."""
+    from concurrent.futures import ThreadPoolExecutor
+
     fs, files = manifest_files(path)
     root = filesystem(path)[1].rstrip("/")
-    out = []
-    for f in files:
-        name = f.rsplit("/", 1)[-1] if files == [root] else f[len(root):].lstrip("/")
-        out.append([name, *file_signature(fs, f)])
-    return out
+    # a few at a time: a streamed manifest in object storage has hundreds of shards, each two reads
+    with ThreadPoolExecutor(16) as pool:
+        signs = list(pool.map(lambda f: file_signature(fs, f), files))
+    return [[f.rsplit("/", 1)[-1] if files == [root] else f[len(root):].lstrip("/"), *sign]
+            for f, sign in zip(files, signs)]
 
 
 def _check_header(fs: pafs.FileSystem, file: str, path: str) -> None:

@@ -1270,6 +1270,45 @@ def test_a_run_resumes_on_its_manifest_moved_or_copied_to_another_path(tmp_path,
             check_resume(str(out), key(other))
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_resume_on_its_manifest_written_again_at_its_path_is_refused(tmp_path, stream):
+    """A manifest written again at the run's path (`clipray data prepare --out` it: other
+    captions, as many training rows) was resumed on without a word: the files were compared
+    only to find the manifest moved, and a streamed run's (data.shard_stream) not recorded. The
+    same files written again resume; a streamed manifest moved is still refused (its
+    checkpoints name its shards by path)."""
+    import shutil
+
+    from clipray.config import ConfigError, load_config
+    from clipray.manifest import manifest_signature, write_manifest
+    from train.driver import RAY_CHECKPOINT_RECORD, check_resume, resume_key
+
+    def rows(caption):
+        return [{"video_id": f"v{i}", "path": f"v{i}.mp4", "start": None, "end": None,
+                 "caption": f"{caption} {i}", "split": "train"} for i in range(4)]
+
+    def key(manifest):
+        cfg = load_config(None, [f"data.manifest={manifest}", f"data.shard_stream={stream}"])
+        return resume_key(cfg, 0 if stream else 2, 0, manifest_signature(cfg.data.manifest))
+
+    m, out = tmp_path / "m", tmp_path / "run"
+    write_manifest(rows("a dog runs"), m, rows_per_shard=2)
+    (out / "checkpoint_000001").mkdir(parents=True)
+    check_resume(str(out), key(m))
+    (out / RAY_CHECKPOINT_RECORD).write_text("{}")
+    write_manifest(rows("a dog runs"), m, rows_per_shard=2)
+    check_resume(str(out), key(m))  # the same rows written again: the same files
+    write_manifest(rows("a cat sits"), m, rows_per_shard=2)
+    with pytest.raises(ConfigError, match=rf"\(data.manifest: {m} holds other files than the checkpoints' "
+                                          r"\(written again since\)\)"):
+        check_resume(str(out), key(m))
+    if stream:
+        write_manifest(rows("a dog runs"), m, rows_per_shard=2)
+        shutil.copytree(m, tmp_path / "moved")
+        with pytest.raises(ConfigError, match=rf"data.manifest: '{m}' -> '{tmp_path / 'moved'}'"):
+            check_resume(str(out), key(tmp_path / "moved"))
+
+
 def test_a_run_folder_file_rewritten_on_a_full_disk_keeps_the_old_one(tmp_path, file_size_limit):
     """resume_key.json (rewritten when a run resumes on its manifest or weights moved), and
     result.json, metrics.csv, config.yaml, were written in place: a write that failed midway (a

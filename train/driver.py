@@ -230,6 +230,8 @@ def resume_key(cfg: Config, steps_per_epoch: int, stop_epoch: int = 0,
         key.update({"data.manifest": manifest, "steps_per_epoch": steps_per_epoch})
         if manifest_files is not None:
             key["data.manifest_files"] = manifest_files
+        if cfg.data.shard_stream:  # its checkpoints name its shards by path: not to be found moved
+            key["data.shard_stream"] = True
     if cfg.model.pretrained and os.path.isfile(cfg.model.pretrained):
         key["model.pretrained_file"] = file_signature(*filesystem(cfg.model.pretrained))
     return json.loads(json.dumps(key))  # tuples as lists, as read back
@@ -241,6 +243,7 @@ def _moved(saved: dict[str, Any], key: dict[str, Any]) -> dict[str, tuple]:
     bucket): {key: (setting named, old path, new path)}."""
     moved = {}
     if (saved.get("data.manifest", key.get("data.manifest")) != key.get("data.manifest")
+            and not key.get("data.shard_stream")
             and key.get("data.manifest_files") is not None
             and saved.get("data.manifest_files") == key["data.manifest_files"]):
         moved["data.manifest"] = ("data.manifest", saved["data.manifest"], key["data.manifest"])
@@ -296,6 +299,12 @@ def check_resume(out: str, key: dict[str, Any]) -> None:
     skip = {"data.manifest_files", "model.pretrained_file", *moved}
     changed = [f"{name.get(k, k)}: {saved[k]!r} -> {v!r}" for k, v in key.items()
                if k in saved and saved[k] != v and k not in skip]
+    # the same path, other files: the manifest written again (`clipray data prepare --out` it)
+    # since the checkpoints, which a resume went on training on without a word
+    if (saved.get("data.manifest") == key.get("data.manifest") and "data.manifest_files" in saved
+            and key.get("data.manifest_files") is not None and saved["data.manifest_files"] != key["data.manifest_files"]):
+        changed.append(f"data.manifest: {key['data.manifest']} holds other files than the checkpoints' "
+                       "(written again since)")
     if moved and not changed:
         for what, was, now in moved.values():
             print(f"[driver] {what}: the run's {was} is now {now} (the same files): resuming", flush=True)
@@ -412,8 +421,9 @@ def _run(cfg: Config, quiet_ray: bool, stop_epoch: int, table: bool, held: conte
     check_negatives(fitted)
     make_run_dir(out)
     held.enter_context(run_folder_lock(out))
-    # the manifest's files (names, sizes, footers) also identify it: a resume finds it moved
-    files = None if cfg.data.shard_stream or stop_epoch else manifest_signature(cfg.data.manifest)
+    # the manifest's files (names, sizes, footers) also identify it: a resume finds it moved, or
+    # written again at its path
+    files = manifest_signature(cfg.data.manifest)
     with storage_access(cfg, out):
         check_resume(out, resume_key(cfg, steps_per_epoch, stop_epoch, files))
     cfg = fitted
