@@ -534,7 +534,7 @@ def _rebuild(out: Path, cfg: AppConfig, export: str, fp: str, rerank: str, conf:
     if ix.kind != "flat" and captions:
         exact = faiss.IndexFlatIP(x.shape[1])
         exact.add(x)
-        recall = store.recall_at_k(index, exact, _caption_queries(export, captions, cfg))
+        recall = store.recall_at_k(index, exact, _caption_queries(export, captions, cfg), captions=captions)
     saved = store.save_faiss(out, index)
     if not quiet:
         print(f"index {out}: {ix.kind} faiss index of {len(x):,} clips built and saved in "

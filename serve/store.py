@@ -297,12 +297,21 @@ def set_search_params(index: Any, nprobe: int = 16, ef_search: int = 128, refine
         index.k_factor = float(refine)
 
 
-def recall_at_k(index: Any, exact: Any, queries: np.ndarray, k: int = 10) -> dict[str, float]:
+def recall_at_k(index: Any, exact: Any, queries: np.ndarray, k: int = 10,
+                captions: Optional[list[str]] = None) -> dict[str, float]:
     """Share of the index's top-k that belongs in the exact top-k, and both per-query latencies
     (ms). An index of fewer than k clips is searched for all of them, still under the name
     recall@k. A returned clip counts when its exact score reaches the exact k-th score: clips
-    tied there (identical vectors) are equally right, whichever of them exact search kept."""
+    tied there (identical vectors) are equally right, whichever of them exact search kept.
+    A query vector that is not finite is an error naming its caption (`captions`, the queries'
+    texts): faiss finds nothing for it, and it lowered recall as a miss, without a word."""
     q = np.ascontiguousarray(queries, dtype=np.float32)
+    bad = np.flatnonzero(~np.isfinite(q).all(1))
+    if len(bad):
+        first = f"caption {captions[bad[0]]!r}" if captions is not None else f"query {bad[0]}"
+        raise ConfigError(f"{len(bad)} of {len(q)} recall queries are not finite (NaN/inf), the first {first}: "
+                          "the model gave no usable vector for them, and would answer such a query with a 500 "
+                          "(index.recall_queries=0 builds the index without the recall check)")
     top = min(k, exact.ntotal)
     t0 = time.perf_counter()
     dist, _ = exact.search(q, top)

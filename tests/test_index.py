@@ -822,6 +822,13 @@ def test_recall_counts_a_clip_tied_with_the_exact_kth_as_a_hit():
     kth = np.sort(s, axis=1)[:, -10:-9]
     want = sum(len({i for i in g if i >= 0 and s[j, i] >= kth[j, 0] - 1e-5}) for j, g in enumerate(got)) / 500
     assert store.recall_at_k(hnsw, exact, q)["recall@10"] == pytest.approx(want)
+    # a caption the model gives a NaN vector: faiss finds nothing for it, and recall counted it
+    # as a miss without a word (0.98 of an exact index); evaluation fails on such a vector too
+    q[7] = np.nan
+    with pytest.raises(ConfigError, match=r"1 of 50 recall queries are not finite \(NaN/inf\), the first query 7:"):
+        store.recall_at_k(index, exact, q)
+    with pytest.raises(ConfigError, match=r"the first caption 'c7'"):
+        store.recall_at_k(index, exact, q, captions=[f"c{i}" for i in range(50)])
 
 
 def test_an_unreadable_or_mismatched_faiss_file_is_a_clear_error(tmp_path):
