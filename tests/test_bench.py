@@ -471,6 +471,18 @@ def test_bench_serve_index_recall_of_fewer_vectors_than_k_counts_only_real_neigh
     out = bench.index_bench(tmp_path, 5, 64, searcher=False)
     assert [out[f"ivf_sq8_nprobe{p}"]["recall@10"] for p in (8, 16, 32, 64)] == [1.0] * 4
 
+    def near_copies(work, n, dim, queries, seed=0):
+        """Three copies of 20 axis vectors, each 5e-7 apart: ties within `clipray index`'s 1e-5.
+        SQ8 codes the copies alike and keeps the first id; exact search keeps the highest-scored
+        copy. Ranked by the axis alone (SQ8 keeps that order), so recall 1 by hand, as the index
+        counts it; counted by id it was 0.95."""
+        x = np.concatenate([np.eye(dim, dtype=np.float32)[: n // 3] + c * 5e-7 for c in range(3)])
+        return x, vectors(work, 1, dim, queries)[1]
+
+    monkeypatch.setattr(bench, "realish_vectors", near_copies)
+    out = bench.index_bench(tmp_path, 60, 64, searcher=False)
+    assert [out[f"ivf_sq8_nprobe{p}"]["recall@10"] for p in (8, 16, 32, 64)] == [1.0] * 4
+
 
 def test_bench_serve_refuses_a_dim_below_the_embeddings_it_lifts(monkeypatch, capsys):
     """The 1M vectors are the tiny model's 64-d embeddings lifted by an orthonormal map, which
