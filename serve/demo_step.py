@@ -16,6 +16,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+import numpy as np
+
 
 def _port(preferred: int = 8000) -> int:
     from serve.__main__ import port_free
@@ -48,6 +50,18 @@ def _queries(manifest: str, n: int) -> list[dict]:
             seen.add(r["video_id"])
             out.append(r)
     return out[:n]
+
+
+def true_rank(results: list[dict], video_id: str) -> int | None:
+    """The true video's rank among `results` (best score first) as training's evaluation ranks
+    a target (`metrics.t2v_ranks`: 1 + the other clips scoring at least as high, so a tie counts
+    against the query), not its place in the list; None when it is not among them."""
+    from clipray.metrics import t2v_ranks
+
+    ids = [h["video_id"] for h in results]
+    if video_id not in ids:
+        return None
+    return int(t2v_ranks(np.array([[h["score"] for h in results]]), [ids.index(video_id)])[0])
 
 
 def trained_sampling(export_dir: str) -> list[str]:
@@ -94,8 +108,7 @@ def serve_demo(export_dir: str, manifest: str, out_dir: str, queries: int = 4) -
             t1 = time.perf_counter()
             ranked = _post(f"{url}/search", {"text": row["caption"], "k": k})["results"]
             ms = 1000 * (time.perf_counter() - t1)
-            ids = [h["video_id"] for h in ranked]
-            rank = ids.index(row["video_id"]) + 1 if row["video_id"] in ids else None
+            rank = true_rank(ranked, row["video_id"])
             hits = ranked[:5]
             print(f"  {row['caption']!r}  (true video {row['video_id']}: "
                   f"{f'rank {rank}' if rank else f'not in the top {k}'} of {count} clips, {ms:.0f} ms)")

@@ -1275,6 +1275,16 @@ def test_the_demo_indexes_with_the_sampling_its_model_trained_with(ray_local, s3
             "video.fps=1.0", "video.max_frames=4", "video.slice=head", "serve.max_words=16"]
 
 
+def test_the_demo_ranks_the_true_video_as_evaluation_does():
+    """The demo printed the true video's place in the results list: 'b', tied with 'c' listed
+    after it (equal scores go by clip id), was rank 2 where evaluation, counting a tie against
+    the query, says 3. By hand: 1 + the other clips scoring at least its 0.5."""
+    from serve.demo_step import true_rank
+
+    results = [{"video_id": v, "score": s} for v, s in (("a", 0.9), ("b", 0.5), ("c", 0.5), ("d", 0.2))]
+    assert [true_rank(results, v) for v in ("a", "b", "c", "d", "e")] == [1, 3, 3, 4, None]
+
+
 def test_an_export_in_object_storage_that_cannot_be_reached_is_an_error_line(synth_small, tmp_path):
     """checkpoint=s3://... without credentials (or network, or permission) ended `clipray index`
     in a botocore traceback from the export's fetch; the index folder made for it stayed behind."""
