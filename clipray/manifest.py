@@ -511,6 +511,19 @@ class Tally:
             if len(self.captions) > MAX_DISTINCT:
                 self.captions = None
 
+    def add_batch(self, batch: pa.RecordBatch) -> None:
+        """`add` each row of a batch of checked rows (`checked_batches`), a column at a time."""
+        import pyarrow.compute as pc
+
+        self.rows += batch.num_rows
+        for c in pc.value_counts(batch.column("split")).to_pylist():
+            self.per_split[c["values"]] = self.per_split.get(c["values"], 0) + c["counts"]
+        self.videos.update(pc.unique(batch.column("video_id")).to_pylist())
+        if self.captions is not None:
+            self.captions.update(map(hash, batch.column("caption").to_pylist()))
+            if len(self.captions) > MAX_DISTINCT:
+                self.captions = None
+
     @property
     def distinct_captions(self) -> int | None:
         return None if self.captions is None else len(self.captions)
@@ -547,8 +560,7 @@ class RowIds:
     def add(self, rid: int) -> bool:
         """Record `rid`; False when it was met before."""
         if 0 <= rid < self.DENSE:
-            if rid >= len(self.dense):
-                self.dense.extend(bytes(max(rid + 1, len(self.dense) * 5 // 4, 1 << 16) - len(self.dense)))
+            self._room(rid)
             if self.dense[rid]:
                 return False
             self.dense[rid] = 1
@@ -556,6 +568,27 @@ class RowIds:
         if rid in self.sparse:
             return False
         self.sparse.add(rid)
+        return True
+
+    def _room(self, rid: int) -> None:
+        if rid >= len(self.dense):
+            self.dense.extend(bytes(max(rid + 1, len(self.dense) * 5 // 4, 1 << 16) - len(self.dense)))
+
+    def add_all(self, rids: Any) -> bool:
+        """Record every id of the int64 array `rids`; False, and none recorded, when one was met
+        before or is in `rids` twice."""
+        import numpy as np
+
+        inside = (rids >= 0) & (rids < self.DENSE)
+        dense, sparse = rids[inside], rids[~inside].tolist()
+        if len(dense):
+            self._room(int(dense.max()))
+        seen = np.frombuffer(self.dense, np.uint8)
+        if (seen[dense].any() or not (np.all(dense[1:] > dense[:-1]) or len(np.unique(dense)) == len(dense))
+                or len(set(sparse)) < len(sparse) or not self.sparse.isdisjoint(sparse)):
+            return False
+        seen[dense] = 1
+        self.sparse.update(sparse)
         return True
 
 
@@ -589,23 +622,94 @@ def iter_checked(path: str | Path, split: str | None = None,
     read file by file in batches, so memory stays flat however many rows (but for a byte per
     row id, `RowIds`); a bad row or a repeated row id raises ManifestError naming its file and
     row."""
+    for batch in checked_batches(path, split, batch_rows):
+        yield from batch.to_pylist()
+
+
+# the checked rows' columns, in the order of check_row's keys
+CHECKED = pa.schema([SCHEMA.field(k) for k in ("row_id", "video_id", "path", "caption", "split", "start", "end",
+                                               "timestamp", "duration", "group")])
+# what str.strip() strips (tests check it against every code point's isspace())
+WHITESPACE = ("\t\n\x0b\x0c\r\x1c\x1d\x1e\x1f \x85\xa0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006"
+              "\u2007\u2008\u2009\u200a\u2028\u2029\u202f\u205f\u3000")
+
+
+def checked_batches(path: str | Path, split: str | None = None,
+                    batch_rows: int = 65536) -> Iterator[pa.RecordBatch]:
+    """The rows `iter_checked` yields, a batch at a time, as columns (CHECKED). Each batch is
+    checked with Arrow's kernels a column at a time (`_checked_batch`); only a batch where a row
+    breaks a rule is read row by row, by `check_row` as ever, which names the row and the rule.
+    Row by row, `clipray data check` took 6 s a million rows: 14 minutes for HowTo100M."""
+    import pyarrow.compute as pc
+
     fs, files = manifest_files(str(path))
     ids = RowIds()
     for f in files:
         where = str(path) if len(files) == 1 else f"{path} ({f.rsplit('/', 1)[-1]})"
+        first = 0  # the file's row number of the batch's first row
         batches = pads.dataset(f, filesystem=fs, format="parquet", schema=SCHEMA).to_batches(batch_size=batch_rows)
-        for i, raw in enumerate(r for b in _batches(batches, where) for r in b.to_pylist()):
-            row = check_row(raw, f"{where} row {i}")
-            if raw["split"] != row["split"]:  # (ManifestWriter strips it; a hand-made file may not)
-                raise ManifestError(f"{where} row {i}: split {raw['split']!r} has spaces around it, and the "
-                                    f"readers take a split as written: write {row['split']!r}")
-            if not isinstance(raw["row_id"], int):
-                raise ManifestError(f"{where} row {i}: row_id is missing ({raw['row_id']!r})")
-            if not ids.add(raw["row_id"]):
-                raise ManifestError(f"{where} row {i}: row_id {raw['row_id']} repeats an earlier row's"
-                                    + _mixed_hint(files))
-            if split is None or row["split"] == split:
-                yield {"row_id": raw["row_id"], **row}
+        for raw in _batches(batches, where):
+            batch = _checked_batch(raw, ids)
+            if batch is None:
+                rows = check_rows(raw.to_pylist(), where, first, ids, files)
+                batch = pa.RecordBatch.from_pylist(rows, schema=CHECKED)
+            first += raw.num_rows
+            if split is not None:
+                batch = batch.filter(pc.equal(batch.column("split"), split))
+            yield batch
+
+
+def check_rows(raws: list[dict[str, Any]], where: str, first: int, ids: RowIds, files: list[str]) -> list[dict]:
+    """The rows of a batch (`first`: the file's row number of its first), each checked by
+    check_row: the first bad row or repeated row id raises ManifestError naming it."""
+    out = []
+    for i, raw in enumerate(raws, first):
+        row = check_row(raw, f"{where} row {i}")
+        if raw["split"] != row["split"]:  # (ManifestWriter strips it; a hand-made file may not)
+            raise ManifestError(f"{where} row {i}: split {raw['split']!r} has spaces around it, and the "
+                                f"readers take a split as written: write {row['split']!r}")
+        if not isinstance(raw["row_id"], int):
+            raise ManifestError(f"{where} row {i}: row_id is missing ({raw['row_id']!r})")
+        if not ids.add(raw["row_id"]):
+            raise ManifestError(f"{where} row {i}: row_id {raw['row_id']} repeats an earlier row's"
+                                + _mixed_hint(files))
+        out.append({"row_id": raw["row_id"], **row})
+    return out
+
+
+def _checked_batch(raw: pa.RecordBatch, ids: RowIds) -> pa.RecordBatch | None:
+    """`raw`'s rows as `check_rows` gives them, each of its rules applied to whole columns, and
+    their row ids recorded in `ids`; None (and no id recorded) when a row breaks a rule, for
+    check_rows to name it."""
+    import pyarrow.compute as pc
+
+    def bad(mask: pa.Array) -> bool:  # a null (an unknown) is no row found bad
+        return mask.true_count > 0
+
+    try:
+        for k in ("video_id", "path", "caption", "split", "group"):
+            raw.column(k).validate(full=True)  # UTF-8 (check_row's rows are Python's text)
+    except pa.ArrowInvalid:
+        return None
+    text = {k: pc.utf8_trim(raw.column(k), WHITESPACE) for k in ("video_id", "path", "caption")}
+    if (raw.column("row_id").null_count or any(raw.column(k).null_count for k in ("video_id", "path", "caption"))
+            or any(bad(pc.equal(c, "")) for c in text.values())
+            or not pc.all(pc.is_in(raw.column("split"), pa.array(SPLITS)), min_count=0).as_py()):
+        return None
+    nothing = pa.scalar(None, pa.float64())
+    start, end, ts, dur = (pc.if_else(pc.is_nan(raw.column(k)), nothing, raw.column(k))  # NaN: none, as as_seconds
+                           for k in ("start", "end", "timestamp", "duration"))
+    lo, hi = pc.coalesce(start, 0.0), pc.coalesce(end, dur, float("inf"))
+    if (bad(pc.not_equal(pc.is_null(start), pc.is_null(end))) or bad(pc.less(start, 0))
+            or bad(pc.less_equal(end, start)) or bad(pc.less_equal(dur, 0))
+            or bad(pc.invert(pc.and_(pc.less_equal(lo, ts), pc.less_equal(ts, hi))))):
+        return None
+    if not ids.add_all(raw.column("row_id").to_numpy()):
+        return None
+    group = raw.column("group")
+    group = pc.if_else(pc.or_kleene(pc.is_null(group), pc.equal(group, "")), text["video_id"], group)
+    return pa.RecordBatch.from_arrays([raw.column("row_id"), text["video_id"], text["path"], text["caption"],
+                                       raw.column("split"), start, end, ts, dur, group], schema=CHECKED)
 
 
 def _batches(batches: Iterator[pa.RecordBatch], where: str) -> Iterator[pa.RecordBatch]:
@@ -623,8 +727,8 @@ def check_manifest(path: str | Path, progress_s: float | None = None) -> Tally:
     an ETA (a bare count said nothing of how far a 136M-row manifest had got)."""
     tally, every, t0 = Tally(), Every(progress_s), time.perf_counter()
     total = _footer_rows(path) if progress_s is not None else None
-    for row in iter_checked(path):
-        tally.add(row)
+    for batch in checked_batches(path):
+        tally.add_batch(batch)
         if every():
             rate = tally.rows / max(time.perf_counter() - t0, 1e-3)
             of, eta = ("", "") if total is None else (f"/{total:,} rows ({100 * tally.rows / max(total, 1):.0f}%)",
