@@ -1309,6 +1309,40 @@ def test_a_resume_on_its_manifest_written_again_at_its_path_is_refused(tmp_path,
             check_resume(str(out), key(tmp_path / "moved"))
 
 
+def test_a_manifest_written_again_while_a_run_reads_it_is_found_changed(tmp_path):
+    """Ray Data reads the files a run listed when it began, each epoch again: a manifest written
+    again meanwhile (`clipray data prepare --out` it) had the later epochs train on its new files
+    beside the old, without a word, or fail on a removed shard's FileNotFoundError traceback. The
+    workers (before reading and before each checkpoint) and the driver (on a failed run) compare
+    its files with those the run began with; a change is one line naming the manifest."""
+    from clipray.manifest import PARTIAL, manifest_signature, write_manifest
+    from train.driver import changed_manifests, manifest_changed
+
+    def rows(caption):
+        return [{"video_id": f"v{i}", "path": f"v{i}.mp4", "start": None, "end": None,
+                 "caption": f"{caption} {i}", "split": "train"} for i in range(4)]
+
+    m, one = tmp_path / "m", tmp_path / "one.parquet"
+    write_manifest(rows("a dog runs"), m, rows_per_shard=1)
+    write_manifest(rows("a dog runs"), one)
+    watched = {str(m): manifest_signature(str(m)), str(one): manifest_signature(str(one))}
+    write_manifest(rows("a dog runs"), m, rows_per_shard=1)  # the same rows again: the same files
+    assert changed_manifests(watched) == []
+    write_manifest(rows("a cat sits"), m, rows_per_shard=1)  # the same shard names, other rows
+    assert changed_manifests(watched) == [str(m)]
+    write_manifest(rows("a dog runs"), m, rows_per_shard=1)
+    (m / f"part-00004.parquet{PARTIAL}").write_bytes(b"")  # being written now
+    assert changed_manifests(watched) == [str(m)]
+    (m / f"part-00004.parquet{PARTIAL}").unlink()
+    write_manifest(rows("a dog runs"), m, rows_per_shard=2)  # fewer shards, the last ones removed
+    for p in sorted(m.iterdir())[2:]:
+        p.unlink()
+    one.unlink()
+    assert changed_manifests(watched) == [str(m), str(one)]
+    said = str(manifest_changed([str(m)]))
+    assert said.startswith(f"{m}: the manifest changed while this run read it") and "\n" not in said
+
+
 def test_a_run_folder_file_rewritten_on_a_full_disk_keeps_the_old_one(tmp_path, file_size_limit):
     """resume_key.json (rewritten when a run resumes on its manifest or weights moved), and
     result.json, metrics.csv, config.yaml, were written in place: a write that failed midway (a

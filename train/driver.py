@@ -315,6 +315,30 @@ def check_resume(out: str, key: dict[str, Any]) -> None:
                           "resuming would mix the two: use a new train.run_name, or the run's settings")
 
 
+def changed_manifests(watched: dict[str, list]) -> list[str]:
+    """The manifests of `watched` ({path: its manifest_signature when the run began}) whose files
+    are other now: written again at their path (`clipray data prepare --out` them), or removed."""
+    changed = []
+    for path, files in watched.items():
+        try:
+            now = manifest_signature(path)
+        except (ManifestError, OSError):  # gone, or being written (its .partial shards)
+            now = None
+        if now != files:
+            changed.append(path)
+    return changed
+
+
+def manifest_changed(paths: list[str]) -> ConfigError:
+    """The error of a run whose manifest was written again while it read it: Ray Data reads
+    the files listed when the run began, each epoch again, so its later epochs trained on new
+    files beside old ones without a word, or failed on a removed shard's FileNotFoundError."""
+    return ConfigError(f"{', '.join(paths)}: the manifest changed while this run read it (its files are not "
+                       "those the run began with: written again, e.g. by `clipray data prepare --out`, or "
+                       "removed); its epochs would mix the old rows and the new: train on the manifest once "
+                       "written, under a new train.run_name")
+
+
 def check_steps(cfg: Config, n_train: int | None, what: str = "training rows") -> tuple[int, int]:
     """Steps per epoch (0 for a streamed run, which counts no rows) and in all, refusing a run that
     trains nothing: too few rows for one step, or fewer steps than one optimiser step takes; or
@@ -424,6 +448,8 @@ def _run(cfg: Config, quiet_ray: bool, stop_epoch: int, table: bool, held: conte
     # the manifest's files (names, sizes, footers) also identify it: a resume finds it moved, or
     # written again at its path
     files = manifest_signature(cfg.data.manifest)
+    # the files the run reads, checked again at every checkpoint (changed_manifests)
+    watched = {cfg.data.manifest: files, eval_manifest: manifest_signature(eval_manifest)}
     with storage_access(cfg, out):
         check_resume(out, resume_key(cfg, steps_per_epoch, stop_epoch, files))
     cfg = fitted
@@ -464,7 +490,7 @@ def _run(cfg: Config, quiet_ray: bool, stop_epoch: int, table: bool, held: conte
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"cfg": cfg, "steps_per_epoch": steps_per_epoch, "run_dir": out,
-                           "stop_epoch": stop_epoch},
+                           "stop_epoch": stop_epoch, "manifests": watched},
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
             resources_per_worker={"CPU": cfg.train.cpus_per_worker}),
@@ -490,6 +516,11 @@ def _run(cfg: Config, quiet_ray: bool, stop_epoch: int, table: bool, held: conte
               file=sys.stderr, flush=True)
         raise
     except ray.train.TrainingFailedError:
+        # a shard of the manifest deleted under the run (written again) is a FileNotFoundError
+        # of a Ray Data read task; the workers' own check is a ConfigError in their traceback
+        changed = changed_manifests(watched)
+        if changed:
+            raise manifest_changed(changed) from None
         # often every clip was skipped (wrong video root, unreadable files): say so beside the error
         skips = collect_skips(out)
         if skips["skipped"]:

@@ -211,6 +211,7 @@ def train_loop(config: dict[str, Any]) -> None:
     from clipray.pipeline import caption_tokenizer
     from clipray.task import RetrievalTask
     from train import ds_config
+    from train.driver import changed_manifests, manifest_changed
     from train.evaluate import evaluate
 
     quiet_worker_logs()
@@ -272,6 +273,15 @@ def train_loop(config: dict[str, Any]) -> None:
             batch_size=B, drop_last=True, local_shuffle_buffer_size=cfg.data.shuffle_buffer or None,
             local_shuffle_seed=cfg.train.seed + n if cfg.data.shuffle_buffer else None))
 
+    def check_manifests() -> None:
+        """Every worker fails when rank 0 finds the manifests changed since the run began
+        (train.driver.changed_manifests): before reading, and before a checkpoint records an
+        epoch that read them (Ray Data reads the files listed when the run began)."""
+        watched = config.get("manifests") or {}
+        if not _all_have(rank != 0 or not changed_manifests(watched)):
+            raise manifest_changed(list(watched))
+
+    check_manifests()
     batches, passes = None, 0  # without shard_stream: the pass being read, passes started
     # a step budget's pass (its seed, the batches each worker took from it, passes started), in
     # the checkpoint: a resumed run reads on where the pass was, as a run never stopped does
@@ -362,6 +372,7 @@ def train_loop(config: dict[str, Any]) -> None:
             state["data_pass"] = dict(reading, passes=passes)
         if shard_mode:
             stream.sync()
+        check_manifests()
         with tempfile.TemporaryDirectory() as d:
             engine.save_checkpoint(d, tag=TAG)
             if last:
