@@ -1363,6 +1363,23 @@ def test_a_run_folder_file_rewritten_on_a_full_disk_keeps_the_old_one(tmp_path, 
     assert sorted(p.name for p in out.iterdir()) == ["resume_key.json"]
 
 
+def test_curves_drawn_again_on_a_full_disk_keep_the_last_ones(tmp_path, file_size_limit):
+    """curves.png was opened in place, before the plot was drawn: a full disk midway (here a
+    file size limit, EFBIG) in a continued run (clip editing's rounds, a resume) left the last
+    call's curves cut. It is now written whole or not at all, as the run's other files."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "curves.png").write_bytes(b"old curves")
+    res = file_size_limit(
+        8192, "_write_outputs(sys.argv[1], load_config(None, []), [{'epoch': 1, 'loss': 1.0}], {}, Path(sys.argv[2]))",
+        out, tmp_path, setup="from pathlib import Path\nfrom clipray.config import load_config\n"
+                             "from train.driver import _write_outputs\n")
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split() == [str(out / "curves.png"), "27"]  # EFBIG, named
+    assert (out / "curves.png").read_bytes() == b"old curves"
+    assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "curves.png", "metrics.csv"]
+
+
 def test_an_export_copied_over_the_last_one_on_a_full_disk_keeps_the_last_one(tmp_path, file_size_limit):
     """A run continued (clip editing's rounds, a resumed run) copies its export over the last
     call's: copied in place, a full disk midway (here a file size limit, EFBIG) left the

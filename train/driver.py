@@ -625,8 +625,8 @@ def _stored(uri: str) -> Iterator[None]:
                           "run the same command again to write the run's outputs") from e
 
 
-def _put_text(uri: str, text: str) -> None:
-    """Write a file of the run folder whole or not at all. A local one is written under a
+def _put_text(uri: str, text: str | bytes) -> None:
+    """Write a file of the run folder (text, or bytes) whole or not at all. A local one is written under a
     `.partial` name and moved over the old one when complete (an object store's PUT is whole
     already): written in place, a write that failed midway (a full disk) left resume_key.json
     cut, the record a resume is checked against, and every later run with a checkpoint failed
@@ -634,7 +634,7 @@ def _put_text(uri: str, text: str) -> None:
     fs, path = fsspec_path(uri)
 
     def write(tmp: str) -> None:
-        with fs.open(tmp, "w") as f:
+        with fs.open(tmp, "wb" if isinstance(text, bytes) else "w") as f:
             f.write(text)
 
     with _stored(uri), naming(uri):
@@ -664,9 +664,10 @@ def _write_outputs(out: str, cfg: Config, history: list[dict], final: dict, expo
     w.writeheader()
     w.writerows(history)
     _put_text(f"{out}/metrics.csv", buf.getvalue())
+    # whole or not at all: opened in place (before the plot was drawn), a full disk midway or a
+    # failed plot left the last call's curves cut or empty
+    _put_text(f"{out}/curves.png", _plot(history, cfg.data.eval_split))
     fs, root = fsspec_path(out)  # (a folder _put_text made)
-    with _stored(f"{out}/curves.png"), naming(f"{out}/curves.png"), fs.open(f"{root}/curves.png", "wb") as f:
-        f.write(_plot(history, cfg.data.eval_split))
     root = f"{root}/export"
     with _stored(f"{out}/export"):
         fs.makedirs(root, exist_ok=True)
