@@ -1205,6 +1205,7 @@ def test_resume_check_finds_the_checkpoints_of_a_run_folder_named_like_a_glob(tm
     "exp" beside it: a re-run with other settings was not refused, and its resume key,
     config.yaml, metrics.csv, curves and export were written over one another there."""
     import json
+    import re
 
     from clipray.config import ConfigError, load_config
     from train.driver import RAY_CHECKPOINT_RECORD, RESUME_KEY, _write_outputs, check_resume, resume_key
@@ -1220,6 +1221,15 @@ def test_resume_check_finds_the_checkpoints_of_a_run_folder_named_like_a_glob(tm
     # a manifest with more training rows: said as what moved, not as an internal key
     with pytest.raises(ConfigError, match=r"\(steps per epoch \(training rows of data.manifest / global batch\): 5 -> 6\)"):
         check_resume(str(out), resume_key(cfg, 6))
+    # a record cut by a write that stopped midway (in place, before 068b29e): a line, not
+    # json's JSONDecodeError traceback out of every later run
+    good = (out / RESUME_KEY).read_text()
+    for cut in (good[:100], "[1, 2]", b"\xff"):
+        (out / RESUME_KEY).write_bytes(cut if isinstance(cut, bytes) else cut.encode())
+        with pytest.raises(ConfigError, match=rf"^{re.escape(str(out / RESUME_KEY))}, the record of the settings "
+                                              r"this run's checkpoints were trained with, is not readable"):
+            check_resume(str(out), resume_key(cfg, 5))
+    (out / RESUME_KEY).write_text(good)
     (tmp_path / "export").mkdir()
     (tmp_path / "export" / "config.json").write_text("{}")
     _write_outputs(str(out), cfg, [{"epoch": 1, "loss": 1.0}], {}, tmp_path / "export")

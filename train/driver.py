@@ -290,6 +290,14 @@ def check_resume(out: str, key: dict[str, Any]) -> None:
             saved = json.loads(fs.cat_file(f"{root}/{RESUME_KEY}"))  # cat() would glob "[2]"
         except FileNotFoundError:
             saved = None  # a run from before this record: nothing to compare with
+        except ValueError:  # (UnicodeDecodeError too)
+            saved = []
+        if saved is not None and not isinstance(saved, dict):
+            # cut by a write that stopped midway (in place, before 068b29e), or edited by hand:
+            # every later run of the command ended in json's JSONDecodeError traceback
+            raise ConfigError(f"{out}/{RESUME_KEY}, the record of the settings this run's checkpoints were "
+                              "trained with, is not readable (cut by a write that stopped midway?): delete it to "
+                              "resume without comparing the settings, or give a new train.run_name")
     if saved is None:
         _put_text(f"{out}/{RESUME_KEY}", json.dumps(key, indent=1))
         return
