@@ -649,6 +649,12 @@ def test_a_resume_with_another_training_setting_is_refused_before_ray_starts(eve
                                              **{"data.batch_size": 2}))
     with pytest.raises(ConfigError, match=r"data\.batch_size: 4 -> 2"):
         run(other)
+    # a state cut by a write that stopped midway (in place, before 01c7ad5): a line naming it,
+    # not json's JSONDecodeError traceback out of every later run
+    (out / "edit_state.json").write_text((out / "edit_state.json").read_text()[:40])
+    with pytest.raises(ConfigError, match=rf"^{out / 'edit_state.json'}: not readable \(cut by a write that "
+                                          r"stopped midway\?\), and the editing run cannot go on without it"):
+        run(cfg)
 
 
 @pytest.mark.parametrize("extra, says", [

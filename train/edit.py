@@ -288,7 +288,18 @@ def _get_json(uri: str) -> Optional[dict]:
     from clipray.manifest import fsspec_path
 
     fs, path = fsspec_path(uri)
-    return json.loads(fs.cat_file(path)) if fs.exists(path) else None  # cat() would glob a "[2]" in it
+    if not fs.exists(path):
+        return None
+    try:
+        got = json.loads(fs.cat_file(path))  # cat() would glob a "[2]" in it
+    except ValueError:  # (UnicodeDecodeError too)
+        got = None
+    if not isinstance(got, dict):
+        # cut by a write that stopped midway (in place, before 01c7ad5) or edited by hand: every
+        # later run of the command ended in json's JSONDecodeError traceback
+        raise ConfigError(f"{uri}: not readable (cut by a write that stopped midway?), and the editing run "
+                          "cannot go on without it: give a new train.run_name")
+    return got
 
 
 def _copy_export(src: str, dst: str) -> None:
