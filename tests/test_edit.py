@@ -371,6 +371,19 @@ def test_a_run_of_another_manifest_is_not_resumed(events, tmp_path):
     (tmp_path / "moved-run" / "edit_state.json").write_text(json.dumps(
         {**state, "source_files": manifest_signature(str(src))}))
     assert run(cfg)["test"] == test  # its finished result, before Ray starts
+    # written again at its path with other captions (`clipray data prepare --out` it): resumed
+    # on without a word, its clips joined by row id to other rows
+    from clipray.manifest import read_manifest, write_manifest
+
+    moved = str(tmp_path / "moved" / src.name)
+    (tmp_path / "moved-run" / "edit_state.json").write_text(json.dumps(
+        {**state, "source": moved, "source_files": manifest_signature(moved)}))  # as a run there records it
+    assert run(cfg)["test"] == test
+    rows = read_manifest(moved).to_pylist()
+    write_manifest([dict(r, caption=f"{r['caption']}, again") for r in rows], moved, keep_row_ids=True)
+    with pytest.raises(ConfigError, match=rf"^{tmp_path / 'moved-run'} holds an editing run of {moved} as it "
+                                          r"was: it holds other files now \(written again since\)"):
+        run(cfg)
 
 
 def test_left_out_counts_only_captions_never_trained_on():

@@ -383,6 +383,12 @@ def _run(cfg: Config, quiet_ray: bool, held: contextlib.ExitStack) -> dict[str, 
     if state and state.get("source", source) != source and state.get("source_files") != source_files:
         raise ConfigError(f"{out} holds an editing run of another data.manifest ({state['source']}); "
                           "use a new train.run_name")
+    # the same path, other files: the manifest written again since (`clipray data prepare --out`
+    # it), whose rows the run's clips and skips, joined by row id, were not of
+    if state and state.get("source_files") not in (None, source_files):
+        raise ConfigError(f"{out} holds an editing run of {source} as it was: it holds other files now "
+                          "(written again since), which the run's clips, joined by row id, are not of; "
+                          "use a new train.run_name")
     records: list[dict] = state["records"] if state else []
     finished = _get_json(f"{out}/edit_result.json") if len(records) == e.rounds + 1 else None
     if finished:
