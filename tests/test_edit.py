@@ -386,6 +386,27 @@ def test_a_run_of_another_manifest_is_not_resumed(events, tmp_path):
         run(cfg)
 
 
+def test_a_round_of_a_manifest_written_again_since_the_run_began_is_refused(tmp_path):
+    """Each round's manifest is the source read again, its rows joined by row id to the clips
+    and captions the run holds: the source written again while the run went on (`clipray data
+    prepare --out` it) gave a round of other rows under the old clips, without a word."""
+    from clipray.config import ConfigError
+    from clipray.manifest import manifest_signature, read_manifest, write_manifest
+    from train.edit import write_round
+
+    source = tmp_path / "events.parquet"
+    rows = [{"video_id": f"v{i}", "path": f"v{i}.mp4", "start": 0.0, "end": 1.0, "caption": f"a cat {i}",
+             "split": "val", "timestamp": 0.5, "duration": 2.0} for i in range(3)]
+    write_manifest(rows, source)
+    files = manifest_signature(str(source))
+    write_round(str(source), str(tmp_path), str(tmp_path / "round-00.parquet"), {}, 0, files)
+    assert read_manifest(tmp_path / "round-00.parquet").column("caption").to_pylist() == ["a cat 0", "a cat 1", "a cat 2"]
+    write_manifest([dict(r, caption=f"a dog {i}") for i, r in enumerate(rows)], source)
+    with pytest.raises(ConfigError, match=rf"^{source}: the manifest changed while this run read it"):
+        write_round(str(source), str(tmp_path), str(tmp_path / "round-01.parquet"), {}, 1, files)
+    assert not (tmp_path / "round-01.parquet").exists()
+
+
 def test_left_out_counts_only_captions_never_trained_on():
     from train.edit import skip_counts
 

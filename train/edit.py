@@ -108,11 +108,19 @@ def initial_captions(source: str, root: str, e: EditConfig, backend: str) -> tup
     return captions, left_out
 
 
-def write_round(source: str, root: str, path: str, captions: dict[int, Caption], round_no: int) -> None:
+def write_round(source: str, root: str, path: str, captions: dict[int, Caption], round_no: int,
+                source_files: Optional[list] = None) -> None:
     """The source manifest with each training row's clip replaced by its current one (rows left
     out are dropped); row ids are kept, so rounds join with the source's ground truth. Video
     paths are written resolved under `root` (the source's video root): the round lives in the
-    run folder, where a relative path would point at nothing."""
+    run folder, where a relative path would point at nothing. `source_files`: the source's
+    manifest_signature when the run began; the source written again since is refused (the
+    captions and clips joined by row id to rows they are not of, without a word)."""
+    from train.driver import _stored, changed_manifests, manifest_changed
+
+    if source_files is not None and changed_manifests({source: source_files}):
+        raise manifest_changed([source])
+
     def rows():
         for row in iter_checked(source):
             row = dict(row, path=resolve_path(row["path"], root))
@@ -122,8 +130,6 @@ def write_round(source: str, root: str, path: str, captions: dict[int, Caption],
                     continue
                 row.update(start=c.clip[0], end=c.clip[1])
             yield row
-
-    from train.driver import _stored
 
     meta = {**manifest_metadata(source), "edit_round": round_no}
     with _stored(path):  # the run folder in object storage failing: a line, not pyarrow's traceback
@@ -446,7 +452,7 @@ def _run(cfg: Config, quiet_ray: bool, held: contextlib.ExitStack) -> dict[str, 
         for rid, clip in new.items():
             captions[rid].clip = clip
         manifest = f"{out}/clips/round-{round_no:02d}.parquet"
-        write_round(source, root, manifest, captions, round_no)
+        write_round(source, root, manifest, captions, round_no, source_files)
         stop = e.warmup_epochs + round_no * e.epochs_per_round
         print(f"[edit] round {round_no}: {rec['edited']} clips edited; training to epoch {stop}", flush=True)
         final = driver.run(dataclasses.replace(base, data=dataclasses.replace(data, manifest=manifest)),
