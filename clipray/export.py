@@ -3,14 +3,16 @@
     out_dir/model.safetensors   every tensor of `model.state_dict()`, in the model's dtype
     out_dir/config.json         format tag, registry name, head / linear_patch / tuning, the
                                 open_clip model name and its full config dict, tokenizer name,
-                                image size, dtype, and the caller's `extra` (e.g. metrics)
+                                image size, dtype, the caller's `extra` (e.g. metrics) and
+                                the weights file's signature (size, hash of its ends)
 
 `load_export(dir)` rebuilds the towers from the stored open_clip config (no registry lookup of
 weights, no download; the original `pretrained` value is kept for provenance only), loads the
 safetensors strictly and returns a model that is bit-identical to the one saved. Only
 safetensors and JSON are read; a directory that holds only pickle files (.pt/.bin/.pth/.pkl)
-is refused. `check_export(dir)` refuses what `load_export` would (weights cut off, or of
-another model) from the safetensors header alone, so a job can check before it starts workers.
+is refused. `check_export(dir)` refuses what `load_export` would (weights cut off, of another
+model, or of another export than config.json's) from the safetensors header and ends, so a
+job can check before it starts workers.
 """
 
 from __future__ import annotations
@@ -66,10 +68,32 @@ def save_export(model, out_dir: str | Path, extra: Optional[dict[str, Any]] = No
         "dtype": dtypes.pop() if len(dtypes) == 1 else "float32",
         "extra": extra or {},
     }
-    text = json.dumps(config, indent=2, sort_keys=True)  # fails early on non-JSON `extra`
+    json.dumps(config, sort_keys=True)  # fails early on non-JSON `extra`
     save_file(state, str(out / WEIGHTS), metadata={"format": FORMAT})
-    (out / CONFIG).write_text(text)
+    config["weights_signature"] = _signature(out / WEIGHTS)
+    (out / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True))
     return out
+
+
+def _signature(weights: Path) -> list:
+    """The weights file's size and a hash of its ends (clipray.manifest.file_signature), which
+    config.json records: the same tensors saved again give the same, other weights another."""
+    import pyarrow.fs as pafs
+
+    from clipray.manifest import file_signature
+
+    return file_signature(pafs.LocalFileSystem(), str(weights.absolute()))
+
+
+def _check_pair(weights: Path, config: dict) -> None:
+    """An export's two files are copied one at a time (a run's export over the last call's, a
+    fetch, an upload): a copy stopped between them left new weights beside the old config.json
+    (or the other way round), of the same model, which loaded without a word with another
+    export's recorded sampling, caption length and metrics. Exports from before the record pass."""
+    recorded = config.get("weights_signature")
+    if recorded is not None and _signature(weights) != recorded:
+        raise ConfigError(f"{weights} and its {CONFIG} are of two different exports (a copy of one over the "
+                          "other stopped between its files): copy or export the model again")
 
 
 def read_export_config(export_dir: str | Path) -> dict[str, Any]:
@@ -185,6 +209,7 @@ def check_export(export_dir: str | Path) -> dict[str, Any]:
     with torch.device("meta"):
         model = _build(config, root)
     _check_shapes(weights, config, {k: tuple(v.shape) for k, v in model.state_dict().items()}, have)
+    _check_pair(weights, config)
     return config
 
 
@@ -206,5 +231,6 @@ def load_export(export_dir: str | Path, device: str | torch.device = "cpu"):
     want = model.state_dict()
     _check_shapes(weights, config, {k: tuple(v.shape) for k, v in want.items()},
                   {k: tuple(v.shape) for k, v in state.items()})
+    _check_pair(weights, config)
     model.load_state_dict(state, strict=True)
     return model.to(device).eval()

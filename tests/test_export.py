@@ -126,6 +126,39 @@ def test_cut_off_or_foreign_weights_are_a_clear_error(tmp_path):
         load_export(export)
 
 
+def test_weights_and_config_of_two_exports_are_a_clear_error(tmp_path):
+    """A run's export is copied over the last call's a file at a time (clip editing's rounds, a
+    resume), as is a fetch or an upload: a copy stopped between the files left the new weights
+    beside the old config.json, of the same model, and the export loaded without a word with
+    the other's recorded sampling and metrics. config.json records its weights' signature; the
+    same tensors saved again match, and an export from before the record loads as before."""
+    import shutil
+
+    from clipray.config import ConfigError
+
+    torch.manual_seed(0)
+    model = create_model("test_meanP")
+    old = save_export(model, tmp_path / "old", extra={"epoch": 1})
+    new = save_export(create_model("test_meanP"), tmp_path / "new", extra={"epoch": 2})
+    again = save_export(model, tmp_path / "again", extra={"epoch": 1})
+    assert (again / "model.safetensors").read_bytes() == (old / "model.safetensors").read_bytes()
+    for first in ("model.safetensors", "config.json"):  # the copy stopped after this one
+        cut = tmp_path / f"cut-{first}"
+        shutil.copytree(old, cut)
+        shutil.copy(new / first, cut / first)
+        for load in (check_export, load_export):
+            with pytest.raises(ConfigError, match=rf"^{cut}/model.safetensors and its config.json are of two "
+                                                  r"different exports \(a copy of one over the other stopped "
+                                                  r"between its files\): copy or export the model again$"):
+                load(cut)
+    shutil.copy(new / "model.safetensors", again / "model.safetensors")
+    config = json.loads((again / "config.json").read_text())
+    del config["weights_signature"]  # an export from before the record
+    (again / "config.json").write_text(json.dumps(config))
+    assert check_export(again)["extra"] == {"epoch": 1}
+    load_export(again)
+
+
 def test_a_config_json_missing_keys_is_a_clear_error(tmp_path):
     """A hand-edited or cut config.json failed with a bare KeyError wherever its first missing
     key was read (in the index's actors or a Serve replica)."""
