@@ -495,18 +495,15 @@ def _export_for(cfg: AppConfig, meta: dict) -> str:
     URI) must hold the same weights the index was built with. One fetched from a URI is kept in
     the index folder as `model-<fingerprint>` (as `clipray index` keeps it) where the folder can
     be written: the replicas load it from there."""
-    import shutil
-    import tempfile
-
     from clipray.export import fetch_export, local_dir, read_export_config
+    from serve.index import fetch_folder
 
     fix = "give checkpoint= an export of the same weights"
     if not cfg.checkpoint:
         return _index_export(cfg, meta, "export", fix)
     index_dir = os.path.abspath(cfg.out)
     keep = index_dir if local_dir(cfg.checkpoint) is None and os.access(index_dir, os.W_OK) else None
-    tmp = tempfile.mkdtemp(prefix=".fetch-" if keep else "clipray-export-", dir=keep)
-    try:
+    with fetch_folder(keep) as tmp:
         try:
             local = fetch_export(cfg.checkpoint, tmp)
         except FileNotFoundError as e:  # (a local one is read below: a run folder is said to be one)
@@ -524,8 +521,6 @@ def _export_for(cfg: AppConfig, meta: dict) -> str:
                 os.rename(tmp, os.path.join(keep, f"model-{meta['fingerprint']}"))
             except OSError:  # already there (kept before, or by `clipray index`): checked below
                 pass
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     # the index's own copy, or the export it recorded, if it still holds the same weights
     return _index_export(cfg, meta, "export", f"index again with checkpoint={cfg.checkpoint}, which copies it into the index")
 

@@ -205,12 +205,43 @@ def _progress(done: int, total: int, skipped: int, t0: float, every: Every) -> N
         print(line, flush=True)
 
 
+@contextlib.contextmanager
+def fetch_folder(parent: str | Path | None) -> Iterator[str]:
+    """A new folder `parent/.fetch-*` to fetch an export into, removed after the block (one in
+    the system's temporary folder if `parent` is None). A fetch killed midway (Ctrl-C twice, an
+    OOM, a preempted node) left its folder, possibly a model's weights, in the index folder for
+    good. Each fetch holds a shared lock on `parent` itself (a flock, which the kernel drops
+    when the process ends) while its folder exists, so one that gets the lock alone finds every
+    `.fetch-*` there stale and removes them, never the folder of a fetch running now (`clipray
+    index` or `clipray serve`, in another process)."""
+    import fcntl
+    import tempfile
+
+    with contextlib.ExitStack() as held:
+        if parent is not None:
+            lock = os.open(parent, os.O_RDONLY)
+            held.callback(os.close, lock)
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                for p in Path(parent).glob(".fetch-*"):
+                    if p.is_dir():
+                        shutil.rmtree(p, ignore_errors=True)
+                fcntl.flock(lock, fcntl.LOCK_SH)
+            except BlockingIOError:  # another fetch is running: its folder is not stale
+                fcntl.flock(lock, fcntl.LOCK_SH)
+            except OSError:  # a filesystem without locks: nothing is known stale
+                pass
+        tmp = tempfile.mkdtemp(dir=parent, prefix=".fetch-" if parent is not None else "clipray-export-")
+        try:
+            yield tmp
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
 def _local_export(path: str, what: str, out: Path) -> str:
     """A local directory holding the export at `path`. One at a URI (a run directory in object
     storage) is copied into `out/model-<fingerprint>`: the index keeps its own copy, and a later
     run with another model can never overwrite it."""
-    import tempfile
-
     from clipray.export import fetch_export, local_dir
 
     if not path:
@@ -218,19 +249,17 @@ def _local_export(path: str, what: str, out: Path) -> str:
     if (local := local_dir(path)) is not None:
         return os.path.abspath(local)
     out.mkdir(parents=True, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=out, prefix=".fetch-")
-    try:
-        fetch_export(path, tmp)
-        keep = out.absolute() / f"model-{store.fingerprint(tmp)}"
-        if not keep.exists():
-            os.rename(tmp, keep)
-        return str(keep)
-    except FileNotFoundError as e:
-        raise ConfigError(f"{what}={path}: no clipray export there ({e})") from None
-    except Exception as e:  # an object store it cannot reach (credentials, network, permission)
-        raise ConfigError(f"{what}={path}: cannot fetch the export ({type(e).__name__}: {e})") from None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with fetch_folder(out) as tmp:
+        try:
+            fetch_export(path, tmp)
+            keep = out.absolute() / f"model-{store.fingerprint(tmp)}"
+            if not keep.exists():
+                os.rename(tmp, keep)
+            return str(keep)
+        except FileNotFoundError as e:
+            raise ConfigError(f"{what}={path}: no clipray export there ({e})") from None
+        except Exception as e:  # an object store it cannot reach (credentials, network, permission)
+            raise ConfigError(f"{what}={path}: cannot fetch the export ({type(e).__name__}: {e})") from None
 
 
 def _check_export(path: str, what: str, indexable: bool) -> dict:

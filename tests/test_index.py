@@ -640,6 +640,39 @@ def test_an_append_sampled_unlike_the_index_is_refused(windowed, export, synth_s
     assert store.read_meta(out) == held  # nothing written
 
 
+def test_a_fetch_killed_midway_is_removed_by_the_next_but_not_one_running_now(tmp_path):
+    """A `clipray index` (or `clipray serve`) killed while it fetched an export from a URI left
+    its `.fetch-*` folder, weights and all, in the index folder for good. The next fetch into the
+    folder removes such folders, unless a fetch is running there now (in another process: it
+    holds a shared lock on the folder), whose folder it cannot tell from a stale one."""
+    import fcntl
+    import os
+
+    import fsspec
+
+    from clipray.export import CONFIG, WEIGHTS
+    from serve import store
+    from serve.index import _local_export
+
+    mem, uri = fsspec.filesystem("memory"), "memory://fetch-test/export"
+    mem.pipe({f"/fetch-test/export/{WEIGHTS}": b"weights", f"/fetch-test/export/{CONFIG}": b"{}"})
+    out = tmp_path / "idx"
+    stale = out / ".fetch-killed"
+    stale.mkdir(parents=True)
+    (stale / WEIGHTS).write_bytes(b"weigh")  # cut where the kill came
+    running = os.open(out, os.O_RDONLY)  # another fetch, running now
+    try:
+        fcntl.flock(running, fcntl.LOCK_SH)
+        keep = _local_export(uri, "checkpoint", out)
+    finally:
+        os.close(running)
+    assert stale.is_dir()  # (it may be the running fetch's)
+    assert keep == str(out / f"model-{store.fingerprint(keep)}")
+    assert _local_export(uri, "checkpoint", out) == keep
+    assert sorted(p.name for p in out.iterdir()) == [Path(keep).name]
+    mem.rm("/fetch-test", recursive=True)
+
+
 def test_export_at_a_uri_is_copied_into_the_index(ray_local, s3_server, export, synth_small, tmp_path):
     """A run kept in object storage keeps its export there: `checkpoint=s3://...` builds the same
     index as the export on disk, into an index that holds its own copy of the model (so serving
