@@ -70,6 +70,23 @@ def first_rows(manifest: str, split: str, tokenize: Callable[[list[str]], Any]) 
     return None if len(first) == len(ids) else sorted(first.values())
 
 
+def clip_name(clip: tuple) -> str:
+    """A clip key (video_id, start, end) as a message names it: 'v3', or 'v3' 2-4.5 s."""
+    vid, start, end = clip
+    if start is None and end is None:
+        return repr(vid)
+    return f"{vid!r} {start or 0:g}-{'end' if end is None else f'{end:g}'} s"
+
+
+def check_finite(emb: torch.Tensor, split: str, what: str, name: Callable[[int], str]) -> None:
+    """A NaN or inf embedding is an error naming its clip or caption (`name(i)`): the metrics
+    refused the NaN scores it gives (`similarity matrix contains NaN`), and named nothing."""
+    bad = (~torch.isfinite(emb.reshape(len(emb), -1)).all(1)).nonzero().flatten()
+    if len(bad):
+        raise RuntimeError(f"evaluation on the {split!r} split: the model's embedding of {len(bad)} of {len(emb)} "
+                           f"{what} is not finite (NaN/inf), the first {name(int(bad[0]))}")
+
+
 def shard_videos(model: Any, shard: Any, batch_size: int) -> dict[str, torch.Tensor]:
     """Embed this worker's share of the test clips (`metrics.embed_videos`): row ids, video
     embeddings (a tight head's frame features) and frame masks; {} for an empty share."""
@@ -129,8 +146,11 @@ def evaluate(model: Any, shard: Any, manifest: str, split: str, batch_size: int,
     video_of_text = [clips[clips_of[i]] for i in queries]
     texts = caption_embeddings(model, [captions[i] for i in queries], tokenize, batch_size)
     idx = torch.tensor(first_row)
-    sim = similarity_in_blocks(model, texts, joined["video"][idx],
-                               None if model.indexable else joined["mask"][idx])
+    video, names = joined["video"][idx], list(clips)
+    check_finite(video, split, "clips", lambda i: f"clip {clip_name(names[i])}")
+    check_finite(texts, split, "captions", lambda i: f"caption {captions[queries[i]]!r} "
+                 f"(clip {clip_name(clips_of[queries[i]])})")
+    sim = similarity_in_blocks(model, texts, video, None if model.indexable else joined["mask"][idx])
     metrics = retrieval_metrics(sim, video_of_text)
     metrics["num_test_videos"] = len(clips)  # clips, strictly: the key predates moment manifests
     metrics["num_test_texts"] = len(video_of_text)
