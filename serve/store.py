@@ -424,10 +424,22 @@ def read_rerank(out: str | Path, count: int) -> Optional[tuple[np.ndarray, np.nd
     return feats, mask
 
 
+def clip_ms(times: pa.Array | pa.ChunkedArray) -> list:
+    """`clip_key`'s milliseconds of each time of a column (None for a null or NaN), a column at
+    a time (numpy's rint rounds half to even, as round does); a time past int64 in ms (or inf)
+    goes through clip_key itself."""
+    x = times.cast(pa.float64()).to_numpy(zero_copy_only=False) * 1000.0  # a null is NaN
+    none = np.isnan(x)
+    if not np.all(none | (np.abs(x) < 2.0**62)):
+        return [clip_key("", t, None)[1] for t in times.to_pylist()]
+    ms = np.rint(np.where(none, 0.0, x)).astype(np.int64).astype(object)
+    ms[none] = None
+    return ms.tolist()
+
+
 def existing_keys(table: pa.Table) -> set[tuple]:
-    return {clip_key(p, s, e) for p, s, e in zip(table.column("path").to_pylist(),
-                                                  table.column("start").to_pylist(),
-                                                  table.column("end").to_pylist())}
+    """The clip_key of every clip of the index's table (its paths, starts and ends)."""
+    return set(zip(table.column("path").to_pylist(), clip_ms(table.column("start")), clip_ms(table.column("end"))))
 
 
 def as_list(v: Iterable) -> list:
