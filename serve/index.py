@@ -202,13 +202,16 @@ PLAN = "_plan"  # a clip's position in plan_clips' list, carried through the emb
 PROGRESS_S = 10.0  # a progress line this often when the output is a log, not a terminal
 
 
-def _progress(done: int, total: int, skipped: int, t0: float, every: Every) -> None:
+def _progress(done: int, total: int, skipped: int, since: tuple[float, int], every: Every) -> None:
     """On a terminal one line rewritten in place; in a log (`ray job logs`, a file) a line every
-    PROGRESS_S and one at the end, rather than every update joined by carriage returns."""
-    dt = time.perf_counter() - t0
-    rate = done / dt if dt > 0 else 0.0
-    eta = (total - done) / rate if rate > 0 else float("nan")
-    line = f"  embedded {done}/{total} clips, skipped {skipped} ({rate:.1f} clips/s, ETA {eta:.0f}s)"
+    PROGRESS_S and one at the end, rather than every update joined by carriage returns. The rate
+    counts from `since`, (the time, the clips done) when the first batch came back: from the
+    command's start it took in Ray's and the actors' start-up, and the early ETA was too long.
+    `done` counts the skipped clips too, which the line says apart."""
+    dt, base = time.perf_counter() - since[0], since[1]
+    rate = (done - base) / dt if dt > 0 and done > base else 0.0
+    eta = f"ETA {(total - done) / rate:.0f}s" if rate > 0 else "ETA when the next batch is back"
+    line = f"  {done}/{total} clips done, {skipped} of them skipped ({rate:.1f} clips/s, {eta})"
     if sys.stdout.isatty():
         print(f"\r{line}  ", end="", flush=True)
     elif every() or done == total:
@@ -440,7 +443,7 @@ def _build(cfg: AppConfig, out: Path, quiet: bool) -> dict[str, Any]:
     print(f"index {out}: {len(existing)} clips already embedded, {len(rows)} new "
           f"({cfg.index.split} split{', windows %gs/%gs' % (cfg.index.window_s, cfg.index.stride_s) if cfg.index.window_s else ''})",
           flush=True)
-    t0, done, skipped, new, every = time.perf_counter(), 0, [], [], Every(PROGRESS_S)
+    t0, done, skipped, new, every, since = time.perf_counter(), 0, [], [], Every(PROGRESS_S), None
     if rows:
         import pyarrow as pa
 
@@ -468,8 +471,9 @@ def _build(cfg: AppConfig, out: Path, quiet: bool) -> dict[str, Any]:
             if keep.any():
                 new.append({k: v[keep] for k, v in b.items() if k != "skip"})
             done += len(b["skip"])
+            since = since or (time.perf_counter(), done)
             if not quiet:
-                _progress(done, len(rows), len(skipped), t0, every)
+                _progress(done, len(rows), len(skipped), since, every)
         if not quiet and sys.stdout.isatty():
             print(flush=True)
     # every actor read the export from its path as it started: one written again there meanwhile

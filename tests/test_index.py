@@ -573,10 +573,25 @@ def test_progress_in_a_log_is_whole_lines_ending_at_the_total(ray_local, export,
                                   "index.batch=4"), quiet=False)
     out = capsys.readouterr().out
     assert "\r" not in out
-    lines, n = [line for line in out.splitlines() if line.startswith("  embedded ")], meta["count"]
-    done = [int(line.split()[1].split("/")[0]) for line in lines]
+    lines, n = [line for line in out.splitlines() if " clips done, " in line], meta["count"]
+    done = [int(line.split()[0].split("/")[0]) for line in lines]
     assert len(done) == -(-n // 4) and done == sorted(done) and done[-1] == n  # one line per batch of 4
-    assert all(f"/{n} clips, skipped 0 (" in line for line in lines)
+    assert all(f"/{n} clips done, 0 of them skipped (" in line for line in lines)
+    # the rate counts from the first batch back (not Ray's and the actors' start): none yet there
+    assert lines[0].endswith("(0.0 clips/s, ETA when the next batch is back)")
+
+
+def test_the_index_progress_rate_counts_from_the_first_batch_back(capsys):
+    """The rate and ETA of `clipray index` counted from the command's start, Ray's and the
+    actors' start-up in it, so the early ETA was too long; and 'embedded 100/100 clips,
+    skipped 5' read as 100 embedded. By hand: 20 clips in the 10 s since the first batch's 10."""
+    import time
+
+    from clipray.manifest import Every
+    from serve.index import _progress
+
+    _progress(30, 100, 3, (time.perf_counter() - 10.0, 10), Every(0.0))
+    assert capsys.readouterr().out == "  30/100 clips done, 3 of them skipped (2.0 clips/s, ETA 35s)\n"
 
 
 def test_row_ids_follow_the_manifest_whatever_order_the_actors_finish_in(ray_local, export, synth_small,
