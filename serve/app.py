@@ -564,6 +564,10 @@ def app_from_config(cfg: AppConfig) -> Any:
     video = dict(meta["video"], timeout_s=cfg.video.timeout_s)
     tight = meta.get("rerank") and _index_export(
         cfg, meta["rerank"], "re-ranker export", "index again into a new out= with the index.rerank_checkpoint to serve")
+    from clipray.export import check_export
+
+    for model in filter(None, (export, tight)):  # cut weights, or two exports' files: a line now, not in every replica
+        check_export(model)
     notice = caption_length_notice(sv.max_words, {"export": export, **({"re-ranker export": tight} if tight else {})})
     if notice:
         print(f"[serve] note: {notice}", file=sys.stderr, flush=True)

@@ -146,6 +146,13 @@ def test_serving_an_index_whose_export_was_exported_again_is_refused(tmp_path):
         shutil.rmtree(tmp_path / name)
         keep.rename(tmp_path / name)
     app_from_config(load_app_config(None, [f"out={idx}", f"checkpoint={loose}"]))
+    # the index's weights beside another export's config.json (a copy stopped between the two
+    # files): refused before Serve starts, not in every replica as it loads
+    other = export("other", "meanP", 1)
+    shutil.copy(Path(other) / "config.json", Path(loose) / "config.json")
+    with pytest.raises(ConfigError, match=rf"^{Path(loose) / 'model.safetensors'} and its config.json are of two "
+                                          "different exports"):
+        app_from_config(load_app_config(None, [f"out={idx}"]))
 
 
 def test_an_index_moved_with_its_run_folder_or_alone_with_its_model_copy_still_serves(tmp_path):
