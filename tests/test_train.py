@@ -1512,3 +1512,29 @@ def test_resuming_on_cpu_a_run_checkpointed_on_gpu_is_refused_naming_the_precisi
     check_resume(str(out), resume_key(load_config(None, ["train.use_gpu=true", "train.precision=bf16"]), 5))
     with pytest.raises(ConfigError, match=r"train\.precision: 'bf16' -> 'fp32'"):
         check_resume(str(out), resume_key(load_config(None, ["train.use_gpu=false"]), 5))
+
+
+def test_the_train_progress_rate_counts_this_epochs_steps_not_the_evaluations_before(monkeypatch, capsys):
+    """Mid-run, `[train] ... clips/s` divided every clip trained by the whole run's time, the
+    evaluations and checkpoints between epochs in it: a run that evaluated every epoch read
+    slower than it trained. The rate is now this epoch's; the ETA keeps the whole run's pace
+    (later epochs evaluate too). By hand, 8 clips a step: epoch 1, 10 steps in 10 s; 30 s of
+    evaluation; epoch 2, 10 steps in 10 s: 8.0 clips/s, where the old line said 160/50 = 3.2."""
+    import types
+
+    import train.loop as loop
+
+    now = [0.0]
+    monkeypatch.setattr(loop, "time", types.SimpleNamespace(perf_counter=lambda: now[0]))
+    progress = loop.Progress(total=40, start_step=0, clips_per_step=8)
+    progress.epoch_start(0)
+    now[0] = 10.0
+    progress(1, 4, 10, 1.0, 1e-4, epoch_end=True)
+    now[0] = 40.0  # evaluation and checkpoint
+    progress.epoch_start(10)
+    now[0] = 50.0
+    progress(2, 4, 20, 0.5, 1e-4, epoch_end=True)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].endswith("lr 1.00e-04 8.0 clips/s ETA 00:30")
+    # 20 steps left at the run's 2.5 s a step so far
+    assert lines[1] == "[train] epoch 2/4 step 20/40 epoch mean loss 0.5000 lr 1.00e-04 8.0 clips/s ETA 00:50"

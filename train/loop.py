@@ -179,6 +179,13 @@ class Progress:
     def __init__(self, total: int, start_step: int, clips_per_step: int):
         self.total, self.start_step, self.clips = total, start_step, clips_per_step
         self.t0 = self.last = time.perf_counter()
+        self.epoch_t0, self.epoch_step = self.t0, start_step
+
+    def epoch_start(self, step: int) -> None:
+        """The clips/s count from here: over the run so far, they took in the evaluations and
+        checkpoints between epochs, and a run that evaluates every epoch read slower than it
+        trains. (The ETA keeps them: later epochs have theirs too.)"""
+        self.epoch_t0, self.epoch_step = time.perf_counter(), step
 
     def __call__(self, epoch: int, epochs: int, step: int, loss: float, lr: float, epoch_end=False) -> None:
         """A line at most every 5 s with this step's loss, and one at the end of each epoch with
@@ -188,7 +195,7 @@ class Progress:
             return
         self.last = now
         done = step - self.start_step
-        rate = done * self.clips / max(now - self.t0, 1e-9)
+        rate = (step - self.epoch_step) * self.clips / max(now - self.epoch_t0, 1e-9)
         eta = (self.total - step) * (now - self.t0) / max(done, 1)
         what = "epoch mean loss" if epoch_end else "loss"
         say(f"[train] epoch {epoch}/{epochs} step {step}/{self.total} {what} {loss:.4f} "
@@ -314,6 +321,7 @@ def train_loop(config: dict[str, Any]) -> None:
                 pass_start = 0  # the segment's steps when this pass began
             else:
                 pass_start = -1  # carried over: it has given batches
+        progress.epoch_start(state["step"])
         while len(losses) < seg_steps and state["step"] < total:
             with clock.waiting():
                 batch = stream.next() if shard_mode else next(batches, None)
