@@ -62,6 +62,8 @@ def test_posttrain_resumes_mid_pass_without_rereading_shards(ray_local, s3_shard
     log = second.stdout + second.stderr
     assert second.returncode == 0, log[-4000:]
     assert f"resumed from step {saved['step']}" in log
+    # the last checkpoint comes down from object storage: said, not minutes of silence
+    assert f"[driver] training done; fetching its last checkpoint from {run} for the export" in log
     final = registered_state(run)
     result = json.loads(fs.cat(f"{run}/result.json"))
     assert result["total_steps"] == final["step"] == 6

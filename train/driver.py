@@ -546,6 +546,9 @@ def _run(cfg: Config, quiet_ray: bool, stop_epoch: int, table: bool, held: conte
                           f"({why.group(1)[:300]}); give a new train.run_name to start over") from None
     if result.checkpoint is None:
         raise RuntimeError(f"training produced no checkpoint; see the logs under {out}")
+    if "://" in out:  # the whole checkpoint (optimiser state too) comes down: minutes for a big model
+        print(f"[driver] training done; fetching its last checkpoint from {out} for the export and metrics",
+              flush=True)
     with result.checkpoint.as_directory() as d:
         state = json.loads((Path(d) / STATE).read_text())
         export_src = Path(d) / "export"
