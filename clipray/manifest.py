@@ -88,6 +88,10 @@ def check_row(row: Mapping[str, Any], where: str) -> dict[str, Any]:
         ts, dur = as_seconds(row.get("timestamp")), as_seconds(row.get("duration"))
     except (TypeError, ValueError) as e:
         raise ManifestError(f"{where} (video {out['video_id']}): times must be seconds: {e}")
+    for name, v in (("start", start), ("end", end), ("timestamp", ts), ("duration", dur)):
+        if v is not None and math.isinf(v):  # decoded as "to the end", but no index key or JSON answer holds it
+            raise ManifestError(f"{where} (video {out['video_id']}): {name} {v} is no time: give seconds "
+                                "(start and end both empty: the whole video)")
     if (start is None) != (end is None):
         raise ManifestError(f"{where} (video {out['video_id']}): give both start and end, or neither")
     if start is not None:
@@ -700,7 +704,8 @@ def _checked_batch(raw: pa.RecordBatch, ids: RowIds) -> pa.RecordBatch | None:
     start, end, ts, dur = (pc.if_else(pc.is_nan(raw.column(k)), nothing, raw.column(k))  # NaN: none, as as_seconds
                            for k in ("start", "end", "timestamp", "duration"))
     lo, hi = pc.coalesce(start, 0.0), pc.coalesce(end, dur, float("inf"))
-    if (bad(pc.not_equal(pc.is_null(start), pc.is_null(end))) or bad(pc.less(start, 0))
+    if (any(bad(pc.is_inf(c)) for c in (start, end, ts, dur))
+            or bad(pc.not_equal(pc.is_null(start), pc.is_null(end))) or bad(pc.less(start, 0))
             or bad(pc.less_equal(end, start)) or bad(pc.less_equal(dur, 0))
             or bad(pc.invert(pc.and_(pc.less_equal(lo, ts), pc.less_equal(ts, hi))))):
         return None

@@ -417,7 +417,7 @@ def test_data_prepare_to_or_from_object_storage_that_cannot_be_reached_is_an_err
 
 def _varied_rows(n):
     """Good rows of every shape check_row takes: padded text (with the whitespace str.strip()
-    strips beyond ASCII's), NaN and inf times, timestamps with and without bounds, groups none,
+    strips beyond ASCII's), NaN times, timestamps with and without bounds, groups none,
     empty and padded, row ids out of order and past RowIds' dense range."""
     import math
 
@@ -436,7 +436,7 @@ def _varied_rows(n):
         if s is not None and math.isnan(s):
             r.update(end=float("nan"), timestamp=None)
         elif i % 13 == 0:
-            r.update(start=None if whole else 1.0, end=None if whole else math.inf, timestamp=None)
+            r.update(start=None if whole else 1.0, end=None if whole else 0.5 * i + 9, timestamp=None)
         out.append(r)
     return out
 
@@ -488,6 +488,10 @@ def test_checking_a_batch_at_a_time_gives_what_checking_each_row_gives(tmp_path)
            dict(start=-1.0, end=2.0), dict(start=2.0, end=2.0), dict(start=1.0, end=2.0, timestamp=2.5),
            dict(start=None, end=None, duration=3.0, timestamp=3.5), dict(start=None, end=None, timestamp=-0.5),
            dict(duration=0.0, timestamp=None), dict(duration=-1.0, timestamp=None), dict(row_id=None),
+           # inf: "to the end" when decoded, but no index key (clip_key) or JSON answer holds it
+           dict(start=1.0, end=float("inf")), dict(start=float("-inf"), end=2.0),
+           dict(start=None, end=None, duration=float("inf"), timestamp=None),
+           dict(start=None, end=None, duration=None, timestamp=float("inf")),
            dict(row_id=300 - 200), dict(row_id=300 - 10), dict(row_id=2**40 + 11)]  # rows 200, 10, 11's
     for i, change in enumerate(bad):
         rows = [dict(r) for r in good]
