@@ -106,18 +106,22 @@ def shard_videos(model: Any, shard: Any, batch_size: int) -> dict[str, torch.Ten
 
 
 def caption_embeddings(model: Any, captions: list[str], tokenize: Callable[[list[str]], Any],
-                       batch_size: int) -> torch.Tensor:
-    """Every caption's embedding, in order (`metrics.embed_texts`): each worker embeds every
-    world-th, then all gather."""
+                       batch_size: int) -> tuple[list[int], torch.Tensor]:
+    """The indices (ascending) and embeddings (`metrics.embed_texts`) of the captions that keep a
+    word once tokenized (`pipeline.wordless`: as queries the others were the empty text). Each
+    worker tokenizes, once, and embeds every world-th caption, then all gather."""
     rank, world = _rank_world()
     mine = list(range(rank, len(captions), world))
-    batches = (tokenize([captions[i] for i in mine[s:s + batch_size]]) for s in range(0, len(mine), batch_size))
-    got = _gather((mine, embed_texts(model, batches) if mine else torch.empty(0)))
-    full: list[Any] = [None] * len(captions)
-    for idx, emb in got:
-        for k, i in enumerate(idx):
-            full[i] = emb[k]
-    return torch.stack(full)
+    tokens = [torch.as_tensor(tokenize([captions[i] for i in mine[s:s + batch_size]]))
+              for s in range(0, len(mine), batch_size)]
+    words = [torch.from_numpy(~wordless(t, tokenize)) for t in tokens]
+    kept = [i for i, w in zip(mine, torch.cat(words).tolist()) if w] if words else []
+    batches = [t[w] for t, w in zip(tokens, words) if w.any()]
+    full: dict[int, torch.Tensor] = {}
+    for idx, emb in _gather((kept, embed_texts(model, batches) if batches else torch.empty(0))):
+        full.update(zip(idx, emb))
+    order = sorted(full)
+    return order, torch.stack([full[i] for i in order])
 
 
 def evaluate(model: Any, shard: Any, manifest: str, split: str, batch_size: int,
@@ -146,9 +150,10 @@ def evaluate(model: Any, shard: Any, manifest: str, split: str, batch_size: int,
                            "model), which measures nothing")
     # the queries: every caption of a clip that decoded (a skipped clip's leave with it), less
     # those the tokenizer cleans to no words, which were ranked as the empty text
-    queries = [i for i, (c, words) in enumerate(zip(clips_of, has_words(captions, tokenize))) if c in clips and words]
+    ours = [i for i, c in enumerate(clips_of) if c in clips]
+    kept, texts = caption_embeddings(model, [captions[i] for i in ours], tokenize, batch_size)
+    queries = [ours[k] for k in kept]
     video_of_text = [clips[clips_of[i]] for i in queries]
-    texts = caption_embeddings(model, [captions[i] for i in queries], tokenize, batch_size)
     idx = torch.tensor(first_row)
     video, names = joined["video"][idx], list(clips)
     check_finite(video, split, "clips", lambda i: f"clip {clip_name(names[i])}")
