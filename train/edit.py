@@ -366,8 +366,9 @@ def _run(cfg: Config, quiet_ray: bool, held: contextlib.ExitStack) -> dict[str, 
     data = dataclasses.replace(cfg.data, eval_manifest=cfg.data.eval_manifest or source, eval_split=e.val_split)
     epochs = e.warmup_epochs + e.rounds * e.epochs_per_round
     base = dataclasses.replace(cfg, data=data, train=dataclasses.replace(cfg.train, epochs=epochs))
-    for split in (e.val_split, e.test_split):  # the test split is evaluated after every round has trained
-        driver.check_eval_split(data.eval_manifest, split, ": set edit.val_split / edit.test_split")
+    for split in (e.val_split, e.test_split):
+        if driver.count_rows(data.eval_manifest, split) < 1:
+            raise ConfigError(f"{data.eval_manifest} has no {split!r} rows: set edit.val_split / edit.test_split")
     # each round trains on the usable captions: too few for one step was refused only by the
     # warm-up's training, after Ray started
     driver.check_steps(base, driver.count_rows(source, "train"))
