@@ -457,7 +457,9 @@ def _run(cfg: Config, quiet_ray: bool, stop_epoch: int, table: bool, held: conte
     # written again at its path
     files = manifest_signature(cfg.data.manifest)
     # the files the run reads, checked again at every checkpoint (changed_manifests)
-    watched = {cfg.data.manifest: files, eval_manifest: manifest_signature(eval_manifest)}
+    watched = {cfg.data.manifest: files}
+    if eval_manifest != cfg.data.manifest:  # (read once: a streamed manifest has hundreds of shards)
+        watched[eval_manifest] = manifest_signature(eval_manifest)
     with storage_access(cfg, out):
         check_resume(out, resume_key(cfg, steps_per_epoch, stop_epoch, files))
     cfg = fitted
@@ -637,11 +639,12 @@ def _stored(uri: str) -> Iterator[None]:
 
 
 def _put_text(uri: str, text: str | bytes) -> None:
-    """Write a file of the run folder (text, or bytes) whole or not at all. A local one is written under a
-    `.partial` name and moved over the old one when complete (an object store's PUT is whole
-    already): written in place, a write that failed midway (a full disk) left resume_key.json
-    cut, the record a resume is checked against, and every later run with a checkpoint failed
-    on its JSONDecodeError traceback. A failed write is one line naming the file."""
+    """Write a file of the run folder (text, or bytes) whole or not at all. A local one is
+    written under a `.partial` name and moved over the old one when complete (an object store's
+    PUT is whole already): written in place, a write that failed midway (a full disk) left
+    resume_key.json cut, the record a resume is checked against, and every later run with a
+    checkpoint failed on its JSONDecodeError traceback. A failed write is one line naming the
+    file."""
     fs, path = fsspec_path(uri)
 
     def write(tmp: str) -> None:
