@@ -1538,3 +1538,40 @@ def test_the_train_progress_rate_counts_this_epochs_steps_not_the_evaluations_be
     assert lines[0].endswith("lr 1.00e-04 8.0 clips/s ETA 00:30")
     # 20 steps left at the run's 2.5 s a step so far
     assert lines[1] == "[train] epoch 2/4 step 20/40 epoch mean loss 0.5000 lr 1.00e-04 8.0 clips/s ETA 00:50"
+
+
+def test_an_evaluation_split_of_few_clips_is_said_to_measure_little(tmp_path):
+    """Ranked among n clips, every caption finds its own within the top n: a test split of one
+    clip gave R@1 100 whatever the model, and one of four R@5 and R@10 100, printed without a
+    word. The driver says so in a line (refusing it would refuse clip editing on a small
+    synthetic set, whose val split is one clip). Clips are keyed as evaluation keys them: a NaN
+    time is the whole file, and captions of one clip are one clip."""
+    from train.driver import few_clips_note
+
+    def manifest(clips, name):
+        rows = [{"video_id": v, "path": f"{v}.mp4", "start": s, "end": e, "caption": f"{v} {k}", "split": "test"}
+                for v, s, e in clips for k in range(3)]
+        write_manifest(rows + [{"video_id": "t", "path": "t.mp4", "caption": "train", "split": "train"}],
+                       tmp_path / name)
+        return str(tmp_path / name)
+
+    one = manifest([("v", None, None)], "one.parquet")
+    assert few_clips_note(one, "test") == (f"[driver] note: the 'test' split of {one} has 1 clip: every caption "
+                                           "finds its own among them within the top 1, so R@1/5/10 are 100 whatever "
+                                           "the model")
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from clipray.manifest import SCHEMA
+
+    # NaN times as another tool writes them (ManifestWriter writes nulls): one clip, two spellings
+    raw = [dict(row_id=i, video_id="v", path="v.mp4", start=s, end=s, caption=f"c{i}", split="test",
+                timestamp=None, duration=None, group=None) for i, s in enumerate([None, float("nan")])]
+    pq.write_table(pa.Table.from_pylist(raw, schema=pa.schema([f.with_nullable(True) for f in SCHEMA])),
+                   tmp_path / "nan.parquet")
+    assert " has 1 clip: " in few_clips_note(str(tmp_path / "nan.parquet"), "test")
+    four = manifest([("v", 0.0, 2.0), ("v", 2.0, 4.0), ("w", None, None), ("x", 1.0, 3.0)], "four.parquet")
+    assert few_clips_note(four, "test").endswith("has 4 clips: every caption finds its own among them within the "
+                                                 "top 4, so R@5/10 are 100 whatever the model")
+    ten = manifest([(f"v{i}", None, None) for i in range(10)], "ten.parquet")
+    assert few_clips_note(ten, "test") is None and few_clips_note(ten, "val") is None

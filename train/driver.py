@@ -368,6 +368,31 @@ def check_steps(cfg: Config, n_train: int | None, what: str = "training rows") -
     return steps_per_epoch, total
 
 
+def few_clips_note(manifest: str, split: str) -> str | None:
+    """A line for an evaluation split of fewer than 10 clips (video_id, start, end; a NaN time
+    is the whole file, as evaluation keys them), or None: ranked among n clips every caption
+    finds its own within the top n, so R@K for K >= n is 100 whatever the model (one clip: R@1
+    100), which the metrics table printed without a word."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.dataset as pads
+
+    from clipray.manifest import SCHEMA, manifest_files
+
+    fs, files = manifest_files(manifest)
+    t = pads.dataset(files, filesystem=fs, schema=SCHEMA).to_table(
+        columns=["video_id", "start", "end"], filter=pads.field("split") == split)
+    nothing = pa.scalar(None, pa.float64())
+    t = pa.table({"video_id": t["video_id"], **{c: pc.if_else(pc.is_nan(t[c]), nothing, t[c]) for c in ("start", "end")}})
+    n = t.group_by(["video_id", "start", "end"]).aggregate([]).num_rows
+    if not 0 < n < 10:
+        return None
+    ks = [k for k in (1, 5, 10) if k >= n]
+    return (f"[driver] note: the {split!r} split of {manifest} has {n} clip{'s' * (n > 1)}: every caption finds "
+            f"its own among them within the top {n}, so R@{'/'.join(map(str, ks))} "
+            f"{'is' if len(ks) == 1 else 'are'} 100 whatever the model")
+
+
 def count_rows(manifest: str, split: str) -> int:
     import pyarrow.dataset as pads
 
@@ -447,6 +472,8 @@ def _run(cfg: Config, quiet_ray: bool, stop_epoch: int, table: bool, held: conte
     if (cfg.data.eval_manifest or not cfg.data.shard_stream) and count_rows(eval_manifest, eval_split) < 1:
         raise ConfigError(f"{eval_manifest} has no {eval_split!r} rows to evaluate on: give data.eval_manifest "
                           f"a manifest with a {eval_split} split, or set data.eval_split")
+    if (cfg.data.eval_manifest or not cfg.data.shard_stream) and (note := few_clips_note(eval_manifest, eval_split)):
+        print(note, flush=True)
     # loads open_clip's model configs (~4 s): after the manifest checks, before the run folder
     # is made (a wrong model.* key leaves none behind); the resume key is the config as given
     fitted = model_io(cfg)
@@ -603,6 +630,8 @@ def evaluate_export(cfg: Config, export: str, split: str, name: str) -> dict[str
     manifest, out = cfg.data.eval_manifest or cfg.data.manifest, run_dir(cfg)
     if count_rows(manifest, split) < 1:
         raise ConfigError(f"{manifest} has no {split!r} rows to evaluate on")
+    if note := few_clips_note(manifest, split):
+        print(note, flush=True)
     init_ray(cfg.ray, quiet=True)
     data = dataclasses.replace(cfg.data, manifest=manifest)
     trainer = TorchTrainer(
