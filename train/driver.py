@@ -472,8 +472,8 @@ def _run(cfg: Config, quiet_ray: bool, stop_epoch: int, table: bool, held: conte
     if (cfg.data.eval_manifest or not cfg.data.shard_stream) and count_rows(eval_manifest, eval_split) < 1:
         raise ConfigError(f"{eval_manifest} has no {eval_split!r} rows to evaluate on: give data.eval_manifest "
                           f"a manifest with a {eval_split} split, or set data.eval_split")
-    if (cfg.data.eval_manifest or not cfg.data.shard_stream) and (note := few_clips_note(eval_manifest, eval_split)):
-        print(note, flush=True)
+    # said once Ray is up: a run refused before it (settings, storage, address) says only why
+    note = (cfg.data.eval_manifest or not cfg.data.shard_stream) and few_clips_note(eval_manifest, eval_split)
     # loads open_clip's model configs (~4 s): after the manifest checks, before the run folder
     # is made (a wrong model.* key leaves none behind); the resume key is the config as given
     fitted = model_io(cfg)
@@ -501,6 +501,8 @@ def _run(cfg: Config, quiet_ray: bool, stop_epoch: int, table: bool, held: conte
     from train.loop import STATE, train_loop
 
     init_ray(cfg.ray, quiet=quiet_ray)
+    if note:
+        print(note, flush=True)
     # the workers and one decode pool run at once (in shard_stream mode, one pool per worker)
     pools = cfg.train.num_workers if cfg.data.shard_stream else 1
     asks = {"train.num_workers x train.cpus_per_worker": cfg.train.num_workers * cfg.train.cpus_per_worker,
@@ -630,9 +632,10 @@ def evaluate_export(cfg: Config, export: str, split: str, name: str) -> dict[str
     manifest, out = cfg.data.eval_manifest or cfg.data.manifest, run_dir(cfg)
     if count_rows(manifest, split) < 1:
         raise ConfigError(f"{manifest} has no {split!r} rows to evaluate on")
-    if note := few_clips_note(manifest, split):
-        print(note, flush=True)
+    note = few_clips_note(manifest, split)
     init_ray(cfg.ray, quiet=True)
+    if note:
+        print(note, flush=True)
     data = dataclasses.replace(cfg.data, manifest=manifest)
     trainer = TorchTrainer(
         _eval_loop,
