@@ -681,6 +681,13 @@ def check_rows(raws: list[dict[str, Any]], where: str, first: int, ids: RowIds, 
     return out
 
 
+def nan_as_null(times: Any) -> Any:
+    """A float column of times with NaN as null (none), as `as_seconds` reads a NaN."""
+    import pyarrow.compute as pc
+
+    return pc.if_else(pc.is_nan(times), pa.scalar(None, pa.float64()), times)
+
+
 def _checked_batch(raw: pa.RecordBatch, ids: RowIds) -> pa.RecordBatch | None:
     """`raw`'s rows as `check_rows` gives them, each of its rules applied to whole columns, and
     their row ids recorded in `ids`; None (and no id recorded) when a row breaks a rule, for
@@ -700,9 +707,7 @@ def _checked_batch(raw: pa.RecordBatch, ids: RowIds) -> pa.RecordBatch | None:
             or any(bad(pc.equal(c, "")) for c in text.values())
             or not pc.all(pc.is_in(raw.column("split"), pa.array(SPLITS)), min_count=0).as_py()):
         return None
-    nothing = pa.scalar(None, pa.float64())
-    start, end, ts, dur = (pc.if_else(pc.is_nan(raw.column(k)), nothing, raw.column(k))  # NaN: none, as as_seconds
-                           for k in ("start", "end", "timestamp", "duration"))
+    start, end, ts, dur = (nan_as_null(raw.column(k)) for k in ("start", "end", "timestamp", "duration"))
     lo, hi = pc.coalesce(start, 0.0), pc.coalesce(end, dur, float("inf"))
     if (any(bad(pc.is_inf(c)) for c in (start, end, ts, dur))
             or bad(pc.not_equal(pc.is_null(start), pc.is_null(end))) or bad(pc.less(start, 0))

@@ -374,16 +374,14 @@ def few_clips_note(manifest: str, split: str) -> str | None:
     finds its own within the top n, so R@K for K >= n is 100 whatever the model (one clip: R@1
     100), which the metrics table printed without a word."""
     import pyarrow as pa
-    import pyarrow.compute as pc
     import pyarrow.dataset as pads
 
-    from clipray.manifest import SCHEMA, manifest_files
+    from clipray.manifest import SCHEMA, manifest_files, nan_as_null
 
     fs, files = manifest_files(manifest)
     t = pads.dataset(files, filesystem=fs, schema=SCHEMA).to_table(
         columns=["video_id", "start", "end"], filter=pads.field("split") == split)
-    nothing = pa.scalar(None, pa.float64())
-    t = pa.table({"video_id": t["video_id"], **{c: pc.if_else(pc.is_nan(t[c]), nothing, t[c]) for c in ("start", "end")}})
+    t = pa.table({"video_id": t["video_id"], "start": nan_as_null(t["start"]), "end": nan_as_null(t["end"])})
     n = t.group_by(["video_id", "start", "end"]).aggregate([]).num_rows
     if not 0 < n < 10:
         return None
