@@ -449,6 +449,24 @@ def test_edit_state_written_on_a_full_disk_is_an_error_naming_it(tmp_path, file_
     assert state.read_text() == '{"records": []}'
 
 
+def test_a_teacher_copied_on_a_full_disk_keeps_the_last_teacher(tmp_path, file_size_limit):
+    """A round that beats the best so far copies its export over the teacher, the export a
+    resumed run scores its next round with. Copied in place, a full disk midway (here a file
+    size limit, EFBIG) left the teacher's weights cut, and every resume failed to load them.
+    Each file is now copied whole or not at all, the error naming it."""
+    run = tmp_path / "run"
+    for name, weights in (("teacher", b"old weights"), ("export", b"w" * 200_000)):
+        (run / name).mkdir(parents=True)
+        (run / name / "model.safetensors").write_bytes(weights)
+        (run / name / "config.json").write_text("{}")
+    res = file_size_limit(100_000, "_copy_export(sys.argv[1] + '/export', sys.argv[1] + '/teacher')", run,
+                          setup="from train.edit import _copy_export\n")
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split() == [f"{run}/teacher/model.safetensors", "27"]  # EFBIG, named
+    assert (run / "teacher" / "model.safetensors").read_bytes() == b"old weights"
+    assert sorted(p.name for p in (run / "teacher").iterdir()) == ["config.json", "model.safetensors"]
+
+
 def test_edit_state_written_to_an_object_store_that_drops_is_a_line_naming_it(tmp_path):
     """A clip editing run in object storage writes its state, its rounds' manifests and the
     teacher's copy between rounds: the store gone by then (its connection dropped) ended the

@@ -21,7 +21,7 @@ import re
 import sys
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from clipray.config import Config, ConfigError, to_yaml
 from clipray.manifest import (ManifestError, check_unique_ids, file_signature, filesystem, fsspec_path,
@@ -716,17 +716,23 @@ def _write_outputs(out: str, cfg: Config, history: list[dict], final: dict, expo
     with _stored(f"{out}/export"):
         fs.makedirs(root, exist_ok=True)
     for p in export_src.iterdir():
-        # each file whole or not at all, as _put_text: the export of a run continued (clip
-        # editing's rounds, a resumed run) is written over the last call's, and copied in place,
-        # a full disk midway left its weights cut beside the old config.json, an export that no
-        # longer loaded (the old one gone)
-        try:
-            with _stored(f"{out}/export/{p.name}"):
-                replace_whole(fs, f"{root}/{p.name}", "://" not in out, lambda tmp: fs.put_file(str(p), tmp))
-        except OSError as e:
-            if e.errno:  # (shutil names the file copied from)
-                raise OSError(e.errno, os.strerror(e.errno), f"{out}/export/{p.name}") from e
-            raise
+        copy_whole(f"{out}/export/{p.name}", lambda tmp: fs.put_file(str(p), tmp))
+
+
+def copy_whole(uri: str, copy: Callable[[str], Any]) -> None:
+    """`copy(path)` writes the run folder's file `uri` at the path given, whole or not at all, as
+    `_put_text`: an export copied over the last one (a run continued, clip editing's teacher) was
+    copied in place, and a full disk midway (or a kill) left its weights cut beside the old
+    config.json, an export that no longer loaded, the old one gone. A failed copy's error names
+    `uri` (shutil's names the file copied from)."""
+    fs, path = fsspec_path(uri)
+    try:
+        with _stored(uri):
+            replace_whole(fs, path, "://" not in uri, copy)
+    except OSError as e:
+        if e.errno:
+            raise OSError(e.errno, os.strerror(e.errno), uri) from e
+        raise
 
 
 def _plot(history: list[dict], split: str = "test") -> bytes:

@@ -312,14 +312,14 @@ def _copy_export(src: str, dst: str) -> None:
     from clipray.export import CONFIG, WEIGHTS
     from clipray.manifest import fsspec_path
 
-    from train.driver import _stored
+    from train.driver import _stored, copy_whole
 
     fs, s = fsspec_path(src)
     d = fsspec_path(dst)[1]
     with _stored(dst):  # the run folder in object storage failing: a line, not botocore's traceback
         fs.makedirs(d, exist_ok=True)
-        for name in (WEIGHTS, CONFIG):
-            fs.cp_file(f"{s}/{name}", f"{d}/{name}")  # copy() would glob a "[2]" in the run folder
+    for name in (WEIGHTS, CONFIG):  # each whole: the teacher is what a resumed run goes on from
+        copy_whole(f"{dst}/{name}", lambda tmp: fs.cp_file(f"{s}/{name}", tmp))  # copy() would glob a "[2]"
 
 
 def _val(final: dict) -> dict[str, float]:
