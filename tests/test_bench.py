@@ -98,6 +98,7 @@ def test_bare_loop_counts_every_frame_on_one_core_and_unpins_after(tmp_path):
     (["bench", "train", "--warmup", "-1"], "argument --warmup: must be 0 or more, got -1"),
     (["bench", "startup", "--rounds", "1"], "argument --rounds: must be 2 or more, got 1"),
     (["bench", "shuffle", "--batch", "1"], "argument --batch: must be 2 or more, got 1"),
+    (["bench", "poll", "--runs", "0"], "argument --runs: must be 1 or more, got 0"),
     # `nan < 0` is false, so nan passed the floor, as inf did: both were tracebacks from the
     # frame arithmetic once generation had started
     (["data", "synth", "--idle-seconds", "nan"], "argument --idle-seconds: must be a finite number, got nan"),
