@@ -126,6 +126,7 @@ def test_counts_below_their_floor_are_usage_errors_before_any_work(argv, says, t
     ("edit", "model.head=meanp", "model.head must be one of meanP, seqLSTM, seqTransf, tightTransf, got 'meanp'"),
     ("heads", "data.batch_size=1", "data.batch_size=1: the tightTransf head's loss"),  # meanP,tightTransf
     ("edit", "model.head=tightTransf data.batch_size=1", "data.batch_size=1: the tightTransf head's loss"),
+    ("poll", "train.epocs=3", "bad key 'train.epocs'"),
 ])
 def test_bench_heads_and_edit_check_their_overrides_before_making_videos(bench, bad, says, tmp_path, capsys):
     """A typo in an override used to surface only after the synthetic set was made (600 videos
