@@ -46,8 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     driver.check_negatives(driver.model_io(load_config(config, short)))  # a bad override fails now
     manifest = ensure_synth(Path(args.data), args.videos).resolve()
     runs = Path(tempfile.mkdtemp(prefix="clipray-bench-poll-"))
-    order = [RAY_DEFAULT_S] + [s for _ in range(-(-args.runs // 2)) for s in
-                               (RAY_DEFAULT_S, TRAIN_POLL_S, TRAIN_POLL_S, RAY_DEFAULT_S)][:2 * args.runs]
+    cycle = (RAY_DEFAULT_S, TRAIN_POLL_S, TRAIN_POLL_S, RAY_DEFAULT_S)  # the warm-up run, then this over and over
+    order = [RAY_DEFAULT_S] + [cycle[i % 4] for i in range(2 * args.runs)]
     times: dict[str, list[float]] = {RAY_DEFAULT_S: [], TRAIN_POLL_S: []}
     was = os.environ.get(TRAIN_POLL_ENV)
     try:
