@@ -54,6 +54,8 @@ SCHEMA = pa.schema(
     ]
 )
 COLUMNS = tuple(SCHEMA.names)
+# the types a ManifestWriter's rows give when they are plain text and numbers (a time may be an int)
+_RAW_TYPES = {f.name: f.type for f in SCHEMA}
 _OPTIONAL = ("start", "end", "timestamp", "group", "duration")
 
 
@@ -126,11 +128,16 @@ def _utf8(text: str, key: str, where: str) -> str:
 
 
 def validate_table(table: pa.Table, source: str = "manifest") -> None:
-    """Check a table read back from Parquet against the schema and the row rules."""
+    """Check a table read back from Parquet against the schema and the row rules: a column at a
+    time (`_checked_batch`), and row by row (`check_row`, which names the row) only when that
+    finds a row breaking a rule."""
     missing = [c for c in COLUMNS if c not in table.column_names]
     if missing:
         raise ManifestError(f"{source}: missing columns {missing}")
-    for i, row in enumerate(table.select(list(COLUMNS)).to_pylist()):
+    table = table.select(list(COLUMNS))
+    if all(_checked_batch(b) is not None for b in table.to_batches()):
+        return
+    for i, row in enumerate(table.to_pylist()):
         check_row(row, f"{source} row {i}")
 
 
@@ -146,6 +153,14 @@ def shard_name(i: int) -> str:
 class ManifestWriter:
     """Streams rows into Parquet shards of `rows_per_shard` rows, validating each row.
 
+    Rows are checked a buffer at a time, a column at a time (`_checked_batch`, as `data check`
+    reads); only a buffer where a row breaks a rule, or whose values are not plain text and
+    numbers, goes row by row through `check_row`, which names the row. Row by row, the check
+    was about half of a HowTo100M prepare's time (docs/benchmarks.md, "Writing a manifest").
+    So a bad row is refused when its buffer is written, not when it is added: by `on_bad(row,
+    error)` when given (the row is dropped and the write goes on), else by raising the
+    ManifestError. `tally`, when given, counts the rows written (`Tally.add_batch`).
+
     `out` ending in `.parquet` gives one file; otherwise `out` is a directory of
     `part-NNNNN.parquet` shards. Either way rows go to disk as they come, `ROWS_PER_GROUP` at a
     time (one Parquet row group), so memory stays flat however many rows a source has. Each file
@@ -155,8 +170,12 @@ class ManifestWriter:
     `row_id` (a rewrite of a manifest whose rows must still join with the original's).
     """
 
+    by_columns = True  # False: every row through check_row (`clipray bench prepare`'s baseline)
+
     def __init__(self, out: str | Path, rows_per_shard: int = 1_000_000,
-                 metadata: Mapping[str, Any] | None = None, keep_row_ids: bool = False):
+                 metadata: Mapping[str, Any] | None = None, keep_row_ids: bool = False,
+                 on_bad: Callable[[Mapping[str, Any], ManifestError], None] | None = None,
+                 tally: Tally | None = None):
         self.out = str(out)
         self.single = self.out.endswith(".parquet")
         self.rows_per_shard = rows_per_shard
@@ -175,30 +194,22 @@ class ManifestWriter:
             self.fs.create_dir(folder, recursive=True)
         except OSError as e:
             raise ManifestError(f"{self.out}: cannot create the folder {folder} ({e})") from e
-        self._buf: list[dict[str, Any]] = []
-        self.rows = 0
+        self._buf: list[Mapping[str, Any]] = []  # rows added, not yet checked
+        self.rows = 0  # rows written (checked)
         self.shards: list[str] = []  # final names of the files begun; `.partial` until close()
         self._final = 0  # the shards under their final name so far, in order
         self._writer: pq.ParquetWriter | None = None  # the file being written
-        self._in_shard = 0  # rows given to the file being written
-        self._ids: set[int] | None = set() if keep_row_ids else None
+        self._in_shard = 0  # rows written to the file being written
+        self._ids = RowIds() if keep_row_ids else None
+        self.on_bad, self.tally = on_bad, tally
 
     def add(self, row: Mapping[str, Any]) -> None:
-        clean = check_row(row, f"row {self.rows}")
-        clean["row_id"] = self.rows
-        if self._ids is not None:
-            clean["row_id"] = rid = row.get("row_id")
-            if not isinstance(rid, int) or rid in self._ids:
-                raise ManifestError(f"row {self.rows}: row_id {rid!r} is missing, not an int or repeated")
-            self._ids.add(rid)
-        self._buf.append(clean)
-        self.rows += 1
-        self._in_shard += 1
-        shard_full = not self.single and self._in_shard >= self.rows_per_shard
-        if shard_full or len(self._buf) >= ROWS_PER_GROUP:
+        """Take `row` (kept as it is until its buffer is written: give each row its own dict)."""
+        self._buf.append(row)
+        # a shard's last buffer is no longer than its room, so a shard holds rows_per_shard rows
+        room = ROWS_PER_GROUP if self.single else min(ROWS_PER_GROUP, self.rows_per_shard - self._in_shard)
+        if len(self._buf) >= room:
             self._flush()
-        if shard_full:
-            self._end_file()
 
     def extend(self, rows: Iterable[Mapping[str, Any]]) -> "ManifestWriter":
         for r in rows:
@@ -206,17 +217,72 @@ class ManifestWriter:
         return self
 
     def _flush(self) -> None:
-        """Write the buffered rows to the current file (begun here if need be) as one row group."""
+        """Check the buffered rows and write those kept to the current file (begun here if need
+        be) as one row group; end the file when its shard is full."""
+        batch = self._checked(self._buf)
+        self._buf = []
+        if not batch.num_rows:
+            return
+        self._open()
+        # a full disk is pyarrow's OSError naming no file: `clipray data synth` ended in its traceback
+        with naming(self._named(self.shards[-1]) + PARTIAL):
+            self._writer.write_batch(batch)
+        self.rows += batch.num_rows
+        self._in_shard += batch.num_rows
+        if self.tally is not None:
+            self.tally.add_batch(batch)
+        if not self.single and self._in_shard >= self.rows_per_shard:
+            self._end_file()
+
+    def _open(self) -> None:
+        """Begin the next file, unless one is being written."""
         if self._writer is None:
             path = self.root if self.single else f"{self.root}/{shard_name(len(self.shards))}"
             self.shards.append(path)
             with naming(self._named(path) + PARTIAL):
                 self._writer = pq.ParquetWriter(path + PARTIAL, self.schema, filesystem=self.fs)
-        if self._buf:
-            # a full disk is pyarrow's OSError naming no file: `clipray data synth` ended in its traceback
-            with naming(self._named(self.shards[-1]) + PARTIAL):
-                self._writer.write_batch(pa.RecordBatch.from_pylist(self._buf, schema=self.schema))
-        self._buf = []
+
+    def _checked(self, raws: list[Mapping[str, Any]]) -> pa.RecordBatch:
+        """The rows of `raws` to write (numbered from self.rows, or by their own row_id), checked
+        by columns when they allow it, else one by one."""
+        batch = self._by_columns(raws) if self.by_columns and raws else None
+        if batch is not None:
+            return pa.RecordBatch.from_arrays([batch.column(k) for k in COLUMNS], schema=self.schema)
+        out = []
+        for row in raws:
+            try:
+                clean = check_row(row, f"row {self.rows + len(out)}")
+                clean["row_id"] = self.rows + len(out)
+                if self._ids is not None:
+                    clean["row_id"] = rid = row.get("row_id")
+                    if not isinstance(rid, int) or not self._ids.add(rid):
+                        raise ManifestError(f"row {self.rows + len(out)}: row_id {rid!r} is missing, not an int "
+                                            "or repeated")
+            except ManifestError as e:
+                if self.on_bad is None:
+                    raise
+                self.on_bad(row, e)
+                continue
+            out.append(clean)
+        return pa.RecordBatch.from_pylist(out, schema=self.schema)
+
+    def _by_columns(self, raws: list[Mapping[str, Any]]) -> pa.RecordBatch | None:
+        """`raws` checked a column at a time (`_checked_batch`), its row ids recorded; None when
+        a value is not plain text or a number (bytes, a time as text: check_row reads or names
+        those) or a row breaks a rule."""
+        arrays = {}
+        try:
+            for k, want in _RAW_TYPES.items():
+                if k == "row_id" and self._ids is None:
+                    arrays[k] = pa.array(range(self.rows, self.rows + len(raws)), pa.int64())
+                    continue
+                a = pa.array([r.get(k) for r in raws])
+                if not (pa.types.is_null(a.type) or a.type == want or (want == pa.float64() and a.type == pa.int64())):
+                    return None
+                arrays[k] = a.cast(want)
+        except (pa.ArrowException, UnicodeError, OverflowError, TypeError, ValueError):
+            return None  # mixed types, a lone surrogate, an int past int64: check_row names it
+        return _checked_batch(pa.RecordBatch.from_pydict(arrays), self._ids)
 
     def _named(self, path: str) -> str:
         """A file's path as the caller gave `out` (with its s3:// or gs://), for an error."""
@@ -230,8 +296,10 @@ class ManifestWriter:
 
     def finish(self) -> "ManifestWriter":
         """Write out every row, each file still under its `.partial` name (`close` renames them)."""
-        if self._buf or not self.shards:  # no row at all still gives an (empty) manifest
+        if self._buf:
             self._flush()
+        if not self.shards:  # no row at all still gives an (empty) manifest
+            self._open()
         self._end_file()
         return self
 
@@ -688,10 +756,10 @@ def nan_as_null(times: Any) -> Any:
     return pc.if_else(pc.is_nan(times), pa.scalar(None, pa.float64()), times)
 
 
-def _checked_batch(raw: pa.RecordBatch, ids: RowIds) -> pa.RecordBatch | None:
+def _checked_batch(raw: pa.RecordBatch, ids: RowIds | None = None) -> pa.RecordBatch | None:
     """`raw`'s rows as `check_rows` gives them, each of its rules applied to whole columns, and
-    their row ids recorded in `ids`; None (and no id recorded) when a row breaks a rule, for
-    check_rows to name it."""
+    their row ids recorded in `ids` (when given: else row ids are not checked for repeats);
+    None (and no id recorded) when a row breaks a rule, for check_rows to name it."""
     import pyarrow.compute as pc
 
     def bad(mask: pa.Array) -> bool:  # a null (an unknown) is no row found bad
@@ -714,7 +782,7 @@ def _checked_batch(raw: pa.RecordBatch, ids: RowIds) -> pa.RecordBatch | None:
             or bad(pc.less_equal(end, start)) or bad(pc.less_equal(dur, 0))
             or bad(pc.invert(pc.and_(pc.less_equal(lo, ts), pc.less_equal(ts, hi))))):
         return None
-    if not ids.add_all(raw.column("row_id").to_numpy()):
+    if ids is not None and not ids.add_all(raw.column("row_id").to_numpy()):
         return None
     group = raw.column("group")
     group = pc.if_else(pc.or_kleene(pc.is_null(group), pc.equal(group, "")), text["video_id"], group)

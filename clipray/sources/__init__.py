@@ -15,12 +15,13 @@ in specs/datasets.md; one module per release holds its rules.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import re
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping
 
 from clipray.manifest import MAX_DISTINCT, PARTIAL, Every, ManifestError, ManifestWriter, Tally
 from clipray.sources import activitynet, didemo, generic, howto100m, lsmdc, msrvtt, msvd, youcook2
@@ -142,21 +143,23 @@ def _prepare(name: str, root: str, out: str, progress_s: float | None = None, **
         print(f"  {name}: first row after {writing - started:,.0f}s (annotations read, videos listed)",
               file=sys.stderr, flush=True)
     metadata = {"source": name, "root": root, "options": opts, **ctx.metadata}
-    writer = ManifestWriter(out, rows_per_shard=int(opts["rows_per_shard"]), metadata=metadata)
+    tally = Tally()
+    writer = ManifestWriter(out, rows_per_shard=int(opts["rows_per_shard"]), metadata=metadata,
+                            on_bad=functools.partial(_refused, ctx), tally=tally)
     with _writing(out):
         if any(path.endswith(PARTIAL) for path in _old_shards(out)[1]):
             # unfinished (a run stopped while its shards went or were renamed): no manifest to
             # keep, and its shards left would read as a smaller, complete one once a failure
             # of this run removed its own .partial shards
             _remove_old_shards(out, [])
-        tally, every = Tally(), Every(progress_s)
+        every = Every(progress_s)
         try:
             if first is not None:
-                for row in _chain(first, rows):
-                    _add(writer, row, ctx, tally)
-                    if every():
-                        print(f"  {name}: {writer.rows:,} rows written, {len(writer.shards)} shards, "
-                              f"{writer.rows / max(time.perf_counter() - writing, 1e-3):,.0f} rows/s",
+                for n, row in enumerate(_chain(first, rows), 1):
+                    writer.add(row)
+                    if every():  # the writer checks and writes rows a buffer at a time
+                        print(f"  {name}: {n:,} rows read, {writer.rows:,} written, {len(writer.shards)} shards, "
+                              f"{n / max(time.perf_counter() - writing, 1e-3):,.0f} rows/s",
                               file=sys.stderr, flush=True)
             writer.finish()
         except BaseException:
@@ -194,15 +197,11 @@ def _writing(out: str) -> Iterator[None]:
         yield
 
 
-def _add(writer: ManifestWriter, row: dict, ctx: Context, tally: Tally) -> None:
-    try:
-        writer.add(row)
-    except ManifestError as e:  # a last guard: adapters reject what they can name themselves
-        reason = re.sub(r"^row \d+( \(video .*?\))?: ", "", str(e))
-        ctx.reject(row.get("_where", "?"), reason,
-                   category="invalid row: " + re.sub(r"-?\d+(\.\d+)?(e[-+]?\d+)?", "#", reason))
-        return
-    tally.add(row)
+def _refused(ctx: Context, row: Mapping[str, Any], e: ManifestError) -> None:
+    """A row the writer refused (a last guard: adapters reject what they can name themselves)."""
+    reason = re.sub(r"^row \d+( \(video .*?\))?: ", "", str(e))
+    ctx.reject(row.get("_where", "?"), reason,
+               category="invalid row: " + re.sub(r"-?\d+(\.\d+)?(e[-+]?\d+)?", "#", reason))
 
 
 def _chain(first, rest):
