@@ -40,6 +40,7 @@ BENCHES = {
     "startup": "clipray.bench.startup:main",
     "shuffle": "clipray.bench.shuffle:main",
     "poll": "clipray.bench.poll:main",
+    "prepare": "clipray.bench.prepare:main",
 }
 
 

@@ -99,6 +99,7 @@ def test_bare_loop_counts_every_frame_on_one_core_and_unpins_after(tmp_path):
     (["bench", "startup", "--rounds", "1"], "argument --rounds: must be 2 or more, got 1"),
     (["bench", "shuffle", "--batch", "1"], "argument --batch: must be 2 or more, got 1"),
     (["bench", "poll", "--runs", "0"], "argument --runs: must be 1 or more, got 0"),
+    (["bench", "prepare", "--lines", "0"], "argument --lines: must be 1 or more, got 0"),
     # `nan < 0` is false, so nan passed the floor, as inf did: both were tracebacks from the
     # frame arithmetic once generation had started
     (["data", "synth", "--idle-seconds", "nan"], "argument --idle-seconds: must be a finite number, got nan"),
@@ -137,6 +138,24 @@ def test_bench_heads_and_edit_check_their_overrides_before_making_videos(bench, 
     assert main(["bench", bench, "--data", str(tmp_path / "synth"), "--videos", "2", *heads, *bad.split()]) == 2
     assert says in capsys.readouterr().err
     assert not (tmp_path / "synth").exists()
+
+
+def test_bench_prepare_runs_both_checks_over_one_release_and_leaves_nothing(tmp_path, monkeypatch, capsys):
+    """A small `clipray bench prepare`: the real howto100m prepare, each way of checking rows,
+    the same rows written; its work folder goes, and the writer is left checking by columns."""
+    import tempfile
+
+    from clipray.bench.prepare import main
+    from clipray.manifest import ManifestWriter
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    assert main(["--videos", "3", "--lines", "4", "--runs", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "3 videos x 4 lines = 12 rows, 2 runs each" in out
+    assert [ln.split(":")[1].split()[:3] for ln in out.splitlines() if ln.startswith("  run ")] == [
+        ["(a)", "row", "by"], ["(b)", "by", "columns"], ["(b)", "by", "columns"], ["(a)", "row", "by"]]
+    assert "the manifests written are equal" in out
+    assert list(tmp_path.iterdir()) == [] and ManifestWriter.by_columns is True
 
 
 def test_bench_data_with_no_training_clip_says_so_before_ray(tmp_path, monkeypatch):
