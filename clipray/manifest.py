@@ -54,8 +54,7 @@ SCHEMA = pa.schema(
     ]
 )
 COLUMNS = tuple(SCHEMA.names)
-# the types a ManifestWriter's rows give when they are plain text and numbers (a time may be an int)
-_RAW_TYPES = {f.name: f.type for f in SCHEMA}
+_RAW_TYPES = {f.name: f.type for f in SCHEMA}  # what a ManifestWriter's rows' values must read as
 _OPTIONAL = ("start", "end", "timestamp", "group", "duration")
 
 
@@ -277,7 +276,7 @@ class ManifestWriter:
                     arrays[k] = pa.array(range(self.rows, self.rows + len(raws)), pa.int64())
                     continue
                 a = pa.array([r.get(k) for r in raws])
-                if not (pa.types.is_null(a.type) or a.type == want or (want == pa.float64() and a.type == pa.int64())):
+                if not _reads_as(a.type, want):
                     return None
                 arrays[k] = a.cast(want)
         except (pa.ArrowException, UnicodeError, OverflowError, TypeError, ValueError):

@@ -537,6 +537,8 @@ def test_the_writer_checks_by_columns_what_check_row_checks_row_by_row(tmp_path,
     for i, r in enumerate(good):  # ints and numpy floats for seconds are plain numbers too
         if i % 5 == 1 and r["start"] is not None and not math.isnan(r["start"]):
             r.update(start=np.float64(r["start"]), end=int(r["end"]) + 1)
+        if i % 5 == 2 and r["timestamp"] is not None:
+            r.update(timestamp=np.float32(r["timestamp"]))
     rows_way = write(good, False, "rows")
     assert len(checked) == 300
     checked.clear()
