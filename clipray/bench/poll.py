@@ -20,6 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from clipray.bench import alternated
 from clipray.cli import at_least
 
 RAY_DEFAULT_S = "2"
@@ -46,8 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     driver.check_negatives(driver.model_io(load_config(config, short)))  # a bad override fails now
     manifest = ensure_synth(Path(args.data), args.videos).resolve()
     runs = Path(tempfile.mkdtemp(prefix="clipray-bench-poll-"))
-    cycle = (RAY_DEFAULT_S, TRAIN_POLL_S, TRAIN_POLL_S, RAY_DEFAULT_S)  # the warm-up run, then this over and over
-    order = [RAY_DEFAULT_S] + [cycle[i % 4] for i in range(2 * args.runs)]
+    order = [RAY_DEFAULT_S] + alternated(RAY_DEFAULT_S, TRAIN_POLL_S, args.runs)  # a warm-up run first
     times: dict[str, list[float]] = {RAY_DEFAULT_S: [], TRAIN_POLL_S: []}
     was = os.environ.get(TRAIN_POLL_ENV)
     try:

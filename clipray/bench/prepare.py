@@ -19,6 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from clipray.bench import alternated
 from clipray.cli import at_least
 
 
@@ -57,14 +58,12 @@ def _compare(work: Path, videos: int, lines: int, runs: int) -> int:
 
     caption_release(work / "release", videos, lines)
     ways = {"(a) row by row": False, "(b) by columns": True}
-    cycle = ("(a) row by row", "(b) by columns", "(b) by columns", "(a) row by row")
     times: dict[str, list[float]] = {w: [] for w in ways}
     rows = videos * lines
     print(f"clipray bench prepare: howto100m, {videos:,} videos x {lines} lines = {rows:,} rows, "
           f"{runs} runs each")
     try:
-        for i in range(2 * runs):
-            way = cycle[i % 4]
+        for i, way in enumerate(alternated(*ways, runs)):
             ManifestWriter.by_columns = ways[way]
             t0 = time.perf_counter()
             rep = prepare("howto100m", str(work / "release"), str(work / way.split()[0]))
