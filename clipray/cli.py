@@ -7,7 +7,7 @@ Each subcommand is a thin shim over a `main(argv)` function that tests call dire
   clipray edit CONFIG [k=v ...]        clip-boundary editing from single timestamps (= python -m train.edit)
   clipray index CONFIG [k=v ...]       offline embedding index of a manifest
   clipray serve CONFIG [k=v ...]       the retrieval API on Ray Serve
-  clipray bench data|model|train|serve|stream|heads|edit|startup|shuffle|poll   benchmarks beside a baseline
+  clipray bench data|model|train|serve|stream|heads|edit|startup|shuffle|poll|prepare   benchmarks beside a baseline
 """
 
 from __future__ import annotations

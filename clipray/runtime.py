@@ -55,8 +55,8 @@ FREE_OBJECTS_PERIOD_MS = "50"
 
 # how often Ray Train's controller polls its workers (Ray's default 2 s): each phase of a run (the
 # worker group up, each report, the end) waits for the next poll. On the embedded Ray a short
-# training run ended ~5 s sooner at 0.5 s (`clipray train` of the demo's model on 24 synthetic
-# videos, 2 steps, runs alternated in one process on 2 cores: median of four 32.7 s -> 27.2 s).
+# training run ends 3-5 s sooner at 0.5 s (`clipray bench poll`: one epoch of the demo's model on
+# 24 synthetic videos, 2 cores, medians 28.9 -> 25.6 s and 29.6 -> 25.1 s; docs/benchmarks.md).
 # Read from the driver's environment when a run starts; a user's own value wins.
 TRAIN_POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
 TRAIN_POLL_S = "0.5"
