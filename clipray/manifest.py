@@ -249,14 +249,14 @@ class ManifestWriter:
             return pa.RecordBatch.from_arrays([batch.column(k) for k in COLUMNS], schema=self.schema)
         out = []
         for row in raws:
+            n = self.rows + len(out)  # the row's number in the manifest, were it kept
             try:
-                clean = check_row(row, f"row {self.rows + len(out)}")
-                clean["row_id"] = self.rows + len(out)
+                clean = check_row(row, f"row {n}")
+                clean["row_id"] = n
                 if self._ids is not None:
                     clean["row_id"] = rid = row.get("row_id")
                     if not isinstance(rid, int) or not self._ids.add(rid):
-                        raise ManifestError(f"row {self.rows + len(out)}: row_id {rid!r} is missing, not an int "
-                                            "or repeated")
+                        raise ManifestError(f"row {n}: row_id {rid!r} is missing, not an int or repeated")
             except ManifestError as e:
                 if self.on_bad is None:
                     raise
