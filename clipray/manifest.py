@@ -54,7 +54,6 @@ SCHEMA = pa.schema(
     ]
 )
 COLUMNS = tuple(SCHEMA.names)
-_RAW_TYPES = {f.name: f.type for f in SCHEMA}  # what a ManifestWriter's rows' values must read as
 _OPTIONAL = ("start", "end", "timestamp", "group", "duration")
 
 
@@ -271,7 +270,7 @@ class ManifestWriter:
         those) or a row breaks a rule."""
         arrays = {}
         try:
-            for k, want in _RAW_TYPES.items():
+            for k, want in zip(SCHEMA.names, SCHEMA.types):  # what the rows' values must read as
                 if k == "row_id" and self._ids is None:
                     arrays[k] = pa.array(range(self.rows, self.rows + len(raws)), pa.int64())
                     continue
