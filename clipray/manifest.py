@@ -486,6 +486,17 @@ def manifest_signature(path: str) -> list[list]:
             for f, sign in zip(files, signs)]
 
 
+def manifest_listing(path: str) -> list[tuple[str, int, int]]:
+    """Every file of a manifest (the file, or every file under its folder, unfinished shards
+    too) as (path, size, modification time in ns), from one listing: writing the manifest again
+    changes it (new files, new times) without a file being opened."""
+    fs, root = filesystem(path)
+    info = fs.get_file_info(root)
+    infos = fs.get_file_info(pafs.FileSelector(root, recursive=True)) if info.type == pafs.FileType.Directory \
+        else [info]
+    return sorted((i.path, i.size, i.mtime_ns) for i in infos if i.type == pafs.FileType.File)
+
+
 def _check_header(fs: pafs.FileSystem, file: str, path: str) -> None:
     """Read the first file's footer, so a wrong file fails here with its name rather than later
     in a Ray task: not Parquet, or lacking the columns every manifest row must have."""

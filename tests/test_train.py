@@ -1311,6 +1311,55 @@ def test_a_manifest_written_again_while_a_run_reads_it_is_found_changed(tmp_path
     assert said.startswith(f"{m}: the manifest changed while this run read it") and "\n" not in said
 
 
+def test_a_manifest_listed_as_it_was_found_is_not_read_again(tmp_path, monkeypatch):
+    """Rank 0 checks the run's manifests before reading and before every checkpoint while the
+    other workers wait, and signing a manifest reads both ends of each file: hundreds of shards
+    in object storage, every time. A manifest listed as this process last found it (the same
+    files, sizes and times) is not read again. Any other listing is read, and judged by its
+    files; so is a listing whose newest file is under 2 s old (object stores keep whole
+    seconds: a write of the same sizes within that second would list the same)."""
+    import clipray.manifest
+    from clipray.manifest import manifest_signature, write_manifest
+    from train import driver
+
+    def rows(caption):
+        return [{"video_id": f"v{i}", "path": f"v{i}.mp4", "start": None, "end": None,
+                 "caption": f"{caption} {i}", "split": "train"} for i in range(4)]
+
+    def written_ago(seconds):
+        for p in m.iterdir():
+            os.utime(p, (time.time() - seconds,) * 2)
+
+    m = tmp_path / "m"
+    write_manifest(rows("a dog runs"), m, rows_per_shard=1)  # 4 shards
+    written_ago(60)
+    watched = {str(m): manifest_signature(str(m))}
+    reads = []
+    sign = clipray.manifest.file_signature
+    monkeypatch.setattr(clipray.manifest, "file_signature", lambda fs, f: reads.append(f) or sign(fs, f))
+    monkeypatch.setattr(driver, "_confirmed", {}, raising=False)  # this process has checked nothing yet
+
+    def check():
+        before = len(reads)
+        return driver.changed_manifests(watched), len(reads) - before
+
+    assert check() == ([], 4)
+    assert check() == ([], 0)  # listed as found: not read
+    written_ago(50)  # the same files, other times (a copy over them): read, and unchanged
+    assert check() == ([], 4)
+    assert check() == ([], 0)
+    write_manifest(rows("a dog runs"), m, rows_per_shard=1)  # the same files, written just now
+    assert check() == ([], 4)
+    assert check() == ([], 4)  # under 2 s old: read every time
+    written_ago(40)
+    assert check() == ([], 4)
+    assert check() == ([], 0)
+    write_manifest(rows("a cat sits"), m, rows_per_shard=1)  # other rows: read, and changed
+    written_ago(30)
+    assert check() == ([str(m)], 4)
+    assert check() == ([str(m)], 4)  # a changed manifest is never taken as found
+
+
 def test_a_run_folder_file_rewritten_on_a_full_disk_keeps_the_old_one(tmp_path, file_size_limit):
     """resume_key.json (rewritten when a run resumes on its manifest or weights moved), and
     result.json, metrics.csv, config.yaml, were written in place: a write that failed midway (a

@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterator
 
 from clipray.config import Config, ConfigError, to_yaml
 from clipray.manifest import (ManifestError, check_unique_ids, file_signature, filesystem, fsspec_path,
-                              manifest_signature, naming, replace_whole)
+                              manifest_listing, manifest_signature, naming, replace_whole)
 
 
 def model_io(cfg: Config) -> Config:
@@ -323,17 +323,33 @@ def check_resume(out: str, key: dict[str, Any]) -> None:
                           "resuming would mix the two: use a new train.run_name, or the run's settings")
 
 
+# {path: (its signature, its listing)}: the listing a check in this process last found with
+# those files (changed_manifests)
+_confirmed: dict[str, tuple[list, list]] = {}
+
+
 def changed_manifests(watched: dict[str, list]) -> list[str]:
     """The manifests of `watched` ({path: its manifest_signature when the run began}) whose files
-    are other now: written again at their path (`clipray data prepare --out` them), or removed."""
+    are other now: written again at their path (`clipray data prepare --out` them), or removed.
+
+    Signing a manifest reads both ends of every file: for a streamed manifest in object storage,
+    hundreds of shards, at every checkpoint, while the other workers wait. A manifest listed as
+    it was when this process last found its files unchanged (the same names, sizes and times)
+    is not read again. Object stores keep whole seconds: a listing is trusted only once its
+    newest file is 2 s old, so that a write of the same sizes within that second is read."""
     changed = []
     for path, files in watched.items():
         try:
+            listed = manifest_listing(path)
+            if _confirmed.get(path) == (files, listed):
+                continue
             now = manifest_signature(path)
         except (ManifestError, OSError):  # gone, or being written (its .partial shards)
             now = None
         if now != files:
             changed.append(path)
+        elif all(t is not None and t < time.time_ns() - 2 * 10**9 for _, _, t in listed):
+            _confirmed[path] = (files, listed)
     return changed
 
 
