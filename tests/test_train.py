@@ -945,47 +945,63 @@ def log_trained_captions(synth_small, tmp_path, monkeypatch):
     return rows, log
 
 
-def test_a_step_budget_resumed_mid_pass_reads_on_where_its_pass_was(ray_local, synth_small, tmp_path, monkeypatch):
-    """24 training rows, 2 workers x 4 clips: a pass is 3 steps. A budget of 6 steps in segments
-    of 2 (checkpoint_every_steps) is two whole passes, so every caption trains exactly twice;
+def test_a_step_budget_resumed_mid_pass_and_mid_accumulation_goes_on_as_a_straight_run(ray_local, synth_small,
+                                                                                      tmp_path, monkeypatch):
+    """24 training rows, 2 workers x 3 clips: a pass is 4 steps. A budget of 8 steps in segments
+    of 3 (checkpoint_every_steps) is two whole passes, so every caption trains exactly twice;
     the workers log the captions (tokens) every step trains on. The run stops after its first
-    segment (2 of its pass's 3 steps) and is resumed. Two faults each broke the count:
-    - each segment started a new pass and trained its first 2 steps: in manifest order
-      (data.shuffle_rows=false) the same 16 captions every segment, 3 times each, and the
-      other 8 never (segment 3 here reads on from segment 2 in the same call);
-    - the resumed run started a new pass and trained its first batches again: the same 16
-      captions of segment 1 a second time (8 captions once, 8 twice, 8 three times)."""
+    segment (3 of its pass's 4 steps) and is resumed. Three faults each broke it:
+    - each segment started a new pass and trained its first steps: in manifest order
+      (data.shuffle_rows=false) the same captions every segment and others never (segment 3
+      here reads on from segment 2 in the same call);
+    - the resumed run started a new pass and trained its first batches again: the captions of
+      segment 1 a second time;
+    - with train.grad_accum=2 the optimiser steps after micro-steps 2, 4, 6 and 8, and segment 1
+      ends half-way through an accumulation. DeepSpeed counted micro-steps from 0 again after
+      the resume, so the resumed run stepped after 5 and 7 alone: 3 steps in all, and its
+      schedule stopped short (lr 2.5e-4 at the end, not 0)."""
     import collections
 
     from train.driver import run
 
     rows, log = log_trained_captions(synth_small, tmp_path, monkeypatch)
     args = overrides(str(tmp_path / "m.parquet"), tmp_path, "budget-resume", **{
-        "data.eval_manifest": synth_small["manifest"], "data.shuffle_rows": False,
-        "train.max_steps": 6, "train.checkpoint_every_steps": 2})
+        "data.eval_manifest": synth_small["manifest"], "data.shuffle_rows": False, "data.batch_size": 3,
+        "train.grad_accum": 2, "train.max_steps": 8, "train.checkpoint_every_steps": 3})
     first = run(load_config(DEMO, args), quiet_ray=True, stop_epoch=1, table=False)
-    assert first["total_steps"] == 2
+    assert first["total_steps"] == 3
     # its checkpoint as a run stopped before 9c803a8 saved it: the epoch's time only as its
     # clips_per_s (the resumed run failed at its end on a KeyError: no result.json, no export)
+    clips = 3 * 3 * 2  # segment 1: 3 steps of 3 clips x 2 workers
     snap = json.loads((tmp_path / "budget-resume" / "checkpoint_manager_snapshot.json").read_text())
     state_file = tmp_path / "budget-resume" / snap["latest_checkpoint_result"]["checkpoint_dir_name"] / "state.json"
     state = json.loads(state_file.read_text())
     old = {k: v for k, v in state["history"][0].items()
            if k not in ("epoch_s", "data_wait_s", "first_batch_s", "step_clips_per_s", "peak_mem_mb")}
-    state["history"][0] = dict(old, clips_per_s=2 * 4 * 2 / first["epoch_s"])  # 2 steps of 4 clips x 2 workers
+    state["history"][0] = dict(old, clips_per_s=clips / first["epoch_s"])
     state_file.write_text(json.dumps(state))
     final = run(load_config(DEMO, args), quiet_ray=True, table=False)
-    assert final["total_steps"] == 6
-    # the run's time goes with its steps: every epoch's, the first call's too (was this call's only)
+    assert final["total_steps"] == 8
     with open(tmp_path / "budget-resume" / "metrics.csv") as f:
-        epoch_s = [float(r["epoch_s"] or 2 * 4 * 2 / float(r["clips_per_s"])) for r in csv.DictReader(f)]
-    assert len(epoch_s) == 3 and epoch_s[0] == pytest.approx(first["epoch_s"])
+        segments = list(csv.DictReader(f))
+    assert [int(r["step"]) for r in segments] == [3, 6, 8]
+    # the run's time goes with its steps: every epoch's, the first call's too (was this call's only)
+    epoch_s = [float(r["epoch_s"] or clips / float(r["clips_per_s"])) for r in segments]
+    assert epoch_s[0] == pytest.approx(first["epoch_s"])
     assert final["train_seconds"] == pytest.approx(sum(epoch_s)) and final["train_seconds"] > final["epoch_s"]
     assert json.loads((tmp_path / "budget-resume" / "result.json").read_text())["train_seconds"] == \
         pytest.approx(final["train_seconds"])
     trained = collections.Counter(log.read_text().splitlines())
     assert len(trained) == len(rows) == 24
     assert set(trained.values()) == {2}, sorted(collections.Counter(trained.values()).items())
+    # demo: lr 1e-3 for every group, 10% warm-up; the schedule spans 8 // 2 = 4 optimiser steps,
+    # of which max(1, int(0.4)) = 1 warms up; "lr" is the rate after a segment's last step
+    n, warm = 4, 1
+
+    def lr_after(k):  # k optimiser steps taken
+        return 1e-3 * ((k + 1) / warm if k < warm else 0.5 * (1 + math.cos(math.pi * min(1, (k - warm) / (n - warm)))))
+
+    assert [float(r["lr"]) for r in segments] == pytest.approx([lr_after(1), lr_after(3), lr_after(4)], abs=1e-12)
 
 
 def test_unipt_under_zero3_trains_its_side_networks_and_leaves_clip_bit_identical(ray_local, synth_small, tmp_path):
@@ -1053,34 +1069,6 @@ def test_zero3_stopped_by_ctrl_c_says_how_to_resume_and_resumes_at_its_saved_ste
     assert result["total_steps"] == epochs * steps_per_epoch and result["epoch"] == epochs
     epochs_logged = [line.split(",")[0] for line in (tmp_path / "resume" / "metrics.csv").read_text().splitlines()[1:]]
     assert epochs_logged == [str(e) for e in range(1, epochs + 1)]  # no epoch trained twice: the history continues
-
-
-def test_a_resume_off_a_grad_accum_boundary_keeps_the_optimiser_steps_of_a_straight_run(ray_local, synth_small,
-                                                                                       tmp_path):
-    """train.grad_accum=2 with 3 steps per epoch (18 rows, 2 workers x 3): epoch 1 ends half-way
-    through an accumulation. A run stopped after it and resumed must step the optimiser where
-    one never stopped does, after micro-steps 2, 4 and 6: 1 step by the end of epoch 1, 3 by the
-    end. DeepSpeed counted micro-steps from 0 again after the resume, so the resumed run stepped
-    after 5 alone: 2 steps, and its schedule stopped half-way (lr 5e-4 at the end, not 0)."""
-    import math
-
-    from train.driver import run
-
-    args = overrides(synth_small["manifest"], tmp_path, "accum", **{"data.batch_size": 3, "train.grad_accum": 2})
-    run(load_config(DEMO, args), quiet_ray=True, stop_epoch=1, table=False)
-    final = run(load_config(DEMO, args), quiet_ray=True, table=False)
-    assert final["total_steps"] == 6
-    with open(tmp_path / "accum" / "metrics.csv") as f:
-        rows = list(csv.DictReader(f))
-    # demo: lr 1e-3 for every group, 10% warm-up; the schedule spans 6 // 2 = 3 optimiser steps,
-    # of which int(0.3) -> 1 warms up; "lr" is the rate after the epoch's last optimiser step
-    n, warm = 3, 1
-
-    def lr_after(k):  # k optimiser steps taken
-        return 1e-3 * ((k + 1) / warm if k < warm else 0.5 * (1 + math.cos(math.pi * min(1, (k - warm) / (n - warm)))))
-
-    assert [int(r["step"]) for r in rows] == [3, 6]
-    assert [float(r["lr"]) for r in rows] == pytest.approx([lr_after(1), lr_after(3)], abs=1e-12)
 
 
 def test_resuming_with_other_settings_is_refused_before_ray_and_leaves_the_run(ray_local, synth_small, tmp_path):
