@@ -583,17 +583,8 @@ class Tally:
     videos: set[str] = field(default_factory=set)
     captions: set[int] | None = field(default_factory=set)  # hashes; None past MAX_DISTINCT
 
-    def add(self, row: Mapping[str, Any]) -> None:
-        self.rows += 1
-        self.per_split[row["split"]] = self.per_split.get(row["split"], 0) + 1
-        self.videos.add(row["video_id"])
-        if self.captions is not None:
-            self.captions.add(hash(row["caption"]))
-            if len(self.captions) > MAX_DISTINCT:
-                self.captions = None
-
     def add_batch(self, batch: pa.RecordBatch) -> None:
-        """`add` each row of a batch of checked rows (`checked_batches`), a column at a time."""
+        """Count a batch of checked rows (`checked_batches`, the manifest writer's), a column at a time."""
         import pyarrow.compute as pc
 
         self.rows += batch.num_rows
