@@ -439,8 +439,7 @@ def manifest_files(path: str) -> tuple[pafs.FileSystem, list[str]]:
         if info.type == pafs.FileType.File:
             files = [root]
         else:
-            listed = [i.path for i in fs.get_file_info(pafs.FileSelector(root, recursive=True))
-                      if i.type == pafs.FileType.File]
+            listed = [i.path for i in _files(fs, root, info)]
             files = sorted(p for p in listed if p.endswith(".parquet"))
             partial = sum(p.endswith(".parquet" + PARTIAL) for p in listed)
     except OSError as e:  # an object store it cannot reach (network, credentials, bucket, permission)
@@ -491,10 +490,14 @@ def manifest_listing(path: str) -> list[tuple[str, int, int]]:
     too) as (path, size, modification time in ns), from one listing: writing the manifest again
     changes it (new files, new times) without a file being opened."""
     fs, root = filesystem(path)
-    info = fs.get_file_info(root)
-    infos = fs.get_file_info(pafs.FileSelector(root, recursive=True)) if info.type == pafs.FileType.Directory \
-        else [info]
-    return sorted((i.path, i.size, i.mtime_ns) for i in infos if i.type == pafs.FileType.File)
+    return sorted((i.path, i.size, i.mtime_ns) for i in _files(fs, root, fs.get_file_info(root)))
+
+
+def _files(fs: pafs.FileSystem, root: str, info: pafs.FileInfo) -> list[pafs.FileInfo]:
+    """The files `root` (its FileInfo `info`) names: itself, or every file under its folder."""
+    if info.type == pafs.FileType.Directory:
+        return [i for i in fs.get_file_info(pafs.FileSelector(root, recursive=True)) if i.type == pafs.FileType.File]
+    return [info] if info.type == pafs.FileType.File else []
 
 
 def _check_header(fs: pafs.FileSystem, file: str, path: str) -> None:
