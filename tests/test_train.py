@@ -1540,8 +1540,9 @@ def test_an_evaluation_split_of_few_clips_is_said_to_measure_little(tmp_path):
     clip gave R@1 100 whatever the model, and one of four R@5 and R@10 100, printed without a
     word. The driver says so in a line (refusing it would refuse clip editing on a small
     synthetic set, whose val split is one clip). Clips are keyed as evaluation keys them: a NaN
-    time is the whole file, and captions of one clip are one clip."""
-    from train.driver import few_clips_note
+    time is the whole file, and captions of one clip are one clip. The same read counts the
+    split's rows, which the driver refuses at 0."""
+    from train.driver import read_eval_split
 
     def manifest(clips, name):
         rows = [{"video_id": v, "path": f"{v}.mp4", "start": s, "end": e, "caption": f"{v} {k}", "split": "test"}
@@ -1551,9 +1552,9 @@ def test_an_evaluation_split_of_few_clips_is_said_to_measure_little(tmp_path):
         return str(tmp_path / name)
 
     one = manifest([("v", None, None)], "one.parquet")
-    assert few_clips_note(one, "test") == (f"[driver] note: the 'test' split of {one} has 1 clip: every caption "
-                                           "finds its own among them within the top 1, so R@1/5/10 are 100 whatever "
-                                           "the model")
+    assert read_eval_split(one, "test") == (3, f"[driver] note: the 'test' split of {one} has 1 clip: every caption "
+                                                "finds its own among them within the top 1, so R@1/5/10 are 100 "
+                                                "whatever the model")
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -1564,9 +1565,11 @@ def test_an_evaluation_split_of_few_clips_is_said_to_measure_little(tmp_path):
                 timestamp=None, duration=None, group=None) for i, s in enumerate([None, float("nan")])]
     pq.write_table(pa.Table.from_pylist(raw, schema=pa.schema([f.with_nullable(True) for f in SCHEMA])),
                    tmp_path / "nan.parquet")
-    assert " has 1 clip: " in few_clips_note(str(tmp_path / "nan.parquet"), "test")
+    rows, note = read_eval_split(str(tmp_path / "nan.parquet"), "test")
+    assert rows == 2 and " has 1 clip: " in note
     four = manifest([("v", 0.0, 2.0), ("v", 2.0, 4.0), ("w", None, None), ("x", 1.0, 3.0)], "four.parquet")
-    assert few_clips_note(four, "test").endswith("has 4 clips: every caption finds its own among them within the "
-                                                 "top 4, so R@5/10 are 100 whatever the model")
+    rows, note = read_eval_split(four, "test")
+    assert rows == 12 and note.endswith("has 4 clips: every caption finds its own among them within the "
+                                        "top 4, so R@5/10 are 100 whatever the model")
     ten = manifest([(f"v{i}", None, None) for i in range(10)], "ten.parquet")
-    assert few_clips_note(ten, "test") is None and few_clips_note(ten, "val") is None
+    assert read_eval_split(ten, "test") == (30, None) and read_eval_split(ten, "val") == (0, None)

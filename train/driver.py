@@ -384,11 +384,12 @@ def check_steps(cfg: Config, n_train: int | None, what: str = "training rows") -
     return steps_per_epoch, total
 
 
-def few_clips_note(manifest: str, split: str) -> str | None:
-    """A line for an evaluation split of fewer than 10 clips (video_id, start, end; a NaN time
-    is the whole file, as evaluation keys them), or None: ranked among n clips every caption
-    finds its own within the top n, so R@K for K >= n is 100 whatever the model (one clip: R@1
-    100), which the metrics table printed without a word."""
+def read_eval_split(manifest: str, split: str) -> tuple[int, str | None]:
+    """The evaluation split's rows, and a note for a split of fewer than 10 clips (video_id,
+    start, end; a NaN time is the whole file, as evaluation keys them) or None, from one read
+    of the split: ranked among n clips every caption finds its own within the top n, so R@K for
+    K >= n is 100 whatever the model (one clip: R@1 100), which the metrics table printed
+    without a word."""
     import pyarrow as pa
     import pyarrow.dataset as pads
 
@@ -400,11 +401,12 @@ def few_clips_note(manifest: str, split: str) -> str | None:
     t = pa.table({"video_id": t["video_id"], "start": nan_as_null(t["start"]), "end": nan_as_null(t["end"])})
     n = t.group_by(["video_id", "start", "end"]).aggregate([]).num_rows
     if not 0 < n < 10:
-        return None
+        return t.num_rows, None
     ks = [k for k in (1, 5, 10) if k >= n]
-    return (f"[driver] note: the {split!r} split of {manifest} has {n} clip{'s' * (n > 1)}: every caption finds "
-            f"its own among them within the top {n}, so R@{'/'.join(map(str, ks))} "
-            f"{'is' if len(ks) == 1 else 'are'} 100 whatever the model")
+    return t.num_rows, (
+        f"[driver] note: the {split!r} split of {manifest} has {n} clip{'s' * (n > 1)}: every caption finds "
+        f"its own among them within the top {n}, so R@{'/'.join(map(str, ks))} "
+        f"{'is' if len(ks) == 1 else 'are'} 100 whatever the model")
 
 
 def count_rows(manifest: str, split: str) -> int:
@@ -483,11 +485,12 @@ def _run(cfg: Config, quiet_ray: bool, stop_epoch: int, table: bool, held: conte
     # (a streamed HowTo100M manifest is not counted; its evaluation set is data.eval_manifest)
     if cfg.data.eval_manifest:
         check_unique_ids(eval_manifest)
-    if (cfg.data.eval_manifest or not cfg.data.shard_stream) and count_rows(eval_manifest, eval_split) < 1:
-        raise ConfigError(f"{eval_manifest} has no {eval_split!r} rows to evaluate on: give data.eval_manifest "
-                          f"a manifest with a {eval_split} split, or set data.eval_split")
-    # said once Ray is up: a run refused before it (settings, storage, address) says only why
-    note = (cfg.data.eval_manifest or not cfg.data.shard_stream) and few_clips_note(eval_manifest, eval_split)
+    note = None  # a few-clips note, said once Ray is up: a run refused before it says only why
+    if cfg.data.eval_manifest or not cfg.data.shard_stream:
+        eval_rows, note = read_eval_split(eval_manifest, eval_split)
+        if eval_rows < 1:
+            raise ConfigError(f"{eval_manifest} has no {eval_split!r} rows to evaluate on: give data.eval_manifest "
+                              f"a manifest with a {eval_split} split, or set data.eval_split")
     # loads open_clip's model configs (~4 s): after the manifest checks, before the run folder
     # is made (a wrong model.* key leaves none behind); the resume key is the config as given
     fitted = model_io(cfg)
@@ -644,9 +647,9 @@ def evaluate_export(cfg: Config, export: str, split: str, name: str) -> dict[str
 
     cfg = model_io(cfg)
     manifest, out = cfg.data.eval_manifest or cfg.data.manifest, run_dir(cfg)
-    if count_rows(manifest, split) < 1:
+    rows, note = read_eval_split(manifest, split)
+    if rows < 1:
         raise ConfigError(f"{manifest} has no {split!r} rows to evaluate on")
-    note = few_clips_note(manifest, split)
     init_ray(cfg.ray, quiet=True)
     if note:
         print(note, flush=True)
