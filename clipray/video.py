@@ -195,6 +195,9 @@ class PyAVVideo:
             self._container = av.open(src)
         except Exception as e:
             raise SkipClip(f"not a decodable video: {_short(e)}") from None
+        if not self._container.streams:  # an MP4 cut inside its index opens with none
+            self._container.close()
+            raise SkipClip("not a decodable video: no stream found (a truncated file, or not a media file)")
         if not _moving(self._container):  # an audio file (with its cover picture), subtitles only
             self._container.close()
             raise SkipClip("no video stream")

@@ -250,6 +250,12 @@ def test_every_bad_file_is_a_skip_with_reason(tmp_path, real_video, backend):
     for kind in ("truncated", "corrupt", "not_video"):
         assert reasons[kind].startswith("not a decodable video"), (kind, reasons[kind])
     assert reasons["truncated_faststart"].startswith(("decode failed", "not a decodable")), reasons
+    # cut inside its index (moov, at the end): FFmpeg opens it with no stream at all, which was
+    # said as "no video stream", an audio file's reason
+    data = real_video.read_bytes()
+    (tmp_path / "cut_index.mp4").write_bytes(data[: data.rindex(b"moov") + 40])
+    with pytest.raises(SkipClip, match=r"^not a decodable video: no stream found \(a truncated file"):
+        decode_clip_safe(str(tmp_path / "cut_index.mp4"), None, None, cfg)
     with pytest.raises(SkipClip, match="outside video"):
         decode_clip_safe(str(real_video), 30.0, 40.0, cfg)
 
