@@ -26,6 +26,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -188,6 +189,18 @@ class ManifestWriter:
         if not self.single and kind == pafs.FileType.File:
             raise ManifestError(f"{self.out}: is a file; a manifest not named *.parquet is a folder of "
                                 "shards (name the file *.parquet to replace it)")
+        if not self.single and kind == pafs.FileType.Directory:
+            # every .parquet under a folder manifest is read as part of it: a manifest written
+            # into `clipray data synth`'s folder (beside its manifest.parquet and events.parquet)
+            # was said written, and every read of it then failed on row ids repeated
+            listed = self.fs.get_file_info(pafs.FileSelector(self.root, recursive=True))
+            other = sorted(name for i in listed if i.type == pafs.FileType.File
+                           and i.base_name.endswith((".parquet", ".parquet" + PARTIAL))
+                           and not re.fullmatch(r"part-\d+\.parquet(\.partial)?", name := i.path[len(self.root) + 1:]))
+            if other:
+                raise ManifestError(f"{self.out}: holds other Parquet files ({', '.join(other[:3])}"
+                                    f"{', ...' if len(other) > 3 else ''}), which a folder manifest would be read "
+                                    "with: write it into an empty folder, or name a file *.parquet")
         try:  # up front, so a bad --out fails before a long source is read
             self.fs.create_dir(folder, recursive=True)
         except OSError as e:

@@ -15,7 +15,7 @@ from collections import OrderedDict
 import pyarrow.parquet as pq
 import pytest
 
-from clipray.manifest import manifest_metadata, read_manifest
+from clipray.manifest import manifest_metadata, read_manifest, write_manifest
 from clipray.sources import SOURCES, PrepareReport, SourceError, list_sources, prepare
 from clipray.sources.didemo import moment
 from clipray.sources.lsmdc import clip_folder, parse_time
@@ -789,19 +789,31 @@ def test_options_from_the_command_line_keep_their_text(tmp_path, capsys):
 
 def test_an_output_of_the_wrong_kind_is_refused_before_reading(tmp_path, capsys):
     """`--out x.parquet` that is a folder, or a shard folder's name that is a file: an error
-    line before any annotation is read, and what is there is left as it was."""
+    line before any annotation is read, and what is there is left as it was. So is a folder
+    holding other Parquet files (`clipray data synth`'s, with its manifest.parquet and
+    events.parquet), which every read takes as part of a folder manifest: the prepare said it
+    had written the manifest, and each read of it then failed on row ids repeated."""
     from clipray.cli import main
 
     fx.write_youcook2(tmp_path)
     (tmp_path / "dir.parquet").mkdir()
     (tmp_path / "dir.parquet" / "keep.txt").write_text("mine")
     (tmp_path / "afile").write_text("mine")
+    for name in ("manifest.parquet", "events/part-00000.parquet"):
+        write_manifest([{"video_id": "v", "path": "v.mp4", "caption": "mine", "split": "train"}],
+                       tmp_path / "synth" / name)
     for out, msg in ((tmp_path / "dir.parquet", "is a folder; a manifest named *.parquet is written as one file"),
-                     (tmp_path / "afile", "is a file; a manifest not named *.parquet is a folder of shards")):
+                     (tmp_path / "afile", "is a file; a manifest not named *.parquet is a folder of shards"),
+                     (tmp_path / "synth", "holds other Parquet files (events/part-00000.parquet, manifest.parquet), "
+                                          "which a folder manifest would be read with")):
         assert main(["data", "prepare", "youcook2", "--root", str(tmp_path), "--out", str(out)]) == 2
         assert capsys.readouterr().err.startswith(f"clipray data: error: {out}: {msg}")
     assert (tmp_path / "dir.parquet" / "keep.txt").read_text() == "mine"
     assert (tmp_path / "afile").read_text() == "mine"
+    assert sorted(str(p.relative_to(tmp_path / "synth")) for p in (tmp_path / "synth").rglob("*")) == [
+        "events", "events/part-00000.parquet", "manifest.parquet"]
+    # a folder of this manifest's own shards is written again, as before
+    assert prepare("youcook2", tmp_path, tmp_path / "m").rows == prepare("youcook2", tmp_path, tmp_path / "m").rows == 3
 
 
 def test_a_csv_line_the_csv_module_cannot_read_is_named(tmp_path):
