@@ -87,7 +87,7 @@ def check_row(row: Mapping[str, Any], where: str) -> dict[str, Any]:
     try:
         start, end = as_seconds(row.get("start")), as_seconds(row.get("end"))
         ts, dur = as_seconds(row.get("timestamp")), as_seconds(row.get("duration"))
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, OverflowError) as e:  # OverflowError: an int past float's range
         raise ManifestError(f"{where} (video {out['video_id']}): times must be seconds: {e}")
     for name, v in (("start", start), ("end", end), ("timestamp", ts), ("duration", dur)):
         if v is not None and math.isinf(v):  # decoded as "to the end", but no index key or JSON answer holds it

@@ -128,6 +128,7 @@ def test_a_single_file_manifest_streams_its_rows_to_disk(tmp_path, monkeypatch):
     (dict(split="training"), "split must be one of"),
     (dict(start=1.0), "both start and end"),
     (dict(start="00:01:02", end=3.0), "times must be seconds"),
+    (dict(start=0, end=10 ** 400), "times must be seconds: int too large"),  # was an OverflowError traceback
 ])
 def test_bad_rows_are_named(tmp_path, bad, msg):
     rs = rows(4)

@@ -408,6 +408,92 @@ def _check_howto(rep, out):
     assert rep.per_split == {"train": 4, "val": 2}
 
 
+BIG = "1" + "0" * 400  # a JSON integer past float's range: float() raised OverflowError
+
+
+def test_times_that_are_no_finite_seconds_are_rejected_not_written_as_whole_videos(tmp_path):
+    """A NaN start and end (Python's json writes and reads NaN) passed every check (`max(nan,
+    0.0)` is NaN and `nan >= nan` is False) and the row was written as the whole video, its
+    caption given to all of it; an integer past float's range was an OverflowError traceback,
+    and a YouCook2 segment written as the text "39" read as [3, 9]. Each is one rejected entry
+    now, and the good entry beside it is written."""
+    def source(name, files):
+        root = tmp_path / name
+        (root / "videos").mkdir(parents=True)
+        for video in ("A.mp4", "v.mov"):
+            (root / "videos" / video).touch()
+        for file, text in files.items():
+            (root / file).write_text(text)
+        out = tmp_path / f"{name}.parquet"
+        return prepare(name.split("-")[0], root, out), table(out, "video_id", "start", "end", "caption")
+
+    anet = {"v_A": {"duration": 80, "timestamps": [[float("nan"), float("nan")], [1, 5], [1, "inf"], "15"],
+                    "sentences": ["nan", "ok", "inf", "text"]}}
+    rep, rows = source("activitynet", {"train.json": json.dumps(anet), "val_1.json": "{}"})
+    assert rows == [("v_A", 1.0, 5.0, "ok")]
+    assert rep.rejected == {"timestamp is not a [start, end] pair of finite seconds": 3}
+    rep, rows = source("activitynet-big", {"train.json": '{"v_A": {"duration": %s, "timestamps": [[1, 5]], '
+                                           '"sentences": ["x"]}, "v_v": {"duration": 8, "timestamps": [[1, %s]], '
+                                           '"sentences": ["y"]}}' % (BIG, BIG), "val_1.json": "{}"})
+    assert rows == [] and rep.rejected == {"duration is not a finite number": 1,
+                                           "timestamp is not a [start, end] pair of finite seconds": 1}
+
+    def yc(segments, **entry):
+        anns = ", ".join('{"segment": %s, "id": %d, "sentence": "s%d"}' % (seg, k, k) for k, seg in enumerate(segments))
+        extra = "".join(f', "{k}": {v}' for k, v in entry.items())
+        return '{"database": {"A": {"duration": 60, "subset": "training"%s, "annotations": [%s]}}}' % (extra, anns)
+
+    rep, rows = source("youcook2", {"youcookii_annotations_trainval.json": yc(
+        ["[NaN, NaN]", "[4, 8]", '"39"', f"[0, {BIG}]", "[1, Infinity]"])})
+    assert rows == [("A", 4.0, 8.0, "s1")]
+    assert rep.rejected == {"segment is not a [start, end] pair of finite seconds": 4}
+    rep, rows = source("youcook2-big", {"youcookii_annotations_trainval.json": yc(["[4, 8]"], duration=BIG)})
+    assert rows == [("A", 4.0, 8.0, "s0")] and rep.rejected == {}  # no duration to clamp to, as when absent
+    rep, rows = source("youcook2-types", {"youcookii_annotations_trainval.json": yc(["[4, 8]"]).replace(
+        '"training"', '["training"]')})
+    assert rows == [] and rep.rejected == {"entry has no known subset (training/validation/testing)": 1}
+    rep, rows = source("youcook2-anns", {"youcookii_annotations_trainval.json":
+                                         '{"database": {"A": {"subset": "training", "annotations": 5}}}'})
+    assert rows == [] and rep.rejected == {"annotations is not a list (int)": 1}
+
+    def dd(*items):
+        return "[" + ", ".join('{"annotation_id": %d, "description": "d%d", "video": "v.mov", "times": %s, '
+                               '"num_segments": %s}' % (k, k, t, n) for k, (t, n) in enumerate(items)) + "]"
+
+    rep, rows = source("didemo", {"train_data.json": dd(("[[NaN, NaN]]", 6), ("[[1, 2]]", 6), (f"[[0, {BIG}]]", 6),
+                                                        ('["12"]', 6), ("[[1, 2]]", BIG)),
+                                  "val_data.json": "[]", "test_data.json": "[]"})
+    # [1, 2] -> 5 * 1 = 5 to 5 * (2 + 1) = 15; a count past float's range is taken as the usual 6
+    assert rows == [("v.mov", 5.0, 15.0, "d1"), ("v.mov", 5.0, 15.0, "d4")]
+    assert rep.rejected == {"malformed times": 3}
+
+
+def test_annotation_values_of_the_wrong_json_type_are_one_line_errors(tmp_path, capsys):
+    """A list where a video id belongs (MSR-VTT's sentences, ActivityNet's id list) was a
+    TypeError traceback (unhashable); a NaN in HowTo100M's caption JSON, which its parser does
+    not take, printed the parser's message over four lines."""
+    from clipray.cli import main
+
+    fx.write_msrvtt(tmp_path / "ms")
+    data = json.loads((tmp_path / "ms" / "msrvtt_data" / "MSRVTT_data.json").read_text())
+    data["sentences"][0]["video_id"] = [data["sentences"][0]["video_id"]]
+    (tmp_path / "ms" / "msrvtt_data" / "MSRVTT_data.json").write_text(json.dumps(data))
+    with pytest.raises(SourceError, match=r"^MSRVTT_data.json: sentences\[0\] lacks 'video_id' \(a string\)"):
+        prepare("msrvtt", tmp_path / "ms", tmp_path / "ms.parquet")
+    fx.write_activitynet(tmp_path / "an")
+    (tmp_path / "an" / "train_ids.json").write_text('["v_AAAAAAAAAAA", ["v_BBB-BB_BBBB"]]')
+    with pytest.raises(SourceError, match=r"^train_ids.json: expected a JSON list of video ids \(strings\)$"):
+        prepare("activitynet", tmp_path / "an", tmp_path / "an.parquet")
+    (tmp_path / "h" / "videos").mkdir(parents=True)
+    (tmp_path / "h" / "videos" / "A.mp4").touch()
+    (tmp_path / "h" / "raw_caption.json").write_text('{"A": {"start": [0.5, NaN], "end": [1, 2], "text": ["a", "b"]}}')
+    assert main(["data", "prepare", "howto100m", "--root", str(tmp_path / "h"), "--out", str(tmp_path / "h.parquet")]) == 2
+    err = capsys.readouterr().err
+    assert err == ('clipray data: error: raw_caption.json: invalid JSON (lexical error: invalid char in json text '
+                   'near: {"A": {"start": [0.5, NaN], "end": [1, 2], "text": [")\n')  # yajl's excerpt
+    assert not (tmp_path / "ms.parquet").exists() and not (tmp_path / "an.parquet").exists()
+
+
 def test_howto100m_giant_json_is_streamed_into_shards(tmp_path, monkeypatch):
     fx.write_howto100m(tmp_path, "json")
     out = tmp_path / "howto"

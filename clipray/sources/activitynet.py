@@ -23,7 +23,7 @@ import json
 import os
 from typing import Any, Iterator
 
-from clipray.sources.base import Context, SourceError, SourceSpec, open_text
+from clipray.sources.base import Context, SourceError, SourceSpec, open_text, seconds, span
 
 SPLITS = (("train", "train.json", "train_ids.json"), ("eval", "val_1.json", "val_ids.json"))
 
@@ -57,8 +57,8 @@ def rows(ctx: Context) -> Iterator[dict]:
             ids = list(data)
         else:
             listed = _load(ids_path)
-            if not isinstance(listed, list):
-                raise SourceError(f"{ids_name}: expected a JSON list of video ids")
+            if not isinstance(listed, list) or not all(isinstance(i, str) for i in listed):
+                raise SourceError(f"{ids_name}: expected a JSON list of video ids (strings)")
             ids = [i for i in dict.fromkeys(listed) if i in data]
             absent = len(set(listed)) - len(ids)
             if absent:
@@ -83,10 +83,15 @@ def rows(ctx: Context) -> Iterator[dict]:
 def _video_rows(ctx: Context, view: str, split: str, where: str, vid: str, path: str,
                 entry: Any) -> Iterator[dict]:
     try:
-        duration = float(entry["duration"])
         stamps, sentences = list(entry["timestamps"]), list(entry["sentences"])
+        duration = entry["duration"]
     except (TypeError, KeyError, ValueError):
         ctx.reject(where, "entry lacks duration/timestamps/sentences")
+        return
+    try:
+        duration = seconds(duration)
+    except ValueError as e:
+        ctx.reject(where, f"duration {e}", category="duration is not a finite number")
         return
     if not duration > 0:
         ctx.reject(where, "duration is not positive")
@@ -103,9 +108,9 @@ def _video_rows(ctx: Context, view: str, split: str, where: str, vid: str, path:
     for k, (stamp, sentence) in enumerate(zip(stamps, sentences)):
         at = f"{where} sentence {k}"
         try:
-            start, end = (float(t) for t in stamp)
-        except (TypeError, ValueError):
-            ctx.reject(at, f"timestamp {stamp!r} is not a [start, end] pair")
+            start, end = span(stamp)
+        except ValueError as e:
+            ctx.reject(at, f"timestamp {e}", category="timestamp is not a [start, end] pair of finite seconds")
             continue
         # some ends run past the video and some spans are empty: clamp, then drop empty
         start, end = min(max(start, 0.0), duration), min(max(end, 0.0), duration)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import codecs
 import csv
 import io
+import math
 import os
 import unicodedata
 from dataclasses import dataclass, field
@@ -404,6 +405,33 @@ def _coerce(source: str, key: str, value: Any, default: Any) -> Any:
     if isinstance(default, str):
         return value if isinstance(value, str) else str(value)
     return value
+
+
+def seconds(value: Any) -> float:
+    """A time of an annotation file (a number, or a number as text) as float seconds; ValueError
+    for anything else: a bool or null, NaN or inf (Python's json reads both), and an integer past
+    float's range (its OverflowError was a traceback). A NaN start and end had passed every
+    check (`max(nan, 0.0)` is NaN, `nan >= nan` False) and the row was written as the whole
+    video."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ValueError(f"{value!r} is not a number of seconds")
+    try:
+        out = float(value)
+    except OverflowError:
+        raise ValueError(f"{value} is past float's range") from None
+    except ValueError:
+        raise ValueError(f"{value!r} is not a number of seconds") from None
+    if not math.isfinite(out):
+        raise ValueError(f"{value!r} is not a finite number of seconds")
+    return out
+
+
+def span(pair: Any) -> tuple[float, float]:
+    """A `[start, end]` pair of an annotation file as two `seconds`; ValueError for anything else
+    (a text of two characters was read as two one-digit times)."""
+    if not isinstance(pair, (list, tuple)) or len(pair) != 2:
+        raise ValueError(f"{pair!r} is not a [start, end] pair")
+    return seconds(pair[0]), seconds(pair[1])
 
 
 def read_lines(path: str) -> list[str]:

@@ -20,9 +20,10 @@ in a bare '.') or equals `video` + '.mp4' (what the official AWS download script
 from __future__ import annotations
 
 import json
+import math
 from typing import Any, Iterator
 
-from clipray.sources.base import Context, SourceError, SourceSpec, open_text, read_lines, split_ext
+from clipray.sources.base import Context, SourceError, SourceSpec, open_text, read_lines, span, split_ext
 
 SPLITS = (("train", "train_data.json", "train_list.txt"), ("val", "val_data.json", "val_list.txt"),
           ("test", "test_data.json", "test_list.txt"))
@@ -35,12 +36,17 @@ def moment(times: Any, num_segments: Any = 6) -> tuple[float, float]:
     if not isinstance(times, list) or not times:
         raise ValueError("times is not a non-empty list")
     try:
-        pairs = [(float(s), float(e)) for s, e in times]
-    except (TypeError, ValueError):
-        raise ValueError(f"times {times!r} are not [start_seg, end_seg] pairs") from None
+        pairs = [span(p) for p in times]
+    except ValueError:
+        raise ValueError(f"times {times!r} are not [start_seg, end_seg] pairs of finite numbers") from None
     start = SEGMENT_S * sum(s for s, _ in pairs) / len(pairs)
     end = SEGMENT_S * (sum(e for _, e in pairs) / len(pairs) + 1)
-    limit = SEGMENT_S * (num_segments if isinstance(num_segments, int) and num_segments > 0 else 6)
+    if not (math.isfinite(start) and math.isfinite(end)):  # finite numbers whose sum is not
+        raise ValueError(f"times {times!r} are past float's range")
+    try:
+        limit = SEGMENT_S * (num_segments if isinstance(num_segments, int) and num_segments > 0 else 6)
+    except OverflowError:  # a count past float's range is as wrong as 0 (it was a traceback)
+        limit = SEGMENT_S * 6
     return min(max(start, 0.0), limit), min(max(end, 0.0), limit)
 
 

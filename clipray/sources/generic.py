@@ -47,7 +47,7 @@ def seconds(value: Any, key: str, where: str) -> float | None:
         if isinstance(value, bool):
             raise ValueError
         out = float(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: an integer past float's range
         raise SourceError(f"{where}: {key}={value!r} is not a number of seconds") from None
     if not math.isfinite(out):
         raise SourceError(f"{where}: {key}={value!r} is not a finite number of seconds")

@@ -204,7 +204,10 @@ def _stream_json(path: str) -> Iterator[tuple[str, Any]]:
             line = first_bad_utf8_line(path) if isinstance(e, UnicodeDecodeError) or "UTF8" in str(e) else 0
             if line:
                 raise NotUtf8(path, line, "invalid byte") from None
-            raise SourceError(f"{os.path.basename(path)}: invalid JSON ({e})") from None
+            # yajl's message is three lines (what, the text around it, an arrow): one line here
+            what, *around = str(e).strip().splitlines() or [""]
+            near = f" near: {around[0].strip()}" if around and around[0].strip() else ""
+            raise SourceError(f"{os.path.basename(path)}: invalid JSON ({what.rstrip('.')}{near})") from None
 
 
 class _WithoutBom:

@@ -123,8 +123,8 @@ def read_captions(path: str, wanted: set[str]) -> dict[str, list[tuple[str, str]
         raise SourceError(f"{name}: expected an object with a 'sentences' list")
     out: dict[str, list[tuple[str, str]]] = {}
     for i, s in enumerate(sentences):
-        if not isinstance(s, dict) or "video_id" not in s or "caption" not in s:
-            raise SourceError(f"{name}: sentences[{i}] lacks 'video_id' or 'caption': {s!r}")
+        if not isinstance(s, dict) or not isinstance(s.get("video_id"), str) or "caption" not in s:
+            raise SourceError(f"{name}: sentences[{i}] lacks 'video_id' (a string) or 'caption': {s!r}")
         if s["video_id"] in wanted:
             out.setdefault(s["video_id"], []).append((f"{name} sentences[{i}]", s["caption"]))
     return out

@@ -23,7 +23,7 @@ import os
 import random
 from typing import Iterator
 
-from clipray.sources.base import Context, SourceError, SourceSpec, open_text
+from clipray.sources.base import Context, SourceError, SourceSpec, open_text, seconds, span
 
 SUBSETS = {"training": "train", "validation": "val", "testing": "test"}
 EXTS = ("mp4", "mkv", "webm")
@@ -52,7 +52,7 @@ def rows(ctx: Context) -> Iterator[dict]:
     files = ctx.files()
     for vid, entry in database.items():
         where = f"{name} {vid}"
-        if not isinstance(entry, dict) or entry.get("subset") not in SUBSETS:
+        if not isinstance(entry, dict) or not isinstance(entry.get("subset"), str) or entry["subset"] not in SUBSETS:
             ctx.reject(where, "entry has no known subset (training/validation/testing)")
             continue
         subset, recipe = entry["subset"], str(entry.get("recipe_type", ""))
@@ -66,14 +66,21 @@ def rows(ctx: Context) -> Iterator[dict]:
 
 def _segments(ctx: Context, entry: dict, vid: str, path: str, split: str, where: str, rule: str,
               seed: int) -> Iterator[dict]:
-    duration = entry.get("duration")
-    duration = float(duration) if isinstance(duration, (int, float)) and duration > 0 else None
-    for k, ann in enumerate(entry.get("annotations") or []):
+    try:
+        duration = seconds(entry.get("duration"))
+    except ValueError:
+        duration = None  # optional: the segments are not clamped at the end
+    duration = duration if duration is not None and duration > 0 else None
+    annotations = entry.get("annotations") or []
+    if not isinstance(annotations, list):
+        ctx.reject(where, f"annotations is not a list ({type(annotations).__name__})")
+        return
+    for k, ann in enumerate(annotations):
         at = f"{where} annotation {ann.get('id', k) if isinstance(ann, dict) else k}"
         try:
-            start, end = (float(t) for t in ann["segment"])
+            start, end = span(ann["segment"])
         except (TypeError, KeyError, ValueError):
-            ctx.reject(at, "segment is not a [start, end] pair")
+            ctx.reject(at, "segment is not a [start, end] pair of finite seconds")
             continue
         start, end = max(start, 0.0), end if duration is None else min(end, duration)
         if start >= end:
