@@ -13,7 +13,8 @@ By default the first of `raw_caption.json` (unprocessed ASR, what text encoders 
 `small_train_captions/` is used; option `captions=PATH` names either form explicitly.
 
 Rows keep the ASR times as they are (float noise like 68.46000000000001 included); lines with
-end <= start, negative or unreadable times, or empty text are rejected and counted. Merging
+end <= start, negative or unreadable times, or empty text are rejected and counted (a bare
+NaN or Infinity, which Python's json writes, is not JSON: the file is refused there). Merging
 short lines into longer clips (UniVL's min_time) is a sampling choice left to the loader.
 Split: everything is train, except the video ids in `val_list` (a text file of ids, or a CSV
 with a `video_id` or `video_path` column; extensions are stripped). `subset` (same format, e.g.
