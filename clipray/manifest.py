@@ -365,7 +365,10 @@ def filesystem(path: str) -> tuple[pafs.FileSystem, str]:
     if scheme in ("s3", "gs", "gcs") and rest.strip("/"):
         fs, _ = pafs.FileSystem.from_uri(f"{scheme}://{rest.split('/', 1)[0]}")
         return fs, rest.rstrip("/")
-    return pafs.FileSystem.from_uri(uri)
+    try:
+        return pafs.FileSystem.from_uri(uri)
+    except pa.ArrowInvalid as e:  # a scheme pyarrow has no filesystem for (https://, S3://): a traceback
+        raise ManifestError(f"{path}: {e} (a manifest is a local path or an s3://, gs:// or hdfs:// URI)") from None
 
 
 @contextlib.contextmanager

@@ -17,6 +17,7 @@ served index does not depend on where the manifest was.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -25,7 +26,7 @@ import os
 import re
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 import numpy as np
 import pyarrow as pa
@@ -104,12 +105,28 @@ def parts(out: str | Path, sub: str = EMB_DIR, suffix: str = ".parquet") -> list
     return sorted((Path(out).absolute() / sub).glob(f"part-*{suffix}"))
 
 
+@contextlib.contextmanager
+def reading_part(path: str | Path) -> Iterator[None]:
+    """Around a read of an embeddings part: a file that is no Parquet (cut short by a copy, or
+    another file named part-*) is one line naming it, not pyarrow's traceback."""
+    try:
+        yield
+    except (pa.ArrowInvalid, pa.ArrowIOError) as e:
+        raise ConfigError(f"{path}: not a readable embeddings part ({str(e).splitlines()[0][:200]}): copy the "
+                          "whole index folder again, or build the index again into a new out=") from None
+
+
+def _read_part(path: Path, columns: Optional[list[str]]) -> pa.Table:
+    with reading_part(path):
+        return pq.read_table(path, columns=columns)
+
+
 def read_table(out: str | Path, columns: Optional[list[str]] = None) -> pa.Table:
     """All embedding parts, ordered by row_id (empty table with no parts)."""
     files = parts(out)
     if not files:
         return pa.table({c: [] for c in (columns or META_COLUMNS)})
-    t = pa.concat_tables(pq.read_table(f, columns=columns) for f in files)
+    t = pa.concat_tables(_read_part(f, columns) for f in files)
     ids = t.column("row_id").to_numpy()
     if not (ids[1:] > ids[:-1]).all():
         # Parts are written in row-id order, and then nothing is sorted: a sort gathers every
@@ -144,7 +161,7 @@ def read_embeddings(out: str | Path) -> np.ndarray:
     x: Optional[np.ndarray] = None
     for f in parts(out):
         # buffered, not pre-buffered: a part's column is read a page at a time, not whole
-        with pq.ParquetFile(f, buffer_size=1 << 20, pre_buffer=False) as pf:
+        with reading_part(f), pq.ParquetFile(f, buffer_size=1 << 20, pre_buffer=False) as pf:
             for batch in pf.iter_batches(batch_size=_EMBEDDING_ROWS, columns=["row_id", "embedding"]):
                 col = batch.column("embedding")
                 if len(col) == 0:
@@ -167,7 +184,8 @@ def part_fingerprints(out: str | Path) -> set[str]:
     they recorded one say nothing)."""
     found = set()
     for f in parts(out):
-        fp = (pq.read_schema(f).metadata or {}).get(PART_FINGERPRINT)
+        with reading_part(f):
+            fp = (pq.read_schema(f).metadata or {}).get(PART_FINGERPRINT)
         if fp:
             found.add(fp.decode())
     return found

@@ -894,6 +894,35 @@ def test_an_index_folder_or_export_that_is_not_one_fails_before_ray_starts(synth
     assert (tmp_path / "mine" / "notes.txt").read_text() == "kept"
 
 
+def test_a_manifest_uri_of_no_known_scheme_or_an_unreadable_part_is_one_line(export, tmp_path):
+    """A manifest at https:// (or S3:// in capitals) was pyarrow's ArrowInvalid traceback, with
+    the new index folder left behind; an embeddings part that is no Parquet (cut short by a
+    copy) was a traceback at the next append, and at every read of the index."""
+    from clipray.manifest import ManifestError
+    from serve import store
+    from serve.index import build_index
+
+    for uri in ("https://example.com/m.parquet", "S3://bucket/m.parquet"):
+        with pytest.raises(ManifestError, match=rf"^{uri}: Unrecognized filesystem type in URI: {uri} \(a manifest "
+                                                r"is a local path or an s3://, gs:// or hdfs:// URI\)$"):
+            build_index(_cfg(export, uri, tmp_path / "new"), quiet=True)
+    assert not (tmp_path / "new").exists()
+    out = tmp_path / "index"
+    store.write_part(out, {"row_id": np.arange(2), "video_id": ["a", "b"], "start": [0.0, 1.0], "end": [1.0, 2.0],
+                           "path": ["/a.mp4", "/b.mp4"], "embedding": _unit(2, 4)}, fingerprint="f")
+    good = store.read_table(out)
+    assert store.part_fingerprints(out) == {"f"} and store.read_embeddings(out).shape == (2, 4)
+    (out / store.EMB_DIR / "part-00001.parquet").write_bytes((out / store.EMB_DIR / "part-00000.parquet").read_bytes()[:-9])
+    said = rf"^{out}/{store.EMB_DIR}/part-00001.parquet: not a readable embeddings part \(.*\): copy the whole index"
+    for read in (store.read_table, store.part_fingerprints, store.read_embeddings):
+        with pytest.raises(ConfigError, match=said):
+            read(out)
+    with pytest.raises(ConfigError, match=said):
+        build_index(_cfg(export, "unused.parquet", out), quiet=True)
+    (out / store.EMB_DIR / "part-00001.parquet").unlink()
+    assert store.read_table(out).equals(good)
+
+
 def _unit(n: int, d: int, seed: int = 0) -> np.ndarray:
     x = np.random.default_rng(seed).standard_normal((n, d)).astype(np.float32)
     return x / np.linalg.norm(x, axis=1, keepdims=True)
