@@ -180,6 +180,11 @@ def _one_of(*choices: Any) -> tuple[Any, str]:
     return (lambda v: v in choices), f"one of {', '.join(map(str, choices))}"
 
 
+# an actor pool's GPUs per actor: NaN was a traceback once the pool started, after a clip
+# editing warm-up; -7 was taken as -1 without a word
+GPUS_PER_ACTOR = ((lambda v: v == -1 or v >= 0), "-1 (one per actor where the cluster has GPUs) or >= 0")
+
+
 RULES: dict[type, dict[str, tuple[Any, str]]] = {
     VideoConfig: dict(backend=_one_of("decord", "pyav"), fps=_above(0), max_frames=_at_least(1),
                       slice=_one_of("head", "tail", "uniform"), size=_at_least(1), timeout_s=_above(0)),
@@ -197,13 +202,15 @@ RULES: dict[type, dict[str, tuple[Any, str]]] = {
                       precision=_one_of("auto", "fp32", "bf16"),
                       grad_accum=_at_least(1), eval_every_epochs=_at_least(1),
                       checkpoint_every_steps=_at_least(0), max_failures=_at_least(-1),
-                      seed=_at_least(0)),  # numpy (Ray Data's local shuffle) refuses a negative seed
+                      # numpy (Ray Data's local shuffle) refuses a negative seed, and torch one past
+                      # 64 bits (a traceback in every worker); the loop adds steps and ranks to it
+                      seed=((lambda v: 0 <= v < 2 ** 32), "in [0, 2**32)")),
     RayConfig: dict(num_cpus=_at_least(1)),
     EditConfig: dict(init=_one_of("midpoint", "window"), window_s=_at_least(0), max_width_s=_at_least(0),
                      min_width_s=_at_least(0.001), warmup_epochs=_at_least(1), rounds=_at_least(0),
                      epochs_per_round=_at_least(1), step_s=_whole_ms(), max_steps=_at_least(1), margin=_at_least(0),
                      val_split=_one_of(*SPLITS), test_split=_one_of(*SPLITS),
-                     actors=_at_least(1), actor_cpus=_above(0), batch=_at_least(1)),
+                     actors=_at_least(1), actor_cpus=_above(0), actor_gpus=GPUS_PER_ACTOR, batch=_at_least(1)),
 }
 
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
-from clipray.config import RULES, ConfigError, RayConfig, VideoConfig, load_config
+from clipray.config import GPUS_PER_ACTOR, RULES, ConfigError, RayConfig, VideoConfig, load_config
 from clipray.config import _above as above, _at_least as at_least, _one_of as one_of
 
 INDEX_KINDS = ("flat", "ivf_flat", "ivf_sq8", "ivf_pq", "hnsw")
@@ -123,7 +123,8 @@ class AppConfig:
 # Ingress replica fail to start (int() of it) once Ray and Serve were up.
 RULES[IndexConfig] = dict(
     split=one_of(*SPLITS), kind=one_of(*INDEX_KINDS), window_s=at_least(0), stride_s=at_least(0),
-    actors=at_least(1), actor_cpus=at_least(0), batch=at_least(1), recall_queries=at_least(0))
+    actors=at_least(1), actor_cpus=at_least(0), actor_gpus=GPUS_PER_ACTOR, batch=at_least(1),
+    recall_queries=at_least(0))
 # (the faiss knobs, nlist ... ef_search, are store.check_knobs's: build_faiss checks them too)
 RULES[DeploymentConfig] = dict(
     min_replicas=at_least(0), max_batch_size=at_least(1), num_cpus=at_least(0), num_gpus=at_least(0),

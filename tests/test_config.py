@@ -158,7 +158,13 @@ def refused_as_override_and_in_a_file(load, f: Path, key: str, value: str, says:
     ("data.decode_cpus", "inf", "data.decode_cpus must be a finite number, got inf"),
     # with data.shuffle_buffer the seed goes to numpy's default_rng in Ray Data's local shuffle,
     # which raised "expected non-negative integer" in every training worker once Ray was up
-    ("train.seed", "-1", "train.seed must be >= 0, got -1"),
+    ("train.seed", "-1", "train.seed must be in [0, 2**32), got -1"),
+    # torch.manual_seed's OverflowError in every training worker, once Ray was up
+    ("train.seed", str(2 ** 64), f"train.seed must be in [0, 2**32), got {2 ** 64}"),
+    # nan passed every test and was a traceback once the scorers' pool started, after the warm-up
+    ("edit.actor_gpus", "nan", "edit.actor_gpus must be a finite number, got nan"),
+    ("edit.actor_gpus", "-7", "edit.actor_gpus must be -1 (one per actor where the cluster has GPUs) or >= 0, "
+                              "got -7.0"),
     # 0 read as 1 (every epoch), not as "never" or "at the end only"
     ("train.eval_every_epochs", "0", "train.eval_every_epochs must be >= 1, got 0"),
     # torch's AdamW refuses them, but only in the training workers, after Ray started
@@ -168,7 +174,8 @@ def test_values_out_of_range_name_key_and_source(tmp_path, key, value, says):
     refused_as_override_and_in_a_file(load_config, tmp_path / "run.yaml", key, value, says)
     # the edges that are allowed load, and an unset Optional passes
     assert load_config(None, ["data.shuffle_buffer=0", "optim.warmup_ratio=0", "train.max_failures=-1",
-                              "data.max_words=3"])
+                              "data.max_words=3", f"train.seed={2 ** 32 - 1}", "edit.actor_gpus=-1",
+                              "edit.actor_gpus=0.5"])
     assert load_config(None).ray.num_cpus is None
     assert load_config(None, ["data.video.timeout_s=inf"]).data.video.timeout_s == float("inf")
 
@@ -186,6 +193,7 @@ def test_serve_config_gets_the_same_video_rules():
 @pytest.mark.parametrize("key, value, says", [
     # accepted, then an error from Ray Data's actor pool once Ray was up and the manifest planned
     ("index.actor_cpus", "-1", "index.actor_cpus must be >= 0, got -1.0"),
+    ("index.actor_gpus", "nan", "index.actor_gpus must be a finite number, got nan"),
     # nan passed `< 0`, and planning the windows ended in an IndexError traceback
     ("index.window_s", "nan", "index.window_s must be a finite number, got nan"),
     ("index.recall_queries", "-1", "index.recall_queries must be >= 0, got -1"),
