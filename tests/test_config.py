@@ -161,6 +161,10 @@ def refused_as_override_and_in_a_file(load, f: Path, key: str, value: str, says:
     ("train.seed", "-1", "train.seed must be in [0, 2**32), got -1"),
     # torch.manual_seed's OverflowError in every training worker, once Ray was up
     ("train.seed", str(2 ** 64), f"train.seed must be in [0, 2**32), got {2 ** 64}"),
+    ("train.storage_path", "''", "train.storage_path must be a folder, or a URI with its bucket (s3://BUCKET/runs), "
+                                 "got ''"),
+    ("train.storage_path", "s3://", "train.storage_path must be a folder, or a URI with its bucket "
+                                    "(s3://BUCKET/runs), got 's3://'"),
     # nan passed every test and was a traceback once the scorers' pool started, after the warm-up
     ("edit.actor_gpus", "nan", "edit.actor_gpus must be a finite number, got nan"),
     ("edit.actor_gpus", "-7", "edit.actor_gpus must be -1 (one per actor where the cluster has GPUs) or >= 0, "
