@@ -94,6 +94,13 @@ def demo_config_path() -> Path:
     return Path(train.__file__).parent / "configs" / "demo.yaml"
 
 
+def as_text(path: Path) -> str:
+    """A folder as an override's value that reads back as the same text: a `${` in it was taken
+    for an interpolation (`--runs 'r${x}'`: "Interpolation key 'x' not found", blamed on an
+    override the user never gave)."""
+    return str(path).replace("${", "\\${")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="clipray demo", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -119,8 +126,8 @@ def main(argv: list[str] | None = None) -> int:
                               "folder); `clipray train` trains into object storage")
     manifest = ensure_synth(Path(args.data), args.videos)
     name = f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
-    cfg = load_config(demo_config_path(), [f"data.manifest={manifest.resolve()}",
-                                           f"train.storage_path={Path(args.runs).resolve()}",
+    cfg = load_config(demo_config_path(), [f"data.manifest={as_text(manifest.resolve())}",
+                                           f"train.storage_path={as_text(Path(args.runs).resolve())}",
                                            f"train.run_name={name}", *overrides])
     if os.environ.get("RAY_ADDRESS", "local") != "local" and cfg.ray.address == "local":
         print(f"[demo] on an embedded local Ray, not RAY_ADDRESS={os.environ['RAY_ADDRESS']}: the demo's "

@@ -395,6 +395,21 @@ def test_a_text_key_keeps_the_text_given_on_the_command_line(value, tmp_path):
     assert (cfg.train.run_name, cfg.data.tokenizer, cfg.model.pretrained, cfg.ray.address) == ("0612", "a\tb", None, None)
 
 
+@pytest.mark.parametrize("folder", ["r${x}", "runs #2", "a ${b} c${", "$x {y}", "plain"])
+def test_the_demos_folders_reach_the_config_as_written(folder, tmp_path):
+    """`clipray demo --runs 'r${x}'` (or --data) put the folder into an override as it was, and
+    its `${x}` was taken for an interpolation: "Interpolation key 'x' not found", blamed on an
+    override the user never gave, after the videos were made."""
+    from pathlib import Path
+
+    from clipray.demo import as_text
+
+    path = tmp_path / folder
+    cfg = load_config(None, [f"train.storage_path={as_text(path)}", f"data.manifest={as_text(path / 'm.parquet')}"])
+    assert (cfg.train.storage_path, cfg.data.manifest) == (str(path), str(path / "m.parquet"))
+    assert Path(cfg.train.storage_path).name == folder
+
+
 @pytest.mark.parametrize("value", ["0612", "007", "1:30", "yes", "off", "1e3", "0x1F", ".5", "it's 1", "2026-12-05"])
 def test_a_text_key_keeps_the_text_written_in_a_config_file(value, tmp_path):
     """The same rules in a YAML file: `run_name: 0612` trained into the run folder `394`,
