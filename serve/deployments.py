@@ -231,22 +231,32 @@ class Searcher:
         candidates of the batch's k=100 query, another answer than it got alone).
 
         Equal scores are listed by clip id, the lower first. faiss lists tied clips in no set
-        order (a flat index: the higher id first, so the first hit of a duplicated video hung on
-        k and on the k of the queries batched with it), and its k=1 search keeps any one of
-        them where a deeper one keeps the lowest ids: a flat index is searched 2 deep at least."""
+        order, and where clips tie at the last place it keeps any of them (which hung on k and
+        on the k of the queries batched with it). So where the deepest clip returned ties with
+        a query's k-th (each is searched one deeper than its k), that query is searched again
+        twice as deep, until a clip scores below its k-th (or every clip is returned): then every
+        clip tied with the k-th is among those returned, and sorting by (score, clip id) gives
+        the same answer for any k."""
         q = np.ascontiguousarray(np.stack([v for v, _ in queries]), dtype=np.float32)
         n = self.index.ntotal
         ks = np.array([min(k, n) for _, k in queries])
-        deep = ks if self.k_shapes_answer else np.full_like(ks, min(max(int(ks.max()), 2), n))
-        scores = np.zeros((len(queries), int(deep.max())), np.float32)
-        ids = np.full(scores.shape, -1, np.int64)
+        # one deeper than asked: the common case, no tie at the k-th place, takes one search
+        deep = ks if self.k_shapes_answer else np.full_like(ks, min(int(ks.max()) + 1, n))
+        found: list = [None] * len(queries)  # (scores, ids) of each query
         for k in np.unique(deep):
             rows = np.flatnonzero(deep == k)
-            scores[rows, :k], ids[rows, :k] = self.index.search(q[rows], int(k))
+            scores, ids = self.index.search(q[rows], int(k))
+            for r, s, i in zip(rows, scores, ids):
+                found[r] = (s, i)
         out = []
         for j, k in enumerate(ks):
-            hits = sorted((-float(s), int(i)) for i, s in zip(ids[j], scores[j]) if i >= 0)
-            out.append([self._row(i, -s) for s, i in hits[:k]])
+            s, i = found[j]
+            # (a k-th place left empty, -1, as an IVF index's few probed lists leave it, ties nothing)
+            while (not self.k_shapes_answer and k and len(s) < n and i[k - 1] >= 0 and i[-1] >= 0
+                   and s[-1] == s[k - 1]):
+                s, i = (a[0] for a in self.index.search(q[j:j + 1], min(2 * len(s), n)))
+            hits = sorted((-float(x), int(c)) for c, x in zip(i, s) if c >= 0)
+            out.append([self._row(c, -x) for x, c in hits[:k]])
         return out
 
     async def search(self, vector: np.ndarray, k: int) -> list[dict]:

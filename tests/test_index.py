@@ -1796,6 +1796,26 @@ def test_tied_clips_are_listed_by_clip_id_whatever_k_and_the_batch(tmp_path):
     alone = clips(s.search_many([(q, k)])[0] for k in ks)
     assert clips(s.search_many([(q, k) for k in ks])) == alone
     assert clips(s.search_many([(q, 1)] * 5 + [(q, 3)])) == [alone[0]] * 5 + [alone[2]]
+    # ties below a better clip of a higher id: faiss kept any of the tied copies at the last
+    # place (k=2 gave [99, 20] where a k=10 search began [99, 10, 20])
+    n, d = 100, 64
+    x = _unit(n, d, seed=1)
+    x[[20, 30]] = x[10]
+    ids = np.arange(n)
+    out = tmp_path / "b"
+    store.write_part(out, {"row_id": ids, "video_id": [f"v{i}" for i in ids], "start": [0.0] * n,
+                           "end": [1.0] * n, "path": [f"/v/{i}.mp4" for i in ids], "embedding": x})
+    store.save_faiss(out, store.build_faiss(x, "flat")[0])
+    store.write_meta(out, {"count": n, "dim": d, "kind": "flat", "search": {}})
+    s = Searcher.func_or_class(str(out), {"max_batch_size": 8, "batch_wait_timeout_s": 0.0})
+    q = 0.8 * x[99] + 0.6 * x[10]
+    scores = x.astype(np.float64) @ q
+    assert np.lexsort((ids, -scores))[:4].tolist() == [99, 10, 20, 30]
+    for k in (1, 2, 3, 4, 10, n):
+        want = np.lexsort((ids, -scores))[:k].tolist()
+        got = clips(s.search_many([(q, k), (q, 1), (x[5], k)]))
+        assert got[0] == want and got[1] == want[:1], k
+        assert clips(s.search_many([(q, k)])) == [want] and got[2] == clips(s.search_many([(x[5], k)]))[0]
 
 
 def test_the_faiss_build_says_when_it_starts_and_how_long_it_took(tmp_path, capsys):
