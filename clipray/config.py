@@ -20,7 +20,7 @@ from typing import Any, Optional, Sequence, TypeVar, get_args, get_origin
 
 import yaml
 from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import GrammarParseError, OmegaConfBaseException
 from omegaconf.nodes import BooleanNode, FloatNode, IntegerNode, StringNode
 
 T = TypeVar("T")
@@ -266,6 +266,10 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[str, Any]]
         raise ConfigError(f"config file not found: {path}" + (" (a folder)" if path.is_dir() else ""))
     try:
         node = OmegaConf.load(path)
+    except GrammarParseError as e:  # YAML, but an unclosed ${ in a value
+        key = getattr(e, "full_key", None) or "a value"
+        raise ConfigError(f"{path}: {key} is no interpolation ({str(e).splitlines()[0]}); for a text, "
+                          "write each ${ as \\${") from e
     except Exception as e:
         raise ConfigError(f"{path}: not valid YAML: {_yaml_problem(e)}") from e
     if not OmegaConf.is_dict(node):  # a list, or a file that is not YAML keys at all
@@ -422,16 +426,20 @@ def _file_as_written(cfg: Any, node: Any, name: str) -> Any:
     return OmegaConf.merge(node, OmegaConf.from_dotlist(fixes)) if fixes else node
 
 
-def _from_dotlist(overrides: Sequence[str]) -> Any:
-    """The overrides as one config; a value that is not YAML for a key that is no text (which
-    `_value_as_given` quoted): `train.epochs=*3` (`*` starts a YAML alias), `@3`, an unclosed
-    bracket `optim.betas=[0.9, 0.98`, names its override in one line."""
-    for o in overrides:
+def _from_dotlist(overrides: Sequence[str], given: Sequence[str]) -> Any:
+    """The overrides (`given`, as `_value_as_given` wrote them) as one config; a value that is
+    not YAML for a key that is no text (which `_value_as_given` quoted): `train.epochs=*3` (`*`
+    starts a YAML alias), `@3`, an unclosed bracket `optim.betas=[0.9, 0.98`, names its
+    override as given in one line. An unclosed `${` is OmegaConf's: `\\${` is the text."""
+    for o, as_given in zip(overrides, given):
         try:
             OmegaConf.from_dotlist([o])
         except (OmegaConfBaseException, yaml.YAMLError) as e:
-            key, _, value = o.partition("=")
+            key, _, value = as_given.partition("=")
             why = getattr(e, "problem", None) or str(e).splitlines()[0]
+            if isinstance(e, GrammarParseError):  # its advice to quote failed again, quoted
+                raise ConfigError(f"command-line override: bad key '{key}': the value {value!r} is no "
+                                  f"interpolation ({why}); for a text, write each ${{ as \\${{") from e
             raise ConfigError(f"command-line override: bad key '{key}': the value {value!r} does not read as "
                               f"YAML ({why}); quote a text value: \"{key}='{value}'\"") from e
     return OmegaConf.from_dotlist(list(overrides))
@@ -457,9 +465,10 @@ def load_config(
     if overrides:
         # `key=` reads as null, which a text field refuses ("Incompatible value 'None'"): give
         # such a field the empty text, so the command's own check says what it needs
+        given = overrides
         overrides = [f"{o}''" if o.endswith("=") and isinstance(OmegaConf.select(cfg, o[:-1], default=None), str)
                      else _value_as_given(cfg, o) for o in overrides]
-        dotlist = _from_dotlist(overrides)
+        dotlist = _from_dotlist(overrides, given)
         cfg = _merge(cfg, dotlist, "command-line override")
         sources.append(("command-line override", dotlist))
     try:

@@ -485,6 +485,26 @@ def test_a_minimum_clip_width_under_the_millisecond_clips_are_kept_to_is_refused
     assert load_config(None, ["edit.min_width_s=0.001"]).edit.min_width_s == 0.001
 
 
+def test_an_unclosed_interpolation_says_how_to_write_the_text(tmp_path):
+    """`train.run_name=cost${5` was said not to read as YAML, showing the value as quoted inside
+    and advising a quote, which failed again: it is OmegaConf's interpolation grammar, and `\\${`
+    is how the text is written. In a file the same line named no key in words."""
+    pattern = "mismatched input '<EOF>' expecting {BRACKET_OPEN, INTER_CLOSE, '.'}"
+    for key, value in (("train.run_name", "cost${5"), ("train.epochs", "${5")):
+        with pytest.raises(ConfigError) as e:
+            load_config(None, [f"{key}={value}"])
+        assert str(e.value) == (f"command-line override: bad key '{key}': the value '{value}' is no interpolation "
+                                f"({pattern}); for a text, write each ${{ as \\${{")
+    assert load_config(None, ["train.run_name=cost\\${5"]).train.run_name == "cost${5"  # as it says
+    (tmp_path / "c.yaml").write_text("train:\n  run_name: exp${1\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(tmp_path / "c.yaml")
+    assert str(e.value) == (f"{tmp_path}/c.yaml: train.run_name is no interpolation ({pattern}); "
+                            "for a text, write each ${ as \\${")
+    (tmp_path / "c.yaml").write_text("train:\n  run_name: exp\\${1\n")
+    assert load_config(tmp_path / "c.yaml").train.run_name == "exp${1"
+
+
 def test_values_of_the_wrong_shape_or_not_yaml_are_one_line_naming_the_key(tmp_path, capsys):
     """Each was a Python traceback from the CLI: an override whose value YAML cannot read (a
     yaml ScannerError: `*` starts an alias, `@` no token; a text key takes it as text), a mapping where a list belongs (a
