@@ -1162,6 +1162,12 @@ def test_resume_check_finds_the_checkpoints_of_a_run_folder_named_like_a_glob(tm
     cfg = load_config(None, ["data.batch_size=8"])
     (out / RESUME_KEY).write_text(json.dumps(resume_key(cfg, 5)))
     check_resume(str(out), resume_key(cfg, 5))  # the same settings: resumes
+    # the registered model's own settings written out are the same model: this was refused as
+    # "other settings (model: {... 'head': None ...} -> {... 'head': 'meanP' ...})"
+    check_resume(str(out), resume_key(load_config(None, ["data.batch_size=8", "model.head=meanP",
+                                                         "model.linear_patch=2d", "model.tuning=full"]), 5))
+    with pytest.raises(ConfigError, match=r"other settings \(model: .*'head': None.* -> .*'head': 'seqTransf'"):
+        check_resume(str(out), resume_key(load_config(None, ["data.batch_size=8", "model.head=seqTransf"]), 5))
     with pytest.raises(ConfigError, match=r"data.batch_size: 8 -> 4"):
         check_resume(str(out), resume_key(load_config(None, ["data.batch_size=4"]), 5))
     # a manifest with more training rows: said as what moved, not as an internal key

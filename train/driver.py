@@ -271,6 +271,20 @@ def storage_access(cfg: Config, out: str) -> Iterator[None]:
                           f"{out} ({type(e).__name__}: {e})") from e
 
 
+def _as_built(model: Any) -> Any:
+    """A resume key's model settings as the model is built: a setting left unset (None) is the
+    registered model's. Compared as given, `model.head=meanP` on test_meanP (whose head is
+    meanP) was refused as another model than the run's."""
+    from clipray.models import get_spec
+
+    try:
+        spec = get_spec(model["name"])
+    except (TypeError, KeyError, ValueError):  # not a model mapping, or a name no longer registered
+        return model
+    return {**model, **{k: getattr(spec, k) for k in ("pretrained", "head", "linear_patch", "tuning")
+                        if model.get(k) is None}}
+
+
 def check_resume(out: str, key: dict[str, Any]) -> None:
     """Refuse to continue a run's checkpoints with other settings (re-running with another batch
     size would resume at the saved step of another schedule and mix the two silently); record
@@ -306,7 +320,7 @@ def check_resume(out: str, key: dict[str, Any]) -> None:
     moved = _moved(saved, key)
     skip = {"data.manifest_files", "model.pretrained_file", *moved}
     changed = [f"{name.get(k, k)}: {saved[k]!r} -> {v!r}" for k, v in key.items()
-               if k in saved and saved[k] != v and k not in skip]
+               if k in saved and k not in skip and (_as_built(saved[k]) != _as_built(v) if k == "model" else saved[k] != v)]
     # the same path, other files: the manifest written again (`clipray data prepare --out` it)
     # since the checkpoints, which a resume went on training on without a word
     if (saved.get("data.manifest") == key.get("data.manifest") and "data.manifest_files" in saved
