@@ -53,12 +53,17 @@ def neighbour_bounds(timestamps: Sequence[float], duration: float) -> list[Bound
     return out  # type: ignore[return-value]
 
 
-def _widen(s: float, e: float, t: float, duration: float, min_width: float) -> tuple[float, float]:
-    """Grow a clip narrower than min_width around t, inside [0, duration]."""
+def _widen(s: float, e: float, b: Bounds, duration: float, min_width: float) -> tuple[float, float]:
+    """Grow a clip narrower than min_width around its timestamp `b.t`: inside its neighbour
+    bounds where they leave room for it, else (no clip of that width fits between them) inside
+    [0, duration]. Grown past a neighbouring timestamp where it fitted inside, no candidate
+    (`candidates`, which keeps a start between the bounds) was ever valid, and the clip stayed
+    as it was, holding another caption's timestamp, for every round."""
     if e - s >= min_width:
         return s, e
-    w = min(min_width, duration)
-    s = min(max(0.0, t - w / 2), duration - w)
+    lo, hi = (b.lo, b.hi) if b.hi - b.lo >= min_width else (0.0, duration)
+    w = min(min_width, hi - lo)
+    s = min(max(lo, b.t - w / 2), hi - w)
     return s, s + w
 
 
@@ -81,7 +86,9 @@ def initial_clips(timestamps: Sequence[float], duration: float, rule: str = "mid
             s, e = max(0.0, t - window_s / 2), min(duration, t + window_s / 2)
         if max_width_s > 0:
             s, e = max(s, t - max_width_s / 2), min(e, t + max_width_s / 2)
-        s, e = _widen(s, e, t, duration, min_width_s)
+        lo = timestamps[order[k - 1]] if k > 0 else 0.0
+        hi = timestamps[order[k + 1]] if k + 1 < len(order) else duration
+        s, e = _widen(s, e, Bounds(float(lo), t, float(hi)), duration, min_width_s)
         # rounded to the millisecond, but never past t: the clip must hold its timestamp
         out[i] = (min(_ms(s), t), max(_ms(e), t))
     return out

@@ -32,6 +32,12 @@ def test_max_width_shrinks_towards_the_timestamp_and_min_width_grows_around_it()
     assert initial_clips([4.0, 4.2, 4.4], 10, min_width_s=1.0) == [(0, 4.1), (3.7, 4.7), (4.3, 10)]
     # a clip grown near the video's start stays inside it
     assert initial_clips([0.1, 0.2], 10, "window", window_s=0.1, min_width_s=1.0)[0] == (0, 1)
+    # where the neighbours leave room, it grows inside them: centred on 4.2 it was (3.7, 4.7),
+    # past the previous timestamp 4.0, where no candidate is valid, so it was never edited
+    clips = initial_clips([4.0, 4.2, 5.2], 20, min_width_s=1.0)
+    assert clips == [(0, 4.1), (4.0, 5.0), (4.7, 20)]
+    moves = candidates(*clips[1], neighbour_bounds([4.0, 4.2, 5.2], 20)[1], step_s=0.1, max_steps=2, min_width_s=1.0)
+    assert sorted(moves) == [(4.0, 5.0), (4.0, 5.1), (4.0, 5.2), (4.1, 5.1), (4.1, 5.2), (4.2, 5.2)]
 
 
 def test_stage_one_rejects_unknown_rules():

@@ -9,8 +9,8 @@ Stage 3  edit.rounds times: the teacher scores candidate clips around every curr
          replaces the clip when it wins by more than edit.margin; the student trains
          edit.epochs_per_round more on the edited clips and is validated on edit.val_split.
          When its t2v R@1 + R@5 + R@10 beats the best so far it becomes the teacher and the
-         next round edits again; otherwise the clips stay (the same teacher would make the same
-         edits).
+         next round edits again; otherwise the clips stay as they are until a student beats
+         it (the spec edits only after a teacher update).
 Finally  the last student is evaluated on edit.test_split, on ground-truth clips.
 
 The student is one Ray Train + DeepSpeed run (train/driver.py) continued round after round, each
