@@ -478,10 +478,44 @@ def load_config(
         source = _source_of(key, sources) if key else None
         raise ConfigError(f"{source}: {key}: {str(e).splitlines()[0]}" if source
                           else f"{path or 'defaults'}: {e}") from e
+    said = _bad_boolean(cfg, sources)
+    if said:
+        raise ConfigError(said)
     bad = bad_value(obj)
     if bad:
         raise ConfigError(f"{_source_of(bad[0], sources) or path or 'defaults'}: {bad[0]} {bad[1]}")
     return _absolute_paths(obj) if isinstance(obj, Config) else obj  # type: ignore[return-value]
+
+
+BOOLEAN_TEXTS = ("true", "false", "yes", "no", "on", "off", "y", "n", "0", "1")
+
+
+def _bad_boolean(cfg: Any, sources: Sequence[tuple[str, Any]], whole: Any = None, prefix: str = "") -> Optional[str]:
+    """A true/false key given a number but 0 and 1 in a form `_value_as_given` does not see: as
+    a quoted text (`train.use_gpu="2"`, `use_gpu: '2'` in a file) or through an interpolation
+    (`${oc.env:GPUS}`). OmegaConf took each for true: a run on GPUs nobody asked for."""
+    whole = cfg if whole is None else whole
+    for k in cfg:
+        key, node = f"{prefix}{k}", cfg._get_node(k)
+        if OmegaConf.is_dict(node):
+            said = _bad_boolean(node, sources, whole, key + ".")
+            if said:
+                return said
+            continue
+        source = _source_of(key, sources) if isinstance(node, BooleanNode) else None
+        if source is None:
+            continue
+        raw = dict(sources)[source]  # the value as that source gave it, before OmegaConf's bool()
+        for part in key.split("."):
+            raw = raw._get_node(part)
+        raw = raw._value()
+        if isinstance(raw, str) and "${" in raw:  # resolved as text, with every key it may name
+            untyped = OmegaConf.create(OmegaConf.to_container(whole, resolve=False))
+            raw = OmegaConf.select(untyped, key)
+        ok = isinstance(raw, bool) or raw in (0, 1) or (isinstance(raw, str) and raw.strip().lower() in BOOLEAN_TEXTS)
+        if not ok:
+            return f"{source}: {key} must be true or false, got {raw!r}"
+    return None
 
 
 def _absolute(path: str) -> str:

@@ -425,7 +425,7 @@ def test_a_text_key_keeps_the_text_written_in_a_config_file(value, tmp_path):
     assert (cfg.train.run_name, cfg.train.seed, cfg.model.pretrained) == ("0612", cfg.train.epochs, None)
 
 
-def test_number_and_boolean_overrides_read_as_a_person_writes_them(tmp_path):
+def test_number_and_boolean_overrides_read_as_a_person_writes_them(tmp_path, monkeypatch):
     """YAML 1.1 read a leading zero as octal: train.epochs=010 trained 8 epochs, ray.num_cpus=010
     sized Ray for 8. OmegaConf took any whole number as a boolean: train.use_gpu=2 (or -1) was
     true. A leading zero now reads as decimal, and a boolean refuses a number but 0 and 1."""
@@ -443,6 +443,18 @@ def test_number_and_boolean_overrides_read_as_a_person_writes_them(tmp_path):
     cfg = load_config(f)
     assert (cfg.train.epochs, cfg.optim.lr, cfg.train.seed, cfg.ray.num_cpus) == (10, 1.0, 0, 10)
     refused_as_override_and_in_a_file(load_config, f, "train.use_gpu", "2", "train.use_gpu must be true or false, got 2")
+    # quoted, or through an interpolation, the number went past that check and was true
+    f.write_text("train:\n  use_gpu: '2'\n")
+    with pytest.raises(ConfigError, match=f"^{f}: train.use_gpu must be true or false, got '2'$"):
+        load_config(f)
+    monkeypatch.setenv("CLIPRAY_TEST_GPUS", "2")
+    for value, said in (("'-1'", "'-1'"), ('"2"', "'2'"), ("${oc.env:CLIPRAY_TEST_GPUS}", "'2'"),
+                        ("${train.epochs}", "5")):
+        with pytest.raises(ConfigError) as e:
+            load_config(None, [f"train.use_gpu={value}", "train.epochs=5"])
+        assert str(e.value) == f"command-line override: train.use_gpu must be true or false, got {said}"
+    assert [load_config(None, [f"train.use_gpu={v}"]).train.use_gpu for v in (
+        "'0'", '"true"', "${oc.env:CLIPRAY_TEST_NONE,1}", "'off'")] == [False, True, True, False]
 
 
 def test_serve_builder_args_of_any_yaml_type_load_as_written():
