@@ -92,6 +92,19 @@ def storage_root(cfg: Config) -> str:
     return storage.rstrip("/")
 
 
+def ray_storage_args(storage: str) -> dict[str, Any]:
+    """RunConfig's storage_path, and for a URI its filesystem: Ray reads a URI with pyarrow's
+    FileSystem.from_uri, which cuts it at a '#' and decodes '%20' (a space or a letter past
+    ASCII it refuses). A run stored at s3://b/runs#1 kept its checkpoints in s3://b/runs, and a
+    new run at runs#2 resumed from them, trained nothing and exported the first run's model.
+    The filesystem of `clipray.manifest.filesystem` takes the key as written, as clipray's own
+    writes of the run folder do."""
+    if "://" not in storage:
+        return {"storage_path": storage}
+    fs, path = filesystem(storage)
+    return {"storage_path": path, "storage_filesystem": fs}
+
+
 def ray_storage(cfg: Config, out: str) -> str:
     """The storage path Ray Train is given (its checkpoints go to <it>/<train.run_name>): the
     storage root. A run named with a '/' (group/one) and stopped before bd5de69 has them where
@@ -569,7 +582,7 @@ def _run(cfg: Config, quiet_ray: bool, stop_epoch: int, table: bool, held: conte
         run_config=ray.train.RunConfig(
             # Ray's run folder is storage_path/name: the storage root, not the run folder's
             # parent, which differs when the name has a "/" in it
-            name=cfg.train.run_name, storage_path=ray_storage(cfg, out),
+            name=cfg.train.run_name, **ray_storage_args(ray_storage(cfg, out)),
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             # the controller's INFO lines (resources requested, worker group started) off the
@@ -678,7 +691,7 @@ def evaluate_export(cfg: Config, export: str, split: str, name: str) -> dict[str
         datasets={"test": clip_dataset(data, out, split=split, rows=first_rows(
             manifest, split, caption_tokenizer(cfg.data.tokenizer, cfg.data.max_words)))},
         dataset_config=_data_config(),
-        run_config=ray.train.RunConfig(name=name, storage_path=f"{out}/evaluations",
+        run_config=ray.train.RunConfig(name=name, **ray_storage_args(f"{out}/evaluations"),
                                        logging_config=ray.train.LoggingConfig(log_level="WARNING")),
     )
     metrics = dict(trainer.fit().metrics, eval_split=split, export=export)
