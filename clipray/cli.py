@@ -97,6 +97,10 @@ def data_main(argv: list[str]) -> int:
             s.error(f"--width and --height must be even for H.264 (yuv420p), got {args.width}x{args.height}")
         if max(args.width, args.height) > 16384:  # else libx264 refuses to open, as a traceback
             s.error(f"--width and --height must be 16384 or less for libx264, got {args.width}x{args.height}")
+        if "://" in args.out:  # Path() made s3://b/x a local folder ./s3:/b/x, and said it was written
+            s.error(f"--out {args.out}: the synthetic set is written to a local folder (its videos are encoded "
+                    "there); copy the whole folder to object storage after: its manifests name the videos "
+                    "relative to themselves, so they read there as here")
 
         made = generate(args.out, videos=args.videos, seed=args.seed, fps=args.fps, width=args.width,
                         height=args.height, max_events=args.max_events, idle_seconds=args.idle_seconds,

@@ -363,6 +363,9 @@ def filesystem(path: str) -> tuple[pafs.FileSystem, str]:
         return pafs.LocalFileSystem(), uri[len("file://"):]
     scheme, _, rest = uri.partition("://")
     if scheme in ("s3", "gs", "gcs") and rest.strip("/"):
+        if rest.startswith("/") or "//" in rest.rstrip("/"):  # pyarrow's ArrowInvalid traceback at the read
+            raise ManifestError(f"{path}: an empty name between two '/' (a key is taken as written: "
+                                f"write {scheme}://{'/'.join(p for p in rest.split('/') if p)})")
         fs, _ = pafs.FileSystem.from_uri(f"{scheme}://{rest.split('/', 1)[0]}")
         return fs, rest.rstrip("/")
     try:
@@ -547,12 +550,24 @@ def _reads_as(have: pa.DataType, want: pa.DataType) -> bool:
     return pa.types.is_integer(want) and pa.types.is_integer(have)
 
 
+@contextlib.contextmanager
+def reading(path: str | Path) -> Iterator[None]:
+    """Around a read of a manifest's files as one dataset: a later shard that is no Parquet (empty,
+    cut short) or of another type was pyarrow's traceback out of `clipray train` (`_check_header`
+    reads the first file only); `clipray data check` already said it in a line."""
+    try:
+        yield
+    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as e:
+        raise ManifestError(f"{path}: cannot be read as a manifest ({str(e).splitlines()[0][:300]})") from None
+
+
 def read_manifest(path: str | Path, columns: Sequence[str] | None = None,
                   split: str | None = None, validate: bool = True) -> pa.Table:
     """Read a (small enough) manifest whole; large ones go through `clipray.pipeline`."""
     fs, files = manifest_files(str(path))
     ds = pads.dataset(files, filesystem=fs, format="parquet", schema=SCHEMA)
-    table = ds.to_table(filter=(pads.field("split") == split) if split else None)
+    with reading(path):
+        table = ds.to_table(filter=(pads.field("split") == split) if split else None)
     if validate:
         validate_table(table, str(path))
     return table.select(list(columns)) if columns else table
@@ -700,7 +715,8 @@ def check_unique_ids(path: str) -> None:
     import numpy as np
 
     fs, files = manifest_files(path)
-    ids = pads.dataset(files, filesystem=fs, schema=SCHEMA).to_table(columns=["row_id"])["row_id"]
+    with reading(path):
+        ids = pads.dataset(files, filesystem=fs, schema=SCHEMA).to_table(columns=["row_id"])["row_id"]
     ids = np.sort(ids.drop_null().to_numpy())  # (a missing row id is iter_checked's to name)
     repeated = ids[1:][ids[1:] == ids[:-1]]
     if len(repeated):

@@ -107,12 +107,14 @@ def test_bare_loop_counts_every_frame_on_one_core_and_unpins_after(tmp_path):
     (["bench", "edit", "--idle-seconds", "NaN"], "argument --idle-seconds: must be a finite number, got NaN"),
     # numpy refuses a negative seed: it was a ValueError traceback from the generator
     (["data", "synth", "--seed", "-1"], "argument --seed: must be 0 or more, got -1"),
+    # written to a local folder ./s3:/b/set, said written, and nothing reached the bucket
+    (["data", "synth", "--out", "s3://b/set"], "--out s3://b/set: the synthetic set is written to a local folder"),
 ])
 def test_counts_below_their_floor_are_usage_errors_before_any_work(argv, says, tmp_path, capsys, monkeypatch):
     from clipray.cli import main
 
     monkeypatch.chdir(tmp_path)
-    if argv[:2] == ["data", "synth"]:
+    if argv[:2] == ["data", "synth"] and "--out" not in argv:
         argv = argv + ["--out", str(tmp_path / "synth")]
     with pytest.raises(SystemExit) as e:
         main(argv)

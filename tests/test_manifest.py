@@ -139,6 +139,43 @@ def test_bad_rows_are_named(tmp_path, bad, msg):
     assert "v1" in str(e.value) or "split" in str(e.value)
 
 
+def test_a_later_shard_that_is_no_parquet_is_one_line_from_every_reader_and_train(tmp_path, capsys):
+    """The first shard's header is checked (`_check_header`), the others were read as one
+    dataset: an empty or cut later shard was pyarrow's ArrowInvalid traceback out of `clipray
+    train`, where `clipray data check` said it in a line."""
+    from clipray.cli import main
+    from train.driver import check_unique_ids, count_rows, read_eval_split
+
+    out = tmp_path / "m"
+    write_manifest(rows(25), out, rows_per_shard=10)
+    shard = out / "part-00001.parquet"
+    whole = shard.read_bytes()
+    for cut in (b"", whole[: len(whole) // 2]):
+        shard.write_bytes(cut)
+        for read in (check_unique_ids, read_manifest, lambda p: count_rows(p, "train"),
+                     lambda p: read_eval_split(p, "test")):
+            with pytest.raises(ManifestError, match=rf"^{out}: cannot be read as a manifest \(.*part-00001.parquet"):
+                read(str(out))
+        repo = __import__("pathlib").Path(__file__).resolve().parents[1]
+        assert main(["train", str(repo / "train/configs/demo.yaml"), f"data.manifest={out}",
+                     f"train.storage_path={tmp_path / 'runs'}"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"clipray train: error: {out}: cannot be read as a manifest (") and err.count("\n") == 1
+    shard.write_bytes(whole)
+    assert read_manifest(str(out)).num_rows == 25 and count_rows(str(out), "test") == 7
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("uri, fixed", [("s3://b//m", "s3://b/m"), ("s3:///b/m", "s3://b/m"),
+                                        ("gs://b/a//c/", "gs://b/a/c")])
+def test_a_uri_with_an_empty_name_between_slashes_is_one_line(uri, fixed):
+    """`$PREFIX/` + `/m`: pyarrow's ArrowInvalid ("Empty path component") traceback out of `data
+    check`, `data prepare --out` and `--root`, at the first read. Named before any request."""
+    with pytest.raises(ManifestError) as e:
+        manifest_files(uri)
+    assert str(e.value) == f"{uri}: an empty name between two '/' (a key is taken as written: write {fixed})"
+
+
 def test_missing_manifest(tmp_path):
     with pytest.raises(ManifestError, match="not found"):
         read_manifest(tmp_path / "nope.parquet")

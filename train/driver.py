@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterator
 
 from clipray.config import Config, ConfigError, to_yaml
 from clipray.manifest import (ManifestError, check_unique_ids, file_signature, filesystem, fsspec_path,
-                              manifest_listing, manifest_signature, naming, replace_whole)
+                              manifest_listing, manifest_signature, naming, reading, replace_whole)
 
 
 def model_io(cfg: Config) -> Config:
@@ -423,8 +423,9 @@ def read_eval_split(manifest: str, split: str) -> tuple[int, str | None]:
     from clipray.manifest import SCHEMA, manifest_files, nan_as_null
 
     fs, files = manifest_files(manifest)
-    t = pads.dataset(files, filesystem=fs, schema=SCHEMA).to_table(
-        columns=["video_id", "start", "end"], filter=pads.field("split") == split)
+    with reading(manifest):
+        t = pads.dataset(files, filesystem=fs, schema=SCHEMA).to_table(
+            columns=["video_id", "start", "end"], filter=pads.field("split") == split)
     t = pa.table({"video_id": t["video_id"], "start": nan_as_null(t["start"]), "end": nan_as_null(t["end"])})
     n = t.group_by(["video_id", "start", "end"]).aggregate([]).num_rows
     if not 0 < n < 10:
@@ -442,7 +443,8 @@ def count_rows(manifest: str, split: str) -> int:
     from clipray.manifest import SCHEMA, manifest_files
 
     fs, files = manifest_files(manifest)
-    return pads.dataset(files, filesystem=fs, schema=SCHEMA).count_rows(filter=pads.field("split") == split)
+    with reading(manifest):
+        return pads.dataset(files, filesystem=fs, schema=SCHEMA).count_rows(filter=pads.field("split") == split)
 
 
 def _data_config():
