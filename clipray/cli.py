@@ -44,10 +44,10 @@ BENCHES = {
 }
 
 
-def at_least(lo: float, cast: Callable[[str], float] = int) -> Callable[[str], float]:
-    """An argparse `type`: a finite number >= lo, so a zero or negative count (or nan or inf,
-    which pass a `< lo` test) is a usage error at once rather than an empty output or a
-    ZeroDivisionError minutes in."""
+def at_least(lo: float, cast: Callable[[str], float] = int, most: float = math.inf) -> Callable[[str], float]:
+    """An argparse `type`: a finite number >= lo (and <= `most`), so a zero or negative count
+    (or nan or inf, which pass a `< lo` test) is a usage error at once rather than an empty
+    output or a ZeroDivisionError minutes in."""
     def parse(text: str) -> float:
         try:
             value = cast(text)
@@ -57,6 +57,8 @@ def at_least(lo: float, cast: Callable[[str], float] = int) -> Callable[[str], f
             raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
         if value < lo:
             raise argparse.ArgumentTypeError(f"must be {lo} or more, got {text}")
+        if value > most:
+            raise argparse.ArgumentTypeError(f"must be {most:g} or less, got {text}")
         return value
     return parse
 
@@ -73,12 +75,14 @@ def data_main(argv: list[str]) -> int:
     s.add_argument("--out", required=True, help="output directory")
     s.add_argument("--videos", type=at_least(1), default=200)
     s.add_argument("--seed", type=at_least(0), default=0, help="0 or more (numpy's seeds are)")
-    s.add_argument("--fps", type=at_least(1), default=8)
+    # past these a frame count overflowed or filled memory (tracebacks), or ran on for hours
+    s.add_argument("--fps", type=at_least(1, most=240), default=8, help="1 to 240")
     s.add_argument("--width", type=at_least(16), default=96, help="even (H.264 in yuv420p)")
     s.add_argument("--height", type=at_least(16), default=72, help="even")
     s.add_argument("--max-events", type=at_least(1), default=2)
-    s.add_argument("--idle-seconds", type=at_least(0, float), default=0.0,
-                   help="empty background before, between and after events (untrimmed-video-like)")
+    s.add_argument("--idle-seconds", type=at_least(0, float, most=3600), default=0.0,
+                   help="empty background before, between and after events (untrimmed-video-like), "
+                        "up to 3600")
     p = sub.add_parser("prepare", help="turn a public release (or your own CSV/JSONL) into a manifest")
     p.add_argument("name", help="source name (msrvtt, msvd, lsmdc, activitynet, didemo, youcook2, "
                                 "howto100m, generic)")

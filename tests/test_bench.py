@@ -107,6 +107,9 @@ def test_bare_loop_counts_every_frame_on_one_core_and_unpins_after(tmp_path):
     (["bench", "edit", "--idle-seconds", "NaN"], "argument --idle-seconds: must be a finite number, got NaN"),
     # numpy refuses a negative seed: it was a ValueError traceback from the generator
     (["data", "synth", "--seed", "-1"], "argument --seed: must be 0 or more, got -1"),
+    # an OverflowError or MemoryError traceback from the frame count, or hours of frames
+    (["data", "synth", "--idle-seconds", "1e300"], "argument --idle-seconds: must be 3600 or less, got 1e300"),
+    (["data", "synth", "--fps", "1000000"], "argument --fps: must be 240 or less, got 1000000"),
     # written to a local folder ./s3:/b/set, said written, and nothing reached the bucket
     (["data", "synth", "--out", "s3://b/set"], "--out s3://b/set: the synthetic set is written to a local folder"),
 ])
@@ -186,6 +189,10 @@ def test_an_unknown_benchmark_is_named(capsys):
     (["--heads", "meanP", "--words", "78"], "--words 78: test_meanP reads captions of at most 77 tokens"),
     (["--heads", "meanP,seqTransf", "--frames", "78"], "--frames 78: test_seqTransf has positions for at most 77 frames"),
     (["--heads", "tightTransf", "--frames", "77"], "--frames 77: test_tightTransf has positions for at most 76 frames"),
+    # an empty list printed the table's header over no row, and exit 0
+    (["--heads", ","], "no size, head or tuning to measure: give comma lists (--sizes tiny --heads meanP "
+                       "--tunings full)"),
+    (["--tunings", ""], "no size, head or tuning to measure"),
 ])
 def test_bench_model_words_or_frames_past_the_positions_are_a_line_not_a_traceback(argv, says, capsys):
     """Captions get the text tower's 77 positions, and seqTransf / tightTransf copy them for the
@@ -193,7 +200,8 @@ def test_bench_model_words_or_frames_past_the_positions_are_a_line_not_a_traceba
     from clipray.bench.model import main
 
     assert main(["--sizes", "tiny", "--repeats", "1", "--batch", "1", *argv]) == 2
-    assert capsys.readouterr().out.strip().endswith(says)
+    out = capsys.readouterr().out.strip()
+    assert out.endswith(says) or out.startswith(says), out
     from clipray.bench.model import _past_positions
 
     # the edges themselves fit (meanP and seqLSTM take any number of frames)

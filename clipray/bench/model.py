@@ -211,6 +211,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if bad:
         print(f"unknown size/head/tuning: {', '.join(bad)}")
         return 2
+    if not (sizes and heads and tunings):  # else a header over an empty table, and exit 0
+        print("no size, head or tuning to measure: give comma lists (--sizes tiny --heads meanP --tunings full)")
+        return 2
     too_long = _past_positions(sizes, heads, args.words, args.frames)
     if too_long:  # else a ValueError traceback from the first model that cannot take them
         print(too_long)
