@@ -303,7 +303,7 @@ class PyAVVideo:
             # a file that over-reports its length: reuse the nearest earlier decoded frame
             for i in missing:
                 got[i] = got[max(k for k in got if k < i)]
-        return np.stack([got[i] for i in indices])
+        return np.stack(_one_size([got[i] for i in indices]))
 
     def _collect(self, frames: Iterable[Any], want: list[int], t0: float) -> dict[int, np.ndarray]:
         """Index i is the frame shown at i / fps: the one at that time or, where a variable
@@ -333,6 +333,22 @@ class PyAVVideo:
                 shown = _upright(prev)
                 got.update((j, shown) for j in want[k:])
         return got
+
+
+def _one_size(frames: list[np.ndarray]) -> list[np.ndarray]:
+    """A clip's frames at one size, the first frame's: a stream whose picture size changes (a
+    broadcast recording at an ad break, 64x48 then 128x96) gave frames of two sizes, and every
+    clip across the change was skipped ("all input arrays must have the same shape"). decord
+    gives them at one size too."""
+    h, w = frames[0].shape[:2]
+    out = []
+    for f in frames:
+        if f.shape[:2] != (h, w):
+            x = torch.from_numpy(np.ascontiguousarray(f)).permute(2, 0, 1)[None]
+            x = F.interpolate(x, size=[h, w], mode="bicubic", align_corners=False, antialias=True)
+            f = x[0].permute(1, 2, 0).numpy()
+        out.append(f)
+    return out
 
 
 def _upright(frame: Any) -> np.ndarray:
