@@ -709,6 +709,44 @@ def test_a_resume_with_another_training_setting_is_refused_before_ray_starts(eve
         run(cfg)
 
 
+def test_a_run_stopped_in_its_warm_up_is_checked_against_its_edit_settings(events, tmp_path, monkeypatch):
+    """The edit.* settings and the manifest were recorded first after round 0: a run stopped in
+    its warm-up (with a checkpoint) resumed with edit.init=window or another data.manifest,
+    round 0's clips made anew from them, unchecked. They are recorded before the warm-up now;
+    a record from a start that trained nothing yet (no checkpoint) does not hold a re-run."""
+    import clipray.runtime
+    from clipray.config import ConfigError
+    from train.edit import run
+
+    class RayStarted(Exception):
+        pass
+
+    def no_ray(*a, **k):
+        raise RayStarted
+
+    monkeypatch.setattr(clipray.runtime, "init_ray", no_ray)
+    cfg = load_config(EDIT_DEMO, overrides(events["events_manifest"], tmp_path, "warm"))
+    window = load_config(EDIT_DEMO, overrides(events["events_manifest"], tmp_path, "warm",
+                                              **{"edit.init": "window", "edit.window_s": 1}))
+    out = tmp_path / "warm"
+    with pytest.raises(RayStarted):
+        run(cfg)
+    state = json.loads((out / "edit_state.json").read_text())
+    assert state["records"] == [] and state["edit"]["init"] == "midpoint" and len(state["clips"]) == 29
+    with pytest.raises(RayStarted):  # nothing trained yet: another setting starts afresh
+        run(window)
+    assert json.loads((out / "edit_state.json").read_text())["edit"]["init"] == "window"
+    with pytest.raises(RayStarted):
+        run(cfg)
+    (out / "checkpoint_2026-01-01_00-00-00.000000").mkdir()  # the warm-up's checkpoint
+    (out / "checkpoint_manager_snapshot.json").write_text("{}")  # and Ray Train's record of it
+    with pytest.raises(ConfigError, match=r"other edit.\* settings \(edit.init: 'midpoint' -> 'window'; "
+                                          r"edit.window_s: 0.0 -> 1.0\)"):
+        run(window)
+    with pytest.raises(RayStarted):  # the same settings resume
+        run(cfg)
+
+
 @pytest.mark.parametrize("extra, says", [
     ({"data.batch_size": 15}, "^29 training rows cannot fill one step of 30 clips"),
     # 29 // (4 x 2 workers) = 3 steps an epoch, over a warm-up epoch and one round's epoch: 6

@@ -298,21 +298,26 @@ def _as_built(model: Any) -> Any:
                         if model.get(k) is None}}
 
 
+def checkpointed(out: str) -> bool:
+    """Whether the run folder `out` holds checkpoints Ray Train resumes from: its record of the
+    checkpoints it finished, not the folders (a run stopped while writing its first checkpoint
+    left a checkpoint_* folder and no record, and Ray starts that run afresh)."""
+    fs, root = fsspec_path(out)
+    # listed, not globbed: a run folder named like "exp [2]" is no glob pattern for itself
+    try:
+        names = [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(root, detail=False)]
+    except FileNotFoundError:  # a new run in object storage, which has no empty folders
+        return False
+    return RAY_CHECKPOINT_RECORD in names
+
+
 def check_resume(out: str, key: dict[str, Any]) -> None:
     """Refuse to continue a run's checkpoints with other settings (re-running with another batch
     size would resume at the saved step of another schedule and mix the two silently); record
     the settings of a run that has no checkpoint yet."""
     fs, root = fsspec_path(out)
     saved = None
-    # listed, not globbed: a run folder named like "exp [2]" is no glob pattern for itself
-    try:
-        names = [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(root, detail=False)]
-    except FileNotFoundError:  # a new run in object storage, which has no empty folders
-        names = []
-    # Ray Train resumes from its record of the checkpoints it finished, not from the folders: a
-    # run stopped while writing its first checkpoint left a checkpoint_* folder and no record,
-    # and a new run with other settings there was refused although Ray would start it afresh
-    if RAY_CHECKPOINT_RECORD in names:
+    if checkpointed(out):
         try:
             saved = json.loads(fs.cat_file(f"{root}/{RESUME_KEY}"))  # cat() would glob "[2]"
         except FileNotFoundError:

@@ -378,6 +378,8 @@ def _run(cfg: Config, quiet_ray: bool, held: contextlib.ExitStack) -> dict[str, 
     driver.check_steps(base, len(captions), "usable training captions")
     with driver.storage_access(cfg, out):
         state = _get_json(f"{out}/edit_state.json")
+        if state is not None and not state.get("records") and not driver.checkpointed(out):
+            state = None  # recorded at a start that trained nothing yet: that run starts afresh
     changed = [f"edit.{k}: {v!r} -> {getattr(e, k)!r}" for k, v in (state or {}).get("edit", {}).items()
                if k not in POOL_KEYS and v != getattr(e, k, None)]
     if changed:
@@ -408,11 +410,22 @@ def _run(cfg: Config, quiet_ray: bool, held: contextlib.ExitStack) -> dict[str, 
         if since:
             print(f"[edit] {len(since)} more training captions left out since the last run: "
                   f"{reason_counts(since)}", flush=True)
+    def save_state(pending: Optional[dict] = None) -> None:
+        _put(f"{out}/edit_state.json", json.dumps({"edit": dataclasses.asdict(e), "source": source,
+                                                   "source_files": source_files, "records": records, "skips": skips,
+                                                   "clips": {r: c.clip for r, c in captions.items()},
+                                                   **({"pending": pending} if pending else {})}))
+
     # the training run's own settings check (batch size, model, optimiser ...), which each
     # round's training repeats: made now, a changed setting was refused only after Ray started
     # and the round's teacher had scored every caption again
     with driver.storage_access(cfg, out):
         driver.check_resume(out, driver.resume_key(base, 0, stop_epoch=epochs))
+        if state is None:
+            # the edit.* settings and the manifest, recorded before the warm-up: recorded first
+            # after round 0, a run stopped in its warm-up resumed its checkpoints with other
+            # settings or on another manifest (round 0's clips made anew from them), unchecked
+            save_state()
     init_ray(cfg.ray, quiet=quiet_ray)
     quiet_data_progress()
     if e.rounds:  # the teacher's pool first runs after the warm-up: a pool that cannot fit fails now
@@ -421,12 +434,6 @@ def _run(cfg: Config, quiet_ray: bool, held: contextlib.ExitStack) -> dict[str, 
         print(f"[edit] {len(skips)} training captions left out: {reason_counts(skips)}", flush=True)
     print(f"[edit] run {out}: {len(captions)} training captions, init={e.init}, warm-up {e.warmup_epochs} "
           f"epochs, {e.rounds} rounds x {e.epochs_per_round}", flush=True)
-
-    def save_state(pending: Optional[dict] = None) -> None:
-        _put(f"{out}/edit_state.json", json.dumps({"edit": dataclasses.asdict(e), "source": source,
-                                                   "source_files": source_files, "records": records, "skips": skips,
-                                                   "clips": {r: c.clip for r, c in captions.items()},
-                                                   **({"pending": pending} if pending else {})}))
 
     teacher, best = f"{out}/teacher", max((r["val_rsum"] for r in records), default=-math.inf)
     changed = records[-1]["teacher_updated"] if records else True
