@@ -29,6 +29,7 @@ FORMAT = "clipray.export/1"
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 # what loading and serving read from config.json ("extra" is optional)
+DTYPES = ("float32", "bfloat16", "float16", "float64")  # as save_export records them (torch names)
 REQUIRED = ("name", "overrides", "open_clip_name", "open_clip_cfg", "tokenizer_name", "image_size",
             "pixel_stats", "context_length", "indexable", "dtype")
 _PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".pkl", ".pickle", ".ckpt")
@@ -111,6 +112,16 @@ def read_export_config(export_dir: str | Path) -> dict[str, Any]:
     missing = [k for k in REQUIRED if k not in config]
     if missing:  # a hand-edited or cut file: else a KeyError where the key is first read
         raise ConfigError(f"{path}: {', '.join(missing)} missing; export the model again")
+    # what load_export reads of them, checked here as check_export promises: "fp16" or a null
+    # pixel_stats passed every check before a job started, then failed in each of its actors
+    if config["dtype"] not in DTYPES:
+        raise ConfigError(f"{path}: dtype {config['dtype']!r} is none of {', '.join(DTYPES)}; export the model again")
+    stats = config["pixel_stats"]
+    if not (isinstance(stats, dict) and set(stats) == {"mean", "std"}
+            and all(isinstance(v, list) and len(v) == 3 and all(isinstance(x, (int, float)) for x in v)
+                    for v in stats.values())):
+        raise ConfigError(f"{path}: pixel_stats {stats!r} is not {{'mean': [3 numbers], 'std': [3 numbers]}}; "
+                          "export the model again")
     return config
 
 
@@ -160,12 +171,16 @@ def _build(config: dict[str, Any], root: Path):
         raise ConfigError(f"{root / CONFIG}: open_clip_cfg asks for pretrained tower weights ({', '.join(asks)}), "
                           f"which open_clip would fetch from the network; an export's weights are its {WEIGHTS} only")
     fields = {f.name for f in dataclasses.fields(ModelSpec)}
-    spec = ModelSpec(
-        open_clip_name=config["open_clip_name"],
-        tokenizer_name=config["tokenizer_name"],
-        **{k: v for k, v in config["overrides"].items() if k in fields},
-    )
-    return build_from_spec(config["name"], spec, open_clip_cfg=config["open_clip_cfg"])
+    try:  # a hand-edited config.json ("head": "meanp", overrides as a list): a traceback, and in every actor
+        spec = ModelSpec(
+            open_clip_name=config["open_clip_name"],
+            tokenizer_name=config["tokenizer_name"],
+            **{k: v for k, v in config["overrides"].items() if k in fields},
+        )
+        return build_from_spec(config["name"], spec, open_clip_cfg=config["open_clip_cfg"])
+    except (ValueError, TypeError, AttributeError, KeyError) as e:
+        raise ConfigError(f"{root / CONFIG}: describes no model clipray can build ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0][:200] if str(e) else ''}); export the model again") from None
 
 
 def _weights_of(root: Path) -> Path:

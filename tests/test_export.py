@@ -172,3 +172,27 @@ def test_a_config_json_missing_keys_is_a_clear_error(tmp_path):
         with pytest.raises(ConfigError, match=rf"^{export}/config.json: open_clip_cfg, pixel_stats missing; "
                                               "export the model again$"):
             load(export)
+
+
+@pytest.mark.parametrize("change, says", [
+    ({"dtype": "fp16"}, "dtype 'fp16' is none of float32, bfloat16, float16, float64"),
+    ({"pixel_stats": None}, "pixel_stats None is not {'mean': [3 numbers], 'std': [3 numbers]}"),
+    ({"pixel_stats": {"mean": [0.5, 0.5], "std": [0.2, 0.2, 0.2]}}, "pixel_stats {'mean': [0.5, 0.5]"),
+    ({"overrides": {"head": "meanp"}}, "describes no model clipray can build (ValueError: unknown head 'meanp'"),
+    ({"overrides": []}, "describes no model clipray can build (AttributeError"),
+    ({"open_clip_cfg": {}}, "describes no model clipray can build (TypeError"),
+])
+def test_a_config_json_with_values_it_cannot_load_is_refused_by_the_check_too(tmp_path, change, says):
+    """check_export (what a job runs before it starts its actors) passed "dtype": "fp16" and a
+    null pixel_stats, which load_export then failed on in each actor; a head, overrides or
+    model config it cannot build was a traceback from both."""
+    import re
+
+    from clipray.config import ConfigError
+
+    export = save_export(create_model("test_meanP"), tmp_path / "e")
+    config = json.loads((export / "config.json").read_text())
+    (export / "config.json").write_text(json.dumps({**config, **change}))
+    for load in (check_export, load_export):
+        with pytest.raises(ConfigError, match=rf"^{export}/config.json: {re.escape(says)}"):
+            load(export)
