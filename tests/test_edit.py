@@ -796,3 +796,4 @@ def test_too_few_usable_training_captions_are_refused_before_ray_starts(events, 
     monkeypatch.setattr(clipray.runtime, "init_ray", no_ray)
     with pytest.raises(ConfigError, match="^7 usable training captions cannot fill one step of 8 clips"):
         run(load_config(EDIT_DEMO, overrides(manifest, tmp_path, "late")))
+    assert not (tmp_path / "late").exists()  # refused before its run folder was made

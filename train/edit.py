@@ -372,10 +372,12 @@ def _run(cfg: Config, quiet_ray: bool, held: contextlib.ExitStack) -> dict[str, 
     # each round trains on the usable captions: too few for one step was refused only by the
     # warm-up's training, after Ray started
     driver.check_steps(base, driver.count_rows(source, "train"))
-    driver.make_run_dir(out)
-    held.enter_context(driver.run_folder_lock(out))  # its rounds' training runs hold it too
+    # the manifest's checks first: made after the run folder, each refusal (no timestamps,
+    # timestamps outside their clips, repeated row ids) left an empty run folder behind
     captions, skips = initial_captions(source, root, e, data.video.backend)
     driver.check_steps(base, len(captions), "usable training captions")
+    driver.make_run_dir(out)
+    held.enter_context(driver.run_folder_lock(out))  # its rounds' training runs hold it too
     with driver.storage_access(cfg, out):
         state = _get_json(f"{out}/edit_state.json")
         if state is not None and not state.get("records") and not driver.checkpointed(out):
