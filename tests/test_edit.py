@@ -707,6 +707,11 @@ def test_a_resume_with_another_training_setting_is_refused_before_ray_starts(eve
     with pytest.raises(ConfigError, match=rf"^{out / 'edit_state.json'}: not readable \(cut by a write that "
                                           r"stopped midway\?\), and the editing run cannot go on without it"):
         run(cfg)
+    # edited by hand into an object without its keys: a KeyError or AttributeError traceback
+    for edited in ({"source": events["events_manifest"]}, {"edit": [], "records": [], "skips": [], "clips": {}}):
+        (out / "edit_state.json").write_text(json.dumps(edited))
+        with pytest.raises(ConfigError, match=rf"^{out / 'edit_state.json'}: not readable"):
+            run(cfg)
 
 
 def test_a_run_stopped_in_its_warm_up_is_checked_against_its_edit_settings(events, tmp_path, monkeypatch):

@@ -290,7 +290,12 @@ def _put(uri: str, text: str) -> None:
     _put_text(uri, text)
 
 
-def _get_json(uri: str) -> Optional[dict]:
+STATE_KEYS = {"edit": dict, "records": list, "skips": list, "clips": dict}  # edit_state.json holds them
+
+
+def _get_json(uri: str, keys: Optional[dict[str, type]] = None) -> Optional[dict]:
+    """The JSON object at `uri` (None when there is none); `keys`, with their types, it must
+    hold: a hand-edited state without them (`{"source": ...}`) was a KeyError traceback."""
     from clipray.manifest import fsspec_path
 
     fs, path = fsspec_path(uri)
@@ -300,7 +305,7 @@ def _get_json(uri: str) -> Optional[dict]:
         got = json.loads(fs.cat_file(path))  # cat() would glob a "[2]" in it
     except ValueError:  # (UnicodeDecodeError too)
         got = None
-    if not isinstance(got, dict):
+    if not isinstance(got, dict) or any(not isinstance(got.get(k), t) for k, t in (keys or {}).items()):
         # cut by a write that stopped midway (in place, before 01c7ad5) or edited by hand: every
         # later run of the command ended in json's JSONDecodeError traceback
         raise ConfigError(f"{uri}: not readable (cut by a write that stopped midway?), and the editing run "
@@ -379,7 +384,7 @@ def _run(cfg: Config, quiet_ray: bool, held: contextlib.ExitStack) -> dict[str, 
     driver.make_run_dir(out)
     held.enter_context(driver.run_folder_lock(out))  # its rounds' training runs hold it too
     with driver.storage_access(cfg, out):
-        state = _get_json(f"{out}/edit_state.json")
+        state = _get_json(f"{out}/edit_state.json", STATE_KEYS)
         if state is not None and not state.get("records") and not driver.checkpointed(out):
             state = None  # recorded at a start that trained nothing yet: that run starts afresh
     changed = [f"edit.{k}: {v!r} -> {getattr(e, k)!r}" for k, v in (state or {}).get("edit", {}).items()
