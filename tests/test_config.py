@@ -168,7 +168,9 @@ def refused_as_override_and_in_a_file(load, f: Path, key: str, value: str, says:
     # nan passed every test and was a traceback once the scorers' pool started, after the warm-up
     ("edit.actor_gpus", "nan", "edit.actor_gpus must be a finite number, got nan"),
     ("edit.actor_gpus", "-7", "edit.actor_gpus must be -1 (one per actor where the cluster has GPUs) or >= 0, "
-                              "got -7.0"),
+                              "in steps of 0.0001 (Ray's), got -7.0"),
+    ("train.cpus_per_worker", "0.00001", "train.cpus_per_worker must be >= 0, in steps of 0.0001 (Ray's), got 1e-05"),
+    ("data.decode_cpus", "0", "data.decode_cpus must be > 0, in steps of 0.0001 (Ray's), got 0.0"),
     # 0 read as 1 (every epoch), not as "never" or "at the end only"
     ("train.eval_every_epochs", "0", "train.eval_every_epochs must be >= 1, got 0"),
     # torch's AdamW refuses them, but only in the training workers, after Ray started
@@ -196,7 +198,12 @@ def test_serve_config_gets_the_same_video_rules():
 
 @pytest.mark.parametrize("key, value, says", [
     # accepted, then an error from Ray Data's actor pool once Ray was up and the manifest planned
-    ("index.actor_cpus", "-1", "index.actor_cpus must be >= 0, got -1.0"),
+    ("index.actor_cpus", "-1", "index.actor_cpus must be >= 0, in steps of 0.0001 (Ray's), got -1.0"),
+    # Ray's ValueError ("precision ... cannot go beyond 0.0001") once the replica or actor was made
+    ("serve.text_encoder.num_gpus", "0.00001", "serve.text_encoder.num_gpus must be >= 0, in steps of 0.0001 "
+                                               "(Ray's), got 1e-05"),
+    ("index.actor_gpus", "0.00005", "index.actor_gpus must be -1 (one per actor where the cluster has GPUs) or "
+                                    ">= 0, in steps of 0.0001 (Ray's), got 5e-05"),
     ("index.actor_gpus", "nan", "index.actor_gpus must be a finite number, got nan"),
     # nan passed `< 0`, and planning the windows ended in an IndexError traceback
     ("index.window_s", "nan", "index.window_s must be a finite number, got nan"),
@@ -208,7 +215,7 @@ def test_serve_config_gets_the_same_video_rules():
     # these were refused, but in resolve() with no file named
     ("serve.port", "70000", "serve.port must be a port, 1..65535, got 70000"),
     ("index.kind", "ivf", "index.kind must be one of flat, ivf_flat, ivf_sq8, ivf_pq, hnsw, got 'ivf'"),
-    ("serve.searcher.num_gpus", "-1", "serve.searcher.num_gpus must be >= 0, got -1.0"),
+    ("serve.searcher.num_gpus", "-1", "serve.searcher.num_gpus must be >= 0, in steps of 0.0001 (Ray's), got -1.0"),
     # Serve's "Application name must a non-empty string" came after Ray and Serve had started
     ("serve.app_name", "''", "serve.app_name must be a name, got ''"),
 ])
