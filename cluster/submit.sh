@@ -31,6 +31,10 @@ usage() {
 
 [[ $# -ge 1 ]] || usage 2
 [[ $1 == -h || $1 == --help ]] && usage 0
+# a switch is 0 or 1: CLIPRAY_DRY_RUN=true submitted the job for real
+for switch in CLIPRAY_DRY_RUN CLIPRAY_FOLLOW; do
+    [[ ${!switch:-0} == [01] ]] || die "$switch must be 0 or 1, got: ${!switch}"
+done
 
 # --working-dir . must be the repository root: the cluster sees only what is under it.
 repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -48,6 +52,9 @@ config="$1"
 shift
 [[ $config != /* ]] || die "CONFIG must be a path inside the repository (the job only sees the working dir): $config"
 [[ -f $config ]] || die "config file not found (relative to $repo_root): $config"
+# ../ out of the checkout (or a link out of it) passed the check above: not in the job's working dir
+[[ "$(cd "$(dirname "$config")" && pwd -P)/" == "$(pwd -P)"/* ]] \
+    || die "CONFIG must be a path inside the repository (the job only sees the working dir): $config"
 overrides=()
 run_name=""
 storage_path=""

@@ -491,6 +491,25 @@ def test_submit_sh_resume_line_keeps_a_storage_path_with_a_space_in_one_word(tmp
     assert r2.returncode == 0 and f"storage: {store}\n" in r2.stdout, r2.stderr
 
 
+def test_submit_sh_refuses_a_config_outside_the_checkout_and_a_switch_that_is_not_0_or_1(tmp_path):
+    """`../../x.yaml` out of the checkout passed the check for an absolute path, and the job was
+    sent a config its working dir does not hold; CLIPRAY_DRY_RUN=true submitted the job for real."""
+    env = dict(RAY_ADDRESS="http://127.0.0.1:8265", RAY_AUTH_MODE="token", RAY_AUTH_TOKEN="t",
+               CLIPRAY_DRY_RUN="1")
+    outside = tmp_path / "outside.yaml"
+    outside.write_text("train:\n  epochs: 1\n")
+    up = os.path.relpath(outside, CLUSTER.parent)  # ../../... from the repository root
+    r = _submit(tmp_path, up, "train.storage_path=s3://b/r", **env)
+    assert r.returncode == 2 and r.stderr == f"submit.sh: CONFIG must be a path inside the repository (the job " \
+                                             f"only sees the working dir): {up}\n", r.stdout + r.stderr
+    for switch in ("CLIPRAY_DRY_RUN", "CLIPRAY_FOLLOW"):
+        r = _submit(tmp_path, "train/configs/howto100m.yaml", "train.storage_path=s3://b/r",
+                    **{**env, switch: "true"})
+        assert r.returncode == 2 and r.stderr == f"submit.sh: {switch} must be 0 or 1, got: true\n", r.stderr
+    r = _submit(tmp_path, "train/configs/howto100m.yaml", "train.storage_path=s3://b/r", **env)
+    assert r.returncode == 0 and "dry run:" in r.stdout, r.stderr
+
+
 def test_submit_sh_refuses_a_configs_relative_storage_path_too(tmp_path):
     """With no train.storage_path given, the config's is used, and a relative one must be refused
     as a given one is: load_config makes it absolute against the submitting machine's directory
