@@ -14,6 +14,7 @@ Interrupted while starting, it deletes the app it was deploying and exits with s
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import signal
@@ -60,13 +61,26 @@ def wait_healthy(url: str, timeout_s: float = 120.0) -> dict:
 
 def port_free(host: str, port: int) -> bool:
     """Whether a server could listen on host:port now (binding as uvicorn does)."""
+    return listen_problem(host, port) is None
+
+
+def listen_problem(host: str, port: int) -> str | None:
+    """Why a server could not listen on host:port now (binding as uvicorn does), or None. A
+    host that is no address of this machine, or no name at all, was said as the port "taken by
+    another process"."""
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
-            return True
-        except OSError:
-            return False
+            return None
+        except socket.gaierror as e:
+            return f"serve.host {host} is no name or address this machine resolves ({e.strerror})"
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                return (f"serve.port {port} on {host} is taken by another process (an earlier clipray serve?): "
+                        f"stop it or pick another, e.g. serve.port={port + 1}")
+            return (f"serve.host {host}, serve.port {port}: cannot listen there ({e.strerror}); give an address "
+                    "of this machine (0.0.0.0: all of them, 127.0.0.1: this machine only)")
 
 
 def start(cfg: AppConfig, quiet_ray: bool = True, route_prefix: str = "/",
@@ -85,10 +99,9 @@ def start(cfg: AppConfig, quiet_ray: bool = True, route_prefix: str = "/",
     if on_ray_started is not None:
         on_ray_started()
     # on this machine, a taken port would otherwise surface as a traceback from Serve's proxy
-    if is_embedded() and _live_http() is None and not port_free(cfg.serve.host, cfg.serve.port):
-        raise ConfigError(f"serve.port {cfg.serve.port} on {cfg.serve.host} is taken by another "
-                          f"process (an earlier clipray serve?): stop it or pick another, e.g. "
-                          f"serve.port={cfg.serve.port + 1}")
+    problem = listen_problem(cfg.serve.host, cfg.serve.port) if is_embedded() and _live_http() is None else None
+    if problem:
+        raise ConfigError(problem)
     check_resources(cfg)
     logs = {"log_level": cfg.serve.log_level}
     logging.getLogger("ray.serve").setLevel(cfg.serve.log_level)  # this process's Serve lines

@@ -811,14 +811,22 @@ def test_the_serving_doc_names_every_error_status_the_api_answers():
 def test_port_free_sees_a_listening_socket_and_its_release():
     import socket
 
-    from serve.__main__ import port_free
+    from serve.__main__ import listen_problem, port_free
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
         s.listen()
         assert not port_free("127.0.0.1", port)
+        assert listen_problem("127.0.0.1", port) == (f"serve.port {port} on 127.0.0.1 is taken by another process "
+                                                     f"(an earlier clipray serve?): stop it or pick another, e.g. "
+                                                     f"serve.port={port + 1}")
     assert port_free("127.0.0.1", port)
+    # an address of no interface here (TEST-NET-2) and a name that does not resolve were said
+    # as the port taken by another process
+    assert listen_problem("198.51.100.7", port).startswith("serve.host 198.51.100.7, serve.port "
+                                                           f"{port}: cannot listen there (Cannot assign")
+    assert listen_problem("no-such-host.invalid", port).startswith("serve.host no-such-host.invalid is no name")
 
 
 def test_the_url_of_an_ipv6_host_is_one_an_http_client_opens(tmp_path):
