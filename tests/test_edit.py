@@ -666,24 +666,30 @@ def test_a_round_stopped_after_its_training_resumes_on_the_clips_it_trained_on(r
     assert (out / "teacher" / WEIGHTS).read_bytes() == (out / "export" / WEIGHTS).read_bytes()
 
 
-def test_a_resume_with_another_training_setting_is_refused_before_ray_starts(events, tmp_path, monkeypatch):
+class RayStarted(Exception):
+    """Raised where a command would start Ray (`ray_stub`): what ran before it is what is checked."""
+
+
+@pytest.fixture
+def ray_stub(monkeypatch):
+    import clipray.runtime
+
+    def no_ray(*a, **k):
+        raise RayStarted
+
+    monkeypatch.setattr(clipray.runtime, "init_ray", no_ray)
+
+
+def test_a_resume_with_another_training_setting_is_refused_before_ray_starts(events, tmp_path, ray_stub):
     """A stopped editing run re-run with another data.batch_size (the training run's settings
     check, as `clipray train` makes it): refused when its round's training started, after Ray
     and the round's scoring job, which scores every caption again (hours on a real set). Now
     refused before Ray starts. Ray is a stub that fails the test if reached."""
     import dataclasses
 
-    import clipray.runtime
     from clipray.config import ConfigError
     from train.edit import run
 
-    class RayStarted(Exception):
-        pass
-
-    def no_ray(*a, **k):
-        raise RayStarted
-
-    monkeypatch.setattr(clipray.runtime, "init_ray", no_ray)
     cfg = load_config(EDIT_DEMO, overrides(events["events_manifest"], tmp_path, "moved-batch"))
     with pytest.raises(RayStarted):
         run(cfg)  # a new run: its settings recorded, then Ray would start
@@ -714,22 +720,14 @@ def test_a_resume_with_another_training_setting_is_refused_before_ray_starts(eve
             run(cfg)
 
 
-def test_a_run_stopped_in_its_warm_up_is_checked_against_its_edit_settings(events, tmp_path, monkeypatch):
+def test_a_run_stopped_in_its_warm_up_is_checked_against_its_edit_settings(events, tmp_path, ray_stub):
     """The edit.* settings and the manifest were recorded first after round 0: a run stopped in
     its warm-up (with a checkpoint) resumed with edit.init=window or another data.manifest,
     round 0's clips made anew from them, unchecked. They are recorded before the warm-up now;
     a record from a start that trained nothing yet (no checkpoint) does not hold a re-run."""
-    import clipray.runtime
     from clipray.config import ConfigError
     from train.edit import run
 
-    class RayStarted(Exception):
-        pass
-
-    def no_ray(*a, **k):
-        raise RayStarted
-
-    monkeypatch.setattr(clipray.runtime, "init_ray", no_ray)
     cfg = load_config(EDIT_DEMO, overrides(events["events_manifest"], tmp_path, "warm"))
     window = load_config(EDIT_DEMO, overrides(events["events_manifest"], tmp_path, "warm",
                                               **{"edit.init": "window", "edit.window_s": 1}))
