@@ -845,13 +845,20 @@ def test_peak_memory_is_the_epochs_own_peak_resident_set():
     from clipray.runtime import proc_status_kb
     from train.loop import PeakMemory
 
+    import mmap
+
     memory = PeakMemory(torch.device("cpu"))
     memory.reset()
     before = proc_status_kb("VmRSS") / 1024
-    block = np.ones(96 * 2**20, dtype=np.uint8)  # every page written: resident
+    # pages of a new mapping, every one written: resident. (np.ones could reuse memory the
+    # allocator held resident already, and the peak then rose by nothing: seen once in a full run)
+    block = mmap.mmap(-1, 96 * 2**20)
+    pages = np.frombuffer(block, dtype=np.uint8)
+    pages[:] = 1
     peak = memory.read_mb()
     assert peak >= before + 96 - 1
-    del block
+    del pages
+    block.close()  # unmapped: no longer resident
     memory.reset()
     assert memory.read_mb() < peak - 64
 
