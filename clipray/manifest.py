@@ -182,7 +182,8 @@ class ManifestWriter:
         self.schema = SCHEMA.with_metadata(meta)
         self.fs, self.root = filesystem(self.out)
         folder = self.root if not self.single else str(Path(self.root).parent)
-        kind = self.fs.get_file_info(self.root).type
+        info = self.fs.get_file_info(self.root)
+        kind = info.type
         if self.single and kind == pafs.FileType.Directory:
             raise ManifestError(f"{self.out}: is a folder; a manifest named *.parquet is written as one "
                                 "file (name a folder without .parquet to write shards into it)")
@@ -193,9 +194,8 @@ class ManifestWriter:
             # every .parquet under a folder manifest is read as part of it: a manifest written
             # into `clipray data synth`'s folder (beside its manifest.parquet and events.parquet)
             # was said written, and every read of it then failed on row ids repeated
-            listed = self.fs.get_file_info(pafs.FileSelector(self.root, recursive=True))
-            other = sorted(name for i in listed if i.type == pafs.FileType.File
-                           and i.base_name.endswith((".parquet", ".parquet" + PARTIAL))
+            other = sorted(name for i in _files(self.fs, self.root, info)
+                           if i.base_name.endswith((".parquet", ".parquet" + PARTIAL))
                            and not re.fullmatch(r"part-\d+\.parquet(\.partial)?", name := i.path[len(self.root) + 1:]))
             if other:
                 raise ManifestError(f"{self.out}: holds other Parquet files ({', '.join(other[:3])}"
