@@ -828,10 +828,8 @@ def _checked_batch(raw: pa.RecordBatch, ids: RowIds | None = None) -> pa.RecordB
 def _batches(batches: Iterator[pa.RecordBatch], where: str) -> Iterator[pa.RecordBatch]:
     """Record batches of one file; a column that does not read into the schema (a later shard
     of another type than the first, whose types were checked) fails naming the file."""
-    try:
+    with reading(where):
         yield from batches
-    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as e:
-        raise ManifestError(f"{where}: cannot be read as a manifest ({str(e).splitlines()[0][:200]})") from None
 
 
 def check_manifest(path: str | Path, progress_s: float | None = None) -> Tally:
