@@ -71,8 +71,8 @@ class DeploymentConfig:
     look_back_period_s: Optional[float] = None  # None: Serve's default window
     num_cpus: float = 0.5
     num_gpus: float = 0.0
-    # replica environment, e.g. RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S on the
-    # ingress (its handles report the load that autoscales the deployments behind it)
+    # the replicas' environment (e.g. OMP_NUM_THREADS); Ray 2.60 reads no handle-metric push
+    # interval from it: handles push every autoscaling `metrics_interval_s` (10 s)
     env_vars: dict[str, str] = field(default_factory=dict)
 
 

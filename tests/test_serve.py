@@ -49,7 +49,6 @@ def app_overrides(port: int) -> list[str]:
         f"serve.port={port}", "serve.app_name=clipray-test",
         "serve.limits.max_text_chars=200", "serve.limits.max_k=50", "serve.limits.max_upload_mb=1",
         "serve.ingress.num_cpus=0.1",
-        "serve.ingress.env_vars.RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S=0.5",
         "serve.text_encoder.num_cpus=0.1", "serve.text_encoder.min_replicas=1",
         "serve.text_encoder.max_replicas=2", "serve.text_encoder.target_ongoing_requests=2",
         "serve.text_encoder.upscale_delay_s=1", "serve.text_encoder.downscale_delay_s=3",
@@ -556,6 +555,63 @@ def _stream(url: str, seconds: float, clients: int, stop: threading.Event, path:
     return out
 
 
+def _deployment(name: str):
+    from ray import serve
+
+    return serve.status().applications[_APP["cfg"].serve.app_name].deployments[name]
+
+
+def _running(st) -> int:
+    return int(st.replica_states.get("RUNNING", 0))
+
+
+def _states(st) -> str:
+    return f"{st.status.value} ({st.status_trigger.value}) {dict(st.replica_states)}"
+
+
+def _wait_for_one_text_encoder(when: str) -> None:
+    deadline = time.monotonic() + 90  # handles push their load every 10 s; held 20 s when silent
+    while time.monotonic() < deadline and _running(_deployment("TextEncoder")) > 1:
+        time.sleep(0.5)
+    st = _deployment("TextEncoder")
+    assert _running(st) == 1, (f"TextEncoder did not scale down to 1 replica {when}: {_states(st)}; "
+                               f"the controller's last scaling lines:\n{_scaling_log('TextEncoder')}")
+
+
+def _scaling_log(name: str, lines: int = 8) -> str:
+    """The Serve controller's last up/downscaling decisions for one deployment, for a failure
+    message: they give the ongoing-request count each decision was made on."""
+    import glob
+
+    from ray._private.worker import _global_node
+
+    found = [ln.rstrip() for f in glob.glob(f"{_global_node.get_logs_dir_path()}/serve/controller_*.log")
+             for ln in open(f, errors="replace") if f"name='{name}'" in ln and "scaling" in ln]
+    return "\n".join(found[-lines:]) or "(none found)"
+
+
+def test_text_encoder_autoscales_up_and_down(app):
+    """4 clients, each request waiting 0.25 s in the encoder's batch: ~4 ongoing against a
+    target of 2 per replica, so Serve must add the second replica; idle, it must remove it.
+    It starts from one replica, once an encoder scaled up by earlier requests is idle again.
+    It runs before the killed-replica test: after that test's stream, CI once saw the idle
+    encoder hold 2 replicas for a whole minute."""
+    _wait_for_one_text_encoder("before the load")
+    stop, peak, seen = threading.Event(), 1, ""
+    with ThreadPoolExecutor(1) as bg:
+        fut = bg.submit(_stream, app["url"], 150.0, 4, stop, "/encode/text")
+        deadline = time.monotonic() + 150
+        while time.monotonic() < deadline and peak < 2:
+            time.sleep(0.5)
+            st = _deployment("TextEncoder")  # one status call per poll
+            peak, seen = max(peak, _running(st)), _states(st)
+        stop.set()
+        res = fut.result()
+    assert peak == 2, f"TextEncoder never ran 2 replicas under load ({res['ok']} requests; last: {seen})"
+    assert res["fail"] == 0, res["errors"][:3]
+    _wait_for_one_text_encoder("after the load")
+
+
 def test_killed_replica_loses_at_most_in_flight_requests(app):
     old = _handle("Searcher").info.remote().result()["pid"]
     stop, clients = threading.Event(), 4
@@ -577,49 +633,6 @@ def test_killed_replica_loses_at_most_in_flight_requests(app):
     assert res["ok"] > 0
     after = requests.post(f"{app['url']}/search", json={"text": "a green cross moves down", "k": 2}, timeout=30)
     assert after.status_code == 200 and len(after.json()["results"]) == 2
-
-
-def _deployment(name: str):
-    from ray import serve
-
-    return serve.status().applications[_APP["cfg"].serve.app_name].deployments[name]
-
-
-def _running(st) -> int:
-    return int(st.replica_states.get("RUNNING", 0))
-
-
-def _states(st) -> str:
-    return f"{st.status.value} ({st.status_trigger.value}) {dict(st.replica_states)}"
-
-
-def _wait_for_one_text_encoder(when: str) -> None:
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and _running(_deployment("TextEncoder")) > 1:
-        time.sleep(0.5)
-    st = _deployment("TextEncoder")
-    assert _running(st) == 1, f"TextEncoder did not scale down to 1 replica {when}: {_states(st)}"
-
-
-def test_text_encoder_autoscales_up_and_down(app):
-    """4 clients, each request waiting 0.25 s in the encoder's batch: ~4 ongoing against a
-    target of 2 per replica, so Serve must add the second replica; idle, it must remove it.
-    The test before it streams /search, which may have scaled the encoder up on a busy machine:
-    it starts from one replica, once the idle encoder has scaled back down."""
-    _wait_for_one_text_encoder("before the load")
-    stop, peak, seen = threading.Event(), 1, ""
-    with ThreadPoolExecutor(1) as bg:
-        fut = bg.submit(_stream, app["url"], 150.0, 4, stop, "/encode/text")
-        deadline = time.monotonic() + 150
-        while time.monotonic() < deadline and peak < 2:
-            time.sleep(0.5)
-            st = _deployment("TextEncoder")  # one status call per poll
-            peak, seen = max(peak, _running(st)), _states(st)
-        stop.set()
-        res = fut.result()
-    assert peak == 2, f"TextEncoder never ran 2 replicas under load ({res['ok']} requests; last: {seen})"
-    assert res["fail"] == 0, res["errors"][:3]
-    _wait_for_one_text_encoder("after the load")
 
 
 def test_an_index_of_a_file_uri_manifest_streams_its_clips_and_max_k_caps_the_default_k(app, synth_small, tmp_path):
