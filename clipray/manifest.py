@@ -362,7 +362,9 @@ def filesystem(path: str) -> tuple[pafs.FileSystem, str]:
     if uri.startswith("file:///"):
         return pafs.LocalFileSystem(), uri[len("file://"):]
     scheme, _, rest = uri.partition("://")
-    if scheme in ("s3", "gs", "gcs") and rest.strip("/"):
+    if scheme in ("s3", "gs", "gcs") and not rest.strip("/"):  # pyarrow would list every bucket
+        raise ManifestError(f"{path}: no bucket (write {scheme}://BUCKET/manifest)")
+    if scheme in ("s3", "gs", "gcs"):
         if rest.startswith("/") or "//" in rest.rstrip("/"):  # pyarrow's ArrowInvalid traceback at the read
             raise ManifestError(f"{path}: an empty name between two '/' (a key is taken as written: "
                                 f"write {scheme}://{'/'.join(p for p in rest.split('/') if p)})")

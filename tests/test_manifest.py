@@ -176,6 +176,14 @@ def test_a_uri_with_an_empty_name_between_slashes_is_one_line(uri, fixed):
     assert str(e.value) == f"{uri}: an empty name between two '/' (a key is taken as written: write {fixed})"
 
 
+@pytest.mark.parametrize("uri", ["s3://", "s3:///", "gs://"])
+def test_a_uri_with_no_bucket_is_one_line_before_any_request(uri):
+    """`data check s3://` (an unset $BUCKET) listed every bucket of the account as the manifest."""
+    with pytest.raises(ManifestError) as e:
+        manifest_files(uri)
+    assert str(e.value) == f"{uri}: no bucket (write {uri.split(':')[0]}://BUCKET/manifest)"
+
+
 def test_missing_manifest(tmp_path):
     with pytest.raises(ManifestError, match="not found"):
         read_manifest(tmp_path / "nope.parquet")
