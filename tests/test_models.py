@@ -279,6 +279,31 @@ def test_3d_patch_is_inflated_2d_and_equal_at_init():
     assert not w2.requires_grad  # unused in 3d mode
 
 
+@pytest.mark.parametrize("patch", ["2d", "3d"])
+def test_what_padded_frames_hold_never_reaches_the_video_embedding(patch):
+    """The 3d patch hid padding by multiplying it by 0, and NaN * 0 is NaN: NaN or inf in a
+    padded slot of normalised float frames came out in the clip's embedding."""
+    model = build("test_meanP", linear_patch=patch).eval()
+    frames, mask = clip_batch(b=3, t=6)
+    x = model.normalize(frames)
+    with torch.no_grad():
+        want = model.encode_video(x.masked_fill(~mask[..., None, None, None], 0), mask)
+        assert torch.isfinite(want).all()
+        for fill in (float("nan"), float("inf"), 1e4):
+            got = model.encode_video(x.masked_fill(~mask[..., None, None, None], fill), mask)
+            assert torch.equal(got, want), (patch, fill)
+
+
+@pytest.mark.parametrize("patch, tuning", [("2d", "full"), ("2d", "frozen"), ("3d", "full"), ("2d", "unipt")])
+def test_a_batch_without_a_valid_frame_is_refused_in_words(patch, tuning):
+    """With the 2d patch under full or frozen tuning, the tower got zero images and failed
+    inside open_clip ("cannot reshape tensor of 0 elements")."""
+    model = build("test_meanP", linear_patch=patch, tuning=tuning)
+    frames, mask = clip_batch(b=2, t=3)
+    with pytest.raises(ValueError, match=r"^a clip has no valid frame \(mask all zero\)$"):
+        model.encode_video(model.normalize(frames), torch.zeros_like(mask))
+
+
 @pytest.mark.parametrize("tuning", ["frozen", "unipt"])
 def test_3d_patch_with_a_backbone_run_without_autograd_is_refused(tuning):
     """The 3d patch starts as the 2d one and differs only once trained; frozen and unipt run the

@@ -203,14 +203,19 @@ class ClipBackbone(nn.Module):
             raise ValueError(f"mask {tuple(mask.shape)} must be [B, T] = [{b}, {t}]")
         if tuple(frames.shape[-2:]) != (self.image_size, self.image_size):
             raise ValueError(f"frames are {tuple(frames.shape[-2:])}, model wants {self.image_size}px")
-        valid = mask.to(device=frames.device, dtype=torch.bool).reshape(b * t)
+        from clipray.models.heads import check_video_mask
+
+        # before the tower: a batch with no valid frame at all gave it zero images and failed
+        # inside with "cannot reshape tensor of 0 elements"
+        valid = check_video_mask(mask.to(frames.device)).reshape(b * t)
         visual = self.clip.visual
         if with_states and not hasattr(visual, "class_embedding"):
             raise NotImplementedError("per-layer states need a ViT image tower")
         states = None
         if self.patch3d is not None:
-            # Zero the padding first: the temporal kernel of the last real frame reads t+1.
-            x = frames * valid.view(b, t, 1, 1, 1).to(frames.dtype)
+            # Zero the padding first: the temporal kernel of the last real frame reads t+1. A
+            # select, not a product: NaN * 0 is NaN, which reached the last real frame.
+            x = frames.masked_fill(~valid.view(b, t, 1, 1, 1), 0)
             x = self.patch3d(x.transpose(1, 2))  # [B, W, T, g, g]
             x = x.transpose(1, 2).reshape(b * t, *x.shape[1:2], *x.shape[3:])
             feats, states = _vit_from_patches(visual, x[valid], with_states)
