@@ -162,7 +162,8 @@ def embed_videos(model, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]):
         for frames, mask in batches:
             frames = torch.as_tensor(frames).to(_device(model))
             mask = torch.as_tensor(mask).to(_device(model)).bool()
-            x = model.normalize(frames) if frames.dtype == torch.uint8 else frames
+            # floats in the model's dtype, as normalize gives (a bf16 model refused fp32 frames)
+            x = model.normalize(frames) if frames.dtype == torch.uint8 else frames.to(model.backbone.dtype)
             feats = model.encode_frames(x, mask)
             emb = model.pool_video(feats, mask) if model.indexable else feats
             embs.append(emb.float().cpu())

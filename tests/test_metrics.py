@@ -148,6 +148,17 @@ def test_a_bf16_cross_encoder_scores_the_float32_embeddings_it_stored():
     assert torch.equal(got, want)
 
 
+def test_a_bf16_model_embeds_float_frames_as_it_embeds_uint8_ones():
+    """embed_videos takes "already normalised floats"; a bf16 model refused float32 ones
+    (Input type FloatTensor and weight type BFloat16 should be the same)."""
+    torch.manual_seed(0)
+    model = create_model("test_meanP").to(torch.bfloat16)
+    frames, mask, _ = _data(n=4)
+    want, _ = embed_videos(model, [(frames, mask)])
+    got, _ = embed_videos(model, [(model.normalize(frames).float(), mask)])
+    assert torch.equal(got, want)
+
+
 def test_all_equal_embeddings_score_r1_near_zero():
     torch.manual_seed(0)
     model = create_model("test_meanP")
