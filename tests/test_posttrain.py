@@ -188,6 +188,27 @@ def test_fewer_shards_than_workers_is_a_clear_error_before_ray(synth_small, tmp_
     assert not (tmp_path / "few").exists()
 
 
+@pytest.mark.parametrize("damage", ["cut", "not parquet"])
+def test_a_streamed_shard_that_is_no_parquet_file_is_one_line_before_ray(synth_small, tmp_path, capsys, damage):
+    """A streamed manifest is never read whole: a shard cut short or overwritten by another
+    file failed only when a worker reached it, in pyarrow's traceback after steps had run (or
+    never, under a budget that ended before it). Unstreamed, `check_unique_ids` names it."""
+    from clipray.cli import main
+
+    rows = read_manifest(synth_small["manifest"]).to_pylist()
+    write_manifest([dict(r, split="train") for r in rows], tmp_path / "m", rows_per_shard=6)
+    shard = tmp_path / "m" / "part-00002.parquet"
+    shard.write_bytes(shard.read_bytes()[:-9] if damage == "cut" else b'{"not": "parquet"}\n' * 50)
+    size = shard.stat().st_size
+    assert main(["train", str(REPO / "train/configs/demo.yaml"), f"data.manifest={tmp_path / 'm'}",
+                 f"data.eval_manifest={synth_small['manifest']}", "data.shard_stream=true", "train.max_steps=2",
+                 f"train.storage_path={tmp_path / 'runs'}"]) == 2
+    assert capsys.readouterr().err == (
+        f"clipray train: error: {tmp_path / 'm'}: cannot be read as a manifest ({shard}: not a Parquet file "
+        f"({size} bytes without Parquet's magic bytes at both ends: cut short, or of another format))\n")
+    assert not (tmp_path / "runs").exists()
+
+
 def test_a_streamed_run_without_an_eval_manifest_is_a_clear_error_before_ray(synth_small, tmp_path):
     """data.shard_stream never reads the training manifest whole, so nothing counted its test
     rows: a run without data.eval_manifest trained its first checkpoint_every_steps steps and

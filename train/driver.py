@@ -525,15 +525,16 @@ def _run(cfg: Config, quiet_ray: bool, stop_epoch: int, table: bool, held: conte
         if eval_rows < 1:
             raise ConfigError(f"{eval_manifest} has no {eval_split!r} rows to evaluate on: give data.eval_manifest "
                               f"a manifest with a {eval_split} split, or set data.eval_split")
+    # the manifest's files (names, sizes, footers) also identify it: a resume finds it moved, or
+    # written again at its path. Reading both ends of each also finds a shard that is no Parquet
+    # file, which a streamed run (never read whole) met only in a worker, in a traceback.
+    files = manifest_signature(cfg.data.manifest, parquet=True)
     # loads open_clip's model configs (~4 s): after the manifest checks, before the run folder
     # is made (a wrong model.* key leaves none behind); the resume key is the config as given
     fitted = model_io(cfg)
     check_negatives(fitted)
     make_run_dir(out)
     held.enter_context(run_folder_lock(out))
-    # the manifest's files (names, sizes, footers) also identify it: a resume finds it moved, or
-    # written again at its path
-    files = manifest_signature(cfg.data.manifest)
     # the files the run reads, checked again at every checkpoint (changed_manifests)
     watched = {cfg.data.manifest: files}
     if eval_manifest != cfg.data.manifest:  # (read once: a streamed manifest has hundreds of shards)
