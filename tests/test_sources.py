@@ -494,6 +494,34 @@ def test_annotation_values_of_the_wrong_json_type_are_one_line_errors(tmp_path, 
     assert not (tmp_path / "ms.parquet").exists() and not (tmp_path / "an.parquet").exists()
 
 
+def test_howto100m_lists_with_quoted_headers_and_captions_of_the_wrong_json_type(tmp_path, capsys):
+    """A val_list or subset CSV with quoted column names ("video_id", pandas' QUOTE_ALL) was read
+    as plain lines: subset= kept no video (exit 0, an empty manifest) and val_list= marked none.
+    A caption JSON whose top level is an array gave 0 rows and exit 0, where the other adapters
+    refuse it; JSON true/false were read as times 1 and 0, and a number as an empty caption."""
+    from clipray.cli import main
+
+    fx.write_howto100m(tmp_path, "json")
+    (tmp_path / "val_list.csv").write_text('"video_path","category"\n"DDDDDDDDDDD.mp4","food"\n')
+    (tmp_path / "subset.csv").write_text('"video_id";"category"\n"AAAAAAAAAAA";"x"\n"DDDDDDDDDDD";"y"\n')
+    rep = prepare("howto100m", tmp_path, tmp_path / "q", val_list="val_list.csv", subset="subset.csv")
+    assert rep.per_split == {"train": 3, "val": 2}  # A's 3 lines, D's 2: B is outside the subset
+    assert sorted({r["video_id"] for r in read_manifest(tmp_path / "q").to_pylist()}) == ["AAAAAAAAAAA", "DDDDDDDDDDD"]
+
+    caption_json = tmp_path / "raw_caption.json"
+    caption_json.write_text(" \n" + json.dumps(list(fx.HOWTO_CAPTIONS.values())))
+    assert main(["data", "prepare", "howto100m", "--root", str(tmp_path), "--out", str(tmp_path / "arr")]) == 2
+    assert capsys.readouterr().err == ("clipray data: error: raw_caption.json: expected an object keyed by video "
+                                       "id, found JSON starting with '['\n")
+    assert not (tmp_path / "arr").exists()
+
+    caption_json.write_text(json.dumps({"AAAAAAAAAAA": {"start": [True, 0, 2, 4], "end": [3, False, 3, 5],
+                                                        "text": ["a", "b", 7, "d"]}}))
+    rep = prepare("howto100m", tmp_path, tmp_path / "types")
+    assert table(tmp_path / "types", *TIMED) == [("AAAAAAAAAAA", 4.0, 5.0, "d", "train")]
+    assert rep.rejected == {"unreadable time": 2, "caption is not text": 1}
+
+
 def test_howto100m_giant_json_is_streamed_into_shards(tmp_path, monkeypatch):
     fx.write_howto100m(tmp_path, "json")
     out = tmp_path / "howto"

@@ -56,6 +56,8 @@ def video_segments(where: str, starts: Any, ends: Any, texts: Any,
     bad: Rejects = []
     for k, s, e, t in zip(lines or range(len(starts)), starts, ends, texts):
         try:
+            if isinstance(s, bool) or isinstance(e, bool):  # JSON true/false, which float() takes for 1/0
+                raise TypeError
             s, e = float(s), float(e)
         except (TypeError, ValueError):
             bad.append((f"{where} line {k}", "unreadable time"))
@@ -63,6 +65,8 @@ def video_segments(where: str, starts: Any, ends: Any, texts: Any,
         text = t.strip() if isinstance(t, str) else ""
         if not (math.isfinite(s) and math.isfinite(e)) or s < 0 or e <= s:
             bad.append((f"{where} line {k}", "end <= start, or a negative or non-finite time"))
+        elif not isinstance(t, str):
+            bad.append((f"{where} line {k}", "caption is not text"))
         elif not text:
             bad.append((f"{where} line {k}", "empty caption"))
         else:
@@ -103,10 +107,13 @@ def read_id_file(path: str) -> set[str]:
         lines = [s.strip() for s in f if s.strip()]
     if not lines:
         return set()
-    header = [h.strip() for h in lines[0].split(",")]
+    # csv's reading of the header too: quoted names ("video_id", as pandas' QUOTE_ALL writes
+    # them) were missed, and every whole line, the header's included, was taken for an id
+    delim = ";" if lines[0].count(";") > lines[0].count(",") else ","
+    header = [h.strip() for h in next(csv.reader(lines[:1], delimiter=delim))]
     col = next((header.index(c) for c in ("video_id", "video_path") if c in header), None)
     if col is not None:
-        ids = [r[col] for r in csv.reader(lines[1:]) if len(r) > col]
+        ids = [r[col] for r in csv.reader(lines[1:], delimiter=delim) if len(r) > col]
     else:
         ids = lines
     return {split_ext(os.path.basename(i.strip()))[0] if "." in i else i.strip() for i in ids}
@@ -197,8 +204,13 @@ def _stream_json(path: str) -> Iterator[tuple[str, Any]]:
     except ImportError:
         raise SourceError("howto100m: reading caption JSON needs the ijson package (pip install ijson)") from None
     with open_binary(path) as f:
+        src = _WithoutBom(f)
+        if src.first() and src.first() in b'["-0123456789tfn':  # another JSON value (else: the parser's error)
+            # an array or a string has no key-value items at the top: 0 rows and exit 0
+            raise SourceError(f"{os.path.basename(path)}: expected an object keyed by video id, "
+                              f"found JSON starting with {src.first().decode('latin-1')!r}")
         try:
-            yield from ijson.kvitems(_WithoutBom(f), "", use_float=True)
+            yield from ijson.kvitems(src, "", use_float=True)
         except (ijson.JSONError, UnicodeDecodeError) as e:
             # yajl reads bytes: a byte that is not UTF-8 is its JSON error, named by line here
             # as every other annotation file's is (datasets/README.md)
@@ -218,6 +230,16 @@ class _WithoutBom:
     def __init__(self, f: Any):
         self.f, head = f, f.read(len(codecs.BOM_UTF8))
         self.head = b"" if head == codecs.BOM_UTF8 else head
+
+    def first(self) -> bytes:
+        """The first byte past leading whitespace (b"" for none); the whitespace is dropped, the
+        byte is kept for the next read."""
+        while not self.head.lstrip():
+            self.head = self.f.read(65536)
+            if not self.head:
+                return b""
+        self.head = self.head.lstrip()
+        return self.head[:1]
 
     def read(self, size: int = -1) -> bytes:
         if not self.head or size == 0:
@@ -249,7 +271,8 @@ def _map_batches(folder: str, batches: list, workers: int) -> Iterator[list[tupl
 
 SOURCE = SourceSpec(
     name="howto100m", rows=rows,
-    # 250k rows per shard: the writer buffers a shard's rows (~0.6 kB each) before writing it
+    # 250k rows per shard: ~550 shards for HowTo100M; the writer holds one row group of rows
+    # (manifest.ROWS_PER_GROUP) at a time, whatever the shard's size
     options={"captions": None, "val_list": None, "subset": None, "workers": min(8, os.cpu_count() or 1),
              "rows_per_shard": 250_000},
     summary="HowTo100M: ASR lines from the giant caption JSON (streamed) or per-video CSVs",
