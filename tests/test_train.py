@@ -1337,7 +1337,7 @@ def test_a_manifest_listed_as_it_was_found_is_not_read_again(tmp_path, monkeypat
     watched = {str(m): manifest_signature(str(m))}
     reads = []
     sign = clipray.manifest.file_signature
-    monkeypatch.setattr(clipray.manifest, "file_signature", lambda fs, f: reads.append(f) or sign(fs, f))
+    monkeypatch.setattr(clipray.manifest, "file_signature", lambda fs, f, *a: reads.append(f) or sign(fs, f, *a))
     monkeypatch.setattr(driver, "_confirmed", {}, raising=False)  # this process has checked nothing yet
 
     def check():
