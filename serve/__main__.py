@@ -124,7 +124,11 @@ def start(cfg: AppConfig, quiet_ray: bool = True, route_prefix: str = "/",
         print(f"note: Serve was already running on this Ray; the app is at {url}, not "
               f"{url_of(cfg)}", flush=True)
     url += route_prefix.rstrip("/")
-    wait_healthy(url)
+    try:
+        wait_healthy(url)
+    except TimeoutError:
+        stop(cfg)  # no app left deployed that never answered (on a cluster it would stay)
+        raise
     return url
 
 

@@ -133,6 +133,10 @@ RULES[DeploymentConfig] = dict(
 RULES[LimitsConfig] = dict(max_text_chars=at_least(1), max_k=at_least(1), max_upload_mb=above(0),
                            rerank_candidates=at_least(0))
 RULES[ServeConfig] = dict(port=((lambda v: 0 < v < 65536), "a port, 1..65535"),
+                          # empty listened on every address and printed http://:8000, which the
+                          # health check then polled for 120 s before a traceback
+                          host=((lambda v: bool(v.strip())), "an address of this machine (0.0.0.0: all of "
+                                "them, 127.0.0.1: this machine only)"),
                           # Serve refuses an empty one, once Ray and Serve are up
                           app_name=((lambda v: bool(v.strip())), "a name"),
                           # the start and end-of-text tokens and a word: at 2 every query was those two

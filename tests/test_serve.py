@@ -950,6 +950,10 @@ DEMO = str(REPO / "serve" / "configs" / "demo.yaml")
     ("serve.text_encoder.num_cpus=nan", "command-line override: serve.text_encoder.num_cpus must be a finite number, got nan"),
     ("serve.limits.max_upload_mb=inf", "command-line override: serve.limits.max_upload_mb must be a finite number, got inf"),
     ("serve.limits.max_upload_mb=nan", "command-line override: serve.limits.max_upload_mb must be a finite number, got nan"),
+    # listened on every address, printed http://:8000, and its health check polled that for
+    # 120 s before a TimeoutError traceback
+    ("serve.host=", "command-line override: serve.host must be an address of this machine (0.0.0.0: all of them, "
+                    "127.0.0.1: this machine only), got ''"),
 ])
 def test_values_serve_refuses_are_a_config_error_naming_the_key(override, said, tmp_path, capsys):
     """Values out of Serve's own bounds came out of `.options()` as a pydantic traceback (or, for
@@ -960,6 +964,20 @@ def test_values_serve_refuses_are_a_config_error_naming_the_key(override, said, 
     assert main(["serve", DEMO, f"out={tmp_path}", override]) == 2
     err = capsys.readouterr().err
     assert err.strip() == f"clipray serve: error: {said}", err
+
+
+def test_an_app_that_never_answers_its_health_check_is_one_line(monkeypatch, capsys):
+    """`wait_healthy`'s TimeoutError (replicas too slow to load, an address that leads nowhere)
+    is an OSError with no file name, which the CLI re-raised: a traceback after 120 s. Here the
+    real health check polls a port nothing listens on, for 1 s."""
+    import serve.__main__ as serve_main
+    from clipray.cli import main
+
+    url = f"http://127.0.0.1:{free_ports()[0]}"
+    monkeypatch.setattr(serve_main, "start", lambda cfg, **kw: serve_main.wait_healthy(url, timeout_s=1))
+    assert main(["serve", DEMO]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"clipray serve: error: {url}/healthz did not answer within 1s: ") and err.count("\n") == 1
 
 
 def test_replicas_the_embedded_ray_cannot_hold_are_refused_not_waited_for(tmp_path, monkeypatch):
