@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     commands = {"data": data_main, "bench": bench_main,
                 **{k: (lambda a, t=t: _load(t)(a)) for k, t in PASSTHROUGH.items()}}
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
-        print(__doc__.strip(), file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout)
+        print(__doc__.strip(), file=sys.stdout if argv and argv[0] in ("-h", "--help") else sys.stderr)
         if argv and argv[0] not in ("-h", "--help"):  # `clipray trian`: say what was wrong, as bench does
             print(f"clipray: error: unknown command {argv[0]!r}", file=sys.stderr)
         return 0 if argv and argv[0] in ("-h", "--help") else 2

@@ -110,6 +110,10 @@ def test_bare_loop_counts_every_frame_on_one_core_and_unpins_after(tmp_path):
     # an OverflowError or MemoryError traceback from the frame count, or hours of frames
     (["data", "synth", "--idle-seconds", "1e300"], "argument --idle-seconds: must be 3600 or less, got 1e300"),
     (["data", "synth", "--fps", "1000000"], "argument --fps: must be 240 or less, got 1000000"),
+    (["bench", "edit", "--idle-seconds", "1e9"], "argument --idle-seconds: must be 3600 or less, got 1e9"),
+    # a MemoryError (or numpy's "Unable to allocate 335. GiB") traceback after the set was made
+    (["bench", "data", "--size", "100000"], "argument --size: must be 1024 or less, got 100000"),
+    (["bench", "data", "--frames", "5000"], "argument --frames: must be 256 or less, got 5000"),
     # written to a local folder ./s3:/b/set, said written, and nothing reached the bucket
     (["data", "synth", "--out", "s3://b/set"], "--out s3://b/set: the synthetic set is written to a local folder"),
 ])
@@ -163,7 +167,7 @@ def test_bench_prepare_runs_both_checks_over_one_release_and_leaves_nothing(tmp_
     assert list(tmp_path.iterdir()) == [] and ManifestWriter.by_columns is True
 
 
-def test_bench_data_with_no_training_clip_says_so_before_ray(tmp_path, monkeypatch):
+def test_bench_data_with_no_training_clip_says_so_before_ray(tmp_path, monkeypatch, capsys):
     """`clipray bench data --videos 1` makes one test video: its bare loop timed 0 clips and the
     pipeline run was a ZeroDivisionError traceback, after Ray had started."""
     import clipray.runtime
@@ -172,7 +176,11 @@ def test_bench_data_with_no_training_clip_says_so_before_ray(tmp_path, monkeypat
     _no_work(monkeypatch, (clipray.runtime, "init_ray"))
     with pytest.raises(SystemExit) as e:
         main(["bench", "data", "--videos", "1", "--skip-real", "--workdir", str(tmp_path)])
-    assert "--videos 1 put no video in the train split, nothing to decode; raise --videos" in str(e.value.code)
+    # a usage error: exit 2, on stderr, named by the command (it was exit 1, as a bare SystemExit)
+    assert e.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "clipray bench data: error: synthetic (96x72, 2-4 s): --videos 1 put no video in the train split, "
+        "nothing to decode; raise --videos")
 
 
 def test_an_unknown_benchmark_is_named(capsys):
@@ -200,8 +208,10 @@ def test_bench_model_words_or_frames_past_the_positions_are_a_line_not_a_traceba
     from clipray.bench.model import main
 
     assert main(["--sizes", "tiny", "--repeats", "1", "--batch", "1", *argv]) == 2
-    out = capsys.readouterr().out.strip()
-    assert out.endswith(says) or out.startswith(says), out
+    out = capsys.readouterr()  # on stderr, as argparse's errors (they were printed to stdout)
+    assert out.out == "" and out.err.startswith("clipray bench model: error: ") and out.err.count("\n") == 1
+    err = out.err.strip().removeprefix("clipray bench model: error: ")
+    assert err.endswith(says) or err.startswith(says), err
     from clipray.bench.model import _past_positions
 
     # the edges themselves fit (meanP and seqLSTM take any number of frames)

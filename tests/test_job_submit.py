@@ -200,5 +200,7 @@ def test_an_unknown_clipray_command_is_named_in_an_error(capsys):
     assert main(["trian", "train/configs/demo.yaml"]) == 2
     err = capsys.readouterr().err
     assert err.rstrip().endswith("clipray: error: unknown command 'trian'"), err[-500:]
-    assert main([]) == 2 and "unknown command" not in capsys.readouterr().err  # no command: usage alone
+    assert main([]) == 2  # no command: the usage alone, on stderr as argparse's (it went to stdout)
+    out = capsys.readouterr()
+    assert out.out == "" and "clipray train CONFIG" in out.err and "unknown command" not in out.err
     assert main(["--help"]) == 0 and "clipray train CONFIG" in capsys.readouterr().out

@@ -241,8 +241,9 @@ def main(argv: list[str] | None = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--videos", type=at_least(1), default=48, help="synthetic videos to generate")
     ap.add_argument("--repeat", type=at_least(1), default=4, help="passes over each clip set")
-    ap.add_argument("--frames", type=at_least(1), default=12)
-    ap.add_argument("--size", type=at_least(1), default=224)
+    # capped: a batch holds frames x 3 x size^2 bytes per clip (--size 100000 asked for 335 GiB)
+    ap.add_argument("--frames", type=at_least(1, most=256), default=12, help="frames per clip (up to 256)")
+    ap.add_argument("--size", type=at_least(1, most=1024), default=224, help="frame side in pixels (up to 1024)")
     ap.add_argument("--cores", type=at_least(1), default=usable_cores(),
                     help="decoders of run (c), one per core (default: every core)")
     ap.add_argument("--pools", nargs="+", choices=DECODE_POOLS, default=list(DECODE_POOLS),
@@ -266,8 +267,8 @@ def main(argv: list[str] | None = None) -> int:
             real_manifest(work / "real"), VideoConfig(fps=1, max_frames=args.frames, size=args.size), 8)
     for name, (manifest, _, _) in sets.items():  # the clips decoded are the train split's
         if read_manifest(manifest, columns=["row_id"], split="train").num_rows == 0:
-            raise SystemExit(f"clipray bench data: {name}: --videos {args.videos} put no video in the train "
-                             "split, nothing to decode; raise --videos")
+            ap.error(f"{name}: --videos {args.videos} put no video in the train split, nothing to decode; "
+                     "raise --videos")
     print(f"clipray bench data: {args.cores} cores, {args.frames} frames/clip at {args.size}px, "
           f"repeat {args.repeat}; the bare loops run before Ray starts and again after it stops")
     passes = max(1, args.repeat // 2)  # of the bare loop, each time it runs

@@ -33,8 +33,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data", help="synthetic set, made if absent (default: clipray_data/synth-idle<S>, "
                     "or the demo's clipray_data/synth with --idle-seconds 0)")
     ap.add_argument("--videos", type=at_least(1), default=240, help="videos to generate when --data is absent")
-    ap.add_argument("--idle-seconds", type=at_least(0, float), default=1.0,
-                    help="empty background around events, when the set is generated (0: back to back)")
+    ap.add_argument("--idle-seconds", type=at_least(0, float, most=3600), default=1.0,
+                    help="empty background around events, when the set is generated (0: back to back; "
+                    "up to 3600, as data synth)")
     ap.add_argument("overrides", nargs="*", help="key=value overrides of train/configs/edit_demo.yaml")
     args = ap.parse_args(argv)
 

@@ -28,6 +28,7 @@ import argparse
 import multiprocessing
 import os
 import statistics
+import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from typing import Optional, Sequence
@@ -38,6 +39,12 @@ SIZES = {"tiny": "test", "vitb32": "clip4clip_vitb32", "vitb16": "clip4clip_vitb
 HEADS = ("meanP", "seqLSTM", "seqTransf", "tightTransf")
 TUNINGS = ("full", "frozen", "unipt")
 DTYPES = ("fp32", "bf16")
+
+
+def _usage(message: str) -> int:
+    """A usage error as argparse gives one: on stderr, named by the command; exit status 2."""
+    print(f"clipray bench model: error: {message}", file=sys.stderr)
+    return 2
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -209,30 +216,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     bad = ([s for s in sizes if s not in SIZES] + [h for h in heads if h not in HEADS]
            + [t for t in tunings if t not in TUNINGS])
     if bad:
-        print(f"unknown size/head/tuning: {', '.join(bad)}")
-        return 2
+        return _usage(f"unknown size/head/tuning: {', '.join(bad)}")
     if not (sizes and heads and tunings):  # else a header over an empty table, and exit 0
-        print("no size, head or tuning to measure: give comma lists (--sizes tiny --heads meanP --tunings full)")
-        return 2
+        return _usage("no size, head or tuning to measure: give comma lists (--sizes tiny --heads meanP --tunings full)")
     too_long = _past_positions(sizes, heads, args.words, args.frames)
     if too_long:  # else a ValueError traceback from the first model that cannot take them
-        print(too_long)
-        return 2
+        return _usage(too_long)
     try:
         cuda = torch.device(args.device).type == "cuda"
     except RuntimeError as e:  # "gpu0"
-        print(f"--device {args.device}: {e}")
-        return 2
+        return _usage(f"--device {args.device}: {e}")
     if cuda and not torch.cuda.is_available():
-        print(f"--device {args.device}: torch sees no CUDA GPU on this machine")
-        return 2
+        return _usage(f"--device {args.device}: torch sees no CUDA GPU on this machine")
     gpus = torch.cuda.device_count() if cuda else 0
     if cuda and (torch.device(args.device).index or 0) >= gpus:  # else CUDA's "invalid device ordinal"
-        print(f"--device {args.device}: torch sees {gpus} CUDA GPU(s) on this machine, the last cuda:{gpus - 1}")
-        return 2
+        return _usage(f"--device {args.device}: torch sees {gpus} CUDA GPU(s) on this machine, the last cuda:{gpus - 1}")
     if args.rss and (cuda or not os.path.exists("/proc/self/clear_refs")):
-        print("--rss measures CPU memory on Linux; leave it out with --device cuda or elsewhere")
-        return 2
+        return _usage("--rss measures CPU memory on Linux; leave it out with --device cuda or elsewhere")
     print(f"device={args.device} dtype={args.dtype} threads={torch.get_num_threads()} batch={args.batch} "
           f"frames={args.frames} words={args.words} repeats={args.repeats} torch={torch.__version__}")
     print("| size | head | tuning | params (M) | trainable (M) | kept for backward (MB/clip) |"

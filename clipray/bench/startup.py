@@ -89,8 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     from train.driver import count_rows
 
     if count_rows(str(manifest), "test") < 1:  # else every version timed 0 clips
-        raise SystemExit(f"clipray bench startup: {manifest} has no 'test' rows to decode (a small set may draw "
-                         "none): give --data another set, or more --videos")
+        ap.error(f"{manifest} has no 'test' rows to decode (a small set may draw none): give --data another "
+                 "set, or more --videos")
     data = load_config(demo_config_path(), [f"data.manifest={manifest}"]
                        + ([f"data.decode_actors={args.decoders}"] if args.decoders else [])).data
     work = Path(tempfile.mkdtemp(prefix="clipray-bench-startup-"))
