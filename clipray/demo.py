@@ -120,10 +120,11 @@ def main(argv: list[str] | None = None) -> int:
     # a bad override, or a model name or head that does not exist, fails before a minute of video making
     given = load_config(demo_config_path(), overrides)
     check_negatives(model_io(given))
-    for what, where in (("--runs", args.runs), ("train.storage_path", given.train.storage_path)):
+    for what, where in (("--data", args.data), ("--runs", args.runs),
+                        ("train.storage_path", given.train.storage_path)):
         if "://" in where:  # Path() folded s3://b/runs into a local folder ./s3:/b/runs
-            raise ConfigError(f"{what}={where}: the demo keeps its runs and index on this machine (a local "
-                              "folder); `clipray train` trains into object storage")
+            raise ConfigError(f"{what}={where}: the demo keeps its videos, runs and index on this machine (a "
+                              "local folder); `clipray train` reads and trains in object storage")
     manifest = ensure_synth(Path(args.data), args.videos)
     name = f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
     cfg = load_config(demo_config_path(), [f"data.manifest={as_text(manifest.resolve())}",

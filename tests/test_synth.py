@@ -262,7 +262,10 @@ def test_demo_checks_its_overrides_before_making_videos(tmp_path):
                       # a batch in which the loss has no negative trains nothing
                       ("model.name=test_tightTransf data.batch_size=1", "data.batch_size=1: the tightTransf head"),
                       # runs at a URI went to a local folder ./s3:/b/runs (Path folds the '//')
-                      ("--runs s3://b/runs", "--runs=s3://b/runs: the demo keeps its runs and index on this machine"),
+                      ("--runs s3://b/runs", "--runs=s3://b/runs: the demo keeps its videos, runs and index on "
+                                             "this machine"),
+                      # the videos went to a local folder ./s3:/b/synth, as the runs had
+                      ("--data s3://b/synth", "--data=s3://b/synth: the demo keeps its videos"),
                       ("train.storage_path=gs://b/r", "train.storage_path=gs://b/r: the demo keeps")):
         with pytest.raises(ConfigError, match=says):
             main(["--data", str(tmp_path / "synth"), "--no-serve", *bad.split()])
