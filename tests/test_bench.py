@@ -256,9 +256,9 @@ def test_bench_model_refuses_a_device_this_machine_lacks_in_a_line(capsys):
 
     if not torch.cuda.is_available():
         assert main(["--device", "cuda", "--sizes", "tiny"]) == 2
-        assert capsys.readouterr().out == "--device cuda: torch sees no CUDA GPU on this machine\n"
+        assert capsys.readouterr().err == "clipray bench model: error: --device cuda: torch sees no CUDA GPU on this machine\n"
     assert main(["--device", "gpu0", "--sizes", "tiny"]) == 2
-    assert capsys.readouterr().out.startswith("--device gpu0: ")
+    assert capsys.readouterr().err.startswith("clipray bench model: error: --device gpu0: ")
     assert "kept for backward" in _parser().format_help() and "--rss" in _parser().description
 
 
@@ -468,7 +468,8 @@ def test_bench_model_refuses_a_gpu_index_past_the_last_gpu_in_a_line(monkeypatch
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     assert main(["--device", "cuda:1", "--sizes", "tiny", "--heads", "meanP"]) == 2
-    assert capsys.readouterr().out == "--device cuda:1: torch sees 1 CUDA GPU(s) on this machine, the last cuda:0\n"
+    assert capsys.readouterr().err == ("clipray bench model: error: --device cuda:1: torch sees 1 CUDA GPU(s) on this "
+                                       "machine, the last cuda:0\n")
 
 
 def test_bench_stream_removes_only_what_it_wrote_in_a_given_workdir(tmp_path, monkeypatch):
@@ -595,7 +596,7 @@ def test_bench_stream_refuses_a_cluster_address_but_runs_with_ray_address_local(
         main(["bench", "stream", "--workdir", str(tmp_path / "w")])
 
 
-def test_bench_startup_on_a_set_without_test_rows_says_so_before_ray_starts(tmp_path, monkeypatch):
+def test_bench_startup_on_a_set_without_test_rows_says_so_before_ray_starts(tmp_path, monkeypatch, capsys):
     """It decodes the test split: a --data set without one timed 0 clips in every version and
     printed those times as figures."""
     import clipray.runtime
@@ -608,5 +609,8 @@ def test_bench_startup_on_a_set_without_test_rows_says_so_before_ray_starts(tmp_
         raise AssertionError("Ray started")
 
     monkeypatch.setattr(clipray.runtime, "init_ray", no_ray)
-    with pytest.raises(SystemExit, match="manifest.parquet has no 'test' rows to decode"):
+    with pytest.raises(SystemExit) as e:
         main(["bench", "startup", "--data", str(tmp_path / "set"), "--videos", "2"])
+    assert e.value.code == 2  # a usage error (it was exit 1), on stderr
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert err.startswith("clipray bench startup: error: ") and "manifest.parquet has no 'test' rows to decode" in err
