@@ -483,33 +483,31 @@ def file_signature(fs: pafs.FileSystem, path: str, parquet: bool = False) -> lis
     """[its size in bytes, a hash of its first and last 64 kB]: what a copy or a move of a file
     keeps, unlike its path. A Parquet file's footer (schema, row groups, every column's
     statistics) and a torch zip's central directory (every entry's CRC) are at the end, a
-    safetensors header (every tensor's offsets) at the start. `parquet=True`: ManifestError
-    unless both ends carry Parquet's magic bytes (a file cut short, or of another format)."""
+    safetensors header (every tensor's offsets) at the start. `parquet=True`: pyarrow's own
+    ArrowInvalid unless both ends carry Parquet's magic bytes (a file cut short, or of another
+    format), as opening it would raise."""
     import hashlib
 
     with fs.open_input_file(path) as f:
         size = f.size()
         ends = f.read_at(min(size, SIGNED_SPAN), 0) + f.read_at(min(size, SIGNED_SPAN), max(0, size - SIGNED_SPAN))
     if parquet and (size < 12 or ends[:4] != b"PAR1" or ends[-4:] != b"PAR1"):
-        raise ManifestError(f"{path}: not a Parquet file ({size} bytes without Parquet's magic bytes at "
-                            "both ends: cut short, or of another format)")
+        raise pa.ArrowInvalid(f"{path}: not a Parquet file ({size} bytes without Parquet's magic bytes at "
+                              "both ends: cut short, or of another format)")
     return [size, hashlib.sha256(ends).hexdigest()[:16]]
 
 
 def manifest_signature(path: str, parquet: bool = False) -> list[list]:
     """Each Parquet file of a manifest as [its path inside the manifest folder (a one-file
     manifest: its name), *file_signature]: what a copy or a move of the manifest keeps.
-    `parquet=True`: a ManifestError naming the first file that is no Parquet file."""
+    `parquet=True`: a ManifestError (`reading`'s) naming the first file that is no Parquet file."""
     from concurrent.futures import ThreadPoolExecutor
 
     fs, files = manifest_files(path)
     root = filesystem(path)[1].rstrip("/")
     # a few at a time: a streamed manifest in object storage has hundreds of shards, each two reads
-    with ThreadPoolExecutor(16) as pool:
-        try:
-            signs = list(pool.map(lambda f: file_signature(fs, f, parquet), files))
-        except ManifestError as e:
-            raise ManifestError(f"{path}: cannot be read as a manifest ({e})") from None
+    with ThreadPoolExecutor(16) as pool, reading(path):
+        signs = list(pool.map(lambda f: file_signature(fs, f, parquet), files))
     return [[f.rsplit("/", 1)[-1] if files == [root] else f[len(root):].lstrip("/"), *sign]
             for f, sign in zip(files, signs)]
 
