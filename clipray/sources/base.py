@@ -440,15 +440,20 @@ def read_lines(path: str) -> list[str]:
         return [s for s in (line.strip() for line in f) if s]
 
 
+def csv_header(first: str) -> tuple[list[str], str]:
+    """The fields and delimiter of a CSV's header line, the delimiter ',' or ';' — sniffed from
+    the line, because third-party copies of some releases were re-saved with ';'."""
+    delim = ";" if first.count(";") > first.count(",") else ","
+    return [h.strip() for h in next(csv.reader([first], delimiter=delim))], delim
+
+
 def csv_rows(f: TextIO, name: str) -> tuple[list[str], str, Iterator[tuple[int, list[str]]]]:
-    """Header, delimiter and (line number, fields) of a CSV whose delimiter is ',' or ';' —
-    sniffed from the header line, because third-party copies of some releases were re-saved
-    with ';'. Blank lines are skipped."""
+    """Header, delimiter (`csv_header`) and (line number, fields) of a CSV. Blank lines are
+    skipped."""
     first = f.readline()
     if not first.strip():
         raise SourceError(f"{name}: empty file or missing header line")
-    delim = ";" if first.count(";") > first.count(",") else ","
-    header = [h.strip() for h in next(csv.reader([first], delimiter=delim))]
+    header, delim = csv_header(first)
 
     def body() -> Iterator[tuple[int, list[str]]]:
         reader = csv.reader(f, delimiter=delim)

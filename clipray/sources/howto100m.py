@@ -33,8 +33,8 @@ from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from typing import Any, Iterator
 
-from clipray.sources.base import (Context, NotUtf8, SourceError, SourceSpec, _fs, first_bad_utf8_line, is_uri,
-                                  join, open_binary, open_text, split_ext)
+from clipray.sources.base import (Context, NotUtf8, SourceError, SourceSpec, _fs, csv_header, first_bad_utf8_line,
+                                  is_uri, join, open_binary, open_text, split_ext)
 
 JSON_NAMES = ("raw_caption.json", "caption.json")
 CSV_DIRS = ("raw_caption", "caption", "captions", "small_train_captions")
@@ -109,8 +109,7 @@ def read_id_file(path: str) -> set[str]:
         return set()
     # csv's reading of the header too: quoted names ("video_id", as pandas' QUOTE_ALL writes
     # them) were missed, and every whole line, the header's included, was taken for an id
-    delim = ";" if lines[0].count(";") > lines[0].count(",") else ","
-    header = [h.strip() for h in next(csv.reader(lines[:1], delimiter=delim))]
+    header, delim = csv_header(lines[0])
     col = next((header.index(c) for c in ("video_id", "video_path") if c in header), None)
     if col is not None:
         ids = [r[col] for r in csv.reader(lines[1:], delimiter=delim) if len(r) > col]
@@ -205,10 +204,11 @@ def _stream_json(path: str) -> Iterator[tuple[str, Any]]:
         raise SourceError("howto100m: reading caption JSON needs the ijson package (pip install ijson)") from None
     with open_binary(path) as f:
         src = _WithoutBom(f)
-        if src.first() and src.first() in b'["-0123456789tfn':  # another JSON value (else: the parser's error)
+        first = src.first()
+        if first and first in b'["-0123456789tfn':  # another JSON value (else: the parser's error)
             # an array or a string has no key-value items at the top: 0 rows and exit 0
             raise SourceError(f"{os.path.basename(path)}: expected an object keyed by video id, "
-                              f"found JSON starting with {src.first().decode('latin-1')!r}")
+                              f"found JSON starting with {first.decode('latin-1')!r}")
         try:
             yield from ijson.kvitems(src, "", use_float=True)
         except (ijson.JSONError, UnicodeDecodeError) as e:
