@@ -29,6 +29,8 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from clipray.models.heads import check_video_mask
+
 TINY_OPEN_CLIP_NAME = "clipray-tiny"
 _CONFIG_DIR = Path(__file__).parent / "configs"
 
@@ -203,8 +205,6 @@ class ClipBackbone(nn.Module):
             raise ValueError(f"mask {tuple(mask.shape)} must be [B, T] = [{b}, {t}]")
         if tuple(frames.shape[-2:]) != (self.image_size, self.image_size):
             raise ValueError(f"frames are {tuple(frames.shape[-2:])}, model wants {self.image_size}px")
-        from clipray.models.heads import check_video_mask
-
         # before the tower: a batch with no valid frame at all gave it zero images and failed
         # inside with "cannot reshape tensor of 0 elements"
         valid = check_video_mask(mask.to(frames.device)).reshape(b * t)
