@@ -352,6 +352,9 @@ def _run(cfg: Config, quiet_ray: bool, held: contextlib.ExitStack) -> dict[str, 
                           "train.checkpoint_every_steps")
     if e.init == "window" and e.window_s <= 0:
         raise ConfigError("edit.init=window needs edit.window_s > 0 (the clip's width around its timestamp)")
+    if e.init == "midpoint" and e.window_s > 0:  # else the width asked for was dropped without a word
+        raise ConfigError(f"edit.window_s={e.window_s:g} is read only with edit.init=window; "
+                          "edit.init=midpoint takes clips between midpoints (edit.max_width_s caps them)")
     for key in ("max_width_s",) + (("window_s",) if e.init == "window" else ()):
         if 0 < getattr(e, key) < e.min_width_s:  # else every clip is widened past it, silently
             raise ConfigError(f"edit.{key}={getattr(e, key):g} is below edit.min_width_s={e.min_width_s:g}, "
