@@ -219,7 +219,7 @@ def init_ray(cfg: RayConfig | None = None, quiet: bool = False) -> None:
         ray.init(address=address, **kwargs)
         _embedded = None
         return
-    num_cpus = cfg.num_cpus or max(4, 2 * usable_cores())
+    num_cpus = local_cpus(cfg)
     os.environ.setdefault(FREE_OBJECTS_ENV, FREE_OBJECTS_PERIOD_MS)  # a user's own value wins
     os.environ.setdefault(TRAIN_POLL_ENV, TRAIN_POLL_S)
     # read by every Ray worker that imports ray.data, Ray Train's dataset coordinators included,
@@ -253,13 +253,19 @@ def init_ray(cfg: RayConfig | None = None, quiet: bool = False) -> None:
     _embedded = {"CPU": float(num_cpus), "GPU": float(have.get("GPU", 0.0))}
 
 
+def local_cpus(cfg: RayConfig | None = None) -> int:
+    """The logical CPUs `init_ray(cfg)` gives an embedded local Ray."""
+    return (cfg or RayConfig()).num_cpus or max(4, 2 * usable_cores())
+
+
 def is_embedded() -> bool:
     """Whether the Ray this process uses is one `init_ray` started here (not a cluster's)."""
     return _embedded is not None
 
 
 def check_fits(asks: dict[str, float], resource: str = "CPU",
-               advice: str = "lower them or raise ray.num_cpus", read_tasks: bool = True) -> None:
+               advice: str = "lower them or raise ray.num_cpus", read_tasks: bool = True,
+               before_start: bool = False) -> None:
     """Fail now if asks for `resource` ("CPU" or "GPU") that run at once cannot fit the
     embedded Ray (CPUs: keeping one for Ray Data's read tasks, unless `read_tasks` is False:
     Serve's replicas run no Ray Data).
@@ -268,11 +274,18 @@ def check_fits(asks: dict[str, float], resource: str = "CPU",
     but the embedded Ray never grows, so a pool too big for it would wait forever, silently.
     `asks` maps the config keys behind each ask (e.g. "data.decode_actors x data.decode_cpus")
     to its amount. On a cluster, or a Ray this process did not start, this checks nothing.
+    `before_start`: check CPUs against the Ray that `init_ray()` will start (unless RAY_ADDRESS
+    names a cluster), for a command with work to do before it starts Ray.
     """
-    if _embedded is None:
+    address = os.environ.get("RAY_ADDRESS")
+    if _embedded is not None:
+        have = _embedded[resource]
+    elif before_start and resource == "CPU" and not (address and address.lower() != "local"):
+        have = float(local_cpus())
+    else:
         return
     reserve = READ_TASK_CPUS if resource == "CPU" and read_tasks else 0.0
-    need, have = sum(asks.values()) + reserve, _embedded[resource]
+    need = sum(asks.values()) + reserve
     if need > have + 1e-9:
         parts = "; ".join(f"{k} = {v:g}" for k, v in asks.items())
         parts += f"; {reserve:g} for Ray Data's read tasks" if reserve else ""

@@ -255,6 +255,9 @@ def main(argv: list[str] | None = None) -> int:
     from clipray.runtime import check_fits, init_ray, quiet_data_progress
     from clipray.synth import generate
 
+    # before the clip sets and the bare loops (half a minute), which run before Ray starts
+    check_fits({"--cores (decoders of run (c), 1 CPU each)": float(args.cores)}, advice="lower --cores",
+               before_start=True)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="clipray-bench-"))
     # (manifest, decode settings, rows per decode call): tiny clips (4 ms each) need big calls to
     # amortise Ray Data's fixed cost per call (at 32 px, 16 rows per call gave 0.71x per decode
@@ -275,8 +278,6 @@ def main(argv: list[str] | None = None) -> int:
     # (clips, frames, seconds, cores used, elsewhere) per set, timed with nothing else of ours running
     bare_runs = {name: bare_loop(manifest, cfg, passes) for name, (manifest, cfg, _) in sets.items()}
     init_ray(quiet=True)
-    # now, not minutes later when run (c) starts
-    check_fits({"--cores (decoders of run (c), 1 CPU each)": float(args.cores)}, advice="lower --cores")
     quiet_data_progress()
     per_core_runs: dict[str, list[tuple[str, float]]] = {}  # set -> (label, frames/s per core)
     header = f"{'clip set':36} {'method':30} {'clips/s':>8} {'frames/s':>9} {'frames/s/core':>14}"
