@@ -281,14 +281,43 @@ def test_an_exports_weights_as_model_pretrained_are_refused_before_ray_starts(tm
 
 
 def test_weights_open_clip_can_load_pass_the_model_check(tmp_path):
+    import open_clip
+    import torch
+
+    from clipray.models.backbone import register_tiny_configs
     from train.driver import model_io
 
-    weights = tmp_path / "w.pt"
-    weights.write_bytes(b"")
+    register_tiny_configs()
+    weights = tmp_path / "w.pt"  # the default model's own weights, as a DataParallel run saves them
+    state = open_clip.create_model("clipray-tiny", nonscalar_logit_scale=True).state_dict()
+    torch.save({"state_dict": {f"module.{k}": v for k, v in state.items()}}, weights)
     for overrides in (["model.name=clip4clip_vitb32_meanP", "model.pretrained=openai"],
                       ["model.name=clip4clip_vitb32_meanP", "model.pretrained=LAION400M-E32"],  # open_clip's spelling rules
                       [f"model.pretrained={weights}"], ["model.pretrained=none"], ["model.pretrained="], []):
         model_io(load_config(None, overrides))
+
+
+def test_a_file_open_clip_cannot_load_into_the_model_is_refused_before_ray_starts(tmp_path):
+    """A local model.pretrained passed as soon as it was a file: a text file (a download's error
+    page), or another model's weights, failed in every training worker once Ray was up (a
+    pickle KeyError, or open_clip's AssertionError "text pos_embed width changed!")."""
+    import open_clip
+    import torch
+
+    from clipray.models.backbone import open_clip_config
+    from train.driver import model_io
+
+    page = tmp_path / "ViT-B-32.pt"
+    page.write_text("<html>403 Forbidden</html>")
+    other = tmp_path / "wider.pt"  # weights of another open_clip model than the config's: twice as wide
+    cfg = open_clip_config("clipray-tiny")
+    torch.save(open_clip.CLIP(**dict(cfg, embed_dim=2 * cfg["embed_dim"]), nonscalar_logit_scale=True).state_dict(),
+               other)
+    for weights, name in ((page, "clipray-tiny"), (other, "clipray-tiny"), (other, "ViT-B-32-quickgelu")):
+        model = ["model.name=clip4clip_vitb32_meanP"] if name != "clipray-tiny" else []
+        with pytest.raises(ConfigError, match=rf"^model.pretrained={weights}: open_clip cannot load this file as "
+                                              rf"the weights of {name} \(\w+"):
+            model_io(load_config(None, [*model, f"model.pretrained={weights}"]))
 
 
 @pytest.mark.parametrize("tuning", ["frozen", "unipt"])

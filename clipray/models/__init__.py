@@ -142,11 +142,41 @@ def check_pretrained(name: str, pretrained: Optional[str] = None) -> None:
         raise ValueError("the weights of a clipray export (a training run's export/), not an open_clip "
                          "checkpoint; a run goes on from its own checkpoints when re-run with the same "
                          "train.run_name and train.storage_path")
-    if open_clip.get_pretrained_cfg(spec.open_clip_name, pretrained) or os.path.isfile(pretrained):
+    if os.path.isfile(pretrained):
+        _check_weights_file(spec.open_clip_name, pretrained)
+        return
+    if open_clip.get_pretrained_cfg(spec.open_clip_name, pretrained):
         return
     tags = open_clip.list_pretrained_tags_by_model(spec.open_clip_name)
     raise ValueError(f"not a pretrained tag of {spec.open_clip_name} ("
                      f"{'its tags: ' + ', '.join(tags) if tags else 'it has none'}) nor a local checkpoint file")
+
+
+def _check_weights_file(name: str, path: str) -> None:
+    """ValueError unless open_clip loads the file into the model `name`: the same
+    `open_clip.load_checkpoint` each training worker runs, into a model on the meta device (no
+    memory for its weights, nothing initialised). A file that is no checkpoint, or one of another
+    model, failed in every training worker once Ray was up."""
+    import warnings
+
+    import open_clip
+    import torch
+
+    from clipray.models.backbone import open_clip_config
+
+    cfg = dict(open_clip_config(name))
+    if cfg.pop("custom_text", False):  # not an open_clip.CLIP: load_open_clip refuses the model itself
+        return
+    with torch.device("meta"):
+        clip = open_clip.CLIP(**cfg, nonscalar_logit_scale=True)
+    try:
+        with warnings.catch_warnings():  # copying into a meta tensor does nothing, said once per tensor
+            warnings.simplefilter("ignore")
+            open_clip.load_checkpoint(clip, path)
+    except Exception as e:  # pickle's KeyError, a missing key's RuntimeError, open_clip's AssertionError
+        why = " ".join(str(e).split())
+        raise ValueError(f"open_clip cannot load this file as the weights of {name} ({type(e).__name__}"
+                         + (f": {why[:300]}" if why else "") + ")") from None
 
 
 def _export_weights(path: str) -> bool:
