@@ -37,8 +37,11 @@ def symmetric_cross_entropy(logits: torch.Tensor) -> torch.Tensor:
 
 
 def scaled_temperature(logit_scale: torch.Tensor) -> torch.Tensor:
-    """exp(logit_scale) with the ln(100) cap applied in the forward."""
-    return logit_scale.float().clamp(max=LOGIT_SCALE_MAX).exp()
+    """exp(logit_scale), its value capped at 100 in the forward, its gradient always that of
+    exp(logit_scale): a clamp's gradient is 0 at its bound, and `clamp_logit_scale` leaves the
+    parameter exactly there, so a temperature at the cap (CLIP's own) never moved again."""
+    x = logit_scale.float()
+    return (x - (x - x.clamp(max=LOGIT_SCALE_MAX)).detach()).exp()
 
 
 def _world() -> tuple[int, int]:
