@@ -10,7 +10,8 @@ module turns timestamps into clips and decides edits; the Ray jobs around it liv
 - `candidates`: the clips a teacher scores around the current one: start and end each moved by
   -K..K steps, never before the previous timestamp or after the next one (nor past the video's
   ends), these bounds taken to the millisecond as clips are; always containing t_i, never
-  shorter than `min_width_s`. The current clip comes first.
+  shorter than `min_width_s`. The current clip comes first. A boundary already past a
+  neighbouring timestamp (a `window` clip wider than the gap) moves from that timestamp.
 - `choose`: the best-scoring candidate replaces the current clip only when it beats it by more
   than `margin` (in the head's own score units: cosine for loose heads, a logit for tightTransf).
 - `tiou`: temporal IoU, to compare edited clips with ground truth where the manifest has it.
@@ -97,7 +98,8 @@ def initial_clips(timestamps: Sequence[float], duration: float, rule: str = "mid
 def candidates(start: float, end: float, b: Bounds, step_s: float, max_steps: int,
                min_width_s: float) -> list[tuple[float, float]]:
     """The current clip first, then every valid move of its start and end by -K..K steps. A
-    boundary not moved stays as it is (an end kept at an unrounded timestamp keeps holding it)."""
+    boundary not moved stays as it is (an end kept at an unrounded timestamp keeps holding it);
+    one past its neighbouring timestamp moves from that timestamp instead."""
     out, seen = [(start, end)], {(start, end), (_ms(start), _ms(end))}
     moves = [k * step_s for k in range(-max_steps, max_steps + 1)]
     eps = 1e-6
@@ -105,12 +107,17 @@ def candidates(start: float, end: float, b: Bounds, step_s: float, max_steps: in
     # ends at the video's end rounded, maybe up); t is compared exactly, as the manifest checks
     # it: an end a float's hair below t (t = 3.0000004, e = 3.0) would not hold it
     lo, hi = min(b.lo, _ms(b.lo)), max(b.hi, _ms(b.hi))
+    # a clip past a neighbouring timestamp (init=window spans a fixed width, whatever the
+    # neighbours) moves from that timestamp: else every move of a boundary more than K steps
+    # past it stayed past it, and the clip was never edited, holding another caption's timestamp
+    s0 = start if start >= lo - eps else min(_ms(b.lo), b.t)
+    e0 = end if end <= hi + eps else max(_ms(b.hi), b.t)
     for ds in moves:
-        s = _ms(start + ds) if ds else start
+        s = _ms(s0 + ds) if ds else s0
         if not (lo - eps <= s <= b.t):
             continue
         for de in moves:
-            e = _ms(end + de) if de else end
+            e = _ms(e0 + de) if de else e0
             if (s, e) in seen or not (b.t <= e <= hi + eps) or e - s < min_width_s - eps:
                 continue
             seen.add((s, e))

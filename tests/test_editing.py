@@ -63,6 +63,27 @@ def test_candidates_are_every_valid_move_with_the_current_clip_first():
     assert sorted(got) == [(2.8, 3.2), (2.8, 3.3), (2.8, 3.4), (2.9, 3.3), (2.9, 3.4), (3.0, 3.4)]
 
 
+def test_a_window_clip_past_its_neighbours_moves_from_them():
+    """init=window clips span a fixed width whatever the neighbours: (5, 15) around t=10 holds the
+    next caption's timestamp 12 (and its own clip (7, 17) holds 10). Every move of an end more
+    than max_steps x step_s past a neighbour stayed past it, so the only candidate was the clip
+    itself, never edited in any round. Its boundaries past a neighbour now move from it."""
+    ts, duration = [10.0, 12.0], 30.0
+    clips = initial_clips(ts, duration, "window", window_s=10.0)
+    assert clips == [(5.0, 15.0), (7.0, 17.0)]
+    first, second = (candidates(*c, b, step_s=1.0, max_steps=2, min_width_s=1.0)
+                     for c, b in zip(clips, neighbour_bounds(ts, duration)))
+    # by hand: the first clip's end moves from 12 (its next timestamp), its start from 5; the
+    # second's start from 10, its end from 17
+    assert first[0] == (5.0, 15.0)
+    assert sorted(first[1:]) == sorted(itertools.product([3.0, 4.0, 5.0, 6.0, 7.0], [10.0, 11.0, 12.0]))
+    assert second[0] == (7.0, 17.0)
+    assert sorted(second[1:]) == sorted(itertools.product([10.0, 11.0, 12.0], [15.0, 16.0, 17.0, 18.0, 19.0]))
+    # one boundary past: only that one is cut back; within the bounds nothing changes
+    got = candidates(0.5, 15.0, Bounds(1.0, 3.0, 20.0), step_s=1.0, max_steps=1, min_width_s=1.0)
+    assert got[0] == (0.5, 15.0) and sorted(got[1:]) == sorted(itertools.product([1.0, 2.0], [14.0, 15.0, 16.0]))
+
+
 def test_choose_keeps_the_current_clip_unless_beaten_by_more_than_the_margin():
     assert choose([0.5, 0.7, 0.6], margin=0.1) == 1
     assert choose([0.5, 0.7, 0.6], margin=0.25) == 0
