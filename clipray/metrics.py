@@ -109,7 +109,9 @@ def retrieval_metrics(sim, video_of_text) -> dict[str, float]:
 
 def dual_softmax(sim: torch.Tensor, temperature: float = 100.0, dim: int = 0) -> torch.Tensor:
     """DSL re-weighting: `sim * softmax(temperature * sim, dim)`. dim=0 (a prior over texts per
-    video) for text-to-video, dim=1 for video-to-text. Inference only; transductive."""
+    video) for text-to-video, dim=1 for video-to-text. Inference only; transductive. `sim` holds
+    cosines (in [-1, 1]), as the method is defined on; a cross-encoder's logits do not rank
+    under it (`evaluate_retrieval` refuses them)."""
     # float64: in float32, exp(-100 * gap) underflows to 0 once two cosines differ by ~0.87,
     # and the pairs it zeroes tie with each other (a tie counts against the query)
     sim = torch.as_tensor(sim).double()
@@ -211,7 +213,14 @@ def similarity_in_blocks(
 
 
 def evaluate_retrieval(model, token_batches, video_batches, video_of_text, dsl: bool = False) -> dict:
-    """Embed all texts and videos, score block-wise, return `retrieval_metrics` (+ `dsl_*`)."""
+    """Embed all texts and videos, score block-wise, return `retrieval_metrics` (+ `dsl_*`, for
+    an indexable head's cosines only)."""
+    if dsl and not model.indexable:
+        # a cross-encoder's scores are logits of either sign and any size: sim x weight turns a
+        # negative score's order around (a perfect ranking gave R@1 0) and a gap past ~7 logits
+        # underflows the weight to 0, even in float64
+        raise ValueError("dual softmax re-weights cosine similarities; this model's head scores pairs with "
+                         "unbounded logits (a cross-encoder): evaluate it with dsl=False")
     text = embed_texts(model, token_batches)
     video, mask = embed_videos(model, video_batches)
     sim = similarity_in_blocks(model, text, video, mask)

@@ -191,6 +191,19 @@ def test_dual_softmax_is_opt_in_and_reported_apart():
     assert M.retrieval_metrics_dsl(far, [0, 1, 2])["dsl_v2t_mnr"] == pytest.approx(8 / 3)
 
 
+def test_dual_softmax_is_refused_for_a_cross_encoder():
+    """tightTransf scores are logits of either sign: sim x softmax(100 sim) ranked a perfect
+    [[-1, -3], [-3, -1]] at R@1 0 (the larger weight made the match's negative score more
+    negative), and gaps past ~7 logits underflowed the weights to 0, even in float64."""
+    assert M.retrieval_metrics_dsl(torch.tensor([[-1.0, -3.0], [-3.0, -1.0]]), [0, 1])["dsl_t2v_r1"] == 0.0
+    torch.manual_seed(0)
+    model = create_model("test_tightTransf")
+    frames, mask, tokens = _data(n=4)
+    with pytest.raises(ValueError, match="^dual softmax re-weights cosine similarities; this model's head"):
+        evaluate_retrieval(model, [tokens], [(frames, mask)], [0, 1, 2, 3], dsl=True)
+    assert set(evaluate_retrieval(model, [tokens], [(frames, mask)], [0, 1, 2, 3])) == set(METRIC_KEYS)
+
+
 def test_loose_scores_stay_float32_under_the_training_loops_bf16_autocast():
     """On GPU the loop evaluates under bf16 autocast, which ran the text x video products in
     bf16: scores of ~3 digits, so a match 0.0002 above its nearest rival tied with it (a miss,
