@@ -414,7 +414,7 @@ def _rewind(src: Any) -> None:
 
 def _decord_misreads(src: Any) -> bool:
     """Whether decord would give other frames than PyAV (a PyAV open: 0.3 ms locally; False if
-    PyAV cannot open the file): a codec it misnumbers, more than one video stream (a cover
+    PyAV cannot open the file): a codec it misnumbers, x264's intra refresh, more than one video stream (a cover
     picture aside), or a rotated MKV or WebM. Of several streams, decord 0.6's FFmpeg takes the
     one of the highest bit rate, where PyAV, as players, takes the default one (an MP4's first
     track): a recording beside its preview, or a second camera, gave the other stream's frames.
@@ -431,7 +431,17 @@ def _decord_misreads(src: Any) -> bool:
             main = _main_video(c)
             if main.codec_context.name in _DECORD_MISNUMBERS:
                 return True
-            first = next(c.decode(main), None) if "matroska" in c.format.name else None
+            packets = c.demux(main)
+            head = next(packets, None)
+            # H.264 with periodic intra refresh: its keyframes are recovery points, where FFmpeg
+            # drops frames after a seek until the picture is whole, and decord counts from the
+            # frames it gets: index 12 gave frame 23 at 320x240, silently. x264 writes its
+            # settings into the first frame; other encoders' intra refresh is not recognised
+            if head is not None and main.codec_context.name == "h264" and b"intra_refresh=1" in bytes(head):
+                return True
+            if head is None or "matroska" not in c.format.name:
+                return False
+            first = next((f for p in itertools.chain([head], packets) for f in p.decode()), None)
             return first is not None and _display_matrix(first) not in (None, (1, 0, 0, 1))
     except Exception:
         return False

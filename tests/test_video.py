@@ -562,6 +562,10 @@ def _tens_shown(frames: np.ndarray) -> list[int]:
     ("mpeg4.mp4", "mpeg4", None, {"qscale": "2", "bf": "2", "g": "12"}),
     ("mpeg4.mov", "mpeg4", "mov", {"qscale": "2", "bf": "2", "g": "12"}),
     ("wmv2.wmv", "wmv2", "asf", {"qscale": "2", "g": "12"}),
+    # H.264 with periodic intra refresh: keyframes that are recovery points, after which FFmpeg
+    # drops frames until the picture is whole; decord gave frame 23 for index 12 at 320x240
+    ("intra-refresh.mp4", "libx264", None, {"crf": "18", "bf": "0", "x264-params": "intra-refresh=1:keyint=12:scenecut=0"}),
+    ("intra-refresh.mkv", "libx264", None, {"crf": "18", "bf": "0", "x264-params": "intra-refresh=1:keyint=12:scenecut=0"}),
 ])
 def test_decord_backend_gives_frame_i_for_open_gop_codecs(tmp_path, name, codec, fmt, options):
     """decord counts frames from the keyframe it seeks to; in an open GOP (x265's default, MPEG-2,
