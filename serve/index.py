@@ -43,8 +43,6 @@ from clipray.manifest import Every, ManifestError
 from serve import store
 from serve.config import AppConfig, load_app_config
 
-FORMAT = "clipray.index/1"
-
 
 def windows(duration: float, window: float, stride: float) -> list[tuple[float, float]]:
     """Sliding windows covering [0, duration]; the last one is aligned to the end."""
@@ -583,7 +581,7 @@ def _rebuild(out: Path, cfg: AppConfig, export: str, fp: str, rerank: str, conf:
         print(f"index {out}: {ix.kind} faiss index of {len(x):,} clips built and saved in "
               f"{time.perf_counter() - t0:.1f}s", flush=True)
     meta = dict(meta or {})
-    meta.update(format=FORMAT, faiss_file=saved, export=export, export_rel=os.path.relpath(export, out.absolute()),
+    meta.update(format=store.FORMAT, faiss_file=saved, export=export, export_rel=os.path.relpath(export, out.absolute()),
                 fingerprint=fp, dim=int(x.shape[1]), count=int(len(x)),
                 kind=ix.kind, build=params, search=search, recall=recall,
                 video=dataclasses.asdict(dataclasses.replace(cfg.video, size=conf["image_size"])),

@@ -35,6 +35,7 @@ import pyarrow.parquet as pq
 from clipray.config import ConfigError
 
 META = "index.json"
+FORMAT = "clipray.index/1"  # index.json's "format": what tells our metadata from another index.json
 FAISS = "index.faiss"
 EMB_DIR = "embeddings"
 RERANK_DIR = "rerank"
@@ -63,12 +64,18 @@ def read_meta(out: str | Path) -> Optional[dict[str, Any]]:
     try:
         meta = json.loads(p.read_text())
     except ValueError as e:
-        meta = e
-    if not isinstance(meta, dict):
-        why = meta if isinstance(meta, ValueError) else f"a JSON {type(meta).__name__}, not an object"
-        raise ConfigError(f"{p}: not an index's metadata ({why}): move it away and run `clipray index` "
-                          "with the same out= and checkpoint= to write it again")
-    return meta
+        why = str(e)
+    else:
+        if not isinstance(meta, dict):
+            why = f"a JSON {type(meta).__name__}, not an object"
+        elif meta.get("format") != FORMAT:
+            # another tool's index.json (a common name) failed later, as a KeyError traceback
+            # from `clipray serve` or `clipray index`
+            why = f"its \"format\" is {meta.get('format')!r}, not {FORMAT!r}"
+        else:
+            return meta
+    raise ConfigError(f"{p}: not an index's metadata ({why}): move it away and run `clipray index` "
+                      "with the same out= and checkpoint= to write it again, or give another out=")
 
 
 _STRERRORS = {os.strerror(n): n for n in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO, errno.EROFS)}

@@ -389,7 +389,7 @@ def test_a_replica_started_after_its_export_was_written_again_refuses_it(tmp_pat
     fp, tight_fp = store.fingerprint(loose), store.fingerprint(tight)
     store.write_part(tmp_path / "idx", {"row_id": np.arange(1), "feats": np.zeros((1, 2, 64), np.float16),
                                         "mask": np.ones((1, 2), np.uint8)}, sub=store.RERANK_DIR)
-    store.write_meta(tmp_path / "idx", {"count": 1})
+    store.write_meta(tmp_path / "idx", {"format": store.FORMAT, "count": 1})
     TextEncoder.func_or_class(loose, 32, batch, 0.0, fp)  # the weights the index was built with
     VideoEncoder.func_or_class(loose, video, batch, 0.0, fp)
     Reranker.func_or_class(tight, str(tmp_path / "idx"), 32, batch, 0.0, tight_fp)
@@ -1158,9 +1158,11 @@ def test_an_index_json_that_is_not_json_is_a_clear_error(tmp_path):
     from serve import store
 
     assert store.read_meta(tmp_path) is None
-    store.write_meta(tmp_path, {"count": 3})
-    assert store.read_meta(tmp_path) == {"count": 3}
-    for bad in ('{"count": 3', "", "[1, 2]"):
+    store.write_meta(tmp_path, {"format": store.FORMAT, "count": 3})
+    assert store.read_meta(tmp_path) == {"format": store.FORMAT, "count": 3}
+    # another tool's index.json (a common name) in out=: a KeyError traceback from `clipray
+    # serve` ('export') or `clipray index` ('fingerprint')
+    for bad in ('{"count": 3', "", "[1, 2]", '{"files": ["a.html"], "version": 3}', '{"format": "clipray.index/0"}'):
         (tmp_path / store.META).write_text(bad)
         with pytest.raises(ConfigError, match=rf"^{tmp_path}/index.json: not an index's metadata \(.+\): "
                                               r"move it away and run `clipray index` with the same out= "):
@@ -1634,7 +1636,7 @@ def test_a_searcher_keeps_the_clip_table_as_arrow_not_an_object_per_clip(tmp_pat
                                 "embedding": x})
     index, _ = store.build_faiss(x, "flat")
     store.save_faiss(tmp_path, index)
-    store.write_meta(tmp_path, {"count": n, "dim": 8, "kind": "flat", "search": {}})
+    store.write_meta(tmp_path, {"format": store.FORMAT, "count": n, "dim": 8, "kind": "flat", "search": {}})
     tracemalloc.start()
     try:
         s = Searcher.func_or_class(str(tmp_path), {"max_batch_size": 1, "batch_wait_timeout_s": 0.0})
@@ -1665,7 +1667,7 @@ def test_an_index_written_on_a_full_disk_is_an_error_naming_the_file_and_keeps_t
     index = faiss.IndexFlatIP(8)
     index.add(np.eye(8, dtype=np.float32))
     store.save_faiss(tmp_path, index)
-    store.write_meta(tmp_path, {"count": 8})
+    store.write_meta(tmp_path, {"format": store.FORMAT, "count": 8})
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
     res = file_size_limit(
         50_000, "for write in (lambda: store.write_part(out, rows), lambda: store.write_part(out, rows, 'rerank'),\n"
@@ -1757,7 +1759,7 @@ def test_a_batched_search_answers_each_query_as_it_is_answered_alone(tmp_path):
     index.train(x)
     index.add(x)
     store.save_faiss(tmp_path, index)
-    store.write_meta(tmp_path, {"count": n, "dim": d, "kind": "ivf_pq", "search": {"nprobe": 1, "refine": 2}})
+    store.write_meta(tmp_path, {"format": store.FORMAT, "count": n, "dim": d, "kind": "ivf_pq", "search": {"nprobe": 1, "refine": 2}})
     s = Searcher.func_or_class(str(tmp_path), {"max_batch_size": 8, "batch_wait_timeout_s": 0.0})
     q = _unit(40, d, seed=1)
     alone = [s.search_many([(v, 5)])[0] for v in q]
@@ -1783,7 +1785,7 @@ def test_tied_clips_are_listed_by_clip_id_whatever_k_and_the_batch(tmp_path):
                                 "end": [1.0] * n, "path": [f"/v/{i}.mp4" for i in ids], "embedding": x})
     index, _ = store.build_faiss(x, "flat")
     store.save_faiss(tmp_path, index)
-    store.write_meta(tmp_path, {"count": n, "dim": d, "kind": "flat", "search": {}})
+    store.write_meta(tmp_path, {"format": store.FORMAT, "count": n, "dim": d, "kind": "flat", "search": {}})
     s = Searcher.func_or_class(str(tmp_path), {"max_batch_size": 8, "batch_wait_timeout_s": 0.0})
     q = x[copies[0]]
     scores = x.astype(np.float64) @ q
@@ -1806,7 +1808,7 @@ def test_tied_clips_are_listed_by_clip_id_whatever_k_and_the_batch(tmp_path):
     store.write_part(out, {"row_id": ids, "video_id": [f"v{i}" for i in ids], "start": [0.0] * n,
                            "end": [1.0] * n, "path": [f"/v/{i}.mp4" for i in ids], "embedding": x})
     store.save_faiss(out, store.build_faiss(x, "flat")[0])
-    store.write_meta(out, {"count": n, "dim": d, "kind": "flat", "search": {}})
+    store.write_meta(out, {"format": store.FORMAT, "count": n, "dim": d, "kind": "flat", "search": {}})
     s = Searcher.func_or_class(str(out), {"max_batch_size": 8, "batch_wait_timeout_s": 0.0})
     q = 0.8 * x[99] + 0.6 * x[10]
     scores = x.astype(np.float64) @ q

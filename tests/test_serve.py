@@ -363,7 +363,7 @@ def test_a_query_whose_vector_is_not_finite_is_an_error_saying_so_not_empty_resu
     index = faiss.IndexFlatIP(d)
     index.add(x)
     store.save_faiss(tmp_path, index)
-    store.write_meta(tmp_path, {"count": n, "dim": d, "kind": "flat", "search": {}})
+    store.write_meta(tmp_path, {"format": store.FORMAT, "count": n, "dim": d, "kind": "flat", "search": {}})
     searcher = Searcher.func_or_class(str(tmp_path), {"max_batch_size": 1, "batch_wait_timeout_s": 0.0})
 
     def handle(fn):  # a deployment handle's method: `await method.remote(*args)`
