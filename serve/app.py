@@ -50,7 +50,8 @@ PAGE_K = 8  # results the search page asks for until its box is changed (max_k w
 class SearchRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")  # a stray `path` field is refused, not ignored
     text: str = Field(min_length=1, description="the query; limit: serve.limits.max_text_chars")
-    k: Optional[int] = Field(None, ge=1, description=f"results wanted (default {DEFAULT_K}, or "
+    # strict: pydantic's lax mode took `true` for k=1, "3" for 3 and 2.0 for 2
+    k: Optional[int] = Field(None, ge=1, strict=True, description=f"results wanted (default {DEFAULT_K}, or "
                              "serve.limits.max_k where lower); limit: serve.limits.max_k")
 
 
@@ -112,11 +113,11 @@ api = FastAPI(title="clipray retrieval", version="1",
               description="Text-to-video and video-to-video search over a clipray index.")
 
 
-def _error(status: int, message: str, detail: Any = None) -> JSONResponse:
+def _error(status: int, message: str, detail: Any = None, headers: Optional[dict] = None) -> JSONResponse:
     body = {"error": message}
     if detail is not None:
         body["detail"] = detail
-    return JSONResponse(status_code=status, content=body)
+    return JSONResponse(status_code=status, content=body, headers=headers)
 
 
 @api.exception_handler(RequestValidationError)
@@ -131,6 +132,17 @@ async def _validation(request: Request, exc: RequestValidationError) -> JSONResp
             parts.append(f"body: not valid JSON at character {loc[-1]}" + (f" ({why})" if why else ""))
             continue
         where = ".".join(str(x) for x in loc if x != "body") or "body"
+        kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if where == "body" and e.get("type") == "model_attributes_type" and kind != "application/json":
+            # a JSON object sent as a form (curl -d's default) or text: "Input should be a valid
+            # dictionary or object to extract fields from" said nothing of the header
+            parts.append(f"body: a JSON object with Content-Type: application/json is expected, this request's is "
+                         f"{kind!r}" if kind else "body: a JSON object with Content-Type: application/json is "
+                         "expected, this request gives no Content-Type")
+            continue
+        if e.get("type") == "value_error" and "Expected UploadFile" in str(e.get("msg")):
+            parts.append(f"{where}: a file part (with a filename) is expected, this one is a text field")
+            continue
         parts.append(f"{where}: {e.get('msg', 'invalid')}")
     return _error(422, "; ".join(parts) or "invalid request", [p for p in parts])
 
@@ -143,7 +155,10 @@ async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         # body', also this server's disk full (or not writable) while Starlette spools an upload
         # over 1 MiB to a temporary file: the client was told its request was bad
         return _error(507 if cause.errno in NO_ROOM else 503, no_room_message(os.strerror(cause.errno)))
-    return _error(exc.status_code, str(exc.detail))
+    message, headers = str(exc.detail), getattr(exc, "headers", None)
+    if exc.status_code == 405 and headers and headers.get("Allow"):  # its Allow header was dropped
+        message = f"{message}: {request.url.path} takes {headers['Allow']}, not {request.method}"
+    return _error(exc.status_code, message, headers=headers)
 
 
 def json_body_cap(max_text_chars: int) -> int:
@@ -196,14 +211,28 @@ def _ranges_inside(header: str, size: int) -> Optional[list[str]]:
     return keep
 
 
+def _no_query(request: Request) -> None:
+    """Refuse a query string on a POST endpoint: every input is in the body, and
+    `/search?k=1` came back as 10 results. Defined above `Ingress`, which Serve pickles."""
+    if request.query_params:
+        names = ", ".join(sorted(set(request.query_params.keys())))
+        raise HTTPException(422, f"query: this endpoint reads no query parameters ({names}): send them in the body")
+
+
 async def _no_unknown_fields(request: Request, *known: str) -> None:
     """Refuse form fields an upload endpoint does not take, as the JSON endpoints refuse
     unknown keys: FastAPI ignores them, so a misspelt `K=5` came back as 10 results and a `path`
-    field was taken without a word. Defined above `Ingress`, which Serve pickles."""
-    extra = sorted(set((await request.form()).keys()) - set(known))
+    field was taken without a word; and a field given twice, of which FastAPI kept the last
+    (`k=2` then `k=3` gave 3 results). Defined above `Ingress`, which Serve pickles."""
+    _no_query(request)
+    names = [name for name, _ in (await request.form()).multi_items()]
+    extra = sorted(set(names) - set(known))
     if extra:
         raise HTTPException(422, "; ".join(f"{name}: Extra inputs are not permitted (this endpoint "
                                            f"takes {', '.join(known)})" for name in extra))
+    twice = sorted({name for name in names if names.count(name) > 1})
+    if twice:
+        raise HTTPException(422, "; ".join(f"{name}: given {names.count(name)} times, send it once" for name in twice))
 
 
 class _UploadCap:
@@ -403,8 +432,9 @@ class Ingress:
                 "rerank": self.reranker is not None}
 
     @api.post("/search", response_model=SearchResponse, responses=_errors(400, 413, 422))
-    async def search(self, req: SearchRequest) -> dict:
+    async def search(self, req: SearchRequest, request: Request) -> dict:
         """Text-to-video: the top-k indexed clips for a text query."""
+        _no_query(request)
         text, k = self._text(req.text), self._k(req.k)
         return await self._search(await self._encode(text), k, text)
 
@@ -417,7 +447,8 @@ class Ingress:
         return await self._search(await self._upload(file), k)
 
     @api.post("/encode/text", response_model=Embedding, responses=_errors(400, 413, 422))
-    async def encode_text(self, req: TextRequest) -> dict:
+    async def encode_text(self, req: TextRequest, request: Request) -> dict:
+        _no_query(request)
         emb = await self._encode(self._text(req.text))
         return {"embedding": emb.tolist(), "dim": len(emb)}
 

@@ -218,6 +218,18 @@ def _bad_requests(url: str, video: bytes) -> list[tuple[str, object, tuple[int, 
         ("k zero", lambda: post("/search", json={"text": "a red square", "k": 0}), (422,)),
         ("k too big", lambda: post("/search", json={"text": "a red square", "k": 51}), (422,)),
         ("k not a number", lambda: post("/search", json={"text": "a red square", "k": "many"}), (422,)),
+        # pydantic's lax mode took true for k=1, "3" for 3, 2.0 for 2
+        ("k true", lambda: post("/search", json={"text": "a red square", "k": True}), (422,)),
+        ("k as text", lambda: post("/search", json={"text": "a red square", "k": "3"}), (422,)),
+        ("k a float", lambda: post("/search", json={"text": "a red square", "k": 2.0}), (422,)),
+        # the query string was never read: /search?k=1 answered 10 results
+        ("k in the query string", lambda: post("/search?k=1", json={"text": "a red square"}), (422,)),
+        ("encode: a query string", lambda: post("/encode/text?text=b", json={"text": "a"}), (422,)),
+        ("upload: k in the query string", lambda: post("/search/video?k=1", files={"file": ("x.mp4", video)}), (422,)),
+        # the last of two was taken: k=2 then k=3 gave 3 results
+        ("upload: k twice", lambda: post("/search/video", files=[("file", ("x.mp4", video)), ("k", (None, "2")),
+                                                                 ("k", (None, "3"))]), (422,)),
+        ("upload: file as a text field", lambda: post("/encode/video", files={"file": (None, "x")}), (422,)),
         ("non-UTF-8 body", lambda: post("/search", data=b'{"text": "\xff\xfe", "k": 3}', headers=js), (400, 422)),
         ("malformed JSON", lambda: post("/search", data=b'{"text": "a red', headers=js), (400, 422)),
         ("not JSON at all", lambda: post("/search", data=b"text=a", headers={"Content-Type": "text/plain"}), (400, 415, 422)),
@@ -437,6 +449,21 @@ def test_bad_inputs_are_4xx_with_a_message(app, synth_small):
     assert r.json()["error"] == "body: not valid JSON at character 9 (Unterminated string starting)"
     r = requests.post(f"{app['url']}/search/video", files={"file": ("x.mp4", video)}, data={"K": "2"}, timeout=60)
     assert r.json()["error"] == "K: Extra inputs are not permitted (this endpoint takes file, k)"
+    said = {name: send().json()["error"] for name, send, _ in _bad_requests(app["url"], video)
+            if name in ("k true", "k in the query string", "upload: k twice", "upload: file as a text field")}
+    assert said == {"k true": "k: Input should be a valid integer",
+                    "k in the query string": "query: this endpoint reads no query parameters (k): send them in the body",
+                    "upload: k twice": "k: given 2 times, send it once",
+                    "upload: file as a text field": "file: a file part (with a filename) is expected, this one is a text field"}
+    # a JSON object sent as a form (curl -d's default): the message said nothing of the header
+    r = requests.post(f"{app['url']}/search", data=b'{"text": "a red square"}', timeout=30,
+                      headers={"Content-Type": "application/x-www-form-urlencoded"})
+    assert (r.status_code, r.json()["error"]) == (422, "body: a JSON object with Content-Type: application/json is "
+                                                       "expected, this request's is 'application/x-www-form-urlencoded'")
+    # a method a path does not take: 405 with its Allow header (RFC 9110), which was dropped
+    r = requests.get(f"{app['url']}/search", timeout=30)
+    assert (r.status_code, r.headers.get("allow"), r.json()["error"]) == (
+        405, "POST", "Method Not Allowed: /search takes POST, not GET")
     # the reason names the client's upload, not the replica's temporary file
     r = requests.post(f"{app['url']}/encode/video", files={"file": ("x.mp4", video[: len(video) // 3])}, timeout=60)
     assert r.status_code == 415 and "the upload" in r.json()["error"], r.text
