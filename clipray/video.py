@@ -282,7 +282,10 @@ class PyAVVideo:
                 c.seek(int((want[0] / self.fps + t0) / s.time_base), stream=s, backward=True, any_frame=False)
                 got = self._collect(c.decode(s), want, t0)
                 if want[0] not in got:
-                    c.seek(0)  # the file's start: in MPEG-PS, a seek to t0 itself can land past it
+                    # the file's start: in MPEG-PS, a seek to t0 itself can land past it; an
+                    # MPEG-TS whose times wrap past 2**33 soon after its start has them from
+                    # below 0 (a broadcast capture), where time 0 lies past the frames wanted
+                    c.seek(min(0, c.start_time or 0))
                     got = self._collect(c.decode(s), want, t0)
         except SkipClip:
             raise

@@ -591,6 +591,35 @@ def test_decord_backend_gives_frame_i_for_open_gop_codecs(tmp_path, name, codec,
         assert _tens_shown(clip.frames[:len(clip.indices)]) == clip.indices, (start, end)
 
 
+@pytest.mark.parametrize("codec, options", [("mpeg2video", {"qscale": "2", "bf": "2", "g": "12"}),
+                                            ("libx264", {"crf": "0", "bf": "2", "g": "12"})])
+@pytest.mark.parametrize("backend", ["decord", "pyav"])
+def test_an_mpeg_ts_whose_times_wrap_soon_after_its_start_is_read(tmp_path, codec, options, backend):
+    """A broadcast capture's 33-bit times can wrap within a minute of its start: libavformat
+    then gives them from below 0 (-30 s here). PyAV's seek to a wanted frame landed past it, and
+    the retry from time 0 lay past every frame: each clip was a skip, 'frame N not found'
+    (MPEG-2, read with PyAV under either backend; H.264 under backend=pyav)."""
+    import av
+
+    src, path = tmp_path / "src.ts", tmp_path / "wrapped.ts"
+    with av.open(str(src), "w", format="mpegts") as c:
+        s = c.add_stream(codec, rate=25)
+        s.width, s.height, s.pix_fmt, s.options = 128, 96, "yuv420p", options
+        for i in range(100):
+            c.mux(s.encode(av.VideoFrame.from_ndarray(_tens(i), format="rgb24")))
+        c.mux(s.encode())
+    shift = (1 << 33) - 30 * 90000  # the times start 30 s before they wrap
+    with av.open(str(src)) as inp, av.open(str(path), "w", format="mpegts") as out:
+        si = inp.streams.video[0]
+        so = out.add_stream_from_template(si)
+        for packet in inp.demux(si):
+            if packet.dts is not None:
+                packet.pts, packet.dts, packet.stream = packet.pts + shift, packet.dts + shift, so
+                out.mux(packet)
+    clip = decode_clip(str(path), 1.0, 3.0, VideoConfig(backend=backend, fps=1.0, max_frames=12, size=32, timeout_s=0))
+    assert clip.indices == [25, 50] and _tens_shown(clip.frames[:2]) == [25, 50]
+
+
 @pytest.mark.parametrize("backend", ["decord", "pyav"])
 def test_a_webm_without_duration_is_read(tmp_path, backend):
     """A browser's MediaRecorder and live streams write WebM/MKV with no duration, frame count
