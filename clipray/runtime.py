@@ -277,10 +277,10 @@ def check_fits(asks: dict[str, float], resource: str = "CPU",
     `before_start`: check CPUs against the Ray that `init_ray()` will start (unless RAY_ADDRESS
     names a cluster), for a command with work to do before it starts Ray.
     """
-    address = os.environ.get("RAY_ADDRESS")
+    address = os.environ.get("RAY_ADDRESS") or "local"
     if _embedded is not None:
         have = _embedded[resource]
-    elif before_start and resource == "CPU" and not (address and address.lower() != "local"):
+    elif before_start and resource == "CPU" and address.lower() == "local":  # not joining a cluster
         have = float(local_cpus())
     else:
         return

@@ -417,8 +417,8 @@ def _rewind(src: Any) -> None:
 
 def _decord_misreads(src: Any) -> bool:
     """Whether decord would give other frames than PyAV (a PyAV open: 0.3 ms locally; False if
-    PyAV cannot open the file): a codec it misnumbers, x264's intra refresh, more than one video stream (a cover
-    picture aside), or a rotated MKV or WebM. Of several streams, decord 0.6's FFmpeg takes the
+    PyAV cannot open the file): a codec it misnumbers, x264's intra refresh, more than one video
+    stream (a cover picture aside), or a rotated MKV or WebM. Of several streams, decord 0.6's FFmpeg takes the
     one of the highest bit rate, where PyAV, as players, takes the default one (an MP4's first
     track): a recording beside its preview, or a second camera, gave the other stream's frames.
     Nor does it read an MKV's rotation (FFmpeg 7 writes a phone video's display matrix there:

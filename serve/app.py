@@ -136,9 +136,8 @@ async def _validation(request: Request, exc: RequestValidationError) -> JSONResp
         if where == "body" and e.get("type") == "model_attributes_type" and kind != "application/json":
             # a JSON object sent as a form (curl -d's default) or text: "Input should be a valid
             # dictionary or object to extract fields from" said nothing of the header
-            parts.append(f"body: a JSON object with Content-Type: application/json is expected, this request's is "
-                         f"{kind!r}" if kind else "body: a JSON object with Content-Type: application/json is "
-                         "expected, this request gives no Content-Type")
+            sent = f"this request's is {kind!r}" if kind else "this request gives none"
+            parts.append(f"body: a JSON object with Content-Type: application/json is expected, {sent}")
             continue
         if e.get("type") == "value_error" and "Expected UploadFile" in str(e.get("msg")):
             parts.append(f"{where}: a file part (with a filename) is expected, this one is a text field")
