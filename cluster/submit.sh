@@ -2,8 +2,10 @@
 # Submit a clipray training run to a Ray cluster as a Ray job.
 #
 #   cluster/submit.sh [train|edit] CONFIG [key=value ...]
-#   e.g. cluster/submit.sh train/configs/howto100m.yaml train.storage_path=s3://my-bucket/clipray/runs
-#        cluster/submit.sh edit train/configs/edit_youcook2.yaml train.storage_path=s3://my-bucket/runs
+#   e.g. cluster/submit.sh train/configs/howto100m.yaml data.manifest=s3://my-bucket/howto100m/manifest \
+#            data.eval_manifest=s3://my-bucket/msrvtt/manifest_9k train.storage_path=s3://my-bucket/clipray/runs
+#        cluster/submit.sh edit train/configs/edit_youcook2.yaml data.manifest=s3://my-bucket/youcook2/manifest \
+#            train.storage_path=s3://my-bucket/runs
 #
 # Runs, from the repository root (`edit`: clip editing, python -m train.edit):
 #   ray job submit --working-dir . --runtime-env cluster/runtime_env.yaml --submission-id ID \
