@@ -937,6 +937,25 @@ def test_a_csv_line_the_csv_module_cannot_read_is_named(tmp_path):
         prepare("generic", tmp_path, tmp_path / "m.parquet", file="own.csv")
 
 
+@pytest.mark.parametrize("text, line, says", [
+    # an unclosed quote took every later line into one caption: 4 rows came out as 1, exit 0
+    ("path,caption\na.mp4,one\nb.mp4,\"the dog says woof\na.mp4,three\nb.mp4,four\n", 3,
+     "unexpected end of data, a '\"' opened in this record is never closed"),
+    # a stray quote inside a quoted field: stored as 'a cat" jumps"'
+    ("path,caption\na.mp4,\"a \"cat\" jumps\"\nb.mp4,two\n", 2, "',' expected after '\"'"),
+])
+def test_a_bad_quote_in_a_csv_is_an_error_naming_its_line_not_merged_rows(tmp_path, text, line, says):
+    fx.touch(tmp_path, "a.mp4", "b.mp4")
+    fx.write(tmp_path, "own.csv", text)
+    with pytest.raises(SourceError) as e:
+        prepare("generic", tmp_path, tmp_path / "m.parquet", file="own.csv")
+    assert str(e.value) == (f"own.csv line {line}: unreadable CSV ({says}; quote a field that holds '\"' and "
+                            "double each '\"' in it (RFC 4180))")
+    # doubled quotes, RFC 4180's way, are a caption's own
+    fx.write(tmp_path, "own.csv", 'path,caption\na.mp4,"a ""cat"" jumps"\nb.mp4,"two,\nlines"\n')
+    assert prepare("generic", tmp_path, tmp_path / "m.parquet", file="own.csv").rows == 2
+
+
 def test_generic_jsonl_numeric_ids_zero_are_kept(tmp_path):
     # JSONL ids are often numbers counted from 0: video_id 0 and group 0 are given values, not
     # absent ones (spec section 8: video_id defaults to the path stem only when not given)
