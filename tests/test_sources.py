@@ -276,6 +276,26 @@ def test_lsmdc_tabs_times_folders_and_repeated_clips(tmp_path):
     assert any("LSMDC16_annos_training.csv line 4" in e for e in rep.rejected_examples)
 
 
+def test_a_line_without_its_video_id_is_a_rejected_line_not_a_missing_video(tmp_path):
+    """A test line of MSR-VTT with an empty video_id, or an LSMDC line with an empty clip id,
+    was reported as a missing video of no name ('rows dropped: '), its line not named."""
+    fx.write_msrvtt(tmp_path / "msrvtt")
+    test_csv = tmp_path / "msrvtt" / "msrvtt_data" / "MSRVTT_JSFUSION_test.csv"
+    test_csv.write_text(test_csv.read_text() + "ret2,msr9000,,a girl sings\n")
+    rep = prepare("msrvtt", tmp_path / "msrvtt", tmp_path / "m.parquet")
+    assert rep.missing_videos == ["video3", "video8450"]
+    assert rep.rejected == {"empty caption": 1, "no video_id": 1}
+    assert "MSRVTT_JSFUSION_test.csv line 4: no video_id" in rep.rejected_examples
+    fx.write_lsmdc(tmp_path / "lsmdc")
+    public = tmp_path / "lsmdc" / "LSMDC16_challenge_1000_publictect.csv"
+    public.write_text(public.read_text() + "\t".join(["", "00.00.01.000", "00.00.02.000", "00.00.01.000",
+                                                      "00.00.02.000", "Someone waves."]) + "\n")
+    rep = prepare("lsmdc", tmp_path / "lsmdc", tmp_path / "l.parquet")
+    assert rep.missing_videos == ["0009_Gone_00.00.01.000-00.00.02.000"]
+    assert rep.rejected == {"not 6 tab-separated fields": 1, "time not hh.mm.ss.mmm": 1, "no clip id": 1}
+    assert "LSMDC16_challenge_1000_publictect.csv line 3: no clip id in the first field" in rep.rejected_examples
+
+
 def test_activitynet_sentences_clamped_and_empty_spans_dropped(tmp_path):
     fx.write_activitynet(tmp_path)
     out = tmp_path / "anet.parquet"

@@ -62,6 +62,9 @@ def rows(ctx: Context) -> Iterator[dict]:
                                category="not 6 tab-separated fields")
                     continue
                 clip_id = fields[0].strip().strip('"')  # a stray '"' is seen in some copies
+                if not clip_id:  # else said a missing video of no name, the line not named
+                    ctx.reject(where, "no clip id in the first field", category="no clip id")
+                    continue
                 try:
                     times = [parse_time(t) for t in fields[1:5]]
                 except ValueError as e:

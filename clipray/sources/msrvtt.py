@@ -62,11 +62,14 @@ def rows(ctx: Context) -> Iterator[dict]:
 
     test_name = os.path.basename(test_path)
     for line, vid, text in test:
+        where = f"{test_name} line {line}"
+        if not vid:  # else said a missing video of no name, the line not named
+            ctx.reject(where, "no video_id", category="no video_id")
+            continue
         rel = files.by_stem(vid)
         if rel is None:
             ctx.missing(vid)
             continue
-        where = f"{test_name} line {line}"
         caption = ctx.caption(text, where)
         if caption is not None:
             yield _row(ctx, vid, rel, caption, "test", where)
