@@ -1586,3 +1586,40 @@ def test_an_evaluation_split_of_few_clips_is_said_to_measure_little(tmp_path):
                                         "top 4, so R@5/10 are 100 whatever the model")
     ten = manifest([(f"v{i}", None, None) for i in range(10)], "ten.parquet")
     assert read_eval_split(ten, "test") == (30, None) and read_eval_split(ten, "val") == (0, None)
+
+
+@pytest.mark.parametrize("head", ["seqTransf", "tightTransf"])
+def test_weight_decay_spares_exactly_the_one_dimensional_parameters(head):
+    """The spec decays every weight but biases and LayerNorm gains. CLIP's positional_embedding
+    was spared by name while the heads' position embeddings, copied from it, were decayed: one
+    tensor decayed or not by where it lived. (No Ray.)"""
+    from clipray.config import OptimConfig
+    from clipray.models import create_model
+    from train.ds_config import param_groups
+
+    model = create_model(f"test_{head}")
+    groups = param_groups(model, OptimConfig(weight_decay=0.2))
+    names = {id(p): n for n, p in model.named_parameters()}
+    spared = {names[id(p)] for g in groups if g["weight_decay"] == 0.0 for p in g["params"]}
+    decayed = {names[id(p)] for g in groups if g["weight_decay"] == 0.2 for p in g["params"]}
+    by_hand = {n for n, p in model.named_parameters() if p.requires_grad and p.ndim < 2}
+    assert spared == by_hand and not spared & decayed
+    assert "backbone.clip.positional_embedding" in decayed
+    assert any("position" in n for n in decayed if n.startswith("head."))
+    assert "backbone.clip.visual.class_embedding" in spared
+    # tightTransf scores pairs without the temperature, which then does not train
+    assert ("backbone.clip.logit_scale" in spared) == (head != "tightTransf")
+
+
+@pytest.mark.parametrize("ratio, total, warmup", [(0.29, 100, 29), (0.1, 15, 1), (0.1, 150, 15), (0.0, 10, 1)])
+def test_the_warm_up_takes_its_share_of_the_steps(ratio, total, warmup):
+    """0.29 x 100 is 28.999999999999996 in floats: the warm-up took 28 steps. The learning rate
+    reaches its peak at the last warm-up step and not before. (No Ray.)"""
+    from clipray.config import OptimConfig
+    from clipray.models import create_model
+    from train.ds_config import optimizer_and_schedule
+
+    _, sched = optimizer_and_schedule(create_model("test_meanP"), OptimConfig(warmup_ratio=ratio), total)
+    factors = [sched.lr_lambdas[0](step) for step in range(total)]
+    assert factors[warmup - 1] == 1.0 and all(f < 1.0 for f in factors[:warmup - 1])
+    assert factors[warmup] == 1.0 > factors[warmup + 1]  # the cosine starts from the peak

@@ -1,7 +1,7 @@
 """The one place the DeepSpeed config, optimiser and learning-rate schedule are built.
 
 CLIP4Clip's recipe: two parameter groups (backbone at lr * coef_lr, new modules at lr), weight
-decay on weights only (not biases, LayerNorm/embedding gains or logit_scale), Adam betas
+decay on matrices only (not biases, LayerNorm gains, the class embedding or logit_scale), Adam betas
 (0.9, 0.98) eps 1e-6, linear warm-up over `warmup_ratio` of the steps then cosine decay,
 gradients clipped to a global norm of 1.0 (`optim.grad_clip`). ZeRO stage 0-3 from config; bf16 on GPU, fp32 on CPU.
 
@@ -69,9 +69,12 @@ def initialize(task: torch.nn.Module, opt: Any, sched: Any, train: TrainConfig, 
 
 
 def _decays(name: str, p: torch.nn.Parameter) -> bool:
-    """Weight decay on matrices and kernels only: biases, norms, embeddings' gains and
-    logit_scale are 0/1-dim and stay undecayed."""
-    return p.ndim >= 2 and "positional_embedding" not in name and "class_embedding" not in name
+    """Weight decay on every matrix and kernel, position embeddings included (the spec exempts
+    biases and LayerNorm weights; open_clip's training decays them too); biases, norm gains,
+    CLIP's class embedding and logit_scale are 0/1-dim and stay undecayed. CLIP's own
+    positional_embedding was exempted by name, so the copies seqTransf and tightTransf start
+    their position embeddings from were decayed and the original was not."""
+    return p.ndim >= 2
 
 
 def param_groups(model: Any, optim: OptimConfig) -> list[dict[str, Any]]:
@@ -88,7 +91,8 @@ def param_groups(model: Any, optim: OptimConfig) -> list[dict[str, Any]]:
 
 def optimizer_and_schedule(model: Any, optim: OptimConfig, total_steps: int):
     opt = torch.optim.AdamW(param_groups(model, optim), betas=tuple(optim.betas), eps=optim.eps)
-    warmup = max(1, int(optim.warmup_ratio * total_steps))
+    # floored, past float error: 0.29 x 100 is 28.999999999999996, which gave 28 steps, not 29
+    warmup = max(1, math.floor(optim.warmup_ratio * total_steps + 1e-9))
 
     def factor(step: int) -> float:
         if step < warmup:
