@@ -388,12 +388,15 @@ def test_a_query_whose_vector_is_not_finite_is_an_error_saying_so_not_empty_resu
     ingress.limits, ingress.reranker = {"max_text_chars": 300, "max_k": 10}, None
     ingress.text = type("Text", (), {"encode": handle(vectors.get)})()
     ingress.searcher = type("Search", (), {"search": handle(lambda v, k: searcher.search_many([(v, k)])[0])})()
-    hits = asyncio.run(ingress.search(sa.SearchRequest(text="a dog", k=2)))["results"]
+    from starlette.requests import Request
+
+    plain = Request({"type": "http", "method": "POST", "query_string": b"", "headers": []})  # no query string
+    hits = asyncio.run(ingress.search(sa.SearchRequest(text="a dog", k=2), plain))["results"]
     assert [h["clip_id"] for h in hits] == [1, 0]
     for route in (ingress.search, ingress.encode_text):
         with pytest.raises(HTTPException) as e:
             asyncio.run(route(sa.SearchRequest(text="a cat", k=2) if route == ingress.search
-                              else sa.TextRequest(text="a cat")))
+                              else sa.TextRequest(text="a cat"), plain))
         assert (e.value.status_code, e.value.detail) == (
             500, "the model's vector of this query is not finite (NaN/inf): the served export gives no usable "
                  "vector for it")
@@ -412,10 +415,10 @@ def test_a_query_whose_vector_is_not_finite_is_an_error_saying_so_not_empty_resu
     vectors["a fox"] = x[2]
     ingress.limits["rerank_candidates"] = n
     ingress.reranker = type("Rerank", (), {"rerank": handle(lambda text, ids: [rerank[text][i] for i in ids])})()
-    hits = asyncio.run(ingress.search(sa.SearchRequest(text="a dog", k=3)))["results"]
+    hits = asyncio.run(ingress.search(sa.SearchRequest(text="a dog", k=3), plain))["results"]
     assert [(h["clip_id"], h["score"]) for h in hits] == [(3, 0.9), (0, 0.5), (1, 0.5)]
     with pytest.raises(HTTPException) as e:
-        asyncio.run(ingress.search(sa.SearchRequest(text="a fox", k=3)))
+        asyncio.run(ingress.search(sa.SearchRequest(text="a fox", k=3), plain))
     assert (e.value.status_code, e.value.detail) == (
         500, "the re-ranker's scores of this query are not finite (NaN/inf): the served re-ranker export "
              "gives no usable score for it")
