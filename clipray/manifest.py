@@ -604,9 +604,17 @@ def resolve_path(path: str, root: str) -> str:
 
 
 def default_root(manifest: str) -> str:
-    """Relative video paths resolve against the folder holding the manifest."""
+    """Relative video paths resolve against the folder holding the manifest: the folder a
+    manifest file is in, or a folder of shards itself. Told by what the path is; by its name
+    (`*.parquet` a file) only where it cannot be looked up: a file `clips.pq` was taken for a
+    folder, and every clip in it was skipped as a missing file."""
     p = manifest.rstrip("/")
-    if p.endswith(".parquet"):
+    try:
+        fs, where = filesystem(p)
+        kind = fs.get_file_info(where).type
+    except (OSError, ValueError, ManifestError):  # no such path yet, a store it cannot reach
+        kind = None
+    if kind == pafs.FileType.File or (kind != pafs.FileType.Directory and p.endswith(".parquet")):
         p = p.rsplit("/", 1)[0] if "/" in p else "."
     return p if "://" in p else str(Path(p).resolve())
 

@@ -454,8 +454,8 @@ def test_data_prepare_to_or_from_object_storage_that_cannot_be_reached_is_an_err
              f"generic: cannot read {tmp_path} or write s3://clipray-none/m.parquet (When getting information for "
              "key 'm.parquet' in bucket 'clipray-none'"),
             (["--root", "s3://clipray-none/r", "--out", str(tmp_path / "m.parquet"), "-o", "file=s3://clipray-none/a.csv"],
-             f"generic: cannot read s3://clipray-none/r or write {tmp_path / 'm.parquet'} (When listing objects under "
-             "key 'r/' in bucket 'clipray-none'")):
+             f"generic: cannot read s3://clipray-none/r or write {tmp_path / 'm.parquet'} (When getting information "
+             "for key 'r' in bucket 'clipray-none'")):
         out = subprocess.run([sys.executable, "-m", "clipray.cli", "data", "prepare", "generic", *args],
                              env=env, capture_output=True, text=True, timeout=120)
         assert out.returncode == 2 and len(out.stderr.splitlines()) == 1, out.stderr

@@ -67,6 +67,42 @@ def test_manifest_on_s3_resolves_to_s3_uris(s3, s3_dataset):
     assert resolve_path(rows[0]["path"], root) == s3.url(f"synth/{rows[0]['path']}")
 
 
+def test_the_video_root_is_the_manifests_folder_whatever_the_manifest_is_named(s3, s3_dataset, tmp_path):
+    """The root was told by the name: a manifest file `clips.pq` (or `MANIFEST.PARQUET`) was
+    taken for a folder of shards and became its own root, so every clip resolved to
+    `.../clips.pq/videos/...` and was skipped as a missing file; a folder of shards named
+    `*.parquet` took its parent for the root. It is told by what the path is now."""
+    manifest, rows, _, _ = s3_dataset
+    fs = s3.fs()
+    fs.copy(f"{s3.bucket}/synth/manifest.parquet", f"{s3.bucket}/synth/clips.pq")
+    root = default_root(s3.url("synth/clips.pq"))
+    assert root == s3.url("synth")
+    assert fs.exists(resolve_path(rows[0]["path"], root).removeprefix("s3://"))
+    fs.copy(f"{s3.bucket}/synth/manifest.parquet", f"{s3.bucket}/spark/out.parquet/part-00000.parquet")  # Spark's way
+    assert manifest_files(s3.url("spark/out.parquet"))[1] == [f"{s3.bucket}/spark/out.parquet/part-00000.parquet"]
+    assert default_root(s3.url("spark/out.parquet")) == s3.url("spark/out.parquet")
+    write_manifest([dict(video_id="v", path="videos/v.mp4", caption="a clip", split="train")], str(tmp_path / "m.parquet"))
+    for name in ("clips.pq", "MANIFEST.PARQUET"):
+        (tmp_path / name).write_bytes((tmp_path / "m.parquet").read_bytes())
+        assert read_manifest(str(tmp_path / name)).num_rows == 1 and default_root(str(tmp_path / name)) == str(tmp_path)
+    # not written yet: by its name, as before
+    assert default_root(str(tmp_path / "new" / "m.parquet")) == str(tmp_path / "new")
+    assert default_root(str(tmp_path / "new" / "m")) == str(tmp_path / "new" / "m")
+
+
+def test_a_video_root_in_a_bucket_that_holds_nothing_is_refused_not_an_empty_manifest(s3, s3_dataset, tmp_path):
+    """A typo in an s3:// --root listed nothing, so every video was missing, and an existing
+    manifest was replaced by an empty one, exit 0; a local root that is no folder was refused."""
+    from clipray.sources import SourceError, prepare
+
+    (tmp_path / "own.csv").write_text("path,caption\nvideos/synth00001.mp4,one\n")
+    out = s3.url("kept/m")
+    assert prepare("generic", s3.url("synth"), out, file=str(tmp_path / "own.csv")).rows == 1
+    with pytest.raises(SourceError, match=r"^video root 's3://[^']+/synthh' not found: no object under it"):
+        prepare("generic", s3.url("synthh"), out, file=str(tmp_path / "own.csv"))
+    assert read_manifest(out).num_rows == 1  # kept
+
+
 def test_sharded_manifest_round_trips_on_s3(s3):
     rows = [dict(video_id=f"v{i}", path=f"videos/v{i}.mp4", caption=f"clip {i}", split="train")
             for i in range(25)]

@@ -173,6 +173,10 @@ class FileIndex:
 
             fs, base = _fs(self.root)
             base = base.rstrip("/")
+            if fs.get_file_info(base).type == pafs.FileType.NotFound:
+                # as a local root that is no folder: a typo listed nothing, and every video was
+                # missing, an existing manifest replaced by an empty one (exit 0)
+                raise SourceError(f"video root {self.root!r} not found: no object under it")
             for info in fs.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=True)):
                 if info.type == pafs.FileType.File and self._keep(info.base_name):
                     yield info.path[len(base):].lstrip("/")
