@@ -79,7 +79,8 @@ def data_main(argv: list[str]) -> int:
     s.add_argument("--fps", type=at_least(1, most=240), default=8, help="1 to 240")
     s.add_argument("--width", type=at_least(16), default=96, help="even (H.264 in yuv420p)")
     s.add_argument("--height", type=at_least(16), default=72, help="even")
-    s.add_argument("--max-events", type=at_least(1), default=2)
+    # 2 s an event: 1e9 built half a billion events in memory before the first video
+    s.add_argument("--max-events", type=at_least(1, most=16), default=2, help="1 to 16")
     s.add_argument("--idle-seconds", type=at_least(0, float, most=3600), default=0.0,
                    help="empty background before, between and after events (untrimmed-video-like), "
                         "up to 3600")
@@ -101,6 +102,10 @@ def data_main(argv: list[str]) -> int:
             s.error(f"--width and --height must be even for H.264 (yuv420p), got {args.width}x{args.height}")
         if max(args.width, args.height) > 16384:  # else libx264 refuses to open, as a traceback
             s.error(f"--width and --height must be 16384 or less for libx264, got {args.width}x{args.height}")
+        if (args.width + 128) * (args.height + 128) >= (2**31 - 1) // 8:  # FFmpeg's frame check
+            # 16384x16384 drew its frames (8.5 GB), then failed in PyAV with a traceback
+            s.error(f"--width x --height {args.width}x{args.height} is past FFmpeg's largest frame: "
+                    "(width + 128) x (height + 128) must stay below 268,435,455")
         if "://" in args.out:  # Path() made s3://b/x a local folder ./s3:/b/x, and said it was written
             s.error(f"--out {args.out}: the synthetic set is written to a local folder (its videos are encoded "
                     "there); copy the whole folder to object storage after: its manifests name the videos "

@@ -91,6 +91,11 @@ def test_bare_loop_counts_every_frame_on_one_core_and_unpins_after(tmp_path):
     (["data", "synth", "--width", "33"], "--width and --height must be even for H.264 (yuv420p), got 33x72"),
     # libx264's limit: past it the encoder failed to open, as an av.error traceback
     (["data", "synth", "--width", "16386"], "--width and --height must be 16384 or less for libx264, got 16386x72"),
+    # each side allowed, the frame past FFmpeg's check: 8.5 GB of frames drawn, then PyAV's traceback
+    (["data", "synth", "--width", "16384", "--height", "16384"],
+     "--width x --height 16384x16384 is past FFmpeg's largest frame: (width + 128) x (height + 128)"),
+    # half a billion events planned in memory before the first video
+    (["data", "synth", "--max-events", "1000000000"], "argument --max-events: must be 16 or less, got 1000000000"),
     (["demo", "--videos", "-2"], "argument --videos: must be 1 or more, got -2"),
     (["bench", "data", "--cores", "0"], "argument --cores: must be 1 or more, got 0"),
     (["bench", "data", "--repeat", "two"], "argument --repeat: not a number: 'two'"),
