@@ -52,7 +52,12 @@ def at_least(lo: float, cast: Callable[[str], float] = int, most: float = math.i
         try:
             value = cast(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+            try:  # `--fps 7.5` was "not a number"
+                float(text)
+                what = "a whole number" if cast is int else "a number"
+            except ValueError:
+                what = "a number"
+            raise argparse.ArgumentTypeError(f"not {what}: {text!r}") from None
         if not math.isfinite(value):
             raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
         if value < lo:

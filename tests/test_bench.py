@@ -99,6 +99,7 @@ def test_bare_loop_counts_every_frame_on_one_core_and_unpins_after(tmp_path):
     (["demo", "--videos", "-2"], "argument --videos: must be 1 or more, got -2"),
     (["bench", "data", "--cores", "0"], "argument --cores: must be 1 or more, got 0"),
     (["bench", "data", "--repeat", "two"], "argument --repeat: not a number: 'two'"),
+    (["data", "synth", "--fps", "7.5"], "argument --fps: not a whole number: '7.5'"),  # was "not a number"
     (["bench", "serve", "--scale", "0"], "argument --scale: must be 0.01 or more, got 0"),
     (["bench", "train", "--warmup", "-1"], "argument --warmup: must be 0 or more, got -1"),
     (["bench", "startup", "--rounds", "1"], "argument --rounds: must be 2 or more, got 1"),
