@@ -227,6 +227,12 @@ def generate(out: str | Path, videos: int = 200, seed: int = 0, width: int = 96,
     rng = np.random.default_rng(seed + 1)
     rows, event_rows = [], []
     specs = plan(videos, seed, val_frac, test_frac, max_events)
+    # an earlier, bigger set's videos past this one's: no manifest names them, and the folder,
+    # copied whole to object storage as README says, took them along (only ours: synth<n>.mp4)
+    ours = {f"{v.video_id}.mp4" for v in specs}
+    for old in (out / "videos").glob("synth*.mp4"):
+        if old.name not in ours and old.name[5:-4].isdigit() and old.is_file():
+            old.unlink()
     every, t0 = Every(PROGRESS_S if progress else None), time.perf_counter()
     for k, v in enumerate(specs):
         rel = f"videos/{v.video_id}.mp4"

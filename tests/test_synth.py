@@ -32,6 +32,20 @@ def test_same_seed_same_videos(tmp_path):
     assert read_manifest(c["manifest"]).column("caption") != ta.column("caption")[:6]
 
 
+def test_a_smaller_set_over_a_bigger_one_leaves_none_of_its_videos(tmp_path):
+    """A set made again with fewer videos left the earlier ones past its count in videos/: no
+    manifest named them, and copying the folder whole to object storage took them along. A
+    file of the user's own is kept."""
+    from clipray.synth import generate
+
+    generate(tmp_path, videos=6, seed=0)
+    (tmp_path / "videos" / "mine.mp4").write_bytes(b"not ours")
+    made = generate(tmp_path, videos=3, seed=0)
+    listed = {r["path"] for r in read_manifest(made["manifest"]).to_pylist()}
+    assert listed == {f"videos/synth{i:05d}.mp4" for i in range(3)}
+    assert {f"videos/{p.name}" for p in (tmp_path / "videos").iterdir()} == listed | {"videos/mine.mp4"}
+
+
 def test_a_set_written_to_a_relative_folder_with_a_colon_in_its_name(tmp_path, monkeypatch):
     """--out synth-12:30: FFmpeg read the relative path's 'synth-12:' as a protocol, and the
     first video's write failed with a ProtocolNotFoundError traceback."""
