@@ -296,6 +296,34 @@ def test_a_line_without_its_video_id_is_a_rejected_line_not_a_missing_video(tmp_
     assert "LSMDC16_challenge_1000_publictect.csv line 3: no clip id in the first field" in rep.rejected_examples
 
 
+def test_a_video_listed_without_captions_is_reported_not_dropped_in_silence(tmp_path):
+    """An MSVD clip whose caption list is empty, or a YouCook2 training or validation video with
+    no annotations, gave no row and nothing said so (the testing subset has none in the public
+    release: those stay quiet)."""
+    import pickle
+
+    fx.write_msvd(tmp_path / "msvd")
+    caps = {**fx.MSVD_CAPTIONS, "Empty-Caps_1_2": []}
+    (tmp_path / "msvd" / "msvd_data" / "raw-captions.pkl").write_bytes(pickle.dumps(caps))
+    (tmp_path / "msvd" / "msvd_data" / "val_list.txt").write_text("ZyXwVuT5srq_0_7\nEmpty-Caps_1_2\n")
+    fx.touch(tmp_path / "msvd", "YouTubeClips/Empty-Caps_1_2.avi")
+    rep = prepare("msvd", tmp_path / "msvd", tmp_path / "m.parquet")
+    assert rep.rejected.get("clip with no captions") == 1
+    assert "raw-captions.pkl Empty-Caps_1_2: no captions" in rep.rejected_examples
+
+    fx.write_youcook2(tmp_path / "yc")
+    db_path = tmp_path / "yc" / "annotations" / "youcookii_annotations_trainval.json"
+    db = json.loads(db_path.read_text())
+    db["database"]["DDDDDDDDDDD"] = {"duration": 30.0, "subset": "training", "recipe_type": "101"}
+    db["database"]["EEEEEEEEEEE"] = {"duration": 30.0, "subset": "testing", "recipe_type": "101"}
+    db_path.write_text(json.dumps(db))
+    fx.touch(tmp_path / "yc", "raw_videos/training/101/DDDDDDDDDDD.mp4", "raw_videos/testing/101/EEEEEEEEEEE.mp4")
+    rep = prepare("youcook2", tmp_path / "yc", tmp_path / "y.parquet")
+    assert rep.rejected.get("training/validation video with no annotations") == 1
+    assert any("DDDDDDDDDDD" in e and "no annotations" in e for e in rep.rejected_examples)
+    assert not any("EEEEEEEEEEE" in e for e in rep.rejected_examples)
+
+
 def test_activitynet_sentences_clamped_and_empty_spans_dropped(tmp_path):
     fx.write_activitynet(tmp_path)
     out = tmp_path / "anet.parquet"

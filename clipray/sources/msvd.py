@@ -97,6 +97,9 @@ def rows(ctx: Context) -> Iterator[dict]:
                 continue
             parsed = parse_clip_name(vid)
             sources.add(parsed[0] if parsed else vid)
+            if not captions[vid]:  # else the clip gave no row and nothing said so
+                ctx.reject(f"{cap_name} {vid}", "no captions", category="clip with no captions")
+                continue
             for j, tokens in enumerate(captions[vid]):
                 where = f"{cap_name} {vid} caption {j}"
                 caption = ctx.caption(_join(tokens), where)

@@ -75,6 +75,9 @@ def _segments(ctx: Context, entry: dict, vid: str, path: str, split: str, where:
     if not isinstance(annotations, list):
         ctx.reject(where, f"annotations is not a list ({type(annotations).__name__})")
         return
+    if not annotations and split != "test":  # (the test subset's captions are not public)
+        ctx.reject(where, "no annotations", category="training/validation video with no annotations")
+        return
     for k, ann in enumerate(annotations):
         at = f"{where} annotation {ann.get('id', k) if isinstance(ann, dict) else k}"
         try:
