@@ -272,7 +272,8 @@ def main(argv: list[str] | None = None) -> int:
         if read_manifest(manifest, columns=["row_id"], split="train").num_rows == 0:
             ap.error(f"{name}: --videos {args.videos} put no video in the train split, nothing to decode; "
                      "raise --videos")
-    print(f"clipray bench data: {args.cores} cores, {args.frames} frames/clip at {args.size}px, "
+    print(f"clipray bench data: {usable_cores()} cores, {args.cores} decoders in (c), "
+          f"{args.frames} frames/clip at {args.size}px, "
           f"repeat {args.repeat}; the bare loops run before Ray starts and again after it stops")
     passes = max(1, args.repeat // 2)  # of the bare loop, each time it runs
     # (clips, frames, seconds, cores used, elsewhere) per set, timed with nothing else of ours running

@@ -119,7 +119,7 @@ def _torch_dtype(dtype: str):
 
 def step_rss_mb(name: str, tuning: str, batch: int, frames: int, words: int, threads: int,
                 dtype: str = "fp32") -> float:
-    """Run in a fresh process: MB by which one forward+backward step raises the resident set
+    """Run in a fresh process: MiB by which one forward+backward step raises the resident set
     above what it was before the step (Linux: the peak is reset just before, and getrusage's
     ru_maxrss is no use here, since a spawned process inherits its parent's)."""
     import torch
@@ -235,9 +235,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return _usage("--rss measures CPU memory on Linux; leave it out with --device cuda or elsewhere")
     print(f"device={args.device} dtype={args.dtype} threads={torch.get_num_threads()} batch={args.batch} "
           f"frames={args.frames} words={args.words} repeats={args.repeats} torch={torch.__version__}")
-    print("| size | head | tuning | params (M) | trainable (M) | kept for backward (MB/clip) |"
-          + (" peak allocated (MB/step) |" if cuda else "")
-          + (" step's rise in peak RSS (MB/clip) |" if args.rss else "")
+    print("| size | head | tuning | params (M) | trainable (M) | kept for backward (MiB/clip) |"
+          + (" peak allocated (MiB/step) |" if cuda else "")
+          + (" step's rise in peak RSS (MiB/clip) |" if args.rss else "")
           + " forward ms/clip: wall median (best), CPU | forward+backward ms/clip: wall median (best), CPU |")
     print("|---|---|---|---:|---:|---:|" + ("---:|" if cuda or args.rss else "") + "---:|---:|")
     for size in sizes:

@@ -47,7 +47,7 @@ from clipray.cli import at_least
 from clipray.runtime import usable_cores
 from clipray.config import DataConfig, RayConfig, VideoConfig
 
-GB = 1024 ** 3
+GIB = 1024 ** 3  # memory is printed in GiB (it was labelled GB)
 
 
 # ---------------------------------------------------------------- the manifest
@@ -109,6 +109,17 @@ def ray_tree_memory(by_process: dict[str, float] | None = None) -> tuple[float, 
         if by_process is not None:
             by_process[name] = by_process.get(name, 0.0) + getattr(info, "pss", info.rss)
     return pss, rss
+
+
+def _wait_gone(part: str, timeout_s: float = 60.0) -> None:
+    """Wait until no process of the local Ray is named with `part` (an actor pool's workers)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        held: dict[str, float] = {}
+        ray_tree_memory(held)
+        if not any(part in name for name in held):
+            return
+        time.sleep(0.5)
 
 
 def _role(name: str) -> str:
@@ -208,7 +219,8 @@ class Run:
 
     @property
     def rows_per_s(self) -> float:
-        return self.steady_rows / self.steady_s if self.steady_s > 0 else float("nan")
+        # no rows after the first batch (it held them all): no rate, not "0 rows/s"
+        return self.steady_rows / self.steady_s if self.steady_s > 0 and self.steady_rows else float("nan")
 
 
 def consume(ds: Any, total: int, sampler: Sampler, batch: int) -> Run:
@@ -233,7 +245,7 @@ def consume(ds: Any, total: int, sampler: Sampler, batch: int) -> Run:
 # ---------------------------------------------------------------- report
 
 def _gb(x: float) -> str:
-    return f"{x / GB:6.2f}"
+    return f"{x / GIB:6.2f}"
 
 
 def report(name: str, run: Run, sampler: Sampler, base: tuple[float, float]) -> dict:
@@ -244,9 +256,10 @@ def report(name: str, run: Run, sampler: Sampler, base: tuple[float, float]) -> 
     mean_pss = float(np.mean([s[2] for s in flowing])) if flowing else float("nan")
     mean_rss = float(np.mean([s[3] for s in flowing])) if flowing else float("nan")
     points = {f"at {int(f * 100)}% of rows": sampler.at_fraction(f, rows) for f in (0.1, 0.5, 1.0)}
+    rate = "no rate: the first batch held every row" if np.isnan(run.rows_per_s) else f"{run.rows_per_s:,.0f} rows/s"
     print(f"\n{name}: {rows:,} rows; start-up {run.startup_s:.1f} s, then {run.steady_s:.1f} s "
-          f"at {run.rows_per_s:,.0f} rows/s ({len(pss)} memory samples, 1/s)")
-    print(f"  {'memory, driver + all Ray processes':36} {'PSS GB':>7} {'RSS GB':>7}")
+          f"at {rate} ({len(pss)} memory samples, 1/s)")
+    print(f"  {'memory, driver + all Ray processes':36} {'PSS GiB':>7} {'RSS GiB':>7}")
     print(f"  {'baseline (Ray idle, before the run)':36} {_gb(base[0]):>7} {_gb(base[1]):>7}")
     for label, (p, r) in points.items():
         print(f"  {label:36} {_gb(p):>7} {_gb(r):>7}")
@@ -254,8 +267,8 @@ def report(name: str, run: Run, sampler: Sampler, base: tuple[float, float]) -> 
     print(f"  {f'peak (reached at {at_peak:,} rows)':36} {_gb(pss.max()):>7} {_gb(rss.max()):>7}")
     print(f"  {'mean while rows flow':36} {_gb(mean_pss):>7} {_gb(mean_rss):>7}")
     p10, p100 = points["at 10% of rows"][0], points["at 100% of rows"][0]
-    print(f"  PSS change from 10% to 100% of rows: {(p100 - p10) / GB:+.2f} GB; largest by process: "
-          + ", ".join(f"{n} {d / GB:+.2f}" for n, d in sampler.growth(rows)[:3]))
+    print(f"  PSS change from 10% to 100% of rows: {(p100 - p10) / GIB:+.2f} GiB; largest by process: "
+          + ", ".join(f"{n} {d / GIB:+.2f}" for n, d in sampler.growth(rows)[:3]))
     return {"rows": rows, "startup_s": run.startup_s, "rows_per_s": run.rows_per_s, "peak_pss": float(pss.max()),
             "mean_pss": mean_pss, "pss_10": p10, "pss_50": points["at 50% of rows"][0],
             "pss_100": p100, "baseline_pss": base[0]}
@@ -299,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{usable_cores()} cores, {args.actors} actors")
         print(f"manifest: {shards} Parquet shards written streaming in {write_s:.1f} s "
               f"({args.rows / write_s:,.0f} rows/s); driver peak RSS so far "
-              f"{psutil.Process().memory_info().rss / GB:.2f} GB")
+              f"{psutil.Process().memory_info().rss / GIB:.2f} GiB")
 
         init_ray(RayConfig(), quiet=True)
         # actors holding every CPU would starve the read tasks: the stream would wait forever
@@ -319,6 +332,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.decode_rows:
             n = min(args.decode_rows, args.rows)
             dec = dataclasses.replace(data, decode_batch=8)
+            # phase 2's tokenise actors outlive its stream for a few seconds (0.7 GiB here): a
+            # baseline taken with them alive was phase 2's end, not Ray idle
+            _wait_gone("Tokenise")
             base = ray_tree_memory()
             with Sampler() as s:
                 ds = clip_dataset(dec, str(work / "run"), limit=n)
