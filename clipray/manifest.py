@@ -612,7 +612,7 @@ def default_root(manifest: str) -> str:
     try:
         fs, where = filesystem(p)
         kind = fs.get_file_info(where).type
-    except (OSError, ValueError, ManifestError):  # no such path yet, a store it cannot reach
+    except (OSError, ValueError):  # a store it cannot reach, a path it refuses (ManifestError)
         kind = None
     if kind == pafs.FileType.File or (kind != pafs.FileType.Directory and p.endswith(".parquet")):
         p = p.rsplit("/", 1)[0] if "/" in p else "."

@@ -151,6 +151,7 @@ def plan(videos: int, seed: int, val_frac: float, test_frac: float,
     rng = np.random.default_rng(seed)
     used: set[tuple[Event, ...]] = set()  # the events of each caption drawn (one caption, one tuple)
     colours, directions = list(COLOURS), list(DIRECTIONS)
+    singles = [Event(c, s, d) for c in colours for s in SHAPES for d in directions]  # the 96, listed for `left`
 
     def event() -> Event:
         # an index drawn as rng.choice draws one (integers(0, len)), so a seed gives the same
@@ -163,7 +164,6 @@ def plan(videos: int, seed: int, val_frac: float, test_frac: float,
         """One of the captions of n events not used yet, drawn from a list of them (n <= 2: 96
         singles, 9,120 ordered pairs); None when none is left, or for n > 2 (a space of 884,640
         triples, which random draws do not run out of)."""
-        singles = [Event(c, s, d) for c in colours for s in SHAPES for d in directions]
         if n == 1:
             free = [(e,) for e in singles if (e,) not in used]
         elif n == 2:

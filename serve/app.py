@@ -125,6 +125,7 @@ async def _validation(request: Request, exc: RequestValidationError) -> JSONResp
     # FastAPI's default echoes the raw input, which fails on non-UTF-8 bytes (a 500); name the
     # field and the rule only.
     parts = []
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
     for e in exc.errors():
         loc = e.get("loc", ())
         if e.get("type") == "json_invalid":  # loc is ("body", character offset)
@@ -132,7 +133,6 @@ async def _validation(request: Request, exc: RequestValidationError) -> JSONResp
             parts.append(f"body: not valid JSON at character {loc[-1]}" + (f" ({why})" if why else ""))
             continue
         where = ".".join(str(x) for x in loc if x != "body") or "body"
-        kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if where == "body" and e.get("type") == "model_attributes_type" and kind != "application/json":
             # a JSON object sent as a form (curl -d's default) or text: "Input should be a valid
             # dictionary or object to extract fields from" said nothing of the header

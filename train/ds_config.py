@@ -68,7 +68,7 @@ def initialize(task: torch.nn.Module, opt: Any, sched: Any, train: TrainConfig, 
     return engine
 
 
-def _decays(name: str, p: torch.nn.Parameter) -> bool:
+def _decays(p: torch.nn.Parameter) -> bool:
     """Weight decay on every matrix and kernel, position embeddings included (the spec exempts
     biases and LayerNorm weights; open_clip's training decays them too); biases, norm gains,
     CLIP's class embedding and logit_scale are 0/1-dim and stay undecayed. CLIP's own
@@ -82,7 +82,7 @@ def param_groups(model: Any, optim: OptimConfig) -> list[dict[str, Any]]:
     for part, params in model.parameter_groups().items():
         lr = optim.lr * (optim.coef_lr if part == "backbone" else 1.0)
         for decay in (True, False):
-            ps = [p for n, p in params if _decays(n, p) == decay]
+            ps = [p for _, p in params if _decays(p) == decay]
             if ps:
                 groups.append({"params": ps, "lr": lr, "name": f"{part}{'' if decay else '_no_decay'}",
                                "weight_decay": optim.weight_decay if decay else 0.0})
