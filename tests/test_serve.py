@@ -242,6 +242,11 @@ def _bad_requests(url: str, video: bytes) -> list[tuple[str, object, tuple[int, 
         ("upload missing", lambda: post("/encode/video", data={"path": "/etc/passwd"}), (422,)),
         ("upload too big", lambda: post("/encode/video", files={"file": ("x.mp4", video * (2 * 2**20 // len(video) + 1))}), (413,)),
         ("upload k out of range", lambda: post("/search/video", files={"file": ("x.mp4", video)}, data={"k": "0"}), (422,)),
+        # the form's k is held to digits as JSON's is to an integer (lax parsing took these as 2, 10, 3)
+        ("upload k a float", lambda: post("/search/video", files={"file": ("x.mp4", video)}, data={"k": "2.0"}), (422,)),
+        ("upload k with an underscore", lambda: post("/search/video", files={"file": ("x.mp4", video)},
+                                                     data={"k": "1_0"}), (422,)),
+        ("upload k padded", lambda: post("/search/video", files={"file": ("x.mp4", video)}, data={"k": " 3 "}), (422,)),
         # unknown form fields are refused as unknown JSON keys are (they were ignored: 200)
         ("upload with a path field", lambda: post("/search/video", files={"file": ("x.mp4", video)},
                                                   data={"k": "2", "path": "/etc/passwd"}), (422,)),
