@@ -131,8 +131,9 @@ def data_main(argv: list[str]) -> int:
                 ap.error(f"--option takes KEY=VALUE, got {o!r}")
             k, v = o.split("=", 1)
             opts[k] = v  # text: each source types its options by their defaults
-        print(prepare(args.name, args.root, args.out, progress_s=PROGRESS_S, **opts))
-        return 0
+        report = prepare(args.name, args.root, args.out, progress_s=PROGRESS_S, **opts)
+        print(report)
+        return 0 if report.rows else 1  # no rows: nothing written (the report says why)
     from clipray.manifest import check_manifest, manifest_metadata
 
     print(f"{args.manifest}: valid; {check_manifest(args.manifest, progress_s=PROGRESS_S)}")

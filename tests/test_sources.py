@@ -473,7 +473,9 @@ def test_times_that_are_no_finite_seconds_are_rejected_not_written_as_whole_vide
         for file, text in files.items():
             (root / file).write_text(text)
         out = tmp_path / f"{name}.parquet"
-        return prepare(name.split("-")[0], root, out), table(out, "video_id", "start", "end", "caption")
+        rep = prepare(name.split("-")[0], root, out)
+        assert out.exists() == (rep.rows > 0)  # no rows: no manifest written
+        return rep, table(out, "video_id", "start", "end", "caption") if rep.rows else []
 
     anet = {"v_A": {"duration": 80, "timestamps": [[float("nan"), float("nan")], [1, 5], [1, "inf"], "15"],
                     "sentences": ["nan", "ok", "inf", "text"]}}
@@ -789,7 +791,33 @@ def test_report_str_is_readable(tmp_path):
     assert text.splitlines()[0].startswith("x: /r -> /o.parquet (1 file")
     assert "12 videos not found" in text and "(2 more)" in text
     assert "3 x empty caption" in text and "e.g. f line 2: empty caption" in text
-    assert "WARNING" in text
+    assert "ERROR     no rows, so no manifest written (/o.parquet is as it was)" in text
+
+
+@pytest.mark.parametrize("shards", [False, True])
+def test_a_prepare_that_finds_no_rows_fails_and_keeps_the_earlier_manifest(tmp_path, capsys, shards):
+    """Every video missing (a wrong --root): an empty manifest replaced the good one an earlier
+    run had written, and the command warned and exited 0. Now nothing is written and it exits 1,
+    with the report saying which videos were missing."""
+    from clipray.cli import main
+
+    fx.touch(tmp_path, "clips/cat.mp4")
+    fx.write(tmp_path, "ann.csv", "path,caption\nclips/cat.mp4,a cat jumps\n")
+    out = tmp_path / ("g" if shards else "g.parquet")
+    args = ["data", "prepare", "generic", "--root", str(tmp_path), "--out", str(out), "-o", "file=ann.csv"]
+    assert main(args) == 0
+    before = read_manifest(str(out)).to_pylist()
+    fx.write(tmp_path, "ann.csv", "path,caption\nclips/gone.mp4,a dog runs\nclips/lost.mp4,a bird sings\n")
+    assert main(args) == 1
+    report = capsys.readouterr().out
+    assert "missing   2 videos not found under the root, rows dropped: clips/gone.mp4, clips/lost.mp4" in report
+    assert "no rows, so no manifest written" in report
+    assert [r["caption"] for r in read_manifest(str(out)).to_pylist()] == ["a cat jumps"] and len(before) == 1
+    assert not [p for p in tmp_path.rglob("*.partial")]
+    # with no manifest there before, none is left behind
+    fresh = tmp_path / ("h" if shards else "h.parquet")
+    assert main(args[:6] + [str(fresh)] + args[7:]) == 1
+    assert not fresh.is_file() and not (fresh.is_dir() and any(fresh.iterdir()))
 
 
 def test_dataset_cards_match_the_registry():

@@ -106,7 +106,8 @@ class PrepareReport:
             lines.append("  rules     " + ", ".join(f"{k}={v}" for k, v in rules.items()))
         lines += [f"  note      {n}" for n in self.notes]
         if self.rows == 0:
-            lines.append("  WARNING   no rows written: check --root and the annotation files")
+            lines.append(f"  ERROR     no rows, so no manifest written ({self.out} is as it was): "
+                         "check --root and the annotation files")
         return "\n".join(lines)
 
 
@@ -167,9 +168,16 @@ def _prepare(name: str, root: str, out: str, progress_s: float | None = None, **
             # and the manifest an earlier run wrote there as it was
             writer.discard()
             raise
-        # stopped from here on, the new shards' `.partial` names make the folder read as unfinished
-        _remove_old_shards(out, writer.shards)
-        writer.close()
+        if writer.rows == 0:
+            # nothing to train or index on (a wrong --root, every video missing): an empty
+            # manifest replaced the one an earlier run wrote, and the command said so in a
+            # warning and exited 0. Nothing is written now, and the command fails (clipray.cli).
+            writer.discard()
+            writer.shards.clear()
+        else:
+            # stopped from here on, the new shards' `.partial` names make the folder read as unfinished
+            _remove_old_shards(out, writer.shards)
+            writer.close()
     return PrepareReport(
         source=name, root=root, out=out, rows=writer.rows, videos=len(tally.videos),
         captions=tally.distinct_captions, per_split=tally.per_split,
