@@ -19,6 +19,7 @@ Everything is reproducible from the seed.
 
 from __future__ import annotations
 
+import errno
 import json
 import time
 from dataclasses import dataclass
@@ -227,6 +228,12 @@ def generate(out: str | Path, videos: int = 200, seed: int = 0, width: int = 96,
     rng = np.random.default_rng(seed + 1)
     rows, event_rows = [], []
     specs = plan(videos, seed, val_frac, test_frac, max_events)
+    # a folder where a file goes: PyAV's IsADirectoryError traceback at that video, or the
+    # manifest writer's refusal after every video was written; said before any is
+    for name in [f"videos/{v.video_id}.mp4" for v in specs] + ["manifest.parquet", "events.parquet"]:
+        if (out / name).exists() and not (out / name).is_file():
+            raise IsADirectoryError(errno.EISDIR, "a folder is where the set writes a file: move it, "
+                                    "or write the set elsewhere", str(out / name))
     # an earlier, bigger set's videos past this one's: no manifest names them, and the folder,
     # copied whole to object storage as README says, took them along (only ours: synth<n>.mp4)
     ours = {f"{v.video_id}.mp4" for v in specs}

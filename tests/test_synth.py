@@ -46,6 +46,20 @@ def test_a_smaller_set_over_a_bigger_one_leaves_none_of_its_videos(tmp_path):
     assert {f"videos/{p.name}" for p in (tmp_path / "videos").iterdir()} == listed | {"videos/mine.mp4"}
 
 
+@pytest.mark.parametrize("where", ["videos/synth00001.mp4", "events.parquet"])
+def test_a_folder_where_the_set_writes_a_file_is_one_error_line_before_any_video(tmp_path, capsys, where):
+    """A folder named as one of the set's videos gave PyAV's IsADirectoryError traceback at that
+    video; one named events.parquet was refused only after every video was encoded. Both are
+    a line naming the folder, exit 2, before a video is written."""
+    from clipray.cli import main
+
+    (tmp_path / where).mkdir(parents=True)
+    assert main(["data", "synth", "--out", str(tmp_path), "--videos", "3", "--seed", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("clipray data: error: [Errno 21] a folder is where the set writes a file") and where in err
+    assert "Traceback" not in err and not [p for p in (tmp_path / "videos").glob("*.mp4") if p.is_file()]
+
+
 def test_a_set_written_to_a_relative_folder_with_a_colon_in_its_name(tmp_path, monkeypatch):
     """--out synth-12:30: FFmpeg read the relative path's 'synth-12:' as a protocol, and the
     first video's write failed with a ProtocolNotFoundError traceback."""
