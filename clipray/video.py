@@ -124,9 +124,12 @@ def open_source(path: str) -> Any:
             raise SkipClip("missing file") from None
         except Exception as e:  # credentials, network, bucket errors
             raise SkipClip(f"cannot read: {_short(e)}") from None
-        if not getattr(f, "size", None):
+        # a prefix (a "folder") opens as a file of size 0: said as the local folder is, where
+        # it was an "empty file" (s3fs and gcsfs keep the listing's type in `details`)
+        folder = (getattr(f, "details", None) or {}).get("type") == "directory"
+        if folder or not getattr(f, "size", None):
             f.close()
-            raise SkipClip("empty file")
+            raise SkipClip("not a regular file" if folder else "empty file")
         return f
     path = path.removeprefix("file://")
     if not os.path.exists(path):

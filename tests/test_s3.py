@@ -103,6 +103,26 @@ def test_a_video_root_in_a_bucket_that_holds_nothing_is_refused_not_an_empty_man
     assert read_manifest(out).num_rows == 1  # kept
 
 
+def test_a_prefix_named_as_a_video_is_not_a_regular_file_not_an_empty_one(s3):
+    """A manifest row naming a prefix ("folder") of the bucket: s3fs opens it as a file of size 0,
+    and the clip was skipped as an "empty file", sending the user to look for a cut upload. It
+    is "not a regular file" now, as a local folder is; a real empty object stays "empty file"."""
+    from clipray.video import SkipClip, open_source
+
+    fs = s3.fs()
+    fs.pipe(f"{s3.bucket}/prefix-test/videos/a.mp4", b"xyz")
+    fs.pipe(f"{s3.bucket}/prefix-test/marker/", b"")  # a zero-byte "folder" object, as consoles make
+    fs.pipe(f"{s3.bucket}/prefix-test/empty.mp4", b"")
+    for key, reason in (("videos", "not a regular file"), ("videos/", "not a regular file"),
+                        ("marker/", "not a regular file"), ("empty.mp4", "empty file"), ("gone.mp4", "missing file")):
+        with pytest.raises(SkipClip) as got:
+            open_source(s3.url(f"prefix-test/{key}"))
+        assert str(got.value) == reason, key
+    f = open_source(s3.url("prefix-test/videos/a.mp4"))
+    assert f.read() == b"xyz"
+    f.close()
+
+
 def test_sharded_manifest_round_trips_on_s3(s3):
     rows = [dict(video_id=f"v{i}", path=f"videos/v{i}.mp4", caption=f"clip {i}", split="train")
             for i in range(25)]
