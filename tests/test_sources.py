@@ -1044,6 +1044,22 @@ def test_generic_jsonl_numeric_ids_zero_are_kept(tmp_path):
     assert table(out, "video_id", "caption", "group") == [("0", "first", "0"), ("1", "second", "0")]
 
 
+def test_generic_finds_hidden_files_a_row_names(tmp_path):
+    """The root's listing leaves dotfiles out (macOS's '._a.mp4' forks), and a row naming one,
+    or a file under a hidden folder, was reported missing though it was there."""
+    root = tmp_path / "root"
+    fx.touch(root, "clips/.take2.mp4", ".cache/b.mp4", "clips/a.mp4")
+    fx.touch(tmp_path, "outside.mp4")  # named '../outside.mp4': outside the listed root, found as before
+    fx.write(root, "ann.csv", "path,caption\nclips/.take2.mp4,second take\n.cache/b.mp4,cached\n"
+                              "clips/a.mp4,plain\nclips/.gone.mp4,not there\n../outside.mp4,outside\n")
+    out = tmp_path / "g.parquet"
+    rep = prepare("generic", root, out, file="ann.csv")
+    assert [(r["path"], r["video_id"], r["caption"]) for r in read_manifest(str(out)).to_pylist()] == [
+        (str(root / "clips/.take2.mp4"), ".take2", "second take"), (str(root / ".cache/b.mp4"), "b", "cached"),
+        (str(root / "clips/a.mp4"), "a", "plain"), (str(tmp_path / "outside.mp4"), "outside", "outside")]
+    assert rep.missing_videos == ["clips/.gone.mp4"]
+
+
 def test_generic_blank_split_cell_defaults_to_train(tmp_path):
     # spec section 8: split defaults to train; a cell holding only spaces is empty, as it is
     # for start/end (seconds() reads "  " as no time), not an unknown split

@@ -172,7 +172,10 @@ def _locate(ctx: Context, files, raw: str, cache: dict[str, str | None]) -> str 
     rel = files.get(raw)  # (already normalised) as listed, in the Unicode form found on disk
     if rel is not None:
         return ctx.path(rel)
-    if raw.startswith("../") and not is_uri(ctx.root):  # outside the walked root
+    if not is_uri(ctx.root):
+        # not listed: outside the walked root ('../'), or hidden ('.take2.mp4', '.cache/a.mp4':
+        # the listing leaves dotfiles out, macOS's '._a.mp4' among them), which a row naming
+        # it was reported missing for
         return _on_disk(os.path.normpath(os.path.join(ctx.root, raw)), cache)
     return None
 
