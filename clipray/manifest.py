@@ -630,7 +630,8 @@ class Tally:
     MAX_DISTINCT caption hashes, however many rows."""
     rows: int = 0
     per_split: dict[str, int] = field(default_factory=dict)
-    videos: set[str] = field(default_factory=set)
+    videos: dict[str, str] = field(default_factory=dict)  # video id -> the split of its first row
+    shared: dict[str, None] = field(default_factory=dict)  # (ordered) ids with rows in more than one split
     captions: set[int] | None = field(default_factory=set)  # hashes; None past MAX_DISTINCT
 
     def add_batch(self, batch: pa.RecordBatch) -> None:
@@ -640,7 +641,11 @@ class Tally:
         self.rows += batch.num_rows
         for c in pc.value_counts(batch.column("split")).to_pylist():
             self.per_split[c["values"]] = self.per_split.get(c["values"], 0) + c["counts"]
-        self.videos.update(pc.unique(batch.column("video_id")).to_pylist())
+        pairs = pa.Table.from_batches([batch.select(["video_id", "split"])]).group_by(["video_id", "split"]).aggregate([])
+        splits = {s: sys.intern(s) for s in self.per_split}  # one string per split, not one per video
+        for vid, split in zip(pairs.column("video_id").to_pylist(), pairs.column("split").to_pylist()):
+            if self.videos.setdefault(vid, splits[split]) != split:
+                self.shared[vid] = None
         if self.captions is not None:
             self.captions.update(map(hash, batch.column("caption").to_pylist()))
             if len(self.captions) > MAX_DISTINCT:
@@ -650,10 +655,21 @@ class Tally:
     def distinct_captions(self) -> int | None:
         return None if self.captions is None else len(self.captions)
 
+    def shared_note(self) -> str | None:
+        """Videos with rows in two or more splits, said (a model tested on one split has trained
+        on these videos), or None."""
+        if not self.shared:
+            return None
+        first = next(iter(self.shared))
+        n = len(self.shared)
+        return (f"{n:,} video{' has' if n == 1 else 's have'} rows in more than one split (e.g. {first}): "
+                "a split evaluated on them shares videos with the others")
+
     def __str__(self) -> str:
         splits = ", ".join(f"{k} {v:,}" for k, v in sorted(self.per_split.items())) or "none"
         caps = f"more than {MAX_DISTINCT:,}" if self.captions is None else f"{len(self.captions):,}"
-        return f"{self.rows:,} rows ({splits}), {len(self.videos):,} videos, {caps} distinct captions"
+        shared = f"; {note}" if (note := self.shared_note()) else ""
+        return f"{self.rows:,} rows ({splits}), {len(self.videos):,} videos, {caps} distinct captions{shared}"
 
 
 class Every:

@@ -218,10 +218,12 @@ def test_check_streams_every_shard_and_names_a_bad_row_in_a_later_one(tmp_path, 
     # counts against a brute-force pass over the whole table
     whole = read_manifest(out).to_pylist()
     s = check_manifest(out, progress_s=0)
-    assert s.rows == len(whole) and s.videos == {r["video_id"] for r in whole}
+    assert s.rows == len(whole) and set(s.videos) == {r["video_id"] for r in whole}
     assert s.distinct_captions == len({r["caption"] for r in whole})
     assert s.per_split == {sp: sum(r["split"] == sp for r in whole) for sp in ("train", "test")}
-    assert str(s) == "25 rows (test 7, train 18), 13 videos, 25 distinct captions"
+    # rows 4k (test) and 4k + 1 (train) are video v2k's: v0, v2, ..., v10 are in both splits
+    assert str(s) == ("25 rows (test 7, train 18), 13 videos, 25 distinct captions; 6 videos have rows in more "
+                      "than one split (e.g. v0): a split evaluated on them shares videos with the others")
     # progress_s=0: a line after each batch (here each shard), of the total its three shards'
     # footers give (a bare "checked N rows" said nothing of how far a big manifest had got)
     lines = capsys.readouterr().err.splitlines()
@@ -509,6 +511,35 @@ def _per_row(path):
     return check_rows(pq.read_table(path).to_pylist(), path, 0, RowIds(), [path])
 
 
+def test_videos_with_rows_in_several_splits_are_counted_and_said(tmp_path, capsys):
+    """A video with rows in train and test (a generic CSV's typo, an MSVD or ActivityNet list that
+    overlaps) went by without a word, but in MSR-VTT: evaluation then scores clips the model
+    trained on. `data check` and `data prepare` say how many, against a brute-force count over
+    rows whose videos' splits meet in one shard and across shards."""
+    import random
+
+    from clipray.cli import main
+
+    rng = random.Random(3)
+    rs = [dict(video_id=f"v{rng.randrange(40)}", path="videos/x.mp4", caption=f"c{i}",
+               split=rng.choice(["train"] * 8 + ["val", "test"])) for i in range(400)]
+    out = tmp_path / "m"
+    write_manifest(rs, out, rows_per_shard=37)
+    splits: dict[str, set] = {}
+    for r in rs:
+        splits.setdefault(r["video_id"], set()).add(r["split"])
+    shared = {v for v, s in splits.items() if len(s) > 1}
+    assert 0 < len(shared) < len(splits)
+    tally = check_manifest(out)
+    assert set(tally.shared) == shared and set(tally.videos) == set(splits)
+    assert main(["data", "check", str(out)]) == 0
+    line = capsys.readouterr().out.splitlines()[0]
+    assert f"; {len(shared)} videos have rows in more than one split (e.g. " in line
+    # one split per video: nothing said
+    write_manifest([dict(r, split="train") for r in rs], tmp_path / "one.parquet")
+    assert check_manifest(tmp_path / "one.parquet").shared_note() is None
+
+
 def test_checking_a_batch_at_a_time_gives_what_checking_each_row_gives(tmp_path):
     """`clipray data check` ran check_row on every row (6 s a million rows, 14 minutes for
     HowTo100M); a batch is now checked a column at a time, and only a batch with a bad row is
@@ -526,8 +557,9 @@ def test_checking_a_batch_at_a_time_gives_what_checking_each_row_gives(tmp_path)
     splits = {}  # the counts by hand
     for r in want:
         splits[r["split"]] = splits.get(r["split"], 0) + 1
-    assert check_manifest(path) == Tally(rows=len(want), per_split=splits, videos={r["video_id"] for r in want},
-                                         captions={hash(r["caption"]) for r in want})
+    got = check_manifest(path)
+    assert (got.rows, got.per_split, set(got.videos), got.captions) == (
+        len(want), splits, {r["video_id"] for r in want}, {hash(r["caption"]) for r in want})
     ids = RowIds()  # (each good batch was checked whole: none was read row by row)
     assert all(_checked_batch(b, ids) is not None for b in pq.read_table(path).to_batches(max_chunksize=64))
 

@@ -1044,6 +1044,19 @@ def test_generic_jsonl_numeric_ids_zero_are_kept(tmp_path):
     assert table(out, "video_id", "caption", "group") == [("0", "first", "0"), ("1", "second", "0")]
 
 
+def test_a_video_in_train_json_and_val_1_json_is_said_in_the_report(tmp_path):
+    """The report said nothing of a video captioned in both of ActivityNet's files (it is kept
+    in both splits); it says how many now, as for every source."""
+    fx.touch(tmp_path, "videos/A.mp4", "videos/B.mp4")
+    entry = {"duration": 20, "timestamps": [[0, 5]], "sentences": ["a man walks"]}
+    fx.write(tmp_path, "train.json", json.dumps({"v_A": entry, "v_B": entry}))
+    fx.write(tmp_path, "val_1.json", json.dumps({"v_B": entry}))
+    rep = prepare("activitynet", tmp_path, tmp_path / "a.parquet")
+    assert rep.per_split == {"train": 2, "test": 1}
+    assert rep.notes == ["1 video has rows in more than one split (e.g. v_B): a split evaluated on them "
+                         "shares videos with the others"]
+
+
 def test_generic_finds_hidden_files_a_row_names(tmp_path):
     """The root's listing leaves dotfiles out (macOS's '._a.mp4' forks), and a row naming one,
     or a file under a hidden folder, was reported missing though it was there."""

@@ -183,7 +183,8 @@ def _prepare(name: str, root: str, out: str, progress_s: float | None = None, **
         captions=tally.distinct_captions, per_split=tally.per_split,
         missing_videos=sorted(ctx.missing_ids), rejected=dict(ctx.rejected),
         rejected_examples=list(ctx.rejected_examples), shards=list(writer.shards), options=opts,
-        metadata=metadata, notes=list(ctx.notes), seconds=time.perf_counter() - started)
+        metadata=metadata, notes=list(ctx.notes) + [n for n in [tally.shared_note()] if n],
+        seconds=time.perf_counter() - started)
 
 
 @contextlib.contextmanager
