@@ -90,9 +90,20 @@ def initial_clips(timestamps: Sequence[float], duration: float, rule: str = "mid
         lo = timestamps[order[k - 1]] if k > 0 else 0.0
         hi = timestamps[order[k + 1]] if k + 1 < len(order) else duration
         s, e = _widen(s, e, Bounds(float(lo), t, float(hi)), duration, min_width_s)
-        # rounded to the millisecond, but never past t: the clip must hold its timestamp
-        out[i] = (min(_ms(s), t), max(_ms(e), t))
+        out[i] = _on_ms_grid(s, e, t, min(min_width_s, duration))
     return out
+
+
+def _on_ms_grid(s: float, e: float, t: float, width: float) -> tuple[float, float]:
+    """(s, e) rounded to the millisecond, but never past t (the clip must hold its timestamp)
+    and never narrower than `width`: each end rounded on its own, a 1 ms clip around t came
+    out as (t, t), and a 1 s one as 0.999 s, which `candidates` then only ever widened."""
+    s, e = min(_ms(s), t), max(_ms(e), t)
+    need = math.ceil(width * 1000 - 1e-6) / 1000  # the width, up to the millisecond
+    if e - s < need - 1e-9:
+        e = _ms(s + need)
+        e = max(e if e - s >= need - 1e-9 else _ms(e + 0.001), t)
+    return s, e
 
 
 def candidates(start: float, end: float, b: Bounds, step_s: float, max_steps: int,

@@ -40,6 +40,26 @@ def test_max_width_shrinks_towards_the_timestamp_and_min_width_grows_around_it()
     assert sorted(moves) == [(4.0, 5.0), (4.0, 5.1), (4.0, 5.2), (4.1, 5.1), (4.1, 5.2), (4.2, 5.2)]
 
 
+def test_stage_one_clips_on_the_millisecond_grid_keep_their_minimum_width():
+    """Each end was rounded to the millisecond on its own: three captions at one time with
+    min_width_s=0.001 gave the middle one (1.0, 1.0), which failed `clipray edit` after Ray had
+    started ("end 1.5 <= start 1.5"), and a widened 1 s clip could come out 0.999 s wide."""
+    assert initial_clips([1.0] * 3, 60.0, min_width_s=0.001)[1] == (1.0, 1.001)
+    assert initial_clips([15.9045] * 3, 60.0, min_width_s=1.0)[1] == (15.405, 16.405)
+    assert initial_clips([12.38] * 3, 60.0, min_width_s=1.001)[1] == (11.88, 12.881)
+    rng = np.random.default_rng(0)
+    for _ in range(4000):  # against the rules by brute force
+        duration = float(rng.choice([60.0, rng.uniform(0.5, 60)]))
+        k, places = int(rng.integers(1, 6)), int(rng.choice([1, 3, 4]))
+        ts = sorted(math.floor(rng.uniform(0, duration) * 10**places) / 10**places for _ in range(k))
+        ts = [ts[0]] * k if rng.random() < 0.3 else ts
+        width = float(rng.choice([0.001, 0.5, 1.0, 1.001, 1.0005, 2.0]))
+        rule = str(rng.choice(["midpoint", "window"]))
+        for (s, e), t in zip(initial_clips(ts, duration, rule, window_s=1.5, min_width_s=width), ts):
+            assert s <= t <= e and e - s >= min(width, duration) - 1e-9, (ts, duration, width, rule, s, e)
+            assert 0 <= s and e <= duration + 0.0015 and (s, e) == (min(round(s, 3), t), max(round(e, 3), t))
+
+
 def test_stage_one_rejects_unknown_rules():
     with pytest.raises(ValueError, match="edit.init must be one of midpoint, window"):
         initial_clips([1], 5, "middle")
