@@ -682,6 +682,27 @@ def test_howto100m_sharded_csv_folder_in_worker_processes(tmp_path, capsys):
     assert manifest_metadata(str(out))["captions_form"] == "csv-folder"
 
 
+def test_howto100m_workers_from_a_script_without_a_main_guard_still_read_every_row(tmp_path):
+    """A spawned worker runs the calling script again: prepare() in a script without `if
+    __name__ == "__main__":` (as datasets/README.md's example is) ended every worker in a
+    RuntimeError and the call in BrokenProcessPool. The captions are read in the calling
+    process then, with a line saying why, and every row is written."""
+    import subprocess
+    import sys
+
+    fx.write_howto100m(tmp_path, "csv")
+    script = tmp_path / "prep.py"
+    script.write_text("import sys\nfrom clipray.sources import prepare\n"
+                      "rep = prepare('howto100m', sys.argv[1], sys.argv[2], rows_per_shard=4, "
+                      "val_list='val_list.csv', workers=2)\nprint('rows', rep.rows)\n")
+    out = tmp_path / "howto"
+    run = subprocess.run([sys.executable, str(script), str(tmp_path), str(out)], capture_output=True, text=True,
+                         timeout=300, cwd=tmp_path)
+    assert run.returncode == 0 and run.stdout == "rows 6\n", run.stderr[-2000:]
+    assert "howto100m: the worker processes ended (a script that calls prepare() must do so under" in run.stderr
+    assert table(out, *TIMED) == HOWTO_EXPECTED
+
+
 def test_generic_csv_rows_and_rejects(tmp_path):
     fx.touch(tmp_path, "clips/cat.mp4", "long/kitchen.mp4")
     fx.write(tmp_path, "ann.csv", "\n".join([

@@ -26,10 +26,13 @@ from __future__ import annotations
 
 import codecs
 import csv
+import itertools
 import math
 import os
+import sys
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from multiprocessing import get_context
 from typing import Any, Iterator
 
@@ -259,14 +262,27 @@ def _map_batches(folder: str, batches: list, workers: int) -> Iterator[list[tupl
         yield from map(_read_batch, paths)
         return
     # spawn, not fork: the parent may hold pyarrow / Ray threads that a fork would copy mid-lock
-    with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
-        pending: deque = deque()
-        for p in paths:
-            pending.append(pool.submit(_read_batch, p))
-            if len(pending) >= 2 * workers:
-                yield pending.popleft().result()
-        while pending:
-            yield pending.popleft().result()
+    pending: deque = deque()  # [paths, future], in order
+    try:
+        with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+            for p in paths:
+                pending.append([p, None])  # (before submit, which raises once the pool is broken)
+                pending[-1][1] = pool.submit(_read_batch, p)
+                if len(pending) >= 2 * workers:
+                    yield pending[0][1].result()
+                    pending.popleft()
+            while pending:
+                yield pending[0][1].result()
+                pending.popleft()
+    except BrokenProcessPool:
+        # A spawned worker runs the caller's script again: one that calls prepare() outside
+        # `if __name__ == "__main__":` ends each worker in a RuntimeError, and prepare() ended in
+        # BrokenProcessPool. The batches not read yet are read here instead, nothing lost.
+        print("  howto100m: the worker processes ended (a script that calls prepare() must do so under "
+              "`if __name__ == \"__main__\":` to use workers); reading the captions in this process",
+              file=sys.stderr, flush=True)
+        for p in itertools.chain((p for p, _ in pending), paths):
+            yield _read_batch(p)
 
 
 SOURCE = SourceSpec(
