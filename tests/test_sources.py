@@ -682,6 +682,23 @@ def test_howto100m_sharded_csv_folder_in_worker_processes(tmp_path, capsys):
     assert manifest_metadata(str(out))["captions_form"] == "csv-folder"
 
 
+@pytest.mark.parametrize("form", ["json", "csv"])
+def test_a_howto100m_video_with_no_captions_is_a_rejected_entry(tmp_path, form):
+    """`{"start": [], "end": [], "text": []}`, or a CSV of its header only, gave no row and no
+    word, where MSVD and YouCook2 report such an entry."""
+    fx.write_howto100m(tmp_path, form)
+    fx.touch(tmp_path, "videos/EEEEEEEEEEE.mp4")
+    if form == "json":
+        data = dict(fx.HOWTO_CAPTIONS, EEEEEEEEEEE={"start": [], "end": [], "text": []})
+        fx.write(tmp_path, "raw_caption.json", json.dumps(data))
+    else:
+        fx.write(tmp_path, "small_train_captions/EEEEEEEEEEE.csv", "start,end,text\n")
+    rep = prepare("howto100m", tmp_path, tmp_path / "out", val_list="val_list.csv", workers=1)
+    assert rep.rows == 6 and rep.rejected == {"end <= start, or a negative or non-finite time": 1,
+                                              "empty caption": 1, "video with no captions": 1}
+    assert "EEEEEEEEEEE: no captions" in rep.rejected_examples
+
+
 def test_howto100m_workers_from_a_script_without_a_main_guard_still_read_every_row(tmp_path):
     """A spawned worker runs the calling script again: prepare() in a script without `if
     __name__ == "__main__":` (as datasets/README.md's example is) ended every worker in a

@@ -176,6 +176,8 @@ def rows(ctx: Context) -> Iterator[dict]:
     def emit(vid: str, rel: str, segments: Segments, rejects: Rejects) -> Iterator[dict]:
         for where, reason in rejects:
             ctx.reject(where, reason)
+        if not segments and not rejects:  # `{"start": [], ...}`, a CSV of its header only: said, as MSVD's
+            ctx.reject(vid, "no captions", category="video with no captions")
         path, split = ctx.path(rel), "val" if vid in val else "train"
         for k, (s, e, text) in enumerate(segments):
             yield {"video_id": vid, "path": path, "start": s, "end": e, "caption": text,
