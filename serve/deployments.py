@@ -184,6 +184,11 @@ class VideoEncoder:
         return {"embedding": await self.embed_batch((clip.frames, clip.mask))}
 
 
+# How far apart faiss's batched (BLAS) product may score two copies of one clip: a few float32
+# ulps (1-2 at a score of 1 were seen); a clip this close to the k-th is searched past
+FLAT_NOISE = 1e-5
+
+
 @serve.deployment
 class Searcher:
     def __init__(self, index_dir: str, batch: dict):
@@ -212,6 +217,10 @@ class Searcher:
         # looks at grows with k, and a query's answer must not depend on the k of the others
         # it is batched with
         self.k_shapes_answer = hasattr(self.index, "k_factor")
+        # a flat index scores a batch of 4 or more queries with one BLAS product, whose rounding
+        # hangs on a clip's place in the index: two copies of one video scored 1 ulp apart, and
+        # were listed by that, not by clip id (`search_many` scores its hits again, exactly)
+        self.flat = isinstance(self.index, faiss.IndexFlat)
         _configure(self.search_batch, batch)
         self.batch_sizes: list[int] = []
 
@@ -236,7 +245,9 @@ class Searcher:
         a query's k-th (each is searched one deeper than its k), that query is searched again
         twice as deep, until a clip scores below its k-th (or every clip is returned): then every
         clip tied with the k-th is among those returned, and sorting by (score, clip id) gives
-        the same answer for any k."""
+        the same answer for any k. A flat index's hits are scored again one clip at a time (in
+        float64, rounded to float32), so that copies of a clip score alike wherever they stand,
+        and a clip within `FLAT_NOISE` of the k-th counts as tied with it."""
         q = np.ascontiguousarray(np.stack([v for v, _ in queries]), dtype=np.float32)
         n = self.index.ntotal
         ks = np.array([min(k, n) for _, k in queries])
@@ -253,8 +264,11 @@ class Searcher:
             s, i = found[j]
             # (a k-th place left empty, -1, as an IVF index's few probed lists leave it, ties nothing)
             while (not self.k_shapes_answer and k and len(s) < n and i[k - 1] >= 0 and i[-1] >= 0
-                   and s[-1] == s[k - 1]):
+                   and s[-1] >= s[k - 1] - (FLAT_NOISE if self.flat else 0.0)):
                 s, i = (a[0] for a in self.index.search(q[j:j + 1], min(2 * len(s), n)))
+            if self.flat:
+                i = i[i >= 0]
+                s = (self.index.reconstruct_batch(i).astype(np.float64) @ q[j].astype(np.float64)).astype(np.float32)
             hits = sorted((-float(x), int(c)) for c, x in zip(i, s) if c >= 0)
             out.append([self._row(c, -x) for x, c in hits[:k]])
         return out
@@ -317,7 +331,10 @@ class Reranker:
 
 def score_candidates(model: Any, tokenize: Any, feats: Any, mask: Any,
                      reqs: list[tuple[str, list[int]]]) -> list[list[float]]:
-    """Cross-encoder scores of each (text, candidate row ids) request; texts encoded together."""
+    """Cross-encoder scores of each (text, candidate row ids) request; texts encoded together.
+    Candidates of the same stored features (a video indexed twice) are scored once: scored in
+    one batch, the copies came out ~1e-9 apart by their places in it, and were listed by that,
+    not by clip id."""
     import torch
 
     dev, dtype = model.logit_scale.device, model.logit_scale.dtype
@@ -325,7 +342,15 @@ def score_candidates(model: Any, tokenize: Any, feats: Any, mask: Any,
         text = model.encode_text(tokenize([t for t, _ in reqs]))
         out = []
         for j, (_, ids) in enumerate(reqs):
+            if not len(ids):
+                out.append([])
+                continue
             idx = torch.as_tensor(ids, dtype=torch.long)
-            s = model.similarity(text[j : j + 1], feats[idx].to(dev, dtype), mask[idx].to(dev))
-            out.append(s[0].float().cpu().tolist())
+            f, m = feats[idx], mask[idx]
+            bits = torch.cat([f.flatten(1).contiguous().view(torch.int16), m.flatten(1).to(torch.int16)], 1)
+            _, same = torch.unique(bits, dim=0, return_inverse=True)  # same[i]: candidate i's distinct features
+            first = torch.full((int(same.max()) + 1,), len(ids), dtype=torch.long)
+            first = first.scatter_reduce(0, same, torch.arange(len(ids)), "amin")
+            s = model.similarity(text[j : j + 1], f[first].to(dev, dtype), m[first].to(dev))
+            out.append(s[0].float().cpu()[same].tolist())
     return out

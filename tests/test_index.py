@@ -1820,6 +1820,66 @@ def test_tied_clips_are_listed_by_clip_id_whatever_k_and_the_batch(tmp_path):
         assert clips(s.search_many([(q, k)])) == [want] and got[2] == clips(s.search_many([(x[5], k)]))[0]
 
 
+def test_copies_of_a_clip_keep_their_order_in_a_batch_of_four_or_more(tmp_path):
+    """From 4 queries on, a flat index scores the batch with one BLAS product, whose rounding
+    hangs on a clip's place in the index: a copy of clip a at row 113 scored 1 ulp above it, and
+    k=1 batched with 3 other queries gave 113 where alone it gave a (35 of 60 places here). The
+    hits are scored again one at a time: the brute-force answer, batched or not."""
+    from serve import store
+    from serve.deployments import Searcher
+
+    n, d = 118, 64
+    x0 = _unit(n, d)
+    ids = np.arange(n)
+    for a in range(0, 60, 3):
+        x = x0.copy()
+        x[113] = x[a]
+        out = tmp_path / str(a)
+        store.write_part(out, {"row_id": ids, "video_id": [f"v{i}" for i in ids], "start": [None] * n,
+                               "end": [None] * n, "path": [f"/v/{i}.mp4" for i in ids], "embedding": x})
+        store.save_faiss(out, store.build_faiss(x, "flat")[0])
+        store.write_meta(out, {"format": store.FORMAT, "count": n, "dim": d, "kind": "flat", "search": {}})
+        s = Searcher.func_or_class(str(out), {"max_batch_size": 8, "batch_wait_timeout_s": 0.0})
+        for k in (1, 2, 5):
+            want = np.lexsort((ids, -(x.astype(np.float64) @ x[a])))[:k].tolist()
+            assert want[:2] == [a, 113][:k]
+            batch = s.search_many([(x[a], k), (x[1], k), (x[2], k), (x[3], k)])
+            assert [h["clip_id"] for h in batch[0]] == want == [h["clip_id"] for h in s.search_many([(x[a], k)])[0]]
+            if k > 1:  # the copies score alike
+                assert batch[0][0]["score"] == batch[0][1]["score"]
+
+
+def test_the_reranker_scores_copies_of_a_clip_alike():
+    """The cross-encoder scored a batch of candidates at once, and two copies of one clip (a
+    video indexed twice) came out ~1e-9 apart by their places in it (42 of 160 pools here), so
+    the re-ranked list ordered them by that, not by clip id. Copies are scored once now; every
+    score is the one its clip gets scored alone."""
+    import open_clip
+    import torch
+
+    from clipray.models import create_model
+    from serve.deployments import score_candidates
+
+    torch.manual_seed(0)
+    model = create_model("test_tightTransf").eval()
+    tok = open_clip.get_tokenizer(model.tokenizer_name, context_length=32)
+    rng = np.random.default_rng(0)
+    n = 30
+    feats = torch.from_numpy(rng.standard_normal((n, 8, 64)).astype(np.float16))
+    mask = torch.from_numpy(rng.random((n, 8)) < 0.8)
+    mask[:, 0] = True
+    feats[17], mask[17] = feats[3], mask[3]
+    words = "a red blue green square circle moves left right up down then".split()
+    for _ in range(40):
+        text = " ".join(rng.choice(words, 6))
+        for pool in ([3, 17], [17, 3], [3, 5, 17], list(range(n)), []):
+            got = dict(zip(pool, score_candidates(model, tok, feats, mask, [(text, pool)])[0]))
+            if pool:
+                assert got[3] == got[17], (text, pool)
+                alone = {c: score_candidates(model, tok, feats, mask, [(text, [c])])[0][0] for c in pool}
+                np.testing.assert_allclose([got[c] for c in pool], [alone[c] for c in pool], rtol=1e-5, atol=1e-6)
+
+
 def test_the_faiss_build_says_when_it_starts_and_how_long_it_took(tmp_path, capsys):
     """After the last clip is embedded, reading every vector back, training an IVF/PQ index
     and the recall check ran for minutes on millions of clips with no line at all: a start
