@@ -1197,6 +1197,66 @@ def test_resume_check_finds_the_checkpoints_of_a_run_folder_named_like_a_glob(tm
     assert (out / "export" / "config.json").read_text() == "{}"
 
 
+def test_train_and_edit_refuse_each_others_checkpoints_and_other_frames(tmp_path):
+    """`clipray train` on a `clipray edit` run's name (or the other way) resumed its checkpoints
+    as its own: "resumed from step 10", nothing trained, and the other's metrics and export came
+    out as its own, exit 0 (the edit record names no manifest, so none was compared). A resume
+    on frames sampled otherwise, or captions cut at another length, was taken too. Records from
+    before the command was kept are told apart by the manifest only a train run records."""
+    import re
+
+    from clipray.config import ConfigError, load_config
+    from train.driver import RAY_CHECKPOINT_RECORD, RESUME_KEY, check_resume, resume_key
+
+    cfg = load_config(None, ["data.manifest=m.parquet"])
+    for name, made, other in (("t", resume_key(cfg, 5), resume_key(cfg, 0, stop_epoch=2)),
+                              ("e", resume_key(cfg, 0, stop_epoch=2), resume_key(cfg, 5))):
+        out = tmp_path / name
+        out.mkdir()
+        (out / RAY_CHECKPOINT_RECORD).write_text("{}")
+        (out / RESUME_KEY).write_text(json.dumps(made))
+        check_resume(str(out), made)
+        was, now = ("clipray train", "clipray edit") if name == "t" else ("clipray edit", "clipray train")
+        with pytest.raises(ConfigError, match=f"holds checkpoints of a `{was}` run, which `{now}` would take for its own"):
+            check_resume(str(out), other)
+        old = {k: v for k, v in made.items() if k not in ("command", "data.video", "data.max_words")}
+        (out / RESUME_KEY).write_text(json.dumps(old))  # a record from before these keys
+        check_resume(str(out), made)
+        with pytest.raises(ConfigError, match=f"a `{was}` run"):
+            check_resume(str(out), other)
+    (tmp_path / "t" / RESUME_KEY).write_text(json.dumps(resume_key(cfg, 5)))
+    for change, said in (("data.video.max_frames=4", "data.video: "), ("data.video.fps=2", "data.video: "),
+                         ("data.video.slice=head", "data.video: "), ("data.max_words=16", "data.max_words: 32 -> 16")):
+        with pytest.raises(ConfigError, match=re.escape(said)):
+            check_resume(str(tmp_path / "t"), resume_key(load_config(None, ["data.manifest=m.parquet", change]), 5))
+    # how the files are read may change: the same frames
+    check_resume(str(tmp_path / "t"), resume_key(load_config(None, ["data.manifest=m.parquet", "data.video.backend=pyav",
+                                                                    "data.video.timeout_s=5"]), 5))
+
+
+def test_a_fresh_start_drops_the_skips_of_an_attempt_that_left_no_checkpoint(tmp_path):
+    """A run that failed before its first checkpoint (a wrong data.video_root: every clip missing)
+    left its skip files, and the same command, fixed, reported them as its own: "skipped clips:
+    18", every clip having trained. A run with checkpoints keeps its skips (the report spans
+    every epoch, over resumes)."""
+    from clipray.config import load_config
+    from clipray.pipeline import SKIP_DIR, collect_skips
+    from train.driver import RAY_CHECKPOINT_RECORD, check_resume, resume_key
+
+    key = resume_key(load_config(None, ["data.manifest=m.parquet"]), 5)
+    out = tmp_path / "run"
+    (out / SKIP_DIR).mkdir(parents=True)
+    line = '{"row_id": 0, "video_id": "v", "path": "/v.mp4", "reason": "missing file"}\n'
+    (out / SKIP_DIR / "decode-000001.jsonl").write_text(line)
+    check_resume(str(out), key)  # no checkpoint: a fresh start
+    assert collect_skips(str(out))["skipped"] == 0
+    (out / SKIP_DIR).mkdir()
+    (out / SKIP_DIR / "decode-000001.jsonl").write_text(line)
+    (out / RAY_CHECKPOINT_RECORD).write_text("{}")
+    check_resume(str(out), key)  # a resume: its skips are the run's
+    assert collect_skips(str(out))["skipped"] == 1
+
+
 def test_a_run_resumes_on_its_manifest_moved_or_copied_to_another_path(tmp_path, capsys):
     """resume_key.json keeps data.manifest as an absolute path: the project (manifest and run
     folder) moved or copied to another disk, or a manifest copied to another bucket, and the same

@@ -227,7 +227,14 @@ def resume_key(cfg: Config, steps_per_epoch: int, stop_epoch: int = 0,
     (moved or copied with the project, to another disk or bucket)."""
     from train.ds_config import precision
 
-    key = {"model": dataclasses.asdict(cfg.model), "data.batch_size": cfg.data.batch_size,
+    key = {# `clipray train` and `clipray edit` each took the other's checkpoints for its own under
+           # one run name: nothing trained, and the other's evaluation and export came out as its own
+           "command": "clipray edit" if stop_epoch else "clipray train",
+           "model": dataclasses.asdict(cfg.model),
+           # the clips the weights learn from, sampled and tokenised alike (a resumed run on other
+           # frames exported one sampling for weights trained on both)
+           "data.video": {k: getattr(cfg.data.video, k) for k in ("fps", "max_frames", "slice", "size")},
+           "data.max_words": cfg.data.max_words, "data.batch_size": cfg.data.batch_size,
            "train.num_workers": cfg.train.num_workers, "train.epochs": cfg.train.epochs,
            "train.max_steps": cfg.train.max_steps, "train.grad_accum": cfg.train.grad_accum,
            "train.zero_stage": cfg.train.zero_stage,
@@ -317,7 +324,8 @@ def check_resume(out: str, key: dict[str, Any]) -> None:
     the settings of a run that has no checkpoint yet."""
     fs, root = fsspec_path(out)
     saved = None
-    if checkpointed(out):
+    resuming = checkpointed(out)
+    if resuming:
         try:
             saved = json.loads(fs.cat_file(f"{root}/{RESUME_KEY}"))  # cat() would glob "[2]"
         except FileNotFoundError:
@@ -331,8 +339,17 @@ def check_resume(out: str, key: dict[str, Any]) -> None:
                               "trained with, is not readable (cut by a write that stopped midway?): delete it to "
                               "resume without comparing the settings, or give a new train.run_name")
     if saved is None:
+        if not resuming and fs.exists(f"{root}/skips"):  # (clipray.pipeline.SKIP_DIR)
+            # an earlier attempt that stopped before a checkpoint (a wrong data.video_root: every
+            # clip missing): its skips were reported as this fresh run's, every clip of it trained
+            fs.rm(f"{root}/skips", recursive=True)
         _put_text(f"{out}/{RESUME_KEY}", json.dumps(key, indent=1))
         return
+    # a record from before "command" was kept: clip editing's, alone, names no manifest
+    was = saved.get("command") or ("clipray train" if "data.manifest" in saved else "clipray edit")
+    if was != key["command"]:
+        raise ConfigError(f"{out} holds checkpoints of a `{was}` run, which `{key['command']}` would take for "
+                          "its own: use a new train.run_name")
     # steps_per_epoch is no setting: it moves with the manifest's training rows
     name = {"steps_per_epoch": "steps per epoch (training rows of data.manifest / global batch)"}
     moved = _moved(saved, key)
