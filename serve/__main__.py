@@ -198,6 +198,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("overrides", nargs="*", default=[], help="key=value, e.g. out=runs/index serve.port=8001")
     args = ap.parse_args(sys.argv[1:] if argv is None else argv)
     cfg = load_app_config(args.config, args.overrides)
+    # index.* is `clipray index`'s (the faiss index is built, and its recall measured, with
+    # them): the served index reads its own from index.json, and `index.nprobe=64` here was
+    # taken without a word and changed nothing
+    given = sorted({o.split("=", 1)[0] for o in args.overrides if o.startswith("index.")})
+    if given:
+        raise ConfigError(f"{', '.join(given)}: `clipray index` settings, which the served index keeps as it was "
+                          f"built with them ({cfg.out}/index.json): run `clipray index` again with the same out= "
+                          "and the new value (it rebuilds the faiss index from the stored vectors, embedding "
+                          "nothing again), then serve it")
 
     def interrupt(signum: int, frame: object) -> None:
         raise KeyboardInterrupt

@@ -1001,6 +1001,20 @@ def test_values_serve_refuses_are_a_config_error_naming_the_key(override, said, 
     assert err.strip() == f"clipray serve: error: {said}", err
 
 
+def test_serve_refuses_index_settings_it_would_not_use(tmp_path, capsys):
+    """`clipray serve ... index.nprobe=64` (or index.ef_search, index.refine, index.kind) was
+    taken without a word: the served index reads its search settings from its index.json,
+    where `clipray index` recorded them with the recall they gave. Refused, saying how to change
+    them; the same keys in the YAML file (which `clipray index` shares) stay allowed."""
+    from clipray.cli import main
+
+    assert main(["serve", DEMO, f"out={tmp_path}", "index.nprobe=64", "index.ef_search=16", "serve.port=8123"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("clipray serve: error: index.ef_search, index.nprobe: `clipray index` settings, which the "
+                          f"served index keeps as it was built with them ({tmp_path}/index.json): run `clipray index` "
+                          "again with the same out= and the new value") and err.count("\n") == 1
+
+
 def test_an_app_that_never_answers_its_health_check_is_one_line(monkeypatch, capsys):
     """`wait_healthy`'s TimeoutError (replicas too slow to load, an address that leads nowhere)
     is an OSError with no file name, which the CLI re-raised: a traceback after 120 s. Here the
