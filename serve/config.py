@@ -168,6 +168,10 @@ def resolve(cfg: AppConfig) -> AppConfig:
         raise ConfigError("index.window_s/stride_s: give a positive window (stride defaults to half)")
     if ix.window_s and not ix.stride_s:
         ix = dataclasses.replace(ix, stride_s=ix.window_s / 2)
+    if ix.stride_s > ix.window_s:  # windows of 4 s every 100 s: 22 s of a 30 s video never indexed
+        raise ConfigError(f"index.stride_s={ix.stride_s:g} is longer than index.window_s={ix.window_s:g}: the "
+                          "time between windows would never be indexed (a stride at most the window covers "
+                          "each video)")
     deps = {n: _check_deployment(n, getattr(sv, n)) for n in DEPLOYMENTS}
     # a path under the home folder (`out: ~/index` in a YAML file, or an override the shell
     # does not expand) is the user's, as clipray train takes its paths, not a folder named '~'

@@ -232,6 +232,19 @@ def test_index_and_serve_values_out_of_range_name_key_and_source(tmp_path, key, 
     assert (cfg.index.stride_s, cfg.serve.port, cfg.index.actor_gpus) == (2.0, 65535, -1.0)
 
 
+def test_a_window_stride_longer_than_the_window_is_refused():
+    """index.window_s=4 index.stride_s=100 loaded, and `windows(30, 4, 100)` gave (0, 4) and
+    (26, 30): 22 s of each video never indexed. A stride up to the window loads."""
+    from serve.config import load_app_config
+    from serve.index import windows
+
+    with pytest.raises(ConfigError, match=r"^index.stride_s=100 is longer than index.window_s=4: the time between"):
+        load_app_config(None, ["index.window_s=4", "index.stride_s=100"])
+    cfg = load_app_config(None, ["index.window_s=4", "index.stride_s=4"])
+    spans = windows(30.0, cfg.index.window_s, cfg.index.stride_s)
+    assert spans[0][0] == 0 and spans[-1][1] == 30 and all(b[0] <= a[1] for a, b in zip(spans, spans[1:]))
+
+
 @pytest.mark.parametrize("override, says", [
     ("model.name=test_meanp", "model.name: unknown model 'test_meanp'; registered: clip4clip_vitb16_meanP"),
     ("model.head=meanp", "model.head must be one of meanP, seqLSTM, seqTransf, tightTransf, got 'meanp'"),
