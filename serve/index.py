@@ -424,7 +424,8 @@ def _build(cfg: AppConfig, out: Path, quiet: bool) -> dict[str, Any]:
                           "index (another out=) with index.rerank_checkpoint")
     # the served app samples query uploads as the index records, and one vector space holds
     # clips sampled one way: an append sampled another way would mix the two unseen
-    held = (meta or {}).get("video") or {}
+    # (a first build stopped before writing index.json: its parts say how their clips were sampled)
+    held = (meta or {}).get("video") or store.part_sampling(out)
     differ = [k for k in SAMPLING if k in held and held[k] != getattr(cfg.video, k)]
     if differ:
         raise ConfigError(f"{out} holds clips sampled with {' '.join(f'video.{k}={held[k]}' for k in differ)}; "
@@ -483,7 +484,8 @@ def _build(cfg: AppConfig, out: Path, quiet: bool) -> dict[str, Any]:
                           f"weights than it began with); {out} is as it was: run clipray index again")
     first_id = len(existing)
     del existing, rows  # the index's clip table and this run's plan: not needed from here on
-    added = _write_new(out, new, first_id, rerank, fp)  # empties `new`: the rebuild needs the memory
+    # (the sampling too: a first build stopped before index.json left parts that said nothing of it)
+    added = _write_new(out, new, first_id, rerank, fp, {k: getattr(cfg.video, k) for k in SAMPLING})
     if skipped:
         append_skips(out, [s for _, s in sorted(skipped, key=lambda p: p[0])])
     meta = _rebuild(out, cfg, export, fp, rerank, conf, captions, meta, quiet)
@@ -531,7 +533,8 @@ def _f(v: Any) -> Optional[float]:
     return None if v is None or np.isnan(v) else float(v)
 
 
-def _write_new(out: Path, new: list[dict], first_id: int, rerank: str, fp: str = "") -> int:
+def _write_new(out: Path, new: list[dict], first_id: int, rerank: str, fp: str = "",
+               sampling: Optional[dict] = None) -> int:
     """Write the embedded batches `new` as one part (and their re-ranker features as another),
     emptying `new` as they are joined: each column's batches go as it is joined, and none is
     left for the faiss rebuild, which holds every embedding of the index at least twice."""
@@ -550,7 +553,7 @@ def _write_new(out: Path, new: list[dict], first_id: int, rerank: str, fp: str =
         store.write_part(out, {"row_id": cat["row_id"], "feats": cat.pop("rerank_feats"),
                                "mask": cat.pop("rerank_mask")}, sub=store.RERANK_DIR)
     store.write_part(out, {k: [None if isinstance(x, float) and np.isnan(x) else x for x in v]
-                           if k in ("start", "end") else v for k, v in cat.items()}, fingerprint=fp)
+                           if k in ("start", "end") else v for k, v in cat.items()}, fingerprint=fp, sampling=sampling)
     return n
 
 

@@ -184,6 +184,7 @@ _EMBEDDING_ROWS = 4096  # embeddings read from a part at a time
 
 
 PART_FINGERPRINT = b"clipray.fingerprint"  # an embeddings part's: the export that embedded its clips
+PART_SAMPLING = b"clipray.sampling"  # and the frame sampling they were embedded with (JSON)
 
 
 def part_fingerprints(out: str | Path) -> set[str]:
@@ -198,9 +199,20 @@ def part_fingerprints(out: str | Path) -> set[str]:
     return found
 
 
-def write_part(out: str | Path, rows: dict[str, np.ndarray], sub: str = EMB_DIR, fingerprint: str = "") -> Path:
+def part_sampling(out: str | Path) -> dict[str, Any]:
+    """The frame sampling the newest part that records one was embedded with, or {}."""
+    for f in reversed(parts(out)):
+        with reading_part(f):
+            got = (pq.read_schema(f).metadata or {}).get(PART_SAMPLING)
+        if got:
+            return json.loads(got)
+    return {}
+
+
+def write_part(out: str | Path, rows: dict[str, np.ndarray], sub: str = EMB_DIR, fingerprint: str = "",
+               sampling: Optional[dict] = None) -> Path:
     """One new part holding this run's clips (row_id, metadata, embedding [n, D]); an embeddings
-    part records the `fingerprint` of the export that embedded them."""
+    part records the `fingerprint` of the export that embedded them, and their `sampling`."""
     d = Path(out).absolute() / sub  # (see parts)
     d.mkdir(parents=True, exist_ok=True)
     path = d / f"part-{len(parts(out, sub, '.parquet' if sub == EMB_DIR else '.npz')):05d}"
@@ -221,8 +233,9 @@ def write_part(out: str | Path, rows: dict[str, np.ndarray], sub: str = EMB_DIR,
         "path": pa.array(rows["path"], pa.string()),
         "embedding": pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1), pa.float32()), emb.shape[1]),
     })
-    if fingerprint:
-        table = table.replace_schema_metadata({PART_FINGERPRINT: fingerprint.encode()})
+    if fingerprint or sampling:
+        table = table.replace_schema_metadata({PART_FINGERPRINT: fingerprint.encode(),
+                                               **({PART_SAMPLING: json.dumps(sampling).encode()} if sampling else {})})
     return write_whole(f"{path}.parquet", f"{path}.parquet.tmp", lambda tmp: pq.write_table(table, tmp))
 
 

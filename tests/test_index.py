@@ -369,6 +369,31 @@ def test_a_first_build_stopped_before_its_index_json_is_not_taken_for_another_mo
     assert meta["fingerprint"] == fp and meta["count"] == 2
 
 
+def test_a_first_build_stopped_before_its_index_json_keeps_its_sampling(ray_local, export, synth_small, tmp_path,
+                                                                         monkeypatch):
+    """A first build stopped after its part and before index.json (out of memory in the faiss
+    rebuild): the next run's video.* was compared with nothing, so clips embedded at fps 2 and
+    8 frames were recorded as sampled the next run's way (the app then sampled uploads so),
+    and an append with the clips' own sampling was refused. Each part records its sampling."""
+    import serve.index as index
+    from serve import store
+
+    out = tmp_path / "idx"
+    monkeypatch.setattr(index, "_rebuild", lambda *a, **k: (_ for _ in ()).throw(MemoryError("faiss rebuild")))
+    with pytest.raises(MemoryError):
+        index.build_index(_cfg(export, synth_small["manifest"], out, "index.split=test"), quiet=True)
+    monkeypatch.undo()
+    assert store.parts(out) and not (out / store.META).exists()
+    with pytest.raises(ConfigError, match=rf"^{out} holds clips sampled with video.fps=2.0 video.max_frames=8 "
+                                          r"video.slice=uniform; this append asks video.fps=4.0 video.max_frames=4 "
+                                          r"video.slice=head"):
+        index.build_index(_cfg(export, synth_small["manifest"], out, "index.split=test", "video.fps=4",
+                               "video.max_frames=4", "video.slice=head"), quiet=True)
+    meta = index.build_index(_cfg(export, synth_small["manifest"], out, "index.split=test"), quiet=True)
+    assert {k: meta["video"][k] for k in ("fps", "max_frames", "slice")} == {"fps": 2.0, "max_frames": 8,
+                                                                           "slice": "uniform"}
+
+
 def test_a_replica_started_after_its_export_was_written_again_refuses_it(tmp_path):
     """The app checks its exports against the index when it starts; its replicas load them
     later too (an autoscaled or a restarted one). An export written again at that path meanwhile
