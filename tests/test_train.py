@@ -1209,8 +1209,8 @@ def test_train_and_edit_refuse_each_others_checkpoints_and_other_frames(tmp_path
     from train.driver import RAY_CHECKPOINT_RECORD, RESUME_KEY, check_resume, resume_key
 
     cfg = load_config(None, ["data.manifest=m.parquet"])
-    for name, made, other in (("t", resume_key(cfg, 5), resume_key(cfg, 0, stop_epoch=2)),
-                              ("e", resume_key(cfg, 0, stop_epoch=2), resume_key(cfg, 5))):
+    edit = resume_key(cfg, 0, stop_epoch=2, command="clipray edit")
+    for name, made, other in (("t", resume_key(cfg, 5), edit), ("e", edit, resume_key(cfg, 5))):
         out = tmp_path / name
         out.mkdir()
         (out / RAY_CHECKPOINT_RECORD).write_text("{}")

@@ -215,7 +215,7 @@ RAY_CHECKPOINT_RECORD = "checkpoint_manager_snapshot.json"  # Ray Train's list o
 
 
 def resume_key(cfg: Config, steps_per_epoch: int, stop_epoch: int = 0,
-               manifest_files: list | None = None) -> dict[str, Any]:
+               manifest_files: list | None = None, command: str = "clipray train") -> dict[str, Any]:
     """The settings a resumed run must share with its checkpoints: the model the weights load
     into, the steps, batch and schedule the saved step and epoch count in, and the optimiser's
     settings: the checkpoint's optimiser and schedule state bring back their own learning rates,
@@ -229,7 +229,7 @@ def resume_key(cfg: Config, steps_per_epoch: int, stop_epoch: int = 0,
 
     key = {# `clipray train` and `clipray edit` each took the other's checkpoints for its own under
            # one run name: nothing trained, and the other's evaluation and export came out as its own
-           "command": "clipray edit" if stop_epoch else "clipray train",
+           "command": command,
            "model": dataclasses.asdict(cfg.model),
            # the clips the weights learn from, sampled and tokenised alike (a resumed run on other
            # frames exported one sampling for weights trained on both)
@@ -345,7 +345,7 @@ def check_resume(out: str, key: dict[str, Any]) -> None:
             fs.rm(f"{root}/skips", recursive=True)
         _put_text(f"{out}/{RESUME_KEY}", json.dumps(key, indent=1))
         return
-    # a record from before "command" was kept: clip editing's, alone, names no manifest
+    # a record from before "command" was kept: clip editing's names no manifest (its rounds' change)
     was = saved.get("command") or ("clipray train" if "data.manifest" in saved else "clipray edit")
     if was != key["command"]:
         raise ConfigError(f"{out} holds checkpoints of a `{was}` run, which `{key['command']}` would take for "
@@ -489,18 +489,21 @@ def _data_config():
     return EvalSplit()
 
 
-def run(cfg: Config, quiet_ray: bool = False, stop_epoch: int = 0, table: bool = True) -> dict[str, Any]:
-    """Train, evaluate and export; returns the final metrics (also in result.json).
+def run(cfg: Config, quiet_ray: bool = False, stop_epoch: int = 0, table: bool = True,
+        command: str = "clipray train") -> dict[str, Any]:
+    """Train, evaluate and export; returns the final metrics (also in result.json). `command`
+    names the command whose run this is, recorded with its checkpoints (`resume_key`).
 
     `stop_epoch` > 0 ends this call after that epoch (evaluated and exported as a last one);
     calling again with the same run name continues from there, on whatever data the new call
     names, with the learning-rate schedule still spanning `train.epochs`: clip editing trains
     its rounds this way."""
     with contextlib.ExitStack() as held:  # the run folder's lock, once it is made
-        return _run(cfg, quiet_ray, stop_epoch, table, held)
+        return _run(cfg, quiet_ray, stop_epoch, table, held, command)
 
 
-def _run(cfg: Config, quiet_ray: bool, stop_epoch: int, table: bool, held: contextlib.ExitStack) -> dict[str, Any]:
+def _run(cfg: Config, quiet_ray: bool, stop_epoch: int, table: bool, held: contextlib.ExitStack,
+         command: str = "clipray train") -> dict[str, Any]:
     if not cfg.data.manifest:
         raise ConfigError("data.manifest is empty: give a manifest (e.g. data.manifest=PATH)")
     if cfg.train.checkpoint_every_steps and not cfg.train.max_steps:
@@ -557,7 +560,7 @@ def _run(cfg: Config, quiet_ray: bool, stop_epoch: int, table: bool, held: conte
     if eval_manifest != cfg.data.manifest:  # (read once: a streamed manifest has hundreds of shards)
         watched[eval_manifest] = manifest_signature(eval_manifest)
     with storage_access(cfg, out):
-        check_resume(out, resume_key(cfg, steps_per_epoch, stop_epoch, files))
+        check_resume(out, resume_key(cfg, steps_per_epoch, stop_epoch, files, command))
     cfg = fitted
     # imported after the checks above, so a wrong path or key fails in a second, not after
     # Ray Train and the pipeline load (~5 s)

@@ -430,7 +430,7 @@ def _run(cfg: Config, quiet_ray: bool, held: contextlib.ExitStack) -> dict[str, 
     # round's training repeats: made now, a changed setting was refused only after Ray started
     # and the round's teacher had scored every caption again
     with driver.storage_access(cfg, out):
-        driver.check_resume(out, driver.resume_key(base, 0, stop_epoch=epochs))
+        driver.check_resume(out, driver.resume_key(base, 0, stop_epoch=epochs, command="clipray edit"))
         if state is None:
             # the edit.* settings and the manifest, recorded before the warm-up: recorded first
             # after round 0, a run stopped in its warm-up resumed its checkpoints with other
@@ -473,7 +473,7 @@ def _run(cfg: Config, quiet_ray: bool, held: contextlib.ExitStack) -> dict[str, 
         stop = e.warmup_epochs + round_no * e.epochs_per_round
         print(f"[edit] round {round_no}: {rec['edited']} clips edited; training to epoch {stop}", flush=True)
         final = driver.run(dataclasses.replace(base, data=dataclasses.replace(data, manifest=manifest)),
-                           quiet_ray=quiet_ray, stop_epoch=stop, table=False)
+                           quiet_ray=quiet_ray, stop_epoch=stop, table=False, command="clipray edit")
         rec.update(epoch=stop, **clip_stats(captions), **_val(final))
         changed = rec["val_rsum"] > best
         if changed:
