@@ -219,8 +219,10 @@ RULES: dict[type, dict[str, tuple[Any, str]]] = {
                       # 64 bits (a traceback in every worker); the loop adds steps and ranks to it
                       seed=((lambda v: 0 <= v < 2 ** 32), "in [0, 2**32)"),
                       # empty (an unset ${oc.env:...}) trained into the current folder, and s3://
-                      # with no bucket into a local folder ./s3:, each without a word
-                      storage_path=((lambda v: bool(v.strip()) and not v.strip().rstrip("/").endswith(":")),
+                      # with no bucket into a local folder ./s3:, and s3:/bucket (one slash) into
+                      # ./s3:/bucket, each without a word
+                      storage_path=((lambda v: bool(v.strip()) and not v.strip().rstrip("/").endswith(":")
+                                     and not re.match(r"[A-Za-z][A-Za-z0-9+.-]+:/(?!/)", v.strip())),
                                     "a folder, or a URI with its bucket (s3://BUCKET/runs)")),
     RayConfig: dict(num_cpus=_at_least(1)),
     EditConfig: dict(init=_one_of("midpoint", "window"), window_s=_at_least(0), max_width_s=_at_least(0),

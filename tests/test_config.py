@@ -165,6 +165,9 @@ def refused_as_override_and_in_a_file(load, f: Path, key: str, value: str, says:
                                  "got ''"),
     ("train.storage_path", "s3://", "train.storage_path must be a folder, or a URI with its bucket "
                                     "(s3://BUCKET/runs), got 's3://'"),
+    # one slash: trained into a local folder ./gs:/b
+    ("train.storage_path", "gs:/b/runs", "train.storage_path must be a folder, or a URI with its bucket "
+                                         "(s3://BUCKET/runs), got 'gs:/b/runs'"),
     # nan passed every test and was a traceback once the scorers' pool started, after the warm-up
     ("edit.actor_gpus", "nan", "edit.actor_gpus must be a finite number, got nan"),
     ("edit.actor_gpus", "-7", "edit.actor_gpus must be -1 (one per actor where the cluster has GPUs) or >= 0, "
