@@ -224,7 +224,12 @@ RULES: dict[type, dict[str, tuple[Any, str]]] = {
                       storage_path=((lambda v: bool(v.strip()) and not v.strip().rstrip("/").endswith(":")
                                      and not re.match(r"[A-Za-z][A-Za-z0-9+.-]+:/(?!/)", v.strip())),
                                     "a folder, or a URI with its bucket (s3://BUCKET/runs)")),
-    RayConfig: dict(num_cpus=_at_least(1)),
+    # anything else reached ray.init: "Invalid address format" traceback, the run folder made
+    RayConfig: dict(num_cpus=_at_least(1),
+                    # (a URI goes on to runtime's checks: a job server's http:// address is said so)
+                    address=((lambda v: v.strip() in ("", "auto", "local") or "://" in v
+                              or re.fullmatch(r"(\[[0-9A-Fa-f:.]+\]|[^\s/:\[\]]+):\d{1,5}", v.strip()) is not None),
+                             "host:port (a cluster's head, e.g. 10.0.0.5:6379), ray://host:port, auto or local")),
     EditConfig: dict(init=_one_of("midpoint", "window"), window_s=_at_least(0), max_width_s=_at_least(0),
                      min_width_s=_at_least(0.001), warmup_epochs=_at_least(1), rounds=_at_least(0),
                      epochs_per_round=_at_least(1), step_s=_whole_ms(), max_steps=_at_least(1), margin=_at_least(0),

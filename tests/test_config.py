@@ -163,6 +163,11 @@ def refused_as_override_and_in_a_file(load, f: Path, key: str, value: str, says:
     ("train.seed", str(2 ** 64), f"train.seed must be in [0, 2**32), got {2 ** 64}"),
     ("train.storage_path", "''", "train.storage_path must be a folder, or a URI with its bucket (s3://BUCKET/runs), "
                                  "got ''"),
+    # Ray's "Invalid address format" traceback, the run folder made
+    ("ray.address", "LOCAL", "ray.address must be host:port (a cluster's head, e.g. 10.0.0.5:6379), ray://host:port, "
+                             "auto or local, got 'LOCAL'"),
+    ("ray.address", "6379", "ray.address must be host:port (a cluster's head, e.g. 10.0.0.5:6379), ray://host:port, "
+                            "auto or local, got '6379'"),
     ("train.storage_path", "s3://", "train.storage_path must be a folder, or a URI with its bucket "
                                     "(s3://BUCKET/runs), got 's3://'"),
     # one slash: trained into a local folder ./gs:/b
@@ -436,7 +441,7 @@ def test_a_text_key_keeps_the_text_given_on_the_command_line(value, tmp_path):
 
     assert load_config(None, [f"train.run_name={value}"]).train.run_name == value
     assert load_config(None, [f"data.tokenizer={value}"]).data.tokenizer == value
-    assert load_config(None, [f"ray.address={value}"]).ray.address == value  # an Optional text
+    assert load_config(None, [f"model.pretrained={value}"]).model.pretrained == value  # an Optional text
     args = AppArgs.model_validate({"checkpoint": value})  # a RayService's `args:`, as build_app reads them
     assert load_app_config(None, arg_overrides(args)).checkpoint == value
     env = load_app_config(None, [f"serve.ingress.env_vars.X={value}"]).serve.ingress.env_vars  # a mapping of texts
@@ -469,9 +474,9 @@ def test_a_text_key_keeps_the_text_written_in_a_config_file(value, tmp_path):
     YAML syntax gives a file (a comment after ` #`, a quoted value) still holds there."""
     f = tmp_path / "c.yaml"
     f.write_text(f"train:\n  run_name: {value}\ndata:\n  tokenizer: {value}  # a comment\n"
-                 f"ray:\n  address: {value}\n")
+                 f"model:\n  pretrained: {value}\n")
     cfg = load_config(f)
-    assert (cfg.train.run_name, cfg.data.tokenizer, cfg.ray.address) == (value, value, value)
+    assert (cfg.train.run_name, cfg.data.tokenizer, cfg.model.pretrained) == (value, value, value)
     f.write_text("train:\n  run_name: '0612'\n  seed: ${train.epochs}\nmodel:\n  pretrained: null\n")
     cfg = load_config(f)
     assert (cfg.train.run_name, cfg.train.seed, cfg.model.pretrained) == ("0612", cfg.train.epochs, None)
