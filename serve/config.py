@@ -158,6 +158,12 @@ def _check_deployment(name: str, d: DeploymentConfig) -> DeploymentConfig:
     if d.initial_replicas is not None and not d.min_replicas <= d.initial_replicas <= d.max_replicas:
         raise ConfigError(f"serve.{name}.initial_replicas={d.initial_replicas} must lie in "
                           f"min_replicas..max_replicas = {d.min_replicas}..{d.max_replicas}")
+    # a mapping of texts, which OmegaConf does not hold its values to: `env_vars.A.B=1` gave the
+    # replicas A="{'B': 1}", and a list its repr
+    nested = sorted(k for k, v in d.env_vars.items() if isinstance(v, (dict, list)))
+    if nested:
+        raise ConfigError(f"serve.{name}.env_vars.{nested[0]}: an environment variable's value is text, "
+                          f"got {d.env_vars[nested[0]]!r}")
     return dataclasses.replace(d, max_ongoing_requests=mor)
 
 

@@ -240,6 +240,21 @@ def test_index_and_serve_values_out_of_range_name_key_and_source(tmp_path, key, 
     assert (cfg.index.stride_s, cfg.serve.port, cfg.index.actor_gpus) == (2.0, 65535, -1.0)
 
 
+def test_env_vars_hold_text_not_mappings_or_lists(tmp_path):
+    """`serve.*.env_vars` is a mapping of texts, which OmegaConf does not hold its values to:
+    `env_vars.A.B=1` gave the replicas A="{'B': 1}", and `C: [1, 2]` in a file C='[1, 2]'."""
+    from serve.config import load_app_config
+
+    with pytest.raises(ConfigError, match=r"^serve.text_encoder.env_vars.A: an environment variable's value is "
+                                          r"text, got \{'B': 1\}"):
+        load_app_config(None, ["serve.text_encoder.env_vars.A.B=1"])
+    f = tmp_path / "s.yaml"
+    f.write_text("serve:\n  ingress:\n    env_vars:\n      C: [1, 2]\n")
+    with pytest.raises(ConfigError, match=r"^serve.ingress.env_vars.C: an environment variable's value is text"):
+        load_app_config(f)
+    assert load_app_config(None, ["serve.ingress.env_vars.C=[1,2]"]).serve.ingress.env_vars == {"C": "[1,2]"}
+
+
 def test_a_window_stride_longer_than_the_window_is_refused():
     """index.window_s=4 index.stride_s=100 loaded, and `windows(30, 4, 100)` gave (0, 4) and
     (26, 30): 22 s of each video never indexed. A stride up to the window loads."""
