@@ -14,6 +14,7 @@ Extra `key=value` arguments override the demo config, e.g. `model.name=test_seqT
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import time
@@ -44,8 +45,6 @@ def ensure_synth(data_dir: Path, videos: int, seed: int = 0, **options) -> Path:
         other.append(f"{idle:g} s of idle background (these have {made_idle:g} s)")
     # and so do the encoding and the plan of a set made with `clipray data synth --fps ...`: its
     # videos are not those the asked-for set (the demo's, whose figures the README gives) holds
-    import inspect
-
     from clipray.synth import generate, plan
 
     want = {k: p.default for k, p in inspect.signature(generate).parameters.items()
@@ -125,6 +124,16 @@ def main(argv: list[str] | None = None) -> int:
         if "://" in where:  # Path() folded s3://b/runs into a local folder ./s3:/b/runs
             raise ConfigError(f"{what}={where}: the demo keeps its videos, runs and index on this machine (a "
                               "local folder); `clipray train` reads and trains in object storage")
+    if not (Path(args.data) / "synth.json").exists():
+        # too few videos for one training step: said after a minute of making them
+        from clipray.synth import generate, plan
+
+        fracs = {k: inspect.signature(generate).parameters[k].default for k in ("val_frac", "test_frac")}
+        train = sum(v.split == "train" for v in plan(args.videos, 0, **fracs))
+        per_step = given.data.batch_size * given.train.num_workers
+        if train < per_step:
+            raise ConfigError(f"--videos {args.videos} makes {train} training videos, which cannot fill one step of "
+                              f"{per_step} clips (data.batch_size x train.num_workers): give more --videos")
     manifest = ensure_synth(Path(args.data), args.videos)
     name = f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
     cfg = load_config(demo_config_path(), [f"data.manifest={as_text(manifest.resolve())}",

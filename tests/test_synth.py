@@ -301,7 +301,11 @@ def test_demo_checks_its_overrides_before_making_videos(tmp_path):
                                              "this machine"),
                       # the videos went to a local folder ./s3:/b/synth, as the runs had
                       ("--data s3://b/synth", "--data=s3://b/synth: the demo keeps its videos"),
-                      ("train.storage_path=gs://b/r", "train.storage_path=gs://b/r: the demo keeps")):
+                      ("train.storage_path=gs://b/r", "train.storage_path=gs://b/r: the demo keeps"),
+                      # 6 training videos for a step of 32: said after a minute of making them
+                      ("--videos 10", "--videos 10 makes 6 training videos, which cannot fill one step of 32 clips"),
+                      ("--videos 40 data.batch_size=20", "--videos 40 makes 33 training videos, which cannot "
+                                                         "fill one step of 40 clips")):
         with pytest.raises(ConfigError, match=says):
             main(["--data", str(tmp_path / "synth"), "--no-serve", *bad.split()])
     assert not (tmp_path / "synth").exists()
