@@ -366,6 +366,22 @@ def _unnamed_bad_key(base: Any, other: Any, prefix: str = "") -> tuple[str, str]
     return None
 
 
+def _failing_interpolation(node: Any, prefix: str = "") -> Optional[str]:
+    """The dotted key of the first `${...}` in `node` that does not resolve where it stands."""
+    for k in node:
+        key = f"{prefix}{k}"
+        if OmegaConf.is_interpolation(node, k):
+            try:
+                node[k]
+            except OmegaConfBaseException:
+                return key
+        elif OmegaConf.is_dict(child := node._get_node(k)):
+            found = _failing_interpolation(child, key + ".")
+            if found:
+                return found
+    return None
+
+
 def _source_of(key: str, sources: Sequence[tuple[str, Any]]) -> Optional[str]:
     """The last source (file or overrides) that sets the dotted `key`, or None."""
     for name, node in reversed(sources):
@@ -409,8 +425,8 @@ def _value_as_given(cfg: Any, override: str, source: str = "command-line overrid
             return override
     try:
         read = OmegaConf.to_container(OmegaConf.from_dotlist([f"v={value}"]), resolve=False)["v"]
-    except (OmegaConfBaseException, yaml.YAMLError):
-        read = ...  # not YAML: the text it is
+    except (OmegaConfBaseException, yaml.YAMLError, ValueError, TypeError, AttributeError, KeyError):
+        read = ...  # not YAML (or a YAML tag PyYAML cannot build: `!!float x`): the text it is
     given = value.strip()  # as YAML strips a plain value
     quoted = len(given) >= 2 and given[0] in "'\"" and given[-1] == given[0]
     if (read is None and given in ("", "null", "Null", "NULL", "~")) or (
@@ -454,9 +470,11 @@ def _from_dotlist(overrides: Sequence[str], given: Sequence[str]) -> Any:
     for o, as_given in zip(overrides, given):
         try:
             OmegaConf.from_dotlist([o])
-        except (OmegaConfBaseException, yaml.YAMLError) as e:
+        # (PyYAML builds a tagged value itself: `!!float x` is its ValueError, `!!timestamp x`
+        # an AttributeError, `!!bool x` a KeyError, each a traceback)
+        except (OmegaConfBaseException, yaml.YAMLError, ValueError, TypeError, AttributeError, KeyError) as e:
             key, _, value = as_given.partition("=")
-            why = getattr(e, "problem", None) or str(e).splitlines()[0]
+            why = getattr(e, "problem", None) or (str(e).splitlines() or [type(e).__name__])[0]
             if isinstance(e, GrammarParseError):  # its advice to quote failed again, quoted
                 raise ConfigError(f"command-line override: bad key '{key}': the value {value!r} is no "
                                   f"interpolation ({why}); for a text, write each ${{ as \\${{") from e
@@ -486,7 +504,8 @@ def load_config(
         # `key=` reads as null, which a text field refuses ("Incompatible value 'None'"): give
         # such a field the empty text, so the command's own check says what it needs
         given = overrides
-        overrides = [f"{o}''" if o.endswith("=") and isinstance(OmegaConf.select(cfg, o[:-1], default=None), str)
+        overrides = [f"{o}''" if o.endswith("=") and o.count("=") == 1
+                     and isinstance(OmegaConf.select(cfg, o[:-1], default=None), str)
                      else _value_as_given(cfg, o) for o in overrides]
         dotlist = _from_dotlist(overrides, given)
         cfg = _merge(cfg, dotlist, "command-line override")
@@ -494,7 +513,9 @@ def load_config(
     try:
         obj = OmegaConf.to_object(cfg)
     except OmegaConfBaseException as e:  # an interpolation that does not resolve: `${oops}`
-        key = str(getattr(e, "full_key", None) or "")
+        # (one whose value cannot go where it stands names no key: `optim.betas=${oc.env:X}` of a
+        # text blamed the config file, over three lines)
+        key = str(getattr(e, "full_key", None) or "") or _failing_interpolation(cfg) or ""
         source = _source_of(key, sources) if key else None
         raise ConfigError(f"{source}: {key}: {str(e).splitlines()[0]}" if source
                           else f"{path or 'defaults'}: {e}") from e

@@ -85,7 +85,7 @@ def test_a_tuple_of_the_wrong_length_names_its_key(tmp_path):
     assert load_config(None, ["optim.betas=[0.8,0.9]"]).optim.betas == (0.8, 0.9)
 
 
-def test_an_interpolation_that_does_not_resolve_names_where_it_is_written(tmp_path):
+def test_an_interpolation_that_does_not_resolve_names_where_it_is_written(tmp_path, monkeypatch):
     with pytest.raises(ConfigError) as e:
         load_config(None, ["data.manifest=${oops}"])
     assert str(e.value) == "command-line override: data.manifest: Interpolation key 'oops' not found"
@@ -96,6 +96,19 @@ def test_an_interpolation_that_does_not_resolve_names_where_it_is_written(tmp_pa
         load_config(child)
     assert str(e.value) == f"{parent}: data.manifest: Interpolation key 'oops' not found"
     assert load_config(child, ["data.manifest=${train.run_name}"]).data.manifest.endswith("clipray")
+    # one that resolves to what cannot go where it stands names no key of its own: it blamed the
+    # config file (or "defaults"), over three lines
+    child.write_text("optim:\n  lr: 0.001\n")
+    for override, said in (("optim.betas=${oc.env:CLIPRAY_TEST_BETAS}", "optim.betas: Invalid value assigned: str "
+                                                                        "is not a TupleConfig, ListConfig, list, or tuple."),
+                           ("data.video=${oc.env:CLIPRAY_TEST_BETAS}", "data.video: Invalid type assigned: str is not "
+                                                                       "a subclass of VideoConfig. value: [0.9,0.98]")):
+        monkeypatch.setenv("CLIPRAY_TEST_BETAS", "[0.9,0.98]")
+        with pytest.raises(ConfigError) as e:
+            load_config(child, [override])
+        assert str(e.value) == f"command-line override: {said}"
+    # and a text key's value stays text, tag and all
+    assert load_config(None, ["train.run_name=!!bool x"]).train.run_name == "!!bool x"
 
 
 def test_bad_override(tmp_path):
@@ -598,7 +611,12 @@ def test_values_of_the_wrong_shape_or_not_yaml_are_one_line_naming_the_key(tmp_p
     from serve.config import load_app_config
 
     for key, value, why in (("train.epochs", "*3", "found undefined alias"),
-                            ("optim.betas", "[0.9, 0.98", "did not find expected ',' or ']'")):
+                            ("optim.betas", "[0.9, 0.98", "did not find expected ',' or ']'"),
+                            # a YAML tag PyYAML builds itself: its ValueError, a traceback
+                            ("train.epochs", "!!float x", "could not convert string to float: 'x'"),
+                            # `key==`: the select for `key=`'s empty text raised ConfigTypeError
+                            ("optim.betas.1", "=", "could not determine a constructor for the tag "
+                                                   "'tag:yaml.org,2002:value'")):
         with pytest.raises(ConfigError) as e:
             load_config(None, [f"{key}={value}"])
         assert str(e.value) == (f"command-line override: bad key '{key}': the value '{value}' does not "
