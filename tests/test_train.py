@@ -1257,6 +1257,34 @@ def test_a_fresh_start_drops_the_skips_of_an_attempt_that_left_no_checkpoint(tmp
     assert collect_skips(str(out))["skipped"] == 1
 
 
+def test_a_latest_checkpoint_missing_its_files_is_said_before_ray_starts(tmp_path):
+    """A checkpoint deleted or copied in part under Ray Train's record: every worker failed in
+    DeepSpeed's bare `assert len(self.ckpt_list) > 0`, naming no file, once Ray had started."""
+    import json
+
+    from clipray.config import ConfigError
+    from train.driver import RAY_CHECKPOINT_RECORD, check_latest_checkpoint
+
+    out = tmp_path / "run"
+    for name in ("checkpoint_a", "checkpoint_b"):
+        (out / name / "deepspeed").mkdir(parents=True)
+        (out / name / "deepspeed" / "mp_rank_00_model_states.pt").write_bytes(b"x")
+        (out / name / "state.json").write_text("{}")
+    record = {"latest_checkpoint_result": {"checkpoint_dir_name": "checkpoint_b"}}
+    (out / RAY_CHECKPOINT_RECORD).write_text(json.dumps(record))
+    check_latest_checkpoint(str(out), ("deepspeed", "state.json"))
+    (out / "checkpoint_b" / "deepspeed" / "mp_rank_00_model_states.pt").unlink()
+    with pytest.raises(ConfigError, match=rf"^{out}/checkpoint_b, the checkpoint this run resumes from, lacks "
+                                          r"deepspeed \(deleted, or copied in part\)"):
+        check_latest_checkpoint(str(out), ("deepspeed", "state.json"))
+    (out / "checkpoint_b" / "deepspeed").rmdir()
+    (out / "checkpoint_b" / "state.json").unlink()
+    with pytest.raises(ConfigError, match="lacks deepspeed and state.json"):
+        check_latest_checkpoint(str(out), ("deepspeed", "state.json"))
+    (out / RAY_CHECKPOINT_RECORD).write_text("{cut")  # Ray Train's own refusal says so (`_run`)
+    check_latest_checkpoint(str(out), ("deepspeed", "state.json"))
+
+
 def test_a_run_resumes_on_its_manifest_moved_or_copied_to_another_path(tmp_path, capsys):
     """resume_key.json keeps data.manifest as an absolute path: the project (manifest and run
     folder) moved or copied to another disk, or a manifest copied to another bucket, and the same

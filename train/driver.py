@@ -21,7 +21,7 @@ import re
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 from clipray.config import Config, ConfigError, to_yaml
 from clipray.manifest import (ManifestError, check_unique_ids, file_signature, filesystem, fsspec_path,
@@ -372,6 +372,23 @@ def check_resume(out: str, key: dict[str, Any]) -> None:
                           "resuming would mix the two: use a new train.run_name, or the run's settings")
 
 
+def check_latest_checkpoint(out: str, needs: Sequence[str]) -> None:
+    """The checkpoint a resume starts from (Ray Train's record names the latest) holds each of
+    `needs` (DeepSpeed's folder, the loop's state): one deleted or copied in part failed every
+    worker in DeepSpeed's bare `assert len(self.ckpt_list) > 0`, naming no file. (A record that
+    cannot be read is Ray Train's to refuse, said by `_run`.)"""
+    fs, root = fsspec_path(out)
+    try:
+        name = json.loads(fs.cat_file(f"{root}/{RAY_CHECKPOINT_RECORD}"))["latest_checkpoint_result"]["checkpoint_dir_name"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return
+    gone = [n for n in needs if not fs.exists(f"{root}/{name}/{n}") or
+            (fs.isdir(f"{root}/{name}/{n}") and not fs.ls(f"{root}/{name}/{n}"))]
+    if gone:
+        raise ConfigError(f"{out}/{name}, the checkpoint this run resumes from, lacks {' and '.join(gone)} (deleted, "
+                          "or copied in part): copy the run folder again, or give a new train.run_name to start over")
+
+
 # {path: (its signature, its listing)}: the listing a check in this process last found with
 # those files (changed_manifests)
 _confirmed: dict[str, tuple[list, list]] = {}
@@ -570,8 +587,9 @@ def _run(cfg: Config, quiet_ray: bool, stop_epoch: int, table: bool, held: conte
     from clipray.pipeline import caption_tokenizer, clip_dataset, collect_skips
     from clipray.runtime import check_fits, init_ray, quiet_data_progress
     from train.evaluate import first_rows
-    from train.loop import STATE, train_loop
+    from train.loop import STATE, TAG, train_loop
 
+    check_latest_checkpoint(out, (TAG, STATE))
     init_ray(cfg.ray, quiet=quiet_ray)
     if note:
         print(note, flush=True)
