@@ -78,17 +78,17 @@ def data_main(argv: list[str]) -> int:
     sub = ap.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("synth", help="write the synthetic H.264 video-text dataset and its manifests")
     s.add_argument("--out", required=True, help="output directory")
-    s.add_argument("--videos", type=at_least(1), default=200)
-    s.add_argument("--seed", type=at_least(0), default=0, help="0 or more (numpy's seeds are)")
+    s.add_argument("--videos", type=at_least(1), default=200, help="videos to make (default 200; the demo's 240)")
+    s.add_argument("--seed", type=at_least(0), default=0, help="0 or more (numpy's seeds are); default 0")
     # past these a frame count overflowed or filled memory (tracebacks), or ran on for hours
-    s.add_argument("--fps", type=at_least(1, most=240), default=8, help="1 to 240")
-    s.add_argument("--width", type=at_least(16), default=96, help="even (H.264 in yuv420p)")
-    s.add_argument("--height", type=at_least(16), default=72, help="even")
+    s.add_argument("--fps", type=at_least(1, most=240), default=8, help="1 to 240; default 8")
+    s.add_argument("--width", type=at_least(16), default=96, help="even (H.264 in yuv420p); default 96")
+    s.add_argument("--height", type=at_least(16), default=72, help="even; default 72")
     # 2 s an event: 1e9 built half a billion events in memory before the first video
-    s.add_argument("--max-events", type=at_least(1, most=16), default=2, help="1 to 16")
+    s.add_argument("--max-events", type=at_least(1, most=16), default=2, help="1 to 16; default 2")
     s.add_argument("--idle-seconds", type=at_least(0, float, most=3600), default=0.0,
                    help="empty background before, between and after events (untrimmed-video-like), "
-                        "up to 3600")
+                        "up to 3600; default 0")
     p = sub.add_parser("prepare", help="turn a public release (or your own CSV/JSONL) into a manifest")
     p.add_argument("name", help="source name (msrvtt, msvd, lsmdc, activitynet, didemo, youcook2, "
                                 "howto100m, generic)")
