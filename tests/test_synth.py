@@ -338,7 +338,8 @@ def test_demo_trains_on_an_embedded_ray_whatever_ray_address_says(tmp_path, monk
     (port,) = free_ports(1)
     monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{port}")
     monkeypatch.setattr(train.driver, "run", run)
-    args = ["--data", str(tmp_path / "synth"), "--videos", "2", "--no-serve"]
+    # (3 videos: 2 training videos, one step of 2 clips)
+    args = ["--data", str(tmp_path / "synth"), "--videos", "3", "--no-serve", "data.batch_size=1"]
     with pytest.raises(Reached):
         main(args)
     assert taken == ["local"]
