@@ -654,14 +654,22 @@ def decode_windows(path: str, windows: Sequence[tuple[float | None, float | None
     return _bounded(lambda: _decode_windows(path, windows, cfg), cfg)
 
 
+def video_length(path: str, backend: str = "decord") -> float:
+    """The video's length in seconds (frames / fps); SkipClip, with its reason, when it cannot
+    be opened or has no frame rate."""
+    src = open_source(path)
+    try:
+        v = _reader(src, backend)
+        if not v.fps:
+            raise SkipClip("no frame rate")
+        return v.num_frames / v.fps
+    finally:
+        close_source(src)
+
+
 def probe_duration(path: str, backend: str = "decord") -> float | None:
     """The video's length in seconds (frames / fps), or None when it cannot be opened."""
     try:
-        src = open_source(path)
-        try:
-            v = _reader(src, backend)
-            return v.num_frames / v.fps if v.fps else None
-        finally:
-            close_source(src)
+        return video_length(path, backend)
     except SkipClip:
         return None

@@ -69,6 +69,32 @@ def by_hand_candidates(clip, lo, t, hi) -> list:
             and clip[1] + b - clip[0] - a >= MIN_WIDTH - eps]
 
 
+def test_stage_one_measures_every_video_and_says_why_one_is_unreadable(events, tmp_path):
+    """A video shorter than its manifest `duration` says: a caption past its real end was given
+    a clip reaching past it, trained on the frames before the end (decoding stops there), never
+    edited and never reported. And every unreadable video was "unreadable video", whatever the
+    reason. Each video is measured now; a caption past its real end is left out, saying so."""
+    from clipray.manifest import write_manifest
+    from clipray.video import video_length
+    from train.edit import initial_captions
+
+    root = Path(events["events_manifest"]).parent
+    first = next(r for r in read_manifest(events["events_manifest"]).to_pylist() if r["split"] == "train")
+    path = str(root / first["path"])
+    real = video_length(path)
+    base = dict(start=None, end=None, split="train", group=None)
+    rows = [dict(base, row_id=0, video_id="v", path=path, caption="early", timestamp=real / 2, duration=2 * real),
+            dict(base, row_id=1, video_id="v", path=path, caption="past the end", timestamp=1.5 * real, duration=2 * real),
+            dict(base, row_id=2, video_id="gone", path=str(tmp_path / "gone.mp4"), caption="x", timestamp=1.0,
+                 duration=10.0)]
+    write_manifest(rows, tmp_path / "m.parquet", keep_row_ids=True)
+    cfg = load_config(EDIT_DEMO, overrides(str(tmp_path / "m.parquet"), tmp_path, "short"))
+    captions, left_out = initial_captions(str(tmp_path / "m.parquet"), str(root), cfg.edit, "decord")
+    assert list(captions) == [0] and captions[0].clip == (0.0, round(real, 3))
+    assert [(s["row_id"], s["reason"]) for s in left_out] == [(1, f"timestamp past the video's end {real:.2f}s"),
+                                                             (2, "missing file")]
+
+
 def test_edit_job_picks_the_best_candidate_as_brute_force_scoring_does(ray_local, events, tmp_path, monkeypatch):
     import open_clip
     import ray.data
@@ -356,6 +382,7 @@ def test_a_run_of_another_manifest_is_not_resumed(events, tmp_path):
 
     other = tmp_path / "other-events.parquet"
     shutil.copy(events["events_manifest"], other)
+    shutil.copytree(Path(events["events_manifest"]).parent / "videos", tmp_path / "videos")  # (stage 1 opens them)
     cfg = load_config(EDIT_DEMO, overrides(str(other), tmp_path, "reused"))
     finished_run(tmp_path / "reused", cfg, events["events_manifest"])
     with pytest.raises(ConfigError, match="another data.manifest"):

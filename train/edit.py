@@ -20,7 +20,7 @@ that edited clips are compared with. Validation and test rows are used as they a
 
 Run directory = that of `clipray train`, plus:
   clips/round-NN.parquet   the manifest round NN trained on (round 00: the initial clips)
-  clips/skips.jsonl        training captions left out (unreadable video, timestamp past its end)
+  clips/skips.jsonl        training captions left out (video unreadable, with why; timestamp past its end)
                            and those the teacher could not score in a round
   teacher/                 the teacher's export
   edits.csv                one row per round: clips edited, mean boundary shift, mean tIoU of
@@ -73,7 +73,9 @@ class Caption:
 def initial_captions(source: str, root: str, e: EditConfig, backend: str) -> tuple[dict[int, Caption], list[dict]]:
     """Every training caption with its stage-1 clip, and the ones left out with their reason.
     Held in memory: editing sets are 10^4-10^5 captions, tens of bytes each."""
-    from clipray.video import probe_duration
+    from concurrent.futures import ThreadPoolExecutor
+
+    from clipray.video import SkipClip, video_length
 
     by_video: dict[str, list[dict]] = {}
     no_ts = []
@@ -85,16 +87,29 @@ def initial_captions(source: str, root: str, e: EditConfig, backend: str) -> tup
                           f"video {r['video_id']}); clip editing needs one per training caption")
     if not by_video:
         raise ConfigError(f"{source} has no training rows")
-    captions, left_out = {}, []
-    for vid, rows in by_video.items():
+    def length(rows: list[dict]) -> tuple[str, Optional[float], str]:
+        # every video is opened, a manifest's duration or not: a video shorter than its
+        # duration says had a caption past its real end trained on frames before it (decoding
+        # stops at the end), never edited and never reported; an unreadable one, its reason
         path = resolve_path(rows[0]["path"], root)
-        duration = rows[0]["duration"] or probe_duration(path, backend)
+        try:
+            real = video_length(path, backend)
+        except SkipClip as e:
+            return path, None, str(e)
+        said = rows[0]["duration"]
+        return path, min(real, said) if said else real, ""
+
+    captions, left_out = {}, []
+    # (16 at a time: one after another, thousands of videos in object storage took minutes)
+    with ThreadPoolExecutor(16) as pool:
+        lengths = list(pool.map(length, by_video.values()))
+    for (vid, rows), (path, duration, unread) in zip(by_video.items(), lengths):
         usable = []
         for r in rows:
             if duration and r["timestamp"] <= duration:
                 usable.append(r)
                 continue
-            why = f"timestamp past the video's end {duration:.2f}s" if duration else "unreadable video"
+            why = f"timestamp past the video's end {duration:.2f}s" if duration else unread  # ("missing file", ...)
             left_out.append({"row_id": r["row_id"], "video_id": vid, "path": path, "round": 0, "reason": why})
         if not usable:
             continue
