@@ -654,6 +654,19 @@ def decode_windows(path: str, windows: Sequence[tuple[float | None, float | None
     return _bounded(lambda: _decode_windows(path, windows, cfg), cfg)
 
 
+def frame_size(path: str) -> tuple[int, int]:
+    """(width, height) of a local file's first video stream from its header, (0, 0) when it has
+    none or cannot be opened (decoding it then says why)."""
+    import av
+
+    try:
+        with av.open(path) as c:
+            v = c.streams.video[0].codec_context if c.streams.video else None
+            return (v.width, v.height) if v else (0, 0)
+    except Exception:  # noqa: BLE001 - any unreadable file: the decoder's SkipClip names it
+        return 0, 0
+
+
 def video_length(path: str, backend: str = "decord") -> float:
     """The video's length in seconds (frames / fps); SkipClip, with its reason, when it cannot
     be opened or has no frame rate."""

@@ -133,6 +133,9 @@ class NotStored(Exception):
     """The upload's temporary copy could not be written (args[0]: the OSError)."""
 
 
+MAX_UPLOAD_PIXELS = 3840 * 2160  # an uploaded clip's frame, at most (4K UHD)
+
+
 @serve.deployment
 class VideoEncoder:
     def __init__(self, export_dir: str, video: dict, batch: dict, num_gpus: float = 0.0, fingerprint: str = ""):
@@ -142,7 +145,7 @@ class VideoEncoder:
         _configure(self.embed_batch, batch)
 
     def _decode(self, data: bytes) -> Any:
-        from clipray.video import SkipClip, decode_clip_safe
+        from clipray.video import SkipClip, decode_clip_safe, frame_size
 
         # decord and PyAV both take a path; the upload lives only for this call
         try:
@@ -155,6 +158,12 @@ class VideoEncoder:
                 f.flush()
             except OSError as e:
                 raise NotStored(e) from None
+            # frames are decoded whole before they are scaled down: an upload of 8 frames at
+            # 8192x8192 (194 KB) took 4.9 GB, and a few at once would take the replica down
+            w, h = frame_size(f.name)
+            if w * h > MAX_UPLOAD_PIXELS:
+                raise SkipClip(f"its frames are {w}x{h}, over the {MAX_UPLOAD_PIXELS:,} pixels (3840x2160) an upload "
+                               "may have: scale it down")
             try:
                 return decode_clip_safe(f.name, None, None, self.video)
             except SkipClip as e:  # the reason names the file: the client's is "the upload", not our temp path

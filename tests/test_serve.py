@@ -205,6 +205,24 @@ def test_clip_stream_supports_range(app, synth_small):
         assert multi.headers["content-type"].split(";")[0] in spec[method]["responses"]["206"]["content"]
 
 
+def _video_bytes(width: int, height: int, frames: int = 8) -> bytes:
+    """An H.264 mp4 of `frames` grey frames at width x height."""
+    import io
+
+    import av
+    import numpy as np
+
+    buf = io.BytesIO()
+    with av.open(buf, "w", format="mp4") as out:
+        stream = out.add_stream("libx264", rate=8)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        for _ in range(frames):
+            img = np.full((height, width, 3), 128, dtype=np.uint8)
+            out.mux(stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")))
+        out.mux(stream.encode(None))
+    return buf.getvalue()
+
+
 def _bad_requests(url: str, video: bytes) -> list[tuple[str, object, tuple[int, ...]]]:
     post = lambda p, **kw: requests.post(f"{url}{p}", timeout=60, **kw)  # noqa: E731
     js = {"Content-Type": "application/json"}
@@ -476,6 +494,14 @@ def test_bad_inputs_are_4xx_with_a_message(app, synth_small):
     r = requests.post(f"{app['url']}/encode/video", files={"file": ("x.mp4", video[: len(video) // 3])}, timeout=60)
     assert r.status_code == 415 and "the upload" in r.json()["error"], r.text
     assert "/tmp" not in r.text and ".mp4" not in r.text, r.text
+    # frames over 4K: decoded whole before they were scaled down, 8 frames at 8192x8192 (194 KB)
+    # took 4.9 GB of the replica, and answered 200. Refused from the header now
+    huge = _video_bytes(4096, 2304, frames=2)
+    r = requests.post(f"{app['url']}/encode/video", files={"file": ("x.mp4", huge)}, timeout=60)
+    assert (r.status_code, r.json()["error"]) == (415, "file: not a usable video (its frames are 4096x2304, over the "
+                                                       "8,294,400 pixels (3840x2160) an upload may have: scale it down)")
+    assert requests.post(f"{app['url']}/encode/video", files={"file": ("x.mp4", _video_bytes(640, 360))},
+                         timeout=60).status_code == 200
     # HEAD on the page and the health check (uptime/load-balancer probes) answers as GET does
     for path in ("/", "/healthz"):
         h, g = requests.head(f"{app['url']}{path}", timeout=30), requests.get(f"{app['url']}{path}", timeout=30)
