@@ -87,6 +87,7 @@ def initial_captions(source: str, root: str, e: EditConfig, backend: str) -> tup
                           f"video {r['video_id']}); clip editing needs one per training caption")
     if not by_video:
         raise ConfigError(f"{source} has no training rows")
+
     def length(rows: list[dict]) -> tuple[str, Optional[float], str]:
         # every video is opened, a manifest's duration or not: a video shorter than its
         # duration says had a caption past its real end trained on frames before it (decoding
