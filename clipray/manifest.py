@@ -77,7 +77,7 @@ def check_row(row: Mapping[str, Any], where: str) -> dict[str, Any]:
         v = row.get(key)
         if v is None or not isinstance(v, str):
             raise ManifestError(f"{where}: '{key}' is missing or not a string ({v!r})")
-        out[key] = _utf8(v.strip(), key, where)
+        out[key] = utf8_text(v.strip(), key, where)
     if not out["video_id"] or not out["path"]:
         raise ManifestError(f"{where}: empty video_id or path")
     if not out["caption"]:
@@ -109,11 +109,11 @@ def check_row(row: Mapping[str, Any], where: str) -> dict[str, Any]:
         raise ManifestError(f"{where} (video {out['video_id']}): duration must be > 0")
     group = row.get("group")
     out.update(start=start, end=end, timestamp=ts, duration=dur,
-               group=_utf8(str(group), "group", where) if group not in (None, "") else out["video_id"])
+               group=utf8_text(str(group), "group", where) if group not in (None, "") else out["video_id"])
     return out
 
 
-def _utf8(text: str, key: str, where: str) -> str:
+def utf8_text(text: str, key: str, where: str) -> str:
     """`text`, when it is text Parquet can store: a lone surrogate (JSON's "\\ud83d" escape cut
     from an emoji's pair, a file name that is not UTF-8 as os.walk gives it) failed the writer's
     whole row group, and so the manifest, where it is one row refused."""

@@ -1082,6 +1082,25 @@ def test_generic_jsonl_numeric_ids_zero_are_kept(tmp_path):
     assert table(out, "video_id", "caption", "group") == [("0", "first", "0"), ("1", "second", "0")]
 
 
+def test_one_sentence_that_is_no_text_drops_itself_not_its_paragraph(tmp_path):
+    """A sentence holding a lone surrogate (JSON's "\\ud83d", an emoji's escape cut in half) is
+    no text Parquet can store: joined into its ActivityNet paragraph, the writer refused the
+    whole paragraph, every good sentence of the video with it. The sentence alone is rejected
+    now, as an empty one is; in the sentence view its row, as before."""
+    fx.touch(tmp_path, "videos/A.mp4")
+    fx.write(tmp_path, "train.json", '{"v_A": {"duration": 20, "timestamps": [[0, 5], [5, 9], [9, 12]], '
+                                     '"sentences": ["a man walks.", "he waves \\ud83d.", "he sits."]}}')
+    fx.write(tmp_path, "val_1.json", "{}")
+    why = ("invalid row: 'caption' holds a lone surrogate (half of a pair, as a JSON escape cut from an emoji's "
+           "gives), which is not text")
+    rep = prepare("activitynet", tmp_path, tmp_path / "p.parquet", view="paragraph")
+    assert table(tmp_path / "p.parquet", "video_id", "caption") == [("v_A", "a man walks. he sits.")]
+    assert rep.rejected == {why: 1} and rep.rejected_examples[0].startswith("train.json v_A sentence 1: ")
+    rep = prepare("activitynet", tmp_path, tmp_path / "s.parquet")
+    assert [c for _, c in table(tmp_path / "s.parquet", "video_id", "caption")] == ["a man walks.", "he sits."]
+    assert rep.rejected == {why: 1}
+
+
 def test_a_video_in_train_json_and_val_1_json_is_said_in_the_report(tmp_path):
     """The report said nothing of a video captioned in both of ActivityNet's files (it is kept
     in both splits); it says how many now, as for every source."""

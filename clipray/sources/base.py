@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, Callable, Iterable, Iterator, Mapping, TextIO
 
+from clipray.manifest import ManifestError, utf8_text
+
 # Extensions counted as video files, in order of preference when one stem has several files
 # (CLIP4Clip's MSR-VTT loader tries .mp4 before .webm; the rest follow the releases' own).
 VIDEO_EXTS = ("mp4", "webm", "mkv", "avi", "mov", "m4v", "mpg", "mpeg", "wmv", "flv", "3gp",
@@ -345,6 +347,13 @@ class Context:
         text = text.strip()
         if not text:
             self.reject(where, "empty caption")
+            return None
+        try:  # refused here, as the writer would refuse its row: one sentence of an ActivityNet
+            # paragraph holding a lone surrogate lost the whole paragraph at the writer
+            utf8_text(text, "caption", "")
+        except ManifestError as e:
+            reason = str(e).removeprefix(": ")
+            self.reject(where, reason, category="invalid row: " + reason)
             return None
         return text
 
