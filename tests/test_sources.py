@@ -365,6 +365,8 @@ def test_didemo_moment_formula():
     assert moment([[2, 3], [2, 2], [3, 3], [2, 3]]) == (11.25, 18.75)
     assert moment([[5, 5]] * 4) == (25.0, 30.0)
     assert moment([[5, 5]] * 4, num_segments=5) == (25.0, 25.0)  # clamped to 5 * num_segments
+    # a count that is no whole number is the usual 6 segments: true was read as 1, cutting to 5 s
+    assert moment([[2, 3]], num_segments=True) == moment([[2, 3]], num_segments="6") == (10.0, 20.0)
     with pytest.raises(ValueError):
         moment([[1, 2, 3]])
 

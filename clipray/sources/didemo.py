@@ -44,7 +44,9 @@ def moment(times: Any, num_segments: Any = 6) -> tuple[float, float]:
     if not (math.isfinite(start) and math.isfinite(end)):  # finite numbers whose sum is not
         raise ValueError(f"times {times!r} are past float's range")
     try:
-        limit = SEGMENT_S * (num_segments if isinstance(num_segments, int) and num_segments > 0 else 6)
+        # (JSON's true is no count: read as 1, it cut every moment to the first 5 s)
+        ok = isinstance(num_segments, int) and not isinstance(num_segments, bool) and num_segments > 0
+        limit = SEGMENT_S * (num_segments if ok else 6)
     except OverflowError:  # a count past float's range is as wrong as 0 (it was a traceback)
         limit = SEGMENT_S * 6
     return min(max(start, 0.0), limit), min(max(end, 0.0), limit)
