@@ -443,6 +443,13 @@ def test_left_out_counts_only_captions_never_trained_on():
              {"row_id": 3, "round": 1}, {"row_id": 3, "round": 2}, {"row_id": 4, "round": 2}]  # unscored
     assert skip_counts(skips) == {"left_out": 2, "unscored": 3}
     assert skip_counts([]) == {"left_out": 0, "unscored": 0}
+    # and the console's summary says both (edit_result.json had them, the console not)
+    from train.edit import _summary
+
+    test = {"eval_split": "test", "num_test_videos": 5, "t2v_mdr": 2.0, "v2t_r1": 20.0,
+            **{f"t2v_r{k}": 20.0 for k in (1, 5, 10)}}
+    text = _summary({"rounds": [], "test": test, **skip_counts(skips)}, "/runs/e")
+    assert "captions left out: 2; times the teacher could not score one (kept its clip): 3  (clips/skips.jsonl)" in text
 
 
 @pytest.mark.parametrize("name", ["exp [2]", "exp::2"])

@@ -564,6 +564,10 @@ def _summary(result: dict, out: str) -> str:
         "", *rows,
         f"test ({t['eval_split']} split, ground-truth clips, {t['num_test_videos']} clips): t2v R@1 {t['t2v_r1']:.1f} "
         f"R@5 {t['t2v_r5']:.1f} R@10 {t['t2v_r10']:.1f} MdR {t['t2v_mdr']:.1f}; v2t R@1 {t['v2t_r1']:.1f}",
+        # (edit_result.json had them, the console not: a teacher that could not score captions
+        # went unseen there)
+        f"captions left out: {result.get('left_out', 0)}; times the teacher could not score one (kept its clip): "
+        f"{result.get('unscored', 0)}  (clips/skips.jsonl)",
         f"run directory: {out}  (edits.csv, edit_result.json, clips/, teacher/, export/)"])
 
 
