@@ -121,8 +121,8 @@ def utf8_text(text: str, key: str, where: str) -> str:
         try:
             text.encode("utf-8")
         except UnicodeEncodeError:
-            raise ManifestError(f"{where}: '{key}' holds a lone surrogate (half of a pair, as a JSON "
-                                "escape cut from an emoji's gives), which is not text") from None
+            raise ManifestError(f"{where}: '{key}' holds a lone surrogate (half of a pair: a JSON escape "
+                                "cut from an emoji's, or a file name that is not UTF-8), which is not text") from None
     return text
 
 

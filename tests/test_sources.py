@@ -701,6 +701,23 @@ def test_a_howto100m_video_with_no_captions_is_a_rejected_entry(tmp_path, form):
     assert "EEEEEEEEEEE: no captions" in rep.rejected_examples
 
 
+def test_a_howto100m_row_the_writer_refuses_is_named_by_its_own_line(tmp_path):
+    """A caption file whose name is not UTF-8 gives a video id that is no text: the writer
+    refuses its rows, which were named by the count of kept lines ("line 0", "line 1") where
+    the file's line 3 was rejected before them. Each is named by its file line now."""
+    (tmp_path / "small_train_captions").mkdir()
+    (tmp_path / "videos").mkdir()
+    name = os.fsdecode(b"BAD\xff0000000")
+    (tmp_path / "small_train_captions" / f"{name}.csv").write_text("start,end,text\n1,2,first\n5,3,backwards\n6,7,third\n")
+    (tmp_path / "videos" / f"{name}.mp4").touch()
+    fx.write(tmp_path, "val_list.csv", "video_path\nX.mp4\n")
+    rep = prepare("howto100m", tmp_path, tmp_path / "out", workers=1)
+    assert rep.rows == 0 and [ex.split(":")[0] for ex in rep.rejected_examples] == [
+        f"{name}.csv line 3", f"{name}.csv line 2", f"{name}.csv line 4"]
+    assert rep.rejected_examples[1].endswith("'video_id' holds a lone surrogate (half of a pair: a JSON escape cut "
+                                             "from an emoji's, or a file name that is not UTF-8), which is not text")
+
+
 def test_howto100m_workers_from_a_script_without_a_main_guard_still_read_every_row(tmp_path):
     """A spawned worker runs the calling script again: prepare() in a script without `if
     __name__ == "__main__":` (as datasets/README.md's example is) ended every worker in a
@@ -1093,8 +1110,8 @@ def test_one_sentence_that_is_no_text_drops_itself_not_its_paragraph(tmp_path):
     fx.write(tmp_path, "train.json", '{"v_A": {"duration": 20, "timestamps": [[0, 5], [5, 9], [9, 12]], '
                                      '"sentences": ["a man walks.", "he waves \\ud83d.", "he sits."]}}')
     fx.write(tmp_path, "val_1.json", "{}")
-    why = ("invalid row: 'caption' holds a lone surrogate (half of a pair, as a JSON escape cut from an emoji's "
-           "gives), which is not text")
+    why = ("invalid row: 'caption' holds a lone surrogate (half of a pair: a JSON escape cut from an emoji's, "
+           "or a file name that is not UTF-8), which is not text")
     rep = prepare("activitynet", tmp_path, tmp_path / "p.parquet", view="paragraph")
     assert table(tmp_path / "p.parquet", "video_id", "caption") == [("v_A", "a man walks. he sits.")]
     assert rep.rejected == {why: 1} and rep.rejected_examples[0].startswith("train.json v_A sentence 1: ")

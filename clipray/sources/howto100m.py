@@ -43,7 +43,7 @@ JSON_NAMES = ("raw_caption.json", "caption.json")
 CSV_DIRS = ("raw_caption", "caption", "captions", "small_train_captions")
 _BATCH = 64  # caption files per task sent to a worker process
 
-Segments = list[tuple[float, float, str]]
+Segments = list[tuple[float, float, str, str]]  # (start, end, text, where: the line that gave it)
 Rejects = list[tuple[str, str]]
 
 
@@ -73,7 +73,7 @@ def video_segments(where: str, starts: Any, ends: Any, texts: Any,
         elif not text:
             bad.append((f"{where} line {k}", "empty caption"))
         else:
-            good.append((s, e, text))
+            good.append((s, e, text, f"{where} line {k}"))
     return good, bad
 
 
@@ -179,9 +179,11 @@ def rows(ctx: Context) -> Iterator[dict]:
         if not segments and not rejects:  # `{"start": [], ...}`, a CSV of its header only: said, as MSVD's
             ctx.reject(vid, "no captions", category="video with no captions")
         path, split = ctx.path(rel), "val" if vid in val else "train"
-        for k, (s, e, text) in enumerate(segments):
+        # (named by the line that gave it: the count of kept lines named other lines, where
+        # the writer refused one)
+        for s, e, text, where in segments:
             yield {"video_id": vid, "path": path, "start": s, "end": e, "caption": text,
-                   "split": split, "group": vid, "_where": f"{vid} line {k}"}
+                   "split": split, "group": vid, "_where": where}
 
     if form == "json":
         for vid, entry in _stream_json(source):
