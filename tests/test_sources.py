@@ -806,6 +806,16 @@ def test_generic_refuses_hhmmss_and_clashing_ids(tmp_path):
         prepare("generic", tmp_path, tmp_path / "g.parquet", file="c.csv")
     with pytest.raises(SourceError, match="-o file=PATH"):
         prepare("generic", tmp_path, tmp_path / "g.parquet")
+    # one clip under two ids (an id given in one row, the path's stem in the other): two
+    # retrieval targets of the same frames, one counted as a miss; windows of one file under
+    # ids of their own are the user's choice, and kept
+    fx.write(tmp_path, "d.csv", "path,caption,video_id\na/x.mp4,one,clip7\na/x.mp4,two,\n")
+    with pytest.raises(SourceError, match=r"^d.csv line 3: 'a/x.mp4' \(the whole video\) is video_id 'x' here and "
+                                          r"'clip7' at d.csv line 2; give one clip one video_id$"):
+        prepare("generic", tmp_path, tmp_path / "g.parquet", file="d.csv")
+    fx.write(tmp_path, "w.csv", "path,caption,video_id,start,end\na/x.mp4,one,w1,0,2\na/x.mp4,two,w2,2,4\n"
+                                "a/x.mp4,three,w1,0,2\n")
+    assert prepare("generic", tmp_path, tmp_path / "g.parquet", file="w.csv").rows == 3
 
 
 def test_a_failed_run_leaves_no_partial_shards(tmp_path):
@@ -1166,11 +1176,11 @@ def test_generic_odd_text_round_trips_and_a_lone_surrogate_is_one_rejected_row(t
     # group (a UnicodeEncodeError traceback, no manifest), where the row is rejected, and a path
     # holding one is reported missing in a report that prints
     odd = ["clips/a b #1 %20 +&.mp4", "clips/-lead.mp4", "clips/ÉCOLE é.mp4", "clips/字幕.mp4"]
-    fx.touch(tmp_path, *odd)
+    fx.touch(tmp_path, *odd, "clips/other.mp4")
     caps = ["Café naïve 😀", 'tab\there, "quoted", <b>x</b>\nnew line\x00nul', "مرحبا بالعالم", "视频 字幕"]
     lines = [json.dumps({"path": p, "caption": c}) for p, c in zip(odd, caps)] + [
         '{"path": "clips/-lead.mp4", "caption": "cut \\ud83d emoji"}',
-        '{"path": "clips/-lead.mp4", "video_id": "v\\udc80", "caption": "bad id"}',
+        '{"path": "clips/other.mp4", "video_id": "v\\udc80", "caption": "bad id"}',
         '{"path": "clips/gone \\ud83d.mp4", "caption": "missing"}',
     ]
     fx.write(tmp_path, "ann.jsonl", "\n".join(lines) + "\n")

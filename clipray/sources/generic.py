@@ -103,6 +103,7 @@ def rows(ctx: Context) -> Iterator[dict]:
     ctx.metadata.update(file=path)
     files = ctx.files(exts=None)  # user videos may carry any extension
     ids: dict[str, tuple[str, str]] = {}  # video_id -> (path, first where), to catch clashes
+    clips: dict[tuple, tuple[str, str]] = {}  # (path, start, end) -> (video_id, first where), likewise
     local: dict[str, str | None] = {}
     unknown: set[str] = set()
     clamped = 0
@@ -121,6 +122,13 @@ def rows(ctx: Context) -> Iterator[dict]:
         if first[0] != raw:
             raise SourceError(f"{where}: video_id {vid!r} names {raw!r}, but {first[1]} gave it "
                               f"{first[0]!r}; give each video its own video_id")
+        # and one clip under two ids (an id given in one row, the path's stem in another): two
+        # retrieval targets of the same frames, one of which counted as a miss
+        named = clips.setdefault((raw, start, end), (vid, where))
+        if named[0] != vid:
+            span = "the whole video" if start is None else f"[{start:g}, {end:g}]"
+            raise SourceError(f"{where}: {raw!r} ({span}) is video_id {vid!r} here and {named[0]!r} at "
+                              f"{named[1]}; give one clip one video_id")
         full = _locate(ctx, files, raw, local)
         if full is None:
             ctx.missing(raw)
