@@ -103,6 +103,24 @@ def test_a_video_root_in_a_bucket_that_holds_nothing_is_refused_not_an_empty_man
     assert read_manifest(out).num_rows == 1  # kept
 
 
+def test_generic_rows_find_hidden_and_parent_folder_videos_under_a_bucket_root(s3, tmp_path):
+    """Under an s3:// root a row naming a hidden file or one in a parent folder ('../') was
+    reported missing (the listing leaves dotfiles out and holds only the root's keys): each is
+    looked up by itself now, within the root's bucket ('../' past it names no other bucket)."""
+    from clipray.sources import prepare
+
+    fs = s3.fs()
+    for key in ("gen/root/a.mp4", "gen/root/clips/.take2.mp4", "gen/outside.mp4"):
+        fs.pipe(f"{s3.bucket}/{key}", b"x")
+    (tmp_path / "own.csv").write_text("path,caption\na.mp4,plain\nclips/.take2.mp4,hidden\n../outside.mp4,parent\n"
+                                      "../../../other-bucket/x.mp4,past the bucket\nclips/.gone.mp4,missing\n")
+    rep = prepare("generic", s3.url("gen/root"), tmp_path / "m.parquet", file=str(tmp_path / "own.csv"))
+    got = [(r["path"], r["caption"]) for r in read_manifest(tmp_path / "m.parquet").to_pylist()]
+    assert got == [(s3.url("gen/root/a.mp4"), "plain"), (s3.url("gen/root/clips/.take2.mp4"), "hidden"),
+                   (s3.url("gen/outside.mp4"), "parent")]
+    assert rep.missing_videos == ["../../../other-bucket/x.mp4", "clips/.gone.mp4"]
+
+
 def test_a_prefix_named_as_a_video_is_not_a_regular_file_not_an_empty_one(s3):
     """A manifest row naming a prefix ("folder") of the bucket: s3fs opens it as a file of size 0,
     and the clip was skipped as an "empty file", sending the user to look for a cut upload. It

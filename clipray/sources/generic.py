@@ -30,7 +30,7 @@ import unicodedata
 from typing import Any, Iterator
 
 from clipray.manifest import SPLITS
-from clipray.sources.base import Context, SourceError, SourceSpec, csv_rows, is_uri, open_text, split_ext
+from clipray.sources.base import Context, SourceError, SourceSpec, csv_rows, exists, is_uri, join, open_text, split_ext
 
 KNOWN = {"path", "caption", "video_id", "start", "end", "split", "timestamp", "group", "duration",
          "caption_id", "captions", "text"}
@@ -185,6 +185,15 @@ def _locate(ctx: Context, files, raw: str, cache: dict[str, str | None]) -> str 
         # the listing leaves dotfiles out, macOS's '._a.mp4' among them), which a row naming
         # it was reported missing for
         return _on_disk(os.path.normpath(os.path.join(ctx.root, raw)), cache)
+    if raw.startswith(".") or "/." in raw:  # likewise under a bucket's root, looked up one by one
+        scheme, _, key = join(ctx.root, raw).partition("://")
+        key = posixpath.normpath(key)
+        if key.split("/")[0] != ctx.root.partition("://")[2].split("/")[0]:
+            return None  # '../' past the bucket: another bucket's name, not a folder
+        full = f"{scheme}://{key}"
+        if full not in cache:
+            cache[full] = full if exists(full) else None
+        return cache[full]
     return None
 
 
