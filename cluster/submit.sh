@@ -7,7 +7,9 @@
 #        cluster/submit.sh edit train/configs/edit_youcook2.yaml data.manifest=s3://my-bucket/youcook2/manifest \
 #            train.storage_path=s3://my-bucket/runs
 #
-# Runs, from the repository root (`edit`: clip editing, python -m train.edit):
+# Loads CONFIG with the overrides first, with this machine's python where it has clipray: a
+# typo in a key fails here, not on the cluster. Then runs, from the repository root (`edit`:
+# clip editing, python -m train.edit):
 #   ray job submit --working-dir . --runtime-env cluster/runtime_env.yaml --submission-id ID \
 #       --no-wait -- python -m train CONFIG [key=value ...] train.run_name=RUN train.storage_path=STORE
 #
@@ -68,6 +70,34 @@ for kv in "$@"; do
         *) overrides+=("$kv") ;;
     esac
 done
+
+# --- the config and overrides, loaded here as the job will load them: a typo in a key, or a
+# value of the wrong type, failed only on the cluster, after the package upload and the job's
+# start. Skipped, with a note, where this python has no clipray (or its dependencies).
+check_err="$(mktemp)"
+check_rc=0
+python - "$config" ${overrides[@]+"${overrides[@]}"} >/dev/null 2>"$check_err" <<'PY' || check_rc=$?
+import os, sys
+sys.path.insert(0, os.getcwd())
+try:
+    from clipray.config import ConfigError, load_config
+except ImportError:
+    sys.exit(3)
+try:
+    load_config(sys.argv[1], sys.argv[2:])
+except ConfigError as e:
+    print(e, file=sys.stderr)
+    sys.exit(2)
+PY
+check_why="$(grep -v '^[[:space:]]*$' "$check_err" | tail -n 1 || true)"
+rm -f "$check_err"
+case $check_rc in
+    0) ;;
+    2) die "$check_why" ;;
+    3) printf 'submit.sh: note: the overrides were not checked here (no clipray in this python); the job checks them\n' >&2 ;;
+    *) printf 'submit.sh: note: the overrides could not be checked here (%s); the job checks them\n' \
+           "${check_why:-python failed}" >&2 ;;
+esac
 
 # --- Ray token authentication: required, never switched off ---
 token_help() {

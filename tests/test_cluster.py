@@ -474,6 +474,23 @@ def test_submit_sh_names_the_run_and_prints_how_to_follow_stop_resume(tmp_path):
     assert r5.returncode == 2 and "config file not found" in r5.stderr
 
 
+def test_submit_sh_checks_the_overrides_before_it_submits(tmp_path):
+    """A typo in a key, or a value of the wrong type, failed only on the cluster, once the
+    package was uploaded and the job started: loaded here as the job loads them, they are one
+    line and exit 2, and nothing is submitted."""
+    env = dict(RAY_ADDRESS="http://127.0.0.1:8265", RAY_AUTH_MODE="token", RAY_AUTH_TOKEN="t",
+               CLIPRAY_DRY_RUN="1")
+    for bad, said in (("train.epocs=3", "bad key 'train.epocs': Key 'epocs' not in 'TrainConfig'. Did you mean: "
+                                        "'epochs'?"),
+                      ("optim.lr=fast", "optim.lr")):
+        r = _submit(tmp_path, "train/configs/demo.yaml", bad, "train.storage_path=s3://b/runs", **env)
+        assert r.returncode == 2 and r.stderr.startswith("submit.sh: command-line override: ") and said in r.stderr, r
+        assert "dry run:" not in r.stdout
+    r = _submit(tmp_path, "edit", "train/configs/edit_demo.yaml", "edit.rounds=1", "train.storage_path=s3://b/runs",
+                **env)
+    assert r.returncode == 0 and "python -m train.edit train/configs/edit_demo.yaml edit.rounds=1" in r.stdout, r.stderr
+
+
 def test_submit_sh_resume_line_keeps_a_storage_path_with_a_space_in_one_word(tmp_path):
     """The printed resume line is pasted as it is: a storage path with a space (an NFS folder,
     an S3 key) came out unquoted, and pasting it gave submit.sh two words, the second refused
@@ -536,12 +553,16 @@ def test_submit_sh_says_when_it_cannot_read_the_configs_storage_path(tmp_path):
                PATH=f"{bin_dir}:{os.environ['PATH']}")
     r = _submit(tmp_path, "train/configs/howto100m.yaml", **env)
     assert r.returncode == 2 and "relative" not in r.stderr, r.stderr
-    assert r.stderr.strip() == ("submit.sh: cannot read train.storage_path from train/configs/howto100m.yaml "
-                                "(ModuleNotFoundError: No module named 'omegaconf'); give train.storage_path=... "
-                                "or set CLIPRAY_STORAGE_PATH")
-    # a storage path given needs no python at all
+    # (first, that the overrides could not be checked here either)
+    note = ("submit.sh: note: the overrides could not be checked here (ModuleNotFoundError: No module named "
+            "'omegaconf'); the job checks them")
+    assert r.stderr.strip().splitlines() == [
+        note, "submit.sh: cannot read train.storage_path from train/configs/howto100m.yaml (ModuleNotFoundError: "
+              "No module named 'omegaconf'); give train.storage_path=... or set CLIPRAY_STORAGE_PATH"]
+    # a storage path given needs no working python: the job is submitted, its overrides unchecked
     r = _submit(tmp_path, "train/configs/howto100m.yaml", "train.storage_path=s3://b/r", **env)
     assert r.returncode == 0 and "train.storage_path=s3://b/r\n" in r.stdout, r.stderr
+    assert r.stderr.strip() == note
 
 
 def test_readme_covers_every_file_and_the_job_commands():
