@@ -43,6 +43,9 @@ class VideoConfig:
     timeout_s: float = 60.0  # one file's decode is abandoned (and reported) after this
 
 
+SAMPLING = ("fps", "max_frames", "slice")  # the video.* keys that choose a clip's frames (the size is the model's)
+
+
 @dataclass
 class DataConfig:
     manifest: str = ""  # Parquet file, directory of shards, or s3:// / gs:// URI

@@ -38,7 +38,7 @@ from typing import Any, Iterator, Optional
 
 import numpy as np
 
-from clipray.config import ConfigError, VideoConfig
+from clipray.config import SAMPLING, ConfigError, VideoConfig
 from clipray.manifest import Every, ManifestError
 from serve import store
 from serve.config import AppConfig, load_app_config
@@ -339,9 +339,6 @@ def check_frame_positions(conf: dict, what: str, max_frames: int) -> None:
         check_frames(conf["overrides"]["head"], int(conf["context_length"]), max_frames)
     except ValueError as e:
         raise ConfigError(f"video.max_frames={max_frames}: {what}: {e}") from None
-
-
-SAMPLING = ("fps", "max_frames", "slice")  # the video.* keys that choose a clip's frames (the size is the model's)
 
 
 def recorded_sampling(conf: dict) -> dict[str, Any]:

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
-from clipray.config import Config, ConfigError, to_yaml
+from clipray.config import SAMPLING, Config, ConfigError, to_yaml
 from clipray.manifest import (ManifestError, check_unique_ids, file_signature, filesystem, fsspec_path,
                               manifest_listing, manifest_signature, naming, reading, replace_whole)
 
@@ -233,7 +233,7 @@ def resume_key(cfg: Config, steps_per_epoch: int, stop_epoch: int = 0,
            "model": dataclasses.asdict(cfg.model),
            # the clips the weights learn from, sampled and tokenised alike (a resumed run on other
            # frames exported one sampling for weights trained on both)
-           "data.video": {k: getattr(cfg.data.video, k) for k in ("fps", "max_frames", "slice", "size")},
+           "data.video": {k: getattr(cfg.data.video, k) for k in (*SAMPLING, "size")},
            "data.max_words": cfg.data.max_words, "data.batch_size": cfg.data.batch_size,
            "train.num_workers": cfg.train.num_workers, "train.epochs": cfg.train.epochs,
            "train.max_steps": cfg.train.max_steps, "train.grad_accum": cfg.train.grad_accum,
