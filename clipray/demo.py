@@ -23,6 +23,14 @@ from pathlib import Path
 from clipray.cli import at_least
 
 
+def synth_defaults() -> dict:
+    """`clipray.synth.generate`'s defaults (fps, size, splits, ...): the demo's set is made with them."""
+    from clipray.synth import generate
+
+    return {k: p.default for k, p in inspect.signature(generate).parameters.items()
+            if p.default is not inspect.Parameter.empty}
+
+
 def ensure_synth(data_dir: Path, videos: int, seed: int = 0, **options) -> Path:
     """Generate the synthetic set under data_dir unless a complete one is already there;
     `options` go to `clipray.synth.generate` (e.g. idle_seconds)."""
@@ -45,11 +53,9 @@ def ensure_synth(data_dir: Path, videos: int, seed: int = 0, **options) -> Path:
         other.append(f"{idle:g} s of idle background (these have {made_idle:g} s)")
     # and so do the encoding and the plan of a set made with `clipray data synth --fps ...`: its
     # videos are not those the asked-for set (the demo's, whose figures the README gives) holds
-    from clipray.synth import generate, plan
+    from clipray.synth import plan
 
-    want = {k: p.default for k, p in inspect.signature(generate).parameters.items()
-            if p.default is not inspect.Parameter.empty}
-    want.update(options)
+    want = {**synth_defaults(), **options}
     want["size"] = [want.pop("width"), want.pop("height")]
     for key in ("fps", "size", "max_events", "event_seconds", "val_frac", "test_frac"):
         if key in recorded and recorded[key] != want[key]:
@@ -126,10 +132,10 @@ def main(argv: list[str] | None = None) -> int:
                               "local folder); `clipray train` reads and trains in object storage")
     if not (Path(args.data) / "synth.json").exists():
         # too few videos for one training step: said after a minute of making them
-        from clipray.synth import generate, plan
+        from clipray.synth import plan
 
-        fracs = {k: inspect.signature(generate).parameters[k].default for k in ("val_frac", "test_frac")}
-        train = sum(v.split == "train" for v in plan(args.videos, 0, **fracs))
+        made = synth_defaults()
+        train = sum(v.split == "train" for v in plan(args.videos, 0, made["val_frac"], made["test_frac"]))
         per_step = given.data.batch_size * given.train.num_workers
         if train < per_step:
             raise ConfigError(f"--videos {args.videos} makes {train} training videos, which cannot fill one step of "
