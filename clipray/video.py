@@ -667,6 +667,9 @@ def frame_size(path: str) -> tuple[int, int]:
         return 0, 0
 
 
+PROBE_THREADS = 16  # videos opened at once to find their lengths (a million in object storage took a day one by one)
+
+
 def video_length(path: str, backend: str = "decord") -> float:
     """The video's length in seconds (frames / fps); SkipClip, with its reason, when it cannot
     be opened or has no frame rate."""

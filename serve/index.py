@@ -57,9 +57,6 @@ def windows(duration: float, window: float, stride: float) -> list[tuple[float, 
     return out
 
 
-PROBE_THREADS = 16  # videos opened at once to find their length (sliding windows)
-
-
 def plan_clips(cfg: AppConfig, have: set) -> tuple[list[dict], list[str]]:
     """Unique clips of the manifest not yet in the index (+ windows), and a seeded uniform
     sample of its captions (up to index.recall_queries) for the recall check. The manifest is
@@ -72,7 +69,7 @@ def plan_clips(cfg: AppConfig, have: set) -> tuple[list[dict], list[str]]:
     from concurrent.futures import ThreadPoolExecutor
 
     from clipray.manifest import checked_batches, default_root, resolve_path
-    from clipray.video import probe_duration
+    from clipray.video import PROBE_THREADS, probe_duration
 
     split = None if cfg.index.split == "all" else cfg.index.split
     root = cfg.manifest and default_root(cfg.manifest)

@@ -75,7 +75,7 @@ def initial_captions(source: str, root: str, e: EditConfig, backend: str) -> tup
     Held in memory: editing sets are 10^4-10^5 captions, tens of bytes each."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from clipray.video import SkipClip, video_length
+    from clipray.video import PROBE_THREADS, SkipClip, video_length
 
     by_video: dict[str, list[dict]] = {}
     no_ts = []
@@ -101,8 +101,7 @@ def initial_captions(source: str, root: str, e: EditConfig, backend: str) -> tup
         return path, min(real, said) if said else real, ""
 
     captions, left_out = {}, []
-    # (16 at a time: one after another, thousands of videos in object storage took minutes)
-    with ThreadPoolExecutor(16) as pool:
+    with ThreadPoolExecutor(PROBE_THREADS) as pool:
         lengths = list(pool.map(length, by_video.values()))
     for (vid, rows), (path, duration, unread) in zip(by_video.items(), lengths):
         usable = []
