@@ -204,6 +204,12 @@ class PyAVVideo:
         if not _moving(self._container):  # an audio file (with its cover picture), subtitles only
             self._container.close()
             raise SkipClip("no video stream")
+        fmt = self._container.format.name
+        if fmt in ("image2", "image2pipe") or fmt.endswith("_pipe"):
+            # FFmpeg's image demuxers: a PNG or JPEG named .mp4 (a thumbnail saved under the
+            # video's name) opened as a one-frame video of 25 fps, and was trained on and indexed
+            self._container.close()
+            raise SkipClip(f"not a video: a still image ({fmt.removesuffix('_pipe')})")
         # the stream decord and players pick (libavformat's best: the default one, then the one
         # with more frames), not the first listed, which can be a cover picture
         self._stream = _main_video(self._container)
@@ -219,7 +225,6 @@ class PyAVVideo:
             s = self._stream
         # MKV, WebM, FLV and NUT store no duration per stream: libavformat's is the file's where
         # it finds none of the video's times while it probes (a video starting 5 s after its audio)
-        fmt = self._container.format.name
         own = s.duration and s.time_base and not any(f in fmt for f in ("matroska", "flv", "nut"))
         self._seconds = float(s.duration * s.time_base) if own else None  # the stream's length, as its header says
         by_duration = int(round(self._seconds * self.fps)) if own else 0

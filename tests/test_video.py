@@ -300,6 +300,23 @@ def test_every_bad_file_is_a_skip_with_reason(tmp_path, real_video, backend):
         decode_clip_safe(str(real_video), 30.0, 40.0, cfg)
 
 
+@pytest.mark.parametrize("backend", ["decord", "pyav"])
+def test_still_image_named_as_video_is_a_skip(tmp_path, real_video, backend):
+    """A PNG or JPEG saved under a video's name opened as a one-frame video of 25 fps (FFmpeg's
+    image demuxers) and was trained on and indexed; it is a skip that says what it is."""
+    from PIL import Image
+
+    cfg = VideoConfig(backend=backend, fps=1.0, max_frames=4, size=32, timeout_s=20)
+    pixels = (np.random.default_rng(0).random((48, 64, 3)) * 255).astype(np.uint8)
+    for fmt, name in (("PNG", "png"), ("JPEG", "jpeg")):
+        path = tmp_path / f"thumb_{name}.mp4"
+        Image.fromarray(pixels).save(path, format=fmt)
+        with pytest.raises(SkipClip) as e:
+            decode_clip_safe(str(path), None, None, cfg)
+        assert e.value.reason == f"not a video: a still image ({name})"
+    assert decode_clip_safe(str(real_video), 0.0, 2.0, cfg).mask.sum() == 2  # a video still reads
+
+
 def test_hanging_source_times_out(real_video):
     server = GatedServer(real_video.read_bytes())  # never opened: the read hangs
     try:
