@@ -57,9 +57,11 @@ def windows(duration: float, window: float, stride: float) -> list[tuple[float, 
     return out
 
 
-def plan_clips(cfg: AppConfig, have: set) -> tuple[list[dict], list[str]]:
+def plan_clips(cfg: AppConfig, have: set | dict) -> tuple[list[dict], list[str]]:
     """Unique clips of the manifest not yet in the index (+ windows), and a seeded uniform
-    sample of its captions (up to index.recall_queries) for the recall check. The manifest is
+    sample of its captions (up to index.recall_queries) for the recall check. Given the index's
+    video ids (`have` a dict, clip_key -> id), clips the index holds under another id than the
+    manifest gives are said in a note: the index keeps its ids, and it said '0 new'. The manifest is
     streamed a checked batch at a time (`checked_batches`): only the clips are kept, not its
     rows, and what is done for each row (the clip's key, the caption sample) is done a column
     at a time; a path is resolved once a batch. Row by row, planning took 10-17 s a million
@@ -78,6 +80,7 @@ def plan_clips(cfg: AppConfig, have: set) -> tuple[list[dict], list[str]]:
     sample, rng, k, n = [], np.random.default_rng(0), cfg.index.recall_queries, 0
     durations: dict[str, Optional[float]] = {}
     windowed: set[str] = set()  # the videos cut into windows: their other rows give the same clips
+    ids, renamed = (have if isinstance(have, dict) else {}), {}  # clip_key -> (the index's id, the manifest's)
 
     def absolute(path: str) -> str:
         path = resolve_path(path, root)
@@ -119,6 +122,15 @@ def plan_clips(cfg: AppConfig, have: set) -> tuple[list[dict], list[str]]:
                     if key not in seen:
                         seen.add(key)
                         rows.append({"video_id": vid, "path": path, "start": s, "end": e})
+                    elif ids.get(key, vid) != vid:
+                        renamed.setdefault(key, (ids[key], vid))
+    if renamed:
+        (path, s, e), (old, new) = next(iter(renamed.items()))
+        span = "" if s is None else f" {s / 1000:g}-{e / 1000:g}s"
+        print(f"[index] note: {len(renamed)} clips of the manifest are in the index under other video ids "
+              f"(e.g. {path}{span}: {old!r} in the index, {new!r} in the manifest); clips are matched by "
+              "file and times, and the index keeps its ids: to serve the manifest's, build a new index "
+              "(another out=)", file=sys.stderr, flush=True)
     return rows, sorted(set(sample))
 
 
@@ -426,7 +438,7 @@ def _build(cfg: AppConfig, out: Path, quiet: bool) -> dict[str, Any]:
                           f"this append asks {' '.join(f'video.{k}={getattr(cfg.video, k)}' for k in differ)}: "
                           "give the former as overrides, or build a new index (another out=)")
     existing = store.read_table(out, store.META_COLUMNS)
-    rows, captions = plan_clips(cfg, store.existing_keys(existing))
+    rows, captions = plan_clips(cfg, store.existing_ids(existing))
     if not rows and not len(existing):  # no skip report to look at: nothing was tried
         raise ConfigError(f"manifest={cfg.manifest} has no clip to index" + (
             f" in the {cfg.index.split} split (index.split)" if cfg.index.split != "all" else ""))

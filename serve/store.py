@@ -480,5 +480,11 @@ def existing_keys(table: pa.Table) -> set[tuple]:
     return set(zip(table.column("path").to_pylist(), clip_ms(table.column("start")), clip_ms(table.column("end"))))
 
 
+def existing_ids(table: pa.Table) -> dict[tuple, str]:
+    """The video id of every clip of the index's table, by its clip_key."""
+    keys = zip(table.column("path").to_pylist(), clip_ms(table.column("start")), clip_ms(table.column("end")))
+    return dict(zip(keys, table.column("video_id").to_pylist()))
+
+
 def as_list(v: Iterable) -> list:
     return v.tolist() if isinstance(v, np.ndarray) else list(v)

@@ -785,6 +785,33 @@ def test_plan_streams_the_manifest_into_unique_clips_and_a_caption_sample(synth_
     assert [((r["path"], r["start"], r["end"]), r["video_id"]) for r in plan_clips(cfg, have)[0]] == want[3:]
 
 
+def test_plan_says_the_clips_the_index_holds_under_other_video_ids(synth_small, tmp_path, capsys):
+    """Clips are matched by file and times: a manifest that gives indexed clips new video ids
+    planned '0 new' and the index went on serving the old ids, without a word."""
+    import os
+
+    from clipray.manifest import read_manifest
+    from serve import store
+    from serve.index import plan_clips
+
+    whole = read_manifest(synth_small["manifest"], split="test").to_pylist()
+    root = os.path.dirname(os.path.abspath(synth_small["manifest"]))
+    want = list({(f"{root}/{r['path']}", r["start"], r["end"]): r["video_id"] for r in whole}.items())
+    cfg = _cfg("unused", synth_small["manifest"], tmp_path, "index.split=test")
+    same = {store.clip_key(*key): vid for key, vid in want}
+    assert plan_clips(cfg, same)[0] == [] and capsys.readouterr().err == ""  # the same ids: nothing to say
+    ids = dict(same)
+    for key, vid in want[1:3]:  # two clips indexed under ids the manifest no longer gives
+        ids[store.clip_key(*key)] = f"old-{vid}"
+    assert plan_clips(cfg, ids)[0] == []
+    (path, s, e), vid = want[1]
+    span = "" if s is None else f" {s:g}-{e:g}s"
+    assert capsys.readouterr().err == (
+        f"[index] note: 2 clips of the manifest are in the index under other video ids (e.g. {path}{span}: "
+        f"'old-{vid}' in the index, '{vid}' in the manifest); clips are matched by file and times, and the index "
+        "keeps its ids: to serve the manifest's, build a new index (another out=)\n")
+
+
 def test_plan_opens_the_videos_it_measures_for_windows_several_at_a_time(synth_small, tmp_path, monkeypatch):
     """Sliding windows need each whole video's length: plan_clips opened the videos without a
     `duration` one after another in the driver, a day for a million videos in object storage
