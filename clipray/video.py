@@ -514,6 +514,9 @@ def _short(e: BaseException) -> str:
 
 # ---------------------------------------------------------------- resize / crop
 
+MAX_ASPECT = 64  # frames wider (or taller) than this many times their other side are a skip
+
+
 def resize_crop(frames: np.ndarray, size: int) -> torch.Tensor:
     """uint8 [N, H, W, 3] -> uint8 [N, 3, size, size]: shorter side to `size`, centre crop.
 
@@ -523,6 +526,10 @@ def resize_crop(frames: np.ndarray, size: int) -> torch.Tensor:
     """
     x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2)
     h, w = x.shape[-2:]
+    if max(h, w) > MAX_ASPECT * min(h, w):
+        # resized whole before its centre is cut: a 16384x16 video's frames took 2.5 GB
+        raise SkipClip(f"frames {w}x{h}: one side over {MAX_ASPECT} times the other, no picture to "
+                       "take a centre square of")
     # torchvision's output size: the shorter side becomes `size`, the longer keeps the aspect
     # ratio, rounded down; a square frame counts its width as the shorter side
     nh, nw = (int(size * h / w), size) if w <= h else (size, int(size * w / h))

@@ -222,6 +222,32 @@ def test_resize_crop_is_torchvisions_resize_and_centre_crop(shape, size):
     assert torch.equal(got, want)
 
 
+@pytest.mark.parametrize("backend", ["decord", "pyav"])
+def test_frames_of_an_extreme_aspect_ratio_are_a_skip(tmp_path, backend):
+    """Frames are resized whole before their centre square is cut: 1024:1 frames (16384x16)
+    took 2.5 GB for one clip. Past MAX_ASPECT:1 a clip is a skip that says why; 64:1 still reads."""
+    import av
+
+    from clipray.video import MAX_ASPECT
+
+    cfg = VideoConfig(backend=backend, fps=2.0, max_frames=4, size=32, timeout_s=20)
+    for w, h in ((2048, 16), (16, 1040), (1024, 16)):
+        path = tmp_path / f"{w}x{h}.mp4"
+        with av.open(str(path), "w") as c:
+            s = c.add_stream("libx264", rate=10)
+            s.width, s.height, s.pix_fmt = w, h, "yuv420p"
+            for i in range(10):
+                img = np.full((h, w, 3), 20 * i, np.uint8)
+                c.mux(s.encode(av.VideoFrame.from_ndarray(img, format="rgb24")))
+            c.mux(s.encode())
+        if max(w, h) > MAX_ASPECT * min(w, h):
+            with pytest.raises(SkipClip) as e:
+                decode_clip_safe(str(path), None, None, cfg)
+            assert e.value.reason == f"frames {w}x{h}: one side over 64 times the other, no picture to take a centre square of"
+        else:
+            assert decode_clip_safe(str(path), None, None, cfg).mask.tolist() == [1, 1, 0, 0]
+
+
 def test_decode_into_a_batch_row(real_video):
     # the pipeline decodes each clip into its row of an uninitialised batch array: the row must
     # end up exactly as a fresh decode, padding zeroed, neighbouring rows untouched
