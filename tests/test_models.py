@@ -128,6 +128,23 @@ def test_padding_changes_nothing(name, linear_patch, tuning):
         assert torch.all(feats[~mask] == 0)
 
 
+@pytest.mark.parametrize("tuning", ["full", "unipt"])
+@pytest.mark.parametrize("name", TINY)
+def test_a_float16_model_scores_padded_clips_as_float32_does(name, tuning):
+    """float16 is an export dtype (serving on a GPU): the loose heads normalised the padded
+    frames' zero features with F.normalize, whose eps (1e-12) is 0 in float16, and 0 / 0 made
+    every clip with a padded frame NaN (indexed as 'not finite', NaN vectors from the API)."""
+    model = build(name, tuning=tuning).eval()
+    frames, mask = clip_batch(b=3, t=6)
+    toks = tokens(["a dog", "a cat"])
+    with torch.no_grad():
+        want = model.similarity(model.encode_text(toks), model.encode_frames(model.normalize(frames), mask), mask)
+        half = model.half()
+        got = half.similarity(half.encode_text(toks), half.encode_frames(half.normalize(frames), mask), mask)
+    assert bool(torch.isfinite(got).all()), (name, tuning, got)  # (tightTransf scores in float32)
+    assert torch.allclose(got.float(), want.float(), atol=0.02 * float(want.abs().max())), (got, want)
+
+
 def test_meanP_is_masked_mean_of_normalised_frames():
     model = build("test_meanP").eval()
     frames, mask = clip_batch(b=3, t=5)

@@ -97,7 +97,9 @@ class LooseHead(nn.Module):
     def forward(self, frame_feats: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """`[B, T, D]` frame features + `[B, T]` mask -> `[B, D]` L2-normalised video vectors."""
         mask = check_video_mask(mask.to(frame_feats.device))
-        x = F.normalize(self.temporal(frame_feats, mask), dim=-1)
+        # the padded frames, zero, after normalising: in float16 (an export's dtype) F.normalize's
+        # eps is 0, and their 0 / 0 made every clip with a padded frame NaN
+        x = F.normalize(self.temporal(frame_feats, mask), dim=-1).masked_fill(~mask.unsqueeze(-1), 0)
         w = mask.to(x.dtype).unsqueeze(-1)
         return F.normalize((x * w).sum(1) / w.sum(1), dim=-1)
 

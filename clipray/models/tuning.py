@@ -106,10 +106,11 @@ class SideNetwork(nn.Module):
         n_tok = states[0].shape[1]
         m = (torch.ones(anchor.shape[0], n_tok, dtype=anchor.dtype, device=anchor.device)
              if token_mask is None else token_mask.to(anchor.dtype))  # [N, L]
-        mixed, scores = [], []
+        mixed, scores, eps = [], [], max(1e-12, torch.finfo(anchor.dtype).tiny)
         for proj, h in zip(self.layers, states):
             t = proj(F.relu(h.to(anchor.dtype)))  # [N, L, D]
-            weights = F.normalize(F.relu(torch.einsum("nd,nld->nl", a, t) * m), p=1, dim=-1)
+            # a row of all-zero weights stays zero: F.normalize's eps (1e-12) is 0 in float16
+            weights = F.normalize(F.relu(torch.einsum("nd,nld->nl", a, t) * m), p=1, dim=-1, eps=eps)
             mixed.append(torch.einsum("nl,nld->nd", weights, t) + t[rows, pos])
             mean = torch.einsum("nl,nld->nd", m, t) / m.sum(1, keepdim=True).clamp(min=1)
             scores.append(self.confidence(a * mean))  # [N, 1]
