@@ -114,6 +114,11 @@ def read_export_config(export_dir: str | Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: {', '.join(missing)} missing; export the model again")
     # what load_export reads of them, checked here as check_export promises: "fp16" or a null
     # pixel_stats passed every check before a job started, then failed in each of its actors
+    # a null open_clip_cfg built the registry's model with its `pretrained` tag: weights fetched
+    # from the hub, then a NotImplementedError (meta tensors); overrides without a head a KeyError
+    for key, kind in (("open_clip_cfg", "a mapping"), ("overrides", "a mapping with a 'head'")):
+        if not isinstance(config[key], dict) or (key == "overrides" and "head" not in config[key]):
+            raise ConfigError(f"{path}: {key} {config[key]!r} is not {kind}; export the model again")
     if config["dtype"] not in DTYPES:
         raise ConfigError(f"{path}: dtype {config['dtype']!r} is none of {', '.join(DTYPES)}; export the model again")
     stats = config["pixel_stats"]

@@ -179,7 +179,10 @@ def test_a_config_json_missing_keys_is_a_clear_error(tmp_path):
     ({"pixel_stats": None}, "pixel_stats None is not {'mean': [3 numbers], 'std': [3 numbers]}"),
     ({"pixel_stats": {"mean": [0.5, 0.5], "std": [0.2, 0.2, 0.2]}}, "pixel_stats {'mean': [0.5, 0.5]"),
     ({"overrides": {"head": "meanp"}}, "describes no model clipray can build (ValueError: unknown head 'meanp'"),
-    ({"overrides": []}, "describes no model clipray can build (AttributeError"),
+    ({"overrides": []}, "overrides [] is not a mapping with a 'head'"),
+    # built the registry's model with its pretrained tag: hub weights fetched, then a traceback
+    ({"open_clip_cfg": None}, "open_clip_cfg None is not a mapping"),
+    ({"overrides": {"linear_patch": "2d"}}, "overrides {'linear_patch': '2d'} is not a mapping with a 'head'"),
     ({"open_clip_cfg": {}}, "describes no model clipray can build (TypeError"),
 ])
 def test_a_config_json_with_values_it_cannot_load_is_refused_by_the_check_too(tmp_path, change, says):
