@@ -187,7 +187,16 @@ class ClipEmbedder:
                 out["skip"][i] = "the model's embedding of this clip is not finite (NaN/inf)"
         if self.tight is not None:
             tcfg = dataclasses.replace(self.video, size=self.tight.image_size)
-            tclips = clips if tcfg.size == self.video.size else self._decode(batch, tcfg)[0]
+            if tcfg.size != self.video.size:
+                # decoded again at its size, which can fail where the first did not (a timeout, a
+                # read error): such a clip is a skip, where the two decodes' counts of clips
+                # differed and the actor, and with it the job, failed on the features' shape
+                tclips, treasons = self._decode(batch, tcfg)
+                for i in np.flatnonzero(ok & np.array([c is None for c in tclips])):
+                    out["skip"][i] = f"{treasons[i]} (decoded again at {tcfg.size}px for the re-ranker)"
+                    ok[i] = False
+            else:
+                tclips = clips
             t = self.video.max_frames
             feats = np.zeros((n, t, self.tight.embed_dim), np.float16)
             masks = np.zeros((n, t), np.uint8)

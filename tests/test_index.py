@@ -1116,6 +1116,50 @@ def test_a_clip_whose_embedding_is_not_finite_is_skipped_with_a_reason(synth_sma
     assert np.isfinite(out["rerank_feats"][[1, 3]]).all()
 
 
+def test_a_clip_the_re_ranker_decodes_again_and_fails_is_a_skip_not_a_failed_job(synth_small, tmp_path, monkeypatch):
+    """A re-ranker of another image size decodes each clip again, at its size; a clip that
+    failed there only (a timeout under load, a read error) left the two decodes with different
+    counts of clips, and the actor, and with it the whole index job, failed on the shape."""
+    import torch
+
+    import clipray.video
+    from clipray.config import VideoConfig
+    from clipray.export import save_export
+    from clipray.manifest import read_manifest
+    from clipray.models import build_from_spec, create_model, get_spec
+    from clipray.models.backbone import open_clip_config
+    from clipray.video import SkipClip
+    from serve.index import ClipEmbedder
+
+    export = save_export(create_model("test_meanP"), tmp_path / "export")
+    big = json.loads(json.dumps(open_clip_config(get_spec("test_tightTransf").open_clip_name)))
+    big["vision_cfg"]["image_size"] = 48
+    tight = save_export(build_from_spec("test_tightTransf", get_spec("test_tightTransf"), open_clip_cfg=big),
+                        tmp_path / "tight")
+    emb = ClipEmbedder(str(export), VideoConfig(max_frames=4), str(tight), use_gpu=False)
+    assert (emb.video.size, emb.tight.image_size) == (32, 48)
+    root = Path(synth_small["manifest"]).parent
+    paths = [str(root / r["path"]) for r in read_manifest(synth_small["manifest"]).to_pylist()[:4]]
+    decode = clipray.video.decode_clip_safe
+
+    def slow_second(path, start, end, cfg, *a, **kw):
+        if path == paths[1] and cfg.size == 48:
+            raise SkipClip("decode timed out after 20.0s")
+        return decode(path, start, end, cfg, *a, **kw)
+
+    monkeypatch.setattr(clipray.video, "decode_clip_safe", slow_second)
+    out = emb({"video_id": np.array(["a", "b", "c", "d"], object), "path": np.array(paths, object),
+               "start": np.array([np.nan] * 4), "end": np.array([np.nan] * 4)})
+    assert list(out["skip"]) == ["", "decode timed out after 20.0s (decoded again at 48px for the re-ranker)", "", ""]
+    for i in (0, 2, 3):  # each kept clip's features are its own, as the re-ranker gives them alone
+        c = decode(paths[i], None, None, VideoConfig(max_frames=4, size=48))
+        with torch.no_grad():
+            m = torch.from_numpy(c.mask[None]).bool()
+            want = emb.tight.encode_frames(emb.tight.normalize(torch.from_numpy(c.frames[None])), m)
+        assert out["rerank_mask"][i].tolist() == c.mask.tolist()
+        np.testing.assert_allclose(out["rerank_feats"][i].astype(np.float32), want[0].half().float().numpy(), atol=2e-3)
+
+
 def test_an_index_out_at_a_uri_is_refused_not_written_to_a_local_s3_folder(synth_small, tmp_path, monkeypatch):
     """out=s3://bucket/index made a local folder ./s3:/bucket/index (pathlib folds '//') and
     would have indexed into it, where serving on another machine never finds it. Serving an
