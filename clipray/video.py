@@ -6,8 +6,9 @@ are local paths or any fsspec URI (s3://, gs://, ...). The decord backend reads 
 files decord cannot open (AV1) or decode (frames 16, 24, 48 or 72 pixels wide) or would number
 wrongly (`_reader`): HEVC, MPEG-1/2, MPEG-4 Part 2 and WMV, a variable frame rate, negative
 frame times (an edit list that hides frames; H.264 in AVI and MPEG-PS, where decord has no
-valid times), several video streams (decord takes another than the default one players show),
-and a rotated MKV or WebM (decord does not turn it). Frames come back as players show them:
+valid times), an MP4 edit list that ends before the last frames or cuts out a middle part,
+several video streams (decord takes another than the default one players show), and a
+rotated MKV or WebM (decord does not turn it). Frames come back as players show them:
 turned or mirrored by a display matrix (a phone's portrait video, an editor's mirror; but the
 decord backend turns an MP4's mirror by 180 degrees, decord's own reading, which only a decoded
 frame per file would catch), with the stored pixels' aspect (a
@@ -441,6 +442,13 @@ def _decord_misreads(src: Any) -> bool:
                 return True
             main = _main_video(c)
             if main.codec_context.name in _DECORD_MISNUMBERS:
+                return True
+            # an MP4/MOV edit list that ends before the last frames (a trim without re-encoding,
+            # as phones write) or cuts out a middle part: players show fewer frames than the
+            # stream holds, and decord numbers them all (frames past the end given as real,
+            # frame 16 at 1.0 s where players show 60). Its duration is the edit's
+            if "mp4" in c.format.name and main.frames and main.duration and main.average_rate and \
+                    round(main.duration * main.time_base * main.average_rate) < main.frames:
                 return True
             packets = c.demux(main)
             head = next(packets, None)

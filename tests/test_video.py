@@ -195,6 +195,58 @@ def test_an_mp4_cut_without_reencoding_gives_the_frames_it_shows(tmp_path, backe
         assert _shown(clip.frames[:len(clip.indices)]) == [i + 18 for i in clip.indices], (start, end)
 
 
+def _edited_mp4(path, edits: list[tuple[float, float]]) -> None:
+    """`_numbered_video`'s 100 frames (no B-frames) in an MP4 whose edit list shows the media
+    spans `edits` ((start, seconds) each), one after another, as a trim or a cut of the middle
+    without re-encoding writes them."""
+    import struct
+
+    import av
+
+    with av.open(str(path), "w") as c:
+        s = c.add_stream("libx264", rate=25)
+        s.width, s.height, s.pix_fmt, s.options = 64, 48, "yuv420p", {"crf": "0", "bf": "0", "g": "12"}
+        for i in range(100):
+            img = np.empty((48, 64, 3), np.uint8)
+            img[:, :32], img[:, 32:] = (i // 16) * 16 + 8, (i % 16) * 16 + 8
+            c.mux(s.encode(av.VideoFrame.from_ndarray(img, format="rgb24")))
+        c.mux(s.encode())
+    with av.open(str(path)) as c:
+        media = c.streams.video[0].time_base.denominator  # elst's media times count in it
+    b = bytearray(path.read_bytes())
+    movie = struct.unpack(">I", b[b.index(b"mvhd") + 16:][:4])[0]  # version 0: its durations' scale
+    new = struct.pack(">I4sII", 16 + 12 * len(edits), b"elst", 0, len(edits)) + b"".join(
+        struct.pack(">IiI", round(n * movie), round(t * media), 1 << 16) for t, n in edits)
+    at = b.index(b"elst") - 4
+    old = struct.unpack(">I", b[at:at + 4])[0]
+    for box in (b"moov", b"trak", b"edts"):  # the boxes around it grow with it (moov is last)
+        k = b.index(box) - 4
+        struct.pack_into(">I", b, k, struct.unpack(">I", b[k:k + 4])[0] + len(new) - old)
+    b[at:at + old] = new
+    path.write_bytes(bytes(b))
+
+
+@pytest.mark.parametrize("backend", ["decord", "pyav"])
+def test_an_mp4_edit_list_that_ends_early_or_cuts_the_middle_gives_the_frames_players_show(tmp_path, backend):
+    """A trim of the end without re-encoding (a phone's) leaves every frame in the file and an
+    edit list that shows the first 3 s; a cut of the middle shows media 0-1 s, then 2.4-3.4 s.
+    decord numbered every frame the file holds: 81 frames where players show 75, frames past
+    the end given as real and a window after it decoded, and frame 16 at 1.0 s where players
+    show 60. Such files are read with PyAV, which follows the edits."""
+    trimmed, cut = tmp_path / "trimmed.mp4", tmp_path / "cut.mp4"
+    _edited_mp4(trimmed, [(0.0, 3.0)])
+    _edited_mp4(cut, [(0.0, 1.0), (2.4, 1.0)])
+    for path, n, shown in ((trimmed, 75, lambda i: i), (cut, 50, lambda i: i if i < 25 else i + 35)):
+        assert open_video(str(path), backend).num_frames == n
+        for (start, end), fps, k, how in [((0.0, None), 5.0, 12, "uniform"), ((0.5, 1.9), 7.0, 4, "head")]:
+            cfg = VideoConfig(backend=backend, fps=fps, max_frames=k, slice=how, size=32, timeout_s=0)
+            clip = decode_clip(str(path), start, end, cfg)
+            assert clip.indices == select(candidate_indices(n, 25.0, start, end, fps), k, how)
+            assert _shown(clip.frames[:len(clip.indices)]) == [shown(i) for i in clip.indices], (path.name, start)
+    with pytest.raises(SkipClip, match=r"outside video of 3\.00s"):
+        decode_clip_safe(str(trimmed), 3.05, 3.2, VideoConfig(backend=backend, fps=1.0, max_frames=4, size=32))
+
+
 def test_padding_and_crop(real_video):
     cfg = VideoConfig(fps=1.0, max_frames=8, size=64)
     c = decode_clip(str(real_video), 2.0, 5.0, cfg)  # 3 candidates -> 3 real + 5 padded
