@@ -239,8 +239,8 @@ def load_export(export_dir: str | Path, device: str | torch.device = "cpu"):
     from safetensors.torch import load_file
 
     root = Path(export_dir)
+    config = read_export_config(root)  # first, as check_export: a run folder, not its export, says so
     weights = _weights_of(root)
-    config = read_export_config(root)
     model = _build(config, root)
     model.backbone.set_pixel_stats(**config["pixel_stats"])
     model.to(dtype=getattr(torch, config["dtype"]))

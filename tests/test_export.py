@@ -83,6 +83,16 @@ def test_pickle_is_refused(tmp_path):
         save_export(model, tmp_path, extra={"not json": object()})
 
 
+def test_a_run_folder_given_for_its_export_is_said_by_loading_as_by_the_check(tmp_path):
+    """check_export pointed at a run folder said it is not an export and where a run keeps one;
+    load_export said only 'model.safetensors missing'."""
+    save_export(create_model("test_meanP"), tmp_path / "run" / "export")
+    for load in (check_export, load_export):
+        with pytest.raises(FileNotFoundError, match=rf"^{tmp_path / 'run'}: not a clipray export, no config.json "
+                                                    r"in it \(a training run writes its export to RUN_DIR/export\)"):
+            load(tmp_path / "run")
+
+
 @pytest.mark.parametrize("tower, options", [
     ("vision_cfg", {"timm_model_name": "resnet18", "timm_model_pretrained": True}),
     ("text_cfg", {"hf_model_name": "bert-base-uncased"}),  # open_clip's hf_model_pretrained defaults to true
