@@ -177,6 +177,42 @@ def test_the_gain_is_the_best_candidates_also_where_a_margin_keeps_the_clip(even
     assert max(gains) > 1e-4  # some candidate did beat its clip: the old code said 0 for all
 
 
+@pytest.mark.parametrize("name", ["test_meanP", "test_tightTransf"])
+def test_a_bf16_teacher_scores_candidates_with_float32_products(events, tmp_path, name):
+    """A GPU run's export is bf16. The teacher took its scores as the bf16 product of bf16
+    embeddings: ~3 digits, so candidates that differ tied (and a tie keeps the current clip),
+    where evaluation scores in float32. Its scores are now those of the same embeddings
+    multiplied in float32."""
+    from clipray.export import save_export
+    from clipray.models import create_model
+    from clipray.video import decode_windows
+    from train.driver import model_io
+    from train.edit import ClipScorer, initial_captions
+
+    torch.manual_seed(0)
+    export = save_export(create_model(name).to(torch.bfloat16), tmp_path / "teacher")
+    cfg = model_io(load_config(EDIT_DEMO, overrides(events["events_manifest"], tmp_path, "bf16")))
+    root = events["events_manifest"].rsplit("/", 1)[0]
+    c = list(initial_captions(events["events_manifest"], root, cfg.edit, "decord")[0].values())[0]
+    scorer = ClipScorer(str(export), cfg.data.video, cfg.data.max_words, cfg.edit, use_gpu=False)
+    assert scorer.model.logit_scale.dtype == torch.bfloat16
+    wins = by_hand_candidates(c.clip, c.bounds.lo, c.bounds.t, c.bounds.hi)
+    clips = decode_windows(c.path, wins, scorer.video)
+    got = scorer.scores(c.caption, clips)
+    m = scorer.model
+    with torch.no_grad():  # the same bf16 embeddings, their products in float64
+        text = m.encode_text(scorer.tokenize([c.caption]))
+        frames = torch.from_numpy(np.stack([x.frames for x in clips]))
+        mask = torch.from_numpy(np.stack([x.mask for x in clips])).bool()
+        feats = m.encode_frames(m.normalize(frames), mask)
+        if m.indexable:
+            want = (text.double() @ m.pool_video(feats, mask).double().T)[0]
+        else:  # the cross-encoder's pair scores, which it gives in float32 from bf16 weights
+            want = m.similarity(text, feats, mask)[0].double()
+    assert len(got) == len(wins) > 3
+    np.testing.assert_allclose(got, want.numpy(), rtol=0, atol=1e-6)
+
+
 def midpoint_clips_by_hand(rows: list[dict]) -> dict[int, tuple]:
     out = {}
     for vid in {r["video_id"] for r in rows}:

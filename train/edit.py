@@ -185,10 +185,17 @@ class ClipScorer:
             return out
         frames = torch.from_numpy(np.stack([clips[k].frames for k in ok]))
         mask = torch.from_numpy(np.stack([clips[k].mask for k in ok])).to(self.device).bool()
+        from clipray.metrics import similarity_in_blocks
+
         with torch.no_grad():
             text = self.model.encode_text(self.tokenize([caption]))
             feats = self.model.encode_frames(self.model.normalize(frames), mask)
-            sim = self.model.similarity(text, feats, mask)[0].float().cpu().tolist()
+            # float32 products, as evaluation scores: a bf16 export (a GPU run's) scored in bf16,
+            # whose ~3 digits tied candidates that differ, and the tie kept the current clip
+            if self.model.indexable:
+                sim = similarity_in_blocks(self.model, text, self.model.pool_video(feats, mask))[0].tolist()
+            else:
+                sim = similarity_in_blocks(self.model, text, feats, mask)[0].tolist()
         for k, s in zip(ok, sim):
             out[k] = s
         return out
