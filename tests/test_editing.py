@@ -183,3 +183,26 @@ def test_captions_left_out_are_counted_by_kind_not_one_count_per_video(tmp_path)
     assert reason_counts(left_out) == {"timestamp past the video's end": 4}
     assert reason_counts([{"reason": "decode failed: frame 3 not found"}, {"reason": "unreadable video"},
                           {"reason": "decode failed: moov atom not found"}]) == {"decode failed": 2, "unreadable video": 1}
+
+
+def test_a_caption_with_no_words_is_left_out_and_still_bounds_its_neighbours(tmp_path):
+    """A training caption that keeps no word for the tokenizer (`&nbsp;`) is skipped by the
+    decoders in every round, yet stage 1 kept it: the teacher edited it and every round's
+    edited count, shift, tIoU and width counted it, and `left_out` did not list it. It is left
+    out now, saying why; its timestamp still bounds its neighbours' clips (midpoint rule)."""
+    from clipray.config import EditConfig
+    from clipray.manifest import write_manifest
+    from clipray.pipeline import NO_WORDS, caption_tokenizer
+    from clipray.synth import write_mp4
+    from train.edit import initial_captions
+
+    write_mp4(tmp_path / "v.mp4", (np.zeros((16, 16, 3), np.uint8) for _ in range(80)), 16, 16, 8)  # 10 s
+    rows = [dict(video_id="v", path="v.mp4", caption=c, split="train", start=None, end=None, timestamp=t)
+            for c, t in (("a dog runs", 2.0), ("&nbsp;", 5.0), ("a cat sits", 8.0))]
+    write_manifest(rows, tmp_path / "m.parquet")
+    tokenize = caption_tokenizer("ViT-B-32", 32)
+    captions, left_out = initial_captions(str(tmp_path / "m.parquet"), str(tmp_path), EditConfig(), "pyav", tokenize)
+    assert [c.caption for c in captions.values()] == ["a dog runs", "a cat sits"]
+    assert [(s["row_id"], s["reason"]) for s in left_out] == [(1, NO_WORDS)]
+    # by hand, midpoints between neighbouring timestamps, the wordless one's included
+    assert [c.clip for c in captions.values()] == [(0.0, 3.5), (6.5, 10.0)]

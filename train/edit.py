@@ -43,7 +43,7 @@ import math
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 
@@ -70,12 +70,18 @@ class Caption:
 
 # ---------------------------------------------------------------- stage 1
 
-def initial_captions(source: str, root: str, e: EditConfig, backend: str) -> tuple[dict[int, Caption], list[dict]]:
+def initial_captions(source: str, root: str, e: EditConfig, backend: str,
+                     tokenize: Optional[Callable[[list[str]], Any]] = None) -> tuple[dict[int, Caption], list[dict]]:
     """Every training caption with its stage-1 clip, and the ones left out with their reason.
-    Held in memory: editing sets are 10^4-10^5 captions, tens of bytes each."""
+    Held in memory: editing sets are 10^4-10^5 captions, tens of bytes each. With the training
+    run's `tokenize`, a caption that keeps no word for it (`&nbsp;`) is left out (NO_WORDS): the
+    decoders skip it every round, and it was edited and counted in every round's figures. Its
+    timestamp still bounds its neighbours' clips."""
     from concurrent.futures import ThreadPoolExecutor
 
+    from clipray.pipeline import NO_WORDS
     from clipray.video import PROBE_THREADS, SkipClip, video_length
+    from train.evaluate import has_words
 
     by_video: dict[str, list[dict]] = {}
     no_ts = []
@@ -100,6 +106,9 @@ def initial_captions(source: str, root: str, e: EditConfig, backend: str) -> tup
         said = rows[0]["duration"]
         return path, min(real, said) if said else real, ""
 
+    rows = [r for rs in by_video.values() for r in rs]
+    words = dict(zip((r["row_id"] for r in rows), has_words([r["caption"] for r in rows], tokenize)
+                     if tokenize else [True] * len(rows)))
     captions, left_out = {}, []
     with ThreadPoolExecutor(PROBE_THREADS) as pool:
         lengths = list(pool.map(length, by_video.values()))
@@ -116,6 +125,9 @@ def initial_captions(source: str, root: str, e: EditConfig, backend: str) -> tup
         ts = [r["timestamp"] for r in usable]
         clips = initial_clips(ts, duration, e.init, e.window_s, e.max_width_s, e.min_width_s)
         for r, clip, b in zip(usable, clips, neighbour_bounds(ts, duration)):
+            if not words[r["row_id"]]:
+                left_out.append({"row_id": r["row_id"], "video_id": vid, "path": path, "round": 0, "reason": NO_WORDS})
+                continue
             truth = (r["start"], r["end"]) if r["start"] is not None else None
             captions[r["row_id"]] = Caption(r["row_id"], vid, path, r["caption"], b, clip, truth)
     if not captions:
@@ -404,7 +416,10 @@ def _run(cfg: Config, quiet_ray: bool, held: contextlib.ExitStack) -> dict[str, 
     driver.check_steps(base, driver.count_rows(source, "train"))
     # the manifest's checks first: made after the run folder, each refusal (no timestamps,
     # timestamps outside their clips, repeated row ids) left an empty run folder behind
-    captions, skips = initial_captions(source, root, e, data.video.backend)
+    from clipray.pipeline import caption_tokenizer
+
+    captions, skips = initial_captions(source, root, e, data.video.backend,
+                                       caption_tokenizer(data.tokenizer, data.max_words))
     driver.check_steps(base, len(captions), "usable training captions")
     driver.make_run_dir(out)
     held.enter_context(driver.run_folder_lock(out))  # its rounds' training runs hold it too
