@@ -88,6 +88,24 @@ def caption_tokenizer(name: str, context_length: int) -> Callable[[list[str]], A
     return sys.modules[_TOKENIZER_MODULE].SimpleTokenizer(context_length=context_length)
 
 
+TOKEN_CACHE_MAX = 100_000  # words whose BPE open_clip's tokenizer keeps (~30 MB)
+
+
+def cache_trimmer(tokenize: Any) -> Callable[[], None]:
+    """A call that empties open_clip's BPE word cache of `tokenize` back to its special tokens
+    once it holds over TOKEN_CACHE_MAX words. open_clip keeps every word it has seen, for ever:
+    a Serve replica grew with each query of new words, and a training decoder process, which
+    lives through every shard and epoch, by ~210 bytes a distinct word (HowTo100M's ASR text
+    holds millions), 50 MB over 240k words in a test of 40k rows."""
+    fresh = dict(getattr(tokenize, "cache", {}))
+
+    def trim() -> None:
+        if len(getattr(tokenize, "cache", ())) > TOKEN_CACHE_MAX:
+            tokenize.cache = dict(fresh)
+
+    return trim
+
+
 class ClipDecoder:
     """Decodes, samples, crops and tokenises a batch of manifest rows.
 
@@ -100,6 +118,7 @@ class ClipDecoder:
         self.cfg = data.video
         self.root = root
         self.tokenize = caption_tokenizer(data.tokenizer, data.max_words)
+        self._trim_cache = cache_trimmer(self.tokenize)
         self.skip_dir = skip_dir.rstrip("/")
         self.name = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.calls = 0
@@ -142,6 +161,7 @@ class ClipDecoder:
         masks = np.empty((n, T), dtype=np.uint8)
         # tokenised first: a caption the tokenizer cleans to no words (an HTML entity such as
         # &nbsp;, a control character) trained as the empty text, its clip's vector pulled to it
+        self._trim_cache()
         tokens = self.tokenize([str(c) for c in batch["caption"]]).numpy()
         no_words = wordless(tokens, self.tokenize)
         keep, skips = [], []

@@ -65,9 +65,6 @@ def _load(export_dir: str, device: str, fingerprint: str) -> Any:
     return model
 
 
-TOKEN_CACHE_MAX = 100_000  # words whose BPE open_clip's tokenizer keeps (~30 MB)
-
-
 def _tokenizer(model: Any, max_words: int) -> Any:
     """open_clip's tokenizer, cut to the longest caption of each batch.
 
@@ -77,14 +74,13 @@ def _tokenizer(model: Any, max_words: int) -> Any:
     """
     import open_clip
 
+    from clipray.pipeline import cache_trimmer
+
     tok = open_clip.get_tokenizer(model.tokenizer_name, context_length=min(max_words, model.context_length))
-    fresh = dict(getattr(tok, "cache", {}))  # its special tokens
+    trim = cache_trimmer(tok)
 
     def tokenize(texts: list[str]) -> Any:
-        # open_clip keeps the BPE of every word it has seen, for ever: each query of new words
-        # (a client's random strings) grew the replica's memory without bound
-        if len(getattr(tok, "cache", ())) > TOKEN_CACHE_MAX:
-            tok.cache = dict(fresh)
+        trim()  # each query of new words (a client's random strings) grew the replica's memory
         t = tok(texts)
         # up to the last non-zero column (the longest caption's end-of-text token), not the
         # count of non-zero tokens: id 0 is also a real token ("!" before another symbol, as

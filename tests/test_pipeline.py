@@ -239,6 +239,30 @@ def test_skip_report_of_a_run_folder_whose_name_has_glob_brackets(synth_small, t
     assert sorted(p.name for p in tmp_path.iterdir()) == [name]
 
 
+def test_a_decoders_tokenizer_cache_stays_bounded_with_the_same_tokens(synth_small, tmp_path, monkeypatch):
+    """A decoder lives through every shard and epoch of its process, and open_clip's tokenizer
+    keeps the BPE of every word it has seen: over HowTo100M's ASR text (millions of distinct
+    words) each decode process grew by ~210 bytes a word. Its cache starts afresh past
+    pipeline.TOKEN_CACHE_MAX words, and the tokens stay open_clip's."""
+    import random
+    import string
+
+    from clipray import pipeline
+
+    monkeypatch.setattr(pipeline, "TOKEN_CACHE_MAX", 500)
+    row = read_manifest(synth_small["manifest"]).to_pylist()[0]
+    dec = ClipDecoder(DataConfig(manifest="unused", video=VideoConfig(fps=1.0, max_frames=2, size=32)),
+                      str(Path(synth_small["manifest"]).parent), str(tmp_path))
+    ref, rng = open_clip.get_tokenizer("ViT-B-32", context_length=DataConfig().max_words), random.Random(0)
+    for step in range(40):  # 40 batches of 6 new words a row, 8 rows: 1,920 words
+        caps = [" ".join("".join(rng.choices(string.ascii_lowercase, k=7)) for _ in range(6)) for _ in range(8)]
+        out = dec({"row_id": np.arange(8), "video_id": np.array([row["video_id"]] + ["gone"] * 7),
+                   "path": np.array([row["path"]] + ["gone.mp4"] * 7), "start": np.array([None] * 8),
+                   "end": np.array([None] * 8), "caption": np.array(caps)})
+        assert out["tokens"].tolist() == ref(caps[:1]).tolist(), step  # the one real clip's caption
+        assert len(dec.tokenize.cache) <= 500 + 48 + 2, (step, len(dec.tokenize.cache))
+
+
 def test_decode_tasks_keep_one_decoder_per_process_and_settings(synth_small, tmp_path):
     """Every decode task that lands on a warm worker reuses that process's ClipDecoder (its
     tokenizer and batch arrays) for the same settings, and only for the same settings."""

@@ -1105,7 +1105,7 @@ def test_the_encoders_tokenizer_cache_stays_bounded(monkeypatch):
     """open_clip's tokenizer keeps the BPE of every word it has seen, for ever: each query of
     new words (a client sending random strings) grew a TextEncoder or Reranker replica's memory
     without bound (~600 bytes a query of two 60-letter words). The served tokenizer now starts
-    its cache afresh past serve.deployments.TOKEN_CACHE_MAX words, with the same tokens."""
+    its cache afresh past clipray.pipeline.TOKEN_CACHE_MAX words, with the same tokens."""
     import random
     import string
     import types
@@ -1113,9 +1113,10 @@ def test_the_encoders_tokenizer_cache_stays_bounded(monkeypatch):
     import open_clip
     import torch
 
+    from clipray import pipeline
     from serve import deployments
 
-    monkeypatch.setattr(deployments, "TOKEN_CACHE_MAX", 500, raising=False)
+    monkeypatch.setattr(pipeline, "TOKEN_CACHE_MAX", 500)
     tokenize = deployments._tokenizer(types.SimpleNamespace(tokenizer_name="ViT-B-32", context_length=77), 32)
     tok = next(c.cell_contents for c in tokenize.__closure__ if hasattr(c.cell_contents, "cache"))
     ref, rng = open_clip.get_tokenizer("ViT-B-32", context_length=32), random.Random(0)
