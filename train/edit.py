@@ -20,7 +20,8 @@ that edited clips are compared with. Validation and test rows are used as they a
 
 Run directory = that of `clipray train`, plus:
   clips/round-NN.parquet   the manifest round NN trained on (round 00: the initial clips)
-  clips/skips.jsonl        training captions left out (video unreadable, with why; timestamp past its end)
+  clips/skips.jsonl        training captions left out (video unreadable, with why; timestamp past its end;
+                           no words for the tokenizer)
                            and those the teacher could not score in a round
   teacher/                 the teacher's export
   edits.csv                one row per round: clips edited, mean boundary shift, mean tIoU of
