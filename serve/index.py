@@ -498,11 +498,14 @@ def _build(cfg: AppConfig, out: Path, quiet: bool) -> dict[str, Any]:
         raise ConfigError(f"{' and '.join(changed)}: written again while this run embedded its clips (other "
                           f"weights than it began with); {out} is as it was: run clipray index again")
     first_id = len(existing)
+    # the clips tried again: their earlier lines in the skip report give way to this run's outcome
+    tried = {store.clip_key(r["path"], r["start"], r["end"]) for r in rows} \
+        if (out / "skip_report.jsonl").exists() else set()
     del existing, rows  # the index's clip table and this run's plan: not needed from here on
     # (the sampling too: a first build stopped before index.json left parts that said nothing of it)
     added = _write_new(out, new, first_id, rerank, fp, {k: getattr(cfg.video, k) for k in SAMPLING})
-    if skipped:
-        append_skips(out, [s for _, s in sorted(skipped, key=lambda p: p[0])])
+    if skipped or tried:
+        append_skips(out, [s for _, s in sorted(skipped, key=lambda p: p[0])], tried)
     meta = _rebuild(out, cfg, export, fp, rerank, conf, captions, meta, quiet)
     meta.setdefault("history", []).append({
         "time": time.strftime("%Y-%m-%d %H:%M:%S"), "manifest": cfg.manifest, "split": cfg.index.split,
@@ -527,18 +530,30 @@ def skip_summary(out: Path, skips: list[dict]) -> str:
             f"{out / 'skip_report.jsonl'}")
 
 
-def append_skips(out: Path, skips: list[dict]) -> None:
-    """Add this run's skipped clips to `out/skip_report.jsonl`: the report and this run's lines
-    are written under another name that replaces it when whole. Appended in place, a full disk
-    (or a kill) midway left a line cut, which the next run's first line then joined. A full
-    disk (or a quota) is an OSError naming the report: Python's names no file, and `clipray
-    index` ended in its traceback after every clip was embedded."""
+def append_skips(out: Path, skips: list[dict], tried: frozenset | set = frozenset()) -> None:
+    """Add this run's skipped clips to `out/skip_report.jsonl`, dropping the report's earlier
+    lines for the clips this run `tried` again (their clip_key): it has their outcome now. A
+    clip that could not be embedded is tried again by every run, and an unchanged re-run added
+    each one to the report once more; one fixed since stayed listed though it is indexed.
+    The report and this run's lines are written under another name that replaces it when
+    whole. Appended in place, a full disk (or a kill) midway left a line cut, which the next
+    run's first line then joined. A full disk (or a quota) is an OSError naming the report:
+    Python's names no file, and `clipray index` ended in its traceback after every clip was
+    embedded."""
     report = out / "skip_report.jsonl"
 
+    def again(line: str) -> bool:
+        try:
+            s = json.loads(line)
+        except ValueError:  # not ours to judge: kept as it is
+            return False
+        return isinstance(s, dict) and "path" in s and store.clip_key(s["path"], s.get("start"), s.get("end")) in tried
+
     def write(tmp: str) -> None:
-        if report.exists():
-            shutil.copyfile(report, tmp)
-        with open(tmp, "a") as f:
+        with open(tmp, "w") as f:
+            if report.exists():
+                with open(report) as old:
+                    f.writelines(line for line in old if not (tried and line.strip() and again(line)))
             f.writelines(json.dumps(s) + "\n" for s in skips)
 
     store.write_whole(report, f"{report}.tmp", write)

@@ -658,6 +658,43 @@ def test_row_ids_follow_the_manifest_whatever_order_the_actors_finish_in(ray_loc
         f"  skipped 2 clips {{'missing file': 2}}; each with its reason in {out / 'skip_report.jsonl'}"
 
 
+def test_a_clip_skipped_again_is_listed_once_and_one_fixed_since_is_dropped(ray_local, export, synth_small, tmp_path):
+    """A clip that could not be embedded is tried again by every run: an unchanged re-run added
+    it to skip_report.jsonl once more (two runs, two lines for one clip), and once its file was
+    there its old line stayed, though the clip was indexed. A line for a clip no run tries again
+    (not in this manifest) stays."""
+    import shutil
+
+    from clipray.manifest import read_manifest, resolve_path, write_manifest
+    from serve import store
+    from serve.index import build_index
+
+    root = Path(synth_small["manifest"]).parent
+    rows = [dict(r, path=resolve_path(r["path"], str(root))) for r in read_manifest(synth_small["manifest"]).to_pylist()
+            if r["split"] == "test"][:2]
+    gone = tmp_path / "later.mp4"
+    rows.append(dict(rows[0], video_id="later", path=str(gone)))
+    manifest = tmp_path / "m.parquet"
+    write_manifest([{k: v for k, v in r.items() if k != "row_id"} for r in rows], manifest)
+    out = tmp_path / "idx"
+    report = out / "skip_report.jsonl"
+    out.mkdir()
+    elsewhere = {"video_id": "other", "path": str(tmp_path / "other.mp4"), "start": None, "end": None,
+                 "reason": "missing file"}
+    report.write_text(json.dumps(elsewhere) + "\n")  # from a run over another manifest
+    cfg = _cfg(export, str(manifest), out, "index.split=test", "index.batch=1")
+    for _ in range(2):
+        build_index(cfg, quiet=True)
+        lines = [json.loads(line) for line in report.read_text().splitlines()]
+        assert lines == [elsewhere, {"video_id": "later", "path": str(gone), "start": rows[0]["start"],
+                                     "end": rows[0]["end"], "reason": "missing file"}]
+    assert store.read_table(out).column("video_id").to_pylist() == [r["video_id"] for r in rows[:2]]
+    shutil.copyfile(resolve_path(rows[0]["path"], str(root)), gone)
+    build_index(cfg, quiet=True)
+    assert [json.loads(line) for line in report.read_text().splitlines()] == [elsewhere]
+    assert store.read_table(out).column("video_id").to_pylist() == [r["video_id"] for r in rows]
+
+
 def test_another_model_cannot_append(windowed, synth_small, tmp_path):
     from clipray.export import save_export
     from clipray.models import create_model
