@@ -248,13 +248,15 @@ def _parquet_reader_without_actors():
 
 def clip_dataset(data: DataConfig, skip_dir: str, split: str | None = None,
                  limit: int | None = None, files: list[str] | None = None,
-                 shuffle: bool = False, seed: int | None = None, rows: list[int] | None = None) -> Any:
+                 shuffle: bool = False, seed: int | None = None, rows: list[int] | None = None,
+                 exclude: list[int] | None = None) -> Any:
     """A streaming Ray Dataset of decoded clips for one split of `data.manifest`.
 
     `files` narrows the read to some of the manifest's shard files (as `manifest_files` names
     them): training workers that stream a huge manifest shard by shard read their own.
     `shuffle` puts the rows in a random order before they are decoded (see `manifest_rows`).
-    `rows`: only these row ids (evaluation decodes each clip once, `train.evaluate.first_rows`).
+    `rows`: only these row ids (evaluation decodes each clip once, `train.evaluate.first_rows`);
+    `exclude`: all but these (a shard a resumed run read partly, `train.shards`).
     """
     from clipray.runtime import check_fits
 
@@ -268,13 +270,13 @@ def clip_dataset(data: DataConfig, skip_dir: str, split: str | None = None,
     else:
         udf = {"fn": decode_batch, "fn_kwargs": args,
                "compute": ray.data.TaskPoolStrategy(size=data.decode_actors)}
-    return manifest_rows(data, split, limit, files, shuffle, seed, rows).map_batches(
+    return manifest_rows(data, split, limit, files, shuffle, seed, rows, exclude).map_batches(
         **udf, batch_size=data.decode_batch, num_cpus=data.decode_cpus, batch_format="numpy")
 
 
 def manifest_rows(data: DataConfig, split: str | None = None, limit: int | None = None,
                   files: list[str] | None = None, shuffle: bool = False, seed: int | None = None,
-                  rows: list[int] | None = None) -> Any:
+                  rows: list[int] | None = None, exclude: list[int] | None = None) -> Any:
     """The reading half of `clip_dataset`: the split's manifest rows, `data.decode_batch` per block.
 
     `shuffle`: Ray Data's random_shuffle of the rows, before any decoding. It holds the split's
@@ -303,6 +305,8 @@ def manifest_rows(data: DataConfig, split: str | None = None, limit: int | None 
         ds = ds.filter(expr=col("split") == split)
     if rows is not None:
         ds = ds.filter(expr=col("row_id").is_in(rows))
+    if exclude:
+        ds = ds.filter(expr=col("row_id").not_in(exclude))
     ds = ds.select_columns(DATA_COLUMNS)
     if limit:
         ds = ds.limit(limit)

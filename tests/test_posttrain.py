@@ -122,6 +122,41 @@ def test_shard_ends_carry_their_rows_into_the_next_batch(ray_local, synth_small,
     assert len(seen_all) == len(set(seen_all)) == 12  # rank 0: 8 rows -> 6, rank 1: 6 rows -> 6
 
 
+def test_a_restart_reads_only_the_rows_not_trained_of_a_shard_read_partly(ray_local, synth_small, tmp_path):
+    """Checkpoints counted whole shards consumed: a restart read every open shard again from
+    its start, and trained its rows a second time (at HowTo100M's settings up to ~15,600 steps
+    a worker). They now record the row ids trained of each open shard, and a resumed stream
+    reads only the others: stopped after 3 batches, the two streams together train every row
+    of the pass once, as one stream never stopped does."""
+    from clipray.config import DataConfig, VideoConfig
+    from train.shards import ShardStream
+
+    root = synth_small["manifest"].rsplit("/", 1)[0]
+    rows = read_manifest(synth_small["manifest"]).to_pylist()[:14]
+    for r in rows:
+        r["path"], r["split"] = f"{root}/{r['path']}", "train"
+    write_manifest(rows, tmp_path / "m", rows_per_shard=5)  # shards of 5, 5 and 4 rows
+    data = DataConfig(manifest=str(tmp_path / "m"), video=VideoConfig(fps=2.0, max_frames=2, size=32),
+                      decode_actors=1, decode_cpus=0.5, decode_batch=4, max_words=16, shuffle_rows=True)
+    ((_, whole, _),) = _streamed(data, 2, 1, tmp_path / "whole")
+    assert sorted(i for b in whole for i in b) == sorted(r["row_id"] for r in read_manifest(str(tmp_path / "m")).to_pylist())
+    first = ShardStream(data, str(tmp_path / "run"), 2, 0, 1, 0, {})
+    before = [first.next()["row_id"].tolist() for _ in range(3)]
+    first.sync()  # the checkpoint's state, as it is stored and read back
+    state = json.loads(json.dumps(first.state))
+    held = [i for ids in state["trained"].values() for i in ids]  # of the shards still open
+    assert held and set(held) <= {i for b in before for i in b}
+    second = ShardStream(data, str(tmp_path / "run"), 2, 0, 1, 0, state)
+    after = []
+    while (b := second.next()) is not None:
+        after.append(b["row_id"].tolist())
+    trained = [i for b in before + after for i in b]
+    assert len(trained) == len(set(trained)), "rows trained before the restart were trained again"
+    assert sorted(trained) == sorted(i for b in whole for i in b)
+    second.sync()
+    assert second.state["trained"] == {} and len(second.state["consumed"]) == 3
+
+
 def test_shards_that_become_unreadable_stop_the_run_after_two_empty_passes(ray_local, synth_small, tmp_path):
     """A store that stops answering mid-run (every clip skipped from then on) used to go on
     starting passes forever once the segment had taken a step: the loop counted empty passes
