@@ -29,7 +29,7 @@ STEP, MIN_WIDTH = 0.25, 0.5
 
 @pytest.fixture(scope="module")
 def events(tmp_path_factory) -> dict:
-    """30 synthetic videos (seed 1): 29 training, 10 validation and 13 test events."""
+    """30 synthetic videos (seed 1): 29 training, 6 validation and 7 test events (one per caption)."""
     from clipray.synth import generate
 
     return generate(tmp_path_factory.mktemp("edit-synth"), videos=30, seed=1, val_frac=0.2, test_frac=0.2)
@@ -305,7 +305,7 @@ def test_clip_editing_end_to_end(ray_local, events, tmp_path, capsys):
 
     bf = brute_force_test_metrics(out / "export", events["events_manifest"], model_io(cfg).data.video)
     test = result["test"]
-    assert test["eval_split"] == "test" and test["num_test_videos"] == bf["num_test_videos"] == 13
+    assert test["eval_split"] == "test" and test["num_test_videos"] == bf["num_test_videos"] == 7
     assert test["t2v_r1"] == pytest.approx(bf["t2v_r1"]) and test["t2v_mnr"] == pytest.approx(bf["t2v_mnr"])
 
     # a re-run of a finished run trains nothing and prints its result
