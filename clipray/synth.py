@@ -147,8 +147,9 @@ def plan(videos: int, seed: int, val_frac: float, test_frac: float,
     No caption is used twice while the event space lasts: an event always renders the same
     frames, so two videos with one caption would be one file twice, and the same clip in train
     and test. There are 96 single events (6 colours x 4 shapes x 4 directions); once all are
-    used, the remaining videos are twins (9,120 ordered pairs at `max_events=2`); only a lone
-    last video, or a set larger than the space, repeats a caption.
+    used, the remaining videos are twins (9,120 ordered pairs at `max_events=2`; past them, of
+    more events where `max_events` allows); only a lone last video, or a set larger than the
+    space, repeats a caption.
     """
     rng = np.random.default_rng(seed)
     used: set[tuple[Event, ...]] = set()  # the events of each caption drawn (one caption, one tuple)
@@ -204,7 +205,13 @@ def plan(videos: int, seed: int, val_frac: float, test_frac: float,
         pair_fits = max_events >= 2 and videos - len(out) >= 2  # max_events=1: single events only
         single = None if pair_fits and rng.random() < 0.6 else fresh(1)
         if single is None and pair_fits:
-            evs = fresh(int(rng.integers(2, max_events + 1)), tries=2_000, must=True)
+            n = int(rng.integers(2, max_events + 1))
+            evs = fresh(n, tries=2_000)
+            if evs is None and max_events > 2:
+                # the 9,120 pairs run out long before the triples: a used pair was taken (794
+                # repeated captions in 20,000 videos of up to 3 events, 370 of them across splits)
+                evs = fresh(int(rng.integers(3, max_events + 1)), tries=2_000)
+            evs = evs or fresh(n, 0, must=True)
             twin_id, s = f"synth{len(out) + 1:05d}", split()
             out.append(SynthVideo(vid, evs, s, twin_id))
             out.append(SynthVideo(twin_id, evs[::-1], s, vid))

@@ -449,3 +449,19 @@ def test_synth_progress_comes_by_time_with_a_rate_not_every_50_videos(tmp_path, 
     monkeypatch.setattr(synth, "PROGRESS_S", 1e9, raising=False)
     synth.generate(tmp_path / "b", videos=50, seed=0, width=16, height=16, progress=True)
     assert capsys.readouterr().out == ""
+
+
+def test_past_the_pairs_videos_of_more_events_keep_captions_apart(monkeypatch):
+    """The count of events was drawn first, and once the ordered pairs were used up a pair
+    draw took a used one, though triples were left: 794 repeated captions (370 across splits)
+    in 20,000 videos of up to 3 events. Here with one colour (16 single events, 240 pairs): no
+    caption repeats until the space of up to 3 events (16 + 240 + 3,600 tuples) is used up."""
+    import collections
+
+    from clipray import synth
+
+    monkeypatch.setattr(synth, "COLOURS", {"red": (220, 40, 40)})
+    specs = plan(1200, 0, val_frac=0.1, test_frac=0.2, max_events=3)
+    by_count = collections.Counter(len(v.events) for v in specs)
+    assert by_count[1] == 16 and by_count[2] == 240 and by_count[3] == 1200 - 256  # every pair, then triples
+    assert len({v.caption for v in specs}) == 1200
