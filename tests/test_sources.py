@@ -684,6 +684,30 @@ def test_howto100m_sharded_csv_folder_in_worker_processes(tmp_path, capsys):
     assert manifest_metadata(str(out))["captions_form"] == "csv-folder"
 
 
+def test_howto100m_caption_folder_two_levels_down_and_a_comma_not_quoted(tmp_path):
+    """A clone of MIL-NCE keeps its captions in data/small_train_captions/: only a folder right
+    in the root was looked for, where caption JSON files are found two levels down. And a
+    caption with a comma written without quotes (a hand-made or re-exported CSV) was cut at the
+    comma without a word; it is whole again where text is the last column, else rejected."""
+    import shutil
+
+    fx.write_howto100m(tmp_path, "csv")
+    (tmp_path / "data").mkdir()
+    shutil.move(tmp_path / "small_train_captions", tmp_path / "data" / "small_train_captions")
+    folder = tmp_path / "data" / "small_train_captions"
+    (folder / "BBB-BB_BBBB.csv").write_text(
+        "start,end,text\n68.46000000000001,70.0,wash them, then dry\n70.0,69.0,end before start\n72.0,75.5,  \n")
+    out = tmp_path / "howto"
+    rep = prepare("howto100m", tmp_path, out, rows_per_shard=4, val_list="val_list.csv", workers=1)
+    _check_howto(rep, out)  # "wash them, then dry" whole
+    assert manifest_metadata(str(out))["captions_form"] == "csv-folder"
+    (folder / "DDDDDDDDDDD.csv").write_text("text,start,end\nfirst, then more,1.0,2.5\nsecond,2.5,4.0\n")
+    rep = prepare("howto100m", tmp_path, tmp_path / "again", val_list="val_list.csv", workers=1)
+    assert [r for r in table(tmp_path / "again", *TIMED) if r[0] == "DDDDDDDDDDD"] == [("DDDDDDDDDDD", 2.5, 4.0, "second", "val")]
+    assert "DDDDDDDDDDD.csv line 2: more fields than the header (a comma in a caption that is not quoted)" \
+        in rep.rejected_examples
+
+
 @pytest.mark.parametrize("form", ["json", "csv"])
 def test_a_howto100m_video_with_no_captions_is_a_rejected_entry(tmp_path, form):
     """`{"start": [], "end": [], "text": []}`, or a CSV of its header only, gave no row and no

@@ -83,12 +83,22 @@ def read_caption_csv(path: str) -> tuple[Segments, Rejects]:
     name = path.rsplit("/", 1)[-1]
     cols: dict[str, list] = {"start": [], "end": [], "text": []}
     lines: list[int] = []
+    cut: Rejects = []  # lines of more fields than the header that cannot be read back
     with open_text(path) as f:
         reader = csv.DictReader(f)
         try:
             if not reader.fieldnames or not {"start", "end", "text"} <= set(reader.fieldnames):
                 return [], [(name, f"header {reader.fieldnames} is not start,end,text")]
             for rec in reader:
+                over = rec.pop(None, None)  # the fields past the header's: an unquoted comma
+                if over:
+                    # DictReader kept them apart, and the caption was cut at the comma without a
+                    # word; the last column's text is whole again with them, another is unsure
+                    if reader.fieldnames[-1] != "text":
+                        cut.append((f"{name} line {reader.line_num}", "more fields than the header "
+                                    "(a comma in a caption that is not quoted)"))
+                        continue
+                    rec["text"] = ",".join([rec["text"], *over])
                 for key in cols:
                     cols[key].append(rec[key])
                 lines.append(reader.line_num)
@@ -97,7 +107,8 @@ def read_caption_csv(path: str) -> tuple[Segments, Rejects]:
         except csv.Error as e:  # a NUL byte, a field over csv's size limit
             # DictReader's own line_num moves only after a good record; its reader's is this line
             return [], [(f"{name} line {reader.reader.line_num}", f"unreadable CSV ({e}); file skipped")]
-    return video_segments(name, cols["start"], cols["end"], cols["text"], lines)
+    good, bad = video_segments(name, cols["start"], cols["end"], cols["text"], lines)
+    return good, cut + bad
 
 
 def _read_batch(paths: list[str]) -> list[tuple[Segments, Rejects]]:
@@ -149,11 +160,14 @@ def _caption_source(ctx: Context) -> str:
     found = ctx.find(*JSON_NAMES, required=False)
     if found:
         return found
-    for d in CSV_DIRS:
-        if _isdir(join(ctx.annotations, d)):
-            return join(ctx.annotations, d)
+    for level in ctx._levels():  # as annotation files are found: up to two folder levels below
+        for parent in level:  # (a clone of MIL-NCE keeps data/small_train_captions/)
+            for d in CSV_DIRS:
+                if _isdir(join(parent, d)):
+                    return join(parent, d)
     raise SourceError(f"howto100m: no {' / '.join(JSON_NAMES)} and no caption folder "
-                      f"({', '.join(CSV_DIRS)}) under {ctx.annotations!r}; pass captions=PATH")
+                      f"({', '.join(CSV_DIRS)}) in {ctx.annotations!r} or two folder levels below it; "
+                      "pass captions=PATH")
 
 
 def rows(ctx: Context) -> Iterator[dict]:
