@@ -840,6 +840,14 @@ def test_generic_refuses_hhmmss_and_clashing_ids(tmp_path):
     fx.write(tmp_path, "w.csv", "path,caption,video_id,start,end\na/x.mp4,one,w1,0,2\na/x.mp4,two,w2,2,4\n"
                                 "a/x.mp4,three,w1,0,2\n")
     assert prepare("generic", tmp_path, tmp_path / "g.parquet", file="w.csv").rows == 3
+    # one file written relative to the root in one row and absolute in another is one video,
+    # not one id naming two videos (refused), and under two ids it is one clip under two ids
+    fx.write(tmp_path, "r.csv", f"path,caption,video_id\na/x.mp4,one,v\n{tmp_path}/a/./x.mp4,two,v\n")
+    assert prepare("generic", tmp_path, tmp_path / "g.parquet", file="r.csv").rows == 2
+    assert set(table(tmp_path / "g.parquet", "video_id", "path")) == {("v", str(tmp_path / "a" / "x.mp4"))}
+    fx.write(tmp_path, "r2.csv", f"path,caption,video_id\na/x.mp4,one,v\n{tmp_path}/a/x.mp4,two,w\n")
+    with pytest.raises(SourceError, match=r"^r2.csv line 3: .* is video_id 'w' here and 'v' at r2.csv line 2; give one clip"):
+        prepare("generic", tmp_path, tmp_path / "g.parquet", file="r2.csv")
 
 
 def test_a_failed_run_leaves_no_partial_shards(tmp_path):
@@ -1227,7 +1235,7 @@ def test_generic_finds_a_video_whose_name_is_the_same_text_in_another_unicode_fo
     other_nfc, other_nfd = (unicodedata.normalize(f, "ÉCOLE.mp4") for f in ("NFC", "NFD"))
     fx.touch(tmp_path, nfd, other_nfc)
     fx.write(tmp_path, "ann.csv", "\n".join([
-        "path,caption,video_id", f"{nfc},relative NFC,", f"{tmp_path / nfc},absolute NFC,abs",
+        "path,caption,video_id", f"{nfc},relative NFC,", f"{tmp_path / nfc},absolute NFC,",
         f"{other_nfd},relative NFD,", "clips/gone é.mp4,missing,"]) + "\n")
     out = tmp_path / "g.parquet"
     rep = prepare("generic", tmp_path, out, file="ann.csv")

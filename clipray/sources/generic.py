@@ -102,8 +102,8 @@ def rows(ctx: Context) -> Iterator[dict]:
     path = ctx.user_path(str(ctx.options["file"]))
     ctx.metadata.update(file=path)
     files = ctx.files(exts=None)  # user videos may carry any extension
-    ids: dict[str, tuple[str, str]] = {}  # video_id -> (path, first where), to catch clashes
-    clips: dict[tuple, tuple[str, str]] = {}  # (path, start, end) -> (video_id, first where), likewise
+    ids: dict[str, tuple[str, str, str]] = {}  # video_id -> (file, path as given, first where), to catch clashes
+    clips: dict[tuple, tuple[str, str]] = {}  # (file, start, end) -> (video_id, first where), likewise
     local: dict[str, str | None] = {}
     unknown: set[str] = set()
     clamped = 0
@@ -113,18 +113,20 @@ def rows(ctx: Context) -> Iterator[dict]:
         if not raw:
             ctx.reject(where, "no path")
             continue
-        if not is_uri(raw) and not os.path.isabs(raw):  # './a.mp4' and 'a.mp4' are one file
+        if not is_uri(raw):  # './a.mp4' and 'a.mp4' are one file, and '/r/./a.mp4' and '/r/a.mp4'
             raw = posixpath.normpath(raw.replace(os.sep, "/"))
         vid = _text(rec.get("video_id")) or split_ext(posixpath.basename(raw))[0]
         start, end = seconds(rec.get("start"), "start", where), seconds(rec.get("end"), "end", where)
         ts, duration = seconds(rec.get("timestamp"), "timestamp", where), seconds(rec.get("duration"), "duration", where)
-        first = ids.setdefault(vid, (raw, where))
-        if first[0] != raw:
-            raise SourceError(f"{where}: video_id {vid!r} names {raw!r}, but {first[1]} gave it "
-                              f"{first[0]!r}; give each video its own video_id")
+        # the file itself: 'clips/a.mp4' and '<root>/clips/a.mp4' are one video, refused as two
+        file = raw if is_uri(raw) or os.path.isabs(raw) else ctx.path(raw)
+        first = ids.setdefault(vid, (file, raw, where))
+        if first[0] != file:
+            raise SourceError(f"{where}: video_id {vid!r} names {raw!r}, but {first[2]} gave it "
+                              f"{first[1]!r}; give each video its own video_id")
         # and one clip under two ids (an id given in one row, the path's stem in another): two
         # retrieval targets of the same frames, one of which counted as a miss
-        named = clips.setdefault((raw, start, end), (vid, where))
+        named = clips.setdefault((file, start, end), (vid, where))
         if named[0] != vid:
             span = "the whole video" if start is None else f"[{start:g}, {end:g}]"
             raise SourceError(f"{where}: {raw!r} ({span}) is video_id {vid!r} here and {named[0]!r} at "
