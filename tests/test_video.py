@@ -102,8 +102,8 @@ def test_the_decord_backend_reads_with_pyav_where_decord_does_not_import(real_vi
     assert len(said) == 1 and "pip install decord" in said[0]  # once per process
 
 
-def _numbered_video(path, n: int, fmt: str | None = None, size: tuple[int, int] = (64, 48)) -> None:
-    """H.264 (lossless, B-frames, a keyframe every 12) whose frame i shows i: the left half
+def _numbered_video(path, n: int, fmt: str | None = None, size: tuple[int, int] = (64, 48), bframes: int = 2) -> None:
+    """H.264 (lossless, `bframes` B-frames, a keyframe every 12) whose frame i shows i: the left half
     is grey (i // 16) * 16 + 8, the right half (i % 16) * 16 + 8. MPEG-PS (fmt "mpeg") gets
     MPEG-2 (B-frames, a keyframe every 12) in 64-byte packets: each of these small frames then
     starts a PES packet of its own and keeps its timestamp, as real frames, larger, do."""
@@ -113,7 +113,7 @@ def _numbered_video(path, n: int, fmt: str | None = None, size: tuple[int, int] 
     with av.open(str(path), "w", format=fmt, options={"packetsize": "64"} if mpeg else {}) as c:
         s = c.add_stream("mpeg2video" if mpeg else "libx264", rate=25)
         s.width, s.height, s.pix_fmt = w, h, "yuv420p"
-        s.options = {"bf": "2", "g": "12", "b": "2M"} if mpeg else {"crf": "0", "bf": "2", "g": "12"}
+        s.options = {"bf": "2", "g": "12", "b": "2M"} if mpeg else {"crf": "0", "bf": str(bframes), "g": "12"}
         for i in range(n):
             img = np.empty((h, w, 3), np.uint8)
             img[:, :w // 2], img[:, w // 2:] = (i // 16) * 16 + 8, (i % 16) * 16 + 8
@@ -203,14 +203,7 @@ def _edited_mp4(path, edits: list[tuple[float, float]]) -> None:
 
     import av
 
-    with av.open(str(path), "w") as c:
-        s = c.add_stream("libx264", rate=25)
-        s.width, s.height, s.pix_fmt, s.options = 64, 48, "yuv420p", {"crf": "0", "bf": "0", "g": "12"}
-        for i in range(100):
-            img = np.empty((48, 64, 3), np.uint8)
-            img[:, :32], img[:, 32:] = (i // 16) * 16 + 8, (i % 16) * 16 + 8
-            c.mux(s.encode(av.VideoFrame.from_ndarray(img, format="rgb24")))
-        c.mux(s.encode())
+    _numbered_video(path, 100, bframes=0)
     with av.open(str(path)) as c:
         media = c.streams.video[0].time_base.denominator  # elst's media times count in it
     b = bytearray(path.read_bytes())
