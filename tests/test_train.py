@@ -1002,13 +1002,15 @@ def test_a_step_budget_resumed_mid_pass_and_mid_accumulation_goes_on_as_a_straig
     assert len(trained) == len(rows) == 24
     assert set(trained.values()) == {2}, sorted(collections.Counter(trained.values()).items())
     # demo: lr 1e-3 for every group, 10% warm-up; the schedule spans 8 // 2 = 4 optimiser steps,
-    # of which max(1, int(0.4)) = 1 warms up; "lr" is the rate after a segment's last step
+    # of which max(1, int(0.4)) = 1 warms up; "lr" is the rate a segment's last step used: the
+    # schedule after the optimiser steps before it (steps 3, 6 and 8 follow 1, 2 and 3 of them).
+    # It was the rate after the step, one ahead: the last row always said 0.0, a rate never used
     n, warm = 4, 1
 
     def lr_after(k):  # k optimiser steps taken
         return 1e-3 * ((k + 1) / warm if k < warm else 0.5 * (1 + math.cos(math.pi * min(1, (k - warm) / (n - warm)))))
 
-    assert [float(r["lr"]) for r in segments] == pytest.approx([lr_after(1), lr_after(3), lr_after(4)], abs=1e-12)
+    assert [float(r["lr"]) for r in segments] == pytest.approx([lr_after(1), lr_after(2), lr_after(3)], abs=1e-12)
 
 
 def test_unipt_under_zero3_trains_its_side_networks_and_leaves_clip_bit_identical(ray_local, synth_small, tmp_path):

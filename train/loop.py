@@ -344,6 +344,7 @@ def train_loop(config: dict[str, Any]) -> None:
             if not math.isfinite(step_loss):
                 raise FloatingPointError(f"non-finite loss {step_loss} at step {state['step']}")
             engine.backward(loss)
+            lr = sched.get_last_lr()[-1]  # the rate this step uses: engine.step() moves the schedule on
             engine.step()
             clamp_logit_scale(engine)
             state["step"] += 1
@@ -352,11 +353,11 @@ def train_loop(config: dict[str, Any]) -> None:
             if shard_mode:
                 stream.steps += 1
             if rank == 0:
-                progress(epoch, segments, state["step"], losses[-1], sched.get_last_lr()[-1])
+                progress(epoch, segments, state["step"], losses[-1], lr)
         if not losses:
             raise RuntimeError(f"epoch {epoch} got no training batch: check the skip report")
         record = {"epoch": epoch, "step": state["step"], "loss": sum(losses) / len(losses),
-                  "lr": sched.get_last_lr()[-1], **clock.summary(len(losses) * B * world)}
+                  "lr": lr, **clock.summary(len(losses) * B * world)}
         peak = _max_over_workers(memory.read_mb())  # the training steps' peak, before evaluation
         if peak is not None:
             record["peak_mem_mb"] = peak
