@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     for stream in sys.stdout, sys.stderr:  # a latin-1 locale: a Chinese file name prints as \u89c6, not a traceback
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="backslashreplace")
-    from clipray.config import ConfigError
+    from clipray.config import ConfigError, RunFailed
     from clipray.manifest import ManifestError
     from clipray.sources import SourceError
 
@@ -175,6 +175,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ManifestError, SourceError, FileNotFoundError) as e:
         print(f"clipray {argv[0]}: error: {e}", file=sys.stderr)
         return 2
+    except RunFailed as e:  # a worker's error: its last line (the workers' tracebacks are Ray's to log)
+        print(f"clipray {argv[0]}: error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:  # Ctrl-C: a line (after the command's own, e.g. train's resume hint), not a traceback
         print(f"\nclipray {argv[0]}: interrupted", file=sys.stderr)
         return 130  # as a process killed by SIGINT

@@ -33,6 +33,11 @@ class ConfigError(ValueError):
     """A configuration file or override is wrong; the message names the key and the source."""
 
 
+class RunFailed(RuntimeError):
+    """A run that started failed on its cluster: the cause in one line (exit status 1), where
+    Ray's traceback of it ran to a hundred lines."""
+
+
 @dataclass
 class VideoConfig:
     backend: str = "decord"  # decord | pyav

@@ -120,9 +120,11 @@ def test_train_outputs_match_brute_force_eval_with_a_killed_worker_replaced(ray_
 
     t = threading.Thread(target=killer, daemon=True)
     t.start()
+    handler = signal.getsignal(signal.SIGINT)
     final = run(cfg, quiet_ray=True)
     t.join(timeout=5)
     assert "pid" in killed, "no worker was killed"
+    assert signal.getsignal(signal.SIGINT) is handler  # not Ray Train's, which fit left behind
     result = json.loads((out / "result.json").read_text())
     assert result == pytest.approx(final)
     for key in ("t2v_r1", "t2v_r5", "t2v_r10", "t2v_mdr", "t2v_mnr", "v2t_r1", "v2t_r5", "v2t_r10",
@@ -879,8 +881,15 @@ def test_the_synthetic_folder_given_as_the_manifest_is_refused_before_training(s
 
 
 def test_when_every_clip_is_skipped_the_failure_points_at_the_skip_report(ray_local, synth_small, tmp_path, capfd):
+    """The failure is one line, the first failed worker's error (`clipray train: error: ...`,
+    exit 1), not Ray's hundred-line traceback of it; and Ray Train's Ctrl-C handler is not left
+    behind (after fit, two Ctrl-C's aborted a finished run and the third exited 0, writing
+    nothing)."""
+    import signal
+
     import ray.train
 
+    from clipray.config import RunFailed
     from train.driver import run
 
     rows = read_manifest(synth_small["manifest"]).to_pylist()
@@ -888,8 +897,12 @@ def test_when_every_clip_is_skipped_the_failure_points_at_the_skip_report(ray_lo
         r["path"] = f"{tmp_path}/nowhere/{r['path']}"
     write_manifest(rows, tmp_path / "gone.parquet")
     cfg = load_config(DEMO, overrides(str(tmp_path / "gone.parquet"), tmp_path, "gone", **{"train.epochs": 1}))
-    with pytest.raises(ray.train.TrainingFailedError, match="got no training batch"):
+    handler = signal.getsignal(signal.SIGINT)
+    with pytest.raises(RunFailed, match=r"^training failed on worker 0: RuntimeError: epoch 1 got no training "
+                                        rf"batch: check the skip report; its checkpoints stay in {tmp_path}/gone$") as e:
         run(cfg, quiet_ray=True)
+    assert isinstance(e.value.__cause__, ray.train.TrainingFailedError)
+    assert signal.getsignal(signal.SIGINT) is handler
     report = [json.loads(line) for line in (tmp_path / "gone" / "skip_report.jsonl").read_text().splitlines()]
     # every training row was tried and reported (test rows too, if evaluation had started)
     assert {r["row_id"] for r in report} >= {i for i, r in enumerate(rows) if r["split"] == "train"}
@@ -1061,13 +1074,16 @@ def test_zero3_stopped_by_ctrl_c_says_how_to_resume_and_resumes_at_its_saved_ste
             assert p.poll() is None and time.time() < deadline, log.read_text()[-3000:]
             time.sleep(0.3)
         os.kill(p.pid, signal.SIGINT)
-        assert p.wait(timeout=120) != 0
+        # exit status 130, as a process killed by SIGINT, with the CLI's line: Ray's bare
+        # SystemExit(1) went past both
+        assert p.wait(timeout=120) == 130
     finally:  # a run left behind keeps the session's Ray CPUs (tests/runs.py)
         if p.poll() is None:
             os.killpg(p.pid, signal.SIGKILL)
             p.wait()
     said = log.read_text()
     assert f"training interrupted; its checkpoints stay in {tmp_path / 'resume'}" in said, said[-3000:]
+    assert said.rstrip().splitlines()[-1] == "clipray train: interrupted", said[-3000:]
     saved = registered_state(str(tmp_path / "resume"))
     assert saved["epoch"] < epochs and not (tmp_path / "resume" / "result.json").exists()
     second = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)

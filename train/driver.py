@@ -18,12 +18,14 @@ import io
 import json
 import os
 import re
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
-from clipray.config import SAMPLING, Config, ConfigError, to_yaml
+from clipray.config import SAMPLING, Config, ConfigError, RunFailed, to_yaml
 from clipray.manifest import (ManifestError, check_unique_ids, file_signature, filesystem, fsspec_path,
                               manifest_listing, manifest_signature, naming, reading, replace_whole)
 
@@ -637,14 +639,16 @@ def _run(cfg: Config, quiet_ray: bool, stop_epoch: int, table: bool, held: conte
     )
     t0 = time.perf_counter()
     try:
-        result = trainer.fit()
+        with ray_sigint():
+            result = trainer.fit()
     except (KeyboardInterrupt, SystemExit):
-        # Ctrl-C: Ray Train aborts the run and its ray.get ends in a bare SystemExit(1)
+        # Ctrl-C: Ray Train aborts the run and its ray.get ends in a bare SystemExit(1), which
+        # went past the CLI's Ctrl-C line and exit status 130 (as a process killed by SIGINT)
         print(f"\n[driver] training interrupted; its checkpoints stay in {out}: re-run the same command "
               "(same train.run_name and train.storage_path) to resume from the latest",
               file=sys.stderr, flush=True)
-        raise
-    except ray.train.TrainingFailedError:
+        raise KeyboardInterrupt from None
+    except ray.train.TrainingFailedError as e:
         # a shard of the manifest deleted under the run (written again) is a FileNotFoundError
         # of a Ray Data read task; the workers' own check is a ConfigError in their traceback
         changed = changed_manifests(watched)
@@ -655,7 +659,7 @@ def _run(cfg: Config, quiet_ray: bool, stop_epoch: int, table: bool, held: conte
         if skips["skipped"]:
             print(f"[driver] training failed with {skips['skipped']} clips skipped so far "
                   f"{skips['by_reason']}; report: {skips['report']}", file=sys.stderr, flush=True)
-        raise
+        raise RunFailed(f"training failed {failure_cause(e)}; its checkpoints stay in {out}") from e
     except Exception as e:
         # Ray Train's record of the run's checkpoints (checkpoint_manager_snapshot.json) is cut
         # (a kill while Ray rewrote it), another Ray version's, or names a deleted checkpoint:
@@ -707,6 +711,36 @@ def _eval_loop(config: dict[str, Any]) -> None:
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
 
 
+@contextlib.contextmanager
+def ray_sigint() -> Iterator[None]:
+    """Around trainer.fit(): Ray Train installs its own Ctrl-C handler and leaves it. After fit
+    returned, the driver's last minutes (the checkpoint fetched from object storage, the export,
+    the report) ran under it: two Ctrl-C's aborted a run already done, and the third exited 0
+    having written no result, export or metrics."""
+    main = threading.current_thread() is threading.main_thread()
+    handler = signal.getsignal(signal.SIGINT) if main else None
+    try:
+        yield
+    finally:
+        if main:
+            signal.signal(signal.SIGINT, handler)
+
+
+def failure_cause(e: Exception) -> str:
+    """Where and why a Ray Train run failed, from the first failed worker's error (or the
+    controller's): its last line, e.g. 'on worker 0: RuntimeError: epoch 3 got no training batch'."""
+    failures = getattr(e, "worker_failures", None) or {}
+    if failures:
+        rank = min(failures)
+        where, cause = f"on worker {rank}", failures[rank]
+    else:
+        where, cause = "in its controller", getattr(e, "controller_failure", e)
+    # the error itself (one line: its type is added), or a traceback's text (its last line has it)
+    lines = [line.strip() for line in str(cause).splitlines() if line.strip()]
+    said = f"{type(cause).__name__}: {lines[0]}" if len(lines) == 1 else lines[-1] if lines else type(cause).__name__
+    return f"{where}: {said[:500]}"
+
+
 def evaluate_export(cfg: Config, export: str, split: str, name: str) -> dict[str, Any]:
     """Evaluate an exported model on `split` of `data.eval_manifest` (else `data.manifest`), with
     the run's workers, decode pool and batch size; a Ray Train run named `name` beside the
@@ -740,7 +774,11 @@ def evaluate_export(cfg: Config, export: str, split: str, name: str) -> dict[str
         run_config=ray.train.RunConfig(name=name, **ray_storage_args(f"{out}/evaluations"),
                                        logging_config=ray.train.LoggingConfig(log_level="WARNING")),
     )
-    metrics = dict(trainer.fit().metrics, eval_split=split, export=export)
+    try:
+        with ray_sigint():
+            metrics = dict(trainer.fit().metrics, eval_split=split, export=export)
+    except ray.train.TrainingFailedError as e:
+        raise RunFailed(f"evaluating {export} failed {failure_cause(e)}") from e
     _put_text(f"{out}/{name}.json", json.dumps(metrics, indent=1))
     return metrics
 
