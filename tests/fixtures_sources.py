@@ -88,7 +88,8 @@ def write_lsmdc(root: Path) -> None:
         t.join([LSMDC_B, "01.11.23.496", "01.11.25.853", "01.11.23.000", "SOMEONE frowns."]),  # 5 fields
     ]) + "\n")
     write(root, "LSMDC16_annos_val.csv", "\n".join([
-        t.join([LSMDC_C, "00.00.01.000", "00.00.03.500", "00.00.00.750", "00.00.03.750", "SOMEONE runs. "]),
+        # a stray tab after the caption: an empty 7th field, which readers that strip the line drop
+        t.join([LSMDC_C, "00.00.01.000", "00.00.03.500", "00.00.00.750", "00.00.03.750", "SOMEONE runs. "]) + "\t",
         t.join(["0009_Gone_00.00.01.000-00.00.02.000", "00.00.01.000", "00.00.02.000",
                 "00.00.01.000", "00.00.02.000", "No file."]),
     ]) + "\n")

@@ -57,6 +57,8 @@ def rows(ctx: Context) -> Iterator[dict]:
                     continue
                 where = f"{name} line {lineno}"
                 fields = line.split("\t")
+                while len(fields) > 6 and not fields[-1].strip():
+                    fields.pop()  # a stray tab at the line's end (CLIP4Clip's reader strips the line)
                 if len(fields) != 6:
                     ctx.reject(where, f"expected 6 tab-separated fields, got {len(fields)}",
                                category="not 6 tab-separated fields")
