@@ -24,7 +24,7 @@ import os
 import unicodedata
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any, Callable, Iterable, Iterator, Mapping, TextIO
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence, TextIO
 
 from clipray.manifest import ManifestError, utf8_text
 
@@ -291,18 +291,26 @@ class Context:
         """An annotation file: the first of `names` found in the annotations folder or up to two
         folder levels below it (releases unzip into a subfolder, e.g. `msrvtt_data/`). Found
         files are recorded in the manifest metadata (`annotation_files`)."""
+        found = self.locate(names)
+        if found:
+            return self._found(found)
+        if required:
+            raise SourceError(f"{self.source}: none of {list(names)} found in {self.annotations!r} or two "
+                              "folder levels below it (pass -o annotations=DIR if they live elsewhere)")
+        return None
+
+    def locate(self, names: Sequence[str], test: Callable[[str], bool] = exists) -> str | None:
+        """The first of `names` that `test` finds (a file, by default) in the annotations folder
+        or up to two folder levels below it; None if none."""
         base = self.annotations
         for name in names:  # the folder itself first: no listing needed in the usual layout
-            if exists(join(base, name)):
-                return self._found(join(base, name))
+            if test(join(base, name)):
+                return join(base, name)
         for level in self._levels()[1:]:
             for name in names:
                 for d in level:
-                    if exists(join(d, name)):
-                        return self._found(join(d, name))
-        if required:
-            raise SourceError(f"{self.source}: none of {list(names)} found in {base!r} or two "
-                              "folder levels below it (pass -o annotations=DIR if they live elsewhere)")
+                    if test(join(d, name)):
+                        return join(d, name)
         return None
 
     def _levels(self) -> list[list[str]]:

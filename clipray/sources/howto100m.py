@@ -160,11 +160,9 @@ def _caption_source(ctx: Context) -> str:
     found = ctx.find(*JSON_NAMES, required=False)
     if found:
         return found
-    for level in ctx._levels():  # as annotation files are found: up to two folder levels below
-        for parent in level:  # (a clone of MIL-NCE keeps data/small_train_captions/)
-            for d in CSV_DIRS:
-                if _isdir(join(parent, d)):
-                    return join(parent, d)
+    folder = ctx.locate(CSV_DIRS, _isdir)  # as annotation files are found (MIL-NCE's data/small_train_captions/)
+    if folder:
+        return folder
     raise SourceError(f"howto100m: no {' / '.join(JSON_NAMES)} and no caption folder "
                       f"({', '.join(CSV_DIRS)}) in {ctx.annotations!r} or two folder levels below it; "
                       "pass captions=PATH")
