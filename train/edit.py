@@ -107,9 +107,9 @@ def initial_captions(source: str, root: str, e: EditConfig, backend: str,
         said = rows[0]["duration"]
         return path, min(real, said) if said else real, ""
 
-    rows = [r for rs in by_video.values() for r in rs]
-    words = dict(zip((r["row_id"] for r in rows), has_words([r["caption"] for r in rows], tokenize)
-                     if tokenize else [True] * len(rows)))
+    every = [r for rs in by_video.values() for r in rs]  # (`rows` names one video's below)
+    words = dict(zip((r["row_id"] for r in every), has_words([r["caption"] for r in every], tokenize)
+                     if tokenize else [True] * len(every)))
     captions, left_out = {}, []
     with ThreadPoolExecutor(PROBE_THREADS) as pool:
         lengths = list(pool.map(length, by_video.values()))
