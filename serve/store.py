@@ -475,13 +475,8 @@ def clip_ms(times: pa.Array | pa.ChunkedArray) -> list:
     return ms.tolist()
 
 
-def existing_keys(table: pa.Table) -> set[tuple]:
-    """The clip_key of every clip of the index's table (its paths, starts and ends)."""
-    return set(zip(table.column("path").to_pylist(), clip_ms(table.column("start")), clip_ms(table.column("end"))))
-
-
 def existing_ids(table: pa.Table) -> dict[tuple, str]:
-    """The video id of every clip of the index's table, by its clip_key."""
+    """The video id of every clip of the index's table, by its clip_key (its path, start and end)."""
     keys = zip(table.column("path").to_pylist(), clip_ms(table.column("start")), clip_ms(table.column("end")))
     return dict(zip(keys, table.column("video_id").to_pylist()))
 

@@ -479,7 +479,7 @@ def test_append_embeds_only_new_clips(windowed, export, synth_small):
     assert store.parts(out)[0].read_bytes() == windowed["part0"]  # first run's part untouched
     t = store.read_table(out)
     assert t.column("row_id").to_pylist() == list(range(want))
-    keys = store.existing_keys(t)
+    keys = store.existing_ids(t)
     assert len(keys) == want  # (path, start, end) unique
     again = build_index(_cfg(export, synth_small["manifest"], out, *WINDOWS), quiet=True)
     assert again["history"][-1]["added"] == 0 and again["count"] == want
@@ -927,9 +927,9 @@ def test_plan_keys_a_batch_at_a_time_the_clips_clip_key_gives_row_by_row(tmp_pat
         assert extra or len(want) < len(whole) - len(have)  # (clips written twice: planned once)
     # an append's clips already indexed: their keys a column at a time too
     table = pa.table({"path": [g["path"] for g in got], "start": [g["start"] for g in got],
-                      "end": [g["end"] for g in got]})
-    assert store.existing_keys(table) == {store.clip_key(g["path"], g["start"], g["end"]) for g in got}
-    assert store.existing_keys(pa.table({"path": [], "start": [], "end": []})) == set()  # (no part yet)
+                      "end": [g["end"] for g in got], "video_id": [g["video_id"] for g in got]})
+    assert store.existing_ids(table) == {store.clip_key(g["path"], g["start"], g["end"]): g["video_id"] for g in got}
+    assert store.existing_ids(pa.table({"path": [], "start": [], "end": [], "video_id": []})) == {}  # (no part yet)
     times = [None, float("nan"), 0.0, 0.0005, 0.0015, 0.0025, 1.0025, 2.0025, 1e15 + 0.5, 4.6e15, 12345.6785, 1e17]
     for ts in (times, times[:-1]):  # (1e17 s is past int64 in ms: the column goes through clip_key)
         assert store.clip_ms(pa.array(ts, pa.float64())) == [store.clip_key("", t, None)[1] for t in ts]
