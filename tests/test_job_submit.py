@@ -80,7 +80,10 @@ def ray_head(tmp_path: Path):
         except subprocess.TimeoutExpired:
             os.killpg(head.pid, signal.SIGKILL)
             head.wait()
-        left = subprocess.run(["pgrep", "-f", temp_dir], capture_output=True, text=True).stdout.split()
+        deadline = time.monotonic() + 15  # a child of the head may still be on its way out
+        while (left := subprocess.run(["pgrep", "-f", temp_dir], capture_output=True, text=True).stdout.split()) \
+                and time.monotonic() < deadline:
+            time.sleep(0.5)
         shutil.rmtree(temp_dir, ignore_errors=True)
     assert not left, f"processes of the stopped head still running: {left}"
 
