@@ -61,6 +61,14 @@ FREE_OBJECTS_PERIOD_MS = "50"
 TRAIN_POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
 TRAIN_POLL_S = "0.5"
 
+# how long Serve's controller waits for its HTTP proxy's readiness check (Ray's default 5 s): it
+# kills a proxy that misses 3 in a row, and `serve.start` then fails with ActorDiedError rather
+# than wait for the next one. On a busy 2-core machine (Ray's workers run at nice 15, so any
+# other work takes their CPU) the proxy's start missed three 5 s checks and every Serve test of
+# the session errored. 20 s keeps the three checks within `serve.start`'s own minute.
+PROXY_READY_ENV = "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S"
+PROXY_READY_S = "20"
+
 # Ray Data's logging setup for the embedded Ray's processes (a user's own value wins)
 RAY_DATA_LOGGING_ENV = "RAY_DATA_LOGGING_CONFIG"
 RAY_DATA_LOGGING = os.path.join(os.path.dirname(__file__), "ray_data_logging.yaml")
@@ -222,6 +230,7 @@ def init_ray(cfg: RayConfig | None = None, quiet: bool = False) -> None:
     num_cpus = local_cpus(cfg)
     os.environ.setdefault(FREE_OBJECTS_ENV, FREE_OBJECTS_PERIOD_MS)  # a user's own value wins
     os.environ.setdefault(TRAIN_POLL_ENV, TRAIN_POLL_S)
+    os.environ.setdefault(PROXY_READY_ENV, PROXY_READY_S)
     # read by every Ray worker that imports ray.data, Ray Train's dataset coordinators included,
     # whose console lines Ray forwards to ours: see ray_data_logging.yaml
     os.environ.setdefault(RAY_DATA_LOGGING_ENV, RAY_DATA_LOGGING)
