@@ -769,6 +769,53 @@ torch.distributed.destroy_process_group()
                                             ((0, "fp32"), (1, "fp32"), (2, "fp32"), (3, "fp32"), (0, "bf16"), (1, "bf16"))]
 
 
+def test_bf16_without_zero_takes_no_step_before_training():
+    """DeepSpeed's bf16 optimiser without ZeRO set up its state by one AdamW step on zero
+    gradients: the first real step was bias-corrected as the second (a move of 0.074, not lr
+    0.1) and the weight decayed once before it (x 0.95 at lr 0.1, weight decay 0.5). By hand,
+    with gradient 1: AdamW's first two steps move the weight by exactly lr after decaying it,
+    1 -> 0.95 - 0.1 = 0.85 -> 0.85 x 0.95 - 0.1 = 0.7075, at every stage and precision. The
+    old code gave 0.83 (bf16 of 0.8284) after the first step under bf16 without ZeRO."""
+    from ports import free_ports
+
+    code = """
+import torch
+from clipray.config import TrainConfig
+from train import ds_config
+
+class One(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.ones(2))
+
+    def forward(self, x):
+        return (self.w * x).sum()
+
+for stage, precision in ((0, "bf16"), (1, "bf16"), (0, "fp32")):
+    task = One()
+    opt = torch.optim.AdamW(task.parameters(), lr=0.1, eps=1e-12, weight_decay=0.5)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
+    engine = ds_config.initialize(task, opt, sched, TrainConfig(zero_stage=stage, precision=precision), 1, 0.0)
+    seen = []
+    for _ in range(2):
+        engine.backward(engine(torch.tensor([0.5, 0.5], dtype=task.w.dtype)))
+        engine.step()
+        seen.append(float(task.w.detach().float()[0]))
+    print(stage, precision, seen, flush=True)
+torch.distributed.destroy_process_group()
+"""
+    env = {**os.environ, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(free_ports(1)[0])}
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    by_hand = [0.85, 0.85 * 0.95 - 0.1]
+    bf16 = [float(torch.tensor(v).bfloat16()) for v in by_hand]  # the model's bf16 weight
+    seen = {tuple(line.split()[:2]): eval(line.split(" ", 2)[2]) for line in out.stdout.splitlines()[-3:]}
+    assert seen[("0", "fp32")] == pytest.approx(by_hand, abs=1e-6)
+    assert seen[("1", "bf16")] == bf16
+    assert seen[("0", "bf16")] == bf16
+
+
 def test_the_step_agreement_all_reduces_on_the_device_the_process_group_serves(monkeypatch):
     """GPU workers talk NCCL, which serves CUDA tensors only: the first GPU run crashed at its
     first batch all-reducing a CPU flag. A "cuda:gloo" group, with no backend for CPU tensors

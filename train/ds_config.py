@@ -65,7 +65,26 @@ def initialize(task: torch.nn.Module, opt: Any, sched: Any, train: TrainConfig, 
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     engine, *_ = deepspeed.initialize(model=task, optimizer=opt, lr_scheduler=sched,
                                       config=build(train, batch_size, grad_clip))
+    _undo_warm_up_step(engine.optimizer)
     return engine
+
+
+def _undo_warm_up_step(wrapped: Any) -> None:
+    """bf16 without ZeRO: DeepSpeed wraps the optimiser in FP16_UnfusedOptimizer, which creates
+    its state by one step on zero gradients. For AdamW that step counts: every real step t was
+    bias-corrected as step t+1 (the first update 0.74 x lr, not lr) and the fp32 copy of each
+    weight was decayed once (x (1 - lr * weight_decay)) before training, unlike fp32 or ZeRO 1-3.
+    The state is dropped (AdamW makes it anew at the first real step) and each fp32 copy set
+    back to its bf16 weight, which the step left as it was."""
+    from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
+
+    if not isinstance(wrapped, FP16_UnfusedOptimizer):
+        return
+    wrapped.optimizer.state.clear()
+    with torch.no_grad():
+        for weights, copies in zip(wrapped.fp16_groups, wrapped.fp32_groups):
+            for weight, copy in zip(weights, copies):
+                copy.copy_(weight)
 
 
 def _decays(p: torch.nn.Parameter) -> bool:
