@@ -256,27 +256,42 @@ class Searcher:
         q = np.ascontiguousarray(np.stack([v for v, _ in queries]), dtype=np.float32)
         n = self.index.ntotal
         ks = np.array([min(k, n) for _, k in queries])
+        # the most clips a query can get back: all of them, or its refine x k candidates
+        most = np.minimum((self.index.k_factor * ks).astype(int), n) if self.k_shapes_answer else np.full_like(ks, n)
         # one deeper than asked: the common case, no tie at the k-th place, takes one search
-        deep = ks if self.k_shapes_answer else np.full_like(ks, min(int(ks.max()) + 1, n))
+        deep = np.minimum(ks + 1, most) if self.k_shapes_answer else np.full_like(ks, min(int(ks.max()) + 1, n))
         found: list = [None] * len(queries)  # (scores, ids) of each query
-        for k in np.unique(deep):
-            rows = np.flatnonzero(deep == k)
-            scores, ids = self.index.search(q[rows], int(k))
+        for k, d in set(zip(ks.tolist(), deep.tolist())):
+            rows = np.flatnonzero((ks == k) & (deep == d))
+            scores, ids = self._search(q[rows], d, most[rows[0]])
             for r, s, i in zip(rows, scores, ids):
                 found[r] = (s, i)
         out = []
         for j, k in enumerate(ks):
             s, i = found[j]
             # (a k-th place left empty, -1, as an IVF index's few probed lists leave it, ties nothing)
-            while (not self.k_shapes_answer and k and len(s) < n and i[k - 1] >= 0 and i[-1] >= 0
+            while (k and len(s) < most[j] and i[k - 1] >= 0 and i[-1] >= 0
                    and s[-1] >= s[k - 1] - (FLAT_NOISE if self.flat else 0.0)):
-                s, i = (a[0] for a in self.index.search(q[j:j + 1], min(2 * len(s), n)))
+                s, i = (a[0] for a in self._search(q[j:j + 1], min(2 * len(s), most[j]), most[j]))
             if self.flat:
                 i = i[i >= 0]
                 s = (self.index.reconstruct_batch(i).astype(np.float64) @ q[j].astype(np.float64)).astype(np.float32)
             hits = sorted((-float(x), int(c)) for c, x in zip(i, s) if c >= 0)
             out.append([self._row(c, -x) for x, c in hits[:k]])
         return out
+
+    def _search(self, q: np.ndarray, depth: int, candidates: int) -> tuple[np.ndarray, np.ndarray]:
+        """faiss's top `depth` for each query. An ivf_pq index with index.refine re-scores as
+        many candidates as its k asks (`candidates`, refine x k), however deep this goes: its
+        tied copies of a video at the k-th place are then all returned, as the other kinds
+        return them, instead of the one faiss happened to keep (the highest clip id, always)."""
+        if not self.k_shapes_answer:
+            return self.index.search(q, depth)
+        import faiss
+
+        # faiss takes int(depth x k_factor) candidates: the half keeps float error from losing one
+        params = faiss.IndexRefineSearchParameters(k_factor=(candidates + 0.5) / depth)
+        return self.index.search(q, depth, params=params)
 
     async def search(self, vector: np.ndarray, k: int) -> list[dict]:
         return await self.search_batch((vector, k))

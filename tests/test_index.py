@@ -1904,6 +1904,43 @@ def test_a_batched_search_answers_each_query_as_it_is_answered_alone(tmp_path):
         assert batched[j] == alone[j], j
     assert [s.search_many([(v, 50)])[0] for v in q[::2]] == batched[::2]
 
+def test_an_ivf_pq_index_lists_tied_copies_by_clip_id_too(tmp_path):
+    """An ivf_pq index re-scores refine x k candidates exactly, and its searches were not made
+    deeper at a tie (a deeper search re-scores more candidates): of a video's copies tied at the
+    k-th place faiss kept the highest clip id, every time (k=1 of 3 copies gave the last). A
+    deeper search now re-scores the same refine x k candidates, so the tied copies among them
+    are all returned and listed by clip id, as by the other kinds: by hand, the lowest copies."""
+    import faiss
+
+    from serve import store
+    from serve.deployments import Searcher
+
+    n, d = 2000, 16
+    x = _unit(n, d)
+    copies = [7, 1200, 1999]
+    x[copies] = x[7]
+    ids = np.arange(n)
+    store.write_part(tmp_path, {"row_id": ids, "video_id": [f"v{i}" for i in ids], "start": [0.0] * n,
+                                "end": [1.0] * n, "path": [f"/v/{i}.mp4" for i in ids], "embedding": x})
+    index = faiss.index_factory(d, "IVF4,PQ4x4,RFlat", faiss.METRIC_INNER_PRODUCT)  # as build_faiss, 4-bit codes
+    index.train(x)
+    index.add(x)
+    store.save_faiss(tmp_path, index)
+    store.write_meta(tmp_path, {"format": store.FORMAT, "count": n, "dim": d, "kind": "ivf_pq",
+                                "search": {"nprobe": 4, "refine": 4}})
+    s = Searcher.func_or_class(str(tmp_path), {"max_batch_size": 8, "batch_wait_timeout_s": 0.0})
+    clips = lambda answer: [h["clip_id"] for h in answer]  # noqa: E731
+    for k in (1, 2, 3):
+        assert clips(s.search_many([(x[7], k)])[0]) == copies[:k], k
+    assert [clips(a) for a in s.search_many([(x[7], 1), (x[1200], 2), (x[5], 3)])] == \
+        [[7], [7, 1200], clips(s.search_many([(x[5], 3)])[0])]
+    # the tie rule leaves each answer as it was where nothing ties: the re-scored top k
+    q = _unit(20, d, seed=3)
+    for v in q:
+        found = s.index.search(v[None], 5)[1][0].tolist()  # refine 4: 20 candidates re-scored
+        assert clips(s.search_many([(v, 5)])[0]) == found
+
+
 def test_tied_clips_are_listed_by_clip_id_whatever_k_and_the_batch(tmp_path):
     """A duplicated video's copies score alike. faiss's flat index listed them higher id first
     and its k=1 search kept any one of them, so the first hit of the same query changed with k
