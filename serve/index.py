@@ -320,15 +320,17 @@ def build_index(cfg: AppConfig, quiet: bool = False) -> dict[str, Any]:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ConfigError(f"out: cannot create the index folder {out} ({e})") from e
-    try:
-        with _writing(out):
+    with _writing(out):
+        try:
             return _build(cfg, out, quiet)
-    except (ConfigError, ManifestError, FileNotFoundError):
-        # a wrong checkpoint, manifest or index kind fails before anything is embedded: leave
-        # no index folder behind that holds nothing but a fetched model (a skip report stays)
-        if fresh and all(p.name.startswith("model-") or p.name == LOCK for p in out.iterdir()):
-            shutil.rmtree(out, ignore_errors=True)
-        raise
+        except (ConfigError, ManifestError, FileNotFoundError):
+            # a wrong checkpoint, manifest or index kind fails before anything is embedded: leave
+            # no index folder behind that holds nothing but a fetched model (a skip report stays).
+            # Only while this run holds the lock: a run refused by it, which found no folder a
+            # moment before, removed the folder of the run that made it and holds it, lock and all
+            if fresh and all(p.name.startswith("model-") or p.name == LOCK for p in out.iterdir()):
+                shutil.rmtree(out, ignore_errors=True)
+            raise
 
 
 LOCK = ".index.lock"  # held by the one `clipray index` writing the folder

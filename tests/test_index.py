@@ -950,7 +950,7 @@ def test_ivf_pq_on_too_few_clips_fails_before_embedding(ray_local, export, synth
     assert store.too_few_for("ivf_pq", store.PQ_MIN_VECTORS) == store.too_few_for("hnsw", 1) == ""
 
 
-def test_an_index_folder_or_export_that_is_not_one_fails_before_ray_starts(synth_small, tmp_path):
+def test_an_index_folder_or_export_that_is_not_one_fails_before_ray_starts(synth_small, tmp_path, monkeypatch):
     from serve.index import build_index
 
     (tmp_path / "afile").write_text("x")
@@ -979,6 +979,24 @@ def test_an_index_folder_or_export_that_is_not_one_fails_before_ray_starts(synth
             build_index(_cfg(str(tmp_path), synth_small["manifest"], tmp_path / "busy"), quiet=True)
     with pytest.raises(ConfigError, match="not a clipray export"):  # released: the next run goes on
         build_index(_cfg(str(tmp_path), synth_small["manifest"], tmp_path / "busy"), quiet=True)
+    # two runs started at once on a new folder: this one finds none, the other makes it and takes
+    # the lock (here, as this run makes the folder too). The refused run removed the folder,
+    # the other's lock with it, and a third run then wrote beside the first (row ids 0, 0, 1, 1)
+    race, real_mkdir = tmp_path / "race", Path.mkdir
+
+    def other_run_first(self, *args, **kwargs):
+        real_mkdir(self, *args, **kwargs)
+        if self == race and not others:
+            others.append(open(race / ".index.lock", "a"))
+            fcntl.flock(others[0], fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+    others: list = []
+    monkeypatch.setattr(Path, "mkdir", other_run_first)
+    with pytest.raises(ConfigError, match="another `clipray index` is writing this index now"):
+        build_index(_cfg(str(tmp_path), synth_small["manifest"], race), quiet=True)
+    monkeypatch.undo()
+    assert (race / ".index.lock").is_file()  # the other run's folder and lock stay
+    others[0].close()
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("kept")
     with pytest.raises(ConfigError, match="not a clipray export"):  # a folder the user made stays
