@@ -9,7 +9,9 @@ video encoder -> embeddings Parquet + a faiss index in `out` (layout: `serve.sto
   hnsw builds an approximate or compressed index instead, and its recall@10 against exact is
   measured at build time on real queries (the manifest's captions through the text encoder).
 - Incremental: clips already in `out` (same path, start, end) are not embedded again; a run adds
-  one Parquet part and rebuilds the faiss index over everything. The export must be the same
+  one Parquet part and rebuilds the faiss index over everything. A video written anew at its
+  path since its clips were embedded (another size or modification time) has them embedded
+  again, in place (their ids kept). The export must be the same
   model (checked by fingerprint), or the vectors would live in different spaces.
 - `checkpoint` is an export directory, local or at a URI (`s3://.../<run>/export`, where a run
   stored in object storage keeps it); one at a URI is copied into `out/model-<fingerprint>/`,
@@ -57,7 +59,7 @@ def windows(duration: float, window: float, stride: float) -> list[tuple[float, 
     return out
 
 
-def plan_clips(cfg: AppConfig, have: set | dict) -> tuple[list[dict], list[str]]:
+def plan_clips(cfg: AppConfig, have: set | dict, files: Optional[set] = None) -> tuple[list[dict], list[str]]:
     """Unique clips of the manifest not yet in the index (+ windows), and a seeded uniform
     sample of its captions (up to index.recall_queries) for the recall check. Given the index's
     video ids (`have` a dict, clip_key -> id), clips the index holds under another id than the
@@ -67,7 +69,8 @@ def plan_clips(cfg: AppConfig, have: set | dict) -> tuple[list[dict], list[str]]
     at a time; a path is resolved once a batch. Row by row, planning took 10-17 s a million
     rows. The videos whose length windows need (a whole-video row without a `duration`) are
     opened PROBE_THREADS at a time: one after another, a million videos in object storage (a
-    few requests each) took a day before the first clip was embedded."""
+    few requests each) took a day before the first clip was embedded. `files`, if given, gets
+    every video path of the manifest (resolved), indexed or not."""
     from concurrent.futures import ThreadPoolExecutor
 
     from clipray.manifest import checked_batches, default_root, resolve_path
@@ -100,6 +103,8 @@ def plan_clips(cfg: AppConfig, have: set | dict) -> tuple[list[dict], list[str]]
             coded = b.column("path").dictionary_encode()
             names = np.array([absolute(p) for p in coded.dictionary.to_pylist()], dtype=object)
             paths = names[coded.indices.to_numpy()].tolist()
+            if files is not None:
+                files.update(names)
             vids, starts, ends = (b.column(c).to_pylist() for c in ("video_id", "start", "end"))
             keys = zip(paths, store.clip_ms(b.column("start")), store.clip_ms(b.column("end")))  # clip_key's
             if window:  # a video has many captions: its first row's duration, or one probe
@@ -215,6 +220,7 @@ class ClipEmbedder:
 
 
 PLAN = "_plan"  # a clip's position in plan_clips' list, carried through the embedding job
+AGAIN = "_again"  # the row id of an indexed clip embedded again (its file changed), else -1
 PROGRESS_S = 10.0  # a progress line this often when the output is a log, not a terminal
 
 
@@ -448,18 +454,23 @@ def _build(cfg: AppConfig, out: Path, quiet: bool) -> dict[str, Any]:
         raise ConfigError(f"{out} holds clips sampled with {' '.join(f'video.{k}={held[k]}' for k in differ)}; "
                           f"this append asks {' '.join(f'video.{k}={getattr(cfg.video, k)}' for k in differ)}: "
                           "give the former as overrides, or build a new index (another out=)")
-    existing = store.read_table(out, store.META_COLUMNS)
-    rows, captions = plan_clips(cfg, store.existing_ids(existing))
+    existing, files = store.read_table(out, store.META_COLUMNS), set()
+    rows, captions = plan_clips(cfg, store.existing_ids(existing), files)
+    again, signs = changed_clips(out, files, existing)
+    del files
     if not rows and not len(existing):  # no skip report to look at: nothing was tried
         raise ConfigError(f"manifest={cfg.manifest} has no clip to index" + (
             f" in the {cfg.index.split} split (index.split)" if cfg.index.split != "all" else ""))
     why = store.too_few_for(cfg.index.kind, len(existing) + len(rows))
     if why:  # now, not after hours of embedding
         raise ConfigError(f"index {out}: {len(existing)} clips indexed + {len(rows)} new from {cfg.manifest}; {why}")
-    print(f"index {out}: {len(existing)} clips already embedded, {len(rows)} new "
-          f"({cfg.index.split} split{', windows %gs/%gs' % (cfg.index.window_s, cfg.index.stride_s) if cfg.index.window_s else ''})",
+    print(f"index {out}: {len(existing)} clips already embedded, {len(rows)} new"
+          + (f", {len(again)} embedded again (their files were written anew since)" if again else "")
+          + f" ({cfg.index.split} split{', windows %gs/%gs' % (cfg.index.window_s, cfg.index.stride_s) if cfg.index.window_s else ''})",
           flush=True)
+    rows = [{AGAIN: -1, **r} for r in rows] + again
     t0, done, skipped, new, every, since = time.perf_counter(), 0, [], [], Every(PROGRESS_S), None
+    rewritten = {r["path"] for r in again}
     if rows:
         import pyarrow as pa
 
@@ -503,24 +514,53 @@ def _build(cfg: AppConfig, out: Path, quiet: bool) -> dict[str, Any]:
     # the clips tried again: their earlier lines in the skip report give way to this run's outcome
     tried = {store.clip_key(r["path"], r["start"], r["end"]) for r in rows} \
         if (out / "skip_report.jsonl").exists() else set()
-    del existing, rows  # the index's clip table and this run's plan: not needed from here on
+    del existing, rows, again  # the index's clip table and this run's plan: not needed from here on
+    redone = sum(int((b[AGAIN] >= 0).sum()) for b in new)
     # (the sampling too: a first build stopped before index.json left parts that said nothing of it)
     added = _write_new(out, new, first_id, rerank, fp, {k: getattr(cfg.video, k) for k in SAMPLING})
+    # recorded once its clips are stored; not for a rewritten file a clip of which could not be
+    # embedded again (it keeps its old vector): the next run tries all of them again
+    failed = {s["path"] for _, s in skipped} & rewritten
+    store.write_signatures(out, {p: sign for p, sign in signs.items() if p not in failed})
     if skipped or tried:
         append_skips(out, [s for _, s in sorted(skipped, key=lambda p: p[0])], tried)
     meta = _rebuild(out, cfg, export, fp, rerank, conf, captions, meta, quiet)
     meta.setdefault("history", []).append({
         "time": time.strftime("%Y-%m-%d %H:%M:%S"), "manifest": cfg.manifest, "split": cfg.index.split,
-        "window_s": cfg.index.window_s, "stride_s": cfg.index.stride_s, "added": added,
+        "window_s": cfg.index.window_s, "stride_s": cfg.index.stride_s, "added": added, "replaced": redone,
         "skipped": len(skipped), "seconds": round(time.perf_counter() - t0, 2)})
     store.write_meta(out, meta)
     rec = meta.get("recall") or {}
-    print(f"index {out}: {meta['count']} clips ({added} added, {len(skipped)} skipped), "
+    print(f"index {out}: {meta['count']} clips ({added} added, {f'{redone} embedded again, ' if redone else ''}"
+          f"{len(skipped)} skipped), "
           f"{meta['kind']} dim {meta['dim']}" + (f", recall@10 vs exact {rec.get('recall@10', float('nan')):.3f} "
           f"on {rec.get('queries')} caption queries" if rec else ""), flush=True)
     if skipped:
         print(skip_summary(out, [s for _, s in skipped]), flush=True)
     return meta
+
+
+def changed_clips(out: Path, files: set[str], existing: Any) -> tuple[list[dict], dict]:
+    """The indexed clips of the manifest's `files` written anew since they were embedded (their
+    size or modification time, from a listing of their folders, differs from the one `files/`
+    records), to embed again under their row ids; and the signatures to record, the ones that
+    differ from it (taken now, before embedding: a file written during the run is embedded again
+    by the next). A file indexed before signatures were recorded is taken as unchanged, said once."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    signs, was = store.file_signatures(files), store.recorded_signatures(out)
+    unknown = pa.array([p for p in signs if p not in was], pa.string())
+    old = pc.sum(pc.is_in(unknown, value_set=existing.column("path").unique())).as_py() if len(existing) else 0
+    if old:
+        print(f"[index] note: {old} files of the manifest hold clips indexed before `clipray index` recorded each "
+              "file's size and modification time: taken as unchanged and recorded now (one written anew before "
+              "this run keeps its old vectors: build a new index, another out=, to embed them again)",
+              file=sys.stderr, flush=True)
+    changed = pa.array([p for p, sign in signs.items() if was.get(p, sign) != sign], pa.string())
+    stale = existing.filter(pc.is_in(existing.column("path"), value_set=changed)).to_pylist() if len(changed) else []
+    again = [{AGAIN: r.pop("row_id"), **r} for r in stale]
+    return again, {p: sign for p, sign in signs.items() if was.get(p) != sign}
 
 
 def skip_summary(out: Path, skips: list[dict]) -> str:
@@ -570,6 +610,8 @@ def _write_new(out: Path, new: list[dict], first_id: int, rerank: str, fp: str =
     """Write the embedded batches `new` as one part (and their re-ranker features as another),
     emptying `new` as they are joined: each column's batches go as it is joined, and none is
     left for the faiss rebuild, which holds every embedding of the index at least twice."""
+    import pyarrow as pa
+
     if not new:
         return 0
     cat = {k: np.concatenate([b.pop(k) for b in new]) for k in list(new[0])}
@@ -577,16 +619,26 @@ def _write_new(out: Path, new: list[dict], first_id: int, rerank: str, fp: str =
     order = np.argsort(cat.pop(PLAN), kind="stable")  # the plan's order, whichever actor finished first
     for k in cat:
         cat[k] = cat[k][order]
-    n = len(cat["path"])
-    cat["row_id"] = np.arange(first_id, first_id + n, dtype=np.int64)
+    # a clip embedded again (its file written anew) keeps its row id; a new one takes the next
+    again = cat.pop(AGAIN, np.full(len(order), -1))
+    fresh = again < 0
+    cat["row_id"] = np.where(fresh, first_id + np.cumsum(fresh) - 1, again).astype(np.int64)
     cat["start"] = np.array([_f(v) for v in cat["start"]], dtype=np.float64)
     cat["end"] = np.array([_f(v) for v in cat["end"]], dtype=np.float64)
     if rerank:  # the re-ranker part first: an interrupted run then leaves no orphan row ids
         store.write_part(out, {"row_id": cat["row_id"], "feats": cat.pop("rerank_feats"),
                                "mask": cat.pop("rerank_mask")}, sub=store.RERANK_DIR)
-    store.write_part(out, {k: [None if isinstance(x, float) and np.isnan(x) else x for x in v]
-                           if k in ("start", "end") else v for k, v in cat.items()}, fingerprint=fp, sampling=sampling)
-    return n
+    if not fresh.all():  # their new vectors replace the old ones (store.read_embeddings)
+        emb = np.ascontiguousarray(cat["embedding"][~fresh], dtype=np.float32)
+        store.write_rows(out, store.REPLACED_DIR, {
+            "row_id": pa.array(cat["row_id"][~fresh]),
+            "embedding": pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1)), emb.shape[1])})
+    if fresh.any():
+        keep = slice(None) if fresh.all() else fresh  # (no copy of the columns of an append of new clips)
+        store.write_part(out, {k: [None if isinstance(x, float) and np.isnan(x) else x for x in v[keep]]
+                               if k in ("start", "end") else v[keep] for k, v in cat.items()},
+                         fingerprint=fp, sampling=sampling)
+    return int(fresh.sum())
 
 
 def _rebuild(out: Path, cfg: AppConfig, export: str, fp: str, rerank: str, conf: dict,

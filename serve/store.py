@@ -5,6 +5,10 @@
     out/rerank/part-NNNNN.npz          optional: row_id, frame features [n, T, D] fp16, mask
                                        of a tightTransf export (the re-ranker's inputs)
     out/index.faiss                    faiss index over all embeddings; faiss id == row_id
+    out/replaced/part-NNNNN.parquet    row_id, embedding: clips embedded again (their file was
+                                       written anew); a later part's vector replaces a row's
+    out/files/part-NNNNN.parquet       path, size, mtime_ns: each video file as its clips were
+                                       embedded (a later part's signature replaces a path's)
     out/index.json                     export path (absolute, and relative to out) + fingerprint,
                                        dim, count, kind, search parameters, recall@10 vs exact,
                                        build history
@@ -13,6 +17,11 @@ Row ids are contiguous (0..N-1) and assigned in append order, so a faiss id is a
 row id is a position: no id map. Clips are keyed by (path, start, end), which is what lets an
 append skip every clip that is already embedded. Paths are stored absolute (or as URIs), so the
 served index does not depend on where the manifest was.
+
+A video written anew at its path (another size or modification time than `files/` records) has
+its indexed clips embedded again by the next append that lists it: their rows keep their ids and
+metadata, and their new vectors go into `replaced/`, which `read_embeddings` (the faiss build)
+applies over the parts' `embedding` column, which keeps the first vector.
 """
 
 from __future__ import annotations
@@ -39,6 +48,8 @@ FORMAT = "clipray.index/1"  # index.json's "format": what tells our metadata fro
 FAISS = "index.faiss"
 EMB_DIR = "embeddings"
 RERANK_DIR = "rerank"
+REPLACED_DIR = "replaced"
+FILES_DIR = "files"
 META_COLUMNS = ["row_id", "video_id", "start", "end", "path"]
 
 
@@ -163,10 +174,11 @@ def read_embeddings(out: str | Path) -> np.ndarray:
     """Every stored embedding [N, D] float32, by row id, streamed part by part into the one
     array a few thousand rows at a time. `embedding_matrix(read_table(...))` peaked at three
     times the vectors (Parquet's reader of a whole part, the table sorted by row id, its chunks
-    joined): 2.4 GB to rebuild an index of 400k vectors of D 512 (0.8 GB), now under 1 GB."""
+    joined): 2.4 GB to rebuild an index of 400k vectors of D 512 (0.8 GB), now under 1 GB.
+    The vectors of clips embedded again (`replaced/`) replace their rows' first ones."""
     n = read_table(out, ["row_id"]).num_rows  # (and its row ids checked: 0..N-1)
     x: Optional[np.ndarray] = None
-    for f in parts(out):
+    for f in parts(out) + parts(out, REPLACED_DIR):
         # buffered, not pre-buffered: a part's column is read a page at a time, not whole
         with reading_part(f), pq.ParquetFile(f, buffer_size=1 << 20, pre_buffer=False) as pf:
             for batch in pf.iter_batches(batch_size=_EMBEDDING_ROWS, columns=["row_id", "embedding"]):
@@ -237,6 +249,63 @@ def write_part(out: str | Path, rows: dict[str, np.ndarray], sub: str = EMB_DIR,
         table = table.replace_schema_metadata({PART_FINGERPRINT: fingerprint.encode(),
                                                **({PART_SAMPLING: json.dumps(sampling).encode()} if sampling else {})})
     return write_whole(f"{path}.parquet", f"{path}.parquet.tmp", lambda tmp: pq.write_table(table, tmp))
+
+
+def write_rows(out: str | Path, sub: str, columns: dict[str, pa.Array]) -> Path:
+    """One new Parquet part of `columns` in `out/sub` (`replaced/`, `files/`)."""
+    d = Path(out).absolute() / sub  # (see parts)
+    d.mkdir(parents=True, exist_ok=True)
+    path = d / f"part-{len(parts(out, sub)):05d}.parquet"
+    return write_whole(path, f"{path}.tmp", lambda tmp: pq.write_table(pa.table(columns), tmp))
+
+
+def file_signatures(paths: Iterable[str]) -> dict[str, tuple[int, int]]:
+    """(size, modification time in ns) of each of the files `paths` (absolute paths or URIs),
+    from one listing of each folder holding any: object storage lists 1,000 files a request,
+    where a HEAD per file is a request each (1.2M videos in folders of 1,000: about 1.2k
+    listings, not 1.2M requests). A file not found, or in a folder that cannot be listed,
+    has none."""
+    from collections import defaultdict
+    from concurrent.futures import ThreadPoolExecutor
+
+    import pyarrow.fs as pafs
+
+    from clipray.manifest import ManifestError, filesystem
+
+    folders: dict[str, set] = defaultdict(set)
+    for p in paths:
+        folders[p.rsplit("/", 1)[0]].add(p)
+
+    def listed(folder: str) -> dict[str, tuple[int, int]]:
+        try:
+            fs, root = filesystem(folder or "/")
+            infos = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
+        except (ManifestError, OSError, pa.ArrowException):
+            return {}
+        return {p: (i.size, i.mtime_ns or 0) for i in infos
+                if i.type == pafs.FileType.File and (p := f"{folder}/{i.base_name}") in folders[folder]}
+
+    with ThreadPoolExecutor(16) as pool:
+        return {p: sign for got in pool.map(listed, list(folders)) for p, sign in got.items()}
+
+
+def recorded_signatures(out: str | Path) -> dict[str, tuple[int, int]]:
+    """Each indexed file's signature as its clips were last embedded (`files/`; none for a
+    file indexed before they were recorded)."""
+    found = {}
+    for f in parts(out, FILES_DIR):
+        with reading_part(f):
+            t = pq.read_table(f)
+        found.update(zip(t.column("path").to_pylist(), zip(t.column("size").to_pylist(),
+                                                            t.column("mtime_ns").to_pylist())))
+    return found
+
+
+def write_signatures(out: str | Path, signs: dict[str, tuple[int, int]]) -> None:
+    if signs:
+        write_rows(out, FILES_DIR, {"path": pa.array(list(signs), pa.string()),
+                                    "size": pa.array([s for s, _ in signs.values()], pa.int64()),
+                                    "mtime_ns": pa.array([t for _, t in signs.values()], pa.int64())})
 
 
 # ---- faiss ------------------------------------------------------------------------------------

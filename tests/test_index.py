@@ -486,6 +486,59 @@ def test_append_embeds_only_new_clips(windowed, export, synth_small):
     assert len(store.parts(out)) == 2
 
 
+def test_an_append_embeds_again_the_clips_of_a_video_written_anew_at_its_path(ray_local, export, synth_small,
+                                                                            tmp_path, capsys):
+    """A video written anew at its path (new content) kept its old vector after an append: its
+    clip was keyed by path and times, indexed already, so the append skipped it, and a search
+    with the new video ranked its own clip low. Each file's size and modification time are
+    recorded as its clips are embedded; an append listing a file whose signature changed embeds
+    its clips again, under their ids, as a first build would. An index built before signatures
+    were recorded takes its files as unchanged, says so once and records them."""
+    import shutil
+
+    from clipray.manifest import read_manifest, resolve_path, write_manifest
+    from serve import store
+    from serve.index import build_index
+
+    root = Path(synth_small["manifest"]).parent
+    rows = [dict(r, path=resolve_path(r["path"], str(root))) for r in read_manifest(synth_small["manifest"]).to_pylist()
+            if r["split"] == "test"][:3]
+    (tmp_path / "v").mkdir()
+    for r in rows:
+        r["path"] = str(shutil.copyfile(r["path"], tmp_path / "v" / Path(r["path"]).name))
+    a, b, c = rows
+
+    def index(rows, out, name):
+        write_manifest([{k: v for k, v in r.items() if k != "row_id"} for r in rows], tmp_path / name)
+        return build_index(_cfg(export, str(tmp_path / name), tmp_path / out, "index.split=test"), quiet=True)
+
+    index([a, b], "idx", "m1.parquet")
+    before = store.read_embeddings(tmp_path / "idx")
+    shutil.copyfile(c["path"], a["path"])  # video a written anew in place, with c's content
+    capsys.readouterr()
+    meta = index([a, b], "idx", "m2.parquet")
+    scratch = index([a], "scratch", "m3.parquet")  # a's new content, embedded by a first build
+    x = store.read_embeddings(tmp_path / "idx")
+    want = store.read_embeddings(tmp_path / "scratch")[0]
+    assert not np.allclose(before[0], want, atol=1e-4)
+    assert np.allclose(x[0], want, atol=1e-5) and np.array_equal(x[1], before[1])  # b untouched
+    assert meta["count"] == 2 and meta["history"][-1]["added"] == 0 and meta["history"][-1]["replaced"] == 1
+    assert store.read_table(tmp_path / "idx", store.META_COLUMNS).column("video_id").to_pylist() == \
+        [a["video_id"], b["video_id"]]  # a's clip keeps its id
+    assert "0 new, 1 embedded again (their files were written anew since)" in capsys.readouterr().out
+    import faiss
+
+    searched = faiss.read_index(str(tmp_path / "idx" / store.FAISS))
+    assert np.allclose(searched.reconstruct(0), want, atol=1e-5) and scratch["count"] == 1
+    again = index([a, b], "idx", "m2.parquet")  # its new signature recorded: nothing to embed
+    assert again["history"][-1]["replaced"] == again["history"][-1]["added"] == 0
+    shutil.rmtree(tmp_path / "idx" / store.FILES_DIR)  # as an index built before signatures were recorded
+    capsys.readouterr()
+    assert index([a, b], "idx", "m2.parquet")["history"][-1]["replaced"] == 0
+    assert capsys.readouterr().err.count("2 files of the manifest hold clips indexed before") == 1
+    assert set(store.recorded_signatures(tmp_path / "idx")) == {a["path"], b["path"]}
+
+
 def test_sliding_window_search_finds_the_event_window(windowed, export, synth_small):
     """An event's caption finds its video, and that video's best window is the event's."""
     import faiss
