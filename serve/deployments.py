@@ -285,6 +285,7 @@ class Searcher:
         many candidates as its k asks (`candidates`, refine x k), however deep this goes: its
         tied copies of a video at the k-th place are then all returned, as the other kinds
         return them, instead of the one faiss happened to keep (the highest clip id, always)."""
+        depth = int(depth)  # faiss's wrapper takes a Python int, not numpy's
         if not self.k_shapes_answer:
             return self.index.search(q, depth)
         import faiss
