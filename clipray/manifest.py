@@ -163,8 +163,9 @@ class ManifestWriter:
     `out` ending in `.parquet` gives one file; otherwise `out` is a directory of
     `part-NNNNN.parquet` shards. Either way rows go to disk as they come, `ROWS_PER_GROUP` at a
     time (one Parquet row group), so memory stays flat however many rows a source has. Each file
-    is written under a `.partial` name until `close()` renames them all: a write killed midway
-    (OOM, preemption) leaves no file or folder that reads as a smaller, complete manifest. Rows are numbered
+    is written under a `.partial` name until `close()` renames them all (first removing the shards
+    an earlier manifest left in the folder): a write killed midway (OOM, preemption) leaves no
+    file or folder that reads as a smaller, complete manifest. Rows are numbered
     0, 1, ... in the order written, unless `keep_row_ids`: then each row brings its own
     `row_id` (a rewrite of a manifest whose rows must still join with the original's).
     """
@@ -316,6 +317,11 @@ class ManifestWriter:
 
     def close(self) -> "ManifestWriter":
         self.finish()
+        if not self._final:
+            # a folder manifest is written whole: an earlier, longer one's shards left were read
+            # back with these (100k rows rewritten as 10k read back as 96k, and said valid).
+            # Stopped from here on, the new shards' `.partial` names make it read as unfinished
+            _remove_old_shards(self.out, self.shards)
         for path in self.shards[self._final:]:
             with naming(self._named(path)):
                 self.fs.move(path + PARTIAL, path)  # on an object store, a copy: seconds each
@@ -337,6 +343,32 @@ class ManifestWriter:
     def __exit__(self, *exc: Any) -> None:
         if exc[0] is None:
             self.close()
+
+
+def _old_shards(out: str) -> tuple[Any, list[str]]:
+    """The filesystem of a folder manifest and the `part-*.parquet` (and `.partial`) files it
+    holds now; none for a one-file manifest."""
+    if out.endswith(".parquet"):
+        return None, []
+    fs, base = filesystem(out)  # the key as the writer takes it: a '#' in it is no fragment
+    return fs, [info.path for info in fs.get_file_info(pafs.FileSelector(base, allow_not_found=True))
+                if info.type == pafs.FileType.File and re.fullmatch(r"part-\d+\.parquet(\.partial)?", info.base_name)]
+
+
+def _remove_old_shards(out: str, new: list[str]) -> None:
+    """A folder manifest is rewritten whole: stale `part-*.parquet` from a longer earlier run
+    would otherwise be read back as part of this one (and `.partial` ones of a killed run linger).
+
+    They go once the new shards `new` are whole under their `.partial` names, which a run
+    stopped while they go (one delete per shard: seconds for HowTo100M's ~545 on an object
+    store) leaves, so the folder reads as unfinished, not as the old shards left, a smaller,
+    complete manifest. Deleted before the new shards were written, a run failing midway (a bad
+    annotation line deep in a big source, a full disk) lost the manifest an earlier run wrote."""
+    fs, old = _old_shards(out)
+    keep = {path + PARTIAL for path in new}
+    for path in old:
+        if path not in keep:
+            fs.delete_file(path)
 
 
 def write_manifest(rows: Iterable[Mapping[str, Any]], out: str | Path,

@@ -90,6 +90,23 @@ def test_a_write_stopped_while_renaming_its_shards_reads_as_unfinished_and_disca
     assert list(out.iterdir()) == []
 
 
+def test_a_folder_manifest_written_again_holds_the_new_rows_only(tmp_path):
+    """Only `data prepare` removed a folder's old shards: write_manifest (and a ManifestWriter)
+    over 25 rows in 3 shards of 10 wrote 7 rows in 2 shards of 5 beside the old third shard,
+    read back as 12 rows (7 new, then rows 20-24 of the old) and said valid by `data check`."""
+    from clipray.manifest import ManifestWriter
+
+    out = tmp_path / "m"
+    write_manifest(rows(25), out, rows_per_shard=10)
+    assert write_manifest(rows(7), out, rows_per_shard=5) == 7
+    assert sorted(p.name for p in out.iterdir()) == ["part-00000.parquet", "part-00001.parquet"]
+    assert read_manifest(out).column("caption").to_pylist() == [f"caption {i}" for i in range(7)]
+    assert check_manifest(out).rows == 7
+    with ManifestWriter(out, rows_per_shard=2) as w:  # 3 rows: 2 shards, the second shard replaced
+        w.extend(rows(3))
+    assert read_manifest(out).column("row_id").to_pylist() == [0, 1, 2]
+
+
 def test_a_single_file_manifest_streams_its_rows_to_disk(tmp_path, monkeypatch):
     """`--out x.parquet` held every row as a Python dict, then the whole table, until close():
     a HowTo100M prepare into one file (136M rows) ran out of memory instead of streaming. Now

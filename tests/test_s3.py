@@ -231,6 +231,16 @@ def test_rewriting_a_manifest_folder_with_a_hash_in_its_key_clears_only_that_fol
                     f"{s3.bucket}/keep/m/part-00000.parquet"]
 
 
+def test_a_folder_manifest_written_again_on_s3_holds_the_new_rows_only(s3):
+    """The writer left an earlier, longer manifest's shards in the folder: 10 rows in 5 shards,
+    then 3 rows in 2, read back as 9 rows."""
+    rows = [dict(video_id=f"v{i}", path=f"v{i}.mp4", caption=f"c{i}", split="train") for i in range(10)]
+    write_manifest(rows, s3.url("again/m"), rows_per_shard=2)
+    write_manifest(rows[:3], s3.url("again/m"), rows_per_shard=2)
+    assert manifest_files(s3.url("again/m"))[1] == [f"{s3.bucket}/again/m/part-0000{k}.parquet" for k in (0, 1)]
+    assert read_manifest(s3.url("again/m")).column("caption").to_pylist() == ["c0", "c1", "c2"]
+
+
 def test_the_skip_report_lists_skip_files_written_after_this_process_listed_the_run(s3):
     """Decoders in other processes write the skip files; the driver merges them. s3fs keeps the
     listings this process made: after the resume check listed a resumed run's folder (no skips/

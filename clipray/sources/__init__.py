@@ -23,7 +23,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterator, Mapping
 
-from clipray.manifest import MAX_DISTINCT, PARTIAL, Every, ManifestError, ManifestWriter, Tally
+from clipray.manifest import (MAX_DISTINCT, PARTIAL, Every, ManifestError, ManifestWriter, Tally, _old_shards,
+                              _remove_old_shards)
 from clipray.sources import activitynet, didemo, generic, howto100m, lsmdc, msrvtt, msvd, youcook2
 from clipray.sources.base import Context, SourceError, SourceSpec, is_uri
 
@@ -175,9 +176,7 @@ def _prepare(name: str, root: str, out: str, progress_s: float | None = None, **
             writer.discard()
             writer.shards.clear()
         else:
-            # stopped from here on, the new shards' `.partial` names make the folder read as unfinished
-            _remove_old_shards(out, writer.shards)
-            writer.close()
+            writer.close()  # (which removes the old shards first)
     return PrepareReport(
         source=name, root=root, out=out, rows=writer.rows, videos=len(tally.videos),
         captions=tally.distinct_captions, per_split=tally.per_split,
@@ -216,33 +215,3 @@ def _refused(ctx: Context, row: Mapping[str, Any], e: ManifestError) -> None:
 def _chain(first, rest):
     yield first
     yield from rest
-
-
-def _old_shards(out: str) -> tuple[Any, list[str]]:
-    """The filesystem of a folder manifest and the `part-*.parquet` (and `.partial`) files it
-    holds now; none for a one-file manifest."""
-    if out.endswith(".parquet"):
-        return None, []
-    import pyarrow.fs as pafs
-
-    from clipray.manifest import filesystem
-
-    fs, base = filesystem(out)  # the key as the writer takes it: a '#' in it is no fragment
-    return fs, [info.path for info in fs.get_file_info(pafs.FileSelector(base, allow_not_found=True))
-                if info.type == pafs.FileType.File and re.fullmatch(r"part-\d+\.parquet(\.partial)?", info.base_name)]
-
-
-def _remove_old_shards(out: str, new: list[str]) -> None:
-    """A folder manifest is rewritten whole: stale `part-*.parquet` from a longer earlier run
-    would otherwise be read back as part of this one (and `.partial` ones of a killed run linger).
-
-    They go once the new shards `new` are whole under their `.partial` names, which a run
-    stopped while they go (one delete per shard: seconds for HowTo100M's ~545 on an object
-    store) leaves, so the folder reads as unfinished, not as the old shards left, a smaller,
-    complete manifest. Deleted before the new shards were written, a run failing midway (a bad
-    annotation line deep in a big source, a full disk) lost the manifest an earlier run wrote."""
-    fs, old = _old_shards(out)
-    keep = {path + PARTIAL for path in new}
-    for path in old:
-        if path not in keep:
-            fs.delete_file(path)
