@@ -340,9 +340,11 @@ class ManifestWriter:
     def __enter__(self) -> "ManifestWriter":
         return self
 
-    def __exit__(self, *exc: Any) -> None:
-        if exc[0] is None:
+    def __exit__(self, kind: Any, *exc: Any) -> None:
+        if kind is None:
             self.close()
+        else:  # a bad row midway: its .partial files left made the earlier manifest unreadable
+            self.discard()
 
 
 def _old_shards(out: str) -> tuple[Any, list[str]]:

@@ -107,6 +107,29 @@ def test_a_folder_manifest_written_again_holds_the_new_rows_only(tmp_path):
     assert read_manifest(out).column("row_id").to_pylist() == [0, 1, 2]
 
 
+def test_a_write_that_fails_midway_leaves_the_earlier_manifest_readable(tmp_path, monkeypatch):
+    """write_manifest refusing a bad row (row 15, its first shard of 10 written) left that shard's
+    part-00000.parquet.partial beside the earlier manifest's shards, which then read as "an
+    unfinished manifest"; into one file it left x.parquet.partial beside x.parquet."""
+    from clipray import manifest
+
+    out = tmp_path / "m"
+    write_manifest(rows(25), out, rows_per_shard=10)
+    bad = rows(20)
+    bad[15]["caption"] = " "
+    with pytest.raises(ManifestError, match="row 15 .*empty caption"):
+        write_manifest(bad, out, rows_per_shard=10)
+    assert sorted(p.name for p in out.iterdir()) == [f"part-0000{i}.parquet" for i in range(3)]
+    assert read_manifest(out).column("row_id").to_pylist() == list(range(25))
+
+    monkeypatch.setattr(manifest, "ROWS_PER_GROUP", 4)  # rows 0-3 written before row 15 is met
+    write_manifest(rows(3), tmp_path / "x.parquet")
+    with pytest.raises(ManifestError, match="row 15 .*empty caption"):
+        write_manifest(bad, tmp_path / "x.parquet")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m", "x.parquet"]
+    assert read_manifest(tmp_path / "x.parquet").num_rows == 3
+
+
 def test_a_single_file_manifest_streams_its_rows_to_disk(tmp_path, monkeypatch):
     """`--out x.parquet` held every row as a Python dict, then the whole table, until close():
     a HowTo100M prepare into one file (136M rows) ran out of memory instead of streaming. Now
