@@ -481,8 +481,10 @@ def _stopped(path: str) -> str:
     return "the write that made it stopped midway); write it again"
 
 
-def manifest_files(path: str) -> tuple[pafs.FileSystem, list[str]]:
-    """The Parquet files of a manifest (a file or a directory of shards), sorted."""
+def manifest_files(path: str, only: list[str] | None = None) -> tuple[pafs.FileSystem, list[str]]:
+    """The Parquet files of a manifest (a file or a directory of shards), sorted, each one's
+    footer checked (`_check_headers`); with `only`, the footers of those files alone (a worker
+    streaming one shard of hundreds)."""
     try:
         fs, root = filesystem(path)
         info = fs.get_file_info(root)
@@ -506,7 +508,7 @@ def manifest_files(path: str) -> tuple[pafs.FileSystem, list[str]]:
                             f"{'s' if partial > 1 else ''}: {_stopped(path)}")
     if not files:
         raise ManifestError(f"no .parquet files under {path}")
-    _check_header(fs, files[0], path)
+    _check_headers(fs, only or files, path, len(files) > 1)
     return fs, files
 
 
@@ -561,21 +563,42 @@ def _files(fs: pafs.FileSystem, root: str, info: pafs.FileInfo) -> list[pafs.Fil
     return [info] if info.type == pafs.FileType.File else []
 
 
-def _check_header(fs: pafs.FileSystem, file: str, path: str) -> None:
-    """Read the first file's footer, so a wrong file fails here with its name rather than later
-    in a Ray task: not Parquet, or lacking the columns every manifest row must have."""
-    try:
-        schema = pq.read_schema(file, filesystem=fs)
-    except (pa.ArrowInvalid, OSError) as e:
-        raise ManifestError(f"{path}: not a Parquet manifest ({str(e).splitlines()[0][:200]})") from None
-    missing = [f.name for f in SCHEMA if not f.nullable and f.name not in schema.names]
-    if missing:
-        raise ManifestError(f"{path}: not a clipray manifest, it has no {', '.join(missing)} column(s); "
-                            "write one with `clipray data prepare` (`generic` for your own CSV/JSONL)")
-    wrong = [f"{f.name} is {f.type}, not {SCHEMA.field(f.name).type}" for f in schema
-             if f.name in COLUMNS and not _reads_as(f.type, SCHEMA.field(f.name).type)]
-    if wrong:
-        raise ManifestError(f"{path}: column types differ from the manifest schema: {'; '.join(wrong)}")
+def _check_headers(fs: pafs.FileSystem, files: list[str], path: str, folder: bool) -> None:
+    """Read each file's footer (16 at a time: a streamed manifest has hundreds of shards), so a
+    wrong file fails here with its name rather than later in a Ray task: not Parquet (a later
+    file that is none is named by the read, `reading`), or lacking the columns every manifest
+    row must have, or with one of another type. Only the first file's was read, and a later
+    shard's int video_id or caption was read as text, a text or bool start as seconds."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def schema(file: str) -> pa.Schema | None:
+        try:
+            return pq.read_schema(file, filesystem=fs)
+        except (pa.ArrowInvalid, OSError) as e:
+            if file != files[0]:
+                return None
+            raise ManifestError(f"{_where(path, file, folder)}: not a Parquet manifest "
+                                f"({str(e).splitlines()[0][:200]})") from None
+
+    with ThreadPoolExecutor(16) as pool:
+        schemas = list(pool.map(schema, files))
+    for file, schema in zip(files, schemas):
+        if schema is None:
+            continue
+        where = _where(path, file, folder)
+        missing = [f.name for f in SCHEMA if not f.nullable and f.name not in schema.names]
+        if missing:
+            raise ManifestError(f"{where}: not a clipray manifest, it has no {', '.join(missing)} column(s); "
+                                "write one with `clipray data prepare` (`generic` for your own CSV/JSONL)")
+        wrong = [f"{f.name} is {f.type}, not {SCHEMA.field(f.name).type}" for f in schema
+                 if f.name in COLUMNS and not _reads_as(f.type, SCHEMA.field(f.name).type)]
+        if wrong:
+            raise ManifestError(f"{where}: column types differ from the manifest schema: {'; '.join(wrong)}")
+
+
+def _where(path: str | Path, file: str, folder: bool) -> str:
+    """A manifest file as an error names it: the manifest, and the file's name in a folder."""
+    return f"{path} ({file.rsplit('/', 1)[-1]})" if folder else str(path)
 
 
 def _reads_as(have: pa.DataType, want: pa.DataType) -> bool:
@@ -595,8 +618,8 @@ def _reads_as(have: pa.DataType, want: pa.DataType) -> bool:
 @contextlib.contextmanager
 def reading(path: str | Path) -> Iterator[None]:
     """Around a read of a manifest's files as one dataset: a later shard that is no Parquet (empty,
-    cut short) or of another type was pyarrow's traceback out of `clipray train` (`_check_header`
-    reads the first file only); `clipray data check` already said it in a line."""
+    cut short) was pyarrow's traceback out of `clipray train` (`_check_headers` names the first
+    file only when it is no Parquet); `clipray data check` already said it in a line."""
     try:
         yield
     except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as e:
@@ -818,7 +841,7 @@ def checked_batches(path: str | Path, split: str | None = None,
     fs, files = manifest_files(str(path))
     ids = RowIds()
     for f in files:
-        where = str(path) if len(files) == 1 else f"{path} ({f.rsplit('/', 1)[-1]})"
+        where = _where(path, f, len(files) > 1)
         first = 0  # the file's row number of the batch's first row
         batches = pads.dataset(f, filesystem=fs, format="parquet", schema=SCHEMA).to_batches(batch_size=batch_rows)
         for raw in _batches(batches, where):
@@ -892,8 +915,7 @@ def _checked_batch(raw: pa.RecordBatch, ids: RowIds | None = None) -> pa.RecordB
 
 
 def _batches(batches: Iterator[pa.RecordBatch], where: str) -> Iterator[pa.RecordBatch]:
-    """Record batches of one file; a column that does not read into the schema (a later shard
-    of another type than the first, whose types were checked) fails naming the file."""
+    """Record batches of one file; one that cannot be read (cut short) fails naming the file."""
     with reading(where):
         yield from batches
 

@@ -287,7 +287,7 @@ def manifest_rows(data: DataConfig, split: str | None = None, limit: int | None 
     import ray.data
     from ray.data.expressions import col
 
-    fs, all_files = manifest_files(data.manifest)
+    fs, all_files = manifest_files(data.manifest, only=files)  # (the footers of the files read)
     files = files or all_files
     with _parquet_reader_without_actors():
         # partitioning=None: Ray Data reads a `key=value` folder in a path as a column

@@ -250,6 +250,41 @@ def test_a_file_that_is_not_a_manifest_is_named_before_any_read(tmp_path):
     assert read_manifest(tmp_path / "d").num_rows == 8
 
 
+@pytest.mark.parametrize("column, values, says", [
+    ("video_id", [7, 8], "video_id is int64, not string"),
+    ("caption", [123, 456], "caption is int64, not string"),
+    ("caption", [b"x", b"y"], "caption is binary, not string"),
+    ("start", ["0.5", None], "start is string, not double"),
+    ("start", [False, None], "start is bool, not double"),
+    ("row_id", [10.0, 11.0], "row_id is double, not int64"),
+])
+def test_a_later_shard_of_another_column_type_is_named_by_every_reader(tmp_path, column, values, says):
+    """Only the first file's footer was checked: a second shard with an int video_id, an int or
+    bytes caption, a text or bool start or a float row_id was converted without a word (video
+    '7', caption '123', start 0.5) by read_manifest, iter_checked, `data check` and training."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from clipray.manifest import check_unique_ids
+
+    out = tmp_path / "m"
+    write_manifest(rows(2), out)
+    later = {"row_id": [10, 11], "video_id": ["v7", "v8"], "path": ["a.mp4", "b.mp4"], "start": [1.0, None],
+             "end": [2.0, None], "caption": ["a cat", "a dog"], "split": ["train", "train"], column: values}
+    pq.write_table(pa.table(later), out / "part-00001.parquet")
+    for read in (read_manifest, lambda p: list(iter_checked(p)), check_manifest, check_unique_ids, manifest_files):
+        with pytest.raises(ManifestError) as e:
+            read(str(out))
+        assert str(e.value) == f"{out} (part-00001.parquet): column types differ from the manifest schema: {says}"
+    if column == "start":  # optional: a shard without it holds whole videos
+        return
+    del later[column]  # a later shard without a column every row must have
+    pq.write_table(pa.table(later), out / "part-00001.parquet")
+    with pytest.raises(ManifestError, match=rf"^{out} \(part-00001.parquet\): not a clipray manifest, it has "
+                                            rf"no {column} column"):
+        read_manifest(out)
+
+
 def test_check_streams_every_shard_and_names_a_bad_row_in_a_later_one(tmp_path, capsys):
     import pyarrow.parquet as pq
 

@@ -509,6 +509,29 @@ def test_a_manifest_without_the_optional_time_columns_reads_as_whole_files(ray_l
         {"row_id": 1, "video_id": "b", "path": "b.mp4", "start": None, "end": None, "caption": "two"}]
 
 
+def test_a_later_shard_of_another_column_type_is_refused_before_it_is_read(ray_local, tmp_path):
+    """Only the first shard's column types were checked: the pipeline read a second shard's int
+    video ids and captions as the text '7' and '123', and its text start '0.5' as 0.5 s. A worker
+    streaming one shard of a folder has that shard's footer checked, not every other's."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from clipray.manifest import ManifestError
+    from clipray.pipeline import manifest_rows
+
+    out = tmp_path / "m"
+    write_manifest([dict(video_id="v0", path="a.mp4", caption="a cat", split="train")], out)
+    pq.write_table(pa.table({"row_id": [10], "video_id": [7], "path": ["b.mp4"], "start": ["0.5"], "end": ["1.5"],
+                             "caption": [123], "split": ["train"]}), out / "part-00001.parquet")
+    with pytest.raises(ManifestError) as e:
+        manifest_rows(DataConfig(manifest=str(out)), "train")
+    assert str(e.value) == (f"{out} (part-00001.parquet): column types differ from the manifest schema: video_id "
+                            "is int64, not string; start is string, not double; end is string, not double; "
+                            "caption is int64, not string")
+    got = manifest_rows(DataConfig(manifest=str(out)), "train", files=[str(out / "part-00000.parquet")]).take_all()
+    assert [(r["row_id"], r["caption"]) for r in got] == [(0, "a cat")]
+
+
 def test_a_path_with_stray_whitespace_decodes_as_the_manifest_check_and_the_index_read_it(synth_small, tmp_path):
     """`clipray data check` and `clipray index` read a manifest row as `check_row` normalises it,
     its path stripped; the decoder of training and evaluation took the raw value, so a
