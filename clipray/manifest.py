@@ -126,20 +126,6 @@ def utf8_text(text: str, key: str, where: str) -> str:
     return text
 
 
-def validate_table(table: pa.Table, source: str = "manifest") -> None:
-    """Check a table read back from Parquet against the schema and the row rules: a column at a
-    time (`_checked_batch`), and row by row (`check_row`, which names the row) only when that
-    finds a row breaking a rule."""
-    missing = [c for c in COLUMNS if c not in table.column_names]
-    if missing:
-        raise ManifestError(f"{source}: missing columns {missing}")
-    table = table.select(list(COLUMNS))
-    if all(_checked_batch(b) is not None for b in table.to_batches()):
-        return
-    for i, row in enumerate(table.to_pylist()):
-        check_row(row, f"{source} row {i}")
-
-
 PARTIAL = ".partial"  # a manifest file's suffix until the whole manifest is written
 ROWS_PER_GROUP = 32_768  # rows a ManifestWriter holds before writing them out (one row group)
 
@@ -628,13 +614,17 @@ def reading(path: str | Path) -> Iterator[None]:
 
 def read_manifest(path: str | Path, columns: Sequence[str] | None = None,
                   split: str | None = None, validate: bool = True) -> pa.Table:
-    """Read a (small enough) manifest whole; large ones go through `clipray.pipeline`."""
-    fs, files = manifest_files(str(path))
-    ds = pads.dataset(files, filesystem=fs, format="parquet", schema=SCHEMA)
-    with reading(path):
-        table = ds.to_table(filter=(pads.field("split") == split) if split else None)
+    """Read a (small enough) manifest whole; large ones go through `clipray.pipeline`. Validated,
+    its table holds the rows `iter_checked` gives: every row of every split checked, a bad one
+    named by its file and row. (A check of its own let a null or repeated row_id through, and
+    returned a split ' train' it had read as 'train', so split='train' dropped its row.)"""
     if validate:
-        validate_table(table, str(path))
+        table = pa.Table.from_batches(checked_batches(path, split), schema=CHECKED).select(list(COLUMNS))
+    else:
+        fs, files = manifest_files(str(path))
+        ds = pads.dataset(files, filesystem=fs, format="parquet", schema=SCHEMA)
+        with reading(path):
+            table = ds.to_table(filter=(pads.field("split") == split) if split else None)
     return table.select(list(columns)) if columns else table
 
 

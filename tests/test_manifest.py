@@ -194,7 +194,9 @@ def test_a_later_shard_that_is_no_parquet_is_one_line_from_every_reader_and_trai
         shard.write_bytes(cut)
         for read in (check_unique_ids, read_manifest, lambda p: count_rows(p, "train"),
                      lambda p: read_eval_split(p, "test")):
-            with pytest.raises(ManifestError, match=rf"^{out}: cannot be read as a manifest \(.*part-00001.parquet"):
+            # (read_manifest reads as iter_checked, file by file, naming the file first)
+            with pytest.raises(ManifestError, match=rf"^{out}( \(part-00001.parquet\))?: cannot be read as a "
+                                                    rf"manifest \(.*part-00001.parquet"):
                 read(str(out))
         repo = __import__("pathlib").Path(__file__).resolve().parents[1]
         assert main(["train", str(repo / "train/configs/demo.yaml"), f"data.manifest={out}",
@@ -231,6 +233,7 @@ def test_missing_manifest(tmp_path):
 
 def test_a_file_that_is_not_a_manifest_is_named_before_any_read(tmp_path):
     import pyarrow as pa
+    import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
     text = tmp_path / "notes.parquet"
@@ -246,7 +249,8 @@ def test_a_file_that_is_not_a_manifest_is_named_before_any_read(tmp_path):
     pq.write_table(pa.table({"n": [1]}), tmp_path / "d" / "part-00000.parquet")
     with pytest.raises(ManifestError, match="no row_id, video_id, path, caption, split"):
         read_manifest(tmp_path / "d")
-    pq.write_table(read_manifest(tmp_path / "d" / "part-00001.parquet"), tmp_path / "d" / "part-00000.parquet")
+    later = read_manifest(tmp_path / "d" / "part-00001.parquet")  # (its row ids after part-00000's)
+    pq.write_table(later.set_column(0, "row_id", pc.add(later["row_id"], 4)), tmp_path / "d" / "part-00000.parquet")
     assert read_manifest(tmp_path / "d").num_rows == 8
 
 
@@ -324,6 +328,42 @@ def test_check_streams_every_shard_and_names_a_bad_row_in_a_later_one(tmp_path, 
     with pytest.raises(ManifestError, match=rf"\(part-00001.parquet\) row 3: split '{splits[3]}' has spaces "
                                             rf"around it, and the readers take a split as written: write '{splits[3][:-1]}'"):
         check_manifest(out)
+
+
+def test_a_validated_read_refuses_and_names_the_rows_iter_checked_refuses(tmp_path):
+    """read_manifest(validate=True) checked rows its own way: a null or repeated row_id passed, a
+    split ' train' passed (check_row strips it) and was then dropped by split='train', and a bad
+    row was numbered after the split filter, across files, with no file named ("row 0" where
+    iter_checked said "(part-00001.parquet) row 1"). It now gives iter_checked's rows and errors."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from clipray.manifest import SCHEMA
+
+    out = tmp_path / "m"
+    write_manifest(rows(4), out)  # rows 0-3 (0: test, 1-3: train) in part-00000
+    shard = f"{out} (part-00001.parquet) row 1"
+    for change, want in ((dict(row_id=None), f"{shard}: row_id is missing (None)"),
+                         (dict(row_id=2), f"{shard}: row_id 2 repeats an earlier row's; a manifest folder must hold "
+                                          "the shards of one manifest only (its files: part-00000.parquet, "
+                                          "part-00001.parquet): give one file or one manifest's folder"),
+                         (dict(split=" train"), f"{shard}: split ' train' has spaces around it, and the readers take "
+                                                "a split as written: write 'train'"),
+                         (dict(caption=" "), f"{shard} (video w1): empty caption")):
+        later = [dict(row_id=10, video_id="w0", path="w0.mp4", caption="one", split="test"),
+                 {**dict(row_id=11, video_id="w1", path="w1.mp4", caption="two", split="train"), **change}]
+        pq.write_table(pa.Table.from_pylist(later, schema=pa.schema([f.with_nullable(True) for f in SCHEMA])),
+                       out / "part-00001.parquet")
+        for read in (lambda: list(iter_checked(out, split="train")), lambda: read_manifest(out, split="train"),
+                     lambda: read_manifest(out)):
+            with pytest.raises(ManifestError) as e:
+                read()
+            assert str(e.value) == want, change
+    later[1] = dict(later[1], caption="  two ")  # a good row, read back as iter_checked gives it
+    pq.write_table(pa.Table.from_pylist(later), out / "part-00001.parquet")
+    assert read_manifest(out, split="train").column("caption").to_pylist() == ["caption 1", "caption 2",
+                                                                                "caption 3", "two"]
+    assert read_manifest(out).to_pylist() == list(iter_checked(out))
 
 
 def test_row_ids_repeated_across_a_folder_are_caught_by_every_reader(tmp_path):
