@@ -26,6 +26,7 @@ import contextlib
 import json
 import math
 import os
+import posixpath
 import re
 import sys
 import time
@@ -199,6 +200,7 @@ class ManifestWriter:
         self._writer: pq.ParquetWriter | None = None  # the file being written
         self._in_shard = 0  # rows written to the file being written
         self._ids = RowIds() if keep_row_ids else None
+        self._videos = VideoPaths()
         self.on_bad, self.tally = on_bad, tally
 
     def add(self, row: Mapping[str, Any]) -> None:
@@ -256,6 +258,7 @@ class ManifestWriter:
                     clean["row_id"] = rid = row.get("row_id")
                     if not isinstance(rid, int) or not self._ids.add(rid):
                         raise ManifestError(f"row {n}: row_id {rid!r} is missing, not an int or repeated")
+                self._videos.add(clean["video_id"], clean["path"], f"row {n}", n)
             except ManifestError as e:
                 if self.on_bad is None:
                     raise
@@ -280,7 +283,7 @@ class ManifestWriter:
                 arrays[k] = a.cast(want)
         except (pa.ArrowException, UnicodeError, OverflowError, TypeError, ValueError):
             return None  # mixed types, a lone surrogate, an int past int64: check_row names it
-        return _checked_batch(pa.RecordBatch.from_pydict(arrays), self._ids)
+        return _checked_batch(pa.RecordBatch.from_pydict(arrays), self._ids, self._videos, self.rows)
 
     def _named(self, path: str) -> str:
         """A file's path as the caller gave `out` (with its s3:// or gs://), for an error."""
@@ -777,6 +780,47 @@ class RowIds:
         return True
 
 
+class VideoPaths:
+    """The path each video id names, and the row that first named it: a video_id naming two
+    files was taken for one video, and evaluation scored the captions of one file against the
+    clip of the other. About 280 bytes a video (324 MB for HowTo100M's 1.2M videos), whatever
+    the rows."""
+
+    def __init__(self) -> None:
+        self.first: dict[str, tuple[str, int, int]] = {}  # video id -> (path, place, row)
+        self.places: list[str] = [""]  # the files rows are numbered in ("": the writer's); now the last
+
+    def new(self, video_ids: pa.Array, paths: pa.Array, first: int) -> dict | None:
+        """The videos of a batch of rows (its first row: `first`) met for the first time, as
+        `self.first` will hold them; None when one names two paths (or one path two ways: `add`
+        tells them apart), or another file than before."""
+        rows = pa.table({"v": video_ids, "p": paths, "i": pa.array(range(first, first + len(paths)), pa.int64())})
+        pairs = rows.group_by(["v", "p"]).aggregate([("i", "min")])
+        vids, paths, firsts = (pairs.column(k).to_pylist() for k in ("v", "p", "i_min"))
+        new = dict(zip(vids, zip(paths, [len(self.places) - 1] * len(vids), firsts)))
+        if len(new) < len(vids):  # a video of two paths in the batch
+            return None
+        for vid in new.keys() & self.first.keys():  # (set operations: a batch may hold 65k videos)
+            if not _same_file(new.pop(vid)[0], self.first[vid][0]):
+                return None
+        return new
+
+    def add(self, vid: str, path: str, where: str, row: int) -> None:
+        """Record the video of row `row` (named `where`); ManifestError naming it and the row
+        that first named its video, when that gave another path."""
+        known, place, at = self.first.setdefault(vid, (path, len(self.places) - 1, row))
+        if not _same_file(known, path):
+            earlier = f"{self.places[place]} row {at}".lstrip()  # (the writer's rows: "row N")
+            raise ManifestError(f"{where}: video_id {vid!r} names {path!r}, but {earlier} gave it {known!r}; "
+                                "give each video its own video_id")
+
+
+def _same_file(a: str, b: str) -> bool:
+    """Whether two manifest paths name one file: as written, or a local path's './' and '../'
+    aside (an object store key is taken as written)."""
+    return a == b or ("://" not in a + b and posixpath.normpath(a) == posixpath.normpath(b))
+
+
 def _mixed_hint(files: list[str]) -> str:
     """What a repeated row id most likely means when the manifest is a folder of several files."""
     if len(files) < 2:
@@ -829,15 +873,16 @@ def checked_batches(path: str | Path, split: str | None = None,
     import pyarrow.compute as pc
 
     fs, files = manifest_files(str(path))
-    ids = RowIds()
+    ids, videos = RowIds(), VideoPaths()
     for f in files:
         where = _where(path, f, len(files) > 1)
+        videos.places.append(where)
         first = 0  # the file's row number of the batch's first row
         batches = pads.dataset(f, filesystem=fs, format="parquet", schema=SCHEMA).to_batches(batch_size=batch_rows)
         for raw in _batches(batches, where):
-            batch = _checked_batch(raw, ids)
+            batch = _checked_batch(raw, ids, videos, first)
             if batch is None:
-                rows = check_rows(raw.to_pylist(), where, first, ids, files)
+                rows = check_rows(raw.to_pylist(), where, first, ids, files, videos)
                 batch = pa.RecordBatch.from_pylist(rows, schema=CHECKED)
             first += raw.num_rows
             if split is not None:
@@ -845,9 +890,11 @@ def checked_batches(path: str | Path, split: str | None = None,
             yield batch
 
 
-def check_rows(raws: list[dict[str, Any]], where: str, first: int, ids: RowIds, files: list[str]) -> list[dict]:
+def check_rows(raws: list[dict[str, Any]], where: str, first: int, ids: RowIds, files: list[str],
+               videos: VideoPaths | None = None) -> list[dict]:
     """The rows of a batch (`first`: the file's row number of its first), each checked by
-    check_row: the first bad row or repeated row id raises ManifestError naming it."""
+    check_row: the first bad row, repeated row id or video of two paths (`videos`, when given)
+    raises ManifestError naming it."""
     out = []
     for i, raw in enumerate(raws, first):
         row = check_row(raw, f"{where} row {i}")
@@ -859,6 +906,8 @@ def check_rows(raws: list[dict[str, Any]], where: str, first: int, ids: RowIds, 
         if not ids.add(raw["row_id"]):
             raise ManifestError(f"{where} row {i}: row_id {raw['row_id']} repeats an earlier row's"
                                 + _mixed_hint(files))
+        if videos is not None:
+            videos.add(row["video_id"], row["path"], f"{where} row {i}", i)
         out.append({"row_id": raw["row_id"], **row})
     return out
 
@@ -870,10 +919,12 @@ def nan_as_null(times: Any) -> Any:
     return pc.if_else(pc.is_nan(times), pa.scalar(None, pa.float64()), times)
 
 
-def _checked_batch(raw: pa.RecordBatch, ids: RowIds | None = None) -> pa.RecordBatch | None:
+def _checked_batch(raw: pa.RecordBatch, ids: RowIds | None = None, videos: VideoPaths | None = None,
+                   first: int = 0) -> pa.RecordBatch | None:
     """`raw`'s rows as `check_rows` gives them, each of its rules applied to whole columns, and
-    their row ids recorded in `ids` (when given: else row ids are not checked for repeats);
-    None (and no id recorded) when a row breaks a rule, for check_rows to name it."""
+    their row ids recorded in `ids` (when given: else row ids are not checked for repeats) and
+    their videos' paths in `videos` (likewise; `first`: the number of `raw`'s first row); None
+    (and nothing recorded) when a row breaks a rule, for check_rows to name it."""
     import pyarrow.compute as pc
 
     def bad(mask: pa.Array) -> bool:  # a null (an unknown) is no row found bad
@@ -896,8 +947,11 @@ def _checked_batch(raw: pa.RecordBatch, ids: RowIds | None = None) -> pa.RecordB
             or bad(pc.less_equal(end, start)) or bad(pc.less_equal(dur, 0))
             or bad(pc.invert(pc.and_(pc.less_equal(lo, ts), pc.less_equal(ts, hi))))):
         return None
-    if ids is not None and not ids.add_all(raw.column("row_id").to_numpy()):
+    new = videos.new(text["video_id"], text["path"], first) if videos is not None else {}
+    if new is None or (ids is not None and not ids.add_all(raw.column("row_id").to_numpy())):
         return None
+    if videos is not None:
+        videos.first.update(new)
     group = raw.column("group")
     group = pc.if_else(pc.or_kleene(pc.is_null(group), pc.equal(group, "")), text["video_id"], group)
     return pa.RecordBatch.from_arrays([raw.column("row_id"), text["video_id"], text["path"], text["caption"],

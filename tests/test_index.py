@@ -958,8 +958,9 @@ def test_plan_keys_a_batch_at_a_time_the_clips_clip_key_gives_row_by_row(tmp_pat
     from serve import store
     from serve.index import plan_clips, windows
 
-    spellings = ("videos/v{}.mp4", "./videos/../videos/v{}.mp4", "/data/v{}.mp4", "s3://b/v{}.mp4")
-    rows = [dict(video_id=f"v{i // 6}", path=spellings[i % 4 // 2 + (i // 6) % 2 * 2].format(i // 6),
+    # a video's file written two ways (a video_id naming two files is refused)
+    spellings = (("videos/v{}.mp4", "./videos/../videos/v{}.mp4"), ("/data/v{}.mp4",) * 2, ("s3://b/v{}.mp4",) * 2)
+    rows = [dict(video_id=f"v{i // 6}", path=spellings[(i // 6) % 3][i % 4 // 2].format(i // 6),
                  caption=f"c{i % 9}", split="test" if i % 5 else "train",
                  start=None if i % 7 == 0 else 0.0005 + 1.0015 * (i % 3), end=None if i % 7 == 0 else 2.0025 + i % 3,
                  duration=3.5 + (i // 6) % 3) for i in range(240)]

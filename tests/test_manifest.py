@@ -366,6 +366,43 @@ def test_a_validated_read_refuses_and_names_the_rows_iter_checked_refuses(tmp_pa
     assert read_manifest(out).to_pylist() == list(iter_checked(out))
 
 
+def test_a_video_id_naming_two_files_is_refused_with_both_rows_named(tmp_path):
+    """The writer and `data check` took a video_id naming two paths (only the generic adapter
+    refused it): evaluation keys clips by video id, and scored one file's captions against the
+    other's clip. Refused, naming the row and the earlier row that gave the video its path."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from clipray.manifest import ManifestWriter
+
+    rs = [dict(video_id=f"v{i % 3}", path=f"v{i % 3}.mp4", caption=f"c{i}", split="train") for i in range(10)]
+    rs[7]["path"] = " x.mp4"  # v1's, first named at row 1 (compared as stripped)
+    says = "row 7: video_id 'v1' names 'x.mp4', but row 1 gave it 'v1.mp4'; give each video its own video_id"
+    for by_columns in (True, False):
+        with pytest.raises(ManifestError) as e:
+            w = ManifestWriter(tmp_path / "m.parquet")
+            w.by_columns = by_columns
+            w.extend(rs).close()
+        assert str(e.value) == says
+    refused = []
+    w = ManifestWriter(tmp_path / "kept.parquet", on_bad=lambda row, e: refused.append(str(e))).extend(rs).close()
+    assert refused == [says] and read_manifest(tmp_path / "kept.parquet").num_rows == 9
+
+    rs[7]["path"] = "./x/../v1.mp4"  # one file written two ways: one video
+    write_manifest(rs, tmp_path / "sh", rows_per_shard=4)  # rows 4-7 in part-00001
+    assert check_manifest(tmp_path / "sh").rows == 10
+    shard = tmp_path / "sh" / "part-00001.parquet"
+    t = pq.read_table(shard)
+    pq.write_table(t.set_column(2, "path", pa.array(["v1.mp4", "v2.mp4", "v0.mp4", "x.mp4"])), shard)
+    says = (f"{tmp_path / 'sh'} (part-00001.parquet) row 3: video_id 'v1' names 'x.mp4', but {tmp_path / 'sh'} "
+            "(part-00000.parquet) row 1 gave it 'v1.mp4'; give each video its own video_id")
+    for read in (check_manifest, read_manifest, lambda p: list(iter_checked(p, batch_rows=2)),
+                 lambda p: list(iter_checked(p, batch_rows=4))):
+        with pytest.raises(ManifestError) as e:
+            read(tmp_path / "sh")
+        assert str(e.value) == says
+
+
 def test_row_ids_repeated_across_a_folder_are_caught_by_every_reader(tmp_path):
     """Two manifests in one folder (as `clipray data synth --out DIR` leaves manifest.parquet and
     events.parquet) both number their rows from 0: read as one folder, their rows would share ids,
