@@ -256,8 +256,11 @@ class ManifestWriter:
                 clean["row_id"] = n
                 if self._ids is not None:
                     clean["row_id"] = rid = row.get("row_id")
-                    if not isinstance(rid, int) or not self._ids.add(rid):
-                        raise ManifestError(f"row {n}: row_id {rid!r} is missing, not an int or repeated")
+                    # (True is an int to Python, and 2**63 to Python and RowIds: Arrow's TypeError
+                    # or OverflowError out of the writer, past on_bad)
+                    int64 = isinstance(rid, int) and not isinstance(rid, bool) and -2**63 <= rid < 2**63
+                    if not int64 or not self._ids.add(rid):
+                        raise ManifestError(f"row {n}: row_id {rid!r} is missing, not an int64 or repeated")
                 self._videos.add(clean["video_id"], clean["path"], f"row {n}", n)
             except ManifestError as e:
                 if self.on_bad is None:

@@ -809,10 +809,28 @@ def test_the_writer_checks_by_columns_what_check_row_checks_row_by_row(tmp_path,
     ids[207]["row_id"] = 1000 - 150
     errors = []
     for by_columns in (False, True):
-        with pytest.raises(ManifestError, match="row 207: row_id 850 is missing, not an int or repeated") as e:
+        with pytest.raises(ManifestError, match="row 207: row_id 850 is missing, not an int64 or repeated") as e:
             write(ids, by_columns, "ids-bad", keep_row_ids=True)
         errors.append(str(e.value))
     assert errors[0] == errors[1]
+
+
+def test_a_kept_row_id_that_is_no_int64_is_a_row_refused(tmp_path):
+    """ManifestWriter(keep_row_ids=True) took True, 2**63 and -2**63-1 as ints (Python's), and
+    Arrow then failed the write with an ArrowTypeError or OverflowError, past on_bad."""
+    from clipray.manifest import ManifestWriter
+
+    rs = [dict(row_id=rid, video_id=f"v{i}", path=f"v{i}.mp4", caption="a cat", split="train")
+          for i, rid in enumerate([5, True, 2**63, -2**63 - 1, 2**63 - 1, -2**63])]
+    for i, rid in ((1, True), (2, 2**63), (3, -2**63 - 1)):
+        with pytest.raises(ManifestError) as e:
+            write_manifest([rs[0], rs[i]], tmp_path / "m.parquet", keep_row_ids=True)
+        assert str(e.value) == f"row 1: row_id {rid!r} is missing, not an int64 or repeated"
+    refused = []
+    ManifestWriter(tmp_path / "kept.parquet", keep_row_ids=True,
+                   on_bad=lambda row, e: refused.append(row["row_id"])).extend(rs).close()
+    assert refused == [True, 2**63, -2**63 - 1]
+    assert read_manifest(tmp_path / "kept.parquet").column("row_id").to_pylist() == [5, 2**63 - 1, -2**63]
 
 
 def test_whitespace_is_what_str_strip_strips():
