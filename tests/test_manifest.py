@@ -590,6 +590,30 @@ def test_a_manifest_in_object_storage_that_cannot_be_reached_is_an_error_line(tm
                                  "(When getting information for key 'm.parquet' in bucket 'clipray-none'")
 
 
+def test_a_gcs_manifest_without_credentials_is_an_error_within_the_retry_limit(tmp_path):
+    """pyarrow's GCS filesystem retries a failing request for 15 minutes: `clipray data check
+    gs://...` without Google credentials (or network) hung that long without a word. It is
+    built with clipray.manifest.GCS_RETRY_S, here 1 s (30 s in use): an error line in seconds."""
+    import os
+    import subprocess
+    import sys
+    from datetime import timedelta
+
+    from ports import free_ports
+
+    # no credentials: no key file, no gcloud login (HOME), no metadata server that answers
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("GOOGLE_", "GCE_", "CLOUDSDK_"))}
+    env.update(HOME=str(tmp_path), GCE_METADATA_ROOT=f"127.0.0.1:{free_ports()[0]}")
+    code = ("import clipray.manifest as m\nm.GCS_RETRY_S = 1\ntry:\n    m.manifest_files('gs://clipray-none/m.parquet')\n"
+            "except m.ManifestError as e:\n    print(e)\n")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert out.stdout.startswith("gs://clipray-none/m.parquet: cannot read the manifest (google::cloud::Status("), \
+        out.stdout + out.stderr
+    from clipray.manifest import GCS_RETRY_S, filesystem
+
+    assert filesystem("gs://b/m")[0].__reduce__()[1][0]["retry_time_limit"] == timedelta(seconds=GCS_RETRY_S)
+
+
 def test_data_prepare_to_or_from_object_storage_that_cannot_be_reached_is_an_error_line(tmp_path):
     """`clipray data prepare ... --out s3://...` (or --root s3://...) on a store it cannot reach
     ended in pyarrow's OSError traceback (no file name for the CLI to name)."""
