@@ -473,6 +473,48 @@ print("loaded:", sorted(m for m in ("ray", "open_clip", "deepspeed") if m in sys
     assert lines[2] == "loaded: []"
 
 
+@pytest.mark.parametrize("bad, says", [
+    (dict(caption=None), "row 5: 'caption' is missing or not a string (None)"),
+    (dict(start=-5.0, end=0.5), "row 5 (video v5): negative start -5.0"),
+    (dict(split=" train"), "row 5: split ' train' has spaces around it, and the readers take a split as written: "
+                           "write 'train'"),
+])
+def test_a_manifest_row_breaking_a_rule_is_refused_before_ray_starts(tmp_path, monkeypatch, bad, says):
+    """A counted (unstreamed) manifest was read for its row ids and its train rows' count only:
+    a null caption trained as the text 'None', a start of -5 s was decoded, and a split ' train'
+    left its row out without a word. Every row is now checked as `clipray data check` checks it,
+    before the model or Ray loads. A streamed manifest is not read up front (README: check it
+    once with `clipray data check`)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from clipray.manifest import SCHEMA, ManifestError
+    from train import driver
+
+    def past_the_manifest_checks(cfg):
+        raise RuntimeError("past the manifest checks")
+
+    monkeypatch.setattr(driver, "model_io", past_the_manifest_checks)  # (the next step: open_clip's configs)
+    rows = [dict(row_id=i, video_id=f"v{i}", path=f"v{i}.mp4", start=None, end=None, caption=f"caption {i}",
+                 split="test" if i % 4 == 0 else "train") for i in range(12)]
+    rows[5].update(bad)
+    (tmp_path / "m").mkdir()
+    for k in range(2):  # two shards of 6 rows: row 5 is the first's
+        pq.write_table(pa.Table.from_pylist(rows[6 * k:6 * k + 6], schema=pa.schema([f.with_nullable(True)
+                                                                                     for f in SCHEMA])),
+                       tmp_path / "m" / f"part-0000{k}.parquet")
+    with pytest.raises(ManifestError) as e:
+        driver.run(load_config(DEMO, overrides(tmp_path / "m", tmp_path / "runs", "bad", **{"data.batch_size": 2})))
+    assert str(e.value) == f"{tmp_path / 'm'} (part-00000.parquet) {says}"
+    good = tmp_path / "good.parquet"
+    write_manifest([dict(r, caption=f"caption {i}", start=None, end=None, split="test") for i, r in enumerate(rows)],
+                   good)
+    with pytest.raises(RuntimeError, match="past the manifest checks"):
+        driver.run(load_config(DEMO, overrides(tmp_path / "m", tmp_path / "runs", "streamed", **{
+            "data.shard_stream": "true", "train.max_steps": 2, "data.eval_manifest": good})))
+    assert not (tmp_path / "runs").exists()
+
+
 def test_a_job_server_or_dead_address_in_ray_address_is_a_one_line_error(synth_small, tmp_path):
     """cluster/README exports RAY_ADDRESS=http://127.0.0.1:8265 for `ray job submit`; a
     `clipray train` in that shell (or ray.address=http://...) ended in Ray's ValueError

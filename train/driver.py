@@ -488,6 +488,16 @@ def count_rows(manifest: str, split: str) -> int:
         return pads.dataset(files, filesystem=fs, schema=SCHEMA).count_rows(filter=pads.field("split") == split)
 
 
+def checked_count(manifest: str, split: str) -> int:
+    """The rows of `split`, every row of the manifest checked on the way as `clipray data check`
+    checks it, a bad one named by its file and row. Counted unchecked, training read rows no one
+    had validated: a null caption trained as the text 'None', a start of -5 s was decoded, a
+    split ' train' left its row out without a word. 90 ms for 180k rows (11 ms counted unchecked)."""
+    from clipray.manifest import checked_batches
+
+    return sum(batch.num_rows for batch in checked_batches(manifest, split))
+
+
 def _data_config():
     import ray.train
 
@@ -551,8 +561,8 @@ def _run(cfg: Config, quiet_ray: bool, stop_epoch: int, table: bool, held: conte
                               "own: write the manifest in more shards, or use fewer workers")
         n_train = None
     else:
-        check_unique_ids(cfg.data.manifest)
-        n_train = count_rows(cfg.data.manifest, "train")
+        check_unique_ids(cfg.data.manifest)  # (first: a folder of two manifests, said as such)
+        n_train = checked_count(cfg.data.manifest, "train")
     steps_per_epoch, total = check_steps(cfg, n_train)
     eval_manifest, eval_split = cfg.data.eval_manifest or cfg.data.manifest, cfg.data.eval_split
     # (a streamed HowTo100M manifest is not counted; its evaluation set is data.eval_manifest)
