@@ -732,12 +732,21 @@ torch.distributed.destroy_process_group()  # else gloo's threads can abort the e
     assert "unable to detect it" not in out.stdout + out.stderr, out.stdout[-3000:]
 
 
+def _one_rank(code: str) -> subprocess.CompletedProcess:
+    """`code` run as rank 0 of a one-process torch.distributed world (DeepSpeed without Ray)."""
+    from ports import free_ports
+
+    env = {**os.environ, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(free_ports(1)[0])}
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out
+
+
 def test_grad_clip_caps_the_gradient_norm_the_optimiser_steps_with(tmp_path):
     """`optim.grad_clip` reaches DeepSpeed: with SGD at lr 1 a step moves the weights by minus
     the gradient it was given, so the move's norm is min(norm, cap). The loss's gradient is
     10 * 2 rows = 20 per weight, norm 40; 0 turns clipping off. (It was fixed at 1.0.)"""
-    from ports import free_ports
-
     code = """
 import torch
 from clipray.config import TrainConfig
@@ -753,10 +762,7 @@ for cap in (0.5, 0.0, 100.0):
     print(cap, round(float((task.weight - before).norm()), 4), flush=True)
 torch.distributed.destroy_process_group()
 """
-    env = {**os.environ, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
-           "MASTER_PORT": str(free_ports(1)[0])}
-    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
+    out = _one_rank(code)
     assert out.stdout.splitlines()[-3:] == ["0.5 0.5", "0.0 40.0", "100.0 40.0"]
 
 
@@ -768,8 +774,6 @@ def test_logit_scale_is_capped_in_the_optimiser_s_fp32_copy_too(tmp_path):
     capped), it must leave the cap at the first step down, at every ZeRO stage and under bf16
     (without ZeRO too: DeepSpeed's bf16 then keeps an fp32 copy per parameter, in other fields).
     AdamW with betas (0, 0) moves a weight by exactly lr per step."""
-    from ports import free_ports
-
     code = """
 import torch
 from clipray.config import TrainConfig
@@ -799,10 +803,7 @@ for stage, precision in ((0, "fp32"), (1, "fp32"), (2, "fp32"), (3, "fp32"), (0,
     print(stage, precision, seen, flush=True)
 torch.distributed.destroy_process_group()
 """
-    env = {**os.environ, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
-           "MASTER_PORT": str(free_ports(1)[0])}
-    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
+    out = _one_rank(code)
     ref = [4.6] + [math.log(100)] * 4 + [math.log(100) - 0.1 * k for k in (1, 2, 3)]
     fp32 = [round(v, 2) for v in ref]
     bf16 = [round(float(torch.tensor(v).bfloat16()), 2) for v in ref]  # the model's bf16 weight
@@ -818,8 +819,6 @@ def test_bf16_without_zero_takes_no_step_before_training():
     with gradient 1: AdamW's first two steps move the weight by exactly lr after decaying it,
     1 -> 0.95 - 0.1 = 0.85 -> 0.85 x 0.95 - 0.1 = 0.7075, at every stage and precision. The
     old code gave 0.83 (bf16 of 0.8284) after the first step under bf16 without ZeRO."""
-    from ports import free_ports
-
     code = """
 import torch
 from clipray.config import TrainConfig
@@ -846,10 +845,7 @@ for stage, precision in ((0, "bf16"), (1, "bf16"), (0, "fp32")):
     print(stage, precision, seen, flush=True)
 torch.distributed.destroy_process_group()
 """
-    env = {**os.environ, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
-           "MASTER_PORT": str(free_ports(1)[0])}
-    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
+    out = _one_rank(code)
     by_hand = [0.85, 0.85 * 0.95 - 0.1]
     bf16 = [float(torch.tensor(v).bfloat16()) for v in by_hand]  # the model's bf16 weight
     seen = {tuple(line.split()[:2]): eval(line.split(" ", 2)[2]) for line in out.stdout.splitlines()[-3:]}
