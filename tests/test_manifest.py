@@ -180,8 +180,8 @@ def test_bad_rows_are_named(tmp_path, bad, msg):
 
 
 def test_a_later_shard_that_is_no_parquet_is_one_line_from_every_reader_and_train(tmp_path, capsys):
-    """The first shard's header is checked (`_check_header`), the others were read as one
-    dataset: an empty or cut later shard was pyarrow's ArrowInvalid traceback out of `clipray
+    """Every shard's footer is checked (`_check_headers`), but a later one that is no Parquet is
+    left to the read, which names it. Read as one dataset, an empty or cut later shard was pyarrow's ArrowInvalid traceback out of `clipray
     train`, where `clipray data check` said it in a line."""
     from clipray.cli import main
     from train.driver import check_unique_ids, count_rows, read_eval_split
