@@ -1020,6 +1020,27 @@ def test_zero2_trains_through_planted_bad_videos(ray_local, synth_small, real_vi
     assert all(r["reason"] for r in report)
 
 
+def test_a_schedule_cut_short_by_skipped_clips_is_said(ray_local, synth_small, real_video, tmp_path, capsys):
+    """The schedule's length comes from the manifest's training rows: 8 rows that cannot be
+    decoded beside the 18 good ones plan 26 // 8 = 3 steps an epoch, but the good clips give
+    each of the 2 workers 9, two batches of 4: 2 steps. The learning rate stopped short of its
+    schedule's end, and the run said only 'finished: 2 steps'."""
+    from train.driver import run
+
+    root = synth_small["manifest"].rsplit("/", 1)[0]
+    rows = [dict(r, path=f"{root}/{r['path']}") for r in read_manifest(synth_small["manifest"]).to_pylist()]
+    bad = plant(real_video, tmp_path / "bad")
+    bad_rows = [dict(video_id=f"bad_{k}_{i}", path=str(bad[k]), caption=f"broken {k} {i}", split="train")
+                for i in range(2) for k in ("missing", "empty", "truncated", "corrupt")]
+    write_manifest(rows + bad_rows, tmp_path / "m.parquet")
+    assert sum(r["split"] == "train" for r in rows) == 18
+    final = run(load_config(DEMO, overrides(str(tmp_path / "m.parquet"), tmp_path, "short", **{"train.epochs": 1})))
+    assert (final["total_steps"], final["planned_steps"], final["skipped_clips"]) == (2, 3, 8)
+    assert json.loads((tmp_path / "short" / "result.json").read_text())["planned_steps"] == 3
+    assert (f"note: the epochs gave 2 of the 3 steps planned from the manifest's training rows (skipped clips), "
+            f"so the learning rate stopped at {final['lr']:.3g}, short of its schedule's end") in capsys.readouterr().out
+
+
 def log_trained_captions(synth_small, tmp_path, monkeypatch):
     """The 24 synthetic videos all as training rows (tmp_path/m.parquet), and a log file to which
     the workers write the captions (tokens) every step trains on."""

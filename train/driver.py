@@ -691,6 +691,10 @@ def _run(cfg: Config, quiet_ray: bool, stop_epoch: int, table: bool, held: conte
         # from the history its checkpoints carry, so that it goes with total_steps
         final = dict(state["history"][-1], total_steps=state["step"], seconds=time.perf_counter() - t0,
                      train_seconds=train_seconds(state["history"], cfg.data.batch_size * cfg.train.num_workers))
+        if not cfg.train.max_steps and final["epoch"] == cfg.train.epochs:
+            # the schedule's length, from the manifest's rows: clips skipped at decode end each
+            # epoch early, and the learning rate stops short of its schedule's end, without a word
+            final["planned_steps"] = total
         _write_outputs(out, cfg, state["history"], final, export_src)
     skips = collect_skips(out)
     final.update(skipped_clips=skips["skipped"], eval_split=eval_split)
@@ -903,9 +907,12 @@ def _table(m: dict, out: str, skips: dict) -> str:
                     f"{m[f'{d}_mdr']:7.1f}{m[f'{d}_mnr']:8.1f}")
     extra = f"; event-order accuracy {m['order_acc']:.1f}% over {m['order_pairs']} twin captions" \
         if "order_acc" in m else ""
+    short = [f"note: the epochs gave {m['total_steps']} of the {m['planned_steps']} steps planned from the manifest's "
+             f"training rows (skipped clips), so the learning rate stopped at {m['lr']:.3g}, short of its "
+             "schedule's end"] if m.get("planned_steps", 0) > m["total_steps"] else []
     return "\n".join([
         f"\nfinished: {m['total_steps']} steps, {m['train_seconds']:.0f}s of training epochs "
         f"({m['seconds']:.0f}s in this call), {m['num_test_videos']} {m['eval_split']} clips "
         f"(chance R@1 {100 / m['num_test_videos']:.1f}%){extra}", *rows,
-        f"skipped clips: {skips['skipped']} {skips['by_reason'] or ''}",
+        f"skipped clips: {skips['skipped']} {skips['by_reason'] or ''}", *short,
         f"run directory: {out}  (result.json, metrics.csv, curves.png, export/, skip_report.jsonl)"])
