@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import numbers
 import os
 import posixpath
 import re
@@ -255,10 +256,12 @@ class ManifestWriter:
                 clean = check_row(row, f"row {n}")
                 clean["row_id"] = n
                 if self._ids is not None:
-                    clean["row_id"] = rid = row.get("row_id")
+                    rid = row.get("row_id")
                     # (True is an int to Python, and 2**63 to Python and RowIds: Arrow's TypeError
-                    # or OverflowError out of the writer, past on_bad)
-                    int64 = isinstance(rid, int) and not isinstance(rid, bool) and -2**63 <= rid < 2**63
+                    # or OverflowError out of the writer, past on_bad. numpy's ints are taken, as
+                    # the check by columns takes them)
+                    int64 = isinstance(rid, numbers.Integral) and not isinstance(rid, bool) and -2**63 <= rid < 2**63
+                    clean["row_id"] = rid = int(rid) if int64 else rid
                     if not int64 or not self._ids.add(rid):
                         raise ManifestError(f"row {n}: row_id {rid!r} is missing, not an int64 or repeated")
                 self._videos.add(clean["video_id"], clean["path"], f"row {n}", n)
