@@ -503,6 +503,10 @@ def manifest_files(path: str, only: list[str] | None = None) -> tuple[pafs.FileS
             listed = [i.path for i in _files(fs, root, info)]
             files = sorted(p for p in listed if p.endswith(".parquet"))
             partial = sum(p.endswith(".parquet" + PARTIAL) for p in listed)
+            cased = [p.rsplit("/", 1)[-1] for p in listed if p.lower().endswith(".parquet") and p not in files]
+            if cased:  # (left out of the read, without a word, as a folder's other files are)
+                raise ManifestError(f"{path}: {cased[0]} is read as no shard of the manifest: its name does not end "
+                                    "in .parquet, in lower case; rename it (or move it out)")
     except OSError as e:  # an object store it cannot reach (network, credentials, bucket, permission)
         raise ManifestError(f"{path}: cannot read the manifest ({str(e).splitlines()[0][:300]})") from None
     if partial:

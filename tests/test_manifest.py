@@ -180,6 +180,21 @@ def test_bad_rows_are_named(tmp_path, bad, msg):
     assert "v1" in str(e.value) or "split" in str(e.value)
 
 
+def test_a_shard_named_in_another_case_is_refused_not_left_out(tmp_path):
+    """A folder's part-00001.PARQUET (or .Parquet, as a copy tool may write) was left out of the
+    read without a word, like a stray README: 25 rows read as 10, and said valid."""
+    out = tmp_path / "m"
+    write_manifest(rows(25), out, rows_per_shard=10)
+    (out / "part-00001.parquet").rename(out / "part-00001.PARQUET")
+    for read in (read_manifest, check_manifest):
+        with pytest.raises(ManifestError, match=rf"^{out}: part-00001.PARQUET is read as no shard of the manifest: "
+                                                r"its name does not end in \.parquet, in lower case"):
+            read(str(out))
+    (out / "part-00001.PARQUET").rename(out / "part-00001.parquet")
+    (out / "notes.txt").write_text("other files are left out, as before")
+    assert read_manifest(str(out)).num_rows == 25
+
+
 def test_a_later_shard_that_is_no_parquet_is_one_line_from_every_reader_and_train(tmp_path, capsys):
     """Every shard's footer is checked (`_check_headers`), but a later one that is no Parquet is
     left to the read, which names it. Read as one dataset, an empty or cut later shard was pyarrow's ArrowInvalid traceback out of `clipray
