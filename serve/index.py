@@ -629,10 +629,8 @@ def _write_new(out: Path, new: list[dict], first_id: int, rerank: str, fp: str =
         store.write_part(out, {"row_id": cat["row_id"], "feats": cat.pop("rerank_feats"),
                                "mask": cat.pop("rerank_mask")}, sub=store.RERANK_DIR)
     if not fresh.all():  # their new vectors replace the old ones (store.read_embeddings)
-        emb = np.ascontiguousarray(cat["embedding"][~fresh], dtype=np.float32)
-        store.write_rows(out, store.REPLACED_DIR, {
-            "row_id": pa.array(cat["row_id"][~fresh]),
-            "embedding": pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1)), emb.shape[1])})
+        store.write_rows(out, store.REPLACED_DIR, {"row_id": pa.array(cat["row_id"][~fresh]),
+                                                   "embedding": store.vectors(cat["embedding"][~fresh])})
     if fresh.any():
         keep = slice(None) if fresh.all() else fresh  # (no copy of the columns of an append of new clips)
         store.write_part(out, {k: [None if isinstance(x, float) and np.isnan(x) else x for x in v[keep]]

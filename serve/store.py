@@ -225,38 +225,47 @@ def write_part(out: str | Path, rows: dict[str, np.ndarray], sub: str = EMB_DIR,
                sampling: Optional[dict] = None) -> Path:
     """One new part holding this run's clips (row_id, metadata, embedding [n, D]); an embeddings
     part records the `fingerprint` of the export that embedded them, and their `sampling`."""
-    d = Path(out).absolute() / sub  # (see parts)
-    d.mkdir(parents=True, exist_ok=True)
-    path = d / f"part-{len(parts(out, sub, '.parquet' if sub == EMB_DIR else '.npz')):05d}"
-    # written under another name and renamed when whole: a run killed mid-write leaves no
-    # truncated part that every later read fails on
     if sub != EMB_DIR:
         def savez(tmp: str) -> None:
             with open(tmp, "wb") as f:
                 np.savez(f, **rows)
 
-        return write_whole(f"{path}.npz", f"{path}.npz.tmp", savez)
-    emb = np.ascontiguousarray(rows["embedding"], dtype=np.float32)
+        path = _next_part(out, sub, ".npz")
+        return write_whole(path, f"{path}.tmp", savez)
     table = pa.table({
         "row_id": pa.array(rows["row_id"], pa.int64()),
         "video_id": pa.array(rows["video_id"], pa.string()),
         "start": pa.array(rows["start"], pa.float64()),
         "end": pa.array(rows["end"], pa.float64()),
         "path": pa.array(rows["path"], pa.string()),
-        "embedding": pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1), pa.float32()), emb.shape[1]),
+        "embedding": vectors(rows["embedding"]),
     })
     if fingerprint or sampling:
         table = table.replace_schema_metadata({PART_FINGERPRINT: fingerprint.encode(),
                                                **({PART_SAMPLING: json.dumps(sampling).encode()} if sampling else {})})
-    return write_whole(f"{path}.parquet", f"{path}.parquet.tmp", lambda tmp: pq.write_table(table, tmp))
+    return write_rows(out, sub, table)
 
 
-def write_rows(out: str | Path, sub: str, columns: dict[str, pa.Array]) -> Path:
-    """One new Parquet part of `columns` in `out/sub` (`replaced/`, `files/`)."""
+def vectors(emb: np.ndarray) -> pa.FixedSizeListArray:
+    """Embeddings [n, D] as a part's `embedding` column (float32, D to a row)."""
+    emb = np.ascontiguousarray(emb, dtype=np.float32)
+    return pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1), pa.float32()), emb.shape[1])
+
+
+def _next_part(out: str | Path, sub: str, suffix: str) -> Path:
+    """The path of a new part in `out/sub` (its folder made), after the parts there."""
     d = Path(out).absolute() / sub  # (see parts)
     d.mkdir(parents=True, exist_ok=True)
-    path = d / f"part-{len(parts(out, sub)):05d}.parquet"
-    return write_whole(path, f"{path}.tmp", lambda tmp: pq.write_table(pa.table(columns), tmp))
+    return d / f"part-{len(parts(out, sub, suffix)):05d}{suffix}"
+
+
+def write_rows(out: str | Path, sub: str, table: pa.Table | dict[str, pa.Array]) -> Path:
+    """One new Parquet part of `table` (or columns) in `out/sub` (`embeddings/`, `replaced/`,
+    `files/`), written under another name and renamed when whole: a run killed mid-write leaves
+    no truncated part that every later read fails on."""
+    path = _next_part(out, sub, ".parquet")
+    table = table if isinstance(table, pa.Table) else pa.table(table)
+    return write_whole(path, f"{path}.tmp", lambda tmp: pq.write_table(table, tmp))
 
 
 def file_signatures(paths: Iterable[str]) -> dict[str, tuple[int, int]]:
