@@ -498,9 +498,10 @@ def manifest_files(path: str, only: list[str] | None = None) -> tuple[pafs.FileS
             raise ManifestError(f"manifest not found: {path}")
         partial = 0
         if info.type == pafs.FileType.File:
-            files = [root]
+            files, infos = [root], [info]
         else:
-            listed = [i.path for i in _files(fs, root, info)]
+            infos = _files(fs, root, info)
+            listed = [i.path for i in infos]
             files = sorted(p for p in listed if p.endswith(".parquet"))
             partial = sum(p.endswith(".parquet" + PARTIAL) for p in listed)
             cased = [p.rsplit("/", 1)[-1] for p in listed if p.lower().endswith(".parquet") and p not in files]
@@ -516,8 +517,16 @@ def manifest_files(path: str, only: list[str] | None = None) -> tuple[pafs.FileS
                             f"{'s' if partial > 1 else ''}: {_stopped(path)}")
     if not files:
         raise ManifestError(f"no .parquet files under {path}")
-    _check_headers(fs, only or files, path, len(files) > 1)
+    # one command asks for the files several times (data check: 3, a training start: 4-5), and
+    # each footer is a read (~0.7 s for 100 shards in object storage): a file whose listing
+    # (size, modification time) is the one already checked is not read again
+    listing = {i.path: (fs.type_name, i.path, i.size, i.mtime_ns) for i in infos}
+    unchecked = [f for f in only or files if listing.get(f) not in _CHECKED or listing[f][3] is None]
+    _CHECKED.update(listing[f] for f in _check_headers(fs, unchecked, path, files) if f in listing)
     return fs, files
+
+
+_CHECKED: set[tuple] = set()  # (filesystem, path, size, mtime_ns) of each file whose footer passed
 
 
 SIGNED_SPAN = 1 << 16  # bytes read at each end of a file to sign it
@@ -571,21 +580,22 @@ def _files(fs: pafs.FileSystem, root: str, info: pafs.FileInfo) -> list[pafs.Fil
     return [info] if info.type == pafs.FileType.File else []
 
 
-def _check_headers(fs: pafs.FileSystem, files: list[str], path: str, folder: bool) -> None:
-    """Read each file's footer (16 at a time: a streamed manifest has hundreds of shards), so a
-    wrong file fails here with its name rather than later in a Ray task: not Parquet (a later
-    file that is none is named by the read, `reading`), or lacking the columns every manifest
-    row must have, or with one of another type. Only the first file's was read, and a later
-    shard's int video_id or caption was read as text, a text or bool start as seconds."""
+def _check_headers(fs: pafs.FileSystem, files: list[str], path: str, every: list[str]) -> list[str]:
+    """Read the footers of `files`, some of the manifest's `every` file (16 at a time: a streamed
+    manifest has hundreds of shards), so a wrong file fails here with its name rather than later
+    in a Ray task: not Parquet (a later file that is none is named by the read, `reading`), or
+    lacking the columns every manifest row must have, or with one of another type. Only the
+    first file's was read, and a later shard's int video_id or caption was read as text, a text
+    or bool start as seconds. Returns the files whose footer was read and passed."""
     from concurrent.futures import ThreadPoolExecutor
 
     def schema(file: str) -> pa.Schema | None:
         try:
             return pq.read_schema(file, filesystem=fs)
         except (pa.ArrowInvalid, OSError) as e:
-            if file != files[0]:
+            if file != every[0]:
                 return None
-            raise ManifestError(f"{_where(path, file, folder)}: not a Parquet manifest "
+            raise ManifestError(f"{_where(path, file, len(every) > 1)}: not a Parquet manifest "
                                 f"({str(e).splitlines()[0][:200]})") from None
 
     with ThreadPoolExecutor(16) as pool:
@@ -593,7 +603,7 @@ def _check_headers(fs: pafs.FileSystem, files: list[str], path: str, folder: boo
     for file, schema in zip(files, schemas):
         if schema is None:
             continue
-        where = _where(path, file, folder)
+        where = _where(path, file, len(every) > 1)
         missing = [f.name for f in SCHEMA if not f.nullable and f.name not in schema.names]
         if missing:
             raise ManifestError(f"{where}: not a clipray manifest, it has no {', '.join(missing)} column(s); "
@@ -602,6 +612,7 @@ def _check_headers(fs: pafs.FileSystem, files: list[str], path: str, folder: boo
                  if f.name in COLUMNS and not _reads_as(f.type, SCHEMA.field(f.name).type)]
         if wrong:
             raise ManifestError(f"{where}: column types differ from the manifest schema: {'; '.join(wrong)}")
+    return [file for file, schema in zip(files, schemas) if schema is not None]
 
 
 def _where(path: str | Path, file: str, folder: bool) -> str:

@@ -224,6 +224,37 @@ def test_a_later_shard_that_is_no_parquet_is_one_line_from_every_reader_and_trai
     assert not (tmp_path / "runs").exists()
 
 
+def test_a_footer_is_read_again_only_when_its_file_changed(tmp_path, monkeypatch):
+    """One command asks for a manifest's files several times (a training start: 4-5), and each
+    footer is a read; a file listed with the size and time it was checked at is not read again,
+    but a shard written since is, and a wrong one is still named."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    read = []
+    real = pq.read_schema
+    monkeypatch.setattr(pq, "read_schema", lambda f, **kw: read.append(f.rsplit("/", 1)[-1]) or real(f, **kw))
+    out = tmp_path / "m"
+    write_manifest(rows(25), out, rows_per_shard=10)
+    shards = ["part-00000.parquet", "part-00001.parquet", "part-00002.parquet"]
+    for _ in range(3):
+        assert [f.rsplit("/", 1)[-1] for f in manifest_files(str(out))[1]] == shards
+    assert read_manifest(str(out)).num_rows == 25 and sorted(read) == shards  # each footer once
+    read.clear()
+    later = {"row_id": [90, 91], "video_id": [7, 8], "path": ["a.mp4", "b.mp4"], "start": [1.0, 2.0],
+             "end": [2.0, 3.0], "caption": ["a cat", "a dog"], "split": ["train", "train"]}
+    pq.write_table(pa.table(later), out / "part-00001.parquet")  # rewritten: another size and time
+    for _ in range(2):  # not taken as checked after it failed
+        with pytest.raises(ManifestError, match=r"\(part-00001.parquet\): column types differ .* video_id is int64"):
+            manifest_files(str(out))
+    assert read == ["part-00001.parquet"] * 2
+    read.clear()
+    later["video_id"] = ["v7", "v8"]
+    pq.write_table(pa.table(later), out / "part-00001.parquet")
+    pq.write_table(pa.table({**later, "row_id": [92, 93]}), out / "part-00003.parquet")  # a new shard
+    assert read_manifest(str(out)).num_rows == 10 + 2 + 5 + 2 and sorted(read) == ["part-00001.parquet", "part-00003.parquet"]
+
+
 @pytest.mark.parametrize("uri, fixed", [("s3://b//m", "s3://b/m"), ("s3:///b/m", "s3://b/m"),
                                         ("gs://b/a//c/", "gs://b/a/c")])
 def test_a_uri_with_an_empty_name_between_slashes_is_one_line(uri, fixed):
