@@ -121,6 +121,9 @@ class TrainConfig:
     grad_accum: int = 1
     activation_checkpointing: bool = False
     eval_every_epochs: int = 1  # evaluate every N epochs and after the last (N >= epochs: last only)
+    # evaluation also ranks with dual softmax (specs/clip4clip.md) and reports it apart, as dsl_t2v_r1 ...:
+    # transductive (it reweighs each score by all the queries at once), so off by default; loose heads only
+    eval_dsl: bool = False
     checkpoint_every_steps: int = 0  # with max_steps: checkpoint (and evaluate) every N steps
     max_failures: int = 0
     seed: int = 42

@@ -16,10 +16,10 @@ Keys: t2v_r1, t2v_r5, t2v_r10 (percent), t2v_mdr (median rank), t2v_mnr (mean ra
 same for v2t_. Ranks are computed over row blocks, so no temporary as large as `sim` is built.
 
 Helpers used by training evaluation and the serving index build: `embed_texts`,
-`embed_videos`, `similarity_in_blocks` (texts x videos for indexable heads; cross-encoder pair
-blocks for tightTransf, bounded by `pair_block` passes at a time) and `evaluate_retrieval`.
-Dual softmax (DSL) is transductive (needs every query at once): off by default and, when asked
-for, reported under separate `dsl_` keys.
+`embed_videos` and `similarity_in_blocks` (texts x videos for indexable heads; cross-encoder pair
+blocks for tightTransf, bounded by `pair_block` passes at a time). Dual softmax (DSL,
+`retrieval_metrics_dsl`) is transductive (needs every query at once): training evaluation adds
+it, under separate `dsl_` keys, only with `train.eval_dsl`.
 """
 
 from __future__ import annotations
@@ -30,7 +30,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-METRIC_KEYS = tuple(f"{d}_{m}" for d in ("t2v", "v2t") for m in ("r1", "r5", "r10", "mdr", "mnr"))
 _BLOCK_ELEMS = 1 << 24  # elements of `sim` compared per step while ranking
 
 
@@ -111,7 +110,7 @@ def dual_softmax(sim: torch.Tensor, temperature: float = 100.0, dim: int = 0) ->
     """DSL re-weighting: `sim * softmax(temperature * sim, dim)`. dim=0 (a prior over texts per
     video) for text-to-video, dim=1 for video-to-text. Inference only; transductive. `sim` holds
     cosines (in [-1, 1]), as the method is defined on; a cross-encoder's logits do not rank
-    under it (`evaluate_retrieval` refuses them)."""
+    under it (`train.eval_dsl` is refused for one, `train.driver.model_io`)."""
     # float64: in float32, exp(-100 * gap) underflows to 0 once two cosines differ by ~0.87,
     # and the pairs it zeroes tie with each other (a tie counts against the query)
     sim = torch.as_tensor(sim).double()
@@ -211,20 +210,3 @@ def similarity_in_blocks(
                 out[i : i + tb, j : j + vb] = model.similarity(t, v, m).float().cpu()
     return out
 
-
-def evaluate_retrieval(model, token_batches, video_batches, video_of_text, dsl: bool = False) -> dict:
-    """Embed all texts and videos, score block-wise, return `retrieval_metrics` (+ `dsl_*`, for
-    an indexable head's cosines only)."""
-    if dsl and not model.indexable:
-        # a cross-encoder's scores are logits of either sign and any size: sim x weight turns a
-        # negative score's order around (a perfect ranking gave R@1 0) and a gap past ~7 logits
-        # underflows the weight to 0, even in float64
-        raise ValueError("dual softmax re-weights cosine similarities; this model's head scores pairs with "
-                         "unbounded logits (a cross-encoder): evaluate it with dsl=False")
-    text = embed_texts(model, token_batches)
-    video, mask = embed_videos(model, video_batches)
-    sim = similarity_in_blocks(model, text, video, mask)
-    metrics = retrieval_metrics(sim, video_of_text)
-    if dsl:
-        metrics.update(retrieval_metrics_dsl(sim, video_of_text))
-    return metrics

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 import clipray.metrics as M
-from clipray.metrics import (
-    METRIC_KEYS, embed_texts, embed_videos, evaluate_retrieval, retrieval_metrics, similarity_in_blocks,
-)
+from clipray.metrics import embed_texts, embed_videos, retrieval_metrics, similarity_in_blocks
 from clipray.models import create_model
+
+METRIC_KEYS = tuple(f"{d}_{m}" for d in ("t2v", "v2t") for m in ("r1", "r5", "r10", "mdr", "mnr"))
 
 
 def brute_force(sim, video_of_text):
@@ -168,22 +168,22 @@ def test_all_equal_embeddings_score_r1_near_zero():
         model.backbone.clip.visual.proj.zero_()
         model.backbone.clip.visual.proj[0, 0] = 1.0
     frames, mask, tokens = _data(n=6)
-    m = evaluate_retrieval(model, _batches(tokens, 4), zip(_batches(frames, 4), _batches(mask, 4)), list(range(6)))
-    assert set(m) == set(METRIC_KEYS)  # dual softmax is off unless asked for
+    text = embed_texts(model, _batches(tokens, 4))
+    video, _ = embed_videos(model, zip(_batches(frames, 4), _batches(mask, 4)))
+    m = retrieval_metrics(similarity_in_blocks(model, text, video), list(range(6)))
+    assert set(m) == set(METRIC_KEYS)
     assert m["t2v_r1"] == 0.0 and m["v2t_r1"] == 0.0 and m["t2v_mdr"] == 6.0
 
 
-def test_dual_softmax_is_opt_in_and_reported_apart():
-    torch.manual_seed(0)
-    model = create_model("test_meanP")
-    frames, mask, tokens = _data(n=4)
-    m = evaluate_retrieval(model, [tokens], [(frames, mask)], [0, 1, 2, 3], dsl=True)
-    assert set(m) == set(METRIC_KEYS) | {f"dsl_{k}" for k in METRIC_KEYS}
+def test_dual_softmax_ranks_by_hand():
     # Text 1 scores video 0 above its own video 1, but text 0 claims video 0 more strongly
     # and text 1 is video 1's best text: the prior over texts moves text 1 to video 1.
     sim = torch.tensor([[0.9, 0.2], [0.85, 0.3]])
     assert retrieval_metrics(sim, [0, 1])["t2v_r1"] == 50.0
-    assert M.retrieval_metrics_dsl(sim, [0, 1])["dsl_t2v_r1"] == 100.0
+    assert M.retrieval_metrics_dsl(sim, [0, 1]) == {"dsl_t2v_r1": 100.0, "dsl_t2v_r5": 100.0, "dsl_t2v_r10": 100.0,
+                                                    "dsl_t2v_mdr": 1.0, "dsl_t2v_mnr": 1.0, "dsl_v2t_r1": 100.0,
+                                                    "dsl_v2t_r5": 100.0, "dsl_v2t_r10": 100.0, "dsl_v2t_mdr": 1.0,
+                                                    "dsl_v2t_mnr": 1.0}
     assert torch.allclose(M.dual_softmax(sim).double(), (sim * torch.softmax(sim * 100.0, dim=0)).double())
     # cosine gaps above ~0.87 underflowed float32's softmax to 0: the zeroed pairs tied, and the
     # ties counted against the query (v2t MnR 3.0); exact: video 0 ranks 1, 2 and 3 -> MnR 8/3
@@ -191,17 +191,21 @@ def test_dual_softmax_is_opt_in_and_reported_apart():
     assert M.retrieval_metrics_dsl(far, [0, 1, 2])["dsl_v2t_mnr"] == pytest.approx(8 / 3)
 
 
-def test_dual_softmax_is_refused_for_a_cross_encoder():
+def test_dual_softmax_is_refused_for_a_cross_encoder_before_ray_starts():
     """tightTransf scores are logits of either sign: sim x softmax(100 sim) ranked a perfect
     [[-1, -3], [-3, -1]] at R@1 0 (the larger weight made the match's negative score more
     negative), and gaps past ~7 logits underflowed the weights to 0, even in float64."""
+    from clipray.config import ConfigError, load_config
+    from train.driver import model_io
+
     assert M.retrieval_metrics_dsl(torch.tensor([[-1.0, -3.0], [-3.0, -1.0]]), [0, 1])["dsl_t2v_r1"] == 0.0
-    torch.manual_seed(0)
-    model = create_model("test_tightTransf")
-    frames, mask, tokens = _data(n=4)
-    with pytest.raises(ValueError, match="^dual softmax re-weights cosine similarities; this model's head"):
-        evaluate_retrieval(model, [tokens], [(frames, mask)], [0, 1, 2, 3], dsl=True)
-    assert set(evaluate_retrieval(model, [tokens], [(frames, mask)], [0, 1, 2, 3])) == set(METRIC_KEYS)
+    with pytest.raises(ConfigError, match=r"^train.eval_dsl: dual softmax re-weights cosine similarities, and the "
+                                          r"tightTransf head scores pairs with unbounded logits"):
+        model_io(load_config(None, ["model.name=test_tightTransf", "train.eval_dsl=true"]))
+    with pytest.raises(ConfigError, match=r"^train.eval_dsl: .* the tightTransf head"):  # a head override too
+        model_io(load_config(None, ["model.head=tightTransf", "train.eval_dsl=true"]))
+    assert model_io(load_config(None, ["model.name=test_seqTransf", "train.eval_dsl=true"])).train.eval_dsl
+    assert not model_io(load_config(None, ["model.name=test_tightTransf"])).train.eval_dsl
 
 
 def test_loose_scores_stay_float32_under_the_training_loops_bf16_autocast():
@@ -305,3 +309,47 @@ def test_evaluation_decodes_each_clip_from_a_row_whose_caption_has_words(tmp_pat
         tmp_path / "m.parquet")
     tokenize = open_clip.get_tokenizer("ViT-B-32", context_length=16)
     assert first_rows(str(tmp_path / "m.parquet"), "test", tokenize) == [1, 2, 5]
+
+
+def test_evaluation_adds_the_dual_softmax_ranks_only_with_train_eval_dsl(tmp_path, monkeypatch):
+    """train.eval_dsl: training's evaluation reports `retrieval_metrics_dsl` of the similarity
+    matrix it ranked, apart (dsl_*), beside unchanged plain ranks; off, no dsl_ key. The shard
+    is a stand-in for the worker's Ray Data share (no Ray: one worker)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    import train.evaluate as E
+
+    vid = [0, 0, 1, 2, 3, 3]
+    words = ["dog", "cat", "car", "tree", "boat", "bird"]
+    n = len(vid)
+    pq.write_table(pa.table({
+        "row_id": pa.array(range(n), pa.int64()), "video_id": [f"v{v}" for v in vid],
+        "path": [f"v{v}.mp4" for v in vid], "start": pa.array([None] * n, pa.float64()),
+        "end": pa.array([None] * n, pa.float64()), "caption": [f"a {w}" for w in words], "split": ["test"] * n}),
+        tmp_path / "m.parquet")
+    frames, mask, _ = _data(n=4, t=2)
+    rows = [{"frames": frames[v], "frame_mask": mask[v], "row_id": torch.tensor(i)} for i, v in enumerate(vid)]
+
+    class Shard:
+        def iter_torch_batches(self, batch_size, drop_last):
+            for i in range(0, len(rows), batch_size):
+                yield {k: torch.stack([r[k] for r in rows[i:i + batch_size]]) for k in rows[0]}
+
+    sims = []
+
+    def kept(*args, **kwargs):
+        sims.append(similarity_in_blocks(*args, **kwargs))
+        return sims[-1]
+
+    monkeypatch.setattr(E, "similarity_in_blocks", kept)
+    torch.manual_seed(0)
+    model = create_model("test_meanP")
+    tokenize = open_clip.get_tokenizer("ViT-B-32", context_length=16)
+    off = E.evaluate(model, Shard(), str(tmp_path / "m.parquet"), "test", 4, tokenize)
+    on = E.evaluate(model, Shard(), str(tmp_path / "m.parquet"), "test", 4, tokenize, dsl=True)
+    assert torch.equal(sims[0], sims[1]) and sims[0].shape == (6, 4)
+    assert not [k for k in off if k.startswith("dsl_")]
+    assert {k: v for k, v in on.items() if k.startswith("dsl_")} == M.retrieval_metrics_dsl(sims[1], vid)
+    assert {k: v for k, v in on.items() if not k.startswith("dsl_")} == off == {
+        **retrieval_metrics(sims[0], vid), "num_test_videos": 4, "num_test_texts": 6}

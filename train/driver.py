@@ -31,9 +31,11 @@ from clipray.manifest import (ManifestError, check_unique_ids, file_signature, f
 
 
 def model_io(cfg: Config) -> Config:
-    """Fit the data section to the model: frame size, tokenizer and caption length."""
+    """Fit the data section to the model (frame size, tokenizer and caption length), and refuse
+    the model options and evaluation settings that cannot work together."""
     from clipray.models import HEAD_NAMES, check_frames, check_options, check_pretrained, get_spec
     from clipray.models.backbone import open_clip_config, text_context
+    from clipray.models.heads import HEADS
     from clipray.models.tuning import TUNINGS
 
     m = cfg.model
@@ -45,6 +47,13 @@ def model_io(cfg: Config) -> Config:
         spec = get_spec(m.name)
     except ValueError as e:
         raise ConfigError(f"model.name: {e}") from None
+    head = m.head or spec.head
+    if cfg.train.eval_dsl and not HEADS[head].indexable:
+        # a cross-encoder's scores are logits of either sign and any size: sim x weight turns a
+        # negative score's order around (a perfect ranking gave R@1 0) and a gap past ~7 logits
+        # underflows the weight to 0, even in float64
+        raise ConfigError(f"train.eval_dsl: dual softmax re-weights cosine similarities, and the {head} head "
+                          "scores pairs with unbounded logits (a cross-encoder): set train.eval_dsl=false")
     try:
         check_options(m.linear_patch or spec.linear_patch, m.tuning or spec.tuning)
     except ValueError as e:
@@ -58,7 +67,7 @@ def model_io(cfg: Config) -> Config:
     size = size[0] if isinstance(size, (list, tuple)) else int(size)
     ctx = text_context(oc)
     try:  # else a failure at the first batch in every worker
-        check_frames(m.head or spec.head, ctx, cfg.data.video.max_frames)
+        check_frames(head, ctx, cfg.data.video.max_frames)
     except ValueError as e:
         raise ConfigError(f"data.video.max_frames={cfg.data.video.max_frames}: {e}") from None
     video = dataclasses.replace(cfg.data.video, size=size)
@@ -720,7 +729,8 @@ def _eval_loop(config: dict[str, Any]) -> None:
     with tempfile.TemporaryDirectory() as d:
         model = load_export(fetch_export(config["export"], d), ray.train.torch.get_device())
     metrics = evaluate(model, ray.train.get_dataset_shard("test"), config["manifest"], config["split"],
-                       config["batch_size"], caption_tokenizer(config["tokenizer"], config["max_words"]))
+                       config["batch_size"], caption_tokenizer(config["tokenizer"], config["max_words"]),
+                       config["dsl"])
     with tempfile.TemporaryDirectory() as d:  # Result.metrics holds only what came with a checkpoint
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
 
@@ -778,7 +788,8 @@ def evaluate_export(cfg: Config, export: str, split: str, name: str) -> dict[str
     trainer = TorchTrainer(
         _eval_loop,
         train_loop_config={"export": export, "manifest": manifest, "split": split, "batch_size": cfg.data.batch_size,
-                           "tokenizer": cfg.data.tokenizer, "max_words": cfg.data.max_words},
+                           "tokenizer": cfg.data.tokenizer, "max_words": cfg.data.max_words,
+                           "dsl": cfg.train.eval_dsl},
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
             resources_per_worker={"CPU": cfg.train.cpus_per_worker}),

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from clipray.manifest import as_seconds, manifest_metadata, read_manifest
-from clipray.metrics import embed_texts, embed_videos, retrieval_metrics, similarity_in_blocks
+from clipray.metrics import embed_texts, embed_videos, retrieval_metrics, retrieval_metrics_dsl, similarity_in_blocks
 from clipray.pipeline import wordless
 
 
@@ -125,10 +125,11 @@ def caption_embeddings(model: Any, captions: list[str], tokenize: Callable[[list
 
 
 def evaluate(model: Any, shard: Any, manifest: str, split: str, batch_size: int,
-             tokenize: Callable[[list[str]], Any]) -> dict[str, float]:
+             tokenize: Callable[[list[str]], Any], dsl: bool = False) -> dict[str, float]:
     """Metrics over the whole split, identical on every rank (all of them call this). `shard`:
     this worker's share of the split's decoded clips (`first_rows` of it, or every row);
-    `tokenize`: the captions' tokenizer, as the training batches are cut."""
+    `tokenize`: the captions' tokenizer, as the training batches are cut; `dsl`
+    (`train.eval_dsl`, an indexable head's cosines only): also the dual-softmax `dsl_*` ranks."""
     parts = [p for p in _gather(shard_videos(model, shard, batch_size)) if p]
     if not parts:
         raise RuntimeError(f"no clip of the {split!r} split could be decoded; see the skip report")
@@ -157,6 +158,8 @@ def evaluate(model: Any, shard: Any, manifest: str, split: str, batch_size: int,
                  f"(clip {clip_name(clips_of[queries[i]])})")
     sim = similarity_in_blocks(model, texts, video, None if model.indexable else joined["mask"][idx])
     metrics = retrieval_metrics(sim, video_of_text)
+    if dsl:
+        metrics.update(retrieval_metrics_dsl(sim, video_of_text))
     metrics["num_test_videos"] = len(clips)  # clips, strictly: the key predates moment manifests
     metrics["num_test_texts"] = len(video_of_text)
     if manifest_metadata(manifest).get("source") == "synthetic":

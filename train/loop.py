@@ -370,7 +370,8 @@ def train_loop(config: dict[str, Any]) -> None:
         if last or epoch % cfg.train.eval_every_epochs == 0:
             m = eval_model(engine, cfg, replica)
             with torch.autocast(dev.type, dtype=dtype, enabled=dtype != torch.float32):
-                record.update(evaluate(m, test_shard, eval_manifest, cfg.data.eval_split, B, tokenize))
+                record.update(evaluate(m, test_shard, eval_manifest, cfg.data.eval_split, B, tokenize,
+                                       cfg.train.eval_dsl))
             if rank == 0:
                 say(f"[eval] epoch {epoch} ({cfg.data.eval_split}): t2v R@1 {record['t2v_r1']:.1f} "
                     f"R@5 {record['t2v_r5']:.1f} R@10 {record['t2v_r10']:.1f} MdR {record['t2v_mdr']:.1f} "
