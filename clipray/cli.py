@@ -175,15 +175,14 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ManifestError, SourceError, FileNotFoundError) as e:
         print(f"clipray {argv[0]}: error: {e}", file=sys.stderr)
         return 2
-    except RunFailed as e:  # a worker's error: its last line (the workers' tracebacks are Ray's to log)
+    # a worker's error: its last line (the workers' tracebacks are Ray's to log); `clipray serve`'s
+    # health check: no traceback for a wait that ran out
+    except (RunFailed, TimeoutError) as e:
         print(f"clipray {argv[0]}: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # Ctrl-C: a line (after the command's own, e.g. train's resume hint), not a traceback
         print(f"\nclipray {argv[0]}: interrupted", file=sys.stderr)
         return 130  # as a process killed by SIGINT
-    except TimeoutError as e:  # `clipray serve`'s health check: no traceback for a wait that ran out
-        print(f"clipray {argv[0]}: error: {e}", file=sys.stderr)
-        return 1
     except BrokenPipeError:  # `clipray data check M | head -1`: the reader has gone, no traceback
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's exit flush is quiet
         return 141  # as a process killed by SIGPIPE

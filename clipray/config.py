@@ -178,8 +178,8 @@ def _at_least(lo: float) -> tuple[Any, str]:
     return (lambda v: v >= lo), f">= {lo}"
 
 
-def _above(lo: float) -> tuple[Any, str]:
-    return (lambda v: v > lo), f"> {lo}"
+def _positive() -> tuple[Any, str]:
+    return (lambda v: v > 0), "> 0"
 
 
 def _in_steps(v: float) -> bool:
@@ -188,10 +188,10 @@ def _in_steps(v: float) -> bool:
     return abs(v * 10_000 - round(v * 10_000)) < 1e-6
 
 
-def _resource(lo: float, strict: bool = False) -> tuple[Any, str]:
-    """A CPU or GPU count, as Ray takes it: >= lo (> lo when strict), in steps of 0.0001."""
-    return ((lambda v: (v > lo if strict else v >= lo) and _in_steps(v)),
-            f"{'>' if strict else '>='} {lo}, in steps of 0.0001 (Ray's)")
+def _resource(strict: bool = False) -> tuple[Any, str]:
+    """A CPU or GPU count, as Ray takes it: >= 0 (> 0 when strict), in steps of 0.0001."""
+    return ((lambda v: (v > 0 if strict else v >= 0) and _in_steps(v)),
+            f"{'>' if strict else '>='} 0, in steps of 0.0001 (Ray's)")
 
 
 def _whole_ms() -> tuple[Any, str]:
@@ -210,19 +210,19 @@ GPUS_PER_ACTOR = ((lambda v: v == -1 or (v >= 0 and _in_steps(v))),
 
 
 RULES: dict[type, dict[str, tuple[Any, str]]] = {
-    VideoConfig: dict(backend=_one_of("decord", "pyav"), fps=_above(0), max_frames=_at_least(1),
-                      slice=_one_of("head", "tail", "uniform"), size=_at_least(1), timeout_s=_above(0)),
+    VideoConfig: dict(backend=_one_of("decord", "pyav"), fps=_positive(), max_frames=_at_least(1),
+                      slice=_one_of("head", "tail", "uniform"), size=_at_least(1), timeout_s=_positive()),
     # max_words: the start and end-of-text tokens and a word; at 2 every caption was those two tokens
     DataConfig: dict(split=_one_of(*SPLITS), eval_split=_one_of(*SPLITS), max_words=_at_least(3),
                      batch_size=_at_least(1), decode_pool=_one_of(*DECODE_POOLS), decode_actors=_at_least(1),
-                     decode_cpus=_resource(0, strict=True), decode_batch=_at_least(1),
+                     decode_cpus=_resource(strict=True), decode_batch=_at_least(1),
                      shuffle_buffer=_at_least(0), train_frame_order=_one_of(*FRAME_ORDERS)),
-    OptimConfig: dict(lr=_above(0), coef_lr=_at_least(0), weight_decay=_at_least(0), eps=_above(0),
+    OptimConfig: dict(lr=_positive(), coef_lr=_at_least(0), weight_decay=_at_least(0), eps=_positive(),
                       warmup_ratio=((lambda v: 0 <= v < 1), "in [0, 1)"), grad_clip=_at_least(0),
                       # else AdamW's ValueError in every training worker, once Ray is up
                       betas=((lambda v: all(0 <= b < 1 for b in v)), "two numbers in [0, 1)")),
     TrainConfig: dict(epochs=_at_least(1), max_steps=_at_least(0), num_workers=_at_least(1),
-                      cpus_per_worker=_resource(0), zero_stage=_one_of(0, 1, 2, 3),
+                      cpus_per_worker=_resource(), zero_stage=_one_of(0, 1, 2, 3),
                       precision=_one_of("auto", "fp32", "bf16"),
                       grad_accum=_at_least(1), eval_every_epochs=_at_least(1),
                       checkpoint_every_steps=_at_least(0), max_failures=_at_least(-1),
@@ -245,7 +245,7 @@ RULES: dict[type, dict[str, tuple[Any, str]]] = {
                      min_width_s=_at_least(0.001), warmup_epochs=_at_least(1), rounds=_at_least(0),
                      epochs_per_round=_at_least(1), step_s=_whole_ms(), max_steps=_at_least(1), margin=_at_least(0),
                      val_split=_one_of(*SPLITS), test_split=_one_of(*SPLITS),
-                     actors=_at_least(1), actor_cpus=_resource(0, strict=True), actor_gpus=GPUS_PER_ACTOR, batch=_at_least(1)),
+                     actors=_at_least(1), actor_cpus=_resource(strict=True), actor_gpus=GPUS_PER_ACTOR, batch=_at_least(1)),
 }
 
 

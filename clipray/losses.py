@@ -89,8 +89,8 @@ class PairLoss(nn.Module):
 
 
 @torch.no_grad()
-def clamp_logit_scale(model: nn.Module, max_value: float = LOGIT_SCALE_MAX) -> None:
-    """Cap the model's `logit_scale` in place (call after each optimiser step).
+def clamp_logit_scale(model: nn.Module) -> None:
+    """Cap the model's `logit_scale` at LOGIT_SCALE_MAX in place (call after each optimiser step).
 
     Accepts the retrieval model, a `RetrievalTask`, or a DeepSpeed engine wrapping either (an
     optimiser's fp32 copy is reached through the engine only). Under ZeRO-3 the parameter's local
@@ -102,10 +102,10 @@ def clamp_logit_scale(model: nn.Module, max_value: float = LOGIT_SCALE_MAX) -> N
         while hasattr(target, attr) and not hasattr(target, "logit_scale"):
             target = getattr(target, attr)
     param = target.logit_scale
-    param.data.clamp_(max=max_value)
+    param.data.clamp_(max=LOGIT_SCALE_MAX)
     shard = getattr(param, "ds_tensor", None)
     if shard is not None:
-        shard.data.clamp_(max=max_value)
+        shard.data.clamp_(max=LOGIT_SCALE_MAX)
     if not param.requires_grad:
         return
     # ZeRO (stages 1-3) and DeepSpeed's bf16 optimiser step an fp32 copy of the weights and copy
@@ -114,15 +114,15 @@ def clamp_logit_scale(model: nn.Module, max_value: float = LOGIT_SCALE_MAX) -> N
     # gradient turned. Each rank caps its own part of the copy (a clamp is elementwise).
     mapping = getattr(param, "_hp_mapping", None)  # ZeRO-1/2, the bf16 optimiser; None: not here
     if mapping is not None:
-        mapping.get_hp_fragment().clamp_(max=max_value)  # a view into the flat fp32 partition
+        mapping.get_hp_fragment().clamp_(max=LOGIT_SCALE_MAX)  # a view into the flat fp32 partition
     elif hasattr(param, "ds_id"):  # ZeRO-3
         from deepspeed.utils import safe_get_local_fp32_param, safe_set_local_fp32_param
 
         local = safe_get_local_fp32_param(param)
         if local is not None:
-            safe_set_local_fp32_param(param, local.clamp(max=max_value))
+            safe_set_local_fp32_param(param, local.clamp(max=LOGIT_SCALE_MAX))
     else:  # bf16 without ZeRO: DeepSpeed's unfused optimiser keeps one fp32 copy per parameter
         for low, high in zip(getattr(optimizer, "fp16_groups", ()), getattr(optimizer, "fp32_groups", ())):
             for p, copy in zip(low, high):
                 if p is param:
-                    copy.data.clamp_(max=max_value)
+                    copy.data.clamp_(max=LOGIT_SCALE_MAX)

@@ -57,7 +57,6 @@ SCHEMA = pa.schema(
     ]
 )
 COLUMNS = tuple(SCHEMA.names)
-_OPTIONAL = ("start", "end", "timestamp", "group", "duration")
 
 
 class ManifestError(ValueError):

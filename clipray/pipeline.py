@@ -47,6 +47,7 @@ from clipray.video import SkipClip, decode_clip_safe
 
 DATA_COLUMNS = ["row_id", "video_id", "path", "start", "end", "caption"]
 SKIP_DIR = "skips"
+SKIP_REPORT = "skip_report.jsonl"  # collect_skips' merged report, beside SKIP_DIR
 NO_WORDS = "caption has no words once cleaned for the tokenizer"
 _TOKENIZER_MODULE = "clipray._open_clip_tokenizer"
 
@@ -317,7 +318,7 @@ def manifest_rows(data: DataConfig, split: str | None = None, limit: int | None 
     return ds.repartition(target_num_rows_per_block=data.decode_batch)
 
 
-def collect_skips(skip_dir: str, out_name: str = "skip_report.jsonl") -> dict[str, Any]:
+def collect_skips(skip_dir: str) -> dict[str, Any]:
     """Merge the decoders' skip files into one report beside them, one line per skipped row in
     row order; return the count, the counts by reason and the report's path. Memory holds each
     skipped row's line once, not the files' lines."""
@@ -356,9 +357,10 @@ def collect_skips(skip_dir: str, out_name: str = "skip_report.jsonl") -> dict[st
 
     # a full disk is an OSError naming no file: the run ended in its traceback after training.
     # Whole or not at all: written in place, it also left the report cut, its last line no JSON
-    with naming(f"{skip_dir.rstrip('/')}/{out_name}"):
-        replace_whole(fs, f"{root}/{out_name}", "://" not in skip_dir, write)
-    return {"skipped": len(records), "by_reason": dict(reasons), "report": f"{skip_dir.rstrip('/')}/{out_name}"}
+    report = f"{skip_dir.rstrip('/')}/{SKIP_REPORT}"
+    with naming(report):
+        replace_whole(fs, f"{root}/{SKIP_REPORT}", "://" not in skip_dir, write)
+    return {"skipped": len(records), "by_reason": dict(reasons), "report": report}
 
 
 _SKIP_FILES_AT_ONCE = 64  # skip files read (and held) at a time by collect_skips

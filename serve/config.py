@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from clipray.config import GPUS_PER_ACTOR, RULES, ConfigError, RayConfig, VideoConfig, load_config
-from clipray.config import _above as above, _at_least as at_least, _one_of as one_of, _resource as resource
+from clipray.config import _at_least as at_least, _one_of as one_of, _positive as positive, _resource as resource
 
 INDEX_KINDS = ("flat", "ivf_flat", "ivf_sq8", "ivf_pq", "hnsw")
 SPLITS = ("all", "train", "val", "test")
@@ -123,14 +123,14 @@ class AppConfig:
 # Ingress replica fail to start (int() of it) once Ray and Serve were up.
 RULES[IndexConfig] = dict(
     split=one_of(*SPLITS), kind=one_of(*INDEX_KINDS), window_s=at_least(0), stride_s=at_least(0),
-    actors=at_least(1), actor_cpus=resource(0), actor_gpus=GPUS_PER_ACTOR, batch=at_least(1),
+    actors=at_least(1), actor_cpus=resource(), actor_gpus=GPUS_PER_ACTOR, batch=at_least(1),
     recall_queries=at_least(0))
 # (the faiss knobs, nlist ... ef_search, are store.check_knobs's: build_faiss checks them too)
 RULES[DeploymentConfig] = dict(
-    min_replicas=at_least(0), max_batch_size=at_least(1), num_cpus=resource(0), num_gpus=resource(0),
-    target_ongoing_requests=above(0), look_back_period_s=above(0), upscale_delay_s=at_least(0),
+    min_replicas=at_least(0), max_batch_size=at_least(1), num_cpus=resource(), num_gpus=resource(),
+    target_ongoing_requests=positive(), look_back_period_s=positive(), upscale_delay_s=at_least(0),
     downscale_delay_s=at_least(0), batch_wait_timeout_s=at_least(0))
-RULES[LimitsConfig] = dict(max_text_chars=at_least(1), max_k=at_least(1), max_upload_mb=above(0),
+RULES[LimitsConfig] = dict(max_text_chars=at_least(1), max_k=at_least(1), max_upload_mb=positive(),
                            rerank_candidates=at_least(0))
 RULES[ServeConfig] = dict(port=((lambda v: 0 < v < 65536), "a port, 1..65535"),
                           # empty listened on every address and printed http://:8000, which the

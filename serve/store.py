@@ -162,17 +162,9 @@ def read_table(out: str | Path, columns: Optional[list[str]] = None) -> pa.Table
     return t
 
 
-def embedding_matrix(table: pa.Table) -> np.ndarray:
-    col = table.column("embedding").combine_chunks()
-    if len(col) == 0:
-        return np.zeros((0, 0), np.float32)
-    dim = len(col[0])
-    return np.asarray(col.flatten(), dtype=np.float32).reshape(len(col), dim)
-
-
 def read_embeddings(out: str | Path) -> np.ndarray:
     """Every stored embedding [N, D] float32, by row id, streamed part by part into the one
-    array a few thousand rows at a time. `embedding_matrix(read_table(...))` peaked at three
+    array a few thousand rows at a time. `read_table(...)`'s column joined into one peaked at three
     times the vectors (Parquet's reader of a whole part, the table sorted by row id, its chunks
     joined): 2.4 GB to rebuild an index of 400k vectors of D 512 (0.8 GB), now under 1 GB.
     The vectors of clips embedded again (`replaced/`) replace their rows' first ones."""
@@ -557,7 +549,3 @@ def existing_ids(table: pa.Table) -> dict[tuple, str]:
     """The video id of every clip of the index's table, by its clip_key (its path, start and end)."""
     keys = zip(table.column("path").to_pylist(), clip_ms(table.column("start")), clip_ms(table.column("end")))
     return dict(zip(keys, table.column("video_id").to_pylist()))
-
-
-def as_list(v: Iterable) -> list:
-    return v.tolist() if isinstance(v, np.ndarray) else list(v)

@@ -1,5 +1,5 @@
-"""Reading a run directory the way a restart does (local path or s3:// alike), and stopping a
-training run at its first checkpoint."""
+"""Reading a run directory the way a restart does (local path or s3:// alike), stopping a
+training run at its first checkpoint, and an index's embedding column as one array."""
 
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ import time
 from typing import Callable, Optional
 
 import fsspec
+import numpy as np
+import pyarrow as pa
 
 
 def registered_state(run_dir: str) -> Optional[dict]:
@@ -50,3 +52,12 @@ def stop_at_first_checkpoint(proc: subprocess.Popen, run_dir: str, timeout_s: fl
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+
+
+def embedding_matrix(table: pa.Table) -> np.ndarray:
+    """The `embedding` column of an index's table (`serve.store.read_table`) as [N, D] float32,
+    read straight from the parts: a reference for the index's own readers."""
+    col = table.column("embedding").combine_chunks()
+    if len(col) == 0:
+        return np.zeros((0, 0), np.float32)
+    return np.asarray(col.flatten(), dtype=np.float32).reshape(len(col), len(col[0]))

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from clipray.config import ConfigError
+from runs import embedding_matrix
 from test_serve import trained_export
 
 WINDOWS = ["index.window_s=2", "index.stride_s=1"]
@@ -838,7 +839,7 @@ def test_export_at_a_uri_is_copied_into_the_index(ray_local, s3_server, export, 
 
     def vectors(out):  # by clip, since the job may finish its batches in any order
         t = store.read_table(out).sort_by([("path", "ascending"), ("start", "ascending")])
-        return t.column("path").to_pylist(), store.embedding_matrix(t)
+        return t.column("path").to_pylist(), embedding_matrix(t)
 
     (paths_d, x_d), (paths_r, x_r) = vectors(tmp_path / "disk"), vectors(tmp_path / "remote")
     assert paths_d == paths_r and len(paths_d) == disk["count"] > 0
@@ -1352,7 +1353,7 @@ def test_a_part_cut_off_while_written_leaves_the_index_readable(tmp_path, monkey
     monkeypatch.undo()
     t = store.read_table(tmp_path)
     assert t.column("row_id").to_pylist() == [0, 1, 2, 3]
-    np.testing.assert_array_equal(store.embedding_matrix(t), x)
+    np.testing.assert_array_equal(embedding_matrix(t), x)
     f, m = store.read_rerank(tmp_path, 4)
     assert f.shape == (4, 2, 3) and m.sum() == 8
     # the next run's part is numbered after the whole ones and read back

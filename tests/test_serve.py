@@ -24,6 +24,7 @@ import pytest
 import requests
 
 from ports import free_ports
+from runs import embedding_matrix
 
 SERVING_MODULES = ("test_search_page.py", "test_serve.py")
 _APP: dict = {}
@@ -149,7 +150,7 @@ def test_search_is_the_brute_force_cosine_ranking_of_the_offline_query(app, synt
     from clipray.export import load_export
     from serve import store
 
-    emb = store.embedding_matrix(store.read_table(app["out"]))
+    emb = embedding_matrix(store.read_table(app["out"]))
     model = load_export(app["export"])
     tok = open_clip.get_tokenizer(model.tokenizer_name, context_length=app["cfg"].serve.max_words)
     texts = [r["caption"] for r in _videos(synth_small)[:2]] + ["a red square moves left!(", "a blue circle!/ moves up"]

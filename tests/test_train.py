@@ -1315,7 +1315,7 @@ def test_resume_check_finds_the_checkpoints_of_a_run_folder_named_like_a_glob(tm
     (out / RESUME_KEY).write_text(good)
     (tmp_path / "export").mkdir()
     (tmp_path / "export" / "config.json").write_text("{}")
-    _write_outputs(str(out), cfg, [{"epoch": 1, "loss": 1.0}], {}, tmp_path / "export")
+    _write_outputs(str(out), cfg, [{"epoch": 1, "loss": 1.0}], tmp_path / "export")
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["export", name])
     assert {"config.yaml", "metrics.csv", "curves.png"} <= {p.name for p in out.iterdir()}
     assert (out / "export" / "config.json").read_text() == "{}"
@@ -1601,7 +1601,7 @@ def test_curves_drawn_again_on_a_full_disk_keep_the_last_ones(tmp_path, file_siz
     out.mkdir()
     (out / "curves.png").write_bytes(b"old curves")
     res = file_size_limit(
-        8192, "_write_outputs(sys.argv[1], load_config(None, []), [{'epoch': 1, 'loss': 1.0}], {}, Path(sys.argv[2]))",
+        8192, "_write_outputs(sys.argv[1], load_config(None, []), [{'epoch': 1, 'loss': 1.0}], Path(sys.argv[2]))",
         out, tmp_path, setup="from pathlib import Path\nfrom clipray.config import load_config\n"
                              "from train.driver import _write_outputs\n")
     assert res.returncode == 0, res.stderr
@@ -1622,7 +1622,7 @@ def test_an_export_copied_over_the_last_one_on_a_full_disk_keeps_the_last_one(tm
     src.mkdir()
     (src / "model.safetensors").write_bytes(b"w" * 200_000)
     res = file_size_limit(
-        100_000, "_write_outputs(sys.argv[1], load_config(None, []), [{'epoch': 1, 'loss': 1.0}], {}, Path(sys.argv[2]))",
+        100_000, "_write_outputs(sys.argv[1], load_config(None, []), [{'epoch': 1, 'loss': 1.0}], Path(sys.argv[2]))",
         out, src, setup="from pathlib import Path\nfrom clipray.config import load_config\n"
                         "from train.driver import _write_outputs\n")
     assert res.returncode == 0, res.stderr
@@ -1653,7 +1653,7 @@ def test_run_outputs_written_to_an_object_store_that_drops_are_a_line_naming_the
               "from train.driver import _put_text, _write_outputs\n"
               "for write in (lambda: _put_text('s3://clipray-gone/run/result.json', '{}'),\n"
               "              lambda: _write_outputs('s3://clipray-gone/run', load_config(None, []),\n"
-              "                                     [{'epoch': 1, 'loss': 1.0}], {}, Path(sys.argv[1]))):\n"
+              "                                     [{'epoch': 1, 'loss': 1.0}], Path(sys.argv[1]))):\n"
               "    try:\n"
               "        write()\n"
               "    except ConfigError as e:\n"

@@ -704,7 +704,7 @@ def _run(cfg: Config, quiet_ray: bool, stop_epoch: int, table: bool, held: conte
             # the schedule's length, from the manifest's rows: clips skipped at decode end each
             # epoch early, and the learning rate stops short of its schedule's end, without a word
             final["planned_steps"] = total
-        _write_outputs(out, cfg, state["history"], final, export_src)
+        _write_outputs(out, cfg, state["history"], export_src)
     skips = collect_skips(out)
     final.update(skipped_clips=skips["skipped"], eval_split=eval_split)
     _put_text(f"{out}/result.json", json.dumps(final, indent=1))
@@ -855,7 +855,7 @@ def train_seconds(history: list[dict], clips_per_step: int) -> float:
     return total
 
 
-def _write_outputs(out: str, cfg: Config, history: list[dict], final: dict, export_src: Path) -> None:
+def _write_outputs(out: str, cfg: Config, history: list[dict], export_src: Path) -> None:
     _put_text(f"{out}/config.yaml", to_yaml(cfg))
     keys = sorted({k for h in history for k in h}, key=lambda k: (k not in ("epoch", "step"), k))
     buf = io.StringIO()
