@@ -174,11 +174,11 @@ DECODE_POOLS = ("tasks", "actors")  # data.decode_pool (clipray bench data --poo
 FRAME_ORDERS = ("ordinal", "reverse", "random")  # data.train_frame_order
 
 
-def _at_least(lo: float) -> tuple[Any, str]:
+def at_least(lo: float) -> tuple[Any, str]:
     return (lambda v: v >= lo), f">= {lo}"
 
 
-def _positive() -> tuple[Any, str]:
+def positive() -> tuple[Any, str]:
     return (lambda v: v > 0), "> 0"
 
 
@@ -188,7 +188,7 @@ def _in_steps(v: float) -> bool:
     return abs(v * 10_000 - round(v * 10_000)) < 1e-6
 
 
-def _resource(strict: bool = False) -> tuple[Any, str]:
+def resource(strict: bool = False) -> tuple[Any, str]:
     """A CPU or GPU count, as Ray takes it: >= 0 (> 0 when strict), in steps of 0.0001."""
     return ((lambda v: (v > 0 if strict else v >= 0) and _in_steps(v)),
             f"{'>' if strict else '>='} 0, in steps of 0.0001 (Ray's)")
@@ -199,7 +199,7 @@ def _whole_ms() -> tuple[Any, str]:
     return (lambda v: v >= 0.001 and abs(v * 1000 - round(v * 1000)) < 1e-6), "a whole number of milliseconds, >= 0.001"
 
 
-def _one_of(*choices: Any) -> tuple[Any, str]:
+def one_of(*choices: Any) -> tuple[Any, str]:
     return (lambda v: v in choices), f"one of {', '.join(map(str, choices))}"
 
 
@@ -210,22 +210,22 @@ GPUS_PER_ACTOR = ((lambda v: v == -1 or (v >= 0 and _in_steps(v))),
 
 
 RULES: dict[type, dict[str, tuple[Any, str]]] = {
-    VideoConfig: dict(backend=_one_of("decord", "pyav"), fps=_positive(), max_frames=_at_least(1),
-                      slice=_one_of("head", "tail", "uniform"), size=_at_least(1), timeout_s=_positive()),
+    VideoConfig: dict(backend=one_of("decord", "pyav"), fps=positive(), max_frames=at_least(1),
+                      slice=one_of("head", "tail", "uniform"), size=at_least(1), timeout_s=positive()),
     # max_words: the start and end-of-text tokens and a word; at 2 every caption was those two tokens
-    DataConfig: dict(split=_one_of(*SPLITS), eval_split=_one_of(*SPLITS), max_words=_at_least(3),
-                     batch_size=_at_least(1), decode_pool=_one_of(*DECODE_POOLS), decode_actors=_at_least(1),
-                     decode_cpus=_resource(strict=True), decode_batch=_at_least(1),
-                     shuffle_buffer=_at_least(0), train_frame_order=_one_of(*FRAME_ORDERS)),
-    OptimConfig: dict(lr=_positive(), coef_lr=_at_least(0), weight_decay=_at_least(0), eps=_positive(),
-                      warmup_ratio=((lambda v: 0 <= v < 1), "in [0, 1)"), grad_clip=_at_least(0),
+    DataConfig: dict(split=one_of(*SPLITS), eval_split=one_of(*SPLITS), max_words=at_least(3),
+                     batch_size=at_least(1), decode_pool=one_of(*DECODE_POOLS), decode_actors=at_least(1),
+                     decode_cpus=resource(strict=True), decode_batch=at_least(1),
+                     shuffle_buffer=at_least(0), train_frame_order=one_of(*FRAME_ORDERS)),
+    OptimConfig: dict(lr=positive(), coef_lr=at_least(0), weight_decay=at_least(0), eps=positive(),
+                      warmup_ratio=((lambda v: 0 <= v < 1), "in [0, 1)"), grad_clip=at_least(0),
                       # else AdamW's ValueError in every training worker, once Ray is up
                       betas=((lambda v: all(0 <= b < 1 for b in v)), "two numbers in [0, 1)")),
-    TrainConfig: dict(epochs=_at_least(1), max_steps=_at_least(0), num_workers=_at_least(1),
-                      cpus_per_worker=_resource(), zero_stage=_one_of(0, 1, 2, 3),
-                      precision=_one_of("auto", "fp32", "bf16"),
-                      grad_accum=_at_least(1), eval_every_epochs=_at_least(1),
-                      checkpoint_every_steps=_at_least(0), max_failures=_at_least(-1),
+    TrainConfig: dict(epochs=at_least(1), max_steps=at_least(0), num_workers=at_least(1),
+                      cpus_per_worker=resource(), zero_stage=one_of(0, 1, 2, 3),
+                      precision=one_of("auto", "fp32", "bf16"),
+                      grad_accum=at_least(1), eval_every_epochs=at_least(1),
+                      checkpoint_every_steps=at_least(0), max_failures=at_least(-1),
                       # numpy (Ray Data's local shuffle) refuses a negative seed, and torch one past
                       # 64 bits (a traceback in every worker); the loop adds steps and ranks to it
                       seed=((lambda v: 0 <= v < 2 ** 32), "in [0, 2**32)"),
@@ -236,16 +236,16 @@ RULES: dict[type, dict[str, tuple[Any, str]]] = {
                                      and not re.match(r"[A-Za-z][A-Za-z0-9+.-]+:/(?!/)", v.strip())),
                                     "a folder, or a URI with its bucket (s3://BUCKET/runs)")),
     # anything else reached ray.init: "Invalid address format" traceback, the run folder made
-    RayConfig: dict(num_cpus=_at_least(1),
+    RayConfig: dict(num_cpus=at_least(1),
                     # (a URI goes on to runtime's checks: a job server's http:// address is said so)
                     address=((lambda v: v.strip() in ("", "auto", "local") or "://" in v
                               or re.fullmatch(r"(\[[0-9A-Fa-f:.]+\]|[^\s/:\[\]]+):\d{1,5}", v.strip()) is not None),
                              "host:port (a cluster's head, e.g. 10.0.0.5:6379), ray://host:port, auto or local")),
-    EditConfig: dict(init=_one_of("midpoint", "window"), window_s=_at_least(0), max_width_s=_at_least(0),
-                     min_width_s=_at_least(0.001), warmup_epochs=_at_least(1), rounds=_at_least(0),
-                     epochs_per_round=_at_least(1), step_s=_whole_ms(), max_steps=_at_least(1), margin=_at_least(0),
-                     val_split=_one_of(*SPLITS), test_split=_one_of(*SPLITS),
-                     actors=_at_least(1), actor_cpus=_resource(strict=True), actor_gpus=GPUS_PER_ACTOR, batch=_at_least(1)),
+    EditConfig: dict(init=one_of("midpoint", "window"), window_s=at_least(0), max_width_s=at_least(0),
+                     min_width_s=at_least(0.001), warmup_epochs=at_least(1), rounds=at_least(0),
+                     epochs_per_round=at_least(1), step_s=_whole_ms(), max_steps=at_least(1), margin=at_least(0),
+                     val_split=one_of(*SPLITS), test_split=one_of(*SPLITS),
+                     actors=at_least(1), actor_cpus=resource(strict=True), actor_gpus=GPUS_PER_ACTOR, batch=at_least(1)),
 }
 
 

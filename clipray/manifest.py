@@ -315,7 +315,7 @@ class ManifestWriter:
             # a folder manifest is written whole: an earlier, longer one's shards left were read
             # back with these (100k rows rewritten as 10k read back as 96k, and said valid).
             # Stopped from here on, the new shards' `.partial` names make it read as unfinished
-            _remove_old_shards(self.out, self.shards)
+            remove_old_shards(self.out, self.shards)
         for path in self.shards[self._final:]:
             with naming(self._named(path)):
                 self.fs.move(path + PARTIAL, path)  # on an object store, a copy: seconds each
@@ -341,7 +341,7 @@ class ManifestWriter:
             self.discard()
 
 
-def _old_shards(out: str) -> tuple[Any, list[str]]:
+def old_shards(out: str) -> tuple[Any, list[str]]:
     """The filesystem of a folder manifest and the `part-*.parquet` (and `.partial`) files it
     holds now; none for a one-file manifest."""
     if out.endswith(".parquet"):
@@ -351,7 +351,7 @@ def _old_shards(out: str) -> tuple[Any, list[str]]:
                 if info.type == pafs.FileType.File and re.fullmatch(r"part-\d+\.parquet(\.partial)?", info.base_name)]
 
 
-def _remove_old_shards(out: str, new: list[str]) -> None:
+def remove_old_shards(out: str, new: list[str]) -> None:
     """A folder manifest is rewritten whole: stale `part-*.parquet` from a longer earlier run
     would otherwise be read back as part of this one (and `.partial` ones of a killed run linger).
 
@@ -360,7 +360,7 @@ def _remove_old_shards(out: str, new: list[str]) -> None:
     store) leaves, so the folder reads as unfinished, not as the old shards left, a smaller,
     complete manifest. Deleted before the new shards were written, a run failing midway (a bad
     annotation line deep in a big source, a full disk) lost the manifest an earlier run wrote."""
-    fs, old = _old_shards(out)
+    fs, old = old_shards(out)
     keep = {path + PARTIAL for path in new}
     for path in old:
         if path not in keep:

@@ -471,7 +471,7 @@ def _decord_misreads(src: Any) -> bool:
 _decord_missing: str | None = None  # why `import decord` failed in this process, once it has
 
 
-def _decord_importable() -> bool:
+def decord_importable() -> bool:
     """Whether decord imports here. decord has no wheel for ARM (Apple Silicon, aarch64 Linux),
     where pyproject leaves it out: there the decord backend reads every file with PyAV, saying
     so once per process. Every clip was a skip ('decode failed: ModuleNotFoundError') and an
@@ -493,7 +493,7 @@ def _decord_importable() -> bool:
 def _reader(src: Any, backend: str) -> Any:
     """The backend's reader of an open source; PyAV's where decord cannot open the file or
     would number its frames wrongly or take another stream, or is not installed."""
-    if backend == "pyav" or not _decord_importable():
+    if backend == "pyav" or not decord_importable():
         return PyAVVideo(src)
     if not _decord_misreads(src):
         try:

@@ -27,8 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
-from clipray.config import GPUS_PER_ACTOR, RULES, ConfigError, RayConfig, VideoConfig, load_config
-from clipray.config import _at_least as at_least, _one_of as one_of, _positive as positive, _resource as resource
+from clipray.config import (GPUS_PER_ACTOR, RULES, ConfigError, RayConfig, VideoConfig, at_least, load_config, one_of,
+                            positive, resource)
 
 INDEX_KINDS = ("flat", "ivf_flat", "ivf_sq8", "ivf_pq", "hnsw")
 SPLITS = ("all", "train", "val", "test")

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 
-def _port(preferred: int = 8000) -> int:
+def port(preferred: int = 8000) -> int:
     from serve.__main__ import port_free
 
     if port_free("127.0.0.1", preferred):
@@ -93,7 +93,7 @@ def serve_demo(export_dir: str, manifest: str, out_dir: str, queries: int = 4) -
     index_dir = str(Path(out_dir) / "index")
     trained = trained_sampling(export_dir)
     cfg = load_app_config(None, [f"checkpoint={export_dir}", f"manifest={manifest}", f"out={index_dir}",
-                                 f"serve.port={_port()}", "serve.text_encoder.max_replicas=1",
+                                 f"serve.port={port()}", "serve.text_encoder.max_replicas=1",
                                  "serve.log_level=WARNING", *trained])
     build_index(cfg)
     t0 = time.perf_counter()

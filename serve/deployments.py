@@ -65,7 +65,7 @@ def _load(export_dir: str, device: str, fingerprint: str) -> Any:
     return model
 
 
-def _tokenizer(model: Any, max_words: int) -> Any:
+def tokenizer(model: Any, max_words: int) -> Any:
     """open_clip's tokenizer, cut to the longest caption of each batch.
 
     The text tower is causal and pools at the end-of-text token, so trailing padding changes
@@ -95,7 +95,7 @@ def _tokenizer(model: Any, max_words: int) -> Any:
 class TextEncoder:
     def __init__(self, export_dir: str, max_words: int, batch: dict, num_gpus: float = 0.0, fingerprint: str = ""):
         self.model = _load(export_dir, _device(num_gpus), fingerprint)
-        self.tokenize = _tokenizer(self.model, max_words)
+        self.tokenize = tokenizer(self.model, max_words)
         _configure(self.encode_batch, batch)
         self.batch_sizes: list[int] = []
 
@@ -315,7 +315,7 @@ class Reranker:
                  fingerprint: str = ""):
         self.device = _device(num_gpus)
         self.model = _load(export_dir, self.device, fingerprint)
-        self.tokenize = _tokenizer(self.model, max_words)
+        self.tokenize = tokenizer(self.model, max_words)
         self.index_dir = index_dir
         self._read_features()
         _configure(self.rerank_batch, batch)

@@ -338,7 +338,7 @@ def test_bench_serve_overhead_compares_the_unbatched_call_with_the_in_process_on
     monkeypatch.setattr(serve.config, "load_app_config", load_app_config)
     monkeypatch.setattr(serve.__main__, "start", lambda cfg: f"http://bs{cfg.bs}")
     monkeypatch.setattr(serve.__main__, "stop", lambda cfg: None)
-    monkeypatch.setattr(serve.demo_step, "_port", lambda: 1)
+    monkeypatch.setattr(serve.demo_step, "port", lambda: 1)
     monkeypatch.setattr(clipray.export, "load_export", lambda path: None)
     monkeypatch.setattr(ray.serve, "get_deployment_handle", lambda *a, **k: types.SimpleNamespace(encode=None))
     monkeypatch.setattr(bench, "_load", load)

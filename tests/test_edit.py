@@ -516,7 +516,8 @@ def test_edit_state_written_on_a_full_disk_is_an_error_naming_it(tmp_path, file_
     its traceback; the error now names the file, and the old state stays whole."""
     state = tmp_path / "edit_state.json"
     state.write_text('{"records": []}')
-    res = file_size_limit(4096, "_put(sys.argv[1], 'x' * 100_000)", state, setup="from train.edit import _put\n")
+    res = file_size_limit(4096, "put_text(sys.argv[1], 'x' * 100_000)", state,
+                          setup="from train.driver import put_text\n")
     assert res.returncode == 0 and res.stdout.split() == [str(state), "27"], (res.stdout, res.stderr)
     assert state.read_text() == '{"records": []}'
 
@@ -558,13 +559,14 @@ def test_edit_state_written_to_an_object_store_that_drops_is_a_line_naming_it(tm
     script = ("import sys\n"
               "from concurrent.futures import ThreadPoolExecutor\n"
               "from clipray.config import ConfigError\n"
-              "from train.edit import _copy_export, _put, write_round\n"
+              "from train.driver import put_text\n"
+              "from train.edit import _copy_export, write_round\n"
               "def said(write):\n"
               "    try:\n"
               "        write()\n"
               "    except ConfigError as e:\n"
               "        return str(e)\n"
-              "writes = (lambda: _put('s3://clipray-gone/run/edit_state.json', '{}'),\n"
+              "writes = (lambda: put_text('s3://clipray-gone/run/edit_state.json', '{}'),\n"
               "          lambda: write_round(sys.argv[1], '/videos', 's3://clipray-gone/run/clips/round-01.parquet', {}, 1),\n"
               "          lambda: _copy_export('s3://clipray-gone/run/export', 's3://clipray-gone/run/teacher'))\n"
               "with ThreadPoolExecutor(3) as pool:  # at once: pyarrow retries each for seconds\n"
@@ -681,15 +683,16 @@ def test_a_failed_state_write_keeps_the_last_state(tmp_path):
     that cannot be encoded, as a full disk or a killed job) must leave the last one whole, or
     no re-run can resume. Written in place, it was cut to nothing and the next run failed with
     a JSONDecodeError traceback."""
-    from train.edit import _get_json, _put
+    from train.driver import put_text
+    from train.edit import _get_json
 
     state = tmp_path / "exp [2]" / "edit_state.json"  # a run folder named like a glob, too
     state.parent.mkdir()
-    _put(str(state), json.dumps({"records": [1]}))
+    put_text(str(state), json.dumps({"records": [1]}))
     with pytest.raises(UnicodeEncodeError):
-        _put(str(state), '{"records": [1, 2], "x": "\ud800"}')
+        put_text(str(state), '{"records": [1, 2], "x": "\ud800"}')
     assert _get_json(str(state)) == {"records": [1]}
-    _put(str(state), json.dumps({"records": [1, 2]}))
+    put_text(str(state), json.dumps({"records": [1, 2]}))
     assert _get_json(str(state)) == {"records": [1, 2]}
     assert [p.name for p in state.parent.iterdir()] == ["edit_state.json"]  # no .partial left
 

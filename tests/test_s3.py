@@ -219,13 +219,13 @@ def test_manifest_keys_with_spaces_hash_and_accents_are_read_where_written(ray_l
 def test_rewriting_a_manifest_folder_with_a_hash_in_its_key_clears_only_that_folder(s3):
     """`data prepare --out` clears a folder manifest's old shards. pyarrow's URI parsing cut
     s3://.../m#2 at the '#', so the shards of the manifest m were deleted instead."""
-    from clipray.sources import _remove_old_shards
+    from clipray.manifest import remove_old_shards
 
     fs = s3.fs()
     for key in ("keep/m/part-00000.parquet", "keep/m#2/part-00000.parquet", "keep/m#2/part-00001.parquet.partial",
                 "keep/m#2/notes.txt"):
         fs.pipe_file(f"{s3.bucket}/{key}", b"x")
-    _remove_old_shards(s3.url("keep/m#2"), [f"{s3.bucket}/keep/m#2/part-00001.parquet"])  # the new shards kept
+    remove_old_shards(s3.url("keep/m#2"), [f"{s3.bucket}/keep/m#2/part-00001.parquet"])  # the new shards kept
     left = sorted(p for p in fs.find(f"{s3.bucket}/keep") if not p.endswith("/"))  # pyarrow leaves a folder marker
     assert left == [f"{s3.bucket}/keep/m#2/notes.txt", f"{s3.bucket}/keep/m#2/part-00001.parquet.partial",
                     f"{s3.bucket}/keep/m/part-00000.parquet"]
@@ -249,7 +249,7 @@ def test_the_skip_report_lists_skip_files_written_after_this_process_listed_the_
     the first one's listing of skips/ and left out every file written since."""
     import fsspec
 
-    from train.driver import _put_text, check_resume, resume_key
+    from train.driver import check_resume, put_text, resume_key
     from clipray.config import load_config
 
     def rec(i):
@@ -266,7 +266,7 @@ def test_the_skip_report_lists_skip_files_written_after_this_process_listed_the_
     assert collect_skips(out)["skipped"] == 1
     assert fsspec.open(f"{out}/skip_report.jsonl", "r").open().read() == rec(1)
     worker.pipe_file(f"{s3.bucket}/cache/run/skips/b-000001.jsonl", rec(2).encode())  # a later round
-    _put_text(f"{out}/config.yaml", "x")  # what the driver writes between two reports
+    put_text(f"{out}/config.yaml", "x")  # what the driver writes between two reports
     report = collect_skips(out)
     on_disk = fsspec.open(f"{out}/skip_report.jsonl", "r").open().read().splitlines()
     assert report["skipped"] == 2 and [json.loads(r)["row_id"] for r in on_disk] == [1, 2]

@@ -1125,7 +1125,7 @@ def test_the_encoders_tokenizer_cache_stays_bounded(monkeypatch):
     from serve import deployments
 
     monkeypatch.setattr(pipeline, "TOKEN_CACHE_MAX", 500)
-    tokenize = deployments._tokenizer(types.SimpleNamespace(tokenizer_name="ViT-B-32", context_length=77), 32)
+    tokenize = deployments.tokenizer(types.SimpleNamespace(tokenizer_name="ViT-B-32", context_length=77), 32)
     tok = next(c.cell_contents for c in tokenize.__closure__ if hasattr(c.cell_contents, "cache"))
     ref, rng = open_clip.get_tokenizer("ViT-B-32", context_length=32), random.Random(0)
     for _ in range(300):  # 1800 new words

@@ -620,7 +620,7 @@ def test_a_rewrite_stopped_while_the_old_shards_go_reads_as_unfinished(tmp_path,
 
     def stopping(path):  # the deletes' filesystem only: the writer's is pyarrow's own
         fs, p = real(path)
-        return (StoppedAtThirdDelete(fs) if sys._getframe(1).f_code.co_name == "_old_shards" else fs), p
+        return (StoppedAtThirdDelete(fs) if sys._getframe(1).f_code.co_name == "old_shards" else fs), p
 
     monkeypatch.setattr(manifest_mod, "filesystem", stopping)
     with pytest.raises(KeyboardInterrupt):

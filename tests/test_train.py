@@ -1585,8 +1585,8 @@ def test_a_run_folder_file_rewritten_on_a_full_disk_keeps_the_old_one(tmp_path, 
     out.mkdir()
     old = json.dumps({"data.batch_size": 8}, indent=1)
     (out / "resume_key.json").write_text(old)
-    res = file_size_limit(4096, "_put_text(sys.argv[1], json.dumps({'x': 'y' * 100_000}))", out / "resume_key.json",
-                          setup="import json\nfrom train.driver import _put_text\n")
+    res = file_size_limit(4096, "put_text(sys.argv[1], json.dumps({'x': 'y' * 100_000}))", out / "resume_key.json",
+                          setup="import json\nfrom train.driver import put_text\n")
     assert res.returncode == 0, res.stderr
     assert res.stdout.split() == [str(out / "resume_key.json"), "27"]  # EFBIG, named
     assert (out / "resume_key.json").read_text() == old
@@ -1650,8 +1650,8 @@ def test_run_outputs_written_to_an_object_store_that_drops_are_a_line_naming_the
     script = ("import sys\n"
               "from pathlib import Path\n"
               "from clipray.config import ConfigError, load_config\n"
-              "from train.driver import _put_text, _write_outputs\n"
-              "for write in (lambda: _put_text('s3://clipray-gone/run/result.json', '{}'),\n"
+              "from train.driver import _write_outputs, put_text\n"
+              "for write in (lambda: put_text('s3://clipray-gone/run/result.json', '{}'),\n"
               "              lambda: _write_outputs('s3://clipray-gone/run', load_config(None, []),\n"
               "                                     [{'epoch': 1, 'loss': 1.0}], Path(sys.argv[1]))):\n"
               "    try:\n"

@@ -354,7 +354,7 @@ def check_resume(out: str, key: dict[str, Any]) -> None:
             # an earlier attempt that stopped before a checkpoint (a wrong data.video_root: every
             # clip missing): its skips were reported as this fresh run's, every clip of it trained
             fs.rm(f"{root}/skips", recursive=True)
-        _put_text(f"{out}/{RESUME_KEY}", json.dumps(key, indent=1))
+        put_text(f"{out}/{RESUME_KEY}", json.dumps(key, indent=1))
         return
     # a record from before "command" was kept: clip editing's names no manifest (its rounds' change)
     was = saved.get("command") or ("clipray train" if "data.manifest" in saved else "clipray edit")
@@ -376,7 +376,7 @@ def check_resume(out: str, key: dict[str, Any]) -> None:
     if moved and not changed:
         for what, was, now in moved.values():
             print(f"[driver] {what}: the run's {was} is now {now} (the same files): resuming", flush=True)
-        _put_text(f"{out}/{RESUME_KEY}", json.dumps(key, indent=1))
+        put_text(f"{out}/{RESUME_KEY}", json.dumps(key, indent=1))
         return
     if changed:
         raise ConfigError(f"{out} holds checkpoints of a run with other settings ({'; '.join(changed)}); "
@@ -707,7 +707,7 @@ def _run(cfg: Config, quiet_ray: bool, stop_epoch: int, table: bool, held: conte
         _write_outputs(out, cfg, state["history"], export_src)
     skips = collect_skips(out)
     final.update(skipped_clips=skips["skipped"], eval_split=eval_split)
-    _put_text(f"{out}/result.json", json.dumps(final, indent=1))
+    put_text(f"{out}/result.json", json.dumps(final, indent=1))
     if table:
         print(_table(final, out, skips))
     return final
@@ -804,12 +804,12 @@ def evaluate_export(cfg: Config, export: str, split: str, name: str) -> dict[str
             metrics = dict(trainer.fit().metrics, eval_split=split, export=export)
     except ray.train.TrainingFailedError as e:
         raise RunFailed(f"evaluating {export} failed {failure_cause(e)}") from e
-    _put_text(f"{out}/{name}.json", json.dumps(metrics, indent=1))
+    put_text(f"{out}/{name}.json", json.dumps(metrics, indent=1))
     return metrics
 
 
 @contextlib.contextmanager
-def _stored(uri: str) -> Iterator[None]:
+def stored(uri: str) -> Iterator[None]:
     """Around a write of the run folder's file `uri` in object storage: the store failing (its
     connection dropped, throttled past the retries, a permission taken away) is a line naming the
     file, not a botocore or gcsfs traceback after every epoch had trained; a re-run of the
@@ -823,7 +823,7 @@ def _stored(uri: str) -> Iterator[None]:
                           "run the same command again to write the run's outputs") from e
 
 
-def _put_text(uri: str, text: str | bytes) -> None:
+def put_text(uri: str, text: str | bytes) -> None:
     """Write a file of the run folder (text, or bytes) whole or not at all. A local one is
     written under a `.partial` name and moved over the old one when complete (an object store's
     PUT is whole already): written in place, a write that failed midway (a full disk) left
@@ -836,7 +836,7 @@ def _put_text(uri: str, text: str | bytes) -> None:
         with fs.open(tmp, "wb" if isinstance(text, bytes) else "w") as f:
             f.write(text)
 
-    with _stored(uri), naming(uri):
+    with stored(uri), naming(uri):
         fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)  # as fsspec.open does for a write
         replace_whole(fs, path, "://" not in uri, write)
 
@@ -856,19 +856,19 @@ def train_seconds(history: list[dict], clips_per_step: int) -> float:
 
 
 def _write_outputs(out: str, cfg: Config, history: list[dict], export_src: Path) -> None:
-    _put_text(f"{out}/config.yaml", to_yaml(cfg))
+    put_text(f"{out}/config.yaml", to_yaml(cfg))
     keys = sorted({k for h in history for k in h}, key=lambda k: (k not in ("epoch", "step"), k))
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=keys)
     w.writeheader()
     w.writerows(history)
-    _put_text(f"{out}/metrics.csv", buf.getvalue())
+    put_text(f"{out}/metrics.csv", buf.getvalue())
     # whole or not at all: opened in place (before the plot was drawn), a full disk midway or a
     # failed plot left the last call's curves cut or empty
-    _put_text(f"{out}/curves.png", _plot(history, cfg.data.eval_split))
-    fs, root = fsspec_path(out)  # (a folder _put_text made)
+    put_text(f"{out}/curves.png", _plot(history, cfg.data.eval_split))
+    fs, root = fsspec_path(out)  # (a folder put_text made)
     root = f"{root}/export"
-    with _stored(f"{out}/export"):
+    with stored(f"{out}/export"):
         fs.makedirs(root, exist_ok=True)
     for p in export_src.iterdir():
         copy_whole(f"{out}/export/{p.name}", lambda tmp: fs.put_file(str(p), tmp))
@@ -876,13 +876,13 @@ def _write_outputs(out: str, cfg: Config, history: list[dict], export_src: Path)
 
 def copy_whole(uri: str, copy: Callable[[str], Any]) -> None:
     """`copy(path)` writes the run folder's file `uri` at the path given, whole or not at all, as
-    `_put_text`: an export copied over the last one (a run continued, clip editing's teacher) was
+    `put_text`: an export copied over the last one (a run continued, clip editing's teacher) was
     copied in place, and a full disk midway (or a kill) left its weights cut beside the old
     config.json, an export that no longer loaded, the old one gone. A failed copy's error names
     `uri` (shutil's names the file copied from)."""
     fs, path = fsspec_path(uri)
     try:
-        with _stored(uri):
+        with stored(uri):
             replace_whole(fs, path, "://" not in uri, copy)
     except OSError as e:
         if e.errno:

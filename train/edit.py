@@ -144,7 +144,7 @@ def write_round(source: str, root: str, path: str, captions: dict[int, Caption],
     run folder, where a relative path would point at nothing. `source_files`: the source's
     manifest_signature when the run began; the source written again since is refused (the
     captions and clips joined by row id to rows they are not of, without a word)."""
-    from train.driver import _stored, changed_manifests, manifest_changed
+    from train.driver import changed_manifests, manifest_changed, stored
 
     if source_files is not None and changed_manifests({source: source_files}):
         raise manifest_changed([source])
@@ -160,7 +160,7 @@ def write_round(source: str, root: str, path: str, captions: dict[int, Caption],
             yield row
 
     meta = {**manifest_metadata(source), "edit_round": round_no}
-    with _stored(path):  # the run folder in object storage failing: a line, not pyarrow's traceback
+    with stored(path):  # the run folder in object storage failing: a line, not pyarrow's traceback
         write_manifest(rows(), path, metadata=meta, keep_row_ids=True)
 
 
@@ -316,15 +316,6 @@ def clip_stats(captions: dict[int, Caption]) -> dict[str, Optional[float]]:
 POOL_KEYS = ("actors", "actor_cpus", "actor_gpus", "batch")
 
 
-def _put(uri: str, text: str) -> None:
-    """Write a file of the run folder whole or not at all (`driver._put_text`): written in
-    place, a write that failed midway (a full disk, the job killed) left a cut edit_state.json
-    or edit_result.json, which every re-run then failed to read."""
-    from train.driver import _put_text
-
-    _put_text(uri, text)
-
-
 STATE_KEYS = {"edit": dict, "records": list, "skips": list, "clips": dict}  # edit_state.json holds them
 
 
@@ -352,11 +343,11 @@ def _copy_export(src: str, dst: str) -> None:
     from clipray.export import CONFIG, WEIGHTS
     from clipray.manifest import fsspec_path
 
-    from train.driver import _stored, copy_whole
+    from train.driver import copy_whole, stored
 
     fs, s = fsspec_path(src)
     d = fsspec_path(dst)[1]
-    with _stored(dst):  # the run folder in object storage failing: a line, not botocore's traceback
+    with stored(dst):  # the run folder in object storage failing: a line, not botocore's traceback
         fs.makedirs(d, exist_ok=True)
     for name in (WEIGHTS, CONFIG):  # each whole: the teacher is what a resumed run goes on from
         copy_whole(f"{dst}/{name}", lambda tmp: fs.cp_file(f"{s}/{name}", tmp))  # copy() would glob a "[2]"
@@ -459,10 +450,13 @@ def _run(cfg: Config, quiet_ray: bool, held: contextlib.ExitStack) -> dict[str, 
             print(f"[edit] {len(since)} more training captions left out since the last run: "
                   f"{reason_counts(since)}", flush=True)
     def save_state(pending: Optional[dict] = None) -> None:
-        _put(f"{out}/edit_state.json", json.dumps({"edit": dataclasses.asdict(e), "source": source,
-                                                   "source_files": source_files, "records": records, "skips": skips,
-                                                   "clips": {r: c.clip for r, c in captions.items()},
-                                                   **({"pending": pending} if pending else {})}))
+        # whole or not at all (as every file of the run folder here): a cut edit_state.json
+        # (a full disk, the job killed mid-write) failed every re-run
+        driver.put_text(f"{out}/edit_state.json", json.dumps({"edit": dataclasses.asdict(e), "source": source,
+                                                             "source_files": source_files, "records": records,
+                                                             "skips": skips,
+                                                             "clips": {r: c.clip for r, c in captions.items()},
+                                                             **({"pending": pending} if pending else {})}))
 
     # the training run's own settings check (batch size, model, optimiser ...), which each
     # round's training repeats: made now, a changed setting was refused only after Ray started
@@ -519,16 +513,16 @@ def _run(cfg: Config, quiet_ray: bool, held: contextlib.ExitStack) -> dict[str, 
             _copy_export(f"{out}/export", teacher)
         rec.update(teacher_updated=changed, manifest=manifest, seconds=round(time.perf_counter() - t0, 1))
         records.append(rec)
-        _put(f"{out}/clips/skips.jsonl", "".join(json.dumps(s) + "\n" for s in skips))
+        driver.put_text(f"{out}/clips/skips.jsonl", "".join(json.dumps(s) + "\n" for s in skips))
         save_state()
-        _put(f"{out}/edits.csv", _csv(records))
+        driver.put_text(f"{out}/edits.csv", _csv(records))
         print(_round_line(rec), flush=True)
     if records:  # again: a run stopped after a round's state and before its line here resumes past it
-        _put(f"{out}/edits.csv", _csv(records))
+        driver.put_text(f"{out}/edits.csv", _csv(records))
 
     test = driver.evaluate_export(base, f"{out}/export", e.test_split, name=f"eval-{e.test_split}")
     result = {"rounds": records, "test": test, **skip_counts(skips)}
-    _put(f"{out}/edit_result.json", json.dumps(result, indent=1))
+    driver.put_text(f"{out}/edit_result.json", json.dumps(result, indent=1))
     print(_summary(result, out))
     return result
 

@@ -106,9 +106,9 @@ def elsewhere(before, after, own_cpu: float, wall: float) -> tuple[float, float]
 def bare_label(again: bool = False) -> str:
     """Row (a)'s label: the library the loop decodes with. Without decord (no wheel for ARM) the
     decord backend reads every file with PyAV, and a row saying 'decord' timed PyAV."""
-    from clipray.video import _decord_importable
+    from clipray.video import decord_importable
 
-    return f"(a) bare {'decord' if _decord_importable() else 'PyAV'} loop, {'again' if again else '1 core'}"
+    return f"(a) bare {'decord' if decord_importable() else 'PyAV'} loop, {'again' if again else '1 core'}"
 
 
 def bare_loop(manifest: str, cfg: VideoConfig, repeat: int) -> tuple[int, int, float, float, tuple[float, float]]:

@@ -101,7 +101,7 @@ def api_bench(work: Path, scale: float) -> dict:
     from clipray.synth import generate
     from serve.__main__ import start, stop
     from serve.config import load_app_config
-    from serve.demo_step import _port
+    from serve.demo_step import port
     from serve.index import build_index
 
     export = work / "vitb32_export"
@@ -114,7 +114,7 @@ def api_bench(work: Path, scale: float) -> dict:
         f"a {c} {s} moves {d}" for c in ("red", "blue", "green", "yellow") for s in ("square", "circle")
         for d in ("left", "up")]
     base = [f"checkpoint={export}", f"manifest={synth / 'manifest.parquet'}", f"out={work / 'api_index'}",
-            "video.max_frames=4", f"serve.port={_port()}", "serve.app_name=clipray-bench",
+            "video.max_frames=4", f"serve.port={port()}", "serve.app_name=clipray-bench",
             "serve.ingress.max_ongoing_requests=256", "serve.ingress.num_cpus=0.1"]
     for d in ("text_encoder", "searcher", "video_encoder"):
         base += [f"serve.{d}.min_replicas=1", f"serve.{d}.max_replicas=1", f"serve.{d}.num_cpus=0.1",
@@ -166,9 +166,9 @@ def _direct_encode_ms(model: Any, queries: list[str], n: int) -> float:
     """The TextEncoder's own call (same tokenizer, one thread like the replica), in-process."""
     import torch
 
-    from serve.deployments import _tokenizer
+    from serve.deployments import tokenizer
 
-    tok, threads = _tokenizer(model, 32), torch.get_num_threads()
+    tok, threads = tokenizer(model, 32), torch.get_num_threads()
     torch.set_num_threads(1)  # Ray gives a replica with num_cpus < 1 OMP_NUM_THREADS=1
     times = []
     try:

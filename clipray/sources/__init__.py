@@ -23,8 +23,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterator, Mapping
 
-from clipray.manifest import (MAX_DISTINCT, PARTIAL, Every, ManifestError, ManifestWriter, Tally, _old_shards,
-                              _remove_old_shards)
+from clipray.manifest import (MAX_DISTINCT, PARTIAL, Every, ManifestError, ManifestWriter, Tally, old_shards,
+                              remove_old_shards)
 from clipray.sources import activitynet, didemo, generic, howto100m, lsmdc, msrvtt, msvd, youcook2
 from clipray.sources.base import Context, SourceError, SourceSpec, is_uri
 
@@ -149,11 +149,11 @@ def _prepare(name: str, root: str, out: str, progress_s: float | None = None, **
     writer = ManifestWriter(out, rows_per_shard=int(opts["rows_per_shard"]), metadata=metadata,
                             on_bad=functools.partial(_refused, ctx), tally=tally)
     with _writing(out):
-        if any(path.endswith(PARTIAL) for path in _old_shards(out)[1]):
+        if any(path.endswith(PARTIAL) for path in old_shards(out)[1]):
             # unfinished (a run stopped while its shards went or were renamed): no manifest to
             # keep, and its shards left would read as a smaller, complete one once a failure
             # of this run removed its own .partial shards
-            _remove_old_shards(out, [])
+            remove_old_shards(out, [])
         every = Every(progress_s)
         try:
             if first is not None:

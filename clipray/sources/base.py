@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence, TextIO
 
-from clipray.manifest import ManifestError, utf8_text
+from clipray.manifest import ManifestError, filesystem, utf8_text
 
 # Extensions counted as video files, in order of preference when one stem has several files
 # (CLIP4Clip's MSR-VTT loader tries .mp4 before .webm; the rest follow the releases' own).
@@ -49,12 +49,6 @@ def is_uri(path: str) -> bool:
     return "://" in path
 
 
-def _fs(path: str):
-    from clipray.manifest import filesystem
-
-    return filesystem(path)  # an object-store key as written, as the manifest's own
-
-
 def join(base: str, *parts: str) -> str:
     if is_uri(base):
         return "/".join([base.rstrip("/"), *(p.strip("/") for p in parts)])
@@ -66,7 +60,7 @@ def exists(path: str) -> bool:
         return os.path.isfile(path)
     import pyarrow.fs as pafs
 
-    fs, p = _fs(path)
+    fs, p = filesystem(path)
     return fs.get_file_info(p).type == pafs.FileType.File
 
 
@@ -126,7 +120,7 @@ def open_text(path: str) -> TextIO:
 def open_binary(path: str):
     if not is_uri(path):
         return open(path, "rb")
-    fs, p = _fs(path)
+    fs, p = filesystem(path)
     return fs.open_input_stream(p)
 
 
@@ -138,7 +132,7 @@ def _subdirs(path: str) -> list[str]:
             return []
     import pyarrow.fs as pafs
 
-    fs, p = _fs(path)
+    fs, p = filesystem(path)
     sel = pafs.FileSelector(p, allow_not_found=True)
     scheme = path.split("://", 1)[0]
     return sorted(f"{scheme}://{i.path}" for i in fs.get_file_info(sel)
@@ -173,7 +167,7 @@ class FileIndex:
         if is_uri(self.root):
             import pyarrow.fs as pafs
 
-            fs, base = _fs(self.root)
+            fs, base = filesystem(self.root)
             base = base.rstrip("/")
             if fs.get_file_info(base).type == pafs.FileType.NotFound:
                 # as a local root that is no folder: a typo listed nothing, and every video was

@@ -36,8 +36,9 @@ from concurrent.futures.process import BrokenProcessPool
 from multiprocessing import get_context
 from typing import Any, Iterator
 
-from clipray.sources.base import (Context, NotUtf8, SourceError, SourceSpec, _fs, csv_header, first_bad_utf8_line,
-                                  is_uri, join, open_binary, open_text, split_ext)
+from clipray.manifest import filesystem
+from clipray.sources.base import (Context, NotUtf8, SourceError, SourceSpec, csv_header, first_bad_utf8_line, is_uri,
+                                  join, open_binary, open_text, split_ext)
 
 JSON_NAMES = ("raw_caption.json", "caption.json")
 CSV_DIRS = ("raw_caption", "caption", "captions", "small_train_captions")
@@ -137,7 +138,7 @@ def _isdir(path: str) -> bool:
         return os.path.isdir(path)
     import pyarrow.fs as pafs
 
-    fs, p = _fs(path)
+    fs, p = filesystem(path)
     return fs.get_file_info(p).type == pafs.FileType.Directory
 
 
@@ -146,7 +147,7 @@ def _list_csv(folder: str) -> list[str]:
         return sorted(e.name for e in os.scandir(folder) if e.name.endswith(".csv") and e.is_file())
     import pyarrow.fs as pafs
 
-    fs, p = _fs(folder)
+    fs, p = filesystem(folder)
     return sorted(i.base_name for i in fs.get_file_info(pafs.FileSelector(p))
                   if i.type == pafs.FileType.File and i.base_name.endswith(".csv"))
 
