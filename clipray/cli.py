@@ -27,7 +27,6 @@ PASSTHROUGH = {
     "serve": "serve.__main__:main",
     "demo": "clipray.demo:main",
 }
-PROGRESS_S = 10.0  # long data commands print a progress line this often
 
 BENCHES = {
     "data": "clipray.bench.data:main",
@@ -123,6 +122,7 @@ def data_main(argv: list[str]) -> int:
         print(f"manifest:        {made['manifest']}\nevents manifest: {made['events_manifest']}")
         return 0
     if args.cmd == "prepare":
+        from clipray.manifest import PROGRESS_S
         from clipray.sources import prepare
 
         opts = {}
@@ -134,7 +134,7 @@ def data_main(argv: list[str]) -> int:
         report = prepare(args.name, args.root, args.out, progress_s=PROGRESS_S, **opts)
         print(report)
         return 0 if report.rows else 1  # no rows: nothing written (the report says why)
-    from clipray.manifest import check_manifest, manifest_metadata
+    from clipray.manifest import PROGRESS_S, check_manifest, manifest_metadata
 
     print(f"{args.manifest}: valid; {check_manifest(args.manifest, progress_s=PROGRESS_S)}")
     meta = manifest_metadata(args.manifest)

@@ -751,6 +751,9 @@ class Tally:
         return f"{self.rows:,} rows ({splits}), {len(self.videos):,} videos, {caps} distinct captions{shared}"
 
 
+PROGRESS_S = 10.0  # long commands (data prepare, check and synth, edit, index) print a progress line this often
+
+
 class Every:
     """`if every(): print(...)` at most once per `seconds` (None: never), for progress lines."""
 

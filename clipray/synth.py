@@ -29,9 +29,8 @@ from typing import Iterator
 
 import numpy as np
 
-from clipray.manifest import Every, fsspec_path, naming, replace_whole, write_manifest
+from clipray.manifest import PROGRESS_S, Every, fsspec_path, naming, replace_whole, write_manifest
 
-PROGRESS_S = 10.0  # with `progress`, a line this often
 
 COLOURS = {
     "red": (220, 40, 40), "green": (40, 190, 60), "blue": (50, 90, 235),

@@ -41,7 +41,7 @@ from typing import Any, Iterator, Optional
 import numpy as np
 
 from clipray.config import SAMPLING, ConfigError, VideoConfig
-from clipray.manifest import Every, ManifestError
+from clipray.manifest import PROGRESS_S, Every, ManifestError
 from serve import store
 from serve.config import AppConfig, load_app_config
 
@@ -221,7 +221,6 @@ class ClipEmbedder:
 
 PLAN = "_plan"  # a clip's position in plan_clips' list, carried through the embedding job
 AGAIN = "_again"  # the row id of an indexed clip embedded again (its file changed), else -1
-PROGRESS_S = 10.0  # a progress line this often when the output is a log, not a terminal
 
 
 def _progress(done: int, total: int, skipped: int, since: tuple[float, int], every: Every) -> None:

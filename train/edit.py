@@ -50,11 +50,9 @@ import numpy as np
 
 from clipray.config import Config, ConfigError, EditConfig, VideoConfig
 from clipray.editing import Bounds, candidates, choose, initial_clips, neighbour_bounds, tiou
-from clipray.manifest import (Every, ManifestError, iter_checked, manifest_files, manifest_metadata,
+from clipray.manifest import (PROGRESS_S, Every, ManifestError, iter_checked, manifest_files, manifest_metadata,
                               manifest_signature, resolve_path, write_manifest)
 from clipray.pipeline import reason_counts
-
-PROGRESS_S = 10.0
 
 
 @dataclass
