@@ -30,6 +30,7 @@ from typing import Any, Optional
 import numpy as np
 from fastapi import FastAPI, File, Form, HTTPException, Request, UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
@@ -44,6 +45,7 @@ PAGE = Path(__file__).with_name("page.html")
 UPLOAD_PATHS = ("/search/video", "/encode/video")
 JSON_PATHS = ("/search", "/encode/text")
 DEFAULT_K = 10  # results when a request gives no k (serve.limits.max_k where that is lower)
+_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")  # a 405's Allow names those served
 PAGE_K = 8  # results the search page asks for until its box is changed (max_k where lower)
 
 
@@ -146,6 +148,16 @@ async def _validation(request: Request, exc: RequestValidationError) -> JSONResp
     return _error(422, "; ".join(parts) or "invalid request", [p for p in parts])
 
 
+def _allowed(request: Request) -> str:
+    """The methods this request's path takes, for a 405's Allow header: Starlette's names those
+    of the first route whose path matched, and GET and HEAD are two routes here (/healthz,
+    /clips/{clip_id}), so `POST /healthz` was told `Allow: HEAD` alone. Each method is matched
+    against every route, as the router would match it (routes sit in included routers here)."""
+    routes = request.app.router.routes
+    return ", ".join(m for m in _METHODS if any(r.matches({**request.scope, "method": m})[0] == Match.FULL
+                                                for r in routes))
+
+
 @api.exception_handler(StarletteHTTPException)  # also body-parse errors and unknown routes
 async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     cause = exc.__cause__
@@ -156,6 +168,7 @@ async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         return _error(507 if cause.errno in NO_ROOM else 503, no_room_message(os.strerror(cause.errno)))
     message, headers = str(exc.detail), getattr(exc, "headers", None)
     if exc.status_code == 405 and headers and headers.get("Allow"):  # its Allow header was dropped
+        headers = {**headers, "Allow": _allowed(request) or headers["Allow"]}
         message = f"{message}: {request.url.path} takes {headers['Allow']}, not {request.method}"
     return _error(exc.status_code, message, headers=headers)
 

@@ -559,6 +559,21 @@ def test_bad_inputs_are_4xx_with_a_message(app, synth_small):
 
 
 
+def test_a_405_names_every_method_the_path_takes(app):
+    """GET and HEAD of /healthz and /clips/{clip_id} are two routes (each its own operationId),
+    and the 405 took the first route's methods: `POST /healthz` and `DELETE /clips/0` answered
+    `allow: HEAD` and "takes HEAD, not POST". The Allow header (RFC 9110 15.5.6) and the message
+    name every method the path takes."""
+    got = {f"{m} {p}": (r.status_code, r.headers.get("allow"), r.json()["error"])
+           for m, p in (("POST", "/healthz"), ("DELETE", "/clips/0"), ("PUT", "/"), ("GET", "/search"))
+           for r in [requests.request(m, f"{app['url']}{p}", timeout=30)]}
+    assert got == {
+        "POST /healthz": (405, "GET, HEAD", "Method Not Allowed: /healthz takes GET, HEAD, not POST"),
+        "DELETE /clips/0": (405, "GET, HEAD", "Method Not Allowed: /clips/0 takes GET, HEAD, not DELETE"),
+        "PUT /": (405, "GET, HEAD", "Method Not Allowed: / takes GET, HEAD, not PUT"),
+        "GET /search": (405, "POST", "Method Not Allowed: /search takes POST, not GET")}
+
+
 def test_an_over_size_chunked_upload_is_refused_before_it_is_read_whole(app):
     """An upload without a Content-Length (Transfer-Encoding: chunked, as `curl -T -` sends)
     passed the Content-Length check and was read whole, 64 MB spooled into the replica, before
