@@ -247,15 +247,26 @@ async def _no_unknown_fields(request: Request, *known: str) -> None:
         raise HTTPException(422, "; ".join(f"{name}: given {names.count(name)} times, send it once" for name in twice))
 
 
-def _form_k(value: Optional[str]) -> Optional[int]:
+def _k_out_of_range(max_k: int, got: Any) -> HTTPException:
+    """The one message for a `k` outside [1, max_k], of JSON and of the upload form alike.
+    Defined above `Ingress`, which Serve pickles."""
+    return HTTPException(422, f"k: must be between 1 and {max_k}, got {got}")
+
+
+def _form_k(value: Optional[str], max_k: int) -> Optional[int]:
     """The upload form's `k`, held to decimal digits as JSON's `k` is held to an integer: read
-    by pydantic's lax rules, "2.0" was 2, "1_0" was 10 and " 3 " was 3. Defined above `Ingress`,
-    which Serve pickles."""
+    by pydantic's lax rules, "2.0" was 2, "1_0" was 10 and " 3 " was 3. Digits of any length
+    are a number, one past max_k answered as JSON's is: over 9 digits was "must be a whole
+    number written in digits", which it was (and int() refuses over 4300 digits: one longer than
+    max_k is refused from its length). Defined above `Ingress`, which Serve pickles."""
     if value is None:
         return None
-    if not re.fullmatch(r"[0-9]{1,9}", value):
+    if not re.fullmatch(r"[0-9]+", value):
         raise HTTPException(422, f"k: must be a whole number written in digits (such as 5), got {value!r}")
-    return int(value)
+    digits = value.lstrip("0") or "0"
+    if len(digits) > len(str(max_k)):  # past max_k, told without int() of it
+        raise _k_out_of_range(max_k, digits)
+    return int(digits)
 
 
 class _UploadCap:
@@ -409,7 +420,7 @@ class Ingress:
         if k is None:  # not given: the default, within the limit (a max_k below it refused every such request)
             return min(DEFAULT_K, self.limits["max_k"])
         if not 1 <= k <= self.limits["max_k"]:
-            raise HTTPException(422, f"k: must be between 1 and {self.limits['max_k']}, got {k}")
+            raise _k_out_of_range(self.limits["max_k"], k)
         return k
 
     async def _upload(self, file: UploadFile) -> Any:
@@ -466,7 +477,7 @@ class Ingress:
                            k: Optional[str] = Form(None, description="results wanted, in digits")) -> dict:
         """Video-to-video: the top-k indexed clips for an uploaded clip."""
         await _no_unknown_fields(request, "file", "k")
-        k = self._k(_form_k(k))
+        k = self._k(_form_k(k, self.limits["max_k"]))
         return await self._search(await self._upload(file), k)
 
     @api.post("/encode/text", response_model=Embedding, responses=_errors(400, 413, 422))

@@ -574,6 +574,24 @@ def test_a_405_names_every_method_the_path_takes(app):
         "GET /search": (405, "POST", "Method Not Allowed: /search takes POST, not GET")}
 
 
+def test_an_upload_forms_k_of_many_digits_is_out_of_range_as_jsons_is(app, synth_small):
+    """The form's k was held to 9 digits: `-F k=99999999999999999999999` was told "must be a
+    whole number written in digits", which it is, where JSON's k of the same number is told its
+    range; and "00000000005" (11 digits, 5) was refused the same way."""
+    video = (Path(synth_small["manifest"]).parent / "videos" / "synth00001.mp4").read_bytes()
+    big = "99999999999999999999999"
+    form = lambda k: requests.post(f"{app['url']}/search/video", files={"file": ("x.mp4", video)},  # noqa: E731
+                                   data={"k": k}, timeout=60)
+    r = requests.post(f"{app['url']}/search", json={"text": "a red square", "k": int(big)}, timeout=30)
+    assert (r.status_code, r.json()) == (422, {"error": f"k: must be between 1 and 50, got {big}"})
+    r = form(big)
+    assert (r.status_code, r.json()) == (422, {"error": f"k: must be between 1 and 50, got {big}"})
+    r = form("0" * 30 + "51")  # its value, as JSON's would be written
+    assert (r.status_code, r.json()) == (422, {"error": "k: must be between 1 and 50, got 51"})
+    r = form("00000000005")
+    assert (r.status_code, len(r.json()["results"])) == (200, 5)
+
+
 def test_an_over_size_chunked_upload_is_refused_before_it_is_read_whole(app):
     """An upload without a Content-Length (Transfer-Encoding: chunked, as `curl -T -` sends)
     passed the Content-Length check and was read whole, 64 MB spooled into the replica, before
