@@ -49,12 +49,21 @@ _METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")  # a 405
 PAGE_K = 8  # results the search page asks for until its box is changed (max_k where lower)
 
 
+def _no_default(schema: dict) -> None:
+    """No `"default": null` in the schema of a field that takes no null (k's default is said
+    in its description)."""
+    schema.pop("default", None)
+
+
 class SearchRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")  # a stray `path` field is refused, not ignored
     text: str = Field(min_length=1, description="the query; limit: serve.limits.max_text_chars")
-    # strict: pydantic's lax mode took `true` for k=1, "3" for 3 and 2.0 for 2
-    k: Optional[int] = Field(None, ge=1, strict=True, description=f"results wanted (default {DEFAULT_K}, or "
-                             "serve.limits.max_k where lower); limit: serve.limits.max_k")
+    # strict: pydantic's lax mode took `true` for k=1, "3" for 3 and 2.0 for 2. Left out, k is
+    # None (the default is not validated); given, it is an integer: `"k": null` is refused, where
+    # Optional[int] took it for the default (10 results)
+    k: int = Field(None, ge=1, strict=True, json_schema_extra=_no_default,
+                   description=f"results wanted (default {DEFAULT_K}, or serve.limits.max_k where lower); "
+                               "limit: serve.limits.max_k")
 
 
 class TextRequest(BaseModel):
@@ -477,7 +486,9 @@ class Ingress:
                            k: Optional[str] = Form(None, description="results wanted, in digits")) -> dict:
         """Video-to-video: the top-k indexed clips for an uploaded clip."""
         await _no_unknown_fields(request, "file", "k")
-        k = self._k(_form_k(k, self.limits["max_k"]))
+        # the field as sent (the form is read once): FastAPI gives an empty one (`-F k=`) as
+        # left out, and it was answered with the default k
+        k = self._k(_form_k((await request.form()).get("k"), self.limits["max_k"]))
         return await self._search(await self._upload(file), k)
 
     @api.post("/encode/text", response_model=Embedding, responses=_errors(400, 413, 422))

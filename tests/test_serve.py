@@ -592,6 +592,23 @@ def test_an_upload_forms_k_of_many_digits_is_out_of_range_as_jsons_is(app, synth
     assert (r.status_code, len(r.json()["results"])) == (200, 5)
 
 
+def test_a_k_given_as_null_or_an_empty_form_field_is_refused_and_one_left_out_is_the_default(app, synth_small):
+    """`{"text": ..., "k": null}` and `-F k=` answered 200 with the default 10 results: pydantic's
+    Optional[int] took null for the default, and FastAPI takes an empty form field for one left
+    out. k is a JSON integer, or decimal digits in a form (docs/serving.md); left out, the default."""
+    video = (Path(synth_small["manifest"]).parent / "videos" / "synth00001.mp4").read_bytes()
+    url = app["url"]
+    r = requests.post(f"{url}/search", json={"text": "a red square", "k": None}, timeout=30)
+    assert (r.status_code, r.json()) == (422, {"error": "k: Input should be a valid integer",
+                                               "detail": ["k: Input should be a valid integer"]})
+    r = requests.post(f"{url}/search/video", files={"file": ("x.mp4", video)}, data={"k": ""}, timeout=60)
+    assert (r.status_code, r.json()) == (422, {"error": "k: must be a whole number written in digits (such as 5), got ''"})
+    r = requests.post(f"{url}/search", json={"text": "a red square"}, timeout=30)
+    assert (r.status_code, len(r.json()["results"])) == (200, 10)
+    r = requests.post(f"{url}/search/video", files={"file": ("x.mp4", video)}, timeout=60)
+    assert (r.status_code, len(r.json()["results"])) == (200, 10)
+
+
 def test_an_over_size_chunked_upload_is_refused_before_it_is_read_whole(app):
     """An upload without a Content-Length (Transfer-Encoding: chunked, as `curl -T -` sends)
     passed the Content-Length check and was read whole, 64 MB spooled into the replica, before
