@@ -255,8 +255,8 @@ def _bad_requests(url: str, video: bytes) -> list[tuple[str, object, tuple[int, 
         ("upload: k twice", lambda: post("/search/video", files=[("file", ("x.mp4", video)), ("k", (None, "2")),
                                                                  ("k", (None, "3"))]), (422,)),
         ("upload: file as a text field", lambda: post("/encode/video", files={"file": (None, "x")}), (422,)),
-        ("non-UTF-8 body", lambda: post("/search", data=b'{"text": "\xff\xfe", "k": 3}', headers=js), (400, 422)),
-        ("malformed JSON", lambda: post("/search", data=b'{"text": "a red', headers=js), (400, 422)),
+        ("non-UTF-8 body", lambda: post("/search", data=b'{"text": "\xff\xfe", "k": 3}', headers=js), (422,)),
+        ("malformed JSON", lambda: post("/search", data=b'{"text": "a red', headers=js), (422,)),
         ("not JSON at all", lambda: post("/search", data=b"text=a", headers={"Content-Type": "text/plain"}), (400, 415, 422)),
         ("missing text", lambda: post("/search", json={"k": 3}), (422,)),
         ("path-like field", lambda: post("/search", json={"text": "a", "k": 1, "path": "/etc/passwd"}), (422,)),
@@ -607,6 +607,16 @@ def test_a_k_given_as_null_or_an_empty_form_field_is_refused_and_one_left_out_is
     assert (r.status_code, len(r.json()["results"])) == (200, 10)
     r = requests.post(f"{url}/search/video", files={"file": ("x.mp4", video)}, timeout=60)
     assert (r.status_code, len(r.json()["results"])) == (200, 10)
+
+
+def test_a_json_body_not_in_utf8_is_a_422_saying_so(app):
+    """A JSON body not in UTF-8 was a 400 "There was an error parsing the body", naming neither
+    the body nor the rule; malformed JSON is a 422 saying where the reading stopped, and so is it."""
+    why = "body: not UTF-8 JSON ('utf-8' codec can't decode byte 0xff in position 10: invalid start byte)"
+    for path in ("/search", "/encode/text"):
+        r = requests.post(f"{app['url']}{path}", data=b'{"text": "\xff\xfe", "k": 3}', timeout=30,
+                          headers={"Content-Type": "application/json"})
+        assert (r.status_code, r.json()) == (422, {"error": why, "detail": [why]}), path
 
 
 def test_an_over_size_chunked_upload_is_refused_before_it_is_read_whole(app):
