@@ -228,13 +228,22 @@ def _progress(done: int, total: int, skipped: int, since: tuple[float, int], eve
     PROGRESS_S and one at the end, rather than every update joined by carriage returns. The rate
     counts from `since`, (the time, the clips done) when the first batch came back: from the
     command's start it took in Ray's and the actors' start-up, and the early ETA was too long.
-    `done` counts the skipped clips too, which the line says apart."""
+    `done` counts the skipped clips too, which the line says apart, and so does the rate: a
+    skipped clip was decoded (or tried) as the others, and the clips left may be skipped too.
+    Until a second batch is back there is no rate (it said 0.0 clips/s, with clips done), and at
+    the end no ETA (it said 'ETA when the next batch is back' with none to come)."""
     dt, base = time.perf_counter() - since[0], since[1]
-    rate = (done - base) / dt if dt > 0 and done > base else 0.0
-    eta = f"ETA {(total - done) / rate:.0f}s" if rate > 0 else "ETA when the next batch is back"
-    line = f"  {done}/{total} clips done, {skipped} of them skipped ({rate:.1f} clips/s, {eta})"
+    said = []
+    if dt > 0 and done > base:
+        rate = (done - base) / dt
+        said.append(f"{rate:.1f} clips/s" if rate >= 0.05 else f"{rate:.2g} clips/s")  # not 0.0
+        if done < total:
+            said.append(f"ETA {(total - done) / rate:.0f}s")
+    elif done < total:
+        said.append("rate and ETA when the next batch is back")
+    line = f"  {done}/{total} clips done, {skipped} of them skipped" + (f" ({', '.join(said)})" if said else "")
     if sys.stdout.isatty():
-        print(f"\r{line}  ", end="", flush=True)
+        print(f"\r{line}\x1b[K", end="", flush=True)  # the rest of a longer line before it cleared
     elif every() or done == total:
         print(line, flush=True)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -662,9 +663,11 @@ def test_progress_in_a_log_is_whole_lines_ending_at_the_total(ray_local, export,
     lines, n = [line for line in out.splitlines() if " clips done, " in line], meta["count"]
     done = [int(line.split()[0].split("/")[0]) for line in lines]
     assert len(done) == -(-n // 4) and done == sorted(done) and done[-1] == n  # one line per batch of 4
-    assert all(f"/{n} clips done, 0 of them skipped (" in line for line in lines)
+    assert all(f"/{n} clips done, 0 of them skipped" in line for line in lines)
     # the rate counts from the first batch back (not Ray's and the actors' start): none yet there
-    assert lines[0].endswith("(0.0 clips/s, ETA when the next batch is back)")
+    assert lines[0] == f"  4/{n} clips done, 0 of them skipped (rate and ETA when the next batch is back)"
+    # the last: the rate since the first batch, and no ETA with nothing left
+    assert re.fullmatch(rf"  {n}/{n} clips done, 0 of them skipped \([0-9]+\.[0-9] clips/s\)", lines[-1]), lines[-1]
 
 
 def test_the_index_progress_rate_counts_from_the_first_batch_back(capsys, monkeypatch):
@@ -681,6 +684,40 @@ def test_the_index_progress_rate_counts_from_the_first_batch_back(capsys, monkey
     monkeypatch.setattr(serve.index, "time", types.SimpleNamespace(perf_counter=lambda: 110.0))
     _progress(30, 100, 3, (100.0, 10), Every(0.0))
     assert capsys.readouterr().out == "  30/100 clips done, 3 of them skipped (2.0 clips/s, ETA 35s)\n"
+
+
+def test_the_index_progress_line_says_no_rate_it_has_not_measured_and_no_eta_at_the_end(capsys, monkeypatch):
+    """An append of 7 clips, one batch, printed '7/7 clips done, 2 of them skipped (0.0 clips/s,
+    ETA when the next batch is back)', and a first build's first batch '8/40 clips done, ...
+    (0.0 clips/s, ...)': the rate was 0.0 until a second batch was back, with clips done, and
+    an ETA was promised with none left. Now: no rate until one is measured, no ETA at the end, a
+    slow rate not printed as 0.0. The rate counts the skipped clips as the count does: 90 clips
+    (5 skipped) come back in the 10 s since the first batch's 10 are 9.0 clips/s. The clock is
+    fixed at 110 s."""
+    import sys
+    import types
+
+    import serve.index
+    from clipray.manifest import Every
+    from serve.index import _progress
+
+    monkeypatch.setattr(serve.index, "time", types.SimpleNamespace(perf_counter=lambda: 110.0))
+    for args in ((8, 40, 0, (110.0, 8)), (7, 7, 2, (110.0, 7)), (3, 3, 3, (110.0, 3)),
+                 (100, 100, 5, (100.0, 10)), (11, 100, 0, (80.0, 10))):
+        _progress(*args, Every(0.0))
+    assert capsys.readouterr().out.splitlines() == [
+        "  8/40 clips done, 0 of them skipped (rate and ETA when the next batch is back)",
+        "  7/7 clips done, 2 of them skipped",
+        "  3/3 clips done, 3 of them skipped",
+        "  100/100 clips done, 5 of them skipped (9.0 clips/s)",
+        "  11/100 clips done, 0 of them skipped (0.033 clips/s, ETA 2670s)"]
+    # on a terminal each line overwrites the one before: the rest of a longer one is cleared (a
+    # shorter line after the first left its tail: '(2.0 clips/s, ETA 12s)  e next batch is back)')
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
+    _progress(8, 40, 0, (110.0, 8), Every(None))
+    _progress(40, 40, 0, (100.0, 10), Every(None))
+    assert capsys.readouterr().out == ("\r  8/40 clips done, 0 of them skipped (rate and ETA when the next batch is back)\x1b[K"
+                                       "\r  40/40 clips done, 0 of them skipped (3.0 clips/s)\x1b[K")
 
 
 def test_row_ids_follow_the_manifest_whatever_order_the_actors_finish_in(ray_local, export, synth_small,
