@@ -175,10 +175,12 @@ async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         # body', also this server's disk full (or not writable) while Starlette spools an upload
         # over 1 MiB to a temporary file: the client was told its request was bad
         return _error(507 if cause.errno in NO_ROOM else 503, no_room_message(os.strerror(cause.errno)))
-    if exc.status_code == 400 and isinstance(cause, UnicodeDecodeError):
-        # a JSON body not in UTF-8: FastAPI's 400 'There was an error parsing the body' named
-        # nothing; a 422 as for malformed JSON, with the byte the decoding stopped at
-        message = f"body: not UTF-8 JSON ({cause})"
+    if exc.status_code == 400 and isinstance(cause, ValueError):
+        # FastAPI's 400 'There was an error parsing the body' named nothing; a 422 as for
+        # malformed JSON: a body not in UTF-8 (with the byte the decoding stopped at), or one
+        # json.loads refuses past its syntax (an integer of more than 4300 digits)
+        what = "not UTF-8 JSON" if isinstance(cause, UnicodeDecodeError) else "not readable JSON"
+        message = f"body: {what} ({str(cause).splitlines()[0][:200]})"
         return _error(422, message, [message])
     message, headers = str(exc.detail), getattr(exc, "headers", None)
     if exc.status_code == 405 and headers and headers.get("Allow"):  # its Allow header was dropped

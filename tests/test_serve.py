@@ -610,13 +610,20 @@ def test_a_k_given_as_null_or_an_empty_form_field_is_refused_and_one_left_out_is
 
 
 def test_a_json_body_not_in_utf8_is_a_422_saying_so(app):
-    """A JSON body not in UTF-8 was a 400 "There was an error parsing the body", naming neither
-    the body nor the rule; malformed JSON is a 422 saying where the reading stopped, and so is it."""
+    """A JSON body not in UTF-8, or with an integer of more digits than json.loads converts, was
+    a 400 "There was an error parsing the body", naming neither the body nor the rule; malformed
+    JSON is a 422 saying where the reading stopped, and so are they."""
     why = "body: not UTF-8 JSON ('utf-8' codec can't decode byte 0xff in position 10: invalid start byte)"
     for path in ("/search", "/encode/text"):
         r = requests.post(f"{app['url']}{path}", data=b'{"text": "\xff\xfe", "k": 3}', timeout=30,
                           headers={"Content-Type": "application/json"})
         assert (r.status_code, r.json()) == (422, {"error": why, "detail": [why]}), path
+    # valid JSON that json.loads will not convert: an integer past its 4300 digits (a 400 naming nothing)
+    r = requests.post(f"{app['url']}/search", data=b'{"text": "a", "k": 1' + b"0" * 4300 + b"}", timeout=30,
+                      headers={"Content-Type": "application/json"})
+    why = ("body: not readable JSON (Exceeds the limit (4300 digits) for integer string conversion: "
+           "value has 4301 digits; use sys.set_int_max_str_digits() to increase the limit)")
+    assert (r.status_code, r.json()) == (422, {"error": why, "detail": [why]})
 
 
 def test_an_over_size_chunked_upload_is_refused_before_it_is_read_whole(app):
