@@ -57,8 +57,11 @@ def test_metrics_equal_brute_force_with_ties_and_several_captions(seed, monkeypa
     assert set(got) == set(METRIC_KEYS)
     for k in METRIC_KEYS:
         assert got[k] == pytest.approx(want[k]), k
-    monkeypatch.setattr(M, "_BLOCK_ELEMS", 7)  # many tiny row blocks: same answer
-    assert retrieval_metrics(sim, video_of_text) == pytest.approx(got)
+    # blocks of one or two rows (7 elements), then of 3 rows with a shorter last block: a block's
+    # slice must take every one of its rows, in both directions
+    for elems in (7, 3 * nv):
+        monkeypatch.setattr(M, "_BLOCK_ELEMS", elems)
+        assert retrieval_metrics(sim, video_of_text) == pytest.approx(want), elems
 
 
 def test_ties_count_against_the_query_one_rank_each():
@@ -189,6 +192,41 @@ def test_dual_softmax_ranks_by_hand():
     # ties counted against the query (v2t MnR 3.0); exact: video 0 ranks 1, 2 and 3 -> MnR 8/3
     far = torch.tensor([[-0.13, 0.2, 0.14], [0.84, 0.24, -0.19], [0.9, 0.51, -0.15]])
     assert M.retrieval_metrics_dsl(far, [0, 1, 2])["dsl_v2t_mnr"] == pytest.approx(8 / 3)
+
+
+def test_dual_softmax_video_to_text_takes_the_prior_over_videos_per_text():
+    """DSL video-to-text re-weights each text's row by softmax over videos (dim=1, the
+    `dual_softmax` docstring). By hand: text 0 scores video 1 (0.85) above text 1 does (0.3), so
+    plainly video 1 ranks its caption 2nd (v2t R@1 50); per text, 0.85 is text 0's second
+    choice (weight 1 / (1 + e^5)) and 0.3 text 1's first (e^10 / (1 + e^10)): 0.0057 < 0.29999,
+    video 1 ranks its caption 1st. The prior over texts (dim=0) would keep it 2nd."""
+    sim = torch.tensor([[0.9, 0.85], [0.2, 0.3]])
+    assert retrieval_metrics(sim, [0, 1])["v2t_r1"] == 50.0
+    got = M.retrieval_metrics_dsl(sim, [0, 1])
+    assert (got["dsl_v2t_r1"], got["dsl_v2t_mnr"]) == (100.0, 1.0)
+
+
+def test_a_multi_row_block_ranks_each_of_its_rows(monkeypatch):
+    """Text-to-video ranks go over row blocks (`_BLOCK_ELEMS` // videos rows each, here 2): each
+    block's slice must hold all its rows. By hand: texts 0-3 rank their own video 1st; text 4
+    scores video 0 (1.0) above its own video 4 (0.5): rank 2. R@1 4/5, MnR 6/5."""
+    sim = torch.eye(5)
+    sim[4, 0], sim[4, 4] = 1.0, 0.5
+    want = M.retrieval_metrics(sim, list(range(5)))
+    assert (want["t2v_r1"], want["t2v_mnr"]) == (80.0, 1.2)
+    monkeypatch.setattr(M, "_BLOCK_ELEMS", 10)
+    assert M.t2v_ranks(sim, list(range(5))).tolist() == [1, 1, 1, 1, 2]
+    assert M.retrieval_metrics(sim, list(range(5))) == want
+
+
+def test_loose_scores_in_text_blocks_fill_every_row():
+    """similarity_in_blocks fills [Nt, Nv] in row blocks of `text_block` texts: 5 texts in
+    blocks of 2 leave a last block of one, which must be filled too: equal to t @ v.T."""
+    torch.manual_seed(0)
+    model = create_model("test_meanP")
+    t = torch.nn.functional.normalize(torch.randn(5, 64), dim=-1)
+    v = torch.nn.functional.normalize(torch.randn(3, 64), dim=-1)
+    assert torch.allclose(similarity_in_blocks(model, t, v, text_block=2), t @ v.t(), atol=1e-6)
 
 
 def test_dual_softmax_is_refused_for_a_cross_encoder_before_ray_starts():
