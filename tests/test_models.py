@@ -196,6 +196,23 @@ def test_unipt_text_side_sees_every_caption_token_up_to_end_of_text():
         assert torch.allclose(unipt.encode_text(t), F.normalize(want, dim=-1), atol=1e-6)
 
 
+def test_unipt_vision_side_reads_each_frames_class_token():
+    """UniPT's vision side network adds the token at `pos` = the class token, token 0 of every
+    layer state (SideNetwork docstring, specs/unipt.md), to the frame's anchor; padded frames
+    stay zero. Token 0 is the class token: before any block it is the same for every frame."""
+    unipt = build("test_meanP", tuning="unipt").eval()
+    frames, mask = clip_batch(b=2, t=3)
+    with torch.no_grad():
+        x = unipt.normalize(frames)
+        feats, states = unipt.backbone.encode_frames(x, mask, with_states=True)
+        assert torch.allclose(states[0][:, 0], states[0][:1, 0].expand(len(states[0]), -1))
+        assert not torch.allclose(states[0][0, 1], states[0][1, 1])
+        a = feats[mask]
+        want = a + unipt.tuning.vision(a, states, torch.zeros(len(a), dtype=torch.long))
+        got = unipt.encode_frames(x, mask)
+    assert torch.allclose(got[mask], want, atol=1e-6) and not got[~mask].any()
+
+
 @pytest.mark.parametrize("tuning", ["full", "unipt"])
 def test_misshapen_inputs_are_clear_errors(tuning):
     model = build("test_meanP", tuning=tuning).eval()
@@ -345,6 +362,8 @@ def test_cross_blocks_are_copies_of_clip_text_blocks(name):
             assert torch.equal(v, src[k]) and v.data_ptr() != src[k].data_ptr(), (i, k)
         assert blk.ln_1.eps == blk.ln_2.eps == 1e-12
         assert clip.transformer.resblocks[i].ln_1.eps == 1e-5  # the backbone is untouched
+    if name == "test_tightTransf":  # the pooled token's LayerNorm too, as the reference's cross model
+        assert head.ln_pool.eps == 1e-12
     pos = head.frame_position_embeddings if name == "test_seqTransf" else head.position_embeddings
     assert torch.equal(pos.weight, clip.positional_embedding)
 
@@ -360,6 +379,64 @@ def test_seqLSTM_runs_on_valid_frames_only():
         assert torch.equal(out[0, 3:], 2 * x[0, 3:])  # padding refilled with input, + residual
     with pytest.raises(ValueError):
         model.head(x, torch.tensor([[1, 0, 1, 0, 0], [1, 1, 1, 1, 1]]))
+
+
+def test_seqTransf_with_identity_blocks_adds_frame_positions_and_the_residual():
+    """seqTransf (specs/clip4clip.md): frame position embeddings added, the blocks, then the
+    residual add of the input. With every block parameter zero each pre-LN block is the
+    identity, so a valid frame j comes out as (x_j + P_j) + x_j, positions from 0."""
+    model = build("test_seqTransf").eval()
+    with torch.no_grad():
+        for p in model.head.blocks.parameters():
+            p.zero_()
+        x = torch.randn(2, 4, 64)
+        mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]], dtype=torch.bool)
+        want = 2 * x + model.head.frame_position_embeddings.weight[:4]
+        assert torch.allclose(model.head.temporal(x, mask)[mask], want[mask], atol=1e-6)
+
+
+def test_tight_head_equals_a_float64_loop_over_heads():
+    """tightTransf (module docstring, specs/clip4clip.md): [text; frames] + positions 0..T, 4
+    pre-LN blocks (LN eps 1e-12, per-head softmax(q k^T / sqrt(d_h)) with -1e6 on padded frame
+    keys, the text key always valid, QuickGELU MLP), the text token pooled -> ln_pool -> dense
+    -> QuickGELU -> score. Weights moved off CLIP's copy by 0.1 randn; clips of 4, 2, 1 frames."""
+    model = build("test_tightTransf").eval().double()
+    h = model.head
+    qgelu = lambda u: u * torch.sigmoid(1.702 * u)  # noqa: E731
+    ln = lambda v, m: F.layer_norm(v, (64,), m.weight, m.bias, 1e-12)  # noqa: E731
+    with torch.no_grad():
+        for p in h.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+        text, feats = torch.randn(3, 64, dtype=torch.float64), torch.randn(3, 4, 64, dtype=torch.float64)
+        mask = torch.arange(4)[None] < torch.tensor([4, 2, 1])[:, None]
+        got = h(text, feats, mask)
+        for i in range(3):
+            x = torch.cat([text[i : i + 1], feats[i]]) + h.position_embeddings.weight[:5]
+            keys = torch.cat([torch.tensor([True]), mask[i]])
+            for blk in h.blocks:
+                a, nh = blk.attn, blk.attn.num_heads
+                dh = 64 // nh
+                q, k, v = (ln(x, blk.ln_1) @ a.in_proj_weight.t() + a.in_proj_bias).split(64, -1)
+                heads = []
+                for j in range(nh):
+                    c = slice(j * dh, (j + 1) * dh)
+                    w = (q[:, c] @ k[:, c].t() / dh**0.5).masked_fill(~keys, -1e6).softmax(-1)
+                    heads.append(w @ v[:, c])
+                x = x + torch.cat(heads, -1) @ a.out_proj.weight.t() + a.out_proj.bias
+                x = x + blk.mlp.c_proj(qgelu(blk.mlp.c_fc(ln(x, blk.ln_2))))
+            want = h.score(qgelu(h.dense(ln(x[0], h.ln_pool))))[0]
+            assert abs(float(got[i]) - float(want)) < 1e-6, (i, float(got[i]), float(want))
+
+
+def test_one_clip_without_a_valid_frame_is_refused_beside_valid_ones():
+    """A clip with no valid frame is refused (heads.check_video_mask), also when another clip of
+    the batch has frames: meanP's masked mean was 0 / 0 = NaN for it, tightTransf attended to
+    the text alone."""
+    mask = torch.tensor([[1, 1, 0], [0, 0, 0]], dtype=torch.bool)
+    for name in ("test_meanP", "test_tightTransf"):
+        model = build(name).eval()
+        with torch.no_grad(), pytest.raises(ValueError, match=r"^a clip has no valid frame \(mask all zero\)$"):
+            model.similarity(torch.randn(1, 64), torch.randn(2, 3, 64), mask)
 
 
 def test_tight_scores_pairs_and_is_not_indexable():
