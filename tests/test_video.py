@@ -28,6 +28,15 @@ def test_candidate_indices_by_hand():
         candidate_indices(250, 25.0, 12.0, 14.0, 1.0)
 
 
+def test_an_empty_window_is_skipped_and_a_whole_video_keeps_its_last_frame():
+    """A window with end == start holds no time (the manifest refuses end <= start): SkipClip,
+    not the frame at its midpoint. A 1 s video of 10 frames sampled at 10 fps: times 0, 0.1,
+    ..., 0.9 s are frames 0..9, the last frame included."""
+    with pytest.raises(SkipClip, match="outside video"):
+        candidate_indices(250, 25.0, 3.0, 3.0, 1.0)
+    assert candidate_indices(10, 10.0, None, None, 10.0) == list(range(10))
+
+
 def test_candidate_times_are_those_before_the_windows_end_in_exact_arithmetic():
     """Times start + k / fps before end, as exact fractions of the decimal bounds a manifest
     holds, and the frame shown at each: np.arange counted the float error of end - start, so
