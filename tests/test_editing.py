@@ -40,6 +40,14 @@ def test_max_width_shrinks_towards_the_timestamp_and_min_width_grows_around_it()
     assert sorted(moves) == [(4.0, 5.0), (4.0, 5.1), (4.0, 5.2), (4.1, 5.1), (4.1, 5.2), (4.2, 5.2)]
 
 
+def test_a_gap_exactly_min_width_wide_holds_the_grown_clip():
+    """A short clip grows inside its neighbour bounds "where they leave room for it" (`_widen`):
+    a gap of exactly min_width does. Timestamps 4.0, 4.2, 5.0: the middle midpoint clip
+    (4.1, 4.6) is 0.5 s, grown to 1 s centred on 4.2 = (3.7, 4.7), shifted into [4.0, 5.0]:
+    (4.0, 5.0), not (3.7, 4.7) past the previous timestamp."""
+    assert initial_clips([4.0, 4.2, 5.0], 20, min_width_s=1.0) == [(0, 4.1), (4.0, 5.0), (4.6, 20)]
+
+
 def test_stage_one_clips_on_the_millisecond_grid_keep_their_minimum_width():
     """Each end was rounded to the millisecond on its own: three captions at one time with
     min_width_s=0.001 gave the middle one (1.0, 1.0), which failed `clipray edit` after Ray had
@@ -83,6 +91,18 @@ def test_candidates_are_every_valid_move_with_the_current_clip_first():
     assert sorted(got) == [(2.8, 3.2), (2.8, 3.3), (2.8, 3.4), (2.9, 3.3), (2.9, 3.4), (3.0, 3.4)]
 
 
+def test_a_last_clip_ending_at_the_videos_end_rounded_up_may_keep_that_end():
+    """The video's end counts to the millisecond, as clips do (`candidates`): in a 10.0006 s
+    video the last midpoint clip ends at 10.001, and moves keeping that end stay candidates.
+    By hand for timestamps 1 and 5: clip (3, 10.001), starts 2, 3, 4 (from 1, 2 s steps of 1 s,
+    none before 1 or after 5), ends 9.001 and 10.001 (11.001 is past the end)."""
+    ts, duration = [1.0, 5.0], 10.0006
+    clip = initial_clips(ts, duration)[1]
+    assert clip == (3.0, 10.001)
+    got = candidates(*clip, neighbour_bounds(ts, duration)[1], step_s=1.0, max_steps=1, min_width_s=0.5)
+    assert got[0] == clip and sorted(got) == sorted(itertools.product([2.0, 3.0, 4.0], [9.001, 10.001]))
+
+
 def test_a_window_clip_past_its_neighbours_moves_from_them():
     """init=window clips span a fixed width whatever the neighbours: (5, 15) around t=10 holds the
     next caption's timestamp 12 (and its own clip (7, 17) holds 10). Every move of an end more
@@ -110,6 +130,16 @@ def test_choose_keeps_the_current_clip_unless_beaten_by_more_than_the_margin():
     assert choose([0.5, 0.5], margin=0.0) == 0  # a tie keeps the clip
     assert choose([0.5, math.nan, 0.4], margin=0.0) == 0  # NaN (not decoded) never wins
     assert choose([math.nan, 0.2, 0.3], margin=1.0) == 2  # the current clip undecodable: best
+
+
+def test_choose_needs_more_than_the_margin_and_keeps_the_first_of_tied_best():
+    """`choose`: a candidate replaces the current clip only when it beats it by MORE than the
+    margin: 0.75 = 0.5 + 0.25 exactly keeps the clip. Of candidates tied for best the first
+    (candidates come in a fixed order, current first) wins, so an edit is reproducible."""
+    assert choose([0.5, 0.75], margin=0.25) == 0
+    assert choose([0.5, 0.7500001], margin=0.25) == 1
+    assert choose([0.1, 0.9, 0.9], margin=0.0) == 1
+    assert choose([math.nan, 0.9, 0.9], margin=0.0) == 1
 
 
 def test_tiou():
