@@ -323,27 +323,7 @@ def collect_skips(skip_dir: str) -> dict[str, Any]:
     row order; return the count, the counts by reason and the report's path. Memory holds each
     skipped row's line once, not the files' lines."""
     fs, root = fsspec_path(skip_dir.rstrip("/"))
-    # the decoders (other processes) wrote the files: a listing this process cached before (an
-    # object store's, s3fs/gcsfs: the resume check's of the run folder, an earlier report's of
-    # skips/) would hide those written since; this drops skips/'s and its parents'
-    fs.invalidate_cache(f"{root}/{SKIP_DIR}")
-    # listed, not globbed: a run folder named like "exp [2]" is no glob pattern for itself
-    parts = sorted(p for p in fs.find(f"{root}/{SKIP_DIR}", maxdepth=1) if p.endswith(".jsonl")) \
-        if fs.exists(f"{root}/{SKIP_DIR}") else []
-    # each clip's line, by (row_id, video_id, path): a re-executed block, or a later epoch or pass
-    # over the same rows, reports a row again; but a run's training and evaluation manifests
-    # (data.eval_manifest) both number their rows from 0
-    records: dict[tuple, str] = {}
-    # read 32 at a time: decoders write a file per batch with a skip, so a long run on an object
-    # store leaves thousands, and one request after another took seconds per thousand. A window
-    # of files at a time, each parsed as it comes: every file read first held every line of the
-    # run, each epoch's and pass's again, before one was parsed (1M skipped rows: 1.3 GB, now 0.5)
-    with ThreadPoolExecutor(32) as pool:
-        for i in range(0, len(parts), _SKIP_FILES_AT_ONCE):
-            for text in pool.map(fs.cat_file, parts[i:i + _SKIP_FILES_AT_ONCE]):
-                for line in text.decode().splitlines():
-                    rec = json.loads(line)
-                    records[(rec["row_id"], rec["video_id"], rec["path"])] = line
+    records = _skip_records(fs, skip_files(skip_dir))
     fs.makedirs(root, exist_ok=True)
     reasons: Counter = Counter()
 
@@ -364,6 +344,44 @@ def collect_skips(skip_dir: str) -> dict[str, Any]:
 
 
 _SKIP_FILES_AT_ONCE = 64  # skip files read (and held) at a time by collect_skips
+
+
+def skip_files(skip_dir: str) -> list[str]:
+    """The decoders' skip files under `skip_dir` now (paths within its filesystem), sorted."""
+    fs, root = fsspec_path(skip_dir.rstrip("/"))
+    # the decoders (other processes) wrote the files: a listing this process cached before (an
+    # object store's, s3fs/gcsfs: the resume check's of the run folder, an earlier report's of
+    # skips/) would hide those written since; this drops skips/'s and its parents'
+    fs.invalidate_cache(f"{root}/{SKIP_DIR}")
+    # listed, not globbed: a run folder named like "exp [2]" is no glob pattern for itself
+    return sorted(p for p in fs.find(f"{root}/{SKIP_DIR}", maxdepth=1) if p.endswith(".jsonl")) \
+        if fs.exists(f"{root}/{SKIP_DIR}") else []
+
+
+def _skip_records(fs: Any, parts: list[str]) -> dict[tuple, str]:
+    """The lines of the skip files `parts`, one per skipped clip."""
+    # each clip's line, by (row_id, video_id, path): a re-executed block, or a later epoch or pass
+    # over the same rows, reports a row again; but a run's training and evaluation manifests
+    # (data.eval_manifest) both number their rows from 0
+    records: dict[tuple, str] = {}
+    # read 32 at a time: decoders write a file per batch with a skip, so a long run on an object
+    # store leaves thousands, and one request after another took seconds per thousand. A window
+    # of files at a time, each parsed as it comes: every file read first held every line of the
+    # run, each epoch's and pass's again, before one was parsed (1M skipped rows: 1.3 GB, now 0.5)
+    with ThreadPoolExecutor(32) as pool:
+        for i in range(0, len(parts), _SKIP_FILES_AT_ONCE):
+            for text in pool.map(fs.cat_file, parts[i:i + _SKIP_FILES_AT_ONCE]):
+                for line in text.decode().splitlines():
+                    rec = json.loads(line)
+                    records[(rec["row_id"], rec["video_id"], rec["path"])] = line
+    return records
+
+
+def skipped_since(skip_dir: str, before: Iterable[str]) -> int:
+    """The clips skipped in the skip files written since `before` (an earlier `skip_files`), once each."""
+    seen = set(before)
+    fs, _ = fsspec_path(skip_dir.rstrip("/"))
+    return len(_skip_records(fs, [p for p in skip_files(skip_dir) if p not in seen]))
 
 
 def _reason_kind(reason: str) -> str:

@@ -983,9 +983,14 @@ def test_when_every_clip_is_skipped_the_failure_points_at_the_skip_report(ray_lo
     write_manifest(rows, tmp_path / "gone.parquet")
     cfg = load_config(DEMO, overrides(str(tmp_path / "gone.parquet"), tmp_path, "gone", **{"train.epochs": 1}))
     handler = signal.getsignal(signal.SIGINT)
-    with pytest.raises(RunFailed, match=r"^training failed on worker 0: RuntimeError: epoch 1 got no training "
-                                        rf"batch: check the skip report; its checkpoints stay in {tmp_path}/gone$") as e:
+    n = sum(r["split"] == "train" for r in rows)
+    with pytest.raises(RunFailed) as e:
         run(cfg, quiet_ray=True)
+    # no checkpoint was written: none is said to stay
+    assert str(e.value) == (f"training failed on worker 0: RuntimeError: epoch 1 got no training batch: 0 of the "
+                            f"{n} training clips decoded, fewer than the 8 one step takes (data.batch_size 4 x "
+                            f"train.num_workers 2); {n} clips were skipped this epoch (skip report: "
+                            f"{tmp_path}/gone/skip_report.jsonl)")
     assert isinstance(e.value.__cause__, ray.train.TrainingFailedError)
     assert signal.getsignal(signal.SIGINT) is handler
     report = [json.loads(line) for line in (tmp_path / "gone" / "skip_report.jsonl").read_text().splitlines()]
@@ -994,6 +999,56 @@ def test_when_every_clip_is_skipped_the_failure_points_at_the_skip_report(ray_lo
     assert {r["reason"].split(":")[0] for r in report} == {"missing file"}
     assert f"[driver] training failed with {len(report)} clips skipped so far {{'missing file': {len(report)}}}; " \
            f"report: {tmp_path}/gone/skip_report.jsonl" in capfd.readouterr().err
+
+
+def test_too_few_decoded_clips_for_a_step_is_said_with_the_counts_and_the_skip_report(ray_local, synth_small,
+                                                                                      tmp_path):
+    """6 training clips, 3 of them undecodable, at data.batch_size=2 on 2 workers: the 3 that
+    decode are fewer than one step's 4. The run printed "6 training clips" and failed with
+    "epoch 1 got no training batch: check the skip report; its checkpoints stay in <run>": the
+    skip report listed the 3 bad clips but not that the good ones were too few, no file was
+    named, and there was no checkpoint. A run whose clips went bad after its first checkpoint
+    keeps that checkpoint, and says so; its count is of this epoch's skips."""
+    from clipray.config import RunFailed
+    from train.driver import run
+
+    root = Path(synth_small["manifest"]).parent
+    rows = read_manifest(synth_small["manifest"]).to_pylist()
+    train = [r for r in rows if r["split"] == "train"][:6]
+    test = [r for r in rows if r["split"] == "test"][:2]
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    for r in train + test:
+        (videos / Path(r["path"]).name).write_bytes((root / r["path"]).read_bytes())
+        r["path"] = str(videos / Path(r["path"]).name)
+
+    def manifest(name, bad):
+        made = [dict(r, path=str(tmp_path / f"bad-{i}.mp4")) if i in bad else r for i, r in enumerate(train)]
+        write_manifest(made + test, tmp_path / name)
+        return str(tmp_path / name)
+
+    for i in (1, 3, 5):
+        (tmp_path / f"bad-{i}.mp4").write_bytes(b"not a video" * 100)
+    args = {"data.batch_size": 2, "train.epochs": 2}
+    cfg = load_config(DEMO, overrides(manifest("tm.parquet", {1, 3, 5}), tmp_path, "tm", **args))
+    with pytest.raises(RunFailed) as e:
+        run(cfg, quiet_ray=True)
+    assert str(e.value) == ("training failed on worker 0: RuntimeError: epoch 1 got no training batch: 3 of the 6 "
+                            "training clips decoded, fewer than the 4 one step takes (data.batch_size 2 x "
+                            "train.num_workers 2); 3 clips were skipped this epoch (skip report: "
+                            f"{tmp_path}/tm/skip_report.jsonl)")
+    assert len((tmp_path / "tm" / "skip_report.jsonl").read_text().splitlines()) == 3
+
+    cfg = load_config(DEMO, overrides(manifest("later.parquet", set()), tmp_path, "later", **args))
+    run(cfg, quiet_ray=True, stop_epoch=1, table=False)  # epoch 1 and its checkpoint
+    for r in train[:3]:  # three videos go bad under the manifest
+        Path(r["path"]).write_bytes(b"not a video" * 100)
+    with pytest.raises(RunFailed) as e:
+        run(cfg, quiet_ray=True, stop_epoch=2, table=False)
+    assert str(e.value) == ("training failed on worker 0: RuntimeError: epoch 2 got no training batch: 3 of the 6 "
+                            "training clips decoded, fewer than the 4 one step takes (data.batch_size 2 x "
+                            "train.num_workers 2); 3 clips were skipped this epoch (skip report: "
+                            f"{tmp_path}/later/skip_report.jsonl); its checkpoints stay in {tmp_path}/later")
 
 
 def test_zero2_trains_through_planted_bad_videos(ray_local, synth_small, real_video, tmp_path):

@@ -329,6 +329,17 @@ def checkpointed(out: str) -> bool:
     return RAY_CHECKPOINT_RECORD in names
 
 
+def _checkpointed_now(out: str) -> bool:
+    """`checkpointed`, after a run failed: whether the run folder holds a checkpoint it resumes
+    from, False where the folder cannot be read (the failure is what the error is about)."""
+    try:
+        fs, root = fsspec_path(out)
+        fs.invalidate_cache(root)  # an object store's listing cached before the run
+        return checkpointed(out)
+    except Exception:
+        return False
+
+
 def check_resume(out: str, key: dict[str, Any]) -> None:
     """Refuse to continue a run's checkpoints with other settings (re-running with another batch
     size would resume at the saved step of another schedule and mix the two silently); record
@@ -640,7 +651,7 @@ def _run(cfg: Config, quiet_ray: bool, stop_epoch: int, table: bool, held: conte
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"cfg": cfg, "steps_per_epoch": steps_per_epoch, "run_dir": out,
-                           "stop_epoch": stop_epoch, "manifests": watched},
+                           "stop_epoch": stop_epoch, "manifests": watched, "train_rows": n_train},
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
             resources_per_worker={"CPU": cfg.train.cpus_per_worker}),
@@ -678,7 +689,9 @@ def _run(cfg: Config, quiet_ray: bool, stop_epoch: int, table: bool, held: conte
         if skips["skipped"]:
             print(f"[driver] training failed with {skips['skipped']} clips skipped so far "
                   f"{skips['by_reason']}; report: {skips['report']}", file=sys.stderr, flush=True)
-        raise RunFailed(f"training failed {failure_cause(e)}; its checkpoints stay in {out}") from e
+        # (a run that failed before its first checkpoint has none to keep)
+        kept = f"; its checkpoints stay in {out}" if _checkpointed_now(out) else ""
+        raise RunFailed(f"training failed {failure_cause(e)}{kept}") from e
     except Exception as e:
         # Ray Train's record of the run's checkpoints (checkpoint_manager_snapshot.json) is cut
         # (a kill while Ray rewrote it), another Ray version's, or names a deleted checkpoint:

@@ -202,6 +202,23 @@ class Progress:
             f"lr {lr:.2e} {rate:.1f} clips/s ETA {int(eta) // 60:02d}:{int(eta) % 60:02d}")
 
 
+def no_batch(epoch: int, rows: int | None, skipped: int, batch: int, world: int, report: str) -> str:
+    """Why an epoch got no training batch: the clips decoded of the manifest's `rows` training
+    rows (None: streamed, not counted) when `skipped` of them were skipped, against the global
+    batch one step takes. The clips that decoded were fewer than a step, and the run's error said
+    only "check the skip report", which listed the bad clips but not that the good ones were too
+    few, and named no file."""
+    step = f"the {batch * world} one step takes (data.batch_size {batch} x train.num_workers {world})"
+    if rows is None:
+        got = f"its clips fell short of {step}"
+    else:
+        decoded = rows - skipped
+        got = (f"{decoded} of the {rows} training clips decoded, "
+               + (f"fewer than {step}" if decoded < batch * world else f"each worker short of a batch of {batch}"))
+    return (f"epoch {epoch} got no training batch: {got}; {skipped} clip{'s' * (skipped != 1)} "
+            f"{'were' if skipped != 1 else 'was'} skipped this epoch (skip report: {report})")
+
+
 def quiet_worker_logs() -> None:
     """In a Ray Train worker: Ray Train logs every report at INFO from every rank (one line under
     a logger named by its file path, which only the root logger's level reaches) and open_clip
@@ -215,7 +232,7 @@ def train_loop(config: dict[str, Any]) -> None:
 
     from clipray.losses import clamp_logit_scale
     from clipray.models import build_model
-    from clipray.pipeline import caption_tokenizer
+    from clipray.pipeline import caption_tokenizer, skip_files, skipped_since
     from clipray.task import RetrievalTask
     from train import ds_config
     from train.driver import changed_manifests, manifest_changed
@@ -288,6 +305,7 @@ def train_loop(config: dict[str, Any]) -> None:
         if not _all_have(rank != 0 or not changed_manifests(watched)):
             raise manifest_changed(list(watched))
 
+    run_dir = config["run_dir"]
     check_manifests()
     batches, passes = None, 0  # without shard_stream: the pass being read, passes started
     # a step budget's pass (its seed, the batches each worker took from it, passes started), in
@@ -298,6 +316,7 @@ def train_loop(config: dict[str, Any]) -> None:
         epoch = state["epoch"] + 1
         losses, clock = [], EpochClock()
         memory.reset()
+        skipped_before = skip_files(run_dir)  # the skip files of earlier epochs (and evaluations)
         # Without shard_stream an epoch is one pass over the data (a new order with
         # data.shuffle_rows). A step budget's segment goes on with the pass the last segment
         # left, and starts another when it ends, until it has its seg_steps (a new pass per
@@ -355,7 +374,8 @@ def train_loop(config: dict[str, Any]) -> None:
             if rank == 0:
                 progress(epoch, segments, state["step"], losses[-1], lr)
         if not losses:
-            raise RuntimeError(f"epoch {epoch} got no training batch: check the skip report")
+            raise RuntimeError(no_batch(epoch, config.get("train_rows"), skipped_since(run_dir, skipped_before),
+                                        B, world, f"{run_dir}/skip_report.jsonl"))
         record = {"epoch": epoch, "step": state["step"], "loss": sum(losses) / len(losses),
                   "lr": lr, **clock.summary(len(losses) * B * world)}
         peak = _max_over_workers(memory.read_mb())  # the training steps' peak, before evaluation
