@@ -1413,6 +1413,58 @@ def test_train_and_edit_refuse_each_others_checkpoints_and_other_frames(tmp_path
                                                                     "data.video.timeout_s=5"]), 5))
 
 
+def test_a_resume_compares_the_frame_size_training_used_not_the_configs(synth_small, tmp_path, monkeypatch):
+    """data.video.size is the model's whatever the config says (`model_io`): the demo's
+    test_meanP decodes at 32. `clipray train` recorded the config's value in resume_key.json, so
+    a run re-run with data.video.size=64 was refused ("other settings (data.video: {... 'size':
+    224} -> {... 'size': 64})") though it trained, and would train, at 32. The key holds the
+    size training used; an older key's recorded size (the config's) is not held against a
+    resume, since the model, compared on its own, sets it. Other frames are still refused. The
+    fake checkpoint record stops each accepted resume at the checkpoint's check, before Ray."""
+    import dataclasses
+
+    from clipray.config import ConfigError
+    from clipray.manifest import manifest_signature
+    from train.driver import RAY_CHECKPOINT_RECORD, RESUME_KEY, model_io, resume_key, run
+
+    args = overrides(synth_small["manifest"], tmp_path, "t2", **{"train.epochs": 6})
+    cfg = load_config(DEMO, args)
+    assert cfg.data.video.size == 224 and model_io(cfg).data.video.size == 32
+    out = tmp_path / "t2"
+    out.mkdir()
+    record = {"latest_checkpoint_result": {"checkpoint_dir_name": "checkpoint_x"}}
+    (out / RAY_CHECKPOINT_RECORD).write_text(json.dumps(record))
+    files = manifest_signature(cfg.data.manifest, parquet=True)
+    old = resume_key(cfg, 2, 0, files)  # as `clipray train` recorded it: the config's 224
+    old.pop("key_version", None)
+    trained = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, video=model_io(cfg).data.video))
+    new = resume_key(trained, 2, 0, files)
+    assert new["data.video"]["size"] == 32
+    resumed = rf"^{out}/checkpoint_x, the checkpoint this run resumes from, lacks deepspeed and state.json "
+    for saved in (old, new):
+        (out / RESUME_KEY).write_text(json.dumps(saved))
+        for size in (224, 64):
+            with pytest.raises(ConfigError, match=resumed):
+                run(load_config(DEMO, args + [f"data.video.size={size}"]), quiet_ray=True)
+        with pytest.raises(ConfigError) as e:
+            run(load_config(DEMO, args + ["data.video.fps=4", "data.video.size=64"]), quiet_ray=True)
+        assert str(e.value) == (
+            f"{out} holds checkpoints of a run with other settings (data.video: {{'fps': 2.0, 'max_frames': 4, "
+            "'slice': 'uniform', 'size': 32} -> {'fps': 4.0, 'max_frames': 4, 'slice': 'uniform', 'size': 32}); "
+            "resuming would mix the two: use a new train.run_name, or the run's settings")
+    # a new run records the size it trains at (stopped before Ray, once it has)
+    (out / RAY_CHECKPOINT_RECORD).unlink()
+    (out / RESUME_KEY).unlink()
+
+    def stop(*_):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("train.driver.check_latest_checkpoint", stop)
+    with pytest.raises(KeyboardInterrupt):
+        run(load_config(DEMO, args + ["data.video.size=64"]), quiet_ray=True)
+    assert json.loads((out / RESUME_KEY).read_text()) == new
+
+
 def test_a_fresh_start_drops_the_skips_of_an_attempt_that_left_no_checkpoint(tmp_path):
     """A run that failed before its first checkpoint (a wrong data.video_root: every clip missing)
     left its skip files, and the same command, fixed, reported them as its own: "skipped clips:

@@ -222,6 +222,9 @@ def run_folder_lock(out: str) -> Iterator[None]:
 
 
 RESUME_KEY = "resume_key.json"  # what a checkpoint of the run must match to be continued
+# 2: data.video.size as training used it, the model's (`model_io`); before (no key_version),
+# `clipray train` recorded the config's, which no frame was ever decoded at
+KEY_VERSION = 2
 RAY_CHECKPOINT_RECORD = "checkpoint_manager_snapshot.json"  # Ray Train's list of a run's checkpoints
 
 
@@ -235,12 +238,14 @@ def resume_key(cfg: Config, steps_per_epoch: int, stop_epoch: int = 0,
     (clip editing's rounds) names new data each round, so the manifest is left out.
     `manifest_files` (`clipray.manifest.manifest_signature`), and a local model.pretrained
     file's size and hash, let a resume find the same manifest or weights at another path
-    (moved or copied with the project, to another disk or bucket)."""
+    (moved or copied with the project, to another disk or bucket). data.video.size is recorded as
+    `cfg` holds it: the runs give a config fitted to the model (`model_io`), its size the model's."""
     from train.ds_config import precision
 
     key = {# `clipray train` and `clipray edit` each took the other's checkpoints for its own under
            # one run name: nothing trained, and the other's evaluation and export came out as its own
            "command": command,
+           "key_version": KEY_VERSION,
            "model": dataclasses.asdict(cfg.model),
            # the clips the weights learn from, sampled and tokenised alike (a resumed run on other
            # frames exported one sampling for weights trained on both)
@@ -372,10 +377,17 @@ def check_resume(out: str, key: dict[str, Any]) -> None:
     if was != key["command"]:
         raise ConfigError(f"{out} holds checkpoints of a `{was}` run, which `{key['command']}` would take for "
                           "its own: use a new train.run_name")
+    if (saved.get("key_version", 1) < 2 and isinstance(saved.get("data.video"), dict)
+            and isinstance(key.get("data.video"), dict) and "size" in key["data.video"]):
+        # an older record's size is the config's as given (224 by default), never the frames':
+        # both commands decode at the model's size (`model_io`), and the model is compared on
+        # its own. Compared, `data.video.size=64` on a run that trained at its model's 32 was
+        # refused as other frames (224 -> 64)
+        saved["data.video"] = {**saved["data.video"], "size": key["data.video"]["size"]}
     # steps_per_epoch is no setting: it moves with the manifest's training rows
     name = {"steps_per_epoch": "steps per epoch (training rows of data.manifest / global batch)"}
     moved = _moved(saved, key)
-    skip = {"data.manifest_files", "model.pretrained_file", *moved}
+    skip = {"data.manifest_files", "model.pretrained_file", "key_version", *moved}
     changed = [f"{name.get(k, k)}: {saved[k]!r} -> {v!r}" for k, v in key.items()
                if k in saved and k not in skip and (_as_built(saved[k]) != _as_built(v) if k == "model" else saved[k] != v)]
     # the same path, other files: the manifest written again (`clipray data prepare --out` it)
@@ -599,7 +611,7 @@ def _run(cfg: Config, quiet_ray: bool, stop_epoch: int, table: bool, held: conte
     # file, which a streamed run (never read whole) met only in a worker, in a traceback.
     files = manifest_signature(cfg.data.manifest, parquet=True)
     # loads open_clip's model configs (~4 s): after the manifest checks, before the run folder
-    # is made (a wrong model.* key leaves none behind); the resume key is the config as given
+    # is made (a wrong model.* key leaves none behind)
     fitted = model_io(cfg)
     check_negatives(fitted)
     make_run_dir(out)
@@ -608,8 +620,12 @@ def _run(cfg: Config, quiet_ray: bool, stop_epoch: int, table: bool, held: conte
     watched = {cfg.data.manifest: files}
     if eval_manifest != cfg.data.manifest:  # (read once: a streamed manifest has hundreds of shards)
         watched[eval_manifest] = manifest_signature(eval_manifest)
+    # the resume key is the config as given, but for the frames' size as training decodes them,
+    # the model's (data.video.size is set from the model whatever the config says: the config's
+    # 224 recorded, a run that trained at 32 was refused a resume with data.video.size=64)
+    keyed = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, video=fitted.data.video))
     with storage_access(cfg, out):
-        check_resume(out, resume_key(cfg, steps_per_epoch, stop_epoch, files, command))
+        check_resume(out, resume_key(keyed, steps_per_epoch, stop_epoch, files, command))
     cfg = fitted
     # imported after the checks above, so a wrong path or key fails in a second, not after
     # Ray Train and the pipeline load (~5 s)
