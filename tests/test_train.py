@@ -1257,12 +1257,14 @@ def test_zero3_stopped_by_ctrl_c_says_how_to_resume_and_resumes_at_its_saved_ste
     assert epochs_logged == [str(e) for e in range(1, epochs + 1)]  # no epoch trained twice: the history continues
 
 
-def test_resuming_with_other_settings_is_refused_before_ray_and_leaves_the_run(ray_local, synth_small, tmp_path):
+def test_resuming_with_other_settings_is_refused_before_ray_and_leaves_the_run(ray_local, synth_small, tmp_path,
+                                                                              monkeypatch, capsys):
     """A finished 1-epoch run re-run with another batch size: its checkpoint counts steps of
     batch 4; continuing would resume at that step on another schedule (seen: a plan of 18 steps
     that finished at 8), so the call is refused and the run's history is left as it was.
-    The same settings again resume the finished run and change nothing. So do optimiser settings:
-    the checkpoint restores its own learning rate, and a new one was ignored without a word.
+    So are optimiser settings: the checkpoint restores its own learning rate, and a new one was
+    ignored without a word. The same settings again print the finished run's result, Ray not
+    started (they resumed the finished run and changed nothing).
 
     The run is named group/one: its run folder is <storage>/group/one, and Ray's checkpoints
     belong in it, beside result.json, where the settings check looks for them. Ray was given
@@ -1301,8 +1303,16 @@ def test_resuming_with_other_settings_is_refused_before_ray_and_leaves_the_run(r
     with pytest.raises(ConfigError, match=r"other settings \(optim\.lr: 0\.001 -> 0\.002\); resuming"):
         run(load_config(DEMO, moved + ["optim.lr=2e-3"]), quiet_ray=True, table=False)
     assert (out / "metrics.csv").read_text() == history
+    # the same command again: the finished run's result, from result.json, before Ray starts
+    # (it resumed the last checkpoint, trained nothing and wrote the outputs again)
+    monkeypatch.setattr("clipray.runtime.init_ray", lambda *a, **k: pytest.fail("Ray started"))
+    assert run(load_config(DEMO, args), quiet_ray=True, table=False) == first
+    assert f"[driver] {out} has finished training; its result:" in capsys.readouterr().out
+    monkeypatch.undo()
     # Ray Train's record of the checkpoints cut (a kill while Ray rewrote it): every later start
-    # ended in a long traceback, CheckpointManagerInitializationError; now one line and the way out
+    # ended in a long traceback, CheckpointManagerInitializationError; now one line and the way out.
+    # (A run stopped before its end, which has no result.json yet)
+    (out / "result.json").unlink()
     (out / "checkpoint_manager_snapshot.json").write_text("")
     with pytest.raises(ConfigError, match=rf"^{out}: Ray Train cannot resume this run from its record of the "
                                           r"checkpoints \(.+\); give a new train.run_name to start over$"):
@@ -1463,6 +1473,49 @@ def test_a_resume_compares_the_frame_size_training_used_not_the_configs(synth_sm
     with pytest.raises(KeyboardInterrupt):
         run(load_config(DEMO, args + ["data.video.size=64"]), quiet_ray=True)
     assert json.loads((out / RESUME_KEY).read_text()) == new
+
+
+def test_a_finished_run_run_again_prints_its_result_without_starting_ray(synth_small, tmp_path, monkeypatch,
+                                                                        capsys):
+    """The same `clipray train` again on a finished run started Ray (43 s on the demo), logged
+    "[train] resumed from step 2 (epoch 2)", trained nothing and printed its table again, where
+    `clipray edit` answers at once "has finished every round; its result:". Train does the same
+    now: its result.json says every epoch trained, under the same settings (checked first). A
+    run short of its end goes on to Ray. (Here Ray is never started: init_ray stops the call.)"""
+    from train.driver import RAY_CHECKPOINT_RECORD, run
+
+    class RayStarted(Exception):
+        pass
+
+    def no_ray(*_, **__):
+        raise RayStarted
+
+    monkeypatch.setattr("clipray.runtime.init_ray", no_ray)
+    args = overrides(synth_small["manifest"], tmp_path, "t1")  # 18 training clips, 2 steps an epoch
+    out = tmp_path / "t1"
+    with pytest.raises(RayStarted):
+        run(load_config(DEMO, args))  # records the run's settings
+    (out / RAY_CHECKPOINT_RECORD).write_text("{}")
+    metrics = {"t2v_r1": 50.0, "t2v_r5": 100.0, "t2v_r10": 100.0, "t2v_mdr": 1.5, "t2v_mnr": 1.8,
+               "v2t_r1": 33.3, "v2t_r5": 83.3, "v2t_r10": 100.0, "v2t_mdr": 2.0, "v2t_mnr": 2.2}
+    result = {"epoch": 2, "step": 4, "loss": 1.25, "lr": 1e-4, **metrics, "num_test_videos": 6, "total_steps": 4,
+              "seconds": 40.4, "train_seconds": 12.6, "planned_steps": 4, "skipped_clips": 0, "eval_split": "test"}
+    (out / "result.json").write_text(json.dumps(result))
+    capsys.readouterr()
+    assert run(load_config(DEMO, args)) == result
+    assert capsys.readouterr().out == (
+        f"[driver] {out} has finished training; its result:\n"
+        "finished: 4 steps, 13s of training epochs (40s in this call), 6 test clips (chance R@1 16.7%)\n"
+        "                R@1    R@5   R@10    MdR     MnR\n"
+        "text->video    50.0  100.0  100.0    1.5     1.8\n"
+        "video->text    33.3   83.3  100.0    2.0     2.2\n"
+        "skipped clips: 0 \n"
+        f"run directory: {out}  (result.json, metrics.csv, curves.png, export/, skip_report.jsonl)\n")
+    # stopped after its first epoch: it goes on
+    (out / "result.json").write_text(json.dumps(dict(result, epoch=1, step=2, total_steps=2)))
+    with pytest.raises(RayStarted):
+        run(load_config(DEMO, args))
+    assert "has finished" not in capsys.readouterr().out
 
 
 def test_a_fresh_start_drops_the_skips_of_an_attempt_that_left_no_checkpoint(tmp_path):

@@ -406,6 +406,53 @@ def check_resume(out: str, key: dict[str, Any]) -> None:
                           "resuming would mix the two: use a new train.run_name, or the run's settings")
 
 
+def read_json(uri: str, keys: dict[str, type] | None = None, unreadable: Exception | None = None) -> dict | None:
+    """The JSON object at `uri` (None when there is none); `keys`, with their types, it must
+    hold. One that is no such object (cut by a write that stopped midway, edited by hand)
+    raises `unreadable`, or is None without it."""
+    fs, path = fsspec_path(uri)
+    if not fs.exists(path):
+        return None
+    try:
+        got = json.loads(fs.cat_file(path))  # cat() would glob a "[2]" in it
+    except ValueError:  # (UnicodeDecodeError too)
+        got = None
+    if not isinstance(got, dict) or any(not isinstance(got.get(k), t) for k, t in (keys or {}).items()):
+        if unreadable is None:
+            return None
+        raise unreadable
+    return got
+
+
+def finished_run(tag: str, out: str, name: str, what: str, done: Callable[[dict], bool],
+                 summary: Callable[[dict], str], unreadable: Exception | None = None) -> dict | None:
+    """The result `<out>/<name>` of a run that has finished (`done(result)`), said with its
+    `summary` as a re-run of the run's command answers, before Ray starts; None for a run to go
+    on with. (`clipray edit` and `clipray train` alike.)"""
+    result = read_json(f"{out}/{name}", unreadable=unreadable)
+    if result is None or not done(result):
+        return None
+    print(f"[{tag}] {out} has finished {what}; its result:{summary(result)}", flush=True)
+    return result
+
+
+# what the results table (`_table`) reads of result.json
+_TABLE_KEYS = ("total_steps", "train_seconds", "seconds", "num_test_videos", "eval_split",
+               *(f"{d}_{m}" for d in ("t2v", "v2t") for m in ("r1", "r5", "r10", "mdr", "mnr")))
+
+
+def trained(result: dict, cfg: Config, total: int) -> bool:
+    """Whether result.json is of a run that trained all it was to (the loop's own end: every epoch,
+    or the step budget's `total` steps). Re-run, such a run resumed its last checkpoint (43 s on
+    the demo, Ray started, "resumed from step 2 (epoch 2)"), trained nothing and wrote its
+    outputs and table again. One without the table's metrics (another version's) goes on as then."""
+    if not all(isinstance(result.get(k), (int, float, str)) for k in _TABLE_KEYS):
+        return False
+    epoch = result.get("epoch")
+    return result["total_steps"] >= total or (not cfg.train.max_steps and isinstance(epoch, int)
+                                              and epoch >= cfg.train.epochs)
+
+
 def check_latest_checkpoint(out: str, needs: Sequence[str]) -> None:
     """The checkpoint a resume starts from (Ray Train's record names the latest) holds each of
     `needs` (DeepSpeed's folder, the loop's state): one deleted or copied in part failed every
@@ -626,6 +673,13 @@ def _run(cfg: Config, quiet_ray: bool, stop_epoch: int, table: bool, held: conte
     keyed = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, video=fitted.data.video))
     with storage_access(cfg, out):
         check_resume(out, resume_key(keyed, steps_per_epoch, stop_epoch, files, command))
+        if not stop_epoch and checkpointed(out):  # (clip editing's rounds are its to tell)
+            from clipray.pipeline import collect_skips
+
+            done = finished_run("driver", out, "result.json", "training", lambda r: trained(r, cfg, total),
+                                lambda r: _table(r, out, collect_skips(out)))
+            if done is not None:
+                return done
     cfg = fitted
     # imported after the checks above, so a wrong path or key fails in a second, not after
     # Ray Train and the pipeline load (~5 s)

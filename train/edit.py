@@ -317,24 +317,20 @@ POOL_KEYS = ("actors", "actor_cpus", "actor_gpus", "batch")
 STATE_KEYS = {"edit": dict, "records": list, "skips": list, "clips": dict}  # edit_state.json holds them
 
 
-def _get_json(uri: str, keys: Optional[dict[str, type]] = None) -> Optional[dict]:
-    """The JSON object at `uri` (None when there is none); `keys`, with their types, it must
-    hold: a hand-edited state without them (`{"source": ...}`) was a KeyError traceback."""
-    from clipray.manifest import fsspec_path
+def _unreadable(uri: str) -> ConfigError:
+    """The error of a state or result file that is not readable: cut by a write that stopped
+    midway (in place, before 01c7ad5) or edited by hand, every later run of the command ended in
+    json's JSONDecodeError traceback; a hand-edited state without its keys (`{"source": ...}`)
+    in a KeyError traceback."""
+    return ConfigError(f"{uri}: not readable (cut by a write that stopped midway?), and the editing run "
+                       "cannot go on without it: give a new train.run_name")
 
-    fs, path = fsspec_path(uri)
-    if not fs.exists(path):
-        return None
-    try:
-        got = json.loads(fs.cat_file(path))  # cat() would glob a "[2]" in it
-    except ValueError:  # (UnicodeDecodeError too)
-        got = None
-    if not isinstance(got, dict) or any(not isinstance(got.get(k), t) for k, t in (keys or {}).items()):
-        # cut by a write that stopped midway (in place, before 01c7ad5) or edited by hand: every
-        # later run of the command ended in json's JSONDecodeError traceback
-        raise ConfigError(f"{uri}: not readable (cut by a write that stopped midway?), and the editing run "
-                          "cannot go on without it: give a new train.run_name")
-    return got
+
+def _get_json(uri: str, keys: Optional[dict[str, type]] = None) -> Optional[dict]:
+    """The JSON object at `uri` (None when there is none), holding `keys` with their types."""
+    from train.driver import read_json
+
+    return read_json(uri, keys, _unreadable(uri))
 
 
 def _copy_export(src: str, dst: str) -> None:
@@ -435,10 +431,11 @@ def _run(cfg: Config, quiet_ray: bool, held: contextlib.ExitStack) -> dict[str, 
                           "(written again since), which the run's clips, joined by row id, are not of; "
                           "use a new train.run_name")
     records: list[dict] = state["records"] if state else []
-    finished = _get_json(f"{out}/edit_result.json") if len(records) == e.rounds + 1 else None
-    if finished:
-        print(f"[edit] {out} has finished every round; its result:{_summary(finished, out)}", flush=True)
-        return finished
+    if len(records) == e.rounds + 1:
+        finished = driver.finished_run("edit", out, "edit_result.json", "every round", bool,
+                                       lambda r: _summary(r, out), _unreadable(f"{out}/edit_result.json"))
+        if finished is not None:
+            return finished
     if state:  # resume after the last finished round, with its clips and skips
         for rid, clip in state["clips"].items():
             if int(rid) in captions:  # (a video unreadable since is left out again)
