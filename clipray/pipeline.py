@@ -250,7 +250,7 @@ def _parquet_reader_without_actors():
 def clip_dataset(data: DataConfig, skip_dir: str, split: str | None = None,
                  limit: int | None = None, files: list[str] | None = None,
                  shuffle: bool = False, seed: int | None = None, rows: list[int] | None = None,
-                 exclude: list[int] | None = None) -> Any:
+                 exclude: list[int] | None = None, count: int | None = None) -> Any:
     """A streaming Ray Dataset of decoded clips for one split of `data.manifest`.
 
     `files` narrows the read to some of the manifest's shard files (as `manifest_files` names
@@ -258,6 +258,7 @@ def clip_dataset(data: DataConfig, skip_dir: str, split: str | None = None,
     `shuffle` puts the rows in a random order before they are decoded (see `manifest_rows`).
     `rows`: only these row ids (evaluation decodes each clip once, `train.evaluate.first_rows`);
     `exclude`: all but these (a shard a resumed run read partly, `train.shards`).
+    `count`: the rows read, where the caller knows them (`rows` counts itself).
     """
     from clipray.runtime import check_fits
 
@@ -265,14 +266,28 @@ def clip_dataset(data: DataConfig, skip_dir: str, split: str | None = None,
     import ray.data
 
     args = {"data": data, "root": data.video_root or default_root(data.manifest), "skip_dir": skip_dir}
+    size = decode_pool_size(data, len(rows) if rows is not None else count, limit)
     if data.decode_pool == "actors":
         udf = {"fn": ClipDecoder, "fn_constructor_kwargs": args,
-               "compute": ray.data.ActorPoolStrategy(size=data.decode_actors)}
+               "compute": ray.data.ActorPoolStrategy(size=size)}
     else:
         udf = {"fn": decode_batch, "fn_kwargs": args,
-               "compute": ray.data.TaskPoolStrategy(size=data.decode_actors)}
+               "compute": ray.data.TaskPoolStrategy(size=size)}
     return manifest_rows(data, split, limit, files, shuffle, seed, rows, exclude).map_batches(
         **udf, batch_size=data.decode_batch, num_cpus=data.decode_cpus, batch_format="numpy")
+
+
+def decode_pool_size(data: DataConfig, count: int | None, limit: int | None = None) -> int:
+    """data.decode_actors, or fewer where the `count` rows read (None: not known) come in fewer
+    blocks (data.decode_batch rows each, at most). Ray Data warns at the end of every execution
+    whose pool is larger than the blocks it got, "The maximum number of concurrent tasks for
+    'MapBatches(decode_batch)' is set to 2, but the operator only received 1 input(s)": clip
+    editing's 1-clip validation split said so every round; those decoders had nothing to do."""
+    if limit:
+        count = limit if count is None else min(count, limit)
+    if count is None:
+        return data.decode_actors
+    return max(1, min(data.decode_actors, -(-count // data.decode_batch)))
 
 
 def manifest_rows(data: DataConfig, split: str | None = None, limit: int | None = None,

@@ -69,6 +69,14 @@ TRAIN_POLL_S = "0.5"
 PROXY_READY_ENV = "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S"
 PROXY_READY_S = "20"
 
+# Ray Train's preemption watcher (on by default in Ray 2.60), off on the embedded Ray: it watches
+# for nodes that Ray is told to drain (a cloud's spot instance reclaimed), which a local Ray on
+# one machine never is, and Ray logs an error line for it on every run's console ("core_worker.cc:
+# Actor with class name: 'PreemptionWatcher' ... has constructor arguments in the object store
+# and max_restarts > 0"): Ray Train starts it with max_restarts=-1. A cluster keeps it. Read from
+# the driver's environment when a run starts (Ray Train passes it to its controller).
+PREEMPTION_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
+
 # Ray Data's logging setup for the embedded Ray's processes (a user's own value wins)
 RAY_DATA_LOGGING_ENV = "RAY_DATA_LOGGING_CONFIG"
 RAY_DATA_LOGGING = os.path.join(os.path.dirname(__file__), "ray_data_logging.yaml")
@@ -230,6 +238,7 @@ def init_ray(cfg: RayConfig | None = None, quiet: bool = False) -> None:
     num_cpus = local_cpus(cfg)
     os.environ.setdefault(FREE_OBJECTS_ENV, FREE_OBJECTS_PERIOD_MS)  # a user's own value wins
     os.environ.setdefault(TRAIN_POLL_ENV, TRAIN_POLL_S)
+    os.environ.setdefault(PREEMPTION_ENV, "0")
     os.environ.setdefault(PROXY_READY_ENV, PROXY_READY_S)
     # read by every Ray worker that imports ray.data, Ray Train's dataset coordinators included,
     # whose console lines Ray forwards to ours: see ray_data_logging.yaml

@@ -594,6 +594,19 @@ def _data_config():
                     out[i]["test"] = split
             return out
 
+        @staticmethod
+        def default_ingest_options():
+            """Ray Train's own (DataConfig.default_ingest_options) but for exclude_resources,
+            which Ray 2.60 deprecates (label_selector replaces it) and which it passed on always,
+            zero: every run's console had Ray's RayDeprecationWarning `ExecutionOptions.exclude_resources`
+            from its dataset manager."""
+            from ray.data import DataContext, ExecutionOptions
+
+            options = DataContext.get_current().execution_options
+            return ExecutionOptions(resource_limits=options.resource_limits, preserve_order=options.preserve_order,
+                                    verbose_progress=options.verbose_progress,
+                                    label_selector=options.label_selector)
+
     return EvalSplit()
 
 
@@ -648,6 +661,7 @@ def _run(cfg: Config, quiet_ray: bool, stop_epoch: int, table: bool, held: conte
     if cfg.data.eval_manifest:
         check_unique_ids(eval_manifest)
     note = None  # a few-clips note, said once Ray is up: a run refused before it says only why
+    eval_rows = None
     if cfg.data.eval_manifest or not cfg.data.shard_stream:
         eval_rows, note = read_eval_split(eval_manifest, eval_split)
         if eval_rows < 1:
@@ -713,9 +727,10 @@ def _run(cfg: Config, quiet_ray: bool, stop_epoch: int, table: bool, held: conte
     eval_data = dataclasses.replace(cfg.data, manifest=eval_manifest)
     tokenize = caption_tokenizer(cfg.data.tokenizer, cfg.data.max_words)
     datasets = {"test": clip_dataset(eval_data, out, split=eval_split,
-                                     rows=first_rows(eval_manifest, eval_split, tokenize))}
+                                     rows=first_rows(eval_manifest, eval_split, tokenize), count=eval_rows)}
     if not cfg.data.shard_stream:
-        datasets["train"] = clip_dataset(cfg.data, out, split="train", shuffle=cfg.data.shuffle_rows)
+        datasets["train"] = clip_dataset(cfg.data, out, split="train", shuffle=cfg.data.shuffle_rows,
+                                         count=n_train)
     print(f"[driver] run {out}: {n_train if n_train is not None else 'streamed'} training clips, "
           f"{total} steps, {cfg.train.num_workers} workers, ZeRO-{cfg.train.zero_stage}", flush=True)
     trainer = TorchTrainer(
@@ -877,7 +892,7 @@ def evaluate_export(cfg: Config, export: str, split: str, name: str) -> dict[str
             num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
             resources_per_worker={"CPU": cfg.train.cpus_per_worker}),
         datasets={"test": clip_dataset(data, out, split=split, rows=first_rows(
-            manifest, split, caption_tokenizer(cfg.data.tokenizer, cfg.data.max_words)))},
+            manifest, split, caption_tokenizer(cfg.data.tokenizer, cfg.data.max_words)), count=rows)},
         dataset_config=_data_config(),
         run_config=ray.train.RunConfig(name=name, **ray_storage_args(f"{out}/evaluations"),
                                        logging_config=ray.train.LoggingConfig(log_level="WARNING")),
