@@ -52,6 +52,16 @@ def _queries(manifest: str, n: int) -> list[dict]:
     return out[:n]
 
 
+def ranks_line(report: list[dict], count: int, k: int) -> str:
+    """How the queries' true videos ranked among the `count` clips (None: past the top `k`),
+    beside what a random ranking averages, (count + 1) / 2, exactly: 48 clips average 24.5,
+    which was printed rounded to an even 24."""
+    found = sum(r["rank"] is not None and r["rank"] <= 5 for r in report)
+    ranks = ", ".join(str(r["rank"] or f">{k}") for r in report)
+    return (f"{found}/{len(report)} queries found their video in the top 5 of {count} clips (ranks {ranks}; "
+            f"a random ranking would average {(count + 1) / 2:g})")
+
+
 def true_rank(results: list[dict], video_id: str) -> int | None:
     """The true video's rank among `results` (best score first) as training's evaluation ranks
     a target (`metrics.t2v_ranks`: 1 + the other clips scoring at least as high, so a tie counts
@@ -119,13 +129,10 @@ def serve_demo(export_dir: str, manifest: str, out_dir: str, queries: int = 4) -
                            "latency_ms": ms, "results": hits})
     finally:
         stop(cfg)
-    found = sum(r["rank"] is not None and r["rank"] <= 5 for r in report)
-    ranks = ", ".join(str(r["rank"] or f">{k}") for r in report)
     # the index records the clip sampling clipray serve uses; the caption length is a serve setting
     words = (f" serve.max_words={cfg.serve.max_words}"
              if cfg.serve.max_words != load_app_config(None).serve.max_words else "")
-    print(f"{found}/{len(report)} queries found their video in the top 5 of {count} clips (ranks {ranks}; a random "
-          f"ranking would average {(count + 1) / 2:.0f}). Serve it for real with:\n"
+    print(f"{ranks_line(report, count, k)}. Serve it for real with:\n"
           f"  clipray serve serve/configs/demo.yaml out={index_dir}{words}\n"
           f"  then open http://127.0.0.1:8000/ (search page) or http://127.0.0.1:8000/docs (API)")
     return report

@@ -472,6 +472,17 @@ def test_a_round_of_a_manifest_written_again_since_the_run_began_is_refused(tmp_
     assert not (tmp_path / "round-01.parquet").exists()
 
 
+def test_the_plan_line_counts_one_epoch_and_one_round_in_the_singular():
+    """The run's first line said "warm-up 1 epochs, 2 rounds x 1"."""
+    from clipray.config import EditConfig
+    from train.edit import _plan_line
+
+    assert _plan_line("/runs/e", 32, EditConfig(warmup_epochs=1, rounds=2, epochs_per_round=1)) == (
+        "[edit] run /runs/e: 32 training captions, init=midpoint, warm-up 1 epoch, 2 rounds x 1 epoch")
+    assert _plan_line("/runs/e", 1, EditConfig(warmup_epochs=6, rounds=1, epochs_per_round=2)) == (
+        "[edit] run /runs/e: 1 training caption, init=midpoint, warm-up 6 epochs, 1 round x 2 epochs")
+
+
 def test_left_out_counts_only_captions_never_trained_on():
     from train.edit import skip_counts
 

@@ -1653,6 +1653,16 @@ def test_the_demo_indexes_with_the_sampling_its_model_trained_with(ray_local, s3
             "video.fps=1.0", "video.max_frames=4", "video.slice=head", "serve.max_words=16"]
 
 
+def test_the_demos_random_ranking_average_is_said_exactly():
+    """48 clips: a random ranking averages (48 + 1) / 2 = 24.5, which the demo printed as 24."""
+    from serve.demo_step import ranks_line
+
+    report = [{"rank": 1}, {"rank": 7}, {"rank": None}]
+    assert ranks_line(report, 48, 20) == ("1/3 queries found their video in the top 5 of 48 clips (ranks 1, 7, >20; "
+                                          "a random ranking would average 24.5)")
+    assert ranks_line(report, 49, 20).endswith("a random ranking would average 25)")
+
+
 def test_the_demo_ranks_the_true_video_as_evaluation_does():
     """The demo printed the true video's place in the results list: 'b', tied with 'c' listed
     after it (equal scores go by clip id), was rank 2 where evaluation, counting a tie against

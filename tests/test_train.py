@@ -1535,13 +1535,25 @@ def test_a_finished_run_run_again_prints_its_result_without_starting_ray(synth_s
         "                R@1    R@5   R@10    MdR     MnR\n"
         "text->video    50.0  100.0  100.0    1.5     1.8\n"
         "video->text    33.3   83.3  100.0    2.0     2.2\n"
-        "skipped clips: 0 \n"
+        "skipped clips: 0\n"
         f"run directory: {out}  (result.json, metrics.csv, curves.png, export/, skip_report.jsonl)\n")
     # stopped after its first epoch: it goes on
     (out / "result.json").write_text(json.dumps(dict(result, epoch=1, step=2, total_steps=2)))
     with pytest.raises(RayStarted):
         run(load_config(DEMO, args))
     assert "has finished" not in capsys.readouterr().out
+
+
+def test_the_results_tables_skipped_clips_line_ends_with_its_last_word():
+    """"skipped clips: 0 " ended in a space where no clip was skipped. (No Ray.)"""
+    from train.driver import _table
+
+    m = {"total_steps": 4, "train_seconds": 12.6, "seconds": 40.4, "num_test_videos": 6, "eval_split": "test",
+         **{f"{d}_{k}": 1.0 for d in ("t2v", "v2t") for k in ("r1", "r5", "r10", "mdr", "mnr")}}
+    lines = _table(m, "/runs/t", {"skipped": 0, "by_reason": {}}).splitlines()
+    assert "skipped clips: 0" in lines and all(line == line.rstrip() for line in lines)
+    lines = _table(m, "/runs/t", {"skipped": 3, "by_reason": {"missing file": 3}}).splitlines()
+    assert "skipped clips: 3 {'missing file': 3}" in lines
 
 
 def test_a_fresh_start_drops_the_skips_of_an_attempt_that_left_no_checkpoint(tmp_path):

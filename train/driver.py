@@ -1023,5 +1023,5 @@ def _table(m: dict, out: str, skips: dict) -> str:
         f"\nfinished: {m['total_steps']} steps, {m['train_seconds']:.0f}s of training epochs "
         f"({m['seconds']:.0f}s in this call), {m['num_test_videos']} {m['eval_split']} clips "
         f"(chance R@1 {100 / m['num_test_videos']:.1f}%){extra}", *rows,
-        f"skipped clips: {skips['skipped']} {skips['by_reason'] or ''}", *short,
+        f"skipped clips: {skips['skipped']}" + (f" {skips['by_reason']}" if skips["by_reason"] else ""), *short,
         f"run directory: {out}  (result.json, metrics.csv, curves.png, export/, skip_report.jsonl)"])

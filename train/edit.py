@@ -469,8 +469,7 @@ def _run(cfg: Config, quiet_ray: bool, held: contextlib.ExitStack) -> dict[str, 
         model_pool("edit", e.actors, e.actor_cpus, e.actor_gpus)
     if skips and not records:
         print(f"[edit] {len(skips)} training captions left out: {reason_counts(skips)}", flush=True)
-    print(f"[edit] run {out}: {len(captions)} training captions, init={e.init}, warm-up {e.warmup_epochs} "
-          f"epochs, {e.rounds} rounds x {e.epochs_per_round}", flush=True)
+    print(_plan_line(out, len(captions), e), flush=True)
 
     teacher, best = f"{out}/teacher", max((r["val_rsum"] for r in records), default=-math.inf)
     changed = records[-1]["teacher_updated"] if records else True
@@ -553,6 +552,17 @@ def _csv(records: list[dict]) -> str:
 
 def _f(x: Optional[float], fmt: str = ".3f") -> str:
     return "-" if x is None else format(x, fmt)
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'s' * (n != 1)}"
+
+
+def _plan_line(out: str, captions: int, e: EditConfig) -> str:
+    """The run's plan, as it starts ("warm-up 1 epochs" was said of one)."""
+    return (f"[edit] run {out}: {_plural(captions, 'training caption')}, init={e.init}, warm-up "
+            f"{_plural(e.warmup_epochs, 'epoch')}, {_plural(e.rounds, 'round')} x "
+            f"{_plural(e.epochs_per_round, 'epoch')}")
 
 
 def _round_line(r: dict) -> str:
