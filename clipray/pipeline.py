@@ -33,6 +33,7 @@ import json
 import os
 import re
 import sys
+import time
 import uuid
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -197,7 +198,8 @@ class ClipDecoder:
 
     def _report(self, skips: list[dict]) -> None:
         self.calls += 1
-        path = f"{self.skip_dir}/{SKIP_DIR}/{self.name}-{self.calls:06d}.jsonl"
+        # named from the time of writing (`skipped_since` counts an epoch's by it: no listing each epoch)
+        path = f"{self.skip_dir}/{SKIP_DIR}/{time.time_ns()}-{self.name}-{self.calls:06d}.jsonl"
         fs, p = fsspec_path(path)
         fs.makedirs(p.rsplit("/", 1)[0], exist_ok=True)
         # a local file under a name the report does not read until whole (an object store's PUT
@@ -392,11 +394,17 @@ def _skip_records(fs: Any, parts: list[str]) -> dict[tuple, str]:
     return records
 
 
-def skipped_since(skip_dir: str, before: Iterable[str]) -> int:
-    """The clips skipped in the skip files written since `before` (an earlier `skip_files`), once each."""
-    seen = set(before)
+def skipped_since(skip_dir: str, since_ns: int) -> int:
+    """The clips skipped in the skip files written since `since_ns` (`time.time_ns()`, as their
+    names begin), once each. Read by a time, not by the files listed when the epoch began: on a
+    long run in object storage the skip folder holds up to millions of files, and each worker
+    listed them all at every epoch for a message of the rare epoch without a batch."""
+    def written(path: str) -> int:
+        head = path.rsplit("/", 1)[-1].split("-", 1)[0]
+        return int(head) if head.isdigit() else 0  # (an older run's name, its pid first: earlier)
+
     fs, _ = fsspec_path(skip_dir.rstrip("/"))
-    return len(_skip_records(fs, [p for p in skip_files(skip_dir) if p not in seen]))
+    return len(_skip_records(fs, [p for p in skip_files(skip_dir) if written(p) >= since_ns]))
 
 
 def _reason_kind(reason: str) -> str:

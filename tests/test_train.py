@@ -1579,6 +1579,30 @@ def test_a_fresh_start_drops_the_skips_of_an_attempt_that_left_no_checkpoint(tmp
     assert collect_skips(str(out))["skipped"] == 1
 
 
+def test_an_epochs_skips_are_counted_from_the_skip_files_named_since_it_began(tmp_path):
+    """The loop counted an epoch's skips (for the error of an epoch without a batch) by listing
+    the run's skip folder at every epoch's start on every worker: up to millions of objects on a
+    long run in object storage. Skip files are named from their time of writing, and the count
+    takes those named since the epoch began, each clip once; an older run's name (its process
+    id first) reads as an early time."""
+    from clipray.pipeline import SKIP_DIR, ClipDecoder, skipped_since
+
+    skips = tmp_path / "run" / SKIP_DIR
+    skips.mkdir(parents=True)
+    line = lambda row: json.dumps({"row_id": row, "video_id": "v", "path": "/v.mp4", "reason": "missing file"}) + "\n"
+    (skips / "4242-1a2b3c4d-000001.jsonl").write_text(line(0) + line(1))  # an older run's name: pid first
+    decoder = ClipDecoder.__new__(ClipDecoder)  # its writer alone
+    decoder.skip_dir, decoder.name, decoder.calls = str(tmp_path / "run"), "77-cd", 0
+    decoder._report([json.loads(line(2))])
+    began = time.time_ns()
+    assert skipped_since(str(tmp_path / "run"), began) == 0
+    decoder._report([json.loads(line(3)), json.loads(line(4))])
+    decoder._report([json.loads(line(3))])  # a row skipped again (a re-executed block) counts once
+    assert skipped_since(str(tmp_path / "run"), began) == 2
+    assert skipped_since(str(tmp_path / "run"), 0) == 5  # every file, the older name's (as time 4242 ns) too
+    assert sorted(int(p.name.split("-")[0]) >= began for p in skips.iterdir()) == [False, False, True, True]
+
+
 def test_a_latest_checkpoint_missing_its_files_is_said_before_ray_starts(tmp_path):
     """A checkpoint deleted or copied in part under Ray Train's record: every worker failed in
     DeepSpeed's bare `assert len(self.ckpt_list) > 0`, naming no file, once Ray had started."""

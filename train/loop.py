@@ -232,7 +232,7 @@ def train_loop(config: dict[str, Any]) -> None:
 
     from clipray.losses import clamp_logit_scale
     from clipray.models import build_model
-    from clipray.pipeline import caption_tokenizer, skip_files, skipped_since
+    from clipray.pipeline import caption_tokenizer, skipped_since
     from clipray.task import RetrievalTask
     from train import ds_config
     from train.driver import changed_manifests, manifest_changed
@@ -316,7 +316,7 @@ def train_loop(config: dict[str, Any]) -> None:
         epoch = state["epoch"] + 1
         losses, clock = [], EpochClock()
         memory.reset()
-        skipped_before = skip_files(run_dir)  # the skip files of earlier epochs (and evaluations)
+        began_ns = time.time_ns()  # the skip files of this epoch are named from later times
         # Without shard_stream an epoch is one pass over the data (a new order with
         # data.shuffle_rows). A step budget's segment goes on with the pass the last segment
         # left, and starts another when it ends, until it has its seg_steps (a new pass per
@@ -374,7 +374,7 @@ def train_loop(config: dict[str, Any]) -> None:
             if rank == 0:
                 progress(epoch, segments, state["step"], losses[-1], lr)
         if not losses:
-            raise RuntimeError(no_batch(epoch, config.get("train_rows"), skipped_since(run_dir, skipped_before),
+            raise RuntimeError(no_batch(epoch, config.get("train_rows"), skipped_since(run_dir, began_ns),
                                         B, world, f"{run_dir}/skip_report.jsonl"))
         record = {"epoch": epoch, "step": state["step"], "loss": sum(losses) / len(losses),
                   "lr": lr, **clock.summary(len(losses) * B * world)}
