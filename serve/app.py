@@ -180,7 +180,8 @@ async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         # malformed JSON: a body not in UTF-8 (with the byte the decoding stopped at), or one
         # json.loads refuses past its syntax (an integer of more than 4300 digits)
         what = "not UTF-8 JSON" if isinstance(cause, UnicodeDecodeError) else "not readable JSON"
-        message = f"body: {what} ({str(cause).splitlines()[0][:200]})"
+        # (the first clause: Python's digit-limit message goes on to advise a setting of the server's)
+        message = f"body: {what} ({str(cause).splitlines()[0].split('; ')[0][:200]})"
         return _error(422, message, [message])
     message, headers = str(exc.detail), getattr(exc, "headers", None)
     if exc.status_code == 405 and headers and headers.get("Allow"):  # its Allow header was dropped

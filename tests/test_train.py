@@ -1537,11 +1537,15 @@ def test_a_finished_run_run_again_prints_its_result_without_starting_ray(synth_s
         "video->text    33.3   83.3  100.0    2.0     2.2\n"
         "skipped clips: 0\n"
         f"run directory: {out}  (result.json, metrics.csv, curves.png, export/, skip_report.jsonl)\n")
-    # stopped after its first epoch: it goes on
-    (out / "result.json").write_text(json.dumps(dict(result, epoch=1, step=2, total_steps=2)))
-    with pytest.raises(RayStarted):
-        run(load_config(DEMO, args))
-    assert "has finished" not in capsys.readouterr().out
+    # a caller that prints no table (clipray bench) gets the line alone
+    assert run(load_config(DEMO, args), table=False) == result
+    assert capsys.readouterr().out == f"[driver] {out} has finished training; its result:\n"
+    # stopped after its first epoch, or a count edited by hand (a TypeError before): it goes on
+    for short in (dict(result, epoch=1, step=2, total_steps=2), dict(result, total_steps="4")):
+        (out / "result.json").write_text(json.dumps(short))
+        with pytest.raises(RayStarted):
+            run(load_config(DEMO, args))
+        assert "has finished" not in capsys.readouterr().out
 
 
 def test_the_results_tables_skipped_clips_line_ends_with_its_last_word():

@@ -446,7 +446,8 @@ def trained(result: dict, cfg: Config, total: int) -> bool:
     or the step budget's `total` steps). Re-run, such a run resumed its last checkpoint (43 s on
     the demo, Ray started, "resumed from step 2 (epoch 2)"), trained nothing and wrote its
     outputs and table again. One without the table's metrics (another version's) goes on as then."""
-    if not all(isinstance(result.get(k), (int, float, str)) for k in _TABLE_KEYS):
+    if not all(isinstance(result.get(k), (int, float, str)) for k in _TABLE_KEYS) \
+            or not isinstance(result["total_steps"], int):  # (a hand-edited one: resumed, not a TypeError)
         return False
     epoch = result.get("epoch")
     return result["total_steps"] >= total or (not cfg.train.max_steps and isinstance(epoch, int)
@@ -691,7 +692,7 @@ def _run(cfg: Config, quiet_ray: bool, stop_epoch: int, table: bool, held: conte
             from clipray.pipeline import collect_skips
 
             done = finished_run("driver", out, "result.json", "training", lambda r: trained(r, cfg, total),
-                                lambda r: _table(r, out, collect_skips(out)))
+                                lambda r: _table(r, out, collect_skips(out)) if table else "")
             if done is not None:
                 return done
     cfg = fitted
