@@ -1583,6 +1583,21 @@ def test_a_fresh_start_drops_the_skips_of_an_attempt_that_left_no_checkpoint(tmp
     assert collect_skips(str(out))["skipped"] == 1
 
 
+def test_ctrl_c_before_the_first_checkpoint_says_the_command_starts_again_not_that_checkpoints_stay(tmp_path):
+    """Stopped by Ctrl-C before its first checkpoint, a run said "its checkpoints stay in <run>"
+    of none; with Ray Train's record of a checkpoint it still says how to resume."""
+    from train.driver import RAY_CHECKPOINT_RECORD, interrupted_line
+
+    out = tmp_path / "run"
+    out.mkdir()
+    assert interrupted_line(str(out)) == ("\n[driver] training interrupted before its first checkpoint: the same "
+                                          "command (same train.run_name and train.storage_path) starts it again")
+    (out / RAY_CHECKPOINT_RECORD).write_text("{}")
+    assert interrupted_line(str(out)) == (f"\n[driver] training interrupted; its checkpoints stay in {out}: re-run "
+                                          "the same command (same train.run_name and train.storage_path) to "
+                                          "resume from the latest")
+
+
 def test_an_epochs_skips_are_counted_from_the_skip_files_named_since_it_began(tmp_path):
     """The loop counted an epoch's skips (for the error of an epoch without a batch) by listing
     the run's skip folder at every epoch's start on every worker: up to millions of objects on a

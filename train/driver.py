@@ -334,6 +334,16 @@ def checkpointed(out: str) -> bool:
     return RAY_CHECKPOINT_RECORD in names
 
 
+def interrupted_line(out: str) -> str:
+    """What a run stopped by Ctrl-C says: how to resume, or, stopped before its first checkpoint
+    (it said "its checkpoints stay" of none), that the same command starts it again."""
+    if not _checkpointed_now(out):
+        return ("\n[driver] training interrupted before its first checkpoint: the same command "
+                "(same train.run_name and train.storage_path) starts it again")
+    return (f"\n[driver] training interrupted; its checkpoints stay in {out}: re-run the same command "
+            "(same train.run_name and train.storage_path) to resume from the latest")
+
+
 def _checkpointed_now(out: str) -> bool:
     """`checkpointed`, after a run failed: whether the run folder holds a checkpoint it resumes
     from, False where the folder cannot be read (the failure is what the error is about)."""
@@ -760,9 +770,7 @@ def _run(cfg: Config, quiet_ray: bool, stop_epoch: int, table: bool, held: conte
     except (KeyboardInterrupt, SystemExit):
         # Ctrl-C: Ray Train aborts the run and its ray.get ends in a bare SystemExit(1), which
         # went past the CLI's Ctrl-C line and exit status 130 (as a process killed by SIGINT)
-        print(f"\n[driver] training interrupted; its checkpoints stay in {out}: re-run the same command "
-              "(same train.run_name and train.storage_path) to resume from the latest",
-              file=sys.stderr, flush=True)
+        print(interrupted_line(out), file=sys.stderr, flush=True)
         raise KeyboardInterrupt from None
     except ray.train.TrainingFailedError as e:
         # a shard of the manifest deleted under the run (written again) is a FileNotFoundError
