@@ -30,6 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+METRIC_KEYS = tuple(f"{d}_{m}" for d in ("t2v", "v2t") for m in ("r1", "r5", "r10", "mdr", "mnr"))
 _BLOCK_ELEMS = 1 << 24  # elements of `sim` compared per step while ranking
 
 

@@ -10,10 +10,9 @@ import pytest
 import torch
 
 import clipray.metrics as M
-from clipray.metrics import embed_texts, embed_videos, retrieval_metrics, similarity_in_blocks
+from clipray.metrics import METRIC_KEYS, embed_texts, embed_videos, retrieval_metrics, similarity_in_blocks
 from clipray.models import create_model
 
-METRIC_KEYS = tuple(f"{d}_{m}" for d in ("t2v", "v2t") for m in ("r1", "r5", "r10", "mdr", "mnr"))
 
 
 def brute_force(sim, video_of_text):

@@ -446,17 +446,16 @@ def finished_run(tag: str, out: str, name: str, what: str, done: Callable[[dict]
     return result
 
 
-# what the results table (`_table`) reads of result.json
-_TABLE_KEYS = ("total_steps", "train_seconds", "seconds", "num_test_videos", "eval_split",
-               *(f"{d}_{m}" for d in ("t2v", "v2t") for m in ("r1", "r5", "r10", "mdr", "mnr")))
-
-
 def trained(result: dict, cfg: Config, total: int) -> bool:
     """Whether result.json is of a run that trained all it was to (the loop's own end: every epoch,
     or the step budget's `total` steps). Re-run, such a run resumed its last checkpoint (43 s on
     the demo, Ray started, "resumed from step 2 (epoch 2)"), trained nothing and wrote its
     outputs and table again. One without the table's metrics (another version's) goes on as then."""
-    if not all(isinstance(result.get(k), (int, float, str)) for k in _TABLE_KEYS) \
+    from clipray.metrics import METRIC_KEYS
+
+    # what the results table (`_table`) reads of result.json
+    table = ("total_steps", "train_seconds", "seconds", "num_test_videos", "eval_split", *METRIC_KEYS)
+    if not all(isinstance(result.get(k), (int, float, str)) for k in table) \
             or not isinstance(result["total_steps"], int):  # (a hand-edited one: resumed, not a TypeError)
         return False
     epoch = result.get("epoch")

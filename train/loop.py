@@ -232,7 +232,7 @@ def train_loop(config: dict[str, Any]) -> None:
 
     from clipray.losses import clamp_logit_scale
     from clipray.models import build_model
-    from clipray.pipeline import caption_tokenizer, skipped_since
+    from clipray.pipeline import SKIP_REPORT, caption_tokenizer, skipped_since
     from clipray.task import RetrievalTask
     from train import ds_config
     from train.driver import changed_manifests, manifest_changed
@@ -375,7 +375,7 @@ def train_loop(config: dict[str, Any]) -> None:
                 progress(epoch, segments, state["step"], losses[-1], lr)
         if not losses:
             raise RuntimeError(no_batch(epoch, config.get("train_rows"), skipped_since(run_dir, began_ns),
-                                        B, world, f"{run_dir}/skip_report.jsonl"))
+                                        B, world, f"{run_dir}/{SKIP_REPORT}"))
         record = {"epoch": epoch, "step": state["step"], "loss": sum(losses) / len(losses),
                   "lr": lr, **clock.summary(len(losses) * B * world)}
         peak = _max_over_workers(memory.read_mb())  # the training steps' peak, before evaluation
