@@ -519,8 +519,9 @@ def manifest_files(path: str, only: list[str] | None = None) -> tuple[pafs.FileS
     # one command asks for the files several times (data check: 3, a training start: 4-5), and
     # each footer is a read (~0.7 s for 100 shards in object storage): a file whose listing
     # (size, modification time) is the one already checked is not read again
-    listing = {i.path: (fs.type_name, i.path, i.size, i.mtime_ns) for i in infos}
-    unchecked = [f for f in only or files if listing.get(f) not in _CHECKED or listing[f][3] is None]
+    # (a file listed without a time is never taken as checked)
+    listing = {i.path: (fs.type_name, i.path, i.size, i.mtime_ns) for i in infos if i.mtime_ns is not None}
+    unchecked = [f for f in only or files if listing.get(f) not in _CHECKED]
     _CHECKED.update(listing[f] for f in _check_headers(fs, unchecked, path, files) if f in listing)
     return fs, files
 
