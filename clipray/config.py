@@ -494,6 +494,9 @@ def _from_dotlist(overrides: Sequence[str], given: Sequence[str]) -> Any:
     return OmegaConf.from_dotlist(list(overrides))
 
 
+SOURCE_ROOT = Path(__file__).resolve().parents[1]  # holds train/ and serve/ with their configs
+
+
 def load_config(
     path: str | Path | None = None,
     overrides: Sequence[str] = (),
@@ -504,6 +507,13 @@ def load_config(
     if path is not None and "://" in str(path):  # Path() would fold it into a local s3:/b/c.yaml
         raise ConfigError(f"{path}: a config file is read from a local path, not a URI (copy it here; "
                           "a Ray job ships its working_dir)")
+    if path is not None and not Path(path).exists() and not Path(path).is_absolute() \
+            and (ours := SOURCE_ROOT / path).is_file():
+        # `clipray train train/configs/demo.yaml` from another folder: the file is read from the
+        # working folder, as a Ray job reads its own working_dir's copy; a silent fallback to
+        # clipray's copy would train other settings than a user's edited file. Point at it instead.
+        raise ConfigError(f"config file not found: {Path(path).resolve()} (a relative path is read from "
+                          f"the current folder; clipray's own copy is {ours})")
     sources = _read_yaml(Path(path)) if path is not None else []
     for i, (name, node) in enumerate(sources):  # one file at a time: a mistake in a parent names it
         sources[i] = (name, node := _file_as_written(cfg, node, name))

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from clipray.config import (GPUS_PER_ACTOR, RULES, ConfigError, RayConfig, VideoConfig, at_least, load_config, one_of,
-                            positive, resource)
+                            SOURCE_ROOT, positive, resource)
 
 INDEX_KINDS = ("flat", "ivf_flat", "ivf_sq8", "ivf_pq", "hnsw")
 SPLITS = ("all", "train", "val", "test")
@@ -196,7 +196,7 @@ def find_config(path: str | Path) -> Path:
     p = Path(path)
     if p.is_file() or p.is_absolute():
         return p
-    root = Path(__file__).resolve().parents[1] / p
+    root = SOURCE_ROOT / p
     return root if root.is_file() else p
 
 

@@ -640,6 +640,33 @@ def test_values_of_the_wrong_shape_or_not_yaml_are_one_line_naming_the_key(tmp_p
     assert load_app_config(None, ["serve.ingress.env_vars={A: 1}"]).serve.ingress.env_vars == {"A": "1"}
 
 
+def test_a_relative_config_missing_here_points_at_cliprays_copy_without_loading_it(tmp_path, monkeypatch):
+    """`clipray train train/configs/demo.yaml` run from another folder said only "config file not
+    found: <there>/train/configs/demo.yaml", while `clipray serve serve/configs/demo.yaml` loaded
+    the repository's copy. Training reads the file it is given (a Ray job reads its working_dir's,
+    and a silent fallback would train a user's edited file's defaults instead), so the error names
+    clipray's copy; serve keeps its fallback, which its replicas need (their folder is not the
+    checkout)."""
+    from clipray.config import SOURCE_ROOT
+    from serve.config import load_app_config
+
+    monkeypatch.chdir(tmp_path)
+    ours = SOURCE_ROOT / "train" / "configs" / "demo.yaml"
+    assert ours.is_file()
+    with pytest.raises(ConfigError) as e:
+        load_config("train/configs/demo.yaml")
+    assert str(e.value) == (f"config file not found: {tmp_path.resolve()}/train/configs/demo.yaml (a relative path "
+                            f"is read from the current folder; clipray's own copy is {ours})")
+    with pytest.raises(ConfigError) as e:  # no copy of ours by that name: the plain message
+        load_config("train/configs/nope.yaml")
+    assert str(e.value) == f"config file not found: {tmp_path.resolve()}/train/configs/nope.yaml"
+    # a file here of that name is the one read, not ours
+    (tmp_path / "train" / "configs").mkdir(parents=True)
+    (tmp_path / "train" / "configs" / "demo.yaml").write_text("train:\n  epochs: 7\n")
+    assert load_config("train/configs/demo.yaml").train.epochs == 7
+    assert load_app_config("serve/configs/demo.yaml").serve.ingress is not None  # serve's fallback
+
+
 def test_a_parent_or_config_file_that_cannot_be_read_names_the_file_that_asks_for_it(tmp_path):
     """`extends: missing.yaml` said only "config file not found: <dir>/missing.yaml", not which
     file named it; `extends: [a]` looked for a file called "['a']" and `extends: ''` for the
