@@ -119,6 +119,9 @@ class TrainConfig:
     zero_stage: int = 0
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
     grad_accum: int = 1
+    # >0: the batch a recipe's contrastive loss was tuned on (data.batch_size x num_workers), checked
+    # at load: on fewer GPUs a recipe trained at a smaller batch (fewer negatives) without a word
+    global_batch: int = 0
     activation_checkpointing: bool = False
     eval_every_epochs: int = 1  # evaluate every N epochs and after the last (N >= epochs: last only)
     # evaluation also ranks with dual softmax (specs/clip4clip.md) and reports it apart, as dsl_t2v_r1 ...:
@@ -224,7 +227,7 @@ RULES: dict[type, dict[str, tuple[Any, str]]] = {
     TrainConfig: dict(epochs=at_least(1), max_steps=at_least(0), num_workers=at_least(1),
                       cpus_per_worker=resource(), zero_stage=one_of(0, 1, 2, 3),
                       precision=one_of("auto", "fp32", "bf16"),
-                      grad_accum=at_least(1), eval_every_epochs=at_least(1),
+                      grad_accum=at_least(1), global_batch=at_least(0), eval_every_epochs=at_least(1),
                       checkpoint_every_steps=at_least(0), max_failures=at_least(-1),
                       # numpy (Ray Data's local shuffle) refuses a negative seed, and torch one past
                       # 64 bits (a traceback in every worker); the loop adds steps and ranks to it
@@ -546,7 +549,21 @@ def load_config(
     bad = bad_value(obj)
     if bad:
         raise ConfigError(f"{_source_of(bad[0], sources) or path or 'defaults'}: {bad[0]} {bad[1]}")
+    if isinstance(obj, Config) and (said := batch_mismatch(obj)):
+        raise ConfigError(f"{_source_of('train.global_batch', sources) or path}: {said}")
     return _absolute_paths(obj) if isinstance(obj, Config) else obj  # type: ignore[return-value]
+
+
+def batch_mismatch(cfg: Config) -> Optional[str]:
+    """What is wrong when `train.global_batch` is set and the batch per step differs from it."""
+    g, b, w = cfg.train.global_batch, cfg.data.batch_size, cfg.train.num_workers
+    if not g or b * w == g:
+        return None
+    fix = f"data.batch_size={g // w}" if g % w == 0 else f"a data.batch_size x train.num_workers of {g}"
+    return (f"train.global_batch is {g}, but data.batch_size={b} x train.num_workers={w} is {b * w}: the "
+            f"contrastive loss scores each caption against that batch's clips, so the recipe's results need "
+            f"its batch. Give {fix}, or train.global_batch=0 to train at {b * w} (train.grad_accum adds "
+            "steps, not negatives)")
 
 
 BOOLEAN_TEXTS = ("true", "false", "yes", "no", "on", "off", "y", "n", "0", "1")

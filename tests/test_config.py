@@ -7,6 +7,8 @@ import pytest
 
 from clipray.config import Config, ConfigError, load_config
 
+REPO = Path(__file__).resolve().parents[1]
+
 
 def test_yaml_and_overrides_merge_onto_schema(tmp_path):
     base = tmp_path / "base.yaml"
@@ -812,3 +814,31 @@ def test_every_config_key_is_named_in_the_docs():
 
     all_keys = sorted({*keys(Config), *keys(AppConfig)})
     assert len(all_keys) > 100 and not [k for k in all_keys if not named(k)], [k for k in all_keys if not named(k)]
+
+
+def test_a_recipe_on_fewer_workers_is_refused_with_the_batch_size_that_keeps_its_global_batch(tmp_path):
+    """The paper recipes train at a global batch of 128 (8 workers x 16): on 4 GPUs, 64 clips a
+    step scored each caption against half the negatives, without a word. `train.global_batch`
+    states the recipe's batch and the load refuses another, naming the batch size that keeps it."""
+    recipe = REPO / "train" / "configs" / "msrvtt_9k.yaml"
+    cfg = load_config(recipe)
+    assert (cfg.train.global_batch, cfg.data.batch_size, cfg.train.num_workers) == (128, 16, 8)
+    with pytest.raises(ConfigError) as e:
+        load_config(recipe, ["train.num_workers=4"])
+    assert str(e.value) == (
+        f"{REPO / 'train' / 'configs' / 'clip4clip_vitb32.yaml'}: train.global_batch is 128, but data.batch_size=16 x "
+        "train.num_workers=4 is 64: the contrastive loss scores each caption against that batch's clips, so the "
+        "recipe's results need its batch. Give data.batch_size=32, or train.global_batch=0 to train at 64 "
+        "(train.grad_accum adds steps, not negatives)")
+    assert load_config(recipe, ["train.num_workers=4", "data.batch_size=32"]).train.global_batch == 128
+    assert load_config(recipe, ["train.num_workers=4", "train.global_batch=0"]).data.batch_size == 16
+    # accumulation is no substitute: it adds steps, not negatives
+    with pytest.raises(ConfigError, match=r"is 64: .*Give data.batch_size=32"):
+        load_config(recipe, ["train.num_workers=4", "train.grad_accum=2"])
+    # a worker count that does not divide it, and the override that set it named as the source
+    with pytest.raises(ConfigError, match=r"^command-line override: .*x train.num_workers=3 is 48: .*Give a "
+                                          r"data.batch_size x train.num_workers of 128, or"):
+        load_config(recipe, ["train.num_workers=3", "train.global_batch=128"])
+    with pytest.raises(ConfigError, match=r"train.global_batch must be >= 0, got -1"):
+        load_config(recipe, ["train.global_batch=-1"])
+    assert load_config(REPO / "train" / "configs" / "demo.yaml", ["train.num_workers=3"]).train.global_batch == 0
