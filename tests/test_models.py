@@ -104,6 +104,21 @@ def test_vitb32_builds_without_download():
     assert model.logit_scale.shape == (1,)
 
 
+def test_a_model_asked_for_random_weights_is_built_without_open_clips_random_weights_line(caplog):
+    """open_clip logs "No pretrained weights loaded for model ... initialized randomly" for every
+    model built without weights: the demo's console had it from each training worker and the
+    index's actors, of a tiny model asked to be random. It is dropped there, and only there."""
+    import logging
+
+    filters = list(logging.getLogger().filters)
+    with caplog.at_level(logging.WARNING):
+        create_model("test_meanP")
+        assert not [r for r in caplog.records if "No pretrained weights" in r.getMessage()]
+        open_clip.create_model(TINY_OPEN_CLIP_NAME, pretrained=None)  # open_clip's own call still says it
+        assert [r for r in caplog.records if r.getMessage().startswith("No pretrained weights loaded for model")]
+    assert logging.getLogger().filters == filters
+
+
 @pytest.mark.parametrize("linear_patch, tuning", [("2d", "full"), ("3d", "full"), ("2d", "unipt")])
 @pytest.mark.parametrize("name", TINY)
 def test_padding_changes_nothing(name, linear_patch, tuning):

@@ -23,6 +23,7 @@ reshapes the scalar of a stock checkpoint on load.
 from __future__ import annotations
 
 import copy
+import logging
 from pathlib import Path
 from typing import Any, Optional
 
@@ -80,11 +81,30 @@ def load_open_clip(
         if cfg.pop("custom_text", False):
             raise NotImplementedError("open_clip CustomTextCLIP (HF text towers) is not supported")
         clip = open_clip.CLIP(**cfg, nonscalar_logit_scale=True)
-    else:
-        clip = open_clip.create_model(name, pretrained=pretrained or None, nonscalar_logit_scale=True)
+    elif pretrained:
+        clip = open_clip.create_model(name, pretrained=pretrained, nonscalar_logit_scale=True)
+    else:  # random weights, as asked: open_clip's "No pretrained weights loaded" line (one per
+        # training worker, evaluation and index actor) says only that
+        quiet = _DropLine("No pretrained weights loaded for model ")
+        logging.getLogger().addFilter(quiet)
+        try:
+            clip = open_clip.create_model(name, pretrained=None, nonscalar_logit_scale=True)
+        finally:
+            logging.getLogger().removeFilter(quiet)
     if not isinstance(clip, open_clip.CLIP):
         raise NotImplementedError(f"{name}: only open_clip.CLIP models are supported, got {type(clip)}")
     return clip
+
+
+class _DropLine(logging.Filter):
+    """Drops the log records whose message starts with `prefix`."""
+
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.prefix)
 
 
 class ClipBackbone(nn.Module):
