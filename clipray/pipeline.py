@@ -7,6 +7,7 @@ One generic reader serves every source, because every source is the same manifes
 resize and crop but never normalise, so each batch stays uint8 (4x smaller than float);
 the training worker normalises. Rows whose clip cannot be decoded are dropped from the stream
 and written to a skip report (`skips/*.jsonl`, merged by `collect_skips`) with their reason.
+A clip whose window runs past its video's end is decoded cut there, and listed apart (CUT_REPORT).
 
 Decoding runs on `data.decode_actors` decoders at once with `data.decode_cpus` each. They ask
 only for CPUs, so they can run on CPU-only nodes of a cluster while the training workers hold the
@@ -43,12 +44,14 @@ from typing import Any, Callable, Iterable
 import numpy as np
 
 from clipray.config import DataConfig
-from clipray.manifest import SCHEMA, default_root, fsspec_path, manifest_files, naming, replace_whole, resolve_path
+from clipray.manifest import (SCHEMA, as_seconds, default_root, fsspec_path, manifest_files, naming, replace_whole,
+                              resolve_path)
 from clipray.video import SkipClip, decode_clip_safe
 
 DATA_COLUMNS = ["row_id", "video_id", "path", "start", "end", "caption"]
 SKIP_DIR = "skips"
 SKIP_REPORT = "skip_report.jsonl"  # collect_skips' merged report, beside SKIP_DIR
+CUT_REPORT = "cut_report.jsonl"  # and its list of the windows cut at their video's end (not skips)
 NO_WORDS = "caption has no words once cleaned for the tokenizer"
 _TOKENIZER_MODULE = "clipray._open_clip_tokenizer"
 
@@ -182,6 +185,10 @@ class ClipDecoder:
                 skips.append({"row_id": int(batch["row_id"][i]), "video_id": str(batch["video_id"][i]),
                               "path": path, "reason": e.reason})
                 continue
+            if clip.cut is not None:  # decoded and kept; its line ("kind": "cut") goes to CUT_REPORT
+                skips.append({"kind": "cut", "row_id": int(batch["row_id"][i]), "video_id": str(batch["video_id"][i]),
+                              "path": path, "start": as_seconds(batch["start"][i]),
+                              "end": as_seconds(batch["end"][i]), "length": round(clip.cut, 3)})
             masks[len(keep)] = clip.mask
             keep.append(i)
         if skips:
@@ -338,9 +345,10 @@ def manifest_rows(data: DataConfig, split: str | None = None, limit: int | None 
 def collect_skips(skip_dir: str) -> dict[str, Any]:
     """Merge the decoders' skip files into one report beside them, one line per skipped row in
     row order; return the count, the counts by reason and the report's path. Memory holds each
-    skipped row's line once, not the files' lines."""
+    skipped row's line once, not the files' lines. The clips cut at their video's end are no
+    skips: they are counted apart ("cut") and listed in CUT_REPORT, written when there are any."""
     fs, root = fsspec_path(skip_dir.rstrip("/"))
-    records = _skip_records(fs, skip_files(skip_dir))
+    records, cuts = _skip_records(fs, skip_files(skip_dir))
     fs.makedirs(root, exist_ok=True)
     reasons: Counter = Counter()
 
@@ -357,7 +365,22 @@ def collect_skips(skip_dir: str) -> dict[str, Any]:
     report = f"{skip_dir.rstrip('/')}/{SKIP_REPORT}"
     with naming(report):
         replace_whole(fs, f"{root}/{SKIP_REPORT}", "://" not in skip_dir, write)
-    return {"skipped": len(records), "by_reason": dict(reasons), "report": report}
+    cut_report = f"{skip_dir.rstrip('/')}/{CUT_REPORT}"
+    if cuts:
+        def write_cuts(tmp: str) -> None:
+            with fs.open(tmp, "w") as f:
+                f.writelines(cuts[key] + "\n" for key in sorted(cuts))
+
+        with naming(cut_report):
+            replace_whole(fs, f"{root}/{CUT_REPORT}", "://" not in skip_dir, write_cuts)
+    return {"skipped": len(records), "by_reason": dict(reasons), "report": report,
+            "cut": len(cuts), "cut_report": cut_report}
+
+
+def cut_line(count: int, report: str) -> str:
+    """The summaries' line for the `count` clips cut at their video's end, listed in `report`."""
+    many = count != 1
+    return f"{count} clip{'s' * many} cut at {'their' if many else 'its'} video's end (see {report})"
 
 
 _SKIP_FILES_AT_ONCE = 64  # skip files read (and held) at a time by collect_skips
@@ -375,12 +398,14 @@ def skip_files(skip_dir: str) -> list[str]:
         if fs.exists(f"{root}/{SKIP_DIR}") else []
 
 
-def _skip_records(fs: Any, parts: list[str]) -> dict[tuple, str]:
-    """The lines of the skip files `parts`, one per skipped clip."""
+def _skip_records(fs: Any, parts: list[str]) -> tuple[dict[tuple, str], dict[tuple, str]]:
+    """The lines of the skip files `parts`, one per skipped clip; and apart, one per clip cut at
+    its video's end (their "kind": "cut")."""
     # each clip's line, by (row_id, video_id, path): a re-executed block, or a later epoch or pass
     # over the same rows, reports a row again; but a run's training and evaluation manifests
     # (data.eval_manifest) both number their rows from 0
     records: dict[tuple, str] = {}
+    cuts: dict[tuple, str] = {}
     # read 32 at a time: decoders write a file per batch with a skip, so a long run on an object
     # store leaves thousands, and one request after another took seconds per thousand. A window
     # of files at a time, each parsed as it comes: every file read first held every line of the
@@ -390,8 +415,9 @@ def _skip_records(fs: Any, parts: list[str]) -> dict[tuple, str]:
             for text in pool.map(fs.cat_file, parts[i:i + _SKIP_FILES_AT_ONCE]):
                 for line in text.decode().splitlines():
                     rec = json.loads(line)
-                    records[(rec["row_id"], rec["video_id"], rec["path"])] = line
-    return records
+                    held = cuts if rec.get("kind") == "cut" else records
+                    held[(rec["row_id"], rec["video_id"], rec["path"])] = line
+    return records, cuts
 
 
 def skipped_since(skip_dir: str, since_ns: int) -> int:
@@ -404,7 +430,7 @@ def skipped_since(skip_dir: str, since_ns: int) -> int:
         return int(head) if head.isdigit() else 0  # (an older run's name, its pid first: earlier)
 
     fs, _ = fsspec_path(skip_dir.rstrip("/"))
-    return len(_skip_records(fs, [p for p in skip_files(skip_dir) if written(p) >= since_ns]))
+    return len(_skip_records(fs, [p for p in skip_files(skip_dir) if written(p) >= since_ns])[0])
 
 
 def _reason_kind(reason: str) -> str:

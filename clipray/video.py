@@ -22,7 +22,8 @@ uint8 here (normalisation happens on the training worker, so batches are 4x smal
 
 Every failure becomes `SkipClip(reason)`: a missing, empty, truncated, corrupt or non-video
 file, a window outside the video, or a decode that exceeds its timeout. Callers skip and
-report; nothing ever substitutes an all-zero clip.
+report; nothing ever substitutes an all-zero clip. A window that runs past the video's end is
+cut there, not skipped: `Clip.cut` gives the video's length then, for callers to report.
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ class Clip:
     frames: np.ndarray  # uint8 [max_frames, 3, size, size]; rows past n_valid are padding
     mask: np.ndarray  # uint8 [max_frames]: 1 for real frames, 0 for padding
     indices: list[int]  # decoded frame indices, in order
+    cut: float | None = None  # the video's length where the window ran past it (`past_end`), else None
 
 
 # ---------------------------------------------------------------- frame selection
@@ -88,6 +90,14 @@ def candidate_indices(num_frames: int, video_fps: float, start: float | None, en
     times = lo + np.arange(math.ceil(steps)) / fps if steps >= 1 else np.array([(lo + hi) / 2])
     idx = np.clip(np.floor(times * video_fps + 1e-6).astype(np.int64), 0, num_frames - 1)
     return sorted(set(idx.tolist()))
+
+
+def past_end(num_frames: int, video_fps: float, end: float | None) -> float | None:
+    """The video's length when the window's `end` runs past it by more than a frame interval
+    (`candidate_indices` cuts the window there), else None. Less is not worth a word: manifests
+    round their times, and ActivityNet's ends often sit a little past the video's."""
+    end, length = as_seconds(end), num_frames / video_fps
+    return length if end is not None and end - length > 1 / video_fps + 1e-6 else None
 
 
 def select(indices: Sequence[int], max_frames: int, how: str) -> list[int]:
@@ -551,8 +561,9 @@ def resize_crop(frames: np.ndarray, size: int) -> torch.Tensor:
 # ---------------------------------------------------------------- one clip
 
 def _decode(path: str, start: float | None, end: float | None,
-            cfg: VideoConfig) -> tuple[torch.Tensor, list[int]]:
-    """The clip's real frames, resized and cropped (uint8 [n, 3, size, size]), and their indices."""
+            cfg: VideoConfig) -> tuple[torch.Tensor, list[int], float | None]:
+    """The clip's real frames, resized and cropped (uint8 [n, 3, size, size]), their indices,
+    and the video's length where the window was cut there (`past_end`)."""
     if cfg.backend not in BACKENDS:
         raise ValueError(f"video.backend must be one of {sorted(BACKENDS)}, got {cfg.backend!r}")
     src = open_source(path)
@@ -560,15 +571,17 @@ def _decode(path: str, start: float | None, end: float | None,
         video = _reader(src, cfg.backend)
         idx = select(candidate_indices(video.num_frames, video.fps, start, end, cfg.fps),
                      cfg.max_frames, cfg.slice)
+        cut = past_end(video.num_frames, video.fps, end)
         raw = video.get(idx)
     finally:
         close_source(src)
     if raw.ndim != 4 or raw.shape[0] != len(idx) or raw.shape[-1] != 3:
         raise SkipClip(f"decoder returned frames of shape {raw.shape}")
-    return resize_crop(raw, cfg.size), idx
+    return resize_crop(raw, cfg.size), idx, cut
 
 
-def _pad(frames: torch.Tensor, idx: list[int], cfg: VideoConfig, out: np.ndarray | None) -> Clip:
+def _pad(frames: torch.Tensor, idx: list[int], cut: float | None, cfg: VideoConfig,
+         out: np.ndarray | None) -> Clip:
     """Write the real frames, then zero padding, into `out` (a new array if None)."""
     if out is None:
         out = np.empty((cfg.max_frames, 3, cfg.size, cfg.size), dtype=np.uint8)
@@ -577,7 +590,7 @@ def _pad(frames: torch.Tensor, idx: list[int], cfg: VideoConfig, out: np.ndarray
     out[n:] = 0
     mask = np.zeros(cfg.max_frames, dtype=np.uint8)
     mask[:n] = 1
-    return Clip(out, mask, idx)
+    return Clip(out, mask, idx, cut)
 
 
 def decode_clip(path: str, start: float | None, end: float | None, cfg: VideoConfig,
@@ -662,7 +675,8 @@ def _decode_windows(path: str, windows: Sequence[tuple[float | None, float | Non
     if raw.ndim != 4 or raw.shape[0] != len(union) or raw.shape[-1] != 3:
         raise SkipClip(f"decoder returned frames of shape {raw.shape}")
     frames, row = resize_crop(raw, cfg.size), {f: k for k, f in enumerate(union)}
-    return [p if isinstance(p, SkipClip) else _pad(frames[[row[i] for i in p]], p, cfg, None) for p in picks]
+    # (no `cut`: clip editing's windows lie within the length it measured)
+    return [p if isinstance(p, SkipClip) else _pad(frames[[row[i] for i in p]], p, None, cfg, None) for p in picks]
 
 
 def decode_windows(path: str, windows: Sequence[tuple[float | None, float | None]],

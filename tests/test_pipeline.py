@@ -33,6 +33,10 @@ def planted_manifest(tmp_path, synth_small, real_video):
     bad.append(dict(video_id="outside", path=good[0]["path"], start=60.0, end=70.0,
                     caption="bad outside", split="train"))
     bad.append(dict(video_id="stall", path=server.url, caption="bad stall", split="train"))
+    # windows past their 2 s video's end: 7 s past (a wrong end: cut and reported, not skipped),
+    # and less than a frame (1/8 s) past (a rounded end: not worth a report)
+    good.insert(3, dict(good[0], video_id="cut", start=0.5, end=9.0, caption="cut at the end"))
+    good.insert(5, dict(good[0], video_id="rounded", start=0.5, end=2.1, caption="rounded end"))
     # eight bad rows in a row hold at least one whole decode batch (4 rows) with no good clip,
     # and one more ends the stream
     rows = good[:30] + bad + good[30:] + bad[:1]
@@ -84,6 +88,12 @@ def test_bad_files_skipped_and_reported(ray_local, planted_manifest, tmp_path, p
     for rec in on_disk:
         assert rec["reason"].startswith(expected[rec["video_id"]]), rec
     assert sum(report["by_reason"].values()) == len(bad_ids)
+    # the window past the video's end was decoded cut there, and is listed apart from the skips
+    cut = rows[3]
+    assert decode_clip(cut["path"], 0.5, 9.0, cfg).indices == decode_clip(cut["path"], 0.5, 2.0, cfg).indices == [4, 8, 12]
+    assert report["cut"] == 1 and report["cut_report"] == f"{run}/cut_report.jsonl"
+    assert [json.loads(line) for line in (run / "cut_report.jsonl").read_text().splitlines()] == [
+        {"kind": "cut", "row_id": 3, "video_id": "cut", "path": cut["path"], "start": 0.5, "end": 9.0, "length": 2.0}]
 
 
 def test_decode_pool_too_big_for_the_local_ray_fails_at_once(ray_local, synth_small, tmp_path):

@@ -1558,6 +1558,11 @@ def test_the_results_tables_skipped_clips_line_ends_with_its_last_word():
     assert "skipped clips: 0" in lines and all(line == line.rstrip() for line in lines)
     lines = _table(m, "/runs/t", {"skipped": 3, "by_reason": {"missing file": 3}}).splitlines()
     assert "skipped clips: 3 {'missing file': 3}" in lines
+    # the windows cut at their video's end are no skips: a line of their own, after the skips'
+    lines = _table(m, "/runs/t", {"skipped": 3, "by_reason": {"missing file": 3}, "cut": 2,
+                                  "cut_report": "/runs/t/cut_report.jsonl"}).splitlines()
+    at = lines.index("skipped clips: 3 {'missing file': 3}")
+    assert lines[at + 1] == "2 clips cut at their video's end (see /runs/t/cut_report.jsonl)"
 
 
 def test_a_fresh_start_drops_the_skips_of_an_attempt_that_left_no_checkpoint(tmp_path):

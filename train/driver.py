@@ -812,7 +812,7 @@ def _run(cfg: Config, quiet_ray: bool, stop_epoch: int, table: bool, held: conte
             final["planned_steps"] = total
         _write_outputs(out, cfg, state["history"], export_src)
     skips = collect_skips(out)
-    final.update(skipped_clips=skips["skipped"], eval_split=eval_split)
+    final.update(skipped_clips=skips["skipped"], cut_clips=skips["cut"], eval_split=eval_split)
     put_text(f"{out}/result.json", json.dumps(final, indent=1))
     if table:
         print(_table(final, out, skips))
@@ -1018,6 +1018,8 @@ def _plot(history: list[dict], split: str = "test") -> bytes:
 
 
 def _table(m: dict, out: str, skips: dict) -> str:
+    from clipray.pipeline import cut_line
+
     rows = [f"{'':12}{'R@1':>7}{'R@5':>7}{'R@10':>7}{'MdR':>7}{'MnR':>8}"]
     for d, name in (("t2v", "text->video"), ("v2t", "video->text")):
         rows.append(f"{name:12}{m[f'{d}_r1']:7.1f}{m[f'{d}_r5']:7.1f}{m[f'{d}_r10']:7.1f}"
@@ -1027,9 +1029,11 @@ def _table(m: dict, out: str, skips: dict) -> str:
     short = [f"note: the epochs gave {m['total_steps']} of the {m['planned_steps']} steps planned from the manifest's "
              f"training rows (skipped clips), so the learning rate stopped at {m['lr']:.3g}, short of its "
              "schedule's end"] if m.get("planned_steps", 0) > m["total_steps"] else []
+    cut = [cut_line(skips["cut"], skips["cut_report"])] if skips.get("cut") else []
     return "\n".join([
         f"\nfinished: {m['total_steps']} steps, {m['train_seconds']:.0f}s of training epochs "
         f"({m['seconds']:.0f}s in this call), {m['num_test_videos']} {m['eval_split']} clips "
         f"(chance R@1 {100 / m['num_test_videos']:.1f}%){extra}", *rows,
-        f"skipped clips: {skips['skipped']}" + (f" {skips['by_reason']}" if skips["by_reason"] else ""), *short,
+        f"skipped clips: {skips['skipped']}" + (f" {skips['by_reason']}" if skips["by_reason"] else ""),
+        *cut, *short,
         f"run directory: {out}  (result.json, metrics.csv, curves.png, export/, skip_report.jsonl)"])
