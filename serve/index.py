@@ -20,7 +20,8 @@ video encoder -> embeddings Parquet + a faiss index in `out` (layout: `serve.sto
   `index.rerank_checkpoint=TIGHT_EXPORT` also stores its per-frame features, and the served app
   re-scores the loose index's top candidates with it.
 - Unreadable clips are skipped and listed in `out/skip_report.jsonl`; progress and an ETA are
-  printed while the job runs.
+  printed while the job runs. A clip whose window runs past its video's end is stored, and
+  answered, with the window cut there, and listed in `out/cut_report.jsonl`.
 - A wrong checkpoint, manifest or index kind fails before anything is embedded (a wrong path
   before Ray starts), and a new `out` made for the run is removed again.
 """
@@ -181,7 +182,8 @@ class ClipEmbedder:
         clips, reasons = self._decode(batch, self.video)
         n, dim = len(clips), self.model.embed_dim
         out = dict(batch, skip=np.array(reasons, dtype=object),
-                   embedding=np.zeros((n, dim), np.float32))
+                   embedding=np.zeros((n, dim), np.float32),
+                   cut=np.array([np.nan if c is None or c.cut is None else c.cut for c in clips]))
         ok = np.array([c is not None for c in clips])
         if ok.any():
             with torch.no_grad():
@@ -219,6 +221,7 @@ class ClipEmbedder:
         return out
 
 
+CUT_REPORT = "cut_report.jsonl"  # the clips whose window was cut at their video's end (pipeline.CUT_REPORT)
 PLAN = "_plan"  # a clip's position in plan_clips' list, carried through the embedding job
 AGAIN = "_again"  # the row id of an indexed clip embedded again (its file changed), else -1
 
@@ -463,7 +466,7 @@ def _build(cfg: AppConfig, out: Path, quiet: bool) -> dict[str, Any]:
                           f"this append asks {' '.join(f'video.{k}={getattr(cfg.video, k)}' for k in differ)}: "
                           "give the former as overrides, or build a new index (another out=)")
     existing, files = store.read_table(out, store.META_COLUMNS), set()
-    rows, captions = plan_clips(cfg, store.existing_ids(existing), files)
+    rows, captions = plan_clips(cfg, {**store.existing_ids(existing), **store.cut_keys(out, existing)}, files)
     again, signs = changed_clips(out, files, existing)
     del files
     if not rows and not len(existing):  # no skip report to look at: nothing was tried
@@ -478,6 +481,7 @@ def _build(cfg: AppConfig, out: Path, quiet: bool) -> dict[str, Any]:
           flush=True)
     rows = [{AGAIN: -1, **r} for r in rows] + again
     t0, done, skipped, new, every, since = time.perf_counter(), 0, [], [], Every(PROGRESS_S), None
+    cut: list[tuple[int, dict]] = []  # the clips whose window was cut at their video's end
     rewritten = {r["path"] for r in again}
     if rows:
         import pyarrow as pa
@@ -502,6 +506,10 @@ def _build(cfg: AppConfig, out: Path, quiet: bool) -> dict[str, Any]:
                     skipped.append((int(b[PLAN][i]), {
                         "video_id": str(b["video_id"][i]), "path": str(b["path"][i]),
                         "start": _f(b["start"][i]), "end": _f(b["end"][i]), "reason": str(reason)}))
+                elif np.isfinite(b["cut"][i]):
+                    cut.append((int(b[PLAN][i]), {
+                        "video_id": str(b["video_id"][i]), "path": str(b["path"][i]),
+                        "start": _f(b["start"][i]), "end": _f(b["end"][i]), "length": round(float(b["cut"][i]), 3)}))
             keep = np.array([not r for r in b["skip"]], bool)
             if keep.any():
                 new.append({k: v[keep] for k, v in b.items() if k != "skip"})
@@ -521,7 +529,7 @@ def _build(cfg: AppConfig, out: Path, quiet: bool) -> dict[str, Any]:
     first_id = len(existing)
     # the clips tried again: their earlier lines in the skip report give way to this run's outcome
     tried = {store.clip_key(r["path"], r["start"], r["end"]) for r in rows} \
-        if (out / "skip_report.jsonl").exists() else set()
+        if (out / "skip_report.jsonl").exists() or (out / CUT_REPORT).exists() else set()
     del existing, rows, again  # the index's clip table and this run's plan: not needed from here on
     redone = sum(int((b[AGAIN] >= 0).sum()) for b in new)
     # (the sampling too: a first build stopped before index.json left parts that said nothing of it)
@@ -532,11 +540,13 @@ def _build(cfg: AppConfig, out: Path, quiet: bool) -> dict[str, Any]:
     store.write_signatures(out, {p: sign for p, sign in signs.items() if p not in failed})
     if skipped or tried:
         append_skips(out, [s for _, s in sorted(skipped, key=lambda p: p[0])], tried)
+    if cut or (out / CUT_REPORT).exists():
+        append_skips(out, [c for _, c in sorted(cut, key=lambda p: p[0])], tried, CUT_REPORT)
     meta = _rebuild(out, cfg, export, fp, rerank, conf, captions, meta, quiet)
     meta.setdefault("history", []).append({
         "time": time.strftime("%Y-%m-%d %H:%M:%S"), "manifest": cfg.manifest, "split": cfg.index.split,
         "window_s": cfg.index.window_s, "stride_s": cfg.index.stride_s, "added": added, "replaced": redone,
-        "skipped": len(skipped), "seconds": round(time.perf_counter() - t0, 2)})
+        "skipped": len(skipped), "cut": len(cut), "seconds": round(time.perf_counter() - t0, 2)})
     store.write_meta(out, meta)
     rec = meta.get("recall") or {}
     print(f"index {out}: {meta['count']} clips ({added} added, {f'{redone} embedded again, ' if redone else ''}"
@@ -545,6 +555,10 @@ def _build(cfg: AppConfig, out: Path, quiet: bool) -> dict[str, Any]:
           f"on {rec.get('queries')} caption queries" if rec else ""), flush=True)
     if skipped:
         print(skip_summary(out, [s for _, s in skipped]), flush=True)
+    if cut:
+        from clipray.pipeline import cut_line
+
+        print(f"  {cut_line(len(cut), str(out / CUT_REPORT))}", flush=True)
     return meta
 
 
@@ -580,7 +594,8 @@ def skip_summary(out: Path, skips: list[dict]) -> str:
             f"{out / 'skip_report.jsonl'}")
 
 
-def append_skips(out: Path, skips: list[dict], tried: frozenset | set = frozenset()) -> None:
+def append_skips(out: Path, skips: list[dict], tried: frozenset | set = frozenset(),
+                 name: str = "skip_report.jsonl") -> None:
     """Add this run's skipped clips to `out/skip_report.jsonl`, dropping the report's earlier
     lines for the clips this run `tried` again (their clip_key): it has their outcome now. A
     clip that could not be embedded is tried again by every run, and an unchanged re-run added
@@ -589,8 +604,8 @@ def append_skips(out: Path, skips: list[dict], tried: frozenset | set = frozense
     whole. Appended in place, a full disk (or a kill) midway left a line cut, which the next
     run's first line then joined. A full disk (or a quota) is an OSError naming the report:
     Python's names no file, and `clipray index` ended in its traceback after every clip was
-    embedded."""
-    report = out / "skip_report.jsonl"
+    embedded. `name`: CUT_REPORT, the same for the clips cut at their video's end."""
+    report = out / name
 
     def again(line: str) -> bool:
         try:
@@ -633,6 +648,12 @@ def _write_new(out: Path, new: list[dict], first_id: int, rerank: str, fp: str =
     cat["row_id"] = np.where(fresh, first_id + np.cumsum(fresh) - 1, again).astype(np.int64)
     cat["start"] = np.array([_f(v) for v in cat["start"]], dtype=np.float64)
     cat["end"] = np.array([_f(v) for v in cat["end"]], dtype=np.float64)
+    # a window that ran past its video's end is stored as used, cut there (rounded as windows'
+    # times are), and the manifest's end is kept for the clip's identity (store.cut_keys)
+    cut, asked = cat.pop("cut", np.full(len(order), np.nan)), {}
+    for i in np.flatnonzero(np.isfinite(cut) & fresh):
+        asked[int(cat["row_id"][i])] = float(cat["end"][i])
+        cat["end"][i] = round(float(cut[i]), 3)
     if rerank:  # the re-ranker part first: an interrupted run then leaves no orphan row ids
         store.write_part(out, {"row_id": cat["row_id"], "feats": cat.pop("rerank_feats"),
                                "mask": cat.pop("rerank_mask")}, sub=store.RERANK_DIR)
@@ -643,7 +664,7 @@ def _write_new(out: Path, new: list[dict], first_id: int, rerank: str, fp: str =
         keep = slice(None) if fresh.all() else fresh  # (no copy of the columns of an append of new clips)
         store.write_part(out, {k: [None if isinstance(x, float) and np.isnan(x) else x for x in v[keep]]
                                if k in ("start", "end") else v[keep] for k, v in cat.items()},
-                         fingerprint=fp, sampling=sampling)
+                         fingerprint=fp, sampling=sampling, cut=asked)
     return int(fresh.sum())
 
 

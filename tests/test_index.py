@@ -752,20 +752,27 @@ def test_row_ids_follow_the_manifest_whatever_order_the_actors_finish_in(ray_loc
         f"  skipped 2 clips {{'missing file': 2}}; each with its reason in {out / 'skip_report.jsonl'}"
 
 
-def test_a_clip_skipped_again_is_listed_once_and_one_fixed_since_is_dropped(ray_local, export, synth_small, tmp_path):
+def test_a_clip_skipped_again_is_listed_once_and_one_fixed_since_is_dropped(ray_local, export, synth_small, tmp_path,
+                                                                          capsys):
     """A clip that could not be embedded is tried again by every run: an unchanged re-run added
     it to skip_report.jsonl once more (two runs, two lines for one clip), and once its file was
     there its old line stayed, though the clip was indexed. A line for a clip no run tries again
-    (not in this manifest) stays."""
+    (not in this manifest) stays. A window past its video's end (9.0 for a 4 s video) was stored
+    and answered by search as the manifest gave it, without a word: it is stored cut there,
+    listed once in cut_report.jsonl, and not embedded again by a re-run."""
     import shutil
 
     from clipray.manifest import read_manifest, resolve_path, write_manifest
+    from clipray.video import video_length
     from serve import store
+    from serve.deployments import Searcher
     from serve.index import build_index
 
     root = Path(synth_small["manifest"]).parent
     rows = [dict(r, path=resolve_path(r["path"], str(root))) for r in read_manifest(synth_small["manifest"]).to_pylist()
             if r["split"] == "test"][:2]
+    rows.append(dict(rows[1], video_id="cut", start=0.5, end=9.0))
+    length = video_length(rows[1]["path"])  # 4.0 s
     gone = tmp_path / "later.mp4"
     rows.append(dict(rows[0], video_id="later", path=str(gone)))
     manifest = tmp_path / "m.parquet"
@@ -777,12 +784,23 @@ def test_a_clip_skipped_again_is_listed_once_and_one_fixed_since_is_dropped(ray_
                  "reason": "missing file"}
     report.write_text(json.dumps(elsewhere) + "\n")  # from a run over another manifest
     cfg = _cfg(export, str(manifest), out, "index.split=test", "index.batch=1")
-    for _ in range(2):
+    cut_line = f"  1 clip cut at its video's end (see {out / 'cut_report.jsonl'})"
+    for run in range(2):
+        capsys.readouterr()
         build_index(cfg, quiet=True)
         lines = [json.loads(line) for line in report.read_text().splitlines()]
         assert lines == [elsewhere, {"video_id": "later", "path": str(gone), "start": rows[0]["start"],
                                      "end": rows[0]["end"], "reason": "missing file"}]
-    assert store.read_table(out).column("video_id").to_pylist() == [r["video_id"] for r in rows[:2]]
+        assert (cut_line in capsys.readouterr().out.splitlines()) == (run == 0)  # embedded by the first run only
+        assert [json.loads(line) for line in (out / "cut_report.jsonl").read_text().splitlines()] == [
+            {"video_id": "cut", "path": rows[1]["path"], "start": 0.5, "end": 9.0, "length": length}]
+    t = store.read_table(out)
+    assert t.column("video_id").to_pylist() == [r["video_id"] for r in rows[:3]]
+    assert (t["start"][2].as_py(), t["end"][2].as_py()) == (0.5, length)
+    s = Searcher.func_or_class(str(out), {"max_batch_size": 1, "batch_wait_timeout_s": 0.0})
+    hits = s.search_many([(store.read_embeddings(out)[2], 3)])[0]
+    assert {"clip_id": 2, "video_id": "cut", "start": 0.5, "end": length} in [
+        {k: h[k] for k in ("clip_id", "video_id", "start", "end")} for h in hits]
     shutil.copyfile(resolve_path(rows[0]["path"], str(root)), gone)
     build_index(cfg, quiet=True)
     assert [json.loads(line) for line in report.read_text().splitlines()] == [elsewhere]
