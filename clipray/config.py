@@ -562,8 +562,8 @@ def batch_mismatch(cfg: Config) -> Optional[str]:
     fix = f"data.batch_size={g // w}" if g % w == 0 else f"a data.batch_size x train.num_workers of {g}"
     return (f"train.global_batch is {g}, but data.batch_size={b} x train.num_workers={w} is {b * w}: the "
             f"contrastive loss scores each caption against that batch's clips, so the recipe's results need "
-            f"its batch. Give {fix}, or train.global_batch=0 to train at {b * w} (train.grad_accum adds "
-            "steps, not negatives)")
+            f"its batch. Give {fix}, or train.global_batch=0 to train at {b * w} (and to resume a run "
+            "begun at it; train.grad_accum adds steps, not negatives)")
 
 
 BOOLEAN_TEXTS = ("true", "false", "yes", "no", "on", "off", "y", "n", "0", "1")

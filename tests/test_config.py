@@ -829,7 +829,7 @@ def test_a_recipe_on_fewer_workers_is_refused_with_the_batch_size_that_keeps_its
         f"{REPO / 'train' / 'configs' / 'clip4clip_vitb32.yaml'}: train.global_batch is 128, but data.batch_size=16 x "
         "train.num_workers=4 is 64: the contrastive loss scores each caption against that batch's clips, so the "
         "recipe's results need its batch. Give data.batch_size=32, or train.global_batch=0 to train at 64 "
-        "(train.grad_accum adds steps, not negatives)")
+        "(and to resume a run begun at it; train.grad_accum adds steps, not negatives)")
     assert load_config(recipe, ["train.num_workers=4", "data.batch_size=32"]).train.global_batch == 128
     assert load_config(recipe, ["train.num_workers=4", "train.global_batch=0"]).data.batch_size == 16
     # accumulation is no substitute: it adds steps, not negatives
