@@ -90,41 +90,55 @@ def brute_force_metrics(export_dir: Path, manifest: str, keep: int | None = None
             "v2t_mnr": float(np.mean(v2t)), "sim": sim, "video_of_text": clip_of}
 
 
-def test_train_outputs_match_brute_force_eval_with_a_killed_worker_replaced(ray_local, synth_small, tmp_path,
-                                                                           monkeypatch):
+@pytest.fixture(scope="module")
+def finished_run(ray_local, synth_small, tmp_path_factory) -> dict:
+    """One finished run, shared: 3 epochs that lose a training worker (SIGKILL) after the first
+    checkpoint, named group/one, its paths relative to where the command runs. The killed-worker
+    test checks what it wrote; the settings-check test re-runs it with other settings (it
+    leaves the run as it found it)."""
+    from train.driver import run
+
+    storage = tmp_path_factory.mktemp("finished")
+    # paths relative to where the command runs, as the demo configs give them (Ray Train's
+    # workers run in another directory: they must get them absolute)
+    here = Path(synth_small["manifest"]).parent.parent
+    extra = {"train.epochs": 3, "train.max_failures": 1}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(here)
+        args = overrides(Path(synth_small["manifest"]).relative_to(here), os.path.relpath(storage), "group/one",
+                         **extra)
+        cfg = load_config(DEMO, args)
+        out = storage / "group" / "one"
+        killed = {}
+
+        def killer():
+            deadline = time.time() + 300
+            while time.time() < deadline and registered_state(str(out)) is None:
+                time.sleep(0.3)
+            workers = _train_worker_pids()
+            if workers:
+                killed["pid"] = workers[-1]
+                os.kill(workers[-1], signal.SIGKILL)
+
+        t = threading.Thread(target=killer, daemon=True)
+        t.start()
+        handler = signal.getsignal(signal.SIGINT)
+        final = run(cfg, quiet_ray=True)
+        t.join(timeout=5)
+        handler_after = signal.getsignal(signal.SIGINT)
+    return dict(storage=storage, here=here, extra=extra, args=args, cfg=cfg, out=out, killed=killed,
+                handler=handler, handler_after=handler_after, final=final)
+
+
+def test_train_outputs_match_brute_force_eval_with_a_killed_worker_replaced(finished_run, synth_small):
     """A 3-epoch run loses a training worker (SIGKILL) after its first checkpoint: Ray Train
     replaces it and goes on from that checkpoint (train.max_failures=1). The run still ends
     with every epoch's steps, and what it writes (result.json, metrics.csv, curves.png, the
     export) holds what a brute-force evaluation of the export finds."""
-    from train.driver import run
-
-    # paths relative to where the command runs, as the demo configs give them (Ray Train's
-    # workers run in another directory: they must get them absolute)
-    here = Path(synth_small["manifest"]).parent.parent
-    monkeypatch.chdir(here)
-    rel = Path(synth_small["manifest"]).relative_to(here)
-    cfg = load_config(DEMO, overrides(rel, os.path.relpath(tmp_path), "outputs",
-                                      **{"train.epochs": 3, "train.max_failures": 1}))
-    assert cfg.data.manifest == synth_small["manifest"] and cfg.train.storage_path == str(tmp_path)
-    out = tmp_path / "outputs"
-    killed = {}
-
-    def killer():
-        deadline = time.time() + 300
-        while time.time() < deadline and registered_state(str(out)) is None:
-            time.sleep(0.3)
-        workers = _train_worker_pids()
-        if workers:
-            killed["pid"] = workers[-1]
-            os.kill(workers[-1], signal.SIGKILL)
-
-    t = threading.Thread(target=killer, daemon=True)
-    t.start()
-    handler = signal.getsignal(signal.SIGINT)
-    final = run(cfg, quiet_ray=True)
-    t.join(timeout=5)
-    assert "pid" in killed, "no worker was killed"
-    assert signal.getsignal(signal.SIGINT) is handler  # not Ray Train's, which fit left behind
+    cfg, out, final = finished_run["cfg"], finished_run["out"], finished_run["final"]
+    assert cfg.data.manifest == synth_small["manifest"] and cfg.train.storage_path == str(finished_run["storage"])
+    assert "pid" in finished_run["killed"], "no worker was killed"
+    assert finished_run["handler_after"] is finished_run["handler"]  # not Ray Train's, which fit left behind
     result = json.loads((out / "result.json").read_text())
     assert result == pytest.approx(final)
     for key in ("t2v_r1", "t2v_r5", "t2v_r10", "t2v_mdr", "t2v_mnr", "v2t_r1", "v2t_r5", "v2t_r10",
@@ -1283,14 +1297,14 @@ def test_zero3_stopped_by_ctrl_c_says_how_to_resume_and_resumes_at_its_saved_ste
     assert epochs_logged == [str(e) for e in range(1, epochs + 1)]  # no epoch trained twice: the history continues
 
 
-def test_resuming_with_other_settings_is_refused_before_ray_and_leaves_the_run(ray_local, synth_small, tmp_path,
+def test_resuming_with_other_settings_is_refused_before_ray_and_leaves_the_run(finished_run, synth_small, tmp_path,
                                                                               monkeypatch, capsys):
-    """A finished 1-epoch run re-run with another batch size: its checkpoint counts steps of
-    batch 4; continuing would resume at that step on another schedule (seen: a plan of 18 steps
-    that finished at 8), so the call is refused and the run's history is left as it was.
-    So are optimiser settings: the checkpoint restores its own learning rate, and a new one was
-    ignored without a word. The same settings again print the finished run's result, Ray not
-    started (they resumed the finished run and changed nothing).
+    """A finished run (the shared 3-epoch one) re-run with another batch size: its checkpoint
+    counts steps of batch 4; continuing would resume at that step on another schedule (seen: a
+    plan of 18 steps that finished at 8), so the call is refused and the run's history is left
+    as it was. So are optimiser settings: the checkpoint restores its own learning rate, and a
+    new one was ignored without a word. The same settings again print the finished run's
+    result, Ray not started (they resumed the finished run and changed nothing).
 
     The run is named group/one: its run folder is <storage>/group/one, and Ray's checkpoints
     belong in it, beside result.json, where the settings check looks for them. Ray was given
@@ -1301,13 +1315,12 @@ def test_resuming_with_other_settings_is_refused_before_ray_and_leaves_the_run(r
     from clipray.config import ConfigError
     from train.driver import run
 
-    args = overrides(synth_small["manifest"], tmp_path, "group/one", **{"train.epochs": 1})
-    first = run(load_config(DEMO, args), quiet_ray=True, table=False)
+    monkeypatch.chdir(finished_run["here"])  # its paths are relative to there
+    args, first, out, storage = finished_run["args"], finished_run["final"], finished_run["out"], finished_run["storage"]
     n_train = read_manifest(synth_small["manifest"], split="train").num_rows
-    assert first["total_steps"] == n_train // 8 and first["epoch"] == 1
-    out = tmp_path / "group" / "one"
+    assert first["total_steps"] == 3 * (n_train // 8) and first["epoch"] == 3
     assert (out / "result.json").exists() and any(p.name.startswith("checkpoint_") for p in out.iterdir())
-    assert not (tmp_path / "group" / "group").exists()
+    assert not (storage / "group" / "group").exists()
     history = (out / "metrics.csv").read_text()
     with pytest.raises(ConfigError, match=r"data\.batch_size: 4 -> 2"):
         run(load_config(DEMO, args + ["data.batch_size=2"]), quiet_ray=True, table=False)
@@ -1325,24 +1338,31 @@ def test_resuming_with_other_settings_is_refused_before_ray_and_leaves_the_run(r
     # the manifest copied elsewhere (the same files): not named among the settings that differ
     copy = tmp_path / "synth-copy"
     shutil.copytree(Path(synth_small["manifest"]).parent, copy)
-    moved = overrides(str(copy / Path(synth_small["manifest"]).name), tmp_path, "group/one", **{"train.epochs": 1})
+    moved = overrides(str(copy / Path(synth_small["manifest"]).name), storage, "group/one", **finished_run["extra"])
     with pytest.raises(ConfigError, match=r"other settings \(optim\.lr: 0\.001 -> 0\.002\); resuming"):
         run(load_config(DEMO, moved + ["optim.lr=2e-3"]), quiet_ray=True, table=False)
     assert (out / "metrics.csv").read_text() == history
     # the same command again: the finished run's result, from result.json, before Ray starts
     # (it resumed the last checkpoint, trained nothing and wrote the outputs again)
-    monkeypatch.setattr("clipray.runtime.init_ray", lambda *a, **k: pytest.fail("Ray started"))
-    assert run(load_config(DEMO, args), quiet_ray=True, table=False) == first
+    with monkeypatch.context() as m:
+        m.setattr("clipray.runtime.init_ray", lambda *a, **k: pytest.fail("Ray started"))
+        assert run(load_config(DEMO, args), quiet_ray=True, table=False) == first
     assert f"[driver] {out} has finished training; its result:" in capsys.readouterr().out
-    monkeypatch.undo()
     # Ray Train's record of the checkpoints cut (a kill while Ray rewrote it): every later start
     # ended in a long traceback, CheckpointManagerInitializationError; now one line and the way out.
-    # (A run stopped before its end, which has no result.json yet)
-    (out / "result.json").unlink()
-    (out / "checkpoint_manager_snapshot.json").write_text("")
-    with pytest.raises(ConfigError, match=rf"^{out}: Ray Train cannot resume this run from its record of the "
-                                          r"checkpoints \(.+\); give a new train.run_name to start over$"):
-        run(load_config(DEMO, args), quiet_ray=True, table=False)
+    # (A run stopped before its end, which has no result.json yet.) Both files are put back after:
+    # the run is shared.
+    snapshot = out / "checkpoint_manager_snapshot.json"
+    kept = {p: p.read_bytes() for p in (out / "result.json", snapshot)}
+    try:
+        (out / "result.json").unlink()
+        snapshot.write_text("")
+        with pytest.raises(ConfigError, match=rf"^{out}: Ray Train cannot resume this run from its record of the "
+                                              r"checkpoints \(.+\); give a new train.run_name to start over$"):
+            run(load_config(DEMO, args), quiet_ray=True, table=False)
+    finally:
+        for p, data in kept.items():
+            p.write_bytes(data)
 
 
 def test_a_run_named_with_a_slash_before_bd5de69_resumes_where_ray_kept_its_checkpoints(tmp_path, capsys):
