@@ -22,6 +22,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -95,8 +96,12 @@ def ray_head(tmp_path: Path):
 def test_job_submit_trains_the_demo_on_a_token_auth_head(ray_local, synth_small, tmp_path):
     with ray_head(tmp_path) as (url, env):
         _submit_demo_and_check(url, env, synth_small["manifest"], tmp_path / "runs")
-        _follow_a_failing_job(env, tmp_path / "runs")
-        _a_run_folder_in_the_jobs_working_dir_is_refused(env, synth_small["manifest"])
+        # two short jobs, each refused before Ray Train starts: at once (each is mostly process
+        # starts, ~10 s one after the other); either one's failed assertion is raised here
+        with ThreadPoolExecutor(2) as pool:
+            for done in [pool.submit(_follow_a_failing_job, env, tmp_path / "runs"),
+                         pool.submit(_a_run_folder_in_the_jobs_working_dir_is_refused, env, synth_small["manifest"])]:
+                done.result()
 
     # only the head this test started is gone: the session's own local Ray still runs tasks
     assert ray_local.get(ray_local.remote(lambda: 41 + 1).remote(), timeout=120) == 42
