@@ -20,8 +20,8 @@ video encoder -> embeddings Parquet + a faiss index in `out` (layout: `serve.sto
   `index.rerank_checkpoint=TIGHT_EXPORT` also stores its per-frame features, and the served app
   re-scores the loose index's top candidates with it.
 - Unreadable clips are skipped and listed in `out/skip_report.jsonl`; progress and an ETA are
-  printed while the job runs. A clip whose window runs past its video's end is stored, and
-  answered, with the window cut there, and listed in `out/cut_report.jsonl`.
+  printed while the job runs. A clip whose window runs past its video's end is embedded from
+  the frames up to that end and listed in `out/cut_report.jsonl`; it keeps the manifest's window.
 - A wrong checkpoint, manifest or index kind fails before anything is embedded (a wrong path
   before Ray starts), and a new `out` made for the run is removed again.
 """
@@ -466,7 +466,7 @@ def _build(cfg: AppConfig, out: Path, quiet: bool) -> dict[str, Any]:
                           f"this append asks {' '.join(f'video.{k}={getattr(cfg.video, k)}' for k in differ)}: "
                           "give the former as overrides, or build a new index (another out=)")
     existing, files = store.read_table(out, store.META_COLUMNS), set()
-    rows, captions = plan_clips(cfg, {**store.existing_ids(existing), **store.cut_keys(out, existing)}, files)
+    rows, captions = plan_clips(cfg, store.existing_ids(existing), files)
     again, signs = changed_clips(out, files, existing)
     del files
     if not rows and not len(existing):  # no skip report to look at: nothing was tried
@@ -648,12 +648,7 @@ def _write_new(out: Path, new: list[dict], first_id: int, rerank: str, fp: str =
     cat["row_id"] = np.where(fresh, first_id + np.cumsum(fresh) - 1, again).astype(np.int64)
     cat["start"] = np.array([_f(v) for v in cat["start"]], dtype=np.float64)
     cat["end"] = np.array([_f(v) for v in cat["end"]], dtype=np.float64)
-    # a window that ran past its video's end is stored as used, cut there (rounded as windows'
-    # times are), and the manifest's end is kept for the clip's identity (store.cut_keys)
-    cut, asked = cat.pop("cut", np.full(len(order), np.nan)), {}
-    for i in np.flatnonzero(np.isfinite(cut) & fresh):
-        asked[int(cat["row_id"][i])] = float(cat["end"][i])
-        cat["end"][i] = round(float(cut[i]), 3)
+    cat.pop("cut", None)  # (listed in CUT_REPORT: a clip keeps the manifest's window, its identity)
     if rerank:  # the re-ranker part first: an interrupted run then leaves no orphan row ids
         store.write_part(out, {"row_id": cat["row_id"], "feats": cat.pop("rerank_feats"),
                                "mask": cat.pop("rerank_mask")}, sub=store.RERANK_DIR)
@@ -664,7 +659,7 @@ def _write_new(out: Path, new: list[dict], first_id: int, rerank: str, fp: str =
         keep = slice(None) if fresh.all() else fresh  # (no copy of the columns of an append of new clips)
         store.write_part(out, {k: [None if isinstance(x, float) and np.isnan(x) else x for x in v[keep]]
                                if k in ("start", "end") else v[keep] for k, v in cat.items()},
-                         fingerprint=fp, sampling=sampling, cut=asked)
+                         fingerprint=fp, sampling=sampling)
     return int(fresh.sum())
 
 

@@ -189,7 +189,6 @@ _EMBEDDING_ROWS = 4096  # embeddings read from a part at a time
 
 PART_FINGERPRINT = b"clipray.fingerprint"  # an embeddings part's: the export that embedded its clips
 PART_SAMPLING = b"clipray.sampling"  # and the frame sampling they were embedded with (JSON)
-PART_CUT = b"clipray.cut"  # and the manifest's end of each clip stored cut at its video's end, by row id (JSON)
 
 
 def part_fingerprints(out: str | Path) -> set[str]:
@@ -215,10 +214,9 @@ def part_sampling(out: str | Path) -> dict[str, Any]:
 
 
 def write_part(out: str | Path, rows: dict[str, np.ndarray], sub: str = EMB_DIR, fingerprint: str = "",
-               sampling: Optional[dict] = None, cut: Optional[dict[int, float]] = None) -> Path:
+               sampling: Optional[dict] = None) -> Path:
     """One new part holding this run's clips (row_id, metadata, embedding [n, D]); an embeddings
-    part records the `fingerprint` of the export that embedded them, their `sampling`, and the
-    manifest's end of the clips stored `cut` at their video's end (`cut_keys`)."""
+    part records the `fingerprint` of the export that embedded them, and their `sampling`."""
     if sub != EMB_DIR:
         def savez(tmp: str) -> None:
             with open(tmp, "wb") as f:
@@ -234,10 +232,9 @@ def write_part(out: str | Path, rows: dict[str, np.ndarray], sub: str = EMB_DIR,
         "path": pa.array(rows["path"], pa.string()),
         "embedding": vectors(rows["embedding"]),
     })
-    if fingerprint or sampling or cut:
+    if fingerprint or sampling:
         table = table.replace_schema_metadata({PART_FINGERPRINT: fingerprint.encode(),
-                                               **({PART_SAMPLING: json.dumps(sampling).encode()} if sampling else {}),
-                                               **({PART_CUT: json.dumps(cut).encode()} if cut else {})})
+                                               **({PART_SAMPLING: json.dumps(sampling).encode()} if sampling else {})})
     return write_rows(out, sub, table)
 
 
@@ -546,20 +543,6 @@ def clip_ms(times: pa.Array | pa.ChunkedArray) -> list:
     ms = np.rint(np.where(none, 0.0, x)).astype(np.int64).astype(object)
     ms[none] = None
     return ms.tolist()
-
-
-def cut_keys(out: str | Path, table: pa.Table) -> dict[tuple, str]:
-    """The video id of every clip stored cut at its video's end, by its clip_key as the manifest
-    gave it (its end past the video's): the stored clip_key has the end the window was cut to,
-    and the manifest's clip was embedded again by every run."""
-    keys = {}
-    for f in parts(out):
-        with reading_part(f):
-            cut = json.loads((pq.read_schema(f).metadata or {}).get(PART_CUT, b"{}"))
-        for row, end in cut.items():
-            r = int(row)
-            keys[clip_key(table["path"][r].as_py(), table["start"][r].as_py(), end)] = table["video_id"][r].as_py()
-    return keys
 
 
 def existing_ids(table: pa.Table) -> dict[tuple, str]:

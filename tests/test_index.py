@@ -757,13 +757,14 @@ def test_a_clip_skipped_again_is_listed_once_and_one_fixed_since_is_dropped(ray_
     """A clip that could not be embedded is tried again by every run: an unchanged re-run added
     it to skip_report.jsonl once more (two runs, two lines for one clip), and once its file was
     there its old line stayed, though the clip was indexed. A line for a clip no run tries again
-    (not in this manifest) stays. A window past its video's end (9.0 for a 4 s video) was stored
-    and answered by search as the manifest gave it, without a word: it is stored cut there,
-    listed once in cut_report.jsonl, and not embedded again by a re-run."""
+    (not in this manifest) stays. A window past its video's end (9.0 for a 4 s video) was indexed
+    without a word: it is listed once in cut_report.jsonl and counted in the summary; it keeps the
+    manifest's window (its identity: a re-run does not embed it again), and its vector is that of
+    the frames up to the video's end."""
     import shutil
 
     from clipray.manifest import read_manifest, resolve_path, write_manifest
-    from clipray.video import video_length
+    from clipray.video import decode_clip, video_length
     from serve import store
     from serve.deployments import Searcher
     from serve.index import build_index
@@ -796,10 +797,14 @@ def test_a_clip_skipped_again_is_listed_once_and_one_fixed_since_is_dropped(ray_
             {"video_id": "cut", "path": rows[1]["path"], "start": 0.5, "end": 9.0, "length": length}]
     t = store.read_table(out)
     assert t.column("video_id").to_pylist() == [r["video_id"] for r in rows[:3]]
-    assert (t["start"][2].as_py(), t["end"][2].as_py()) == (0.5, length)
+    assert (t["start"][2].as_py(), t["end"][2].as_py()) == (0.5, 9.0)
+    # its frames are those of [0.5, length]: the same as a row that gives that window
+    video = cfg.video
+    assert decode_clip(rows[1]["path"], 0.5, 9.0, video).indices == decode_clip(rows[1]["path"], 0.5, length,
+                                                                                   video).indices
     s = Searcher.func_or_class(str(out), {"max_batch_size": 1, "batch_wait_timeout_s": 0.0})
     hits = s.search_many([(store.read_embeddings(out)[2], 3)])[0]
-    assert {"clip_id": 2, "video_id": "cut", "start": 0.5, "end": length} in [
+    assert {"clip_id": 2, "video_id": "cut", "start": 0.5, "end": 9.0} in [
         {k: h[k] for k in ("clip_id", "video_id", "start", "end")} for h in hits]
     shutil.copyfile(resolve_path(rows[0]["path"], str(root)), gone)
     build_index(cfg, quiet=True)
