@@ -52,6 +52,7 @@ DATA_COLUMNS = ["row_id", "video_id", "path", "start", "end", "caption"]
 SKIP_DIR = "skips"
 SKIP_REPORT = "skip_report.jsonl"  # collect_skips' merged report, beside SKIP_DIR
 CUT_REPORT = "cut_report.jsonl"  # and its list of the windows cut at their video's end (not skips)
+CUTS_REMEMBERED = 100_000  # cut clips a decoder reports once (see ClipDecoder._cut_said)
 NO_WORDS = "caption has no words once cleaned for the tokenizer"
 _TOKENIZER_MODULE = "clipray._open_clip_tokenizer"
 
@@ -127,6 +128,9 @@ class ClipDecoder:
         self.skip_dir = skip_dir.rstrip("/")
         self.name = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.calls = 0
+        # the cut clips this decoder has reported: an epoch's pass reported each again, a skip
+        # file for every batch that held one, each epoch (bounded: past it, collect_skips dedups)
+        self._cut_said: set[tuple] = set()
         self._buffers: list[np.ndarray] = []  # frames arrays this decoder may write into again
         self._free_refs = 0  # sys.getrefcount of a buffer that nothing outside the list holds
 
@@ -185,10 +189,13 @@ class ClipDecoder:
                 skips.append({"row_id": int(batch["row_id"][i]), "video_id": str(batch["video_id"][i]),
                               "path": path, "reason": e.reason})
                 continue
-            if clip.cut is not None:  # decoded and kept; its line ("kind": "cut") goes to CUT_REPORT
-                skips.append({"kind": "cut", "row_id": int(batch["row_id"][i]), "video_id": str(batch["video_id"][i]),
-                              "path": path, "start": as_seconds(batch["start"][i]),
-                              "end": as_seconds(batch["end"][i]), "length": round(clip.cut, 3)})
+            key = (int(batch["row_id"][i]), str(batch["video_id"][i]), path)
+            if clip.cut is not None and key not in self._cut_said:  # kept; its line goes to CUT_REPORT
+                skips.append({"kind": "cut", "row_id": key[0], "video_id": key[1], "path": path,
+                              "start": as_seconds(batch["start"][i]), "end": as_seconds(batch["end"][i]),
+                              "length": round(clip.cut, 3)})
+                if len(self._cut_said) < CUTS_REMEMBERED:
+                    self._cut_said.add(key)
             masks[len(keep)] = clip.mask
             keep.append(i)
         if skips:
@@ -366,6 +373,8 @@ def collect_skips(skip_dir: str) -> dict[str, Any]:
     with naming(report):
         replace_whole(fs, f"{root}/{SKIP_REPORT}", "://" not in skip_dir, write)
     cut_report = f"{skip_dir.rstrip('/')}/{CUT_REPORT}"
+    if not cuts and fs.exists(f"{root}/{CUT_REPORT}"):  # an earlier attempt's, in a run begun again
+        fs.rm_file(f"{root}/{CUT_REPORT}")
     if cuts:
         def write_cuts(tmp: str) -> None:
             with fs.open(tmp, "w") as f:

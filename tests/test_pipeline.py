@@ -167,6 +167,31 @@ def test_skip_report_keeps_rows_of_two_manifests_that_share_a_row_id(synth_small
     assert [(r["row_id"], r["video_id"]) for r in on_disk] == [(0, "e0"), (0, "t0"), (1, "e1"), (1, "t1"), (2, "t2")]
 
 
+def test_a_decoder_reports_a_cut_clip_once_and_a_run_begun_again_drops_the_old_cut_report(tmp_path, synth_small):
+    """Each pass over the rows (every epoch, every evaluation) reported a cut clip again: a skip
+    file for each batch that held one, in each epoch, where skips are rare and cuts of a whole
+    dataset's rounded-up ends may not be. A decoder reports each once. And the cut report was
+    written only when there were cuts: a run begun again in the same folder (its skips/ removed)
+    with none kept the earlier attempt's list."""
+    root = synth_small["manifest"].rsplit("/", 1)[0]
+    row = read_manifest(synth_small["manifest"]).to_pylist()[0]
+    batch = {"row_id": np.array([0, 1]), "video_id": np.array(["cut", "whole"]),
+             "path": np.array([f"{root}/{row['path']}"] * 2), "start": np.array([0.5, np.nan]),
+             "end": np.array([9.0, np.nan]), "caption": np.array(["a", "b"])}
+    dec = ClipDecoder(DataConfig(manifest="unused", video=VideoConfig(fps=2.0, max_frames=4, size=32)),
+                      root, str(tmp_path))
+    for _ in range(3):  # three passes: three epochs
+        assert dec(batch)["row_id"].tolist() == [0, 1]
+    assert len(list((tmp_path / "skips").iterdir())) == 1
+    report = collect_skips(str(tmp_path))
+    assert (report["skipped"], report["cut"]) == (0, 1)
+    assert [json.loads(line)["row_id"] for line in (tmp_path / "cut_report.jsonl").read_text().splitlines()] == [0]
+    for f in (tmp_path / "skips").iterdir():  # begun again: driver.check_resume removes skips/
+        f.unlink()
+    report = collect_skips(str(tmp_path))
+    assert (report["skipped"], report["cut"]) == (0, 0) and not (tmp_path / "cut_report.jsonl").exists()
+
+
 def test_a_skip_file_cut_by_a_full_disk_is_not_read_into_the_report(tmp_path, file_size_limit):
     """A decoder's skip file written in place and cut midway (a full disk; here a file size
     limit, EFBIG) left a line cut, and the skip report at the run's end (or beside a failed
