@@ -709,14 +709,15 @@ def test_a_failed_state_write_keeps_the_last_state(tmp_path):
 
 
 def test_a_round_stopped_after_its_training_resumes_on_the_clips_it_trained_on(ray_local, events, tmp_path,
-                                                                              monkeypatch):
+                                                                              monkeypatch, capsys):
     """Round 1 trains on its edits, beats round 0 and starts copying itself over the teacher;
     the job dies mid-copy (a cut weights file), before the round's state is saved. The re-run
     scored round 1 again, with that teacher: a cut one failed every re-run, a whole one (the
     round's own student) rewrote the round's manifest with clips its training never saw. Now the
     round's edits are saved before it trains and reused: no scoring, the same manifest, and the
     teacher copied whole. Validation is stubbed to improve every round (so the teacher moves);
-    training, scoring and the final evaluation are real."""
+    training, scoring and the final evaluation are real. The round's training had reached its
+    epoch: its result is read back, where Ray Train was started again to train nothing."""
     import train.edit
     from clipray.export import WEIGHTS
     from train.edit import main
@@ -742,8 +743,12 @@ def test_a_round_stopped_after_its_training_resumes_on_the_clips_it_trained_on(r
     trained = read_clips(str(out / "clips" / "round-01.parquet"))
     assert scored == [1] and not (out / "edit_result.json").exists()
     scored.append("resumed")
+    capsys.readouterr()
     assert main(args) == 0
     assert scored == [1, "resumed"]  # round 1 was not scored again
+    said = capsys.readouterr().out
+    assert f"[driver] {out} has finished epoch 2; its result: val t2v R@1 " in said, said[-3000:]
+    assert "[driver] run" not in said.split("has finished epoch 2")[0]  # no training call before it
     result = json.loads((out / "edit_result.json").read_text())
     assert [r["teacher_updated"] for r in result["rounds"]] == [True, True]
     assert read_clips(result["rounds"][1]["manifest"]) == trained

@@ -1566,6 +1566,16 @@ def test_a_finished_run_run_again_prints_its_result_without_starting_ray(synth_s
         with pytest.raises(RayStarted):
             run(load_config(DEMO, args))
         assert "has finished" not in capsys.readouterr().out
+    # a clip-editing round's call (stop_epoch) whose training reached its epoch, stopped before
+    # the round was recorded: Ray Train was started again to resume there and train nothing
+    first = dict(result, epoch=1, step=2, total_steps=2)
+    (out / "result.json").write_text(json.dumps(first))
+    assert run(load_config(DEMO, args), stop_epoch=1, table=False) == first
+    assert capsys.readouterr().out == f"[driver] {out} has finished epoch 1; its result: test t2v R@1 50.0, " \
+                                      "read from result.json\n"
+    with pytest.raises(RayStarted):  # epoch 1 of the 2 this call is to reach: it goes on
+        run(load_config(DEMO, args), stop_epoch=2, table=False)
+    assert "has finished" not in capsys.readouterr().out
 
 
 def test_the_results_tables_skipped_clips_line_ends_with_its_last_word():
@@ -2101,3 +2111,4 @@ def test_the_warm_up_takes_its_share_of_the_steps(ratio, total, warmup):
     factors = [sched.lr_lambdas[0](step) for step in range(total)]
     assert factors[warmup - 1] == 1.0 and all(f < 1.0 for f in factors[:warmup - 1])
     assert factors[warmup] == 1.0 > factors[warmup + 1]  # the cosine starts from the peak
+

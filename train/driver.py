@@ -446,11 +446,12 @@ def finished_run(tag: str, out: str, name: str, what: str, done: Callable[[dict]
     return result
 
 
-def trained(result: dict, cfg: Config, total: int) -> bool:
+def trained(result: dict, cfg: Config, total: int, stop_epoch: int = 0) -> bool:
     """Whether result.json is of a run that trained all it was to (the loop's own end: every epoch,
-    or the step budget's `total` steps). Re-run, such a run resumed its last checkpoint (43 s on
-    the demo, Ray started, "resumed from step 2 (epoch 2)"), trained nothing and wrote its
-    outputs and table again. One without the table's metrics (another version's) goes on as then."""
+    or the step budget's `total` steps; with `stop_epoch`, clip editing's round, that epoch).
+    Re-run, such a run resumed its last checkpoint (43 s on the demo, Ray started, "resumed from
+    step 2 (epoch 2)"), trained nothing and wrote its outputs and table again. One without the
+    table's metrics (another version's) goes on as then."""
     from clipray.metrics import METRIC_KEYS
 
     # what the results table (`_table`) reads of result.json
@@ -459,6 +460,8 @@ def trained(result: dict, cfg: Config, total: int) -> bool:
             or not isinstance(result["total_steps"], int):  # (a hand-edited one: resumed, not a TypeError)
         return False
     epoch = result.get("epoch")
+    if stop_epoch:  # (a round's result.json is written last, after its export)
+        return isinstance(epoch, int) and epoch >= stop_epoch
     return result["total_steps"] >= total or (not cfg.train.max_steps and isinstance(epoch, int)
                                               and epoch >= cfg.train.epochs)
 
@@ -697,11 +700,16 @@ def _run(cfg: Config, quiet_ray: bool, stop_epoch: int, table: bool, held: conte
     keyed = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, video=fitted.data.video))
     with storage_access(cfg, out):
         check_resume(out, resume_key(keyed, steps_per_epoch, stop_epoch, files, command))
-        if not stop_epoch and checkpointed(out):  # (clip editing's rounds are its to tell)
+        if checkpointed(out):
             from clipray.pipeline import collect_skips
 
-            done = finished_run("driver", out, "result.json", "training", lambda r: trained(r, cfg, total),
-                                lambda r: _table(r, out, collect_skips(out)) if table else "")
+            # a clip-editing round's call too: one stopped after its training (copying the new
+            # teacher) started Ray Train again to resume at its last epoch and train nothing
+            done = finished_run("driver", out, "result.json", f"epoch {stop_epoch}" if stop_epoch else "training",
+                                lambda r: trained(r, cfg, total, stop_epoch),
+                                lambda r: _table(r, out, collect_skips(out)) if table else
+                                f" {r['eval_split']} t2v R@1 {r['t2v_r1']:.1f}, read from result.json" if stop_epoch
+                                else "")
             if done is not None:
                 return done
     cfg = fitted
