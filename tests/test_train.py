@@ -2112,3 +2112,31 @@ def test_the_warm_up_takes_its_share_of_the_steps(ratio, total, warmup):
     assert factors[warmup - 1] == 1.0 and all(f < 1.0 for f in factors[:warmup - 1])
     assert factors[warmup] == 1.0 > factors[warmup + 1]  # the cosine starts from the peak
 
+
+def test_a_training_workers_warnings_leave_out_torchs_deprecation_of_zero3s_collectives():
+    """A ZeRO-3 run's console had torch's FutureWarning for each collective DeepSpeed calls
+    ("`torch.distributed.all_gather_into_tensor` is deprecated ..."), two lines each, which no
+    user can act on; other warnings still show. (No Ray: the worker's set-up, called here.)"""
+    import logging
+    import warnings
+
+    import torch
+    import torch.distributed as dist
+
+    from train.loop import quiet_worker_logs
+
+    level = logging.getLogger().level
+    try:
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            quiet_worker_logs()
+            for call in (lambda: dist.all_gather_into_tensor(torch.zeros(2), torch.zeros(1)),
+                         lambda: dist.reduce_scatter_tensor(torch.zeros(1), torch.zeros(2))):
+                with pytest.raises(Exception):  # no process group here; torch warns before it looks
+                    call()
+            warnings.warn("`torch.distributed.all_gather_into_tensor` is slow", FutureWarning)
+            warnings.warn("another `torch.distributed.x` is deprecated", DeprecationWarning)
+    finally:
+        logging.getLogger().setLevel(level)
+    assert [str(w.message) for w in seen] == ["`torch.distributed.all_gather_into_tensor` is slow",
+                                              "another `torch.distributed.x` is deprecated"]

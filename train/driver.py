@@ -776,7 +776,11 @@ def _run(cfg: Config, quiet_ray: bool, stop_epoch: int, table: bool, held: conte
             result = trainer.fit()
     except (KeyboardInterrupt, SystemExit):
         # Ctrl-C: Ray Train aborts the run and its ray.get ends in a bare SystemExit(1), which
-        # went past the CLI's Ctrl-C line and exit status 130 (as a process killed by SIGINT)
+        # went past the CLI's Ctrl-C line and exit status 130 (as a process killed by SIGINT).
+        # Disconnected first: Ray forwarded the stopping workers' lines after this one and the
+        # CLI's, so the console did not end with what to do
+        with contextlib.suppress(Exception, KeyboardInterrupt):
+            ray.shutdown()
         print(interrupted_line(out), file=sys.stderr, flush=True)
         raise KeyboardInterrupt from None
     except ray.train.TrainingFailedError as e:

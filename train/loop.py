@@ -20,6 +20,7 @@ import math
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -222,9 +223,12 @@ def no_batch(epoch: int, rows: int | None, skipped: int, batch: int, world: int,
 def quiet_worker_logs() -> None:
     """In a Ray Train worker: Ray Train logs every report at INFO from every rank (one line under
     a logger named by its file path, which only the root logger's level reaches) and open_clip
-    logs each model it builds at INFO. Our progress lines say what matters; warnings still show."""
+    logs each model it builds at INFO. Our progress lines say what matters; warnings still show,
+    but torch's FutureWarnings for the collectives DeepSpeed's ZeRO-3 calls (`torch.distributed.
+    all_gather_into_tensor` is deprecated ...), which no user can act on."""
     logging.getLogger("ray.train").setLevel(logging.WARNING)
     logging.getLogger().setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
 
 
 def train_loop(config: dict[str, Any]) -> None:
