@@ -39,7 +39,7 @@ import uuid
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -189,13 +189,14 @@ class ClipDecoder:
                 skips.append({"row_id": int(batch["row_id"][i]), "video_id": str(batch["video_id"][i]),
                               "path": path, "reason": e.reason})
                 continue
-            key = (int(batch["row_id"][i]), str(batch["video_id"][i]), path)
-            if clip.cut is not None and key not in self._cut_said:  # kept; its line goes to CUT_REPORT
-                skips.append({"kind": "cut", "row_id": key[0], "video_id": key[1], "path": path,
-                              "start": as_seconds(batch["start"][i]), "end": as_seconds(batch["end"][i]),
-                              "length": round(clip.cut, 3)})
-                if len(self._cut_said) < CUTS_REMEMBERED:
-                    self._cut_said.add(key)
+            if clip.cut is not None:  # kept; its line goes to CUT_REPORT, once
+                key = (int(batch["row_id"][i]), str(batch["video_id"][i]), path)
+                if key not in self._cut_said:
+                    skips.append({"kind": "cut", "row_id": key[0], "video_id": key[1], "path": path,
+                                  "start": as_seconds(batch["start"][i]), "end": as_seconds(batch["end"][i]),
+                                  "length": round(clip.cut, 3)})
+                    if len(self._cut_said) < CUTS_REMEMBERED:
+                        self._cut_said.add(key)
             masks[len(keep)] = clip.mask
             keep.append(i)
         if skips:
@@ -359,29 +360,32 @@ def collect_skips(skip_dir: str) -> dict[str, Any]:
     fs.makedirs(root, exist_ok=True)
     reasons: Counter = Counter()
 
-    def write(tmp: str) -> None:
+    def skipped() -> Iterator[str]:
         reasons.clear()
-        with fs.open(tmp, "w") as f:
-            for key in sorted(records):  # written line by line, not joined into one string first
-                line = records[key]
-                reasons[_reason_kind(json.loads(line)["reason"])] += 1
-                f.write(line + "\n")
+        for key in sorted(records):
+            reasons[_reason_kind(json.loads(records[key])["reason"])] += 1
+            yield records[key]
 
-    # a full disk is an OSError naming no file: the run ended in its traceback after training.
-    # Whole or not at all: written in place, it also left the report cut, its last line no JSON
-    report = f"{skip_dir.rstrip('/')}/{SKIP_REPORT}"
-    with naming(report):
-        replace_whole(fs, f"{root}/{SKIP_REPORT}", "://" not in skip_dir, write)
-    cut_report = f"{skip_dir.rstrip('/')}/{CUT_REPORT}"
-    if not cuts and fs.exists(f"{root}/{CUT_REPORT}"):  # an earlier attempt's, in a run begun again
-        fs.rm_file(f"{root}/{CUT_REPORT}")
-    if cuts:
-        def write_cuts(tmp: str) -> None:
+    def write(name: str, lines: Callable[[], Iterable[str]]) -> str:
+        """`name` beside the skip files, written line by line (not joined into one string first).
+        A full disk is an OSError naming no file: the run ended in its traceback after training.
+        Whole or not at all: written in place, it also left the report cut, its last line no JSON."""
+        def put(tmp: str) -> None:
             with fs.open(tmp, "w") as f:
-                f.writelines(cuts[key] + "\n" for key in sorted(cuts))
+                f.writelines(line + "\n" for line in lines())
 
-        with naming(cut_report):
-            replace_whole(fs, f"{root}/{CUT_REPORT}", "://" not in skip_dir, write_cuts)
+        report = f"{skip_dir.rstrip('/')}/{name}"
+        with naming(report):
+            replace_whole(fs, f"{root}/{name}", "://" not in skip_dir, put)
+        return report
+
+    report = write(SKIP_REPORT, skipped)
+    if cuts:
+        cut_report = write(CUT_REPORT, lambda: (cuts[key] for key in sorted(cuts)))
+    else:
+        cut_report = f"{skip_dir.rstrip('/')}/{CUT_REPORT}"
+        if fs.exists(f"{root}/{CUT_REPORT}"):  # an earlier attempt's, in a run begun again
+            fs.rm_file(f"{root}/{CUT_REPORT}")
     return {"skipped": len(records), "by_reason": dict(reasons), "report": report,
             "cut": len(cuts), "cut_report": cut_report}
 
