@@ -221,7 +221,6 @@ class ClipEmbedder:
         return out
 
 
-CUT_REPORT = "cut_report.jsonl"  # the clips whose window was cut at their video's end (pipeline.CUT_REPORT)
 PLAN = "_plan"  # a clip's position in plan_clips' list, carried through the embedding job
 AGAIN = "_again"  # the row id of an indexed clip embedded again (its file changed), else -1
 
@@ -502,14 +501,13 @@ def _build(cfg: AppConfig, out: Path, quiet: bool) -> dict[str, Any]:
             num_cpus=cfg.index.actor_cpus, num_gpus=gpus, batch_format="numpy")
         for b in ds.iter_batches(batch_size=None, batch_format="numpy"):
             for i, reason in enumerate(b["skip"]):
-                if reason:
-                    skipped.append((int(b[PLAN][i]), {
-                        "video_id": str(b["video_id"][i]), "path": str(b["path"][i]),
-                        "start": _f(b["start"][i]), "end": _f(b["end"][i]), "reason": str(reason)}))
-                elif np.isfinite(b["cut"][i]):
-                    cut.append((int(b[PLAN][i]), {
-                        "video_id": str(b["video_id"][i]), "path": str(b["path"][i]),
-                        "start": _f(b["start"][i]), "end": _f(b["end"][i]), "length": round(float(b["cut"][i]), 3)}))
+                if reason or np.isfinite(b["cut"][i]):
+                    clip = {"video_id": str(b["video_id"][i]), "path": str(b["path"][i]),
+                            "start": _f(b["start"][i]), "end": _f(b["end"][i])}
+                    if reason:
+                        skipped.append((int(b[PLAN][i]), dict(clip, reason=str(reason))))
+                    else:
+                        cut.append((int(b[PLAN][i]), dict(clip, length=round(float(b["cut"][i]), 3))))
             keep = np.array([not r for r in b["skip"]], bool)
             if keep.any():
                 new.append({k: v[keep] for k, v in b.items() if k != "skip"})
@@ -527,6 +525,8 @@ def _build(cfg: AppConfig, out: Path, quiet: bool) -> dict[str, Any]:
         raise ConfigError(f"{' and '.join(changed)}: written again while this run embedded its clips (other "
                           f"weights than it began with); {out} is as it was: run clipray index again")
     first_id = len(existing)
+    from clipray.pipeline import CUT_REPORT, cut_line  # (torch's import: not before the checks above)
+
     # the clips tried again: their earlier lines in the skip report give way to this run's outcome
     tried = {store.clip_key(r["path"], r["start"], r["end"]) for r in rows} \
         if (out / "skip_report.jsonl").exists() or (out / CUT_REPORT).exists() else set()
@@ -556,8 +556,6 @@ def _build(cfg: AppConfig, out: Path, quiet: bool) -> dict[str, Any]:
     if skipped:
         print(skip_summary(out, [s for _, s in skipped]), flush=True)
     if cut:
-        from clipray.pipeline import cut_line
-
         print(f"  {cut_line(len(cut), str(out / CUT_REPORT))}", flush=True)
     return meta
 
