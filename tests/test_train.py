@@ -611,32 +611,6 @@ def test_a_home_where_ray_cannot_keep_its_token_is_a_one_line_error(synth_small,
         "RAY_AUTH_TOKEN (a random string, e.g. RAY_AUTH_TOKEN=$(openssl rand -hex 32))"), out.stderr
 
 
-def test_a_run_keeps_rays_noise_off_its_console(synth_small, tmp_path):
-    """`clipray train` on its own embedded Ray, as a user runs it. Every run's console had Ray's
-    error line for Ray Train's preemption watcher ("core_worker.cc:...: Actor with class name:
-    'PreemptionWatcher' ... max_restarts > 0"), and Ray's "RayDeprecationWarning:
-    `ExecutionOptions.exclude_resources`" from its dataset manager; an evaluation split of one
-    block (here one test clip; clip editing's 1-clip validation split, every round) had Ray Data's
-    "UserWarning: The maximum number of concurrent tasks for 'MapBatches(decode_batch)' is set to
-    2, but the operator only received 1 input(s)"."""
-    root = Path(synth_small["manifest"]).parent
-    rows = [dict(r, path=str(root / r["path"])) for r in read_manifest(synth_small["manifest"]).to_pylist()]
-    rows = [r for r in rows if r["split"] == "train"] + [r for r in rows if r["split"] == "test"][:1]
-    write_manifest(rows, tmp_path / "m.parquet")
-    # the settings init_ray gives its embedded Ray are not this session's: the command sets its own
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RAY_ADDRESS", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "RAY_DATA_LOGGING_CONFIG")}
-    out = subprocess.run([sys.executable, "-m", "train", str(DEMO),
-                          *overrides(str(tmp_path / "m.parquet"), tmp_path, "quiet", **{"train.epochs": 1})],
-                         cwd=REPO, env=dict(env, PYTHONUNBUFFERED="1"), capture_output=True, text=True, timeout=400)
-    said = out.stdout + out.stderr
-    assert out.returncode == 0, said[-3000:]
-    assert "[eval] epoch 1 (test)" in said and "(1 clips)" in said, said[-3000:]
-    for noise in ("PreemptionWatcher", "max_restarts", "RayDeprecationWarning", "exclude_resources",
-                  "The maximum number of concurrent tasks"):
-        assert noise not in said, said[-5000:]
-
-
 def test_behind_an_http_proxy_the_local_ray_reaches_its_loopback_directly():
     """HTTP clients send every request to $http_proxy unless $no_proxy names the host; behind a
     proxy, Ray Train's placement-group cleaner asked the dashboard (127.0.0.1:8265) through it and
@@ -1260,10 +1234,23 @@ def test_zero3_stopped_by_ctrl_c_says_how_to_resume_and_resumes_at_its_saved_ste
     command: the second run starts at the saved step and finishes with the same total steps.
     Ray Train aborts the run and its ray.get ends in a bare SystemExit(1), which printed nothing
     at all; the driver says where the checkpoints are and that re-running the command resumes,
-    which the second run then does. (A driver killed outright: test_posttrain's resume.)"""
+    which the second run then does. (A driver killed outright: test_posttrain's resume.)
+
+    The re-run is `clipray train` on its own embedded Ray, as a user runs it, and its console
+    is checked for Ray's noise. Every run's console had Ray's error line for Ray Train's
+    preemption watcher ("core_worker.cc:...: Actor with class name: 'PreemptionWatcher' ...
+    max_restarts > 0"), and Ray's "RayDeprecationWarning: `ExecutionOptions.exclude_resources`"
+    from its dataset manager; an evaluation split of one block (here one test clip; clip
+    editing's 1-clip validation split, every round) had Ray Data's "UserWarning: The maximum
+    number of concurrent tasks for 'MapBatches(decode_batch)' is set to 2, but the operator only
+    received 1 input(s)"."""
     epochs = 4  # the first checkpoint comes after epoch 1: three more keep the run going past the SIGINT
+    root = Path(synth_small["manifest"]).parent
+    rows = [dict(r, path=str(root / r["path"])) for r in read_manifest(synth_small["manifest"]).to_pylist()]
+    rows = [r for r in rows if r["split"] == "train"] + [r for r in rows if r["split"] == "test"][:1]
+    write_manifest(rows, tmp_path / "m.parquet")
     args = [sys.executable, "-m", "train", str(DEMO),
-            *overrides(synth_small["manifest"], tmp_path, "resume",
+            *overrides(str(tmp_path / "m.parquet"), tmp_path, "resume",
                        **{"train.zero_stage": 3, "train.epochs": epochs})]
     env = dict(os.environ, RAY_ADDRESS=_gcs_address(ray_local), PYTHONUNBUFFERED="1")
     log = tmp_path / "first.log"
@@ -1287,9 +1274,18 @@ def test_zero3_stopped_by_ctrl_c_says_how_to_resume_and_resumes_at_its_saved_ste
     assert said.rstrip().splitlines()[-1] == "clipray train: interrupted", said[-3000:]
     saved = registered_state(str(tmp_path / "resume"))
     assert saved["epoch"] < epochs and not (tmp_path / "resume" / "result.json").exists()
-    second = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
-    assert f"resumed from step {saved['step']} (epoch {saved['epoch']})" in second.stdout + second.stderr
+    # the settings init_ray gives its embedded Ray are not this session's: the command sets its own
+    own = {k: v for k, v in os.environ.items()
+           if k not in ("RAY_ADDRESS", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "RAY_DATA_LOGGING_CONFIG")}
+    second = subprocess.run(args, cwd=REPO, env=dict(own, PYTHONUNBUFFERED="1"), capture_output=True, text=True,
+                            timeout=600)
+    said = second.stdout + second.stderr
+    assert second.returncode == 0, said[-3000:]
+    assert f"resumed from step {saved['step']} (epoch {saved['epoch']})" in said
+    assert f"[eval] epoch {epochs} (test)" in said and "(1 clips)" in said, said[-3000:]
+    for noise in ("PreemptionWatcher", "max_restarts", "RayDeprecationWarning", "exclude_resources",
+                  "The maximum number of concurrent tasks"):
+        assert noise not in said, said[-5000:]
     result = json.loads((tmp_path / "resume" / "result.json").read_text())
     steps_per_epoch = saved["step"] // saved["epoch"]
     assert result["total_steps"] == epochs * steps_per_epoch and result["epoch"] == epochs
