@@ -715,9 +715,11 @@ def test_a_round_stopped_after_its_training_resumes_on_the_clips_it_trained_on(r
     scored round 1 again, with that teacher: a cut one failed every re-run, a whole one (the
     round's own student) rewrote the round's manifest with clips its training never saw. Now the
     round's edits are saved before it trains and reused: no scoring, the same manifest, and the
-    teacher copied whole. Validation is stubbed to improve every round (so the teacher moves);
-    training, scoring and the final evaluation are real. The round's training had reached its
-    epoch: its result is read back, where Ray Train was started again to train nothing."""
+    teacher copied whole. Validation is stubbed to improve every round (so the teacher moves),
+    and the final test evaluation is stubbed (test_clip_editing_end_to_end checks it against a
+    brute force); training and scoring are real. The round's training had reached its epoch:
+    its result is read back, where Ray Train was started again to train nothing."""
+    import train.driver
     import train.edit
     from clipray.export import WEIGHTS
     from train.edit import main
@@ -736,6 +738,9 @@ def test_a_round_stopped_after_its_training_resumes_on_the_clips_it_trained_on(r
     edit_clips = train.edit.edit_clips
     monkeypatch.setattr(train.edit, "_copy_export", dying_copy)
     monkeypatch.setattr(train.edit, "edit_clips", lambda *a, **k: scored.append(a[3]) or edit_clips(*a, **k))
+    evaluated = []
+    monkeypatch.setattr(train.driver, "evaluate_export", lambda cfg, export, split, name: evaluated.append(export) or {
+        "eval_split": split, "num_test_videos": 7, **dict.fromkeys(("t2v_r1", "t2v_r5", "t2v_r10", "t2v_mdr", "v2t_r1"), 0.0)})
     args = [str(EDIT_DEMO), *overrides(events["events_manifest"], tmp_path, "cut")]
     with pytest.raises(KeyboardInterrupt):
         main(args)
@@ -755,6 +760,7 @@ def test_a_round_stopped_after_its_training_resumes_on_the_clips_it_trained_on(r
     moved = sum(trained[i] != c for i, c in read_clips(str(out / "clips" / "round-00.parquet")).items())
     assert result["rounds"][1]["edited"] == moved > 0
     assert (out / "teacher" / WEIGHTS).read_bytes() == (out / "export" / WEIGHTS).read_bytes()
+    assert evaluated == [f"{out}/export"]  # the final evaluation, once, of the trained student
 
 
 class RayStarted(Exception):
