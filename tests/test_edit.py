@@ -739,8 +739,13 @@ def test_a_round_stopped_after_its_training_resumes_on_the_clips_it_trained_on(r
     monkeypatch.setattr(train.edit, "_copy_export", dying_copy)
     monkeypatch.setattr(train.edit, "edit_clips", lambda *a, **k: scored.append(a[3]) or edit_clips(*a, **k))
     evaluated = []
-    monkeypatch.setattr(train.driver, "evaluate_export", lambda cfg, export, split, name: evaluated.append(export) or {
-        "eval_split": split, "num_test_videos": 7, **dict.fromkeys(("t2v_r1", "t2v_r5", "t2v_r10", "t2v_mdr", "v2t_r1"), 0.0)})
+
+    def evaluate(cfg, export, split, name):  # the final test evaluation: recorded, not run
+        evaluated.append(export)
+        return {"eval_split": split, "num_test_videos": 7,
+                **dict.fromkeys(("t2v_r1", "t2v_r5", "t2v_r10", "t2v_mdr", "v2t_r1"), 0.0)}
+
+    monkeypatch.setattr(train.driver, "evaluate_export", evaluate)
     args = [str(EDIT_DEMO), *overrides(events["events_manifest"], tmp_path, "cut")]
     with pytest.raises(KeyboardInterrupt):
         main(args)
