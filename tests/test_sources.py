@@ -825,6 +825,15 @@ def test_generic_refuses_hhmmss_and_clashing_ids(tmp_path):
     fx.write(tmp_path, "t.csv", "path,caption,start,end\na/x.mp4,ok,1,2\na/x.mp4,bad,00:01:02,00:01:05\n")
     with pytest.raises(SourceError, match=r"t.csv line 3: start='00:01:02' looks like hh:mm:ss"):
         prepare("generic", tmp_path, tmp_path / "g.parquet", file="t.csv")
+    # what is no finite number of seconds is refused as the release adapters refuse it, naming the line
+    for value, says in (("NaN", "end=nan is not a finite number of seconds"),
+                        ("true", "end=True is not a number of seconds"),
+                        (BIG, f"end={BIG} is past float's range"), ('"2s"', "end='2s' is not a number of seconds")):
+        fx.write(tmp_path, "t.jsonl", '{"path": "a/x.mp4", "caption": "ok", "start": 1, "end": 2}\n'
+                                      '{"path": "a/x.mp4", "caption": "bad", "start": 1, "end": %s}\n' % value)
+        with pytest.raises(SourceError) as e:
+            prepare("generic", tmp_path, tmp_path / "g.parquet", file="t.jsonl")
+        assert str(e.value) == f"t.jsonl line 2: {says}"
     fx.write(tmp_path, "c.csv", "path,caption\na/x.mp4,one\nb/x.mp4,two\n")  # both default to 'x'
     with pytest.raises(SourceError, match="video_id 'x'"):
         prepare("generic", tmp_path, tmp_path / "g.parquet", file="c.csv")

@@ -30,28 +30,25 @@ import unicodedata
 from typing import Any, Iterator
 
 from clipray.manifest import SPLITS
-from clipray.sources.base import Context, SourceError, SourceSpec, csv_rows, exists, is_uri, join, open_text, split_ext
+from clipray.sources.base import (Context, SourceError, SourceSpec, csv_rows, exists, is_uri, join, open_text,
+                                  seconds as finite_seconds, split_ext)
 
 KNOWN = {"path", "caption", "video_id", "start", "end", "split", "timestamp", "group", "duration",
          "caption_id", "captions", "text"}
 
 
 def seconds(value: Any, key: str, where: str) -> float | None:
-    """A time in seconds, None when empty; SourceError for hh:mm:ss and other non-numbers."""
+    """A time in seconds, None when empty; SourceError for hh:mm:ss and for what the release
+    adapters' `seconds` refuses (a bool, NaN or inf, an integer past float's range)."""
     if value is None or (isinstance(value, str) and not value.strip()):
         return None
     if isinstance(value, str) and ":" in value:
         raise SourceError(f"{where}: {key}={value!r} looks like hh:mm:ss; write times as seconds "
                           "(e.g. 83.5), this adapter does not guess time formats")
     try:
-        if isinstance(value, bool):
-            raise ValueError
-        out = float(value)
-    except (TypeError, ValueError, OverflowError):  # OverflowError: an integer past float's range
-        raise SourceError(f"{where}: {key}={value!r} is not a number of seconds") from None
-    if not math.isfinite(out):
-        raise SourceError(f"{where}: {key}={value!r} is not a finite number of seconds")
-    return out
+        return finite_seconds(value)
+    except ValueError as e:
+        raise SourceError(f"{where}: {key}={e}") from None
 
 
 def read_records(path: str, ctx: Context) -> Iterator[tuple[str, dict]]:
