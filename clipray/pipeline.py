@@ -355,7 +355,8 @@ def collect_skips(skip_dir: str) -> dict[str, Any]:
     row order; return the count, the counts by reason and the report's path. Memory holds each
     skipped row's line once, not the files' lines. The clips cut at their video's end are no
     skips: they are counted apart ("cut") and listed in CUT_REPORT, written when there are any."""
-    fs, root = fsspec_path(skip_dir.rstrip("/"))
+    where = skip_dir.rstrip("/")
+    fs, root = fsspec_path(where)
     records, cuts = _skip_records(fs, skip_files(skip_dir))
     fs.makedirs(root, exist_ok=True)
     reasons: Counter = Counter()
@@ -366,7 +367,7 @@ def collect_skips(skip_dir: str) -> dict[str, Any]:
             reasons[_reason_kind(json.loads(records[key])["reason"])] += 1
             yield records[key]
 
-    def write(name: str, lines: Callable[[], Iterable[str]]) -> str:
+    def write(name: str, lines: Callable[[], Iterable[str]]) -> None:
         """`name` beside the skip files, written line by line (not joined into one string first).
         A full disk is an OSError naming no file: the run ended in its traceback after training.
         Whole or not at all: written in place, it also left the report cut, its last line no JSON."""
@@ -374,20 +375,16 @@ def collect_skips(skip_dir: str) -> dict[str, Any]:
             with fs.open(tmp, "w") as f:
                 f.writelines(line + "\n" for line in lines())
 
-        report = f"{skip_dir.rstrip('/')}/{name}"
-        with naming(report):
+        with naming(f"{where}/{name}"):
             replace_whole(fs, f"{root}/{name}", "://" not in skip_dir, put)
-        return report
 
-    report = write(SKIP_REPORT, skipped)
+    write(SKIP_REPORT, skipped)
     if cuts:
-        cut_report = write(CUT_REPORT, lambda: (cuts[key] for key in sorted(cuts)))
-    else:
-        cut_report = f"{skip_dir.rstrip('/')}/{CUT_REPORT}"
-        if fs.exists(f"{root}/{CUT_REPORT}"):  # an earlier attempt's, in a run begun again
-            fs.rm_file(f"{root}/{CUT_REPORT}")
-    return {"skipped": len(records), "by_reason": dict(reasons), "report": report,
-            "cut": len(cuts), "cut_report": cut_report}
+        write(CUT_REPORT, lambda: (cuts[key] for key in sorted(cuts)))
+    elif fs.exists(f"{root}/{CUT_REPORT}"):  # an earlier attempt's, in a run begun again
+        fs.rm_file(f"{root}/{CUT_REPORT}")
+    return {"skipped": len(records), "by_reason": dict(reasons), "report": f"{where}/{SKIP_REPORT}",
+            "cut": len(cuts), "cut_report": f"{where}/{CUT_REPORT}"}
 
 
 def cut_line(count: int, report: str) -> str:
