@@ -703,13 +703,15 @@ def _run(cfg: Config, quiet_ray: bool, stop_epoch: int, table: bool, held: conte
         if checkpointed(out):
             from clipray.pipeline import collect_skips
 
+            def summary(r: dict) -> str:
+                if table:
+                    return _table(r, out, collect_skips(out))
+                return f" {r['eval_split']} t2v R@1 {r['t2v_r1']:.1f}, read from result.json" if stop_epoch else ""
+
             # a clip-editing round's call too: one stopped after its training (copying the new
             # teacher) started Ray Train again to resume at its last epoch and train nothing
             done = finished_run("driver", out, "result.json", f"epoch {stop_epoch}" if stop_epoch else "training",
-                                lambda r: trained(r, cfg, total, stop_epoch),
-                                lambda r: _table(r, out, collect_skips(out)) if table else
-                                f" {r['eval_split']} t2v R@1 {r['t2v_r1']:.1f}, read from result.json" if stop_epoch
-                                else "")
+                                lambda r: trained(r, cfg, total, stop_epoch), summary)
             if done is not None:
                 return done
     cfg = fitted
