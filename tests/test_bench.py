@@ -543,6 +543,28 @@ def test_bench_serve_index_recall_of_fewer_vectors_than_k_counts_only_real_neigh
     assert [out[f"ivf_sq8_nprobe{p}"]["recall@10"] for p in (8, 16, 32, 64)] == [1.0] * 4
 
 
+def test_bench_serve_writes_an_index_the_searcher_serves_with_exact_answers(tmp_path):
+    """The Searcher part of `clipray bench serve` failed to deploy: the index folder it writes
+    lacked index.json's format tag, which the Searcher has required since 25b5ba5. Its answers
+    here are a brute force's over random vectors."""
+    import faiss
+    import numpy as np
+
+    from clipray.bench.serve import flat_index_dir
+    from serve.deployments import Searcher
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((50, 64)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    exact = faiss.IndexFlatIP(64)
+    exact.add(x)
+    searcher = Searcher.func_or_class(str(flat_index_dir(tmp_path / "idx", x, exact)),
+                                      {"max_batch_size": 4, "batch_wait_timeout_s": 0.0})
+    q = rng.standard_normal((3, 64)).astype(np.float32)
+    got = searcher.search_many([(v, 5) for v in q])
+    assert [[h["clip_id"] for h in hits] for hits in got] == [list(np.argsort(-(x @ v))[:5]) for v in q]
+
+
 def test_bench_serve_refuses_a_dim_below_the_embeddings_it_lifts(monkeypatch, capsys):
     """The 1M vectors are the tiny model's 64-d embeddings lifted by an orthonormal map, which
     needs --dim >= 64: --dim 32 was a matmul shape error after the whole API part had run."""

@@ -282,23 +282,30 @@ def index_bench(work: Path, n: int, dim: int, searcher: bool) -> dict:
     return out
 
 
-def searcher_bench(work: Path, x: np.ndarray, exact: Any, q: np.ndarray) -> dict:
-    """The Searcher deployment over the 1M exact index: 32 concurrent callers, batched vs 1."""
+def flat_index_dir(d: Path, x: np.ndarray, exact: Any) -> Path:
+    """An index folder the Searcher serves: the exact index of `x`, one clip per vector."""
     import pyarrow as pa
     import pyarrow.parquet as pq
-    from ray import serve
 
     from serve import store
-    from serve.deployments import Searcher
 
-    d = work / "index_1m"
     (d / store.EMB_DIR).mkdir(parents=True, exist_ok=True)
     n = len(x)
     pq.write_table(pa.table({"row_id": np.arange(n), "video_id": pa.array(["v"] * n), "start": np.zeros(n),
                              "end": np.ones(n), "path": pa.array(["/nonexistent"] * n)}),
                    d / store.EMB_DIR / "part-00000.parquet")
     store.save_faiss(d, exact)
-    store.write_meta(d, {"kind": "flat", "dim": x.shape[1], "count": n, "search": {}})
+    store.write_meta(d, {"format": store.FORMAT, "kind": "flat", "dim": x.shape[1], "count": n, "search": {}})
+    return d
+
+
+def searcher_bench(work: Path, x: np.ndarray, exact: Any, q: np.ndarray) -> dict:
+    """The Searcher deployment over the 1M exact index: 32 concurrent callers, batched vs 1."""
+    from ray import serve
+
+    from serve.deployments import Searcher
+
+    d = flat_index_dir(work / "index_1m", x, exact)
     out = {}
     for bs in (32, 1):
         # 2 CPUs reserved: faiss uses both cores (its OpenMP default), as in the figures above
