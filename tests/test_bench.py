@@ -279,9 +279,12 @@ def test_bench_model_refuses_a_device_this_machine_lacks_in_a_line(capsys):
     assert "kept for backward" in _parser().format_help() and "--rss" in _parser().description
 
 
-def test_bench_shuffle_counts_same_video_pairs_as_a_hand_count_does(ray_local, tmp_path, capsys):
+def test_bench_shuffle_counts_same_video_pairs_as_a_hand_count_does(ray_local, tmp_path, monkeypatch, capsys):
     """Read as listed, with batches as long as a video's run of captions, a batch holds 6 pairs
-    of one video whenever it sits inside one run; shuffled, about what uniform sampling gives."""
+    of one video whenever it sits inside one run; shuffled, about what uniform sampling gives.
+    The manifest it writes goes with its temp dir (every bench's temp dir stayed behind)."""
+    import tempfile
+
     from clipray.bench.shuffle import grouped_manifest, main, read
     from clipray.config import DataConfig
 
@@ -291,10 +294,34 @@ def test_bench_shuffle_counts_same_video_pairs_as_a_hand_count_does(ray_local, t
     assert listed["batches"] == shuffled["batches"] == 30
     assert listed["pairs"] > 3  # most batches are one video's 4 captions: 6 pairs each
     assert shuffled["pairs"] < 1.0  # uniform: 6 x 3/119 = 0.15 per batch
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     assert main(["--videos", "30", "--captions", "4", "--batch", "4", "--buffer", "8"]) == 0
     out = capsys.readouterr().out
     assert "120 rows, 4 captions per video" in out and "uniform sampling (expected)" in out
     assert out.rstrip().endswith("0.15")
+    assert list(scratch.iterdir()) == []
+
+
+def test_a_benchs_temp_dir_goes_even_when_it_fails_and_a_workdir_stays(tmp_path, monkeypatch):
+    import tempfile
+
+    from clipray.bench import scratch_dir
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    with pytest.raises(RuntimeError, match="the bench failed"):
+        with scratch_dir("clipray-bench-x-") as work:
+            assert work.parent == tmp_path and work.name.startswith("clipray-bench-x-")
+            (work / "clips").mkdir()
+            (work / "clips" / "a.mp4").write_bytes(b"x")
+            raise RuntimeError("the bench failed")
+    assert list(tmp_path.iterdir()) == []
+    keep = tmp_path / "mine" / "work"  # --workdir: made if absent, and kept with what was written
+    with scratch_dir("clipray-bench-x-", str(keep)) as work:
+        assert work == keep and keep.is_dir()
+        (work / "m.parquet").write_bytes(b"x")
+    assert [p.name for p in keep.iterdir()] == ["m.parquet"] and list(tmp_path.iterdir()) == [tmp_path / "mine"]
 
 
 
@@ -395,7 +422,7 @@ def test_bench_train_frames_past_the_heads_positions_are_a_usage_error_before_an
     assert past_positions(model, frames - 1) is None and past_positions("test_meanP", 500) is None
 
 
-def test_bench_train_feeds_c_from_decode_actors_as_its_help_and_figures_say(monkeypatch):
+def test_bench_train_feeds_c_from_decode_actors_as_its_help_and_figures_say(monkeypatch, tmp_path):
     """(c) stands in for CPU decode workers beside a GPU, which the recipe configs run as decode
     actors; its help ("decode actors for (c)") and docs/benchmarks.md's figures are actors'.
     Since decode tasks became DataConfig's default (787fae9) the bench built (c) with tasks,
@@ -416,7 +443,7 @@ def test_bench_train_feeds_c_from_decode_actors_as_its_help_and_figures_say(monk
     monkeypatch.setattr(clipray.bench.data, "repeated_manifest", lambda manifest, out, **k: str(out))
     monkeypatch.setattr(clipray.pipeline, "clip_dataset", clip_dataset)
     with pytest.raises(Built):
-        ray_loop("test_meanP", 2, 2, 1, 0, 1, manifest="m.parquet", decode_cores=3)
+        ray_loop("test_meanP", 2, 2, 1, 0, 1, manifest="m.parquet", work=tmp_path, decode_cores=3)
     assert [(d.decode_pool, d.decode_actors, d.decode_cpus) for d in seen] == [("actors", 3, 1.0)]
 
 

@@ -6,9 +6,25 @@
 
 from __future__ import annotations
 
-from typing import TypeVar
+import contextlib
+import tempfile
+from pathlib import Path
+from typing import Iterator, TypeVar
 
 T = TypeVar("T")
+
+
+@contextlib.contextmanager
+def scratch_dir(prefix: str, keep: str | None = None) -> Iterator[Path]:
+    """The folder a bench writes its clip sets and runs into. `keep` (a --workdir) is used and
+    left in place, made if absent; without it, a new temp dir that is removed when the bench
+    ends, finished or failed (a `bench edit` leaves ~350 MB of runs, and tests run benches)."""
+    if keep:
+        Path(keep).mkdir(parents=True, exist_ok=True)
+        yield Path(keep)
+        return
+    with tempfile.TemporaryDirectory(prefix=prefix, ignore_cleanup_errors=True) as d:
+        yield Path(d)
 
 
 def alternated(a: T, b: T, runs: int) -> list[T]:

@@ -30,10 +30,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import tempfile
 import time
 from pathlib import Path
 
+from clipray.bench import scratch_dir
 from clipray.cli import at_least
 from clipray.config import DECODE_POOLS, DataConfig, VideoConfig
 from clipray.manifest import read_manifest, resolve_path, default_root, write_manifest
@@ -251,7 +251,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pools", nargs="+", choices=DECODE_POOLS, default=list(DECODE_POOLS),
                     help="decoder pools (data.decode_pool) to run (b) and (c) with (default: both)")
     ap.add_argument("--skip-real", action="store_true", help="only the synthetic set")
-    ap.add_argument("--workdir", default=None, help="where to write the clip sets (default: a temp dir)")
+    ap.add_argument("--workdir", default=None,
+                    help="where to write the clip sets, kept (default: a temp dir, removed at the end)")
     args = ap.parse_args(argv)
 
     from clipray.runtime import check_fits, init_ray, quiet_data_progress
@@ -260,73 +261,73 @@ def main(argv: list[str] | None = None) -> int:
     # before the clip sets and the bare loops (half a minute), which run before Ray starts
     check_fits({"--cores (decoders of run (c), 1 CPU each)": float(args.cores)}, advice="lower --cores",
                before_start=True)
-    work = Path(args.workdir or tempfile.mkdtemp(prefix="clipray-bench-"))
-    # (manifest, decode settings, rows per decode call): tiny clips (4 ms each) need big calls to
-    # amortise Ray Data's fixed cost per call (at 32 px, 16 rows per call gave 0.71x per decode
-    # core, 64 rows 0.81-1.03x); long real clips are decode-bound, and 8 rows per call is what
-    # the shipped training configs use
-    sets = {"synthetic (96x72, 2-4 s)": (generate(work / "synth", videos=args.videos, seed=0)["manifest"],
-                                         VideoConfig(fps=3, max_frames=args.frames, size=args.size), 64)}
-    if not args.skip_real:
-        sets["real H.264 (360p, 10 s windows)"] = (
-            real_manifest(work / "real"), VideoConfig(fps=1, max_frames=args.frames, size=args.size), 8)
-    for name, (manifest, _, _) in sets.items():  # the clips decoded are the train split's
-        if read_manifest(manifest, columns=["row_id"], split="train").num_rows == 0:
-            ap.error(f"{name}: --videos {args.videos} put no video in the train split, nothing to decode; "
-                     "raise --videos")
-    print(f"clipray bench data: {usable_cores()} cores, {args.cores} decoders in (c), "
-          f"{args.frames} frames/clip at {args.size}px, "
-          f"repeat {args.repeat}; the bare loops run before Ray starts and again after it stops")
-    passes = max(1, args.repeat // 2)  # of the bare loop, each time it runs
-    # (clips, frames, seconds, cores used, elsewhere) per set, timed with nothing else of ours running
-    bare_runs = {name: bare_loop(manifest, cfg, passes) for name, (manifest, cfg, _) in sets.items()}
-    init_ray(quiet=True)
-    quiet_data_progress()
-    per_core_runs: dict[str, list[tuple[str, float]]] = {}  # set -> (label, frames/s per core)
-    header = f"{'clip set':36} {'method':30} {'clips/s':>8} {'frames/s':>9} {'frames/s/core':>14}"
-    print(header)
-    print("-" * len(header))
-    runs = []  # (label, decoders, pool)
-    for pool in args.pools:
-        kind = pool.removesuffix("s")
-        runs.append((f"(b) Ray Data, 1 decode {kind}", 1, pool))
-        if args.cores > 1:
-            runs.append((f"(c) Ray Data, {args.cores} decode {pool}", args.cores, pool))
-    for n_set, (name, (manifest, cfg, batch)) in enumerate(sets.items()):
-        c, f, dt, used, other = bare_runs[name]
-        bare = f / dt
-        print(f"{name:36} {bare_label():30} {c / dt:8.1f} {bare:9.1f} {bare:14.1f}")
-        print(bare_cores(used, other))
-        for label, actors, pool in runs:
-            c, f, dt, startup, split = ray_pipeline(manifest, cfg, args.repeat, actors, pool,
-                                                    str(work / f"ray-{n_set}-{pool}-{actors}"), batch)
-            if c == 0:  # the first batch is start-up: nothing was left to time
-                raise SystemExit(f"clipray bench data: {name}: the pipeline produced one batch of {batch} "
-                                 f"clips or fewer, nothing to time after start-up; raise --videos or --repeat")
-            # each decoder is charged for its core, or for more if its threads used more
-            per_core = f / dt / max(actors, split["decode workers"])
-            print(f"{name:36} {label:30} {c / dt:8.1f} {f / dt:9.1f} "
-                  f"{per_core:14.1f}   ratio {per_core / bare:.2f}x  (start-up {startup:.1f}s)")
-            print(f"{'':36} {'':30} cores used: " + ", ".join(f"{k} {v:.2f}" for k, v in split.items()))
-            per_core_runs.setdefault(name, []).append((label, per_core))
-    import psutil
-    import ray
+    with scratch_dir("clipray-bench-data-", args.workdir) as work:
+        # (manifest, decode settings, rows per decode call): tiny clips (4 ms each) need big calls to
+        # amortise Ray Data's fixed cost per call (at 32 px, 16 rows per call gave 0.71x per decode
+        # core, 64 rows 0.81-1.03x); long real clips are decode-bound, and 8 rows per call is what
+        # the shipped training configs use
+        sets = {"synthetic (96x72, 2-4 s)": (generate(work / "synth", videos=args.videos, seed=0)["manifest"],
+                                             VideoConfig(fps=3, max_frames=args.frames, size=args.size), 64)}
+        if not args.skip_real:
+            sets["real H.264 (360p, 10 s windows)"] = (
+                real_manifest(work / "real"), VideoConfig(fps=1, max_frames=args.frames, size=args.size), 8)
+        for name, (manifest, _, _) in sets.items():  # the clips decoded are the train split's
+            if read_manifest(manifest, columns=["row_id"], split="train").num_rows == 0:
+                ap.error(f"{name}: --videos {args.videos} put no video in the train split, nothing to decode; "
+                         "raise --videos")
+        print(f"clipray bench data: {usable_cores()} cores, {args.cores} decoders in (c), "
+              f"{args.frames} frames/clip at {args.size}px, "
+              f"repeat {args.repeat}; the bare loops run before Ray starts and again after it stops")
+        passes = max(1, args.repeat // 2)  # of the bare loop, each time it runs
+        # (clips, frames, seconds, cores used, elsewhere) per set, timed with nothing else of ours running
+        bare_runs = {name: bare_loop(manifest, cfg, passes) for name, (manifest, cfg, _) in sets.items()}
+        init_ray(quiet=True)
+        quiet_data_progress()
+        per_core_runs: dict[str, list[tuple[str, float]]] = {}  # set -> (label, frames/s per core)
+        header = f"{'clip set':36} {'method':30} {'clips/s':>8} {'frames/s':>9} {'frames/s/core':>14}"
+        print(header)
+        print("-" * len(header))
+        runs = []  # (label, decoders, pool)
+        for pool in args.pools:
+            kind = pool.removesuffix("s")
+            runs.append((f"(b) Ray Data, 1 decode {kind}", 1, pool))
+            if args.cores > 1:
+                runs.append((f"(c) Ray Data, {args.cores} decode {pool}", args.cores, pool))
+        for n_set, (name, (manifest, cfg, batch)) in enumerate(sets.items()):
+            c, f, dt, used, other = bare_runs[name]
+            bare = f / dt
+            print(f"{name:36} {bare_label():30} {c / dt:8.1f} {bare:9.1f} {bare:14.1f}")
+            print(bare_cores(used, other))
+            for label, actors, pool in runs:
+                c, f, dt, startup, split = ray_pipeline(manifest, cfg, args.repeat, actors, pool,
+                                                        str(work / f"ray-{n_set}-{pool}-{actors}"), batch)
+                if c == 0:  # the first batch is start-up: nothing was left to time
+                    raise SystemExit(f"clipray bench data: {name}: the pipeline produced one batch of {batch} "
+                                     f"clips or fewer, nothing to time after start-up; raise --videos or --repeat")
+                # each decoder is charged for its core, or for more if its threads used more
+                per_core = f / dt / max(actors, split["decode workers"])
+                print(f"{name:36} {label:30} {c / dt:8.1f} {f / dt:9.1f} "
+                      f"{per_core:14.1f}   ratio {per_core / bare:.2f}x  (start-up {startup:.1f}s)")
+                print(f"{'':36} {'':30} cores used: " + ", ".join(f"{k} {v:.2f}" for k, v in split.items()))
+                per_core_runs.setdefault(name, []).append((label, per_core))
+        import psutil
+        import ray
 
-    # Ray's processes take a second or two to exit and use more than a core meanwhile: a bare
-    # loop started at once ran up to 43% slower, so wait for them before timing it again
-    ray_procs = psutil.Process().children(recursive=True)  # before shutdown orphans the workers
-    ray.shutdown()
-    psutil.wait_procs(ray_procs, timeout=30)
-    print("(a) again, after Ray shut down; each ratio against the mean of the two (a) runs:")
-    for name, (manifest, cfg, _) in sets.items():
-        c, f, dt, used, other = bare_loop(manifest, cfg, passes)
-        first, again = bare_runs[name][1] / bare_runs[name][2], f / dt
-        mean = (first + again) / 2
-        print(f"{name:36} {bare_label(again=True):30} {c / dt:8.1f} {again:9.1f} {again:14.1f}"
-              f"   {again / first - 1:+.0%} against the first (a)")
-        print(bare_cores(used, other))
-        for label, per_core in per_core_runs[name]:
-            print(f"{'':36} {label:30} {'':33} ratio {per_core / mean:.2f}x")
+        # Ray's processes take a second or two to exit and use more than a core meanwhile: a bare
+        # loop started at once ran up to 43% slower, so wait for them before timing it again
+        ray_procs = psutil.Process().children(recursive=True)  # before shutdown orphans the workers
+        ray.shutdown()
+        psutil.wait_procs(ray_procs, timeout=30)
+        print("(a) again, after Ray shut down; each ratio against the mean of the two (a) runs:")
+        for name, (manifest, cfg, _) in sets.items():
+            c, f, dt, used, other = bare_loop(manifest, cfg, passes)
+            first, again = bare_runs[name][1] / bare_runs[name][2], f / dt
+            mean = (first + again) / 2
+            print(f"{name:36} {bare_label(again=True):30} {c / dt:8.1f} {again:9.1f} {again:14.1f}"
+                  f"   {again / first - 1:+.0%} against the first (a)")
+            print(bare_cores(used, other))
+            for label, per_core in per_core_runs[name]:
+                print(f"{'':36} {label:30} {'':33} ratio {per_core / mean:.2f}x")
     return 0
 
 

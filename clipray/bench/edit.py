@@ -16,10 +16,10 @@ arms (e.g. edit.margin=0.02, or edit.init=window edit.window_s=1).
 from __future__ import annotations
 
 import argparse
-import tempfile
 import time
 from pathlib import Path
 
+from clipray.bench import scratch_dir
 from clipray.cli import at_least
 
 
@@ -53,45 +53,44 @@ def main(argv: list[str] | None = None) -> int:
     driver.check_negatives(driver.model_io(load_config(config, args.overrides)))
     data = args.data or ("clipray_data/synth" + (f"-idle{args.idle_seconds:g}" if args.idle_seconds else ""))
     events = ensure_synth(Path(data), args.videos, idle_seconds=args.idle_seconds).resolve().parent / "events.parquet"
-    runs = Path(tempfile.mkdtemp(prefix="clipray-bench-edit-"))
-    common = [f"data.manifest={events}", f"train.storage_path={runs}", *args.overrides]
-    rows = []
+    with scratch_dir("clipray-bench-edit-") as runs:
+        common = [f"data.manifest={events}", f"train.storage_path={runs}", *args.overrides]
+        rows = []
 
-    cfg = load_config(config, [*common, "train.run_name=edited"])
-    init_ray(cfg.ray, quiet=True)  # now: the edited arm's minutes held Ray's start
-    t0 = time.perf_counter()
-    result = edit.run(cfg, quiet_ray=True)
-    rounds = result["rounds"]
-    rows.append(("edited", rounds[-1]["train_tiou"], rounds[-1]["mean_width_s"], result["test"],
-                 time.perf_counter() - t0))
-
-    e = cfg.edit
-    epochs = e.warmup_epochs + e.rounds * e.epochs_per_round
-    fixed = [f"train.epochs={epochs}", f"train.eval_every_epochs={epochs}", f"data.eval_split={e.test_split}",
-             f"data.eval_manifest={events}", f"data.video_root={events.parent}"]
-    # the edited run's round 0 trained on the stage-1 clips: the baseline trains on them throughout
-    truth = read_manifest(str(events), columns=["start", "end"], split="train")
-    truth_width = float(np.mean(np.subtract(truth.column("end"), truth.column("start"))))
-    for name, manifest, tiou, width in (
-            ("timestamps", rounds[0]["manifest"], rounds[0]["train_tiou"], rounds[0]["mean_width_s"]),
-            ("ground truth", str(events), 1.0, truth_width)):
+        cfg = load_config(config, [*common, "train.run_name=edited"])
+        init_ray(cfg.ray, quiet=True)  # now: the edited arm's minutes held Ray's start
         t0 = time.perf_counter()
-        m = driver.run(load_config(config, [*common, *fixed, f"data.manifest={manifest}",
-                                            f"train.run_name={name.replace(' ', '-')}"]), quiet_ray=True, table=False)
-        rows.insert(0 if name == "timestamps" else len(rows), (name, tiou, width, m, time.perf_counter() - t0))
+        result = edit.run(cfg, quiet_ray=True)
+        rounds = result["rounds"]
+        rows.append(("edited", rounds[-1]["train_tiou"], rounds[-1]["mean_width_s"], result["test"],
+                     time.perf_counter() - t0))
 
-    n = rows[0][3]["num_test_videos"]
-    print(f"\nclipray bench edit: {events}, {epochs} epochs per arm (edited: {e.warmup_epochs} warm-up + "
-          f"{e.rounds} rounds x {e.epochs_per_round}, margin {e.margin:g}), {n} test clips "
-          f"(chance R@1 {100 / n:.1f}%)")
-    print(f"{'arm':14}{'train tIoU':>11}{'width s':>9}{'t2v R@1':>9}{'R@5':>7}{'R@10':>7}{'MdR':>6}{'minutes':>9}")
-    for name, tiou, width, m, dt in rows:
-        print(f"{name:14}{tiou:11.3f}{width:9.2f}{m['t2v_r1']:9.1f}{m['t2v_r5']:7.1f}{m['t2v_r10']:7.1f}"
-              f"{m['t2v_mdr']:6.1f}{dt / 60:9.1f}")
-    print("edited, by round: " + "; ".join(
-        f"{r['round']}: {r['edited']} edited (median gain {_gain(r)}), tIoU {r['train_tiou']:.3f}, "
-        f"width {r['mean_width_s']:.2f}s, val R@1 {r['val_r1']:.1f}" for r in rounds))
-    print(f"runs: {runs}")
+        e = cfg.edit
+        epochs = e.warmup_epochs + e.rounds * e.epochs_per_round
+        fixed = [f"train.epochs={epochs}", f"train.eval_every_epochs={epochs}", f"data.eval_split={e.test_split}",
+                 f"data.eval_manifest={events}", f"data.video_root={events.parent}"]
+        # the edited run's round 0 trained on the stage-1 clips: the baseline trains on them throughout
+        truth = read_manifest(str(events), columns=["start", "end"], split="train")
+        truth_width = float(np.mean(np.subtract(truth.column("end"), truth.column("start"))))
+        for name, manifest, tiou, width in (
+                ("timestamps", rounds[0]["manifest"], rounds[0]["train_tiou"], rounds[0]["mean_width_s"]),
+                ("ground truth", str(events), 1.0, truth_width)):
+            t0 = time.perf_counter()
+            m = driver.run(load_config(config, [*common, *fixed, f"data.manifest={manifest}",
+                                                f"train.run_name={name.replace(' ', '-')}"]), quiet_ray=True, table=False)
+            rows.insert(0 if name == "timestamps" else len(rows), (name, tiou, width, m, time.perf_counter() - t0))
+
+        n = rows[0][3]["num_test_videos"]
+        print(f"\nclipray bench edit: {events}, {epochs} epochs per arm (edited: {e.warmup_epochs} warm-up + "
+              f"{e.rounds} rounds x {e.epochs_per_round}, margin {e.margin:g}), {n} test clips "
+              f"(chance R@1 {100 / n:.1f}%)")
+        print(f"{'arm':14}{'train tIoU':>11}{'width s':>9}{'t2v R@1':>9}{'R@5':>7}{'R@10':>7}{'MdR':>6}{'minutes':>9}")
+        for name, tiou, width, m, dt in rows:
+            print(f"{name:14}{tiou:11.3f}{width:9.2f}{m['t2v_r1']:9.1f}{m['t2v_r5']:7.1f}{m['t2v_r10']:7.1f}"
+                  f"{m['t2v_mdr']:6.1f}{dt / 60:9.1f}")
+        print("edited, by round: " + "; ".join(
+            f"{r['round']}: {r['edited']} edited (median gain {_gain(r)}), tIoU {r['train_tiou']:.3f}, "
+            f"width {r['mean_width_s']:.2f}s, val R@1 {r['val_r1']:.1f}" for r in rounds))
     return 0
 
 

@@ -10,10 +10,10 @@ are nearly the same), so it sits near or below 50%; a temporal head can do bette
 from __future__ import annotations
 
 import argparse
-import tempfile
 import time
 from pathlib import Path
 
+from clipray.bench import scratch_dir
 from clipray.cli import at_least
 
 
@@ -50,23 +50,23 @@ def main(argv: list[str] | None = None) -> int:
     for head in args.heads:  # a bad override fails now, not after minutes of video making
         check_negatives(model_io(load_config(demo_config_path(), [f"model.name=test_{head}", *args.overrides])))
     manifest = ensure_synth(Path(args.data), args.videos).resolve()
-    runs = Path(tempfile.mkdtemp(prefix="clipray-bench-heads-"))
-    rows = []
-    configs = [load_config(demo_config_path(), [f"data.manifest={manifest}", f"train.storage_path={runs}",
-                                                f"train.run_name={head}", f"model.name=test_{head}",
-                                                *args.overrides]) for head in args.heads]
-    init_ray(configs[0].ray, quiet=True)  # now: the first head's minutes held Ray's start
-    for head, cfg in zip(args.heads, configs):
-        t0 = time.perf_counter()
-        m = run(cfg, quiet_ray=True)
-        rows.append((head, m, time.perf_counter() - t0))
-    print(f"\nclipray bench heads: demo config, {rows[0][1]['num_test_videos']} test videos "
-          f"(chance R@1 {100 / rows[0][1]['num_test_videos']:.1f}%), "
-          f"{rows[0][1].get('order_pairs', 0)} twin captions")
-    print(f"{'head':12}{'t2v R@1':>9}{'t2v R@5':>9}{'order acc %':>13}{'minutes':>9}")
-    for head, m, dt in rows:
-        print(f"{head:12}{m['t2v_r1']:9.1f}{m['t2v_r5']:9.1f}{m.get('order_acc', float('nan')):13.1f}"
-              f"{dt / 60:9.1f}")
+    with scratch_dir("clipray-bench-heads-") as runs:
+        rows = []
+        configs = [load_config(demo_config_path(), [f"data.manifest={manifest}", f"train.storage_path={runs}",
+                                                    f"train.run_name={head}", f"model.name=test_{head}",
+                                                    *args.overrides]) for head in args.heads]
+        init_ray(configs[0].ray, quiet=True)  # now: the first head's minutes held Ray's start
+        for head, cfg in zip(args.heads, configs):
+            t0 = time.perf_counter()
+            m = run(cfg, quiet_ray=True)
+            rows.append((head, m, time.perf_counter() - t0))
+        print(f"\nclipray bench heads: demo config, {rows[0][1]['num_test_videos']} test videos "
+              f"(chance R@1 {100 / rows[0][1]['num_test_videos']:.1f}%), "
+              f"{rows[0][1].get('order_pairs', 0)} twin captions")
+        print(f"{'head':12}{'t2v R@1':>9}{'t2v R@5':>9}{'order acc %':>13}{'minutes':>9}")
+        for head, m, dt in rows:
+            print(f"{head:12}{m['t2v_r1']:9.1f}{m['t2v_r5']:9.1f}{m.get('order_acc', float('nan')):13.1f}"
+                  f"{dt / 60:9.1f}")
     return 0
 
 

@@ -16,11 +16,10 @@ import contextlib
 import io
 import os
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
-from clipray.bench import alternated
+from clipray.bench import alternated, scratch_dir
 from clipray.cli import at_least
 
 RAY_DEFAULT_S = "2"
@@ -46,36 +45,35 @@ def main(argv: list[str] | None = None) -> int:
     short = ["train.epochs=1", "data.batch_size=4", "data.video.max_frames=4", *args.overrides]
     driver.check_negatives(driver.model_io(load_config(config, short)))  # a bad override fails now
     manifest = ensure_synth(Path(args.data), args.videos).resolve()
-    runs = Path(tempfile.mkdtemp(prefix="clipray-bench-poll-"))
-    order = [RAY_DEFAULT_S] + alternated(RAY_DEFAULT_S, TRAIN_POLL_S, args.runs)  # a warm-up run first
-    times: dict[str, list[float]] = {RAY_DEFAULT_S: [], TRAIN_POLL_S: []}
-    was = os.environ.get(TRAIN_POLL_ENV)
-    try:
-        for i, interval in enumerate(order):
-            # read from this process's environment as each run's controller starts
-            os.environ[TRAIN_POLL_ENV] = interval
-            cfg = load_config(config, [*short, f"data.manifest={manifest}", f"train.storage_path={runs}",
-                                       f"train.run_name=run{i}"])
-            t0 = time.perf_counter()
-            with contextlib.redirect_stdout(io.StringIO()):
-                driver.run(cfg, quiet_ray=True, table=False)
-            took = time.perf_counter() - t0
-            if i:  # the first run also pays the imports and Ray's start
-                times[interval].append(took)
-            print(f"run {i}: {interval} s checks, {took:.1f} s{' (warm-up, not counted)' if not i else ''}",
-                  flush=True)
-    finally:
-        if was is None:
-            os.environ.pop(TRAIN_POLL_ENV, None)
-        else:
-            os.environ[TRAIN_POLL_ENV] = was
+    with scratch_dir("clipray-bench-poll-") as runs:
+        order = [RAY_DEFAULT_S] + alternated(RAY_DEFAULT_S, TRAIN_POLL_S, args.runs)  # a warm-up run first
+        times: dict[str, list[float]] = {RAY_DEFAULT_S: [], TRAIN_POLL_S: []}
+        was = os.environ.get(TRAIN_POLL_ENV)
+        try:
+            for i, interval in enumerate(order):
+                # read from this process's environment as each run's controller starts
+                os.environ[TRAIN_POLL_ENV] = interval
+                cfg = load_config(config, [*short, f"data.manifest={manifest}", f"train.storage_path={runs}",
+                                           f"train.run_name=run{i}"])
+                t0 = time.perf_counter()
+                with contextlib.redirect_stdout(io.StringIO()):
+                    driver.run(cfg, quiet_ray=True, table=False)
+                took = time.perf_counter() - t0
+                if i:  # the first run also pays the imports and Ray's start
+                    times[interval].append(took)
+                print(f"run {i}: {interval} s checks, {took:.1f} s{' (warm-up, not counted)' if not i else ''}",
+                      flush=True)
+        finally:
+            if was is None:
+                os.environ.pop(TRAIN_POLL_ENV, None)
+            else:
+                os.environ[TRAIN_POLL_ENV] = was
 
-    print(f"\nclipray bench poll: {manifest}, one epoch of the demo's model ({' '.join(short)}), "
-          f"{args.runs} runs per interval, alternated")
-    print(f"{'checks every':>13}{'median s':>10}   runs")
-    for interval, ts in times.items():
-        print(f"{interval + ' s':>13}{statistics.median(ts):10.1f}   {', '.join(f'{t:.1f}' for t in ts)}")
-    print(f"runs: {runs}")
+        print(f"\nclipray bench poll: {manifest}, one epoch of the demo's model ({' '.join(short)}), "
+              f"{args.runs} runs per interval, alternated")
+        print(f"{'checks every':>13}{'median s':>10}   runs")
+        for interval, ts in times.items():
+            print(f"{interval + ' s':>13}{statistics.median(ts):10.1f}   {', '.join(f'{t:.1f}' for t in ts)}")
     return 0
 
 

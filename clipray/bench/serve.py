@@ -28,13 +28,13 @@ import argparse
 import asyncio
 import json
 import statistics
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from clipray.bench import scratch_dir
 from clipray.cli import at_least
 
 
@@ -336,7 +336,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip-api", action="store_true")
     ap.add_argument("--skip-index", action="store_true")
     ap.add_argument("--skip-searcher", action="store_true", help="index part without the Serve Searcher")
-    ap.add_argument("--workdir", default=None, help="models, clips and indexes (default: a temp dir)")
+    ap.add_argument("--workdir", default=None,
+                    help="models, clips and indexes, kept (default: a temp dir, removed at the end)")
     ap.add_argument("--json", default=None, help="also write the figures here")
     args = ap.parse_args(argv)
     if args.skip_api and args.skip_index:
@@ -346,15 +347,14 @@ def main(argv: list[str] | None = None) -> int:
 
     from clipray.runtime import init_ray, quiet_data_progress
 
-    work = Path(args.workdir or tempfile.mkdtemp(prefix="clipray-bench-serve-"))
-    work.mkdir(parents=True, exist_ok=True)
-    init_ray(quiet=True)
-    quiet_data_progress()
-    out = {}
-    if not args.skip_api:
-        out["api"] = api_bench(work, args.scale)
-    if not args.skip_index:
-        out["index"] = index_bench(work, args.vectors, args.dim, not args.skip_searcher)
-    if args.json:
-        Path(args.json).write_text(json.dumps(out, indent=1))
+    with scratch_dir("clipray-bench-serve-", args.workdir) as work:
+        init_ray(quiet=True)
+        quiet_data_progress()
+        out = {}
+        if not args.skip_api:
+            out["api"] = api_bench(work, args.scale)
+        if not args.skip_index:
+            out["index"] = index_bench(work, args.vectors, args.dim, not args.skip_searcher)
+        if args.json:
+            Path(args.json).write_text(json.dumps(out, indent=1))
     return 0

@@ -17,10 +17,10 @@ share of batches with any, beside what uniform sampling gives: B(B-1)/2 x (k-1)/
 from __future__ import annotations
 
 import argparse
-import tempfile
 import time
 from pathlib import Path
 
+from clipray.bench import scratch_dir
 from clipray.cli import at_least
 from clipray.runtime import usable_cores
 
@@ -64,22 +64,22 @@ def main(argv: list[str] | None = None) -> int:
     from clipray.config import DataConfig
     from clipray.runtime import init_ray, quiet_data_progress
 
-    work = Path(tempfile.mkdtemp(prefix="clipray-bench-shuffle-"))
-    grouped_manifest(work / "m.parquet", args.videos, args.captions)
-    data = DataConfig(manifest=str(work / "m.parquet"), decode_batch=8)
-    init_ray(quiet=True)
-    quiet_data_progress()
-    n, B, k = args.videos * args.captions, args.batch, args.captions
-    arms = {"(a) as listed": (False, 0), f"(b) local buffer of {args.buffer} rows": (False, args.buffer),
-            "(c) data.shuffle_rows": (True, 0)}
-    print(f"clipray bench shuffle: {n:,} rows, {k} captions per video listed together, batches of {B}, "
-          f"{usable_cores()} cores")
-    print(f"{'order':34} {'same-video pairs/batch':>22} {'batches with one':>17} {'first batch':>12} {'all rows':>9}")
-    for label, (shuffle, buffer) in arms.items():
-        r = read(data, shuffle, buffer, B, k)
-        print(f"{label:34} {r['pairs']:22.2f} {100 * r['hit']:16.1f}% {r['first']:11.1f}s {r['total']:8.1f}s")
-    uniform = B * (B - 1) / 2 * (k - 1) / (n - 1)
-    print(f"{'uniform sampling (expected)':34} {uniform:22.2f}")
+    with scratch_dir("clipray-bench-shuffle-") as work:
+        grouped_manifest(work / "m.parquet", args.videos, args.captions)
+        data = DataConfig(manifest=str(work / "m.parquet"), decode_batch=8)
+        init_ray(quiet=True)
+        quiet_data_progress()
+        n, B, k = args.videos * args.captions, args.batch, args.captions
+        arms = {"(a) as listed": (False, 0), f"(b) local buffer of {args.buffer} rows": (False, args.buffer),
+                "(c) data.shuffle_rows": (True, 0)}
+        print(f"clipray bench shuffle: {n:,} rows, {k} captions per video listed together, batches of {B}, "
+              f"{usable_cores()} cores")
+        print(f"{'order':34} {'same-video pairs/batch':>22} {'batches with one':>17} {'first batch':>12} {'all rows':>9}")
+        for label, (shuffle, buffer) in arms.items():
+            r = read(data, shuffle, buffer, B, k)
+            print(f"{label:34} {r['pairs']:22.2f} {100 * r['hit']:16.1f}% {r['first']:11.1f}s {r['total']:8.1f}s")
+        uniform = B * (B - 1) / 2 * (k - 1) / (n - 1)
+        print(f"{'uniform sampling (expected)':34} {uniform:22.2f}")
     return 0
 
 

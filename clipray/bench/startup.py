@@ -20,10 +20,10 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
+from clipray.bench import scratch_dir
 from clipray.cli import at_least
 from clipray.runtime import usable_cores
 from clipray.pipeline import ClipDecoder
@@ -93,32 +93,32 @@ def main(argv: list[str] | None = None) -> int:
                  "set, or more --videos")
     data = load_config(demo_config_path(), [f"data.manifest={manifest}"]
                        + ([f"data.decode_actors={args.decoders}"] if args.decoders else [])).data
-    work = Path(tempfile.mkdtemp(prefix="clipray-bench-startup-"))
-    init_ray(quiet=True)
-    quiet_data_progress()
-    times: dict[str, list[tuple[float, float]]] = {k: [] for k in ARMS}
-    clips = None
-    for r in range(args.rounds):
-        for arm in ARMS:
-            n, first, total = execute(dataset(arm, data, str(work / arm)))
-            if clips is not None and n != clips:
-                raise SystemExit(f"clipray bench startup: {ARMS[arm]} gave {n} clips, the others {clips}")
-            clips = n
-            times[arm].append((first, total))
-            print(f"round {r + 1}/{args.rounds} {ARMS[arm]:42} first batch {first:5.1f}s, all {n} clips {total:5.1f}s",
-                  flush=True)
-    print(f"\nclipray bench startup: the demo's test split ({clips} clips, {data.video.max_frames} frames at "
-          f"{data.video.size}px), {data.decode_actors} decoders x {data.decode_cpus:g} CPU, {usable_cores()} cores, "
-          f"{args.rounds} executions each")
-    print(f"{'version':42} {'first execution':>18} {'later (median)':>16} {'later (range)':>14}  against (a)")
-    base = statistics.median(t for _, t in times["a"][1:])
-    for arm, label in ARMS.items():
-        later = [t for _, t in times[arm][1:]]
-        med = statistics.median(later)
-        line = f"{label:42} {times[arm][0][1]:17.1f}s {med:15.1f}s {min(later):6.1f}-{max(later):4.1f}s"
-        print(line + (f"  {base / med:.1f}x faster" if arm != "a" else ""))
-    print("seconds to an execution's last clip; to its first batch (median of the later executions): "
-          + ", ".join(f"({k}) {statistics.median(f for f, _ in v[1:]):.1f}s" for k, v in times.items()))
+    with scratch_dir("clipray-bench-startup-") as work:
+        init_ray(quiet=True)
+        quiet_data_progress()
+        times: dict[str, list[tuple[float, float]]] = {k: [] for k in ARMS}
+        clips = None
+        for r in range(args.rounds):
+            for arm in ARMS:
+                n, first, total = execute(dataset(arm, data, str(work / arm)))
+                if clips is not None and n != clips:
+                    raise SystemExit(f"clipray bench startup: {ARMS[arm]} gave {n} clips, the others {clips}")
+                clips = n
+                times[arm].append((first, total))
+                print(f"round {r + 1}/{args.rounds} {ARMS[arm]:42} first batch {first:5.1f}s, all {n} clips {total:5.1f}s",
+                      flush=True)
+        print(f"\nclipray bench startup: the demo's test split ({clips} clips, {data.video.max_frames} frames at "
+              f"{data.video.size}px), {data.decode_actors} decoders x {data.decode_cpus:g} CPU, {usable_cores()} cores, "
+              f"{args.rounds} executions each")
+        print(f"{'version':42} {'first execution':>18} {'later (median)':>16} {'later (range)':>14}  against (a)")
+        base = statistics.median(t for _, t in times["a"][1:])
+        for arm, label in ARMS.items():
+            later = [t for _, t in times[arm][1:]]
+            med = statistics.median(later)
+            line = f"{label:42} {times[arm][0][1]:17.1f}s {med:15.1f}s {min(later):6.1f}-{max(later):4.1f}s"
+            print(line + (f"  {base / med:.1f}x faster" if arm != "a" else ""))
+        print("seconds to an execution's last clip; to its first batch (median of the later executions): "
+              + ", ".join(f"({k}) {statistics.median(f for f, _ in v[1:]):.1f}s" for k, v in times.items()))
     return 0
 
 

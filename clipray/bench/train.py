@@ -15,13 +15,13 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from clipray.bench import scratch_dir
 from clipray.cli import at_least
 from clipray.models import list_models
 
@@ -95,7 +95,7 @@ def _ray_loop(config: dict[str, Any]) -> None:
 
 
 def ray_loop(name: str, batch: int, frames: int, steps: int, warmup: int, threads: int,
-             manifest: str | None, decode_cores: int = 1) -> tuple[list[float], float]:
+             manifest: str | None, work: Path, decode_cores: int = 1) -> tuple[list[float], float]:
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -104,12 +104,13 @@ def ray_loop(name: str, batch: int, frames: int, steps: int, warmup: int, thread
     from clipray.models import create_model
     from clipray.pipeline import clip_dataset
 
-    out = Path(tempfile.mkdtemp(prefix="clipray-bench-train-")) / "times.json"
+    work.mkdir(parents=True, exist_ok=True)
+    out = work / "times.json"
     datasets = {}
     if manifest:
         # enough clips for every step, in one manifest (a union of copies of the dataset
         # would start one decode pool per copy)
-        rep = repeated_manifest(manifest, out.parent / "repeated.parquet",
+        rep = repeated_manifest(manifest, work / "repeated.parquet",
                                 at_least=(steps + warmup + 2) * batch)
         size = create_model(name).image_size
         # decode actors, as the recipe configs run beside GPUs (and as the recorded figures
@@ -117,14 +118,14 @@ def ray_loop(name: str, batch: int, frames: int, steps: int, warmup: int, thread
         data = DataConfig(manifest=rep, video=VideoConfig(fps=3.0, max_frames=frames, size=size),
                           decode_pool="actors", decode_actors=decode_cores, decode_cpus=1.0,
                           decode_batch=batch)
-        datasets["train"] = clip_dataset(data, str(out.parent), split="train")
+        datasets["train"] = clip_dataset(data, str(work), split="train")
     t0 = time.perf_counter()
     TorchTrainer(_ray_loop, train_loop_config=dict(model=name, batch=batch, frames=frames, steps=steps,
                                                    warmup=warmup, threads=threads, out=str(out),
                                                    from_video=bool(manifest)),
                  scaling_config=ray.train.ScalingConfig(num_workers=1, resources_per_worker={"CPU": threads}),
                  datasets=datasets,
-                 run_config=ray.train.RunConfig(storage_path=str(out.parent), name="bench")).fit()
+                 run_config=ray.train.RunConfig(storage_path=str(work), name="bench")).fit()
     wall = time.perf_counter() - t0
     times = json.loads(out.read_text())
     return times, wall - sum(times)
@@ -174,12 +175,12 @@ def main(argv: list[str] | None = None) -> int:
                 "--decode-cores (decode actors of (c), 1 CPU each)": float(decode)},
                advice="lower --threads or --decode-cores")
     quiet_data_progress()
-    manifest = generate(Path(tempfile.mkdtemp(prefix="clipray-bench-synth-")), videos=args.videos,
-                        seed=0, test_frac=0.0, val_frac=0.0)["manifest"]
     common = (args.model, args.batch, args.frames, args.steps, args.warmup, args.threads)
-    a = plain_loop(*common)
-    b, b_start = ray_loop(*common, manifest=None)
-    c, c_start = ray_loop(*common, manifest=manifest, decode_cores=decode)
+    with scratch_dir("clipray-bench-train-") as work:
+        manifest = generate(work / "synth", videos=args.videos, seed=0, test_frac=0.0, val_frac=0.0)["manifest"]
+        a = plain_loop(*common)
+        b, b_start = ray_loop(*common, manifest=None, work=work / "b")
+        c, c_start = ray_loop(*common, manifest=manifest, work=work / "c", decode_cores=decode)
     med = {k: statistics.median(v) for k, v in (("a", a), ("b", b), ("c", c))}
     print(f"clipray bench train: {args.model}, batch {args.batch} x {args.frames} frames, step on "
           f"{args.threads} core(s), (c) decodes on {decode} more; median of {args.steps} steps "
