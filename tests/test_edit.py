@@ -497,6 +497,11 @@ def test_left_out_counts_only_captions_never_trained_on():
             **{f"t2v_r{k}": 20.0 for k in (1, 5, 10)}}
     text = _summary({"rounds": [], "test": test, **skip_counts(skips)}, "/runs/e")
     assert "captions left out: 2; times the teacher could not score one (kept its clip): 3  (clips/skips.jsonl)" in text
+    # and the clips its decoders skipped or cut, the final test evaluation's too (the console
+    # had neither, and the test's were in no report)
+    lines = _summary({"rounds": [], "test": dict(test, skipped_clips=3, cut_clips=1)}, "/runs/e/").splitlines()
+    assert lines[-3:-1] == ["skipped clips: 3  (see /runs/e/skip_report.jsonl)",
+                            "1 clip cut at its video's end (see /runs/e/cut_report.jsonl)"]
 
 
 @pytest.mark.parametrize("name", ["exp [2]", "exp::2"])

@@ -198,6 +198,10 @@ def test_evaluation_decodes_each_clip_once_and_ranks_every_caption(ray_local, sy
     skipped = [json.loads(x) for f in sorted((tmp_path / "three" / "skips").iterdir())
                for x in f.read_text().splitlines()]
     assert [r["row_id"] for r in skipped] == [len(clips) - 1]  # once, not once per caption
+    # counted, and in the run's merged report (clipray edit's final test evaluation: neither)
+    report = [json.loads(x) for x in (tmp_path / "three" / "skip_report.jsonl").read_text().splitlines()]
+    assert got["skipped_clips"] == 1 and [r["row_id"] for r in report] == [len(clips) - 1]
+    assert got["cut_clips"] == 0 and json.loads((tmp_path / "three" / "eval-test.json").read_text()) == got
     assert got["num_test_videos"] == len(test) and got["num_test_texts"] == 3 * len(test)
     # brute force, no Ray: each good clip decoded and embedded, every caption against every clip
     bf = brute_force_metrics(export, str(tmp_path / "m.parquet"), keep=len(test))

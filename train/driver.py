@@ -888,11 +888,12 @@ def failure_cause(e: Exception) -> str:
 def evaluate_export(cfg: Config, export: str, split: str, name: str) -> dict[str, Any]:
     """Evaluate an exported model on `split` of `data.eval_manifest` (else `data.manifest`), with
     the run's workers, decode pool and batch size; a Ray Train run named `name` beside the
-    training run. Returns the metrics, also written to `<run>/<name>.json`."""
+    training run. Returns the metrics, also written to `<run>/<name>.json`, with the run's
+    skipped and cut clips (this evaluation's too) counted and merged into its reports."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from clipray.pipeline import caption_tokenizer, clip_dataset
+    from clipray.pipeline import caption_tokenizer, clip_dataset, collect_skips
     from clipray.runtime import init_ray
     from train.evaluate import first_rows
 
@@ -924,6 +925,9 @@ def evaluate_export(cfg: Config, export: str, split: str, name: str) -> dict[str
             metrics = dict(trainer.fit().metrics, eval_split=split, export=export)
     except ray.train.TrainingFailedError as e:
         raise RunFailed(f"evaluating {export} failed {failure_cause(e)}") from e
+    # its decoders' skip files went beside the training run's, merged before it began
+    skips = collect_skips(out)
+    metrics.update(skipped_clips=skips["skipped"], cut_clips=skips["cut"])
     put_text(f"{out}/{name}.json", json.dumps(metrics, indent=1))
     return metrics
 

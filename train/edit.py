@@ -573,6 +573,8 @@ def _round_line(r: dict) -> str:
 
 
 def _summary(result: dict, out: str) -> str:
+    from clipray.pipeline import CUT_REPORT, SKIP_REPORT, cut_line
+
     rows = [f"{'round':>5}{'epoch':>6}{'edited':>8}{'shift s':>8}{'tIoU':>7}{'width s':>8}{'val R@1':>8}{'R@5':>6}"
             f"{'R@10':>6}  teacher"]
     for r in result["rounds"]:
@@ -589,6 +591,9 @@ def _summary(result: dict, out: str) -> str:
         # went unseen there)
         f"captions left out: {result.get('left_out', 0)}; times the teacher could not score one (kept its clip): "
         f"{result.get('unscored', 0)}  (clips/skips.jsonl)",
+        # the decoders' skips, training to test, as `clipray train` counts them
+        f"skipped clips: {t.get('skipped_clips', 0)}  (see {out.rstrip('/')}/{SKIP_REPORT})",
+        *([cut_line(t["cut_clips"], f"{out.rstrip('/')}/{CUT_REPORT}")] if t.get("cut_clips") else []),
         f"run directory: {out}  (edits.csv, edit_result.json, clips/, teacher/, export/)"])
 
 
