@@ -78,7 +78,10 @@ def candidate_indices(num_frames: int, video_fps: float, start: float | None, en
     start, end = as_seconds(start), as_seconds(end)
     lo = 0.0 if start is None else start
     hi = duration if end is None else min(end, duration)
-    if lo >= duration or hi <= lo:
+    # a start at the video's length, to within a millionth of a frame, is at its end: 120 frames
+    # at 30000/1001 fps last 4.004 s, 4.0040000000000004 in floats, and a start of 4.004 got
+    # the last frame, from a window 4e-16 s long, where a start of 10.0 at 25 fps is a skip
+    if lo * video_fps >= num_frames - 1e-6 or hi <= lo:
         raise SkipClip(f"window [{start}, {end}] outside video of {duration:.2f}s")
     # the times lo + k / fps before hi, counted from the window's length in steps, which is
     # rounded to within 1e-6 of a whole number first: np.arange(lo, hi, 1 / fps) counted the

@@ -37,6 +37,26 @@ def test_an_empty_window_is_skipped_and_a_whole_video_keeps_its_last_frame():
     assert candidate_indices(10, 10.0, None, None, 10.0) == list(range(10))
 
 
+def test_a_start_at_the_videos_end_is_a_skip_at_any_frame_rate():
+    """A window starting at the video's length holds no frame of it. 120 frames at 30000/1001
+    fps last 120 * 1001 / 30000 = 4.004 s exactly, and 4.004 is at that end as 10.0 is for 250
+    frames at 25 fps; n / fps in floats is 4.0040000000000004, so that start got the last frame
+    (119) from a window of 4e-16 s. Brute force over NTSC rates: a start of exactly n frames'
+    time (k * 1001 / 30000 s, k = n) is a skip, one a frame earlier gives the last frame."""
+    with pytest.raises(SkipClip, match="outside video"):
+        candidate_indices(120, 30000 / 1001, 4.004, None, 1.0)
+    with pytest.raises(SkipClip, match="outside video"):
+        candidate_indices(250, 25.0, 10.0, None, 1.0)
+    for num, den in ((30000, 1001), (24000, 1001), (60000, 1001)):
+        for n in range(1, 400):
+            end = n * den / num  # the length, as a manifest's decimal seconds round it to a float
+            with pytest.raises(SkipClip, match="outside video"):
+                candidate_indices(n, num / den, end, None, 1.0)
+            with pytest.raises(SkipClip, match="outside video"):
+                candidate_indices(n, num / den, end, end + 3.0, 1.0)
+            assert candidate_indices(n, num / den, (n - 1) * den / num, None, 1.0) == [n - 1]
+
+
 def test_candidate_times_are_those_before_the_windows_end_in_exact_arithmetic():
     """Times start + k / fps before end, as exact fractions of the decimal bounds a manifest
     holds, and the frame shown at each: np.arange counted the float error of end - start, so
