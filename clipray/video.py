@@ -228,7 +228,11 @@ class PyAVVideo:
         # with more frames), not the first listed, which can be a cover picture
         self._stream = _main_video(self._container)
         s = self._stream
-        self.fps = float(s.average_rate or s.guessed_rate or 0)
+        # with no average rate (an MPEG-TS of one frame, an MPEG-PS of one or two: too few
+        # times to average), the rate the stream's own header states, not libavformat's guess,
+        # which took H.264's and MPEG-2's 50 fields a second for 25 frames: a 2-frame MPEG-PS
+        # gave frame 0 for index 1, and a 1-frame video lasted half its frame
+        self.fps = float(s.average_rate or s.codec_context.framerate or s.guessed_rate or 0)
         n = s.frames
         if not n and self._container.format.name == "mpeg":
             # MPEG-PS stores no frame count, and libavformat estimates the duration from the

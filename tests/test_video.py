@@ -189,6 +189,27 @@ def test_pyav_counts_every_frame(tmp_path, ext, fmt):
     assert clip.indices == [97, 98, 99] and _shown(clip.frames[:3]) == [97, 98, 99]
 
 
+@pytest.mark.parametrize("backend", ["decord", "pyav"])
+def test_a_video_too_short_for_an_average_rate_is_read_at_its_own_frame_rate(tmp_path, backend):
+    """A 1-frame MPEG-TS and a 2-frame MPEG-PS at 25 fps have no average rate (too few times),
+    and libavformat's guess is 50 (H.264's and MPEG-2's field rate): the 2-frame video lasted
+    0.04 s, index 1 (0.02 s) gave frame 0 and frame 1 could never be sampled; the 1-frame video
+    lasted 0.02 s, and [0.03, 1.0] was a skip. By hand at 25 fps: 0.08 s and 0.04 s long; all
+    frames at 25 fps are [0, 1] and [0]; at 1 fps a window shorter than a step is its midpoint,
+    0.04 s (frame 1) and 0.035 s (frame 0). decord opens neither: both backends read them with PyAV."""
+    ps, ts = tmp_path / "two.mpg", tmp_path / "one.ts"
+    _numbered_video(ps, 2, "mpeg")
+    _numbered_video(ts, 1, "mpegts")
+    for path, n, start, end, want in ((ps, 2, None, None, [0, 1]), (ts, 1, None, None, [0]),
+                                      (ps, 2, 0.0, 1.0, [1]), (ts, 1, 0.03, 1.0, [0])):
+        video = open_video(str(path), backend)
+        assert (video.num_frames, video.fps) == (n, 25.0)
+        fps = 25.0 if end is None else 1.0
+        clip = decode_clip(str(path), start, end, VideoConfig(backend=backend, fps=fps, max_frames=4, size=32, timeout_s=0))
+        assert clip.indices == _shown(clip.frames[:len(clip.indices)]) == want, (path.name, start)
+        assert clip.mask.tolist() == [1] * len(want) + [0] * (4 - len(want))
+
+
 def _cut_without_reencoding(src, dst, hidden: int) -> None:
     """What `ffmpeg -ss T -c copy` writes: the same packets, the first `hidden` frames at
     negative times, which the MP4 muxer hides behind an edit list."""
