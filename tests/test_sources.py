@@ -805,6 +805,8 @@ def test_generic_jsonl_and_video_level_jsonl(tmp_path):
         {"path": "long/kitchen.mp4", "text": "crack two eggs", "split": "train"},
         # end clamped to 5, then rejected (start 6 >= end): one reason, not also a clamp
         {"path": "clips/cat.mp4", "caption": "late", "start": 6, "end": 9, "duration": 5},
+        # no row, and counted, as msvd and howto100m count a video without captions
+        {"path": "clips/cat.mp4", "video_id": "cat2", "captions": []},
     ]
     fx.write(tmp_path, "ann.jsonl", "\n".join(json.dumps(x) for x in lines) + "\n")
     out = tmp_path / "g.parquet"
@@ -816,7 +818,8 @@ def test_generic_jsonl_and_video_level_jsonl(tmp_path):
         ("cat", 1.0, 5.0, "clamped", "train", None, 5.0),  # end 9 clamped to duration 5
         ("kitchen", None, None, "crack two eggs", "train", None, None),
     ]
-    assert rep.rejected == {"empty caption": 1, "need 0 <= start < end": 1}
+    assert rep.rejected == {"empty caption": 1, "need 0 <= start < end": 1, "video with no captions": 1}
+    assert "ann.jsonl line 6: no captions" in rep.rejected_examples
     assert "1 rows had end past their duration; end clamped to duration" in rep.notes
 
 

@@ -83,6 +83,8 @@ def read_records(path: str, ctx: Context) -> Iterator[tuple[str, dict]]:
                 continue
             if not isinstance(rec["captions"], list):
                 raise SourceError(f"{where}: 'captions' must be a list")
+            if not rec["captions"]:  # (as the releases' adapters count theirs; it left no trace)
+                ctx.reject(where, "no captions", category="video with no captions")
             video = {k: v for k, v in rec.items() if k != "captions"}
             for k, cap in enumerate(rec["captions"]):
                 cap = {"text": cap} if isinstance(cap, str) else cap
