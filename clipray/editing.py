@@ -33,6 +33,11 @@ def _ms(x: float) -> float:
     return round(x, 3)
 
 
+def _ms_up(x: float) -> float:
+    """x up to the millisecond: the width a clip on the millisecond grid needs to reach x."""
+    return math.ceil(x * 1000 - 1e-6) / 1000
+
+
 @dataclass(frozen=True)
 class Bounds:
     """What a caption's clip may span: from the previous timestamp (or 0) to the next (or the
@@ -62,8 +67,15 @@ def _widen(s: float, e: float, b: Bounds, duration: float, min_width: float) -> 
     as it was, holding another caption's timestamp, for every round."""
     if e - s >= min_width:
         return s, e
-    lo, hi = (b.lo, b.hi) if b.hi - b.lo >= min_width else (0.0, duration)
-    w = min(min_width, hi - lo)
+    # grown to the width it has on the millisecond grid (`_on_ms_grid`), between the bounds
+    # taken to the millisecond as `candidates` takes them: grown to 1.0005 s up to the next
+    # timestamp 4.0, the start rounded up to 3.0 and the end went to 4.001 to make 1.001 s, past
+    # that timestamp, where no move by whole steps of 0.1 s or more was ever valid
+    need = _ms_up(min_width)
+    lo, hi = _ms(b.lo), _ms(b.hi)
+    if hi - lo < need - 1e-9:
+        lo, hi = 0.0, duration
+    w = min(need, hi - lo)
     s = min(max(lo, b.t - w / 2), hi - w)
     return s, s + w
 
@@ -99,7 +111,7 @@ def _on_ms_grid(s: float, e: float, t: float, width: float) -> tuple[float, floa
     and never narrower than `width`: each end rounded on its own, a 1 ms clip around t came
     out as (t, t), and a 1 s one as 0.999 s, which `candidates` then only ever widened."""
     s, e = min(_ms(s), t), max(_ms(e), t)
-    need = math.ceil(width * 1000 - 1e-6) / 1000  # the width, up to the millisecond
+    need = _ms_up(width)
     if e - s < need - 1e-9:
         e = _ms(s + need)
         e = max(e if e - s >= need - 1e-9 else _ms(e + 0.001), t)

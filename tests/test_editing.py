@@ -68,6 +68,22 @@ def test_stage_one_clips_on_the_millisecond_grid_keep_their_minimum_width():
             assert 0 <= s and e <= duration + 0.0015 and (s, e) == (min(round(s, 3), t), max(round(e, 3), t))
 
 
+def test_a_clip_grown_to_a_width_off_the_millisecond_stays_short_of_the_next_timestamp():
+    """min_width_s=1.0005 is 1.001 s on the millisecond grid. Timestamps 2, 3.9, 4 in a 10 s
+    video: the middle midpoint clip (2.95, 3.95) is too short; centred on 3.9 it would end past
+    4.0, so it ends at 4.0 and starts 1.001 s before, (2.999, 4.0). It was grown to 1.0005 s,
+    (2.9995, 4.0), its start rounded up to 3.0 and its end then taken to 4.001, past the next
+    caption's timestamp: no move by steps of 0.1 s was valid, and the clip was never edited."""
+    ts = [2.0, 3.9, 4.0]
+    clips = initial_clips(ts, 10.0, min_width_s=1.0005)
+    assert clips == [(0.0, 2.95), (2.999, 4.0), (3.95, 10.0)]
+    # by hand: starts 2.799 .. 3.199, ends 3.9 and 4.0 (3.8 misses t, 4.1 is past 4.0), at least
+    # 1.0005 s wide
+    got = candidates(*clips[1], neighbour_bounds(ts, 10.0)[1], step_s=0.1, max_steps=2, min_width_s=1.0005)
+    assert got[0] == (2.999, 4.0)
+    assert sorted(got) == [(2.799, 3.9), (2.799, 4.0), (2.899, 3.9), (2.899, 4.0), (2.999, 4.0)]
+
+
 def test_stage_one_rejects_unknown_rules():
     with pytest.raises(ValueError, match="edit.init must be one of midpoint, window"):
         initial_clips([1], 5, "middle")
