@@ -38,6 +38,10 @@ def _ms_up(x: float) -> float:
     return math.ceil(x * 1000 - 1e-6) / 1000
 
 
+def _ms_down(x: float) -> float:
+    return math.floor(x * 1000 + 1e-6) / 1000
+
+
 @dataclass(frozen=True)
 class Bounds:
     """What a caption's clip may span: from the previous timestamp (or 0) to the next (or the
@@ -98,7 +102,9 @@ def initial_clips(timestamps: Sequence[float], duration: float, rule: str = "mid
         else:
             s, e = max(0.0, t - window_s / 2), min(duration, t + window_s / 2)
         if max_width_s > 0:
-            s, e = max(s, t - max_width_s / 2), min(e, t + max_width_s / 2)
+            # the cap's ends taken inwards to the millisecond: rounded to the nearest with the
+            # clip's, a 2 s cap around t = 7.2345 gave (6.234, 8.235), 2.001 s wide
+            s, e = max(s, _ms_up(t - max_width_s / 2)), min(e, _ms_down(t + max_width_s / 2))
         lo = timestamps[order[k - 1]] if k > 0 else 0.0
         hi = timestamps[order[k + 1]] if k + 1 < len(order) else duration
         s, e = _widen(s, e, Bounds(float(lo), t, float(hi)), duration, min_width_s)

@@ -84,6 +84,22 @@ def test_a_clip_grown_to_a_width_off_the_millisecond_stays_short_of_the_next_tim
     assert sorted(got) == [(2.799, 3.9), (2.799, 4.0), (2.899, 3.9), (2.899, 4.0), (2.999, 4.0)]
 
 
+def test_stage_one_clips_on_the_millisecond_grid_keep_under_their_maximum_width():
+    """`max_width_s`: no initial clip wider than it. A 2 s cap around t = 7.2345 spans 6.2345 to
+    8.2345; each end was rounded to the nearest millisecond, out to (6.234, 8.235), 2.001 s. By
+    hand, taken inwards: (6.235, 8.234)."""
+    assert initial_clips([7.2345], 20.0, max_width_s=2.0, min_width_s=1.0) == [(6.235, 8.234)]
+    assert initial_clips([1, 5, 9], 12, max_width_s=2) == [(0, 2), (4, 6), (8, 10)]  # on the grid: as before
+    rng = np.random.default_rng(1)
+    for _ in range(3000):  # full-precision timestamps (YouCook2's `uniform` rule)
+        duration = float(rng.uniform(5, 60))
+        ts = sorted(float(x) for x in rng.uniform(0, duration, int(rng.integers(1, 6))))
+        cap = float(rng.choice([1.0, 1.5, 2.0, 3.0, 2.0005]))
+        rule = str(rng.choice(["midpoint", "window"]))
+        for (s, e), t in zip(initial_clips(ts, duration, rule, window_s=4.0, max_width_s=cap, min_width_s=1.0), ts):
+            assert s <= t <= e and 1.0 - 1e-9 <= e - s <= cap + 1e-9, (ts, duration, cap, rule, s, e)
+
+
 def test_stage_one_rejects_unknown_rules():
     with pytest.raises(ValueError, match="edit.init must be one of midpoint, window"):
         initial_clips([1], 5, "middle")
