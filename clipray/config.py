@@ -240,8 +240,10 @@ RULES: dict[type, dict[str, tuple[Any, str]]] = {
                                     "a folder, or a URI with its bucket (s3://BUCKET/runs)")),
     # anything else reached ray.init: "Invalid address format" traceback, the run folder made
     RayConfig: dict(num_cpus=at_least(1),
-                    # (a URI goes on to runtime's checks: a job server's http:// address is said so)
-                    address=((lambda v: v.strip() in ("", "auto", "local") or "://" in v
+                    # (a URI goes on to runtime's checks: a job server's http:// address is said so;
+                    # ray:// with no host waited 30 s in Ray Client, then a ConnectionError traceback)
+                    address=((lambda v: v.strip() in ("", "auto", "local")
+                              or ("://" in v and not re.fullmatch(r"(?i)ray://(:\d*)?/?", v.strip()))
                               or re.fullmatch(r"(\[[0-9A-Fa-f:.]+\]|[^\s/:\[\]]+):\d{1,5}", v.strip()) is not None),
                              "host:port (a cluster's head, e.g. 10.0.0.5:6379), ray://host:port, auto or local")),
     EditConfig: dict(init=one_of("midpoint", "window"), window_s=at_least(0), max_width_s=at_least(0),

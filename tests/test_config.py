@@ -183,6 +183,9 @@ def refused_as_override_and_in_a_file(load, f: Path, key: str, value: str, says:
                              "auto or local, got 'LOCAL'"),
     ("ray.address", "6379", "ray.address must be host:port (a cluster's head, e.g. 10.0.0.5:6379), ray://host:port, "
                             "auto or local, got '6379'"),
+    # no host: Ray Client waited 30 s for one, then a ConnectionError traceback
+    ("ray.address", "ray://", "ray.address must be host:port (a cluster's head, e.g. 10.0.0.5:6379), ray://host:port, "
+                              "auto or local, got 'ray://'"),
     ("train.storage_path", "s3://", "train.storage_path must be a folder, or a URI with its bucket "
                                     "(s3://BUCKET/runs), got 's3://'"),
     # one slash: trained into a local folder ./gs:/b
