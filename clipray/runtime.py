@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import sys
 from typing import Iterator
 
@@ -182,7 +183,12 @@ def check_answers(address: str, named: str, timeout_s: float = 10.0, shown: str 
     stale RAY_ADDRESS in the shell, a cluster that is down). "auto" and other forms go to Ray."""
     import socket
 
-    hostport = address[len("ray://"):] if address.lower().startswith("ray://") else address
+    client = address.lower().startswith("ray://")
+    hostport = address[len("ray://"):].rstrip("/") if client else address
+    if client and not re.search(r":\d+$", hostport):
+        # Ray Client's own default port: ray://HOST was not checked, and waited 30 s in
+        # ray.init, then a ConnectionError traceback
+        hostport += ":10001"
     host, _, port = hostport.rpartition(":")
     if not host or not port.isdigit():
         return

@@ -1,6 +1,7 @@
 """Config: YAML + overrides merged onto the typed schema; mistakes name the key and the file."""
 
 import dataclasses
+import re
 from pathlib import Path
 
 import pytest
@@ -845,3 +846,26 @@ def test_a_recipe_on_fewer_workers_is_refused_with_the_batch_size_that_keeps_its
     with pytest.raises(ConfigError, match=r"train.global_batch must be >= 0, got -1"):
         load_config(recipe, ["train.global_batch=-1"])
     assert load_config(REPO / "train" / "configs" / "demo.yaml", ["train.num_workers=3"]).train.global_batch == 0
+
+
+def test_a_ray_client_address_without_a_port_is_checked_at_its_default_port(monkeypatch):
+    """`ray.address=ray://HOST` is Ray Client's default port, 10001: it was not checked, and
+    where nothing answered ray.init waited 30 s, then a ConnectionError traceback."""
+    import socket
+
+    from clipray.runtime import check_answers
+
+    tried = []
+
+    def refuse(where, timeout=None):
+        tried.append(where)
+        raise ConnectionRefusedError(111, "Connection refused")
+
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    for address in ("ray://10.0.0.5", "ray://10.0.0.5/", "RAY://[::1]"):
+        with pytest.raises(ConfigError, match=f"ray.address={re.escape(address)}: nothing answers there"):
+            check_answers(address, "ray.address")
+    assert tried == [("10.0.0.5", 10001), ("10.0.0.5", 10001), ("::1", 10001)]
+    with pytest.raises(ConfigError):  # a port given is the one checked
+        check_answers("ray://10.0.0.5:20001", "ray.address")
+    assert tried[-1] == ("10.0.0.5", 20001)
