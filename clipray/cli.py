@@ -76,7 +76,9 @@ def data_main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="clipray data", description="Build and inspect clip manifests.")
     sub = ap.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("synth", help="write the synthetic H.264 video-text dataset and its manifests")
-    s.add_argument("--out", required=True, help="output directory")
+    # (each path: `--out=~/x`, `~` quoted or in a script's variable, reaches here unexpanded; it is the
+    # home folder, as clipray train and serve read their paths, not a folder named '~' made here)
+    s.add_argument("--out", required=True, type=os.path.expanduser, help="output directory")
     s.add_argument("--videos", type=at_least(1), default=200, help="videos to make (default 200; the demo's 240)")
     s.add_argument("--seed", type=at_least(0), default=0, help="0 or more (numpy's seeds are); default 0")
     # past these a frame count overflowed or filled memory (tracebacks), or ran on for hours
@@ -91,12 +93,14 @@ def data_main(argv: list[str]) -> int:
     p = sub.add_parser("prepare", help="turn a public release (or your own CSV/JSONL) into a manifest")
     p.add_argument("name", help="source name (msrvtt, msvd, lsmdc, activitynet, didemo, youcook2, "
                                 "howto100m, generic)")
-    p.add_argument("--root", required=True, help="folder holding the release's files and videos")
-    p.add_argument("--out", required=True, help="manifest: a .parquet file or a directory of shards")
+    p.add_argument("--root", required=True, type=os.path.expanduser,
+                   help="folder holding the release's files and videos")
+    p.add_argument("--out", required=True, type=os.path.expanduser,
+                   help="manifest: a .parquet file or a directory of shards")
     p.add_argument("--option", "-o", action="append", default=[], metavar="KEY=VALUE",
                    help="adapter option, repeatable (e.g. -o view=paragraph)")
     c = sub.add_parser("check", help="validate every row of a manifest (streamed) and print its summary")
-    c.add_argument("manifest")
+    c.add_argument("manifest", type=os.path.expanduser)
     args = ap.parse_args(argv)
 
     if args.cmd == "synth":

@@ -109,9 +109,10 @@ def as_text(path: Path) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="clipray demo", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", default="clipray_data/synth", help="synthetic dataset folder")
+    # (`--data=~/x` reaches here unexpanded: the home folder, not a folder named '~' made here)
+    ap.add_argument("--data", default="clipray_data/synth", type=os.path.expanduser, help="synthetic dataset folder")
     ap.add_argument("--videos", type=at_least(1), default=240, help="synthetic videos (generated once)")
-    ap.add_argument("--runs", default="runs", help="storage path for run directories")
+    ap.add_argument("--runs", default="runs", type=os.path.expanduser, help="storage path for run directories")
     ap.add_argument("--no-serve", action="store_true", help="stop after training")
     ap.add_argument("overrides", nargs="*", help="key=value overrides of train/configs/demo.yaml")
     args = ap.parse_args(argv)

@@ -465,3 +465,38 @@ def test_past_the_pairs_videos_of_more_events_keep_captions_apart(monkeypatch):
     by_count = collections.Counter(len(v.events) for v in specs)
     assert by_count[1] == 16 and by_count[2] == 240 and by_count[3] == 1200 - 256  # every pair, then triples
     assert len({v.caption for v in specs}) == 1200
+
+
+def test_a_path_under_the_home_folder_is_not_a_folder_named_tilde(tmp_path, monkeypatch):
+    """`clipray data synth --out=~/synth` (the shell expands no `~` after `=`, nor a quoted one)
+    wrote the set into a folder named '~' in the working folder, and `clipray demo --data=~/x
+    --runs=~/r` trained there; `clipray train` and `clipray serve` read `~` as the home folder."""
+    import train.driver
+    from clipray.cli import main
+
+    home, work = tmp_path / "home", tmp_path / "work"
+    home.mkdir()
+    work.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(work)
+    assert main(["data", "synth", "--out=~/synth", "--videos", "3", "--width", "32", "--height", "24"]) == 0
+    assert (home / "synth" / "manifest.parquet").is_file()
+    assert main(["data", "check", "~/synth/manifest.parquet"]) == 0
+    (home / "synth" / "own.csv").write_text("video_id,path,caption,split\nv,videos/synth00000.mp4,a red ball,train\n")
+    assert main(["data", "prepare", "generic", "--root=~/synth", "--out=~/own.parquet", "-o", "file=own.csv"]) == 0
+    assert (home / "own.parquet").is_file()
+
+    class Reached(Exception):
+        pass
+
+    taken = []
+
+    def run(cfg, **kw):
+        taken.append((cfg.data.manifest, cfg.train.storage_path))
+        raise Reached
+
+    monkeypatch.setattr(train.driver, "run", run)
+    with pytest.raises(Reached):
+        main(["demo", "--data=~/synth", "--runs=~/runs", "--videos", "3", "--no-serve", "data.batch_size=1"])
+    assert taken == [(str(home / "synth" / "manifest.parquet"), str(home / "runs"))]
+    assert list(work.iterdir()) == []
