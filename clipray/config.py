@@ -212,8 +212,15 @@ GPUS_PER_ACTOR = ((lambda v: v == -1 or (v >= 0 and _in_steps(v))),
                   "-1 (one per actor where the cluster has GPUs) or >= 0, in steps of 0.0001 (Ray's)")
 
 
+# a candidate rate past any video's frame rate adds no frame, but its times are counted out one
+# by one: data.video.fps=1e9 filled memory in every decode task (a 2 s clip: 16 GB), once Ray was up
+MAX_FPS = 1000
+
+
 RULES: dict[type, dict[str, tuple[Any, str]]] = {
-    VideoConfig: dict(backend=one_of("decord", "pyav"), fps=positive(), max_frames=at_least(1),
+    VideoConfig: dict(backend=one_of("decord", "pyav"),
+                      fps=((lambda v: 0 < v <= MAX_FPS), f"> 0 and at most {MAX_FPS} (frames per second)"),
+                      max_frames=at_least(1),
                       slice=one_of("head", "tail", "uniform"), size=at_least(1), timeout_s=positive()),
     # max_words: the start and end-of-text tokens and a word; at 2 every caption was those two tokens
     DataConfig: dict(split=one_of(*SPLITS), eval_split=one_of(*SPLITS), max_words=at_least(3),

@@ -57,14 +57,15 @@ def test_a_mistake_in_a_parent_file_names_the_parent_not_the_child(tmp_path):
     grand.write_text("data:\n  video:\n    fps: 0\n")  # out of range: named by the file that set it last
     with pytest.raises(ConfigError) as e:
         load_config(child)
-    assert str(e.value) == f"{grand}: data.video.fps must be > 0, got 0.0"
+    assert str(e.value) == f"{grand}: data.video.fps must be > 0 and at most 1000 (frames per second), got 0.0"
     parent.write_text("extends: grand.yaml\ndata:\n  video:\n    fps: -1\n")
     with pytest.raises(ConfigError) as e:
         load_config(child)
-    assert str(e.value) == f"{parent}: data.video.fps must be > 0, got -1.0"
+    assert str(e.value) == f"{parent}: data.video.fps must be > 0 and at most 1000 (frames per second), got -1.0"
     with pytest.raises(ConfigError) as e:
         load_config(child, ["data.video.fps=0"])
-    assert str(e.value) == "command-line override: data.video.fps must be > 0, got 0.0"
+    assert str(e.value) == ("command-line override: data.video.fps must be > 0 and at most 1000 (frames per second), "
+                            "got 0.0")
     child.write_text("extends: parent.yaml\ndata:\n  video:\n    fps: 2\n")  # the child's value wins
     assert load_config(child).data.video.fps == 2.0
     child.write_text("extends: parent.yaml\ntrain:\n  epocs: 2\n")  # and the child's own typo names the child
@@ -157,7 +158,7 @@ def refused_as_override_and_in_a_file(load, f: Path, key: str, value: str, says:
     ("data.batch_size", "0", "data.batch_size must be >= 1, got 0"),
     # the start and end-of-text tokens and no word: every caption was the same two tokens
     ("data.max_words", "2", "data.max_words must be >= 3, got 2"),
-    ("data.video.fps", "0", "data.video.fps must be > 0, got 0.0"),
+    ("data.video.fps", "0", "data.video.fps must be > 0 and at most 1000 (frames per second), got 0.0"),
     ("data.video.backend", "decrod", "data.video.backend must be one of decord, pyav, got 'decrod'"),
     ("data.decode_pool", "actor", "data.decode_pool must be one of tasks, actors, got 'actor'"),
     ("data.video.slice", "middle", "data.video.slice must be one of head, tail, uniform, got 'middle'"),
@@ -169,6 +170,8 @@ def refused_as_override_and_in_a_file(load, f: Path, key: str, value: str, says:
     # inf passed `> 0` / `>= 0`: fps=inf divided by zero in every clip's decode (all skipped),
     # lr=inf trains to NaN (video.timeout_s=inf stays allowed: no limit)
     ("data.video.fps", "inf", "data.video.fps must be a finite number, got inf"),
+    # every clip's candidate times counted out one by one: memory filled in every decode task
+    ("data.video.fps", "1e9", "data.video.fps must be > 0 and at most 1000 (frames per second), got 1000000000.0"),
     ("data.video.timeout_s", "-inf", "data.video.timeout_s must be a finite number, got -inf"),
     ("optim.lr", "inf", "optim.lr must be a finite number, got inf"),
     ("data.decode_cpus", "inf", "data.decode_cpus must be a finite number, got inf"),
@@ -208,7 +211,7 @@ def test_values_out_of_range_name_key_and_source(tmp_path, key, value, says):
     # the edges that are allowed load, and an unset Optional passes
     assert load_config(None, ["data.shuffle_buffer=0", "optim.warmup_ratio=0", "train.max_failures=-1",
                               "data.max_words=3", f"train.seed={2 ** 32 - 1}", "edit.actor_gpus=-1",
-                              "edit.actor_gpus=0.5"])
+                              "edit.actor_gpus=0.5", "data.video.fps=1000"])
     assert load_config(None).ray.num_cpus is None
     assert load_config(None, ["data.video.timeout_s=inf"]).data.video.timeout_s == float("inf")
 
