@@ -183,7 +183,9 @@ def _build(config: dict[str, Any], root: Path):
             **{k: v for k, v in config["overrides"].items() if k in fields},
         )
         return build_from_spec(config["name"], spec, open_clip_cfg=config["open_clip_cfg"])
-    except (ValueError, TypeError, AttributeError, KeyError) as e:
+    # NotImplementedError: what clipray itself refuses to build (an HF text tower's custom_text,
+    # a 3d patch or UniPT on a tower that is no ViT), which `clipray index` printed as a traceback
+    except (ValueError, TypeError, AttributeError, KeyError, NotImplementedError) as e:
         raise ConfigError(f"{root / CONFIG}: describes no model clipray can build ({type(e).__name__}: "
                           f"{str(e).splitlines()[0][:200] if str(e) else ''}); export the model again") from None
 

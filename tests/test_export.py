@@ -209,3 +209,28 @@ def test_a_config_json_with_values_it_cannot_load_is_refused_by_the_check_too(tm
     for load in (check_export, load_export):
         with pytest.raises(ConfigError, match=rf"^{export}/config.json: {re.escape(says)}"):
             load(export)
+
+
+@pytest.mark.parametrize("change, says", [
+    ({"custom_text": True}, "NotImplementedError: open_clip CustomTextCLIP (HF text towers) is not supported"),
+    # a ResNet image tower (open_clip's layers as a list), which neither a 3d patch nor UniPT fits
+    ({"vision_cfg": {"layers": [1, 1, 1, 1], "width": 16, "image_size": 32}},
+     "NotImplementedError: linear_patch='3d' needs a ViT image tower"),
+])
+def test_a_config_json_clipray_refuses_to_build_is_a_clear_error(tmp_path, change, says):
+    """open_clip_cfg with custom_text (an HF text tower), or a 3d patch over a ResNet image
+    tower, is refused by clipray's own builder with a NotImplementedError: check_export and
+    load_export let it through, and `clipray index` ended in its traceback, where every other
+    config.json clipray cannot build is a line naming the file."""
+    import re
+
+    from clipray.config import ConfigError
+
+    export = save_export(create_model("test_meanP", linear_patch="3d"), tmp_path / "e")
+    config = json.loads((export / "config.json").read_text())
+    config["open_clip_cfg"].update(change)
+    (export / "config.json").write_text(json.dumps(config))
+    for load in (check_export, load_export):
+        with pytest.raises(ConfigError, match=rf"^{export}/config.json: describes no model clipray can build "
+                                              rf"\({re.escape(says)}\); export the model again$"):
+            load(export)
