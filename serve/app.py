@@ -175,10 +175,11 @@ async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         # body', also this server's disk full (or not writable) while Starlette spools an upload
         # over 1 MiB to a temporary file: the client was told its request was bad
         return _error(507 if cause.errno in NO_ROOM else 503, no_room_message(os.strerror(cause.errno)))
-    if exc.status_code == 400 and isinstance(cause, ValueError):
+    if exc.status_code == 400 and isinstance(cause, (ValueError, RecursionError)):
         # FastAPI's 400 'There was an error parsing the body' named nothing; a 422 as for
         # malformed JSON: a body not in UTF-8 (with the byte the decoding stopped at), or one
-        # json.loads refuses past its syntax (an integer of more than 4300 digits)
+        # json.loads refuses past its syntax (an integer of more than 4300 digits, arrays or
+        # objects nested deeper than it recurses: 1,000 levels, a 2 KB body)
         what = "not UTF-8 JSON" if isinstance(cause, UnicodeDecodeError) else "not readable JSON"
         # (the first clause: Python's digit-limit message goes on to advise a setting of the server's)
         message = f"body: {what} ({str(cause).splitlines()[0].split('; ')[0][:200]})"
