@@ -516,6 +516,10 @@ class Ingress:
     @api.head("/clips/{clip_id}", response_class=FileResponse, responses=CLIP_RESPONSES)
     async def clip(self, clip_id: int, request: Request) -> FileResponse:
         """The indexed video file of a clip (HTTP Range supported), chosen by id only."""
+        # the id as sent: pydantic's lax int took `1_0` for clip 10 and `+1`, ` 1` for clip 1
+        raw = request.path_params["clip_id"]
+        if not re.fullmatch(r"-?[0-9]+", raw):
+            raise HTTPException(422, f"clip_id: must be a whole number written in digits (such as 5), got {raw!r}")
         path = await _call(self.searcher.clip_path, clip_id)
         if path is None:
             raise HTTPException(404, f"clip_id: no clip {clip_id} in the index")

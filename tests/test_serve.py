@@ -636,6 +636,23 @@ def test_a_json_body_nested_too_deeply_is_a_422_saying_so(app):
         assert r.json()["error"].startswith("body: not readable JSON (maximum recursion depth exceeded"), r.text
 
 
+def test_a_clip_id_not_written_in_digits_is_refused_not_read_as_another_clip(app):
+    """The clip id was read by pydantic's lax rules, as the upload form's k was: `/clips/1_0`
+    streamed clip 10's file, `/clips/+1` and `/clips/%201` clip 1's. A clip id is decimal digits
+    (a negative one is still no clip, 404); one written otherwise is a 422 naming it."""
+    url = app["url"]
+    for odd in ("1_0", "+1", "%201", "1%20"):
+        for method in ("GET", "HEAD"):
+            r = requests.request(method, f"{url}/clips/{odd}", timeout=30)
+            assert r.status_code == 422, (method, odd, r.status_code)
+        got = requests.get(f"{url}/clips/{odd}", timeout=30).json()
+        assert got["error"].startswith("clip_id: must be a whole number written in digits (such as 5), got "), got
+    assert requests.get(f"{url}/clips/1_0", timeout=30).json()["error"] == (
+        "clip_id: must be a whole number written in digits (such as 5), got '1_0'")
+    assert requests.get(f"{url}/clips/-1", timeout=30).status_code == 404
+    assert requests.get(f"{url}/clips/010", timeout=30).content == requests.get(f"{url}/clips/10", timeout=30).content
+
+
 def test_an_over_size_chunked_upload_is_refused_before_it_is_read_whole(app):
     """An upload without a Content-Length (Transfer-Encoding: chunked, as `curl -T -` sends)
     passed the Content-Length check and was read whole, 64 MB spooled into the replica, before
