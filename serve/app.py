@@ -528,9 +528,15 @@ class Ingress:
         path = path.removeprefix("file://")
         if "://" in path or not os.path.isfile(path):
             raise HTTPException(404, f"clip_id: the file of clip {clip_id} is not available to this server")
-        rng = request.headers.get("range")
-        if rng is not None:
-            size = os.path.getsize(path)
+        stat = os.stat(path)
+        response = FileResponse(path, media_type="video/mp4", filename=os.path.basename(path),
+                                content_disposition_type="inline", stat_result=stat)
+        rng, if_range = request.headers.get("range"), request.headers.get("if-range")
+        # RFC 9110 13.1.5: a Range whose If-Range names another version of the file (a download
+        # resumed after the file changed) is ignored, the whole file sent, as Starlette does; one
+        # past the end of the file as it is now was a 416 instead
+        if rng is not None and if_range in (None, response.headers["etag"], response.headers["last-modified"]):
+            size = stat.st_size
             keep = _ranges_inside(rng, size)
             if keep == []:  # where Starlette answered an empty text/plain 416
                 return JSONResponse(status_code=416, headers={"Content-Range": f"bytes */{size}"},
@@ -544,8 +550,7 @@ class Ingress:
             if keep:
                 headers.append((b"range", ("bytes=" + ",".join(keep)).encode("latin-1")))
             request.scope["headers"] = headers
-        return FileResponse(path, media_type="video/mp4", filename=os.path.basename(path),
-                            content_disposition_type="inline")
+        return response
 
 
 # ---- the builder ----------------------------------------------------------------------------

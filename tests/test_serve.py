@@ -653,6 +653,26 @@ def test_a_clip_id_not_written_in_digits_is_refused_not_read_as_another_clip(app
     assert requests.get(f"{url}/clips/010", timeout=30).content == requests.get(f"{url}/clips/10", timeout=30).content
 
 
+def test_a_range_with_an_if_range_of_another_version_gets_the_whole_file(app):
+    """RFC 9110 13.1.5: a Range sent with an If-Range that does not name the file as it is now
+    (a download resumed after the file changed) is ignored and the whole file sent, as Starlette
+    does for a range inside the file; a range past its end was answered 416 before If-Range was
+    looked at, so such a client was told its range cannot be served instead of getting the file."""
+    url = app["url"]
+    whole = requests.get(f"{url}/clips/0", timeout=30)
+    size, etag = len(whole.content), whole.headers["etag"]
+    for if_range in ('"an-older-version"', "W/" + etag, "Mon, 01 Jan 2001 00:00:00 GMT"):
+        for rng in (f"bytes={size + 100}-", "bytes=0-9"):
+            r = requests.get(f"{url}/clips/0", headers={"Range": rng, "If-Range": if_range}, timeout=30)
+            assert (r.status_code, r.content == whole.content) == (200, True), (if_range, rng, r.status_code, r.text[:200])
+    # an If-Range of the file as it is: the range applies, a 416 past its end as before
+    for if_range in (etag, whole.headers["last-modified"]):
+        r = requests.get(f"{url}/clips/0", headers={"Range": f"bytes={size}-", "If-Range": if_range}, timeout=30)
+        assert (r.status_code, r.headers["content-range"]) == (416, f"bytes */{size}"), if_range
+        r = requests.get(f"{url}/clips/0", headers={"Range": "bytes=0-9", "If-Range": if_range}, timeout=30)
+        assert (r.status_code, r.content) == (206, whole.content[:10]), if_range
+
+
 def test_an_over_size_chunked_upload_is_refused_before_it_is_read_whole(app):
     """An upload without a Content-Length (Transfer-Encoding: chunked, as `curl -T -` sends)
     passed the Content-Length check and was read whole, 64 MB spooled into the replica, before
