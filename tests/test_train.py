@@ -1962,6 +1962,32 @@ def test_a_run_resumes_on_its_pretrained_weights_moved_to_another_path(tmp_path,
         check_resume(str(out), resume_key(load_config(None, [f"model.pretrained={other}"]), 5))
 
 
+def test_pretrained_weights_moved_are_the_same_with_the_models_own_head_spelled_out(tmp_path, capsys):
+    """Each alone resumed: the weights moved, and model.head=meanP given on test_meanP (whose
+    head is meanP, the same model as built). Together the run was refused ("model: {...
+    'pretrained': '/a/w.pt', 'head': None ...} -> {... '/b/w.pt', 'head': 'meanP' ...}"): the
+    move was recognised only where the model's other settings were written alike."""
+    import shutil
+
+    from clipray.config import ConfigError, load_config
+    from train.driver import RAY_CHECKPOINT_RECORD, check_resume, resume_key
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "w.pt").write_bytes(bytes(range(256)) * 1024)
+    out = tmp_path / "run"
+    (out / "checkpoint_000001").mkdir(parents=True)
+    check_resume(str(out), resume_key(load_config(None, [f"model.pretrained={tmp_path / 'a' / 'w.pt'}"]), 5))
+    (out / RAY_CHECKPOINT_RECORD).write_text("{}")
+    shutil.move(tmp_path / "a", tmp_path / "b")
+    weights = tmp_path / "b" / "w.pt"
+    check_resume(str(out), resume_key(load_config(None, [f"model.pretrained={weights}", "model.head=meanP"]), 5))
+    assert (f"model.pretrained: the run's {tmp_path / 'a' / 'w.pt'} is now {weights} (the same files): resuming"
+            in capsys.readouterr().out)
+    # recorded anew at its new path; another head is still another model
+    with pytest.raises(ConfigError, match=r"\(model: .*'head': 'meanP'.* -> .*'head': 'seqTransf'"):
+        check_resume(str(out), resume_key(load_config(None, [f"model.pretrained={weights}", "model.head=seqTransf"]), 5))
+
+
 def test_a_checkpoint_folder_ray_never_finished_does_not_hold_a_new_run_to_old_settings(tmp_path):
     """A run stopped while Ray wrote its first checkpoint leaves a checkpoint_* folder, and no
     record of it: Ray Train starts such a run afresh. The resume check counted the folder and
