@@ -2090,6 +2090,25 @@ def test_an_evaluation_split_of_few_clips_is_said_to_measure_little(tmp_path):
     assert read_eval_split(ten, "test") == (30, None) and read_eval_split(ten, "val") == (0, None)
 
 
+def test_a_few_clips_note_counts_a_start_of_minus_zero_as_its_clip_at_zero(tmp_path):
+    """Evaluation keys a clip as Python's (video_id, start, end), where -0.0 == 0.0; Arrow's
+    group_by kept them apart: a clip captioned twice, its start written 0.0 and -0.0 (which the
+    manifest's check accepts), was "2 clips: ... R@5/10 are 100" where evaluation ranked among
+    one clip (num_test_videos 1, R@1 100 too)."""
+    from train.driver import read_eval_split
+    from train.evaluate import read_split
+
+    rows = [{"video_id": "v", "path": "v.mp4", "start": s, "end": 2.0, "caption": f"a dog {i}", "split": "test"}
+            for i, s in enumerate([0.0, -0.0])]
+    write_manifest(rows + [{"video_id": "t", "path": "t.mp4", "caption": "train", "split": "train"}],
+                   tmp_path / "m.parquet")
+    manifest = str(tmp_path / "m.parquet")
+    assert len(set(read_split(manifest, "test")[1])) == 1  # evaluation's clips
+    rows, note = read_eval_split(manifest, "test")
+    assert rows == 2 and note == (f"[driver] note: the 'test' split of {manifest} has 1 clip: every caption finds its "
+                                  "own among them within the top 1, so R@1/5/10 are 100 whatever the model")
+
+
 @pytest.mark.parametrize("head", ["seqTransf", "tightTransf"])
 def test_weight_decay_spares_exactly_the_one_dimensional_parameters(head):
     """The spec decays every weight but biases and LayerNorm gains. CLIP's positional_embedding

@@ -553,6 +553,7 @@ def read_eval_split(manifest: str, split: str) -> tuple[int, str | None]:
     K >= n is 100 whatever the model (one clip: R@1 100), which the metrics table printed
     without a word."""
     import pyarrow as pa
+    import pyarrow.compute as pc
     import pyarrow.dataset as pads
 
     from clipray.manifest import SCHEMA, manifest_files, nan_as_null
@@ -561,7 +562,8 @@ def read_eval_split(manifest: str, split: str) -> tuple[int, str | None]:
     with reading(manifest):
         t = pads.dataset(files, filesystem=fs, schema=SCHEMA).to_table(
             columns=["video_id", "start", "end"], filter=pads.field("split") == split)
-    t = pa.table({"video_id": t["video_id"], "start": nan_as_null(t["start"]), "end": nan_as_null(t["end"])})
+    # + 0.0 makes a -0.0 0.0: one clip as evaluation keys them (Python's 0.0 == -0.0), two as Arrow groups
+    t = pa.table({"video_id": t["video_id"], **{k: pc.add(nan_as_null(t[k]), 0.0) for k in ("start", "end")}})
     n = t.group_by(["video_id", "start", "end"]).aggregate([]).num_rows
     if not 0 < n < 10:
         return t.num_rows, None
