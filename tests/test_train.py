@@ -1932,14 +1932,12 @@ def test_run_outputs_written_to_an_object_store_that_drops_are_a_line_naming_the
         assert line.endswith("; run the same command again to write the run's outputs"), line
 
 
-def test_a_run_resumes_on_its_pretrained_weights_moved_to_another_path(tmp_path, capsys):
-    """A local model.pretrained file (open_clip weights kept in the project) is recorded by its
-    absolute path in resume_key.json's model: the project moved, and the run was refused
-    ('model: {... 'pretrained': '/old/w.pt' ...} -> {...}'). Its size and hash identify it too;
-    other weights at the new path, or another model setting, are still refused."""
+def _checkpointed_on_weights_then_moved(tmp_path):
+    """A run folder with a checkpoint, begun on model.pretrained=<tmp>/a/w.pt, and that folder
+    then moved to <tmp>/b: (the run folder, the weights' new path)."""
     import shutil
 
-    from clipray.config import ConfigError, load_config
+    from clipray.config import load_config
     from train.driver import RAY_CHECKPOINT_RECORD, check_resume, resume_key
 
     (tmp_path / "a").mkdir()
@@ -1949,7 +1947,18 @@ def test_a_run_resumes_on_its_pretrained_weights_moved_to_another_path(tmp_path,
     check_resume(str(out), resume_key(load_config(None, [f"model.pretrained={tmp_path / 'a' / 'w.pt'}"]), 5))
     (out / RAY_CHECKPOINT_RECORD).write_text("{}")
     shutil.move(tmp_path / "a", tmp_path / "b")
-    weights = tmp_path / "b" / "w.pt"
+    return out, tmp_path / "b" / "w.pt"
+
+
+def test_a_run_resumes_on_its_pretrained_weights_moved_to_another_path(tmp_path, capsys):
+    """A local model.pretrained file (open_clip weights kept in the project) is recorded by its
+    absolute path in resume_key.json's model: the project moved, and the run was refused
+    ('model: {... 'pretrained': '/old/w.pt' ...} -> {...}'). Its size and hash identify it too;
+    other weights at the new path, or another model setting, are still refused."""
+    from clipray.config import ConfigError, load_config
+    from train.driver import check_resume, resume_key
+
+    out, weights = _checkpointed_on_weights_then_moved(tmp_path)
     check_resume(str(out), resume_key(load_config(None, [f"model.pretrained={weights}"]), 5))
     assert (f"model.pretrained: the run's {tmp_path / 'a' / 'w.pt'} is now {weights} (the same files): resuming"
             in capsys.readouterr().out)
@@ -1967,19 +1976,10 @@ def test_pretrained_weights_moved_are_the_same_with_the_models_own_head_spelled_
     head is meanP, the same model as built). Together the run was refused ("model: {...
     'pretrained': '/a/w.pt', 'head': None ...} -> {... '/b/w.pt', 'head': 'meanP' ...}"): the
     move was recognised only where the model's other settings were written alike."""
-    import shutil
-
     from clipray.config import ConfigError, load_config
-    from train.driver import RAY_CHECKPOINT_RECORD, check_resume, resume_key
+    from train.driver import check_resume, resume_key
 
-    (tmp_path / "a").mkdir()
-    (tmp_path / "a" / "w.pt").write_bytes(bytes(range(256)) * 1024)
-    out = tmp_path / "run"
-    (out / "checkpoint_000001").mkdir(parents=True)
-    check_resume(str(out), resume_key(load_config(None, [f"model.pretrained={tmp_path / 'a' / 'w.pt'}"]), 5))
-    (out / RAY_CHECKPOINT_RECORD).write_text("{}")
-    shutil.move(tmp_path / "a", tmp_path / "b")
-    weights = tmp_path / "b" / "w.pt"
+    out, weights = _checkpointed_on_weights_then_moved(tmp_path)
     check_resume(str(out), resume_key(load_config(None, [f"model.pretrained={weights}", "model.head=meanP"]), 5))
     assert (f"model.pretrained: the run's {tmp_path / 'a' / 'w.pt'} is now {weights} (the same files): resuming"
             in capsys.readouterr().out)
