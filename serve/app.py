@@ -271,6 +271,14 @@ def _k_out_of_range(max_k: int, got: Any) -> HTTPException:
     return HTTPException(422, f"k: must be between 1 and {max_k}, got {got}")
 
 
+def _check_digits(name: str, value: str, signed: bool = False) -> None:
+    """A 422 unless `value`, a number as sent, is decimal digits (after a '-' where `signed`):
+    pydantic's lax int read "1_0" as 10 and "+1", " 3 " as numbers. Defined above `Ingress`,
+    which Serve pickles."""
+    if not re.fullmatch(r"-?[0-9]+" if signed else r"[0-9]+", value):
+        raise HTTPException(422, f"{name}: must be a whole number written in digits (such as 5), got {value!r}")
+
+
 def _form_k(value: Optional[str], max_k: int) -> Optional[int]:
     """The upload form's `k`, held to decimal digits as JSON's `k` is held to an integer: read
     by pydantic's lax rules, "2.0" was 2, "1_0" was 10 and " 3 " was 3. Digits of any length
@@ -279,8 +287,7 @@ def _form_k(value: Optional[str], max_k: int) -> Optional[int]:
     max_k is refused from its length). Defined above `Ingress`, which Serve pickles."""
     if value is None:
         return None
-    if not re.fullmatch(r"[0-9]+", value):
-        raise HTTPException(422, f"k: must be a whole number written in digits (such as 5), got {value!r}")
+    _check_digits("k", value)
     digits = value.lstrip("0") or "0"
     if len(digits) > len(str(max_k)):  # past max_k, told without int() of it
         raise _k_out_of_range(max_k, digits)
@@ -517,9 +524,7 @@ class Ingress:
     async def clip(self, clip_id: int, request: Request) -> FileResponse:
         """The indexed video file of a clip (HTTP Range supported), chosen by id only."""
         # the id as sent: pydantic's lax int took `1_0` for clip 10 and `+1`, ` 1` for clip 1
-        raw = request.path_params["clip_id"]
-        if not re.fullmatch(r"-?[0-9]+", raw):
-            raise HTTPException(422, f"clip_id: must be a whole number written in digits (such as 5), got {raw!r}")
+        _check_digits("clip_id", request.path_params["clip_id"], signed=True)
         path = await _call(self.searcher.clip_path, clip_id)
         if path is None:
             raise HTTPException(404, f"clip_id: no clip {clip_id} in the index")
