@@ -915,7 +915,7 @@ def checked_batches(path: str | Path, split: str | None = None,
         for raw in _batches(batches, where):
             batch = _checked_batch(raw, ids, videos, first)
             if batch is None:
-                rows = check_rows(raw.to_pylist(), where, first, ids, files, videos)
+                rows = check_rows(_text_rows(raw, where, first, ids, files, videos), where, first, ids, files, videos)
                 batch = pa.RecordBatch.from_pylist(rows, schema=CHECKED)
             first += raw.num_rows
             if split is not None:
@@ -943,6 +943,39 @@ def check_rows(raws: list[dict[str, Any]], where: str, first: int, ids: RowIds, 
             videos.add(row["video_id"], row["path"], f"{where} row {i}", i)
         out.append({"row_id": raw["row_id"], **row})
     return out
+
+
+def _text_rows(raw: pa.RecordBatch, where: str, first: int, ids: RowIds, files: list[str],
+               videos: VideoPaths | None) -> list[dict[str, Any]]:
+    """`raw.to_pylist()`, for check_rows; a text value that is not UTF-8 (another tool's writer
+    need not check) raises ManifestError naming its row, after the rows before it are checked
+    (an earlier bad row is named first, as check_rows names it). to_pylist's UnicodeDecodeError
+    was a traceback out of `clipray data check`, read_manifest and training's manifest check."""
+    bad = None  # (row, column, value) of the first value that is not UTF-8
+    for k in ("video_id", "path", "caption", "split", "group"):
+        try:
+            raw.column(k).validate(full=True)
+        except pa.ArrowInvalid:
+            for i, v in enumerate(raw.column(k).cast(pa.binary()).to_pylist()):
+                if bad is not None and i >= bad[0]:
+                    break
+                if v is not None and not _is_utf8(v):
+                    bad = (i, k, v)
+                    break
+    if bad is None:
+        return raw.to_pylist()
+    i, k, v = bad
+    check_rows(raw.slice(0, i).to_pylist(), where, first, ids, files, videos)
+    raise ManifestError(f"{where} row {first + i}: '{k}' is not UTF-8 text ({v[:80]!r}): write it "
+                        "again as UTF-8")
+
+
+def _is_utf8(b: bytes) -> bool:
+    try:
+        b.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def nan_as_null(times: Any) -> Any:

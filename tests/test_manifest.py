@@ -914,3 +914,34 @@ def test_whitespace_is_what_str_strip_strips():
     from clipray.manifest import WHITESPACE
 
     assert WHITESPACE == "".join(c for c in map(chr, range(sys.maxunicode + 1)) if c.isspace())
+
+
+def test_text_that_is_not_utf8_is_a_row_named_not_a_traceback(tmp_path):
+    """A manifest written by another tool whose writer does not check UTF-8: a caption (video_id,
+    path, split or group) of bytes that are not UTF-8 failed the check by columns, and the row by
+    row read then ended `clipray data check`, read_manifest and training's check in to_pylist's
+    UnicodeDecodeError traceback. The row is named; an earlier bad row still comes first."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    out = tmp_path / "m"
+    write_manifest(rows(4), out)
+
+    def later(column, first_caption="one"):
+        cols = dict(row_id=[10, 11, 12], video_id=["w0", "w1", "w2"], path=["w0.mp4", "w1.mp4", "w2.mp4"],
+                    caption=[first_caption, "two", "three"], split=["train", "train", "test"],
+                    group=["g", "g", "h"])
+        cols[column] = pa.array([cols[column][0].encode(), b"\xff\xfe bad", cols[column][2].encode()],
+                                pa.binary()).view(pa.string())
+        pq.write_table(pa.table(cols), out / "part-00001.parquet")
+
+    for column in ("video_id", "path", "caption", "split", "group"):
+        later(column)
+        for read in (check_manifest, read_manifest, lambda p: list(iter_checked(p, split="train"))):
+            with pytest.raises(ManifestError) as e:
+                read(str(out))
+            assert str(e.value) == (f"{out} (part-00001.parquet) row 1: '{column}' is not UTF-8 text "
+                                    r"(b'\xff\xfe bad'): write it again as UTF-8"), column
+    later("path", first_caption=" ")  # row 0's empty caption, before row 1's bytes
+    with pytest.raises(ManifestError, match=r"\(part-00001.parquet\) row 0 \(video w0\): empty caption"):
+        check_manifest(str(out))
