@@ -181,9 +181,10 @@ class ManifestWriter:
         if not self.single and kind == pafs.FileType.Directory:
             # every .parquet under a folder manifest is read as part of it: a manifest written
             # into `clipray data synth`'s folder (beside its manifest.parquet and events.parquet)
-            # was said written, and every read of it then failed on row ids repeated
+            # was said written, and every read of it then failed on row ids repeated. So was one
+            # written beside a part-00001.PARQUET (a copy tool's), which every reader refuses
             other = sorted(name for i in _files(self.fs, self.root, info)
-                           if i.base_name.endswith((".parquet", ".parquet" + PARTIAL))
+                           if (i.base_name.lower().endswith(".parquet") or i.base_name.endswith(".parquet" + PARTIAL))
                            and not re.fullmatch(r"part-\d+\.parquet(\.partial)?", name := i.path[len(self.root) + 1:]))
             if other:
                 raise ManifestError(f"{self.out}: holds other Parquet files ({', '.join(other[:3])}"

@@ -195,6 +195,23 @@ def test_a_shard_named_in_another_case_is_refused_not_left_out(tmp_path):
     assert read_manifest(str(out)).num_rows == 25
 
 
+def test_a_manifest_is_not_written_beside_a_shard_named_in_another_case(tmp_path):
+    """The writer refused a folder holding other *.parquet files, but matched the name in lower
+    case only: written again into a folder holding part-00001.PARQUET (which every reader
+    refuses), it said 25 rows written, left that file beside the new shards, and every read of
+    the manifest it had just written failed. It is refused before a row is written."""
+    from clipray.manifest import ManifestWriter
+
+    out = tmp_path / "m"
+    write_manifest(rows(25), out, rows_per_shard=10)
+    (out / "part-00001.parquet").rename(out / "part-00001.PARQUET")
+    with pytest.raises(ManifestError, match=rf"^{out}: holds other Parquet files \(part-00001.PARQUET\)"):
+        ManifestWriter(out, rows_per_shard=10)
+    assert sorted(p.name for p in out.iterdir()) == ["part-00000.parquet", "part-00001.PARQUET", "part-00002.parquet"]
+    (out / "part-00001.PARQUET").unlink()
+    assert write_manifest(rows(3), out) == 3 and read_manifest(out).num_rows == 3
+
+
 def test_a_later_shard_that_is_no_parquet_is_one_line_from_every_reader_and_train(tmp_path, capsys):
     """Every shard's footer is checked (`_check_headers`), but a later one that is no Parquet is
     left to the read, which names it. Read as one dataset, an empty or cut later shard was pyarrow's ArrowInvalid traceback out of `clipray
