@@ -667,13 +667,15 @@ def manifest_metadata(path: str | Path) -> dict[str, Any]:
     meta = pq.read_schema(files[0], filesystem=fs).metadata or {}
     out = {}
     for k, v in meta.items():
-        k = k.decode()
+        # (another tool's bytes that are not UTF-8, shown escaped: a UnicodeDecodeError
+        # traceback out of `clipray data check`, after it had said the manifest valid)
+        k = k.decode(errors="backslashreplace")
         if k.startswith("clipray.") or k in ("pandas", "ARROW:schema"):
             continue
         try:
             out[k] = json.loads(v)
         except ValueError:
-            out[k] = v.decode()
+            out[k] = v.decode(errors="backslashreplace")
     return out
 
 

@@ -962,3 +962,22 @@ def test_text_that_is_not_utf8_is_a_row_named_not_a_traceback(tmp_path):
     later("path", first_caption=" ")  # row 0's empty caption, before row 1's bytes
     with pytest.raises(ManifestError, match=r"\(part-00001.parquet\) row 0 \(video w0\): empty caption"):
         check_manifest(str(out))
+
+
+def test_metadata_that_is_not_utf8_is_printed_escaped_not_a_traceback(tmp_path, capsys):
+    """`clipray data check` printed "valid; ..." and then ended in a UnicodeDecodeError traceback
+    when another tool had written a metadata key or value of bytes that are not UTF-8."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from clipray.cli import main
+
+    write_manifest(rows(2), tmp_path / "m.parquet", metadata={"source": "unit"})
+    t = pq.read_table(tmp_path / "m.parquet")
+    meta = {**t.schema.metadata, b"tool": b"\xff\xfe v1", b"k\xe9y": b"7", b"note": b"plain text"}
+    pq.write_table(t.replace_schema_metadata(meta), tmp_path / "m.parquet")
+    assert manifest_metadata(tmp_path / "m.parquet") == {"source": "unit", "tool": r"\xff\xfe v1", r"k\xe9y": 7,
+                                                         "note": "plain text"}
+    assert main(["data", "check", str(tmp_path / "m.parquet")]) == 0
+    assert capsys.readouterr().out.splitlines()[1] == (
+        r"metadata: {'source': 'unit', 'tool': '\\xff\\xfe v1', 'k\\xe9y': 7, 'note': 'plain text'}")
