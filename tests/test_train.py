@@ -2068,7 +2068,7 @@ def test_an_evaluation_split_of_few_clips_is_said_to_measure_little(tmp_path):
 
     one = manifest([("v", None, None)], "one.parquet")
     assert read_eval_split(one, "test") == (3, f"[driver] note: the 'test' split of {one} has 1 clip: every caption "
-                                                "finds its own among them within the top 1, so R@1/5/10 are 100 "
+                                                "finds its own among them within the top 1, so t2v R@1/5/10 are 100 "
                                                 "whatever the model")
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -2085,7 +2085,7 @@ def test_an_evaluation_split_of_few_clips_is_said_to_measure_little(tmp_path):
     four = manifest([("v", 0.0, 2.0), ("v", 2.0, 4.0), ("w", None, None), ("x", 1.0, 3.0)], "four.parquet")
     rows, note = read_eval_split(four, "test")
     assert rows == 12 and note.endswith("has 4 clips: every caption finds its own among them within the "
-                                        "top 4, so R@5/10 are 100 whatever the model")
+                                        "top 4, so t2v R@5/10 are 100 whatever the model")
     ten = manifest([(f"v{i}", None, None) for i in range(10)], "ten.parquet")
     assert read_eval_split(ten, "test") == (30, None) and read_eval_split(ten, "val") == (0, None)
 
@@ -2106,7 +2106,25 @@ def test_a_few_clips_note_counts_a_start_of_minus_zero_as_its_clip_at_zero(tmp_p
     assert len(set(read_split(manifest, "test")[1])) == 1  # evaluation's clips
     rows, note = read_eval_split(manifest, "test")
     assert rows == 2 and note == (f"[driver] note: the 'test' split of {manifest} has 1 clip: every caption finds its "
-                                  "own among them within the top 1, so R@1/5/10 are 100 whatever the model")
+                                  "own among them within the top 1, so t2v R@1/5/10 are 100 whatever the model")
+
+
+def test_a_few_clips_note_claims_no_video_to_text_recall_the_metrics_do_not_give(tmp_path):
+    """The note said "R@5/10 are 100 whatever the model" for a split of 2 clips, but only
+    text-to-video is bounded by the clip count: video-to-text ranks a clip's best caption among
+    the other clips' captions. 2 clips of 6 captions, clip 0's captions all scoring clip 1 above
+    clip 1's own: clip 1 ranks its caption 7th, v2t R@5 50 (by hand), while t2v R@5 is 100."""
+    from clipray.metrics import retrieval_metrics
+    from train.driver import read_eval_split
+
+    rows = [{"video_id": v, "path": f"{v}.mp4", "caption": f"{v} {k}", "split": "test"} for v in "vw" for k in range(6)]
+    write_manifest(rows + [{"video_id": "t", "path": "t.mp4", "caption": "train", "split": "train"}],
+                   tmp_path / "m.parquet")
+    got = retrieval_metrics(torch.tensor([[0.9, 0.8]] * 6 + [[0.1, 0.5]] * 6), [0] * 6 + [1] * 6)
+    assert (got["t2v_r5"], got["t2v_r10"], got["v2t_r5"], got["v2t_r10"]) == (100.0, 100.0, 50.0, 100.0)
+    rows, note = read_eval_split(str(tmp_path / "m.parquet"), "test")
+    assert rows == 12 and note.endswith("has 2 clips: every caption finds its own among them within the top 2, "
+                                        "so t2v R@5/10 are 100 whatever the model")
 
 
 @pytest.mark.parametrize("head", ["seqTransf", "tightTransf"])

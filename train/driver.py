@@ -549,9 +549,10 @@ def check_steps(cfg: Config, n_train: int | None, what: str = "training rows") -
 def read_eval_split(manifest: str, split: str) -> tuple[int, str | None]:
     """The evaluation split's rows, and a note for a split of fewer than 10 clips (video_id,
     start, end; a NaN time is the whole file, as evaluation keys them) or None, from one read
-    of the split: ranked among n clips every caption finds its own within the top n, so R@K for
-    K >= n is 100 whatever the model (one clip: R@1 100), which the metrics table printed
-    without a word."""
+    of the split: ranked among n clips every caption finds its own within the top n, so
+    text-to-video R@K for K >= n is 100 whatever the model (one clip: R@1 100), which the metrics
+    table printed without a word. Video-to-text is not bounded so: a clip ranks its best caption
+    among all other clips' captions, which can be more than n (MSVD's ~40 per clip)."""
     import pyarrow as pa
     import pyarrow.compute as pc
     import pyarrow.dataset as pads
@@ -570,7 +571,7 @@ def read_eval_split(manifest: str, split: str) -> tuple[int, str | None]:
     ks = [k for k in (1, 5, 10) if k >= n]
     return t.num_rows, (
         f"[driver] note: the {split!r} split of {manifest} has {n} clip{'s' * (n > 1)}: every caption finds "
-        f"its own among them within the top {n}, so R@{'/'.join(map(str, ks))} "
+        f"its own among them within the top {n}, so t2v R@{'/'.join(map(str, ks))} "
         f"{'is' if len(ks) == 1 else 'are'} 100 whatever the model")
 
 
