@@ -445,6 +445,18 @@ def _build(cfg: AppConfig, out: Path, quiet: bool) -> dict[str, Any]:
         raise ConfigError(f"{out} holds clips embedded with another model (fingerprint {', '.join(sorted(other))}) "
                           f"by a `clipray index` that stopped before writing {store.META}: vectors from two "
                           "models cannot share an index: use a new out=, or that run's checkpoint=")
+    # (and features stored with another re-ranker, or none, by such a first build: the index.json
+    # then written named this run's re-ranker, and its rows without features failed every search
+    # that drew them, or the Reranker's start, saying to copy the index folder again)
+    rerank_fp = began["index.rerank_checkpoint"][1] if rerank else ""
+    other = set() if meta else store.part_reranks(out) - {rerank_fp}
+    if other:
+        said = " and ".join("without re-ranker features" if o == "" else f"with the features of the re-ranker "
+                            f"export of fingerprint {o}" for o in sorted(other))
+        now = f"this run's is {rerank_fp}" if rerank_fp else "this run has no index.rerank_checkpoint"
+        raise ConfigError(f"{out} holds clips stored {said} by a `clipray index` that stopped before writing "
+                          f"{store.META}, and {now}: every clip needs features of one re-ranker, or none does: "
+                          "use a new out=, or that run's index.rerank_checkpoint (or none)")
     if meta and meta.get("rerank") and rerank and meta["rerank"]["fingerprint"] != store.fingerprint(rerank):
         raise ConfigError(f"{out}: re-ranker export differs from the one the index holds")
     # every row needs re-ranker features or none does: a row without them fails every search
@@ -533,7 +545,7 @@ def _build(cfg: AppConfig, out: Path, quiet: bool) -> dict[str, Any]:
     del existing, rows, again  # the index's clip table and this run's plan: not needed from here on
     redone = sum(int((b[AGAIN] >= 0).sum()) for b in new)
     # (the sampling too: a first build stopped before index.json left parts that said nothing of it)
-    added = _write_new(out, new, first_id, rerank, fp, {k: getattr(cfg.video, k) for k in SAMPLING})
+    added = _write_new(out, new, first_id, rerank, fp, {k: getattr(cfg.video, k) for k in SAMPLING}, rerank_fp)
     # recorded once its clips are stored; not for a rewritten file a clip of which could not be
     # embedded again (it keeps its old vector): the next run tries all of them again
     failed = {s["path"] for _, s in skipped} & rewritten
@@ -627,10 +639,11 @@ def _f(v: Any) -> Optional[float]:
 
 
 def _write_new(out: Path, new: list[dict], first_id: int, rerank: str, fp: str = "",
-               sampling: Optional[dict] = None) -> int:
+               sampling: Optional[dict] = None, rerank_fp: str = "") -> int:
     """Write the embedded batches `new` as one part (and their re-ranker features as another),
     emptying `new` as they are joined: each column's batches go as it is joined, and none is
-    left for the faiss rebuild, which holds every embedding of the index at least twice."""
+    left for the faiss rebuild, which holds every embedding of the index at least twice.
+    `rerank_fp`: the fingerprint of the re-ranker export (`rerank`), which the part records."""
     import pyarrow as pa
 
     if not new:
@@ -657,7 +670,7 @@ def _write_new(out: Path, new: list[dict], first_id: int, rerank: str, fp: str =
         keep = slice(None) if fresh.all() else fresh  # (no copy of the columns of an append of new clips)
         store.write_part(out, {k: [None if isinstance(x, float) and np.isnan(x) else x for x in v[keep]]
                                if k in ("start", "end") else v[keep] for k, v in cat.items()},
-                         fingerprint=fp, sampling=sampling)
+                         fingerprint=fp, sampling=sampling, rerank=rerank_fp)
     return int(fresh.sum())
 
 

@@ -189,6 +189,7 @@ _EMBEDDING_ROWS = 4096  # embeddings read from a part at a time
 
 PART_FINGERPRINT = b"clipray.fingerprint"  # an embeddings part's: the export that embedded its clips
 PART_SAMPLING = b"clipray.sampling"  # and the frame sampling they were embedded with (JSON)
+PART_RERANK = b"clipray.rerank"  # and the re-ranker export that stored their features ("" none)
 
 
 def part_fingerprints(out: str | Path) -> set[str]:
@@ -203,6 +204,19 @@ def part_fingerprints(out: str | Path) -> set[str]:
     return found
 
 
+def part_reranks(out: str | Path) -> set[str]:
+    """The fingerprints of the re-ranker exports that stored the features of the index's
+    parts' clips, "" for a part stored without any (parts written before they recorded it say
+    nothing)."""
+    found = set()
+    for f in parts(out):
+        with reading_part(f):
+            got = (pq.read_schema(f).metadata or {}).get(PART_RERANK)
+        if got is not None:
+            found.add(got.decode())
+    return found
+
+
 def part_sampling(out: str | Path) -> dict[str, Any]:
     """The frame sampling the newest part that records one was embedded with, or {}."""
     for f in reversed(parts(out)):
@@ -214,9 +228,10 @@ def part_sampling(out: str | Path) -> dict[str, Any]:
 
 
 def write_part(out: str | Path, rows: dict[str, np.ndarray], sub: str = EMB_DIR, fingerprint: str = "",
-               sampling: Optional[dict] = None) -> Path:
+               sampling: Optional[dict] = None, rerank: str = "") -> Path:
     """One new part holding this run's clips (row_id, metadata, embedding [n, D]); an embeddings
-    part records the `fingerprint` of the export that embedded them, and their `sampling`."""
+    part records the `fingerprint` of the export that embedded them, their `sampling`, and with
+    a fingerprint the `rerank` export's that stored their re-ranker features ("" for none)."""
     if sub != EMB_DIR:
         def savez(tmp: str) -> None:
             with open(tmp, "wb") as f:
@@ -234,6 +249,7 @@ def write_part(out: str | Path, rows: dict[str, np.ndarray], sub: str = EMB_DIR,
     })
     if fingerprint or sampling:
         table = table.replace_schema_metadata({PART_FINGERPRINT: fingerprint.encode(),
+                                               **({PART_RERANK: rerank.encode()} if fingerprint else {}),
                                                **({PART_SAMPLING: json.dumps(sampling).encode()} if sampling else {})})
     return write_rows(out, sub, table)
 

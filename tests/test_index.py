@@ -371,6 +371,54 @@ def test_a_first_build_stopped_before_its_index_json_is_not_taken_for_another_mo
     assert meta["fingerprint"] == fp and meta["count"] == 2
 
 
+def test_a_first_build_stopped_before_its_index_json_keeps_its_re_ranker_features_all_or_none(tmp_path,
+                                                                                             monkeypatch):
+    """A first build without a re-ranker stopped after its part and before index.json: run
+    again with index.rerank_checkpoint, nothing compared the two, and the index.json written
+    named a re-ranker for clips that had no features (the Reranker refused to start, saying to
+    copy the index folder again; with this run's clips' features beside them, every search that
+    drew one of the first run's clips failed). Each part records its re-ranker, or none."""
+    import torch
+
+    import clipray.runtime
+    from clipray.export import read_export_config, save_export
+    from clipray.manifest import write_manifest
+    from clipray.models import create_model
+    from serve import store
+    from serve.index import PLAN, _write_new, build_index
+
+    monkeypatch.setattr(clipray.runtime, "init_ray", lambda *a, **k: pytest.fail("Ray started"))
+    torch.manual_seed(0)
+    export = str(save_export(create_model("test_meanP"), tmp_path / "export"))
+    tight = str(save_export(create_model("test_tightTransf"), tmp_path / "tight"))
+    manifest, idx = tmp_path / "m.parquet", tmp_path / "idx"
+    write_manifest([{"video_id": v, "path": f"/v/{v}.mp4", "caption": f"clip {v}", "split": "test"} for v in "ab"],
+                   manifest)
+    dim = read_export_config(export)["open_clip_cfg"]["embed_dim"]
+    clips = {"video_id": np.array(["a", "b"], object), "path": np.array(["/v/a.mp4", "/v/b.mp4"], object),
+             "start": np.full(2, np.nan), "end": np.full(2, np.nan), "embedding": np.eye(2, dim, dtype=np.float32),
+             PLAN: np.arange(2)}
+    _write_new(idx, [dict(clips)], 0, "", store.fingerprint(export))  # without a re-ranker; it stopped there
+    with pytest.raises(ConfigError, match=rf"^{idx} holds clips stored without re-ranker features by a `clipray "
+                                          rf"index` that stopped before writing index.json, and this run's is {store.fingerprint(tight)}"):
+        build_index(_cfg(export, manifest, idx, f"index.rerank_checkpoint={tight}"), quiet=True)
+    assert not (idx / store.META).exists()
+    meta = build_index(_cfg(export, manifest, idx), quiet=True)  # as it was run, it is finished
+    assert meta["count"] == 2 and meta["rerank"] is None
+    # one stopped with a re-ranker: its clips' features are of that one, which finishes it
+    idx = tmp_path / "rr"
+    t = read_export_config(tight)
+    _write_new(idx, [dict(clips, rerank_feats=np.ones((2, 8, t["open_clip_cfg"]["embed_dim"]), np.float16),
+                          rerank_mask=np.ones((2, 8), np.uint8))], 0, tight, store.fingerprint(export), None,
+               store.fingerprint(tight))
+    with pytest.raises(ConfigError, match=rf"^{idx} holds clips stored with the features of the re-ranker export of "
+                                          rf"fingerprint {store.fingerprint(tight)} by .*, and this run has no "
+                                          r"index.rerank_checkpoint"):
+        build_index(_cfg(export, manifest, idx), quiet=True)
+    meta = build_index(_cfg(export, manifest, idx, f"index.rerank_checkpoint={tight}"), quiet=True)
+    assert meta["rerank"]["fingerprint"] == store.fingerprint(tight) and store.read_rerank(idx, 2)[1].all()
+
+
 def test_a_first_build_stopped_before_its_index_json_keeps_its_sampling(ray_local, export, synth_small, tmp_path,
                                                                          monkeypatch):
     """A first build stopped after its part and before index.json (out of memory in the faiss
