@@ -511,7 +511,11 @@ def read_rerank(out: str | Path, count: int) -> Optional[tuple[np.ndarray, np.nd
 
     A part's features are read into place a few thousand rows at a time: loaded whole, a part
     (a whole index's, 12 GB for 1M clips of 12 frames at D 512) and the copy of its kept rows
-    stood beside the array they went into, three times the memory the Reranker keeps."""
+    stood beside the array they went into, three times the memory the Reranker keeps.
+
+    Every row of the index has features: a row no part holds (a part left out of a copy of the
+    folder) is an error naming the rows. Its mask was all zero, and every search that drew it
+    as a candidate failed in the cross-encoder (a clip with no valid frame), a 500."""
     import zipfile
 
     files = parts(out, RERANK_DIR, ".npz")
@@ -526,11 +530,13 @@ def read_rerank(out: str | Path, count: int) -> Optional[tuple[np.ndarray, np.nd
     t = max(s[1] for s in shapes)
     feats = np.zeros((count, t, shapes[0][2]), np.float16)
     mask = np.zeros((count, t), np.uint8)
+    held = np.zeros(count, bool)
     for f, (_, n, d) in zip(files, shapes):  # in write order: a later part's rows replace an interrupted run's
         with np.load(f) as z:
             row_id, part_mask = z["row_id"], z["mask"]
         keep = row_id < count  # an interrupted append's rows past the index: never served
         rows = row_id[keep]
+        held[rows] = True
         mask[rows] = 0  # all of a replaced row, also frames past this part's count
         mask[rows, :n] = part_mask[keep]
         with zipfile.ZipFile(f) as z, z.open("feats.npy") as fh:
@@ -545,6 +551,11 @@ def read_rerank(out: str | Path, count: int) -> Optional[tuple[np.ndarray, np.nd
                 block = np.frombuffer(fh.read(m * n * d * dtype.itemsize), dtype).reshape(m, n, d)
                 sel = keep[a:a + m]
                 feats[row_id[a:a + m][sel], :n] = block[sel]
+    if not held.all():
+        lack = np.flatnonzero(~held)
+        shown = lack.tolist() if len(lack) <= 12 else lack[:12].tolist() + ["..."]
+        raise ConfigError(f"{out}: its {RERANK_DIR}/ parts hold no re-ranker features for {len(lack)} of its {count} "
+                          f"clips (row ids {shown}): a part was left out of a copy; copy the whole index folder again")
     return feats, mask
 
 

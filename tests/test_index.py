@@ -1292,6 +1292,25 @@ def test_rerank_features_of_an_interrupted_append_are_ignored_not_an_index_error
     np.testing.assert_array_equal(mask, np.concatenate([m0, m2]))
 
 
+def test_rerank_features_of_an_index_copied_without_one_of_their_parts_fail_to_start_saying_so(tmp_path):
+    """An index copied without one of its rerank/ parts (an append's): read_rerank gave its rows
+    all-zero features and masks, and the Reranker started; every search that drew one of them
+    as a candidate then failed in the cross-encoder (a clip with no valid frame), a 500. The
+    Searcher refuses a copy without an embeddings part; the Reranker now refuses this one."""
+    from serve import store
+
+    rng = np.random.default_rng(0)
+    for ids in (range(3), range(3, 6)):  # a build and an append
+        store.write_part(tmp_path, {"row_id": np.arange(ids.start, ids.stop), "feats": rng.standard_normal(
+            (3, 2, 4)).astype(np.float16), "mask": np.ones((3, 2), np.uint8)}, sub=store.RERANK_DIR)
+    assert store.read_rerank(tmp_path, 6)[1].all(1).all()
+    store.parts(tmp_path, store.RERANK_DIR, ".npz")[1].unlink()
+    with pytest.raises(ConfigError, match=rf"^{tmp_path}: its rerank/ parts hold no re-ranker features for 3 of its "
+                                          r"6 clips \(row ids \[3, 4, 5\]\): a part was left out of a copy; copy the "
+                                          "whole index folder again"):
+        store.read_rerank(tmp_path, 6)
+
+
 def test_vectors_that_are_not_finite_are_refused_clearly_by_every_kind():
     """A NaN/inf embedding (an fp16 model overflowing) broke an IVF index's k-means with faiss's
     C++ assertion text after every clip was embedded, and hid in a flat or HNSW one, where no
