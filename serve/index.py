@@ -590,7 +590,10 @@ def changed_clips(out: Path, files: set[str], existing: Any) -> tuple[list[dict]
               "this run keeps its old vectors: build a new index, another out=, to embed them again)",
               file=sys.stderr, flush=True)
     changed = pa.array([p for p, sign in signs.items() if was.get(p, sign) != sign], pa.string())
-    stale = existing.filter(pc.is_in(existing.column("path"), value_set=changed)).to_pylist() if len(changed) else []
+    # (none without clips: a first build whose every clip was skipped recorded its files, and
+    # its table of no parts has columns of no type, which is_in refused with a traceback)
+    stale = existing.filter(pc.is_in(existing.column("path"), value_set=changed)).to_pylist() \
+        if len(changed) and len(existing) else []
     again = [{AGAIN: r.pop("row_id"), **r} for r in stale]
     return again, {p: sign for p, sign in signs.items() if was.get(p) != sign}
 

@@ -637,6 +637,27 @@ def test_approximate_index_reports_recall_and_cli(windowed, export, synth_small,
     assert type(store.load_faiss(out, meta)).__name__ == "IndexHNSWFlat"
 
 
+def test_videos_fixed_at_their_paths_after_a_first_build_that_skipped_every_clip_are_planned(tmp_path):
+    """A first build whose every clip was skipped (unreadable videos) wrote no part but recorded
+    each file's size and time. With the videos written anew (fixed) at their paths, the next
+    run looked for the indexed clips of the changed files in a clip table of no parts, whose
+    columns have no type: pyarrow's ArrowTypeError traceback ("null vs string"), before
+    anything was embedded. There are none to embed again; the files' clips are new ones."""
+    from serve import store
+    from serve.index import changed_clips
+
+    out, videos = tmp_path / "idx", [tmp_path / "a.mp4", tmp_path / "b.mp4"]
+    for v in videos:
+        v.write_bytes(b"not a video")
+    files = {str(v) for v in videos}
+    store.write_signatures(out, store.file_signatures(files))  # as the first build recorded them
+    videos[0].write_bytes(b"a video now")  # another size
+    existing = store.read_table(out, store.META_COLUMNS)
+    assert len(existing) == 0
+    again, signs = changed_clips(out, files, existing)
+    assert again == [] and list(signs) == [str(videos[0])]
+
+
 def test_cross_encoder_is_a_reranker_not_an_index(ray_local, windowed, export, synth_small, tmp_path,
                                                  monkeypatch):
     import gc
