@@ -680,3 +680,37 @@ def test_bench_startup_on_a_set_without_test_rows_says_so_before_ray_starts(tmp_
     assert e.value.code == 2  # a usage error (it was exit 1), on stderr
     err = capsys.readouterr().err.splitlines()[-1]
     assert err.startswith("clipray bench startup: error: ") and "manifest.parquet has no 'test' rows to decode" in err
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="ru_maxrss in KiB: Linux")
+def test_bench_stream_prints_the_drivers_peak_rss_not_the_resident_set_now(tmp_path, monkeypatch, capsys):
+    """The line "driver peak RSS so far" printed psutil's rss, the resident set at that moment:
+    memory the driver had held and given back was left out of a figure labelled peak. Here the
+    manifest's writing is made to touch 384 MiB and free them, so the peak is that far above
+    the resident set when the line is printed (and nothing after it allocates: Ray is faked)."""
+    import re
+    import resource
+
+    import numpy as np
+
+    import clipray.runtime
+    from clipray.bench import stream as bench
+
+    write = bench.write_big_manifest
+
+    def write_and_give_back(*a, **k):
+        out = write(*a, **k)
+        big = np.ones(384 * 2**20, dtype=np.uint8)  # resident, then given back (munmap)
+        del big
+        return out
+
+    def no_ray(*a, **k):
+        raise RuntimeError("no Ray in this test")
+
+    monkeypatch.setattr(bench, "write_big_manifest", write_and_give_back)
+    monkeypatch.setattr(clipray.runtime, "init_ray", no_ray)
+    with pytest.raises(RuntimeError, match="no Ray in this test"):
+        bench.main(["--workdir", str(tmp_path / "w"), "--rows", "20", "--shard-rows", "10", "--videos", "1"])
+    printed = float(re.search(r"driver peak RSS so far ([\d.]+) GiB", capsys.readouterr().out).group(1))
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / bench.GIB  # KiB on Linux
+    assert printed == pytest.approx(peak, abs=0.01)  # the resident set then was ~0.37 GiB less
