@@ -714,3 +714,43 @@ def test_bench_stream_prints_the_drivers_peak_rss_not_the_resident_set_now(tmp_p
     printed = float(re.search(r"driver peak RSS so far ([\d.]+) GiB", capsys.readouterr().out).group(1))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / bench.GIB  # KiB on Linux
     assert printed == pytest.approx(peak, abs=0.01)  # the resident set then was ~0.37 GiB less
+
+
+def test_bench_data_charges_more_decoders_than_cores_for_the_cores_not_the_decoders(tmp_path, monkeypatch, capsys):
+    """`--cores 3` on 2 cores (the embedded Ray has 4 CPUs, so it is accepted): run (c)'s
+    frames/s were divided by 3 decoders, not by the 2 cores they shared, and its frames/s per
+    core and both ratios read a third low. The loops are faked (no Ray, no decoding): only
+    main's arithmetic runs. By hand: bare loop 100 frames/s on one core; (c) 300 frames/s on
+    the 2 cores = 150 per core = 1.50x; (b), one decoder that used 1.2 cores: 120 / 1.2 = 1.00x."""
+    import clipray.bench.data as bench
+    import clipray.runtime
+    import clipray.synth
+    import ray
+    from clipray.cli import main
+    from clipray.manifest import write_manifest
+
+    manifest = str(tmp_path / "m.parquet")
+    write_manifest([{"video_id": "v", "path": "v.mp4", "start": 0.0, "end": 2.0, "caption": "c",
+                     "split": "train"}], manifest)
+    monkeypatch.setattr(bench, "usable_cores", lambda: 2)
+    monkeypatch.setattr(clipray.synth, "generate", lambda *a, **k: {"manifest": manifest})
+    monkeypatch.setattr(bench, "bare_loop", lambda manifest, cfg, passes: (10, 100, 1.0, 1.0, (0.0, 0.0)))
+    monkeypatch.setattr(clipray.runtime, "init_ray", lambda *a, **k: None)
+    monkeypatch.setattr(clipray.runtime, "quiet_data_progress", lambda: None)
+    monkeypatch.setattr(ray, "shutdown", lambda: None)
+
+    def ray_pipeline(manifest, cfg, repeat, actors, pool, skip_dir, batch):
+        used = {1: 1.2, 3: 1.9}[actors]
+        split = {"decode workers": used, "consumer": 0.05, "Ray + system": 0.05, "idle": 0.0}
+        return 10 * actors, {1: 120, 3: 300}[actors], 1.0, 1.0, split
+
+    monkeypatch.setattr(bench, "ray_pipeline", ray_pipeline)
+    assert main(["bench", "data", "--cores", "3", "--skip-real", "--pools", "tasks",
+                 "--workdir", str(tmp_path / "w")]) == 0
+    out = capsys.readouterr().out.splitlines()
+    # each pipeline row (frames/s per core, ratio), then its ratio against the mean of the two
+    # (a) runs, both 100 frames/s here
+    row = lambda label: [ln.split("ratio")[0].split()[-1] + " " + ln.split("ratio")[1].split()[0]  # noqa: E731
+                         for ln in out if label in ln]
+    assert row("(b) Ray Data, 1 decode task ") == ["100.0 1.00x", "task 1.00x"]
+    assert row("(c) Ray Data, 3 decode tasks ") == ["150.0 1.50x", "tasks 1.50x"]

@@ -205,6 +205,14 @@ def cpu_split(before: dict, after: dict, wall: float, decoders: set[int]) -> dic
     return split
 
 
+def charged_cores(decoders: int, used: float) -> float:
+    """The cores a pipeline run's frames/s are divided by: one per decoder, but no more than the
+    cores this process may use, or the CPU the decoders used if that was more (a decoder's
+    threads can spill onto idle cores). More decoders than cores share the cores: `--cores 3`
+    on 2 cores was charged for 3, a third less per core than the machine gave."""
+    return max(min(decoders, usable_cores()), used)
+
+
 def ray_pipeline(manifest: str, cfg: VideoConfig, repeat: int, actors: int, pool: str,
                  skip_dir: str, batch: int) -> tuple[int, int, float, float, dict[str, float]]:
     from clipray.pipeline import clip_dataset
@@ -304,8 +312,7 @@ def main(argv: list[str] | None = None) -> int:
                 if c == 0:  # the first batch is start-up: nothing was left to time
                     raise SystemExit(f"clipray bench data: {name}: the pipeline produced one batch of {batch} "
                                      f"clips or fewer, nothing to time after start-up; raise --videos or --repeat")
-                # each decoder is charged for its core, or for more if its threads used more
-                per_core = f / dt / max(actors, split["decode workers"])
+                per_core = f / dt / charged_cores(actors, split["decode workers"])
                 print(f"{name:36} {label:30} {c / dt:8.1f} {f / dt:9.1f} "
                       f"{per_core:14.1f}   ratio {per_core / bare:.2f}x  (start-up {startup:.1f}s)")
                 print(f"{'':36} {'':30} cores used: " + ", ".join(f"{k} {v:.2f}" for k, v in split.items()))
