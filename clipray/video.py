@@ -696,14 +696,20 @@ def decode_windows(path: str, windows: Sequence[tuple[float | None, float | None
 
 
 def frame_size(path: str) -> tuple[int, int]:
-    """(width, height) of a local file's first video stream from its header, (0, 0) when it has
-    none or cannot be opened (decoding it then says why)."""
+    """(width, height) of the video stream a decode of a local file reads, from its header: its
+    one video stream (a cover picture aside), or of several the one PyAV decodes (`_main_video`);
+    (0, 0) when it has none or cannot be opened (decoding it then says why). The first stream
+    listed was measured: a file whose small first stream stood beside a default one of 4000x2200
+    passed the served app's pixel cap as 64x48, and its large frames were decoded whole."""
     import av
 
     try:
         with av.open(path) as c:
-            v = c.streams.video[0].codec_context if c.streams.video else None
-            return (v.width, v.height) if v else (0, 0)
+            if not c.streams.video:
+                return 0, 0
+            moving = _moving(c)
+            v = (moving[0] if len(moving) == 1 else _main_video(c)).codec_context
+            return v.width, v.height
     except Exception:  # noqa: BLE001 - any unreadable file: the decoder's SkipClip names it
         return 0, 0
 

@@ -381,6 +381,47 @@ def test_a_full_disk_on_the_server_is_a_507_not_a_400_or_a_500(monkeypatch):
         507, "the server cannot store the upload now (No space left on device); try again later")
 
 
+def test_an_upload_whose_default_stream_is_over_the_pixel_cap_is_refused_whatever_stream_comes_first():
+    """The VideoEncoder refuses an upload whose frames are over 3840x2160 before it decodes them
+    whole, but it measured the first video stream listed, and the decoder reads the default one:
+    an MP4 of a 64x48 first stream beside a default 4000x2200 one passed as 64x48 and its large
+    frames were decoded (8 frames at 8192x8192 take 4.9 GB). The stream measured is now the one
+    decoded; a file whose large stream is the second, not default, one still decodes (the small
+    one). (The deployment's own class, without Ray: the model call is replaced.)"""
+    import asyncio
+    import io
+
+    import av
+    import numpy as np
+
+    from clipray.config import VideoConfig
+    from serve import deployments
+
+    def two_streams(big_is_default: bool) -> bytes:
+        buf = io.BytesIO()
+        with av.open(buf, "w", format="mp4") as out:
+            streams = [out.add_stream("libx264", rate=8) for _ in range(2)]
+            for st, (w, h) in zip(streams, ((64, 48), (4000, 2200))):
+                st.width, st.height, st.pix_fmt = w, h, "yuv420p"
+            if big_is_default:
+                streams[0].disposition, streams[1].disposition = 0, av.stream.Disposition.default
+            for st, grey in zip(streams, (0, 255)):
+                img = np.full((st.height, st.width, 3), grey, dtype=np.uint8)
+                for packet in [*st.encode(av.VideoFrame.from_ndarray(img, format="rgb24")), *st.encode(None)]:
+                    out.mux(packet)
+        return buf.getvalue()
+
+    async def embed(clip):  # the frames' mean brightness stands in for the model's vector
+        frames, mask = clip
+        return float(frames[mask.astype(bool)].mean())
+
+    encoder = object.__new__(deployments.VideoEncoder.func_or_class)
+    encoder.video, encoder.embed_batch = VideoConfig(fps=2.0, max_frames=8, size=32), embed
+    assert asyncio.run(encoder.encode(two_streams(big_is_default=True))) == {
+        "error": "its frames are 4000x2200, over the 8,294,400 pixels (3840x2160) an upload may have: scale it down"}
+    assert asyncio.run(encoder.encode(two_streams(big_is_default=False))) == {"embedding": 0.0}  # the black 64x48
+
+
 def test_a_query_whose_vector_is_not_finite_is_an_error_saying_so_not_empty_results(tmp_path):
     """A model that gives a query a NaN vector (`clipray index` skips a clip whose vector is
     so): faiss finds no clip for it, and /search and /search/video answered 200 with no
