@@ -642,6 +642,12 @@ def test_a_resume_counts_the_captions_of_a_video_unreadable_since(events, tmp_pa
     # the resume, with no round left to train, wrote none
     with open(out / "edits.csv") as f:
         assert [r["round"] for r in csv.DictReader(f)] == ["0"]
+    # and clips/skips.jsonl, which the summary points at for them, lists them: written only after
+    # a round, it did not exist here, while edit_result.json and the console counted `lost`
+    listed = [json.loads(line) for line in (out / "clips" / "skips.jsonl").read_text().splitlines()]
+    assert sorted(s["row_id"] for s in listed) == sorted(r["row_id"] for r in rows
+                                                         if r["video_id"] == gone and r["split"] == "train")
+    assert {(s["round"], s["reason"]) for s in listed} == {(0, "missing file")}
     # and the other way: a caption left out before and readable now trains, so it is not counted
     from train.edit import resumed_skips
 

@@ -513,6 +513,10 @@ def _run(cfg: Config, quiet_ray: bool, held: contextlib.ExitStack) -> dict[str, 
         print(_round_line(rec), flush=True)
     if records:  # again: a run stopped after a round's state and before its line here resumes past it
         driver.put_text(f"{out}/edits.csv", _csv(records))
+    # again too: a resume with no round left (stopped in the final evaluation) that found captions
+    # left out since (a video deleted) counted them in edit_result.json and the summary, which
+    # point at clips/skips.jsonl, while that file, written only after a round, did not list them
+    driver.put_text(f"{out}/clips/skips.jsonl", "".join(json.dumps(s) + "\n" for s in skips))
 
     test = driver.evaluate_export(base, f"{out}/export", e.test_split, name=f"eval-{e.test_split}")
     result = {"rounds": records, "test": test, **skip_counts(skips)}
