@@ -251,9 +251,12 @@ def init_ray(cfg: RayConfig | None = None, quiet: bool = False) -> None:
     os.environ.setdefault(RAY_DATA_LOGGING_ENV, RAY_DATA_LOGGING)
     # the dashboard stays on: it hosts the State API, which Ray Train uses to watch its controller
     # "local" (Ray's word for a new local instance) is this embedded Ray, sized and checked as
-    # such; naming it keeps ray.init from joining a RAY_ADDRESS that ray.address=local overrode
+    # such; naming it keeps ray.init from joining a RAY_ADDRESS that ray.address=local overrode,
+    # and, with no address at all, the cluster a `ray start` on this machine recorded in
+    # /tmp/ray/ray_current_cluster (ray.init(address=None) joins that one): there it failed with
+    # "When connecting to an existing cluster, num_cpus and num_gpus must not be provided"
     try:
-        ray.init(address="local" if address else None, num_cpus=num_cpus, **kwargs)
+        ray.init(address="local", num_cpus=num_cpus, **kwargs)
     except (OSError, RuntimeError) as e:
         token_dir = os.path.join(os.path.expanduser("~"), ".ray")
         if isinstance(e, RuntimeError) and "home directory" in str(e) or \

@@ -695,6 +695,32 @@ ray.shutdown()
                                        "Ray has 3 (ray.num_cpus)"], out.stderr
 
 
+def test_with_no_address_the_embedded_ray_starts_beside_a_ray_start_cluster(tmp_path):
+    """With neither ray.address nor RAY_ADDRESS, init_ray called ray.init(address=None), which
+    joins the cluster a `ray start` on this machine recorded in $RAY_TMPDIR/ray/ray_current_cluster
+    (cluster/README's one-machine head, or one killed without `ray stop`): with the embedded
+    Ray's num_cpus, every command failed with Ray's "When connecting to an existing cluster,
+    num_cpus and num_gpus must not be provided" traceback, where the docs (and the advice to
+    unset RAY_ADDRESS) promise an embedded local Ray. ray.init is a stub that says where Ray
+    would go: None is a new local instance."""
+    (tmp_path / "ray").mkdir()
+    (tmp_path / "ray" / "ray_current_cluster").write_text("127.0.0.1:1")
+    code = """
+import ray
+from ray._private import services
+from clipray import runtime
+def init(address=None, **kwargs):
+    print(services.canonicalize_bootstrap_address(address, None), kwargs.get("num_cpus") == runtime.local_cpus())
+    raise SystemExit(0)
+ray.init = init
+runtime.init_ray(quiet=True)
+"""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=dict(env, RAY_TMPDIR=str(tmp_path)),
+                         capture_output=True, text=True, timeout=60)
+    assert out.stdout.split() == ["None", "True"], out.stdout + out.stderr
+
+
 def test_object_storage_that_cannot_be_reached_is_a_line_naming_the_storage_path(synth_small, tmp_path):
     """train.storage_path=s3://... without credentials (or bucket, or permission) ended `clipray
     train` and `clipray edit` in a botocore traceback from the run's first look at its folder."""
