@@ -211,6 +211,13 @@ def find_auto(named: str) -> str:
     except ConnectionError:
         raise ConfigError(f"{named}=auto: no Ray cluster runs on this machine: start one (`ray start --head`), "
                           "or unset it to run on an embedded local Ray") from None
+    except ValueError as e:
+        # Ray's `auto` is RAY_ADDRESS first, where that is set: ray.address=auto in a shell that
+        # exports a job server's http:// address (cluster/README does) ended in this ValueError
+        # traceback ("Invalid address format")
+        raise ConfigError(f"{named}=auto takes RAY_ADDRESS={os.environ.get('RAY_ADDRESS', '')} where that is set, "
+                          f"which is no cluster address ({e}): unset RAY_ADDRESS to join the cluster last "
+                          "started on this machine, or give ray.address=HOST:PORT") from None
     return found or "auto"
 
 
@@ -236,7 +243,11 @@ def init_ray(cfg: RayConfig | None = None, quiet: bool = False) -> None:
         shown = ""
         if address.lower() == "auto":
             address = find_auto(named)
-            shown = f"{named}=auto, the cluster last started on this machine ({address})"
+            # Ray's `auto` is RAY_ADDRESS where that is set (and not auto itself): that cluster was
+            # said to be "the cluster last started on this machine"
+            whose = ("RAY_ADDRESS's cluster" if os.environ.get("RAY_ADDRESS", "") not in ("", "auto")
+                     else "the cluster last started on this machine")
+            shown = f"{named}=auto, {whose} ({address})"
         check_answers(address, named, shown=shown)
         ray.init(address=address, **kwargs)
         _embedded = None

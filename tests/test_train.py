@@ -721,6 +721,32 @@ runtime.init_ray(quiet=True)
     assert out.stdout.split() == ["None", "True"], out.stdout + out.stderr
 
 
+def test_ray_address_auto_with_a_ray_address_in_the_shell_says_which_cluster(monkeypatch):
+    """Ray's `auto` is RAY_ADDRESS first, where that is set. ray.address=auto in a shell that
+    exports a job server's address (cluster/README's `export RAY_ADDRESS=http://127.0.0.1:8265`)
+    ended in Ray's ValueError traceback ("Invalid address format"); with a cluster address there
+    that is down, the error called it "the cluster last started on this machine". Both fail
+    before ray.init, which is a stub that fails the test if reached."""
+    import ray
+
+    from clipray import runtime
+    from clipray.config import ConfigError, RayConfig
+    from clipray.runtime import init_ray
+
+    monkeypatch.setattr(ray, "init", lambda *a, **k: pytest.fail("ray.init reached"))
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    # this process's threads and proxy variables stay as they are
+    monkeypatch.setattr(runtime, "cap_threads", lambda: None)
+    monkeypatch.setattr(runtime, "loopback_direct", lambda: None)
+    monkeypatch.setenv("RAY_ADDRESS", "http://127.0.0.1:8265")
+    with pytest.raises(ConfigError, match=r"^ray.address=auto takes RAY_ADDRESS=http://127.0.0.1:8265 where that "
+                                          r"is set, which is no cluster address \(Invalid address format"):
+        init_ray(RayConfig(address="auto"))
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")
+    with pytest.raises(ConfigError, match=r"^ray.address=auto, RAY_ADDRESS's cluster \(.*:1\): nothing answers there"):
+        init_ray(RayConfig(address="auto"))
+
+
 def test_object_storage_that_cannot_be_reached_is_a_line_naming_the_storage_path(synth_small, tmp_path):
     """train.storage_path=s3://... without credentials (or bucket, or permission) ended `clipray
     train` and `clipray edit` in a botocore traceback from the run's first look at its folder."""
