@@ -230,8 +230,11 @@ def init_ray(cfg: RayConfig | None = None, quiet: bool = False) -> None:
     cap_threads()
     loopback_direct()
     cfg = cfg or RayConfig()
-    address = cfg.address or os.environ.get("RAY_ADDRESS")
-    named = "ray.address" if cfg.address else "RAY_ADDRESS"
+    # stripped, as the config's check reads it: ray.address=" local" passed that check and reached
+    # ray.init as a cluster's address ("Invalid address format" traceback), and "HOST:PORT " went
+    # unchecked (its port is no number) into ray.init's minutes of retries where nothing answers
+    address = (cfg.address or "").strip() or (os.environ.get("RAY_ADDRESS") or "").strip() or None
+    named = "ray.address" if (cfg.address or "").strip() else "RAY_ADDRESS"
     if address and address.lower().startswith(("http://", "https://")):
         # the job server's address (cluster/README exports it for `ray job submit`): Ray refuses
         # it in ray.init with a ValueError traceback, after the command's checks and set-up

@@ -747,6 +747,35 @@ def test_ray_address_auto_with_a_ray_address_in_the_shell_says_which_cluster(mon
         init_ray(RayConfig(address="auto"))
 
 
+def test_a_ray_address_with_spaces_around_it_is_read_as_the_config_check_reads_it(monkeypatch):
+    """The config's check strips ray.address (a quoted YAML value, an interpolated variable), and
+    init_ray did not: " local" reached ray.init as a cluster's address ("Invalid address format"
+    traceback) and "127.0.0.1:1 " went unchecked (its port "1 " is no number) into ray.init's
+    minutes of retries. ray.init is a stub that says what it was given."""
+    import ray
+
+    from clipray import runtime
+    from clipray.config import ConfigError
+
+    class Embedded(Exception):
+        pass
+
+    def embedded(cfg=None):
+        raise Embedded
+
+    monkeypatch.setattr(ray, "init", lambda address=None, **k: pytest.fail(f"ray.init({address!r})"))
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    # this process's threads, proxy variables and Ray settings stay as they are
+    monkeypatch.setattr(runtime, "cap_threads", lambda: None)
+    monkeypatch.setattr(runtime, "loopback_direct", lambda: None)
+    monkeypatch.setattr(runtime, "local_cpus", embedded)  # the embedded Ray's first step
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    with pytest.raises(ConfigError, match=r"^ray.address=127.0.0.1:1: nothing answers there"):
+        runtime.init_ray(load_config(DEMO, ['ray.address=" 127.0.0.1:1 "']).ray)
+    with pytest.raises(Embedded):  # the embedded Ray, not a cluster named " local"
+        runtime.init_ray(load_config(DEMO, ['ray.address=" local"']).ray)
+
+
 def test_object_storage_that_cannot_be_reached_is_a_line_naming_the_storage_path(synth_small, tmp_path):
     """train.storage_path=s3://... without credentials (or bucket, or permission) ended `clipray
     train` and `clipray edit` in a botocore traceback from the run's first look at its folder."""
