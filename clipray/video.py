@@ -644,7 +644,9 @@ def _bounded(fn: Callable[[], T], cfg: VideoConfig) -> T:
         except Exception as e:  # any other decoder error is still a skip, never a crash
             raise SkipClip(f"decode failed: {_short(e)}") from None
 
-    if not math.isfinite(cfg.timeout_s) or cfg.timeout_s <= 0:
+    # past threading.TIMEOUT_MAX (~292 years) a wait is no limit either: Python's lock wait
+    # refused it (OverflowError) once the decode took any time, and the decode task failed
+    if not math.isfinite(cfg.timeout_s) or cfg.timeout_s <= 0 or cfg.timeout_s > threading.TIMEOUT_MAX:
         return run()
     return call_with_timeout(run, cfg.timeout_s)
 

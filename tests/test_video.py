@@ -1,5 +1,6 @@
 """Decoding: frame selection by hand, decord == PyAV on real H.264, every bad file a SkipClip."""
 
+import dataclasses
 import sys
 import threading
 
@@ -888,3 +889,14 @@ def test_the_default_video_stream_is_decoded_of_two(tmp_path, backend):
         c.mux(other.encode())
     clip = decode_clip(str(path), 0.5, 1.5, VideoConfig(backend=backend, fps=4.0, max_frames=4, size=32, timeout_s=0))
     assert clip.indices == [12, 18, 25, 31] and _shown(clip.frames) == clip.indices
+
+
+def test_a_timeout_too_long_for_a_thread_wait_is_no_limit(real_video):
+    """video.timeout_s takes any positive number (`inf` is no limit), but one past Python's
+    threading.TIMEOUT_MAX (~292 years; 1e10 here) made the wait for the decode thread an
+    OverflowError ("timestamp out of range for platform time_t") as soon as the decode took any
+    time: no SkipClip, the decode task and the run failed. It is no limit, as `inf` is."""
+    cfg = VideoConfig(backend="pyav", fps=1.0, max_frames=4, size=32)
+    want = decode_clip_safe(str(real_video), 0.0, 3.0, dataclasses.replace(cfg, timeout_s=float("inf")))
+    got = decode_clip_safe(str(real_video), 0.0, 3.0, dataclasses.replace(cfg, timeout_s=1e10))
+    assert np.array_equal(got.frames, want.frames) and got.mask.tolist() == want.mask.tolist() == [1, 1, 1, 0]
