@@ -88,6 +88,59 @@ try:
 except ConfigError as e:
     print(e, file=sys.stderr)
     sys.exit(2)
+
+# The job reads CONFIG, and every file it `extends:`, from its working dir: this checkout less
+# what Ray leaves out of the package (runtime_env.yaml's excludes, .gitignore, .rayignore). A
+# parent named by an absolute or ../ path, or a file under data/ or runs/, loaded here and was
+# "config file not found" on the cluster, after the upload and the job's start.
+from pathlib import Path
+from clipray.config import _read_yaml
+
+root = Path(os.path.realpath(os.getcwd()))
+files = []
+for name, _ in _read_yaml(Path(sys.argv[1])):
+    real = Path(os.path.realpath(os.path.dirname(os.path.abspath(name)))) / os.path.basename(name)
+    if root not in real.parents:
+        print(f"{sys.argv[1]}: {os.path.normpath(name)} is outside the repository (the job only sees the working dir)",
+              file=sys.stderr)
+        sys.exit(2)
+    files.append((os.path.relpath(real, root), real))
+# The matching Ray's packager does (ray._private.runtime_env.packaging: gitwildmatch patterns,
+# each folder's ignore files applied below it), with the pathspec copy Ray ships, loaded on its
+# own: importing ray costs a second per submit. Skipped where this python has no such copy.
+import importlib.util
+try:
+    ray_init = importlib.util.find_spec("ray").origin
+    pkg = os.path.join(os.path.dirname(ray_init), "_private", "thirdparty", "pathspec")
+    spec = importlib.util.spec_from_file_location("_ray_pathspec", os.path.join(pkg, "__init__.py"),
+                                                  submodule_search_locations=[pkg])
+    sys.modules["_ray_pathspec"] = pathspec = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(pathspec)
+    import yaml
+except Exception:
+    sys.exit(0)
+
+
+def matcher(folder, lines):
+    spec = pathspec.PathSpec.from_lines("gitwildmatch", lines)
+    return lambda p: spec.match_file(str(p.relative_to(folder)))
+
+
+env = yaml.safe_load((root / "cluster" / "runtime_env.yaml").read_text()) or {}
+ignore_files = (".gitignore", ".rayignore") if os.environ.get("RAY_RUNTIME_ENV_IGNORE_GITIGNORE", "0") != "1" \
+    else (".rayignore",)
+for name, real in files:
+    checks, p = [("cluster/runtime_env.yaml's excludes", matcher(root, list(env.get("excludes") or [])))], root
+    for part in real.relative_to(root).parts:  # as Ray walks: each folder's ignore files, then its entries
+        for f in ignore_files:
+            if (p / f).is_file():
+                checks.append((os.path.relpath(p / f, root), matcher(p, (p / f).read_text().splitlines())))
+        p = p / part
+        why = next((why for why, match in checks if match(p)), None)
+        if why:
+            print(f"{sys.argv[1]}: {name} is left out of the job's working dir ({why}): the job would not "
+                  "find it; keep configs beside the code (train/configs/)", file=sys.stderr)
+            sys.exit(2)
 PY
 check_why="$(grep -v '^[[:space:]]*$' "$check_err" | tail -n 1 || true)"
 rm -f "$check_err"

@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -589,3 +590,41 @@ def test_submit_sh_edit_runs_clip_editing_and_its_resume_line_says_edit(tmp_path
     assert shlex.split(resume) == ["cluster/submit.sh", "edit", "train/configs/edit_demo.yaml", "edit.rounds=2",
                                    f"train.run_name={run}", "train.storage_path=s3://b/runs"]
     assert _submit(tmp_path, "edit", **env).returncode == 2  # a command and no config: usage
+
+
+def test_submit_sh_refuses_a_config_or_parent_the_job_package_leaves_out(tmp_path):
+    """The job reads CONFIG and every file it `extends:` from its working dir: the checkout less
+    runtime_env.yaml's excludes (and .gitignore). A parent named by an absolute path out of the
+    checkout, a config under data/ or runs/, or a parent there, loaded on this machine and was
+    submitted, to fail on the cluster with "config file not found" after the upload."""
+    repo = tmp_path / "repo"
+    (repo / "cluster").mkdir(parents=True)
+    for f in ("submit.sh", "runtime_env.yaml"):
+        shutil.copy2(CLUSTER / f, repo / "cluster" / f)
+    (repo / "train" / "configs").mkdir(parents=True)
+    (repo / "data").mkdir()
+    base = "train:\n  epochs: 1\n"
+    (tmp_path / "base.yaml").write_text(base)  # beside the checkout, not in it
+    (repo / "data" / "mine.yaml").write_text(base)
+    (repo / "train" / "configs" / "abs.yaml").write_text(f"extends: {tmp_path / 'base.yaml'}\n")
+    (repo / "train" / "configs" / "from_data.yaml").write_text("extends: ../../data/mine.yaml\n")
+    env = dict(RAY_ADDRESS="http://127.0.0.1:8265", RAY_AUTH_MODE="token", RAY_AUTH_TOKEN="t",
+               CLIPRAY_DRY_RUN="1")
+
+    def submit(config):
+        base_env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "CLIPRAY_"))}
+        base_env.update(env, HOME=str(tmp_path), PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+                        PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+        return subprocess.run([str(repo / "cluster" / "submit.sh"), config, "train.storage_path=s3://b/r"],
+                              env=base_env, capture_output=True, text=True, cwd=tmp_path, timeout=60)
+
+    r = submit("train/configs/abs.yaml")
+    assert r.returncode == 2 and r.stderr == (f"submit.sh: train/configs/abs.yaml: {tmp_path / 'base.yaml'} is outside "
+                                              "the repository (the job only sees the working dir)\n"), r.stdout + r.stderr
+    excluded = ("is left out of the job's working dir (cluster/runtime_env.yaml's excludes): the job would not find "
+                "it; keep configs beside the code (train/configs/)\n")
+    r = submit("data/mine.yaml")
+    assert r.returncode == 2 and r.stderr == f"submit.sh: data/mine.yaml: data/mine.yaml {excluded}", r.stderr
+    r = submit("train/configs/from_data.yaml")
+    assert r.returncode == 2 and r.stderr == f"submit.sh: train/configs/from_data.yaml: data/mine.yaml {excluded}", \
+        r.stderr
