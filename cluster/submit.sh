@@ -197,7 +197,9 @@ new_run=0
 [[ -n $run_name ]] || { run_name="${config_name}-${stamp}"; new_run=1; }
 [[ -n $storage_path ]] || storage_path="${CLIPRAY_STORAGE_PATH:-}"
 if [[ -z $storage_path ]]; then
-    # Fall back to the config's own train.storage_path, as python -m train would. load_config
+    # Fall back to the config's own train.storage_path, as python -m train would: with the
+    # overrides, as the job loads it (a config that loads only with them, e.g. data.batch_size=8
+    # beside its train.num_workers=16, was refused here as not loading). load_config
     # makes a relative path absolute against the current directory, so it is read from an empty
     # temporary one: a path under it was relative (refused below), not this machine's <checkout>/runs.
     # A config that does not load, or a local python without clipray's dependencies, is said
@@ -209,11 +211,15 @@ sys.path.insert(0, os.getcwd())  # the checkout, for imports made after the chdi
 from pathlib import Path
 from clipray.config import load_config
 config = Path(sys.argv[1]).resolve()
+args = sys.argv[2:]
+# a local model.pretrained is checked to exist where the command runs: found here, then given absolute
+pretrained = load_config(config, args).model.pretrained
 with tempfile.TemporaryDirectory() as d:
     os.chdir(d)
-    here, path = str(Path(d).resolve()), load_config(config).train.storage_path
+    cfg = load_config(config, args + [f"model.pretrained={pretrained}"])
+    here, path = str(Path(d).resolve()), cfg.train.storage_path
     print(os.path.relpath(path, here) if path == here or path.startswith(here + os.sep) else path)
-' "$config" 2>"$read_err")" || {
+' "$config" ${overrides[@]+"${overrides[@]}"} 2>"$read_err")" || {
         why="$(grep -v '^[[:space:]]*$' "$read_err" | tail -n 1)"
         rm -f "$read_err"
         die "cannot read train.storage_path from $config (${why:-python failed}); give train.storage_path=... or set CLIPRAY_STORAGE_PATH"

@@ -628,3 +628,32 @@ def test_submit_sh_refuses_a_config_or_parent_the_job_package_leaves_out(tmp_pat
     r = submit("train/configs/from_data.yaml")
     assert r.returncode == 2 and r.stderr == f"submit.sh: train/configs/from_data.yaml: data/mine.yaml {excluded}", \
         r.stderr
+
+
+def test_submit_sh_reads_the_configs_storage_path_with_the_overrides(tmp_path):
+    """With no train.storage_path given, the config's is read as the job reads it. It was read
+    without the overrides and from an empty folder: a config that loads only with them
+    (train.num_workers=16 with data.batch_size=8 on the command line, train.global_batch 128)
+    was refused as "cannot read train.storage_path ... Give data.batch_size=8", the override
+    given; a relative local model.pretrained (weights/w.bin) was "no such file" there."""
+    repo = tmp_path / "repo"
+    (repo / "cluster").mkdir(parents=True)
+    for f in ("submit.sh", "runtime_env.yaml"):
+        shutil.copy2(CLUSTER / f, repo / "cluster" / f)
+    (repo / "train" / "configs").mkdir(parents=True)
+    (repo / "weights").mkdir()
+    (repo / "weights" / "w.bin").write_bytes(b"x")
+    (repo / "train" / "configs" / "big.yaml").write_text(
+        "data:\n  batch_size: 16\ntrain:\n  num_workers: 16\n  global_batch: 128\n  storage_path: s3://b/runs\n")
+    (repo / "train" / "configs" / "pre.yaml").write_text(
+        "model:\n  pretrained: weights/w.bin\ntrain:\n  storage_path: s3://b/runs\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "CLIPRAY_"))}
+    env.update(RAY_ADDRESS="http://127.0.0.1:8265", RAY_AUTH_MODE="token", RAY_AUTH_TOKEN="t", CLIPRAY_DRY_RUN="1",
+               HOME=str(tmp_path), PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+               PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    for args in (["train/configs/big.yaml", "data.batch_size=8"], ["train/configs/pre.yaml"]):
+        r = subprocess.run([str(repo / "cluster" / "submit.sh"), *args], env=env, capture_output=True, text=True,
+                           cwd=tmp_path, timeout=60)
+        assert r.returncode == 0 and "storage: s3://b/runs\n" in r.stdout, r.stdout + r.stderr
+        cmd = shlex.split(re.search(r"^dry run:\s+(.*)$", r.stdout, re.M).group(1))
+        assert cmd[cmd.index("--") + 4:-2] == args and cmd[-1] == "train.storage_path=s3://b/runs"
