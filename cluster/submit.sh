@@ -40,6 +40,13 @@ for switch in CLIPRAY_DRY_RUN CLIPRAY_FOLLOW; do
     [[ ${!switch:-0} == [01] ]] || die "$switch must be 0 or 1, got: ${!switch}"
 done
 
+# A relative RAY_AUTH_TOKEN_PATH names a file from where this script was started, not from the
+# repository root it moves to below: made absolute here (and exported, so that `ray job submit`,
+# run from the root, reads the same file); it was "missing or empty" beside the file.
+if [[ -n ${RAY_AUTH_TOKEN_PATH:-} && $RAY_AUTH_TOKEN_PATH != /* ]]; then
+    export RAY_AUTH_TOKEN_PATH="$PWD/$RAY_AUTH_TOKEN_PATH"
+fi
+
 # --working-dir . must be the repository root: the cluster sees only what is under it.
 repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$repo_root"

@@ -657,3 +657,15 @@ def test_submit_sh_reads_the_configs_storage_path_with_the_overrides(tmp_path):
         assert r.returncode == 0 and "storage: s3://b/runs\n" in r.stdout, r.stdout + r.stderr
         cmd = shlex.split(re.search(r"^dry run:\s+(.*)$", r.stdout, re.M).group(1))
         assert cmd[cmd.index("--") + 4:-2] == args and cmd[-1] == "train.storage_path=s3://b/runs"
+
+
+def test_submit_sh_reads_a_relative_token_path_from_where_it_was_started(tmp_path):
+    """RAY_AUTH_TOKEN_PATH=tok beside the caller was checked after the script moved to the
+    repository root: "RAY_AUTH_TOKEN_PATH=tok is missing or empty", exit 2, with the file there."""
+    (tmp_path / "tok").write_text("secret")
+    r = _submit(tmp_path, "train/configs/demo.yaml", "train.storage_path=s3://b/runs", RAY_ADDRESS="http://127.0.0.1:8265",
+                RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH="tok", CLIPRAY_DRY_RUN="1")  # cwd: tmp_path
+    assert r.returncode == 0 and f"(token from {tmp_path}/tok)" in r.stdout, r.stdout + r.stderr
+    r = _submit(tmp_path, "train/configs/demo.yaml", "train.storage_path=s3://b/runs", RAY_ADDRESS="http://127.0.0.1:8265",
+                RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH="nope", CLIPRAY_DRY_RUN="1")
+    assert r.returncode == 2 and f"RAY_AUTH_TOKEN_PATH={tmp_path}/nope is missing or empty" in r.stderr, r.stderr
