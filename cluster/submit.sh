@@ -28,8 +28,11 @@ set -euo pipefail
 
 die() { printf 'submit.sh: %s\n' "$*" >&2; exit 2; }
 
+# this file, absolute: usage is also printed after the cd to the repository root below, where
+# a relative $0 (../clipray/cluster/submit.sh) named no file ("sed: can't read", no usage)
+self="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/$(basename "${BASH_SOURCE[0]}")"
 usage() {
-    sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'
+    sed -n '2,/^set -euo/p' "$self" | sed '$d' | sed 's/^# \{0,1\}//'
     exit "${1:-0}"
 }
 

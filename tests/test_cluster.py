@@ -669,3 +669,14 @@ def test_submit_sh_reads_a_relative_token_path_from_where_it_was_started(tmp_pat
     r = _submit(tmp_path, "train/configs/demo.yaml", "train.storage_path=s3://b/runs", RAY_ADDRESS="http://127.0.0.1:8265",
                 RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH="nope", CLIPRAY_DRY_RUN="1")
     assert r.returncode == 2 and f"RAY_AUTH_TOKEN_PATH={tmp_path}/nope is missing or empty" in r.stderr, r.stderr
+
+
+def test_submit_sh_prints_its_usage_when_started_by_a_relative_path(tmp_path):
+    """`../../clipray/cluster/submit.sh edit` (a command, no config) printed its usage from $0
+    after moving to the repository root, where that relative path names no file: "sed: can't
+    read ../../...", and no usage."""
+    rel = os.path.relpath(CLUSTER / "submit.sh", tmp_path)  # ../../... from tmp_path, elsewhere from the root
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "CLIPRAY_"))}
+    r = subprocess.run(["bash", rel, "edit"], env=env, capture_output=True, text=True, cwd=tmp_path, timeout=60)
+    assert r.returncode == 2 and r.stderr == "", r.stderr
+    assert "  cluster/submit.sh [train|edit] CONFIG [key=value ...]\n" in r.stdout, r.stdout
