@@ -467,6 +467,40 @@ def test_past_the_pairs_videos_of_more_events_keep_captions_apart(monkeypatch):
     assert len({v.caption for v in specs}) == 1200
 
 
+def test_past_every_pair_each_video_is_planned_without_thousands_of_failing_draws(monkeypatch):
+    """Once every single event and ordered pair was used (9,216 captions at max_events=2), each
+    further twin still made its 2,000 random tries, all bound to fail, and listed the 9,120
+    pairs again: ~30 ms a video, so `clipray data synth --videos 100000` planned for some 45
+    minutes without a line before its first video. Here with one colour (16 single events, 240
+    pairs): 2,000 videos took 11.4M random draws (~20 s), now 245,573; the space is still used
+    up before any caption repeats."""
+    from clipray import synth
+
+    draws, default_rng = [0], np.random.default_rng
+
+    class Counted:  # the plan's generator, counting its draws
+        def __init__(self, seed):
+            self.rng = default_rng(seed)
+
+        def integers(self, *a):
+            draws[0] += 1
+            return self.rng.integers(*a)
+
+        def random(self):
+            draws[0] += 1
+            return self.rng.random()
+
+    monkeypatch.setattr(synth, "COLOURS", {"red": (220, 40, 40)})
+    monkeypatch.setattr(np.random, "default_rng", Counted)
+    specs = plan(2000, 0, val_frac=0.1, test_frac=0.2, max_events=2)
+    assert draws[0] < 1_000_000, draws[0]
+    assert len(specs) == 2000 and len({v.caption for v in specs}) == 16 + 240
+    first = [v.caption for v in specs[:256]]
+    assert len(set(first)) >= 255  # (a lone last single may repeat only where no pair fits)
+    by_id = {v.video_id: v for v in specs}
+    assert all(by_id[v.twin].events == v.events[::-1] for v in specs if v.twin)
+
+
 def test_a_path_under_the_home_folder_is_not_a_folder_named_tilde(tmp_path, monkeypatch):
     """`clipray data synth --out=~/synth` (the shell expands no `~` after `=`, nor a quoted one)
     wrote the set into a folder named '~' in the working folder, and `clipray demo --data=~/x
