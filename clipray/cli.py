@@ -43,6 +43,11 @@ BENCHES = {
 }
 
 
+# `clipray data synth` and `clipray demo` plan every video in memory, without a line, before the
+# first is written (100,000 in ~30 s): a count past this one ran on, silent, until stopped
+MAX_VIDEOS = 100_000
+
+
 def at_least(lo: float, cast: Callable[[str], float] = int, most: float = math.inf) -> Callable[[str], float]:
     """An argparse `type`: a finite number >= lo (and <= `most`), so a zero or negative count
     (or nan or inf, which pass a `< lo` test) is a usage error at once rather than an empty
@@ -79,7 +84,8 @@ def data_main(argv: list[str]) -> int:
     # (each path: `--out=~/x`, `~` quoted or in a script's variable, reaches here unexpanded; it is the
     # home folder, as clipray train and serve read their paths, not a folder named '~' made here)
     s.add_argument("--out", required=True, type=os.path.expanduser, help="output directory")
-    s.add_argument("--videos", type=at_least(1), default=200, help="videos to make (default 200; the demo's 240)")
+    s.add_argument("--videos", type=at_least(1, most=MAX_VIDEOS), default=200,
+                   help=f"videos to make, up to {MAX_VIDEOS:,} (default 200; the demo's 240)")
     s.add_argument("--seed", type=at_least(0), default=0, help="0 or more (numpy's seeds are); default 0")
     # past these a frame count overflowed or filled memory (tracebacks), or ran on for hours
     s.add_argument("--fps", type=at_least(1, most=240), default=8, help="1 to 240; default 8")

@@ -20,7 +20,7 @@ import os
 import time
 from pathlib import Path
 
-from clipray.cli import at_least
+from clipray.cli import MAX_VIDEOS, at_least
 
 
 def synth_defaults() -> dict:
@@ -111,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     # (`--data=~/x` reaches here unexpanded: the home folder, not a folder named '~' made here)
     ap.add_argument("--data", default="clipray_data/synth", type=os.path.expanduser, help="synthetic dataset folder")
-    ap.add_argument("--videos", type=at_least(1), default=240, help="synthetic videos (generated once)")
+    ap.add_argument("--videos", type=at_least(1, most=MAX_VIDEOS), default=240,
+                    help=f"synthetic videos (generated once), up to {MAX_VIDEOS:,}")
     ap.add_argument("--runs", default="runs", type=os.path.expanduser, help="storage path for run directories")
     ap.add_argument("--no-serve", action="store_true", help="stop after training")
     ap.add_argument("overrides", nargs="*", help="key=value overrides of train/configs/demo.yaml")

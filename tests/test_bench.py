@@ -97,6 +97,9 @@ def test_bare_loop_counts_every_frame_on_one_core_and_unpins_after(tmp_path):
     # half a billion events planned in memory before the first video
     (["data", "synth", "--max-events", "1000000000"], "argument --max-events: must be 16 or less, got 1000000000"),
     (["demo", "--videos", "-2"], "argument --videos: must be 1 or more, got -2"),
+    # planned in memory before the first video, without a line: ran on, silent, until stopped
+    (["data", "synth", "--videos", "99999999999999999999"], "argument --videos: must be 100000 or less, got 9999"),
+    (["demo", "--videos", "100001"], "argument --videos: must be 100000 or less, got 100001"),
     (["bench", "data", "--cores", "0"], "argument --cores: must be 1 or more, got 0"),
     (["bench", "data", "--repeat", "two"], "argument --repeat: not a number: 'two'"),
     (["data", "synth", "--fps", "7.5"], "argument --fps: not a whole number: '7.5'"),  # was "not a number"
