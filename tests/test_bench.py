@@ -728,6 +728,7 @@ def test_bench_data_charges_more_decoders_than_cores_for_the_cores_not_the_decod
     import clipray.bench.data as bench
     import clipray.runtime
     import clipray.synth
+    import psutil
     import ray
     from clipray.cli import main
     from clipray.manifest import write_manifest
@@ -741,6 +742,8 @@ def test_bench_data_charges_more_decoders_than_cores_for_the_cores_not_the_decod
     monkeypatch.setattr(clipray.runtime, "init_ray", lambda *a, **k: None)
     monkeypatch.setattr(clipray.runtime, "quiet_data_progress", lambda: None)
     monkeypatch.setattr(ray, "shutdown", lambda: None)
+    # nor wait for Ray's processes to exit: in the test session they are the session's Ray (30 s)
+    monkeypatch.setattr(psutil, "wait_procs", lambda procs, timeout=None: (procs, []))
 
     def ray_pipeline(manifest, cfg, repeat, actors, pool, skip_dir, batch):
         used = {1: 1.2, 3: 1.9}[actors]
