@@ -418,6 +418,26 @@ def _submit(tmp_path, *args, **env) -> subprocess.CompletedProcess:
                           text=True, cwd=tmp_path, timeout=60)
 
 
+def _checkout_copy(tmp_path) -> Path:
+    """tmp_path/repo: a checkout holding submit.sh and runtime_env.yaml, and train/configs/."""
+    repo = tmp_path / "repo"
+    (repo / "cluster").mkdir(parents=True)
+    for f in ("submit.sh", "runtime_env.yaml"):
+        shutil.copy2(CLUSTER / f, repo / "cluster" / f)
+    (repo / "train" / "configs").mkdir(parents=True)
+    return repo
+
+
+def _dry_run_in(repo, tmp_path, *args) -> subprocess.CompletedProcess:
+    """repo's submit.sh, dry run, from tmp_path, with clipray (this checkout's) importable."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "CLIPRAY_"))}
+    env.update(RAY_ADDRESS="http://127.0.0.1:8265", RAY_AUTH_MODE="token", RAY_AUTH_TOKEN="t", CLIPRAY_DRY_RUN="1",
+               HOME=str(tmp_path), PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+               PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    return subprocess.run([str(repo / "cluster" / "submit.sh"), *args], env=env, capture_output=True, text=True,
+                          cwd=tmp_path, timeout=60)
+
+
 def test_submit_sh_requires_token_auth(tmp_path):
     config = "train/configs/demo.yaml"
     r = _submit(tmp_path, config, RAY_ADDRESS="http://127.0.0.1:8265")
@@ -597,26 +617,16 @@ def test_submit_sh_refuses_a_config_or_parent_the_job_package_leaves_out(tmp_pat
     runtime_env.yaml's excludes (and .gitignore). A parent named by an absolute path out of the
     checkout, a config under data/ or runs/, or a parent there, loaded on this machine and was
     submitted, to fail on the cluster with "config file not found" after the upload."""
-    repo = tmp_path / "repo"
-    (repo / "cluster").mkdir(parents=True)
-    for f in ("submit.sh", "runtime_env.yaml"):
-        shutil.copy2(CLUSTER / f, repo / "cluster" / f)
-    (repo / "train" / "configs").mkdir(parents=True)
+    repo = _checkout_copy(tmp_path)
     (repo / "data").mkdir()
     base = "train:\n  epochs: 1\n"
     (tmp_path / "base.yaml").write_text(base)  # beside the checkout, not in it
     (repo / "data" / "mine.yaml").write_text(base)
     (repo / "train" / "configs" / "abs.yaml").write_text(f"extends: {tmp_path / 'base.yaml'}\n")
     (repo / "train" / "configs" / "from_data.yaml").write_text("extends: ../../data/mine.yaml\n")
-    env = dict(RAY_ADDRESS="http://127.0.0.1:8265", RAY_AUTH_MODE="token", RAY_AUTH_TOKEN="t",
-               CLIPRAY_DRY_RUN="1")
 
     def submit(config):
-        base_env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "CLIPRAY_"))}
-        base_env.update(env, HOME=str(tmp_path), PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}",
-                        PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
-        return subprocess.run([str(repo / "cluster" / "submit.sh"), config, "train.storage_path=s3://b/r"],
-                              env=base_env, capture_output=True, text=True, cwd=tmp_path, timeout=60)
+        return _dry_run_in(repo, tmp_path, config, "train.storage_path=s3://b/r")
 
     r = submit("train/configs/abs.yaml")
     assert r.returncode == 2 and r.stderr == (f"submit.sh: train/configs/abs.yaml: {tmp_path / 'base.yaml'} is outside "
@@ -636,24 +646,15 @@ def test_submit_sh_reads_the_configs_storage_path_with_the_overrides(tmp_path):
     (train.num_workers=16 with data.batch_size=8 on the command line, train.global_batch 128)
     was refused as "cannot read train.storage_path ... Give data.batch_size=8", the override
     given; a relative local model.pretrained (weights/w.bin) was "no such file" there."""
-    repo = tmp_path / "repo"
-    (repo / "cluster").mkdir(parents=True)
-    for f in ("submit.sh", "runtime_env.yaml"):
-        shutil.copy2(CLUSTER / f, repo / "cluster" / f)
-    (repo / "train" / "configs").mkdir(parents=True)
+    repo = _checkout_copy(tmp_path)
     (repo / "weights").mkdir()
     (repo / "weights" / "w.bin").write_bytes(b"x")
     (repo / "train" / "configs" / "big.yaml").write_text(
         "data:\n  batch_size: 16\ntrain:\n  num_workers: 16\n  global_batch: 128\n  storage_path: s3://b/runs\n")
     (repo / "train" / "configs" / "pre.yaml").write_text(
         "model:\n  pretrained: weights/w.bin\ntrain:\n  storage_path: s3://b/runs\n")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "CLIPRAY_"))}
-    env.update(RAY_ADDRESS="http://127.0.0.1:8265", RAY_AUTH_MODE="token", RAY_AUTH_TOKEN="t", CLIPRAY_DRY_RUN="1",
-               HOME=str(tmp_path), PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}",
-               PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
     for args in (["train/configs/big.yaml", "data.batch_size=8"], ["train/configs/pre.yaml"]):
-        r = subprocess.run([str(repo / "cluster" / "submit.sh"), *args], env=env, capture_output=True, text=True,
-                           cwd=tmp_path, timeout=60)
+        r = _dry_run_in(repo, tmp_path, *args)
         assert r.returncode == 0 and "storage: s3://b/runs\n" in r.stdout, r.stdout + r.stderr
         cmd = shlex.split(re.search(r"^dry run:\s+(.*)$", r.stdout, re.M).group(1))
         assert cmd[cmd.index("--") + 4:-2] == args and cmd[-1] == "train.storage_path=s3://b/runs"
