@@ -385,7 +385,7 @@ def test_an_upload_whose_default_stream_is_over_the_pixel_cap_is_refused_whateve
     """The VideoEncoder refuses an upload whose frames are over 3840x2160 before it decodes them
     whole, but it measured the first video stream listed, and the decoder reads the default one:
     an MP4 of a 64x48 first stream beside a default 4000x2200 one passed as 64x48 and its large
-    frames were decoded (8 frames at 8192x8192 take 4.9 GB). The stream measured is now the one
+    frames were decoded whole. The stream measured is now the one
     decoded; a file whose large stream is the second, not default, one still decodes (the small
     one). (The deployment's own class, without Ray: the model call is replaced.)"""
     import asyncio
