@@ -223,6 +223,52 @@ def test_fewer_shards_than_workers_is_a_clear_error_before_ray(synth_small, tmp_
     assert not (tmp_path / "few").exists()
 
 
+def _shards(folder: Path, sizes: list[int]) -> Path:
+    """A streamed manifest written by hand: a shard of each size (0: a file without rows, as
+    Spark or Dask write for an empty partition), row ids 0, 1, ... across them."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from clipray.manifest import SCHEMA
+
+    folder.mkdir()
+    first = 0
+    for i, n in enumerate(sizes):
+        rows = [{"row_id": first + k, "video_id": f"v{first + k}", "path": f"v{first + k}.mp4", "start": 0.0,
+                 "end": 2.0, "caption": f"caption {first + k}", "split": "train"} for k in range(n)]
+        pq.write_table(pa.Table.from_pylist(rows, schema=SCHEMA), folder / f"part-{i:05d}.parquet")
+        first += n
+    return folder
+
+
+@pytest.mark.parametrize("sizes, workers, batch, said", [
+    ([0, 6, 0], 2, 2, r"has 3 shard file\(s\), 2 of them without rows: 1 with rows, fewer than train.num_workers=2"),
+    ([3], 1, 4, r"the 3 rows of .* cannot fill one step of 4 clips \(data.batch_size x train.num_workers\)"),
+    ([3, 2], 2, 3, r"the 5 rows of .* cannot fill one step of 6 clips"),
+])
+def test_streamed_shards_that_cannot_give_every_worker_a_batch_are_refused_before_ray(tmp_path, sizes, workers,
+                                                                                    batch, said):
+    """Only the shard files were counted: shards without rows (here 2 of 3, on 2 workers) leave a
+    worker dealt only those in every pass, and a manifest of fewer rows than one step leaves a
+    worker short of a batch in every pass. Both passed every check, started Ray Train, built the
+    model and decoded two passes before failing with "a whole pass over the shards gave no
+    batch"; an unstreamed manifest of as few rows is refused at once. The shards' footers count
+    their rows."""
+    from clipray.config import ConfigError, load_config
+    from train.driver import run
+
+    write_manifest([{"video_id": f"t{k}", "path": f"t{k}.mp4", "caption": f"query {k}", "split": "test"}
+                    for k in range(4)], tmp_path / "eval.parquet")
+    cfg = load_config(REPO / "train/configs/demo.yaml", [
+        f"data.manifest={_shards(tmp_path / 'm', sizes)}", f"data.eval_manifest={tmp_path / 'eval.parquet'}",
+        "data.shard_stream=true", "train.max_steps=2", f"train.num_workers={workers}", f"data.batch_size={batch}",
+        "train.cpus_per_worker=0.5", "data.decode_cpus=0.25", "data.decode_actors=1",
+        f"train.storage_path={tmp_path}", "train.run_name=short"])
+    with pytest.raises(ConfigError, match=said):
+        run(cfg, quiet_ray=True)
+    assert not (tmp_path / "short").exists()
+
+
 @pytest.mark.parametrize("damage", ["cut", "not parquet"])
 def test_a_streamed_shard_that_is_no_parquet_file_is_one_line_before_ray(synth_small, tmp_path, capsys, damage):
     """A streamed manifest is never read whole: a shard cut short or overwritten by another

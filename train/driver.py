@@ -546,6 +546,35 @@ def check_steps(cfg: Config, n_train: int | None, what: str = "training rows") -
     return steps_per_epoch, total
 
 
+def check_stream_rows(cfg: Config) -> None:
+    """Refuse a streamed manifest whose shards cannot give every worker a batch, from their
+    footers' row counts (every split; no row is read). Shards without rows are dealt to the
+    workers like the others, and a worker dealt only such shards ends every pass at once, as
+    one dealt none; rows fewer than one step (data.batch_size x train.num_workers) leave some
+    worker short of a batch in every pass. Either way the run failed only after Ray Train had
+    started, with "a whole pass over the shards gave no batch"."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import pyarrow.parquet as pq
+
+    from clipray.manifest import manifest_files
+
+    manifest, workers = cfg.data.manifest, cfg.train.num_workers
+    fs, shards = manifest_files(manifest)
+    with ThreadPoolExecutor(16) as pool, reading(manifest):  # a few at a time: hundreds of shards
+        counts = list(pool.map(lambda f: pq.read_metadata(f, filesystem=fs).num_rows, shards))
+    per_step = cfg.data.batch_size * workers
+    if sum(counts) < per_step:
+        raise ConfigError(f"data.shard_stream: the {sum(counts)} rows of {manifest} (every split, as its shards' "
+                          f"footers count them) cannot fill one step of {per_step} clips (data.batch_size x "
+                          "train.num_workers)")
+    full = sum(n > 0 for n in counts)
+    if full < workers:
+        raise ConfigError(f"data.shard_stream: {manifest} has {len(shards)} shard file(s), {len(shards) - full} of them "
+                          f"without rows: {full} with rows, fewer than train.num_workers={workers}, and each worker "
+                          "streams shards of its own: write the manifest in more shards, or use fewer workers")
+
+
 def read_eval_split(manifest: str, split: str) -> tuple[int, str | None]:
     """The evaluation split's rows, and a note for a split of fewer than 10 clips (video_id,
     start, end; a NaN time is the whole file, as evaluation keys them) or None, from one read
@@ -689,6 +718,8 @@ def _run(cfg: Config, quiet_ray: bool, stop_epoch: int, table: bool, held: conte
     # written again at its path. Reading both ends of each also finds a shard that is no Parquet
     # file, which a streamed run (never read whole) met only in a worker, in a traceback.
     files = manifest_signature(cfg.data.manifest, parquet=True)
+    if cfg.data.shard_stream:
+        check_stream_rows(cfg)
     # loads open_clip's model configs (~4 s): after the manifest checks, before the run folder
     # is made (a wrong model.* key leaves none behind)
     fitted = model_io(cfg)
