@@ -1869,6 +1869,45 @@ def test_a_manifest_written_again_while_a_run_reads_it_is_found_changed(tmp_path
     assert said.startswith(f"{m}: the manifest changed while this run read it") and "\n" not in said
 
 
+def test_a_manifest_that_cannot_be_read_now_is_not_said_changed(tmp_path, monkeypatch):
+    """A store that stops answering, or a shard that cannot be read now (its permission taken
+    away), was taken for a manifest written again: a run that failed on it ended in "the
+    manifest changed while this run read it ... under a new train.run_name", advice to drop the
+    run's checkpoints, in place of the workers' own error; and rank 0's check before a
+    checkpoint failed the segment on it. Such a manifest is not known to have changed; one
+    removed (a shard gone, FileNotFoundError) still is."""
+    import clipray.manifest
+    from clipray.manifest import manifest_signature, write_manifest
+    from train import driver
+
+    m = tmp_path / "m"
+    write_manifest([{"video_id": f"v{i}", "path": f"v{i}.mp4", "caption": f"a dog runs {i}", "split": "train"}
+                    for i in range(4)], m, rows_per_shard=2)
+    watched = {str(m): manifest_signature(str(m))}
+    monkeypatch.setattr(driver, "_confirmed", {}, raising=False)
+    sign = clipray.manifest.file_signature
+
+    def unreadable(error):
+        def signature(fs, f, *a):
+            if f.endswith("part-00001.parquet"):
+                raise error
+            return sign(fs, f, *a)
+        return signature
+
+    monkeypatch.setattr(clipray.manifest, "file_signature", unreadable(OSError("AWS Error ACCESS_DENIED during "
+                                                                               "GetObject operation")))
+    assert driver.changed_manifests(watched) == []
+    monkeypatch.setattr(clipray.manifest, "file_signature", unreadable(FileNotFoundError("part-00001.parquet")))
+    assert driver.changed_manifests(watched) == [str(m)]
+    monkeypatch.setattr(clipray.manifest, "file_signature", sign)
+
+    def not_answering(path):
+        raise OSError("When getting information for key 'm' in bucket 'b': AWS Error NETWORK_CONNECTION")
+
+    monkeypatch.setattr(driver, "manifest_listing", not_answering)
+    assert driver.changed_manifests(watched) == []
+
+
 def test_a_manifest_listed_as_it_was_found_is_not_read_again(tmp_path, monkeypatch):
     """Rank 0 checks the run's manifests before reading and before every checkpoint while the
     other workers wait, and signing a manifest reads both ends of each file: hundreds of shards

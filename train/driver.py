@@ -506,8 +506,13 @@ def changed_manifests(watched: dict[str, list]) -> list[str]:
             if _confirmed.get(path) == (files, listed):
                 continue
             now = manifest_signature(path)
-        except (ManifestError, OSError):  # gone, or being written (its .partial shards)
+        except (ManifestError, FileNotFoundError):  # gone, or being written (its .partial shards)
             now = None
+        except OSError:
+            # the store not answering, or a file of it that cannot be read now (a permission
+            # taken away): not known to have changed. Taken for changed, it was said as the
+            # manifest written again, with the advice to start over under a new run name
+            continue
         if now != files:
             changed.append(path)
         elif all(t is not None and t < time.time_ns() - 2 * 10**9 for _, _, t in listed):
