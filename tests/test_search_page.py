@@ -236,3 +236,29 @@ def test_a_long_video_id_stays_inside_its_tile(browser, tmp_path):
         (left, right), label, score = b["tile"], b["label"], b["score"]
         assert left <= label[0] < label[1] <= score[0] < score[1] <= right, boxes
     assert browser.js("document.querySelector('#results .meta span').textContent") == f"#1 {long_id} [1.0s-2.0s]"
+
+
+def test_a_new_search_stops_the_last_ones_players_loading(browser, tmp_path):
+    """A new search removed the last one's tiles but left their players loading: a player keeps
+    its connection open as it buffers ahead, and Chromium opens 6 to a server over HTTP/1.1, so
+    with 8 tiles of long videos (15 MB, 5 min each) the next search's request waited 15 s for a
+    connection (measured against the app's own /clips under uvicorn). Each removed player is now
+    emptied (no src, load()), which closes its connection. The page is opened from a file with
+    window.fetch answering: no app is needed."""
+    from serve.app import page_html
+
+    (tmp_path / "index.html").write_text(page_html(8))
+    browser.open((tmp_path / "index.html").as_uri())
+    browser.js("""(() => { window.fetch = async () => new Response(JSON.stringify({results: [0, 1, 2].map(i =>
+        ({clip_id: i, video_id: "v" + i, score: 0.5, start: null, end: null}))}),
+        {status: 200, headers: {'Content-Type': 'application/json'}}); return true; })()""")
+    browser.type_and_enter("#q", "a red square")
+    browser.until("document.querySelectorAll('#results .tile').length === 3")
+    browser.js("window.before = Array.from(document.querySelectorAll('#results video')); true")
+    browser.js("document.getElementById('q').value = ''; true")
+    browser.type_and_enter("#q", "a blue circle")
+    browser.until("document.querySelectorAll('#results .tile').length === 3 && "
+                  "!document.querySelector('#results video').isSameNode(window.before[0])")
+    # NETWORK_EMPTY (0): no resource, nothing loading
+    assert browser.js("window.before.map(v => [v.hasAttribute('src'), v.networkState])") == [[False, 0]] * 3
+    assert browser.js("Array.from(document.querySelectorAll('#results video')).every(v => v.src.includes('/clips/'))")
