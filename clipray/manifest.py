@@ -1049,13 +1049,24 @@ def check_manifest(path: str | Path, progress_s: float | None = None) -> Tally:
     return tally
 
 
+def shard_rows(path: str | Path, listed: tuple[Any, list[str]] | None = None) -> list[int]:
+    """Each file's row count, from the manifest's Parquet footers (no row is read; 16 at a
+    time: a streamed manifest in object storage has hundreds of shards). `listed`: its
+    `manifest_files`, if already listed."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    fs, files = listed or manifest_files(str(path))
+    with ThreadPoolExecutor(16) as pool, reading(path):
+        return list(pool.map(lambda f: pq.read_metadata(f, filesystem=fs).num_rows, files))
+
+
 def _footer_rows(path: str | Path) -> int | None:
-    """The manifest's row count from its files' Parquet footers (no row is read), or None when
+    """The manifest's row count from its files' Parquet footers (`shard_rows`), or None when
     one cannot be read: iter_checked then names the file and what is wrong with it. A manifest
     that cannot be listed fails here, as iter_checked would, not twice (an unreachable store's
     retries, twice: `data check gs://...` without credentials took 95 s, not 53)."""
-    fs, files = manifest_files(str(path))
+    listed = manifest_files(str(path))
     try:
-        return sum(pq.ParquetFile(f, filesystem=fs).metadata.num_rows for f in files)
+        return sum(shard_rows(path, listed))
     except Exception:  # noqa: BLE001 - only the progress line's total is lost
         return None

@@ -558,16 +558,10 @@ def check_stream_rows(cfg: Config) -> None:
     one dealt none; rows fewer than one step (data.batch_size x train.num_workers) leave some
     worker short of a batch in every pass. Either way the run failed only after Ray Train had
     started, with "a whole pass over the shards gave no batch"."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    import pyarrow.parquet as pq
-
-    from clipray.manifest import manifest_files
+    from clipray.manifest import shard_rows
 
     manifest, workers = cfg.data.manifest, cfg.train.num_workers
-    fs, shards = manifest_files(manifest)
-    with ThreadPoolExecutor(16) as pool, reading(manifest):  # a few at a time: hundreds of shards
-        counts = list(pool.map(lambda f: pq.read_metadata(f, filesystem=fs).num_rows, shards))
+    counts = shard_rows(manifest)
     per_step = cfg.data.batch_size * workers
     if sum(counts) < per_step:
         raise ConfigError(f"data.shard_stream: the {sum(counts)} rows of {manifest} (every split, as its shards' "
@@ -575,7 +569,7 @@ def check_stream_rows(cfg: Config) -> None:
                           "train.num_workers)")
     full = sum(n > 0 for n in counts)
     if full < workers:
-        raise ConfigError(f"data.shard_stream: {manifest} has {len(shards)} shard file(s), {len(shards) - full} of them "
+        raise ConfigError(f"data.shard_stream: {manifest} has {len(counts)} shard file(s), {len(counts) - full} of them "
                           f"without rows: {full} with rows, fewer than train.num_workers={workers}, and each worker "
                           "streams shards of its own: write the manifest in more shards, or use fewer workers")
 
