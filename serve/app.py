@@ -37,6 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
 from clipray.config import ConfigError
+from clipray.sources.base import VIDEO_TYPES
 from serve import store
 from serve.config import AppConfig, deployment_options, load_app_config
 from serve.deployments import NO_ROOM, Reranker, Searcher, TextEncoder, VideoEncoder
@@ -408,24 +409,16 @@ def page_html(max_k: int) -> str:
     return PAGE.read_text().replace("{{k}}", str(min(PAGE_K, max_k)))
 
 
-# a clip's file is sent as the container its name says (the sources index .webm, .mkv, .avi, ...
-# files, VIDEO_EXTS): every file was sent as video/mp4, and a browser that takes the type as
-# sent (nosniff) read a WebM or Matroska file as MP4; a name of none of these, as video/mp4
-CLIP_TYPES = {"mp4": "video/mp4", "m4v": "video/mp4", "webm": "video/webm", "mkv": "video/x-matroska",
-              "mov": "video/quicktime", "avi": "video/x-msvideo", "mpg": "video/mpeg", "mpeg": "video/mpeg",
-              "wmv": "video/x-ms-wmv", "flv": "video/x-flv", "3gp": "video/3gpp", "ogv": "video/ogg",
-              "ts": "video/mp2t"}
-
-
 def clip_media_type(path: str) -> str:
-    """The Content-Type of a clip's file, by its extension (CLIP_TYPES; Python's mimetypes reads
-    the machine's /etc/mime.types, where .ts is a Qt translation). Defined above `Ingress`,
-    which Serve pickles."""
+    """The Content-Type of a clip's file, by its extension (the sources' VIDEO_TYPES): every file
+    was sent as video/mp4, and a browser that takes the type as sent (nosniff) read a WebM or
+    Matroska file as MP4; a name of none of these, as video/mp4. Defined above `Ingress`, which
+    Serve pickles."""
     name = os.path.basename(path)
-    return CLIP_TYPES.get(name.rsplit(".", 1)[-1].lower() if "." in name else "", "video/mp4")
+    return VIDEO_TYPES.get(name.rsplit(".", 1)[-1].lower() if "." in name else "", "video/mp4")
 
 
-_CLIP_CONTENT = {t: {} for t in dict.fromkeys(CLIP_TYPES.values())}
+_CLIP_CONTENT = {t: {} for t in dict.fromkeys(VIDEO_TYPES.values())}
 CLIP_RESPONSES = {200: {"content": _CLIP_CONTENT, "description": "the whole file, as the type its extension says"},
                   206: {"content": {**_CLIP_CONTENT, "multipart/byteranges": {}},
                         "description": "the byte range a Range header asked for (several: multipart/byteranges)"},

@@ -29,9 +29,14 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence, TextIO
 from clipray.manifest import ManifestError, filesystem, utf8_text
 
 # Extensions counted as video files, in order of preference when one stem has several files
-# (CLIP4Clip's MSR-VTT loader tries .mp4 before .webm; the rest follow the releases' own).
-VIDEO_EXTS = ("mp4", "webm", "mkv", "avi", "mov", "m4v", "mpg", "mpeg", "wmv", "flv", "3gp",
-              "ogv", "ts")
+# (CLIP4Clip's MSR-VTT loader tries .mp4 before .webm; the rest follow the releases' own), with
+# the Content-Type the served app sends each as (Python's mimetypes reads the machine's
+# /etc/mime.types, where .ts is a Qt translation)
+VIDEO_TYPES = {"mp4": "video/mp4", "webm": "video/webm", "mkv": "video/x-matroska", "avi": "video/x-msvideo",
+               "mov": "video/quicktime", "m4v": "video/mp4", "mpg": "video/mpeg", "mpeg": "video/mpeg",
+               "wmv": "video/x-ms-wmv", "flv": "video/x-flv", "3gp": "video/3gpp", "ogv": "video/ogg",
+               "ts": "video/mp2t"}
+VIDEO_EXTS = tuple(VIDEO_TYPES)
 
 # Options every source accepts, on top of its own.
 COMMON_OPTIONS: dict[str, Any] = {
